@@ -1,0 +1,181 @@
+// prefixkv run: one prompt (and optionally one image) through the model, answer streamed to stdout.
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <iostream>
+#include <map>
+
+#include <nlohmann/json.hpp>
+
+#include "args.h"
+#include "common.h"
+#include "core/error.h"
+#include "core/npy.h"
+#include "core/threads.h"
+#include "engine/engine.h"
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace pkv::cli {
+
+namespace {
+
+const std::vector<OptionSpec> kRunOptions = {
+    {"model", "DIR", "checkpoint directory (default: the bundled model, models/prefixkv-llava-tiny)"},
+    {"vision-tower", "DIR", "separate CLIP checkpoint (original LLaVA layout without the tower inside)"},
+    {"image", "FILE", "PNG or JPEG image"},
+    {"prompt", "TEXT", "the prompt (default: \"Describe the image in detail.\" with an image)"},
+    {"template", "NAME", "llava (USER: <image>\\n{prompt} ASSISTANT:, default) or raw"},
+    {"image-mode", "MODE", "pad or crop (default: from preprocessor_config.json / the layout)"},
+    {"max-tokens", "N", "stop after N generated tokens (default 256)"},
+    {"temperature", "T", "sampling temperature; 0 = greedy (default 0)"},
+    {"top-k", "K", "sample among the K most likely tokens (default 0 = off)"},
+    {"top-p", "P", "nucleus sampling threshold in (0, 1] (default 1)"},
+    {"seed", "N", "random seed for sampling (default 0)"},
+    {"stop", "TEXT", "stop when the answer contains TEXT", true},
+    {"ignore-eos", "", "do not stop at the end-of-sequence token"},
+    {"kv-policy", "NAME", "KV-cache policy (default full)"},
+    {"threads", "N", "worker threads (default: all cores)"},
+    {"json", "", "print one JSON object (answer, token ids, timings, KV bytes per layer) instead of text"},
+    {"dump-tensors", "DIR", "write pixel values, vision features, projector output, final hidden states and logits as .npy"},
+};
+
+// Writes the first occurrence of each named tensor (the prefill's) as DIR/<name>[.L<layer>].npy.
+class DumpObserver : public Observer {
+ public:
+  explicit DumpObserver(std::string dir) : dir_(std::move(dir)) {}
+  bool wants(const std::string& name) const override {
+    return name == "pixel_values" || name == "vision_features" || name == "projector_output" ||
+           name == "hidden_final" || name == "logits";
+  }
+  void on_tensor(const std::string& name, int layer, const float* data, const std::vector<int64_t>& shape) override {
+    std::string file = name + (layer >= 0 ? ".L" + std::to_string(layer) : "") + ".npy";
+    if (!written_.emplace(file, true).second) return;
+    write_npy((fs::path(dir_) / file).string(), data, shape);
+    files.push_back(file);
+  }
+  std::vector<std::string> files;
+
+ private:
+  std::string dir_;
+  std::map<std::string, bool> written_;
+};
+
+double elapsed_ms(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+}
+
+}  // namespace
+
+int cmd_run(int argc, char** argv) {
+  Args args("run", kRunOptions, argc, argv, 2);
+  if (args.help()) {
+    std::cout << Args::usage("run", "Generates an answer with a LLaVA or LLaMA checkpoint (safetensors).", kRunOptions);
+    return 0;
+  }
+  if (args.has("threads")) {
+    const int n = args.integer("threads", 1);
+    if (n < 1 || n > 1024) fail("--threads", "must be between 1 and 1024");
+    set_num_threads(n);
+  }
+  SamplingOptions s;
+  s.max_tokens = args.integer("max-tokens", 256);
+  if (s.max_tokens < 1) fail("--max-tokens", "must be at least 1");
+  s.temperature = float(args.number("temperature", 0.0));
+  if (s.temperature < 0) fail("--temperature", "must not be negative");
+  s.top_k = args.integer("top-k", 0);
+  if (s.top_k < 0) fail("--top-k", "must not be negative");
+  s.top_p = float(args.number("top-p", 1.0));
+  if (!(s.top_p > 0 && s.top_p <= 1)) fail("--top-p", "must be in (0, 1]");
+  s.seed = uint64_t(args.integer("seed", 0));
+  s.stop = args.all("stop");
+  s.ignore_eos = args.flag("ignore-eos");
+  const std::string tmpl = args.str("template", "llava");
+  if (tmpl != "llava" && tmpl != "raw") fail("--template", "must be llava or raw, got '" + tmpl + "'");
+  const std::string mode = args.str("image-mode", "");
+  if (!mode.empty() && mode != "pad" && mode != "crop") fail("--image-mode", "must be pad or crop, got '" + mode + "'");
+  const std::string policy_name = args.str("kv-policy", "full");
+  if (policy_name != "full") fail("--kv-policy", "unknown policy '" + policy_name + "' (available: full)");
+  const std::string dump_dir = args.str("dump-tensors", "");
+  if (!dump_dir.empty()) {
+    std::error_code ec;
+    fs::create_directories(dump_dir, ec);
+    if (ec) fail("--dump-tensors " + dump_dir, "cannot create the folder: " + ec.message());
+  }
+
+  // Read the image before loading the model: bad input fails fast.
+  Image image;
+  const bool has_image = args.has("image");
+  if (has_image) image = load_image(args.str("image"));
+  const std::string prompt = args.str("prompt", has_image ? "Describe the image in detail." : "");
+  if (prompt.empty() && !has_image) fail("--prompt", "is required when no image is given");
+
+  const std::string model_dir = args.str("model", default_model_dir());
+  if (!args.has("model") && !fs::exists(model_dir))
+    fail("--model", "no model given and the bundled model is missing at " + model_dir);
+  auto t0 = std::chrono::steady_clock::now();
+  LoadOptions lo;
+  lo.vision_tower_dir = args.str("vision-tower", "");
+  auto model = Model::load(model_dir, lo);
+  const std::string tok_path = (fs::path(model_dir) / "tokenizer.model").string();
+  Tokenizer tok(tok_path);
+  const double load_ms = elapsed_ms(t0);
+
+  Engine engine(*model, tok);
+  PromptRequest req;
+  req.text = prompt;
+  req.tmpl = tmpl == "raw" ? Template::Raw : Template::LlavaV1;
+  req.image = has_image ? &image : nullptr;
+  req.image_mode = mode;
+  DumpObserver dump(dump_dir);
+  Observer* obs = dump_dir.empty() ? nullptr : &dump;
+  PreparedPrompt p = engine.prepare(req, obs);
+  FullPolicy policy;
+  const bool as_json = args.flag("json");
+  auto stream = [&](const std::string& piece) {
+    if (as_json) return;
+    std::fwrite(piece.data(), 1, piece.size(), stdout);
+    std::fflush(stdout);
+  };
+  GenerationResult r = engine.generate(p, s, policy, stream, obs);
+  const int n_gen = int(r.tokens.size());
+  const double decode_tps = r.decode_ms > 0 && n_gen > 1 ? (n_gen - 1) / (r.decode_ms / 1000.0) : 0.0;
+  const double prefill_tps = r.prefill_ms > 0 ? r.prompt_tokens / (r.prefill_ms / 1000.0) : 0.0;
+  if (as_json) {
+    json j;
+    j["text"] = r.text;
+    j["tokens"] = r.tokens;
+    j["prompt_tokens"] = r.prompt_tokens;
+    j["image_tokens"] = p.image_tokens;
+    j["stop_reason"] = r.stop_reason;
+    j["model"] = {{"dir", model_dir},
+                  {"architecture", model->config().architecture},
+                  {"layout", layout_name(model->config().layout)},
+                  {"names", model->weights().scheme},
+                  {"weight_bytes", model->weight_bytes()}};
+    j["timings"] = {{"load_ms", load_ms},           {"vision_ms", p.vision_ms},
+                    {"prefill_ms", r.prefill_ms},   {"prefill_tokens_per_s", prefill_tps},
+                    {"decode_ms", r.decode_ms},     {"decode_tokens_per_s", decode_tps},
+                    {"threads", num_threads()}};
+    j["kv"] = {{"policy", policy.name()},
+               {"bytes", r.kv_bytes},
+               {"bytes_per_layer", r.kv_bytes_per_layer},
+               {"entries_per_layer", r.kv_entries_per_layer}};
+    if (!dump_dir.empty()) j["dumped"] = dump.files;
+    std::cout << j.dump(2) << "\n";
+  } else {
+    std::printf("\n");
+    std::fprintf(stderr,
+                 "\n[prefixkv] model %s (%s, %s) | prompt %d tokens (%d image) | %d generated (%s)\n"
+                 "[prefixkv] load %.0f ms | vision %.0f ms | prefill %.0f ms (%.1f tok/s) | decode %.1f tok/s | %d threads\n"
+                 "[prefixkv] KV cache (%s): %.2f MiB over %d layers\n",
+                 model_dir.c_str(), model->config().architecture.c_str(), layout_name(model->config().layout),
+                 r.prompt_tokens, p.image_tokens, n_gen, r.stop_reason.c_str(), load_ms, p.vision_ms, r.prefill_ms,
+                 prefill_tps, decode_tps, num_threads(), policy.name().c_str(), double(r.kv_bytes) / (1 << 20),
+                 model->config().text.n_layers);
+  }
+  return 0;
+}
+
+}  // namespace pkv::cli

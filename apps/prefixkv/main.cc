@@ -1,0 +1,65 @@
+// prefixkv: LLaVA-1.5 inference with layer-adaptive KV-cache compression.
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <string>
+#include <unistd.h>
+
+#include "common.h"
+#include "core/error.h"
+
+namespace pkv::cli {
+int cmd_run(int argc, char** argv);
+}
+
+namespace fs = std::filesystem;
+
+namespace pkv::cli {
+
+std::string repo_dir() {
+  char buf[4096];
+  ssize_t n = ::readlink("/proc/self/exe", buf, sizeof buf - 1);
+  if (n <= 0) return ".";
+  buf[n] = 0;
+  return fs::path(buf).parent_path().parent_path().string();
+}
+
+std::string default_model_dir() {
+  if (const char* env = std::getenv("PREFIXKV_MODEL")) return env;
+  return (fs::path(repo_dir()) / "models" / "prefixkv-llava-tiny").string();
+}
+
+}  // namespace pkv::cli
+
+static const char* kUsage =
+    "usage: prefixkv <command> [options]\n"
+    "\n"
+    "LLaVA-1.5 inference with layer-adaptive KV-cache compression (PrefixKV).\n"
+    "\n"
+    "commands:\n"
+    "  run        generate an answer for a prompt and an optional image\n"
+    "\n"
+    "Run 'prefixkv <command> --help' for the options of a command.\n";
+
+int main(int argc, char** argv) {
+  if (argc < 2 || !std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h") || !std::strcmp(argv[1], "help")) {
+    std::fputs(kUsage, argc < 2 ? stderr : stdout);
+    return argc < 2 ? 2 : 0;
+  }
+  const std::string cmd = argv[1];
+  try {
+    if (cmd == "run") return pkv::cli::cmd_run(argc, argv);
+    std::fprintf(stderr, "prefixkv: unknown command '%s'\n\n%s", cmd.c_str(), kUsage);
+    return 2;
+  } catch (const pkv::Error& e) {
+    std::fprintf(stderr, "prefixkv %s: error: %s\n", cmd.c_str(), e.what());
+    return 1;
+  } catch (const std::bad_alloc&) {
+    std::fprintf(stderr, "prefixkv %s: error: out of memory\n", cmd.c_str());
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "prefixkv %s: error: %s\n", cmd.c_str(), e.what());
+    return 1;
+  }
+}

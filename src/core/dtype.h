@@ -1,0 +1,39 @@
+// Element types of stored tensors and conversion to float32.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <string>
+
+namespace pkv {
+
+enum class DType : uint8_t { F32, F16, BF16 };
+
+size_t dtype_size(DType t);
+const char* dtype_name(DType t);
+
+inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// Round-to-nearest-even float32 -> bfloat16 (NaN stays NaN).
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+}
+
+// IEEE half -> float through a 64k-entry table built once (exact for every input).
+extern const float* const kF16Table;
+inline float f16_to_f32(uint16_t h) { return kF16Table[h]; }
+uint16_t f32_to_f16(float f);
+
+// Converts n elements of type t starting at src into dst (float32).
+void to_f32(DType t, const void* src, float* dst, size_t n);
+
+}  // namespace pkv

@@ -1,0 +1,254 @@
+#include "engine/engine.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <numeric>
+
+#include "core/error.h"
+
+namespace pkv {
+
+namespace {
+
+double ms_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+}
+
+uint64_t splitmix64(uint64_t& s) {
+  uint64_t z = (s += 0x9e3779b97f4a7c15ull);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+// Length of the longest prefix of `s` that is complete UTF-8 (a trailing partial sequence, which
+// byte-fallback tokens produce mid-character, is held back).
+size_t complete_utf8_prefix(const std::string& s) {
+  size_t n = s.size(), i = n;
+  int back = 0;
+  while (i > 0 && back < 4) {
+    const unsigned char c = static_cast<unsigned char>(s[i - 1]);
+    if ((c & 0xC0) != 0x80) {
+      int need = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 1;
+      return (n - (i - 1)) >= size_t(need) ? n : i - 1;
+    }
+    --i;
+    ++back;
+  }
+  return n;
+}
+
+}  // namespace
+
+std::string Engine::apply_template(const std::string& text, Template t, bool has_image) {
+  if (t == Template::Raw) {
+    if (has_image && text.find("<image>") == std::string::npos) return "<image>\n" + text;
+    return text;
+  }
+  // LLaVA v1 (conv_vicuna_v1 / llava-hf): "USER: <image>\n{prompt} ASSISTANT:"
+  return std::string("USER: ") + (has_image ? "<image>\n" : "") + text + " ASSISTANT:";
+}
+
+std::vector<int32_t> Engine::tokenize_prompt(const std::string& full_text, bool has_image) const {
+  const ModelConfig& cfg = model_.config();
+  std::vector<int32_t> ids = {int32_t(cfg.text.bos_id)};
+  // The original LLaVA repository encodes each chunk around <image> separately, each with
+  // SentencePiece's dummy prefix (its tokenizer_image_token); transformers' non-legacy LLaMA
+  // tokenizer adds the prefix only at the start of the text.
+  const bool every_chunk_prefixed = cfg.layout == Layout::LlavaOriginal;
+  size_t start = 0;
+  bool first = true;
+  int images = 0;
+  for (;;) {
+    size_t at = has_image ? full_text.find("<image>", start) : std::string::npos;
+    std::string chunk = full_text.substr(start, at == std::string::npos ? std::string::npos : at - start);
+    if (!chunk.empty()) {
+      std::vector<int> t = (first || every_chunk_prefixed) ? tok_.encode(chunk) : tok_.encode_continuation(chunk);
+      ids.insert(ids.end(), t.begin(), t.end());
+    }
+    first = false;
+    if (at == std::string::npos) break;
+    ids.push_back(-1);
+    ++images;
+    start = at + 7;
+  }
+  if (has_image && images != 1) fail("prompt", "expected exactly one <image> in the prompt, found " + std::to_string(images));
+  return ids;
+}
+
+PreparedPrompt Engine::prepare(const PromptRequest& req, Observer* obs) const {
+  const ModelConfig& cfg = model_.config();
+  const bool has_image = req.image != nullptr;
+  if (has_image && !cfg.has_vision)
+    fail("--image", "the model " + cfg.dir + " (" + cfg.architecture + ") is text-only and cannot take an image");
+  if (!has_image && req.tmpl == Template::Raw && req.text.find("<image>") != std::string::npos && cfg.has_vision)
+    fail("prompt", "the prompt contains <image> but no image was given");
+  const std::string full = apply_template(req.text, req.tmpl, has_image);
+  std::vector<int32_t> marked = tokenize_prompt(full, has_image);
+
+  PreparedPrompt p;
+  std::vector<float> image_emb;
+  if (has_image) {
+    ImageConfig ic = cfg.image;
+    if (!req.image_mode.empty()) ic.mode = req.image_mode;
+    auto t0 = std::chrono::steady_clock::now();
+    p.pixels = preprocess_image(*req.image, ic);
+    image_emb = model_.encode_image(p.pixels.data(), obs);
+    p.vision_ms = ms_since(t0);
+    p.image_tokens = cfg.image_tokens();
+  }
+  const int D = cfg.text.hidden;
+  const int32_t image_id = cfg.layout == Layout::LlavaOriginal ? -200 : cfg.image_token_index;
+  for (int32_t id : marked) {
+    if (id == -1) {
+      p.image_offset = int(p.ids.size());
+      p.ids.insert(p.ids.end(), size_t(p.image_tokens), image_id);
+    } else {
+      p.ids.push_back(id);
+    }
+  }
+  const int T = int(p.ids.size());
+  if (T > cfg.text.max_positions)
+    fail("prompt", "is " + std::to_string(T) + " tokens long" + (has_image ? " (with " + std::to_string(p.image_tokens) + " image tokens)" : "") +
+                       ", more than the model's context of " + std::to_string(cfg.text.max_positions) + " tokens");
+  p.embeddings.resize(size_t(T) * D);
+  for (int i = 0; i < T; ++i) {
+    if (has_image && i >= p.image_offset && i < p.image_offset + p.image_tokens) {
+      std::copy_n(&image_emb[size_t(i - p.image_offset) * D], D, &p.embeddings[size_t(i) * D]);
+    } else {
+      model_.embed(&p.ids[size_t(i)], 1, &p.embeddings[size_t(i) * D]);
+    }
+  }
+  return p;
+}
+
+int sample_token(const float* logits, int vocab, const SamplingOptions& s, uint64_t& rng) {
+  if (s.temperature <= 0.f) return int(std::max_element(logits, logits + vocab) - logits);
+  std::vector<int> idx(static_cast<size_t>(vocab));
+  std::iota(idx.begin(), idx.end(), 0);
+  int keep = vocab;
+  if (s.top_k > 0 && s.top_k < vocab) {
+    std::partial_sort(idx.begin(), idx.begin() + s.top_k, idx.end(), [&](int a, int b) { return logits[a] > logits[b]; });
+    keep = s.top_k;
+  } else {
+    std::sort(idx.begin(), idx.end(), [&](int a, int b) { return logits[a] > logits[b]; });
+  }
+  std::vector<double> prob(static_cast<size_t>(keep));
+  const double mx = logits[idx[0]];
+  double sum = 0;
+  for (int i = 0; i < keep; ++i) sum += prob[size_t(i)] = std::exp((logits[idx[size_t(i)]] - mx) / s.temperature);
+  if (s.top_p < 1.f) {
+    double cum = 0;
+    int n = 0;
+    while (n < keep) {
+      cum += prob[size_t(n)] / sum;
+      ++n;
+      if (cum >= s.top_p) break;
+    }
+    keep = std::max(1, n);
+    sum = 0;
+    for (int i = 0; i < keep; ++i) sum += prob[size_t(i)];
+  }
+  const double u = double(splitmix64(rng) >> 11) * (1.0 / 9007199254740992.0) * sum;
+  double acc = 0;
+  for (int i = 0; i < keep; ++i) {
+    acc += prob[size_t(i)];
+    if (u < acc) return idx[size_t(i)];
+  }
+  return idx[size_t(keep - 1)];
+}
+
+GenerationResult Engine::generate(const PreparedPrompt& p, const SamplingOptions& s, KVPolicy& policy,
+                                  const std::function<void(const std::string&)>& on_text, Observer* obs) const {
+  const ModelConfig& cfg = model_.config();
+  const int T = int(p.ids.size()), V = cfg.text.vocab_size, D = cfg.text.hidden;
+  if (T == 0) fail("prompt", "is empty");
+  if (s.max_tokens < 0) fail("--max-tokens", "must not be negative");
+  GenerationResult r;
+  r.prompt_tokens = T;
+  KVCache cache = model_.make_cache();
+  const int budget = std::min(s.max_tokens, std::max(0, cfg.text.max_positions - T));
+  cache.reserve(T + budget);
+
+  std::vector<int32_t> pos(static_cast<size_t>(T));
+  std::iota(pos.begin(), pos.end(), 0);
+  std::vector<float> logits(static_cast<size_t>(V));
+  std::vector<std::vector<float>> importance;
+  DecoderCall call;
+  call.observer = obs;
+  call.logits_rows = {T - 1};
+  call.logits_out = logits.data();
+  if (policy.needs_prefill_importance()) call.importance = &importance;
+  auto t0 = std::chrono::steady_clock::now();
+  model_.decode(p.embeddings.data(), T, pos.data(), cache, call);
+  policy.after_prefill(cache, importance, T);
+  r.prefill_ms = ms_since(t0);
+  r.first_logits = logits;
+
+  uint64_t rng = s.seed;
+  size_t max_stop = 0;
+  for (auto& st : s.stop) max_stop = std::max(max_stop, st.size());
+  std::string emitted;  // text already given to on_text
+  auto t1 = std::chrono::steady_clock::now();
+  std::vector<float> x(static_cast<size_t>(D));
+  r.stop_reason = "length";
+  for (int step = 0;; ++step) {
+    if (step >= s.max_tokens) break;
+    if (T + step >= cfg.text.max_positions) {
+      r.stop_reason = "context";
+      break;
+    }
+    const int tok = sample_token(logits.data(), V, s, rng);
+    const bool is_eos = std::find(cfg.text.eos_ids.begin(), cfg.text.eos_ids.end(), tok) != cfg.text.eos_ids.end();
+    if (is_eos && !s.ignore_eos) {
+      r.stop_reason = "eos";
+      break;
+    }
+    r.tokens.push_back(tok);
+    std::string text = tok_.decode(std::vector<int>(r.tokens.begin(), r.tokens.end()));
+    bool stopped = false;
+    for (auto& st : s.stop) {
+      size_t at = text.find(st, emitted.size() > st.size() ? emitted.size() - st.size() : 0);
+      if (!st.empty() && at != std::string::npos) {
+        text.resize(at);
+        stopped = true;
+      }
+    }
+    // Emit what is complete and cannot be the start of a stop string.
+    size_t ready = complete_utf8_prefix(text);
+    if (!stopped && max_stop > 1) ready = ready > max_stop - 1 ? std::min(ready, text.size() - (max_stop - 1)) : 0;
+    if (ready > emitted.size() && text.compare(0, emitted.size(), emitted) == 0) {
+      if (on_text) on_text(text.substr(emitted.size(), ready - emitted.size()));
+      emitted = text.substr(0, ready);
+    }
+    r.text = text;
+    if (stopped) {
+      r.stop_reason = "stop";
+      break;
+    }
+    if (step + 1 >= s.max_tokens || T + step + 1 >= cfg.text.max_positions) {
+      r.stop_reason = step + 1 >= s.max_tokens ? "length" : "context";
+      break;
+    }
+    // Feed the token back.
+    const int32_t position = T + step;
+    const int32_t tid = tok;
+    model_.embed(&tid, 1, x.data());
+    DecoderCall dc;
+    dc.observer = obs;
+    dc.logits_rows = {0};
+    dc.logits_out = logits.data();
+    model_.decode(x.data(), 1, &position, cache, dc);
+    policy.after_decode_step(cache, T + step + 1);
+  }
+  if (r.text.size() > emitted.size() && on_text && r.text.compare(0, emitted.size(), emitted) == 0)
+    on_text(r.text.substr(emitted.size()));
+  r.decode_ms = ms_since(t1);
+  r.kv_bytes = cache.bytes();
+  r.kv_bytes_per_layer = cache.bytes_per_layer();
+  for (int l = 0; l < cache.n_layers(); ++l) r.kv_entries_per_layer.push_back(cache.layer(l).size());
+  return r;
+}
+
+}  // namespace pkv

@@ -1,0 +1,86 @@
+// Generation for one sequence: prompt building (chat template, image-token expansion), prefill,
+// the decode loop with sampling and stop conditions, and the KV policy hooks.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "kv/policy.h"
+#include "model/model.h"
+#include "text/tokenizer.h"
+#include "vision/image.h"
+
+namespace pkv {
+
+enum class Template { LlavaV1, Raw };
+
+struct PromptRequest {
+  std::string text;                 // the user's prompt (Raw: the whole model input)
+  Template tmpl = Template::LlavaV1;
+  const Image* image = nullptr;     // optional
+  std::string image_mode;           // "" = the model's default, else pad | crop
+};
+
+struct PreparedPrompt {
+  std::vector<int32_t> ids;         // model input ids; image positions hold the image token id
+                                    // (llava-hf) or -200 (original layout), once per image token
+  std::vector<float> embeddings;    // [ids.size(), hidden]
+  int image_tokens = 0;
+  int image_offset = -1;            // first image position, or -1
+  std::vector<float> pixels;        // [3, S, S] when an image was given
+  double vision_ms = 0;
+};
+
+struct SamplingOptions {
+  int max_tokens = 256;
+  float temperature = 0.f;  // 0: greedy
+  int top_k = 0;            // 0: off
+  float top_p = 1.f;
+  uint64_t seed = 0;
+  std::vector<std::string> stop;
+  bool ignore_eos = false;
+};
+
+struct GenerationResult {
+  std::vector<int32_t> tokens;
+  std::string text;
+  std::string stop_reason;  // eos | stop | length | context
+  int prompt_tokens = 0;
+  double prefill_ms = 0, decode_ms = 0;
+  size_t kv_bytes = 0;
+  std::vector<size_t> kv_bytes_per_layer;
+  std::vector<int> kv_entries_per_layer;
+  std::vector<float> first_logits;  // logits of the first generated token (from the prefill)
+};
+
+class Engine {
+ public:
+  Engine(const Model& model, const Tokenizer& tok) : model_(model), tok_(tok) {}
+
+  // Tokenises, preprocesses and encodes the image, and builds the input embeddings.
+  PreparedPrompt prepare(const PromptRequest& req, Observer* obs = nullptr) const;
+
+  // Prefill + decode. on_text receives text as it is produced (may be empty function).
+  GenerationResult generate(const PreparedPrompt& p, const SamplingOptions& s, KVPolicy& policy,
+                            const std::function<void(const std::string&)>& on_text = {},
+                            Observer* obs = nullptr) const;
+
+  // Token ids of the text parts of a prompt with `<image>` marking where the image goes
+  // (the image marker is returned as -1, one entry). Exposed for tests.
+  std::vector<int32_t> tokenize_prompt(const std::string& full_text, bool has_image) const;
+
+  // The model input text for a request: the chat template applied.
+  static std::string apply_template(const std::string& text, Template t, bool has_image);
+
+ private:
+  const Model& model_;
+  const Tokenizer& tok_;
+};
+
+// Picks the next token: greedy (first maximum) when temperature <= 0, else temperature / top-k /
+// top-p sampling with the given generator state.
+int sample_token(const float* logits, int vocab, const SamplingOptions& s, uint64_t& rng_state);
+
+}  // namespace pkv

@@ -1,0 +1,46 @@
+// safetensors reading: single files and sharded checkpoints (model.safetensors.index.json).
+// Tensors stay in their stored dtype inside the memory mapping.
+#pragma once
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/dtype.h"
+#include "core/tensor.h"
+#include "io/mapped_file.h"
+
+namespace pkv {
+
+
+class SafetensorsFile {
+ public:
+  explicit SafetensorsFile(const std::string& path);  // validates header; throws Error
+  const std::map<std::string, TensorView>& tensors() const { return tensors_; }
+  const std::string& path() const { return file_->path(); }
+
+ private:
+  std::unique_ptr<MappedFile> file_;
+  std::map<std::string, TensorView> tensors_;
+};
+
+// All tensors of a checkpoint directory (or of one .safetensors file).
+class TensorStore {
+ public:
+  // Opens `path`: a directory with model.safetensors, model.safetensors.index.json or any *.safetensors,
+  // or a single .safetensors file. Throws Error naming the file and the problem.
+  static std::unique_ptr<TensorStore> open(const std::string& path);
+
+  const TensorView* find(const std::string& name) const;
+  bool has(const std::string& name) const { return find(name) != nullptr; }
+  const std::map<std::string, const TensorView*>& all() const { return index_; }
+  const std::string& source() const { return source_; }
+
+ private:
+  std::string source_;
+  std::vector<std::unique_ptr<SafetensorsFile>> files_;
+  std::map<std::string, const TensorView*> index_;
+};
+
+}  // namespace pkv

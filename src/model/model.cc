@@ -1,0 +1,195 @@
+#include "model/model.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "core/error.h"
+#include "core/threads.h"
+
+namespace pkv {
+
+std::unique_ptr<Model> Model::load(const std::string& dir, const LoadOptions& opt) {
+  auto m = std::unique_ptr<Model>(new Model());
+  m->cfg_ = load_config(dir, opt.vision_tower_dir);
+  m->lw_ = load_weights(m->cfg_);
+  const TextConfig& t = m->cfg_.text;
+  m->rope_ = ops::Rope::make(t.head_dim, t.rope_theta, t.rope_type, t.rope_factor, t.rope_low_freq_factor,
+                             t.rope_high_freq_factor, t.rope_original_max_positions);
+  return m;
+}
+
+size_t Model::weight_bytes() const {
+  size_t s = 0;
+  for (auto& [n, t] : lw_->store->all()) s += size_t(t->numel()) * (t->supported ? dtype_size(t->dtype) : 0);
+  if (lw_->vision_store)
+    for (auto& [n, t] : lw_->vision_store->all()) s += size_t(t->numel()) * (t->supported ? dtype_size(t->dtype) : 0);
+  return s;
+}
+
+static void emit(Observer* obs, const char* name, int layer, const float* data, std::vector<int64_t> shape) {
+  if (obs && obs->wants(name)) obs->on_tensor(name, layer, data, shape);
+}
+
+std::vector<float> Model::encode_image(const float* pixels, Observer* obs) const {
+  PKV_ASSERT(cfg_.has_vision);
+  const VisionConfig& v = cfg_.vision;
+  const ClipWeights& w = lw_->w.vision;
+  const int S = v.image_size, P = v.patch, G = v.grid(), D = v.hidden, N = v.n_patches() + 1;
+  emit(obs, "pixel_values", -1, pixels, {3, S, S});
+
+  // Patch embedding: im2col (each patch flattened as [c, ky, kx], matching the conv weight) then a matmul.
+  std::vector<float> cols(size_t(G) * G * 3 * P * P);
+  for (int gy = 0; gy < G; ++gy)
+    for (int gx = 0; gx < G; ++gx) {
+      float* dst = &cols[(size_t(gy) * G + gx) * 3 * P * P];
+      for (int c = 0; c < 3; ++c)
+        for (int ky = 0; ky < P; ++ky)
+          std::memcpy(dst + (size_t(c) * P + ky) * P, pixels + (size_t(c) * S + gy * P + ky) * S + gx * P,
+                      sizeof(float) * P);
+    }
+  std::vector<float> x(size_t(N) * D);
+  ops::linear(cols.data(), G * G, w.patch, x.data() + D);
+  std::copy(w.class_emb.begin(), w.class_emb.end(), x.begin());
+  for (size_t i = 0; i < x.size(); ++i) x[i] += w.pos_emb[i];
+  ops::layer_norm(x.data(), N, D, w.pre_norm, v.eps, x.data());
+
+  const ops::Act act = ops::act_from_name(v.act.c_str());
+  const int H = v.n_heads, hd = D / H;
+  std::vector<float> h(size_t(N) * D), q(h.size()), k(h.size()), vv(h.size()), att(h.size()), mlp(size_t(N) * v.intermediate);
+  // hidden_states[0] is the embedding output; hidden_states[i + 1] the output of layer i.
+  auto layer_index = [&](int l) { return l < 0 ? v.n_layers + 1 + l : l; };
+  std::vector<std::vector<float>> selected(cfg_.feature_layers.size());
+  auto keep_if_selected = [&](int idx) {
+    for (size_t s = 0; s < cfg_.feature_layers.size(); ++s)
+      if (layer_index(cfg_.feature_layers[s]) == idx) selected[s] = x;
+  };
+  keep_if_selected(0);
+  for (size_t li = 0; li < w.layers.size(); ++li) {
+    const ClipLayer& L = w.layers[li];
+    ops::layer_norm(x.data(), N, D, L.ln1, v.eps, h.data());
+    ops::linear(h.data(), N, L.q, q.data());
+    ops::linear(h.data(), N, L.k, k.data());
+    ops::linear(h.data(), N, L.v, vv.data());
+    ops::AttentionArgs a;
+    a.q = q.data();
+    a.n_q = N;
+    a.k = k.data();
+    a.v = vv.data();
+    a.n_kv = N;
+    a.kv_stride = D;
+    a.n_heads = a.n_kv_heads = H;
+    a.head_dim = hd;
+    a.scale = 1.f / std::sqrt(float(hd));
+    a.out = att.data();
+    ops::attention(a);
+    ops::linear(att.data(), N, L.o, h.data());
+    for (size_t i = 0; i < x.size(); ++i) x[i] += h[i];
+    ops::layer_norm(x.data(), N, D, L.ln2, v.eps, h.data());
+    ops::linear(h.data(), N, L.fc1, mlp.data());
+    ops::activate(mlp.data(), mlp.size(), act);
+    ops::linear(mlp.data(), N, L.fc2, h.data());
+    for (size_t i = 0; i < x.size(); ++i) x[i] += h[i];
+    emit(obs, "vision_layer_out", int(li), x.data(), {N, D});
+    keep_if_selected(int(li) + 1);
+  }
+
+  // Feature selection: concatenate the selected layers along the feature axis, drop CLS for "default".
+  const int skip = cfg_.feature_strategy == "default" ? 1 : 0;
+  const int T = N - skip, F = D * int(selected.size());
+  std::vector<float> feats(size_t(T) * F);
+  for (int t = 0; t < T; ++t)
+    for (size_t s = 0; s < selected.size(); ++s)
+      std::memcpy(&feats[size_t(t) * F + s * D], &selected[s][size_t(t + skip) * D], sizeof(float) * D);
+  emit(obs, "vision_features", -1, feats.data(), {T, F});
+
+  // Projector: linear (act linear)*.
+  const ops::Act pact = ops::act_from_name(cfg_.projector_act.c_str());
+  std::vector<float> cur = std::move(feats);
+  const auto& P_layers = lw_->w.projector.layers;
+  for (size_t i = 0; i < P_layers.size(); ++i) {
+    std::vector<float> next(size_t(T) * P_layers[i].out);
+    ops::linear(cur.data(), T, P_layers[i], next.data());
+    if (i + 1 < P_layers.size()) ops::activate(next.data(), next.size(), pact);
+    cur = std::move(next);
+  }
+  emit(obs, "projector_output", -1, cur.data(), {T, cfg_.text.hidden});
+  return cur;
+}
+
+void Model::embed(const int32_t* ids, int n, float* out) const {
+  const TextConfig& t = cfg_.text;
+  const TensorView& E = *lw_->w.lm.embed;
+  for (int i = 0; i < n; ++i) {
+    if (ids[i] < 0 || ids[i] >= t.vocab_size)
+      fail("prompt", "token id " + std::to_string(ids[i]) + " is outside the vocabulary of " + std::to_string(t.vocab_size));
+    to_f32(E.dtype, static_cast<const uint8_t*>(E.data) + size_t(ids[i]) * t.hidden * dtype_size(E.dtype),
+           out + size_t(i) * t.hidden, size_t(t.hidden));
+  }
+}
+
+void Model::decode(const float* x_in, int T, const int32_t* pos, KVCache& cache, const DecoderCall& call) const {
+  const TextConfig& t = cfg_.text;
+  const LlamaWeights& w = lw_->w.lm;
+  const int D = t.hidden, qd = t.n_heads * t.head_dim, kvd = t.n_kv_heads * t.head_dim;
+  std::vector<float> x(x_in, x_in + size_t(T) * D);
+  std::vector<float> h(size_t(T) * D), q(size_t(T) * qd), k(size_t(T) * kvd), v(size_t(T) * kvd), att(size_t(T) * qd);
+  std::vector<float> gate(size_t(T) * t.intermediate), up(size_t(T) * t.intermediate);
+  Observer* obs = call.observer;
+  if (call.importance) call.importance->resize(size_t(t.n_layers));
+  for (int l = 0; l < t.n_layers; ++l) {
+    const LlamaLayer& L = w.layers[size_t(l)];
+    ops::rms_norm(x.data(), T, D, L.attn_norm, t.rms_eps, h.data());
+    ops::linear(h.data(), T, L.q, q.data());
+    ops::linear(h.data(), T, L.k, k.data());
+    ops::linear(h.data(), T, L.v, v.data());
+    rope_.apply(q.data(), T, t.n_heads, pos);
+    rope_.apply(k.data(), T, t.n_kv_heads, pos);
+    KVLayer& kv = cache.layer(l);
+    kv.append(k.data(), v.data(), pos, T);
+    ops::AttentionArgs a;
+    a.q = q.data();
+    a.n_q = T;
+    a.q_pos = pos;
+    a.k = kv.keys();
+    a.v = kv.values();
+    a.n_kv = kv.size();
+    a.kv_stride = kvd;
+    a.kv_pos = kv.positions();
+    a.n_heads = t.n_heads;
+    a.n_kv_heads = t.n_kv_heads;
+    a.head_dim = t.head_dim;
+    a.scale = 1.f / std::sqrt(float(t.head_dim));
+    a.out = att.data();
+    if (call.importance) {
+      auto& imp = (*call.importance)[size_t(l)];
+      imp.assign(size_t(kv.size()), 0.f);
+      a.importance = imp.data();
+    }
+    ops::attention(a);
+    ops::linear(att.data(), T, L.o, h.data());
+    for (size_t i = 0; i < x.size(); ++i) x[i] += h[i];
+    ops::rms_norm(x.data(), T, D, L.mlp_norm, t.rms_eps, h.data());
+    ops::linear(h.data(), T, L.gate, gate.data());
+    ops::linear(h.data(), T, L.up, up.data());
+    ops::swiglu(gate.data(), up.data(), gate.size());
+    ops::linear(gate.data(), T, L.down, h.data());
+    for (size_t i = 0; i < x.size(); ++i) x[i] += h[i];
+    emit(obs, "layer_out", l, x.data(), {T, D});
+  }
+  ops::rms_norm(x.data(), T, D, w.norm, t.rms_eps, x.data());
+  emit(obs, "hidden_final", -1, x.data(), {T, D});
+  if (!call.logits_rows.empty()) {
+    PKV_ASSERT(call.logits_out);
+    const int R = int(call.logits_rows.size());
+    std::vector<float> rows(size_t(R) * D);
+    for (int r = 0; r < R; ++r) {
+      PKV_ASSERT(call.logits_rows[size_t(r)] >= 0 && call.logits_rows[size_t(r)] < T);
+      std::memcpy(&rows[size_t(r) * D], &x[size_t(call.logits_rows[size_t(r)]) * D], sizeof(float) * D);
+    }
+    ops::linear(rows.data(), R, w.head, call.logits_out);
+    emit(obs, "logits", -1, call.logits_out, {R, t.vocab_size});
+  }
+}
+
+}  // namespace pkv

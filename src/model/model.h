@@ -1,0 +1,58 @@
+// A loaded model: LLaMA decoder, and for LLaVA the CLIP vision tower and projector.
+// Weights are immutable and shared; per-sequence state lives in a KVCache passed to each call.
+#pragma once
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "io/config.h"
+#include "kv/kv_cache.h"
+#include "model/observer.h"
+#include "model/weights.h"
+#include "ops/ops.h"
+
+namespace pkv {
+
+struct LoadOptions {
+  std::string vision_tower_dir;  // separate CLIP checkpoint (original LLaVA layout)
+};
+
+// Per-call options of the decoder forward pass.
+struct DecoderCall {
+  Observer* observer = nullptr;
+  // Rows of x (0-based within this call) whose logits are wanted; logits_out is [rows.size(), vocab].
+  std::vector<int> logits_rows;
+  float* logits_out = nullptr;
+  // Optional per-layer importance accumulation over the keys each layer holds after this call's
+  // append (see ops::AttentionArgs::importance). importance->at(l) is resized to the layer's size.
+  std::vector<std::vector<float>>* importance = nullptr;
+};
+
+class Model {
+ public:
+  static std::unique_ptr<Model> load(const std::string& dir, const LoadOptions& opt = {});
+
+  const ModelConfig& config() const { return cfg_; }
+  const Weights& weights() const { return lw_->w; }
+  bool has_vision() const { return cfg_.has_vision; }
+  size_t weight_bytes() const;
+
+  // pixels [3, S, S] -> image embeddings [image_tokens, text_hidden] (vision tower + projector).
+  std::vector<float> encode_image(const float* pixels, Observer* obs = nullptr) const;
+
+  // Token embeddings: out [n, hidden].
+  void embed(const int32_t* ids, int n, float* out) const;
+
+  // Runs the decoder on x [T, hidden] (the new tokens at absolute positions pos [T]), appending
+  // their keys and values to `cache`, layer by layer, and attending over what each layer holds.
+  void decode(const float* x, int T, const int32_t* pos, KVCache& cache, const DecoderCall& call) const;
+
+  KVCache make_cache() const { return KVCache(cfg_.text.n_layers, cfg_.text.n_kv_heads * cfg_.text.head_dim); }
+
+ private:
+  ModelConfig cfg_;
+  std::unique_ptr<LoadedWeights> lw_;
+  ops::Rope rope_;
+};
+
+}  // namespace pkv

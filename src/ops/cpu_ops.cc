@@ -1,0 +1,280 @@
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <mutex>
+
+#include <cblas.h>
+
+#include "core/error.h"
+#include "core/threads.h"
+#include "ops/ops.h"
+
+namespace pkv::ops {
+
+namespace {
+
+// OpenBLAS runs single-threaded inside our own parallel_for (one pool, no oversubscription).
+void blas_single_thread() {
+  static std::once_flag once;
+  std::call_once(once, [] { openblas_set_num_threads(1); });
+}
+
+inline float dot_f32(const float* a, const float* b, int n) {
+  float s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0;
+  int i = 0;
+  for (; i + 8 <= n; i += 8) {
+    s0 += a[i] * b[i];
+    s1 += a[i + 1] * b[i + 1];
+    s2 += a[i + 2] * b[i + 2];
+    s3 += a[i + 3] * b[i + 3];
+    s4 += a[i + 4] * b[i + 4];
+    s5 += a[i + 5] * b[i + 5];
+    s6 += a[i + 6] * b[i + 6];
+    s7 += a[i + 7] * b[i + 7];
+  }
+  for (; i < n; ++i) s0 += a[i] * b[i];
+  return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7));
+}
+
+inline float dot_bf16(const float* a, const uint16_t* b, int n) {
+  float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) s[j] += a[i + j] * bf16_to_f32(b[i + j]);
+  for (; i < n; ++i) s[0] += a[i] * bf16_to_f32(b[i]);
+  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+}
+
+inline float dot_f16(const float* a, const uint16_t* b, int n) {
+  float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) s[j] += a[i + j] * f16_to_f32(b[i + j]);
+  for (; i < n; ++i) s[0] += a[i] * f16_to_f32(b[i]);
+  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+}
+
+}  // namespace
+
+void linear(const float* x, int rows, const Linear& L, float* y) {
+  blas_single_thread();
+  const int in = L.in, out = L.out;
+  const TensorView& W = *L.w;
+  if (rows <= 2 && W.dtype != DType::F32) {
+    // Decode: a matrix-vector product reading 16-bit weights directly.
+    const uint16_t* w16 = static_cast<const uint16_t*>(W.data);
+    parallel_for(size_t(out), 16, [&](size_t b, size_t e, int) {
+      for (int r = 0; r < rows; ++r)
+        for (size_t o = b; o < e; ++o)
+          y[size_t(r) * out + o] = W.dtype == DType::BF16 ? dot_bf16(x + size_t(r) * in, w16 + o * size_t(in), in)
+                                                          : dot_f16(x + size_t(r) * in, w16 + o * size_t(in), in);
+    });
+  } else {
+    // Blocks of output features: each thread converts its block of W (when 16-bit) into scratch and
+    // multiplies it with all rows of x through BLAS.
+    const int block = std::max(16, std::min(256, (out + num_threads() - 1) / num_threads()));
+    const int n_blocks = (out + block - 1) / block;
+    static thread_local std::vector<float> scratch;
+    parallel_for(size_t(n_blocks), 1, [&](size_t b, size_t e, int) {
+      for (size_t blk = b; blk < e; ++blk) {
+        const int o0 = int(blk) * block, nb = std::min(block, out - o0);
+        const float* wb;
+        if (W.dtype == DType::F32) {
+          wb = static_cast<const float*>(W.data) + size_t(o0) * in;
+        } else {
+          scratch.resize(size_t(nb) * in);
+          to_f32(W.dtype, static_cast<const uint8_t*>(W.data) + size_t(o0) * in * 2, scratch.data(), scratch.size());
+          wb = scratch.data();
+        }
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, nb, in, 1.f, x, in, wb, in, 0.f, y + o0, out);
+      }
+    });
+  }
+  if (!L.b.empty())
+    for (int r = 0; r < rows; ++r)
+      for (int o = 0; o < out; ++o) y[size_t(r) * out + o] += L.b[size_t(o)];
+}
+
+void linear_reference(const float* x, int rows, const Linear& L, float* y) {
+  std::vector<float> wrow(size_t(L.in));
+  for (int o = 0; o < L.out; ++o) {
+    to_f32(L.w->dtype, static_cast<const uint8_t*>(L.w->data) + size_t(o) * L.in * dtype_size(L.w->dtype), wrow.data(),
+           size_t(L.in));
+    for (int r = 0; r < rows; ++r) {
+      double s = L.b.empty() ? 0.0 : L.b[size_t(o)];
+      for (int i = 0; i < L.in; ++i) s += double(x[size_t(r) * L.in + i]) * wrow[size_t(i)];
+      y[size_t(r) * L.out + o] = float(s);
+    }
+  }
+}
+
+void rms_norm(const float* x, int rows, int dim, const Norm& n, float eps, float* y) {
+  for (int r = 0; r < rows; ++r) {
+    const float* xr = x + size_t(r) * dim;
+    float* yr = y + size_t(r) * dim;
+    float ss = 0;
+    for (int i = 0; i < dim; ++i) ss += xr[i] * xr[i];
+    const float inv = 1.f / std::sqrt(ss / float(dim) + eps);
+    for (int i = 0; i < dim; ++i) yr[i] = n.w[size_t(i)] * (xr[i] * inv);
+  }
+}
+
+void layer_norm(const float* x, int rows, int dim, const Norm& n, float eps, float* y) {
+  for (int r = 0; r < rows; ++r) {
+    const float* xr = x + size_t(r) * dim;
+    float* yr = y + size_t(r) * dim;
+    float mean = 0;
+    for (int i = 0; i < dim; ++i) mean += xr[i];
+    mean /= float(dim);
+    float var = 0;
+    for (int i = 0; i < dim; ++i) var += (xr[i] - mean) * (xr[i] - mean);
+    var /= float(dim);
+    const float inv = 1.f / std::sqrt(var + eps);
+    for (int i = 0; i < dim; ++i) yr[i] = (xr[i] - mean) * inv * n.w[size_t(i)] + n.b[size_t(i)];
+  }
+}
+
+Act act_from_name(const char* name) {
+  const std::string s(name);
+  if (s == "gelu") return Act::Gelu;
+  if (s == "gelu_pytorch_tanh") return Act::GeluTanh;
+  if (s == "quick_gelu") return Act::QuickGelu;
+  if (s == "silu") return Act::Silu;
+  if (s == "relu") return Act::Relu;
+  PKV_ASSERT_MSG(false, "unknown activation " + s);
+  return Act::Gelu;
+}
+
+void activate(float* x, size_t n, Act a) {
+  switch (a) {
+    case Act::Gelu:
+      for (size_t i = 0; i < n; ++i) x[i] = 0.5f * x[i] * (1.f + std::erf(x[i] * 0.70710678118654752f));
+      break;
+    case Act::GeluTanh:
+      for (size_t i = 0; i < n; ++i) {
+        const float v = x[i];
+        x[i] = 0.5f * v * (1.f + std::tanh(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+      }
+      break;
+    case Act::QuickGelu:
+      for (size_t i = 0; i < n; ++i) x[i] = x[i] / (1.f + std::exp(-1.702f * x[i]));
+      break;
+    case Act::Silu:
+      for (size_t i = 0; i < n; ++i) x[i] = x[i] / (1.f + std::exp(-x[i]));
+      break;
+    case Act::Relu:
+      for (size_t i = 0; i < n; ++i) x[i] = std::max(0.f, x[i]);
+      break;
+  }
+}
+
+void swiglu(float* gate, const float* up, size_t n) {
+  for (size_t i = 0; i < n; ++i) gate[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+}
+
+Rope Rope::make(int head_dim, float theta, const std::string& rope_type, float factor, float low_freq_factor,
+                float high_freq_factor, int original_max_positions) {
+  Rope r;
+  r.head_dim = head_dim;
+  const int half = head_dim / 2;
+  r.inv_freq.resize(size_t(half));
+  for (int i = 0; i < half; ++i) {
+    // As transformers computes it: float32 exponent, float32 power.
+    const float expo = float(2 * i) / float(head_dim);
+    r.inv_freq[size_t(i)] = 1.0f / std::pow(theta, expo);
+  }
+  if (rope_type == "linear") {
+    for (auto& f : r.inv_freq) f /= factor;
+  } else if (rope_type == "llama3") {
+    const double low_wl = original_max_positions / low_freq_factor;
+    const double high_wl = original_max_positions / high_freq_factor;
+    for (auto& f : r.inv_freq) {
+      const double wl = 2 * M_PI / f;
+      if (wl > low_wl) {
+        f = float(f / factor);
+      } else if (wl >= high_wl) {
+        const double smooth = (original_max_positions / wl - low_freq_factor) /
+                              (high_freq_factor - low_freq_factor);
+        f = float((1 - smooth) * f / factor + smooth * f);
+      }
+    }
+  }
+  return r;
+}
+
+void Rope::apply(float* x, int rows, int n_heads, const int32_t* pos) const {
+  const int half = head_dim / 2;
+  std::vector<float> c(static_cast<size_t>(half)), s(static_cast<size_t>(half));
+  for (int r = 0; r < rows; ++r) {
+    for (int i = 0; i < half; ++i) {
+      const float ang = float(pos[r]) * inv_freq[size_t(i)];  // float32 product, as in transformers
+      c[size_t(i)] = std::cos(ang);
+      s[size_t(i)] = std::sin(ang);
+    }
+    for (int h = 0; h < n_heads; ++h) {
+      float* v = x + (size_t(r) * n_heads + h) * head_dim;
+      for (int i = 0; i < half; ++i) {
+        const float a = v[i], b = v[i + half];
+        v[i] = a * c[size_t(i)] - b * s[size_t(i)];
+        v[i + half] = b * c[size_t(i)] + a * s[size_t(i)];
+      }
+    }
+  }
+}
+
+void attention(const AttentionArgs& a) {
+  PKV_ASSERT(a.n_heads % a.n_kv_heads == 0);
+  const int group = a.n_heads / a.n_kv_heads;
+  const int qd = a.n_heads * a.head_dim;
+  const size_t items = size_t(a.n_q) * a.n_heads;
+  const bool causal = a.q_pos && a.kv_pos;
+  const int nthreads = num_threads();
+  std::vector<std::vector<float>> imp_parts;
+  if (a.importance) imp_parts.assign(size_t(nthreads), std::vector<float>());
+  parallel_for(items, 4, [&](size_t b, size_t e, int tid) {
+    std::vector<float> p(size_t(a.n_kv));
+    float* imp = nullptr;
+    if (a.importance) {
+      imp_parts[size_t(tid)].assign(size_t(a.n_kv), 0.f);
+      imp = imp_parts[size_t(tid)].data();
+    }
+    for (size_t it = b; it < e; ++it) {
+      const int i = int(it / size_t(a.n_heads)), h = int(it % size_t(a.n_heads));
+      const int g = h / group;
+      const float* qv = a.q + size_t(i) * qd + size_t(h) * a.head_dim;
+      float* o = a.out + size_t(i) * qd + size_t(h) * a.head_dim;
+      float mx = -INFINITY;
+      int last = a.n_kv;  // entries are in position order; with causality, stop at the first unseen one
+      for (int j = 0; j < a.n_kv; ++j) {
+        if (causal && a.kv_pos[j] > a.q_pos[i]) {
+          p[size_t(j)] = -INFINITY;
+          continue;
+        }
+        const float sc = dot_f32(qv, a.k + size_t(j) * a.kv_stride + size_t(g) * a.head_dim, a.head_dim) * a.scale;
+        p[size_t(j)] = sc;
+        mx = std::max(mx, sc);
+      }
+      (void)last;
+      float sum = 0;
+      for (int j = 0; j < a.n_kv; ++j) {
+        const float ev = p[size_t(j)] == -INFINITY ? 0.f : std::exp(p[size_t(j)] - mx);
+        p[size_t(j)] = ev;
+        sum += ev;
+      }
+      const float inv = 1.f / sum;
+      std::fill(o, o + a.head_dim, 0.f);
+      for (int j = 0; j < a.n_kv; ++j) {
+        const float w = p[size_t(j)] * inv;
+        if (w == 0.f) continue;
+        const float* vv = a.v + size_t(j) * a.kv_stride + size_t(g) * a.head_dim;
+        for (int d = 0; d < a.head_dim; ++d) o[d] += w * vv[d];
+        if (imp) imp[j] += w / float(a.n_heads);
+      }
+    }
+  });
+  if (a.importance)
+    for (auto& part : imp_parts)
+      for (size_t j = 0; j < part.size(); ++j) a.importance[j] += part[j];
+}
+
+}  // namespace pkv::ops

@@ -1,0 +1,63 @@
+// CPU operators. Activations are float32, row-major; weights are read in their stored dtype.
+// Shapes in comments: [rows, cols].
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "core/tensor.h"
+
+namespace pkv::ops {
+
+// y[rows, L.out] = x[rows, L.in] * W^T + b. 16-bit weights are converted block by block into
+// per-thread scratch (never a full float32 copy of the model).
+void linear(const float* x, int rows, const Linear& L, float* y);
+
+// Reference implementation of linear: plain loops in double. For tests.
+void linear_reference(const float* x, int rows, const Linear& L, float* y);
+
+// x[rows, dim] -> y (may alias x).
+void rms_norm(const float* x, int rows, int dim, const Norm& n, float eps, float* y);
+void layer_norm(const float* x, int rows, int dim, const Norm& n, float eps, float* y);
+
+enum class Act { Gelu, GeluTanh, QuickGelu, Silu, Relu };
+Act act_from_name(const char* name);  // asserts on unknown (config validated earlier)
+void activate(float* x, size_t n, Act a);
+// gate[i] = silu(gate[i]) * up[i]
+void swiglu(float* gate, const float* up, size_t n);
+
+// Rotary position embedding (rotate-half form used by LLaMA in transformers) applied in place to
+// x[rows, n_heads * head_dim] with the given absolute positions.
+struct Rope {
+  std::vector<float> inv_freq;  // [head_dim / 2]
+  int head_dim = 0;
+  // rope_type: default | linear | llama3 (with its factors).
+  static Rope make(int head_dim, float theta, const std::string& rope_type, float factor, float low_freq_factor,
+                   float high_freq_factor, int original_max_positions);
+  void apply(float* x, int rows, int n_heads, const int32_t* pos) const;
+};
+
+// Softmax attention of queries over a set of keys/values.
+//   q      [n_q, n_heads * head_dim]
+//   k, v   [n_kv, kv_stride] rows; head g uses columns [g * head_dim, (g+1) * head_dim)
+//   q_pos, kv_pos: absolute positions; when both are given, query i sees key j iff kv_pos[j] <= q_pos[i]
+//   out    [n_q, n_heads * head_dim]
+//   importance (optional) [n_kv]: += for each key j, sum over queries of the mean over heads of the
+//     attention probability (METHOD.md section 1), accumulated in float32.
+struct AttentionArgs {
+  const float* q = nullptr;
+  int n_q = 0;
+  const int32_t* q_pos = nullptr;
+  const float* k = nullptr;
+  const float* v = nullptr;
+  int n_kv = 0;
+  int kv_stride = 0;
+  const int32_t* kv_pos = nullptr;
+  int n_heads = 0, n_kv_heads = 0, head_dim = 0;
+  float scale = 1.f;
+  float* out = nullptr;
+  float* importance = nullptr;
+};
+void attention(const AttentionArgs& a);
+
+}  // namespace pkv::ops

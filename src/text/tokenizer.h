@@ -1,0 +1,37 @@
+// SentencePiece tokenizer (LLaMA's tokenizer.model) with the conventions LLaVA needs.
+#pragma once
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace sentencepiece {
+class SentencePieceProcessor;
+}
+
+namespace pkv {
+
+class Tokenizer {
+ public:
+  explicit Tokenizer(const std::string& model_path);  // throws Error naming the file
+  ~Tokenizer();
+
+  // Plain SentencePiece encoding (with the model's dummy "▁" prefix), no BOS.
+  std::vector<int> encode(const std::string& text) const;
+  // Encoding of a piece of text that continues earlier text (no dummy prefix), as transformers'
+  // non-legacy LLaMA tokenizer encodes the text after a special token.
+  std::vector<int> encode_continuation(const std::string& text) const;
+  std::string decode(const std::vector<int>& ids) const;
+
+  int vocab_size() const;
+  int bos_id() const;
+  int eos_id() const;
+  int piece_to_id(const std::string& piece) const;  // -1 when absent
+  std::string id_to_piece(int id) const;
+
+ private:
+  std::unique_ptr<sentencepiece::SentencePieceProcessor> sp_;
+  std::string path_;
+  int unk_prefix_len_ = 0;
+};
+
+}  // namespace pkv

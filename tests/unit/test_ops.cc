@@ -1,0 +1,145 @@
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+
+#include "ops/ops.h"
+#include "test_util.h"
+
+using namespace pkv;
+
+namespace {
+
+struct OwnedLinear {
+  std::vector<uint8_t> bytes;
+  TensorView view;
+  Linear lin;
+};
+
+OwnedLinear make_linear(int out, int in, DType dt, std::mt19937& rng, bool bias) {
+  std::normal_distribution<float> nd(0.f, 0.5f);
+  OwnedLinear o;
+  o.bytes.resize(size_t(out) * in * dtype_size(dt));
+  for (size_t i = 0; i < size_t(out) * in; ++i) {
+    const float f = nd(rng);
+    if (dt == DType::F32) std::memcpy(&o.bytes[i * 4], &f, 4);
+    else {
+      uint16_t h = dt == DType::BF16 ? f32_to_bf16(f) : f32_to_f16(f);
+      std::memcpy(&o.bytes[i * 2], &h, 2);
+    }
+  }
+  o.view.dtype = dt;
+  o.view.supported = true;
+  o.view.shape = {out, in};
+  o.view.data = o.bytes.data();
+  o.lin.w = &o.view;
+  o.lin.in = in;
+  o.lin.out = out;
+  if (bias)
+    for (int i = 0; i < out; ++i) o.lin.b.push_back(nd(rng));
+  return o;
+}
+
+}  // namespace
+
+class LinearTest : public ::testing::TestWithParam<std::tuple<DType, int>> {};
+
+TEST_P(LinearTest, MatchesDoubleReference) {
+  auto [dt, rows] = GetParam();
+  std::mt19937 rng(123 + rows);
+  auto L = make_linear(301, 77, dt, rng, true);
+  L.lin.w = &L.view;
+  std::normal_distribution<float> nd;
+  std::vector<float> x(size_t(rows) * 77), y(size_t(rows) * 301, NAN), ref(y.size());
+  for (auto& v : x) v = nd(rng);
+  ops::linear(x.data(), rows, L.lin, y.data());
+  ops::linear_reference(x.data(), rows, L.lin, ref.data());
+  EXPECT_LT(test::rel_error(y.data(), ref.data(), y.size()), 1e-5);
+}
+
+INSTANTIATE_TEST_SUITE_P(DTypesAndRows, LinearTest,
+                         ::testing::Combine(::testing::Values(DType::F32, DType::F16, DType::BF16),
+                                            ::testing::Values(1, 2, 5, 64)));
+
+TEST(Attention, MatchesExplicitSoftmaxWithCausalPositionsAndGqa) {
+  std::mt19937 rng(7);
+  std::normal_distribution<float> nd;
+  const int n_q = 5, n_kv = 9, H = 4, G = 2, hd = 8;
+  std::vector<float> q(size_t(n_q) * H * hd), k(size_t(n_kv) * G * hd), v(k.size()), out(q.size());
+  for (auto* vec : {&q, &k, &v})
+    for (auto& x : *vec) x = nd(rng);
+  // Non-contiguous absolute positions (as after eviction); queries at the end.
+  std::vector<int32_t> kv_pos = {0, 1, 4, 5, 7, 10, 11, 12, 13}, q_pos = {9, 10, 11, 12, 13};
+  std::vector<float> imp(size_t(n_kv), 0.f);
+  ops::AttentionArgs a;
+  a.q = q.data();
+  a.n_q = n_q;
+  a.q_pos = q_pos.data();
+  a.k = k.data();
+  a.v = v.data();
+  a.n_kv = n_kv;
+  a.kv_stride = G * hd;
+  a.kv_pos = kv_pos.data();
+  a.n_heads = H;
+  a.n_kv_heads = G;
+  a.head_dim = hd;
+  a.scale = 0.3f;
+  a.out = out.data();
+  a.importance = imp.data();
+  ops::attention(a);
+  std::vector<double> imp_ref(size_t(n_kv), 0.0);
+  for (int i = 0; i < n_q; ++i)
+    for (int h = 0; h < H; ++h) {
+      const int g = h / (H / G);
+      std::vector<double> p(size_t(n_kv), 0.0);
+      double mx = -1e30, sum = 0;
+      for (int j = 0; j < n_kv; ++j) {
+        if (kv_pos[size_t(j)] > q_pos[size_t(i)]) continue;
+        double s = 0;
+        for (int d = 0; d < hd; ++d) s += double(q[size_t((i * H + h) * hd + d)]) * k[size_t((j * G + g) * hd + d)];
+        p[size_t(j)] = s * 0.3;
+        mx = std::max(mx, p[size_t(j)]);
+      }
+      for (int j = 0; j < n_kv; ++j) {
+        p[size_t(j)] = kv_pos[size_t(j)] > q_pos[size_t(i)] ? 0.0 : std::exp(p[size_t(j)] - mx);
+        sum += p[size_t(j)];
+      }
+      for (int d = 0; d < hd; ++d) {
+        double o = 0;
+        for (int j = 0; j < n_kv; ++j) o += p[size_t(j)] / sum * v[size_t((j * G + g) * hd + d)];
+        EXPECT_NEAR(out[size_t((i * H + h) * hd + d)], o, 1e-5);
+      }
+      for (int j = 0; j < n_kv; ++j) imp_ref[size_t(j)] += p[size_t(j)] / sum / H;
+    }
+  for (int j = 0; j < n_kv; ++j) EXPECT_NEAR(imp[size_t(j)], imp_ref[size_t(j)], 1e-5);
+  // Importance sums to one per query (each query's heads average to a distribution).
+  double total = 0;
+  for (float x : imp) total += x;
+  EXPECT_NEAR(total, double(n_q), 1e-4);
+}
+
+TEST(Rope, RotatesPairsByPositionTimesFrequency) {
+  ops::Rope r = ops::Rope::make(4, 10000.f, "default", 1.f, 1.f, 4.f, 8192);
+  ASSERT_EQ(r.inv_freq.size(), 2u);
+  EXPECT_FLOAT_EQ(r.inv_freq[0], 1.f);
+  EXPECT_NEAR(r.inv_freq[1], 0.01f, 1e-7);
+  std::vector<float> x = {1, 2, 3, 4};
+  int32_t pos = 3;
+  r.apply(x.data(), 1, 1, &pos);
+  EXPECT_NEAR(x[0], 1 * std::cos(3.f) - 3 * std::sin(3.f), 1e-5);
+  EXPECT_NEAR(x[2], 3 * std::cos(3.f) + 1 * std::sin(3.f), 1e-5);
+  EXPECT_NEAR(x[1], 2 * std::cos(0.03f) - 4 * std::sin(0.03f), 1e-5);
+  EXPECT_NEAR(x[3], 4 * std::cos(0.03f) + 2 * std::sin(0.03f), 1e-5);
+}
+
+TEST(Norms, RmsAndLayerNorm) {
+  Norm n{{1.f, 2.f, 0.5f, 1.f}, {0.f, 1.f, 0.f, -1.f}};
+  std::vector<float> x = {1, 2, 3, 4}, y(4);
+  ops::rms_norm(x.data(), 1, 4, n, 0.f, y.data());
+  const float rms = std::sqrt((1 + 4 + 9 + 16) / 4.f);
+  EXPECT_NEAR(y[1], 2 * 2 / rms, 1e-6);
+  ops::layer_norm(x.data(), 1, 4, n, 0.f, y.data());
+  const float sd = std::sqrt(1.25f);
+  EXPECT_NEAR(y[0], (1 - 2.5f) / sd * 1 + 0, 1e-5);
+  EXPECT_NEAR(y[3], (4 - 2.5f) / sd * 1 - 1, 1e-5);
+}
