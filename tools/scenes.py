@@ -242,9 +242,9 @@ def render(scene):
     ramp = (np.arange(S, dtype=np.float64) - (S - 1) / 2.0) / (S - 1)
     img = base[None, None, :] + (gx * ramp)[None, :, None] + (gy * ramp)[:, None, None]
     img = np.broadcast_to(img, (S, S, 3)).copy()
-    # luminance and colour noise (integers)
-    img += rs.randint(-7, 8, size=(S, S, 1)).astype(np.float64)
-    img += rs.randint(-3, 4, size=(S, S, 3)).astype(np.float64)
+    # grainy luminance noise on 2 x 2 pixel blocks (integers; coarse so that PNGs stay small)
+    grain = rs.randint(-6, 7, size=(S // 2, S // 2)).astype(np.float64)
+    img += np.repeat(np.repeat(grain, 2, axis=0), 2, axis=1)[:, :, None]
     # faint straight lines (computed inside their bounding boxes)
     n_lines = int(rs.randint(2, 6))
     for _ in range(n_lines):

@@ -262,8 +262,9 @@ ModelConfig load_config(const std::string& dir, const std::string& vision_tower_
     const std::string ptype = top.get_str("mm_projector_type", "linear");
     if (ptype == "linear") {
       cfg.projector_layers = 1;
-    } else if (ptype.rfind("mlp", 0) == 0 && ptype.size() > 9 && ptype.substr(ptype.size() - 7) == "x_gelu") {
-      cfg.projector_layers = std::stoi(ptype.substr(3, ptype.size() - 10));
+    } else if (ptype.size() > 9 && ptype.rfind("mlp", 0) == 0 && ptype.substr(ptype.size() - 6) == "x_gelu" &&
+               ptype.find_first_not_of("0123456789", 3) == ptype.size() - 6) {
+      cfg.projector_layers = std::stoi(ptype.substr(3, ptype.size() - 9));
       if (cfg.projector_layers < 1) fail(path, "bad mm_projector_type '" + ptype + "'");
     } else {
       fail(path, "unsupported mm_projector_type '" + ptype + "' (supported: linear, mlpNx_gelu)");

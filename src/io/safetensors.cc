@@ -72,9 +72,14 @@ SafetensorsFile::SafetensorsFile(const std::string& path) {
     if (e - b != expect)
       fail(where, "holds " + std::to_string(e - b) + " bytes but dtype " + t.dtype_str + " and shape " + t.shape_str() +
                       " need " + std::to_string(expect));
-    if (esize > 1 && (reinterpret_cast<uintptr_t>(base + b) % esize) != 0 && t.supported)
-      fail(where, "data is not aligned to its element size");
     t.data = base + b;
+    if (esize > 1 && (reinterpret_cast<uintptr_t>(base + b) % esize) != 0) {
+      // The format does not promise alignment (writers usually pad the header so it holds):
+      // keep an aligned copy of such a tensor.
+      aligned_copies_.emplace_back(new uint64_t[(e - b + 7) / 8]);
+      std::memcpy(aligned_copies_.back().get(), base + b, e - b);
+      t.data = aligned_copies_.back().get();
+    }
     tensors_.emplace(name, std::move(t));
   }
 }

@@ -23,6 +23,7 @@ class SafetensorsFile {
  private:
   std::unique_ptr<MappedFile> file_;
   std::map<std::string, TensorView> tensors_;
+  std::vector<std::unique_ptr<uint64_t[]>> aligned_copies_;
 };
 
 // All tensors of a checkpoint directory (or of one .safetensors file).
