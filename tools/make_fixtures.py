@@ -830,7 +830,7 @@ FIXTURES = {
     "llama_text": dict(
         layout="llama", seed=4004, storage_dtype="float32",
         text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=None, rms_norm_eps=1e-6, rope_theta=10000.0,
+                  num_key_value_heads=2, head_dim=None, rms_norm_eps=1e-6, rope_theta=20000.0,
                   max_position_embeddings=2048, tie_word_embeddings=True)),
 }
 
@@ -1003,9 +1003,11 @@ def hf_from_pretrained(cls, path: str):
     import torch
 
     last = None
-    for kw in ({"dtype": torch.float32}, {"torch_dtype": torch.float32}):
+    for kw in ({"dtype": torch.float32, "output_loading_info": True},
+               {"torch_dtype": torch.float32, "output_loading_info": True},
+               {"dtype": torch.float32}, {"torch_dtype": torch.float32}):
         try:
-            res = cls.from_pretrained(path, attn_implementation="eager", output_loading_info=True, **kw)
+            res = cls.from_pretrained(path, attn_implementation="eager", **kw)
             model, info = res if isinstance(res, tuple) else (res, {})
             return model.float().eval(), info
         except TypeError as exc:
@@ -1144,11 +1146,7 @@ def greedy_decode(model, first_kwargs: dict, n_new: int):
         out = model(input_ids=torch.tensor([[nxt]]), past_key_values=past, use_cache=True)
         past = out.past_key_values
         row = out.logits[0, -1].float()
-    return out_first_image_states(first_kwargs, model), prefill, tokens, margins, step_logits
-
-
-def out_first_image_states(_kwargs, _model):  # placeholder kept for readability of callers
-    return None
+    return prefill, tokens, margins, step_logits
 
 
 class Fixture:
@@ -1293,7 +1291,7 @@ def run_model_case(fx: Fixture, case: dict, tok_hf, sp, pre: Preprocess | None, 
                 diff = float((ihs - projected).abs().max())
                 R.check(f"{case['name']}: our projector output == transformers' image_hidden_states",
                         diff < 1e-5, f"max abs diff {diff:.3g}")
-        _, prefill, tokens, margins, step_logits = greedy_decode(fx.model, first, N_GREEDY)
+        prefill, tokens, margins, step_logits = greedy_decode(fx.model, first, N_GREEDY)
         res["logits"] = prefill
         res["tokens"] = tokens
         res["margins"] = margins
@@ -1530,12 +1528,35 @@ def logits_fn(input_ids, pixel=None):
     return run
 
 
+def compare_stored(label: str, directory: str, canonical: dict) -> None:
+    """Every tensor save_pretrained wrote, upcast to float32, must equal the reference
+    weight of the same canonical name (and every reference weight must be stored)."""
+    import torch
+
+    stored = load_checkpoint_tensors(directory)
+    unmapped, differ, seen = [], [], set()
+    for key, val in stored.items():
+        try:
+            canon = llava_key_to_canonical(key)
+        except FixtureError:
+            unmapped.append(key)
+            continue
+        seen.add(canon)
+        if canon not in canonical or not torch.equal(val.float(), canonical[canon]):
+            differ.append(key)
+    missing = sorted(set(canonical) - seen)
+    R.check(f"{label}: stored tensors == reference weights (upcast, exact)",
+            not (unmapped or differ or missing),
+            f"unmapped={unmapped[:5]} differ={differ[:5]} missing={missing[:5]}")
+
+
 def step_models(args, tok_summary: dict | None) -> dict:
     import sentencepiece as spm
     import torch
     import transformers
 
     torch.set_default_dtype(torch.float32)
+    torch.set_num_threads(max(1, args.threads))
     torch.manual_seed(0)
     data_dir = args.out
     fix_root = os.path.join(data_dir, "fixtures")
@@ -1566,7 +1587,7 @@ def step_models(args, tok_summary: dict | None) -> dict:
 
     work = tempfile.mkdtemp(prefix="mkfix_")
     tok_plain, tok_info = load_hf_tokenizer(sp_path, work, "llava-hf")
-    tok_img = copy.deepcopy(tok_plain)
+    tok_img, _ = load_hf_tokenizer(sp_path, work, "llava-hf")
     got_image = add_special_token(tok_img, "<image>")
     got_pad = add_special_token(tok_img, "<pad>")
     if (got_image, got_pad) != (image_id, pad_id):
@@ -1608,6 +1629,8 @@ def step_models(args, tok_summary: dict | None) -> dict:
             else:
                 fx.text_vocab, fx.image_token_id, fx.pad_id = sp_vocab + 2, image_id, pad_id
             fx.model, fx.n_img = build_llava(spec, fx.text_vocab, fx.image_token_id, fx.pad_id)
+            R.check(f"{name}: lm_head is not tied", fx.model.get_output_embeddings().weight.data_ptr()
+                    != fx.model.get_input_embeddings().weight.data_ptr())
             fx.canonical = init_model_weights(
                 fx.model, llava_key_to_canonical, spec["seed"], spec["storage_dtype"],
                 {"language_model.lm_head.weight": ([r for r in special_lm_head if r < fx.text_vocab], 0.05)})
@@ -1615,6 +1638,12 @@ def step_models(args, tok_summary: dict | None) -> dict:
             check_rotary(fx.model, t["rope_theta"], t.get("head_dim") or t["hidden_size"] // t["num_attention_heads"],
                          name)
         fx.info["attn_implementation"] = getattr(fx.model.config, "_attn_implementation", None)
+        fx.info["text"] = dict(spec["text"])
+        if "vision" in spec:
+            fx.info["vision"] = dict(spec["vision"])
+            fx.info["vision_feature_layer"] = spec["vision_feature_layer"]
+            fx.info["vision_feature_select_strategy"] = spec["strategy"]
+            fx.info["projector_hidden_act"] = spec["projector_hidden_act"]
         fx.info["in_memory_keys_sample"] = sorted(fx.model.state_dict().keys())[:6]
         return fx
 
@@ -1699,14 +1728,7 @@ def step_models(args, tok_summary: dict | None) -> dict:
     write_json(os.path.join(d, "tokenizer_config.json"), tokenizer_config_hf(image_id, pad_id))
     shutil.copyfile(sp_path, os.path.join(d, "tokenizer.model"))
     # The stored bf16 values, upcast, must be the in-memory float32 values (the reference).
-    stored = load_checkpoint_tensors(d)
-    exact = sorted(fx.canonical[k].flatten().tolist()[:0] == [] for k in [])  # placeholder, see below
-    del exact
-    stored_sum = sorted(float(v.float().abs().sum()) for v in stored.values())
-    canon_sum = sorted(float(v.abs().sum()) for v in fx.canonical.values())
-    R.check("llava_v5_gqa: stored tensors are the reference weights (bf16-exact)",
-            len(stored_sum) == len(canon_sum) and all(abs(a - b) <= 1e-6 * max(1.0, b)
-                                                      for a, b in zip(stored_sum, canon_sum)))
+    compare_stored("llava_v5_gqa", d, fx.canonical)
     fx.info.update({"dir": "fixtures/llava_v5_gqa", "save_pretrained_max_shard_size": shard,
                     "saved_files": files, "saved_keys": sorted(keys), "image_token_index": image_id,
                     "pad_token_id": pad_id, "text_vocab_size": fx.text_vocab, "n_image_tokens": fx.n_img,

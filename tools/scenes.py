@@ -26,6 +26,8 @@ CLI:
     python3 tools/scenes.py --selftest
     python3 tools/scenes.py --seed 7 --png /tmp/s7.png     # prints the ground truth JSON
     python3 tools/scenes.py --hash 0 1 2
+    python3 tools/scenes.py --score preds.json --truth data/eval/truth.json
+        (preds: {id: text} or [{"id", "text"}]; ids "<scene>_q<k>" are questions)
 """
 
 import hashlib
@@ -317,7 +319,7 @@ def _pos_phrase(o, rs):
     if p == "center":
         return "the center"
     if o.row != 1 and o.col != 1:  # corner
-        return "the " + p + (" corner" if _pick(rs, [0, 1], [1, 1]) else "")
+        return "the " + p + (" corner" if _pick(rs, [1, 0], [4, 1]) else "")
     return "the " + p
 
 
@@ -698,6 +700,35 @@ def selftest():
     return 0
 
 
+def score_predictions(preds, truth):
+    """preds: {id: text} or a list of {"id", "text"|"answer"|"output"}; ids "<scene>_q<k>" are
+    questions (see data/*/questions.json), other ids are descriptions. truth: {scene id: truth}."""
+    if isinstance(preds, list):
+        preds = {p["id"]: p.get("text", p.get("answer", p.get("output", ""))) for p in preds}
+    desc, qs, per = [], [], {}
+    for pid, text in sorted(preds.items()):
+        m = re.fullmatch(r"(.+)_q(\d+)", pid)
+        if m and m.group(1) in truth:
+            sc = truth[m.group(1)]
+            qa = sc["questions"][int(m.group(2))]
+            ok = score_answer(qa["question"], text, sc)
+            qs.append(ok)
+            per[pid] = ok
+        elif pid in truth:
+            r = description_report(text, truth[pid])
+            desc.append(r["score"])
+            per[pid] = r["score"]
+        else:
+            raise KeyError(f"unknown id {pid}")
+    out = {"descriptions": len(desc), "questions": len(qs), "per_id": per}
+    if desc:
+        out["description_accuracy"] = sum(desc) / len(desc)
+        out["descriptions_exact"] = sum(1 for d in desc if d == 1.0) / len(desc)
+    if qs:
+        out["question_accuracy"] = sum(qs) / len(qs)
+    return out
+
+
 def main(argv):
     import argparse
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -705,9 +736,20 @@ def main(argv):
     ap.add_argument("--seed", type=int)
     ap.add_argument("--png", help="write the image of --seed here")
     ap.add_argument("--hash", type=int, nargs="*", help="print pixel sha256 of these seeds")
+    ap.add_argument("--score", metavar="PRED_JSON", help="score predictions against --truth")
+    ap.add_argument("--truth", metavar="TRUTH_JSON", help="e.g. data/eval/truth.json")
     args = ap.parse_args(argv)
     if args.selftest:
         return selftest()
+    if args.score:
+        with open(args.score) as f:
+            preds = json.load(f)
+        with open(args.truth) as f:
+            truth = json.load(f)
+        res = score_predictions(preds, truth)
+        res.pop("per_id")
+        print(json.dumps(res, indent=1))
+        return 0
     if args.hash:
         for s in args.hash:
             print(s, image_hash(render(make_scene(s))))
