@@ -12,8 +12,10 @@ no floating-point reductions), so the same seed gives bit-identical pixels and t
 version on any machine. `python3 tools/scenes.py --hash 0 1 2` prints pixel hashes to compare.
 
 Seed ranges used by the project (documented in docs/MODEL.md):
-    eval 0..199, calib 10_000..10_031, example image 20_000, training >= 1_000_000
-    (tokenizer text 1_000_000.., training scenes 2_000_000.., training-time held-out check 3_000_000..).
+    eval 0..199, calib 10_000..10_031, example image 20_000 (tools/make_data.py);
+    training >= 1_000_000: tokenizer text 1_000_000..1_003_999 (tools/make_tokenizer.py),
+    held-out check during training 3_000_000..3_000_999, training scenes
+    10_000_000 + 1_000_000 * train_seed + j (tools/train_bundled.py).
 
 Library use:
     from scenes import make_scene, render, score_description, score_answer
@@ -624,15 +626,26 @@ def score_answer(question, answer, scene):
 # training samples
 
 
-def training_sample(seed, p_describe=0.5):
-    """(scene, human prompt without the image tag, answer) for one training sample."""
+def training_pair(seed):
+    """(scene, description prompt, one question dict) for training scene `seed`."""
     sc = make_scene(seed)
     rs = _rs(seed, 4)
-    if rs.random_sample() < p_describe:
-        prompt = _pick(rs, DESCRIBE_PROMPTS, [4, 1, 1, 1, 1])
-        return sc, prompt, sc.description
+    prompt = _pick(rs, DESCRIBE_PROMPTS, [4, 1, 1, 1, 1])
     qa = sc.questions[int(rs.randint(0, len(sc.questions)))]
-    return sc, qa["question"], qa["answer"]
+    return sc, prompt, qa
+
+
+def training_batch(seeds):
+    """Rendered images (uint8 [n, 336, 336, 3]) and 2n (prompt, answer) samples: for scene i,
+    sample 2i is its description and sample 2i+1 one of its questions. Runs in worker processes."""
+    imgs = np.empty((len(seeds), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    samples = []
+    for i, seed in enumerate(seeds):
+        sc, prompt, qa = training_pair(seed)
+        imgs[i] = render(sc)
+        samples.append((prompt, sc.description))
+        samples.append((qa["question"], qa["answer"]))
+    return imgs, samples
 
 
 def human_value(prompt):

@@ -53,9 +53,10 @@ std::string Engine::apply_template(const std::string& text, Template t, bool has
 std::vector<int32_t> Engine::tokenize_prompt(const std::string& full_text, bool has_image) const {
   const ModelConfig& cfg = model_.config();
   std::vector<int32_t> ids = {int32_t(cfg.text.bos_id)};
-  // The original LLaVA repository encodes each chunk around <image> separately, each with
-  // SentencePiece's dummy prefix (its tokenizer_image_token); transformers' non-legacy LLaMA
-  // tokenizer adds the prefix only at the start of the text.
+  // The original LLaVA repository encodes each chunk around <image> separately with SentencePiece,
+  // each with its dummy prefix (its tokenizer_image_token); transformers' LLaMA tokenizer
+  // (legacy = false) adds the prefix only at the start of the text and merges differently on runs
+  // of spaces (Tokenizer::encode_hf).
   const bool every_chunk_prefixed = cfg.layout == Layout::LlavaOriginal;
   size_t start = 0;
   bool first = true;
@@ -64,7 +65,7 @@ std::vector<int32_t> Engine::tokenize_prompt(const std::string& full_text, bool 
     size_t at = has_image ? full_text.find("<image>", start) : std::string::npos;
     std::string chunk = full_text.substr(start, at == std::string::npos ? std::string::npos : at - start);
     if (!chunk.empty()) {
-      std::vector<int> t = (first || every_chunk_prefixed) ? tok_.encode(chunk) : tok_.encode_continuation(chunk);
+      std::vector<int> t = every_chunk_prefixed ? tok_.encode(chunk) : tok_.encode_hf(chunk, first);
       ids.insert(ids.end(), t.begin(), t.end());
     }
     first = false;

@@ -287,10 +287,16 @@ ModelConfig load_config(const std::string& dir, const std::string& vision_tower_
         parse_preprocessor(vpre, cfg.image);
         cfg.image.mode = mode;  // the LLaVA config decides pad vs crop
       }
+    } else if (top.has("mm_vision_tower_config")) {
+      // Not written by the LLaVA repository: a prefixkv extension for checkpoints whose tower is not a
+      // standard CLIP ViT and so cannot be inferred from its tensors (the test fixtures use it).
+      if (!j["mm_vision_tower_config"].is_object()) fail(path, "mm_vision_tower_config must be an object");
+      cfg.vision = parse_vision(Fields{j["mm_vision_tower_config"], path + ": mm_vision_tower_config"});
     } else {
       cfg.vision_from_tensors = true;  // filled in from the tensors by the weight loader
     }
-    if (top.has("mm_hidden_size")) cfg.vision.hidden = top.get_int("mm_hidden_size", cfg.vision.hidden);
+    if (top.has("mm_hidden_size") && cfg.vision_from_tensors)
+      cfg.vision.hidden = top.get_int("mm_hidden_size", cfg.vision.hidden);
   } else if (arch == "LlamaForCausalLM") {
     cfg.layout = Layout::Llama;
     cfg.text = parse_text(top);

@@ -20,6 +20,11 @@ class Tokenizer {
   // Encoding of a piece of text that continues earlier text (no dummy prefix), as transformers'
   // non-legacy LLaMA tokenizer encodes the text after a special token.
   std::vector<int> encode_continuation(const std::string& text) const;
+  // transformers' LLaMA tokenizer (tokenizers BPE converted from this model, legacy = false):
+  // spaces become "▁", one "▁" is prepended to the first section of a text unless it already starts
+  // with one, and BPE merges run over the whole section, ranked by the merged piece's score (no
+  // split at whitespace, unlike SentencePiece itself). Differs from encode() on runs of spaces.
+  std::vector<int> encode_hf(const std::string& text, bool first_section) const;
   std::string decode(const std::vector<int>& ids) const;
 
   int vocab_size() const;
@@ -32,6 +37,8 @@ class Tokenizer {
   std::unique_ptr<sentencepiece::SentencePieceProcessor> sp_;
   std::string path_;
   int unk_prefix_len_ = 0;
+  struct BpeVocab;
+  std::unique_ptr<BpeVocab> bpe_;
 };
 
 }  // namespace pkv

@@ -22,15 +22,17 @@ using nlohmann::json;
 
 namespace {
 
-json load_manifest() {
-  std::ifstream f(test::data_path("ref/manifest.json"));
-  if (!f) return json::object();
-  return json::parse(f);
+const json& load_manifest() {
+  static const json m = [] {
+    std::ifstream f(test::data_path("ref/manifest.json"));
+    return f ? json::parse(f) : json::object();
+  }();
+  return m;
 }
 
 std::vector<std::string> case_names() {
   std::vector<std::string> names;
-  json m = load_manifest();
+  const json& m = load_manifest();
   if (m.contains("cases"))
     for (auto& c : m["cases"]) names.push_back(c["name"].get<std::string>());
   return names;

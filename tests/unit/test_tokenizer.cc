@@ -36,10 +36,11 @@ TEST(Tokenizer, Llama2MatchesSentencepieceAndTransformers) {
     const std::string text = c["text"].get<std::string>();
     const auto sp_ids = c["sp_ids"].get<std::vector<int>>();
     EXPECT_EQ(tok.encode(text), sp_ids) << "text: " << text;
-    // transformers adds BOS; the engine's prompt tokenisation = BOS + encode(text).
+    // transformers (tokenizers BPE, legacy = false) adds BOS; it differs from SentencePiece on runs of
+    // spaces, and encode_hf must follow it exactly.
     auto hf = c["hf_ids"].get<std::vector<int>>();
     std::vector<int> ours = {tok.bos_id()};
-    auto e = tok.encode(text);
+    auto e = tok.encode_hf(text, true);
     ours.insert(ours.end(), e.begin(), e.end());
     EXPECT_EQ(ours, hf) << "text: " << text;
     // Decoding gives the text back (LLaMA's tokenizer is lossless up to the dummy prefix space).
@@ -58,5 +59,50 @@ TEST(Tokenizer, MissingOrBrokenModelFile) {
     FAIL();
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find(bad), std::string::npos);
+  }
+}
+
+TEST(Tokenizer, FixtureModelMatchesTransformers) {
+  Tokenizer tok(test::data_path("tokenizer/fixture_sp.model"));
+  std::ifstream f(test::data_path("tokenizer/fixture_ids.json"));
+  ASSERT_TRUE(f.good());
+  json j = json::parse(f);
+  ASSERT_GE(j["cases"].size(), 200u);
+  for (auto& c : j["cases"]) {
+    const std::string text = c["text"].get<std::string>();
+    EXPECT_EQ(tok.encode(text), c["sp_ids"].get<std::vector<int>>()) << text;
+    std::vector<int> ours = {tok.bos_id()};
+    auto e = tok.encode_hf(text, true);
+    ours.insert(ours.end(), e.begin(), e.end());
+    EXPECT_EQ(ours, c["hf_ids"].get<std::vector<int>>()) << text;
+  }
+}
+
+TEST(Tokenizer, ChatPromptsAroundTheImageToken) {
+  if (!std::filesystem::exists(kLlama2)) GTEST_SKIP() << "no ../shared/reference/llama2-tokenizer";
+  Tokenizer tok(kLlama2);
+  json j = load_ids();
+  ASSERT_GE(j["chat_cases"].size(), 2u);
+  for (auto& c : j["chat_cases"]) {
+    const std::string text = c["text"].get<std::string>();
+    // Chunks between <image> markers (prompts with zero, one or several images).
+    std::vector<std::string> chunks;
+    for (size_t start = 0;;) {
+      size_t at = text.find("<image>", start);
+      chunks.push_back(text.substr(start, at == std::string::npos ? std::string::npos : at - start));
+      if (at == std::string::npos) break;
+      start = at + 7;
+    }
+    // transformers: <image> is an added token (32000); the text after it gets no prefix.
+    std::vector<int> hf = {1}, orig = {1};
+    for (size_t i = 0; i < chunks.size(); ++i) {
+      if (i > 0) hf.push_back(32000), orig.push_back(-200);
+      for (int id : tok.encode_hf(chunks[i], i == 0)) hf.push_back(id);
+      // The original LLaVA repository: every chunk through SentencePiece with its dummy prefix.
+      if (!chunks[i].empty())
+        for (int id : tok.encode(chunks[i])) orig.push_back(id);
+    }
+    EXPECT_EQ(hf, c["hf_ids"].get<std::vector<int>>()) << text;
+    EXPECT_EQ(orig, c["llava_orig_ids"].get<std::vector<int>>()) << text;
   }
 }

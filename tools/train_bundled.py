@@ -1,0 +1,1033 @@
+#!/usr/bin/env python3
+"""Train prefixkv's bundled model: a small LLaVA-1.5 made from scratch on one GPU (issue 3).
+
+Architecture (transformers' LlavaForConditionalGeneration, llava-hf layout):
+  vision  CLIP ViT, 336 px, patch 14 (576 image tokens), hidden 192, 6 layers, quick_gelu;
+          vision_feature_layer -2, strategy "default" (CLS dropped)
+  project 2-layer MLP with GELU (192 -> 256 -> 256)
+  decoder LLaMA, 12 layers, hidden 256, 8 heads / 4 KV heads, MLP 768, RoPE 10000, 2048 positions,
+          vocabulary = tokenizer.model (4000 pieces, <image> = id 3), untied LM head
+Recipe (LLaVA's: a decoder pretrained on language first):
+  stage 1 language pretraining of the decoder on .cache/text/corpus.txt.gz (packed 512-token windows)
+  stage 2 vision tower + projector + decoder on synthetic scenes (tools/scenes.py), prompt
+          "USER: <image>\\n{question} ASSISTANT: {answer}</s>", loss on answer tokens only (mean over
+          description tokens + mean over short-answer tokens), every --text-every-th step a text batch
+  then    greedy evaluation on held-out scenes (seeds 3_000_000..), save in bf16, sharded (<= 12 MB),
+          reload check, and packing into at most 8 files for the trip back.
+
+Usage (GPU machine: torch, transformers >= 4.47 or 5.x, sentencepiece, safetensors, numpy, PIL):
+  python3 tools/train_bundled.py --corpus .cache/text/corpus.txt.gz \\
+      --tokenizer models/prefixkv-llava-tiny/tokenizer.model --out $OUT/model --seed 0
+  python3 tools/train_bundled.py ... --smoke --out /tmp/smoke     # 1-2 minute end-to-end check
+  /usr/bin/python3 tools/train_bundled.py --dry-run               # data path only, no torch needed
+
+Output in --out (at most 8 files, each <= 16 MiB): model-0000k-of-0000n.safetensors shards,
+meta.tar (config.json, generation_config.json, model.safetensors.index.json, tokenizer.model and the
+HF tokenizer/processor files, preprocessor_config.json, train_log.json, eval_samples.json) and
+train_log.json. Unpack with:
+  cp OUT/model/*.safetensors models/prefixkv-llava-tiny/ && tar -xf OUT/model/meta.tar -C models/prefixkv-llava-tiny
+"""
+
+import argparse
+import collections
+import gzip
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+
+import numpy as np
+
+TOOLS = os.path.dirname(os.path.abspath(__file__))
+if TOOLS not in sys.path:
+    sys.path.insert(0, TOOLS)
+import scenes  # noqa: E402  (numpy only; imported by the spawned data workers too)
+
+IMAGE_TOKENS = 576
+IMAGE_TOKEN = "<image>"
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+RESCALE = 0.00392156862745098  # 1/255 as in llava-hf's preprocessor_config.json
+HELDOUT_BASE = 3_000_000
+MAX_FILE = 16 * 1024 * 1024
+MAX_FILES = 8
+
+ARCH = dict(hidden=256, layers=12, heads=8, kv_heads=4, intermediate=768, max_pos=2048, rope_theta=10000.0,
+            v_hidden=192, v_layers=6, v_heads=6, v_intermediate=768, image_size=336, patch=14)
+
+
+def train_scene_seed(train_seed, j):
+    return 10_000_000 + 1_000_000 * train_seed + j
+
+
+def log(msg, t0=None):
+    t = f"[{time.time() - t0:7.1f}s] " if t0 is not None else ""
+    print(t + msg, flush=True)
+
+
+def param_count_formula(vocab, a=ARCH):
+    """Parameter count of the architecture above (used by --dry-run, checked against torch)."""
+    H, I, L = a["hidden"], a["intermediate"], a["layers"]
+    hd = H // a["heads"]
+    kv = a["kv_heads"] * hd
+    dec = 2 * vocab * H + L * (2 * H * H + 2 * H * kv + 3 * H * I + 2 * H) + H
+    Hv, Iv, Lv = a["v_hidden"], a["v_intermediate"], a["v_layers"]
+    n_pos = (a["image_size"] // a["patch"]) ** 2 + 1
+    vis = 3 * a["patch"] ** 2 * Hv + Hv + n_pos * Hv + 2 * Hv + Lv * (4 * (Hv * Hv + Hv) + 2 * Hv * Iv + Iv + Hv + 4 * Hv) + 2 * Hv
+    proj = Hv * H + H + H * H + H
+    return {"decoder": dec, "vision": vis, "projector": proj, "total": dec + vis + proj}
+
+
+# ------------------------------------------------------------------------------------------------
+# corpus
+
+
+def read_corpus(path, limit_bytes=None):
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read() if limit_bytes is None else f.read(limit_bytes)
+    text = data.decode("utf-8", errors="replace")
+    docs = [d for d in text.split("\n\n") if d.strip()]
+    return docs, hashlib.sha256(data).hexdigest()
+
+
+def build_stream(token_lists, bos, eos):
+    total = sum(len(t) + 2 for t in token_lists)
+    out = np.empty(total, dtype=np.int32)
+    k = 0
+    for t in token_lists:
+        out[k] = bos
+        out[k + 1:k + 1 + len(t)] = t
+        out[k + 1 + len(t)] = eos
+        k += len(t) + 2
+    return out
+
+
+def sample_windows(stream, n, length, rng):
+    starts = rng.integers(0, len(stream) - length - 1, size=n)
+    return np.stack([stream[s:s + length + 1] for s in starts]).astype(np.int64)
+
+
+# ------------------------------------------------------------------------------------------------
+# tokenisation: HF (the reference at inference) or SentencePiece (dry run stand-in)
+
+
+class HFTok:
+    """Wraps the transformers tokenizer exactly as LlavaProcessor uses it."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.bos, self.eos = tok.bos_token_id, tok.eos_token_id
+        self.image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+        self.vocab_size = len(tok)
+
+    def encode(self, texts, special=True):
+        return self.tok(texts, add_special_tokens=special)["input_ids"]
+
+    def decode(self, ids):
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+
+class SPTok:
+    def __init__(self, path):
+        import sentencepiece as spm
+        self.sp = spm.SentencePieceProcessor(model_file=path)
+        self.bos, self.eos = self.sp.bos_id(), self.sp.eos_id()
+        self.image_id = self.sp.piece_to_id(IMAGE_TOKEN)
+        self.vocab_size = self.sp.get_piece_size()
+
+    def encode(self, texts, special=True):
+        out = self.sp.encode(list(texts))
+        return [[self.bos] + x for x in out] if special else out
+
+    def decode(self, ids):
+        return self.sp.decode([i for i in ids if i > 2])
+
+
+class SampleBuilder:
+    """(prompt, answer) pairs -> padded input ids and next-token targets (answer tokens only)."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.prompt_cache = {}
+
+    def prompt_ids(self, prompt):
+        """Ids of "USER: <image>\\n{prompt} ASSISTANT:" with the image token expanded to 576."""
+        if prompt not in self.prompt_cache:
+            ids = self.tok.encode([scenes.chat_prompt(prompt)])[0]
+            assert ids[0] == self.tok.bos, ids[:4]
+            assert ids.count(self.tok.image_id) == 1, ids
+            k = ids.index(self.tok.image_id)
+            self.prompt_cache[prompt] = (ids, ids[:k] + [self.tok.image_id] * IMAGE_TOKENS + ids[k + 1:])
+        return self.prompt_cache[prompt]
+
+    def build(self, samples, pad_id=0):
+        fulls = self.tok.encode([scenes.chat_prompt(p) + " " + a for p, a in samples])
+        seqs, starts, kinds = [], [], []
+        for (p, a), f in zip(samples, fulls):
+            short, expanded = self.prompt_ids(p)
+            if f[:len(short)] != short:
+                raise AssertionError(f"prompt ids are not a prefix of the full ids for {p!r} / {a!r}")
+            ans = f[len(short):] + [self.tok.eos]
+            seqs.append(expanded + ans)
+            starts.append(len(expanded))
+            kinds.append(0 if p in scenes.DESCRIBE_PROMPTS else 1)
+        T = max(len(s) for s in seqs)
+        ids = np.full((len(seqs), T), pad_id, dtype=np.int64)
+        tgt = np.full((len(seqs), T), -100, dtype=np.int64)
+        for i, (s, st) in enumerate(zip(seqs, starts)):
+            ids[i, :len(s)] = s
+            tgt[i, st - 1:len(s) - 1] = s[st:]
+        return ids, tgt, np.asarray(kinds)
+
+
+# ------------------------------------------------------------------------------------------------
+# scene data in worker processes
+
+
+class SceneFeeder:
+    """Keeps `window` batches of rendered scenes in flight on a process pool, in a fixed order."""
+
+    def __init__(self, pool, train_seed, scenes_per_batch, window):
+        self.pool, self.train_seed, self.spb = pool, train_seed, scenes_per_batch
+        self.pending = collections.deque()
+        self.next_submit = 0
+        self.wait_s = 0.0
+        for _ in range(window):
+            self._submit()
+
+    def _submit(self):
+        k = self.next_submit
+        seeds = [train_scene_seed(self.train_seed, k * self.spb + i) for i in range(self.spb)]
+        self.pending.append(self.pool.apply_async(scenes.training_batch, (seeds,)))
+        self.next_submit += 1
+
+    def get(self):
+        t = time.time()
+        imgs, samples = self.pending.popleft().get(timeout=300)
+        self.wait_s += time.time() - t
+        self._submit()
+        return imgs, samples
+
+
+def make_pool(workers):
+    import multiprocessing as mp
+    return mp.get_context("spawn").Pool(workers)
+
+
+# ------------------------------------------------------------------------------------------------
+# packing for the trip back (at most 8 files of at most 16 MiB)
+
+
+def pack_outputs(full_dir, out_dir, log_obj):
+    os.makedirs(out_dir, exist_ok=True)
+    names = sorted(os.listdir(full_dir))
+    shards = [n for n in names if n.endswith(".safetensors")]
+    small = [n for n in names if n not in shards]
+    for n in shards:
+        assert os.path.getsize(os.path.join(full_dir, n)) <= MAX_FILE, n
+        shutil.copyfile(os.path.join(full_dir, n), os.path.join(out_dir, n))
+    tar_path = os.path.join(out_dir, "meta.tar")
+    with tarfile.open(tar_path, "w") as tf:
+        for n in small:
+            tf.add(os.path.join(full_dir, n), arcname=n)
+    with open(os.path.join(out_dir, "train_log.json"), "w") as f:
+        json.dump(log_obj, f, indent=1)
+    files = sorted(os.listdir(out_dir))
+    sizes = {n: os.path.getsize(os.path.join(out_dir, n)) for n in files}
+    assert len(files) <= MAX_FILES, f"too many files for the trip back: {files}"
+    assert all(s <= MAX_FILE for s in sizes.values()), sizes
+    return sizes
+
+
+# ------------------------------------------------------------------------------------------------
+# dry run: the data path without torch
+
+
+def dry_run(args):
+    t0 = time.time()
+    tok = SPTok(args.tokenizer)
+    log(f"tokenizer {args.tokenizer}: {tok.vocab_size} pieces, bos {tok.bos} eos {tok.eos} image {tok.image_id}", t0)
+    pc = param_count_formula(tok.vocab_size)
+    log(f"parameters (formula): {pc} -> {pc['total'] * 2 / 1e6:.2f} MB in 16 bits", t0)
+    assert pc["total"] * 2 <= 32e6
+    docs, sha = read_corpus(args.corpus, limit_bytes=3_000_000)
+    toks = tok.encode(docs[:300], special=False)
+    stream = build_stream(toks, tok.bos, tok.eos)
+    w = sample_windows(stream, 4, args.seq_len, np.random.default_rng(0))
+    log(f"corpus sample: {len(docs)} docs in the first 3 MB, stream {len(stream)} tokens, windows {w.shape}", t0)
+    log("window text: " + tok.decode(w[0][:60].tolist())[:200], t0)
+    pool = make_pool(min(args.workers, 4))
+    feeder = SceneFeeder(pool, args.seed, args.scenes_per_batch, window=4)
+    builder = SampleBuilder(tok)
+    for b in range(3):
+        imgs, samples = feeder.get()
+        ids, tgt, kinds = builder.build(samples)
+        assert imgs.shape == (args.scenes_per_batch, 336, 336, 3) and imgs.dtype == np.uint8
+        assert ids.shape[0] == 2 * args.scenes_per_batch
+        for i, (p, a) in enumerate(samples):
+            n_img = int((ids[i] == tok.image_id).sum())
+            assert n_img == IMAGE_TOKENS, n_img
+            lab = tgt[i][tgt[i] != -100].tolist()
+            assert lab[-1] == tok.eos
+            assert tok.decode(lab) == a, (tok.decode(lab), a)
+            # the first target is predicted from the last prompt token (":" of ASSISTANT:)
+            first = int(np.nonzero(tgt[i] != -100)[0][0])
+            assert ids[i, first + 1] == lab[0]
+        log(f"batch {b}: ids {ids.shape}, answer tokens desc {int((tgt[kinds == 0] != -100).sum())} "
+            f"q {int((tgt[kinds == 1] != -100).sum())}, wait {feeder.wait_s:.2f}s", t0)
+    # render throughput on this machine
+    t = time.time()
+    n = 0
+    for _ in range(6):
+        imgs, _ = feeder.get()
+        n += len(imgs)
+    log(f"feeder throughput here ({min(args.workers, 4)} workers): {n / (time.time() - t):.0f} scenes/s", t0)
+    pool.terminate()
+    p, a = samples[0]
+    short, exp = builder.prompt_ids(p)
+    log(f"example prompt ids ({len(exp)} with the image expanded): {short}", t0)
+    # packing
+    with tempfile.TemporaryDirectory() as d:
+        full, out = os.path.join(d, "full"), os.path.join(d, "out")
+        os.makedirs(full)
+        for k in range(3):
+            with open(os.path.join(full, f"model-0000{k + 1}-of-00003.safetensors"), "wb") as f:
+                f.write(b"\0" * 10_000_000)
+        for n in ("config.json", "model.safetensors.index.json", "tokenizer.model", "preprocessor_config.json"):
+            with open(os.path.join(full, n), "w") as f:
+                f.write("{}")
+        sizes = pack_outputs(full, out, {"dry_run": True})
+        log(f"packing ok: {sizes}", t0)
+    est = ("estimated scene samples: %d scene steps x %d = %d" %
+           (args.scene_steps - args.scene_steps // args.text_every, 2 * args.scenes_per_batch,
+            (args.scene_steps - args.scene_steps // args.text_every) * 2 * args.scenes_per_batch))
+    log(est, t0)
+    log("dry run ok", t0)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# the real thing (torch + transformers)
+
+
+def lr_at(step, planned, warmup, peak, floor_frac):
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    p = min(1.0, (step - warmup) / max(1, planned - warmup))
+    return peak * (floor_frac + (1 - floor_frac) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def _tokenizer_config():
+    return {"add_bos_token": True, "add_eos_token": False, "legacy": False, "bos_token": "<s>",
+            "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>", "model_max_length": 2048,
+            "clean_up_tokenization_spaces": False, "padding_side": "left",
+            "spaces_between_special_tokens": False}
+
+
+def hf_tokenizer_official(tokenizer_model, workdir):
+    """transformers' own conversion of a llava-hf style folder that has only tokenizer.model."""
+    from transformers import AddedToken, AutoTokenizer
+    d = os.path.join(workdir, "tok")
+    os.makedirs(d, exist_ok=True)
+    shutil.copyfile(tokenizer_model, os.path.join(d, "tokenizer.model"))
+    with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
+        json.dump(dict(_tokenizer_config(), tokenizer_class="LlamaTokenizer"), f, indent=1)
+    tok = AutoTokenizer.from_pretrained(d, legacy=False)
+    tok.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
+    if tok.pad_token is None:
+        tok.pad_token = "<unk>"
+    return tok
+
+
+def _spm_merges(vocab):
+    try:
+        from transformers.tokenization_utils_base import generate_merges
+    except ImportError:
+        try:
+            from transformers.convert_slow_tokenizer import generate_merges
+        except ImportError:
+            generate_merges = None
+    if generate_merges is not None:
+        try:
+            return [tuple(m) for m in generate_merges(vocab)]
+        except TypeError:
+            pass
+    merges = []
+    for piece, pid in vocab.items():
+        for k in range(1, len(piece)):
+            l, r = piece[:k], piece[k:]
+            if l in vocab and r in vocab:
+                merges.append((pid, len(l), len(r), vocab[l], vocab[r], l, r))
+    merges.sort()
+    return [(m[5], m[6]) for m in merges]
+
+
+def hf_tokenizer_manual(tokenizer_model):
+    """The same LLaMA-style fast tokenizer built directly with the tokenizers library (no protobuf)."""
+    import sentencepiece as spm
+    from tokenizers import AddedToken as TAT, Tokenizer, decoders, models, pre_tokenizers, processors
+    try:
+        from transformers import PreTrainedTokenizerFast
+    except ImportError:
+        from transformers import TokenizersBackend as PreTrainedTokenizerFast
+    sp = spm.SentencePieceProcessor(model_file=tokenizer_model)
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    bpe = models.BPE(vocab=vocab, merges=_spm_merges(vocab), unk_token="<unk>", fuse_unk=True,
+                     byte_fallback=True, dropout=None)
+    tk = Tokenizer(bpe)
+    tk.normalizer = None
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(content=" ", left=1, right=0)])
+    tk.add_special_tokens([TAT("<unk>", normalized=False, special=True), TAT("<s>", normalized=False, special=True),
+                           TAT("</s>", normalized=False, special=True),
+                           TAT(IMAGE_TOKEN, normalized=False, special=True)])
+    tk.post_processor = processors.TemplateProcessing(single="<s>:0 $A:0", pair="<s>:0 $A:0 <s>:1 $B:1",
+                                                      special_tokens=[("<s>", 1)])
+    cfg = _tokenizer_config()
+    cfg.pop("legacy")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, **cfg)
+    tok.add_tokens([__import__("transformers").AddedToken(IMAGE_TOKEN, special=True, normalized=False)],
+                   special_tokens=True)
+    return tok
+
+
+def check_tokenizer(hf, sp_path, corpus_docs, t0):
+    """HF ids must be LLaMA-style and (ideally) equal sentencepiece's own encoding."""
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=sp_path)
+    tok = hf.tok
+    assert hf.image_id == sp.piece_to_id(IMAGE_TOKEN) == 3, hf.image_id
+    assert hf.bos == 1 and hf.eos == 2, (hf.bos, hf.eos)
+    assert hf.vocab_size == sp.get_piece_size(), (hf.vocab_size, sp.get_piece_size())
+    ids = hf.encode([scenes.chat_prompt(scenes.DESCRIBE_PROMPTS[0])])[0]
+    log(f"HF prompt ids: {ids} = {tok.convert_ids_to_tokens(ids)}", t0)
+    assert ids[0] == 1 and ids.count(3) == 1 and ids[-1] != 2, ids
+    texts = []
+    for s in range(HELDOUT_BASE, HELDOUT_BASE + 60):
+        sc = scenes.make_scene(s)
+        texts.append(scenes.chat_prompt(scenes.DESCRIBE_PROMPTS[s % 5]) + " " + sc.description)
+        for qa in sc.questions:
+            texts.append(scenes.chat_prompt(qa["question"]) + " " + qa["answer"])
+    paras = [p for d in corpus_docs[:400] for p in d.split("\n")][:3000]
+    report = {}
+    for name, group in (("scene_text", texts), ("corpus_paragraphs", paras)):
+        h = hf.encode(group)
+        s = [[1] + x for x in sp.encode(group)]
+        bad = [i for i in range(len(group)) if h[i] != s[i]]
+        report[name] = {"checked": len(group), "differ": len(bad),
+                        "examples": [{"text": group[i][:300], "hf": h[i][:80], "spm": s[i][:80]} for i in bad[:3]]}
+        log(f"tokenizer agreement HF vs sentencepiece on {name}: {len(group) - len(bad)}/{len(group)}", t0)
+    return report
+
+
+def choose_tokenizer(tokenizer_model, workdir, docs, t0):
+    """transformers' conversion if it reproduces sentencepiece on the scene text, else the manual
+    build; the chosen one is saved as tokenizer.json with the model."""
+    reports, cands = {}, []
+    for name, make in (("official", lambda: hf_tokenizer_official(tokenizer_model, workdir)),
+                       ("manual", lambda: hf_tokenizer_manual(tokenizer_model))):
+        try:
+            hf = HFTok(make())
+            rep = check_tokenizer(hf, tokenizer_model, docs, t0)
+        except Exception as e:
+            import traceback
+            traceback.print_exc()
+            log(f"tokenizer route '{name}' failed: {e!r}", t0)
+            reports[name] = {"error": repr(e)}
+            continue
+        reports[name] = rep
+        cands.append((rep["scene_text"]["differ"], len(cands), name, hf))
+        if rep["scene_text"]["differ"] == 0:
+            break
+    if not cands:
+        raise SystemExit(f"no HF tokenizer could be built: {reports}")
+    differ, _, name, hf = min(cands)
+    if differ:
+        log(f"WARNING: the best HF tokenizer ('{name}') still differs from sentencepiece on {differ} scene "
+            f"texts; training follows HF (see train_log tokenizer_check)", t0)
+    log(f"using the '{name}' HF tokenizer ({type(hf.tok).__name__})", t0)
+    return hf, {"route": name, "class": type(hf.tok).__name__, "reports": reports}
+
+
+def build_model(vocab, image_token_id, args):
+    import torch
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    a = ARCH
+    text = LlamaConfig(vocab_size=vocab, hidden_size=a["hidden"], intermediate_size=a["intermediate"],
+                       num_hidden_layers=a["layers"], num_attention_heads=a["heads"],
+                       num_key_value_heads=a["kv_heads"], max_position_embeddings=a["max_pos"],
+                       rms_norm_eps=1e-5, hidden_act="silu", tie_word_embeddings=False,
+                       bos_token_id=1, eos_token_id=2, pad_token_id=0, attention_bias=False,
+                       initializer_range=0.02, rope_theta=a["rope_theta"])
+    vision = CLIPVisionConfig(hidden_size=a["v_hidden"], intermediate_size=a["v_intermediate"],
+                              num_hidden_layers=a["v_layers"], num_attention_heads=a["v_heads"],
+                              image_size=a["image_size"], patch_size=a["patch"], num_channels=3,
+                              hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=a["hidden"])
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token_id,
+                      projector_hidden_act="gelu", vision_feature_select_strategy="default",
+                      vision_feature_layer=-2, image_seq_length=IMAGE_TOKENS,
+                      multimodal_projector_bias=True, tie_word_embeddings=False)
+    got = getattr(cfg, "image_token_id", None)
+    if got is None:
+        got = getattr(cfg, "image_token_index", None)
+    assert got == image_token_id, (got, image_token_id)
+    try:
+        model = LlavaForConditionalGeneration._from_config(cfg, attn_implementation="sdpa")
+    except Exception as e:  # older/newer signatures
+        log(f"_from_config(attn_implementation='sdpa') failed ({e}); using the default attention")
+        model = LlavaForConditionalGeneration(cfg)
+    init_weights(model, a["layers"])
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if emb.weight.data_ptr() == head.weight.data_ptr():
+        log("untying the LM head from the embeddings")
+        head.weight = torch.nn.Parameter(emb.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+        model.config.get_text_config().tie_word_embeddings = False
+    return model
+
+
+def to_bf16_keep_rope(model):
+    """Cast to bf16 but keep the rotary inv_freq buffers in fp32 (as a fresh bf16 load has them)."""
+    import torch
+    keep = {n: b.detach().clone() for n, b in model.named_buffers() if n.endswith("inv_freq")}
+    model.to(torch.bfloat16)
+    for n, b in keep.items():
+        mod = model.get_submodule(n.rsplit(".", 1)[0])
+        setattr(mod, n.rsplit(".", 1)[1], b)
+        if hasattr(mod, "original_inv_freq"):
+            mod.original_inv_freq = b
+    return sorted(keep)
+
+
+def init_weights(model, n_layers):
+    """GPT-2 style init (llava's own _init_weights is not meant for training from scratch)."""
+    import torch
+    from torch import nn
+    std = 0.02
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, nn.Linear):
+                s = std / math.sqrt(2 * n_layers) if name.endswith(("o_proj", "down_proj", "out_proj", "fc2")) else std
+                m.weight.normal_(0.0, s)
+                if m.bias is not None:
+                    m.bias.zero_()
+            elif isinstance(m, (nn.Embedding,)):
+                m.weight.normal_(0.0, std)
+            elif isinstance(m, nn.Conv2d):
+                m.weight.normal_(0.0, std)
+                if m.bias is not None:
+                    m.bias.zero_()
+            elif isinstance(m, nn.LayerNorm):
+                m.weight.fill_(1.0)
+                m.bias.zero_()
+            elif type(m).__name__.endswith("RMSNorm"):
+                m.weight.fill_(1.0)
+        for name, p in model.named_parameters():
+            if name.endswith("class_embedding"):
+                p.normal_(0.0, std)
+
+
+def submodules(model):
+    inner = getattr(model, "model", None)
+    lm = getattr(inner, "language_model", None) if inner is not None else None
+    if lm is None:
+        lm = model.language_model
+        lm = getattr(lm, "model", lm)
+    vt = getattr(inner, "vision_tower", None) or model.vision_tower
+    pj = getattr(inner, "multi_modal_projector", None) or model.multi_modal_projector
+    return inner, lm, vt, pj, model.get_output_embeddings()
+
+
+def make_optimizer(params, lr, wd):
+    import torch
+    decay, no_decay = [], []
+    for n, p in params:
+        if not p.requires_grad:
+            continue
+        if p.dim() >= 2 and "embed" not in n and "embedding" not in n:
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    groups = [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+    try:
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
+    except Exception:
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def gpu_pixels(u8, dev):
+    """uint8 NHWC -> normalised float32 NCHW on the GPU; for 336 x 336 inputs this is exactly what
+    CLIPImageProcessor does in llava-hf's crop mode (resize and crop are identities)."""
+    import torch
+    x = torch.from_numpy(u8)
+    if dev.type == "cuda":
+        x = x.pin_memory()
+    x = x.to(dev, non_blocking=True)
+    x = x.permute(0, 3, 1, 2).float() * RESCALE
+    mean = torch.tensor(CLIP_MEAN, device=dev).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=dev).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def make_processor(tok):
+    from transformers import LlavaProcessor
+    try:
+        from transformers import CLIPImageProcessor as IP
+    except ImportError:  # pragma: no cover
+        from transformers import CLIPImageProcessorFast as IP
+    ip = IP(do_resize=True, size={"shortest_edge": 336}, resample=3, do_center_crop=True,
+            crop_size={"height": 336, "width": 336}, do_rescale=True, rescale_factor=RESCALE,
+            do_normalize=True, image_mean=CLIP_MEAN, image_std=CLIP_STD, do_convert_rgb=True)
+    try:
+        return LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=ARCH["patch"],
+                              vision_feature_select_strategy="default", image_token=IMAGE_TOKEN,
+                              num_additional_image_tokens=1)
+    except TypeError:
+        return LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=ARCH["patch"],
+                              vision_feature_select_strategy="default", image_token=IMAGE_TOKEN)
+
+
+def check_processor(processor, builder, dev, t0):
+    """The processor's ids and pixels for a few scenes must equal the training path's."""
+    from PIL import Image
+    res = {"ids_equal": 0, "checked": 0, "max_pixel_diff": 0.0}
+    for s in range(HELDOUT_BASE + 900, HELDOUT_BASE + 904):
+        sc = scenes.make_scene(s)
+        img = scenes.render(sc)
+        for prompt in (scenes.DESCRIBE_PROMPTS[s % 5], sc.questions[0]["question"]):
+            out = processor(images=Image.fromarray(img), text=scenes.chat_prompt(prompt), return_tensors="pt")
+            ids = out["input_ids"][0].tolist()
+            want = builder.prompt_ids(prompt)[1]
+            res["checked"] += 1
+            res["ids_equal"] += int(ids == want)
+            if ids != want:
+                log(f"processor ids differ for {prompt!r}: {len(ids)} vs {len(want)}; "
+                    f"{[i for i in ids if i != 3][:40]} vs {[i for i in want if i != 3][:40]}", t0)
+            pv = out["pixel_values"].to(dev).float()
+            mine = gpu_pixels(img[None], dev)
+            res["max_pixel_diff"] = max(res["max_pixel_diff"], float((pv - mine).abs().max()))
+    log(f"processor check: ids equal {res['ids_equal']}/{res['checked']}, max pixel diff {res['max_pixel_diff']:.2e}", t0)
+    assert res["ids_equal"] == res["checked"], "processor ids differ from the training ids"
+    assert res["max_pixel_diff"] < 1e-4, res
+    return res
+
+
+def generate(model, ids_list, pix, max_new, eos):
+    """Greedy generation for prompts of equal length (no padding); returns new-token id lists."""
+    import torch
+    ids = torch.tensor(ids_list, device=pix.device)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pix,
+                         max_new_tokens=max_new, do_sample=False, num_beams=1, pad_token_id=0,
+                         eos_token_id=eos)
+    res = []
+    for row in out[:, ids.shape[1]:].tolist():
+        res.append(row[:row.index(eos)] if eos in row else row)
+    return res
+
+
+def evaluate(model, hf, builder, dev, seeds, max_new, t0, batch=48):
+    import torch
+    scs = [scenes.make_scene(s) for s in seeds]
+    imgs = np.stack([scenes.render(sc) for sc in scs])
+    out = {"scenes": len(seeds), "samples": []}
+    scores, exact = [], 0
+    _, p_ids = builder.prompt_ids(scenes.DESCRIBE_PROMPTS[0])
+    with torch.no_grad():
+        for i in range(0, len(scs), batch):
+            pix = gpu_pixels(imgs[i:i + batch], dev).to(torch.bfloat16)
+            gens = generate(model, [p_ids] * len(pix), pix, max_new, hf.eos)
+            for sc, g in zip(scs[i:i + batch], gens):
+                text = hf.decode(g).strip()
+                rep = scenes.description_report(text, sc)
+                scores.append(rep["score"])
+                exact += rep["score"] == 1.0
+                out["samples"].append({"seed": sc.seed, "kind": "description", "output": text,
+                                       "truth": sc.description, "score": rep["score"], "tokens": len(g),
+                                       "wrong": [v for v in rep["verdicts"] if not v["correct"]]})
+        # questions, grouped by prompt length so that no padding is needed
+        groups = collections.defaultdict(list)
+        for k, sc in enumerate(scs):
+            for qa in sc.questions:
+                groups[len(builder.prompt_ids(qa["question"])[1])].append((k, qa))
+        q_ok = q_n = 0
+        for L, items in sorted(groups.items()):
+            for j in range(0, len(items), batch):
+                chunk = items[j:j + batch]
+                pix = gpu_pixels(imgs[[k for k, _ in chunk]], dev).to(torch.bfloat16)
+                gens = generate(model, [builder.prompt_ids(qa["question"])[1] for _, qa in chunk], pix, 16, hf.eos)
+                for (k, qa), g in zip(chunk, gens):
+                    text = hf.decode(g).strip()
+                    ok = scenes.score_answer(qa["question"], text, scs[k])
+                    q_ok += ok
+                    q_n += 1
+                    out["samples"].append({"seed": scs[k].seed, "kind": "question", "question": qa["question"],
+                                           "output": text, "truth": qa["answer"], "correct": bool(ok)})
+    out["description_accuracy"] = float(np.mean(scores))
+    out["descriptions_exact"] = exact / len(scs)
+    out["question_accuracy"] = q_ok / max(1, q_n)
+    out["questions"] = q_n
+    log(f"eval on {len(scs)} held-out scenes: description accuracy {out['description_accuracy']:.4f} "
+        f"(exact {exact}/{len(scs)}), question accuracy {out['question_accuracy']:.4f} ({q_ok}/{q_n})", t0)
+    return out
+
+
+def main_train(args):
+    t0 = time.time()
+    deadline = t0 + args.deadline
+    pool = make_pool(args.workers)  # before CUDA is touched; workers import scenes/numpy only
+    import torch
+    import torch.nn.functional as F
+    import transformers
+
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    dev = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    work = tempfile.mkdtemp(prefix="prefixkv_train_")
+    gpu = torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu"
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+    tlog = {"command": " ".join([sys.executable] + sys.argv), "seed": args.seed, "args": vars(args),
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "transformers": transformers.__version__, "numpy": np.__version__, "gpu": gpu},
+            "arch": ARCH, "times": {}, "history": []}
+    try:
+        import tokenizers
+        tlog["versions"]["tokenizers"] = tokenizers.__version__
+    except ImportError:
+        pass
+    log(f"torch {torch.__version__} transformers {transformers.__version__} on {gpu}; workers {args.workers}", t0)
+    with open(args.tokenizer, "rb") as f:
+        tlog["tokenizer_sha256"] = hashlib.sha256(f.read()).hexdigest()
+    # scene pixels must match the ones rendered when the data/ sets were made
+    h = scenes.image_hash(scenes.render(scenes.make_scene(0)))
+    tlog["scene0_sha256"] = h
+    if args.expect_scene0 and h != args.expect_scene0:
+        log(f"WARNING: scene 0 renders differently here ({h[:16]} vs {args.expect_scene0[:16]})", t0)
+
+    # ---- tokenizer and feeders
+    feeder = SceneFeeder(pool, args.seed, args.scenes_per_batch, window=args.prefetch)
+    docs, corpus_sha = read_corpus(args.corpus, limit_bytes=2_000_000 if args.smoke else None)
+    tlog["corpus_sha256"] = corpus_sha
+    hf, tlog["tokenizer_check"] = choose_tokenizer(args.tokenizer, work, docs, t0)
+    builder = SampleBuilder(hf)
+    order = rng.permutation(len(docs))
+    n_val = max(5, len(docs) // 50)
+    val_docs = [docs[i] for i in order[:n_val]]
+    train_docs = [docs[i] for i in order[n_val:]]
+    t = time.time()
+    train_stream = build_stream(hf.encode(train_docs, special=False), hf.bos, hf.eos)
+    val_stream = build_stream(hf.encode(val_docs, special=False), hf.bos, hf.eos)
+    tlog["corpus"] = {"docs": len(docs), "train_tokens": int(len(train_stream)), "val_tokens": int(len(val_stream)),
+                      "tokenize_s": round(time.time() - t, 1)}
+    log(f"corpus: {len(docs)} docs, {len(train_stream)} train / {len(val_stream)} val tokens "
+        f"(tokenized in {time.time() - t:.1f}s)", t0)
+
+    # ---- model
+    model = build_model(hf.vocab_size, hf.image_id, args).to(dev)
+    inner, lm, vt, pj, head = submodules(model)
+    n_total = sum(p.numel() for p in model.parameters())
+    n_parts = {"decoder": sum(p.numel() for p in lm.parameters()) + head.weight.numel(),
+               "vision": sum(p.numel() for p in vt.parameters()),
+               "projector": sum(p.numel() for p in pj.parameters()), "total": n_total}
+    tlog["parameters"] = n_parts
+    tlog["parameters_formula"] = param_count_formula(hf.vocab_size)
+    log(f"parameters {n_parts}; 16-bit size {n_total * 2 / 1e6:.2f} MB; attention "
+        f"{getattr(model.config, '_attn_implementation', '?')}", t0)
+    assert n_total * 2 <= 32e6, "model too large for the 32 MB budget"
+    processor = None
+    try:
+        processor = make_processor(hf.tok)
+        tlog["processor_check"] = check_processor(processor, builder, dev, t0)
+    except Exception as e:  # the model can be trained and saved without it; files are written by hand
+        import traceback
+        traceback.print_exc()
+        log(f"WARNING: processor check failed: {e!r}", t0)
+        tlog["processor_check"] = {"error": repr(e)}
+
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16)
+
+    def text_loss(w):
+        ids = torch.from_numpy(w[:, :-1]).to(dev, non_blocking=True)
+        tgt = torch.from_numpy(w[:, 1:]).to(dev, non_blocking=True)
+        with autocast:
+            hid = lm(input_ids=ids, use_cache=False).last_hidden_state
+            logits = head(hid)
+        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), tgt.reshape(-1))
+
+    def scene_loss(imgs, samples):
+        ids, tgt, kinds = builder.build(samples)
+        pix = gpu_pixels(imgs, dev).repeat_interleave(2, dim=0)  # sample 2i and 2i+1 share scene i
+        ids_t = torch.from_numpy(ids).to(dev, non_blocking=True)
+        tgt_t = torch.from_numpy(tgt).to(dev, non_blocking=True)
+        kind_t = torch.from_numpy(kinds).to(dev).view(-1, 1).expand_as(tgt_t)
+        with autocast:
+            hid = inner(input_ids=ids_t, pixel_values=pix, use_cache=False).last_hidden_state
+            mask = tgt_t != -100
+            logits = head(hid[mask])
+        nll = F.cross_entropy(logits.float(), tgt_t[mask], reduction="none")
+        k = kind_t[mask]
+        d = nll[k == 0].mean()
+        q = nll[k == 1].mean()
+        return d + q, d.detach(), q.detach()
+
+    @torch.no_grad()
+    def val_loss(n_batches=10):
+        model.eval()
+        r = np.random.default_rng(1234)
+        tot = 0.0
+        for _ in range(n_batches):
+            tot += float(text_loss(sample_windows(val_stream, args.lang_batch, args.seq_len, r)))
+        model.train()
+        return tot / n_batches
+
+    def run_stage(name, steps, params, lr, warmup, step_fn, stage_deadline):
+        opt = make_optimizer(params, lr, args.weight_decay)
+        planned = steps
+        sums = collections.defaultdict(float)
+        cnt = collections.defaultdict(int)
+        last = {}
+        model.train()
+        ts = time.time()
+        t_mark = None
+        step = 0
+        while step < planned:
+            if time.time() > stage_deadline:
+                log(f"{name}: deadline reached at step {step}/{planned}; stopping early", t0)
+                break
+            cur = lr_at(step, planned, warmup, lr, args.lr_floor)
+            for g in opt.param_groups:
+                g["lr"] = cur
+            losses = step_fn(step)
+            losses["loss"].backward()
+            torch.nn.utils.clip_grad_norm_([p for _, p in params], args.clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            for k, v in losses.items():
+                if k != "loss" and v is not None:
+                    sums[k] = sums[k] + v
+                    cnt[k] += 1
+            step += 1
+            if step == 10:
+                sync()
+                t_mark = time.time()
+            if step == 40 and t_mark is not None:
+                sync()
+                per = (time.time() - t_mark) / 30
+                fit = int((stage_deadline - time.time()) / per) + step
+                log(f"{name}: {per * 1000:.0f} ms/step -> {planned} steps need {per * (planned - step):.0f}s more", t0)
+                if fit < planned:
+                    log(f"{name}: WARNING shrinking the plan from {planned} to {fit} steps to meet the deadline", t0)
+                    planned = fit
+            if step % args.log_every == 0 or step == planned:
+                vals = {k: float(sums[k]) / cnt[k] for k in sums if cnt[k]}
+                last.update(vals)
+                el = time.time() - ts
+                log(f"{name} step {step}/{planned} " + " ".join(f"{k} {v:.4f}" for k, v in vals.items()) +
+                    f" lr {cur:.2e} {el / step * 1000:.0f} ms/step data-wait {feeder.wait_s:.1f}s", t0)
+                tlog["history"].append({"stage": name, "step": step, "elapsed_s": round(time.time() - t0, 1), **vals})
+                sums.clear()
+                cnt.clear()
+        sync()
+        return {"steps_done": step, "steps_planned": steps, "seconds": round(time.time() - ts, 1),
+                "final_losses": last}
+
+    # ---- stage 1: language
+    lm_params = [(n, p) for n, p in model.named_parameters() if any(p is q for q in lm.parameters()) or p is head.weight]
+
+    def lang_step(step):
+        w = sample_windows(train_stream, args.lang_batch, args.seq_len, rng)
+        loss = text_loss(w)
+        return {"loss": loss, "text": loss.detach()}
+
+    reserve = args.reserve_s
+    budget = deadline - reserve - time.time()
+    s1_deadline = time.time() + budget * args.lang_share
+    tlog["stage1"] = run_stage("lang", args.lang_steps, lm_params, args.lr_lang, args.warmup, lang_step,
+                               s1_deadline)
+    tlog["stage1"]["val_loss"] = val_loss()
+    log(f"stage 1 done: {tlog['stage1']}", t0)
+
+    # ---- stage 2: scenes (+ text every --text-every steps)
+    all_params = list(model.named_parameters())
+
+    def scene_step(step):
+        if args.text_every and step % args.text_every == args.text_every - 1:
+            loss = text_loss(sample_windows(train_stream, args.lang_batch, args.seq_len, rng))
+            return {"loss": loss, "text": loss.detach()}
+        imgs, samples = feeder.get()
+        loss, d, q = scene_loss(imgs, samples)
+        return {"loss": loss, "desc": d, "short": q}
+
+    tlog["stage2"] = run_stage("scene", args.scene_steps, all_params, args.lr_scene, args.warmup, scene_step,
+                               deadline - reserve)
+    tlog["stage2"]["val_loss"] = val_loss()
+    tlog["stage2"]["data_wait_s"] = round(feeder.wait_s, 1)
+    log(f"stage 2 done: {tlog['stage2']}", t0)
+    pool.terminate()
+
+    # ---- bf16, save first (nothing after this may lose the weights), then evaluate and check
+    model.eval()
+    to_bf16_keep_rope(model)
+    from transformers import GenerationConfig
+    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    full = os.path.join(work, "full")
+    model.save_pretrained(full, max_shard_size=args.shard_size)
+    try:
+        processor.save_pretrained(full)
+    except Exception as e:
+        log(f"WARNING: processor.save_pretrained failed ({e!r}); saving the tokenizer alone", t0)
+        try:
+            hf.tok.save_pretrained(full)
+        except Exception as e2:
+            log(f"WARNING: tokenizer.save_pretrained failed too ({e2!r})", t0)
+    shutil.copyfile(args.tokenizer, os.path.join(full, "tokenizer.model"))
+    fix_processor_config(full)
+    pre = os.path.join(full, "preprocessor_config.json")
+    if not os.path.exists(pre):
+        with open(pre, "w") as f:
+            json.dump({"crop_size": {"height": 336, "width": 336}, "do_center_crop": True, "do_convert_rgb": True,
+                       "do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": CLIP_MEAN,
+                       "image_processor_type": "CLIPImageProcessor", "image_std": CLIP_STD,
+                       "processor_class": "LlavaProcessor", "resample": 3, "rescale_factor": RESCALE,
+                       "size": {"shortest_edge": 336}}, f, indent=2)
+    tlog["files"] = {n: os.path.getsize(os.path.join(full, n)) for n in sorted(os.listdir(full))}
+    try:
+        with open(os.path.join(full, "model.safetensors.index.json")) as f:
+            wm = json.load(f)["weight_map"]
+        tlog["tensor_names"] = sorted(wm)
+    except Exception as e:
+        tlog["tensor_names_error"] = repr(e)
+    ev = {"samples": []}
+    try:
+        te = time.time()
+        seeds = list(range(HELDOUT_BASE, HELDOUT_BASE + args.eval_scenes))
+        ev = evaluate(model, hf, builder, dev, seeds, args.max_new_tokens, t0)
+        tlog["eval"] = {k: v for k, v in ev.items() if k != "samples"}
+        tlog["times"]["eval_s"] = round(time.time() - te, 1)
+        # reload from disk the way users will, and compare greedy outputs with the in-memory model
+        tlog["reload_check"] = reload_check(full, model, hf, builder, dev, ev, t0)
+    except Exception as e:  # keep the weights even if evaluation breaks
+        import traceback
+        traceback.print_exc()
+        tlog["eval_error"] = repr(e)
+    tlog["times"]["total_s"] = round(time.time() - t0, 1)
+    with open(os.path.join(full, "eval_samples.json"), "w") as f:
+        json.dump(ev["samples"], f, indent=1)
+    with open(os.path.join(full, "train_log.json"), "w") as f:
+        json.dump(tlog, f, indent=1)
+    sizes = pack_outputs(full, args.out, tlog)
+    log(f"wrote {args.out}: {sizes}", t0)
+    e = tlog.get("eval", {})
+    log(f"RESULT description accuracy {e.get('description_accuracy')} exact {e.get('descriptions_exact')} "
+        f"question accuracy {e.get('question_accuracy')}; total {time.time() - t0:.0f}s", t0)
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def fix_processor_config(full):
+    """processor_config.json must carry what LlavaProcessor needs to expand <image> to 576 tokens."""
+    path = os.path.join(full, "processor_config.json")
+    cfg = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            cfg = json.load(f)
+    want = {"processor_class": "LlavaProcessor", "image_token": IMAGE_TOKEN, "patch_size": ARCH["patch"],
+            "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1}
+    changed = False
+    for k, v in want.items():
+        if cfg.get(k) is None:
+            cfg[k] = v
+            changed = True
+    if changed:
+        with open(path, "w") as f:
+            json.dump(cfg, f, indent=2)
+
+
+def reload_check(full, model, hf, builder, dev, ev, t0):
+    import torch
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    proc = AutoProcessor.from_pretrained(full)
+    try:
+        m2 = LlavaForConditionalGeneration.from_pretrained(full, dtype=torch.bfloat16)
+    except TypeError:
+        m2 = LlavaForConditionalGeneration.from_pretrained(full, torch_dtype=torch.bfloat16)
+    m2.to(dev).eval()
+    res = {"same_outputs": 0, "checked": 0, "ids_equal": 0,
+           "inv_freq_dtypes": sorted({str(b.dtype) for n, b in m2.named_buffers() if n.endswith("inv_freq")})}
+    descs = [s for s in ev["samples"] if s["kind"] == "description"][:4]
+    prompt = scenes.chat_prompt(scenes.DESCRIBE_PROMPTS[0])
+    for s in descs:
+        img = scenes.render(scenes.make_scene(s["seed"]))
+        inp = proc(images=Image.fromarray(img), text=prompt, return_tensors="pt").to(dev)
+        res["ids_equal"] += int(inp["input_ids"][0].tolist() == builder.prompt_ids(scenes.DESCRIBE_PROMPTS[0])[1])
+        with torch.no_grad():
+            out = m2.generate(**inp, max_new_tokens=len(hf.tok(s["output"])["input_ids"]) + 8, do_sample=False)
+        text = proc.decode(out[0, inp["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        res["checked"] += 1
+        res["same_outputs"] += int(text == s["output"])
+        if text != s["output"]:
+            log(f"reload check: output differs for seed {s['seed']}:\n  {text[:200]}\n  {s['output'][:200]}", t0)
+    log(f"reload check: {res}", t0)
+    return res
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--corpus", default=".cache/text/corpus.txt.gz")
+    ap.add_argument("--tokenizer", default="models/prefixkv-llava-tiny/tokenizer.model")
+    ap.add_argument("--out", default="out/model")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lang-steps", type=int, default=1500)
+    ap.add_argument("--scene-steps", type=int, default=1800, help="stage 2 steps, text steps included")
+    ap.add_argument("--lang-batch", type=int, default=32, help="512-token windows per text step")
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--scenes-per-batch", type=int, default=24, help="each scene gives 2 samples")
+    ap.add_argument("--text-every", type=int, default=5, help="every k-th stage-2 step is a text batch")
+    ap.add_argument("--lr-lang", type=float, default=1.5e-3)
+    ap.add_argument("--lr-scene", type=float, default=1e-3)
+    ap.add_argument("--lr-floor", type=float, default=0.05, help="final lr as a fraction of the peak")
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--weight-decay", type=float, default=0.1)
+    ap.add_argument("--clip", type=float, default=1.0)
+    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 4) - 2))
+    ap.add_argument("--prefetch", type=int, default=32, help="scene batches in flight")
+    ap.add_argument("--eval-scenes", type=int, default=48)
+    ap.add_argument("--max-new-tokens", type=int, default=320)
+    ap.add_argument("--shard-size", default="12MB")
+    ap.add_argument("--deadline", type=float, default=540.0, help="seconds from start to the end of everything")
+    ap.add_argument("--reserve-s", type=float, default=60.0, help="kept for evaluation and saving")
+    ap.add_argument("--lang-share", type=float, default=0.4, help="share of the training time stage 1 may use")
+    ap.add_argument("--log-every", type=int, default=100)
+    ap.add_argument("--expect-scene0", default="", help="pixel sha256 of scene 0 from the data/ machine")
+    ap.add_argument("--device", default="cuda", help="cuda (cpu only for testing the loop)")
+    ap.add_argument("--smoke", action="store_true", help="tiny end-to-end run (1-2 minutes)")
+    ap.add_argument("--dry-run", action="store_true", help="data path only, without torch")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.lang_steps, args.scene_steps, args.eval_scenes = 60, 60, 4
+        args.max_new_tokens, args.log_every, args.warmup, args.reserve_s = 40, 20, 10, 90
+    return args
+
+
+def main(argv):
+    args = parse_args(argv)
+    if args.dry_run:
+        return dry_run(args)
+    return main_train(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
