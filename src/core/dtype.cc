@@ -1,6 +1,9 @@
 #include "core/dtype.h"
 
 #include <cmath>
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
 #include <vector>
 
 namespace pkv {
@@ -60,7 +63,12 @@ void to_f32(DType t, const void* src, float* dst, size_t n) {
       return;
     case DType::F16: {
       const uint16_t* s = static_cast<const uint16_t*>(src);
-      for (size_t i = 0; i < n; ++i) dst[i] = kF16Table[s[i]];
+      size_t i = 0;
+#if defined(__F16C__)
+      for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i))));
+#endif
+      for (; i < n; ++i) dst[i] = kF16Table[s[i]];
       return;
     }
     case DType::BF16: {
