@@ -56,6 +56,8 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 RESCALE = 0.00392156862745098  # 1/255 as in llava-hf's preprocessor_config.json
 HELDOUT_BASE = 3_000_000
 MAX_FILE = 16 * 1024 * 1024
+# pixel sha256 of scene 0 where data/ was made (Debian 12, numpy 1.24); a mismatch is only reported
+EXPECTED_SCENE0 = "331efcaff77339913354a29f3a4d57707769e3560a83f18216cc26c1887d47e4"
 MAX_FILES = 8
 
 ARCH = dict(hidden=256, layers=12, heads=8, kv_heads=4, intermediate=768, max_pos=2048, rope_theta=10000.0,
@@ -461,12 +463,18 @@ def build_model(vocab, image_token_id, args):
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
     a = ARCH
-    text = LlamaConfig(vocab_size=vocab, hidden_size=a["hidden"], intermediate_size=a["intermediate"],
-                       num_hidden_layers=a["layers"], num_attention_heads=a["heads"],
-                       num_key_value_heads=a["kv_heads"], max_position_embeddings=a["max_pos"],
-                       rms_norm_eps=1e-5, hidden_act="silu", tie_word_embeddings=False,
-                       bos_token_id=1, eos_token_id=2, pad_token_id=0, attention_bias=False,
-                       initializer_range=0.02, rope_theta=a["rope_theta"])
+    kw = dict(vocab_size=vocab, hidden_size=a["hidden"], intermediate_size=a["intermediate"],
+              num_hidden_layers=a["layers"], num_attention_heads=a["heads"],
+              num_key_value_heads=a["kv_heads"], max_position_embeddings=a["max_pos"],
+              rms_norm_eps=1e-5, hidden_act="silu", tie_word_embeddings=False,
+              bos_token_id=1, eos_token_id=2, pad_token_id=0, attention_bias=False, mlp_bias=False,
+              initializer_range=0.02)
+    import inspect
+    if "rope_parameters" in inspect.signature(LlamaConfig.__init__).parameters or \
+            "rope_parameters" in getattr(LlamaConfig, "__annotations__", {}):  # transformers 5
+        text = LlamaConfig(**kw, rope_parameters={"rope_type": "default", "rope_theta": a["rope_theta"]})
+    else:
+        text = LlamaConfig(**kw, rope_theta=a["rope_theta"])
     vision = CLIPVisionConfig(hidden_size=a["v_hidden"], intermediate_size=a["v_intermediate"],
                               num_hidden_layers=a["v_layers"], num_attention_heads=a["v_heads"],
                               image_size=a["image_size"], patch_size=a["patch"], num_channels=3,
@@ -479,11 +487,20 @@ def build_model(vocab, image_token_id, args):
     if got is None:
         got = getattr(cfg, "image_token_index", None)
     assert got == image_token_id, (got, image_token_id)
-    try:
-        model = LlavaForConditionalGeneration._from_config(cfg, attn_implementation="sdpa")
-    except Exception as e:  # older/newer signatures
-        log(f"_from_config(attn_implementation='sdpa') failed ({e}); using the default attention")
+    model = None
+    for kw2 in ({"attn_implementation": "sdpa", "dtype": torch.float32},
+                {"attn_implementation": "sdpa", "torch_dtype": torch.float32},
+                {"attn_implementation": "sdpa"}):
+        try:
+            model = LlavaForConditionalGeneration._from_config(cfg, **kw2)
+            break
+        except TypeError:
+            continue
+    if model is None:
+        log("_from_config(attn_implementation='sdpa') failed; using the default attention")
         model = LlavaForConditionalGeneration(cfg)
+    model = model.float()
+    check_rotary(model, a["rope_theta"], a["hidden"] // a["heads"])
     init_weights(model, a["layers"])
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     if emb.weight.data_ptr() == head.weight.data_ptr():
@@ -492,6 +509,18 @@ def build_model(vocab, image_token_id, args):
         model.config.tie_word_embeddings = False
         model.config.get_text_config().tie_word_embeddings = False
     return model
+
+
+def check_rotary(model, theta, head_dim):
+    import torch
+    for name, buf in model.named_buffers():
+        if name.endswith("inv_freq"):
+            want = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+            assert buf.numel() == want.numel() and torch.allclose(buf.double().cpu(), want, rtol=1e-5, atol=0), \
+                f"rotary inv_freq of {name} does not match theta {theta}"
+            return True
+    log("WARNING: no inv_freq buffer found; RoPE theta not verified")
+    return False
 
 
 def to_bf16_keep_rope(model):
@@ -722,6 +751,17 @@ def main_train(args):
     tlog["corpus_sha256"] = corpus_sha
     hf, tlog["tokenizer_check"] = choose_tokenizer(args.tokenizer, work, docs, t0)
     builder = SampleBuilder(hf)
+    # every prompt form and many answers through the sample builder before any GPU time is spent
+    pre_samples = []
+    for sd in range(HELDOUT_BASE + 100, HELDOUT_BASE + 300):
+        sc = scenes.make_scene(sd)
+        pre_samples += [(p, sc.description) for p in scenes.DESCRIBE_PROMPTS[:1 + sd % 5]]
+        pre_samples += [(qa["question"], qa["answer"]) for qa in sc.questions]
+    ids, tgt, kinds = builder.build(pre_samples)
+    for i, (p, a) in enumerate(pre_samples[:50]):
+        lab = tgt[i][tgt[i] != -100].tolist()
+        assert lab[-1] == hf.eos and hf.decode(lab[:-1]).strip() == a, (hf.decode(lab[:-1]), a)
+    log(f"sample builder checked on {len(pre_samples)} samples (longest {ids.shape[1]} tokens)", t0)
     order = rng.permutation(len(docs))
     n_val = max(5, len(docs) // 50)
     val_docs = [docs[i] for i in order[:n_val]]
@@ -984,6 +1024,14 @@ def reload_check(full, model, hf, builder, dev, ev, t0):
     return res
 
 
+def default_workers():
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:
+        n = os.cpu_count() or 4
+    return max(1, min(14, n - 2))
+
+
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--corpus", default=".cache/text/corpus.txt.gz")
@@ -994,7 +1042,7 @@ def parse_args(argv):
     ap.add_argument("--scene-steps", type=int, default=1800, help="stage 2 steps, text steps included")
     ap.add_argument("--lang-batch", type=int, default=32, help="512-token windows per text step")
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--scenes-per-batch", type=int, default=24, help="each scene gives 2 samples")
+    ap.add_argument("--scenes-per-batch", type=int, default=32, help="each scene gives 2 samples")
     ap.add_argument("--text-every", type=int, default=5, help="every k-th stage-2 step is a text batch")
     ap.add_argument("--lr-lang", type=float, default=1.5e-3)
     ap.add_argument("--lr-scene", type=float, default=1e-3)
@@ -1002,7 +1050,7 @@ def parse_args(argv):
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--clip", type=float, default=1.0)
-    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 4) - 2))
+    ap.add_argument("--workers", type=int, default=default_workers())
     ap.add_argument("--prefetch", type=int, default=32, help="scene batches in flight")
     ap.add_argument("--eval-scenes", type=int, default=48)
     ap.add_argument("--max-new-tokens", type=int, default=320)
@@ -1011,7 +1059,7 @@ def parse_args(argv):
     ap.add_argument("--reserve-s", type=float, default=60.0, help="kept for evaluation and saving")
     ap.add_argument("--lang-share", type=float, default=0.4, help="share of the training time stage 1 may use")
     ap.add_argument("--log-every", type=int, default=100)
-    ap.add_argument("--expect-scene0", default="", help="pixel sha256 of scene 0 from the data/ machine")
+    ap.add_argument("--expect-scene0", default=EXPECTED_SCENE0, help="pixel sha256 of scene 0 (data/ machine)")
     ap.add_argument("--device", default="cuda", help="cuda (cpu only for testing the loop)")
     ap.add_argument("--smoke", action="store_true", help="tiny end-to-end run (1-2 minutes)")
     ap.add_argument("--dry-run", action="store_true", help="data path only, without torch")

@@ -8,6 +8,7 @@
 
 #include "common.h"
 #include "core/error.h"
+#include "ops/ops.h"
 
 namespace pkv::cli {
 int cmd_run(int argc, char** argv);
@@ -43,6 +44,12 @@ static const char* kUsage =
     "Run 'prefixkv <command> --help' for the options of a command.\n";
 
 int main(int argc, char** argv) {
+  // OpenBLAS chose its kernels when it was loaded; if it fell back to generic ones on a CPU it does
+  // not know, restart once with the right core type (ops::blas_coretype_override explains).
+  if (const char* core = pkv::ops::blas_coretype_override()) {
+    ::setenv("OPENBLAS_CORETYPE", core, 1);
+    ::execv("/proc/self/exe", argv);  // returns only on failure: then go on with the slow kernels
+  }
   if (argc < 2 || !std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h") || !std::strcmp(argv[1], "help")) {
     std::fputs(kUsage, argc < 2 ? stderr : stdout);
     return argc < 2 ? 2 : 0;

@@ -1,7 +1,9 @@
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <string>
 
 #include <cblas.h>
 #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
@@ -97,6 +99,23 @@ inline float dot_f16(const float* a, const uint16_t* b, int n) {
 }
 
 }  // namespace
+
+const char* blas_corename() { return openblas_get_corename(); }
+
+const char* blas_coretype_override() {
+  if (std::getenv("OPENBLAS_CORETYPE")) return nullptr;
+  const std::string core = openblas_get_corename();
+  const bool generic = core == "Prescott" || core == "prescott" || core == "Core2" || core == "core2" ||
+                       core == "Nehalem" || core == "nehalem" || core == "Katmai" || core == "Banias";
+  if (!generic) return nullptr;
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512dq"))
+    return "SkylakeX";
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return "Haswell";
+  if (__builtin_cpu_supports("avx")) return "Sandybridge";
+  return nullptr;
+}
 
 void linear(const float* x, int rows, const Linear& L, float* y) {
   blas_single_thread();

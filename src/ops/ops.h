@@ -9,6 +9,13 @@
 
 namespace pkv::ops {
 
+// OpenBLAS picks its kernels from the CPU model at load time and falls back to its slowest generic
+// ones (e.g. "Prescott") on CPUs it does not recognise, such as some virtual machines: 5x slower
+// matrix products. Returns the OPENBLAS_CORETYPE that matches this CPU's instruction set when the
+// detected core is such a fallback, else nullptr. The program must then restart with it set.
+const char* blas_coretype_override();
+const char* blas_corename();
+
 // y[rows, L.out] = x[rows, L.in] * W^T + b. 16-bit weights are converted block by block into
 // per-thread scratch (never a full float32 copy of the model).
 void linear(const float* x, int rows, const Linear& L, float* y);
