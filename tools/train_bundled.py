@@ -575,17 +575,18 @@ def submodules(model):
     return inner, lm, vt, pj, model.get_output_embeddings()
 
 
-def make_optimizer(params, lr, wd):
+def make_optimizer(params, lr, wd, lr_mult=None):
+    """AdamW with weight decay on matrices only. lr_mult(name) -> factor on the scheduled lr
+    (stored per group as "lr_mult"; run_stage applies it)."""
     import torch
-    decay, no_decay = [], []
+    buckets = collections.defaultdict(list)
     for n, p in params:
         if not p.requires_grad:
             continue
-        if p.dim() >= 2 and "embed" not in n and "embedding" not in n:
-            decay.append(p)
-        else:
-            no_decay.append(p)
-    groups = [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+        decay = p.dim() >= 2 and "embed" not in n and "embedding" not in n
+        buckets[(decay, lr_mult(n) if lr_mult else 1.0)].append(p)
+    groups = [{"params": ps, "weight_decay": wd if decay else 0.0, "lr_mult": m}
+              for (decay, m), ps in sorted(buckets.items())]
     try:
         return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
     except Exception:
@@ -832,8 +833,8 @@ def main_train(args):
         model.train()
         return tot / n_batches
 
-    def run_stage(name, steps, params, lr, warmup, step_fn, stage_deadline):
-        opt = make_optimizer(params, lr, args.weight_decay)
+    def run_stage(name, steps, params, lr, warmup, step_fn, stage_deadline, lr_mult=None):
+        opt = make_optimizer(params, lr, args.weight_decay, lr_mult)
         planned = steps
         sums = collections.defaultdict(float)
         cnt = collections.defaultdict(int)
@@ -848,7 +849,7 @@ def main_train(args):
                 break
             cur = lr_at(step, planned, warmup, lr, args.lr_floor)
             for g in opt.param_groups:
-                g["lr"] = cur
+                g["lr"] = cur * g.get("lr_mult", 1.0)
             losses = step_fn(step)
             losses["loss"].backward()
             torch.nn.utils.clip_grad_norm_([p for _, p in params], args.clip)
@@ -910,8 +911,30 @@ def main_train(args):
         loss, d, q = scene_loss(imgs, samples)
         return {"loss": loss, "desc": d, "short": q}
 
+    # ---- stage 2a: alignment, as LLaVA's own first stage: the decoder is frozen, so the only way to
+    # lower the loss is through the image; the vision tower (from scratch here) and the projector train.
+    vis_names = {n for n, p in model.named_parameters()
+                 if any(p is q for q in vt.parameters()) or any(p is q for q in pj.parameters())}
+    vis_params = [(n, p) for n, p in all_params if n in vis_names]
+    if args.align_steps > 0:
+        frozen = [p for n, p in all_params if n not in vis_names]
+        for p in frozen:
+            p.requires_grad_(False)
+
+        def align_step(step):
+            imgs, samples = feeder.get()
+            loss, d, q = scene_loss(imgs, samples)
+            return {"loss": loss, "desc": d, "short": q}
+
+        budget2 = deadline - reserve - time.time()
+        tlog["stage2a"] = run_stage("align", args.align_steps, vis_params, args.lr_align, args.warmup, align_step,
+                                    time.time() + budget2 * args.align_share)
+        for p in frozen:
+            p.requires_grad_(True)
+        log(f"stage 2a done: {tlog['stage2a']}", t0)
+
     tlog["stage2"] = run_stage("scene", args.scene_steps, all_params, args.lr_scene, args.warmup, scene_step,
-                               deadline - reserve)
+                               deadline - reserve, lr_mult=lambda n: args.vision_lr_mult if n in vis_names else 1.0)
     tlog["stage2"]["val_loss"] = val_loss()
     tlog["stage2"]["data_wait_s"] = round(feeder.wait_s, 1)
     log(f"stage 2 done: {tlog['stage2']}", t0)
@@ -1039,11 +1062,15 @@ def parse_args(argv):
     ap.add_argument("--out", default="out/model")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lang-steps", type=int, default=1500)
-    ap.add_argument("--scene-steps", type=int, default=1800, help="stage 2 steps, text steps included")
+    ap.add_argument("--scene-steps", type=int, default=2600, help="stage 2b steps, text steps included")
     ap.add_argument("--lang-batch", type=int, default=32, help="512-token windows per text step")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--scenes-per-batch", type=int, default=32, help="each scene gives 2 samples")
     ap.add_argument("--text-every", type=int, default=5, help="every k-th stage-2 step is a text batch")
+    ap.add_argument("--align-steps", type=int, default=1000, help="stage 2a steps (decoder frozen)")
+    ap.add_argument("--lr-align", type=float, default=2e-3)
+    ap.add_argument("--align-share", type=float, default=0.3, help="share of the stage-2 time stage 2a may use")
+    ap.add_argument("--vision-lr-mult", type=float, default=2.0, help="lr factor for tower + projector in stage 2b")
     ap.add_argument("--lr-lang", type=float, default=1.5e-3)
     ap.add_argument("--lr-scene", type=float, default=1e-3)
     ap.add_argument("--lr-floor", type=float, default=0.05, help="final lr as a fraction of the peak")
@@ -1055,7 +1082,7 @@ def parse_args(argv):
     ap.add_argument("--eval-scenes", type=int, default=48)
     ap.add_argument("--max-new-tokens", type=int, default=320)
     ap.add_argument("--shard-size", default="12MB")
-    ap.add_argument("--deadline", type=float, default=540.0, help="seconds from start to the end of everything")
+    ap.add_argument("--deadline", type=float, default=560.0, help="seconds from start to the end of everything")
     ap.add_argument("--reserve-s", type=float, default=60.0, help="kept for evaluation and saving")
     ap.add_argument("--lang-share", type=float, default=0.4, help="share of the training time stage 1 may use")
     ap.add_argument("--log-every", type=int, default=100)
@@ -1065,7 +1092,7 @@ def parse_args(argv):
     ap.add_argument("--dry-run", action="store_true", help="data path only, without torch")
     args = ap.parse_args(argv)
     if args.smoke:
-        args.lang_steps, args.scene_steps, args.eval_scenes = 60, 60, 4
+        args.lang_steps, args.scene_steps, args.eval_scenes, args.align_steps = 60, 60, 4, 20
         args.max_new_tokens, args.log_every, args.warmup, args.reserve_s = 40, 20, 10, 90
     return args
 
