@@ -3,12 +3,36 @@
 #include <array>
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <sys/wait.h>
+#include <unistd.h>
+
+#include <gtest/gtest.h>
 
 namespace pkv::test {
 
 std::string data_path(const std::string& rel) { return std::string(PKV_TEST_DATA) + "/" + rel; }
 std::string shared_path(const std::string& rel) { return std::string(PKV_SHARED) + "/" + rel; }
+
+namespace {
+// Removes this process's temp paths when the test program exits.
+struct TempCleanup {
+  ~TempCleanup() {
+    std::error_code ec;
+    const std::string prefix = "pkv_" + std::to_string(::getpid()) + "_";
+    for (auto& e : std::filesystem::directory_iterator(std::filesystem::temp_directory_path(), ec))
+      if (e.path().filename().string().rfind(prefix, 0) == 0) std::filesystem::remove_all(e.path(), ec);
+  }
+} temp_cleanup;
+}  // namespace
+
+std::string temp_path(const std::string& tag) {
+  const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+  std::string test = info ? std::string(info->test_suite_name()) + "." + info->name() : "global";
+  for (auto& c : test)
+    if (c == '/') c = '_';
+  return (std::filesystem::temp_directory_path() / ("pkv_" + std::to_string(::getpid()) + "_" + test + "_" + tag)).string();
+}
 
 double rel_error(const float* a, const float* b, size_t n) {
   double num = 0, den = 0;

@@ -6,7 +6,10 @@
 
 namespace pkv::test {
 
-std::string data_path(const std::string& rel);    // tests/data/<rel>
+std::string data_path(const std::string& rel);
+// A path under the system temp folder unique to this process (ctest runs tests in parallel
+// processes) and to the current test: <tmp>/pkv_<pid>_<test>_<tag>.
+std::string temp_path(const std::string& tag);    // tests/data/<rel>
 std::string shared_path(const std::string& rel);  // ../shared/<rel>
 // Max |a-b| / max|b| over all elements (relative to the reference's scale).
 double rel_error(const float* a, const float* b, size_t n);

@@ -42,7 +42,7 @@ const json& manifest_case(const std::string& name) {
 
 // Copies a fixture folder so a test can damage it.
 fs::path copy_fixture(const std::string& name, const std::string& tag) {
-  fs::path d = fs::temp_directory_path() / ("pkv_cli_" + tag);
+  fs::path d = fs::path(test::temp_path("cli_" + tag));
   fs::remove_all(d);
   fs::copy(fixture(name), d, fs::copy_options::recursive);
   return d;
@@ -114,7 +114,7 @@ TEST(Cli, SamplingIsReproducibleWithSeed) {
 }
 
 TEST(Cli, DumpTensors) {
-  fs::path d = fs::temp_directory_path() / "pkv_dump";
+  fs::path d = fs::path(test::temp_path("dump"));
   fs::remove_all(d);
   Result r = prefixkv("run --model " + fixture("llava_hf_mha") + " --image " + test::data_path("images/wide.png") +
                       " --max-tokens 2 --json --dump-tensors " + d.string());
@@ -158,7 +158,7 @@ TEST(CliErrors, ImageForTextOnlyModel) {
 
 TEST(CliErrors, UnreadableAndZeroSizeImage) {
   expect_error(prefixkv("run --model " + fixture("llava_hf_mha") + " --image /nonexistent/x.png"), {"/nonexistent/x.png"});
-  fs::path z = fs::temp_directory_path() / "pkv_zero.png";
+  fs::path z = fs::path(test::temp_path("zero.png"));
   std::ofstream(z).close();
   expect_error(prefixkv("run --model " + fixture("llava_hf_mha") + " --image " + z.string()), {z.string(), "empty"});
 }

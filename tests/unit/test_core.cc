@@ -1,5 +1,7 @@
 #include <gtest/gtest.h>
 
+#include "test_util.h"
+
 #include <cmath>
 #include <filesystem>
 #include <random>
@@ -46,7 +48,7 @@ TEST(Threads, ParallelForCoversEveryIndexOnce) {
 }
 
 TEST(Npy, WriteReadRoundTrip) {
-  const std::string path = (fs::temp_directory_path() / "pkv_npy_test.npy").string();
+  const std::string path = test::temp_path("npy_test.npy");
   std::vector<float> v = {1.5f, -2.f, 3.25f, 0.f, 7.f, 8.f};
   write_npy(path, v.data(), {2, 3});
   NpyArray a = read_npy(path);

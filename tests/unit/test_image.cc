@@ -17,7 +17,7 @@ std::string read_bytes(const std::string& p) {
   return std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
 }
 void expect_image_error(const std::string& bytes, const std::string& fragment) {
-  const std::string p = (fs::temp_directory_path() / "pkv_bad_image.bin").string();
+  const std::string p = test::temp_path("bad_image.bin");
   std::ofstream(p, std::ios::binary) << bytes;
   try {
     load_image(p);

@@ -1,6 +1,8 @@
 // Bad checkpoint input: each case gives one clear error naming the file and what was wrong.
 #include <gtest/gtest.h>
 
+#include "test_util.h"
+
 #include <filesystem>
 #include <fstream>
 
@@ -17,7 +19,7 @@ using nlohmann::json;
 namespace {
 
 fs::path tmpdir(const std::string& name) {
-  fs::path d = fs::temp_directory_path() / ("pkv_st_" + name);
+  fs::path d = fs::path(test::temp_path("st_" + name));
   fs::remove_all(d);
   fs::create_directories(d);
   return d;

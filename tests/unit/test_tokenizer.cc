@@ -52,7 +52,7 @@ TEST(Tokenizer, Llama2MatchesSentencepieceAndTransformers) {
 
 TEST(Tokenizer, MissingOrBrokenModelFile) {
   EXPECT_THROW(Tokenizer("/nonexistent/tokenizer.model"), Error);
-  const std::string bad = (std::filesystem::temp_directory_path() / "pkv_bad_tok.model").string();
+  const std::string bad = test::temp_path("bad_tok.model");
   std::ofstream(bad) << "this is not a sentencepiece model";
   try {
     Tokenizer t(bad);
