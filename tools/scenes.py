@@ -659,6 +659,176 @@ def chat_prompt(prompt):
 
 
 # ----------------------------------------------------------------------------------------------
+# dense training data (training only: nothing above, and so nothing in data/, depends on it)
+#
+# Per training scene: the description (one turn, exactly the inference prompt) and one or more
+# multi-turn question sequences in LLaVA v1's multi-turn form
+#     USER: <image>\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT: A2</s>...
+# whose first turn is the scene's own question (an evaluation form, as training_pair picks it) and
+# whose later turns ask about distinct cells / facts, so that nearly every answer token depends on
+# the image. Random streams 5, 6, ... of the scene seed (0-4 are used above).
+
+BACKGROUND_QUESTION = "What color is the background?"
+# scene_labels layout: shape id per cell (0 empty, 1 + SHAPES index), colour id per cell (0 empty,
+# 1 + COLOR_NAMES index), size id per cell (0 empty, 1 + SIZE_NAMES index), background index
+LABEL_SHAPE, LABEL_COLOR, LABEL_SIZE, LABEL_BG = 0, GRID * GRID, 2 * GRID * GRID, 3 * GRID * GRID
+N_LABELS = 3 * GRID * GRID + 1
+
+
+def continue_prompt(prompt):
+    """A later turn of the LLaVA v1 conversation (it follows the previous answer's </s>)."""
+    return "USER: " + prompt + " ASSISTANT:"
+
+
+def scene_labels(sc):
+    """Per-cell targets for an auxiliary vision loss: int64 [N_LABELS] (layout above)."""
+    lab = np.zeros(N_LABELS, dtype=np.int64)
+    for o in sc.objects:
+        cell = o.row * GRID + o.col
+        lab[LABEL_SHAPE + cell] = 1 + SHAPES.index(o.shape)
+        lab[LABEL_COLOR + cell] = 1 + COLOR_NAMES.index(o.color)
+        lab[LABEL_SIZE + cell] = 1 + SIZE_NAMES.index(o.size)
+    lab[LABEL_BG] = BACKGROUND_NAMES.index(sc.background)
+    return lab
+
+
+def dense_questions(sc, rs, n_cells=6):
+    """Grounded (question, answer) turns about one scene: n_cells distinct cells (one question
+    each: what / colour / size / shape / empty), one present and one absent colour+shape pair, one
+    count, the background and, when possible, where a unique object is; in random order. Answers use
+    the evaluation forms where a form exists (score_answer accepts them)."""
+    out = []
+    cells = [int(c) for c in rs.permutation(GRID * GRID)[:n_cells]]
+    for cell in cells:
+        r, c = divmod(cell, GRID)
+        pos = _q_pos(position_name(r, c))
+        o = sc.object_at(r, c)
+        if o is None:
+            if _pick(rs, [0, 1], [2, 1]) == 0:
+                out.append((f"What is in {pos}?", "Nothing"))
+            else:
+                out.append((f"Is {pos} empty?", "Yes"))
+            continue
+        kind = _pick(rs, ["what_at", "color_at", "size_at", "shape_at", "empty"], [3, 2, 2, 2, 1])
+        if kind == "what_at":
+            out.append((f"What is in {pos}?", f"A {o.phrase}"))
+        elif kind == "color_at":
+            out.append((f"What color is the {o.shape} in {pos}?", _cap(o.color)))
+        elif kind == "size_at":
+            out.append((f"What size is the {o.shape} in {pos}?", _cap(o.size)))
+        elif kind == "shape_at":
+            out.append((f"What shape is the object in {pos}?", _cap(o.shape)))
+        else:
+            out.append((f"Is {pos} empty?", "No"))
+    # existence: a pair that is there, and one that is not (half the time built from a colour and a
+    # shape that are both in the image, so that colour and shape must be bound to one object)
+    o = sc.objects[int(rs.randint(0, len(sc.objects)))]
+    out.append((f"Is there a {o.color} {o.shape}?", "Yes"))
+    present = {(p.color, p.shape) for p in sc.objects}
+    hard = [(cc, ss) for cc in COLOR_NAMES for ss in SHAPES if (cc, ss) not in present
+            and any(p.color == cc for p in sc.objects) and any(p.shape == ss for p in sc.objects)]
+    if hard and rs.randint(0, 2):
+        cc, ss = hard[int(rs.randint(0, len(hard)))]
+    else:
+        while True:
+            cc = COLOR_NAMES[int(rs.randint(0, len(COLOR_NAMES)))]
+            ss = SHAPES[int(rs.randint(0, len(SHAPES)))]
+            if (cc, ss) not in present:
+                break
+    out.append((f"Is there a {cc} {ss}?", "No"))
+    # one count
+    kind = _pick(rs, ["shape", "color", "all"], [3, 3, 1])
+    if kind == "shape":
+        s = (sc.objects[int(rs.randint(0, len(sc.objects)))].shape if rs.randint(0, 3)
+             else SHAPES[int(rs.randint(0, len(SHAPES)))])
+        out.append((f"How many {PLURAL[s]} are there?", str(sum(1 for p in sc.objects if p.shape == s))))
+    elif kind == "color":
+        cc = (sc.objects[int(rs.randint(0, len(sc.objects)))].color if rs.randint(0, 3)
+              else COLOR_NAMES[int(rs.randint(0, len(COLOR_NAMES)))])
+        out.append((f"How many {cc} objects are there?", str(sum(1 for p in sc.objects if p.color == cc))))
+    else:
+        out.append(("How many objects are there in the image?", str(len(sc.objects))))
+    out.append((BACKGROUND_QUESTION, _cap(sc.background)))
+    # where, for an object with a unique colour+shape in a cell not asked about above
+    cands = [p for p in sc.objects if p.row * GRID + p.col not in cells
+             and sum(1 for q in sc.objects if q.color == p.color and q.shape == p.shape) == 1]
+    if cands:
+        p = cands[int(rs.randint(0, len(cands)))]
+        out.append((f"Where is the {p.color} {p.shape}?", "In " + _q_pos(p.position)))
+    order = [int(i) for i in rs.permutation(len(out))]
+    return [out[i] for i in order]
+
+
+def training_sequences(seed, qa_seqs=1, n_cells=6):
+    """(scene, [(kind, turns)]) for training scene `seed`: kind 0 is the description (one turn,
+    the prompt training_pair picks), kind 1 a multi-turn question sequence; the first question
+    sequence starts with training_pair's question, so its first turn is an evaluation form."""
+    sc, prompt, qa = training_pair(seed)
+    seqs = [(0, [(prompt, sc.description)])]
+    for k in range(qa_seqs):
+        turns = [(qa["question"], qa["answer"])] if k == 0 else []
+        seen = {t[0] for t in turns}
+        for q, a in dense_questions(sc, _rs(seed, 5 + k), n_cells):
+            if q not in seen:
+                seen.add(q)
+                turns.append((q, a))
+        seqs.append((1, turns))
+    return sc, seqs
+
+
+def training_batch_multi(seeds, qa_seqs=1, n_cells=6):
+    """Rendered images (uint8 [n, 336, 336, 3]), sequences [(scene index, kind, turns)] (1 + qa_seqs
+    per scene, scene-major) and labels (int64 [n, N_LABELS]). Runs in worker processes."""
+    imgs = np.empty((len(seeds), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    labels = np.empty((len(seeds), N_LABELS), dtype=np.int64)
+    seqs = []
+    for i, seed in enumerate(seeds):
+        sc, ss = training_sequences(seed, qa_seqs, n_cells)
+        imgs[i] = render(sc)
+        labels[i] = scene_labels(sc)
+        seqs += [(i, kind, turns) for kind, turns in ss]
+    return imgs, seqs, labels
+
+
+def _dense_answer_ok(q, a, sc):
+    """Checks the training-only question forms (the evaluation forms go through score_answer)."""
+    if q == BACKGROUND_QUESTION:
+        return a == _cap(sc.background)
+    m = re.fullmatch(r"Is (.+) empty\?", q)
+    if m:
+        pos = find_positions(m.group(1))
+        return len(pos) == 1 and a == ("Yes" if sc.object_at(*pos[0]) is None else "No")
+    m = re.fullmatch(r"What shape is the object in (.+)\?", q)
+    if m:
+        pos = find_positions(m.group(1))
+        o = sc.object_at(*pos[0]) if len(pos) == 1 else None
+        return o is not None and a == _cap(o.shape)
+    return score_answer(q, a, sc)
+
+
+def dense_selftest(seeds=range(200)):
+    n = 0
+    for seed in seeds:
+        sc, seqs = training_sequences(10_000_000 + seed, qa_seqs=2)
+        assert seqs[0][0] == 0 and seqs[0][1][0][1] == sc.description
+        lab = scene_labels(sc)
+        assert sum(1 for c in range(9) if lab[c]) == len(sc.objects)
+        for kind, turns in seqs[1:]:
+            qs = [q for q, _ in turns]
+            assert len(qs) == len(set(qs)) and len(turns) >= 6, turns
+            for q, a in turns:
+                assert _dense_answer_ok(q, a, sc), (seed, q, a)
+                n += 1
+        assert seqs[1][1][0] == (training_pair(10_000_000 + seed)[2]["question"],
+                                 training_pair(10_000_000 + seed)[2]["answer"])
+    imgs, seqs, labels = training_batch_multi([5, 6, 7], qa_seqs=1)
+    assert imgs.shape == (3, 336, 336, 3) and labels.shape == (3, N_LABELS)
+    assert [s[0] for s in seqs] == [0, 0, 1, 1, 2, 2] and [s[1] for s in seqs] == [0, 1] * 3
+    assert np.array_equal(imgs[1], render(make_scene(6)))
+    return n
+
+
+# ----------------------------------------------------------------------------------------------
 # self-test and CLI
 
 
@@ -709,7 +879,8 @@ def selftest():
     assert find_positions("In the top left corner there is") == [(0, 0)]
     assert find_positions("the top center and the center") == [(0, 1), (1, 1)]
     assert find_positions("the middle right") == [(1, 2)]
-    print(f"selftest ok: {n_obj} objects, {n_q} questions checked")
+    n_dense = dense_selftest()
+    print(f"selftest ok: {n_obj} objects, {n_q} questions checked; {n_dense} dense training answers checked")
     return 0
 
 

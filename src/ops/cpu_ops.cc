@@ -283,8 +283,73 @@ void Rope::apply(float* x, int rows, int n_heads, const int32_t* pos) const {
   }
 }
 
+namespace {
+
+// Many queries (prefill, vision tower): per head and block of queries, scores and outputs through
+// BLAS. Never holds more than one [block, n_kv] score tile per thread.
+void attention_blocked(const AttentionArgs& a) {
+  blas_single_thread();
+  const int group = a.n_heads / a.n_kv_heads;
+  const int qd = a.n_heads * a.head_dim;
+  const bool causal = a.q_pos && a.kv_pos;
+  constexpr int kBlock = 64;
+  const int n_blocks = (a.n_q + kBlock - 1) / kBlock;
+  const size_t items = size_t(a.n_heads) * n_blocks;
+  std::vector<std::vector<float>> imp_parts;
+  if (a.importance) imp_parts.assign(size_t(num_threads()), std::vector<float>());
+  parallel_for(items, 1, [&](size_t b, size_t e, int tid) {
+    std::vector<float> p(size_t(kBlock) * a.n_kv);
+    float* imp = nullptr;
+    if (a.importance) {
+      imp_parts[size_t(tid)].assign(size_t(a.n_kv), 0.f);
+      imp = imp_parts[size_t(tid)].data();
+    }
+    for (size_t it = b; it < e; ++it) {
+      const int h = int(it / size_t(n_blocks)), blk = int(it % size_t(n_blocks));
+      const int g = h / group, i0 = blk * kBlock, rows = std::min(kBlock, a.n_q - i0);
+      const float* qb = a.q + size_t(i0) * qd + size_t(h) * a.head_dim;
+      const float* kb = a.k + size_t(g) * a.head_dim;
+      const float* vb = a.v + size_t(g) * a.head_dim;
+      // Keys beyond the last query's position are never seen by this block.
+      int n_kv = a.n_kv;
+      if (causal) {
+        const int32_t last = a.q_pos[i0 + rows - 1];
+        n_kv = int(std::upper_bound(a.kv_pos, a.kv_pos + a.n_kv, last) - a.kv_pos);
+      }
+      if (n_kv == 0) {
+        for (int r = 0; r < rows; ++r) std::fill_n(a.out + size_t(i0 + r) * qd + size_t(h) * a.head_dim, a.head_dim, 0.f);
+        continue;
+      }
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, n_kv, a.head_dim, a.scale, qb, qd, kb, a.kv_stride,
+                  0.f, p.data(), n_kv);
+      for (int r = 0; r < rows; ++r) {
+        float* pr = p.data() + size_t(r) * n_kv;
+        int seen = n_kv;
+        if (causal) seen = int(std::upper_bound(a.kv_pos, a.kv_pos + n_kv, a.q_pos[i0 + r]) - a.kv_pos);
+        float mx = -INFINITY;
+        for (int j = 0; j < seen; ++j) mx = std::max(mx, pr[j]);
+        float sum = 0;
+        for (int j = 0; j < seen; ++j) sum += pr[j] = std::exp(pr[j] - mx);
+        const float inv = seen > 0 ? 1.f / sum : 0.f;
+        for (int j = 0; j < seen; ++j) pr[j] *= inv;
+        for (int j = seen; j < n_kv; ++j) pr[j] = 0.f;
+        if (imp)
+          for (int j = 0; j < seen; ++j) imp[j] += pr[j] / float(a.n_heads);
+      }
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, a.head_dim, n_kv, 1.f, p.data(), n_kv, vb,
+                  a.kv_stride, 0.f, a.out + size_t(i0) * qd + size_t(h) * a.head_dim, qd);
+    }
+  });
+  if (a.importance)
+    for (auto& part : imp_parts)
+      for (size_t j = 0; j < part.size(); ++j) a.importance[j] += part[j];
+}
+
+}  // namespace
+
 void attention(const AttentionArgs& a) {
   PKV_ASSERT(a.n_heads % a.n_kv_heads == 0);
+  if (a.n_q >= 16) return attention_blocked(a);
   const int group = a.n_heads / a.n_kv_heads;
   const int qd = a.n_heads * a.head_dim;
   const size_t items = size_t(a.n_q) * a.n_heads;
