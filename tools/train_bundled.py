@@ -7,13 +7,31 @@ Architecture (transformers' LlavaForConditionalGeneration, llava-hf layout):
   project 2-layer MLP with GELU (192 -> 256 -> 256)
   decoder LLaMA, 12 layers, hidden 256, 8 heads / 4 KV heads, MLP 768, RoPE 10000, 2048 positions,
           vocabulary = tokenizer.model (4000 pieces, <image> = id 3), untied LM head
-Recipe (LLaVA's: a decoder pretrained on language first):
-  stage 1 language pretraining of the decoder on .cache/text/corpus.txt.gz (packed 512-token windows)
-  stage 2 vision tower + projector + decoder on synthetic scenes (tools/scenes.py), prompt
-          "USER: <image>\\n{question} ASSISTANT: {answer}</s>", loss on answer tokens only (mean over
-          description tokens + mean over short-answer tokens), every --text-every-th step a text batch
-  then    greedy evaluation on held-out scenes (seeds 3_000_000..), save in bf16, sharded (<= 12 MB),
-          reload check, and packing into at most 8 files for the trip back.
+Recipe (LLaVA's: a decoder pretrained on language first; run 4 changes after runs 2-3 learned no grounding):
+  stage 1  language pretraining of the decoder on .cache/text/corpus.txt.gz (packed 512-token windows)
+  stage 2a vision warm-up (replaces the frozen-decoder alignment of run 3): vision tower + projector
+           only, with a training-only linear head on the projected image tokens that predicts, for
+           every token, the shape / colour / size of the object in its grid cell (or "empty"), the
+           background and the cell itself (tools/scenes.py scene_labels). No decoder compute, so it
+           is cheap, and the decoder meets image tokens that already carry content and position.
+  stage 2b vision tower + projector + decoder on synthetic scenes (tools/scenes.py); per scene one
+           description sequence "USER: <image>\\n{prompt} ASSISTANT: {description}</s>" (exactly the
+           inference prompt) and --qa-seqs multi-turn question sequences in LLaVA v1's multi-turn
+           form "USER: <image>\\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT: A2</s>..." (first turn =
+           the single-turn prompt, ~12 grounded answers per image); loss on answer tokens only
+           (mean over description tokens + mean over question-answer tokens + --aux-weight x the
+           auxiliary vision loss), every --text-every-th step a text batch; gradients clipped per
+           group (decoder / vision+projector / aux head), separate lr for vision+projector.
+  vision init: patch embedding scaled to unit output, position embeddings initialised with a 2-D
+           sine-cosine table of the same size (the 0.02 normal init left position almost invisible
+           after CLIP's pre-LayerNorm, and the patch conv has no bias, so that LayerNorm also
+           removed brightness: white vs light gray backgrounds looked alike).
+  diagnostics: every --diag-every steps, on a fixed held-out batch, the scene losses with the right
+           images and with the images shifted by one scene ("gap" = how much the image is used) and
+           the aux probe accuracies; a quick greedy evaluation on --quick-eval-scenes held-out
+           scenes at --quick-eval-at fractions of stage 2b.
+  then     greedy evaluation on held-out scenes (seeds 3_000_000..), save in bf16, sharded (<= 12 MB),
+           reload check, and packing into at most 8 files for the trip back.
 
 Usage (GPU machine: torch, transformers >= 4.47 or 5.x, sentencepiece, safetensors, numpy, PIL):
   python3 tools/train_bundled.py --corpus .cache/text/corpus.txt.gz \\
@@ -64,8 +82,40 @@ ARCH = dict(hidden=256, layers=12, heads=8, kv_heads=4, intermediate=768, max_po
             v_hidden=192, v_layers=6, v_heads=6, v_intermediate=768, image_size=336, patch=14)
 
 
+PATCH_GRID = ARCH["image_size"] // ARCH["patch"]  # 24 patches a side
+CELL_PATCHES = PATCH_GRID // scenes.GRID          # 8 x 8 patches per grid cell (112 px / 14 px)
+# aux head outputs per image token: shape (0 empty), colour (0 empty), size (0 empty), background, cell
+AUX_SPLITS = (1 + len(scenes.SHAPES), 1 + len(scenes.COLOR_NAMES), 1 + len(scenes.SIZE_NAMES),
+              len(scenes.BACKGROUND_NAMES), scenes.GRID * scenes.GRID)
+DIAG_BASE = HELDOUT_BASE + 500    # fixed held-out batch for the loss-gap / probe diagnostics
+QUICK_BASE = HELDOUT_BASE + 600   # held-out scenes of the quick greedy evaluations
+PRECHECK_BASE = HELDOUT_BASE + 100
+
+
 def train_scene_seed(train_seed, j):
     return 10_000_000 + 1_000_000 * train_seed + j
+
+
+def token_cells():
+    """Grid cell (row-major, 0..8) of each of the 576 image tokens (CLIP's row-major patch order)."""
+    t = np.arange(IMAGE_TOKENS)
+    r, c = t // PATCH_GRID, t % PATCH_GRID
+    return (r // CELL_PATCHES) * scenes.GRID + c // CELL_PATCHES
+
+
+def sincos_2d(grid=PATCH_GRID, dim=ARCH["v_hidden"], base=100.0):
+    """2-D sine-cosine position table [grid * grid, dim] in row-major patch order (half the
+    channels encode the row, half the column); base 100 so that the 24-patch grid spans the
+    frequencies (with MAE's 10000 half the channels would be nearly constant). Unit amplitude."""
+    assert dim % 4 == 0, dim
+    q = dim // 4
+    omega = 1.0 / base ** (np.arange(q, dtype=np.float64) / q)
+    ys, xs = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing="ij")
+
+    def emb(pos):
+        out = np.outer(pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+    return np.concatenate([emb(ys), emb(xs)], axis=1).astype(np.float32)
 
 
 def log(msg, t0=None):
