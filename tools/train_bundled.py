@@ -202,12 +202,30 @@ class SPTok:
         return self.sp.decode([i for i in ids if i > 2])
 
 
+class Built:
+    """A padded batch of sequences: ids [N, T], targets [N, T] (-100 off the answers), kinds [N, T]
+    (-1 off the answers, else the sequence kind: 0 description, 1 question answers), scene [N] (the
+    image row of each sequence), spans [N] -> [(start, end)] answer token ranges per turn (eos included)."""
+
+    def __init__(self, ids, tgt, kinds, scene, spans, per_scene):
+        self.ids, self.tgt, self.kinds, self.scene, self.spans = ids, tgt, kinds, scene, spans
+        self.per_scene = per_scene
+
+
 class SampleBuilder:
-    """(prompt, answer) pairs -> padded input ids and next-token targets (answer tokens only)."""
+    """Conversations -> padded input ids and next-token targets (answer tokens only).
+
+    Turn 1 is "USER: <image>\\n{q} ASSISTANT: {a}</s>" tokenised as one string with BOS, exactly as
+    the single-turn inference prompt is (its prompt ids are checked to be a prefix, and equal the
+    processor's); later turns are "USER: {q} ASSISTANT: {a}</s>" tokenised without special tokens
+    (the dummy prefix gives the same "_USER" piece as in turn 1) and appended after the previous
+    answer's </s>, as LLaVA v1's multi-turn template writes them. The image token is expanded to 576."""
 
     def __init__(self, tok):
         self.tok = tok
         self.prompt_cache = {}
+        self.cont_cache = {}
+        self.answer_cache = {}
 
     def prompt_ids(self, prompt):
         """Ids of "USER: <image>\\n{prompt} ASSISTANT:" with the image token expanded to 576."""
@@ -219,24 +237,72 @@ class SampleBuilder:
             self.prompt_cache[prompt] = (ids, ids[:k] + [self.tok.image_id] * IMAGE_TOKENS + ids[k + 1:])
         return self.prompt_cache[prompt]
 
-    def build(self, samples, pad_id=0):
-        fulls = self.tok.encode([scenes.chat_prompt(p) + " " + a for p, a in samples])
-        seqs, starts, kinds = [], [], []
-        for (p, a), f in zip(samples, fulls):
-            short, expanded = self.prompt_ids(p)
-            if f[:len(short)] != short:
-                raise AssertionError(f"prompt ids are not a prefix of the full ids for {p!r} / {a!r}")
-            ans = f[len(short):] + [self.tok.eos]
-            seqs.append(expanded + ans)
-            starts.append(len(expanded))
-            kinds.append(0 if p in scenes.DESCRIBE_PROMPTS else 1)
-        T = max(len(s) for s in seqs)
-        ids = np.full((len(seqs), T), pad_id, dtype=np.int64)
-        tgt = np.full((len(seqs), T), -100, dtype=np.int64)
-        for i, (s, st) in enumerate(zip(seqs, starts)):
-            ids[i, :len(s)] = s
-            tgt[i, st - 1:len(s) - 1] = s[st:]
-        return ids, tgt, np.asarray(kinds)
+    def cont_ids(self, prompt):
+        """Ids of a later turn's "USER: {prompt} ASSISTANT:" (no BOS, no image)."""
+        if prompt not in self.cont_cache:
+            ids = self.tok.encode([scenes.continue_prompt(prompt)], special=False)[0]
+            assert self.tok.bos not in ids and self.tok.image_id not in ids and self.tok.eos not in ids, ids
+            self.cont_cache[prompt] = ids
+        return self.cont_cache[prompt]
+
+    def _answers(self, turns):
+        """Answer ids (with </s>) of (first, question, answer) keys, batch-encoded where not cached."""
+        out = {}
+        need = [k for k in dict.fromkeys(turns) if k not in self.answer_cache]
+        firsts = [k for k in need if k[0]]
+        conts = [k for k in need if not k[0]]
+        enc_f = self.tok.encode([scenes.chat_prompt(q) + " " + a for _, q, a in firsts]) if firsts else []
+        enc_c = self.tok.encode([scenes.continue_prompt(q) + " " + a for _, q, a in conts], special=False) if conts else []
+        for keys, encs in ((firsts, enc_f), (conts, enc_c)):
+            for key, full in zip(keys, encs):
+                first, q, a = key
+                short = self.prompt_ids(q)[0] if first else self.cont_ids(q)
+                if full[:len(short)] != short:
+                    raise AssertionError(f"prompt ids are not a prefix of the full ids for {q!r} / {a!r}")
+                ans = full[len(short):] + [self.tok.eos]
+                if len(ans) < 2 or self.tok.image_id in ans:
+                    raise AssertionError(f"bad answer ids for {q!r} / {a!r}: {ans}")
+                if len(a) <= 64:  # short answers repeat; descriptions do not
+                    self.answer_cache[key] = ans
+                out[key] = ans
+        return out
+
+    def build_seqs(self, seqs, n_scenes=None, pad_id=0):
+        """seqs: [(scene index, kind, [(q, a), ...])], scene-major with the same number per scene."""
+        keys = [(t == 0, q, a) for _, _, turns in seqs for t, (q, a) in enumerate(turns)]
+        fresh = self._answers(keys)
+        rows, spans = [], []
+        for si, kind, turns in seqs:
+            assert turns, "empty conversation"
+            ids, sp = [], []
+            for t, (q, a) in enumerate(turns):
+                key = (t == 0, q, a)
+                ans = fresh[key] if key in fresh else self.answer_cache[key]
+                ids += self.prompt_ids(q)[1] if t == 0 else self.cont_ids(q)
+                sp.append((len(ids), len(ids) + len(ans)))
+                ids += ans
+            rows.append(ids)
+            spans.append(sp)
+        scene = np.asarray([s[0] for s in seqs], dtype=np.int64)
+        n = int(scene.max()) + 1 if n_scenes is None else n_scenes
+        counts = np.bincount(scene, minlength=n)
+        per = int(counts[0])
+        # image/sample pairing: scene-major, the same number of sequences for every scene
+        assert len(counts) == n and per >= 1 and (counts == per).all(), counts
+        assert np.array_equal(scene, np.repeat(np.arange(n), per)), scene
+        T = max(len(r) for r in rows)
+        ids = np.full((len(rows), T), pad_id, dtype=np.int64)
+        tgt = np.full((len(rows), T), -100, dtype=np.int64)
+        kinds = np.full((len(rows), T), -1, dtype=np.int64)
+        for i, (r, sp, (_, kind, _)) in enumerate(zip(rows, spans, seqs)):
+            ids[i, :len(r)] = r
+            for st, en in sp:
+                tgt[i, st - 1:en - 1] = r[st:en]
+                kinds[i, st - 1:en - 1] = kind
+        n_img = (ids == self.tok.image_id).sum(axis=1)
+        assert (n_img == IMAGE_TOKENS).all(), n_img
+        assert (ids[:, 0] == self.tok.bos).all()
+        return Built(ids, tgt, kinds, scene, spans, per)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -246,8 +312,9 @@ class SampleBuilder:
 class SceneFeeder:
     """Keeps `window` batches of rendered scenes in flight on a process pool, in a fixed order."""
 
-    def __init__(self, pool, train_seed, scenes_per_batch, window):
+    def __init__(self, pool, train_seed, scenes_per_batch, window, qa_seqs=1, qa_cells=6):
         self.pool, self.train_seed, self.spb = pool, train_seed, scenes_per_batch
+        self.qa_seqs, self.qa_cells = qa_seqs, qa_cells
         self.pending = collections.deque()
         self.next_submit = 0
         self.wait_s = 0.0
@@ -257,15 +324,15 @@ class SceneFeeder:
     def _submit(self):
         k = self.next_submit
         seeds = [train_scene_seed(self.train_seed, k * self.spb + i) for i in range(self.spb)]
-        self.pending.append(self.pool.apply_async(scenes.training_batch, (seeds,)))
+        self.pending.append(self.pool.apply_async(scenes.training_batch_multi, (seeds, self.qa_seqs, self.qa_cells)))
         self.next_submit += 1
 
     def get(self):
         t = time.time()
-        imgs, samples = self.pending.popleft().get(timeout=300)
+        batch = self.pending.popleft().get(timeout=300)  # (imgs, seqs, labels)
         self.wait_s += time.time() - t
         self._submit()
-        return imgs, samples
+        return batch
 
 
 def make_pool(workers):

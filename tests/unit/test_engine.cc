@@ -1,0 +1,105 @@
+// The engine's KV policy hooks on a real (fixture) model: a policy can remove any entries of one
+// layer after prefill and during decoding; attention then reads exactly what each layer holds.
+#include <gtest/gtest.h>
+
+#include <numeric>
+
+#include "engine/engine.h"
+#include "test_util.h"
+
+using namespace pkv;
+
+namespace {
+
+// Keeps everything, but through retain(): must change nothing.
+class RetainAllPolicy : public KVPolicy {
+ public:
+  std::string name() const override { return "retain-all"; }
+  void after_prefill(KVCache& c, const std::vector<std::vector<float>>&, int) override { all(c); }
+  void after_decode_step(KVCache& c, int) override { all(c); }
+  static void all(KVCache& c) {
+    for (int l = 0; l < c.n_layers(); ++l) {
+      std::vector<int32_t> keep(static_cast<size_t>(c.layer(l).size()));
+      std::iota(keep.begin(), keep.end(), 0);
+      c.layer(l).retain(keep);
+    }
+  }
+};
+
+// Layer 1 keeps the first token and the second half of the prompt after prefill, and drops its
+// oldest non-first entry at every decode step; layer 0 keeps everything.
+class DropInLayerOne : public KVPolicy {
+ public:
+  std::string name() const override { return "drop-l1"; }
+  void after_prefill(KVCache& c, const std::vector<std::vector<float>>&, int n) override {
+    std::vector<int32_t> keep = {0};
+    for (int i = n / 2; i < n; ++i) keep.push_back(i);
+    c.layer(1).retain(keep);
+    prefill_kept = int(keep.size());
+  }
+  void after_decode_step(KVCache& c, int) override {
+    std::vector<int32_t> keep = {0};
+    for (int i = 2; i < c.layer(1).size(); ++i) keep.push_back(i);
+    c.layer(1).retain(keep);
+    positions_seen.assign(c.layer(1).positions(), c.layer(1).positions() + c.layer(1).size());
+  }
+  int prefill_kept = 0;
+  std::vector<int32_t> positions_seen;
+};
+
+struct Fixture {
+  std::unique_ptr<Model> model = Model::load(test::data_path("fixtures/llama_text"));
+  Tokenizer tok{test::data_path("fixtures/llama_text/tokenizer.model")};
+};
+
+}  // namespace
+
+TEST(EnginePolicy, RetainEverythingIsBitIdenticalToFull) {
+  Fixture f;
+  Engine e(*f.model, f.tok);
+  PromptRequest req;
+  req.text = "The quick brown fox jumps over the lazy dog";
+  req.tmpl = Template::Raw;
+  PreparedPrompt p = e.prepare(req);
+  SamplingOptions s;
+  s.max_tokens = 12;
+  s.ignore_eos = true;
+  FullPolicy full;
+  RetainAllPolicy same;
+  GenerationResult a = e.generate(p, s, full), b = e.generate(p, s, same);
+  EXPECT_EQ(a.tokens, b.tokens);
+  EXPECT_EQ(a.first_logits, b.first_logits);
+  EXPECT_EQ(a.kv_bytes, b.kv_bytes);
+}
+
+TEST(EnginePolicy, EvictionInOneLayerShrinksItAndChangesTheAnswer) {
+  Fixture f;
+  Engine e(*f.model, f.tok);
+  PromptRequest req;
+  req.text = "The quick brown fox jumps over the lazy dog and runs far away into the woods";
+  req.tmpl = Template::Raw;
+  PreparedPrompt p = e.prepare(req);
+  const int T = int(p.ids.size());
+  SamplingOptions s;
+  s.max_tokens = 10;
+  s.ignore_eos = true;
+  FullPolicy full;
+  DropInLayerOne drop;
+  GenerationResult a = e.generate(p, s, full), b = e.generate(p, s, drop);
+  // Full: every layer holds prompt + generated - 1 (the last token is never fed back).
+  EXPECT_EQ(a.kv_entries_per_layer[0], T + 9);
+  EXPECT_EQ(a.kv_entries_per_layer[1], T + 9);
+  // Layer 0 untouched; layer 1 holds what the policy kept (each step adds one and drops one).
+  EXPECT_EQ(b.kv_entries_per_layer[0], T + 9);
+  EXPECT_EQ(b.kv_entries_per_layer[1], drop.prefill_kept);
+  // Bytes per layer are proportional to entries held.
+  EXPECT_EQ(b.kv_bytes_per_layer[1] * size_t(T + 9), b.kv_bytes_per_layer[0] * size_t(drop.prefill_kept));
+  // Absolute positions survive eviction; the newest entry has its true position.
+  ASSERT_FALSE(drop.positions_seen.empty());
+  EXPECT_EQ(drop.positions_seen.front(), 0);
+  EXPECT_EQ(drop.positions_seen.back(), T + 8);
+  EXPECT_TRUE(std::is_sorted(drop.positions_seen.begin(), drop.positions_seen.end()));
+  // The first token's logits come from the uncompressed prefill; later ones see the smaller cache.
+  EXPECT_EQ(a.first_logits, b.first_logits);
+  EXPECT_NE(a.tokens, b.tokens);
+}
