@@ -217,9 +217,10 @@ class SampleBuilder:
 
     Turn 1 is "USER: <image>\\n{q} ASSISTANT: {a}</s>" tokenised as one string with BOS, exactly as
     the single-turn inference prompt is (its prompt ids are checked to be a prefix, and equal the
-    processor's); later turns are "USER: {q} ASSISTANT: {a}</s>" tokenised without special tokens
-    (the dummy prefix gives the same "_USER" piece as in turn 1) and appended after the previous
-    answer's </s>, as LLaVA v1's multi-turn template writes them. The image token is expanded to 576."""
+    processor's); later turns are "USER: {q} ASSISTANT: {a}</s>" tokenised the same way (BOS then dropped,
+    so "USER" gets the same dummy-prefix piece as in turn 1) and appended right after the previous
+    answer's </s>, as LLaVA v1's multi-turn template writes them (no image in later turns; multi-turn
+    prompts are never tokenised as one string, at training or at inference). The image token is expanded to 576."""
 
     def __init__(self, tok):
         self.tok = tok
@@ -240,10 +241,17 @@ class SampleBuilder:
     def cont_ids(self, prompt):
         """Ids of a later turn's "USER: {prompt} ASSISTANT:" (no BOS, no image)."""
         if prompt not in self.cont_cache:
-            ids = self.tok.encode([scenes.continue_prompt(prompt)], special=False)[0]
+            ids = self._strip_bos(self.tok.encode([scenes.continue_prompt(prompt)]))[0]
             assert self.tok.bos not in ids and self.tok.image_id not in ids and self.tok.eos not in ids, ids
             self.cont_cache[prompt] = ids
         return self.cont_cache[prompt]
+
+    def _strip_bos(self, encs):
+        """Later turns are tokenised like turn 1 (with BOS, so the same dummy-prefix rule applies to
+        "USER:") and the BOS dropped; this avoids any special-token-free tokenizer path."""
+        for e in encs:
+            assert e[0] == self.tok.bos, e[:4]
+        return [e[1:] for e in encs]
 
     def _answers(self, turns):
         """Answer ids (with </s>) of (first, question, answer) keys, batch-encoded where not cached."""
@@ -252,7 +260,7 @@ class SampleBuilder:
         firsts = [k for k in need if k[0]]
         conts = [k for k in need if not k[0]]
         enc_f = self.tok.encode([scenes.chat_prompt(q) + " " + a for _, q, a in firsts]) if firsts else []
-        enc_c = self.tok.encode([scenes.continue_prompt(q) + " " + a for _, q, a in conts], special=False) if conts else []
+        enc_c = self._strip_bos(self.tok.encode([scenes.continue_prompt(q) + " " + a for _, q, a in conts])) if conts else []
         for keys, encs in ((firsts, enc_f), (conts, enc_c)):
             for key, full in zip(keys, encs):
                 first, q, a = key
@@ -303,6 +311,37 @@ class SampleBuilder:
         assert (n_img == IMAGE_TOKENS).all(), n_img
         assert (ids[:, 0] == self.tok.bos).all()
         return Built(ids, tgt, kinds, scene, spans, per)
+
+
+def check_built(built, seqs, tok, builder, limit=None):
+    """Every turn's answer decodes back to its text, ends with </s> and is predicted from the last
+    prompt token (":" of ASSISTANT:); turn 1 is exactly the single-turn inference prompt; later turns
+    start right after the previous </s> with the same "USER" piece; nothing else is a target.
+    Returns (sequences, turns) checked."""
+    user_id, n_turns = None, 0
+    seqs = seqs if limit is None else seqs[:limit]
+    for i, (si, kind, turns) in enumerate(seqs):
+        row = built.ids[i]
+        _, exp = builder.prompt_ids(turns[0][0])
+        assert row[:len(exp)].tolist() == exp, "turn 1 differs from the single-turn prompt"
+        user_id = exp[1] if user_id is None else user_id
+        assert exp[1] == user_id
+        for t, ((q, a), (st, en)) in enumerate(zip(turns, built.spans[i])):
+            lab = built.tgt[i, st - 1:en - 1].tolist()
+            assert lab == row[st:en].tolist() and lab[-1] == tok.eos, (q, a)
+            got = tok.decode(lab[:-1]).strip()
+            assert got == a, (got, a)
+            assert (built.kinds[i, st - 1:en - 1] == kind).all()
+            if t == 0:
+                assert st == len(exp)
+            else:
+                c = builder.cont_ids(q)
+                assert row[st - len(c):st].tolist() == c and c[0] == user_id, (q, c[:3], user_id)
+                assert row[st - len(c) - 1] == tok.eos
+            n_turns += 1
+        assert int((built.tgt[i] != -100).sum()) == sum(en - st for st, en in built.spans[i])
+        assert int((built.kinds[i] >= 0).sum()) == sum(en - st for st, en in built.spans[i])
+    return len(seqs), n_turns
 
 
 # ------------------------------------------------------------------------------------------------
@@ -383,34 +422,62 @@ def dry_run(args):
     log(f"corpus sample: {len(docs)} docs in the first 3 MB, stream {len(stream)} tokens, windows {w.shape}", t0)
     log("window text: " + tok.decode(w[0][:60].tolist())[:200], t0)
     pool = make_pool(min(args.workers, 4))
-    feeder = SceneFeeder(pool, args.seed, args.scenes_per_batch, window=4)
+    feeder = SceneFeeder(pool, args.seed, args.scenes_per_batch, window=4, qa_seqs=args.qa_seqs,
+                         qa_cells=args.qa_cells)
     builder = SampleBuilder(tok)
+    cells = token_cells()
+    k = 1 + args.qa_seqs
     for b in range(3):
-        imgs, samples = feeder.get()
-        ids, tgt, kinds = builder.build(samples)
+        imgs, seqs, labels = feeder.get()
+        t = time.time()
+        built = builder.build_seqs(seqs, n_scenes=len(imgs))
+        t_build = time.time() - t
         assert imgs.shape == (args.scenes_per_batch, 336, 336, 3) and imgs.dtype == np.uint8
-        assert ids.shape[0] == 2 * args.scenes_per_batch
-        for i, (p, a) in enumerate(samples):
-            n_img = int((ids[i] == tok.image_id).sum())
-            assert n_img == IMAGE_TOKENS, n_img
-            lab = tgt[i][tgt[i] != -100].tolist()
-            assert lab[-1] == tok.eos
-            assert tok.decode(lab) == a, (tok.decode(lab), a)
-            # the first target is predicted from the last prompt token (":" of ASSISTANT:)
-            first = int(np.nonzero(tgt[i] != -100)[0][0])
-            assert ids[i, first + 1] == lab[0]
-        log(f"batch {b}: ids {ids.shape}, answer tokens desc {int((tgt[kinds == 0] != -100).sum())} "
-            f"q {int((tgt[kinds == 1] != -100).sum())}, wait {feeder.wait_s:.2f}s", t0)
+        assert labels.shape == (args.scenes_per_batch, scenes.N_LABELS)
+        assert built.ids.shape[0] == k * args.scenes_per_batch and built.per_scene == k
+        n_seq, n_turns = check_built(built, seqs, tok, builder)
+        # pairing: sequence i belongs to scene built.scene[i], whose pixels and labels are row
+        # built.scene[i] of the batch (re-derived here from the seeds)
+        for i in range(0, len(seqs), 7):
+            j = int(built.scene[i])
+            seed = train_scene_seed(args.seed, b * args.scenes_per_batch + j)
+            sc, ss = scenes.training_sequences(seed, args.qa_seqs, args.qa_cells)
+            assert ss[i % k][1] == seqs[i][2], "sequence / scene pairing broken"
+            assert np.array_equal(labels[j], scenes.scene_labels(sc))
+            if i % 21 == 0:
+                assert np.array_equal(imgs[j], scenes.render(sc))
+            # every object's centre patch is a token of its own cell in token_cells()
+            for o in sc.objects:
+                tok_i = (o.cy // ARCH["patch"]) * PATCH_GRID + o.cx // ARCH["patch"]
+                assert cells[tok_i] == o.row * scenes.GRID + o.col
+                assert labels[j][scenes.LABEL_SHAPE + cells[tok_i]] == 1 + scenes.SHAPES.index(o.shape)
+        nd = int((built.kinds == 0).sum())
+        nq = int((built.kinds == 1).sum())
+        turns_per = np.mean([len(t) for _, kind, t in seqs if kind == 1])
+        lens = (built.ids != 0).sum(axis=1)
+        log(f"batch {b}: ids {built.ids.shape} ({n_seq} sequences, {n_turns} turns checked; {k} per scene), "
+            f"answer tokens desc {nd} qa {nq} ({turns_per:.1f} turns per question sequence), lengths "
+            f"desc {int(lens[0::k].mean())} qa {int(lens[1::k].mean())} max {lens.max()}, build "
+            f"{t_build * 1000:.0f} ms, wait {feeder.wait_s:.2f}s", t0)
+    # a readable multi-turn example (image tokens elided)
+    i = 1
+    row = built.ids[i][:int((built.ids[i] != 0).sum())].tolist()
+    pieces = [tok.sp.id_to_piece(x) for x in row if x != tok.image_id]
+    log(f"multi-turn example ({len(row)} ids, 576 image tokens elided): " + " ".join(pieces[:120]), t0)
+    tab = sincos_2d()
+    assert tab.shape == (IMAGE_TOKENS, ARCH["v_hidden"])
+    log(f"sincos position table {tab.shape}, rms {float(np.sqrt((tab ** 2).mean())):.3f}, neighbour cosine "
+        f"{float((tab[0] * tab[1]).sum() / (tab[0] ** 2).sum()):.3f}, far cosine "
+        f"{float((tab[0] * tab[-1]).sum() / (tab[0] ** 2).sum()):.3f}", t0)
     # render throughput on this machine
     t = time.time()
     n = 0
     for _ in range(6):
-        imgs, _ = feeder.get()
+        imgs, _, _ = feeder.get()
         n += len(imgs)
     log(f"feeder throughput here ({min(args.workers, 4)} workers): {n / (time.time() - t):.0f} scenes/s", t0)
     pool.terminate()
-    p, a = samples[0]
-    short, exp = builder.prompt_ids(p)
+    short, exp = builder.prompt_ids(scenes.DESCRIBE_PROMPTS[0])
     log(f"example prompt ids ({len(exp)} with the image expanded): {short}", t0)
     # packing
     with tempfile.TemporaryDirectory() as d:
@@ -424,10 +491,10 @@ def dry_run(args):
                 f.write("{}")
         sizes = pack_outputs(full, out, {"dry_run": True})
         log(f"packing ok: {sizes}", t0)
-    est = ("estimated scene samples: %d scene steps x %d = %d" %
-           (args.scene_steps - args.scene_steps // args.text_every, 2 * args.scenes_per_batch,
-            (args.scene_steps - args.scene_steps // args.text_every) * 2 * args.scenes_per_batch))
-    log(est, t0)
+    n_scene = args.scene_steps - (args.scene_steps // args.text_every if args.text_every else 0)
+    log(f"planned: stage 1 {args.lang_steps} steps, stage 2a {args.vis_steps} steps x {args.scenes_per_batch} "
+        f"images, stage 2b {args.scene_steps} steps ({n_scene} scene steps x {args.scenes_per_batch} scenes x {k} "
+        f"sequences = {n_scene * args.scenes_per_batch} scenes; shrunk on the GPU to fit --deadline)", t0)
     log("dry run ok", t0)
     return 0
 

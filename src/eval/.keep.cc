@@ -1,0 +1,1 @@
+// Keeps the pkv_eval library non-empty while it grows.
