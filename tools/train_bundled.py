@@ -602,6 +602,10 @@ def check_tokenizer(hf, sp_path, corpus_docs, t0):
         texts.append(scenes.chat_prompt(scenes.DESCRIBE_PROMPTS[s % 5]) + " " + sc.description)
         for qa in sc.questions:
             texts.append(scenes.chat_prompt(qa["question"]) + " " + qa["answer"])
+        # the training-only dense questions, first-turn and later-turn forms
+        for q, a in scenes.dense_questions(sc, scenes._rs(s, 5)):
+            texts.append(scenes.chat_prompt(q) + " " + a)
+            texts.append(scenes.continue_prompt(q) + " " + a)
     paras = [p for d in corpus_docs[:400] for p in d.split("\n")][:3000]
     report = {}
     for name, group in (("scene_text", texts), ("corpus_paragraphs", paras)):
@@ -720,15 +724,18 @@ def to_bf16_keep_rope(model):
     return sorted(keep)
 
 
-def init_weights(model, n_layers):
-    """GPT-2 style init (llava's own _init_weights is not meant for training from scratch)."""
+def init_weights(model, n_layers, v_layers=ARCH["v_layers"]):
+    """GPT-2 style init (llava's own _init_weights is not meant for training from scratch); residual
+    output projections scaled by 1/sqrt(2 x layers) of their own stack. The vision embeddings are
+    set afterwards by init_vision_embeddings."""
     import torch
     from torch import nn
     std = 0.02
     with torch.no_grad():
         for name, m in model.named_modules():
             if isinstance(m, nn.Linear):
-                s = std / math.sqrt(2 * n_layers) if name.endswith(("o_proj", "down_proj", "out_proj", "fc2")) else std
+                nl = v_layers if "vision_tower" in name else n_layers
+                s = std / math.sqrt(2 * nl) if name.endswith(("o_proj", "down_proj", "out_proj", "fc2")) else std
                 m.weight.normal_(0.0, s)
                 if m.bias is not None:
                     m.bias.zero_()
@@ -748,6 +755,40 @@ def init_weights(model, n_layers):
                 p.normal_(0.0, std)
 
 
+def vision_embeddings(vt):
+    """The CLIP embeddings module (patch_embedding, position_embedding, class_embedding)."""
+    for m in vt.modules():
+        if hasattr(m, "patch_embedding") and hasattr(m, "position_embedding") and hasattr(m, "class_embedding"):
+            return m
+    raise RuntimeError("no CLIP embeddings module found in the vision tower")
+
+
+def init_vision_embeddings(vt, pix, mode="sincos", pos_scale=1.0):
+    """Patch conv scaled so that its output has unit rms on real scenes; position table = 2-D
+    sine-cosine (row/column) with rms pos_scale ("sincos"), or the old N(0, 0.02) ("normal");
+    class embedding N(0, 1). Returns what was measured/set."""
+    import torch
+    emb = vision_embeddings(vt)
+    conv, pos = emb.patch_embedding, emb.position_embedding
+    with torch.no_grad():
+        x = conv(pix.to(conv.weight.dtype))
+        rms0 = float(x.float().pow(2).mean().sqrt())
+        res = {"mode": mode, "patch_rms_before": round(rms0, 4)}
+        if mode == "normal":
+            return res
+        conv.weight.mul_(1.0 / max(rms0, 1e-6))
+        x = conv(pix.to(conv.weight.dtype))
+        res["patch_rms"] = round(float(x.float().pow(2).mean().sqrt()), 4)
+        tab = torch.from_numpy(sincos_2d()).to(pos.weight.device, pos.weight.dtype)
+        tab = tab * (pos_scale / tab.pow(2).mean().sqrt())
+        assert pos.weight.shape == (IMAGE_TOKENS + 1, tab.shape[1]), tuple(pos.weight.shape)
+        pos.weight[0].zero_()          # the class token's position
+        pos.weight[1:].copy_(tab)
+        emb.class_embedding.normal_(0.0, 1.0)
+        res["pos_rms"] = round(float(pos.weight[1:].pow(2).mean().sqrt()), 4)
+    return res
+
+
 def submodules(model):
     inner = getattr(model, "model", None)
     lm = getattr(inner, "language_model", None) if inner is not None else None
@@ -759,22 +800,97 @@ def submodules(model):
     return inner, lm, vt, pj, model.get_output_embeddings()
 
 
-def make_optimizer(params, lr, wd, lr_mult=None):
-    """AdamW with weight decay on matrices only. lr_mult(name) -> factor on the scheduled lr
-    (stored per group as "lr_mult"; run_stage applies it)."""
+def make_optimizer(groups, lr, wd):
+    """AdamW with weight decay on matrices only (not on embeddings, the patch conv included).
+    groups: [(group name, [(param name, param)], lr multiplier)]; every optimizer group carries
+    "lr_mult" (run_stage applies it to the scheduled lr) and "clip_group"."""
     import torch
-    buckets = collections.defaultdict(list)
-    for n, p in params:
-        if not p.requires_grad:
-            continue
-        decay = p.dim() >= 2 and "embed" not in n and "embedding" not in n
-        buckets[(decay, lr_mult(n) if lr_mult else 1.0)].append(p)
-    groups = [{"params": ps, "weight_decay": wd if decay else 0.0, "lr_mult": m}
-              for (decay, m), ps in sorted(buckets.items())]
+    out = []
+    for gname, params, mult in groups:
+        buckets = collections.defaultdict(list)
+        for n, p in params:
+            if p.requires_grad:
+                buckets[p.dim() >= 2 and "embed" not in n and "embedding" not in n].append(p)
+        for decay, ps in sorted(buckets.items()):
+            out.append({"params": ps, "weight_decay": wd if decay else 0.0, "lr_mult": mult, "clip_group": gname})
     try:
-        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
+        return torch.optim.AdamW(out, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
     except Exception:
-        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
+        return torch.optim.AdamW(out, lr=lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def aux_terms(aux, feats, lab, cells_t):
+    """Auxiliary vision loss on projected image tokens feats [B, 576, H] with scene labels
+    lab [B, N_LABELS]: every token predicts its cell's shape / colour / size (0 = empty), the
+    background and its cell. Returns (summed mean cross-entropies, logits [B, 576, sum(AUX_SPLITS)])."""
+    import torch
+    import torch.nn.functional as F
+    B = feats.shape[0]
+    logits = aux(feats.reshape(B, IMAGE_TOKENS, -1).float()).float()
+    parts = torch.split(logits, AUX_SPLITS, dim=-1)
+    tgts = (lab[:, scenes.LABEL_SHAPE + cells_t], lab[:, scenes.LABEL_COLOR + cells_t],
+            lab[:, scenes.LABEL_SIZE + cells_t], lab[:, scenes.LABEL_BG:scenes.LABEL_BG + 1].expand(B, IMAGE_TOKENS),
+            cells_t.view(1, -1).expand(B, IMAGE_TOKENS))
+    loss = sum(F.cross_entropy(p.reshape(-1, p.shape[-1]), t.reshape(-1)) for p, t in zip(parts, tgts))
+    return loss, logits
+
+
+def probe_accuracy(logits, lab):
+    """Accuracies of the aux head with its logits averaged over each cell's 64 tokens: shape (all
+    9 cells, empty included), colour and size (occupied cells), background (whole image), and the
+    per-token cell."""
+    import torch
+    B, G, P = logits.shape[0], scenes.GRID, CELL_PATCHES
+    cell = logits.view(B, G, P, G, P, -1).mean(dim=(2, 4)).reshape(B, G * G, -1)
+    parts = torch.split(cell, AUX_SPLITS, dim=-1)
+    n9 = G * G
+    occ = lab[:, scenes.LABEL_SHAPE:scenes.LABEL_SHAPE + n9] > 0
+    n_occ = occ.sum().clamp(min=1)
+    shape = (parts[0].argmax(-1) == lab[:, scenes.LABEL_SHAPE:scenes.LABEL_SHAPE + n9]).float().mean()
+    color = ((parts[1].argmax(-1) == lab[:, scenes.LABEL_COLOR:scenes.LABEL_COLOR + n9]) & occ).sum() / n_occ
+    size = ((parts[2].argmax(-1) == lab[:, scenes.LABEL_SIZE:scenes.LABEL_SIZE + n9]) & occ).sum() / n_occ
+    bg = (parts[3].mean(dim=1).argmax(-1) == lab[:, scenes.LABEL_BG]).float().mean()
+    tok_parts = torch.split(logits, AUX_SPLITS, dim=-1)
+    cells_t = torch.as_tensor(token_cells(), device=logits.device)
+    cellacc = (tok_parts[4].argmax(-1) == cells_t.view(1, -1)).float().mean()
+    return {k: round(float(v), 4) for k, v in
+            (("shape", shape), ("color", color), ("size", size), ("background", bg), ("cell", cellacc))}
+
+
+def seq_losses(inner, head, built, pix_scene, dev, autocast, cap=None, aux=None, labels_t=None, cells_t=None,
+               shuffle=False):
+    """Scene losses of a built batch. pix_scene: one pixel row per scene; sequence i gets row
+    built.scene[i] (or, with shuffle, the next scene's row: the image-usage diagnostic). Returns
+    {"desc", "qa"[, "aux", "aux_logits"]}; "aux" needs cap (the projector-output capture), aux and
+    labels_t, and uses the labels of the images actually fed."""
+    import torch
+    import torch.nn.functional as F
+    n_scenes = pix_scene.shape[0]
+    assert int(built.scene.max()) < n_scenes and len(built.scene) == built.ids.shape[0]
+    idx = torch.from_numpy(built.scene).to(dev)
+    if shuffle:
+        assert n_scenes > 1
+        idx = (idx + 1) % n_scenes
+    pix = pix_scene.index_select(0, idx)
+    ids_t = torch.from_numpy(built.ids).to(dev, non_blocking=True)
+    tgt_t = torch.from_numpy(built.tgt).to(dev, non_blocking=True)
+    kind_t = torch.from_numpy(built.kinds).to(dev, non_blocking=True)
+    if cap is not None:
+        cap.clear()
+    with autocast:
+        hid = inner(input_ids=ids_t, pixel_values=pix, use_cache=False).last_hidden_state
+        mask = tgt_t != -100
+        logits = head(hid[mask])
+    nll = F.cross_entropy(logits.float(), tgt_t[mask], reduction="none")
+    k = kind_t[mask]
+    out = {}
+    for name, kv in (("desc", 0), ("qa", 1)):
+        sel = (k == kv).float()
+        out[name] = (nll * sel).sum() / sel.sum().clamp(min=1.0)
+    if aux is not None and cap is not None and "feat" in cap:
+        feats = cap["feat"].reshape(len(built.scene), IMAGE_TOKENS, -1)
+        out["aux"], out["aux_logits"] = aux_terms(aux, feats, labels_t.index_select(0, idx), cells_t)
+    return out
 
 
 def gpu_pixels(u8, dev):
@@ -847,16 +963,21 @@ def generate(model, ids_list, pix, max_new, eos):
     return res
 
 
-def evaluate(model, hf, builder, dev, seeds, max_new, t0, batch=48):
+def evaluate(model, hf, builder, dev, seeds, max_new, t0, batch=48, pix_dtype=None, ctx=None, label="eval"):
+    """Greedy descriptions (prompt 0) and the scenes' own questions, single-turn, as at inference.
+    The saved bf16 model by default; during training pix_dtype=float32 and ctx=autocast."""
+    import contextlib
     import torch
+    pix_dtype = torch.bfloat16 if pix_dtype is None else pix_dtype
+    ctx = contextlib.nullcontext() if ctx is None else ctx
     scs = [scenes.make_scene(s) for s in seeds]
     imgs = np.stack([scenes.render(sc) for sc in scs])
     out = {"scenes": len(seeds), "samples": []}
     scores, exact = [], 0
     _, p_ids = builder.prompt_ids(scenes.DESCRIBE_PROMPTS[0])
-    with torch.no_grad():
+    with torch.no_grad(), ctx:
         for i in range(0, len(scs), batch):
-            pix = gpu_pixels(imgs[i:i + batch], dev).to(torch.bfloat16)
+            pix = gpu_pixels(imgs[i:i + batch], dev).to(pix_dtype)
             gens = generate(model, [p_ids] * len(pix), pix, max_new, hf.eos)
             for sc, g in zip(scs[i:i + batch], gens):
                 text = hf.decode(g).strip()
@@ -875,7 +996,7 @@ def evaluate(model, hf, builder, dev, seeds, max_new, t0, batch=48):
         for L, items in sorted(groups.items()):
             for j in range(0, len(items), batch):
                 chunk = items[j:j + batch]
-                pix = gpu_pixels(imgs[[k for k, _ in chunk]], dev).to(torch.bfloat16)
+                pix = gpu_pixels(imgs[[k for k, _ in chunk]], dev).to(pix_dtype)
                 gens = generate(model, [builder.prompt_ids(qa["question"])[1] for _, qa in chunk], pix, 16, hf.eos)
                 for (k, qa), g in zip(chunk, gens):
                     text = hf.decode(g).strip()
@@ -888,8 +1009,18 @@ def evaluate(model, hf, builder, dev, seeds, max_new, t0, batch=48):
     out["descriptions_exact"] = exact / len(scs)
     out["question_accuracy"] = q_ok / max(1, q_n)
     out["questions"] = q_n
-    log(f"eval on {len(scs)} held-out scenes: description accuracy {out['description_accuracy']:.4f} "
-        f"(exact {exact}/{len(scs)}), question accuracy {out['question_accuracy']:.4f} ({q_ok}/{q_n})", t0)
+    by_type = collections.defaultdict(lambda: [0, 0])
+    for smp in out["samples"]:
+        if smp["kind"] == "question":
+            typ = " ".join(smp["question"].split()[:3])
+            by_type[typ][0] += int(smp["correct"])
+            by_type[typ][1] += 1
+    out["question_accuracy_by_form"] = {k: f"{a}/{n}" for k, (a, n) in sorted(by_type.items())}
+    log(f"{label} on {len(scs)} held-out scenes: description accuracy {out['description_accuracy']:.4f} "
+        f"(exact {exact}/{len(scs)}), question accuracy {out['question_accuracy']:.4f} ({q_ok}/{q_n}); "
+        f"by form {out['question_accuracy_by_form']}", t0)
+    d0 = out["samples"][0]
+    log(f"{label} sample (seed {d0['seed']}, score {d0['score']:.2f}): {d0['output'][:400]}", t0)
     return out
 
 
@@ -931,22 +1062,25 @@ def main_train(args):
         log(f"WARNING: scene 0 renders differently here ({h[:16]} vs {args.expect_scene0[:16]})", t0)
 
     # ---- tokenizer and feeders
-    feeder = SceneFeeder(pool, args.seed, args.scenes_per_batch, window=args.prefetch)
+    feeder = SceneFeeder(pool, args.seed, args.scenes_per_batch, window=args.prefetch, qa_seqs=args.qa_seqs,
+                         qa_cells=args.qa_cells)
     docs, corpus_sha = read_corpus(args.corpus, limit_bytes=2_000_000 if args.smoke else None)
     tlog["corpus_sha256"] = corpus_sha
     hf, tlog["tokenizer_check"] = choose_tokenizer(args.tokenizer, work, docs, t0)
     builder = SampleBuilder(hf)
     # every prompt form and many answers through the sample builder before any GPU time is spent
-    pre_samples = []
-    for sd in range(HELDOUT_BASE + 100, HELDOUT_BASE + 300):
-        sc = scenes.make_scene(sd)
-        pre_samples += [(p, sc.description) for p in scenes.DESCRIBE_PROMPTS[:1 + sd % 5]]
-        pre_samples += [(qa["question"], qa["answer"]) for qa in sc.questions]
-    ids, tgt, kinds = builder.build(pre_samples)
-    for i, (p, a) in enumerate(pre_samples[:50]):
-        lab = tgt[i][tgt[i] != -100].tolist()
-        assert lab[-1] == hf.eos and hf.decode(lab[:-1]).strip() == a, (hf.decode(lab[:-1]), a)
-    log(f"sample builder checked on {len(pre_samples)} samples (longest {ids.shape[1]} tokens)", t0)
+    pre = []
+    for j, sd in enumerate(range(PRECHECK_BASE, PRECHECK_BASE + 200)):
+        _, ss = scenes.training_sequences(sd, args.qa_seqs, args.qa_cells)
+        pre += [(j, kind, turns) for kind, turns in ss]
+    for j, p in enumerate(scenes.DESCRIBE_PROMPTS):  # every description prompt, whatever the picks
+        pre[j * (1 + args.qa_seqs)] = (j, 0, [(p, pre[j * (1 + args.qa_seqs)][2][0][1])])
+    built = builder.build_seqs(pre, n_scenes=200)
+    n_seq, n_turns = check_built(built, pre, hf, builder)
+    lens = (built.ids != 0).sum(axis=1)
+    log(f"sample builder checked on {n_seq} sequences / {n_turns} turns (HF tokenizer): lengths desc "
+        f"{int(lens[0::1 + args.qa_seqs].mean())} qa {int(lens[1::1 + args.qa_seqs].mean())} max {int(lens.max())}; "
+        f"answer tokens per scene desc {(built.kinds == 0).sum() / 200:.0f} qa {(built.kinds == 1).sum() / 200:.0f}", t0)
     order = rng.permutation(len(docs))
     n_val = max(5, len(docs) // 50)
     val_docs = [docs[i] for i in order[:n_val]]
@@ -971,6 +1105,15 @@ def main_train(args):
     log(f"parameters {n_parts}; 16-bit size {n_total * 2 / 1e6:.2f} MB; attention "
         f"{getattr(model.config, '_attn_implementation', '?')}", t0)
     assert n_total * 2 <= 32e6, "model too large for the 32 MB budget"
+    # the fixed held-out diagnostic batch (its pixels also set the vision embedding scale)
+    diag_seeds = list(range(DIAG_BASE, DIAG_BASE + args.diag_scenes))
+    diag_imgs, diag_seqs, diag_labels = scenes.training_batch_multi(diag_seeds, args.qa_seqs, args.qa_cells)
+    diag_built = builder.build_seqs(diag_seqs, n_scenes=len(diag_seeds))
+    check_built(diag_built, diag_seqs, hf, builder)
+    diag_pix = gpu_pixels(diag_imgs, dev)
+    diag_lab = torch.from_numpy(diag_labels).to(dev)
+    tlog["vision_init"] = init_vision_embeddings(vt, diag_pix, args.pos_init, args.pos_scale)
+    log(f"vision embeddings init: {tlog['vision_init']}", t0)
     processor = None
     try:
         processor = make_processor(hf.tok)
@@ -982,6 +1125,30 @@ def main_train(args):
         tlog["processor_check"] = {"error": repr(e)}
 
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16)
+    cells_t = torch.from_numpy(token_cells()).to(dev)
+    # training-only auxiliary head on the projected image tokens (never saved)
+    aux = torch.nn.Linear(ARCH["hidden"], sum(AUX_SPLITS)).to(dev)
+    with torch.no_grad():
+        aux.weight.normal_(0.0, 0.02)
+        aux.bias.zero_()
+    cap = {}  # the projector's latest output: exactly the image tokens the decoder receives
+    pj.register_forward_hook(lambda mod, inp, out: cap.__setitem__("feat", out))
+    feat_route = {"direct": False}
+
+    def image_feats(pix):
+        """Projected image tokens [B, 576, H] through LLaVA's own feature path."""
+        cap.clear()
+        with autocast:
+            if not feat_route["direct"]:
+                try:
+                    inner.get_image_features(pixel_values=pix)
+                except Exception as e:
+                    log(f"get_image_features failed ({e!r}); using vision_tower + projector directly", t0)
+                    feat_route["direct"] = True
+            if feat_route["direct"]:
+                hs = vt(pixel_values=pix, output_hidden_states=True).hidden_states[-2][:, 1:]
+                pj(hs)
+        return cap["feat"].reshape(pix.shape[0], IMAGE_TOKENS, -1)
 
     def text_loss(w):
         ids = torch.from_numpy(w[:, :-1]).to(dev, non_blocking=True)
@@ -990,22 +1157,6 @@ def main_train(args):
             hid = lm(input_ids=ids, use_cache=False).last_hidden_state
             logits = head(hid)
         return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), tgt.reshape(-1))
-
-    def scene_loss(imgs, samples):
-        ids, tgt, kinds = builder.build(samples)
-        pix = gpu_pixels(imgs, dev).repeat_interleave(2, dim=0)  # sample 2i and 2i+1 share scene i
-        ids_t = torch.from_numpy(ids).to(dev, non_blocking=True)
-        tgt_t = torch.from_numpy(tgt).to(dev, non_blocking=True)
-        kind_t = torch.from_numpy(kinds).to(dev).view(-1, 1).expand_as(tgt_t)
-        with autocast:
-            hid = inner(input_ids=ids_t, pixel_values=pix, use_cache=False).last_hidden_state
-            mask = tgt_t != -100
-            logits = head(hid[mask])
-        nll = F.cross_entropy(logits.float(), tgt_t[mask], reduction="none")
-        k = kind_t[mask]
-        d = nll[k == 0].mean()
-        q = nll[k == 1].mean()
-        return d + q, d.detach(), q.detach()
 
     @torch.no_grad()
     def val_loss(n_batches=10):
@@ -1017,15 +1168,86 @@ def main_train(args):
         model.train()
         return tot / n_batches
 
-    def run_stage(name, steps, params, lr, warmup, step_fn, stage_deadline, lr_mult=None):
-        opt = make_optimizer(params, lr, args.weight_decay, lr_mult)
+    tlog["diagnostics"], tlog["quick_evals"] = [], []
+    diag_state = {"on": True, "quick_on": True}
+
+    @torch.no_grad()
+    def diagnose(stage, step, decoder=True):
+        """Held-out losses with the right images vs the images shifted by one scene, and the aux
+        probe accuracies; never fatal."""
+        if not diag_state["on"]:
+            return
+        try:
+            model.eval()
+            rec = {"stage": stage, "step": step, "elapsed_s": round(time.time() - t0, 1)}
+            feats = image_feats(diag_pix)
+            _, logits = aux_terms(aux, feats, diag_lab, cells_t)
+            rec["probe"] = probe_accuracy(logits, diag_lab)
+            rec["image_token_rms"] = round(float(feats.float().pow(2).mean().sqrt()), 4)
+            rec["text_embedding_rms"] = round(float(lm.get_input_embeddings().weight[4:].float().pow(2).mean().sqrt()), 4)
+            msg = ""
+            if decoder:
+                right = seq_losses(inner, head, diag_built, diag_pix, dev, autocast)
+                wrong = seq_losses(inner, head, diag_built, diag_pix, dev, autocast, shuffle=True)
+                for k in ("desc", "qa"):
+                    rec[k], rec[k + "_shuffled"] = round(float(right[k]), 4), round(float(wrong[k]), 4)
+                    rec[k + "_gap"] = round(rec[k + "_shuffled"] - rec[k], 4)
+                msg = (f"desc {rec['desc']:.4f} vs shuffled images {rec['desc_shuffled']:.4f} (gap "
+                       f"{rec['desc_gap']:+.4f}) | qa {rec['qa']:.4f} vs shuffled {rec['qa_shuffled']:.4f} "
+                       f"(gap {rec['qa_gap']:+.4f}) | ")
+            p = rec["probe"]
+            log(f"DIAG {stage} step {step}: {msg}probe shape {p['shape']:.3f} color {p['color']:.3f} size "
+                f"{p['size']:.3f} background {p['background']:.3f} cell {p['cell']:.3f} | image-token rms "
+                f"{rec['image_token_rms']:.3f} text-embedding rms {rec['text_embedding_rms']:.3f}", t0)
+            tlog["diagnostics"].append(rec)
+        except Exception as e:
+            import traceback
+            traceback.print_exc()
+            log(f"WARNING: diagnostics failed ({e!r}); switched off", t0)
+            diag_state["on"] = False
+        finally:
+            model.train()
+
+    quick_seeds = list(range(QUICK_BASE, QUICK_BASE + args.quick_eval_scenes))
+
+    def quick_eval(stage, step):
+        if not diag_state["quick_on"] or not quick_seeds:
+            return
+        te = time.time()
+        try:
+            model.eval()
+            ev = evaluate(model, hf, builder, dev, quick_seeds, args.quick_max_new, t0, batch=len(quick_seeds),
+                          pix_dtype=torch.float32, ctx=autocast, label=f"QUICK EVAL {stage} step {step}")
+            rec = {k: v for k, v in ev.items() if k != "samples"}
+            rec.update(stage=stage, step=step, seconds=round(time.time() - te, 1),
+                       first_output=ev["samples"][0]["output"][:300])
+            tlog["quick_evals"].append(rec)
+        except Exception as e:
+            import traceback
+            traceback.print_exc()
+            log(f"WARNING: quick evaluation failed ({e!r}); switched off", t0)
+            diag_state["quick_on"] = False
+        finally:
+            model.train()
+        log(f"quick evaluation took {time.time() - te:.1f}s", t0)
+
+    def run_stage(name, steps, groups, lr, warmup, step_fn, stage_deadline, hook=None, hook_reserve_s=0.0):
+        """groups: [(name, [(param name, param)], lr multiplier)]; gradients clipped per group
+        (--clip-mode group) or together (global); hook(step, planned) runs after each step and its
+        time is kept out of the ms/step used to fit the plan into the deadline."""
+        opt = make_optimizer(groups, lr, args.weight_decay)
+        clip_sets = collections.OrderedDict()
+        for g in opt.param_groups:
+            clip_sets.setdefault(g["clip_group"], []).extend(g["params"])
         planned = steps
         sums = collections.defaultdict(float)
         cnt = collections.defaultdict(int)
         last = {}
         model.train()
+        aux.train()
         ts = time.time()
         t_mark = None
+        hook_s = hook_mark = 0.0
         step = 0
         while step < planned:
             if time.time() > stage_deadline:
@@ -1033,92 +1255,136 @@ def main_train(args):
                 break
             cur = lr_at(step, planned, warmup, lr, args.lr_floor)
             for g in opt.param_groups:
-                g["lr"] = cur * g.get("lr_mult", 1.0)
+                g["lr"] = cur * g["lr_mult"]
             losses = step_fn(step)
             losses["loss"].backward()
-            torch.nn.utils.clip_grad_norm_([p for _, p in params], args.clip)
+            if args.clip_mode == "group":
+                for gname, ps in clip_sets.items():
+                    live = [p for p in ps if p.grad is not None]
+                    if live:
+                        losses["gn_" + gname] = torch.nn.utils.clip_grad_norm_(live, args.clip)
+            else:
+                live = [p for ps in clip_sets.values() for p in ps if p.grad is not None]
+                losses["gn_all"] = torch.nn.utils.clip_grad_norm_(live, args.clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
             for k, v in losses.items():
                 if k != "loss" and v is not None:
-                    sums[k] = sums[k] + v
+                    sums[k] = sums[k] + v.detach()
                     cnt[k] += 1
             step += 1
             if step == 10:
                 sync()
-                t_mark = time.time()
-            if step == 40 and t_mark is not None:
+                t_mark, hook_mark = time.time(), hook_s
+            if t_mark is not None and step < planned and (step == 40 or (step > 40 and step % args.log_every == 0)):
                 sync()
-                per = (time.time() - t_mark) / 30
-                fit = int((stage_deadline - time.time()) / per) + step
-                log(f"{name}: {per * 1000:.0f} ms/step -> {planned} steps need {per * (planned - step):.0f}s more", t0)
+                per = (time.time() - t_mark - (hook_s - hook_mark)) / (step - 10)
+                left = stage_deadline - time.time() - max(0.0, hook_reserve_s - hook_s)
+                fit = step + max(1, int(left / per))
+                if step == 40:
+                    log(f"{name}: {per * 1000:.0f} ms/step -> {planned} steps need {per * (planned - step):.0f}s more "
+                        f"(+{hook_reserve_s:.0f}s diagnostics; {left:.0f}s left)", t0)
                 if fit < planned:
                     log(f"{name}: WARNING shrinking the plan from {planned} to {fit} steps to meet the deadline", t0)
                     planned = fit
             if step % args.log_every == 0 or step == planned:
                 vals = {k: float(sums[k]) / cnt[k] for k in sums if cnt[k]}
                 last.update(vals)
-                el = time.time() - ts
+                el = time.time() - ts - hook_s
                 log(f"{name} step {step}/{planned} " + " ".join(f"{k} {v:.4f}" for k, v in vals.items()) +
                     f" lr {cur:.2e} {el / step * 1000:.0f} ms/step data-wait {feeder.wait_s:.1f}s", t0)
                 tlog["history"].append({"stage": name, "step": step, "elapsed_s": round(time.time() - t0, 1), **vals})
                 sums.clear()
                 cnt.clear()
+            if hook is not None:
+                th = time.time()
+                hook(step, planned)
+                hook_s += time.time() - th
         sync()
-        return {"steps_done": step, "steps_planned": steps, "seconds": round(time.time() - ts, 1),
-                "final_losses": last}
+        return {"steps_done": step, "steps_planned": steps, "steps_fitted": planned,
+                "seconds": round(time.time() - ts, 1), "diagnostics_s": round(hook_s, 1), "final_losses": last}
+
+    def named(mods):
+        ids = {id(p) for m in mods for p in m.parameters()}
+        return [(n, p) for n, p in model.named_parameters() if id(p) in ids]
+    dec_params = named([lm, head])
+    vis_params = named([vt, pj])
+    aux_params = [("aux." + n, p) for n, p in aux.named_parameters()]
+    assert len(dec_params) + len(vis_params) == len(list(model.parameters())), "parameter groups do not cover the model"
+    reserve = args.reserve_s
 
     # ---- stage 1: language
-    lm_params = [(n, p) for n, p in model.named_parameters() if any(p is q for q in lm.parameters()) or p is head.weight]
-
     def lang_step(step):
         w = sample_windows(train_stream, args.lang_batch, args.seq_len, rng)
         loss = text_loss(w)
         return {"loss": loss, "text": loss.detach()}
 
-    reserve = args.reserve_s
     budget = deadline - reserve - time.time()
     s1_deadline = time.time() + budget * args.lang_share
-    tlog["stage1"] = run_stage("lang", args.lang_steps, lm_params, args.lr_lang, args.warmup, lang_step,
-                               s1_deadline)
+    tlog["stage1"] = run_stage("lang", args.lang_steps, [("decoder", dec_params, 1.0)], args.lr_lang, args.warmup,
+                               lang_step, s1_deadline)
     tlog["stage1"]["val_loss"] = val_loss()
     log(f"stage 1 done: {tlog['stage1']}", t0)
 
-    # ---- stage 2: scenes (+ text every --text-every steps)
-    all_params = list(model.named_parameters())
+    # ---- stage 2a: vision warm-up on the auxiliary per-cell targets (tower + projector + aux head)
+    if args.vis_steps > 0:
+        diagnose("vis", 0, decoder=False)
 
+        def vis_step(step):
+            imgs, _, labels = feeder.get()
+            feats = image_feats(gpu_pixels(imgs, dev))
+            loss, _ = aux_terms(aux, feats, torch.from_numpy(labels).to(dev), cells_t)
+            return {"loss": loss, "aux": loss.detach()}
+
+        def vis_hook(step, planned):
+            if step % args.log_every == 0 and step < planned:
+                diagnose("vis", step, decoder=False)
+
+        budget2 = deadline - reserve - time.time()
+        tlog["stage2a"] = run_stage("vis", args.vis_steps, [("vision", vis_params, 1.0), ("aux", aux_params, 1.0)],
+                                    args.lr_vis, args.warmup_vis, vis_step, time.time() + budget2 * args.vis_share,
+                                    hook=vis_hook)
+        log(f"stage 2a done: {tlog['stage2a']}", t0)
+    diagnose("vis", "end")  # decoder losses before scene training: the gap should be ~0 here
+
+    # ---- stage 2b: scenes (+ text every --text-every steps)
     def scene_step(step):
         if args.text_every and step % args.text_every == args.text_every - 1:
             loss = text_loss(sample_windows(train_stream, args.lang_batch, args.seq_len, rng))
             return {"loss": loss, "text": loss.detach()}
-        imgs, samples = feeder.get()
-        loss, d, q = scene_loss(imgs, samples)
-        return {"loss": loss, "desc": d, "short": q}
+        imgs, seqs, labels = feeder.get()
+        b = builder.build_seqs(seqs, n_scenes=len(imgs))
+        use_aux = args.aux_weight > 0
+        o = seq_losses(inner, head, b, gpu_pixels(imgs, dev), dev, autocast, cap if use_aux else None,
+                       aux if use_aux else None, torch.from_numpy(labels).to(dev) if use_aux else None, cells_t)
+        loss = o["desc"] + args.qa_weight * o["qa"]
+        res = {"desc": o["desc"].detach(), "qa": o["qa"].detach()}
+        if use_aux:
+            loss = loss + args.aux_weight * o["aux"]
+            res["aux"] = o["aux"].detach()
+        res["loss"] = loss
+        return res
 
-    # ---- stage 2a: alignment, as LLaVA's own first stage: the decoder is frozen, so the only way to
-    # lower the loss is through the image; the vision tower (from scratch here) and the projector train.
-    vis_names = {n for n, p in model.named_parameters()
-                 if any(p is q for q in vt.parameters()) or any(p is q for q in pj.parameters())}
-    vis_params = [(n, p) for n, p in all_params if n in vis_names]
-    if args.align_steps > 0:
-        frozen = [p for n, p in all_params if n not in vis_names]
-        for p in frozen:
-            p.requires_grad_(False)
+    quick_fracs = sorted(float(x) for x in args.quick_eval_at.split(",") if x.strip())
+    pending = list(quick_fracs)
 
-        def align_step(step):
-            imgs, samples = feeder.get()
-            loss, d, q = scene_loss(imgs, samples)
-            return {"loss": loss, "desc": d, "short": q}
+    def scene_hook(step, planned):
+        if args.diag_every and step % args.diag_every == 0 and step < planned:
+            diagnose("scene", step)
+        due = False
+        while pending and step >= pending[0] * planned:
+            pending.pop(0)
+            due = True
+        if due and step < planned:
+            quick_eval("scene", step)
 
-        budget2 = deadline - reserve - time.time()
-        tlog["stage2a"] = run_stage("align", args.align_steps, vis_params, args.lr_align, args.warmup, align_step,
-                                    time.time() + budget2 * args.align_share)
-        for p in frozen:
-            p.requires_grad_(True)
-        log(f"stage 2a done: {tlog['stage2a']}", t0)
-
-    tlog["stage2"] = run_stage("scene", args.scene_steps, all_params, args.lr_scene, args.warmup, scene_step,
-                               deadline - reserve, lr_mult=lambda n: args.vision_lr_mult if n in vis_names else 1.0)
+    groups = [("decoder", dec_params, 1.0), ("vision", vis_params, args.vision_lr_mult)]
+    if args.aux_weight > 0:
+        groups.append(("aux", aux_params, args.vision_lr_mult))
+    hook_reserve = len(quick_fracs) * args.quick_eval_s + (args.scene_steps // max(1, args.diag_every) + 1) * 0.5
+    tlog["stage2"] = run_stage("scene", args.scene_steps, groups, args.lr_scene, args.warmup, scene_step,
+                               deadline - reserve, hook=scene_hook, hook_reserve_s=hook_reserve)
+    diagnose("scene", "end")
     tlog["stage2"]["val_loss"] = val_loss()
     tlog["stage2"]["data_wait_s"] = round(feeder.wait_s, 1)
     log(f"stage 2 done: {tlog['stage2']}", t0)
@@ -1246,38 +1512,60 @@ def parse_args(argv):
     ap.add_argument("--out", default="out/model")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lang-steps", type=int, default=1500)
-    ap.add_argument("--scene-steps", type=int, default=2600, help="stage 2b steps, text steps included")
+    ap.add_argument("--vis-steps", type=int, default=500, help="stage 2a steps (vision tower + projector on the aux targets)")
+    ap.add_argument("--scene-steps", type=int, default=4200,
+                    help="stage 2b steps, text steps included (shrunk to fit --deadline)")
     ap.add_argument("--lang-batch", type=int, default=32, help="512-token windows per text step")
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--scenes-per-batch", type=int, default=32, help="each scene gives 2 samples")
-    ap.add_argument("--text-every", type=int, default=5, help="every k-th stage-2 step is a text batch")
-    ap.add_argument("--align-steps", type=int, default=1000, help="stage 2a steps (decoder frozen)")
-    ap.add_argument("--lr-align", type=float, default=2e-3)
-    ap.add_argument("--align-share", type=float, default=0.3, help="share of the stage-2 time stage 2a may use")
-    ap.add_argument("--vision-lr-mult", type=float, default=2.0, help="lr factor for tower + projector in stage 2b")
+    ap.add_argument("--scenes-per-batch", type=int, default=32,
+                    help="scenes per step; each gives 1 description + --qa-seqs question sequences")
+    ap.add_argument("--qa-seqs", type=int, default=1, help="multi-turn question sequences per scene")
+    ap.add_argument("--qa-cells", type=int, default=6, help="cells asked about per question sequence (<= 9)")
+    ap.add_argument("--qa-weight", type=float, default=1.0, help="weight of the mean question-answer token loss")
+    ap.add_argument("--aux-weight", type=float, default=0.3, help="weight of the aux vision loss in stage 2b (0: off)")
+    ap.add_argument("--text-every", type=int, default=5, help="every k-th stage-2b step is a text batch")
     ap.add_argument("--lr-lang", type=float, default=1.5e-3)
-    ap.add_argument("--lr-scene", type=float, default=1e-3)
+    ap.add_argument("--lr-vis", type=float, default=2e-3, help="stage 2a peak lr (tower, projector, aux head)")
+    ap.add_argument("--lr-scene", type=float, default=1e-3, help="stage 2b peak lr of the decoder")
+    ap.add_argument("--vision-lr-mult", type=float, default=1.0,
+                    help="stage 2b lr factor for tower + projector (+ aux head)")
     ap.add_argument("--lr-floor", type=float, default=0.05, help="final lr as a fraction of the peak")
     ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--warmup-vis", type=int, default=50)
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--clip", type=float, default=1.0)
+    ap.add_argument("--clip-mode", choices=["group", "global"], default="group",
+                    help="clip the gradient norm per group (decoder / vision / aux) or over all parameters")
+    ap.add_argument("--pos-init", choices=["sincos", "normal"], default="sincos",
+                    help="vision position embeddings: 2-D sine-cosine at the patch-embedding scale, or N(0, 0.02)")
+    ap.add_argument("--pos-scale", type=float, default=1.0, help="rms of the sincos position table (patch output rms = 1)")
     ap.add_argument("--workers", type=int, default=default_workers())
-    ap.add_argument("--prefetch", type=int, default=32, help="scene batches in flight")
+    ap.add_argument("--prefetch", type=int, default=64, help="scene batches in flight")
     ap.add_argument("--eval-scenes", type=int, default=48)
     ap.add_argument("--max-new-tokens", type=int, default=320)
+    ap.add_argument("--diag-every", type=int, default=300, help="stage 2b steps between held-out image-gap checks")
+    ap.add_argument("--diag-scenes", type=int, default=16)
+    ap.add_argument("--quick-eval-at", default="0.3,0.65", help="fractions of stage 2b with a quick greedy evaluation")
+    ap.add_argument("--quick-eval-scenes", type=int, default=16)
+    ap.add_argument("--quick-max-new", type=int, default=200)
+    ap.add_argument("--quick-eval-s", type=float, default=10.0, help="time budgeted per quick evaluation")
     ap.add_argument("--shard-size", default="12MB")
-    ap.add_argument("--deadline", type=float, default=560.0, help="seconds from start to the end of everything")
-    ap.add_argument("--reserve-s", type=float, default=60.0, help="kept for evaluation and saving")
+    ap.add_argument("--deadline", type=float, default=540.0, help="seconds from start to the end of everything")
+    ap.add_argument("--reserve-s", type=float, default=50.0, help="kept for evaluation and saving")
     ap.add_argument("--lang-share", type=float, default=0.4, help="share of the training time stage 1 may use")
+    ap.add_argument("--vis-share", type=float, default=0.1, help="share of the remaining time stage 2a may use")
     ap.add_argument("--log-every", type=int, default=100)
     ap.add_argument("--expect-scene0", default=EXPECTED_SCENE0, help="pixel sha256 of scene 0 (data/ machine)")
     ap.add_argument("--device", default="cuda", help="cuda (cpu only for testing the loop)")
-    ap.add_argument("--smoke", action="store_true", help="tiny end-to-end run (1-2 minutes)")
+    ap.add_argument("--smoke", action="store_true", help="tiny end-to-end run (about a minute)")
     ap.add_argument("--dry-run", action="store_true", help="data path only, without torch")
     args = ap.parse_args(argv)
     if args.smoke:
-        args.lang_steps, args.scene_steps, args.eval_scenes, args.align_steps = 60, 60, 4, 20
-        args.max_new_tokens, args.log_every, args.warmup, args.reserve_s = 40, 20, 10, 90
+        args.lang_steps, args.vis_steps, args.scene_steps, args.eval_scenes = 30, 30, 60, 4
+        args.max_new_tokens, args.log_every, args.warmup, args.warmup_vis = 40, 20, 10, 5
+        args.diag_every, args.diag_scenes, args.quick_eval_at, args.quick_eval_scenes = 20, 4, "0.5", 4
+        args.quick_max_new, args.quick_eval_s, args.reserve_s, args.prefetch = 40, 5.0, 90, 8
+    assert 1 <= args.qa_cells <= 9 and args.qa_seqs >= 0 and args.diag_scenes >= 2
     return args
 
 

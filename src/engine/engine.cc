@@ -160,30 +160,57 @@ int sample_token(const float* logits, int vocab, const SamplingOptions& s, uint6
   return idx[size_t(keep - 1)];
 }
 
-GenerationResult Engine::generate(const PreparedPrompt& p, const SamplingOptions& s, KVPolicy& policy,
-                                  const std::function<void(const std::string&)>& on_text, Observer* obs) const {
-  const ModelConfig& cfg = model_.config();
-  const int T = int(p.ids.size()), V = cfg.text.vocab_size, D = cfg.text.hidden;
-  if (T == 0) fail("prompt", "is empty");
-  if (s.max_tokens < 0) fail("--max-tokens", "must not be negative");
-  GenerationResult r;
-  r.prompt_tokens = T;
-  KVCache cache = model_.make_cache();
-  const int budget = std::min(s.max_tokens, std::max(0, cfg.text.max_positions - T));
-  cache.reserve(T + budget);
+Session::Session(const Model& model, KVPolicy& policy)
+    : model_(model), policy_(policy), cache_(model.make_cache()), x_(size_t(model.config().text.hidden)) {}
 
+void Session::prefill(const PreparedPrompt& p, float* logits, Observer* obs) {
+  const int T = int(p.ids.size());
+  if (T == 0) fail("prompt", "is empty");
+  PKV_ASSERT(pos_ == 0);
+  cache_.reserve(T + 64);
   std::vector<int32_t> pos(static_cast<size_t>(T));
   std::iota(pos.begin(), pos.end(), 0);
-  std::vector<float> logits(static_cast<size_t>(V));
   std::vector<std::vector<float>> importance;
   DecoderCall call;
   call.observer = obs;
   call.logits_rows = {T - 1};
-  call.logits_out = logits.data();
-  if (policy.needs_prefill_importance()) call.importance = &importance;
+  call.logits_out = logits;
+  const ImportanceRequest req = policy_.prefill_importance(T);
+  if (req.needed) {
+    call.importance = &importance;
+    call.importance_from = req.from;
+  }
+  model_.decode(p.embeddings.data(), T, pos.data(), cache_, call);
+  pos_ = T;
+  policy_.after_prefill(cache_, importance, T);
+}
+
+void Session::step(int32_t token, float* logits, Observer* obs) {
+  const int32_t position = pos_;
+  model_.embed(&token, 1, x_.data());
+  std::vector<std::vector<float>> importance;
+  DecoderCall call;
+  call.observer = obs;
+  call.logits_rows = {0};
+  call.logits_out = logits;
+  if (policy_.needs_decode_importance()) call.importance = &importance;
+  model_.decode(x_.data(), 1, &position, cache_, call);
+  ++pos_;
+  policy_.after_decode_step(cache_, pos_, call.importance ? &importance : nullptr);
+}
+
+GenerationResult Engine::generate(const PreparedPrompt& p, const SamplingOptions& s, KVPolicy& policy,
+                                  const std::function<void(const std::string&)>& on_text, Observer* obs) const {
+  const ModelConfig& cfg = model_.config();
+  const int T = int(p.ids.size()), V = cfg.text.vocab_size;
+  if (T == 0) fail("prompt", "is empty");
+  if (s.max_tokens < 0) fail("--max-tokens", "must not be negative");
+  GenerationResult r;
+  r.prompt_tokens = T;
+  Session session(model_, policy);
+  std::vector<float> logits(static_cast<size_t>(V));
   auto t0 = std::chrono::steady_clock::now();
-  model_.decode(p.embeddings.data(), T, pos.data(), cache, call);
-  policy.after_prefill(cache, importance, T);
+  session.prefill(p, logits.data(), obs);
   r.prefill_ms = ms_since(t0);
   r.first_logits = logits;
 
@@ -192,7 +219,6 @@ GenerationResult Engine::generate(const PreparedPrompt& p, const SamplingOptions
   for (auto& st : s.stop) max_stop = std::max(max_stop, st.size());
   std::string emitted;  // text already given to on_text
   auto t1 = std::chrono::steady_clock::now();
-  std::vector<float> x(static_cast<size_t>(D));
   r.stop_reason = "length";
   for (int step = 0;; ++step) {
     if (step >= s.max_tokens) break;
@@ -232,20 +258,12 @@ GenerationResult Engine::generate(const PreparedPrompt& p, const SamplingOptions
       r.stop_reason = step + 1 >= s.max_tokens ? "length" : "context";
       break;
     }
-    // Feed the token back.
-    const int32_t position = T + step;
-    const int32_t tid = tok;
-    model_.embed(&tid, 1, x.data());
-    DecoderCall dc;
-    dc.observer = obs;
-    dc.logits_rows = {0};
-    dc.logits_out = logits.data();
-    model_.decode(x.data(), 1, &position, cache, dc);
-    policy.after_decode_step(cache, T + step + 1);
+    session.step(tok, logits.data(), obs);
   }
   if (r.text.size() > emitted.size() && on_text && r.text.compare(0, emitted.size(), emitted) == 0)
     on_text(r.text.substr(emitted.size()));
   r.decode_ms = ms_since(t1);
+  const KVCache& cache = session.cache();
   r.kv_bytes = cache.bytes();
   r.kv_bytes_per_layer = cache.bytes_per_layer();
   for (int l = 0; l < cache.n_layers(); ++l) r.kv_entries_per_layer.push_back(cache.layer(l).size());

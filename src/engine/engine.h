@@ -55,6 +55,28 @@ struct GenerationResult {
   std::vector<float> first_logits;  // logits of the first generated token (from the prefill)
 };
 
+// One sequence's decoding state: its KV cache and its policy. prefill() then step() per token.
+class Session {
+ public:
+  Session(const Model& model, KVPolicy& policy);
+  // Runs the prompt; writes the logits of its last position (from the uncompressed prefill), then
+  // lets the policy compress the cache.
+  void prefill(const PreparedPrompt& p, float* logits, Observer* obs = nullptr);
+  // Feeds one token at the next position; writes the logits for the position after it, then lets
+  // the policy evict.
+  void step(int32_t token, float* logits, Observer* obs = nullptr);
+  int position() const { return pos_; }
+  const KVCache& cache() const { return cache_; }
+  const KVPolicy& policy() const { return policy_; }
+
+ private:
+  const Model& model_;
+  KVPolicy& policy_;
+  KVCache cache_;
+  int pos_ = 0;
+  std::vector<float> x_;
+};
+
 class Engine {
  public:
   Engine(const Model& model, const Tokenizer& tok) : model_(model), tok_(tok) {}

@@ -1,5 +1,6 @@
-// KV-cache eviction policies: small objects that see importance and say which entries each layer
-// keeps; the cache applies the decision (KVLayer::retain). Adding a policy is one new file.
+// KV-cache eviction policies (METHOD.md): small objects that see importance and say which entries
+// each layer keeps; the cache applies the decision (KVLayer::retain). One file per policy in
+// src/kv/policies/, listed once in policy_registry.cc.
 #pragma once
 #include <memory>
 #include <string>
@@ -9,19 +10,63 @@
 
 namespace pkv {
 
+// How per-token importance is measured during the prefill (METHOD.md section 1).
+enum class Estimator {
+  Paper,       // sum over all prefill queries of the head-mean attention
+  Window,      // the same over the last `window` prompt queries only
+  Normalized,  // paper divided by the number of queries that could see the token
+};
+const char* estimator_name(Estimator e);
+Estimator estimator_from_name(const std::string& s);  // throws Error naming --kv-importance
+
+// How a layer's length follows decoding (METHOD.md section 4).
+enum class DecodeRule {
+  Proportional,  // keep length = round(k_l * T), T = prompt + generated so far (the reference rule)
+  FixedCap,      // keep the prefill length n_l fixed
+};
+
+struct PolicyOptions {
+  double budget = 1.0;      // kept fraction b in (0, 1]
+  int budget_tokens = 0;    // > 0: entries per layer on average instead (b = tokens / N per request)
+  Estimator estimator = Estimator::Window;
+  int window = 32;          // window estimator and SnapKV's observation window
+  int protected_count = 2;  // the first token and the last prompt token are never evicted
+  int sinks = 4;            // StreamingLLM's sink tokens
+  int pool_kernel = 7;      // SnapKV's max-pooling kernel
+  DecodeRule decode_rule = DecodeRule::Proportional;
+  int fifo_offset = 25;     // section 4: evict this many entries before the end of the prefill-kept part
+  double pyramid_beta = 20;  // PyramidKV: the last layer keeps avg / beta
+  std::vector<double> keep_fractions;  // prefixkv: per-layer k_l from the profile for this budget
+};
+
+// What the prefill must measure for a policy.
+struct ImportanceRequest {
+  bool needed = false;
+  int from = 0;  // first prompt query that counts
+};
+
 class KVPolicy {
  public:
   virtual ~KVPolicy() = default;
   virtual std::string name() const = 0;
-  // Whether the prefill must accumulate per-layer importance (costs time; skipped otherwise).
-  virtual bool needs_prefill_importance() const { return false; }
-  // Called once after the prefill of `prompt_len` tokens; importance[l] is over layer l's entries
-  // (empty when not requested).
+  virtual ImportanceRequest prefill_importance(int prompt_len) const { (void)prompt_len; return {}; }
+  virtual bool needs_decode_importance() const { return false; }
+  // After the prefill of `prompt_len` tokens; importance[l] covers layer l's entries (empty if not
+  // requested).
   virtual void after_prefill(KVCache& cache, const std::vector<std::vector<float>>& importance, int prompt_len) {
     (void)cache, (void)importance, (void)prompt_len;
   }
-  // Called after each decode step; `total_tokens` counts prompt and generated tokens so far.
-  virtual void after_decode_step(KVCache& cache, int total_tokens) { (void)cache, (void)total_tokens; }
+  // After each decode step; `total_tokens` = prompt + generated tokens held so far (the new token
+  // included). step_importance (when requested) is the new query's attention over each layer.
+  virtual void after_decode_step(KVCache& cache, int total_tokens,
+                                 const std::vector<std::vector<float>>* step_importance) {
+    (void)cache, (void)total_tokens, (void)step_importance;
+  }
+  // Entries each layer kept after the prefill (empty for full).
+  const std::vector<int>& prefill_kept() const { return prefill_kept_; }
+
+ protected:
+  std::vector<int> prefill_kept_;
 };
 
 // Keeps everything: the uncompressed cache.
@@ -29,5 +74,10 @@ class FullPolicy : public KVPolicy {
  public:
   std::string name() const override { return "full"; }
 };
+
+// All policy names, in the order of METHOD.md.
+const std::vector<std::string>& policy_names();
+// Makes a policy by name; throws Error naming --kv-policy for an unknown name or bad options.
+std::unique_ptr<KVPolicy> make_policy(const std::string& name, const PolicyOptions& opt);
 
 }  // namespace pkv

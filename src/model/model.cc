@@ -165,6 +165,7 @@ void Model::decode(const float* x_in, int T, const int32_t* pos, KVCache& cache,
       auto& imp = (*call.importance)[size_t(l)];
       imp.assign(size_t(kv.size()), 0.f);
       a.importance = imp.data();
+      a.importance_from = call.importance_from;
     }
     ops::attention(a);
     ops::linear(att.data(), T, L.o, h.data());

@@ -26,6 +26,7 @@ struct DecoderCall {
   // Optional per-layer importance accumulation over the keys each layer holds after this call's
   // append (see ops::AttentionArgs::importance). importance->at(l) is resized to the layer's size.
   std::vector<std::vector<float>>* importance = nullptr;
+  int importance_from = 0;  // first row of this call whose attention counts (0: all)
 };
 
 class Model {

@@ -333,7 +333,7 @@ void attention_blocked(const AttentionArgs& a) {
         const float inv = seen > 0 ? 1.f / sum : 0.f;
         for (int j = 0; j < seen; ++j) pr[j] *= inv;
         for (int j = seen; j < n_kv; ++j) pr[j] = 0.f;
-        if (imp)
+        if (imp && i0 + r >= a.importance_from)
           for (int j = 0; j < seen; ++j) imp[j] += pr[j] / float(a.n_heads);
       }
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, a.head_dim, n_kv, 1.f, p.data(), n_kv, vb,
@@ -394,7 +394,7 @@ void attention(const AttentionArgs& a) {
         if (w == 0.f) continue;
         const float* vv = a.v + size_t(j) * a.kv_stride + size_t(g) * a.head_dim;
         for (int d = 0; d < a.head_dim; ++d) o[d] += w * vv[d];
-        if (imp) imp[j] += w / float(a.n_heads);
+        if (imp && i >= a.importance_from) imp[j] += w / float(a.n_heads);
       }
     }
   });

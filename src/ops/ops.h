@@ -64,6 +64,7 @@ struct AttentionArgs {
   float scale = 1.f;
   float* out = nullptr;
   float* importance = nullptr;
+  int importance_from = 0;  // only queries i >= importance_from contribute (window estimators)
 };
 void attention(const AttentionArgs& a);
 

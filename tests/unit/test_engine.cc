@@ -16,7 +16,7 @@ class RetainAllPolicy : public KVPolicy {
  public:
   std::string name() const override { return "retain-all"; }
   void after_prefill(KVCache& c, const std::vector<std::vector<float>>&, int) override { all(c); }
-  void after_decode_step(KVCache& c, int) override { all(c); }
+  void after_decode_step(KVCache& c, int, const std::vector<std::vector<float>>*) override { all(c); }
   static void all(KVCache& c) {
     for (int l = 0; l < c.n_layers(); ++l) {
       std::vector<int32_t> keep(static_cast<size_t>(c.layer(l).size()));
@@ -37,7 +37,7 @@ class DropInLayerOne : public KVPolicy {
     c.layer(1).retain(keep);
     prefill_kept = int(keep.size());
   }
-  void after_decode_step(KVCache& c, int) override {
+  void after_decode_step(KVCache& c, int, const std::vector<std::vector<float>>*) override {
     std::vector<int32_t> keep = {0};
     for (int i = 2; i < c.layer(1).size(); ++i) keep.push_back(i);
     c.layer(1).retain(keep);

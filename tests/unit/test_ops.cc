@@ -1,6 +1,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <numeric>
 #include <random>
 
 #include "ops/ops.h"
@@ -124,6 +125,42 @@ TEST_P(Attention, MatchesExplicitSoftmaxWithCausalPositionsAndGqa) {
 }
 
 INSTANTIATE_TEST_SUITE_P(QueryCounts, Attention, ::testing::Values(5, 40, 130));
+
+// The blockwise importance equals the column sums of the explicit attention matrix, restricted to the
+// queries from `importance_from` on (the window estimator), on both code paths.
+TEST_P(Attention, ImportanceFromQueryWindowMatchesExplicitMatrix) {
+  std::mt19937 rng(11);
+  std::normal_distribution<float> nd;
+  const int n = GetParam(), H = 2, hd = 4, from = n - 3;
+  std::vector<float> q(size_t(n) * H * hd), k(q.size()), v(q.size()), out(q.size());
+  for (auto* vec : {&q, &k, &v})
+    for (auto& x : *vec) x = nd(rng);
+  std::vector<int32_t> pos(static_cast<size_t>(n));
+  std::iota(pos.begin(), pos.end(), 0);
+  std::vector<float> imp(static_cast<size_t>(n), 0.f);
+  ops::AttentionArgs a;
+  a.q = q.data(); a.n_q = n; a.q_pos = pos.data(); a.k = k.data(); a.v = v.data(); a.n_kv = n;
+  a.kv_stride = H * hd; a.kv_pos = pos.data(); a.n_heads = a.n_kv_heads = H; a.head_dim = hd; a.scale = 0.5f;
+  a.out = out.data(); a.importance = imp.data(); a.importance_from = from;
+  ops::attention(a);
+  for (int j = 0; j < n; ++j) {
+    double want = 0;
+    for (int i = from; i < n; ++i)
+      for (int h = 0; h < H; ++h) {
+        double mx = -1e30, sum = 0;
+        std::vector<double> sc(static_cast<size_t>(i + 1));
+        for (int t = 0; t <= i; ++t) {
+          double d = 0;
+          for (int x = 0; x < hd; ++x) d += double(q[size_t((i * H + h) * hd + x)]) * k[size_t((t * H + h) * hd + x)];
+          sc[size_t(t)] = d * 0.5;
+          mx = std::max(mx, sc[size_t(t)]);
+        }
+        for (auto& s : sc) sum += std::exp(s - mx);
+        if (j <= i) want += std::exp(sc[size_t(j)] - mx) / sum / H;
+      }
+    EXPECT_NEAR(imp[size_t(j)], want, 1e-5) << "key " << j;
+  }
+}
 
 TEST(Rope, RotatesPairsByPositionTimesFrequency) {
   ops::Rope r = ops::Rope::make(4, 10000.f, "default", 1.f, 1.f, 4.f, 8192);

@@ -1,0 +1,127 @@
+#include "kv/budgeted.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "core/error.h"
+#include "kv/prefix_search.h"
+
+namespace pkv {
+
+double BudgetedPolicy::budget_fraction(int N) const {
+  if (opt_.budget_tokens > 0) return std::min(1.0, double(opt_.budget_tokens) / N);
+  return opt_.budget;
+}
+
+std::vector<int32_t> BudgetedPolicy::protected_indices(int N) const {
+  std::vector<int32_t> p;
+  if (opt_.protected_count >= 1) p.push_back(0);
+  if (opt_.protected_count >= 2 && N > 1) p.push_back(N - 1);
+  for (int i = 1; int(p.size()) < opt_.protected_count && i < N - 1; ++i) p.push_back(i);  // more: the first ones
+  std::sort(p.begin(), p.end());
+  p.erase(std::unique(p.begin(), p.end()), p.end());
+  return p;
+}
+
+bool BudgetedPolicy::is_protected_position(int32_t pos) const {
+  if (opt_.protected_count >= 1 && pos == 0) return true;
+  if (opt_.protected_count >= 2 && pos == prompt_len_ - 1) return true;
+  return opt_.protected_count > 2 && pos < opt_.protected_count - 1;
+}
+
+std::vector<int> BudgetedPolicy::layer_budgets(const std::vector<std::vector<float>>&, int N, int L) {
+  const int n = std::clamp(int(std::lround(budget_fraction(N) * N)), std::min(N, opt_.protected_count), N);
+  return std::vector<int>(size_t(L), n);
+}
+
+std::vector<int32_t> BudgetedPolicy::select(int, const std::vector<float>& importance, int n, int N) {
+  PKV_ASSERT(int(importance.size()) == N);
+  return top_entries(importance, n, protected_indices(N));
+}
+
+void BudgetedPolicy::after_prefill(KVCache& cache, const std::vector<std::vector<float>>& importance, int N) {
+  prompt_len_ = N;
+  const int L = cache.n_layers();
+  std::vector<int> n = layer_budgets(importance, N, L);
+  PKV_ASSERT(int(n.size()) == L);
+  prefill_kept_ = n;
+  keep_fraction_.assign(size_t(L), 1.0);
+  static const std::vector<float> none;
+  for (int l = 0; l < L; ++l) {
+    KVLayer& layer = cache.layer(l);
+    PKV_ASSERT(layer.size() == N);
+    keep_fraction_[size_t(l)] = double(n[size_t(l)]) / N;
+    if (n[size_t(l)] >= N) continue;
+    std::vector<int32_t> keep = select(l, importance.empty() ? none : importance[size_t(l)], n[size_t(l)], N);
+    PKV_ASSERT_MSG(int(keep.size()) == n[size_t(l)], name() + " selected the wrong number of entries");
+    before_retain(layer, l, keep);
+    layer.retain(keep);
+  }
+}
+
+int BudgetedPolicy::decode_victim(const KVLayer& layer, int l) {
+  // METHOD.md section 4: a fixed place, fifo_offset entries before the end of the prefill-kept part:
+  // the entries before it are frozen and the ones after it (the prefill tail, then the generated
+  // tokens) leave in FIFO order. Protected entries and the newest entry are skipped.
+  const int size = layer.size();
+  int i = std::max(0, prefill_kept_[size_t(l)] - opt_.fifo_offset);
+  while (i < size - 1 && is_protected_position(layer.positions()[i])) ++i;
+  if (i >= size - 1) {  // everything from the fixed place on is protected: the oldest evictable entry
+    i = 0;
+    while (i < size - 1 && is_protected_position(layer.positions()[i])) ++i;
+  }
+  return i;
+}
+
+void BudgetedPolicy::evict(KVLayer& layer, int l, int i) {
+  std::vector<int32_t> keep;
+  keep.reserve(size_t(layer.size()));
+  for (int j = 0; j < layer.size(); ++j)
+    if (j != i) keep.push_back(j);
+  layer.retain(keep);
+  on_evicted(l, i);
+}
+
+void BudgetedPolicy::after_decode_step(KVCache& cache, int T, const std::vector<std::vector<float>>*) {
+  if (prefill_kept_.empty()) return;  // prefill kept everything
+  for (int l = 0; l < cache.n_layers(); ++l) {
+    KVLayer& layer = cache.layer(l);
+    int target = opt_.decode_rule == DecodeRule::Proportional
+                     ? int(std::lround(keep_fraction_[size_t(l)] * T))
+                     : prefill_kept_[size_t(l)];
+    target = std::max(target, std::min(layer.size(), opt_.protected_count + 1));
+    while (layer.size() > target) {
+      const int v = decode_victim(layer, l);
+      if (v >= layer.size() - 1) break;  // nothing evictable
+      evict(layer, l, v);
+    }
+  }
+}
+
+ImportanceRequest estimator_request(Estimator e, int window, int N) {
+  ImportanceRequest r;
+  r.needed = true;
+  r.from = e == Estimator::Window ? std::max(0, N - window) : 0;
+  return r;
+}
+
+std::vector<float> estimator_scores(Estimator e, const std::vector<float>& raw, int N) {
+  std::vector<float> s = raw;
+  if (e == Estimator::Normalized)  // token j is seen by the N - j queries at positions j .. N-1
+    for (int j = 0; j < int(s.size()); ++j) s[size_t(j)] /= float(N - j);
+  return s;
+}
+
+std::vector<float> max_pool_1d(const std::vector<float>& x, int kernel) {
+  const int n = int(x.size()), r = kernel / 2;
+  std::vector<float> y(x.size());
+  for (int i = 0; i < n; ++i) {
+    float m = x[size_t(i)];
+    for (int j = std::max(0, i - r); j <= std::min(n - 1, i + r); ++j) m = std::max(m, x[size_t(j)]);
+    y[size_t(i)] = m;
+  }
+  return y;
+}
+
+}  // namespace pkv

@@ -1,0 +1,54 @@
+// The machinery every compressing policy shares: per-layer prefill budgets from the kept fraction,
+// the protected tokens, selection applied through KVLayer::retain, and the decode-time rule of
+// METHOD.md section 4. A policy overrides only what makes it different.
+#pragma once
+#include <string>
+#include <vector>
+
+#include "kv/policy.h"
+
+namespace pkv {
+
+class BudgetedPolicy : public KVPolicy {
+ public:
+  explicit BudgetedPolicy(const PolicyOptions& opt) : opt_(opt) {}
+
+  void after_prefill(KVCache& cache, const std::vector<std::vector<float>>& importance, int prompt_len) override;
+  void after_decode_step(KVCache& cache, int total_tokens, const std::vector<std::vector<float>>* step_importance) override;
+
+  const PolicyOptions& options() const { return opt_; }
+  // The kept fraction for this request (a token budget becomes tokens / N).
+  double budget_fraction(int prompt_len) const;
+
+ protected:
+  // Per-layer entry counts after the prefill (default: uniform round(b * N), at least protected).
+  virtual std::vector<int> layer_budgets(const std::vector<std::vector<float>>& importance, int N, int L);
+  // Entries of layer l to keep (ascending indices into the layer), exactly n of them, including the
+  // protected ones. Default: the highest `scores(l)`.
+  virtual std::vector<int32_t> select(int layer, const std::vector<float>& importance, int n, int N);
+  // Called with the layer and the kept indices before retain() (Elastic merges here).
+  virtual void before_retain(KVLayer& layer, int l, const std::vector<int32_t>& keep) { (void)layer, (void)l, (void)keep; }
+  // Index of the entry to evict from layer l during decoding (default: the fixed place).
+  virtual int decode_victim(const KVLayer& layer, int l);
+  // Keeps per-policy per-entry state aligned with the layer after evicting index `i`.
+  virtual void on_evicted(int l, int i) { (void)l, (void)i; }
+
+  // The prompt's protected entries (indices = positions right after the prefill).
+  std::vector<int32_t> protected_indices(int N) const;
+  bool is_protected_position(int32_t pos) const;
+  // Evicts one entry of layer l at index i.
+  void evict(KVLayer& layer, int l, int i);
+
+  PolicyOptions opt_;
+  int prompt_len_ = 0;
+  std::vector<double> keep_fraction_;  // k_l = n_l / N
+};
+
+// The importance request of an estimator (METHOD.md section 1) and its scores from the raw sums.
+ImportanceRequest estimator_request(Estimator e, int window, int prompt_len);
+std::vector<float> estimator_scores(Estimator e, const std::vector<float>& raw, int prompt_len);
+
+// Max-pools `x` along the sequence with an odd kernel (same length, edges padded with -inf).
+std::vector<float> max_pool_1d(const std::vector<float>& x, int kernel);
+
+}  // namespace pkv
