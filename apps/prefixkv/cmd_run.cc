@@ -13,6 +13,7 @@
 #include "core/npy.h"
 #include "core/threads.h"
 #include "engine/engine.h"
+#include "kv_options.h"
 
 namespace fs = std::filesystem;
 using nlohmann::json;
@@ -35,7 +36,14 @@ const std::vector<OptionSpec> kRunOptions = {
     {"seed", "N", "random seed for sampling (default 0)"},
     {"stop", "TEXT", "stop when the answer contains TEXT", true},
     {"ignore-eos", "", "do not stop at the end-of-sequence token"},
-    {"kv-policy", "NAME", "KV-cache policy (default full)"},
+    {"kv-policy", "NAME", "KV-cache policy: full (default), streaming, h2o, snapkv, pyramidkv, elastic, uniform-prefix, prefixkv, prefixkv-online"},
+    {"kv-budget", "B", "kept fraction of the prompt's KV entries, in (0, 1] (default 0.2)"},
+    {"kv-budget-tokens", "N", "KV entries per layer on average, instead of --kv-budget"},
+    {"kv-importance", "NAME", "importance estimator for the prefix policies: window (default), paper, normalized"},
+    {"kv-window", "W", "query window of the window estimator and SnapKV (default 32)"},
+    {"kv-protected", "C", "tokens never evicted: the first and the last prompt token (default 2)"},
+    {"kv-decode", "RULE", "decode-time length: proportional (METHOD.md section 4, default) or cap"},
+    {"kv-profile", "FILE", "PrefixKV profile (default: the model's prefixkv_profile.json)"},
     {"threads", "N", "worker threads (default: all cores)"},
     {"json", "", "print one JSON object (answer, token ids, timings, KV bytes per layer) instead of text"},
     {"dump-tensors", "DIR", "write pixel values, vision features, projector output, final hidden states and logits as .npy"},
@@ -96,7 +104,7 @@ int cmd_run(int argc, char** argv) {
   const std::string mode = args.str("image-mode", "");
   if (!mode.empty() && mode != "pad" && mode != "crop") fail("--image-mode", "must be pad or crop, got '" + mode + "'");
   const std::string policy_name = args.str("kv-policy", "full");
-  if (policy_name != "full") fail("--kv-policy", "unknown policy '" + policy_name + "' (available: full)");
+  PolicyOptions popt = policy_options_from_args(args);
   const std::string dump_dir = args.str("dump-tensors", "");
   if (!dump_dir.empty()) {
     std::error_code ec;
@@ -131,7 +139,8 @@ int cmd_run(int argc, char** argv) {
   DumpObserver dump(dump_dir);
   Observer* obs = dump_dir.empty() ? nullptr : &dump;
   PreparedPrompt p = engine.prepare(req, obs);
-  FullPolicy policy;
+  std::unique_ptr<KVPolicy> policy_ptr = make_policy_for_model(policy_name, popt, args, *model);
+  KVPolicy& policy = *policy_ptr;
   const bool as_json = args.flag("json");
   auto stream = [&](const std::string& piece) {
     if (as_json) return;
@@ -159,6 +168,8 @@ int cmd_run(int argc, char** argv) {
                     {"decode_ms", r.decode_ms},     {"decode_tokens_per_s", decode_tps},
                     {"threads", num_threads()}};
     j["kv"] = {{"policy", policy.name()},
+               {"budget", policy.name() == "full" ? 1.0 : popt.budget},
+               {"prefill_kept_per_layer", policy.prefill_kept()},
                {"bytes", r.kv_bytes},
                {"bytes_per_layer", r.kv_bytes_per_layer},
                {"entries_per_layer", r.kv_entries_per_layer}};

@@ -88,18 +88,41 @@ RougeScore rouge_l(const std::string& reference, const std::string& candidate) {
 
 // ---- next-token distributions
 
-double log_sum_exp(const float* logits, int vocab) {
-  check_vocab("log_sum_exp", vocab);
-  double m = -std::numeric_limits<double>::infinity();
+namespace {
+
+// log sum exp(l) as max + log(sum exp(l - max)). Log-probabilities are formed as (l - max) - log_sum,
+// never as l - (max + log_sum): with logits near 1e30 the latter loses every digit.
+struct LogSumExp {
+  double max = 0, log_sum = 0;
+  bool ok = true;  // false: a NaN or +inf logit, or all -inf (no distribution)
+  double log_prob(float logit) const { return (double(logit) - max) - log_sum; }
+};
+
+LogSumExp lse_of(const float* logits, int vocab) {
+  LogSumExp r;
+  r.max = -std::numeric_limits<double>::infinity();
   for (int i = 0; i < vocab; ++i) {
     const double x = logits[i];
-    if (std::isnan(x)) return kNaN;
-    m = std::max(m, x);
+    if (std::isnan(x)) r.ok = false;
+    r.max = std::max(r.max, x);
   }
-  if (std::isinf(m)) return m > 0 ? kNaN : m;  // +inf: undefined; all -inf: log 0
+  if (!r.ok || std::isinf(r.max)) {
+    r.ok = false;
+    return r;
+  }
   double s = 0;
-  for (int i = 0; i < vocab; ++i) s += std::exp(double(logits[i]) - m);
-  return m + std::log(s);
+  for (int i = 0; i < vocab; ++i) s += std::exp(double(logits[i]) - r.max);
+  r.log_sum = std::log(s);
+  return r;
+}
+
+}  // namespace
+
+double log_sum_exp(const float* logits, int vocab) {
+  check_vocab("log_sum_exp", vocab);
+  const LogSumExp r = lse_of(logits, vocab);
+  if (!r.ok) return r.max == -std::numeric_limits<double>::infinity() ? r.max : kNaN;
+  return r.max + r.log_sum;
 }
 
 double token_nll(const float* logits, int vocab, int target) {
@@ -107,20 +130,21 @@ double token_nll(const float* logits, int vocab, int target) {
   if (target < 0 || target >= vocab)
     fail("token_nll", "target token " + std::to_string(target) + " outside the vocabulary [0, " +
                           std::to_string(vocab) + ")");
-  return log_sum_exp(logits, vocab) - double(logits[target]);
+  const LogSumExp r = lse_of(logits, vocab);
+  return r.ok ? -r.log_prob(logits[target]) : kNaN;
 }
 
 double kl_divergence(const float* ref_logits, const float* logits, int vocab) {
   check_vocab("kl_divergence", vocab);
-  const double lse_ref = log_sum_exp(ref_logits, vocab);
-  const double lse = log_sum_exp(logits, vocab);
-  if (std::isnan(lse_ref) || std::isnan(lse) || std::isinf(lse_ref) || std::isinf(lse)) return kNaN;
+  const LogSumExp ref = lse_of(ref_logits, vocab);
+  const LogSumExp cur = lse_of(logits, vocab);
+  if (!ref.ok || !cur.ok) return kNaN;
   double kl = 0;
   for (int i = 0; i < vocab; ++i) {
-    const double lp_ref = double(ref_logits[i]) - lse_ref;
+    const double lp_ref = ref.log_prob(ref_logits[i]);
     if (std::isinf(lp_ref)) continue;  // p_ref = 0: 0 * log(0 / p) = 0
-    // Differences of log-probabilities, not of probabilities: no underflow for tiny p.
-    kl += std::exp(lp_ref) * (lp_ref - (double(logits[i]) - lse));
+    // Differences of log-probabilities, not ratios of probabilities: no underflow for tiny p.
+    kl += std::exp(lp_ref) * (lp_ref - cur.log_prob(logits[i]));
   }
   return std::max(kl, 0.0);
 }

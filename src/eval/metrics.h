@@ -41,14 +41,16 @@ inline double rouge_l_f(const std::string& reference, const std::string& candida
 // NaN when any logit is NaN or +inf.
 double log_sum_exp(const float* logits, int vocab);
 
-// -log softmax(logits)[target] (nats), stable: log_sum_exp - logits[target]. +inf when the target's
-// logit is -inf. Throws Error when vocab <= 0 or target is outside [0, vocab).
+// -log softmax(logits)[target] (nats), in double with the maximum factored out. +inf when the
+// target's logit is -inf; NaN when the logits are no distribution (a NaN or +inf, or all -inf).
+// Throws Error when vocab <= 0 or target is outside [0, vocab).
 double token_nll(const float* logits, int vocab, int target);
 
 // KL(P_ref || P) = sum_i p_ref_i (log p_ref_i - log p_i) in nats, P_ref = softmax(ref_logits) (the
 // full cache), P = softmax(logits). Terms with p_ref_i = 0 contribute 0; p_i = 0 where p_ref_i > 0
 // gives +inf. Clamped at 0 from below (rounding can leave -1e-17 for equivalent distributions);
-// exactly 0 for identical logits. Throws Error when vocab <= 0.
+// exactly 0 for identical logits; NaN when either row is no distribution (as for token_nll).
+// Throws Error when vocab <= 0.
 double kl_divergence(const float* ref_logits, const float* logits, int vocab);
 
 // Index of the largest logit, the first one on ties (as torch.argmax). NaNs are never chosen unless

@@ -1,6 +1,7 @@
 // A loaded model: LLaMA decoder, and for LLaVA the CLIP vision tower and projector.
 // Weights are immutable and shared; per-sequence state lives in a KVCache passed to each call.
 #pragma once
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -37,6 +38,8 @@ class Model {
   const Weights& weights() const { return lw_->w; }
   bool has_vision() const { return cfg_.has_vision; }
   size_t weight_bytes() const;
+  // Every stored tensor (name -> view), the separate vision tower's included.
+  const std::map<std::string, const TensorView*>& tensors() const { return lw_->store->all(); }
 
   // pixels [3, S, S] -> image embeddings [image_tokens, text_hidden] (vision tower + projector).
   std::vector<float> encode_image(const float* pixels, Observer* obs = nullptr) const;

@@ -1,0 +1,78 @@
+#include "kv_options.h"
+
+#include <cstdio>
+#include <filesystem>
+
+#include "core/error.h"
+
+namespace fs = std::filesystem;
+
+namespace pkv::cli {
+
+ModelIdentity model_identity(const Model& model) {
+  ModelIdentity id;
+  id.name = fs::path(model.config().dir).lexically_normal().filename().string();
+  if (id.name.empty()) id.name = fs::path(model.config().dir).lexically_normal().parent_path().filename().string();
+  id.n_layers = model.config().text.n_layers;
+  // FNV-1a over the tensor index: names, dtypes and shapes (not the values: hashing 14 GB at every
+  // start would cost more than it protects).
+  uint64_t h = 1469598103934665603ull;
+  auto mix = [&](const std::string& s) {
+    for (unsigned char c : s) h = (h ^ c) * 1099511628211ull;
+    h = (h ^ 0xff) * 1099511628211ull;
+  };
+  mix(std::to_string(id.n_layers));
+  for (auto& [name, t] : model.tensors()) {
+    mix(name);
+    mix(t->dtype_str);
+    mix(t->shape_str());
+  }
+  char buf[17];
+  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(h));
+  id.fingerprint = buf;
+  return id;
+}
+
+std::vector<double> load_keep_fractions(const std::string& path, double budget, const Model& model) {
+  Profile p = Profile::load(path);
+  p.check_compatible(model_identity(model));
+  return p.keep_fractions(budget);
+}
+
+PolicyOptions policy_options_from_args(const Args& args) {
+  PolicyOptions o;
+  o.budget = args.number("kv-budget", 0.2);
+  if (!(o.budget > 0 && o.budget <= 1)) fail("--kv-budget", "must be in (0, 1], got " + args.str("kv-budget"));
+  if (args.has("kv-budget-tokens")) {
+    o.budget_tokens = args.integer("kv-budget-tokens", 0);
+    if (o.budget_tokens < 1) fail("--kv-budget-tokens", "must be at least 1");
+    if (args.has("kv-budget")) fail("--kv-budget-tokens", "give either --kv-budget or --kv-budget-tokens, not both");
+  }
+  o.estimator = estimator_from_name(args.str("kv-importance", "window"));
+  o.window = args.integer("kv-window", 32);
+  if (o.window < 1) fail("--kv-window", "must be at least 1");
+  o.protected_count = args.integer("kv-protected", 2);
+  if (o.protected_count < 0) fail("--kv-protected", "must not be negative");
+  const std::string rule = args.str("kv-decode", "proportional");
+  if (rule == "proportional") o.decode_rule = DecodeRule::Proportional;
+  else if (rule == "cap") o.decode_rule = DecodeRule::FixedCap;
+  else fail("--kv-decode", "must be proportional or cap, got '" + rule + "'");
+  return o;
+}
+
+std::unique_ptr<KVPolicy> make_policy_for_model(const std::string& name, PolicyOptions opt, const Args& args,
+                                                const Model& model) {
+  if (name == "prefixkv") {
+    std::string path = args.str("kv-profile", "");
+    if (path.empty()) {
+      path = (fs::path(model.config().dir) / "prefixkv_profile.json").string();
+      if (!fs::exists(path))
+        fail("--kv-policy prefixkv", "needs a profile: none at " + path +
+                                         "; make one with 'prefixkv calibrate' and pass it with --kv-profile");
+    }
+    opt.keep_fractions = load_keep_fractions(path, opt.budget, model);
+  }
+  return make_policy(name, opt);
+}
+
+}  // namespace pkv::cli

@@ -1,0 +1,25 @@
+// The --kv-* options shared by run, eval and serve.
+#pragma once
+#include <memory>
+#include <string>
+
+#include "args.h"
+#include "kv/policy.h"
+#include "kv/profile.h"
+#include "model/model.h"
+
+namespace pkv::cli {
+
+// Reads --kv-budget, --kv-budget-tokens, --kv-importance, --kv-window, --kv-protected, --kv-decode.
+PolicyOptions policy_options_from_args(const Args& args);
+// The identity a profile records: the model folder's name, and a fingerprint of its config and
+// tensor index (names, dtypes, shapes), so a profile is not used with another model by mistake.
+ModelIdentity model_identity(const Model& model);
+// Keep fractions for `budget` from a profile file, after checking it against the model.
+std::vector<double> load_keep_fractions(const std::string& path, double budget, const Model& model);
+// Makes the policy; for prefixkv, loads the profile (--kv-profile, else the model's
+// prefixkv_profile.json), checks it against the model and resolves the keep fractions.
+std::unique_ptr<KVPolicy> make_policy_for_model(const std::string& name, PolicyOptions opt, const Args& args,
+                                                const Model& model);
+
+}  // namespace pkv::cli
