@@ -1280,12 +1280,15 @@ def main_train(args):
                 sync()
                 per = (time.time() - t_mark - (hook_s - hook_mark)) / (step - 10)
                 left = stage_deadline - time.time() - max(0.0, hook_reserve_s - hook_s)
-                fit = step + max(1, int(left / per))
+                fit = min(steps, step + max(1, int(left / per)))
                 if step == 40:
                     log(f"{name}: {per * 1000:.0f} ms/step -> {planned} steps need {per * (planned - step):.0f}s more "
                         f"(+{hook_reserve_s:.0f}s diagnostics; {left:.0f}s left)", t0)
-                if fit < planned:
-                    log(f"{name}: WARNING shrinking the plan from {planned} to {fit} steps to meet the deadline", t0)
+                # fit the plan (and so the cosine schedule) to the deadline; it may grow back up to
+                # `steps` if early steps were slow (data waits while the prefetch queue refills)
+                if fit < planned or (fit > planned * 1.01 and step < 0.8 * planned):
+                    log(f"{name}: {'WARNING shrinking' if fit < planned else 'growing'} the plan from {planned} "
+                        f"to {fit} steps to meet the deadline ({per * 1000:.0f} ms/step)", t0)
                     planned = fit
             if step % args.log_every == 0 or step == planned:
                 vals = {k: float(sums[k]) / cnt[k] for k in sums if cnt[k]}
@@ -1445,8 +1448,24 @@ def main_train(args):
     e = tlog.get("eval", {})
     log(f"RESULT description accuracy {e.get('description_accuracy')} exact {e.get('descriptions_exact')} "
         f"question accuracy {e.get('question_accuracy')}; total {time.time() - t0:.0f}s", t0)
+    log(grounding_verdict(tlog), t0)
     shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def grounding_verdict(tlog):
+    """One line from the last held-out diagnostic: is the image used, and does the tower see it?"""
+    ds = [d for d in tlog.get("diagnostics", []) if "qa_gap" in d]
+    if not ds:
+        return "GROUNDING no diagnostics recorded"
+    d = ds[-1]
+    p = d.get("probe", {})
+    used = d["qa_gap"] >= 0.3 and d["desc_gap"] >= 0.03
+    sees = p.get("color", 0) >= 0.8 and p.get("shape", 0) >= 0.8
+    first = next((x for x in ds if x["stage"] == "scene"), d)
+    return (f"GROUNDING {'image USED' if used else 'image NOT used'} by the decoder (held-out gap: qa "
+            f"{d['qa_gap']:+.3f}, desc {d['desc_gap']:+.3f}; first scene diagnostic qa {first['qa_gap']:+.3f}); "
+            f"tower {'encodes' if sees else 'does NOT encode'} the cells (probe {p})")
 
 
 def fix_processor_config(full):

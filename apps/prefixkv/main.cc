@@ -12,6 +12,7 @@
 
 namespace pkv::cli {
 int cmd_run(int argc, char** argv);
+int cmd_calibrate(int argc, char** argv);
 }
 
 namespace fs = std::filesystem;
@@ -40,6 +41,7 @@ static const char* kUsage =
     "\n"
     "commands:\n"
     "  run        generate an answer for a prompt and an optional image\n"
+    "  calibrate  estimate PrefixKV's per-layer KV budgets from calibration samples\n"
     "\n"
     "Run 'prefixkv <command> --help' for the options of a command.\n";
 
@@ -57,6 +59,7 @@ int main(int argc, char** argv) {
   const std::string cmd = argv[1];
   try {
     if (cmd == "run") return pkv::cli::cmd_run(argc, argv);
+    if (cmd == "calibrate") return pkv::cli::cmd_calibrate(argc, argv);
     std::fprintf(stderr, "prefixkv: unknown command '%s'\n\n%s", cmd.c_str(), kUsage);
     return 2;
   } catch (const pkv::Error& e) {

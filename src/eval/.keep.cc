@@ -1,1 +1,0 @@
-// Keeps the pkv_eval library non-empty while it grows.

@@ -1,0 +1,66 @@
+#include "eval/dataset.h"
+
+#include <filesystem>
+#include <fstream>
+
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace pkv {
+
+std::vector<Sample> load_conversations(const std::string& path, const std::string& image_dir) {
+  std::ifstream f(path);
+  if (!f) fail(path, "cannot open the data file");
+  json j;
+  try {
+    j = json::parse(f);
+  } catch (const std::exception& e) {
+    fail(path, std::string("not valid JSON: ") + e.what());
+  }
+  if (!j.is_array()) fail(path, "expected a JSON list of conversations");
+  const fs::path base = image_dir.empty() ? fs::path(path).parent_path() : fs::path(image_dir);
+  std::vector<Sample> out;
+  for (size_t i = 0; i < j.size(); ++i) {
+    const json& e = j[i];
+    const std::string where = path + ": entry " + std::to_string(i);
+    if (!e.is_object()) fail(where, "is not an object");
+    Sample s;
+    if (e.contains("id")) s.id = e["id"].is_string() ? e["id"].get<std::string>() : e["id"].dump();
+    else s.id = std::to_string(i);
+    if (e.contains("image") && !e["image"].is_null()) {
+      if (!e["image"].is_string()) fail(where + " ('" + s.id + "')", "'image' must be a file name");
+      s.image = (base / e["image"].get<std::string>()).string();
+    }
+    if (!e.contains("conversations") || !e["conversations"].is_array())
+      fail(where + " ('" + s.id + "')", "lacks a 'conversations' list");
+    bool have_human = false, have_gpt = false;
+    for (auto& turn : e["conversations"]) {
+      if (!turn.is_object() || !turn.contains("from") || !turn.contains("value") || !turn["value"].is_string())
+        fail(where + " ('" + s.id + "')", "a conversation turn lacks 'from' or a string 'value'");
+      const std::string from = turn["from"].get<std::string>(), value = turn["value"].get<std::string>();
+      if (from == "human" && !have_human) {
+        std::string p = value;
+        if (size_t at = p.find("<image>"); at != std::string::npos) {
+          size_t len = 7;
+          if (at + len < p.size() && p[at + len] == '\n') ++len;
+          else if (at > 0 && p[at - 1] == '\n') --at, ++len;
+          p.erase(at, len);
+        }
+        s.prompt = p;
+        have_human = true;
+      } else if (from == "gpt" && have_human && !have_gpt) {
+        s.answer = value;
+        have_gpt = true;
+      }
+    }
+    if (!have_human) fail(where + " ('" + s.id + "')", "has no human turn");
+    out.push_back(std::move(s));
+  }
+  return out;
+}
+
+}  // namespace pkv
