@@ -1532,8 +1532,8 @@ def parse_args(argv):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lang-steps", type=int, default=1500)
     ap.add_argument("--vis-steps", type=int, default=500, help="stage 2a steps (vision tower + projector on the aux targets)")
-    ap.add_argument("--scene-steps", type=int, default=4200,
-                    help="stage 2b steps, text steps included (shrunk to fit --deadline)")
+    ap.add_argument("--scene-steps", type=int, default=5000,
+                    help="stage 2b steps at most, text steps included (the plan is fitted to --deadline)")
     ap.add_argument("--lang-batch", type=int, default=32, help="512-token windows per text step")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--scenes-per-batch", type=int, default=32,

@@ -34,8 +34,11 @@ Args::Args(const std::string& command, const std::vector<OptionSpec>& specs, int
       if (i + 1 >= argc) fail("--" + name, "needs a value (" + spec->value_name + ")");
       value = argv[++i];
     }
-    if (values_.count(name) && !spec->repeatable) fail("--" + name, "given more than once");
+    std::vector<std::string> more;
+    while (spec->multi && i + 1 < argc && std::string(argv[i + 1]).rfind("--", 0) != 0) more.push_back(argv[++i]);
+    if (values_.count(name) && !spec->repeatable && !spec->multi) fail("--" + name, "given more than once");
     values_[name].push_back(value);
+    for (auto& m : more) values_[name].push_back(m);
   }
 }
 
@@ -83,7 +86,7 @@ std::string Args::usage(const std::string& command, const std::string& summary, 
     o << left;
     if (left.size() < 28) o << std::string(28 - left.size(), ' ');
     else o << "\n" << std::string(28, ' ');
-    o << s.help << (s.repeatable ? " (repeatable)" : "") << "\n";
+    o << s.help << (s.multi ? " (one or more)" : s.repeatable ? " (repeatable)" : "") << "\n";
   }
   o << "  --help                    show this help\n";
   return o.str();

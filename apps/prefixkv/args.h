@@ -11,6 +11,7 @@ struct OptionSpec {
   std::string value_name;  // empty for flags
   std::string help;
   bool repeatable = false;
+  bool multi = false;  // takes every following argument up to the next --option
 };
 
 class Args {

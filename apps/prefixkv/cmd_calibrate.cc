@@ -39,7 +39,7 @@ const std::vector<OptionSpec> kCalibrateOptions = {
     {"out", "FILE", "profile to write (JSON, docs/FORMATS.md)"},
     {"plot", "FILE", "also draw keep fraction per layer for each budget as SVG"},
     {"dump-importance", "DIR", "write each sample's per-layer importance [layers, tokens] as .npy"},
-    {"import-official", "FILE", "build the profile from the authors' prefixkv_<model>_<r>.json files instead", true},
+    {"import-official", "FILE", "build the profile from the authors' prefixkv_<model>_<r>.json files instead", true, true},
     {"threads", "N", "worker threads (default: all cores)"},
 };
 
