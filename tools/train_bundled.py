@@ -25,7 +25,7 @@ Recipe (LLaVA's: a decoder pretrained on language first; run 4 changes after run
   vision init: patch embedding scaled to unit output, position embeddings initialised with a 2-D
            sine-cosine table of the same size (the 0.02 normal init left position almost invisible
            after CLIP's pre-LayerNorm, and the patch conv has no bias, so that LayerNorm also
-           removed brightness: white vs light gray backgrounds looked alike).
+           removed brightness: uniform white and light gray patches had cosine 0.9998 after it).
   diagnostics: every --diag-every steps, on a fixed held-out batch, the scene losses with the right
            images and with the images shifted by one scene ("gap" = how much the image is used) and
            the aux probe accuracies; a quick greedy evaluation on --quick-eval-scenes held-out

@@ -78,6 +78,16 @@ std::vector<int32_t> Engine::tokenize_prompt(const std::string& full_text, bool 
   return ids;
 }
 
+std::vector<int32_t> Engine::answer_ids(const std::string& answer) const {
+  // The answer continues "... ASSISTANT:" after one space; both tokenizer rules start a new piece at
+  // the space, so the joint tokenisation is the prompt's followed by this.
+  const bool original = model_.config().layout == Layout::LlavaOriginal;
+  std::vector<int> t = original ? tok_.encode_continuation(" " + answer) : tok_.encode_hf(" " + answer, false);
+  std::vector<int32_t> ids(t.begin(), t.end());
+  ids.push_back(model_.config().text.eos_ids.empty() ? tok_.eos_id() : model_.config().text.eos_ids[0]);
+  return ids;
+}
+
 PreparedPrompt Engine::prepare(const PromptRequest& req, Observer* obs) const {
   const ModelConfig& cfg = model_.config();
   const bool has_image = req.image != nullptr;

@@ -93,6 +93,10 @@ class Engine {
   // (the image marker is returned as -1, one entry). Exposed for tests.
   std::vector<int32_t> tokenize_prompt(const std::string& full_text, bool has_image) const;
 
+  // Token ids of a reference answer as it follows the prompt (teacher forcing), with EOS at the end:
+  // the tokens the model was trained to produce after "ASSISTANT:".
+  std::vector<int32_t> answer_ids(const std::string& answer) const;
+
   // The model input text for a request: the chat template applied.
   static std::string apply_template(const std::string& text, Template t, bool has_image);
 

@@ -282,8 +282,9 @@ TEST(Checker, MalformedTruthNamesFileAndEntry) {
       const std::string msg = e.what();
       EXPECT_NE(msg.find(path), std::string::npos) << msg;
       EXPECT_NE(msg.find(c.expect), std::string::npos) << msg;
-      if (c.text.find("scene000005") != std::string::npos && c.expect != "not valid JSON")
+      if (c.text.find("scene000005") != std::string::npos && c.expect != "not valid JSON") {
         EXPECT_NE(msg.find("entry 'scene000005'"), std::string::npos) << msg;
+      }
     }
   }
   std::filesystem::remove(path);

@@ -1,0 +1,139 @@
+// calibrate and eval end to end on a fixture model with the bundled data sets' format.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include <nlohmann/json.hpp>
+
+#include "kv/profile.h"
+#include "test_util.h"
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+using namespace pkv;
+
+namespace {
+struct Result {
+  int rc;
+  std::string out;
+};
+Result prefixkv(const std::string& args) {
+  Result r;
+  r.rc = test::run_command(std::string(PKV_BINARY) + " " + args, &r.out);
+  return r;
+}
+const std::string kModel = test::data_path("fixtures/llava_hf_mha");
+std::string repo(const std::string& rel) { return std::string(PKV_TEST_DATA) + "/../../" + rel; }
+
+// A small data set: two real scenes, one with a missing image, in the detail_1k format.
+std::string write_data(const std::string& tag) {
+  fs::path d = test::temp_path(tag);
+  fs::create_directories(d);
+  json src = json::parse(std::ifstream(repo("data/calib/calib.json")));
+  json out = json::array();
+  for (int i = 0; i < 2; ++i) {
+    json e = src[size_t(i)];
+    e["image"] = fs::absolute(repo("data/calib/" + e["image"].get<std::string>())).string();
+    out.push_back(e);
+  }
+  json missing = src[2];
+  missing["image"] = "/nonexistent/picture.png";
+  out.insert(out.begin() + 1, missing);
+  std::ofstream(d / "data.json") << out.dump();
+  return (d / "data.json").string();
+}
+}  // namespace
+
+TEST(CalibrateCli, WritesAValidProfileAndSkipsBrokenSamples) {
+  const std::string data = write_data("calib");
+  const std::string out = test::temp_path("profile.json");
+  Result r = prefixkv("calibrate --model " + kModel + " --data " + data + " --out " + out + " --budgets 0.2,0.5 --plot " +
+                      test::temp_path("p.svg"));
+  ASSERT_EQ(r.rc, 0) << r.out;
+  EXPECT_NE(r.out.find("skipping sample"), std::string::npos) << r.out;
+  Profile p = Profile::load(out);
+  EXPECT_EQ(p.samples, 2);
+  EXPECT_EQ(p.n_layers(), 2);
+  ASSERT_EQ(p.budgets.size(), 2u);
+  for (auto& b : p.budgets) EXPECT_NEAR((b.keep[0] + b.keep[1]) / 2, b.budget, 1e-9);
+  EXPECT_TRUE(fs::exists(test::temp_path("p.svg")));
+  // The profile drives the prefixkv policy through run.
+  Result run = prefixkv("run --model " + kModel + " --image " + test::data_path("images/wide.png") +
+                        " --max-tokens 2 --json --kv-policy prefixkv --kv-budget 0.5 --kv-profile " + out);
+  ASSERT_EQ(run.rc, 0) << run.out;
+  json j = json::parse(run.out);
+  const int N = j["prompt_tokens"];
+  EXPECT_EQ(j["kv"]["prefill_kept_per_layer"][0].get<int>() + j["kv"]["prefill_kept_per_layer"][1].get<int>(),
+            int(std::lround(0.5 * N * 2)));
+}
+
+TEST(CalibrateCli, ImportOfficialProfiles) {
+  const std::string dir = test::shared_path("reference/official-profiles");
+  if (!fs::exists(dir)) GTEST_SKIP();
+  const std::string out = test::temp_path("official.json");
+  std::string files;
+  for (int r = 0; r <= 9; ++r) files += " " + dir + "/prefixkv_llava-v1.5-7b_0." + std::to_string(r) + ".json";
+  Result res = prefixkv("calibrate --import-official" + files + " --out " + out);
+  ASSERT_EQ(res.rc, 0) << res.out;
+  Profile p = Profile::load(out);
+  EXPECT_EQ(p.n_layers(), 32);
+  json e = json::parse(std::ifstream(dir + "/prefixkv_llava-v1.5-7b_0.8.json"));
+  const ProfileBudget* b = p.find(0.2);
+  ASSERT_TRUE(b);
+  for (int l = 0; l < 32; ++l) EXPECT_DOUBLE_EQ(b->keep[size_t(l)], 1.0 - e[size_t(l)].get<double>());
+  // A 32-layer profile on a 2-layer model is refused with both identities named.
+  Result bad = prefixkv("run --model " + kModel + " --prompt hi --kv-policy prefixkv --kv-profile " + out);
+  EXPECT_EQ(bad.rc, 1);
+  EXPECT_NE(bad.out.find("layer"), std::string::npos) << bad.out;
+}
+
+TEST(EvalCli, RecordsForEveryConfigAndSkippedSamples) {
+  const std::string data = write_data("eval");
+  const std::string out = test::temp_path("results.json");
+  Result r = prefixkv("eval --model " + kModel + " --data " + data + " --truth " + repo("data/calib/truth.json") +
+                      " --policies streaming,uniform-prefix,prefixkv-online --estimators window,normalized "
+                      "--budgets 0.2,1.0 --max-tokens 8 --out " + out + " --plot " + test::temp_path("r.svg"));
+  ASSERT_EQ(r.rc, 0) << r.out;
+  json j = json::parse(std::ifstream(out));
+  EXPECT_EQ(j["samples"], 2);
+  ASSERT_EQ(j["skipped"].size(), 1u);
+  EXPECT_NE(j["skipped"][0]["reason"].get<std::string>().find("/nonexistent/picture.png"), std::string::npos);
+  // streaming x 2 budgets + 2 prefix policies x 2 estimators x 2 budgets.
+  EXPECT_EQ(j["records"].size(), 10u);
+  for (auto& rec : j["records"]) {
+    for (auto k : {"policy", "budget", "ppl", "rouge_l", "accuracy", "kld", "kv_bytes", "samples"})
+      EXPECT_TRUE(rec.contains(k)) << k;
+    if (rec["budget"] == 1.0) {
+      // Budget 1.0 is the full cache: same PPL, no divergence, identical answers.
+      EXPECT_NEAR(rec["ppl"].get<double>(), j["full"]["ppl"].get<double>(), 1e-9);
+      EXPECT_NEAR(rec["kld"].get<double>(), 0.0, 1e-12);
+      EXPECT_DOUBLE_EQ(rec["rouge_l"].get<double>(), 1.0);
+      EXPECT_DOUBLE_EQ(rec["kv_bytes"].get<double>(), j["full"]["kv_bytes"].get<double>());
+      EXPECT_DOUBLE_EQ(rec["kv_bytes_end"].get<double>(), j["full"]["kv_bytes_end"].get<double>());
+    } else {
+      EXPECT_GT(rec["kld"].get<double>(), 0.0);
+      EXPECT_LT(rec["kv_bytes"].get<double>(), 0.3 * j["full"]["kv_bytes"].get<double>());
+    }
+  }
+  EXPECT_NE(r.out.find("| policy |"), std::string::npos) << "prints the table";
+}
+
+TEST(EvalCli, BadInput) {
+  const std::string data = write_data("evalbad");
+  auto err = [&](const std::string& a, const std::string& frag) {
+    Result r = prefixkv(a);
+    EXPECT_EQ(r.rc, 1) << a << "\n" << r.out;
+    EXPECT_NE(r.out.find(frag), std::string::npos) << r.out;
+  };
+  err("eval --model " + kModel + " --data " + data + " --out /tmp/x.json --budgets 0,0.5", "--budgets");
+  err("eval --model " + kModel + " --data " + data + " --out /tmp/x.json --budgets 1.5", "--budgets");
+  err("eval --model " + kModel + " --data " + data + " --out /tmp/x.json --policies nope", "nope");
+  err("eval --model " + kModel + " --data " + data + " --out /tmp/x.json --estimators fancy", "fancy");
+  const std::string bad = test::temp_path("bad.json");
+  std::ofstream(bad) << "{\"not\": \"a list\"}";
+  err("eval --model " + kModel + " --data " + bad + " --out /tmp/x.json", bad);
+  std::ofstream(test::temp_path("broken_profile.json")) << "{\"format\": \"prefixkv-profile\", \"version\": 1";
+  err("run --model " + kModel + " --prompt hi --kv-policy prefixkv --kv-profile " + test::temp_path("broken_profile.json"),
+      "broken_profile.json");
+}
