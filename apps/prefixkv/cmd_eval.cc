@@ -81,6 +81,19 @@ struct Totals {  // summed over samples
   int samples = 0, acc_n = 0;
 };
 
+// Keeps everything and records the raw prefill importance from query `from` on.
+class Recorder : public KVPolicy {
+ public:
+  explicit Recorder(int from) : from_(from) {}
+  std::string name() const override { return "recorder"; }
+  ImportanceRequest prefill_importance(int) const override { return {true, from_}; }
+  void after_prefill(KVCache&, const std::vector<std::vector<float>>& imp, int) override { importance = imp; }
+  std::vector<std::vector<float>> importance;
+
+ private:
+  int from_;
+};
+
 bool uses_estimator(const std::string& p) {
   return p == "uniform-prefix" || p == "prefixkv" || p == "prefixkv-online";
 }
@@ -212,15 +225,35 @@ int cmd_eval(int argc, char** argv) {
       }
       const std::vector<int32_t> answer = engine.answer_ids(s.answer);
       const int A = int(answer.size());
-      // Reference: full cache.
+      // Reference: the full cache. One prefill records the importance over all queries and keeps the
+      // cache; a second records it over the last `window` queries. Every policy then adopts that
+      // prefill instead of running its own (same numbers, a fraction of the time).
+      const int N = int(p->ids.size());
+      const int win_from = std::max(0, N - base.window);
+      Recorder rec_all(0), rec_win(win_from);
+      Session ref_sess(*model, rec_all);
+      std::vector<float> logits0(static_cast<size_t>(V));
+      ref_sess.prefill(*p, logits0.data());
+      {
+        Session w(*model, rec_win);
+        w.prefill(*p, logits.data());
+      }
+      const KVCache& full_cache = ref_sess.cache();
+      auto importance_for = [&](const KVPolicy& pol) -> const std::vector<std::vector<float>>& {
+        static const std::vector<std::vector<float>> none;
+        const ImportanceRequest req = pol.prefill_importance(N);
+        if (!req.needed) return none;
+        PKV_ASSERT_MSG(req.from == 0 || req.from == win_from, "eval shares prefills for two query windows only");
+        return req.from == 0 ? rec_all.importance : rec_win.importance;
+      };
       FullPolicy full;
       std::vector<float> ref_logits(size_t(A) * V);
       double full_nll = 0;
-      size_t full_kv0 = 0;
+      const size_t full_kv0 = full_cache.bytes();
       {
         Session sess(*model, full);
-        sess.prefill(*p, logits.data());
-        full_kv0 = sess.cache().bytes();
+        sess.adopt_prefill(full_cache, {}, N);
+        logits = logits0;
         for (int t = 0; t < A; ++t) {
           std::copy(logits.begin(), logits.end(), ref_logits.begin() + size_t(t) * V);
           full_nll += token_nll(logits.data(), V, answer[size_t(t)]);
@@ -229,7 +262,12 @@ int cmd_eval(int argc, char** argv) {
       }
       SamplingOptions so;
       so.max_tokens = max_tokens;
-      GenerationResult ref = engine.generate(*p, so, full);
+      GenerationResult ref;
+      {
+        Session sess(*model, full);
+        sess.adopt_prefill(full_cache, {}, N);
+        ref = engine.generate_from(sess, logits0, N, so);
+      }
       auto score = [&](const std::string& text, double* acc) -> bool {
         if (!truth) return false;
         if (auto q = truth->find_question(s.id)) {
@@ -258,7 +296,8 @@ int cmd_eval(int argc, char** argv) {
         size_t kv0 = 0;
         {
           Session sess(*model, *policy);
-          sess.prefill(*p, logits.data());
+          sess.adopt_prefill(full_cache, importance_for(*policy), N);
+          logits = logits0;
           kv0 = sess.cache().bytes();
           for (int t = 0; t < A; ++t) {
             const float* rl = ref_logits.data() + size_t(t) * V;
@@ -269,7 +308,12 @@ int cmd_eval(int argc, char** argv) {
           }
         }
         auto gpolicy = make(c);
-        GenerationResult g = engine.generate(*p, so, *gpolicy);
+        GenerationResult g;
+        {
+          Session sess(*model, *gpolicy);
+          sess.adopt_prefill(full_cache, importance_for(*gpolicy), N);
+          g = engine.generate_from(sess, logits0, N, so);
+        }
         const double rouge = rouge_l_f(ref.text, g.text);
         double acc = 0;
         const bool has_acc = score(g.text, &acc);

@@ -195,6 +195,13 @@ void Session::prefill(const PreparedPrompt& p, float* logits, Observer* obs) {
   policy_.after_prefill(cache_, importance, T);
 }
 
+void Session::adopt_prefill(const KVCache& full, const std::vector<std::vector<float>>& importance, int N) {
+  PKV_ASSERT(pos_ == 0);
+  cache_ = full.clone();
+  pos_ = N;
+  policy_.after_prefill(cache_, importance, N);
+}
+
 void Session::step(int32_t token, float* logits, Observer* obs) {
   const int32_t position = pos_;
   model_.embed(&token, 1, x_.data());
@@ -215,15 +222,23 @@ GenerationResult Engine::generate(const PreparedPrompt& p, const SamplingOptions
   const int T = int(p.ids.size()), V = cfg.text.vocab_size;
   if (T == 0) fail("prompt", "is empty");
   if (s.max_tokens < 0) fail("--max-tokens", "must not be negative");
-  GenerationResult r;
-  r.prompt_tokens = T;
   Session session(model_, policy);
   std::vector<float> logits(static_cast<size_t>(V));
   auto t0 = std::chrono::steady_clock::now();
   session.prefill(p, logits.data(), obs);
-  r.prefill_ms = ms_since(t0);
-  r.first_logits = logits;
+  const double prefill_ms = ms_since(t0);
+  GenerationResult r = generate_from(session, std::move(logits), T, s, on_text, obs);
+  r.prefill_ms = prefill_ms;
+  return r;
+}
 
+GenerationResult Engine::generate_from(Session& session, std::vector<float> logits, int T, const SamplingOptions& s,
+                                       const std::function<void(const std::string&)>& on_text, Observer* obs) const {
+  const ModelConfig& cfg = model_.config();
+  const int V = cfg.text.vocab_size;
+  GenerationResult r;
+  r.prompt_tokens = T;
+  r.first_logits = logits;
   uint64_t rng = s.seed;
   size_t max_stop = 0;
   for (auto& st : s.stop) max_stop = std::max(max_stop, st.size());

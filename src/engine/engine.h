@@ -62,6 +62,10 @@ class Session {
   // Runs the prompt; writes the logits of its last position (from the uncompressed prefill), then
   // lets the policy compress the cache.
   void prefill(const PreparedPrompt& p, float* logits, Observer* obs = nullptr);
+  // Starts from another session's uncompressed prefill (its cache, the importance this session's
+  // policy asks for, the prompt length) instead of running the prompt again, then lets the policy
+  // compress. Evaluation uses it to share one prefill among many policies.
+  void adopt_prefill(const KVCache& full_cache, const std::vector<std::vector<float>>& importance, int prompt_len);
   // Feeds one token at the next position; writes the logits for the position after it, then lets
   // the policy evict.
   void step(int32_t token, float* logits, Observer* obs = nullptr);
@@ -83,6 +87,11 @@ class Engine {
 
   // Tokenises, preprocesses and encodes the image, and builds the input embeddings.
   PreparedPrompt prepare(const PromptRequest& req, Observer* obs = nullptr) const;
+
+  // Decode from a session that has run (or adopted) its prefill; `logits` are the prefill's.
+  GenerationResult generate_from(Session& session, std::vector<float> logits, int prompt_len, const SamplingOptions& s,
+                                 const std::function<void(const std::string&)>& on_text = {},
+                                 Observer* obs = nullptr) const;
 
   // Prefill + decode. on_text receives text as it is produced (may be empty function).
   GenerationResult generate(const PreparedPrompt& p, const SamplingOptions& s, KVPolicy& policy,

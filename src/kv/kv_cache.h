@@ -49,10 +49,16 @@ class KVCache {
   const KVLayer& layer(int l) const { return layers_[size_t(l)]; }
   void reserve(int entries);
   void clear();
+  // An explicit deep copy (a cache can hold hundreds of megabytes: never copied implicitly).
+  KVCache clone() const { return *this; }
+  KVCache(KVCache&&) = default;
+  KVCache& operator=(KVCache&&) = default;
   size_t bytes() const;
   std::vector<size_t> bytes_per_layer() const;
 
  private:
+  KVCache(const KVCache&) = default;
+  KVCache& operator=(const KVCache&) = default;
   std::vector<KVLayer> layers_;
 };
 
