@@ -61,4 +61,10 @@ int run_command(const std::string& cmd, std::string* output) {
   return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
 }
 
+Result prefixkv(const std::string& args) {
+  Result r;
+  r.rc = run_command(std::string(PKV_BINARY) + " " + args, &r.out);
+  return r;
+}
+
 }  // namespace pkv::test

@@ -17,4 +17,11 @@ double max_abs_diff(const float* a, const float* b, size_t n);
 // Runs a shell command, returns its exit status; stdout+stderr go to *output.
 int run_command(const std::string& cmd, std::string* output);
 
+// Runs the prefixkv program with `args`; exit status and stdout + stderr.
+struct Result {
+  int rc;
+  std::string out;
+};
+Result prefixkv(const std::string& args);
+
 }  // namespace pkv::test

@@ -16,16 +16,8 @@ using namespace pkv;
 
 namespace {
 
-struct Result {
-  int rc;
-  std::string out;
-};
-
-Result prefixkv(const std::string& args) {
-  Result r;
-  r.rc = test::run_command(std::string(PKV_BINARY) + " " + args, &r.out);
-  return r;
-}
+using test::prefixkv;
+using test::Result;
 
 std::string fixture(const std::string& name) { return test::data_path("fixtures/" + name); }
 

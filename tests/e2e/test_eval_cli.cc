@@ -14,15 +14,9 @@ using nlohmann::json;
 using namespace pkv;
 
 namespace {
-struct Result {
-  int rc;
-  std::string out;
-};
-Result prefixkv(const std::string& args) {
-  Result r;
-  r.rc = test::run_command(std::string(PKV_BINARY) + " " + args, &r.out);
-  return r;
-}
+using test::prefixkv;
+using test::Result;
+
 const std::string kModel = test::data_path("fixtures/llava_hf_mha");
 std::string repo(const std::string& rel) { return std::string(PKV_TEST_DATA) + "/../../" + rel; }
 
