@@ -1286,8 +1286,8 @@ def main_train(args):
                         f"(+{hook_reserve_s:.0f}s diagnostics; {left:.0f}s left)", t0)
                 # fit the plan (and so the cosine schedule) to the deadline; it may grow back up to
                 # `steps` if early steps were slow (data waits while the prefetch queue refills)
-                if fit < planned or (fit > planned * 1.01 and step < 0.8 * planned):
-                    log(f"{name}: {'WARNING shrinking' if fit < planned else 'growing'} the plan from {planned} "
+                if fit < planned * 0.99 or (fit > planned * 1.01 and step < 0.8 * planned):
+                    log(f"{name}: {'shrinking' if fit < planned else 'growing'} the plan from {planned} "
                         f"to {fit} steps to meet the deadline ({per * 1000:.0f} ms/step)", t0)
                     planned = fit
             if step % args.log_every == 0 or step == planned:

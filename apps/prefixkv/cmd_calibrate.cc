@@ -163,6 +163,9 @@ int cmd_calibrate(int argc, char** argv) {
                                              std::vector<double>(size_t(L), 1e9), std::vector<double>(size_t(L), -1e9)});
     int used = 0;
     std::vector<std::string> ids;
+    // Attention concentration per layer: the share of the importance mass held by the top 10% of
+    // the prompt's tokens, averaged over the samples (PrefixKV's premise: it differs by layer).
+    std::vector<double> top10(size_t(L), 0.0);
     const size_t target = limit > 0 ? std::min(samples.size(), size_t(limit)) : samples.size();
     auto t0 = std::chrono::steady_clock::now();
     for (const Sample& s : samples) {
@@ -183,6 +186,14 @@ int cmd_calibrate(int argc, char** argv) {
         for (auto& l : probe.scores) flat.insert(flat.end(), l.begin(), l.end());
         write_npy((fs::path(dump) / (s.id + ".npy")).string(), flat.data(), {L, N});
       }
+      for (int l = 0; l < L; ++l) {
+        std::vector<float> sc = probe.scores[size_t(l)];
+        std::sort(sc.begin(), sc.end(), std::greater<float>());
+        double tot = 0, top = 0;
+        const size_t k = size_t(std::ceil(0.1 * N));
+        for (size_t i = 0; i < sc.size(); ++i) tot += sc[i], top += i < k ? sc[i] : 0.0;
+        top10[size_t(l)] += tot > 0 ? top / tot : 0.0;
+      }
       for (size_t bi = 0; bi < budgets.size(); ++bi) {
         std::vector<int> n = prefix_budgets(probe.scores, std::llround(budgets[bi] * N * L), std::min(N, protect));
         for (int l = 0; l < L; ++l) {
@@ -199,6 +210,9 @@ int cmd_calibrate(int argc, char** argv) {
                std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
     }
     if (used == 0) fail(data, "no usable calibration sample (every image was missing or broken)");
+    std::cout << "attention concentration (" << estimator_name(est)
+              << " importance): share of the mass on the top 10% of prompt tokens, mean over " << used << " samples\n";
+    for (int l = 0; l < L; ++l) std::printf("  layer %2d  %.3f\n", l, top10[size_t(l)] / used);
     profile.model = model_identity(*model);
     profile.estimator = estimator_name(est);
     profile.window = est == Estimator::Window ? window : 0;
