@@ -819,19 +819,42 @@ def make_optimizer(groups, lr, wd):
         return torch.optim.AdamW(out, lr=lr, betas=(0.9, 0.95), eps=1e-8)
 
 
-def aux_terms(aux, feats, lab, cells_t):
+def cell_mean(x):
+    """[B, 576, D] -> [B, 9, D]: mean over each grid cell's 8 x 8 tokens."""
+    B, G, P = x.shape[0], scenes.GRID, CELL_PATCHES
+    return x.reshape(B, G, P, G, P, -1).mean(dim=(2, 4)).reshape(B, G * G, -1)
+
+
+def aux_terms(aux, feats, lab, cells_t, mode="pooled"):
     """Auxiliary vision loss on projected image tokens feats [B, 576, H] with scene labels
-    lab [B, N_LABELS]: every token predicts its cell's shape / colour / size (0 = empty), the
-    background and its cell. Returns (summed mean cross-entropies, logits [B, 576, sum(AUX_SPLITS)])."""
+    lab [B, N_LABELS]. Every token predicts the background and its own cell (position); the
+    shape / colour / size of each cell's object (0 = empty) are predicted from the cell's mean
+    logits ("pooled": the object's few tokens must carry it, the decoder can attend to them) or by
+    every token of the cell ("token": far harder, tokens away from the object must gather it).
+    Returns (summed mean cross-entropies, logits [B, 576, sum(AUX_SPLITS)])."""
     import torch
     import torch.nn.functional as F
     B = feats.shape[0]
+    n9 = scenes.GRID * scenes.GRID
     logits = aux(feats.reshape(B, IMAGE_TOKENS, -1).float()).float()
     parts = torch.split(logits, AUX_SPLITS, dim=-1)
-    tgts = (lab[:, scenes.LABEL_SHAPE + cells_t], lab[:, scenes.LABEL_COLOR + cells_t],
-            lab[:, scenes.LABEL_SIZE + cells_t], lab[:, scenes.LABEL_BG:scenes.LABEL_BG + 1].expand(B, IMAGE_TOKENS),
-            cells_t.view(1, -1).expand(B, IMAGE_TOKENS))
-    loss = sum(F.cross_entropy(p.reshape(-1, p.shape[-1]), t.reshape(-1)) for p, t in zip(parts, tgts))
+    if mode == "pooled":
+        cparts = torch.split(cell_mean(logits), AUX_SPLITS, dim=-1)
+        obj = [(cparts[i], lab[:, off:off + n9]) for i, off in
+               enumerate((scenes.LABEL_SHAPE, scenes.LABEL_COLOR, scenes.LABEL_SIZE))]
+        # colour and size only where there is an object (empty is the shape head's job)
+        occ = (lab[:, scenes.LABEL_SHAPE:scenes.LABEL_SHAPE + n9] > 0).reshape(-1)
+        loss = F.cross_entropy(obj[0][0].reshape(-1, obj[0][0].shape[-1]), obj[0][1].reshape(-1))
+        for p, t in obj[1:]:
+            loss = loss + F.cross_entropy(p.reshape(-1, p.shape[-1])[occ], t.reshape(-1)[occ])
+    else:
+        tgts = (lab[:, scenes.LABEL_SHAPE + cells_t], lab[:, scenes.LABEL_COLOR + cells_t],
+                lab[:, scenes.LABEL_SIZE + cells_t])
+        loss = sum(F.cross_entropy(p.reshape(-1, p.shape[-1]), t.reshape(-1)) for p, t in zip(parts[:3], tgts))
+    loss = loss + F.cross_entropy(parts[3].reshape(-1, parts[3].shape[-1]),
+                                  lab[:, scenes.LABEL_BG:scenes.LABEL_BG + 1].expand(B, IMAGE_TOKENS).reshape(-1))
+    loss = loss + F.cross_entropy(parts[4].reshape(-1, parts[4].shape[-1]),
+                                  cells_t.view(1, -1).expand(B, IMAGE_TOKENS).reshape(-1))
     return loss, logits
 
 
@@ -840,10 +863,8 @@ def probe_accuracy(logits, lab):
     9 cells, empty included), colour and size (occupied cells), background (whole image), and the
     per-token cell."""
     import torch
-    B, G, P = logits.shape[0], scenes.GRID, CELL_PATCHES
-    cell = logits.view(B, G, P, G, P, -1).mean(dim=(2, 4)).reshape(B, G * G, -1)
-    parts = torch.split(cell, AUX_SPLITS, dim=-1)
-    n9 = G * G
+    parts = torch.split(cell_mean(logits), AUX_SPLITS, dim=-1)
+    n9 = scenes.GRID * scenes.GRID
     occ = lab[:, scenes.LABEL_SHAPE:scenes.LABEL_SHAPE + n9] > 0
     n_occ = occ.sum().clamp(min=1)
     shape = (parts[0].argmax(-1) == lab[:, scenes.LABEL_SHAPE:scenes.LABEL_SHAPE + n9]).float().mean()
@@ -858,7 +879,7 @@ def probe_accuracy(logits, lab):
 
 
 def seq_losses(inner, head, built, pix_scene, dev, autocast, cap=None, aux=None, labels_t=None, cells_t=None,
-               shuffle=False):
+               shuffle=False, aux_mode="pooled"):
     """Scene losses of a built batch. pix_scene: one pixel row per scene; sequence i gets row
     built.scene[i] (or, with shuffle, the next scene's row: the image-usage diagnostic). Returns
     {"desc", "qa"[, "aux", "aux_logits"]}; "aux" needs cap (the projector-output capture), aux and
@@ -889,7 +910,7 @@ def seq_losses(inner, head, built, pix_scene, dev, autocast, cap=None, aux=None,
         out[name] = (nll * sel).sum() / sel.sum().clamp(min=1.0)
     if aux is not None and cap is not None and "feat" in cap:
         feats = cap["feat"].reshape(len(built.scene), IMAGE_TOKENS, -1)
-        out["aux"], out["aux_logits"] = aux_terms(aux, feats, labels_t.index_select(0, idx), cells_t)
+        out["aux"], out["aux_logits"] = aux_terms(aux, feats, labels_t.index_select(0, idx), cells_t, aux_mode)
     return out
 
 
@@ -1181,7 +1202,7 @@ def main_train(args):
             model.eval()
             rec = {"stage": stage, "step": step, "elapsed_s": round(time.time() - t0, 1)}
             feats = image_feats(diag_pix)
-            _, logits = aux_terms(aux, feats, diag_lab, cells_t)
+            _, logits = aux_terms(aux, feats, diag_lab, cells_t, args.aux_mode)
             rec["probe"] = probe_accuracy(logits, diag_lab)
             rec["image_token_rms"] = round(float(feats.float().pow(2).mean().sqrt()), 4)
             rec["text_embedding_rms"] = round(float(lm.get_input_embeddings().weight[4:].float().pow(2).mean().sqrt()), 4)
@@ -1336,7 +1357,7 @@ def main_train(args):
         def vis_step(step):
             imgs, _, labels = feeder.get()
             feats = image_feats(gpu_pixels(imgs, dev))
-            loss, _ = aux_terms(aux, feats, torch.from_numpy(labels).to(dev), cells_t)
+            loss, _ = aux_terms(aux, feats, torch.from_numpy(labels).to(dev), cells_t, args.aux_mode)
             return {"loss": loss, "aux": loss.detach()}
 
         def vis_hook(step, planned):
@@ -1359,7 +1380,8 @@ def main_train(args):
         b = builder.build_seqs(seqs, n_scenes=len(imgs))
         use_aux = args.aux_weight > 0
         o = seq_losses(inner, head, b, gpu_pixels(imgs, dev), dev, autocast, cap if use_aux else None,
-                       aux if use_aux else None, torch.from_numpy(labels).to(dev) if use_aux else None, cells_t)
+                       aux if use_aux else None, torch.from_numpy(labels).to(dev) if use_aux else None, cells_t,
+                       aux_mode=args.aux_mode)
         loss = o["desc"] + args.qa_weight * o["qa"]
         res = {"desc": o["desc"].detach(), "qa": o["qa"].detach()}
         if use_aux:
@@ -1542,6 +1564,8 @@ def parse_args(argv):
     ap.add_argument("--qa-cells", type=int, default=6, help="cells asked about per question sequence (<= 9)")
     ap.add_argument("--qa-weight", type=float, default=1.0, help="weight of the mean question-answer token loss")
     ap.add_argument("--aux-weight", type=float, default=0.3, help="weight of the aux vision loss in stage 2b (0: off)")
+    ap.add_argument("--aux-mode", choices=["pooled", "token"], default="pooled",
+                    help="aux object targets from each cell's mean logits, or on every token of the cell")
     ap.add_argument("--text-every", type=int, default=5, help="every k-th stage-2b step is a text batch")
     ap.add_argument("--lr-lang", type=float, default=1.5e-3)
     ap.add_argument("--lr-vis", type=float, default=2e-3, help="stage 2a peak lr (tower, projector, aux head)")
