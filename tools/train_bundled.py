@@ -10,10 +10,11 @@ Architecture (transformers' LlavaForConditionalGeneration, llava-hf layout):
 Recipe (LLaVA's: a decoder pretrained on language first; run 4 changes after runs 2-3 learned no grounding):
   stage 1  language pretraining of the decoder on .cache/text/corpus.txt.gz (packed 512-token windows)
   stage 2a vision warm-up (replaces the frozen-decoder alignment of run 3): vision tower + projector
-           only, with a training-only linear head on the projected image tokens that predicts, for
-           every token, the shape / colour / size of the object in its grid cell (or "empty"), the
-           background and the cell itself (tools/scenes.py scene_labels). No decoder compute, so it
-           is cheap, and the decoder meets image tokens that already carry content and position.
+           only, with a training-only linear head on the projected image tokens: the mean logits of
+           each grid cell's 64 tokens predict the shape / colour / size of its object (or "empty"),
+           every token predicts the background and its own cell (tools/scenes.py scene_labels). No
+           decoder compute, so it is cheap, and the decoder meets image tokens that already carry
+           content and position.
   stage 2b vision tower + projector + decoder on synthetic scenes (tools/scenes.py); per scene one
            description sequence "USER: <image>\\n{prompt} ASSISTANT: {description}</s>" (exactly the
            inference prompt) and --qa-seqs multi-turn question sequences in LLaVA v1's multi-turn
@@ -1553,7 +1554,7 @@ def parse_args(argv):
     ap.add_argument("--out", default="out/model")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lang-steps", type=int, default=1500)
-    ap.add_argument("--vis-steps", type=int, default=500, help="stage 2a steps (vision tower + projector on the aux targets)")
+    ap.add_argument("--vis-steps", type=int, default=800, help="stage 2a steps (vision tower + projector on the aux targets)")
     ap.add_argument("--scene-steps", type=int, default=5000,
                     help="stage 2b steps at most, text steps included (the plan is fitted to --deadline)")
     ap.add_argument("--lang-batch", type=int, default=32, help="512-token windows per text step")
