@@ -3,8 +3,8 @@
 #   make test  installs what is missing, builds, and runs the whole test suite
 BUILD ?= build
 JOBS ?= $(shell nproc)
-MODEL ?= tests/data/fixtures/llava_hf_mha
-IMAGE ?= tests/data/images/wide.png
+MODEL ?= models/prefixkv-llava-tiny
+IMAGE ?= data/example.png
 
 .PHONY: all deps build run test clean
 
@@ -18,7 +18,7 @@ build: deps
 	@cmake --build $(BUILD) -j $(JOBS)
 
 run: build
-	./$(BUILD)/prefixkv run --model $(MODEL) --image $(IMAGE) --prompt "Describe the image in detail." --max-tokens 64
+	./$(BUILD)/prefixkv run --model $(MODEL) --image $(IMAGE) --prompt "Describe the image in detail." --max-tokens 300
 
 test: build
 	cd $(BUILD) && ctest --output-on-failure -j $(JOBS)
