@@ -60,28 +60,6 @@ class ImportanceProbe : public KVPolicy {
   int window_;
 };
 
-std::vector<double> parse_budgets(const std::string& s) {
-  std::vector<double> out;
-  size_t start = 0;
-  while (start <= s.size()) {
-    size_t comma = s.find(',', start);
-    std::string tok = s.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
-    try {
-      size_t used = 0;
-      double b = std::stod(tok, &used);
-      if (used != tok.size() || !(b > 0 && b <= 1)) throw std::invalid_argument(tok);
-      out.push_back(b);
-    } catch (const std::exception&) {
-      fail("--budgets", "'" + tok + "' is not a budget in (0, 1]");
-    }
-    if (comma == std::string::npos) break;
-    start = comma + 1;
-  }
-  std::sort(out.begin(), out.end());
-  out.erase(std::unique(out.begin(), out.end()), out.end());
-  return out;
-}
-
 void write_plot(const Profile& p, const std::string& path) {
   PlotSpec spec;
   spec.title = "PrefixKV keep fraction per layer (" + p.model.name + ")";
@@ -135,24 +113,19 @@ int cmd_calibrate(int argc, char** argv) {
     const std::string data = args.str("data", "");
     if (data.empty()) fail("--data", "is required (calibration conversations), or give --import-official");
     const std::vector<double> budgets =
-        args.has("budgets") ? parse_budgets(args.str("budgets")) : calibrate_budgets_default();
-    const Estimator est = estimator_from_name(args.str("kv-importance", "window"));
-    const int window = args.integer("kv-window", 32);
-    if (window < 1) fail("--kv-window", "must be at least 1");
-    const int protect = args.integer("kv-protected", 2);
-    if (protect < 0) fail("--kv-protected", "must not be negative");
+        args.has("budgets") ? parse_budgets(args.str("budgets"), "--budgets") : calibrate_budgets_default();
+    const PolicyOptions popt = policy_options_from_args(args);
+    const Estimator est = popt.estimator;
+    const int window = popt.window, protect = popt.protected_count;
     const int limit = args.integer("samples", 0);
     if (args.has("samples") && limit < 1) fail("--samples", "must be at least 1");
     const std::string dump = args.str("dump-importance", "");
     if (!dump.empty()) fs::create_directories(dump);
 
     std::vector<Sample> samples = load_conversations(data, args.str("image-dir", ""));
-    const std::string model_dir = args.str("model", default_model_dir());
-    LoadOptions lo;
-    lo.vision_tower_dir = args.str("vision-tower", "");
-    auto model = Model::load(model_dir, lo);
-    Tokenizer tok((fs::path(model_dir) / "tokenizer.model").string());
-    Engine engine(*model, tok);
+    LoadedModel lm = load_model(args);
+    const Model* model = lm.model.get();
+    Engine engine(*model, *lm.tok);
     const int L = model->config().text.n_layers;
 
     // Per budget, per layer: sum, sum of squares, min and max of the per-sample k_l.

@@ -116,21 +116,11 @@ int cmd_eval(int argc, char** argv) {
   for (auto& p : policies)
     if (std::find(policy_names().begin(), policy_names().end(), p) == policy_names().end())
       fail("--policies", "unknown policy '" + p + "'");
-  std::vector<double> budgets;
-  for (auto& b : split(args.str("budgets", "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9"))) {
-    char* end = nullptr;
-    double v = std::strtod(b.c_str(), &end);
-    if (*end || !(v > 0 && v <= 1)) fail("--budgets", "'" + b + "' is not a budget in (0, 1]");
-    budgets.push_back(v);
-  }
+  const std::vector<double> budgets = parse_budgets(args.str("budgets", "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9"), "--budgets");
   std::vector<std::string> estimators = split(args.str("estimators", "window"));
   for (auto& e : estimators) estimator_from_name(e);
-  PolicyOptions base;
-  base.window = args.integer("kv-window", 32);
-  base.protected_count = args.integer("kv-protected", 2);
+  const PolicyOptions base = policy_options_from_args(args);
   const std::string rule = args.str("kv-decode", "proportional");
-  if (rule != "proportional" && rule != "cap") fail("--kv-decode", "must be proportional or cap");
-  base.decode_rule = rule == "cap" ? DecodeRule::FixedCap : DecodeRule::Proportional;
   const int limit = args.integer("limit", 0);
   const int max_tokens = args.integer("max-tokens", 1024);
   if (max_tokens < 1) fail("--max-tokens", "must be at least 1");
@@ -142,12 +132,10 @@ int cmd_eval(int argc, char** argv) {
   std::optional<TruthSet> truth;
   if (!truth_path.empty()) truth = TruthSet::load(truth_path);
 
-  const std::string model_dir = args.str("model", default_model_dir());
-  LoadOptions lo;
-  lo.vision_tower_dir = args.str("vision-tower", "");
-  auto model = Model::load(model_dir, lo);
-  Tokenizer tok((fs::path(model_dir) / "tokenizer.model").string());
-  Engine engine(*model, tok);
+  LoadedModel lm = load_model(args);
+  const std::string& model_dir = lm.dir;
+  const Model* model = lm.model.get();
+  Engine engine(*model, *lm.tok);
   const int V = model->config().text.vocab_size;
 
   std::vector<Config> configs;

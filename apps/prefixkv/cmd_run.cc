@@ -119,18 +119,13 @@ int cmd_run(int argc, char** argv) {
   const std::string prompt = args.str("prompt", has_image ? "Describe the image in detail." : "");
   if (prompt.empty() && !has_image) fail("--prompt", "is required when no image is given");
 
-  const std::string model_dir = args.str("model", default_model_dir());
-  if (!args.has("model") && !fs::exists(model_dir))
-    fail("--model", "no model given and the bundled model is missing at " + model_dir);
   auto t0 = std::chrono::steady_clock::now();
-  LoadOptions lo;
-  lo.vision_tower_dir = args.str("vision-tower", "");
-  auto model = Model::load(model_dir, lo);
-  const std::string tok_path = (fs::path(model_dir) / "tokenizer.model").string();
-  Tokenizer tok(tok_path);
+  LoadedModel lm = load_model(args);
   const double load_ms = elapsed_ms(t0);
+  const std::string& model_dir = lm.dir;
+  const Model* model = lm.model.get();
 
-  Engine engine(*model, tok);
+  Engine engine(*model, *lm.tok);
   PromptRequest req;
   req.text = prompt;
   req.tmpl = tmpl == "raw" ? Template::Raw : Template::LlavaV1;

@@ -1,6 +1,12 @@
 // Pieces shared by the subcommands.
 #pragma once
+#include <memory>
 #include <string>
+#include <vector>
+
+#include "args.h"
+#include "model/model.h"
+#include "text/tokenizer.h"
 
 namespace pkv::cli {
 
@@ -8,5 +14,16 @@ namespace pkv::cli {
 std::string default_model_dir();
 // The repository root as seen from the executable (build/prefixkv -> ..).
 std::string repo_dir();
+
+// --model (default: the bundled model) and --vision-tower: the model and its tokenizer.
+struct LoadedModel {
+  std::string dir;
+  std::unique_ptr<Model> model;
+  std::unique_ptr<Tokenizer> tok;
+};
+LoadedModel load_model(const Args& args);
+
+// A comma-separated list of budgets in (0, 1], sorted and without duplicates; errors name `option`.
+std::vector<double> parse_budgets(const std::string& list, const std::string& option);
 
 }  // namespace pkv::cli

@@ -16,24 +16,6 @@ int cmd_calibrate(int argc, char** argv);
 int cmd_eval(int argc, char** argv);
 }
 
-namespace fs = std::filesystem;
-
-namespace pkv::cli {
-
-std::string repo_dir() {
-  char buf[4096];
-  ssize_t n = ::readlink("/proc/self/exe", buf, sizeof buf - 1);
-  if (n <= 0) return ".";
-  buf[n] = 0;
-  return fs::path(buf).parent_path().parent_path().string();
-}
-
-std::string default_model_dir() {
-  if (const char* env = std::getenv("PREFIXKV_MODEL")) return env;
-  return (fs::path(repo_dir()) / "models" / "prefixkv-llava-tiny").string();
-}
-
-}  // namespace pkv::cli
 
 static const char* kUsage =
     "usage: prefixkv <command> [options]\n"

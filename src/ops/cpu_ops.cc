@@ -370,7 +370,6 @@ void attention(const AttentionArgs& a) {
       const float* qv = a.q + size_t(i) * qd + size_t(h) * a.head_dim;
       float* o = a.out + size_t(i) * qd + size_t(h) * a.head_dim;
       float mx = -INFINITY;
-      int last = a.n_kv;  // entries are in position order; with causality, stop at the first unseen one
       for (int j = 0; j < a.n_kv; ++j) {
         if (causal && a.kv_pos[j] > a.q_pos[i]) {
           p[size_t(j)] = -INFINITY;
@@ -380,7 +379,6 @@ void attention(const AttentionArgs& a) {
         p[size_t(j)] = sc;
         mx = std::max(mx, sc);
       }
-      (void)last;
       float sum = 0;
       for (int j = 0; j < a.n_kv; ++j) {
         const float ev = p[size_t(j)] == -INFINITY ? 0.f : std::exp(p[size_t(j)] - mx);

@@ -1,0 +1,61 @@
+#include "common.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <filesystem>
+#include <unistd.h>
+
+#include "core/error.h"
+
+namespace fs = std::filesystem;
+
+namespace pkv::cli {
+
+std::string repo_dir() {
+  char buf[4096];
+  ssize_t n = ::readlink("/proc/self/exe", buf, sizeof buf - 1);
+  if (n <= 0) return ".";
+  buf[n] = 0;
+  return fs::path(buf).parent_path().parent_path().string();
+}
+
+std::string default_model_dir() {
+  if (const char* env = std::getenv("PREFIXKV_MODEL")) return env;
+  return (fs::path(repo_dir()) / "models" / "prefixkv-llava-tiny").string();
+}
+
+LoadedModel load_model(const Args& args) {
+  LoadedModel m;
+  m.dir = args.str("model", default_model_dir());
+  if (!args.has("model") && !fs::exists(m.dir))
+    fail("--model", "no model given and the bundled model is missing at " + m.dir);
+  LoadOptions lo;
+  lo.vision_tower_dir = args.str("vision-tower", "");
+  m.model = Model::load(m.dir, lo);
+  m.tok = std::make_unique<Tokenizer>((fs::path(m.dir) / "tokenizer.model").string());
+  return m;
+}
+
+std::vector<double> parse_budgets(const std::string& s, const std::string& option) {
+  std::vector<double> out;
+  size_t start = 0;
+  for (;;) {
+    size_t comma = s.find(',', start);
+    std::string tok = s.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
+    try {
+      size_t used = 0;
+      double b = std::stod(tok, &used);
+      if (used != tok.size() || !(b > 0 && b <= 1)) throw std::invalid_argument(tok);
+      out.push_back(b);
+    } catch (const std::exception&) {
+      fail(option, "'" + tok + "' is not a budget in (0, 1]");
+    }
+    if (comma == std::string::npos) break;
+    start = comma + 1;
+  }
+  std::sort(out.begin(), out.end());
+  out.erase(std::unique(out.begin(), out.end()), out.end());
+  return out;
+}
+
+}  // namespace pkv::cli
