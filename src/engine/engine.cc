@@ -216,6 +216,12 @@ void Session::step(int32_t token, float* logits, Observer* obs) {
   policy_.after_decode_step(cache_, pos_, call.importance ? &importance : nullptr);
 }
 
+void Session::step_many(const std::vector<Session*>& sessions, const int32_t* tokens, float* logits) {
+  if (sessions.empty()) return;
+  const size_t V = static_cast<size_t>(sessions[0]->model_.config().text.vocab_size);
+  for (size_t i = 0; i < sessions.size(); ++i) sessions[i]->step(tokens[i], logits + i * V);
+}
+
 GenerationResult Engine::generate(const PreparedPrompt& p, const SamplingOptions& s, KVPolicy& policy,
                                   const std::function<void(const std::string&)>& on_text, Observer* obs) const {
   const ModelConfig& cfg = model_.config();

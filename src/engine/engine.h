@@ -69,6 +69,10 @@ class Session {
   // Feeds one token at the next position; writes the logits for the position after it, then lets
   // the policy evict.
   void step(int32_t token, float* logits, Observer* obs = nullptr);
+  // Feeds one token to each of several sessions of the same model (continuous batching: the
+  // sessions may have different lengths, positions and policies); logits is [n, vocab], row i for
+  // sessions[i]. Equivalent to calling step() on each in turn.
+  static void step_many(const std::vector<Session*>& sessions, const int32_t* tokens, float* logits);
   int position() const { return pos_; }
   const KVCache& cache() const { return cache_; }
   const KVPolicy& policy() const { return policy_; }
