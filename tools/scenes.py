@@ -693,10 +693,11 @@ def scene_labels(sc):
 
 
 def dense_questions(sc, rs, n_cells=6):
-    """Grounded (question, answer) turns about one scene: n_cells distinct cells (one question
-    each: what / colour / size / shape / empty), one present and one absent colour+shape pair, one
-    count, the background and, when possible, where a unique object is; in random order. Answers use
-    the evaluation forms where a form exists (score_answer accepts them)."""
+    """Grounded (question, answer) turns about one scene: first, in random order, the aggregation
+    turns (one present and one absent colour+shape pair, two shape counts, a colour count, sometimes
+    the total, and where up to two unique objects are), then n_cells distinct cells (one question
+    each: what / colour / size / shape / empty) and the background, in random order. Answers use the
+    evaluation forms where a form exists (score_answer accepts them)."""
     out = []
     cells = [int(c) for c in rs.permutation(GRID * GRID)[:n_cells]]
     for cell in cells:
@@ -720,10 +721,13 @@ def dense_questions(sc, rs, n_cells=6):
             out.append((f"What shape is the object in {pos}?", _cap(o.shape)))
         else:
             out.append((f"Is {pos} empty?", "No"))
+    # Aggregation turns (existence, counts, where) come before the per-cell ones: the evaluation
+    # asks them single-turn, so they must be answered from the image, not from earlier answers.
+    agg = []
     # existence: a pair that is there, and one that is not (half the time built from a colour and a
     # shape that are both in the image, so that colour and shape must be bound to one object)
     o = sc.objects[int(rs.randint(0, len(sc.objects)))]
-    out.append((f"Is there a {o.color} {o.shape}?", "Yes"))
+    agg.append((f"Is there a {o.color} {o.shape}?", "Yes"))
     present = {(p.color, p.shape) for p in sc.objects}
     hard = [(cc, ss) for cc in COLOR_NAMES for ss in SHAPES if (cc, ss) not in present
             and any(p.color == cc for p in sc.objects) and any(p.shape == ss for p in sc.objects)]
@@ -735,28 +739,35 @@ def dense_questions(sc, rs, n_cells=6):
             ss = SHAPES[int(rs.randint(0, len(SHAPES)))]
             if (cc, ss) not in present:
                 break
-    out.append((f"Is there a {cc} {ss}?", "No"))
-    # one count
-    kind = _pick(rs, ["shape", "color", "all"], [3, 3, 1])
-    if kind == "shape":
-        s = (sc.objects[int(rs.randint(0, len(sc.objects)))].shape if rs.randint(0, 3)
-             else SHAPES[int(rs.randint(0, len(SHAPES)))])
-        out.append((f"How many {PLURAL[s]} are there?", str(sum(1 for p in sc.objects if p.shape == s))))
-    elif kind == "color":
-        cc = (sc.objects[int(rs.randint(0, len(sc.objects)))].color if rs.randint(0, 3)
-              else COLOR_NAMES[int(rs.randint(0, len(COLOR_NAMES)))])
-        out.append((f"How many {cc} objects are there?", str(sum(1 for p in sc.objects if p.color == cc))))
-    else:
-        out.append(("How many objects are there in the image?", str(len(sc.objects))))
-    out.append((BACKGROUND_QUESTION, _cap(sc.background)))
-    # where, for an object with a unique colour+shape in a cell not asked about above
+    agg.append((f"Is there a {cc} {ss}?", "No"))
+    # counts (run 4 asked one per sequence and counted one shape right only 53% of the time): two
+    # shapes (one in the image, one drawn as the evaluation draws it, possibly absent), one colour,
+    # and a third of the time all objects
+    def count_shape(s):
+        return (f"How many {PLURAL[s]} are there?", str(sum(1 for p in sc.objects if p.shape == s)))
+
+    def count_color(c):
+        return (f"How many {c} objects are there?", str(sum(1 for p in sc.objects if p.color == c)))
+
+    agg.append(count_shape(sc.objects[int(rs.randint(0, len(sc.objects)))].shape))
+    agg.append(count_shape(SHAPES[int(rs.randint(0, len(SHAPES)))]))
+    agg.append(count_color(sc.objects[int(rs.randint(0, len(sc.objects)))].color if rs.randint(0, 3)
+                           else COLOR_NAMES[int(rs.randint(0, len(COLOR_NAMES)))]))
+    if rs.randint(0, 3) == 0:
+        agg.append(("How many objects are there in the image?", str(len(sc.objects))))
+    # where, for up to two objects with a unique colour+shape in cells not asked about above
     cands = [p for p in sc.objects if p.row * GRID + p.col not in cells
              and sum(1 for q in sc.objects if q.color == p.color and q.shape == p.shape) == 1]
-    if cands:
-        p = cands[int(rs.randint(0, len(cands)))]
-        out.append((f"Where is the {p.color} {p.shape}?", "In " + _q_pos(p.position)))
-    order = [int(i) for i in rs.permutation(len(out))]
-    return [out[i] for i in order]
+    for i in [int(i) for i in rs.permutation(len(cands))[:2]]:
+        p = cands[i]
+        agg.append((f"Where is the {p.color} {p.shape}?", "In " + _q_pos(p.position)))
+    out.append((BACKGROUND_QUESTION, _cap(sc.background)))
+    seen, first = set(), []
+    for i in [int(i) for i in rs.permutation(len(agg))]:
+        if agg[i][0] not in seen:
+            seen.add(agg[i][0])
+            first.append(agg[i])
+    return first + [out[i] for i in [int(i) for i in rs.permutation(len(out))]]
 
 
 def training_sequences(seed, qa_seqs=1, n_cells=6):

@@ -839,7 +839,7 @@ def aux_terms(aux, feats, lab, cells_t, mode="pooled"):
     n9 = scenes.GRID * scenes.GRID
     logits = aux(feats.reshape(B, IMAGE_TOKENS, -1).float()).float()
     parts = torch.split(logits, AUX_SPLITS, dim=-1)
-    if mode == "pooled":
+    if mode in ("pooled", "pooled+token-shape"):
         cparts = torch.split(cell_mean(logits), AUX_SPLITS, dim=-1)
         obj = [(cparts[i], lab[:, off:off + n9]) for i, off in
                enumerate((scenes.LABEL_SHAPE, scenes.LABEL_COLOR, scenes.LABEL_SIZE))]
@@ -848,6 +848,12 @@ def aux_terms(aux, feats, lab, cells_t, mode="pooled"):
         loss = F.cross_entropy(obj[0][0].reshape(-1, obj[0][0].shape[-1]), obj[0][1].reshape(-1))
         for p, t in obj[1:]:
             loss = loss + F.cross_entropy(p.reshape(-1, p.shape[-1])[occ], t.reshape(-1)[occ])
+        if mode == "pooled+token-shape":
+            # and every token names its cell's shape (or empty): shape then sits in each token's
+            # features, where attention can find and count it (run 5 counted colours right 95% of
+            # the time, shapes 50%: colour is in every patch, shape was only in the cell as a whole)
+            loss = loss + F.cross_entropy(parts[0].reshape(-1, parts[0].shape[-1]),
+                                          lab[:, scenes.LABEL_SHAPE + cells_t].reshape(-1))
     else:
         tgts = (lab[:, scenes.LABEL_SHAPE + cells_t], lab[:, scenes.LABEL_COLOR + cells_t],
                 lab[:, scenes.LABEL_SIZE + cells_t])
@@ -875,8 +881,10 @@ def probe_accuracy(logits, lab):
     tok_parts = torch.split(logits, AUX_SPLITS, dim=-1)
     cells_t = torch.as_tensor(token_cells(), device=logits.device)
     cellacc = (tok_parts[4].argmax(-1) == cells_t.view(1, -1)).float().mean()
+    tshape = (tok_parts[0].argmax(-1) == lab[:, scenes.LABEL_SHAPE + cells_t]).float().mean()
     return {k: round(float(v), 4) for k, v in
-            (("shape", shape), ("color", color), ("size", size), ("background", bg), ("cell", cellacc))}
+            (("shape", shape), ("color", color), ("size", size), ("background", bg), ("cell", cellacc),
+             ("shape per token", tshape))}
 
 
 def seq_losses(inner, head, built, pix_scene, dev, autocast, cap=None, aux=None, labels_t=None, cells_t=None,
@@ -1219,7 +1227,8 @@ def main_train(args):
                        f"(gap {rec['qa_gap']:+.4f}) | ")
             p = rec["probe"]
             log(f"DIAG {stage} step {step}: {msg}probe shape {p['shape']:.3f} color {p['color']:.3f} size "
-                f"{p['size']:.3f} background {p['background']:.3f} cell {p['cell']:.3f} | image-token rms "
+                f"{p['size']:.3f} background {p['background']:.3f} cell {p['cell']:.3f} shape/token "
+                f"{p['shape per token']:.3f} | image-token rms "
                 f"{rec['image_token_rms']:.3f} text-embedding rms {rec['text_embedding_rms']:.3f}", t0)
             tlog["diagnostics"].append(rec)
         except Exception as e:
@@ -1565,8 +1574,9 @@ def parse_args(argv):
     ap.add_argument("--qa-cells", type=int, default=6, help="cells asked about per question sequence (<= 9)")
     ap.add_argument("--qa-weight", type=float, default=1.0, help="weight of the mean question-answer token loss")
     ap.add_argument("--aux-weight", type=float, default=0.3, help="weight of the aux vision loss in stage 2b (0: off)")
-    ap.add_argument("--aux-mode", choices=["pooled", "token"], default="pooled",
-                    help="aux object targets from each cell's mean logits, or on every token of the cell")
+    ap.add_argument("--aux-mode", choices=["pooled", "pooled+token-shape", "token"], default="pooled+token-shape",
+                    help="aux object targets from each cell's mean logits (+ the shape on every token of the "
+                         "cell), or all of them on every token of the cell")
     ap.add_argument("--text-every", type=int, default=5, help="every k-th stage-2b step is a text batch")
     ap.add_argument("--lr-lang", type=float, default=1.5e-3)
     ap.add_argument("--lr-vis", type=float, default=2e-3, help="stage 2a peak lr (tower, projector, aux head)")
