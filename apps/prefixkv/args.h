@@ -14,6 +14,12 @@ struct OptionSpec {
   bool multi = false;  // takes every following argument up to the next --option
 };
 
+// a followed by b (a command's own options, then shared ones).
+inline std::vector<OptionSpec> with_options(std::vector<OptionSpec> a, const std::vector<OptionSpec>& b) {
+  a.insert(a.end(), b.begin(), b.end());
+  return a;
+}
+
 class Args {
  public:
   // Throws Error for unknown options or missing values.

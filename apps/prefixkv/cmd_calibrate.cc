@@ -25,23 +25,22 @@ namespace pkv::cli {
 
 namespace {
 
-const std::vector<OptionSpec> kCalibrateOptions = {
+const std::vector<OptionSpec> kCalibrateOptions = with_options({
     {"model", "DIR", "checkpoint directory (default: the bundled model)"},
     {"vision-tower", "DIR", "separate CLIP checkpoint (original LLaVA layout)"},
     {"data", "FILE", "calibration data in LLaVA conversation JSON (e.g. data/calib/calib.json)"},
     {"image-dir", "DIR", "folder the data's image names are relative to (default: the data file's folder)"},
     {"samples", "N", "use the first N usable samples (default: all)"},
     {"budgets", "LIST", "comma-separated kept fractions (default 0.1,0.2,...,0.9)"},
-    {"kv-importance", "NAME", "importance estimator: window (default), paper, normalized"},
-    {"kv-window", "W", "query window of the window estimator (default 32)"},
-    {"kv-protected", "C", "tokens never evicted (default 2)"},
     {"image-mode", "MODE", "pad or crop (default: the model's)"},
     {"out", "FILE", "profile to write (JSON, docs/FORMATS.md)"},
     {"plot", "FILE", "also draw keep fraction per layer for each budget as SVG"},
+    {"allocate-from", "WHAT", "whose attention sets the layer budgets: prompt (the estimator, default) or answer "
+                              "(each sample's reference answer, teacher-forced over the full cache)"},
     {"dump-importance", "DIR", "write each sample's per-layer importance [layers, tokens] as .npy"},
     {"import-official", "FILE", "build the profile from the authors' prefixkv_<model>_<r>.json files instead", true, true},
     {"threads", "N", "worker threads (default: all cores)"},
-};
+}, kv_option_specs({"kv-importance", "kv-window", "kv-protected"}));
 
 // Records the prefill importance (and compresses nothing).
 class ImportanceProbe : public KVPolicy {
@@ -59,6 +58,28 @@ class ImportanceProbe : public KVPolicy {
   Estimator est_;
   int window_;
 };
+
+// Per layer, for each prompt token: the attention the reference answer pays it, summed over the
+// answer's tokens (teacher-forced, full cache) of the head mean: what the generation will read.
+std::vector<std::vector<float>> answer_attention(const Model& model, const Engine& engine, const PreparedPrompt& p,
+                                                 const std::string& answer) {
+  const int N = int(p.ids.size()), H = model.config().text.hidden;
+  std::vector<int32_t> a = engine.answer_ids(answer);
+  const int T = N + int(a.size());
+  std::vector<float> x(size_t(T) * size_t(H));
+  std::copy(p.embeddings.begin(), p.embeddings.end(), x.begin());
+  model.embed(a.data(), int(a.size()), x.data() + size_t(N) * size_t(H));
+  std::vector<int32_t> pos(static_cast<size_t>(T));
+  for (int i = 0; i < T; ++i) pos[size_t(i)] = i;
+  KVCache cache = model.make_cache();
+  std::vector<std::vector<float>> imp;
+  DecoderCall call;
+  call.importance = &imp;
+  call.importance_from = N;
+  model.decode(x.data(), T, pos.data(), cache, call);
+  for (auto& l : imp) l.resize(size_t(N));
+  return imp;
+}
 
 void write_plot(const Profile& p, const std::string& path) {
   PlotSpec spec;
@@ -117,6 +138,9 @@ int cmd_calibrate(int argc, char** argv) {
     const PolicyOptions popt = policy_options_from_args(args);
     const Estimator est = popt.estimator;
     const int window = popt.window, protect = popt.protected_count;
+    const std::string allocation = args.str("allocate-from", "prompt");
+    if (allocation != "prompt" && allocation != "answer")
+      fail("--allocate-from", "must be prompt or answer, got '" + allocation + "'");
     const int limit = args.integer("samples", 0);
     if (args.has("samples") && limit < 1) fail("--samples", "must be at least 1");
     const std::string dump = args.str("dump-importance", "");
@@ -149,11 +173,19 @@ int cmd_calibrate(int argc, char** argv) {
         std::fprintf(stderr, "\nprefixkv calibrate: skipping sample '%s': %s\n", s.id.c_str(), why.c_str());
         continue;
       }
-      ImportanceProbe probe(est, window);
-      Session sess(*model, probe);
-      std::vector<float> logits(size_t(model->config().text.vocab_size));
-      sess.prefill(*p, logits.data());
       const int N = int(p->ids.size());
+      ImportanceProbe probe(est, window);
+      if (allocation == "answer") {
+        if (s.answer.empty()) {
+          std::fprintf(stderr, "\nprefixkv calibrate: skipping sample '%s': no reference answer\n", s.id.c_str());
+          continue;
+        }
+        probe.scores = answer_attention(*model, engine, *p, s.answer);
+      } else {
+        Session sess(*model, probe);
+        std::vector<float> logits(size_t(model->config().text.vocab_size));
+        sess.prefill(*p, logits.data());
+      }
       if (!dump.empty()) {
         std::vector<float> flat;
         for (auto& l : probe.scores) flat.insert(flat.end(), l.begin(), l.end());
@@ -183,13 +215,14 @@ int cmd_calibrate(int argc, char** argv) {
                std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
     }
     if (used == 0) fail(data, "no usable calibration sample (every image was missing or broken)");
-    std::cout << "attention concentration (" << estimator_name(est)
+    std::cout << "attention concentration (" << (allocation == "answer" ? "reference-answer" : estimator_name(est))
               << " importance): share of the mass on the top 10% of prompt tokens, mean over " << used << " samples\n";
     for (int l = 0; l < L; ++l) std::printf("  layer %2d  %.3f\n", l, top10[size_t(l)] / used);
     profile.model = model_identity(*model);
     profile.estimator = estimator_name(est);
     profile.window = est == Estimator::Window ? window : 0;
     profile.protected_tokens = protect;
+    profile.allocation = allocation;
     profile.source = "calibrated";
     profile.samples = used;
     profile.data = data;

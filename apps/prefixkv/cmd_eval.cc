@@ -39,7 +39,7 @@ namespace pkv::cli {
 
 namespace {
 
-const std::vector<OptionSpec> kEvalOptions = {
+const std::vector<OptionSpec> kEvalOptions = with_options({
     {"model", "DIR", "checkpoint directory (default: the bundled model)"},
     {"vision-tower", "DIR", "separate CLIP checkpoint (original LLaVA layout)"},
     {"data", "FILE", "evaluation data in LLaVA conversation JSON (e.g. data/eval/eval.json, detail_1k)"},
@@ -48,17 +48,13 @@ const std::vector<OptionSpec> kEvalOptions = {
     {"policies", "LIST", "comma-separated policies (default: all but full)"},
     {"budgets", "LIST", "comma-separated kept fractions (default 0.1,...,0.9)"},
     {"estimators", "LIST", "importance estimators for the prefix policies (default: window)"},
-    {"kv-window", "W", "query window of the window estimator and SnapKV (default 32)"},
-    {"kv-protected", "C", "tokens never evicted (default 2)"},
-    {"kv-decode", "RULE", "proportional (default) or cap"},
-    {"kv-profile", "FILE", "profile for prefixkv (default: the model's prefixkv_profile.json)"},
     {"limit", "N", "evaluate the first N usable samples"},
     {"max-tokens", "N", "greedy answer length limit (default 1024)"},
     {"image-mode", "MODE", "pad or crop (default: the model's)"},
     {"jobs", "N", "samples evaluated in parallel, one thread each (default: all cores)"},
     {"out", "FILE", "results JSON"},
     {"plot", "FILE", "PPL and ROUGE-L against budget per policy, as SVG"},
-};
+}, kv_option_specs({"kv-window", "kv-protected", "kv-prefix-pool", "kv-decode", "kv-profile"}));
 
 std::vector<std::string> split(const std::string& s) {
   std::vector<std::string> out;
@@ -355,7 +351,8 @@ int cmd_eval(int argc, char** argv) {
   }
   res["records"] = records;
   res["settings"] = {{"policies", policies}, {"budgets", budgets}, {"estimators", estimators},
-                     {"window", base.window}, {"protected", base.protected_count}, {"decode_rule", rule},
+                     {"window", base.window}, {"protected", base.protected_count}, {"prefix_pool", base.prefix_pool},
+                     {"decode_rule", rule},
                      {"max_tokens", max_tokens}, {"truth", truth_path}};
   {
     const std::string tmp = out + ".tmp";

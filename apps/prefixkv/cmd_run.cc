@@ -22,7 +22,7 @@ namespace pkv::cli {
 
 namespace {
 
-const std::vector<OptionSpec> kRunOptions = {
+const std::vector<OptionSpec> kRunOptions = with_options({
     {"model", "DIR", "checkpoint directory (default: the bundled model, models/prefixkv-llava-tiny)"},
     {"vision-tower", "DIR", "separate CLIP checkpoint (original LLaVA layout without the tower inside)"},
     {"image", "FILE", "PNG or JPEG image"},
@@ -36,18 +36,11 @@ const std::vector<OptionSpec> kRunOptions = {
     {"seed", "N", "random seed for sampling (default 0)"},
     {"stop", "TEXT", "stop when the answer contains TEXT", true},
     {"ignore-eos", "", "do not stop at the end-of-sequence token"},
-    {"kv-policy", "NAME", "KV-cache policy: full (default), streaming, h2o, snapkv, pyramidkv, elastic, uniform-prefix, prefixkv, prefixkv-online"},
-    {"kv-budget", "B", "kept fraction of the prompt's KV entries, in (0, 1] (default 0.2)"},
-    {"kv-budget-tokens", "N", "KV entries per layer on average, instead of --kv-budget"},
-    {"kv-importance", "NAME", "importance estimator for the prefix policies: window (default), paper, normalized"},
-    {"kv-window", "W", "query window of the window estimator and SnapKV (default 32)"},
-    {"kv-protected", "C", "tokens never evicted: the first and the last prompt token (default 2)"},
-    {"kv-decode", "RULE", "decode-time length: proportional (METHOD.md section 4, default) or cap"},
-    {"kv-profile", "FILE", "PrefixKV profile (default: the model's prefixkv_profile.json)"},
     {"threads", "N", "worker threads (default: all cores)"},
     {"json", "", "print one JSON object (answer, token ids, timings, KV bytes per layer) instead of text"},
     {"dump-tensors", "DIR", "write pixel values, vision features, projector output, final hidden states and logits as .npy"},
-};
+}, kv_option_specs({"kv-policy", "kv-budget", "kv-budget-tokens", "kv-importance", "kv-window", "kv-protected",
+                                  "kv-prefix-pool", "kv-decode", "kv-profile"}));
 
 // Writes the first occurrence of each named tensor (the prefill's) as DIR/<name>[.L<layer>].npy.
 class DumpObserver : public Observer {

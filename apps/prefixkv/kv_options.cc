@@ -1,5 +1,6 @@
 #include "kv_options.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 
@@ -39,6 +40,30 @@ std::vector<double> load_keep_fractions(const std::string& path, double budget, 
   return p.keep_fractions(budget);
 }
 
+std::vector<OptionSpec> kv_option_specs(const std::vector<std::string>& names) {
+  static const std::vector<OptionSpec> all = {
+      {"kv-policy", "NAME",
+       "KV-cache policy: full (default), streaming, h2o, snapkv, pyramidkv, elastic, uniform-prefix, prefixkv, "
+       "prefixkv-online"},
+      {"kv-budget", "B", "kept fraction of the prompt's KV entries, in (0, 1] (default 0.2)"},
+      {"kv-budget-tokens", "N", "KV entries per layer on average, instead of --kv-budget"},
+      {"kv-importance", "NAME", "importance estimator for the prefix policies: window (default), paper, normalized"},
+      {"kv-window", "W", "query window of the window estimator and SnapKV (default 32)"},
+      {"kv-protected", "C", "tokens never evicted: the first and the last prompt token (default 2)"},
+      {"kv-prefix-pool", "K", "prefix policies: max-pool the importance over K neighbouring tokens before ranking "
+                              "(as SnapKV does; default 7, measured best; 0 = off, METHOD.md's plain ranking)"},
+      {"kv-decode", "RULE", "decode-time length: proportional (METHOD.md section 4, default) or cap"},
+      {"kv-profile", "FILE", "PrefixKV profile (default: the model's prefixkv_profile.json)"},
+  };
+  std::vector<OptionSpec> out;
+  for (const std::string& n : names) {
+    auto it = std::find_if(all.begin(), all.end(), [&](const OptionSpec& s) { return s.name == n; });
+    PKV_ASSERT(it != all.end());
+    out.push_back(*it);
+  }
+  return out;
+}
+
 PolicyOptions policy_options_from_args(const Args& args) {
   PolicyOptions o;
   o.budget = args.number("kv-budget", 0.2);
@@ -53,6 +78,8 @@ PolicyOptions policy_options_from_args(const Args& args) {
   if (o.window < 1) fail("--kv-window", "must be at least 1");
   o.protected_count = args.integer("kv-protected", 2);
   if (o.protected_count < 0) fail("--kv-protected", "must not be negative");
+  o.prefix_pool = args.integer("kv-prefix-pool", PolicyOptions{}.prefix_pool);
+  if (o.prefix_pool < 0) fail("--kv-prefix-pool", "must not be negative");
   const std::string rule = args.str("kv-decode", "proportional");
   if (rule == "proportional") o.decode_rule = DecodeRule::Proportional;
   else if (rule == "cap") o.decode_rule = DecodeRule::FixedCap;

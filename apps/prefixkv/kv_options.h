@@ -10,7 +10,11 @@
 
 namespace pkv::cli {
 
-// Reads --kv-budget, --kv-budget-tokens, --kv-importance, --kv-window, --kv-protected, --kv-decode.
+// The --kv-* option specs by name (one help text for every command that takes them), in the order
+// given; asserts on an unknown name.
+std::vector<OptionSpec> kv_option_specs(const std::vector<std::string>& names);
+// Reads --kv-budget, --kv-budget-tokens, --kv-importance, --kv-window, --kv-protected,
+// --kv-prefix-pool, --kv-decode (those a command does not take keep their defaults).
 PolicyOptions policy_options_from_args(const Args& args);
 // The identity a profile records: the model folder's name, and a fingerprint of its config and
 // tensor index (names, dtypes, shapes), so a profile is not used with another model by mistake.

@@ -33,6 +33,9 @@ struct PolicyOptions {
   int protected_count = 2;  // the first token and the last prompt token are never evicted
   int sinks = 4;            // StreamingLLM's sink tokens
   int pool_kernel = 7;      // SnapKV's max-pooling kernel
+  int prefix_pool = 7;      // prefix policies: max-pool the scores along the sequence before ranking
+                            // (kernel; 0 or 1 = off, METHOD.md's plain ranking). The layer budgets
+                            // still come from the raw scores. 7: measured best (docs/RESULTS.md).
   DecodeRule decode_rule = DecodeRule::Proportional;
   int fifo_offset = 25;     // section 4: evict this many entries before the end of the prefill-kept part
   double pyramid_beta = 20;  // PyramidKV: the last layer keeps avg / beta

@@ -199,6 +199,7 @@ Profile Profile::parse(const std::string& text, const std::string& where) {
   p.estimator = r.str(imp, "importance", "estimator");
   p.window = (imp.contains("window") && !imp["window"].is_null()) ? r.integer(imp, "importance", "window") : 0;
   p.protected_tokens = r.integer(j, "", "protected_tokens");
+  p.allocation = imp.contains("allocation") ? r.str(imp, "importance", "allocation") : "prompt";
 
   const json& src = r.object(j, "", "source");
   p.source = r.str(src, "source", "kind");
@@ -254,6 +255,8 @@ void Profile::validate(const std::string& where) const {
   if (model.n_layers < 1) r.bad("model.n_layers", "must be at least 1 (got " + std::to_string(model.n_layers) + ")");
   if (estimator != "paper" && estimator != "window" && estimator != "normalized")
     r.bad("importance.estimator", "'" + estimator + "' is not one of paper, window, normalized");
+  if (allocation != "prompt" && allocation != "answer")
+    r.bad("importance.allocation", "'" + allocation + "' is not one of prompt, answer");
   if (window < 0) r.bad("importance.window", "must be >= 0 (got " + std::to_string(window) + ")");
   if (estimator == "window" && window < 1) r.bad("importance.window", "the window estimator needs a window of at least 1 query");
   if (protected_tokens < 0) r.bad("protected_tokens", "must be >= 0 (got " + std::to_string(protected_tokens) + ")");
@@ -306,7 +309,7 @@ std::string Profile::to_json() const {
   j["format"] = kFormat;
   j["version"] = kVersion;
   j["model"] = {{"name", model.name}, {"fingerprint", model.fingerprint}, {"n_layers", model.n_layers}};
-  j["importance"] = {{"estimator", estimator}, {"window", window}};
+  j["importance"] = {{"estimator", estimator}, {"window", window}, {"allocation", allocation}};
   j["protected_tokens"] = protected_tokens;
   json src = json::object();
   src["kind"] = source;

@@ -41,6 +41,10 @@ struct Profile {
   std::string estimator = "paper";       // importance estimator: "paper" | "window" | "normalized"
   int window = 0;                        // query window of the "window" estimator (0 otherwise)
   int protected_tokens = 2;              // tokens always kept (first token, last prompt token)
+  // Whose attention set the layer budgets: "prompt" (the estimator above, METHOD.md section 3) or
+  // "answer" (the calibration answers' own queries, teacher-forced over the full cache). Either
+  // way, `estimator` ranks the tokens within a layer at inference.
+  std::string allocation = "prompt";
 
   std::string source = "calibrated";     // how it was made: "calibrated" | "imported"
   // source == "calibrated":

@@ -62,6 +62,29 @@ TEST(CalibrateCli, WritesAValidProfileAndSkipsBrokenSamples) {
             int(std::lround(0.5 * N * 2)));
 }
 
+// --allocate-from answer: the layer budgets from the attention the reference answers pay (teacher
+// forced); recorded in the profile, and not the prompt-allocated fractions.
+TEST(CalibrateCli, AllocateFromTheAnswers) {
+  const std::string data = write_data("calib_answer");
+  const std::string a = test::temp_path("profile_answer.json"), p = test::temp_path("profile_prompt.json");
+  Result ra = prefixkv("calibrate --model " + kModel + " --data " + data + " --out " + a +
+                       " --budgets 0.2,0.5 --allocate-from answer");
+  ASSERT_EQ(ra.rc, 0) << ra.out;
+  EXPECT_NE(ra.out.find("reference-answer"), std::string::npos) << ra.out;
+  Result rp = prefixkv("calibrate --model " + kModel + " --data " + data + " --out " + p + " --budgets 0.2,0.5");
+  ASSERT_EQ(rp.rc, 0) << rp.out;
+  const Profile pa = Profile::load(a), pp = Profile::load(p);
+  EXPECT_EQ(pa.allocation, "answer");
+  EXPECT_EQ(pp.allocation, "prompt");
+  EXPECT_EQ(pa.samples, 2);
+  ASSERT_EQ(pa.budgets.size(), 2u);
+  for (auto& b : pa.budgets) EXPECT_NEAR((b.keep[0] + b.keep[1]) / 2, b.budget, 1e-9);
+  EXPECT_NE(pa.budgets[0].keep, pp.budgets[0].keep);
+  Result bad = prefixkv("calibrate --model " + kModel + " --data " + data + " --out " + a + " --allocate-from oracle");
+  EXPECT_NE(bad.rc, 0);
+  EXPECT_NE(bad.out.find("--allocate-from"), std::string::npos) << bad.out;
+}
+
 TEST(CalibrateCli, ImportOfficialProfiles) {
   const std::string dir = test::shared_path("reference/official-profiles");
   if (!fs::exists(dir)) GTEST_SKIP();

@@ -243,3 +243,46 @@ TEST(PrefixSearch, CountsFromFractionsExact) {
   EXPECT_EQ(n[0], 90);
   EXPECT_EQ(n[1], 5);
 }
+
+// Which entries the prefix selection keeps, without and with max-pooling the scores (SnapKV's
+// smoothing, --kv-prefix-pool): one spike at token 50 keeps only token 50 unpooled, and its
+// neighbourhood pooled.
+TEST(Policies, PrefixPoolingKeepsTheSpikesNeighbourhood) {
+  const int N = 200, D = 4;
+  std::vector<float> kv(size_t(N) * D, 0.f);
+  std::vector<int32_t> pos(static_cast<size_t>(N));
+  std::iota(pos.begin(), pos.end(), 0);
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<float> u(0.f, 0.01f);
+  std::vector<float> imp(static_cast<size_t>(N));
+  for (float& v : imp) v = u(rng);
+  imp[50] = 10.f;
+  for (int pool : {0, 7}) {
+    SCOPED_TRACE("pool " + std::to_string(pool));
+    KVCache cache(1, D);
+    cache.layer(0).append(kv.data(), kv.data(), pos.data(), N);
+    PolicyOptions o = options(7.0 / N);  // 7 entries: the 2 protected + 5 chosen
+    o.prefix_pool = pool;
+    auto p = make_policy("uniform-prefix", o);
+    p->after_prefill(cache, {imp}, N);
+    const KVLayer& l = cache.layer(0);
+    ASSERT_EQ(l.size(), 7);
+    std::vector<int32_t> kept(l.positions(), l.positions() + l.size());
+    EXPECT_EQ(kept.front(), 0);
+    EXPECT_EQ(kept.back(), N - 1);
+    EXPECT_NE(std::find(kept.begin(), kept.end(), 50), kept.end());
+    // the others: unpooled, the 4 next-largest random scores; pooled, tokens within 3 of the spike
+    std::vector<int32_t> chosen(kept.begin() + 1, kept.end() - 1);
+    std::vector<int> order(static_cast<size_t>(N));
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin() + 1, order.end() - 1, [&](int a, int b) { return imp[size_t(a)] > imp[size_t(b)]; });
+    for (int32_t c : chosen) {
+      if (pool) {
+        EXPECT_LE(std::abs(c - 50), 3) << c;
+      } else {
+        const auto rank = std::find(order.begin() + 1, order.end() - 1, c) - order.begin();
+        EXPECT_LE(rank, 5) << "token " << c << " is not among the 5 top scores";
+      }
+    }
+  }
+}

@@ -38,6 +38,7 @@ Profile calibrated_profile(int L) {
   p.estimator = "window";
   p.window = 24;
   p.protected_tokens = 3;
+  p.allocation = "answer";
   p.source = "calibrated";
   p.samples = 4;
   p.data = "data/calib.json";
@@ -66,6 +67,7 @@ void expect_equal(const Profile& a, const Profile& b) {
   EXPECT_EQ(a.estimator, b.estimator);
   EXPECT_EQ(a.window, b.window);
   EXPECT_EQ(a.protected_tokens, b.protected_tokens);
+  EXPECT_EQ(a.allocation, b.allocation);
   EXPECT_EQ(a.source, b.source);
   EXPECT_EQ(a.samples, b.samples);
   EXPECT_EQ(a.data, b.data);
@@ -159,6 +161,7 @@ TEST(Profile, FileLayoutIsTheDocumentedOne) {
   EXPECT_EQ(j["model"]["n_layers"], 4);
   EXPECT_EQ(j["importance"]["estimator"], "window");
   EXPECT_EQ(j["importance"]["window"], 24);
+  EXPECT_EQ(j["importance"]["allocation"], "answer");
   EXPECT_EQ(j["protected_tokens"], 3);
   EXPECT_EQ(j["source"]["kind"], "calibrated");
   EXPECT_EQ(j["source"]["samples"], 4);
@@ -431,6 +434,7 @@ TEST(Profile, LoadBadInputGivesOneClearErrorNamingFileAndField) {
   expect_load_error(edit([](J& j) { j["model"]["n_layers"] = 4; }), {"budgets[0].keep", "has 3 values", "4 layers"});
   expect_load_error(edit([](J& j) { j["importance"]["estimator"] = "magic"; }), {"importance.estimator", "magic"});
   expect_load_error(edit([](J& j) { j["importance"]["window"] = 0; }), {"importance.window"});
+  expect_load_error(edit([](J& j) { j["importance"]["allocation"] = "oracle"; }), {"importance.allocation", "oracle"});
   expect_load_error(edit([](J& j) { j["protected_tokens"] = -1; }), {"protected_tokens"});
   expect_load_error(edit([](J& j) { j["source"]["kind"] = "guessed"; }), {"source.kind", "guessed"});
   expect_load_error(edit([](J& j) { j["source"]["samples"] = 0; }), {"source.samples"});

@@ -15,7 +15,9 @@ const std::vector<std::vector<float>>& PrefixPolicy::scores(const std::vector<st
 
 std::vector<int32_t> PrefixPolicy::select(int layer, const std::vector<float>& importance, int n, int N) {
   (void)importance;
-  return top_entries(scores_.at(size_t(layer)), n, protected_indices(N));
+  const std::vector<float>& s = scores_.at(size_t(layer));
+  if (opt_.prefix_pool > 1) return top_entries(max_pool_1d(s, opt_.prefix_pool), n, protected_indices(N));
+  return top_entries(s, n, protected_indices(N));
 }
 
 namespace {
