@@ -14,6 +14,7 @@ namespace pkv::cli {
 int cmd_run(int argc, char** argv);
 int cmd_calibrate(int argc, char** argv);
 int cmd_eval(int argc, char** argv);
+int cmd_serve(int argc, char** argv);
 }
 
 
@@ -26,6 +27,7 @@ static const char* kUsage =
     "  run        generate an answer for a prompt and an optional image\n"
     "  calibrate  estimate PrefixKV's per-layer KV budgets from calibration samples\n"
     "  eval       measure KV policies against the full cache (PPL, ROUGE-L, accuracy, KLD, KV bytes)\n"
+    "  serve      an OpenAI-compatible HTTP server (chat completions with images, streaming, batching)\n"
     "\n"
     "Run 'prefixkv <command> --help' for the options of a command.\n";
 
@@ -45,6 +47,7 @@ int main(int argc, char** argv) {
     if (cmd == "run") return pkv::cli::cmd_run(argc, argv);
     if (cmd == "calibrate") return pkv::cli::cmd_calibrate(argc, argv);
     if (cmd == "eval") return pkv::cli::cmd_eval(argc, argv);
+    if (cmd == "serve") return pkv::cli::cmd_serve(argc, argv);
     std::fprintf(stderr, "prefixkv: unknown command '%s'\n\n%s", cmd.c_str(), kUsage);
     return 2;
   } catch (const pkv::Error& e) {

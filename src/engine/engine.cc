@@ -6,6 +6,7 @@
 #include <numeric>
 
 #include "core/error.h"
+#include "engine/decoding.h"
 
 namespace pkv {
 
@@ -20,23 +21,6 @@ uint64_t splitmix64(uint64_t& s) {
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
   z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
   return z ^ (z >> 31);
-}
-
-// Length of the longest prefix of `s` that is complete UTF-8 (a trailing partial sequence, which
-// byte-fallback tokens produce mid-character, is held back).
-size_t complete_utf8_prefix(const std::string& s) {
-  size_t n = s.size(), i = n;
-  int back = 0;
-  while (i > 0 && back < 4) {
-    const unsigned char c = static_cast<unsigned char>(s[i - 1]);
-    if ((c & 0xC0) != 0x80) {
-      int need = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 1;
-      return (n - (i - 1)) >= size_t(need) ? n : i - 1;
-    }
-    --i;
-    ++back;
-  }
-  return n;
 }
 
 }  // namespace
@@ -95,8 +79,15 @@ PreparedPrompt Engine::prepare(const PromptRequest& req, Observer* obs) const {
     fail("--image", "the model " + cfg.dir + " (" + cfg.architecture + ") is text-only and cannot take an image");
   if (!has_image && req.tmpl == Template::Raw && req.text.find("<image>") != std::string::npos && cfg.has_vision)
     fail("prompt", "the prompt contains <image> but no image was given");
-  const std::string full = apply_template(req.text, req.tmpl, has_image);
-  std::vector<int32_t> marked = tokenize_prompt(full, has_image);
+  std::vector<int32_t> marked;
+  if (req.marked_ids.empty()) {
+    marked = tokenize_prompt(apply_template(req.text, req.tmpl, has_image), has_image);
+  } else {
+    marked = req.marked_ids;
+    const auto markers = std::count(marked.begin(), marked.end(), -1);
+    if (markers != (has_image ? 1 : 0))
+      fail("prompt", "has " + std::to_string(markers) + " image markers for " + (has_image ? "one image" : "no image"));
+  }
 
   PreparedPrompt p;
   std::vector<float> image_emb;
@@ -240,59 +231,22 @@ GenerationResult Engine::generate(const PreparedPrompt& p, const SamplingOptions
 
 GenerationResult Engine::generate_from(Session& session, std::vector<float> logits, int T, const SamplingOptions& s,
                                        const std::function<void(const std::string&)>& on_text, Observer* obs) const {
-  const ModelConfig& cfg = model_.config();
-  const int V = cfg.text.vocab_size;
   GenerationResult r;
   r.prompt_tokens = T;
   r.first_logits = logits;
-  uint64_t rng = s.seed;
-  size_t max_stop = 0;
-  for (auto& st : s.stop) max_stop = std::max(max_stop, st.size());
-  std::string emitted;  // text already given to on_text
+  Decoding d(model_.config(), tok_, s, T);
   auto t1 = std::chrono::steady_clock::now();
-  r.stop_reason = "length";
-  for (int step = 0;; ++step) {
-    if (step >= s.max_tokens) break;
-    if (T + step >= cfg.text.max_positions) {
-      r.stop_reason = "context";
-      break;
-    }
-    const int tok = sample_token(logits.data(), V, s, rng);
-    const bool is_eos = std::find(cfg.text.eos_ids.begin(), cfg.text.eos_ids.end(), tok) != cfg.text.eos_ids.end();
-    if (is_eos && !s.ignore_eos) {
-      r.stop_reason = "eos";
-      break;
-    }
-    r.tokens.push_back(tok);
-    std::string text = tok_.decode(std::vector<int>(r.tokens.begin(), r.tokens.end()));
-    bool stopped = false;
-    for (auto& st : s.stop) {
-      size_t at = text.find(st, emitted.size() > st.size() ? emitted.size() - st.size() : 0);
-      if (!st.empty() && at != std::string::npos) {
-        text.resize(at);
-        stopped = true;
-      }
-    }
-    // Emit what is complete and cannot be the start of a stop string.
-    size_t ready = complete_utf8_prefix(text);
-    if (!stopped && max_stop > 1) ready = ready > max_stop - 1 ? std::min(ready, text.size() - (max_stop - 1)) : 0;
-    if (ready > emitted.size() && text.compare(0, emitted.size(), emitted) == 0) {
-      if (on_text) on_text(text.substr(emitted.size(), ready - emitted.size()));
-      emitted = text.substr(0, ready);
-    }
-    r.text = text;
-    if (stopped) {
-      r.stop_reason = "stop";
-      break;
-    }
-    if (step + 1 >= s.max_tokens || T + step + 1 >= cfg.text.max_positions) {
-      r.stop_reason = step + 1 >= s.max_tokens ? "length" : "context";
-      break;
-    }
-    session.step(tok, logits.data(), obs);
+  for (;;) {
+    const std::string piece = d.next(logits.data());
+    if (!piece.empty() && on_text) on_text(piece);
+    if (d.done()) break;
+    session.step(d.last_token(), logits.data(), obs);
   }
-  if (r.text.size() > emitted.size() && on_text && r.text.compare(0, emitted.size(), emitted) == 0)
-    on_text(r.text.substr(emitted.size()));
+  const std::string rest = d.finish();
+  if (!rest.empty() && on_text) on_text(rest);
+  r.tokens = d.tokens();
+  r.text = d.text();
+  r.stop_reason = d.stop_reason();
   r.decode_ms = ms_since(t1);
   const KVCache& cache = session.cache();
   r.kv_bytes = cache.bytes();

@@ -21,6 +21,9 @@ struct PromptRequest {
   Template tmpl = Template::LlavaV1;
   const Image* image = nullptr;     // optional
   std::string image_mode;           // "" = the model's default, else pad | crop
+  // When not empty: the model input already tokenised (BOS first, -1 once where the image goes),
+  // used instead of text and tmpl. The server renders multi-turn conversations this way.
+  std::vector<int32_t> marked_ids;
 };
 
 struct PreparedPrompt {

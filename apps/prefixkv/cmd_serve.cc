@@ -1,0 +1,185 @@
+// prefixkv serve: an OpenAI-compatible HTTP server (chat completions with images, streaming,
+// continuous batching, per-request KV policies). docs/SERVER.md describes the API.
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <iostream>
+#include <thread>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
+
+#include "args.h"
+#include "common.h"
+#include "core/error.h"
+#include "core/threads.h"
+#include "kv_options.h"
+
+#ifdef PKV_HAVE_HTTPLIB
+#include "serve/http_server.h"
+#include "serve/scheduler.h"
+#include "serve/service.h"
+#endif
+
+namespace fs = std::filesystem;
+
+namespace pkv::cli {
+
+namespace {
+
+const std::vector<OptionSpec> kServeOptions = with_options(
+    {
+        {"model", "DIR", "checkpoint directory (default: the bundled model, models/prefixkv-llava-tiny)"},
+        {"vision-tower", "DIR", "separate CLIP checkpoint (original LLaVA layout without the tower inside)"},
+        {"model-id", "NAME", "the model's name in the API (default: the model folder's name)"},
+        {"host", "ADDR", "address to listen on (default 127.0.0.1: this machine only)"},
+        {"port", "N", "port to listen on (default 8080; 0: any free port, printed at start)"},
+        {"api-key", "KEY",
+         "require 'Authorization: Bearer KEY' on every endpoint but /health (default: $PREFIXKV_API_KEY, else none)"},
+        {"media-dir", "DIR", "allow image_url paths to local files inside DIR (default: none, data: URIs only)"},
+        {"kv-memory", "MB", "KV-cache pool that admission reserves from, in MiB (default 512)"},
+        {"max-running", "N", "requests decoded together at most (default 16)"},
+        {"max-queue", "N", "requests waiting at most; more get 503 (default 64)"},
+        {"max-body-mb", "MB", "largest request body in MiB; larger get 413 (default 20)"},
+        {"max-image-pixels", "N", "largest image, width x height (default 16777216)"},
+        {"default-max-tokens", "N", "max_tokens of a request that gives none (default 256, capped by the context)"},
+        {"http-threads", "N", "connection threads (default: max-running + max-queue + 16)"},
+        {"threads", "N", "compute threads (default: all cores)"},
+    },
+    kv_option_specs({"kv-policy", "kv-budget", "kv-budget-tokens", "kv-importance", "kv-window", "kv-protected",
+                     "kv-prefix-pool", "kv-decode", "kv-profile"}));
+
+#ifdef PKV_HAVE_HTTPLIB
+int g_stop_pipe[2] = {-1, -1};
+
+void on_stop_signal(int sig) {
+  const char c = char(sig);
+  const ssize_t n = ::write(g_stop_pipe[1], &c, 1);  // async-signal-safe; the thread does the rest
+  (void)n;
+}
+
+int positive(const Args& args, const std::string& name, int def, int max) {
+  const int v = args.integer(name, def);
+  if (v < 1 || v > max) fail("--" + name, "must be between 1 and " + std::to_string(max));
+  return v;
+}
+#endif
+
+}  // namespace
+
+int cmd_serve(int argc, char** argv) {
+  Args args("serve", kServeOptions, argc, argv, 2);
+  if (args.help()) {
+    std::cout << Args::usage(
+        "serve",
+        "Serves the model over HTTP with OpenAI's chat-completions API (docs/SERVER.md): images, "
+        "streaming,\ncontinuous batching, and KV-cache policies per request (--kv-* options: the default "
+        "policy). SIGTERM\nor Ctrl-C stops it.",
+        kServeOptions);
+    return 0;
+  }
+#ifndef PKV_HAVE_HTTPLIB
+  fail("serve",
+       "this prefixkv was built without cpp-httplib, so it has no server; install libcpp-httplib-dev "
+       "(scripts/setup.sh does) and build again");
+#else
+  using namespace pkv::serve;
+  // SIGTERM and SIGINT reach a handler that only writes to a pipe; a thread reading the pipe does
+  // the shutdown (masks cannot route them: OpenBLAS's threads exist before this function runs).
+  if (::pipe(g_stop_pipe) != 0) fail("serve", "cannot create a pipe");
+  struct sigaction sa = {};
+  sa.sa_handler = on_stop_signal;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGTERM, &sa, nullptr);
+  sigaction(SIGINT, &sa, nullptr);
+  std::signal(SIGPIPE, SIG_IGN);  // a client that hangs up must not end the server
+#if defined(__GLIBC__)
+  // A fixed threshold (which also stops glibc from raising it as large blocks are freed) keeps the
+  // KV caches in their own mappings, given back to the system when a request ends.
+  mallopt(M_MMAP_THRESHOLD, 256 * 1024);
+#endif
+
+  if (args.has("threads")) set_num_threads(positive(args, "threads", 1, 1024));
+  HttpOptions http;
+  http.host = args.str("host", "127.0.0.1");
+  http.port = args.integer("port", 8080);
+  if (http.port < 0 || http.port > 65535) fail("--port", "must be between 0 and 65535");
+  http.api_key = args.str("api-key", std::getenv("PREFIXKV_API_KEY") ? std::getenv("PREFIXKV_API_KEY") : "");
+  http.max_body_bytes = size_t(positive(args, "max-body-mb", 20, 4096)) << 20;
+  if (args.has("http-threads")) http.threads = positive(args, "http-threads", 1, 4096);
+  SchedulerOptions so;
+  so.kv_pool_bytes = size_t(positive(args, "kv-memory", 512, 1 << 20)) << 20;
+  so.max_running = positive(args, "max-running", 16, 4096);
+  so.max_queue = positive(args, "max-queue", 64, 1 << 20);
+  ServiceOptions svc;
+  svc.default_max_tokens = positive(args, "default-max-tokens", 256, 1 << 30);
+  svc.max_image_pixels = positive(args, "max-image-pixels", 1 << 24, 1 << 28);
+  svc.parse.max_image_file_bytes = http.max_body_bytes;
+  if (args.has("media-dir")) {
+    svc.parse.media_dir = args.str("media-dir");
+    if (!fs::is_directory(svc.parse.media_dir)) fail("--media-dir " + svc.parse.media_dir, "is not a folder");
+  }
+  svc.default_policy = args.str("kv-policy", "full");
+  const PolicyOptions base = policy_options_from_args(args);
+  svc.default_budget = base.budget;
+  svc.default_budget_tokens = base.budget_tokens;
+  svc.protected_count = base.protected_count;
+
+  LoadedModel lm = load_model(args);
+  const Model& model = *lm.model;
+  svc.model_id = args.str("model-id", fs::path(lm.dir).lexically_normal().filename().string());
+  if (svc.model_id.empty()) svc.model_id = fs::path(lm.dir).lexically_normal().parent_path().filename().string();
+  PolicyFactory factory = [&args, &model, base](const std::string& name, std::optional<double> budget) {
+    PolicyOptions o = base;
+    if (budget) {
+      o.budget = *budget;
+      o.budget_tokens = 0;
+    }
+    return make_policy_for_model(name, o, args, model);
+  };
+  factory(svc.default_policy, std::nullopt);  // a bad default (e.g. prefixkv without a profile) fails now
+
+  Scheduler scheduler(model, *lm.tok, so);
+  ChatService service(model, *lm.tok, scheduler, svc, factory);
+  HttpServer server(service, http);
+  const int port = server.bind();
+  scheduler.start();
+
+  std::atomic<bool> stopping{false};
+  std::thread signals([&] {
+    char sig = 0;
+    while (::read(g_stop_pipe[0], &sig, 1) < 0 && errno == EINTR) {
+    }
+    if (stopping.exchange(true)) return;  // woken by the main thread: the server has already ended
+    std::fprintf(stderr, "[prefixkv serve] %s: stopping (running requests are cancelled)\n",
+                 sig == SIGINT ? "SIGINT" : "SIGTERM");
+    scheduler.shutdown();
+    server.stop();
+  });
+
+  std::printf("prefixkv serve: model %s (%s) | KV pool %zu MiB, default policy %s | %d running, %d queued at most%s\n",
+              svc.model_id.c_str(), lm.dir.c_str(), so.kv_pool_bytes >> 20, svc.default_policy.c_str(), so.max_running,
+              so.max_queue, http.api_key.empty() ? "" : " | API key required");
+  if (http.api_key.empty() && http.host != "127.0.0.1" && http.host != "localhost" && http.host != "::1")
+    std::printf("prefixkv serve: warning: listening beyond this machine without --api-key\n");
+  std::printf("listening on http://%s:%d\n", http.host.c_str(), port);
+  std::fflush(stdout);
+  server.serve();
+
+  if (!stopping.exchange(true)) {  // wake the signal thread
+    const char none = 0;
+    if (::write(g_stop_pipe[1], &none, 1) < 0) std::perror("prefixkv serve: waking the signal thread");
+  }
+  signals.join();
+  scheduler.shutdown();
+  std::fprintf(stderr, "[prefixkv serve] stopped\n");
+  return 0;
+#endif
+}
+
+}  // namespace pkv::cli

@@ -1,0 +1,98 @@
+// Prefill and decode attention: kernels (bodies in attention_body.h) and their launchers.
+#include "cuda/attention_body.h"
+#include "cuda/device_ctx.cuh"
+#include "cuda/kernels.h"
+#include "cuda/launch.cuh"
+#include "cuda/plan.h"
+
+namespace pkv::cuda {
+namespace detail {
+namespace {
+
+template <class T, int D>
+__global__ void __launch_bounds__(kPrefillThreads) prefill_forward_kernel(PrefillParams p) {
+  PKV_KERNEL_CTX(c);
+  prefill_forward<T, D>(c, p);
+}
+
+template <class T, int D>
+__global__ void __launch_bounds__(kPrefillThreads) prefill_importance_kernel(PrefillParams p) {
+  PKV_KERNEL_CTX(c);
+  prefill_importance<T, D>(c, p);
+}
+
+__global__ void __launch_bounds__(256) prefill_importance_reduce_kernel(PrefillParams p) {
+  PKV_KERNEL_CTX(c);
+  prefill_importance_reduce(c, p);
+}
+
+template <class T, int D>
+__global__ void __launch_bounds__(kDecodeThreads) decode_split_kernel(DecodeParams p) {
+  PKV_KERNEL_CTX(c);
+  decode_split<T, D>(c, p);
+}
+
+template <class T>
+__global__ void __launch_bounds__(128) decode_combine_kernel(DecodeParams p) {
+  PKV_KERNEL_CTX(c);
+  decode_combine<T>(c, p);
+}
+
+__global__ void __launch_bounds__(128) decode_importance_kernel(DecodeParams p) {
+  PKV_KERNEL_CTX(c);
+  decode_importance(c, p);
+}
+
+template <class T, int D>
+void run_prefill(const PrefillPlan& plan, cudaStream_t s) {
+  launch(prefill_forward_kernel<T, D>, plan.forward, plan.params, s, "attention_prefill (forward)");
+  if (!plan.importance) return;
+  launch(prefill_importance_kernel<T, D>, plan.importance_pass, plan.params, s, "attention_prefill (importance)");
+  launch(prefill_importance_reduce_kernel, plan.reduce, plan.params, s, "attention_prefill (importance reduce)");
+}
+
+template <class T>
+void run_prefill_typed(const PrefillPlan& plan, cudaStream_t s) {
+  switch (plan.D) {
+    case 32: return run_prefill<T, 32>(plan, s);
+    case 64: return run_prefill<T, 64>(plan, s);
+    default: return run_prefill<T, 128>(plan, s);
+  }
+}
+
+template <class T, int D>
+void run_decode(const DecodePlan& plan, cudaStream_t s) {
+  launch(decode_split_kernel<T, D>, plan.split, plan.params, s, "attention_decode (split)");
+  launch(decode_combine_kernel<T>, plan.combine, plan.params, s, "attention_decode (combine)");
+  if (plan.importance) launch(decode_importance_kernel, plan.importance_pass, plan.params, s, "attention_decode (importance)");
+}
+
+template <class T>
+void run_decode_typed(const DecodePlan& plan, cudaStream_t s) {
+  switch (plan.D) {
+    case 32: return run_decode<T, 32>(plan, s);
+    case 64: return run_decode<T, 64>(plan, s);
+    default: return run_decode<T, 128>(plan, s);
+  }
+}
+
+}  // namespace
+}  // namespace detail
+
+void attention_prefill(const PrefillAttentionArgs& a, void* stream) {
+  const detail::PrefillPlan plan = detail::plan_attention_prefill(a);
+  if (plan.forward.empty()) return;
+  const auto s = static_cast<cudaStream_t>(stream);
+  if (plan.dtype == DType::F16) detail::run_prefill_typed<__half>(plan, s);
+  else detail::run_prefill_typed<__nv_bfloat16>(plan, s);
+}
+
+void attention_decode(const DecodeAttentionArgs& a, void* stream) {
+  const detail::DecodePlan plan = detail::plan_attention_decode(a);
+  if (plan.split.empty()) return;
+  const auto s = static_cast<cudaStream_t>(stream);
+  if (plan.dtype == DType::F16) detail::run_decode_typed<__half>(plan, s);
+  else detail::run_decode_typed<__nv_bfloat16>(plan, s);
+}
+
+}  // namespace pkv::cuda

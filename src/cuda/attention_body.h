@@ -1,0 +1,495 @@
+// Attention kernel bodies (internal to src/cuda/). Each body is a function of a thread context `c`
+// (c.tid, c.bx/by/bz, c.smem, c.sync(), c.sync_or(), c.warp_sync(), c.shfl_xor()) and of the plan's
+// parameters (plan.h). attention.cu wraps them in __global__ kernels with a context of CUDA
+// intrinsics; the CPU emulation test runs the very same bodies with a context of cooperative threads.
+//
+// Scores are kept in the log2 domain: q is pre-scaled by scale * log2(e), probabilities are
+// exp2(s - max), the saved log-sum-exp is log2-based. Every score of (query i, key j) is computed by
+// the same sequential fmaf chain over the head dims in the forward and in the importance pass, so
+// the probabilities the importance pass recomputes are those the forward pass normalised.
+#pragma once
+#include <climits>
+#include <cmath>
+#include <cstdint>
+
+#include "cuda/kernel_types.h"
+#include "cuda/plan.h"
+
+namespace pkv::cuda::detail {
+
+// s[a][b] = sum over head dims of Qs[c][row a] * Ks[c][key b], for this thread's 4 rows x 8 keys.
+template <int QS, int KS>
+__device__ __forceinline__ void prefill_tile_scores(const float* Qs, const float* Ks, int ty, int tx, int hd,
+                                                    float (&s)[4][8]) {
+#pragma unroll
+  for (int a = 0; a < 4; ++a)
+#pragma unroll
+    for (int b = 0; b < 8; ++b) s[a][b] = 0.f;
+#pragma unroll 2
+  for (int cc = 0; cc < hd; ++cc) {
+    const float4 qa = *reinterpret_cast<const float4*>(Qs + cc * QS + ty * 4);
+    const float4 k0 = *reinterpret_cast<const float4*>(Ks + cc * KS + tx * 8);
+    const float4 k1 = *reinterpret_cast<const float4*>(Ks + cc * KS + tx * 8 + 4);
+    const float qv[4] = {qa.x, qa.y, qa.z, qa.w};
+    const float kv[8] = {k0.x, k0.y, k0.z, k0.w, k1.x, k1.y, k1.z, k1.w};
+#pragma unroll
+    for (int a = 0; a < 4; ++a)
+#pragma unroll
+      for (int b = 0; b < 8; ++b) s[a][b] = fmaf(qv[a], kv[b], s[a][b]);
+  }
+}
+
+// Loads the query tile [q0, q0 + BQ) of head h, scaled, transposed into Qs[c][r] (zeros outside).
+template <class T, int D, int QS, class Ctx>
+__device__ __forceinline__ void prefill_load_q(Ctx& c, const PrefillParams& p, int q0, int h, float* Qs) {
+  const T* q = static_cast<const T*>(p.q);
+  for (int idx = c.tid; idx < kPrefillBQ * D; idx += kPrefillThreads) {
+    const int r = idx / D, cc = idx % D, i = q0 + r;
+    float x = 0.f;
+    if (i < p.n_q && cc < p.head_dim) x = to_f(q[int64_t(i) * p.q_stride + int64_t(h) * p.head_dim + cc]) * p.scale_log2;
+    Qs[cc * QS + r] = x;
+  }
+}
+
+// Loads the key tile [k0, k0 + BK) of kv head g (keys >= kv_end as zeros), transposed into
+// Ks[c][j]; with Vs != nullptr also the values into Vs[j][c].
+template <class T, int D, int KS, class Ctx>
+__device__ __forceinline__ void prefill_load_kv(Ctx& c, const PrefillParams& p, int k0, int kv_end, int g, float* Ks,
+                                                float* Vs) {
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  for (int idx = c.tid; idx < kPrefillBK * D; idx += kPrefillThreads) {
+    const int j = idx / D, cc = idx % D, key = k0 + j;
+    float kx = 0.f, vx = 0.f;
+    if (key < kv_end && cc < p.head_dim) {
+      const int64_t off = int64_t(key) * p.kv_stride + int64_t(g) * p.head_dim + cc;
+      kx = to_f(k[off]);
+      if (Vs) vx = to_f(v[off]);
+    }
+    Ks[cc * KS + j] = kx;
+    if (Vs) Vs[j * D + cc] = vx;
+  }
+}
+
+// Forward pass. Block (bx, by) = (query tile, head).
+template <class T, int D, class Ctx>
+__device__ void prefill_forward(Ctx& c, const PrefillParams& p) {
+  using L = PrefillForwardLayout<D>;
+  constexpr int BK = kPrefillBK, DT = D / 8;
+  float* smem = reinterpret_cast<float*>(c.smem);
+  float* Qs = smem + L::q;
+  float* Ks = smem + L::k;
+  float* Vs = smem + L::v;
+  float* Ps = smem + L::p;
+  int* kpos = reinterpret_cast<int*>(smem + L::kpos);
+  int* misc = reinterpret_cast<int*>(smem + L::misc);
+
+  const int tid = c.tid, ty = tid / 8, tx = tid % 8;
+  const int q0 = c.bx * kPrefillBQ, h = c.by, g = h / p.group;
+  const bool causal = p.q_pos != nullptr;
+
+  prefill_load_q<T, D, L::QS>(c, p, q0, h, Qs);
+  if (tid == 0) {
+    // Keys past the last position any query of this tile can see are skipped (kv_pos ascending).
+    int end = p.n_kv;
+    if (causal) {
+      int mx = INT_MIN;
+      for (int r = 0; r < kPrefillBQ && q0 + r < p.n_q; ++r) mx = p.q_pos[q0 + r] > mx ? p.q_pos[q0 + r] : mx;
+      int lo = 0, hi = p.n_kv;
+      while (lo < hi) {
+        const int mid = (lo + hi) / 2;
+        if (p.kv_pos[mid] <= mx) lo = mid + 1;
+        else hi = mid;
+      }
+      end = lo;
+    }
+    misc[0] = end;
+  }
+  bool row_ok[4];
+  int qp[4];
+#pragma unroll
+  for (int a = 0; a < 4; ++a) {
+    const int i = q0 + ty * 4 + a;
+    row_ok[a] = i < p.n_q;
+    qp[a] = causal && row_ok[a] ? p.q_pos[i] : INT_MAX;
+  }
+  c.sync();
+  const int kv_end = misc[0];
+
+  float o[4][DT], m[4], l[4];
+#pragma unroll
+  for (int a = 0; a < 4; ++a) {
+    m[a] = -INFINITY;
+    l[a] = 0.f;
+#pragma unroll
+    for (int d = 0; d < DT; ++d) o[a][d] = 0.f;
+  }
+
+  for (int k0 = 0; k0 < kv_end; k0 += BK) {
+    prefill_load_kv<T, D, L::KS>(c, p, k0, kv_end, g, Ks, Vs);
+    for (int j = tid; j < BK; j += kPrefillThreads) kpos[j] = causal && k0 + j < kv_end ? p.kv_pos[k0 + j] : 0;
+    c.sync();
+
+    float s[4][8];
+    prefill_tile_scores<L::QS, L::KS>(Qs, Ks, ty, tx, p.head_dim, s);
+
+    // Online softmax over this tile, per row; a row's 8 threads (tx) are adjacent lanes of a warp.
+#pragma unroll
+    for (int a = 0; a < 4; ++a) {
+      float mt = -INFINITY;
+#pragma unroll
+      for (int b = 0; b < 8; ++b) {
+        const int j = tx * 8 + b;
+        const bool ok = row_ok[a] && k0 + j < kv_end && (!causal || kpos[j] <= qp[a]);
+        s[a][b] = ok ? s[a][b] : -INFINITY;
+        mt = fmaxf(mt, s[a][b]);
+      }
+      mt = fmaxf(mt, c.shfl_xor(mt, 1));
+      mt = fmaxf(mt, c.shfl_xor(mt, 2));
+      mt = fmaxf(mt, c.shfl_xor(mt, 4));
+      const float m_new = fmaxf(m[a], mt);
+      const float alpha = m_new == -INFINITY ? 1.f : exp2f(m[a] - m_new);
+      float sum = 0.f;
+#pragma unroll
+      for (int b = 0; b < 8; ++b) {
+        const float pv = s[a][b] == -INFINITY ? 0.f : exp2f(s[a][b] - m_new);
+        Ps[(ty * 4 + a) * L::PS + tx * 8 + b] = pv;
+        sum += pv;
+      }
+      sum += c.shfl_xor(sum, 1);
+      sum += c.shfl_xor(sum, 2);
+      sum += c.shfl_xor(sum, 4);
+      l[a] = l[a] * alpha + sum;
+      m[a] = m_new;
+#pragma unroll
+      for (int d = 0; d < DT; ++d) o[a][d] *= alpha;
+    }
+    c.sync();
+
+    // O[rows, my dims] += P[rows, keys] * V[keys, my dims]
+    const int kn = kv_end - k0 < BK ? kv_end - k0 : BK;
+    for (int j = 0; j < kn; ++j) {
+      float pj[4];
+#pragma unroll
+      for (int a = 0; a < 4; ++a) pj[a] = Ps[(ty * 4 + a) * L::PS + j];
+      const float* vr = Vs + j * D + tx * DT;
+#pragma unroll
+      for (int d4 = 0; d4 < DT; d4 += 4) {
+        const float4 v4 = *reinterpret_cast<const float4*>(vr + d4);
+        const float vv[4] = {v4.x, v4.y, v4.z, v4.w};
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+#pragma unroll
+          for (int a = 0; a < 4; ++a) o[a][d4 + e] = fmaf(pj[a], vv[e], o[a][d4 + e]);
+      }
+    }
+    c.sync();  // Ks, Vs, Ps are reloaded next
+  }
+
+  T* out = static_cast<T*>(p.out);
+#pragma unroll
+  for (int a = 0; a < 4; ++a) {
+    const int i = q0 + ty * 4 + a;
+    if (!row_ok[a]) continue;
+    const float inv = l[a] > 0.f ? 1.f / l[a] : 0.f;
+#pragma unroll
+    for (int d = 0; d < DT; ++d) {
+      const int col = tx * DT + d;
+      if (col < p.head_dim) out[int64_t(i) * p.out_stride + int64_t(h) * p.head_dim + col] = from_f<T>(o[a][d] * inv);
+    }
+    if (p.lse && tx == 0) p.lse[int64_t(h) * p.n_q + i] = l[a] > 0.f ? m[a] + log2f(l[a]) : -INFINITY;
+  }
+}
+
+// Importance pass. Block (bx, by) = (key tile, head): recomputes the scores of its 64 keys against
+// every query tile that counts (rows i >= importance_from that can see some key of the tile), turns
+// them into probabilities with the saved log-sum-exp, and writes the per-head column sums to
+// partial[h, keys]. No atomics: deterministic.
+template <class T, int D, class Ctx>
+__device__ void prefill_importance(Ctx& c, const PrefillParams& p) {
+  using L = PrefillImportanceLayout<D>;
+  constexpr int BQ = kPrefillBQ, BK = kPrefillBK;
+  float* smem = reinterpret_cast<float*>(c.smem);
+  float* Qs = smem + L::q;
+  float* Ks = smem + L::k;
+  float* red = smem + L::red;
+  float* lse_s = smem + L::lse;
+  int* qpos_s = reinterpret_cast<int*>(smem + L::qpos);
+  int* rowok_s = reinterpret_cast<int*>(smem + L::rowok);
+  int* kpos = reinterpret_cast<int*>(smem + L::kpos);
+
+  const int tid = c.tid, ty = tid / 8, tx = tid % 8;
+  const int k0 = c.bx * BK, h = c.by, g = h / p.group;
+  const bool causal = p.q_pos != nullptr;
+
+  prefill_load_kv<T, D, L::KS>(c, p, k0, p.n_kv, g, Ks, nullptr);
+  for (int j = tid; j < BK; j += kPrefillThreads) kpos[j] = causal && k0 + j < p.n_kv ? p.kv_pos[k0 + j] : 0;
+  const int first_key_pos = causal ? p.kv_pos[k0] : 0;  // the tile's smallest position
+
+  float col[8];
+#pragma unroll
+  for (int b = 0; b < 8; ++b) col[b] = 0.f;
+
+  for (int q0 = (p.importance_from / BQ) * BQ; q0 < p.n_q; q0 += BQ) {
+    c.sync();  // the previous tile's Qs, lse_s, qpos_s are no longer read
+    bool any = false;
+    for (int r = tid; r < BQ; r += kPrefillThreads) {
+      const int i = q0 + r;
+      bool ok = i >= p.importance_from && i < p.n_q;
+      const float lse = ok ? p.lse[int64_t(h) * p.n_q + i] : -INFINITY;
+      ok = ok && lse != -INFINITY;  // a row that saw no key contributes nothing
+      const int qpos = ok && causal ? p.q_pos[i] : INT_MAX;
+      lse_s[r] = lse;
+      qpos_s[r] = qpos;
+      rowok_s[r] = ok ? 1 : 0;
+      any = any || (ok && (!causal || qpos >= first_key_pos));
+    }
+    prefill_load_q<T, D, L::QS>(c, p, q0, h, Qs);
+    if (!c.sync_or(any)) continue;  // (also the barrier after the loads)
+
+    float s[4][8];
+    prefill_tile_scores<L::QS, L::KS>(Qs, Ks, ty, tx, p.head_dim, s);
+#pragma unroll
+    for (int a = 0; a < 4; ++a) {
+      const int r = ty * 4 + a;
+      if (!rowok_s[r]) continue;
+      const float lse = lse_s[r];
+      const int qpos = qpos_s[r];
+#pragma unroll
+      for (int b = 0; b < 8; ++b) {
+        const int j = tx * 8 + b;
+        if (k0 + j < p.n_kv && (!causal || kpos[j] <= qpos)) col[b] += exp2f(s[a][b] - lse);
+      }
+    }
+  }
+
+  // Column sums over the 16 row groups, in a fixed order.
+  c.sync();
+#pragma unroll
+  for (int b = 0; b < 8; ++b) red[ty * BK + tx * 8 + b] = col[b];
+  c.sync();
+  for (int j = tid; j < BK; j += kPrefillThreads) {
+    if (k0 + j >= p.n_kv) continue;
+    float sum = 0.f;
+    for (int t = 0; t < 16; ++t) sum += red[t * BK + j];
+    p.partial[int64_t(h) * p.n_kv + k0 + j] = sum;
+  }
+}
+
+// importance[j] += sum over heads of partial[h, j] / n_heads. One thread per key (block of 256).
+template <class Ctx>
+__device__ void prefill_importance_reduce(Ctx& c, const PrefillParams& p) {
+  const int j = c.bx * 256 + c.tid;
+  if (j >= p.n_kv) return;
+  float sum = 0.f;
+  for (int h = 0; h < p.n_heads; ++h) sum += p.partial[int64_t(h) * p.n_kv + j];
+  p.importance[j] += sum / float(p.n_heads);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode attention over the paged cache. Block (bx, by, bz) = (split, head chunk, sequence).
+
+// Entry e of sequence b: element offset of its K row (the V row is block_size * kv_dim further),
+// or -1 (with the error flag set) when the table is inconsistent.
+__device__ __forceinline__ int64_t decode_entry_offset(const DecodeParams& p, int b, int e, int* slot_index) {
+  const int blk = p.tables[int64_t(b) * p.table_stride + e / p.block_size];
+  if (blk < 0 || blk >= p.n_blocks) {
+    if (p.error_flag) atomicOr(p.error_flag, kPagedBadBlock);
+    return -1;
+  }
+  const int slot = e % p.block_size;
+  *slot_index = blk * p.block_size + slot;
+  return (int64_t(blk) * 2 * p.block_size + slot) * p.kv_dim;
+}
+
+// The number of keys sequence b has (clamped to what the table and max_len can hold).
+__device__ __forceinline__ int decode_length(const DecodeParams& p, int b) {
+  int len = p.lengths[b];
+  const int cap = p.table_stride * p.block_size;
+  if (len > cap || len > p.max_len || len < 0) {
+    if (p.error_flag) atomicOr(p.error_flag, kPagedBadEntry);
+    len = len < 0 ? 0 : len;
+    len = len > cap ? cap : len;
+    len = len > p.max_len ? p.max_len : len;
+  }
+  return len;
+}
+
+template <class T, int D, class Ctx>
+__device__ void decode_split(Ctx& c, const DecodeParams& p) {
+  using L = DecodeLayout<D>;
+  constexpr int TK = kDecodeTK, MG = kDecodeMaxG, KT = L::KT, NL = L::NL;
+  float* smem = reinterpret_cast<float*>(c.smem);
+  int64_t* rowoff = reinterpret_cast<int64_t*>(smem + L::rowoff);
+  float* q_s = smem + L::q;
+  float* S = smem + L::s;
+  float* m_s = smem + L::m;
+  float* l_s = smem + L::l;
+  float* alpha_s = smem + L::alpha;
+  float* red = smem + L::red;
+
+  const int tid = c.tid, lk = tid / KT, dp = tid % KT, d0 = dp * 8;
+  const int split = c.bx, h0 = c.by * p.G, b = c.bz;
+  const int G = p.G, hd = p.head_dim, g = h0 / p.group;
+  const int len = decode_length(p, b);
+  const int start = split * p.chunk;
+  const int end = start + p.chunk < len ? start + p.chunk : len;
+  const int qpos = p.q_pos ? p.q_pos[b] : INT_MAX;
+  const T* q = static_cast<const T*>(p.q);
+  const T* pool = static_cast<const T*>(p.pool);
+
+  for (int idx = tid; idx < MG * D; idx += kDecodeThreads) {
+    const int hh = idx / D, cc = idx % D;
+    float x = 0.f;
+    if (hh < G && cc < hd) x = to_f(q[int64_t(b) * p.q_stride + int64_t(h0 + hh) * hd + cc]) * p.scale_log2;
+    q_s[idx] = x;
+  }
+  if (tid < MG) {
+    m_s[tid] = -INFINITY;
+    l_s[tid] = 0.f;
+  }
+  float acc[MG][8];
+#pragma unroll
+  for (int hh = 0; hh < MG; ++hh)
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[hh][e] = 0.f;
+  c.sync();
+
+  for (int t0 = start; t0 < end; t0 += TK) {
+    // Scores: KT threads per key, 8 dims each, reduced across the KT lanes.
+    for (int kk = lk; kk < TK; kk += NL) {
+      const int j = t0 + kk;
+      int64_t off = -1;
+      if (j < end) {
+        int si = 0;
+        off = decode_entry_offset(p, b, j, &si);
+        if (off >= 0 && p.positions[si] > qpos) off = -1;  // not visible to this query
+      }
+      float kf[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      if (off >= 0 && d0 < hd) load8(pool + off + int64_t(g) * hd + d0, kf);
+#pragma unroll
+      for (int hh = 0; hh < MG; ++hh) {
+        if (hh >= G) break;  // G is uniform over the block
+        float part = 0.f;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) part = fmaf(q_s[hh * D + d0 + e], kf[e], part);
+#pragma unroll
+        for (int o = KT / 2; o >= 1; o /= 2) part += c.shfl_xor(part, o);
+        if (dp == 0) {
+          const float sc = off >= 0 ? part : -INFINITY;
+          S[hh * TK + kk] = sc;
+          if (p.ws_scores && j < end) p.ws_scores[(int64_t(b) * p.n_heads + h0 + hh) * p.max_len + j] = sc;
+        }
+      }
+      if (dp == 0) rowoff[kk] = off;
+    }
+    c.sync();
+
+    // Online softmax, one warp per head.
+    const int warp = tid / 32, lane = tid % 32;
+    for (int hh = warp; hh < G; hh += kDecodeThreads / 32) {
+      const float s0 = S[hh * TK + lane], s1 = S[hh * TK + lane + 32];
+      float mt = fmaxf(s0, s1);
+#pragma unroll
+      for (int o = 16; o >= 1; o /= 2) mt = fmaxf(mt, c.shfl_xor(mt, o));
+      const float m_old = m_s[hh];
+      const float m_new = fmaxf(m_old, mt);
+      const float alpha = m_new == -INFINITY ? 1.f : exp2f(m_old - m_new);
+      const float p0 = s0 == -INFINITY ? 0.f : exp2f(s0 - m_new);
+      const float p1 = s1 == -INFINITY ? 0.f : exp2f(s1 - m_new);
+      S[hh * TK + lane] = p0;
+      S[hh * TK + lane + 32] = p1;
+      float ps = p0 + p1;
+#pragma unroll
+      for (int o = 16; o >= 1; o /= 2) ps += c.shfl_xor(ps, o);
+      c.warp_sync();  // every lane has read m_s[hh] before lane 0 rewrites it
+      if (lane == 0) {
+        l_s[hh] = l_s[hh] * alpha + ps;
+        m_s[hh] = m_new;
+        alpha_s[hh] = alpha;
+      }
+    }
+    c.sync();
+
+    // acc[head][my 8 dims] = acc * alpha + sum over my keys of p * V.
+#pragma unroll
+    for (int hh = 0; hh < MG; ++hh) {
+      if (hh >= G) break;
+      const float a = alpha_s[hh];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[hh][e] *= a;
+    }
+    for (int kk = lk; kk < TK; kk += NL) {
+      const int64_t off = rowoff[kk];
+      if (off < 0 || d0 >= hd) continue;
+      float vf[8];
+      load8(pool + off + int64_t(p.block_size) * p.kv_dim + int64_t(g) * hd + d0, vf);
+#pragma unroll
+      for (int hh = 0; hh < MG; ++hh) {
+        if (hh >= G) break;
+        const float pw = S[hh * TK + kk];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[hh][e] = fmaf(pw, vf[e], acc[hh][e]);
+      }
+    }
+    c.sync();  // S and rowoff are rewritten by the next tile
+  }
+
+  // Sum the NL key lanes' partial outputs; write this split's partial result.
+#pragma unroll
+  for (int hh = 0; hh < MG; ++hh)
+#pragma unroll
+    for (int e = 0; e < 8; ++e) red[(lk * MG + hh) * D + d0 + e] = acc[hh][e];
+  c.sync();
+  for (int idx = tid; idx < G * hd; idx += kDecodeThreads) {
+    const int hh = idx / hd, d = idx % hd;
+    float sum = 0.f;
+    for (int t = 0; t < NL; ++t) sum += red[(t * MG + hh) * D + d];
+    p.ws_o[((int64_t(b) * p.n_heads + h0 + hh) * p.n_splits + split) * hd + d] = sum;
+  }
+  if (tid < G) {
+    float* ml = p.ws_ml + ((int64_t(b) * p.n_heads + h0 + tid) * p.n_splits + split) * 2;
+    ml[0] = m_s[tid];
+    ml[1] = l_s[tid];
+  }
+}
+
+// Combines the splits of (head bx, sequence by): out = sum_s O_s 2^(m_s - M) / sum_s l_s 2^(m_s - M).
+template <class T, class Ctx>
+__device__ void decode_combine(Ctx& c, const DecodeParams& p) {
+  const int h = c.bx, b = c.by, d = c.tid;
+  const int64_t base = (int64_t(b) * p.n_heads + h) * p.n_splits;
+  float M = -INFINITY;
+  for (int s = 0; s < p.n_splits; ++s) M = fmaxf(M, p.ws_ml[(base + s) * 2]);
+  float Lsum = 0.f, o = 0.f;
+  for (int s = 0; s < p.n_splits; ++s) {
+    const float ms = p.ws_ml[(base + s) * 2];
+    if (ms == -INFINITY) continue;
+    const float w = exp2f(ms - M);
+    Lsum += p.ws_ml[(base + s) * 2 + 1] * w;
+    if (d < p.head_dim) o += p.ws_o[(base + s) * p.head_dim + d] * w;
+  }
+  if (d < p.head_dim)
+    static_cast<T*>(p.out)[int64_t(b) * p.out_stride + int64_t(h) * p.head_dim + d] = from_f<T>(Lsum > 0.f ? o / Lsum : 0.f);
+  if (d == 0 && p.ws_lse) p.ws_lse[int64_t(b) * p.n_heads + h] = Lsum > 0.f ? M + log2f(Lsum) : -INFINITY;
+}
+
+// importance[b, j] += mean over heads of 2^(score - lse). Block (bx, by) = (key chunk of 128, sequence).
+template <class Ctx>
+__device__ void decode_importance(Ctx& c, const DecodeParams& p) {
+  const int b = c.by, j = c.bx * 128 + c.tid;
+  int len = p.lengths[b];
+  const int cap = p.table_stride * p.block_size;
+  len = len < 0 ? 0 : len > cap ? cap : len;
+  len = len > p.max_len ? p.max_len : len;
+  if (j >= len) return;
+  float sum = 0.f;
+  for (int h = 0; h < p.n_heads; ++h) {
+    const float lse = p.ws_lse[int64_t(b) * p.n_heads + h];
+    const float sc = p.ws_scores[(int64_t(b) * p.n_heads + h) * p.max_len + j];
+    if (lse != -INFINITY && sc != -INFINITY) sum += exp2f(sc - lse);
+  }
+  p.importance[int64_t(b) * p.importance_stride + j] += sum / float(p.n_heads);
+}
+
+}  // namespace pkv::cuda::detail

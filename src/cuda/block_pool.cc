@@ -1,0 +1,238 @@
+#include "cuda/block_pool.h"
+
+#include <algorithm>
+#include <cstdio>
+
+#include "core/error.h"
+
+namespace pkv {
+
+namespace {
+constexpr const char* kWhere = "KV block pool";
+
+std::string mib(size_t bytes) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.1f MiB", double(bytes) / (1024.0 * 1024.0));
+  return buf;
+}
+}  // namespace
+
+size_t paged_block_bytes(int block_size, int kv_dim, size_t element_bytes) {
+  return size_t(block_size) * (2 * size_t(kv_dim) * element_bytes + sizeof(int32_t));
+}
+
+std::string BlockPoolStats::to_string() const {
+  char buf[256];
+  std::snprintf(buf, sizeof buf, "KV blocks: %d of %d used (peak %d), %d free; %s of %s; %d sequences, %lld entries",
+                used_blocks, total_blocks, peak_used_blocks, free_blocks, mib(used_bytes).c_str(),
+                mib(total_bytes).c_str(), sequences, static_cast<long long>(entries));
+  return buf;
+}
+
+BlockPool::BlockPool(int n_blocks, int block_size, int n_layers, size_t bytes_per_block, int max_blocks_per_table)
+    : block_size_(block_size), n_layers_(n_layers), max_blocks_per_table_(max_blocks_per_table),
+      bytes_per_block_(bytes_per_block) {
+  if (n_blocks < 0) fail(kWhere, "the number of blocks must be >= 0, got " + std::to_string(n_blocks));
+  if (block_size < 1) fail(kWhere, "the block size must be >= 1 entry, got " + std::to_string(block_size));
+  if (n_layers < 1) fail(kWhere, "the number of layers must be >= 1, got " + std::to_string(n_layers));
+  if (max_blocks_per_table < 0)
+    fail(kWhere, "the block-table width must be >= 0 (0: no limit), got " + std::to_string(max_blocks_per_table));
+  owner_.assign(size_t(n_blocks), -1);
+  free_.reserve(size_t(n_blocks));
+  for (int b = n_blocks - 1; b >= 0; --b) free_.push_back(b);  // pops 0, 1, 2, ...
+}
+
+BlockPool::SeqId BlockPool::add_sequence() {
+  const SeqId id = next_id_++;
+  Seq s;
+  s.layers.resize(size_t(n_layers_));
+  seqs_.emplace(id, std::move(s));
+  return id;
+}
+
+void BlockPool::remove_sequence(SeqId s) {
+  Seq& q = seq(s, "remove_sequence");
+  for (Layer& L : q.layers) apply_resize(s, L, 0);
+  seqs_.erase(s);
+}
+
+std::vector<BlockPool::SeqId> BlockPool::sequences() const {
+  std::vector<SeqId> ids;
+  for (const auto& [id, q] : seqs_) ids.push_back(id);
+  return ids;
+}
+
+BlockPool::Seq& BlockPool::seq(SeqId s, const char* op) {
+  auto it = seqs_.find(s);
+  if (it == seqs_.end()) fail(kWhere, std::string(op) + ": unknown sequence " + std::to_string(s));
+  return it->second;
+}
+
+const BlockPool::Seq& BlockPool::seq(SeqId s, const char* op) const {
+  auto it = seqs_.find(s);
+  if (it == seqs_.end()) fail(kWhere, std::string(op) + ": unknown sequence " + std::to_string(s));
+  return it->second;
+}
+
+void BlockPool::check_layer(int layer, const char* op) const {
+  if (layer < 0 || layer >= n_layers_)
+    fail(kWhere, std::string(op) + ": layer " + std::to_string(layer) + " out of range [0, " +
+                     std::to_string(n_layers_) + ")");
+}
+
+void BlockPool::check_entries(SeqId s, int layer, int entries) const {
+  if (entries < 0)
+    fail(kWhere, "sequence " + std::to_string(s) + " layer " + std::to_string(layer) + ": entry count " +
+                     std::to_string(entries) + " is negative");
+  if (max_blocks_per_table_ > 0 && blocks_for(entries) > max_blocks_per_table_)
+    fail(kWhere, "sequence " + std::to_string(s) + " layer " + std::to_string(layer) + ": " + std::to_string(entries) +
+                     " entries need " + std::to_string(blocks_for(entries)) + " blocks, more than the block-table width " +
+                     std::to_string(max_blocks_per_table_) + " (at most " +
+                     std::to_string(max_blocks_per_table_ * block_size_) + " entries per layer)");
+}
+
+int BlockPool::entries(SeqId s, int layer) const {
+  check_layer(layer, "entries");
+  return seq(s, "entries").layers[size_t(layer)].entries;
+}
+
+const std::vector<int32_t>& BlockPool::table(SeqId s, int layer) const {
+  check_layer(layer, "table");
+  return seq(s, "table").layers[size_t(layer)].blocks;
+}
+
+uint64_t BlockPool::table_version(SeqId s, int layer) const {
+  check_layer(layer, "table_version");
+  return seq(s, "table_version").layers[size_t(layer)].version;
+}
+
+int BlockPool::blocks_held(SeqId s) const {
+  int n = 0;
+  for (const Layer& L : seq(s, "blocks_held").layers) n += int(L.blocks.size());
+  return n;
+}
+
+int BlockPool::blocks_needed(SeqId s, int layer, int entries) const {
+  check_layer(layer, "blocks_needed");
+  check_entries(s, layer, entries);
+  const Layer& L = seq(s, "blocks_needed").layers[size_t(layer)];
+  return std::max(0, blocks_for(entries) - int(L.blocks.size()));
+}
+
+int BlockPool::blocks_needed(SeqId s, const std::vector<int>& entries_per_layer) const {
+  if (int(entries_per_layer.size()) != n_layers_)
+    fail(kWhere, "blocks_needed: " + std::to_string(entries_per_layer.size()) + " entry counts for " +
+                     std::to_string(n_layers_) + " layers");
+  int n = 0;
+  for (int l = 0; l < n_layers_; ++l) n += blocks_needed(s, l, entries_per_layer[size_t(l)]);
+  return n;
+}
+
+void BlockPool::out_of_blocks(SeqId s, int needed, const std::string& what) const {
+  fail(kWhere, "out of KV blocks: sequence " + std::to_string(s) + " needs " + std::to_string(needed) +
+                   " more blocks for " + what + " but only " + std::to_string(free_blocks()) + " of " +
+                   std::to_string(n_blocks()) + " are free (" + std::to_string(block_size_) + " entries, " +
+                   mib(bytes_per_block_) + " per block; " + mib(free_bytes()) + " free)");
+}
+
+void BlockPool::apply_resize(SeqId s, Layer& L, int entries) {
+  const int want = blocks_for(entries);
+  const int have = int(L.blocks.size());
+  if (want > have) {
+    PKV_ASSERT(want - have <= free_blocks());
+    for (int i = have; i < want; ++i) {
+      const int32_t b = free_.back();
+      free_.pop_back();
+      PKV_ASSERT(owner_[size_t(b)] == -1);
+      owner_[size_t(b)] = s;
+      L.blocks.push_back(b);
+    }
+    peak_used_ = std::max(peak_used_, used_blocks());
+  } else if (want < have) {
+    for (int i = have - 1; i >= want; --i) {  // tail blocks, last first
+      const int32_t b = L.blocks[size_t(i)];
+      PKV_ASSERT(owner_[size_t(b)] == s);
+      owner_[size_t(b)] = -1;
+      free_.push_back(b);
+    }
+    L.blocks.resize(size_t(want));
+  }
+  if (want != have || entries != L.entries) L.version = next_version_++;
+  L.entries = entries;
+}
+
+void BlockPool::resize(SeqId s, int layer, int entries) {
+  check_layer(layer, "resize");
+  check_entries(s, layer, entries);
+  Layer& L = seq(s, "resize").layers[size_t(layer)];
+  const int need = std::max(0, blocks_for(entries) - int(L.blocks.size()));
+  if (need > free_blocks())
+    out_of_blocks(s, need, "layer " + std::to_string(layer) + " (" + std::to_string(entries) + " entries)");
+  apply_resize(s, L, entries);
+}
+
+void BlockPool::resize_all(SeqId s, const std::vector<int>& entries_per_layer) {
+  const int need = blocks_needed(s, entries_per_layer);  // validates everything first
+  Seq& q = seq(s, "resize_all");
+  int freed = 0;  // by the layers that shrink in this same call
+  for (int l = 0; l < n_layers_; ++l)
+    freed += std::max(0, int(q.layers[size_t(l)].blocks.size()) - blocks_for(entries_per_layer[size_t(l)]));
+  if (need > free_blocks() + freed) out_of_blocks(s, need - freed, "all layers");
+  // Shrink first so that a layer's freed blocks are visible in the counts; growth cannot fail now.
+  for (int l = 0; l < n_layers_; ++l)
+    if (entries_per_layer[size_t(l)] < q.layers[size_t(l)].entries) apply_resize(s, q.layers[size_t(l)], entries_per_layer[size_t(l)]);
+  for (int l = 0; l < n_layers_; ++l) apply_resize(s, q.layers[size_t(l)], entries_per_layer[size_t(l)]);
+}
+
+void BlockPool::append_all(SeqId s, int n) {
+  if (n < 0) fail(kWhere, "append_all: negative count " + std::to_string(n));
+  const Seq& q = seq(s, "append_all");
+  std::vector<int> e(static_cast<size_t>(n_layers_));
+  for (int l = 0; l < n_layers_; ++l) e[size_t(l)] = q.layers[size_t(l)].entries + n;
+  const int need = blocks_needed(s, e);
+  if (need > free_blocks()) out_of_blocks(s, need, std::to_string(n) + " new entries in every layer");
+  resize_all(s, e);
+}
+
+BlockPoolStats BlockPool::stats() const {
+  BlockPoolStats st;
+  st.total_blocks = n_blocks();
+  st.used_blocks = used_blocks();
+  st.free_blocks = free_blocks();
+  st.peak_used_blocks = peak_used_;
+  st.sequences = int(seqs_.size());
+  for (const auto& [id, q] : seqs_)
+    for (const Layer& L : q.layers) st.entries += L.entries;
+  st.bytes_per_block = bytes_per_block_;
+  st.used_bytes = used_bytes();
+  st.free_bytes = free_bytes();
+  st.total_bytes = size_t(n_blocks()) * bytes_per_block_;
+  return st;
+}
+
+void BlockPool::check_invariants() const {
+  std::vector<int> seen(owner_.size(), 0);
+  for (int32_t b : free_) {
+    PKV_ASSERT_MSG(b >= 0 && b < n_blocks(), "free block id " + std::to_string(b) + " out of range");
+    PKV_ASSERT_MSG(owner_[size_t(b)] == -1, "free block " + std::to_string(b) + " has an owner");
+    ++seen[size_t(b)];
+  }
+  for (const auto& [id, q] : seqs_) {
+    PKV_ASSERT(int(q.layers.size()) == n_layers_);
+    for (const Layer& L : q.layers) {
+      PKV_ASSERT_MSG(int(L.blocks.size()) == blocks_for(L.entries),
+                     "sequence " + std::to_string(id) + ": table of " + std::to_string(L.blocks.size()) +
+                         " blocks for " + std::to_string(L.entries) + " entries");
+      for (int32_t b : L.blocks) {
+        PKV_ASSERT_MSG(b >= 0 && b < n_blocks(), "block id " + std::to_string(b) + " out of range");
+        PKV_ASSERT_MSG(owner_[size_t(b)] == id, "block " + std::to_string(b) + " in the table of sequence " +
+                                                    std::to_string(id) + " is owned by " + std::to_string(owner_[size_t(b)]));
+        ++seen[size_t(b)];
+      }
+    }
+  }
+  for (size_t b = 0; b < seen.size(); ++b)
+    PKV_ASSERT_MSG(seen[b] == 1, "block " + std::to_string(b) + " is referenced " + std::to_string(seen[b]) + " times");
+}
+
+}  // namespace pkv

@@ -1,0 +1,117 @@
+// The paged KV block pool: host-side bookkeeping of one pool of fixed-size blocks shared by all
+// sequences and all layers (pure C++; the device memory it describes is laid out as in kernels.h,
+// PagedKV).
+//
+// A block holds `block_size` consecutive entries of ONE layer of ONE sequence. Each (sequence,
+// layer) has its own block table (block ids in entry order) and entry count, so a layer that keeps
+// 20% of its entries holds about 20% of the blocks, and blocks freed by compaction serve any other
+// sequence or layer at once: all blocks are the same size, so the pool never fragments.
+//
+// Errors (out of blocks, unknown sequence, bad layer or count) throw pkv::Error and change nothing.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+namespace pkv {
+
+// Bytes of one block: K and V of block_size entries of kv_dim elements, plus the int32 position of
+// each entry.
+size_t paged_block_bytes(int block_size, int kv_dim, size_t element_bytes);
+
+struct BlockPoolStats {
+  int total_blocks = 0;
+  int used_blocks = 0;
+  int free_blocks = 0;
+  int peak_used_blocks = 0;
+  int sequences = 0;
+  int64_t entries = 0;  // entries held over all sequences and layers
+  size_t bytes_per_block = 0;
+  size_t used_bytes = 0;
+  size_t free_bytes = 0;
+  size_t total_bytes = 0;
+  std::string to_string() const;  // one line for logs
+};
+
+class BlockPool {
+ public:
+  using SeqId = int32_t;
+
+  // `max_blocks_per_table` (0: no limit) is the width of the device block tables: a (sequence,
+  // layer) can never hold more blocks than that.
+  BlockPool(int n_blocks, int block_size, int n_layers, size_t bytes_per_block, int max_blocks_per_table = 0);
+
+  int n_blocks() const { return int(owner_.size()); }
+  int block_size() const { return block_size_; }
+  int n_layers() const { return n_layers_; }
+  int max_blocks_per_table() const { return max_blocks_per_table_; }
+  size_t bytes_per_block() const { return bytes_per_block_; }
+  int blocks_for(int entries) const { return (entries + block_size_ - 1) / block_size_; }
+
+  // Sequences. A new sequence holds no blocks; removing one returns all its blocks.
+  SeqId add_sequence();
+  void remove_sequence(SeqId s);
+  bool has_sequence(SeqId s) const { return seqs_.count(s) != 0; }
+  std::vector<SeqId> sequences() const;
+
+  int entries(SeqId s, int layer) const;
+  // Block ids of (s, layer) in entry order: entry e lives in block table[e / block_size], slot
+  // e % block_size.
+  const std::vector<int32_t>& table(SeqId s, int layer) const;
+  // Changes whenever table(s, layer) changes (to upload only the tables that changed).
+  uint64_t table_version(SeqId s, int layer) const;
+  int blocks_held(SeqId s) const;
+
+  // Blocks that resizing would take from the pool (0 when it shrinks or stays).
+  int blocks_needed(SeqId s, int layer, int entries) const;
+  int blocks_needed(SeqId s, const std::vector<int>& entries_per_layer) const;
+  // Admission: are `blocks` blocks free now?
+  bool can_admit(int blocks) const { return blocks <= free_blocks(); }
+
+  // Sets the entry count of (s, layer). Growing takes blocks from the pool (throws, changing
+  // nothing, when too few are free); shrinking (after compaction) returns the tail blocks.
+  void resize(SeqId s, int layer, int entries);
+  // Every layer at once, all or nothing.
+  void resize_all(SeqId s, const std::vector<int>& entries_per_layer);
+  // One decode step: n more entries in every layer, all or nothing.
+  void append_all(SeqId s, int n = 1);
+
+  int free_blocks() const { return int(free_.size()); }
+  int used_blocks() const { return n_blocks() - free_blocks(); }
+  size_t used_bytes() const { return size_t(used_blocks()) * bytes_per_block_; }
+  size_t free_bytes() const { return size_t(free_blocks()) * bytes_per_block_; }
+  BlockPoolStats stats() const;
+
+  // Every block is either free or owned by exactly one table, and tables match their entry counts.
+  // A bug here is ours: asserts (aborts) with what is inconsistent.
+  void check_invariants() const;
+
+ private:
+  struct Layer {
+    int entries = 0;
+    std::vector<int32_t> blocks;
+    uint64_t version = 0;
+  };
+  struct Seq {
+    std::vector<Layer> layers;
+  };
+  Seq& seq(SeqId s, const char* op);
+  const Seq& seq(SeqId s, const char* op) const;
+  void check_layer(int layer, const char* op) const;
+  void check_entries(SeqId s, int layer, int entries) const;
+  void out_of_blocks(SeqId s, int needed, const std::string& what) const;
+  void apply_resize(SeqId s, Layer& L, int entries);
+
+  int block_size_, n_layers_, max_blocks_per_table_;
+  size_t bytes_per_block_;
+  std::vector<int32_t> free_;   // stack of free block ids
+  std::vector<SeqId> owner_;    // owner sequence of each block, -1 = free
+  std::map<SeqId, Seq> seqs_;
+  SeqId next_id_ = 0;
+  uint64_t next_version_ = 1;
+  int peak_used_ = 0;
+};
+
+}  // namespace pkv

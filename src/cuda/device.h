@@ -1,0 +1,81 @@
+// Device memory and streams for the CUDA back end. No CUDA types here (DESIGN.md principle 1): a
+// stream is passed as `void*` (a cudaStream_t; nullptr = the default stream), device pointers as
+// plain pointers. Every failure throws pkv::Error with the file and line of the failing call.
+#pragma once
+#include <cstddef>
+#include <string>
+
+namespace pkv::cuda {
+
+// Number of usable CUDA devices; 0 when there is no device or no driver (never throws).
+int device_count();
+// Makes device `index` current for this host thread (cudaSetDevice).
+void set_device(int index);
+// "NVIDIA H100 80GB HBM3, compute 9.0, 132 SMs, 79.1 GiB" for the current device.
+std::string device_summary();
+size_t device_free_bytes();
+size_t device_total_bytes();
+void device_synchronize();
+void stream_synchronize(void* stream);
+
+// Owns one device allocation (cudaMalloc). Move-only; expensive copies are explicit (copy_from).
+// Allocation failure throws pkv::Error naming `what`, the size and the free/total device memory,
+// and leaves no sticky CUDA error behind.
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  explicit DeviceBuffer(size_t bytes, const std::string& what = "device buffer");
+  ~DeviceBuffer();
+  DeviceBuffer(DeviceBuffer&& o) noexcept;
+  DeviceBuffer& operator=(DeviceBuffer&& o) noexcept;
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+
+  void* data() { return ptr_; }
+  const void* data() const { return ptr_; }
+  template <class T>
+  T* as() {
+    return static_cast<T*>(ptr_);
+  }
+  template <class T>
+  const T* as() const {
+    return static_cast<const T*>(ptr_);
+  }
+  size_t bytes() const { return bytes_; }
+  bool empty() const { return bytes_ == 0; }
+
+  // Synchronous copies between host memory and [offset, offset + n) of this buffer (bounds checked).
+  void upload(const void* host, size_t n, size_t offset = 0);
+  void download(void* host, size_t n, size_t offset = 0) const;
+  void fill_bytes(int value);  // memset of the whole buffer (synchronous)
+  void reset();                // frees the memory now
+
+ private:
+  void* ptr_ = nullptr;
+  size_t bytes_ = 0;
+  std::string what_;
+};
+
+// An owned, non-blocking CUDA stream.
+class Stream {
+ public:
+  Stream();
+  ~Stream();
+  Stream(Stream&& o) noexcept;
+  Stream& operator=(Stream&& o) noexcept;
+  Stream(const Stream&) = delete;
+  Stream& operator=(const Stream&) = delete;
+  void* get() const { return s_; }  // a cudaStream_t
+  void synchronize() const;
+
+ private:
+  void* s_ = nullptr;
+};
+
+// Asynchronous copies on `stream` (host memory should be pinned for real overlap).
+void copy_to_device(void* dst, const void* host_src, size_t bytes, void* stream);
+void copy_to_host(void* host_dst, const void* src, size_t bytes, void* stream);
+void copy_on_device(void* dst, const void* src, size_t bytes, void* stream);
+void memset_device(void* dst, int value, size_t bytes, void* stream);
+
+}  // namespace pkv::cuda

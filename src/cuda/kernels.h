@@ -1,0 +1,246 @@
+// CUDA operators: the GPU twins of src/ops (CPU) and of the KV-cache operations of src/kv.
+//
+// A plain C++ API with no CUDA types (DESIGN.md principle 1), so that any code can include it:
+//  - every data pointer is a DEVICE pointer unless its comment says otherwise;
+//  - `stream` is a cudaStream_t passed as void* (nullptr = the default stream); every call only
+//    enqueues work on it and returns (no synchronisation, no host<->device copies), except where noted;
+//  - element types are pkv::DType: F32 (float), F16 (IEEE half), BF16 (bfloat16). Arithmetic is in
+//    float32 throughout; 16-bit results are rounded to nearest even once, at the store;
+//  - tensors are row-major; shapes are written [rows, cols]; strides are in elements;
+//  - bad arguments (unsupported dtype, head_dim, sizes, missing workspace) throw pkv::Error naming the
+//    operator and the argument; CUDA/cuBLAS failures throw pkv::Error with file:line (cuda_check.h).
+//    Set PKV_CUDA_SYNC=1 to synchronise after every launch, so an asynchronous fault is reported by
+//    the operator that caused it.
+//
+// Each operator's CPU twin is named in its comment; tests/cuda/test_cuda_kernels.cc checks every
+// one against it.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "cuda/device.h"
+
+#include "core/dtype.h"
+#include "ops/ops.h"  // ops::Act
+
+namespace pkv::cuda {
+
+// ------------------------------------------------------------------------------------------------
+// Element-wise and per-row operators. `t` is the element type of the activations (F32, F16, BF16);
+// norm weights and biases are float32 (as ops::Norm holds them).
+
+// y[rows, dim] = x * rsqrt(mean(x^2) + eps) * weight. y may alias x. Twin: ops::rms_norm.
+void rms_norm(DType t, const void* x, void* y, const float* weight, int rows, int dim, float eps, void* stream);
+// y[rows, dim] = (x - mean) * rsqrt(var + eps) * weight + bias. y may alias x. Twin: ops::layer_norm.
+void layer_norm(DType t, const void* x, void* y, const float* weight, const float* bias, int rows, int dim, float eps,
+                void* stream);
+// out[n] = a + b (the residual add). out may alias a or b.
+void add(DType t, const void* a, const void* b, void* out, size_t n, void* stream);
+// y[rows, cols] += bias[cols] (float32 bias).
+void add_bias(DType t, void* y, const float* bias, int rows, int cols, void* stream);
+// x[n] = act(x[n]) in place. Twin: ops::activate.
+void activate(DType t, void* x, size_t n, ops::Act act, void* stream);
+// gate[n] = silu(gate) * up. Twin: ops::swiglu.
+void swiglu(DType t, void* gate, const void* up, size_t n, void* stream);
+
+// Rotary position embedding, rotate-half form, in place. Twin: ops::Rope::apply.
+//   x: rows of n_heads * head_dim elements; row r starts at x + r * row_stride (row_stride = 0 means
+//      n_heads * head_dim; a larger stride rotates the q or k part of a fused qkv row);
+//   pos [rows] int32 absolute positions; inv_freq [head_dim / 2] float32, as ops::Rope::inv_freq
+//   (so default, linear and llama3 scaling all work). The angle is float(pos) * inv_freq in float32.
+void rope(DType t, void* x, int rows, int n_heads, int head_dim, int64_t row_stride, const int32_t* pos,
+          const float* inv_freq, void* stream);
+
+// out[n, dim] (out_t) = table[ids[i], :] (table_t, [vocab, dim]). An id outside [0, vocab) gives a
+// row of zeros (ids are validated on the host by the tokenizer; the kernel never reads out of bounds).
+void embedding(DType table_t, const void* table, int vocab, int dim, const int32_t* ids, int n, DType out_t, void* out,
+               void* stream);
+// dst[n] (dst_t) = src[n] (src_t). Twin: pkv::to_f32 / f32_to_f16 / f32_to_bf16.
+void convert(DType src_t, const void* src, DType dst_t, void* dst, size_t n, void* stream);
+// y[rows, n] = max over the window [i - kernel/2, i + kernel/2] clipped to the row (odd kernel).
+// Twin: pkv::max_pool_1d (src/kv/budgeted.h). y must not alias x.
+void max_pool_1d(const float* x, float* y, int rows, int n, int kernel, void* stream);
+
+// ------------------------------------------------------------------------------------------------
+// Matrix products through cuBLAS.
+
+// A cuBLAS handle bound to one stream (the stream that linear() and its bias kernel run on).
+class Blas {
+ public:
+  explicit Blas(void* stream = nullptr);
+  ~Blas();
+  Blas(const Blas&) = delete;
+  Blas& operator=(const Blas&) = delete;
+  void set_stream(void* stream);
+  void* stream() const { return stream_; }
+  void* handle() const { return handle_; }  // a cublasHandle_t
+  // A float32 scratch of at least `floats` values (grown on demand: size it before capturing a
+  // CUDA graph). linear() uses it for a 16-bit y with a bias.
+  float* f32_workspace(size_t floats);
+
+ private:
+  void* handle_ = nullptr;
+  void* stream_ = nullptr;
+  DeviceBuffer ws_;
+};
+
+// y[rows, out] = x[rows, in] * W^T + bias (or += with accumulate): ops::linear's twin.
+//   W [out, in] row-major (the checkpoint layout) in w_dtype;
+//   x in the same dtype as W (convert f32 activations first); y in y_dtype:
+//     W, x F16  -> y F16 or F32;   W, x BF16 -> y BF16 or F32;   W, x F32 -> y F32 (no TF32).
+//   The product accumulates in float32 (CUBLAS_COMPUTE_32F). accumulate = true adds into y
+//   (beta = 1: fuses the residual add when y is the float32 residual stream). bias: float32 [out]
+//   or nullptr; with a 16-bit y the product goes to a float32 scratch first so that product +
+//   bias is rounded once (cuBLAS rounds the product to the output type before adding beta * y,
+//   measured on the H100), and accumulate with a bias needs a float32 y. Row strides: x_stride >= in, y_stride >= out (0 = dense).
+struct LinearArgs {
+  const void* x = nullptr;
+  int64_t x_stride = 0;
+  const void* w = nullptr;
+  DType w_dtype = DType::BF16;
+  int rows = 0, in = 0, out = 0;
+  const float* bias = nullptr;
+  void* y = nullptr;
+  int64_t y_stride = 0;
+  DType y_dtype = DType::F32;
+  bool accumulate = false;
+};
+void linear(Blas& blas, const LinearArgs& a);
+
+// ------------------------------------------------------------------------------------------------
+// Prefill attention: flash-style (tiles of 64 queries x 64 keys, online softmax in float32; the
+// [n_q, n_kv] matrix is never formed), GQA, head_dim 1..128 (any, e.g. 32, 64, 80, 96, 128).
+// Twin: ops::attention (same argument meanings).
+//   q [n_q, *] rows with stride q_stride (0: n_heads * head_dim); head h at columns [h*hd, (h+1)*hd);
+//   k, v [n_kv, *] rows with stride kv_stride (0: n_kv_heads * head_dim); kv head g = h / (n_heads /
+//     n_kv_heads);
+//   q_pos [n_q], kv_pos [n_kv]: when both are given, query i sees key j iff kv_pos[j] <= q_pos[i]
+//     (kv_pos strictly increasing); when both are null, every query sees every key (vision tower);
+//   out [n_q, *] with stride out_stride (0: n_heads * head_dim); a query that sees no key gets 0;
+//   importance (optional, float32 [n_kv]): += for each key j, the sum over queries i >=
+//     importance_from of the mean over heads of the softmax probability (METHOD.md section 1).
+//     Computed by a second pass that recomputes the scores tile by tile from the per-row
+//     log-sum-exp saved by the first; per-head partial sums are reduced in a fixed order, so the
+//     result is deterministic. Needs `workspace` of attention_prefill_workspace_bytes() bytes.
+struct PrefillAttentionArgs {
+  DType dtype = DType::BF16;  // of q, k, v and out: F16 or BF16
+  const void* q = nullptr;
+  int n_q = 0;
+  int64_t q_stride = 0;
+  const int32_t* q_pos = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  int n_kv = 0;
+  int64_t kv_stride = 0;
+  const int32_t* kv_pos = nullptr;
+  int n_heads = 0, n_kv_heads = 0, head_dim = 0;
+  float scale = 1.f;
+  void* out = nullptr;
+  int64_t out_stride = 0;
+  float* importance = nullptr;
+  int importance_from = 0;
+  void* workspace = nullptr;  // device, >= attention_prefill_workspace_bytes (only with importance)
+  size_t workspace_bytes = 0;
+};
+size_t attention_prefill_workspace_bytes(int n_q, int n_kv, int n_heads);
+void attention_prefill(const PrefillAttentionArgs& a, void* stream);
+
+// ------------------------------------------------------------------------------------------------
+// The paged KV cache on the device (host bookkeeping: cuda/block_pool.h).
+//
+// One pool of n_blocks blocks. Block b holds block_size entries of one layer of one sequence:
+//   K of slot s:  pool + (b * 2 * block_size + s) * kv_dim              (kv_dim = n_kv_heads * head_dim)
+//   V of slot s:  pool + (b * 2 * block_size + block_size + s) * kv_dim
+//   position:     positions[b * block_size + s]   (int32, the entry's absolute position)
+// in `dtype` (F16 or BF16). Keys are stored after RoPE, as the CPU cache (kv/kv_cache.h) stores them.
+// A block table is a row of int32 block ids: entry e of that table lives in block table[e / block_size],
+// slot e % block_size. Tables are rows of a [n_tables, table_stride] int32 array.
+// error_flag (optional device int, zero it first): kernels OR in kPagedBadBlock when a table holds
+// a block id outside [0, n_blocks) and kPagedBadEntry when an entry index lies outside
+// [0, table_stride * block_size) or a table index is negative; the offending access is skipped
+// (never an out-of-bounds access). Decode attention also ignores keys beyond max_len.
+struct PagedKV {
+  DType dtype = DType::BF16;
+  void* pool = nullptr;           // 16-byte aligned (cudaMalloc is)
+  int32_t* positions = nullptr;   // [n_blocks * block_size]
+  int n_blocks = 0;
+  int block_size = 0;
+  int kv_dim = 0;
+  const int32_t* tables = nullptr;  // [n_tables, table_stride]
+  int table_stride = 0;
+  int* error_flag = nullptr;
+};
+constexpr int kPagedBadBlock = 1;
+constexpr int kPagedBadEntry = 2;
+// Device bytes of the pool and of the positions for n_blocks blocks.
+size_t paged_pool_bytes(const PagedKV& kv);
+size_t paged_positions_bytes(const PagedKV& kv);
+
+// Rows addressed in a paged cache: row r is entry row_entry[r] of table row_table[r].
+struct PagedRows {
+  const int32_t* row_table = nullptr;  // [n_rows]
+  const int32_t* row_entry = nullptr;  // [n_rows]
+  int n_rows = 0;
+};
+// Stores rows: K, V [n_rows, *] (row stride src_stride elements, 0 = kv_dim) in src_dtype (F32, F16,
+// BF16; converted to the pool's dtype) and their positions [n_rows]. The append of the prefill
+// (one table, entries 0..N-1) and of a decode step (one row per sequence) are both this call.
+void paged_kv_write(const PagedKV& kv, const PagedRows& rows, DType src_dtype, const void* k, const void* v,
+                    int64_t src_stride, const int32_t* pos, void* stream);
+// The reverse: k, v [n_rows, kv_dim] in the pool's dtype, pos [n_rows] (any may be null).
+void paged_kv_read(const PagedKV& kv, const PagedRows& rows, void* k, void* v, int32_t* pos, void* stream);
+
+// Decode attention: one query token per sequence, over each sequence's own entries of this layer in
+// the paged pool, batched over sequences of different lengths; flash-decoding (the keys of a long
+// sequence are split over several thread blocks, whose partial softmax results are combined).
+// Twin: ops::attention with n_q = 1 over the sequence's entries.
+//   q [batch, *] row stride q_stride (0: n_heads * head_dim), in kv.dtype;
+//   kv.tables row b = sequence b's block table for this layer; lengths [batch] entries per sequence;
+//   max_len >= every lengths[b] (the host knows it: it sizes the work split and the workspace);
+//   q_pos [batch] (optional): key j is seen iff its position <= q_pos[b];
+//   head_dim a multiple of 8, <= 128 (16-byte loads); kv.kv_dim = n_kv_heads * head_dim;
+//   out [batch, *] row stride out_stride (0: n_heads * head_dim), in kv.dtype;
+//   importance (optional, H2O): float32 [batch, importance_stride], += for each key j < lengths[b]
+//     the mean over heads of its probability for this query (entry indices of the layer).
+struct DecodeAttentionArgs {
+  const void* q = nullptr;
+  int batch = 0;
+  int64_t q_stride = 0;
+  const int32_t* q_pos = nullptr;
+  PagedKV kv;
+  const int32_t* lengths = nullptr;
+  int max_len = 0;
+  int n_heads = 0, n_kv_heads = 0, head_dim = 0;
+  float scale = 1.f;
+  void* out = nullptr;
+  int64_t out_stride = 0;
+  float* importance = nullptr;
+  int64_t importance_stride = 0;
+  void* workspace = nullptr;  // device, >= attention_decode_workspace_bytes (always needed)
+  size_t workspace_bytes = 0;
+};
+size_t attention_decode_workspace_bytes(int batch, int n_heads, int n_kv_heads, int head_dim, int max_len,
+                                        bool importance);
+void attention_decode(const DecodeAttentionArgs& a, void* stream);
+
+// Jobs on whole (sequence, layer) tables: job j works on table job_table[j] with the kept entry
+// indices keep[keep_offsets[j] .. keep_offsets[j+1]) (strictly increasing, each < lengths[j]).
+struct PagedJobs {
+  const int32_t* job_table = nullptr;     // [n_jobs]
+  const int32_t* keep = nullptr;          // all jobs' kept indices, concatenated
+  const int32_t* keep_offsets = nullptr;  // [n_jobs + 1]
+  const int32_t* lengths = nullptr;       // [n_jobs] entries before the operation (merge only)
+  int n_jobs = 0;
+};
+// Compaction: entry m of each table becomes its entry keep[m] (K, V and position), in order: the
+// kept entries move to the front. Twin: KVLayer::retain. Afterwards the host shrinks the table to
+// keep.size() entries (BlockPool::resize), returning the tail blocks; work queued later on the same
+// stream may reuse them at once.
+void paged_kv_compact(const PagedKV& kv, const PagedJobs& jobs, void* stream);
+// Elastic Cache merge (run before paged_kv_compact with the same keep): every entry i < lengths[j]
+// is assigned to its nearest kept entry by index (ties to the earlier one), and each kept entry's K
+// and V become the mean over its group (positions unchanged). Twin: the elastic policy's
+// before_retain (src/kv/policies/elastic.cc).
+void paged_kv_merge(const PagedKV& kv, const PagedJobs& jobs, void* stream);
+
+}  // namespace pkv::cuda

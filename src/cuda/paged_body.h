@@ -1,0 +1,155 @@
+// Paged KV kernel bodies (internal to src/cuda/): row writes and reads, compaction, Elastic merge.
+// Same conventions as attention_body.h (a thread context `c`, the plan's parameters); none of these
+// needs a barrier.
+#pragma once
+#include <cstdint>
+
+#include "cuda/kernel_types.h"
+#include "cuda/plan.h"
+
+namespace pkv::cuda::detail {
+
+// Block id of entry e of table t, or -1 (error flag set) when the table or entry is out of range.
+__device__ __forceinline__ int paged_block_of(const PagedParams& p, int t, int e) {
+  if (t < 0 || e < 0 || e >= p.table_stride * p.block_size) {
+    if (p.error_flag) atomicOr(p.error_flag, kPagedBadEntry);
+    return -1;
+  }
+  const int blk = p.tables[int64_t(t) * p.table_stride + e / p.block_size];
+  if (blk < 0 || blk >= p.n_blocks) {
+    if (p.error_flag) atomicOr(p.error_flag, kPagedBadBlock);
+    return -1;
+  }
+  return blk;
+}
+
+// Block r writes row r: K and V converted from S to T, and the position.
+template <class T, class S, class Ctx>
+__device__ void paged_write(Ctx& c, const PagedParams& p) {
+  const int r = c.bx;
+  const int blk = paged_block_of(p, p.row_table[r], p.row_entry[r]);
+  if (blk < 0) return;
+  const int slot = p.row_entry[r] % p.block_size;
+  T* k = static_cast<T*>(p.pool) + (int64_t(blk) * 2 * p.block_size + slot) * p.kv_dim;
+  T* v = k + int64_t(p.block_size) * p.kv_dim;
+  const S* sk = static_cast<const S*>(p.src_k) + int64_t(r) * p.src_stride;
+  const S* sv = static_cast<const S*>(p.src_v) + int64_t(r) * p.src_stride;
+  for (int i = c.tid; i < p.kv_dim; i += kPagedThreads) {
+    k[i] = from_f<T>(to_f(sk[i]));
+    v[i] = from_f<T>(to_f(sv[i]));
+  }
+  if (c.tid == 0) p.positions[int64_t(blk) * p.block_size + slot] = p.src_pos[r];
+}
+
+// Block r reads row r into dense rows (in the pool's type).
+template <class T, class Ctx>
+__device__ void paged_read(Ctx& c, const PagedParams& p) {
+  const int r = c.bx;
+  const int blk = paged_block_of(p, p.row_table[r], p.row_entry[r]);
+  if (blk < 0) return;
+  const int slot = p.row_entry[r] % p.block_size;
+  const T* k = static_cast<const T*>(p.pool) + (int64_t(blk) * 2 * p.block_size + slot) * p.kv_dim;
+  const T* v = k + int64_t(p.block_size) * p.kv_dim;
+  for (int i = c.tid; i < p.kv_dim; i += kPagedThreads) {
+    if (p.dst_k) static_cast<T*>(p.dst_k)[int64_t(r) * p.kv_dim + i] = k[i];
+    if (p.dst_v) static_cast<T*>(p.dst_v)[int64_t(r) * p.kv_dim + i] = v[i];
+  }
+  if (c.tid == 0 && p.dst_pos) p.dst_pos[r] = p.positions[int64_t(blk) * p.block_size + slot];
+}
+
+// Word index (32-bit words = two elements) of word w of tensor (0 = K, 1 = V) of entry e of table t,
+// or -1. *slot_index: the entry's index in `positions`.
+__device__ __forceinline__ int64_t paged_word(const PagedParams& p, int t, int e, int tensor, int w, int64_t* slot_index) {
+  const int blk = paged_block_of(p, t, e);
+  if (blk < 0) return -1;
+  const int slot = e % p.block_size;
+  *slot_index = int64_t(blk) * p.block_size + slot;
+  return ((int64_t(blk) * 2 * p.block_size + int64_t(tensor) * p.block_size + slot) * p.kv_dim) / 2 + w;
+}
+
+// Compaction. Block (bx, by) = (job, group of 128 words); thread x handles word x of K (x < W) or
+// word x - W of V of EVERY entry of its job, walking m = 0, 1, ... in order: entry m <- entry keep[m].
+// keep is strictly increasing, so keep[m] >= m: a step never overwrites a word that a later step
+// still has to read (exactly memmove's forward copy), and no other thread touches this word column.
+// Reads are batched 8 at a time before the writes (sources keep[m..m+7] >= m + 7 >= every target of
+// the batch, so the batch still reads only original values).
+template <class Ctx>
+__device__ void paged_compact(Ctx& c, const PagedParams& p) {
+  constexpr int U = 8;
+  const int job = c.bx;
+  const int W = p.kv_dim / 2;
+  const int x = c.by * kPagedThreads + c.tid;
+  if (x >= 2 * W) return;
+  const int tensor = x / W, w = x % W;
+  const bool moves_positions = x == 0;
+  const int t = p.job_table[job];
+  const int* keep = p.keep + p.keep_offsets[job];
+  const int n_keep = p.keep_offsets[job + 1] - p.keep_offsets[job];
+  uint32_t* pool = static_cast<uint32_t*>(p.pool);
+  for (int m0 = 0; m0 < n_keep; m0 += U) {
+    uint32_t val[U];
+    int64_t dst[U], dst_slot[U];
+    int32_t pos[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      dst[u] = -1;
+      const int m = m0 + u;
+      if (m >= n_keep) continue;
+      const int src = keep[m];
+      if (src == m) continue;  // already in place
+      int64_t src_slot = 0;
+      const int64_t sw = paged_word(p, t, src, tensor, w, &src_slot);
+      const int64_t dw = paged_word(p, t, m, tensor, w, &dst_slot[u]);
+      if (sw < 0 || dw < 0) continue;
+      val[u] = pool[sw];
+      if (moves_positions) pos[u] = p.positions[src_slot];
+      dst[u] = dw;
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (dst[u] < 0) continue;
+      pool[dst[u]] = val[u];
+      if (moves_positions) p.positions[dst_slot[u]] = pos[u];
+    }
+  }
+}
+
+// Elastic merge. Same thread layout as compaction. Kept entry m's group is the index range
+// [lo, hi] of the entries nearest to keep[m] (ties to the earlier kept entry):
+//   lo = 0 for m = 0, else floor((keep[m-1] + keep[m]) / 2) + 1;  hi = N-1 for the last, else
+//   floor((keep[m] + keep[m+1]) / 2).
+// Groups are disjoint and each group's mean is written to its own kept entry only, so the order of
+// the work does not matter. Sums in float32, mean rounded once to the pool's type.
+template <class T, class Ctx>
+__device__ void paged_merge(Ctx& c, const PagedParams& p) {
+  const int job = c.bx;
+  const int W = p.kv_dim / 2;
+  const int x = c.by * kPagedThreads + c.tid;
+  if (x >= 2 * W) return;
+  const int tensor = x / W, w = x % W;
+  const int t = p.job_table[job];
+  const int* keep = p.keep + p.keep_offsets[job];
+  const int n_keep = p.keep_offsets[job + 1] - p.keep_offsets[job];
+  const int N = p.lengths[job];
+  uint32_t* pool = static_cast<uint32_t*>(p.pool);
+  for (int m = 0; m < n_keep; ++m) {
+    const int lo = m == 0 ? 0 : (keep[m - 1] + keep[m]) / 2 + 1;
+    const int hi = m == n_keep - 1 ? N - 1 : (keep[m] + keep[m + 1]) / 2;
+    if (hi <= lo) continue;  // a group of one: unchanged
+    float s0 = 0.f, s1 = 0.f;
+    int64_t slot = 0;
+    for (int i = lo; i <= hi; ++i) {
+      const int64_t wi = paged_word(p, t, i, tensor, w, &slot);
+      if (wi < 0) continue;
+      float a, b;
+      unpack2<T>(pool[wi], a, b);
+      s0 += a;
+      s1 += b;
+    }
+    const float cnt = float(hi - lo + 1);
+    const int64_t wk = paged_word(p, t, keep[m], tensor, w, &slot);
+    if (wk >= 0) pool[wk] = pack2<T>(s0 / cnt, s1 / cnt);
+  }
+}
+
+}  // namespace pkv::cuda::detail

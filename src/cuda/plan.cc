@@ -1,0 +1,284 @@
+#include "cuda/plan.h"
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+#include "core/error.h"
+
+namespace pkv::cuda::detail {
+
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+size_t align256(size_t n) { return (n + 255) / 256 * 256; }
+
+int ceil_div(int64_t a, int64_t b) { return int((a + b - 1) / b); }
+
+[[noreturn]] void bad(const char* op, const std::string& what) { fail(std::string("cuda::") + op, what); }
+
+void require_16bit(const char* op, const char* name, DType t) {
+  if (t != DType::F16 && t != DType::BF16) bad(op, std::string(name) + " must be F16 or BF16, got " + dtype_name(t));
+}
+
+void require_heads(const char* op, int n_heads, int n_kv_heads, int head_dim) {
+  if (n_heads < 1 || n_kv_heads < 1 || n_heads % n_kv_heads != 0)
+    bad(op, "n_heads (" + std::to_string(n_heads) + ") must be a positive multiple of n_kv_heads (" +
+                std::to_string(n_kv_heads) + ")");
+  if (head_dim < 1 || head_dim > 128) bad(op, "head_dim must be in [1, 128], got " + std::to_string(head_dim));
+  if (n_heads > 65535) bad(op, "n_heads " + std::to_string(n_heads) + " exceeds 65535");
+}
+
+void check_paged(const char* op, const PagedKV& kv) {
+  require_16bit(op, "the paged pool's dtype", kv.dtype);
+  if (!kv.pool || !kv.positions) bad(op, "the paged pool and its positions must be set");
+  if (reinterpret_cast<uintptr_t>(kv.pool) % 16 != 0) bad(op, "the paged pool must be 16-byte aligned");
+  if (kv.n_blocks < 1 || kv.block_size < 1) bad(op, "the paged pool needs n_blocks >= 1 and block_size >= 1");
+  if (kv.kv_dim < 2 || kv.kv_dim % 2 != 0) bad(op, "kv_dim must be even and >= 2, got " + std::to_string(kv.kv_dim));
+  if (!kv.tables || kv.table_stride < 1) bad(op, "the block tables must be set (table_stride >= 1)");
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+PrefillWorkspaceLayout prefill_workspace_layout(int n_q, int n_kv, int n_heads) {
+  PrefillWorkspaceLayout w;
+  w.lse = 0;
+  w.partial = align256(size_t(n_heads) * size_t(std::max(n_q, 0)) * sizeof(float));
+  w.total = w.partial + align256(size_t(n_heads) * size_t(std::max(n_kv, 0)) * sizeof(float));
+  return w;
+}
+
+PrefillPlan plan_attention_prefill(const PrefillAttentionArgs& a) {
+  const char* op = "attention_prefill";
+  PrefillPlan plan;
+  require_16bit(op, "dtype", a.dtype);
+  require_heads(op, a.n_heads, a.n_kv_heads, a.head_dim);
+  if (a.n_q < 0 || a.n_kv < 0) bad(op, "n_q and n_kv must be >= 0");
+  if ((a.q_pos == nullptr) != (a.kv_pos == nullptr))
+    bad(op, "give both q_pos and kv_pos (causal by position) or neither (every key visible)");
+  const int64_t qd = int64_t(a.n_heads) * a.head_dim, kvd = int64_t(a.n_kv_heads) * a.head_dim;
+  const int64_t q_stride = a.q_stride ? a.q_stride : qd, kv_stride = a.kv_stride ? a.kv_stride : kvd,
+                out_stride = a.out_stride ? a.out_stride : qd;
+  if (q_stride < qd || out_stride < qd || kv_stride < kvd) bad(op, "a row stride is smaller than the row");
+  plan.dtype = a.dtype;
+  plan.D = padded_head_dim(a.head_dim);
+  plan.importance = a.importance != nullptr;
+  if (a.n_q == 0) return plan;  // nothing to do: every launch empty
+  if (!a.q || !a.out || (a.n_kv > 0 && (!a.k || !a.v))) bad(op, "q, k, v and out must be set");
+
+  PrefillParams& p = plan.params;
+  p.q = a.q, p.k = a.k, p.v = a.v, p.out = a.out;
+  p.q_stride = q_stride, p.kv_stride = kv_stride, p.out_stride = out_stride;
+  p.q_pos = a.q_pos, p.kv_pos = a.kv_pos;
+  p.n_q = a.n_q, p.n_kv = a.n_kv, p.n_heads = a.n_heads, p.group = a.n_heads / a.n_kv_heads, p.head_dim = a.head_dim;
+  p.scale_log2 = a.scale * kLog2e;
+  p.importance = a.importance;
+  p.importance_from = std::max(0, a.importance_from);
+
+  const size_t fwd_smem = plan.D == 32 ? PrefillForwardLayout<32>::bytes
+                          : plan.D == 64 ? PrefillForwardLayout<64>::bytes
+                                         : PrefillForwardLayout<128>::bytes;
+  plan.forward = {{unsigned(ceil_div(a.n_q, kPrefillBQ)), unsigned(a.n_heads), 1}, kPrefillThreads, fwd_smem};
+
+  if (plan.importance && a.n_kv > 0 && p.importance_from < a.n_q) {
+    const PrefillWorkspaceLayout w = prefill_workspace_layout(a.n_q, a.n_kv, a.n_heads);
+    if (!a.workspace || a.workspace_bytes < w.total)
+      bad(op, "importance needs a device workspace of " + std::to_string(w.total) + " bytes (attention_prefill_workspace_bytes), got " +
+                  std::to_string(a.workspace_bytes));
+    char* ws = static_cast<char*>(a.workspace);
+    p.lse = reinterpret_cast<float*>(ws + w.lse);
+    p.partial = reinterpret_cast<float*>(ws + w.partial);
+    const size_t imp_smem = plan.D == 32 ? PrefillImportanceLayout<32>::bytes
+                            : plan.D == 64 ? PrefillImportanceLayout<64>::bytes
+                                           : PrefillImportanceLayout<128>::bytes;
+    plan.importance_pass = {{unsigned(ceil_div(a.n_kv, kPrefillBK)), unsigned(a.n_heads), 1}, kPrefillThreads, imp_smem};
+    plan.reduce = {{unsigned(ceil_div(a.n_kv, 256)), 1, 1}, 256, 0};
+  } else {
+    plan.importance = false;  // nothing would be added
+  }
+  return plan;
+}
+
+// ---------------------------------------------------------------------------------------------
+DecodeWorkspaceLayout decode_workspace_layout(int batch, int n_heads, int n_kv_heads, int head_dim, int max_len,
+                                              bool importance) {
+  DecodeWorkspaceLayout w;
+  const int group = n_kv_heads > 0 ? std::max(1, n_heads / n_kv_heads) : 1;
+  w.G = 1;
+  for (int g = std::min(kDecodeMaxG, group); g >= 1; --g)
+    if (group % g == 0) {
+      w.G = g;
+      break;
+    }
+  const int chunks = std::max(1, n_heads / w.G);
+  const int len = std::max(0, max_len);
+  const int max_splits = std::max(1, ceil_div(len, kDecodeMinChunk));
+  const int want = ceil_div(kDecodeTargetBlocks, int64_t(std::max(1, batch)) * chunks);
+  w.n_splits = std::clamp(want, 1, max_splits);
+  w.chunk = std::max(kDecodeTK, ceil_div(ceil_div(len, w.n_splits), kDecodeTK) * kDecodeTK);
+  const size_t bh = size_t(std::max(0, batch)) * size_t(std::max(0, n_heads));
+  w.o = 0;
+  w.ml = w.o + align256(bh * w.n_splits * size_t(std::max(0, head_dim)) * sizeof(float));
+  w.total = w.ml + align256(bh * w.n_splits * 2 * sizeof(float));
+  if (importance) {
+    w.lse = w.total;
+    w.scores = w.lse + align256(bh * sizeof(float));
+    w.total = w.scores + align256(bh * size_t(len) * sizeof(float));
+  }
+  return w;
+}
+
+DecodePlan plan_attention_decode(const DecodeAttentionArgs& a) {
+  const char* op = "attention_decode";
+  DecodePlan plan;
+  require_heads(op, a.n_heads, a.n_kv_heads, a.head_dim);
+  if (a.head_dim % 8 != 0) bad(op, "head_dim must be a multiple of 8 (16-byte loads), got " + std::to_string(a.head_dim));
+  check_paged(op, a.kv);
+  if (a.kv.kv_dim != a.n_kv_heads * a.head_dim)
+    bad(op, "kv.kv_dim (" + std::to_string(a.kv.kv_dim) + ") must be n_kv_heads * head_dim (" +
+                std::to_string(a.n_kv_heads * a.head_dim) + ")");
+  if (a.batch < 0 || a.max_len < 0) bad(op, "batch and max_len must be >= 0");
+  if (a.batch > 65535) bad(op, "batch " + std::to_string(a.batch) + " exceeds 65535");
+  const int64_t qd = int64_t(a.n_heads) * a.head_dim;
+  const int64_t q_stride = a.q_stride ? a.q_stride : qd, out_stride = a.out_stride ? a.out_stride : qd;
+  if (q_stride < qd || out_stride < qd) bad(op, "a row stride is smaller than the row");
+  plan.dtype = a.kv.dtype;
+  plan.D = padded_head_dim(a.head_dim);
+  plan.importance = a.importance != nullptr;
+  if (a.batch == 0) return plan;
+  if (!a.q || !a.out || !a.lengths) bad(op, "q, out and lengths must be set");
+  if (plan.importance && a.importance_stride < a.max_len)
+    bad(op, "importance_stride (" + std::to_string(a.importance_stride) + ") must be >= max_len (" +
+                std::to_string(a.max_len) + ")");
+
+  const DecodeWorkspaceLayout w =
+      decode_workspace_layout(a.batch, a.n_heads, a.n_kv_heads, a.head_dim, a.max_len, plan.importance);
+  if (!a.workspace || a.workspace_bytes < w.total)
+    bad(op, "needs a device workspace of " + std::to_string(w.total) + " bytes (attention_decode_workspace_bytes), got " +
+                std::to_string(a.workspace_bytes));
+  char* ws = static_cast<char*>(a.workspace);
+
+  DecodeParams& p = plan.params;
+  p.q = a.q, p.q_stride = q_stride, p.q_pos = a.q_pos;
+  p.pool = a.kv.pool, p.positions = a.kv.positions, p.n_blocks = a.kv.n_blocks, p.block_size = a.kv.block_size,
+  p.kv_dim = a.kv.kv_dim;
+  p.tables = a.kv.tables, p.table_stride = a.kv.table_stride, p.error_flag = a.kv.error_flag;
+  p.lengths = a.lengths, p.max_len = a.max_len;
+  p.batch = a.batch, p.n_heads = a.n_heads, p.group = a.n_heads / a.n_kv_heads, p.G = w.G, p.head_dim = a.head_dim;
+  p.scale_log2 = a.scale * kLog2e;
+  p.n_splits = w.n_splits, p.chunk = w.chunk;
+  p.ws_o = reinterpret_cast<float*>(ws + w.o);
+  p.ws_ml = reinterpret_cast<float*>(ws + w.ml);
+  if (plan.importance) {
+    p.ws_lse = reinterpret_cast<float*>(ws + w.lse);
+    p.ws_scores = reinterpret_cast<float*>(ws + w.scores);
+  }
+  p.out = a.out, p.out_stride = out_stride;
+  p.importance = a.importance, p.importance_stride = a.importance_stride;
+
+  const size_t smem = plan.D == 32 ? DecodeLayout<32>::bytes : plan.D == 64 ? DecodeLayout<64>::bytes : DecodeLayout<128>::bytes;
+  plan.split = {{unsigned(w.n_splits), unsigned(a.n_heads / w.G), unsigned(a.batch)}, kDecodeThreads, smem};
+  plan.combine = {{unsigned(a.n_heads), unsigned(a.batch), 1}, 128, 0};
+  if (plan.importance && a.max_len > 0)
+    plan.importance_pass = {{unsigned(ceil_div(a.max_len, 128)), unsigned(a.batch), 1}, 128, 0};
+  return plan;
+}
+
+// ---------------------------------------------------------------------------------------------
+namespace {
+
+PagedParams paged_params(const PagedKV& kv) {
+  PagedParams p;
+  p.pool = kv.pool, p.positions = kv.positions, p.n_blocks = kv.n_blocks, p.block_size = kv.block_size,
+  p.kv_dim = kv.kv_dim, p.tables = kv.tables, p.table_stride = kv.table_stride, p.error_flag = kv.error_flag;
+  return p;
+}
+
+void check_rows(const char* op, const PagedRows& rows) {
+  if (rows.n_rows < 0) bad(op, "n_rows must be >= 0");
+  if (rows.n_rows > 0 && (!rows.row_table || !rows.row_entry)) bad(op, "row_table and row_entry must be set");
+}
+
+void check_jobs(const char* op, const PagedJobs& jobs, bool need_lengths) {
+  if (jobs.n_jobs < 0) bad(op, "n_jobs must be >= 0");
+  if (jobs.n_jobs > 0 && (!jobs.job_table || !jobs.keep_offsets || !jobs.keep))
+    bad(op, "job_table, keep and keep_offsets must be set");
+  if (need_lengths && jobs.n_jobs > 0 && !jobs.lengths) bad(op, "lengths must be set");
+}
+
+}  // namespace
+
+PagedPlan plan_paged_write(const PagedKV& kv, const PagedRows& rows, DType src_dtype, const void* k, const void* v,
+                           int64_t src_stride, const int32_t* pos) {
+  const char* op = "paged_kv_write";
+  check_paged(op, kv);
+  check_rows(op, rows);
+  PagedPlan plan;
+  plan.dtype = kv.dtype;
+  plan.src_dtype = src_dtype;
+  if (rows.n_rows == 0) return plan;
+  if (!k || !v || !pos) bad(op, "k, v and pos must be set");
+  const int64_t stride = src_stride ? src_stride : kv.kv_dim;
+  if (stride < kv.kv_dim) bad(op, "src_stride is smaller than kv_dim");
+  plan.params = paged_params(kv);
+  plan.params.row_table = rows.row_table, plan.params.row_entry = rows.row_entry, plan.params.n_rows = rows.n_rows;
+  plan.params.src_k = k, plan.params.src_v = v, plan.params.src_stride = stride, plan.params.src_pos = pos;
+  plan.launch = {{unsigned(rows.n_rows), 1, 1}, kPagedThreads, 0};  // block r: row r
+  return plan;
+}
+
+PagedPlan plan_paged_read(const PagedKV& kv, const PagedRows& rows, void* k, void* v, int32_t* pos) {
+  const char* op = "paged_kv_read";
+  check_paged(op, kv);
+  check_rows(op, rows);
+  PagedPlan plan;
+  plan.dtype = kv.dtype;
+  if (rows.n_rows == 0) return plan;
+  plan.params = paged_params(kv);
+  plan.params.row_table = rows.row_table, plan.params.row_entry = rows.row_entry, plan.params.n_rows = rows.n_rows;
+  plan.params.dst_k = k, plan.params.dst_v = v, plan.params.dst_pos = pos;
+  plan.launch = {{unsigned(rows.n_rows), 1, 1}, kPagedThreads, 0};  // block r: row r
+  return plan;
+}
+
+static PagedPlan plan_jobs(const char* op, const PagedKV& kv, const PagedJobs& jobs, bool need_lengths) {
+  check_paged(op, kv);
+  check_jobs(op, jobs, need_lengths);
+  PagedPlan plan;
+  plan.dtype = kv.dtype;
+  if (jobs.n_jobs == 0) return plan;
+  plan.params = paged_params(kv);
+  plan.params.job_table = jobs.job_table, plan.params.keep = jobs.keep, plan.params.keep_offsets = jobs.keep_offsets;
+  plan.params.lengths = jobs.lengths, plan.params.n_jobs = jobs.n_jobs;
+  // One thread per 32-bit word (two elements) of K and of V of an entry; each thread walks the
+  // entries of its job in order (see paged_body.h for why that order makes in-place moves safe).
+  const int words = kv.kv_dim / 2;
+  plan.launch = {{unsigned(jobs.n_jobs), unsigned(ceil_div(2 * int64_t(words), kPagedThreads)), 1}, kPagedThreads, 0};
+  return plan;
+}
+
+PagedPlan plan_paged_compact(const PagedKV& kv, const PagedJobs& jobs) { return plan_jobs("paged_kv_compact", kv, jobs, false); }
+PagedPlan plan_paged_merge(const PagedKV& kv, const PagedJobs& jobs) { return plan_jobs("paged_kv_merge", kv, jobs, true); }
+
+}  // namespace pkv::cuda::detail
+
+namespace pkv::cuda {
+
+size_t attention_prefill_workspace_bytes(int n_q, int n_kv, int n_heads) {
+  return detail::prefill_workspace_layout(n_q, n_kv, n_heads).total;
+}
+
+size_t attention_decode_workspace_bytes(int batch, int n_heads, int n_kv_heads, int head_dim, int max_len,
+                                        bool importance) {
+  return detail::decode_workspace_layout(batch, n_heads, n_kv_heads, head_dim, max_len, importance).total;
+}
+
+size_t paged_pool_bytes(const PagedKV& kv) {
+  return size_t(kv.n_blocks) * 2 * size_t(kv.block_size) * size_t(kv.kv_dim) * dtype_size(kv.dtype);
+}
+
+size_t paged_positions_bytes(const PagedKV& kv) { return size_t(kv.n_blocks) * size_t(kv.block_size) * sizeof(int32_t); }
+
+}  // namespace pkv::cuda

@@ -1,0 +1,203 @@
+// Launch plans of the attention and paged-KV kernels (internal to src/cuda/): the argument checks,
+// the kernel parameters, grid shapes, shared-memory layouts and workspace layouts, in plain C++ (no
+// CUDA types). The CUDA launchers (attention.cu, paged_kv.cu) and the CPU emulation test
+// (tests/cuda/emu_test.cc) both run exactly these plans, so the emulation covers them too.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "cuda/kernels.h"
+
+namespace pkv::cuda::detail {
+
+struct Launch {
+  unsigned grid[3] = {0, 0, 0};
+  int threads = 0;
+  size_t smem = 0;  // dynamic shared memory bytes
+  bool empty() const { return grid[0] == 0 || grid[1] == 0 || grid[2] == 0; }
+};
+
+// Head dims are padded to one of three tile widths (zeros beyond head_dim): few instantiations.
+inline int padded_head_dim(int hd) { return hd <= 32 ? 32 : hd <= 64 ? 64 : 128; }
+
+// ---------------------------------------------------------------------------------------------
+// Prefill attention. Thread block: 128 threads as 16 x 8 (ty, tx); a tile of 64 queries x 64 keys;
+// thread (ty, tx) owns query rows ty*4 .. ty*4+3 and keys tx*8 .. tx*8+7 of the score tile, and the
+// same rows x head dims tx*(D/8) .. of the output accumulator.
+constexpr int kPrefillBQ = 64;
+constexpr int kPrefillBK = 64;
+constexpr int kPrefillThreads = 128;
+
+// Shared memory of the forward kernel, in floats (ints share the float slots).
+template <int D>
+struct PrefillForwardLayout {
+  static constexpr int QS = kPrefillBQ + 4;  // row stride of Qs [D][QS] (transposed Q tile, 16-byte rows)
+  static constexpr int KS = kPrefillBK + 4;  // row stride of Ks [D][KS] (transposed K tile)
+  static constexpr int PS = kPrefillBK + 1;  // row stride of Ps [BQ][PS] (probabilities; odd: no bank conflicts)
+  static constexpr size_t q = 0;
+  static constexpr size_t k = q + size_t(D) * QS;
+  static constexpr size_t v = k + size_t(D) * KS;             // Vs [BK][D]
+  static constexpr size_t p = v + size_t(kPrefillBK) * D;     // Ps [BQ][PS]
+  static constexpr size_t kpos = p + size_t(kPrefillBQ) * PS; // int [BK]: key positions
+  static constexpr size_t misc = kpos + kPrefillBK;           // int [4]: [0] = end of the visible keys
+  static constexpr size_t floats = misc + 4;
+  static constexpr size_t bytes = floats * 4;
+};
+
+// Shared memory of the importance kernel (one 64-key tile against every query tile).
+template <int D>
+struct PrefillImportanceLayout {
+  static constexpr int QS = kPrefillBQ + 4;
+  static constexpr int KS = kPrefillBK + 4;
+  static constexpr size_t q = 0;
+  static constexpr size_t k = q + size_t(D) * QS;
+  static constexpr size_t red = k + size_t(D) * KS;                       // [16][BK] column sums per ty
+  static constexpr size_t lse = red + size_t(16) * kPrefillBK;            // [BQ] log2-sum-exp of each row
+  static constexpr size_t qpos = lse + kPrefillBQ;                         // int [BQ]
+  static constexpr size_t rowok = qpos + kPrefillBQ;                       // int [BQ]: row counts
+  static constexpr size_t kpos = rowok + kPrefillBQ;                       // int [BK]
+  static constexpr size_t floats = kpos + kPrefillBK;
+  static constexpr size_t bytes = floats * 4;
+};
+
+struct PrefillParams {
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  void* out = nullptr;
+  int64_t q_stride = 0, kv_stride = 0, out_stride = 0;
+  const int32_t* q_pos = nullptr;
+  const int32_t* kv_pos = nullptr;
+  int n_q = 0, n_kv = 0, n_heads = 0, group = 1, head_dim = 0;
+  float scale_log2 = 0.f;        // scale * log2(e): scores live in the log2 domain (exp2)
+  float* lse = nullptr;          // [n_heads, n_q] log2-sum-exp per row (importance only)
+  float* partial = nullptr;      // [n_heads, n_kv] importance per head (importance only)
+  float* importance = nullptr;   // [n_kv] the caller's output (+=)
+  int importance_from = 0;
+};
+
+struct PrefillPlan {
+  PrefillParams params;
+  DType dtype = DType::BF16;
+  int D = 0;                 // padded head dim (32, 64, 128)
+  bool importance = false;
+  Launch forward, importance_pass, reduce;
+};
+// Checks the arguments (throws pkv::Error naming the bad one) and plans the launches.
+PrefillPlan plan_attention_prefill(const PrefillAttentionArgs& a);
+
+// Workspace of the importance pass: lse [n_heads, n_q] then partial [n_heads, n_kv] (256-aligned).
+struct PrefillWorkspaceLayout {
+  size_t lse = 0, partial = 0, total = 0;
+};
+PrefillWorkspaceLayout prefill_workspace_layout(int n_q, int n_kv, int n_heads);
+
+// ---------------------------------------------------------------------------------------------
+// Decode attention (flash-decoding). Thread block: 128 threads; a block handles G query heads of one
+// kv head (G = the largest divisor of the group size <= 8) over one split of a sequence's keys, in
+// tiles of 64 keys. For the keys, D/8 threads share one key (8 head dims each, one 16-byte load).
+constexpr int kDecodeThreads = 128;
+constexpr int kDecodeTK = 64;           // keys per tile
+constexpr int kDecodeMaxG = 8;          // query heads per block at most
+constexpr int kDecodeMinChunk = 256;    // fewest keys per split
+constexpr int kDecodeTargetBlocks = 264;  // ~2 blocks per SM on an H100 (132 SMs)
+
+template <int D>
+struct DecodeLayout {
+  static constexpr int KT = D / 8;                 // threads per key
+  static constexpr int NL = kDecodeThreads / KT;   // keys in flight per block
+  static constexpr size_t rowoff = 0;                                        // int64 [TK] (2 floats each)
+  static constexpr size_t q = rowoff + 2 * size_t(kDecodeTK);                 // [MaxG][D] scaled queries
+  static constexpr size_t s = q + size_t(kDecodeMaxG) * D;                    // [MaxG][TK] scores, then probabilities
+  static constexpr size_t m = s + size_t(kDecodeMaxG) * kDecodeTK;            // [MaxG] running max
+  static constexpr size_t l = m + kDecodeMaxG;                                // [MaxG] running sum
+  static constexpr size_t alpha = l + kDecodeMaxG;                            // [MaxG] rescale of this tile
+  static constexpr size_t red = alpha + kDecodeMaxG;                          // [NL][MaxG][D] final reduction
+  static constexpr size_t floats = red + size_t(NL) * kDecodeMaxG * D;
+  static constexpr size_t bytes = floats * 4;
+};
+
+struct DecodeParams {
+  const void* q = nullptr;
+  int64_t q_stride = 0;
+  const int32_t* q_pos = nullptr;
+  const void* pool = nullptr;
+  const int32_t* positions = nullptr;
+  int n_blocks = 0, block_size = 0, kv_dim = 0;
+  const int32_t* tables = nullptr;
+  int table_stride = 0;
+  int* error_flag = nullptr;
+  const int32_t* lengths = nullptr;
+  int max_len = 0;
+  int batch = 0, n_heads = 0, group = 1, G = 1, head_dim = 0;
+  float scale_log2 = 0.f;
+  int n_splits = 1, chunk = 0;
+  float* ws_o = nullptr;       // [batch, n_heads, n_splits, head_dim] unnormalised partial outputs
+  float* ws_ml = nullptr;      // [batch, n_heads, n_splits, 2] (running max, running sum) per split
+  float* ws_lse = nullptr;     // [batch, n_heads] log2-sum-exp (importance only)
+  float* ws_scores = nullptr;  // [batch, n_heads, max_len] scaled log2 scores (importance only)
+  void* out = nullptr;
+  int64_t out_stride = 0;
+  float* importance = nullptr;
+  int64_t importance_stride = 0;
+};
+
+struct DecodeWorkspaceLayout {
+  int G = 1, n_splits = 1, chunk = 0;
+  size_t o = 0, ml = 0, lse = 0, scores = 0, total = 0;
+};
+DecodeWorkspaceLayout decode_workspace_layout(int batch, int n_heads, int n_kv_heads, int head_dim, int max_len,
+                                              bool importance);
+
+struct DecodePlan {
+  DecodeParams params;
+  DType dtype = DType::BF16;
+  int D = 0;
+  bool importance = false;
+  Launch split, combine, importance_pass;
+};
+DecodePlan plan_attention_decode(const DecodeAttentionArgs& a);
+
+// ---------------------------------------------------------------------------------------------
+// Paged KV row copies, compaction and merge.
+constexpr int kPagedThreads = 128;
+
+struct PagedParams {
+  void* pool = nullptr;
+  int32_t* positions = nullptr;
+  int n_blocks = 0, block_size = 0, kv_dim = 0;
+  const int32_t* tables = nullptr;
+  int table_stride = 0;
+  int* error_flag = nullptr;
+  // rows (write / read)
+  const int32_t* row_table = nullptr;
+  const int32_t* row_entry = nullptr;
+  int n_rows = 0;
+  const void* src_k = nullptr;  // write: source rows; read: null
+  const void* src_v = nullptr;
+  int64_t src_stride = 0;
+  const int32_t* src_pos = nullptr;
+  void* dst_k = nullptr;  // read: destination rows
+  void* dst_v = nullptr;
+  int32_t* dst_pos = nullptr;
+  // jobs (compact / merge)
+  const int32_t* job_table = nullptr;
+  const int32_t* keep = nullptr;
+  const int32_t* keep_offsets = nullptr;
+  const int32_t* lengths = nullptr;
+  int n_jobs = 0;
+};
+
+struct PagedPlan {
+  PagedParams params;
+  DType dtype = DType::BF16;      // the pool's
+  DType src_dtype = DType::BF16;  // write only
+  Launch launch;
+};
+PagedPlan plan_paged_write(const PagedKV& kv, const PagedRows& rows, DType src_dtype, const void* k, const void* v,
+                           int64_t src_stride, const int32_t* pos);
+PagedPlan plan_paged_read(const PagedKV& kv, const PagedRows& rows, void* k, void* v, int32_t* pos);
+PagedPlan plan_paged_compact(const PagedKV& kv, const PagedJobs& jobs);
+PagedPlan plan_paged_merge(const PagedKV& kv, const PagedJobs& jobs);
+
+}  // namespace pkv::cuda::detail

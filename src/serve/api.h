@@ -1,0 +1,85 @@
+// The OpenAI chat-completions schema as prefixkv serves it: request parsing and validation into a
+// typed struct, the error shape, and the response / stream-chunk bodies. No sockets here: the HTTP
+// glue (http_server.cc) and the tests call these directly.
+#pragma once
+#include <cstdint>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "engine/engine.h"
+
+namespace pkv::serve {
+
+// An error for the client, in OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
+class ApiError : public std::runtime_error {
+ public:
+  ApiError(int status, const std::string& message, std::string code = {}, std::string param = {});
+  int status() const { return status_; }
+  const std::string& code() const { return code_; }
+  const std::string& param() const { return param_; }
+  // OpenAI's error types: invalid_request_error (400, 404, 413), authentication_error (401),
+  // rate_limit_error (429), server_error (5xx).
+  std::string type() const;
+  nlohmann::json body() const;
+
+ private:
+  int status_;
+  std::string code_, param_;
+};
+
+enum class Role { System, User, Assistant };
+
+struct ContentPart {
+  bool is_image = false;
+  std::string text;  // text parts only
+};
+
+struct ChatMessage {
+  Role role = Role::User;
+  std::vector<ContentPart> parts;
+};
+
+// An image as the request gave it, still encoded (PNG or JPEG bytes).
+struct ImageInput {
+  std::vector<uint8_t> bytes;
+  std::string where;  // the JSON path, for errors: messages[1].content[0].image_url.url
+};
+
+struct ParseOptions {
+  std::string media_dir;  // local image paths are allowed only inside it; "" = none allowed
+  size_t max_image_file_bytes = 64u << 20;
+};
+
+// A validated chat-completions request. What needs the model (the prompt's length, the policy, the
+// image's pixels) is checked later, by ChatService.
+struct ChatRequest {
+  std::string model;  // "" when not given
+  std::vector<ChatMessage> messages;
+  std::optional<ImageInput> image;  // the engine takes one image per prompt
+  SamplingOptions sampling;         // max_tokens is 0 when the request did not give it
+  bool stream = false;
+  bool include_usage = false;  // stream_options.include_usage
+  // Extensions: this request's KV-cache policy and kept fraction (default: the server's).
+  std::optional<std::string> kv_policy;
+  std::optional<double> kv_budget;
+};
+
+// Parses and validates a POST /v1/chat/completions body. Throws ApiError (400) naming the field and
+// what was wrong, e.g. "messages[1].content[0].image_url.url: not valid base64".
+ChatRequest parse_chat_request(const std::string& body, const ParseOptions& opt);
+
+// The conversation in LLaVA v1's template (conv_vicuna_v1, the template of the llava-hf models):
+//   "{system} USER: {user} ASSISTANT: {assistant}</s>USER: {user} ASSISTANT:"
+// with "<image>" where the image part was and parts of one message joined by "\n"; a single user
+// message renders exactly as `prefixkv run` renders its prompt. Returned split at the "</s>" that
+// end assistant turns (an end-of-sequence token goes between the pieces, never text that a user
+// could type).
+std::vector<std::string> render_llava_v1(const std::vector<ChatMessage>& messages);
+
+// finish_reason from the engine's stop reason: eos, stop -> "stop"; length, context -> "length".
+std::string finish_reason(const std::string& stop_reason);
+
+}  // namespace pkv::serve

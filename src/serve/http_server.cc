@@ -1,0 +1,278 @@
+#include "serve/http_server.h"
+
+#include <httplib.h>
+#include <sys/socket.h>
+
+#include <atomic>
+#include <chrono>
+#include <thread>
+
+#include "core/error.h"
+#include "serve/sse.h"
+
+using nlohmann::json;
+
+namespace pkv::serve {
+
+namespace {
+
+constexpr auto kPoll = std::chrono::milliseconds(100);  // how often a waiting response checks its client
+
+void send_json(httplib::Response& res, int status, const json& body) {
+  res.status = status;
+  res.set_content(dump_json(body), "application/json");
+}
+
+void send_error(httplib::Response& res, const ApiError& e) { send_json(res, e.status(), e.body()); }
+
+// Compares without an early exit, so the time taken does not tell how much of the key was right.
+bool same_secret(const std::string& a, const std::string& b) {
+  unsigned char diff = a.size() == b.size() ? 0 : 1;
+  for (size_t i = 0; i < a.size(); ++i) diff |= static_cast<unsigned char>(a[i] ^ b[i % (b.empty() ? 1 : b.size())]);
+  return diff == 0 && !b.empty();
+}
+
+std::string route_label(const std::string& path) {
+  for (const char* r : {"/v1/chat/completions", "/v1/models", "/health", "/metrics"})
+    if (path == r) return r;
+  if (path.rfind("/v1/models/", 0) == 0) return "/v1/models/{id}";
+  return "other";
+}
+
+}  // namespace
+
+struct HttpServer::Impl {
+  ChatService& service;
+  HttpOptions opt;
+  httplib::Server svr;
+  HttpCounters counters;
+  std::atomic<int> active_streams{0};
+  int listen_fd = -1;
+
+  Impl(ChatService& s, HttpOptions o) : service(s), opt(std::move(o)) {}
+
+  // Bearer authentication; /health stays open (load balancers and the tests' readiness check).
+  bool authorized(const httplib::Request& req, httplib::Response& res) {
+    if (opt.api_key.empty()) return true;
+    const std::string h = req.get_header_value("Authorization");
+    const std::string prefix = "Bearer ";
+    if (h.rfind(prefix, 0) == 0 && same_secret(h.substr(prefix.size()), opt.api_key)) return true;
+    send_error(res, ApiError(401,
+                             h.empty() ? "no API key given: send the header 'Authorization: Bearer KEY'"
+                                       : "incorrect API key provided",
+                             "invalid_api_key"));
+    return false;
+  }
+
+  void chat(const httplib::Request& req, httplib::Response& res, const httplib::ContentReader& reader) {
+    // Read the body before anything else, so that an error answer never leaves unread bytes that
+    // the connection would take for the next request.
+    std::string body;
+    bool too_large = false;
+    const bool read = reader([&](const char* data, size_t n) {
+      if (body.size() + n > opt.max_body_bytes) {
+        too_large = true;
+        return false;
+      }
+      body.append(data, n);
+      return true;
+    });
+    if (too_large || res.status == 413) {
+      res.set_header("Connection", "close");  // what was not read must not pass for the next request
+      return send_error(res, ApiError(413,
+                                      "the request body is larger than the server's limit of " +
+                                          std::to_string(opt.max_body_bytes >> 20) + " MiB (--max-body-mb)",
+                                      "request_too_large"));
+    }
+    if (!read) return send_error(res, ApiError(400, "the request body could not be read", "invalid_body"));
+    if (!authorized(req, res)) return;
+    Submitted sub;
+    try {
+      sub = service.submit(body);
+    } catch (const ApiError& e) {
+      return send_error(res, e);
+    }
+    auto st = std::make_shared<Submitted>(std::move(sub));
+    ++active_streams;
+    // Both kinds of answer go out as chunked responses: the provider runs while the request is
+    // queued and generated, and a write or a liveness check that fails (the client went away)
+    // cancels the job and frees its slot. The releaser runs however the response ends.
+    auto release = [this, st](bool) {
+      st->job->cancel();
+      --active_streams;
+    };
+    if (st->stream) {
+      res.set_header("Cache-Control", "no-cache");
+      auto sent_role = std::make_shared<bool>(false);
+      res.set_chunked_content_provider(
+          "text/event-stream",
+          [this, st, sent_role](size_t, httplib::DataSink& sink) {
+            auto write = [&](const std::string& s) {
+              if (sink.write(s.data(), s.size())) return true;
+              st->job->cancel();
+              return false;
+            };
+            if (!*sent_role) {
+              *sent_role = true;
+              return write(sse_event(dump_json(service.chunk_body(*st, {{"role", "assistant"}, {"content", ""}}, ""))));
+            }
+            std::optional<Event> ev = st->job->next_event(kPoll);
+            if (!ev) {
+              if (sink.is_writable()) return true;
+              st->job->cancel();
+              return false;
+            }
+            switch (ev->kind) {
+              case Event::Kind::Text:
+                return write(sse_event(dump_json(service.chunk_body(*st, {{"content", ev->text}}, ""))));
+              case Event::Kind::Done: {
+                const Completion& c = ev->completion;
+                bool ok =
+                    write(sse_event(dump_json(service.chunk_body(*st, json::object(), finish_reason(c.stop_reason)))));
+                if (ok && st->include_usage) ok = write(sse_event(dump_json(service.usage_chunk_body(*st, c))));
+                if (ok) ok = write(sse_done());
+                if (ok) sink.done();
+                return ok;
+              }
+              case Event::Kind::Error:
+                // The status line went out long ago: OpenAI's streams report late errors as an event.
+                if (write(sse_event(dump_json(ev->error->body())))) sink.done();
+                return true;
+            }
+            return false;
+          },
+          release);
+    } else {
+      res.set_chunked_content_provider(
+          "application/json",
+          [this, st](size_t, httplib::DataSink& sink) {
+            std::optional<Event> ev = st->job->next_event(kPoll);
+            // Text pieces are not sent (the whole text comes with Done), so nothing written would
+            // fail when the client goes: look at the connection at each one instead.
+            if (!ev || ev->kind == Event::Kind::Text) {
+              if (sink.is_writable()) return true;
+              st->job->cancel();
+              return false;
+            }
+            if (ev->kind == Event::Kind::Error) return false;  // after the 200: end the connection early
+            const std::string out = dump_json(service.completion_body(*st, ev->completion));
+            if (!sink.write(out.data(), out.size())) return false;
+            sink.done();
+            return true;
+          },
+          release);
+    }
+  }
+
+  void routes() {
+    svr.Get("/health", [this](const httplib::Request&, httplib::Response& res) {
+      send_json(res, 200, {{"status", "ok"}, {"model", service.options().model_id}});
+    });
+    svr.Get("/v1/models", [this](const httplib::Request& req, httplib::Response& res) {
+      if (authorized(req, res)) send_json(res, 200, service.models());
+    });
+    svr.Get(R"(/v1/models/(.+))", [this](const httplib::Request& req, httplib::Response& res) {
+      if (!authorized(req, res)) return;
+      try {
+        send_json(res, 200, service.model(req.matches[1]));
+      } catch (const ApiError& e) {
+        send_error(res, e);
+      }
+    });
+    svr.Get("/metrics", [this](const httplib::Request& req, httplib::Response& res) {
+      if (!authorized(req, res)) return;
+      res.set_content(prometheus_text(service.scheduler().stats(), counters.snapshot(), resident_memory_bytes()),
+                      "text/plain; version=0.0.4; charset=utf-8");
+    });
+    svr.Post("/v1/chat/completions", [this](const httplib::Request& req, httplib::Response& res,
+                                            const httplib::ContentReader& reader) { chat(req, res, reader); });
+    svr.Get("/v1/chat/completions", [](const httplib::Request&, httplib::Response& res) {
+      send_error(res, ApiError(405, "use POST for /v1/chat/completions", "method_not_allowed"));
+    });
+
+    // Errors that httplib answers itself (no route, oversized body, a malformed request) get the
+    // same JSON shape as ours.
+    httplib::Server::HandlerWithResponse on_error = [](const httplib::Request& req, httplib::Response& res) {
+      if (!res.body.empty()) return httplib::Server::HandlerResponse::Unhandled;
+      std::string message = "HTTP error " + std::to_string(res.status), code;
+      if (res.status == 404) {
+        message = "no such endpoint: " + req.method + " " + req.path;
+        code = "not_found";
+      } else if (res.status == 413) {
+        message = "the request is too large";
+        code = "request_too_large";
+      } else if (res.status == 400) {
+        message = "malformed HTTP request";
+        code = "invalid_request";
+      }
+      send_error(res, ApiError(res.status, message, code));
+      return httplib::Server::HandlerResponse::Handled;
+    };
+    svr.set_error_handler(on_error);
+    svr.set_exception_handler([](const httplib::Request&, httplib::Response& res, std::exception_ptr ep) {
+      std::string what = "unknown error";
+      try {
+        std::rethrow_exception(ep);
+      } catch (const std::exception& e) {
+        what = e.what();
+      } catch (...) {
+      }
+      send_error(res, ApiError(500, "internal error: " + what, "internal_error"));
+    });
+    svr.set_logger([this](const httplib::Request& req, const httplib::Response& res) {
+      counters.count(route_label(req.path), res.status);
+    });
+  }
+};
+
+HttpServer::HttpServer(ChatService& service, HttpOptions opt) : impl_(std::make_unique<Impl>(service, std::move(opt))) {
+  Impl& m = *impl_;
+  const SchedulerOptions& so = service.scheduler().options();
+  // A connection holds a thread while its request waits in the scheduler's queue: enough threads
+  // for a full batch, a full queue, and the requests that are answered at once (errors, metrics).
+  const int threads = m.opt.threads > 0 ? m.opt.threads : so.max_running + so.max_queue + 16;
+  m.svr.new_task_queue = [threads] { return new httplib::ThreadPool(size_t(threads)); };
+  m.svr.set_payload_max_length(m.opt.max_body_bytes);
+  m.svr.set_keep_alive_timeout(m.opt.keep_alive_seconds);
+  m.svr.set_tcp_nodelay(true);
+  // httplib's own options set SO_REUSEPORT, which lets a second server bind the same port and
+  // silently share its connections: only SO_REUSEADDR here (a restart need not wait for TIME_WAIT).
+  // The descriptor is kept to widen the listen backlog after bind (below).
+  m.svr.set_socket_options([&m](int fd) {
+    int yes = 1;
+    ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof yes);
+    m.listen_fd = fd;
+  });
+  m.routes();
+}
+
+HttpServer::~HttpServer() = default;
+
+int HttpServer::bind() {
+  Impl& m = *impl_;
+  int port = m.opt.port;
+  if (port == 0)
+    port = m.svr.bind_to_any_port(m.opt.host);
+  else if (!m.svr.bind_to_port(m.opt.host, port))
+    port = -1;
+  if (port <= 0)
+    fail("--host " + m.opt.host + " --port " + std::to_string(m.opt.port),
+         "cannot listen there (address in use, or not an address of this machine?)");
+  // The library listens with a backlog of 5: a burst of clients connecting at once overflows it,
+  // and the kernel then resets some of their connections. Listening again only resizes the queue.
+  if (m.listen_fd >= 0) ::listen(m.listen_fd, SOMAXCONN);
+  return port;
+}
+
+void HttpServer::serve() { impl_->svr.listen_after_bind(); }
+
+void HttpServer::stop() {
+  // Let the responses that are ending (the scheduler has just sent them their last event) finish
+  // writing before the connections close.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(2);
+  while (impl_->active_streams > 0 && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  impl_->svr.stop();
+}
+
+}  // namespace pkv::serve

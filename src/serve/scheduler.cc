@@ -1,0 +1,319 @@
+#include "serve/scheduler.h"
+
+#include <cmath>
+#include <cstdio>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
+
+#include "core/error.h"
+#include "engine/decoding.h"
+
+namespace pkv::serve {
+
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+double ms_between(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double, std::milli>(b - a).count();
+}
+
+constexpr auto kRateWindow = std::chrono::seconds(10);
+
+}  // namespace
+
+KvReservation kv_reservation(const TextConfig& t, int prompt_tokens, int max_tokens, double keep_fraction,
+                             int protected_count) {
+  const size_t entry = size_t(2) * size_t(t.n_kv_heads) * size_t(t.head_dim) * sizeof(float);
+  const size_t L = size_t(t.n_layers);
+  const size_t total = size_t(prompt_tokens) + size_t(max_tokens);
+  size_t entries = L * total;
+  if (keep_fraction < 1) {
+    // Per layer round(k_l x T) with the k_l averaging keep_fraction, at least protected + 1.
+    const size_t kept = size_t(std::ceil(keep_fraction * double(L * total))) + L * size_t(protected_count + 2);
+    entries = std::min(entries, kept);
+  }
+  KvReservation r;
+  r.final_bytes = entries * entry;
+  // Session::prefill reserves the prompt plus 64 entries in every layer before compressing.
+  r.prefill_bytes = L * (size_t(prompt_tokens) + 64) * entry;
+  return r;
+}
+
+std::optional<Event> Job::next_event(std::chrono::milliseconds timeout) {
+  std::unique_lock lk(mu_);
+  if (!cv_.wait_for(lk, timeout, [&] { return !events_.empty(); })) return std::nullopt;
+  Event e = std::move(events_.front());
+  events_.pop_front();
+  return e;
+}
+
+void Job::push(Event e) {
+  {
+    std::lock_guard lk(mu_);
+    events_.push_back(std::move(e));
+  }
+  cv_.notify_all();
+}
+
+struct Scheduler::Running {
+  std::shared_ptr<Job> job;
+  std::unique_ptr<Session> session;
+  std::unique_ptr<Decoding> decoding;
+  std::vector<float> logits;  // [vocab]: the next position's
+  Clock::time_point decode_start;
+  double queue_ms = 0, prefill_ms = 0;
+  bool remove = false;
+};
+
+Scheduler::Scheduler(const Model& model, const Tokenizer& tok, SchedulerOptions opt)
+    : model_(model), tok_(tok), engine_(model, tok), opt_(opt) {
+  counters_.kv_pool_bytes = opt_.kv_pool_bytes;
+}
+
+Scheduler::~Scheduler() { shutdown(); }
+
+void Scheduler::start() {
+  std::lock_guard lk(mu_);
+  if (!thread_.joinable() && !stopping_) thread_ = std::thread([this] { run(); });
+}
+
+void Scheduler::submit(std::shared_ptr<Job> job) {
+  if (job->kv.peak() > opt_.kv_pool_bytes)
+    throw ApiError(400,
+                   "the request needs " + std::to_string((job->kv.peak() + (1 << 20) - 1) >> 20) +
+                       " MiB of KV cache (prompt of " + std::to_string(job->prompt_tokens) + " tokens + max_tokens " +
+                       std::to_string(job->sampling.max_tokens) + "), more than the server's whole pool of " +
+                       std::to_string(opt_.kv_pool_bytes >> 20) + " MiB (--kv-memory); lower max_tokens or kv_budget",
+                   "kv_memory_exceeded");
+  {
+    std::lock_guard lk(mu_);
+    if (stopping_) throw ApiError(503, "the server is shutting down", "server_shutting_down");
+    if (int(queue_.size()) >= opt_.max_queue)
+      throw ApiError(503,
+                     "the server is busy: " + std::to_string(running_count_) + " requests running and " +
+                         std::to_string(queue_.size()) + " queued (--max-queue); retry later",
+                     "server_overloaded");
+    job->submitted_ = Clock::now();
+    queue_.push_back(std::move(job));
+  }
+  cv_.notify_all();
+}
+
+void Scheduler::shutdown() {
+  {
+    std::lock_guard lk(mu_);
+    stopping_ = true;
+  }
+  cv_.notify_all();
+  if (thread_.joinable() && thread_.get_id() != std::this_thread::get_id()) thread_.join();
+  // Jobs submitted after the thread ended (or with no thread) still get their answer.
+  std::lock_guard lk(mu_);
+  for (auto& j : queue_)
+    j->push(Event{Event::Kind::Error, {}, {}, ApiError(503, "the server is shutting down", "server_shutting_down")});
+  queue_.clear();
+}
+
+SchedulerStats Scheduler::stats() const {
+  std::lock_guard lk(mu_);
+  SchedulerStats s = counters_;
+  s.running = running_count_;
+  s.queued = int(queue_.size());
+  s.kv_reserved_bytes = reserved_;
+  s.kv_used_bytes = kv_used_;
+  const auto now = Clock::now();
+  int tokens = 0;
+  for (auto& [t, n] : recent_tokens_)
+    if (now - t <= kRateWindow) tokens += n;
+  s.tokens_per_second = tokens / std::chrono::duration<double>(kRateWindow).count();
+  return s;
+}
+
+void Scheduler::release(const Job& job) {
+  std::lock_guard lk(mu_);
+  reserved_ -= job.kv.final_bytes;
+}
+
+void Scheduler::run() {
+  std::vector<Running> running;
+  bool worked = false;
+  for (;;) {
+    std::shared_ptr<Job> next;
+    {
+      std::unique_lock lk(mu_);
+      // Queued jobs whose client went away leave without ever running.
+      for (auto it = queue_.begin(); it != queue_.end();) {
+        if ((*it)->cancelled()) {
+          it = queue_.erase(it);
+          ++counters_.cancelled_total;
+        } else {
+          ++it;
+        }
+      }
+      running_count_ = int(running.size());
+      if (stopping_) break;
+      if (running.empty() && queue_.empty()) {
+        kv_used_ = 0;
+#if defined(__GLIBC__)
+        // Hand the freed caches back to the system when the server goes idle: glibc keeps freed
+        // memory of its per-thread arenas otherwise, and the resident size would stay at its peak.
+        if (worked) {
+          lk.unlock();
+          malloc_trim(0);
+          lk.lock();
+        }
+#endif
+        worked = false;
+        cv_.wait(lk, [&] { return stopping_ || !queue_.empty(); });
+        continue;
+      }
+      // One admission per iteration: a prefill stalls every running sequence for its duration, so
+      // new requests join one at a time between decode steps. The reservation covers the prefill's
+      // transient; the part beyond the final size is given back once the policy has compressed.
+      // With nothing running the pool is empty, and submit() refused what can never fit.
+      if (!queue_.empty() && int(running.size()) < opt_.max_running &&
+          (running.empty() || reserved_ + queue_.front()->kv.peak() <= opt_.kv_pool_bytes)) {
+        next = std::move(queue_.front());
+        queue_.pop_front();
+        reserved_ += next->kv.peak();
+        running_count_ = int(running.size()) + 1;
+      }
+    }
+    worked = true;
+    if (next && admit(next, running)) {
+      std::lock_guard lk(mu_);
+      reserved_ -= next->kv.peak() - next->kv.final_bytes;
+      counters_.prompt_tokens_total += uint64_t(next->prompt_tokens);
+    }
+    try {
+      advance(running);
+    } catch (const std::exception& e) {
+      fail_all(running, ApiError(500, std::string("generation failed: ") + e.what(), "internal_error"));
+    }
+  }
+  fail_all(running, ApiError(503, "the server is shutting down", "server_shutting_down"));
+  std::lock_guard lk(mu_);
+  for (auto& j : queue_)
+    j->push(Event{Event::Kind::Error, {}, {}, ApiError(503, "the server is shutting down", "server_shutting_down")});
+  queue_.clear();
+  running_count_ = 0;
+}
+
+bool Scheduler::admit(const std::shared_ptr<Job>& job, std::vector<Running>& running) {
+  const auto t0 = Clock::now();
+  Running r;
+  r.job = job;
+  r.queue_ms = ms_between(job->submitted_, t0);
+  try {
+    if (job->cancelled()) throw ApiError(499, "cancelled");
+    PreparedPrompt p = engine_.prepare(job->prompt);
+    // The pixels and the decoded image are not needed past the vision tower.
+    job->image = Image{};
+    r.session = std::make_unique<Session>(model_, *job->policy);
+    r.logits.resize(size_t(model_.config().text.vocab_size));
+    r.session->prefill(p, r.logits.data());
+    r.decoding = std::make_unique<Decoding>(model_.config(), tok_, job->sampling, int(p.ids.size()));
+  } catch (const std::exception& e) {
+    {
+      std::lock_guard lk(mu_);
+      reserved_ -= job->kv.peak();
+      if (job->cancelled())
+        ++counters_.cancelled_total;
+      else
+        ++counters_.failed_total;
+    }
+    if (!job->cancelled()) {
+      std::fprintf(stderr, "[prefixkv serve] a request failed before decoding: %s\n", e.what());
+      const auto* api = dynamic_cast<const ApiError*>(&e);
+      job->push(
+          Event{Event::Kind::Error,
+                {},
+                {},
+                api ? *api : ApiError(dynamic_cast<const pkv::Error*>(&e) ? 400 : 500, e.what(), "prefill_failed")});
+    }
+    return false;
+  }
+  r.decode_start = Clock::now();
+  r.prefill_ms = ms_between(t0, r.decode_start);
+  running.push_back(std::move(r));
+  return true;
+}
+
+void Scheduler::advance(std::vector<Running>& running) {
+  std::vector<Session*> batch;
+  std::vector<int32_t> tokens;
+  std::vector<Running*> fed;
+  int generated = 0;
+  for (auto& r : running) {
+    if (r.job->cancelled()) {
+      r.remove = true;
+      std::lock_guard lk(mu_);
+      ++counters_.cancelled_total;
+      continue;
+    }
+    const size_t before = r.decoding->tokens().size();
+    std::string piece = r.decoding->next(r.logits.data());
+    generated += int(r.decoding->tokens().size() - before);
+    if (!piece.empty()) r.job->push(Event{Event::Kind::Text, std::move(piece), {}, std::nullopt});
+    if (!r.decoding->done()) {
+      batch.push_back(r.session.get());
+      tokens.push_back(r.decoding->last_token());
+      fed.push_back(&r);
+      continue;
+    }
+    std::string rest = r.decoding->finish();
+    if (!rest.empty()) r.job->push(Event{Event::Kind::Text, std::move(rest), {}, std::nullopt});
+    Completion c;
+    c.text = r.decoding->text();
+    c.stop_reason = r.decoding->stop_reason();
+    c.prompt_tokens = r.job->prompt_tokens;
+    c.completion_tokens = int(r.decoding->tokens().size());
+    const KVCache& cache = r.session->cache();
+    c.kv_bytes = cache.bytes();
+    const size_t kv_dim = size_t(model_.config().text.n_kv_heads) * size_t(model_.config().text.head_dim);
+    c.kv_bytes_full = size_t(cache.n_layers()) * size_t(r.session->position()) * 2 * kv_dim * sizeof(float);
+    for (int l = 0; l < cache.n_layers(); ++l) c.kv_entries_per_layer.push_back(cache.layer(l).size());
+    c.queue_ms = r.queue_ms;
+    c.prefill_ms = r.prefill_ms;
+    c.decode_ms = ms_between(r.decode_start, Clock::now());
+    r.job->push(Event{Event::Kind::Done, {}, std::move(c), std::nullopt});
+    r.remove = true;
+    std::lock_guard lk(mu_);
+    ++counters_.finished_total;
+  }
+  if (!batch.empty()) {
+    const size_t V = size_t(model_.config().text.vocab_size);
+    std::vector<float> logits(batch.size() * V);
+    Session::step_many(batch, tokens.data(), logits.data());
+    for (size_t i = 0; i < fed.size(); ++i) std::copy_n(&logits[i * V], V, fed[i]->logits.data());
+  }
+  size_t used = 0;
+  for (auto& r : running) {
+    if (r.remove)
+      release(*r.job);
+    else
+      used += r.session->cache().bytes();
+  }
+  std::erase_if(running, [](const Running& r) { return r.remove; });
+  kv_used_ = used;
+  std::lock_guard lk(mu_);
+  running_count_ = int(running.size());
+  counters_.generated_tokens_total += uint64_t(generated);
+  const auto now = Clock::now();
+  if (generated) recent_tokens_.emplace_back(now, generated);
+  while (!recent_tokens_.empty() && now - recent_tokens_.front().first > kRateWindow) recent_tokens_.pop_front();
+}
+
+void Scheduler::fail_all(std::vector<Running>& running, const ApiError& e) {
+  for (auto& r : running) {
+    r.job->push(Event{Event::Kind::Error, {}, {}, e});
+    release(*r.job);
+    std::lock_guard lk(mu_);
+    ++counters_.failed_total;
+  }
+  running.clear();
+  kv_used_ = 0;
+}
+
+}  // namespace pkv::serve

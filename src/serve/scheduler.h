@@ -1,0 +1,138 @@
+// Continuous batching: one scheduler thread owns every running sequence. Each iteration it admits
+// the next queued request whose KV reservation fits the pool (and prefills it), then advances every
+// running sequence by one token with one Session::step_many call, so requests join and leave the
+// batch at token boundaries. Handlers talk to it through a Job: inputs before submit(), then a
+// thread-safe stream of events (text pieces, then Done or Error); cancel() frees the slot at the
+// next token boundary.
+#pragma once
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <thread>
+#include <vector>
+
+#include "engine/engine.h"
+#include "serve/api.h"
+
+namespace pkv::serve {
+
+// A request's KV memory. The cache is float32 on the CPU back end: an entry is 2 (K, V) x kv_heads x
+// head_dim x 4 bytes per layer.
+struct KvReservation {
+  size_t final_bytes = 0;    // the cache at its largest once compressed (the end of generation)
+  size_t prefill_bytes = 0;  // the whole prompt, held during the prefill before the policy compresses
+  size_t peak() const { return std::max(final_bytes, prefill_bytes); }
+};
+// keep_fraction 1 is the full cache: every layer keeps prompt + max_tokens entries. Below 1 the
+// proportional decode rule keeps about keep_fraction x (prompt + generated) entries per layer on
+// average (METHOD.md section 4), plus the protected tokens and rounding.
+KvReservation kv_reservation(const TextConfig& t, int prompt_tokens, int max_tokens, double keep_fraction,
+                             int protected_count);
+
+struct Completion {
+  std::string text;
+  std::string stop_reason;  // eos | stop | length | context
+  int prompt_tokens = 0, completion_tokens = 0;
+  size_t kv_bytes = 0;       // what this request's cache held at the end
+  size_t kv_bytes_full = 0;  // what the uncompressed cache would hold for the same tokens
+  std::vector<int> kv_entries_per_layer;
+  double queue_ms = 0, prefill_ms = 0, decode_ms = 0;
+};
+
+struct Event {
+  enum class Kind { Text, Done, Error };
+  Kind kind = Kind::Text;
+  std::string text;               // Text: the next piece of the answer
+  Completion completion;          // Done
+  std::optional<ApiError> error;  // Error
+};
+
+class Job {
+ public:
+  // Inputs, set before Scheduler::submit and not touched by the handler afterwards.
+  PromptRequest prompt;  // prompt.image points at `image` when there is one
+  Image image;
+  SamplingOptions sampling;
+  std::unique_ptr<KVPolicy> policy;
+  int prompt_tokens = 0;
+  KvReservation kv;
+
+  // The client went away (or the handler gave up): the scheduler drops the job at its next
+  // iteration and releases its reservation.
+  void cancel() { cancelled_ = true; }
+  bool cancelled() const { return cancelled_; }
+  // The next event, waiting at most `timeout`; nullopt when none came.
+  std::optional<Event> next_event(std::chrono::milliseconds timeout);
+  void push(Event e);
+
+ private:
+  friend class Scheduler;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Event> events_;
+  std::atomic<bool> cancelled_{false};
+  std::chrono::steady_clock::time_point submitted_;
+};
+
+struct SchedulerOptions {
+  size_t kv_pool_bytes = size_t(512) << 20;
+  int max_running = 16;
+  int max_queue = 64;
+};
+
+struct SchedulerStats {
+  int running = 0, queued = 0;
+  size_t kv_pool_bytes = 0, kv_reserved_bytes = 0, kv_used_bytes = 0;
+  uint64_t prompt_tokens_total = 0, generated_tokens_total = 0;
+  uint64_t finished_total = 0, cancelled_total = 0, failed_total = 0;
+  double tokens_per_second = 0;  // generated tokens in the last 10 seconds / 10
+};
+
+class Scheduler {
+ public:
+  Scheduler(const Model& model, const Tokenizer& tok, SchedulerOptions opt);
+  ~Scheduler();
+  Scheduler(const Scheduler&) = delete;
+  Scheduler& operator=(const Scheduler&) = delete;
+
+  void start();
+  // Queues a job. Throws ApiError: 400 when its reservation is larger than the whole pool, 503 when
+  // the queue is full or the scheduler is stopping.
+  void submit(std::shared_ptr<Job> job);
+  // Ends every queued and running job with a 503 error and joins the thread.
+  void shutdown();
+
+  SchedulerStats stats() const;
+  const SchedulerOptions& options() const { return opt_; }
+
+ private:
+  struct Running;
+  void run();
+  bool admit(const std::shared_ptr<Job>& job, std::vector<Running>& running);
+  void advance(std::vector<Running>& running);
+  void release(const Job& job);
+  void fail_all(std::vector<Running>& running, const ApiError& e);
+
+  const Model& model_;
+  const Tokenizer& tok_;
+  Engine engine_;
+  SchedulerOptions opt_;
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::shared_ptr<Job>> queue_;
+  bool stopping_ = false;
+  size_t reserved_ = 0;
+  int running_count_ = 0;
+  SchedulerStats counters_;
+  std::deque<std::pair<std::chrono::steady_clock::time_point, int>> recent_tokens_;
+  std::atomic<size_t> kv_used_{0};
+  std::thread thread_;
+};
+
+}  // namespace pkv::serve

@@ -1,0 +1,267 @@
+#include "serve/service.h"
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <ctime>
+
+#include "core/error.h"
+
+using nlohmann::json;
+
+namespace pkv::serve {
+
+namespace {
+
+std::string new_completion_id() {
+  // Unique enough for a log line or a client's bookkeeping: the start time and a counter, mixed.
+  static const uint64_t base = uint64_t(std::chrono::system_clock::now().time_since_epoch().count());
+  static std::atomic<uint64_t> counter{0};
+  uint64_t z = base + 0x9e3779b97f4a7c15ull * (counter.fetch_add(1) + 1);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  z ^= z >> 31;
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "chatcmpl-%016llx", static_cast<unsigned long long>(z));
+  return buf;
+}
+
+}  // namespace
+
+std::string dump_json(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
+
+std::optional<std::pair<int64_t, int64_t>> image_header_size(const std::vector<uint8_t>& b) {
+  const size_t n = b.size();
+  auto be16 = [&](size_t i) { return int64_t(b[i]) << 8 | int64_t(b[i + 1]); };
+  auto be32 = [&](size_t i) { return be16(i) << 16 | be16(i + 2); };
+  if (n >= 24 && std::memcmp(b.data(), "\x89PNG\r\n\x1a\n", 8) == 0 && std::memcmp(&b[12], "IHDR", 4) == 0)
+    return std::make_pair(be32(16), be32(20));
+  if (n >= 4 && b[0] == 0xFF && b[1] == 0xD8) {
+    size_t i = 2;
+    while (i + 4 <= n) {
+      if (b[i] != 0xFF) return std::nullopt;
+      const uint8_t m = b[i + 1];
+      if (m == 0xFF) {  // fill byte
+        ++i;
+        continue;
+      }
+      if (m == 0x01 || (m >= 0xD0 && m <= 0xD8)) {  // markers without a length
+        i += 2;
+        continue;
+      }
+      if (m == 0xD9 || m == 0xDA) return std::nullopt;  // end of image / scan data before any frame header
+      const bool frame = m >= 0xC0 && m <= 0xCF && m != 0xC4 && m != 0xC8 && m != 0xCC;
+      if (frame) {
+        if (i + 9 > n) return std::nullopt;
+        return std::make_pair(be16(i + 7), be16(i + 5));  // SOFn: length, precision, height, width
+      }
+      i += 2 + size_t(be16(i + 2));
+    }
+  }
+  return std::nullopt;
+}
+
+ChatService::ChatService(const Model& model, const Tokenizer& tok, Scheduler& scheduler, ServiceOptions opt,
+                         PolicyFactory make_policy)
+    : model_(model),
+      tok_(tok),
+      engine_(model, tok),
+      scheduler_(scheduler),
+      opt_(std::move(opt)),
+      make_policy_(std::move(make_policy)),
+      decode_slots_(std::clamp(opt_.image_decode_slots, 1, 1024)),
+      started_(int64_t(std::time(nullptr))) {}
+
+void ChatService::check_model(const std::string& name) const {
+  // No model named: the one this server serves (as llama.cpp's server does).
+  if (!name.empty() && name != opt_.model_id)
+    throw ApiError(
+        404, "The model '" + name + "' does not exist; this server serves '" + opt_.model_id + "' (GET /v1/models)",
+        "model_not_found", "model");
+}
+
+json ChatService::models() const {
+  return json{
+      {"object", "list"},
+      {"data",
+       json::array({{{"id", opt_.model_id}, {"object", "model"}, {"created", started_}, {"owned_by", "prefixkv"}}})}};
+}
+
+json ChatService::model(const std::string& id) const {
+  if (id != opt_.model_id) check_model(id.empty() ? "''" : id);
+  return models()["data"][0];
+}
+
+std::vector<int32_t> ChatService::tokenize_conversation(const std::vector<std::string>& pieces, bool has_image) const {
+  const ModelConfig& cfg = model_.config();
+  auto holds_image = [](const std::string& s) { return s.find("<image>") != std::string::npos; };
+  std::vector<int32_t> ids = engine_.tokenize_prompt(pieces[0], has_image && holds_image(pieces[0]));
+  const bool original = cfg.layout == Layout::LlavaOriginal;
+  const int32_t eos = cfg.text.eos_ids.empty() ? tok_.eos_id() : cfg.text.eos_ids[0];
+  for (size_t i = 1; i < pieces.size(); ++i) {
+    ids.push_back(eos);  // the "</s>" that ends an assistant turn
+    // Text after a special token: transformers' non-legacy LLaMA tokenizer adds no dummy prefix;
+    // the original repository's encodes every chunk with its prefix (as Engine::tokenize_prompt).
+    size_t start = 0;
+    for (;;) {
+      const size_t at = pieces[i].find("<image>", start);
+      const std::string chunk = pieces[i].substr(start, at == std::string::npos ? std::string::npos : at - start);
+      if (!chunk.empty()) {
+        std::vector<int> t = original ? tok_.encode(chunk) : tok_.encode_hf(chunk, false);
+        ids.insert(ids.end(), t.begin(), t.end());
+      }
+      if (at == std::string::npos) break;
+      ids.push_back(-1);
+      start = at + 7;
+    }
+  }
+  return ids;
+}
+
+Image ChatService::decode_image_input(const ImageInput& in) {
+  auto too_large = [&](int64_t w, int64_t h) {
+    return ApiError(400,
+                    in.where + ": the image is " + std::to_string(w) + "x" + std::to_string(h) +
+                        " pixels, more than the " + std::to_string(opt_.max_image_pixels) +
+                        " the server accepts (--max-image-pixels)",
+                    "image_too_large", "messages");
+  };
+  // Refuse huge images before decoding: a few kilobytes of PNG can claim gigabytes of pixels.
+  if (auto size = image_header_size(in.bytes); size && size->first * size->second > opt_.max_image_pixels)
+    throw too_large(size->first, size->second);
+  // Bounded concurrency: every handler thread may hold an image, and decoding is the memory peak.
+  decode_slots_.acquire();
+  struct Slot {
+    std::counting_semaphore<1024>& s;
+    ~Slot() { s.release(); }
+  } slot{decode_slots_};
+  Image img;
+  try {
+    img = decode_image(in.bytes.data(), in.bytes.size(), in.where);
+  } catch (const pkv::Error& e) {
+    throw ApiError(400, e.what(), "invalid_image", "messages");
+  }
+  if (int64_t(img.width) * img.height > opt_.max_image_pixels) throw too_large(img.width, img.height);
+  return img;
+}
+
+Submitted ChatService::submit(const std::string& body) {
+  ChatRequest req = parse_chat_request(body, opt_.parse);
+  check_model(req.model);
+  const ModelConfig& cfg = model_.config();
+  const bool has_image = req.image.has_value();
+  if (has_image && !cfg.has_vision)
+    throw ApiError(400, req.image->where + ": the model " + opt_.model_id + " is text-only and cannot take an image",
+                   "invalid_value", "messages");
+
+  auto job = std::make_shared<Job>();
+  try {
+    job->prompt.marked_ids = tokenize_conversation(render_llava_v1(req.messages), has_image);
+  } catch (const pkv::Error& e) {
+    throw ApiError(400, std::string("messages: ") + e.what(), "invalid_value", "messages");
+  }
+  const int image_tokens = has_image ? cfg.image_tokens() : 0;
+  const int prompt_tokens = int(job->prompt.marked_ids.size()) + (has_image ? image_tokens - 1 : 0);
+  const int context = cfg.text.max_positions;
+  if (prompt_tokens >= context)
+    throw ApiError(400,
+                   "messages: the prompt is " + std::to_string(prompt_tokens) + " tokens" +
+                       (has_image ? " (" + std::to_string(image_tokens) + " of them the image's)" : "") +
+                       ", and the model's context is " + std::to_string(context) + " tokens",
+                   "context_length_exceeded", "messages");
+  SamplingOptions s = req.sampling;
+  if (s.max_tokens == 0) {
+    s.max_tokens = std::min(opt_.default_max_tokens, context - prompt_tokens);
+  } else if (int64_t(prompt_tokens) + s.max_tokens > context) {
+    throw ApiError(400,
+                   "max_tokens: the prompt's " + std::to_string(prompt_tokens) + " tokens + max_tokens " +
+                       std::to_string(s.max_tokens) + " are more than the model's context of " +
+                       std::to_string(context) + " tokens",
+                   "context_length_exceeded", "max_tokens");
+  }
+
+  Submitted sub;
+  sub.kv_policy = req.kv_policy.value_or(opt_.default_policy);
+  try {
+    job->policy = make_policy_(sub.kv_policy, req.kv_budget);
+  } catch (const pkv::Error& e) {
+    throw ApiError(400, std::string("kv_policy: ") + e.what(), "invalid_value", "kv_policy");
+  }
+  if (sub.kv_policy == "full")
+    sub.kv_budget = 1;
+  else if (req.kv_budget)
+    sub.kv_budget = *req.kv_budget;
+  else if (opt_.default_budget_tokens > 0)
+    sub.kv_budget = std::min(1.0, double(opt_.default_budget_tokens) / prompt_tokens);
+  else
+    sub.kv_budget = opt_.default_budget;
+  job->kv = kv_reservation(cfg.text, prompt_tokens, s.max_tokens, sub.kv_budget, opt_.protected_count);
+  job->sampling = s;
+  job->prompt_tokens = prompt_tokens;
+  if (has_image) {  // last: the most expensive check
+    job->image = decode_image_input(*req.image);
+    job->prompt.image = &job->image;
+  }
+
+  sub.job = job;
+  sub.id = new_completion_id();
+  sub.created = int64_t(std::time(nullptr));
+  sub.stream = req.stream;
+  sub.include_usage = req.include_usage;
+  scheduler_.submit(job);
+  return sub;
+}
+
+json ChatService::usage(const Completion& c) const {
+  return json{{"prompt_tokens", c.prompt_tokens},
+              {"completion_tokens", c.completion_tokens},
+              {"total_tokens", c.prompt_tokens + c.completion_tokens},
+              {"kv_bytes", c.kv_bytes},
+              {"kv_bytes_full", c.kv_bytes_full}};
+}
+
+json ChatService::extension(const Submitted& s, const Completion& c) const {
+  return json{{"kv_policy", s.kv_policy},
+              {"kv_budget", s.kv_budget},
+              {"stop_reason", c.stop_reason},
+              {"kv_entries_per_layer", c.kv_entries_per_layer},
+              {"timings", {{"queue_ms", c.queue_ms}, {"prefill_ms", c.prefill_ms}, {"decode_ms", c.decode_ms}}}};
+}
+
+json ChatService::completion_body(const Submitted& s, const Completion& c) const {
+  return json{{"id", s.id},
+              {"object", "chat.completion"},
+              {"created", s.created},
+              {"model", opt_.model_id},
+              {"choices", json::array({{{"index", 0},
+                                        {"message", {{"role", "assistant"}, {"content", c.text}}},
+                                        {"logprobs", nullptr},
+                                        {"finish_reason", finish_reason(c.stop_reason)}}})},
+              {"usage", usage(c)},
+              {"prefixkv", extension(s, c)}};
+}
+
+json ChatService::chunk_body(const Submitted& s, const json& delta, const std::string& finish) const {
+  return json{{"id", s.id},
+              {"object", "chat.completion.chunk"},
+              {"created", s.created},
+              {"model", opt_.model_id},
+              {"choices", json::array({{{"index", 0},
+                                        {"delta", delta},
+                                        {"logprobs", nullptr},
+                                        {"finish_reason", finish.empty() ? json(nullptr) : json(finish)}}})}};
+}
+
+json ChatService::usage_chunk_body(const Submitted& s, const Completion& c) const {
+  return json{{"id", s.id},
+              {"object", "chat.completion.chunk"},
+              {"created", s.created},
+              {"model", opt_.model_id},
+              {"choices", json::array()},
+              {"usage", usage(c)},
+              {"prefixkv", extension(s, c)}};
+}
+
+}  // namespace pkv::serve

@@ -1,0 +1,180 @@
+// The attention and paged-KV kernel bodies and their launch plans, run on the CPU by the block
+// emulator (emu.h) against their CPU twins: the cases of kernel_cases.cc at smaller sizes. Needs no
+// GPU (only CUDA's headers), so it runs in CI; pkv_cuda_tests runs the same cases on the GPU.
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/error.h"
+#include "emu.h"  // before the bodies: atomicOr
+#include "cuda/attention_body.h"
+#include "cuda/paged_body.h"
+#include "cuda/plan.h"
+#include "kernel_cases.h"
+
+namespace pkv::cuda::test {
+namespace {
+
+using detail::DecodeParams;
+using detail::PagedParams;
+using detail::PrefillParams;
+
+class EmuBackend : public Backend {
+ public:
+  const char* name() const override { return "emulator"; }
+  void* alloc(size_t bytes) override {
+    const size_t n = (bytes + 255) / 256 * 256 + 256;
+    void* p = std::aligned_alloc(256, n);
+    std::memset(p, 0xA5, n);
+    mem_.emplace_back(static_cast<char*>(p), &std::free);
+    return p;
+  }
+  void upload(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
+  void download(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
+  void fill(void* dst, int byte, size_t bytes) override { std::memset(dst, byte, bytes); }
+
+  void attention_prefill(const PrefillAttentionArgs& a) override {
+    const detail::PrefillPlan plan = detail::plan_attention_prefill(a);
+    if (plan.forward.empty()) return;
+    if (plan.dtype == DType::F16) prefill_typed<__half>(plan);
+    else prefill_typed<__nv_bfloat16>(plan);
+  }
+  void attention_decode(const DecodeAttentionArgs& a) override {
+    const detail::DecodePlan plan = detail::plan_attention_decode(a);
+    if (plan.split.empty()) return;
+    if (plan.dtype == DType::F16) decode_typed<__half>(plan);
+    else decode_typed<__nv_bfloat16>(plan);
+  }
+  void paged_write(const PagedKV& kv, const PagedRows& rows, DType src_dtype, const void* k, const void* v,
+                   int64_t src_stride, const int32_t* pos) override {
+    const detail::PagedPlan plan = detail::plan_paged_write(kv, rows, src_dtype, k, v, src_stride, pos);
+    if (plan.dtype == DType::F16) write_typed<__half>(plan);
+    else write_typed<__nv_bfloat16>(plan);
+  }
+  void paged_read(const PagedKV& kv, const PagedRows& rows, void* k, void* v, int32_t* pos) override {
+    const detail::PagedPlan plan = detail::plan_paged_read(kv, rows, k, v, pos);
+    if (plan.dtype == DType::F16) emu::run(plan.launch, [&](emu::Ctx& c) { detail::paged_read<__half>(c, plan.params); });
+    else emu::run(plan.launch, [&](emu::Ctx& c) { detail::paged_read<__nv_bfloat16>(c, plan.params); });
+  }
+  void paged_compact(const PagedKV& kv, const PagedJobs& jobs) override {
+    const detail::PagedPlan plan = detail::plan_paged_compact(kv, jobs);
+    emu::run(plan.launch, [&](emu::Ctx& c) { detail::paged_compact(c, plan.params); });
+  }
+  void paged_merge(const PagedKV& kv, const PagedJobs& jobs) override {
+    const detail::PagedPlan plan = detail::plan_paged_merge(kv, jobs);
+    if (plan.dtype == DType::F16) emu::run(plan.launch, [&](emu::Ctx& c) { detail::paged_merge<__half>(c, plan.params); });
+    else emu::run(plan.launch, [&](emu::Ctx& c) { detail::paged_merge<__nv_bfloat16>(c, plan.params); });
+  }
+
+ private:
+  template <class T, int D>
+  void prefill_run(const detail::PrefillPlan& plan) {
+    const PrefillParams& p = plan.params;
+    emu::run(plan.forward, [&](emu::Ctx& c) { detail::prefill_forward<T, D>(c, p); }, seed_++);
+    if (!plan.importance) return;
+    emu::run(plan.importance_pass, [&](emu::Ctx& c) { detail::prefill_importance<T, D>(c, p); }, seed_++);
+    emu::run(plan.reduce, [&](emu::Ctx& c) { detail::prefill_importance_reduce(c, p); });
+  }
+  template <class T>
+  void prefill_typed(const detail::PrefillPlan& plan) {
+    if (plan.D == 32) prefill_run<T, 32>(plan);
+    else if (plan.D == 64) prefill_run<T, 64>(plan);
+    else prefill_run<T, 128>(plan);
+  }
+  template <class T, int D>
+  void decode_run(const detail::DecodePlan& plan) {
+    const DecodeParams& p = plan.params;
+    emu::run(plan.split, [&](emu::Ctx& c) { detail::decode_split<T, D>(c, p); }, seed_++);
+    emu::run(plan.combine, [&](emu::Ctx& c) { detail::decode_combine<T>(c, p); });
+    if (plan.importance) emu::run(plan.importance_pass, [&](emu::Ctx& c) { detail::decode_importance(c, p); });
+  }
+  template <class T>
+  void decode_typed(const detail::DecodePlan& plan) {
+    if (plan.D == 32) decode_run<T, 32>(plan);
+    else if (plan.D == 64) decode_run<T, 64>(plan);
+    else decode_run<T, 128>(plan);
+  }
+  template <class T>
+  void write_typed(const detail::PagedPlan& plan) {
+    const PagedParams& p = plan.params;
+    switch (plan.src_dtype) {
+      case DType::F32: return emu::run(plan.launch, [&](emu::Ctx& c) { detail::paged_write<T, float>(c, p); });
+      case DType::F16: return emu::run(plan.launch, [&](emu::Ctx& c) { detail::paged_write<T, __half>(c, p); });
+      case DType::BF16: return emu::run(plan.launch, [&](emu::Ctx& c) { detail::paged_write<T, __nv_bfloat16>(c, p); });
+    }
+  }
+
+  std::vector<std::unique_ptr<char, decltype(&std::free)>> mem_;
+  uint32_t seed_ = 1;
+};
+
+const DType k16[] = {DType::F16, DType::BF16};
+
+TEST(CudaEmu, Prefill) {
+  EmuBackend be;
+  for (const PrefillCase& c : prefill_cases(false)) check_prefill(be, c);
+}
+
+TEST(CudaEmu, Decode) {
+  EmuBackend be;
+  for (const DecodeCase& c : decode_cases(false)) check_decode(be, c);
+}
+
+// Every case of the GPU run (minutes on 2 cores): PKV_EMU_FULL=1 pkv_cuda_emu_tests
+TEST(CudaEmu, FullGpuCaseList) {
+  const char* full = std::getenv("PKV_EMU_FULL");
+  if (!full || std::string(full) != "1") GTEST_SKIP() << "set PKV_EMU_FULL=1 to run the GPU case list emulated";
+  EmuBackend be;
+  for (const PrefillCase& c : prefill_cases(true)) check_prefill(be, c);
+  for (const DecodeCase& c : decode_cases(true)) check_decode(be, c);
+}
+
+TEST(CudaEmu, Compaction) {
+  EmuBackend be;
+  uint32_t seed = 300;
+  for (DType t : k16)
+    for (int bs : {16, 5}) check_compact(be, t, bs, t == DType::F16 ? 64 : 258, seed++);
+}
+
+TEST(CudaEmu, ElasticMerge) {
+  EmuBackend be;
+  uint32_t seed = 400;
+  for (DType t : k16) {
+    check_merge(be, t, 16, 64, 2, 100, 0.2, seed++);
+    check_merge(be, t, 7, 32, 1, 10, 0.3, seed++);
+  }
+}
+
+TEST(CudaEmu, BadTablesAreFlaggedNotFaults) {
+  EmuBackend be;
+  check_paged_errors(be);
+}
+
+TEST(CudaEmu, PlansRejectBadArguments) {
+  PrefillAttentionArgs p;
+  p.dtype = DType::BF16, p.n_q = 4, p.n_kv = 4, p.n_heads = 2, p.n_kv_heads = 2, p.head_dim = 200;
+  EXPECT_THROW(detail::plan_attention_prefill(p), Error);
+  p.head_dim = 64;
+  p.importance = reinterpret_cast<float*>(16);
+  EXPECT_THROW(detail::plan_attention_prefill(p), Error);  // q, k, v unset
+  // The decode workspace layout grows with the splits and covers every key of max_len.
+  for (int len : {1, 255, 256, 257, 5000})
+    for (int batch : {1, 3, 64}) {
+      const auto w = detail::decode_workspace_layout(batch, 32, 8, 128, len, true);
+      EXPECT_GE(int64_t(w.n_splits) * w.chunk, len);
+      EXPECT_GE(w.n_splits, 1);
+      EXPECT_EQ(w.chunk % detail::kDecodeTK, 0);
+      EXPECT_EQ(w.G, 4);
+    }
+  EXPECT_EQ(detail::decode_workspace_layout(1, 12, 1, 64, 10, false).G, 6);
+  EXPECT_EQ(detail::decode_workspace_layout(1, 16, 1, 64, 10, false).G, 8);
+  EXPECT_EQ(detail::decode_workspace_layout(1, 7, 1, 64, 10, false).G, 7);
+  EXPECT_EQ(detail::decode_workspace_layout(1, 11, 1, 64, 10, false).G, 1);
+}
+
+}  // namespace
+}  // namespace pkv::cuda::test

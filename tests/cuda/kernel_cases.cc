@@ -1,0 +1,554 @@
+#include "kernel_cases.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <sstream>
+
+#include "cuda/block_pool.h"
+#include "kv/kv_cache.h"
+#include "kv/policy.h"
+#include "ops/ops.h"
+
+namespace pkv::cuda::test {
+
+double tolerance(DType t) { return t == DType::F16 ? 2e-3 : t == DType::BF16 ? 1e-2 : 1e-5; }
+
+void round_to(DType t, std::vector<float>& x) {
+  if (t == DType::F32) return;
+  for (float& v : x) v = t == DType::F16 ? f16_to_f32(f32_to_f16(v)) : bf16_to_f32(f32_to_bf16(v));
+}
+
+std::vector<uint16_t> to_16bit(DType t, const std::vector<float>& x) {
+  std::vector<uint16_t> r(x.size());
+  for (size_t i = 0; i < x.size(); ++i) r[i] = t == DType::F16 ? f32_to_f16(x[i]) : f32_to_bf16(x[i]);
+  return r;
+}
+
+std::vector<float> from_16bit(DType t, const std::vector<uint16_t>& x) {
+  std::vector<float> r(x.size());
+  to_f32(t, x.data(), r.data(), x.size());
+  return r;
+}
+
+void* put_as(Backend& be, DType t, const std::vector<float>& x) {
+  if (t == DType::F32) return be.put(x);
+  return be.put(to_16bit(t, x));
+}
+
+std::vector<float> get_as(Backend& be, DType t, const void* p, size_t n) {
+  if (t == DType::F32) return be.get(static_cast<const float*>(p), n);
+  return from_16bit(t, be.get(static_cast<const uint16_t*>(p), n));
+}
+
+void expect_close(const std::vector<float>& got, const std::vector<float>& ref, double tol, const std::string& what) {
+  ASSERT_EQ(got.size(), ref.size()) << what;
+  double max_ref = 0, max_diff = 0;
+  for (float r : ref) max_ref = std::max(max_ref, double(std::fabs(r)));
+  size_t nan = 0, bad = 0, worst = 0;
+  double worst_ratio = 0;
+  const double floor = 0.01 * max_ref;
+  for (size_t i = 0; i < got.size(); ++i) {
+    if (!std::isfinite(got[i])) {
+      ++nan;
+      continue;
+    }
+    const double d = std::fabs(double(got[i]) - double(ref[i]));
+    max_diff = std::max(max_diff, d);
+    const double allowed = tol * std::max(double(std::fabs(ref[i])), floor);
+    const double ratio = allowed > 0 ? d / allowed : (d > 0 ? 1e30 : 0);
+    if (ratio > 1) ++bad;
+    if (ratio > worst_ratio) worst_ratio = ratio, worst = i;
+  }
+  const double rel = max_ref > 0 ? max_diff / max_ref : max_diff;
+  EXPECT_EQ(nan, 0u) << what << ": " << nan << " non-finite values (unwritten output?)";
+  EXPECT_LE(rel, tol) << what << ": norm-wise relative error " << rel << " (max |ref| " << max_ref << ")";
+  EXPECT_EQ(bad, 0u) << what << ": " << bad << " of " << got.size() << " elements outside tolerance; worst [" << worst
+                     << "] got " << got[worst] << " want " << ref[worst];
+}
+
+namespace {
+
+std::vector<float> randn(std::mt19937& rng, size_t n, float scale = 1.f) {
+  std::normal_distribution<float> d(0.f, scale);
+  std::vector<float> x(n);
+  for (float& v : x) v = d(rng);
+  return x;
+}
+
+std::vector<int32_t> increasing_positions(std::mt19937& rng, int n, bool gaps, int start = 0) {
+  std::vector<int32_t> p(static_cast<size_t>(n));
+  int cur = start;
+  for (int i = 0; i < n; ++i) {
+    p[size_t(i)] = cur;
+    cur += gaps ? 1 + int(rng() % 3) : 1;
+  }
+  return p;
+}
+
+const char* dname(DType t) { return dtype_name(t); }
+
+}  // namespace
+
+std::string PrefillCase::str() const {
+  std::ostringstream s;
+  s << dname(dtype) << " n_q=" << n_q << " n_kv=" << n_kv << " heads=" << n_heads << "/" << n_kv_heads
+    << " hd=" << head_dim << (causal ? " causal" : " full") << (importance ? " importance_from=" : " no-importance")
+    << (importance ? std::to_string(importance_from) : "") << (fused_qkv ? " fused" : "") << (position_gaps ? " gaps" : "")
+    << " seed=" << seed;
+  return s.str();
+}
+
+void check_prefill(Backend& be, const PrefillCase& c) {
+  SCOPED_TRACE(c.str());
+  std::mt19937 rng(c.seed);
+  const int hd = c.head_dim, qd = c.n_heads * hd, kvd = c.n_kv_heads * hd;
+  std::vector<float> q = randn(rng, size_t(c.n_q) * qd, 1.5f), k = randn(rng, size_t(c.n_kv) * kvd),
+                     v = randn(rng, size_t(c.n_kv) * kvd);
+  round_to(c.dtype, q), round_to(c.dtype, k), round_to(c.dtype, v);
+  const std::vector<int32_t> kv_pos = increasing_positions(rng, c.n_kv, c.position_gaps, 3);
+  std::vector<int32_t> q_pos(static_cast<size_t>(c.n_q));
+  for (int i = 0; i < c.n_q; ++i) q_pos[size_t(i)] = kv_pos[size_t(c.n_kv - c.n_q + i)];
+  const float scale = 1.f / std::sqrt(float(hd));
+
+  // CPU twin.
+  std::vector<float> out_ref(size_t(c.n_q) * qd), imp_ref = randn(rng, size_t(c.n_kv), 0.1f);
+  const std::vector<float> imp_init = imp_ref;
+  ops::AttentionArgs ra;
+  ra.q = q.data(), ra.n_q = c.n_q, ra.k = k.data(), ra.v = v.data(), ra.n_kv = c.n_kv, ra.kv_stride = kvd;
+  if (c.causal) ra.q_pos = q_pos.data(), ra.kv_pos = kv_pos.data();
+  ra.n_heads = c.n_heads, ra.n_kv_heads = c.n_kv_heads, ra.head_dim = hd, ra.scale = scale, ra.out = out_ref.data();
+  if (c.importance) ra.importance = imp_ref.data(), ra.importance_from = c.importance_from;
+  ops::attention(ra);
+
+  // Device.
+  PrefillAttentionArgs a;
+  a.dtype = c.dtype;
+  const size_t es = dtype_size(c.dtype);
+  if (c.fused_qkv) {
+    EXPECT_EQ(c.n_q, c.n_kv);
+    const int row = qd + 2 * kvd;
+    std::vector<float> fused(size_t(c.n_q) * row);
+    for (int i = 0; i < c.n_q; ++i) {
+      std::copy_n(&q[size_t(i) * qd], qd, &fused[size_t(i) * row]);
+      std::copy_n(&k[size_t(i) * kvd], kvd, &fused[size_t(i) * row + qd]);
+      std::copy_n(&v[size_t(i) * kvd], kvd, &fused[size_t(i) * row + qd + kvd]);
+    }
+    char* base = static_cast<char*>(put_as(be, c.dtype, fused));
+    a.q = base, a.k = base + size_t(qd) * es, a.v = base + size_t(qd + kvd) * es;
+    a.q_stride = a.kv_stride = row;
+  } else {
+    a.q = put_as(be, c.dtype, q), a.k = put_as(be, c.dtype, k), a.v = put_as(be, c.dtype, v);
+  }
+  a.n_q = c.n_q, a.n_kv = c.n_kv;
+  if (c.causal) a.q_pos = be.put(q_pos), a.kv_pos = be.put(kv_pos);
+  a.n_heads = c.n_heads, a.n_kv_heads = c.n_kv_heads, a.head_dim = hd, a.scale = scale;
+  a.out = be.alloc(size_t(c.n_q) * qd * es);
+  be.fill(a.out, 0xff, size_t(c.n_q) * qd * es);  // NaN: every element must be written
+  if (c.importance) {
+    a.importance = be.put(imp_init);
+    a.importance_from = c.importance_from;
+    a.workspace_bytes = attention_prefill_workspace_bytes(c.n_q, c.n_kv, c.n_heads);
+    a.workspace = be.alloc(a.workspace_bytes);
+  }
+  be.attention_prefill(a);
+
+  expect_close(get_as(be, c.dtype, a.out, size_t(c.n_q) * qd), out_ref, tolerance(c.dtype), "prefill output");
+  if (c.importance) {
+    std::vector<float> imp = be.get(a.importance, size_t(c.n_kv));
+    // Compare what was added (the initial values cancel), with the float32 tolerance scaled to the
+    // sum's size: both sides add float32 probabilities of the same rounded inputs.
+    std::vector<float> add(imp.size()), add_ref(imp.size());
+    for (size_t j = 0; j < imp.size(); ++j) add[j] = imp[j] - imp_init[j], add_ref[j] = imp_ref[j] - imp_init[j];
+    expect_close(add, add_ref, tolerance(c.dtype), "prefill importance");
+  }
+}
+
+std::string DecodeCase::str() const {
+  std::ostringstream s;
+  s << dname(dtype) << " lengths=[";
+  for (size_t i = 0; i < lengths.size(); ++i) s << (i ? "," : "") << lengths[i];
+  s << "] heads=" << n_heads << "/" << n_kv_heads << " hd=" << head_dim << " block=" << block_size
+    << (importance ? " importance" : "") << (mask_some ? " masked" : "") << " src=" << dname(src_dtype) << " seed=" << seed;
+  return s.str();
+}
+
+void check_decode(Backend& be, const DecodeCase& c) {
+  SCOPED_TRACE(c.str());
+  std::mt19937 rng(c.seed);
+  const int B = int(c.lengths.size()), hd = c.head_dim, qd = c.n_heads * hd, kvd = c.n_kv_heads * hd;
+  const int max_len = *std::max_element(c.lengths.begin(), c.lengths.end());
+
+  // Blocks: handed out one block per sequence in turn, so tables interleave in the pool.
+  int total_blocks = 3;
+  for (int n : c.lengths) total_blocks += (n + c.block_size - 1) / c.block_size;
+  BlockPool pool(total_blocks, c.block_size, 1, paged_block_bytes(c.block_size, kvd, dtype_size(c.dtype)));
+  std::vector<BlockPool::SeqId> seq(static_cast<size_t>(B));
+  for (int b = 0; b < B; ++b) seq[size_t(b)] = pool.add_sequence();
+  for (bool grew = true; grew;) {
+    grew = false;
+    for (int b = 0; b < B; ++b) {
+      const int have = pool.entries(seq[size_t(b)], 0), want = c.lengths[size_t(b)];
+      if (have < want) {
+        pool.resize(seq[size_t(b)], 0, std::min(want, (have / c.block_size + 1) * c.block_size));
+        grew = true;
+      }
+    }
+  }
+  pool.check_invariants();
+  const int stride = (max_len + c.block_size - 1) / c.block_size + 1;
+  std::vector<int32_t> tables(size_t(B) * stride, -1);  // -1 past the end: any read there would be flagged
+  for (int b = 0; b < B; ++b) {
+    const auto& t = pool.table(seq[size_t(b)], 0);
+    std::copy(t.begin(), t.end(), &tables[size_t(b) * stride]);
+  }
+
+  // Entries, queries, reference.
+  std::vector<std::vector<float>> K(static_cast<size_t>(B)), V(static_cast<size_t>(B));
+  std::vector<std::vector<int32_t>> P(static_cast<size_t>(B));
+  std::vector<float> q = randn(rng, size_t(B) * qd, 1.5f);
+  round_to(c.dtype, q);
+  std::vector<int32_t> q_pos(static_cast<size_t>(B));
+  std::vector<float> out_ref(size_t(B) * qd), imp_init = randn(rng, size_t(B) * max_len, 0.1f), imp_ref = imp_init;
+  const float scale = 1.f / std::sqrt(float(hd));
+  std::vector<int32_t> row_table, row_entry, all_pos;
+  std::vector<float> all_k, all_v;
+  for (int b = 0; b < B; ++b) {
+    const int n = c.lengths[size_t(b)];
+    K[size_t(b)] = randn(rng, size_t(n) * kvd), V[size_t(b)] = randn(rng, size_t(n) * kvd);
+    round_to(c.dtype, K[size_t(b)]), round_to(c.dtype, V[size_t(b)]);
+    P[size_t(b)] = increasing_positions(rng, n, true);
+    q_pos[size_t(b)] = n ? P[size_t(b)].back() + 1 : 0;
+    if (c.mask_some && n > 2 && b % 2 == 1) q_pos[size_t(b)] = P[size_t(b)][size_t(n * 2 / 3)];
+    ops::AttentionArgs ra;
+    ra.q = &q[size_t(b) * qd], ra.n_q = 1, ra.q_pos = &q_pos[size_t(b)];
+    ra.k = K[size_t(b)].data(), ra.v = V[size_t(b)].data(), ra.n_kv = n, ra.kv_stride = kvd, ra.kv_pos = P[size_t(b)].data();
+    ra.n_heads = c.n_heads, ra.n_kv_heads = c.n_kv_heads, ra.head_dim = hd, ra.scale = scale;
+    ra.out = &out_ref[size_t(b) * qd];
+    if (c.importance) ra.importance = &imp_ref[size_t(b) * max_len];
+    if (n > 0) ops::attention(ra);
+    for (int e = 0; e < n; ++e) row_table.push_back(b), row_entry.push_back(e), all_pos.push_back(P[size_t(b)][size_t(e)]);
+    all_k.insert(all_k.end(), K[size_t(b)].begin(), K[size_t(b)].end());
+    all_v.insert(all_v.end(), V[size_t(b)].begin(), V[size_t(b)].end());
+  }
+
+  // The pool on the device, filled through paged_kv_write; read back exactly.
+  PagedKV kv;
+  kv.dtype = c.dtype, kv.n_blocks = total_blocks, kv.block_size = c.block_size, kv.kv_dim = kvd;
+  kv.pool = be.alloc(paged_pool_bytes(kv));
+  be.fill(kv.pool, 0xff, paged_pool_bytes(kv));
+  kv.positions = static_cast<int32_t*>(be.alloc(paged_positions_bytes(kv)));
+  kv.tables = be.put(tables), kv.table_stride = stride;
+  kv.error_flag = be.put(std::vector<int>{0});
+  const int total = int(row_table.size());
+  PagedRows rows{be.put(row_table), be.put(row_entry), total};
+  be.paged_write(kv, rows, c.src_dtype, put_as(be, c.src_dtype, all_k), put_as(be, c.src_dtype, all_v), 0, be.put(all_pos));
+  {
+    const size_t es = dtype_size(c.dtype);
+    void* rk = be.alloc(size_t(total) * kvd * es + 16);
+    void* rv = be.alloc(size_t(total) * kvd * es + 16);
+    auto* rp = static_cast<int32_t*>(be.alloc(size_t(total) * 4 + 16));
+    be.paged_read(kv, rows, rk, rv, rp);
+    EXPECT_EQ(get_as(be, c.dtype, rk, size_t(total) * kvd), all_k) << "paged_kv_write/read K";
+    EXPECT_EQ(get_as(be, c.dtype, rv, size_t(total) * kvd), all_v) << "paged_kv_write/read V";
+    EXPECT_EQ(be.get(rp, size_t(total)), all_pos) << "paged_kv_write/read positions";
+  }
+
+  DecodeAttentionArgs a;
+  a.q = put_as(be, c.dtype, q), a.batch = B, a.q_pos = be.put(q_pos), a.kv = kv;
+  a.lengths = be.put(c.lengths), a.max_len = max_len;
+  a.n_heads = c.n_heads, a.n_kv_heads = c.n_kv_heads, a.head_dim = hd, a.scale = scale;
+  const size_t out_bytes = size_t(B) * qd * dtype_size(c.dtype);
+  a.out = be.alloc(out_bytes);
+  be.fill(a.out, 0xff, out_bytes);
+  if (c.importance) a.importance = be.put(imp_init), a.importance_stride = max_len;
+  a.workspace_bytes = attention_decode_workspace_bytes(B, c.n_heads, c.n_kv_heads, hd, max_len, c.importance);
+  a.workspace = be.alloc(a.workspace_bytes);
+  be.fill(a.workspace, 0xff, a.workspace_bytes);  // the kernels must not read what they did not write
+  be.attention_decode(a);
+
+  expect_close(get_as(be, c.dtype, a.out, size_t(B) * qd), out_ref, tolerance(c.dtype), "decode output");
+  if (c.importance) {
+    std::vector<float> imp = be.get(a.importance, size_t(B) * max_len), add(imp.size()), add_ref(imp.size());
+    for (size_t j = 0; j < imp.size(); ++j) add[j] = imp[j] - imp_init[j], add_ref[j] = imp_ref[j] - imp_init[j];
+    expect_close(add, add_ref, tolerance(c.dtype), "decode importance");
+  }
+  EXPECT_EQ(be.get(kv.error_flag, 1)[0], 0) << "the kernels met an inconsistent block table";
+}
+
+std::vector<PrefillCase> prefill_cases(bool full) {
+  std::vector<PrefillCase> cases;
+  uint32_t seed = 100;
+  for (DType t : {DType::F16, DType::BF16}) {
+    auto add = [&](PrefillCase c) {
+      c.dtype = t;
+      c.seed = seed++;
+      cases.push_back(c);
+    };
+    if (full) {
+      //        n_q  n_kv heads kv  hd  causal imp  from fused gaps
+      add({t, 1, 1, 8, 8, 64, true, true, 0, false, false});
+      add({t, 17, 17, 32, 8, 128, true, true, 0, false, false});
+      add({t, 100, 100, 32, 8, 80, true, true, 84, false, false});  // window importance (last 16 queries)
+      add({t, 200, 200, 8, 8, 96, true, true, 0, false, true});
+      add({t, 130, 130, 4, 1, 64, true, true, 100, false, false});  // one kv head
+      add({t, 64, 64, 12, 4, 128, true, true, 0, false, false});    // exactly one tile
+      add({t, 65, 65, 8, 2, 32, true, true, 63, false, false});     // one past a tile
+      add({t, 40, 300, 16, 4, 128, true, true, 10, false, true});   // a chunk after 260 cached tokens
+      add({t, 150, 150, 8, 4, 64, true, true, 0, true, false});     // fused qkv rows
+      add({t, 77, 77, 6, 3, 48, true, true, 0, false, false});      // head_dim 48
+      add({t, 50, 50, 4, 4, 64, true, true, 50, false, false});     // no query counts: importance unchanged
+      add({t, 577, 577, 16, 16, 64, false, false, 0, false, false}); // the vision tower: no mask
+      add({t, 700, 700, 32, 32, 128, true, true, 0, false, false});  // a LLaVA-7B layer
+    } else {
+      add({t, 1, 1, 2, 2, 64, true, true, 0, false, false});
+      add({t, 17, 17, 4, 2, 128, true, true, 0, false, false});
+      add({t, 70, 70, 2, 1, 80, true, true, 54, false, true});   // window importance, one kv head
+      add({t, 65, 65, 2, 2, 32, true, true, 0, true, false});    // fused qkv, one past a tile
+      add({t, 20, 150, 2, 1, 48, true, true, 5, false, true});   // a chunk after 130 cached tokens
+      add({t, 40, 40, 2, 2, 64, false, false, 0, false, false});  // no mask
+      add({t, 30, 30, 2, 2, 32, true, true, 30, false, false});   // no query counts
+    }
+  }
+  return cases;
+}
+
+std::vector<DecodeCase> decode_cases(bool full) {
+  std::vector<DecodeCase> cases;
+  uint32_t seed = 200;
+  for (DType t : {DType::F16, DType::BF16}) {
+    auto add = [&](std::vector<int> lengths, int heads, int kv_heads, int hd, int bs, bool importance, bool mask,
+                   bool src16) {
+      DecodeCase c;
+      c.dtype = t, c.lengths = std::move(lengths), c.n_heads = heads, c.n_kv_heads = kv_heads, c.head_dim = hd;
+      c.block_size = bs, c.importance = importance, c.mask_some = mask, c.src_dtype = src16 ? t : DType::F32;
+      c.seed = seed++;
+      cases.push_back(c);
+    };
+    if (full) {
+      add({1, 15, 16, 17, 33, 100}, 32, 8, 128, 16, true, false, false);
+      add({1000}, 8, 8, 64, 32, true, false, false);                  // split over many blocks
+      add({3000, 5, 700}, 32, 32, 128, 16, true, false, true);         // LLaVA-7B shapes
+      add({31, 32, 33, 64, 65}, 12, 1, 80, 32, true, true, false);     // 6 heads a block
+      add(std::vector<int>(16, 200), 8, 4, 32, 16, false, false, true);  // the bundled model's shapes, batch 16
+      add({7, 300, 8}, 4, 2, 96, 7, true, false, false);              // odd block size
+      add({513, 64}, 16, 1, 64, 16, true, true, false);               // two head chunks of 8
+    } else {
+      add({1, 15, 16, 17, 33}, 8, 2, 128, 16, true, false, false);
+      add({600}, 2, 2, 64, 32, true, false, true);  // 3 splits
+      add({31, 65}, 6, 1, 80, 7, true, true, false);  // 6 heads a block
+      add({300, 64}, 16, 1, 32, 16, true, true, false);  // two head chunks
+    }
+  }
+  return cases;
+}
+
+namespace {
+
+// A pool of tables (one per job) holding random rounded entries, and its host copy.
+struct PagedFixture {
+  PagedKV kv;
+  std::unique_ptr<BlockPool> pool;
+  std::vector<BlockPool::SeqId> seqs;
+  int stride = 0;
+  std::vector<std::vector<float>> K, V;
+  std::vector<std::vector<int32_t>> P;
+  std::vector<int32_t> tables;
+
+  PagedFixture(Backend& be, DType dt, int block_size, int kv_dim, const std::vector<int>& lengths, std::mt19937& rng,
+               bool prefill_positions) {
+    const int J = int(lengths.size());
+    int blocks = 2;
+    int max_len = 1;
+    for (int n : lengths) blocks += (n + block_size - 1) / block_size, max_len = std::max(max_len, n);
+    pool = std::make_unique<BlockPool>(blocks, block_size, 1, paged_block_bytes(block_size, kv_dim, dtype_size(dt)));
+    for (int j = 0; j < J; ++j) seqs.push_back(pool->add_sequence());
+    for (int j = J - 1; j >= 0; --j) pool->resize(seqs[size_t(j)], 0, lengths[size_t(j)]);  // later jobs get lower ids
+    stride = (max_len + block_size - 1) / block_size + 1;
+    tables.assign(size_t(J) * stride, -1);
+    for (int j = 0; j < J; ++j) {
+      const auto& t = pool->table(seqs[size_t(j)], 0);
+      std::copy(t.begin(), t.end(), &tables[size_t(j) * stride]);
+    }
+    kv.dtype = dt, kv.n_blocks = blocks, kv.block_size = block_size, kv.kv_dim = kv_dim;
+    kv.pool = be.alloc(paged_pool_bytes(kv));
+    kv.positions = static_cast<int32_t*>(be.alloc(paged_positions_bytes(kv)));
+    kv.tables = be.put(tables), kv.table_stride = stride;
+    kv.error_flag = be.put(std::vector<int>{0});
+    std::vector<int32_t> rt, re, ap;
+    std::vector<float> ak, av;
+    for (int j = 0; j < J; ++j) {
+      const int n = lengths[size_t(j)];
+      K.push_back(randn(rng, size_t(n) * kv_dim)), V.push_back(randn(rng, size_t(n) * kv_dim));
+      round_to(dt, K.back()), round_to(dt, V.back());
+      P.push_back(increasing_positions(rng, n, !prefill_positions));
+      for (int e = 0; e < n; ++e) rt.push_back(j), re.push_back(e), ap.push_back(P.back()[size_t(e)]);
+      ak.insert(ak.end(), K.back().begin(), K.back().end());
+      av.insert(av.end(), V.back().begin(), V.back().end());
+    }
+    be.paged_write(kv, PagedRows{be.put(rt), be.put(re), int(rt.size())}, dt, put_as(be, dt, ak), put_as(be, dt, av), 0,
+                   be.put(ap));
+  }
+
+  // Entries [0, n) of table j: K, V (as float) and positions.
+  void read(Backend& be, int j, int n, std::vector<float>& k, std::vector<float>& v, std::vector<int32_t>& p) const {
+    std::vector<int32_t> rt(static_cast<size_t>(n), j), re(static_cast<size_t>(n));
+    std::iota(re.begin(), re.end(), 0);
+    const size_t es = dtype_size(kv.dtype);
+    void* dk = be.alloc(size_t(n) * kv.kv_dim * es + 16);
+    void* dv = be.alloc(size_t(n) * kv.kv_dim * es + 16);
+    auto* dp = static_cast<int32_t*>(be.alloc(size_t(n) * 4 + 16));
+    be.paged_read(kv, PagedRows{be.put(rt), be.put(re), n}, dk, dv, dp);
+    k = get_as(be, kv.dtype, dk, size_t(n) * kv.kv_dim);
+    v = get_as(be, kv.dtype, dv, size_t(n) * kv.kv_dim);
+    p = be.get(dp, size_t(n));
+  }
+};
+
+std::vector<int32_t> random_keep(std::mt19937& rng, int n, int kind) {
+  std::vector<int32_t> keep;
+  if (kind == 0) {  // everything
+    keep.resize(size_t(n));
+    std::iota(keep.begin(), keep.end(), 0);
+  } else if (kind == 1) {  // the last only
+    keep.push_back(n - 1);
+  } else if (kind == 2) {  // first and last
+    keep.push_back(0);
+    if (n > 1) keep.push_back(n - 1);
+  } else {  // a random ~30%, always the first
+    for (int i = 0; i < n; ++i)
+      if (i == 0 || rng() % 10 < 3) keep.push_back(i);
+  }
+  return keep;
+}
+
+}  // namespace
+
+void check_compact(Backend& be, DType dt, int block_size, int kv_dim, uint32_t seed) {
+  SCOPED_TRACE(std::string(dname(dt)) + " block=" + std::to_string(block_size) + " kv_dim=" + std::to_string(kv_dim) +
+               " seed=" + std::to_string(seed));
+  std::mt19937 rng(seed);
+  const std::vector<int> lengths = {5 * block_size + 3, 1, block_size, 2 * block_size + 1, 97, 64};
+  PagedFixture f(be, dt, block_size, kv_dim, lengths, rng, false);
+  const int J = int(lengths.size());
+  std::vector<std::vector<int32_t>> keeps;
+  std::vector<int32_t> job_table, keep_all, offsets{0};
+  for (int j = 0; j < J; ++j) {
+    keeps.push_back(random_keep(rng, lengths[size_t(j)], j % 4 == 3 || j >= 4 ? 3 : j % 4));
+    job_table.push_back(j);
+    keep_all.insert(keep_all.end(), keeps.back().begin(), keeps.back().end());
+    offsets.push_back(int32_t(keep_all.size()));
+  }
+  be.paged_compact(f.kv, PagedJobs{be.put(job_table), be.put(keep_all), be.put(offsets), nullptr, J});
+
+  const int used_before = f.pool->used_blocks();
+  int freed = 0;
+  for (int j = 0; j < J; ++j) {
+    KVLayer ref(kv_dim);  // the CPU twin
+    ref.append(f.K[size_t(j)].data(), f.V[size_t(j)].data(), f.P[size_t(j)].data(), lengths[size_t(j)]);
+    ref.retain(keeps[size_t(j)]);
+    const int n = ref.size();
+    std::vector<float> k, v;
+    std::vector<int32_t> p;
+    f.read(be, j, n, k, v, p);
+    EXPECT_EQ(k, std::vector<float>(ref.keys(), ref.keys() + size_t(n) * kv_dim)) << "job " << j << " K";
+    EXPECT_EQ(v, std::vector<float>(ref.values(), ref.values() + size_t(n) * kv_dim)) << "job " << j << " V";
+    EXPECT_EQ(p, std::vector<int32_t>(ref.positions(), ref.positions() + n)) << "job " << j << " positions";
+    freed += f.pool->blocks_for(lengths[size_t(j)]) - f.pool->blocks_for(n);
+    f.pool->resize(f.seqs[size_t(j)], 0, n);  // the tail blocks go back to the pool
+  }
+  EXPECT_EQ(f.pool->used_blocks(), used_before - freed);
+  f.pool->check_invariants();
+  EXPECT_EQ(be.get(f.kv.error_flag, 1)[0], 0);
+}
+
+void check_merge(Backend& be, DType dt, int block_size, int kv_dim, int n_layers, int N, double budget, uint32_t seed) {
+  SCOPED_TRACE(std::string(dname(dt)) + " block=" + std::to_string(block_size) + " kv_dim=" + std::to_string(kv_dim) +
+               " N=" + std::to_string(N) + " budget=" + std::to_string(budget) + " seed=" + std::to_string(seed));
+  std::mt19937 rng(seed);
+  // One table per layer of one sequence; positions 0..N-1 as after a prefill.
+  PagedFixture f(be, dt, block_size, kv_dim, std::vector<int>(size_t(n_layers), N), rng, true);
+
+  // CPU twin: the elastic policy on a KVCache holding the same (rounded) entries.
+  KVCache cache(n_layers, kv_dim);
+  std::vector<std::vector<float>> importance;
+  for (int l = 0; l < n_layers; ++l) {
+    cache.layer(l).append(f.K[size_t(l)].data(), f.V[size_t(l)].data(), f.P[size_t(l)].data(), N);
+    std::vector<float> imp(static_cast<size_t>(N));
+    for (float& x : imp) x = std::uniform_real_distribution<float>(0.f, 1.f)(rng);
+    importance.push_back(imp);
+  }
+  PolicyOptions opt;
+  opt.budget = budget;
+  auto policy = make_policy("elastic", opt);
+  policy->after_prefill(cache, importance, N);
+
+  std::vector<int32_t> job_table, keep_all, offsets{0}, lengths;
+  for (int l = 0; l < n_layers; ++l) {
+    const KVLayer& L = cache.layer(l);
+    job_table.push_back(l);
+    lengths.push_back(N);
+    keep_all.insert(keep_all.end(), L.positions(), L.positions() + L.size());  // position == index after a prefill
+    offsets.push_back(int32_t(keep_all.size()));
+  }
+  const PagedJobs jobs{be.put(job_table), be.put(keep_all), be.put(offsets), be.put(lengths), n_layers};
+  be.paged_merge(f.kv, jobs);
+  be.paged_compact(f.kv, jobs);
+  for (int l = 0; l < n_layers; ++l) {
+    const KVLayer& L = cache.layer(l);
+    std::vector<float> k, v;
+    std::vector<int32_t> p;
+    f.read(be, l, L.size(), k, v, p);
+    expect_close(k, std::vector<float>(L.keys(), L.keys() + size_t(L.size()) * kv_dim), tolerance(dt),
+                 "merged K of layer " + std::to_string(l));
+    expect_close(v, std::vector<float>(L.values(), L.values() + size_t(L.size()) * kv_dim), tolerance(dt),
+                 "merged V of layer " + std::to_string(l));
+    EXPECT_EQ(p, std::vector<int32_t>(L.positions(), L.positions() + L.size())) << "layer " << l << " positions";
+  }
+  EXPECT_EQ(be.get(f.kv.error_flag, 1)[0], 0);
+}
+
+void check_paged_errors(Backend& be) {
+  // Two sequences of 20 entries (block 8: 3 blocks each); sequence 1's table names a block that does
+  // not exist. Decode must flag it, skip those keys, and fault nowhere.
+  const int bs = 8, hd = 32, n = 20;
+  std::mt19937 rng(5);
+  PagedKV kv;
+  kv.dtype = DType::BF16, kv.n_blocks = 6, kv.block_size = bs, kv.kv_dim = hd;
+  kv.pool = be.alloc(paged_pool_bytes(kv));
+  kv.positions = static_cast<int32_t*>(be.alloc(paged_positions_bytes(kv)));
+  const std::vector<int32_t> tables = {0, 1, 2, 3, 4, 1000};
+  kv.tables = be.put(tables), kv.table_stride = 3;
+  kv.error_flag = be.put(std::vector<int>{0});
+  std::vector<int32_t> rt, re, pos;
+  for (int b = 0; b < 2; ++b)
+    for (int e = 0; e < n; ++e) rt.push_back(b), re.push_back(e), pos.push_back(e);
+  std::vector<float> k = randn(rng, rt.size() * hd), v = randn(rng, rt.size() * hd);
+  be.paged_write(kv, PagedRows{be.put(rt), be.put(re), int(rt.size())}, DType::F32, be.put(k), be.put(v), 0, be.put(pos));
+  EXPECT_EQ(be.get(kv.error_flag, 1)[0], kPagedBadBlock) << "writing through block id 1000";
+
+  // An entry beyond the table's width.
+  be.upload(kv.error_flag, std::vector<int>{0}.data(), sizeof(int));
+  be.paged_write(kv, PagedRows{be.put(std::vector<int32_t>{0}), be.put(std::vector<int32_t>{24}), 1}, DType::F32,
+                 be.put(k), be.put(v), 0, be.put(pos));
+  EXPECT_EQ(be.get(kv.error_flag, 1)[0], kPagedBadEntry) << "entry 24 of a 3-block table";
+
+  be.upload(kv.error_flag, std::vector<int>{0}.data(), sizeof(int));
+  DecodeAttentionArgs a;
+  std::vector<float> q = randn(rng, 2 * hd);
+  a.q = put_as(be, DType::BF16, q), a.batch = 2, a.kv = kv, a.lengths = be.put(std::vector<int32_t>{n, n}), a.max_len = n;
+  a.n_heads = 1, a.n_kv_heads = 1, a.head_dim = hd, a.scale = 0.2f;
+  a.out = be.alloc(2 * hd * 2);
+  a.workspace_bytes = attention_decode_workspace_bytes(2, 1, 1, hd, n, false);
+  a.workspace = be.alloc(a.workspace_bytes);
+  be.attention_decode(a);
+  EXPECT_EQ(be.get(kv.error_flag, 1)[0], kPagedBadBlock);
+  const std::vector<float> out = get_as(be, DType::BF16, a.out, 2 * hd);
+  for (float x : out) EXPECT_TRUE(std::isfinite(x));
+}
+
+}  // namespace pkv::cuda::test

@@ -1,0 +1,105 @@
+// Test cases of the attention and paged-KV kernels against their CPU twins, written once against a
+// small Backend interface and run twice:
+//  - pkv_cuda_tests (GPU, test_cuda_kernels.cc): the real kernels through src/cuda/kernels.h;
+//  - pkv_cuda_emu_tests (CPU, emu_test.cc): the same kernel bodies and launch plans run by a CPU
+//    emulation of CUDA thread blocks, so that CI (no GPU) checks their logic too.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "core/dtype.h"
+#include "cuda/kernels.h"
+
+namespace pkv::cuda::test {
+
+// "Device" memory and the operators under test.
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual const char* name() const = 0;
+  virtual void* alloc(size_t bytes) = 0;  // owned by the backend until it is destroyed
+  virtual void upload(void* dst, const void* src, size_t bytes) = 0;
+  virtual void download(void* dst, const void* src, size_t bytes) = 0;
+  virtual void fill(void* dst, int byte, size_t bytes) = 0;
+  virtual void attention_prefill(const PrefillAttentionArgs& a) = 0;
+  virtual void attention_decode(const DecodeAttentionArgs& a) = 0;
+  virtual void paged_write(const PagedKV& kv, const PagedRows& rows, DType src_dtype, const void* k, const void* v,
+                           int64_t src_stride, const int32_t* pos) = 0;
+  virtual void paged_read(const PagedKV& kv, const PagedRows& rows, void* k, void* v, int32_t* pos) = 0;
+  virtual void paged_compact(const PagedKV& kv, const PagedJobs& jobs) = 0;
+  virtual void paged_merge(const PagedKV& kv, const PagedJobs& jobs) = 0;
+
+  template <class T>
+  T* put(const std::vector<T>& v) {
+    T* p = static_cast<T*>(alloc(v.size() * sizeof(T) + 16));
+    upload(p, v.data(), v.size() * sizeof(T));
+    return p;
+  }
+  template <class T>
+  std::vector<T> get(const T* p, size_t n) {
+    std::vector<T> v(n);
+    download(v.data(), p, n * sizeof(T));
+    return v;
+  }
+};
+
+// Tolerance of the issue: relative error <= 2e-3 in fp16, <= 1e-2 in bf16 (1e-5 for float32 paths).
+double tolerance(DType t);
+
+// Rounds every value to the nearest value of type t (F16 / BF16), in place.
+void round_to(DType t, std::vector<float>& x);
+// Host conversions between float and 16-bit storage.
+std::vector<uint16_t> to_16bit(DType t, const std::vector<float>& x);
+std::vector<float> from_16bit(DType t, const std::vector<uint16_t>& x);
+// Uploads x as type t (F32, F16, BF16); returns the device pointer.
+void* put_as(Backend& be, DType t, const std::vector<float>& x);
+// Downloads n elements of type t as float.
+std::vector<float> get_as(Backend& be, DType t, const void* p, size_t n);
+
+// Expects max|got - ref| / max|ref| <= tol, every element within tol * max(|ref|, 0.01 max|ref|),
+// and no NaN; prints the worst element when not.
+void expect_close(const std::vector<float>& got, const std::vector<float>& ref, double tol, const std::string& what);
+
+struct PrefillCase {
+  DType dtype = DType::BF16;
+  int n_q = 0, n_kv = 0;  // n_kv > n_q: the queries are the last n_q tokens (a prefill chunk)
+  int n_heads = 0, n_kv_heads = 0, head_dim = 0;
+  bool causal = true;
+  bool importance = true;
+  int importance_from = 0;
+  bool fused_qkv = false;  // q, k, v as column blocks of one [n, *] buffer (strided rows); n_q == n_kv
+  bool position_gaps = false;
+  uint32_t seed = 1;
+  std::string str() const;
+};
+void check_prefill(Backend& be, const PrefillCase& c);
+
+struct DecodeCase {
+  DType dtype = DType::BF16;
+  std::vector<int> lengths;  // entries per sequence
+  int n_heads = 0, n_kv_heads = 0, head_dim = 0;
+  int block_size = 16;
+  bool importance = true;
+  bool mask_some = false;  // some q_pos below the newest entries' positions
+  DType src_dtype = DType::F32;  // of the rows written into the pool
+  uint32_t seed = 1;
+  std::string str() const;
+};
+void check_decode(Backend& be, const DecodeCase& c);
+
+// The case lists. `full`: every case the GPU runs (pkv_cuda_tests); otherwise a smaller set sized for
+// the CPU emulator in CI. Each list covers both 16-bit types.
+std::vector<PrefillCase> prefill_cases(bool full);
+std::vector<DecodeCase> decode_cases(bool full);
+
+// Compaction of several tables in one call vs KVLayer::retain; then the block pool shrinks.
+void check_compact(Backend& be, DType dtype, int block_size, int kv_dim, uint32_t seed);
+// Elastic merge + compaction vs the elastic policy's after_prefill on a KVCache.
+void check_merge(Backend& be, DType dtype, int block_size, int kv_dim, int n_layers, int N, double budget,
+                 uint32_t seed);
+// Inconsistent block tables set the error flag and never fault.
+void check_paged_errors(Backend& be);
+
+}  // namespace pkv::cuda::test

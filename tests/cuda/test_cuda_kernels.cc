@@ -1,0 +1,400 @@
+// CUDA kernels against their CPU twins (src/ops, src/kv) on random inputs rounded to the 16-bit
+// type: max relative error <= 2e-3 in fp16, <= 1e-2 in bf16 (norm-wise and per element, see
+// kernel_cases.h). Runs on a GPU only (scripts/gpu_test.sh).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "core/error.h"
+#include "cuda/device.h"
+#include "cuda/kernels.h"
+#include "kernel_cases.h"
+#include "kv/budgeted.h"
+#include "ops/ops.h"
+
+namespace pkv::cuda::test {
+namespace {
+
+// Synchronous wrappers over the real API: every call is followed by a device synchronisation, so an
+// asynchronous fault is reported by the call that caused it.
+class GpuBackend : public Backend {
+ public:
+  const char* name() const override { return "gpu"; }
+  void* alloc(size_t bytes) override {
+    bufs_.emplace_back(bytes ? bytes : 1, "test buffer");
+    return bufs_.back().data();
+  }
+  void upload(void* dst, const void* src, size_t bytes) override {
+    copy_to_device(dst, src, bytes, nullptr);
+    device_synchronize();
+  }
+  void download(void* dst, const void* src, size_t bytes) override {
+    copy_to_host(dst, src, bytes, nullptr);
+    device_synchronize();
+  }
+  void fill(void* dst, int byte, size_t bytes) override {
+    memset_device(dst, byte, bytes, nullptr);
+    device_synchronize();
+  }
+  void attention_prefill(const PrefillAttentionArgs& a) override { sync([&] { cuda::attention_prefill(a, nullptr); }); }
+  void attention_decode(const DecodeAttentionArgs& a) override { sync([&] { cuda::attention_decode(a, nullptr); }); }
+  void paged_write(const PagedKV& kv, const PagedRows& rows, DType src_dtype, const void* k, const void* v,
+                   int64_t src_stride, const int32_t* pos) override {
+    sync([&] { paged_kv_write(kv, rows, src_dtype, k, v, src_stride, pos, nullptr); });
+  }
+  void paged_read(const PagedKV& kv, const PagedRows& rows, void* k, void* v, int32_t* pos) override {
+    sync([&] { paged_kv_read(kv, rows, k, v, pos, nullptr); });
+  }
+  void paged_compact(const PagedKV& kv, const PagedJobs& jobs) override { sync([&] { paged_kv_compact(kv, jobs, nullptr); }); }
+  void paged_merge(const PagedKV& kv, const PagedJobs& jobs) override { sync([&] { paged_kv_merge(kv, jobs, nullptr); }); }
+
+ private:
+  template <class F>
+  void sync(F&& f) {
+    f();
+    device_synchronize();
+  }
+  std::vector<DeviceBuffer> bufs_;
+};
+
+const DType kAll[] = {DType::F32, DType::F16, DType::BF16};
+const DType k16[] = {DType::F16, DType::BF16};
+
+std::vector<float> randn(std::mt19937& rng, size_t n, float scale = 1.f, float mean = 0.f) {
+  std::normal_distribution<float> d(mean, scale);
+  std::vector<float> x(n);
+  for (float& v : x) v = d(rng);
+  return x;
+}
+
+std::vector<float> rounded(DType t, std::vector<float> x) {
+  round_to(t, x);
+  return x;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Element-wise and per-row operators.
+
+TEST(CudaOps, RmsNormAndLayerNorm) {
+  GpuBackend be;
+  std::mt19937 rng(11);
+  for (DType t : kAll)
+    for (int dim : {64, 777, 4096}) {
+      SCOPED_TRACE(std::string(dtype_name(t)) + " dim=" + std::to_string(dim));
+      const int rows = 5;
+      const std::vector<float> x = rounded(t, randn(rng, size_t(rows) * dim, 2.f, 0.3f));
+      Norm n;
+      n.w = randn(rng, size_t(dim), 0.5f, 1.f);
+      n.b = randn(rng, size_t(dim), 0.2f);
+      float* w = be.put(n.w);
+      float* b = be.put(n.b);
+
+      std::vector<float> ref(x.size());
+      ops::rms_norm(x.data(), rows, dim, n, 1e-5f, ref.data());
+      void* dx = put_as(be, t, x);
+      void* dy = be.alloc(x.size() * dtype_size(t));
+      rms_norm(t, dx, dy, w, rows, dim, 1e-5f, nullptr);
+      expect_close(get_as(be, t, dy, x.size()), ref, tolerance(t), "rms_norm");
+      rms_norm(t, dx, dx, w, rows, dim, 1e-5f, nullptr);  // in place
+      expect_close(get_as(be, t, dx, x.size()), ref, tolerance(t), "rms_norm in place");
+
+      ops::layer_norm(x.data(), rows, dim, n, 1e-5f, ref.data());
+      dx = put_as(be, t, x);
+      layer_norm(t, dx, dy, w, b, rows, dim, 1e-5f, nullptr);
+      expect_close(get_as(be, t, dy, x.size()), ref, tolerance(t), "layer_norm");
+    }
+}
+
+TEST(CudaOps, AddAndBias) {
+  GpuBackend be;
+  std::mt19937 rng(12);
+  for (DType t : kAll) {
+    SCOPED_TRACE(dtype_name(t));
+    const int rows = 7, cols = 333;
+    const size_t n = size_t(rows) * cols;
+    const std::vector<float> a = rounded(t, randn(rng, n)), b = rounded(t, randn(rng, n));
+    const std::vector<float> bias = randn(rng, size_t(cols));
+    std::vector<float> ref(n);
+    for (size_t i = 0; i < n; ++i) ref[i] = a[i] + b[i];
+    void* da = put_as(be, t, a);
+    void* db = put_as(be, t, b);
+    add(t, da, db, da, n, nullptr);  // the residual add, in place
+    expect_close(get_as(be, t, da, n), ref, tolerance(t), "add");
+    for (size_t i = 0; i < n; ++i) ref[i] = a[i] + bias[i % cols];
+    da = put_as(be, t, a);
+    add_bias(t, da, be.put(bias), rows, cols, nullptr);
+    expect_close(get_as(be, t, da, n), ref, tolerance(t), "add_bias");
+  }
+}
+
+TEST(CudaOps, ActivationsAndSwiglu) {
+  GpuBackend be;
+  std::mt19937 rng(13);
+  const ops::Act acts[] = {ops::Act::Gelu, ops::Act::GeluTanh, ops::Act::QuickGelu, ops::Act::Silu, ops::Act::Relu};
+  for (DType t : kAll) {
+    const size_t n = 10007;
+    const std::vector<float> x = rounded(t, randn(rng, n, 3.f));
+    for (ops::Act act : acts) {
+      SCOPED_TRACE(std::string(dtype_name(t)) + " act " + std::to_string(int(act)));
+      std::vector<float> ref = x;
+      ops::activate(ref.data(), n, act);
+      void* dx = put_as(be, t, x);
+      activate(t, dx, n, act, nullptr);
+      expect_close(get_as(be, t, dx, n), ref, tolerance(t), "activate");
+    }
+    const std::vector<float> up = rounded(t, randn(rng, n));
+    std::vector<float> ref = x;
+    ops::swiglu(ref.data(), up.data(), n);
+    void* dg = put_as(be, t, x);
+    swiglu(t, dg, put_as(be, t, up), n, nullptr);
+    expect_close(get_as(be, t, dg, n), ref, tolerance(t), std::string("swiglu ") + dtype_name(t));
+  }
+}
+
+TEST(CudaOps, Rope) {
+  GpuBackend be;
+  std::mt19937 rng(14);
+  struct Kind {
+    const char* type;
+    float factor;
+  };
+  const Kind kinds[] = {{"default", 1.f}, {"linear", 2.f}, {"llama3", 8.f}};
+  for (DType t : kAll)
+    for (const Kind& kind : kinds)
+      for (int hd : {64, 80, 128}) {
+        SCOPED_TRACE(std::string(dtype_name(t)) + " " + kind.type + " hd=" + std::to_string(hd));
+        const int rows = 9, heads = 4;
+        const ops::Rope rope_cpu = ops::Rope::make(hd, 10000.f, kind.type, kind.factor, 1.f, 4.f, 8192);
+        std::vector<int32_t> pos(rows);
+        for (int r = 0; r < rows; ++r) pos[size_t(r)] = int32_t(rng() % 6000);
+        const std::vector<float> x = rounded(t, randn(rng, size_t(rows) * heads * hd));
+        std::vector<float> ref = x;
+        rope_cpu.apply(ref.data(), rows, heads, pos.data());
+        void* dx = put_as(be, t, x);
+        rope(t, dx, rows, heads, hd, 0, be.put(pos), be.put(rope_cpu.inv_freq), nullptr);
+        expect_close(get_as(be, t, dx, x.size()), ref, tolerance(t), "rope");
+
+        // The k part of a fused [rows, q | k | v] buffer: only those columns change.
+        const int row = 3 * heads * hd;
+        std::vector<float> fused = rounded(t, randn(rng, size_t(rows) * row));
+        std::vector<float> fref = fused, kpart(size_t(rows) * heads * hd);
+        for (int r = 0; r < rows; ++r) std::copy_n(&fused[size_t(r) * row + heads * hd], heads * hd, &kpart[size_t(r) * heads * hd]);
+        rope_cpu.apply(kpart.data(), rows, heads, pos.data());
+        for (int r = 0; r < rows; ++r) std::copy_n(&kpart[size_t(r) * heads * hd], heads * hd, &fref[size_t(r) * row + heads * hd]);
+        char* df = static_cast<char*>(put_as(be, t, fused));
+        rope(t, df + size_t(heads) * hd * dtype_size(t), rows, heads, hd, row, be.put(pos), be.put(rope_cpu.inv_freq), nullptr);
+        expect_close(get_as(be, t, df, fused.size()), fref, tolerance(t), "rope on a strided slice");
+      }
+}
+
+TEST(CudaOps, EmbeddingAndConvert) {
+  GpuBackend be;
+  std::mt19937 rng(15);
+  const int vocab = 50, dim = 33;
+  const std::vector<int32_t> ids = {0, 49, 7, -1, 50, 7, 13};
+  for (DType tt : kAll)
+    for (DType to : kAll) {
+      SCOPED_TRACE(std::string("table ") + dtype_name(tt) + " out " + dtype_name(to));
+      const std::vector<float> table = rounded(tt, randn(rng, size_t(vocab) * dim));
+      std::vector<float> ref(ids.size() * dim, 0.f);
+      for (size_t r = 0; r < ids.size(); ++r)
+        if (ids[r] >= 0 && ids[r] < vocab) std::copy_n(&table[size_t(ids[r]) * dim], dim, &ref[r * dim]);
+      round_to(to, ref);
+      void* out = be.alloc(ref.size() * dtype_size(to));
+      embedding(tt, put_as(be, tt, table), vocab, dim, be.put(ids), int(ids.size()), to, out, nullptr);
+      EXPECT_EQ(get_as(be, to, out, ref.size()), ref) << "embedding (out-of-range ids give zeros)";
+
+      const std::vector<float> x = rounded(tt, randn(rng, 1001, 10.f));
+      void* y = be.alloc(x.size() * dtype_size(to));
+      convert(tt, put_as(be, tt, x), to, y, x.size(), nullptr);
+      EXPECT_EQ(get_as(be, to, y, x.size()), rounded(to, x)) << "convert (round to nearest even, as the CPU)";
+    }
+}
+
+TEST(CudaOps, MaxPool1d) {
+  GpuBackend be;
+  std::mt19937 rng(16);
+  for (int kernel : {1, 3, 7}) {
+    const int rows = 3, n = 101;
+    const std::vector<float> x = randn(rng, size_t(rows) * n);
+    float* y = static_cast<float*>(be.alloc(x.size() * 4));
+    max_pool_1d(be.put(x), y, rows, n, kernel, nullptr);
+    const std::vector<float> got = be.get(y, x.size());
+    for (int r = 0; r < rows; ++r) {
+      const std::vector<float> row(x.begin() + r * n, x.begin() + (r + 1) * n);
+      EXPECT_EQ(std::vector<float>(got.begin() + r * n, got.begin() + (r + 1) * n), pkv::max_pool_1d(row, kernel)) << "kernel " << kernel;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Matrix products.
+
+TEST(CudaOps, Linear) {
+  GpuBackend be;
+  Blas blas(nullptr);
+  std::mt19937 rng(17);
+  struct Shape {
+    int rows, in, out;
+  };
+  const Shape shapes[] = {{1, 96, 64}, {5, 1000, 257}, {64, 256, 512}, {129, 333, 77}};
+  for (DType wt : kAll)
+    for (DType yt : {DType::F32, wt})
+      for (const Shape& s : shapes)
+        for (int mode = 0; mode < 3; ++mode) {  // 0: plain, 1: bias, 2: bias + accumulate
+          if (wt == DType::F32 && yt != DType::F32) continue;
+          if (mode && yt == wt && wt != DType::F32 && s.rows > 64) continue;  // keep the run short
+          SCOPED_TRACE(std::string("W ") + dtype_name(wt) + " y " + dtype_name(yt) + " " + std::to_string(s.rows) + "x" +
+                       std::to_string(s.in) + "x" + std::to_string(s.out) + " mode " + std::to_string(mode));
+          const std::vector<float> wf = rounded(wt, randn(rng, size_t(s.out) * s.in, 0.05f));
+          const std::vector<float> x = rounded(wt, randn(rng, size_t(s.rows) * s.in));
+          std::vector<uint16_t> w16;
+          TensorView tv;
+          tv.dtype = wt;
+          tv.shape = {s.out, s.in};
+          if (wt == DType::F32) {
+            tv.data = wf.data();
+          } else {
+            w16 = to_16bit(wt, wf);
+            tv.data = w16.data();
+          }
+          Linear L;
+          L.w = &tv, L.in = s.in, L.out = s.out;
+          // checkpoints store biases in the weights' dtype: the 16-bit y can hold them exactly
+          if (mode) L.b = rounded(wt, randn(rng, size_t(s.out), 0.5f));
+          if (mode == 2 && yt != DType::F32) {  // would round twice: refused
+            LinearArgs bad;
+            bad.x = put_as(be, wt, x), bad.w = put_as(be, wt, wf), bad.w_dtype = wt;
+            bad.rows = s.rows, bad.in = s.in, bad.out = s.out, bad.bias = be.put(L.b);
+            bad.y = put_as(be, yt, std::vector<float>(size_t(s.rows) * s.out)), bad.y_dtype = yt, bad.accumulate = true;
+            EXPECT_THROW(linear(blas, bad), Error);
+            continue;
+          }
+          std::vector<float> ref(size_t(s.rows) * s.out);
+          ops::linear_reference(x.data(), s.rows, L, ref.data());
+          const std::vector<float> y0 = rounded(yt, randn(rng, ref.size()));
+          if (mode == 2)
+            for (size_t i = 0; i < ref.size(); ++i) ref[i] += y0[i];
+
+          LinearArgs a;
+          a.x = put_as(be, wt, x), a.w = put_as(be, wt, wf), a.w_dtype = wt;
+          a.rows = s.rows, a.in = s.in, a.out = s.out;
+          if (mode) a.bias = be.put(L.b);
+          a.y = put_as(be, yt, y0), a.y_dtype = yt, a.accumulate = mode == 2;
+          linear(blas, a);
+          device_synchronize();
+          expect_close(get_as(be, yt, a.y, ref.size()), ref, yt == DType::F32 ? 1e-4 : tolerance(yt), "linear");
+        }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention and the paged KV cache (cases in kernel_cases.cc).
+
+TEST(CudaAttention, Prefill) {
+  GpuBackend be;
+  for (const PrefillCase& c : prefill_cases(true)) check_prefill(be, c);
+}
+
+TEST(CudaAttention, Decode) {
+  GpuBackend be;
+  for (const DecodeCase& c : decode_cases(true)) check_decode(be, c);
+}
+
+TEST(CudaPagedKV, Compaction) {
+  GpuBackend be;
+  uint32_t seed = 300;
+  for (DType t : k16)
+    for (int bs : {16, 32, 5})
+      for (int kv_dim : {64, 1024, 130}) check_compact(be, t, bs, kv_dim, seed++);
+}
+
+TEST(CudaPagedKV, ElasticMerge) {
+  GpuBackend be;
+  uint32_t seed = 400;
+  for (DType t : k16) {
+    check_merge(be, t, 16, 256, 3, 200, 0.2, seed++);
+    check_merge(be, t, 32, 1024, 2, 577, 0.5, seed++);
+    check_merge(be, t, 7, 64, 1, 10, 0.3, seed++);
+  }
+}
+
+TEST(CudaPagedKV, BadTablesAreFlaggedNotFaults) {
+  GpuBackend be;
+  check_paged_errors(be);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors: clear pkv::Error, never a crash, and nothing sticky left behind.
+
+TEST(CudaErrors, OutOfMemoryIsAnError) {
+  try {
+    DeviceBuffer huge(size_t(1) << 52, "a 4 PiB test buffer");
+    FAIL() << "a 4 PiB allocation succeeded";
+  } catch (const Error& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find("out of device memory"), std::string::npos) << m;
+    EXPECT_NE(m.find("a 4 PiB test buffer"), std::string::npos) << m;
+  }
+  // The device still works.
+  GpuBackend be;
+  const std::vector<float> x = {1.f, -2.f, 3.f};
+  float* d = be.put(x);
+  activate(DType::F32, d, 3, ops::Act::Relu, nullptr);
+  EXPECT_EQ(be.get(d, 3), (std::vector<float>{1.f, 0.f, 3.f}));
+
+  DeviceBuffer small(16, "small");
+  EXPECT_THROW(small.upload(x.data(), 100), Error);  // overrun of a buffer
+}
+
+TEST(CudaErrors, FailedCallsNameFileAndLine) {
+  try {
+    set_device(100000);
+    FAIL() << "set_device(100000) succeeded";
+  } catch (const Error& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find("device.cc:"), std::string::npos) << m;
+    EXPECT_NE(m.find("cudaErrorInvalidDevice"), std::string::npos) << m;
+  }
+  set_device(0);
+}
+
+TEST(CudaErrors, BadArgumentsAreErrors) {
+  GpuBackend be;
+  PrefillAttentionArgs p;
+  p.dtype = DType::BF16, p.n_q = 4, p.n_kv = 4, p.n_heads = 2, p.n_kv_heads = 2, p.head_dim = 200;
+  EXPECT_THROW(attention_prefill(p, nullptr), Error);
+  p.head_dim = 64, p.n_kv_heads = 3;
+  EXPECT_THROW(attention_prefill(p, nullptr), Error);
+  p.n_kv_heads = 2, p.dtype = DType::F32;
+  EXPECT_THROW(attention_prefill(p, nullptr), Error);
+
+  DecodeAttentionArgs d;
+  d.batch = 1, d.n_heads = 2, d.n_kv_heads = 2, d.head_dim = 64, d.max_len = 10;
+  d.kv.pool = be.alloc(1 << 16), d.kv.positions = static_cast<int32_t*>(be.alloc(1024));
+  d.kv.n_blocks = 4, d.kv.block_size = 16, d.kv.kv_dim = 128;
+  d.kv.tables = static_cast<int32_t*>(be.alloc(64)), d.kv.table_stride = 4;
+  d.q = be.alloc(256), d.out = be.alloc(256), d.lengths = static_cast<int32_t*>(be.alloc(4));
+  try {
+    attention_decode(d, nullptr);  // no workspace
+    FAIL() << "decode without a workspace ran";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("workspace"), std::string::npos) << e.what();
+  }
+  d.head_dim = 60, d.kv.kv_dim = 120;
+  EXPECT_THROW(attention_decode(d, nullptr), Error);  // not a multiple of 8
+
+  Blas blas(nullptr);
+  LinearArgs l;
+  l.x = be.alloc(64), l.w = be.alloc(64), l.y = be.alloc(64), l.rows = 1, l.in = 4, l.out = 4;
+  l.w_dtype = DType::BF16, l.y_dtype = DType::F16;
+  EXPECT_THROW(linear(blas, l), Error);
+  EXPECT_THROW(rope(DType::F32, be.alloc(64), 1, 1, 3, 0, nullptr, nullptr, nullptr), Error);
+  EXPECT_THROW(max_pool_1d(nullptr, nullptr, 1, 4, 2, nullptr), Error);
+}
+
+}  // namespace
+}  // namespace pkv::cuda::test

@@ -1,0 +1,202 @@
+// The paged KV block pool (src/cuda/block_pool.h): pure bookkeeping, tested in every build.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <random>
+#include <set>
+
+#include "core/error.h"
+#include "cuda/block_pool.h"
+
+namespace pkv {
+namespace {
+
+std::set<int32_t> all_blocks(const BlockPool& p, BlockPool::SeqId s) {
+  std::set<int32_t> b;
+  for (int l = 0; l < p.n_layers(); ++l)
+    for (int32_t x : p.table(s, l)) b.insert(x);
+  return b;
+}
+
+TEST(BlockPool, AllocateFreeReuse) {
+  const size_t bpb = paged_block_bytes(16, 64, 2);
+  EXPECT_EQ(bpb, size_t(16) * (2 * 64 * 2 + 4));
+  BlockPool pool(10, 16, 2, bpb);
+  EXPECT_EQ(pool.free_blocks(), 10);
+  EXPECT_EQ(pool.blocks_for(0), 0);
+  EXPECT_EQ(pool.blocks_for(1), 1);
+  EXPECT_EQ(pool.blocks_for(16), 1);
+  EXPECT_EQ(pool.blocks_for(17), 2);
+
+  const auto a = pool.add_sequence();
+  EXPECT_EQ(pool.blocks_needed(a, 0, 33), 3);
+  pool.resize(a, 0, 33);  // 3 blocks
+  pool.resize(a, 1, 16);  // 1 block
+  EXPECT_EQ(pool.entries(a, 0), 33);
+  EXPECT_EQ(pool.table(a, 0).size(), 3u);
+  EXPECT_EQ(pool.table(a, 1).size(), 1u);
+  EXPECT_EQ(pool.used_blocks(), 4);
+  EXPECT_EQ(pool.used_bytes(), 4 * bpb);
+  pool.check_invariants();
+
+  // Growing within the last block takes nothing.
+  const auto v0 = pool.table_version(a, 1);
+  pool.resize(a, 1, 16);
+  EXPECT_EQ(pool.table_version(a, 1), v0);
+  pool.resize(a, 0, 48);
+  EXPECT_EQ(pool.used_blocks(), 4);
+
+  const auto held = all_blocks(pool, a);
+  pool.remove_sequence(a);
+  EXPECT_EQ(pool.free_blocks(), 10);
+  EXPECT_FALSE(pool.has_sequence(a));
+  pool.check_invariants();
+
+  // The freed blocks come back first.
+  const auto b = pool.add_sequence();
+  pool.resize(b, 0, 4 * 16);
+  EXPECT_EQ(all_blocks(pool, b), held);
+  pool.check_invariants();
+  const auto st = pool.stats();
+  EXPECT_EQ(st.used_blocks, 4);
+  EXPECT_EQ(st.free_blocks, 6);
+  EXPECT_EQ(st.sequences, 1);
+  EXPECT_EQ(st.entries, 64);
+  EXPECT_EQ(st.total_bytes, 10 * bpb);
+  EXPECT_FALSE(st.to_string().empty());
+}
+
+TEST(BlockPool, ExhaustionIsAClearErrorAndChangesNothing) {
+  BlockPool pool(8, 4, 3, 1024);
+  const auto a = pool.add_sequence();
+  pool.resize_all(a, {8, 8, 8});  // 6 blocks
+  const auto b = pool.add_sequence();
+  EXPECT_FALSE(pool.can_admit(pool.blocks_needed(b, {4, 4, 4})));  // 3 > 2 free
+  EXPECT_TRUE(pool.can_admit(2));
+  const auto tables_before = std::vector<std::vector<int32_t>>{pool.table(a, 0), pool.table(a, 1), pool.table(a, 2)};
+  try {
+    pool.resize_all(b, {4, 4, 4});
+    FAIL() << "expected pkv::Error";
+  } catch (const Error& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find("out of KV blocks"), std::string::npos) << m;
+    EXPECT_NE(m.find("needs 3 more blocks"), std::string::npos) << m;
+    EXPECT_NE(m.find("only 2 of 8 are free"), std::string::npos) << m;
+  }
+  // All or nothing: b got no block, a is untouched.
+  EXPECT_EQ(pool.blocks_held(b), 0);
+  EXPECT_EQ(pool.free_blocks(), 2);
+  for (int l = 0; l < 3; ++l) EXPECT_EQ(pool.table(a, l), tables_before[size_t(l)]);
+  pool.check_invariants();
+
+  EXPECT_THROW(pool.resize(b, 0, 100), Error);
+  EXPECT_THROW(pool.append_all(a, 8), Error);  // 6 more blocks needed, 2 free
+  EXPECT_EQ(pool.entries(a, 0), 8);
+  pool.check_invariants();
+
+  // Bad requests are errors too, not crashes.
+  EXPECT_THROW(pool.resize(a, 3, 1), Error);
+  EXPECT_THROW(pool.resize(a, -1, 1), Error);
+  EXPECT_THROW(pool.resize(a, 0, -1), Error);
+  EXPECT_THROW(pool.resize(12345, 0, 1), Error);
+  EXPECT_THROW(pool.resize_all(a, {1, 2}), Error);
+  EXPECT_THROW(BlockPool(4, 0, 1, 1), Error);
+  EXPECT_THROW(BlockPool(4, 16, 0, 1), Error);
+  pool.check_invariants();
+
+  // A decode step that needs a block in every layer (3) with 2 free fails cleanly.
+  EXPECT_THROW(pool.append_all(b, 4), Error);
+  EXPECT_EQ(pool.blocks_held(b), 0);
+  pool.check_invariants();
+}
+
+TEST(BlockPool, DecodeAppendAllOrNothing) {
+  BlockPool pool(7, 4, 3, 1024);
+  const auto a = pool.add_sequence();
+  pool.resize_all(a, {3, 4, 4});  // 3 blocks, 4 free
+  pool.append_all(a);             // layer 0 fills its block; layers 1, 2 take one each
+  EXPECT_EQ(pool.used_blocks(), 5);
+  EXPECT_EQ(pool.entries(a, 0), 4);
+  EXPECT_THROW(pool.append_all(a, 4), Error);  // 3 more blocks needed, 2 free
+  EXPECT_EQ(pool.entries(a, 0), 4);
+  EXPECT_EQ(pool.entries(a, 2), 5);
+  EXPECT_EQ(pool.used_blocks(), 5);
+  pool.check_invariants();
+}
+
+TEST(BlockPool, CompactionReturnsTailBlocksToOthers) {
+  BlockPool pool(20, 8, 2, 4096);
+  const auto a = pool.add_sequence();
+  pool.resize_all(a, {80, 80});  // 10 + 10 blocks: the pool is full
+  EXPECT_EQ(pool.free_blocks(), 0);
+  const auto b = pool.add_sequence();
+  EXPECT_THROW(pool.resize(b, 0, 1), Error);
+
+  // Keep 20% in layer 0 and 50% in layer 1 (compaction moved the kept entries to the front).
+  const auto head0 = std::vector<int32_t>(pool.table(a, 0).begin(), pool.table(a, 0).begin() + 2);
+  const auto tail0 = std::vector<int32_t>(pool.table(a, 0).begin() + 2, pool.table(a, 0).end());
+  pool.resize_all(a, {16, 40});
+  EXPECT_EQ(pool.table(a, 0), head0);  // the front blocks stay where they are
+  EXPECT_EQ(pool.table(a, 1).size(), 5u);
+  EXPECT_EQ(pool.free_blocks(), 13);
+  EXPECT_EQ(pool.blocks_held(a), 7);
+  pool.check_invariants();
+
+  // Another sequence takes every freed block: no fragmentation with fixed-size blocks.
+  pool.resize_all(b, {64, 40});  // 8 + 5 blocks
+  EXPECT_EQ(pool.free_blocks(), 0);
+  const auto bb = all_blocks(pool, b);
+  for (int32_t x : tail0) EXPECT_TRUE(bb.count(x)) << "freed tail block " << x << " not reused";
+  pool.check_invariants();
+  const auto st = pool.stats();
+  EXPECT_EQ(st.peak_used_blocks, 20);
+  EXPECT_EQ(st.used_blocks, 20);
+}
+
+TEST(BlockPool, TableWidthLimit) {
+  BlockPool pool(100, 16, 1, 1, /*max_blocks_per_table=*/4);
+  const auto a = pool.add_sequence();
+  pool.resize(a, 0, 64);
+  try {
+    pool.resize(a, 0, 65);
+    FAIL() << "expected pkv::Error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("block-table width 4"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(pool.entries(a, 0), 64);
+}
+
+TEST(BlockPool, RandomChurnKeepsInvariants) {
+  std::mt19937 rng(7);
+  BlockPool pool(64, 16, 4, 1);
+  std::vector<BlockPool::SeqId> live;
+  for (int step = 0; step < 2000; ++step) {
+    const int op = int(rng() % 4);
+    if (op == 0 || live.empty()) {
+      live.push_back(pool.add_sequence());
+    } else if (op == 1 && live.size() > 1) {
+      const size_t i = rng() % live.size();
+      pool.remove_sequence(live[i]);
+      live.erase(live.begin() + long(i));
+    } else {
+      const auto s = live[rng() % live.size()];
+      std::vector<int> e(4);
+      for (int& x : e) x = int(rng() % 200);
+      const int before_free = pool.free_blocks();
+      const int need = pool.blocks_needed(s, e);
+      try {
+        pool.resize_all(s, e);
+      } catch (const Error&) {
+        EXPECT_EQ(pool.free_blocks(), before_free);  // nothing changed
+        EXPECT_GT(need, 0);
+      }
+    }
+    if (step % 50 == 0) pool.check_invariants();
+  }
+  pool.check_invariants();
+  for (auto s : live) pool.remove_sequence(s);
+  EXPECT_EQ(pool.free_blocks(), 64);
+}
+
+}  // namespace
+}  // namespace pkv
