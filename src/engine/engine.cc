@@ -209,8 +209,28 @@ void Session::step(int32_t token, float* logits, Observer* obs) {
 
 void Session::step_many(const std::vector<Session*>& sessions, const int32_t* tokens, float* logits) {
   if (sessions.empty()) return;
-  const size_t V = static_cast<size_t>(sessions[0]->model_.config().text.vocab_size);
-  for (size_t i = 0; i < sessions.size(); ++i) sessions[i]->step(tokens[i], logits + i * V);
+  if (sessions.size() == 1) return sessions[0]->step(tokens[0], logits);
+  const Model& model = sessions[0]->model_;
+  const int B = int(sessions.size()), D = model.config().text.hidden;
+  std::vector<float> x(size_t(B) * size_t(D));
+  std::vector<int32_t> pos(static_cast<size_t>(B));
+  std::vector<KVCache*> caches(static_cast<size_t>(B));
+  std::vector<std::vector<std::vector<float>>> imp(static_cast<size_t>(B));
+  std::vector<std::vector<std::vector<float>>*> imp_ptr(static_cast<size_t>(B), nullptr);
+  for (int b = 0; b < B; ++b) {
+    Session& s = *sessions[size_t(b)];
+    PKV_ASSERT(&s.model_ == &model);
+    model.embed(&tokens[b], 1, &x[size_t(b) * size_t(D)]);
+    pos[size_t(b)] = s.pos_;
+    caches[size_t(b)] = &s.cache_;
+    if (s.policy_.needs_decode_importance()) imp_ptr[size_t(b)] = &imp[size_t(b)];
+  }
+  model.decode_batch(x.data(), B, pos.data(), caches, imp_ptr, logits);
+  for (int b = 0; b < B; ++b) {
+    Session& s = *sessions[size_t(b)];
+    ++s.pos_;
+    s.policy_.after_decode_step(s.cache_, s.pos_, imp_ptr[size_t(b)]);
+  }
 }
 
 GenerationResult Engine::generate(const PreparedPrompt& p, const SamplingOptions& s, KVPolicy& policy,

@@ -74,7 +74,8 @@ class Session {
   void step(int32_t token, float* logits, Observer* obs = nullptr);
   // Feeds one token to each of several sessions of the same model (continuous batching: the
   // sessions may have different lengths, positions and policies); logits is [n, vocab], row i for
-  // sessions[i]. Equivalent to calling step() on each in turn.
+  // sessions[i]. One batched decoder pass (Model::decode_batch: the weights are read once for all
+  // sessions), bit-identical to calling step() on each in turn.
   static void step_many(const std::vector<Session*>& sessions, const int32_t* tokens, float* logits);
   int position() const { return pos_; }
   const KVCache& cache() const { return cache_; }

@@ -193,4 +193,60 @@ void Model::decode(const float* x_in, int T, const int32_t* pos, KVCache& cache,
   }
 }
 
+void Model::decode_batch(const float* x_in, int B, const int32_t* pos, const std::vector<KVCache*>& caches,
+                         const std::vector<std::vector<std::vector<float>>*>& importance, float* logits_out) const {
+  PKV_ASSERT(int(caches.size()) == B && (importance.empty() || int(importance.size()) == B));
+  const TextConfig& t = cfg_.text;
+  const LlamaWeights& w = lw_->w.lm;
+  const int D = t.hidden, qd = t.n_heads * t.head_dim, kvd = t.n_kv_heads * t.head_dim;
+  std::vector<float> x(x_in, x_in + size_t(B) * D);
+  std::vector<float> h(size_t(B) * D), q(size_t(B) * qd), k(size_t(B) * kvd), v(size_t(B) * kvd), att(size_t(B) * qd);
+  std::vector<float> gate(size_t(B) * t.intermediate), up(size_t(B) * t.intermediate);
+  for (int b = 0; b < B; ++b)
+    if (!importance.empty() && importance[size_t(b)]) importance[size_t(b)]->resize(size_t(t.n_layers));
+  for (int l = 0; l < t.n_layers; ++l) {
+    const LlamaLayer& L = w.layers[size_t(l)];
+    ops::rms_norm(x.data(), B, D, L.attn_norm, t.rms_eps, h.data());
+    ops::linear_rows(h.data(), B, L.q, q.data());
+    ops::linear_rows(h.data(), B, L.k, k.data());
+    ops::linear_rows(h.data(), B, L.v, v.data());
+    rope_.apply(q.data(), B, t.n_heads, pos);
+    rope_.apply(k.data(), B, t.n_kv_heads, pos);
+    for (int b = 0; b < B; ++b) {  // attention: each sequence over its own cache
+      KVLayer& kv = caches[size_t(b)]->layer(l);
+      kv.append(&k[size_t(b) * kvd], &v[size_t(b) * kvd], &pos[b], 1);
+      ops::AttentionArgs a;
+      a.q = &q[size_t(b) * qd];
+      a.n_q = 1;
+      a.q_pos = &pos[b];
+      a.k = kv.keys();
+      a.v = kv.values();
+      a.n_kv = kv.size();
+      a.kv_stride = kvd;
+      a.kv_pos = kv.positions();
+      a.n_heads = t.n_heads;
+      a.n_kv_heads = t.n_kv_heads;
+      a.head_dim = t.head_dim;
+      a.scale = 1.f / std::sqrt(float(t.head_dim));
+      a.out = &att[size_t(b) * qd];
+      if (!importance.empty() && importance[size_t(b)]) {
+        auto& imp = (*importance[size_t(b)])[size_t(l)];
+        imp.assign(size_t(kv.size()), 0.f);
+        a.importance = imp.data();
+      }
+      ops::attention(a);
+    }
+    ops::linear_rows(att.data(), B, L.o, h.data());
+    for (size_t i = 0; i < x.size(); ++i) x[i] += h[i];
+    ops::rms_norm(x.data(), B, D, L.mlp_norm, t.rms_eps, h.data());
+    ops::linear_rows(h.data(), B, L.gate, gate.data());
+    ops::linear_rows(h.data(), B, L.up, up.data());
+    ops::swiglu(gate.data(), up.data(), gate.size());
+    ops::linear_rows(gate.data(), B, L.down, h.data());
+    for (size_t i = 0; i < x.size(); ++i) x[i] += h[i];
+  }
+  ops::rms_norm(x.data(), B, D, w.norm, t.rms_eps, x.data());
+  ops::linear_rows(x.data(), B, w.head, logits_out);
+}
+
 }  // namespace pkv

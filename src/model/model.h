@@ -51,6 +51,13 @@ class Model {
   // their keys and values to `cache`, layer by layer, and attending over what each layer holds.
   void decode(const float* x, int T, const int32_t* pos, KVCache& cache, const DecoderCall& call) const;
 
+  // Batched decoding: one new token for each of B sequences (x [B, hidden] at positions pos [B]),
+  // sequence b appending to and attending over *caches[b]; logits_out [B, vocab]. Bit-identical to B
+  // separate decode() calls with T = 1 (ops::linear_rows); importance (optional, one entry per
+  // sequence, null where not wanted) as DecoderCall::importance.
+  void decode_batch(const float* x, int B, const int32_t* pos, const std::vector<KVCache*>& caches,
+                    const std::vector<std::vector<std::vector<float>>*>& importance, float* logits_out) const;
+
   KVCache make_cache() const { return KVCache(cfg_.text.n_layers, cfg_.text.n_kv_heads * cfg_.text.head_dim); }
 
  private:

@@ -156,6 +156,29 @@ void linear(const float* x, int rows, const Linear& L, float* y) {
       for (int o = 0; o < out; ++o) y[size_t(r) * out + o] += L.b[size_t(o)];
 }
 
+void linear_rows(const float* x, int rows, const Linear& L, float* y) {
+  const int in = L.in, out = L.out;
+  const TensorView& W = *L.w;
+  if (W.dtype == DType::F32 || rows <= 1) {
+    for (int r = 0; r < rows; ++r) linear(x + size_t(r) * in, 1, L, y + size_t(r) * out);
+    return;
+  }
+  blas_single_thread();
+  // The same dot product per (row, feature) as linear()'s decode path; W row outer, x rows inner.
+  const uint16_t* w16 = static_cast<const uint16_t*>(W.data);
+  parallel_for(size_t(out), 16, [&](size_t b, size_t e, int) {
+    for (size_t o = b; o < e; ++o) {
+      const uint16_t* wo = w16 + o * size_t(in);
+      for (int r = 0; r < rows; ++r)
+        y[size_t(r) * out + o] =
+            W.dtype == DType::BF16 ? dot_bf16(x + size_t(r) * in, wo, in) : dot_f16(x + size_t(r) * in, wo, in);
+    }
+  });
+  if (!L.b.empty())
+    for (int r = 0; r < rows; ++r)
+      for (int o = 0; o < out; ++o) y[size_t(r) * out + o] += L.b[size_t(o)];
+}
+
 void linear_reference(const float* x, int rows, const Linear& L, float* y) {
   std::vector<float> wrow(size_t(L.in));
   for (int o = 0; o < L.out; ++o) {

@@ -20,6 +20,11 @@ const char* blas_corename();
 // per-thread scratch (never a full float32 copy of the model).
 void linear(const float* x, int rows, const Linear& L, float* y);
 
+// Batched decoding: y[rows, L.out] with every row computed exactly as linear(x_r, 1, L, y_r) would
+// (bit for bit), but with 16-bit weights read once for all rows: a row of W is dotted with every x
+// row while it is in cache. Float32 weights fall back to one linear() call per row.
+void linear_rows(const float* x, int rows, const Linear& L, float* y);
+
 // Reference implementation of linear: plain loops in double. For tests.
 void linear_reference(const float* x, int rows, const Linear& L, float* y);
 
