@@ -15,6 +15,7 @@ int cmd_run(int argc, char** argv);
 int cmd_calibrate(int argc, char** argv);
 int cmd_eval(int argc, char** argv);
 int cmd_serve(int argc, char** argv);
+int cmd_bench(int argc, char** argv);
 }
 
 
@@ -28,6 +29,7 @@ static const char* kUsage =
     "  calibrate  estimate PrefixKV's per-layer KV budgets from calibration samples\n"
     "  eval       measure KV policies against the full cache (PPL, ROUGE-L, accuracy, KLD, KV bytes)\n"
     "  serve      an OpenAI-compatible HTTP server (chat completions with images, streaming, batching)\n"
+    "  bench      speed and memory of prefill and batched decoding, any model shape (random weights)\n"
     "\n"
     "Run 'prefixkv <command> --help' for the options of a command.\n";
 
@@ -48,6 +50,7 @@ int main(int argc, char** argv) {
     if (cmd == "calibrate") return pkv::cli::cmd_calibrate(argc, argv);
     if (cmd == "eval") return pkv::cli::cmd_eval(argc, argv);
     if (cmd == "serve") return pkv::cli::cmd_serve(argc, argv);
+    if (cmd == "bench") return pkv::cli::cmd_bench(argc, argv);
     std::fprintf(stderr, "prefixkv: unknown command '%s'\n\n%s", cmd.c_str(), kUsage);
     return 2;
   } catch (const pkv::Error& e) {

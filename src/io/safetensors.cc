@@ -148,6 +148,27 @@ std::unique_ptr<TensorStore> TensorStore::open(const std::string& path) {
   return store;
 }
 
+std::unique_ptr<TensorStore> TensorStore::from_memory(const std::string& source, std::vector<OwnedTensor> tensors) {
+  auto store = std::unique_ptr<TensorStore>(new TensorStore());
+  store->source_ = source;
+  store->owned_ = std::move(tensors);
+  for (const OwnedTensor& t : store->owned_) {
+    auto v = std::make_unique<TensorView>();
+    v->name = t.name;
+    v->file = source;
+    v->dtype = t.dtype;
+    v->dtype_str = t.dtype == DType::F32 ? "F32" : t.dtype == DType::F16 ? "F16" : "BF16";
+    v->supported = true;
+    v->shape = t.shape;
+    v->data = t.data.data();
+    PKV_ASSERT(t.data.size() == size_t(v->numel()) * dtype_size(t.dtype));
+    if (store->index_.count(t.name)) fail(source, "tensor '" + t.name + "' given twice");
+    store->index_[t.name] = v.get();
+    store->owned_views_.push_back(std::move(v));
+  }
+  return store;
+}
+
 const TensorView* TensorStore::find(const std::string& name) const {
   auto it = index_.find(name);
   return it == index_.end() ? nullptr : it->second;

@@ -26,12 +26,22 @@ class SafetensorsFile {
   std::vector<std::unique_ptr<uint64_t[]>> aligned_copies_;
 };
 
+// A tensor held in memory (TensorStore::from_memory): random weights for benchmarks.
+struct OwnedTensor {
+  std::string name;
+  DType dtype = DType::F32;
+  std::vector<int64_t> shape;
+  std::vector<uint8_t> data;  // numel x dtype_size bytes
+};
+
 // All tensors of a checkpoint directory (or of one .safetensors file).
 class TensorStore {
  public:
   // Opens `path`: a directory with model.safetensors, model.safetensors.index.json or any *.safetensors,
   // or a single .safetensors file. Throws Error naming the file and the problem.
   static std::unique_ptr<TensorStore> open(const std::string& path);
+  // Tensors that live in memory (the store owns them); `source` names them in messages.
+  static std::unique_ptr<TensorStore> from_memory(const std::string& source, std::vector<OwnedTensor> tensors);
 
   const TensorView* find(const std::string& name) const;
   bool has(const std::string& name) const { return find(name) != nullptr; }
@@ -42,6 +52,8 @@ class TensorStore {
   std::string source_;
   std::vector<std::unique_ptr<SafetensorsFile>> files_;
   std::map<std::string, const TensorView*> index_;
+  std::vector<OwnedTensor> owned_;
+  std::vector<std::unique_ptr<TensorView>> owned_views_;
 };
 
 }  // namespace pkv

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 
 #include "core/error.h"
 #include "core/threads.h"
@@ -14,6 +15,66 @@ std::unique_ptr<Model> Model::load(const std::string& dir, const LoadOptions& op
   m->cfg_ = load_config(dir, opt.vision_tower_dir);
   m->lw_ = load_weights(m->cfg_);
   const TextConfig& t = m->cfg_.text;
+  m->rope_ = ops::Rope::make(t.head_dim, t.rope_theta, t.rope_type, t.rope_factor, t.rope_low_freq_factor,
+                             t.rope_high_freq_factor, t.rope_original_max_positions);
+  return m;
+}
+
+std::unique_ptr<Model> Model::random(ModelConfig cfg, DType dtype, uint64_t seed) {
+  const TextConfig& t = cfg.text;
+  if (t.hidden < 1 || t.n_layers < 1 || t.n_heads < 1 || t.n_kv_heads < 1 || t.n_heads % t.n_kv_heads ||
+      t.head_dim < 2 || t.head_dim % 2 || t.intermediate < 1 || t.vocab_size < 2)
+    fail("random model", "invalid shape (hidden " + std::to_string(t.hidden) + ", layers " + std::to_string(t.n_layers) +
+                             ", heads " + std::to_string(t.n_heads) + "/" + std::to_string(t.n_kv_heads) + ")");
+  cfg.layout = Layout::Llama;
+  cfg.architecture = "LlamaForCausalLM";
+  cfg.has_vision = false;
+  std::vector<OwnedTensor> ts;
+  auto add = [&](const std::string& name, std::vector<int64_t> shape, bool ones) {
+    OwnedTensor o;
+    o.name = name;
+    o.dtype = dtype;
+    o.shape = std::move(shape);
+    size_t n = 1;
+    for (int64_t d : o.shape) n *= size_t(d);
+    o.data.resize(n * dtype_size(dtype));
+    const uint64_t tseed = seed ^ (std::hash<std::string>{}(name) * 0x9E3779B97F4A7C15ull);
+    const float a = 0.02f * std::sqrt(3.f);  // uniform [-a, a] has standard deviation 0.02
+    parallel_for(n, 1 << 16, [&](size_t b, size_t e, int) {
+      uint64_t s = tseed + b * 0xD1B54A32D192ED03ull;
+      for (size_t i = b; i < e; ++i) {
+        s ^= s << 13, s ^= s >> 7, s ^= s << 17;  // xorshift64
+        const float v = ones ? 1.f : a * (float(s >> 40) * (2.f / 16777216.f) - 1.f);
+        if (dtype == DType::F32) {
+          std::memcpy(&o.data[i * 4], &v, 4);
+        } else {
+          const uint16_t h = dtype == DType::BF16 ? f32_to_bf16(v) : f32_to_f16(v);
+          std::memcpy(&o.data[i * 2], &h, 2);
+        }
+      }
+    });
+    ts.push_back(std::move(o));
+  };
+  const int64_t D = t.hidden, qd = int64_t(t.n_heads) * t.head_dim, kvd = int64_t(t.n_kv_heads) * t.head_dim;
+  add("model.embed_tokens.weight", {t.vocab_size, D}, false);
+  for (int l = 0; l < t.n_layers; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    add(p + "input_layernorm.weight", {D}, true);
+    add(p + "post_attention_layernorm.weight", {D}, true);
+    add(p + "self_attn.q_proj.weight", {qd, D}, false);
+    add(p + "self_attn.k_proj.weight", {kvd, D}, false);
+    add(p + "self_attn.v_proj.weight", {kvd, D}, false);
+    add(p + "self_attn.o_proj.weight", {D, qd}, false);
+    add(p + "mlp.gate_proj.weight", {t.intermediate, D}, false);
+    add(p + "mlp.up_proj.weight", {t.intermediate, D}, false);
+    add(p + "mlp.down_proj.weight", {D, t.intermediate}, false);
+  }
+  add("model.norm.weight", {D}, true);
+  if (!t.tie_embeddings) add("lm_head.weight", {t.vocab_size, D}, false);
+  auto m = std::unique_ptr<Model>(new Model());
+  m->cfg_ = cfg;
+  m->lw_ = load_weights(m->cfg_, TensorStore::from_memory("random weights (" + std::string(dtype_name(dtype)) + ")",
+                                                          std::move(ts)));
   m->rope_ = ops::Rope::make(t.head_dim, t.rope_theta, t.rope_type, t.rope_factor, t.rope_low_freq_factor,
                              t.rope_high_freq_factor, t.rope_original_max_positions);
   return m;

@@ -33,6 +33,11 @@ struct DecoderCall {
 class Model {
  public:
   static std::unique_ptr<Model> load(const std::string& dir, const LoadOptions& opt = {});
+  // A LLaMA decoder of the given shape (cfg.text; text only, LlamaForCausalLM naming) with random
+  // weights in `dtype`, held in memory: for benchmarks of any size without a download. Matrices
+  // uniform with the standard deviation 0.02 of LLaMA's initialisation, norms 1; deterministic in
+  // `seed`.
+  static std::unique_ptr<Model> random(ModelConfig cfg, DType dtype, uint64_t seed);
 
   const ModelConfig& config() const { return cfg_; }
   const Weights& weights() const { return lw_->w; }

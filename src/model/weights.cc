@@ -259,9 +259,11 @@ void load_projector(const Resolver& r, const ModelConfig& cfg, ProjectorWeights&
 
 }  // namespace
 
-std::unique_ptr<LoadedWeights> load_weights(ModelConfig& cfg) {
+std::unique_ptr<LoadedWeights> load_weights(ModelConfig& cfg) { return load_weights(cfg, TensorStore::open(cfg.dir)); }
+
+std::unique_ptr<LoadedWeights> load_weights(ModelConfig& cfg, std::unique_ptr<TensorStore> store) {
   auto lw = std::make_unique<LoadedWeights>();
-  lw->store = TensorStore::open(cfg.dir);
+  lw->store = std::move(store);
   const TensorStore& s = *lw->store;
   const char* scheme = nullptr;
   const char* lm = find_prefix(s, kLanguagePrefixes, std::size(kLanguagePrefixes), kLanguageProbe, &scheme);

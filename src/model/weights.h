@@ -58,5 +58,7 @@ struct LoadedWeights {
 // Resolves names and checks shapes. May complete `cfg` (original layout: vision tower shape from its
 // tensors; v5 vs hub layout). Throws Error naming the file, the tensor and the mismatch.
 std::unique_ptr<LoadedWeights> load_weights(ModelConfig& cfg);
+// The same over a store the caller made (e.g. TensorStore::from_memory).
+std::unique_ptr<LoadedWeights> load_weights(ModelConfig& cfg, std::unique_ptr<TensorStore> store);
 
 }  // namespace pkv

@@ -1,0 +1,262 @@
+// prefixkv bench: speed and memory of prefill and batched decoding for model shapes of any size
+// (random weights made in memory: no download), batch sizes, prompt / generated lengths, KV
+// policies and budgets. Prints a table and writes JSON. The CPU back end today; the CUDA back end
+// plugs in behind the same loop (docs/PERF.md).
+#include <sys/resource.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <random>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+#include "args.h"
+#include "common.h"
+#include "core/error.h"
+#include "core/threads.h"
+#include "engine/engine.h"
+#include "kv_options.h"
+
+using nlohmann::json;
+
+namespace pkv::cli {
+
+namespace {
+
+const std::vector<OptionSpec> kBenchOptions = with_options({
+    {"shape", "NAME", "decoder shape with random weights: llava-1.5-7b (default), llava-1.5-13b, tiny (the bundled "
+                      "model's decoder)"},
+    {"model", "DIR", "benchmark a real checkpoint's decoder instead of random weights"},
+    {"dtype", "T", "weights of the random model: f16 (default) or bf16"},
+    {"device", "NAME", "cpu (default); cuda is not wired into the bench yet"},
+    {"batch", "LIST", "comma-separated batch sizes (default 1)"},
+    {"prompt", "N", "prompt tokens per sequence (default 672: 576 image tokens + text, as LLaVA-1.5)"},
+    {"gen", "N", "generated tokens per sequence (default 256)"},
+    {"policies", "LIST", "comma-separated KV policies (default full)"},
+    {"budgets", "LIST", "kept fractions for the compressing policies (default 0.2)"},
+    {"memory-gb", "G", "memory for the largest-batch estimate (default: this machine's RAM)"},
+    {"seed", "N", "random seed of the weights and prompts (default 0)"},
+    {"threads", "N", "worker threads (default: all cores)"},
+    {"json", "FILE", "also write the records as JSON"},
+}, kv_option_specs({"kv-importance", "kv-window", "kv-protected", "kv-prefix-pool", "kv-decode"}));
+
+std::vector<std::string> split_list(const std::string& s) {
+  std::vector<std::string> out;
+  std::stringstream ss(s);
+  std::string t;
+  while (std::getline(ss, t, ','))
+    if (!t.empty()) out.push_back(t);
+  return out;
+}
+
+ModelConfig shape_config(const std::string& name) {
+  ModelConfig c;
+  TextConfig& t = c.text;
+  if (name == "llava-1.5-7b") {  // Vicuna-7B as LLaVA-1.5 uses it (config of llava-hf/llava-1.5-7b-hf)
+    t.vocab_size = 32064, t.hidden = 4096, t.intermediate = 11008, t.n_layers = 32, t.n_heads = 32, t.n_kv_heads = 32;
+    t.head_dim = 128, t.max_positions = 4096, t.rms_eps = 1e-5f;
+  } else if (name == "llava-1.5-13b") {
+    t.vocab_size = 32064, t.hidden = 5120, t.intermediate = 13824, t.n_layers = 40, t.n_heads = 40, t.n_kv_heads = 40;
+    t.head_dim = 128, t.max_positions = 4096, t.rms_eps = 1e-5f;
+  } else if (name == "tiny") {  // models/prefixkv-llava-tiny's decoder
+    t.vocab_size = 4000, t.hidden = 256, t.intermediate = 768, t.n_layers = 12, t.n_heads = 8, t.n_kv_heads = 4;
+    t.head_dim = 32, t.max_positions = 2048, t.rms_eps = 1e-5f;
+  } else {
+    fail("--shape", "unknown shape '" + name + "' (llava-1.5-7b, llava-1.5-13b, tiny)");
+  }
+  c.dir = "random:" + name;
+  return c;
+}
+
+size_t machine_memory() {
+  std::ifstream f("/proc/meminfo");
+  std::string key;
+  size_t kb = 0;
+  while (f >> key >> kb)
+    if (key == "MemTotal:") return kb * 1024;
+  return 0;
+}
+
+double peak_rss_gib() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  return double(u.ru_maxrss) / (1024.0 * 1024.0);  // ru_maxrss is in KiB on Linux
+}
+
+struct Record {
+  std::string policy;
+  double budget = 1;
+  int batch = 0;
+  double prefill_ms = 0, decode_ms = 0;
+  double decode_tok_s = 0, throughput = 0;
+  size_t kv_bytes_end = 0, kv_bytes_full = 0;
+  double peak_rss_gib = 0;
+  long largest_batch = 0;
+};
+
+double ms_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+}
+
+}  // namespace
+
+int cmd_bench(int argc, char** argv) {
+  Args args("bench", kBenchOptions, argc, argv, 2);
+  if (args.help()) {
+    std::cout << Args::usage("bench",
+                             "Measures prefill and batched decoding speed and memory on random weights of any "
+                             "shape (or a real checkpoint), for batch sizes, KV policies and budgets.",
+                             kBenchOptions);
+    return 0;
+  }
+  if (args.has("threads")) set_num_threads(args.integer("threads", 1));
+  const std::string device = args.str("device", "cpu");
+  if (device == "cuda")
+    fail("--device cuda", "the CUDA back end's kernels exist (src/cuda) but are not wired into the bench yet");
+  if (device != "cpu") fail("--device", "must be cpu or cuda, got '" + device + "'");
+  const int prompt = args.integer("prompt", 672), gen = args.integer("gen", 256);
+  if (prompt < 1) fail("--prompt", "must be at least 1");
+  if (gen < 1) fail("--gen", "must be at least 1");
+  std::vector<int> batches;
+  for (const std::string& b : split_list(args.str("batch", "1"))) {
+    int v = 0;
+    try {
+      v = std::stoi(b);
+    } catch (...) {
+      v = 0;
+    }
+    if (v < 1) fail("--batch", "'" + b + "' is not a positive batch size");
+    batches.push_back(v);
+  }
+  const std::vector<std::string> policies = split_list(args.str("policies", "full"));
+  if (policies.empty()) fail("--policies", "is empty");
+  for (const std::string& p : policies) {
+    if (std::find(policy_names().begin(), policy_names().end(), p) == policy_names().end())
+      fail("--policies", "unknown policy '" + p + "'");
+    if (p == "prefixkv")
+      fail("--policies prefixkv", "needs a calibrated profile, which random weights do not have; use prefixkv-online");
+  }
+  const std::vector<double> budgets = parse_budgets(args.str("budgets", "0.2"), "--budgets");
+  const uint64_t seed = uint64_t(args.integer("seed", 0));
+
+  std::unique_ptr<Model> model;
+  std::string what;
+  const auto t_load = std::chrono::steady_clock::now();
+  if (args.has("model")) {
+    model = Model::load(args.str("model"));
+    what = model->config().dir;
+  } else {
+    const std::string dt = args.str("dtype", "f16");
+    if (dt != "f16" && dt != "bf16") fail("--dtype", "must be f16 or bf16, got '" + dt + "'");
+    const std::string shape = args.str("shape", "llava-1.5-7b");
+    model = Model::random(shape_config(shape), dt == "f16" ? DType::F16 : DType::BF16, seed);
+    what = shape + " (random " + dt + ")";
+  }
+  const TextConfig& t = model->config().text;
+  if (prompt + gen > t.max_positions)
+    fail("--prompt + --gen", std::to_string(prompt + gen) + " tokens exceed the model's " +
+                                 std::to_string(t.max_positions) + " positions");
+  const double load_s = ms_since(t_load) / 1000;
+  const size_t entry_bytes = size_t(2) * t.n_kv_heads * t.head_dim * sizeof(float) * t.n_layers;
+  const size_t memory = args.has("memory-gb") ? size_t(args.number("memory-gb", 0) * double(1ull << 30)) : machine_memory();
+  std::printf("bench: %s, %d layers, %.2f GiB of weights (made in %.1f s); %d threads; prompt %d + %d generated\n",
+              what.c_str(), t.n_layers, double(model->weight_bytes()) / double(1ull << 30), load_s, num_threads(),
+              prompt, gen);
+
+  PolicyOptions base = policy_options_from_args(args);
+  std::vector<Record> records;
+  std::mt19937_64 rng(seed + 1);
+  const int V = t.vocab_size;
+  for (const std::string& pname : policies) {
+    const std::vector<double> bl = pname == "full" ? std::vector<double>{1.0} : budgets;
+    for (double budget : bl)
+      for (int B : batches) {
+        PolicyOptions o = base;
+        o.budget = budget;
+        std::vector<std::unique_ptr<KVPolicy>> pols;
+        std::vector<std::unique_ptr<Session>> sessions;
+        std::vector<Session*> ptrs;
+        std::vector<float> logits(size_t(B) * size_t(V));
+        Record r;
+        r.policy = pname, r.budget = budget, r.batch = B;
+        // Prefill: one sequence after another (the engine prefills one prompt at a time).
+        for (int b = 0; b < B; ++b) {
+          PreparedPrompt p;
+          p.ids.resize(size_t(prompt));
+          for (int32_t& id : p.ids) id = int32_t(rng() % uint64_t(V));
+          p.embeddings.resize(size_t(prompt) * size_t(t.hidden));
+          model->embed(p.ids.data(), prompt, p.embeddings.data());
+          pols.push_back(make_policy(pname, o));
+          sessions.push_back(std::make_unique<Session>(*model, *pols.back()));
+          ptrs.push_back(sessions.back().get());
+          const auto t0 = std::chrono::steady_clock::now();
+          sessions.back()->prefill(p, &logits[size_t(b) * size_t(V)]);
+          r.prefill_ms += ms_since(t0);
+        }
+        // Decode: every step one batched pass over all sequences (greedy tokens).
+        std::vector<int32_t> tokens(static_cast<size_t>(B));
+        const auto t1 = std::chrono::steady_clock::now();
+        for (int s = 0; s < gen; ++s) {
+          for (int b = 0; b < B; ++b) {
+            const float* l = &logits[size_t(b) * size_t(V)];
+            tokens[size_t(b)] = int32_t(std::max_element(l, l + V) - l);
+          }
+          Session::step_many(ptrs, tokens.data(), logits.data());
+        }
+        r.decode_ms = ms_since(t1);
+        r.decode_tok_s = double(B) * gen / (r.decode_ms / 1000);
+        r.throughput = double(B) * gen / ((r.prefill_ms + r.decode_ms) / 1000);
+        for (auto& s : sessions) r.kv_bytes_end += s->cache().bytes();
+        r.kv_bytes_full = size_t(B) * size_t(prompt + gen) * entry_bytes;
+        r.peak_rss_gib = peak_rss_gib();
+        // Largest batch: what is left of the memory after the weights, over one sequence's cache at
+        // its end, keeping room for one uncompressed prompt (prefills run one at a time).
+        const double per_seq = double(r.kv_bytes_end) / B;
+        const double left = double(memory) - double(model->weight_bytes()) - double(prompt) * double(entry_bytes);
+        r.largest_batch = per_seq > 0 && left > 0 ? long(left / per_seq) : 0;
+        records.push_back(r);
+        std::fprintf(stderr, "  %s %.2f batch %d: prefill %.0f ms, decode %.1f tok/s\n", pname.c_str(), budget, B,
+                     r.prefill_ms, r.decode_tok_s);
+      }
+  }
+
+  std::printf("\n| policy | kept | batch | prefill ms | decode tok/s | throughput tok/s | KV MiB at end | KV MiB full "
+              "| peak RSS GiB | largest batch (%.0f GiB) |\n",
+              double(memory) / double(1ull << 30));
+  std::printf("|---|---|---|---|---|---|---|---|---|---|\n");
+  for (const Record& r : records)
+    std::printf("| %s | %.0f%% | %d | %.0f | %.2f | %.2f | %.1f | %.1f | %.2f | %ld |\n", r.policy.c_str(),
+                r.budget * 100, r.batch, r.prefill_ms, r.decode_tok_s, r.throughput,
+                double(r.kv_bytes_end) / double(1 << 20), double(r.kv_bytes_full) / double(1 << 20), r.peak_rss_gib,
+                r.largest_batch);
+  if (args.has("json")) {
+    json j;
+    j["model"] = what;
+    j["device"] = device;
+    j["threads"] = num_threads();
+    j["prompt"] = prompt;
+    j["gen"] = gen;
+    j["weight_bytes"] = model->weight_bytes();
+    j["memory_bytes"] = memory;
+    j["records"] = json::array();
+    for (const Record& r : records)
+      j["records"].push_back({{"policy", r.policy}, {"budget", r.budget}, {"batch", r.batch},
+                              {"prefill_ms", r.prefill_ms}, {"decode_ms", r.decode_ms},
+                              {"decode_tokens_per_s", r.decode_tok_s}, {"throughput_tokens_per_s", r.throughput},
+                              {"kv_bytes_end", r.kv_bytes_end}, {"kv_bytes_full", r.kv_bytes_full},
+                              {"peak_rss_gib", r.peak_rss_gib}, {"largest_batch", r.largest_batch}});
+    const std::string out = args.str("json");
+    std::ofstream f(out);
+    if (!f) fail(out, "cannot write the results");
+    f << j.dump(1) << "\n";
+    std::printf("wrote %s\n", out.c_str());
+  }
+  return 0;
+}
+
+}  // namespace pkv::cli

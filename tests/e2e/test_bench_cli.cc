@@ -1,0 +1,60 @@
+// prefixkv bench: random weights of a named shape, batch sizes x policies x budgets, table + JSON;
+// compression shrinks the KV bytes in proportion; bad options are one clear error each.
+#include <gtest/gtest.h>
+
+#include <fstream>
+
+#include <nlohmann/json.hpp>
+
+#include "test_util.h"
+
+using nlohmann::json;
+using namespace pkv;
+using test::prefixkv;
+using test::Result;
+
+TEST(BenchCli, RecordsForEveryConfigAndCompressionShrinksTheCache) {
+  const std::string out = test::temp_path("bench.json");
+  Result r = prefixkv("bench --shape tiny --batch 1,3 --prompt 40 --gen 6 --policies full,snapkv,h2o --budgets 0.25 "
+                      "--threads 2 --json " + out);
+  ASSERT_EQ(r.rc, 0) << r.out;
+  EXPECT_NE(r.out.find("| snapkv | 25% | 3 |"), std::string::npos) << r.out;
+  json j = json::parse(std::ifstream(out));
+  ASSERT_EQ(j["records"].size(), 6u);
+  size_t full1 = 0;
+  for (const json& x : j["records"]) {
+    EXPECT_GT(x["decode_tokens_per_s"].get<double>(), 0);
+    EXPECT_GT(x["prefill_ms"].get<double>(), 0);
+    const int B = x["batch"];
+    const size_t full = x["kv_bytes_full"], end = x["kv_bytes_end"];
+    // tiny: 12 layers x 2 x 4 kv heads x 32 x 4 bytes per entry, 46 entries per sequence
+    EXPECT_EQ(full, size_t(B) * 46 * 12 * 2 * 4 * 32 * 4);
+    if (x["policy"] == "full") {
+      EXPECT_EQ(end, full);
+      if (B == 1) full1 = end;
+    } else {
+      EXPECT_LT(end, full / 2) << x.dump();  // about 25% of the prompt's entries (+ decode growth)
+    }
+  }
+  EXPECT_GT(full1, 0u);
+}
+
+TEST(BenchCli, BadOptions) {
+  struct Case {
+    std::string args, needle;
+  };
+  for (const Case& c : std::vector<Case>{{"--shape llama-9000", "--shape"},
+                                         {"--shape tiny --batch 0", "--batch"},
+                                         {"--shape tiny --batch two", "--batch"},
+                                         {"--shape tiny --policies prefixkv", "prefixkv-online"},
+                                         {"--shape tiny --policies magic", "magic"},
+                                         {"--shape tiny --budgets 1.5 --policies snapkv", "--budgets"},
+                                         {"--shape tiny --prompt 2000 --gen 100", "2048"},
+                                         {"--shape tiny --dtype f8", "--dtype"},
+                                         {"--shape tiny --device tpu", "--device"}}) {
+    Result r = prefixkv("bench " + c.args + " --gen 2 --prompt 8");
+    if (c.args.find("--prompt 2000") != std::string::npos) r = prefixkv("bench " + c.args);
+    EXPECT_NE(r.rc, 0) << c.args;
+    EXPECT_NE(r.out.find(c.needle), std::string::npos) << c.args << ": " << r.out;
+  }
+}
