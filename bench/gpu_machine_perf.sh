@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# docs/PERF.md's measurements on the GPU machine, in phases (each under its 10-minute command limit);
+# everything is packed into $OUT/perf_<phase>.tar (at most 8 files come back).
+#   bash bench/gpu_machine_perf.sh cpu      # prefixkv bench on the machine's CPU cores (LLaVA-1.5-7B shape)
+#   bash bench/gpu_machine_perf.sh hf       # transformers, eager and sdpa, the paper's settings (bench/hf_bench.py)
+set -euo pipefail
+FINAL_OUT=$OUT
+W=$FINAL_OUT/w_perf
+mkdir -p "$W"
+pack() { tar -C "$W" -cf "$FINAL_OUT/perf_${PHASES// /_}.tar" . && rm -rf "$W"; }
+PHASES="$*"
+trap pack EXIT
+J=$(nproc)
+for phase in "$@"; do
+case $phase in
+  cpu)
+    cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DPREFIXKV_TESTS=OFF > "$W/build_cpu.log" 2>&1
+    cmake --build build-gpu -j "$J" --target prefixkv >> "$W/build_cpu.log" 2>&1
+    echo "cores: $J; $(grep -m1 'model name' /proc/cpuinfo)" | tee "$W/cpu.txt"
+    ./build-gpu/prefixkv bench --shape llava-1.5-7b --dtype f16 --batch 1,8 --prompt 672 --gen 32 \
+      --policies full,snapkv --budgets 0.2 --json "$W/bench_cpu_7b.json" >> "$W/cpu.txt" 2>&1
+    tail -8 "$W/cpu.txt"
+    ;;
+  hf)
+    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$W/hf.txt"
+    python3 bench/hf_bench.py --shape llava-1.5-7b --batch 1 --prompt 672 --gen 256 --out "$W/hf_7b_b1.json" >> "$W/hf.txt" 2>&1
+    python3 bench/hf_bench.py --shape llava-1.5-7b --batch 16 --prompt 1024 --gen 512 --out "$W/hf_7b_b16.json" >> "$W/hf.txt" 2>&1
+    python3 bench/hf_bench.py --shape llava-1.5-7b --batch 48 --prompt 624 --gen 256 --out "$W/hf_7b_b48.json" >> "$W/hf.txt" 2>&1
+    python3 bench/hf_bench.py --shape llava-1.5-13b --batch 8 --prompt 1024 --gen 512 --out "$W/hf_13b_b8.json" >> "$W/hf.txt" 2>&1
+    grep "^|" "$W/hf.txt" || tail -20 "$W/hf.txt"
+    ;;
+  *) echo "unknown phase $phase" >&2; exit 2 ;;
+esac
+done
