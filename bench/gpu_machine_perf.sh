@@ -14,10 +14,10 @@ J=$(nproc)
 for phase in "$@"; do
 case $phase in
   cpu)
-    cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DPREFIXKV_TESTS=OFF > "$W/build_cpu.log" 2>&1
-    cmake --build build-gpu -j "$J" --target prefixkv >> "$W/build_cpu.log" 2>&1
+    cmake -S . -B build-cpu16 -G Ninja -DCMAKE_BUILD_TYPE=Release -DPREFIXKV_TESTS=OFF -DPREFIXKV_CUDA=OFF > "$W/build_cpu.log" 2>&1
+    cmake --build build-cpu16 -j "$J" --target prefixkv >> "$W/build_cpu.log" 2>&1
     echo "cores: $J; $(grep -m1 'model name' /proc/cpuinfo)" | tee "$W/cpu.txt"
-    ./build-gpu/prefixkv bench --shape llava-1.5-7b --dtype f16 --batch 1,8 --prompt 672 --gen 32 \
+    ./build-cpu16/prefixkv bench --shape llava-1.5-7b --dtype f16 --batch 1,8 --prompt 672 --gen 32 \
       --policies full,snapkv --budgets 0.2 --json "$W/bench_cpu_7b.json" >> "$W/cpu.txt" 2>&1
     tail -8 "$W/cpu.txt"
     ;;

@@ -11,6 +11,7 @@
 #   grid_lo     every policy x estimator at 10-50% kept
 #   grid_hi     every policy x estimator at 60-90% kept (and the normalised estimator at 10-50%)
 #   ablations   pooling, answer allocation, protected tokens, calibration size
+#   decode      the decode rule: proportional (default) against a fixed cap
 # Phases in a later call expect the profiles copied back from $OUT/profiles first (the shipped
 # profile must be the one the grid used).
 set -euo pipefail
@@ -28,9 +29,9 @@ MAXTOK=${MAXTOK:-320}
 J=$(nproc)
 mkdir -p "$OUT"
 echo "cores: $J; $(grep -m1 'model name' /proc/cpuinfo)"
-cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DPREFIXKV_TESTS=OFF -DPREFIXKV_CUDA=OFF > "$OUT/build.log" 2>&1
-cmake --build build-gpu -j "$J" --target prefixkv >> "$OUT/build.log" 2>&1
-PKV=./build-gpu/prefixkv
+cmake -S . -B build-cpu16 -G Ninja -DCMAKE_BUILD_TYPE=Release -DPREFIXKV_TESTS=OFF -DPREFIXKV_CUDA=OFF > "$OUT/build.log" 2>&1
+cmake --build build-cpu16 -j "$J" --target prefixkv >> "$OUT/build.log" 2>&1
+PKV=./build-cpu16/prefixkv
 
 ev() {  # ev NAME [eval options...]
   local name=$1; shift
@@ -84,6 +85,9 @@ case $phase in
       ev calib_n$n --budgets 0.1,0.2,0.5 --policies prefixkv --kv-prefix-pool 0 \
         --kv-profile docs/results/profiles/window_n$n.json
     done
+    ;;
+  decode)  # METHOD.md section 4's proportional rule against a fixed cap (--kv-decode cap)
+    ev abl_decode_cap --budgets 0.2,0.5 --policies snapkv,h2o,uniform-prefix,prefixkv --kv-decode cap $PLAIN
     ;;
   *) echo "unknown phase $phase" >&2; exit 2 ;;
 esac
