@@ -28,6 +28,11 @@ std::string gib(size_t bytes) {
 }  // namespace
 
 void cuda_failed(cudaError_t err, const char* call, const char* file, int line) {
+  // Reported here, so clear it from the runtime's last-error slot: otherwise the next launch check
+  // (cudaGetLastError) reports it again, against an innocent kernel. Seen on the H200: a checked,
+  // failed cudaSetDevice(100000) in one test surfaced as "invalid device ordinal launching
+  // rms_norm" in the next. (Sticky errors stay: the context is then unusable anyway.)
+  (void)cudaGetLastError();
   fail(where(file, line), std::string("CUDA error ") + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) +
                               ") in " + call);
 }

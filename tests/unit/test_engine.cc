@@ -116,9 +116,10 @@ TEST(EngineBatch, StepManyIsBitIdenticalToSeparateSteps) {
     Tokenizer tok(test::data_path(std::string("fixtures/") + fx + "/tokenizer.model"));
     Engine engine(*model, tok);
     const int V = model->config().text.vocab_size;
+    // five sequences: the batched products run four rows at a time plus a remainder
     const std::vector<std::string> texts = {"The quick brown fox", "Once upon a time, in a land far away, there lived",
-                                            "A short story about a cat and a dog"};
-    const std::vector<std::string> names = {"full", "snapkv", "h2o"};
+                                            "A short story about a cat and a dog", "Hello", "One two three four five six"};
+    const std::vector<std::string> names = {"full", "snapkv", "h2o", "streaming", "uniform-prefix"};
     PolicyOptions po;
     po.budget = 0.5;
     po.window = 2;
