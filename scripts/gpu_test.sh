@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Builds prefixkv with the CUDA back end on the GPU machine and runs pkv_cuda_tests: every CUDA kernel
-# against its CPU twin (tests/cuda/). Exits non-zero when the build or any test fails.
+# against its CPU twin, and the model on the GPU (GpuModel, GpuSession) against the CPU model
+# (tests/cuda/). Exits non-zero when the build or any test fails. The model tests' measurements
+# (logit errors, kept-entry mismatches, ...) are printed after the per-test lines.
 #
 #   bash scripts/gpu_test.sh [gtest arguments, e.g. --gtest_filter=CudaAttention.*]
 #
@@ -102,6 +104,10 @@ for s in r['testsuites']:
 EOF
 else
   tail -25 "$test_log"
+fi
+if grep -q "^gpu_model:" "$test_log"; then
+  echo "gpu_test: measurements of the model tests (tests/cuda/test_gpu_model.cc):"
+  grep "^gpu_model:" "$test_log" | sed 's/^/  /'
 fi
 echo "gpu_test: exit $rc (logs: $build_log, $test_log)"
 exit "$rc"

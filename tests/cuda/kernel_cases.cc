@@ -304,6 +304,9 @@ std::vector<PrefillCase> prefill_cases(bool full) {
       add({t, 50, 50, 4, 4, 64, true, true, 50, false, false});     // no query counts: importance unchanged
       add({t, 577, 577, 16, 16, 64, false, false, 0, false, false}); // the vision tower: no mask
       add({t, 700, 700, 32, 32, 128, true, true, 0, false, false});  // a LLaVA-7B layer
+      add({t, 40, 40, 4, 2, 24, true, true, 8, true, false});        // the GQA fixtures' decoder (head_dim 24)
+      add({t, 50, 50, 4, 4, 16, true, true, 0, true, false});        // head_dim 16 (fixtures' decoders)
+      add({t, 37, 37, 4, 4, 12, false, false, 0, true, false});      // head_dim 12 (a fixture's vision tower)
     } else {
       add({t, 1, 1, 2, 2, 64, true, true, 0, false, false});
       add({t, 17, 17, 4, 2, 128, true, true, 0, false, false});
@@ -312,6 +315,8 @@ std::vector<PrefillCase> prefill_cases(bool full) {
       add({t, 20, 150, 2, 1, 48, true, true, 5, false, true});   // a chunk after 130 cached tokens
       add({t, 40, 40, 2, 2, 64, false, false, 0, false, false});  // no mask
       add({t, 30, 30, 2, 2, 32, true, true, 30, false, false});   // no query counts
+      add({t, 40, 40, 4, 2, 24, true, true, 8, true, false});     // head_dim 24 (GQA fixtures), fused qkv
+      add({t, 37, 37, 4, 4, 12, false, false, 0, true, false});   // head_dim 12 (a fixture's vision tower)
     }
   }
   return cases;
@@ -337,11 +342,15 @@ std::vector<DecodeCase> decode_cases(bool full) {
       add(std::vector<int>(16, 200), 8, 4, 32, 16, false, false, true);  // the bundled model's shapes, batch 16
       add({7, 300, 8}, 4, 2, 96, 7, true, false, false);              // odd block size
       add({513, 64}, 16, 1, 64, 16, true, true, false);               // two head chunks of 8
+      add({1, 40, 17}, 4, 2, 24, 16, true, false, false);             // head_dim 24 (GQA fixtures)
+      add({5, 33}, 4, 4, 16, 16, true, false, false);                 // head_dim 16 (fixtures)
     } else {
       add({1, 15, 16, 17, 33}, 8, 2, 128, 16, true, false, false);
       add({600}, 2, 2, 64, 32, true, false, true);  // 3 splits
       add({31, 65}, 6, 1, 80, 7, true, true, false);  // 6 heads a block
       add({300, 64}, 16, 1, 32, 16, true, true, false);  // two head chunks
+      add({1, 40, 17}, 4, 2, 24, 16, true, false, false);  // head_dim 24 (GQA fixtures)
+      add({5, 33}, 4, 4, 16, 16, true, false, false);      // head_dim 16 (fixtures)
     }
   }
   return cases;

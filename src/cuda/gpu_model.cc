@@ -1,0 +1,961 @@
+// The model forward pass on the device: CLIP tower + projector and the LLaMA decoder, written
+// against the operator API of kernels.h (no CUDA headers here). Model::encode_image and
+// Model::decode (src/model/model.cc) are the references, step for step.
+#include "cuda/gpu_model.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <numeric>
+#include <set>
+
+#include "core/error.h"
+#include "cuda/device.h"
+#include "cuda/kernels.h"
+
+namespace pkv::cuda {
+
+namespace {
+
+constexpr const char* kWhere = "GPU model";
+
+bool env_on(const char* name) {
+  const char* v = std::getenv(name);
+  return v && *v && std::string(v) != "0";
+}
+
+std::string mib(size_t bytes) { return std::to_string((bytes + (1 << 19)) >> 20) + " MiB"; }
+
+// A device buffer that grows on demand. Growing frees the old memory: synchronise the stream first,
+// since work enqueued earlier may still use it.
+class Scratch {
+ public:
+  explicit Scratch(std::string what) : what_(std::move(what)) {}
+  void* need(size_t bytes, void* stream) {
+    if (bytes > buf_.bytes()) {
+      stream_synchronize(stream);
+      buf_.reset();
+      buf_ = DeviceBuffer(std::max<size_t>(bytes + bytes / 4, 256), what_);
+    }
+    return buf_.data();
+  }
+  template <class T>
+  T* need_as(size_t count, void* stream) {
+    return static_cast<T*>(need(count * sizeof(T), stream));
+  }
+
+ private:
+  std::string what_;
+  DeviceBuffer buf_;
+};
+
+// Host staging of int32 arrays for one upload: add() returns each array's element offset.
+struct IntPack {
+  std::vector<int32_t> data;
+  size_t add(const std::vector<int32_t>& v) {
+    const size_t at = data.size();
+    data.insert(data.end(), v.begin(), v.end());
+    while (data.size() % 4) data.push_back(0);  // 16-byte alignment of every array
+    return at;
+  }
+  size_t reserve(size_t n, int32_t fill) {
+    const size_t at = data.size();
+    data.resize(at + n, fill);
+    while (data.size() % 4) data.push_back(0);
+    return at;
+  }
+};
+
+int32_t* upload_pack(Scratch& s, const IntPack& p, void* stream) {
+  int32_t* d = s.need_as<int32_t>(std::max<size_t>(p.data.size(), 4), stream);
+  copy_to_device(d, p.data.data(), p.data.size() * sizeof(int32_t), stream);
+  return d;
+}
+
+struct DevLinear {
+  const void* w = nullptr;  // [out, in] in the compute dtype
+  const float* b = nullptr;  // [out] or null
+  int in = 0, out = 0;
+};
+
+struct DecLayer {
+  const float* attn_norm = nullptr;
+  const float* mlp_norm = nullptr;
+  DevLinear qkv, o, gate, up, down;  // qkv: [q | k | v] rows fused into one [qd + 2 kvd, hidden]
+};
+
+struct VisLayer {
+  const float *ln1_w = nullptr, *ln1_b = nullptr, *ln2_w = nullptr, *ln2_b = nullptr;
+  DevLinear qkv, o, fc1, fc2;
+};
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------------
+struct GpuModel::Impl {
+  const Model& m;
+  const ModelConfig& cfg;
+  DType dt;
+  Stream stream;
+  Blas blas;
+  bool sync_debug = env_on("PKV_CUDA_SYNC");
+  bool check_finite = env_on("PKV_GPU_CHECK");
+  std::vector<DeviceBuffer> store;  // every uploaded weight
+  std::map<const TensorView*, const void*> uploaded;
+  size_t weight_bytes = 0;
+
+  // Decoder.
+  int D = 0, H = 0, Hkv = 0, hd = 0, qd = 0, kvd = 0, W = 0, I = 0, V = 0, L = 0;
+  float eps = 0, scale = 1;
+  std::vector<DecLayer> layers;
+  const void* embed = nullptr;  // [vocab, hidden]
+  DevLinear head;
+  const float* final_norm = nullptr;
+  const float* inv_freq = nullptr;
+
+  // Vision tower and projector.
+  bool vision = false;
+  int vD = 0, vH = 0, vhd = 0, vI = 0, vN = 0, vG = 0, vP = 0, vS = 0;
+  float v_eps = 0;
+  const void* patch_w = nullptr;
+  const float* class_emb = nullptr;
+  const float* pos_emb = nullptr;
+  const float *pre_w = nullptr, *pre_b = nullptr;
+  std::vector<VisLayer> vlayers;
+  std::vector<DevLinear> projector;
+
+  // Scratch.
+  Scratch x{"GPU residual stream"}, hf{"GPU norm output"}, h16{"GPU GEMM input"}, qkv{"GPU q/k/v (float32)"},
+      qkv16{"GPU q/k/v (16-bit)"}, att16{"GPU attention output"}, gate{"GPU MLP gate"}, up{"GPU MLP up"},
+      logits{"GPU logits"}, ints{"GPU call metadata"}, imp{"GPU importance"}, ws{"GPU attention workspace"},
+      io{"GPU input staging"};
+
+  Impl(const Model& model, const GpuModelOptions& opt);
+  ~Impl() {
+    try {
+      stream.synchronize();  // no queued work may still use the buffers freed next
+    } catch (...) {
+    }
+  }
+  void* s() const { return stream.get(); }
+  size_t esize() const { return dtype_size(dt); }
+
+  // Uploading.
+  const void* upload_matrix(const TensorView& t);
+  const void* upload_rows(const std::vector<const TensorView*>& parts, int cols, const std::string& what);
+  const float* upload_f32(const std::vector<float>& v, const std::string& what);
+  DevLinear linear_of(const Linear& l);
+  DevLinear fused_of(const std::vector<const Linear*>& parts, const std::string& what);
+  void convert_into(const TensorView& t, size_t first, size_t n, uint16_t* dst) const;
+
+  // Running.
+  void linear(const DevLinear& L, const void* x16, int rows, void* y, bool accumulate, int64_t x_stride = 0);
+  void to16(const float* src, void* dst, size_t n) { convert(DType::F32, src, dt, dst, n, s()); }
+  void checkpoint(const char* what, int layer, const float* resid, size_t n);
+  void decoder_qkv(const DecLayer& Ly, int R, const int32_t* pos_dev, float* xr, float* hfr, void* h16r, float* qkvr);
+  void decoder_mlp(const DecLayer& Ly, int R, float* xr, float* hfr, void* h16r, void* att, float* g, float* u);
+  void head_logits(const float* rows_x, int R, float* out_host);
+};
+
+GpuModel::Impl::Impl(const Model& model, const GpuModelOptions& opt)
+    : m(model), cfg(model.config()), dt(opt.dtype), stream(), blas(stream.get()) {
+  const TextConfig& t = cfg.text;
+  D = t.hidden, H = t.n_heads, Hkv = t.n_kv_heads, hd = t.head_dim, I = t.intermediate, V = t.vocab_size,
+  L = t.n_layers;
+  qd = H * hd, kvd = Hkv * hd, W = qd + 2 * kvd;
+  eps = t.rms_eps;
+  scale = 1.f / std::sqrt(float(hd));
+  if (hd % 8 != 0 || hd > 128)
+    fail(kWhere, "head_dim " + std::to_string(hd) + " is not supported by the decode attention kernel (a multiple of 8, <= 128)");
+  if (H % Hkv != 0) fail(kWhere, "n_heads " + std::to_string(H) + " is not a multiple of n_kv_heads " + std::to_string(Hkv));
+
+  const Weights& w = m.weights();
+  for (int l = 0; l < L; ++l) {
+    const LlamaLayer& src = w.lm.layers[size_t(l)];
+    const std::string p = "decoder layer " + std::to_string(l);
+    DecLayer d;
+    d.attn_norm = upload_f32(src.attn_norm.w, p + " input norm");
+    d.mlp_norm = upload_f32(src.mlp_norm.w, p + " post-attention norm");
+    d.qkv = fused_of({&src.q, &src.k, &src.v}, p + " q/k/v projections");
+    d.o = linear_of(src.o);
+    d.gate = linear_of(src.gate);
+    d.up = linear_of(src.up);
+    d.down = linear_of(src.down);
+    layers.push_back(d);
+  }
+  embed = upload_matrix(*w.lm.embed);
+  head = linear_of(w.lm.head);  // the embedding's buffer when tied (uploaded once)
+  final_norm = upload_f32(w.lm.norm.w, "final norm");
+  const ops::Rope rope = ops::Rope::make(hd, t.rope_theta, t.rope_type, t.rope_factor, t.rope_low_freq_factor,
+                                         t.rope_high_freq_factor, t.rope_original_max_positions);
+  inv_freq = upload_f32(rope.inv_freq, "RoPE inverse frequencies");
+
+  vision = opt.vision && cfg.has_vision;
+  if (vision) {
+    const VisionConfig& v = cfg.vision;
+    vD = v.hidden, vH = v.n_heads, vI = v.intermediate, vG = v.grid(), vP = v.patch, vS = v.image_size;
+    vN = v.n_patches() + 1;
+    v_eps = v.eps;
+    if (vH < 1 || vD % vH != 0) fail(kWhere, "vision hidden " + std::to_string(vD) + " is not a multiple of its heads");
+    vhd = vD / vH;
+    if (vhd > 128) fail(kWhere, "vision head_dim " + std::to_string(vhd) + " exceeds 128 (prefill attention kernel)");
+    const ClipWeights& cw = w.vision;
+    patch_w = upload_matrix(*cw.patch.w);
+    class_emb = upload_f32(cw.class_emb, "vision class embedding");
+    pos_emb = upload_f32(cw.pos_emb, "vision position embeddings");
+    pre_w = upload_f32(cw.pre_norm.w, "vision pre-layernorm weight");
+    pre_b = upload_f32(cw.pre_norm.b, "vision pre-layernorm bias");
+    for (size_t l = 0; l < cw.layers.size(); ++l) {
+      const ClipLayer& src = cw.layers[l];
+      const std::string p = "vision layer " + std::to_string(l);
+      VisLayer d;
+      d.ln1_w = upload_f32(src.ln1.w, p + " layer_norm1 weight");
+      d.ln1_b = upload_f32(src.ln1.b, p + " layer_norm1 bias");
+      d.ln2_w = upload_f32(src.ln2.w, p + " layer_norm2 weight");
+      d.ln2_b = upload_f32(src.ln2.b, p + " layer_norm2 bias");
+      d.qkv = fused_of({&src.q, &src.k, &src.v}, p + " q/k/v projections");
+      d.o = linear_of(src.o);
+      d.fc1 = linear_of(src.fc1);
+      d.fc2 = linear_of(src.fc2);
+      vlayers.push_back(d);
+    }
+    for (const Linear& pl : w.projector.layers) projector.push_back(linear_of(pl));
+  }
+  // The weights went up through cudaMemcpy on the legacy default stream, which our non-blocking
+  // stream does not wait for: finish them before any call enqueues work.
+  device_synchronize();
+}
+
+void GpuModel::Impl::convert_into(const TensorView& t, size_t first, size_t n, uint16_t* dst) const {
+  const uint8_t* src = static_cast<const uint8_t*>(t.data) + first * dtype_size(t.dtype);
+  if (t.dtype == dt) {
+    std::memcpy(dst, src, n * 2);
+    return;
+  }
+  float worst = 0.f;
+  for (size_t i = 0; i < n; ++i) {
+    float f;
+    if (t.dtype == DType::F32) std::memcpy(&f, src + 4 * i, 4);
+    else {
+      uint16_t h;
+      std::memcpy(&h, src + 2 * i, 2);
+      f = t.dtype == DType::F16 ? f16_to_f32(h) : bf16_to_f32(h);
+    }
+    if (dt == DType::F16) {
+      if (std::isfinite(f) && std::fabs(f) > 65504.f) worst = std::max(worst, std::fabs(f));
+      dst[i] = f32_to_f16(f);
+    } else {
+      dst[i] = f32_to_bf16(f);
+    }
+  }
+  if (worst > 0.f)
+    fail(kWhere, "tensor '" + t.name + "' holds values beyond the F16 range (|x| up to " + std::to_string(worst) +
+                     " > 65504): use the BF16 compute dtype");
+}
+
+const void* GpuModel::Impl::upload_matrix(const TensorView& t) {
+  auto it = uploaded.find(&t);
+  if (it != uploaded.end()) return it->second;
+  const void* p = upload_rows({&t}, 0, "tensor '" + t.name + "'");
+  uploaded[&t] = p;
+  return p;
+}
+
+// Uploads the tensors one after another (each converted to the compute dtype) into one buffer.
+const void* GpuModel::Impl::upload_rows(const std::vector<const TensorView*>& parts, int, const std::string& what) {
+  size_t total = 0;
+  for (const TensorView* t : parts) {
+    if (!t || !t->data || !t->supported) fail(kWhere, "cannot upload " + what + ": missing or unsupported tensor");
+    total += size_t(t->numel());
+  }
+  DeviceBuffer buf(total * esize(), what + " (" + dtype_name(dt) + ", " + mib(total * esize()) + ")");
+  constexpr size_t kChunk = size_t(1) << 22;
+  std::vector<uint16_t> staging(std::min(total, kChunk));
+  size_t at = 0;
+  for (const TensorView* t : parts) {
+    const size_t n = size_t(t->numel());
+    for (size_t i = 0; i < n; i += kChunk) {
+      const size_t c = std::min(kChunk, n - i);
+      convert_into(*t, i, c, staging.data());
+      buf.upload(staging.data(), c * 2, (at + i) * 2);
+    }
+    at += n;
+  }
+  weight_bytes += buf.bytes();
+  store.push_back(std::move(buf));
+  return store.back().data();
+}
+
+const float* GpuModel::Impl::upload_f32(const std::vector<float>& v, const std::string& what) {
+  if (v.empty()) return nullptr;
+  DeviceBuffer buf(v.size() * sizeof(float), what + " (float32)");
+  buf.upload(v.data(), v.size() * sizeof(float));
+  weight_bytes += buf.bytes();
+  store.push_back(std::move(buf));
+  return store.back().as<float>();
+}
+
+DevLinear GpuModel::Impl::linear_of(const Linear& l) {
+  DevLinear d;
+  if (!l.w) fail(kWhere, "a linear layer has no weight");
+  if (l.w->shape != std::vector<int64_t>{l.out, l.in})
+    fail(kWhere, "tensor '" + l.w->name + "' has shape " + l.w->shape_str() + ", expected [" + std::to_string(l.out) + ", " +
+                     std::to_string(l.in) + "]");
+  d.w = upload_matrix(*l.w);
+  d.b = l.b.empty() ? nullptr : upload_f32(l.b, "bias of '" + l.w->name + "'");
+  d.in = l.in, d.out = l.out;
+  return d;
+}
+
+DevLinear GpuModel::Impl::fused_of(const std::vector<const Linear*>& parts, const std::string& what) {
+  DevLinear d;
+  std::vector<const TensorView*> ts;
+  std::vector<float> bias;
+  bool any_bias = false;
+  for (const Linear* l : parts) any_bias = any_bias || !l->b.empty();
+  for (const Linear* l : parts) {
+    if (!l->w) fail(kWhere, what + ": a projection has no weight");
+    if (l->in != parts[0]->in) fail(kWhere, what + ": projections of different input sizes");
+    if (l->w->shape != std::vector<int64_t>{l->out, l->in})
+      fail(kWhere, "tensor '" + l->w->name + "' has shape " + l->w->shape_str() + ", expected [" +
+                       std::to_string(l->out) + ", " + std::to_string(l->in) + "]");
+    ts.push_back(l->w);
+    if (any_bias) {
+      if (l->b.empty()) bias.insert(bias.end(), size_t(l->out), 0.f);
+      else bias.insert(bias.end(), l->b.begin(), l->b.end());
+    }
+    d.out += l->out;
+  }
+  d.in = parts[0]->in;
+  std::string names;
+  for (const TensorView* t : ts) names += (names.empty() ? "" : ", ") + ("'" + t->name + "'");
+  d.w = upload_rows(ts, d.in, what + " (tensors " + names + ")");
+  d.b = any_bias ? upload_f32(bias, what + " biases") : nullptr;
+  return d;
+}
+
+void GpuModel::Impl::linear(const DevLinear& Lw, const void* x16, int rows, void* y, bool accumulate, int64_t x_stride) {
+  LinearArgs a;
+  a.x = x16;
+  a.x_stride = x_stride;
+  a.w = Lw.w;
+  a.w_dtype = dt;
+  a.rows = rows;
+  a.in = Lw.in;
+  a.out = Lw.out;
+  a.bias = Lw.b;
+  a.y = y;
+  a.y_dtype = DType::F32;
+  a.accumulate = accumulate;
+  cuda::linear(blas, a);
+}
+
+// PKV_CUDA_SYNC=1: synchronise after every stage so a fault names the stage and layer;
+// PKV_GPU_CHECK=1: also check that the residual stream is finite (F16 overflow shows up here).
+void GpuModel::Impl::checkpoint(const char* what, int layer, const float* resid, size_t n) {
+  if (!sync_debug && !check_finite) return;
+  const std::string at = std::string(what) + (layer >= 0 ? " of layer " + std::to_string(layer) : "");
+  try {
+    stream.synchronize();
+  } catch (const Error& e) {
+    fail(kWhere, "after " + at + ": " + e.what());
+  }
+  if (check_finite && resid && n) {
+    std::vector<float> h(n);
+    copy_to_host(h.data(), resid, n * sizeof(float), s());
+    stream.synchronize();
+    for (size_t i = 0; i < n; ++i)
+      if (!std::isfinite(h[i]))
+        fail(kWhere, "after " + at + ": the residual stream holds a non-finite value at element " + std::to_string(i) +
+                         " (" + std::to_string(h[i]) + ")" + (dt == DType::F16 ? "; F16 overflow? try BF16" : ""));
+  }
+}
+
+// Attention input: rms_norm, fused q/k/v product (float32), RoPE on q and k (float32).
+void GpuModel::Impl::decoder_qkv(const DecLayer& Ly, int R, const int32_t* pos_dev, float* xr, float* hfr, void* h16r,
+                                 float* qkvr) {
+  rms_norm(DType::F32, xr, hfr, Ly.attn_norm, R, D, eps, s());
+  to16(hfr, h16r, size_t(R) * D);
+  linear(Ly.qkv, h16r, R, qkvr, false);
+  rope(DType::F32, qkvr, R, H, hd, W, pos_dev, inv_freq, s());
+  rope(DType::F32, qkvr + qd, R, Hkv, hd, W, pos_dev, inv_freq, s());
+}
+
+// Attention output projection into the residual, then the SwiGLU MLP into the residual.
+void GpuModel::Impl::decoder_mlp(const DecLayer& Ly, int R, float* xr, float* hfr, void* h16r, void* att, float* g,
+                                 float* u) {
+  linear(Ly.o, att, R, xr, true);
+  rms_norm(DType::F32, xr, hfr, Ly.mlp_norm, R, D, eps, s());
+  to16(hfr, h16r, size_t(R) * D);
+  linear(Ly.gate, h16r, R, g, false);
+  linear(Ly.up, h16r, R, u, false);
+  swiglu(DType::F32, g, u, size_t(R) * I, s());
+  to16(g, h16r, size_t(R) * I);
+  linear(Ly.down, h16r, R, xr, true);
+}
+
+// Final norm and LM head for R rows of the residual; logits to the host (synchronises).
+void GpuModel::Impl::head_logits(const float* rows_x, int R, float* out_host) {
+  float* hfr = hf.need_as<float>(size_t(R) * D, s());
+  void* h16r = h16.need(size_t(R) * D * esize(), s());
+  float* lg = logits.need_as<float>(size_t(R) * V, s());
+  rms_norm(DType::F32, rows_x, hfr, final_norm, R, D, eps, s());
+  to16(hfr, h16r, size_t(R) * D);
+  linear(head, h16r, R, lg, false);
+  copy_to_host(out_host, lg, size_t(R) * V * sizeof(float), s());
+}
+
+// ------------------------------------------------------------------------------------------------
+GpuModel::GpuModel(const Model& model, const GpuModelOptions& opt) {
+  if (opt.dtype != DType::BF16 && opt.dtype != DType::F16)
+    fail(kWhere, std::string("the compute dtype must be BF16 or F16, got ") + dtype_name(opt.dtype));
+  const int n = device_count();
+  if (n == 0) fail(kWhere, "no CUDA device is available");
+  if (opt.device < 0 || opt.device >= n)
+    fail(kWhere, "device " + std::to_string(opt.device) + " does not exist (" + std::to_string(n) + " devices)");
+  set_device(opt.device);
+  impl_ = std::make_unique<Impl>(model, opt);
+}
+
+GpuModel::~GpuModel() = default;
+
+const Model& GpuModel::cpu() const { return impl_->m; }
+const ModelConfig& GpuModel::config() const { return impl_->cfg; }
+DType GpuModel::dtype() const { return impl_->dt; }
+bool GpuModel::has_vision() const { return impl_->vision; }
+size_t GpuModel::weight_bytes() const { return impl_->weight_bytes; }
+void* GpuModel::stream() const { return impl_->s(); }
+
+// ------------------------------------------------------------------------------------------------
+std::vector<float> GpuModel::encode_image(const float* pixels) {
+  Impl& g = *impl_;
+  if (!g.vision)
+    fail(kWhere, g.cfg.has_vision ? "the vision tower was not uploaded (GpuModelOptions::vision = false)"
+                                  : "the model " + g.cfg.dir + " has no vision tower");
+  if (!pixels) fail(kWhere, "encode_image: no pixels");
+  void* s = g.s();
+  const int S = g.vS, P = g.vP, G = g.vG, D = g.vD, N = g.vN, H = g.vH, hd = g.vhd, I = g.vI;
+  const int C = 3 * P * P, W3 = 3 * D;
+  const size_t es = g.esize();
+
+  // Unfold the patches on the host ([c, ky, kx] per patch, as the conv weight), as the CPU does.
+  std::vector<float> cols(size_t(G) * G * C);
+  for (int gy = 0; gy < G; ++gy)
+    for (int gx = 0; gx < G; ++gx) {
+      float* dst = &cols[(size_t(gy) * G + gx) * C];
+      for (int c = 0; c < 3; ++c)
+        for (int ky = 0; ky < P; ++ky)
+          std::memcpy(dst + (size_t(c) * P + ky) * P, pixels + (size_t(c) * S + gy * P + ky) * S + gx * P,
+                      sizeof(float) * P);
+    }
+
+  // Scratch, all sized before anything is enqueued.
+  const size_t wide = std::max({size_t(C), size_t(W3), size_t(I), size_t(D)});
+  float* x = g.x.need_as<float>(size_t(N) * D, s);
+  float* hf = g.hf.need_as<float>(size_t(N) * std::max(D, C), s);
+  void* h16 = g.h16.need(size_t(N) * wide * es, s);
+  float* qkv = g.qkv.need_as<float>(size_t(N) * W3, s);
+  void* qkv16 = g.qkv16.need(size_t(N) * W3 * es, s);
+  void* att16 = g.att16.need(size_t(N) * D * es, s);
+  float* mlp = g.gate.need_as<float>(size_t(N) * I, s);
+
+  // Patch embedding, class token, position embeddings, pre-layernorm.
+  copy_to_device(hf, cols.data(), cols.size() * sizeof(float), s);
+  g.to16(hf, h16, cols.size());
+  DevLinear patch{g.patch_w, nullptr, C, D};
+  g.linear(patch, h16, G * G, x + D, false);
+  copy_on_device(x, g.class_emb, size_t(D) * sizeof(float), s);
+  add(DType::F32, x, g.pos_emb, x, size_t(N) * D, s);
+  layer_norm(DType::F32, x, x, g.pre_w, g.pre_b, N, D, g.v_eps, s);
+  g.checkpoint("vision embeddings", -1, x, size_t(N) * D);
+
+  const VisionConfig& v = g.cfg.vision;
+  const ops::Act act = ops::act_from_name(v.act.c_str());
+  auto layer_index = [&](int l) { return l < 0 ? v.n_layers + 1 + l : l; };
+  const std::vector<int>& feature_layers = g.cfg.feature_layers;
+  std::vector<std::vector<float>> selected(feature_layers.size());
+  auto keep_if_selected = [&](int idx) {
+    for (size_t k = 0; k < feature_layers.size(); ++k)
+      if (layer_index(feature_layers[k]) == idx) {
+        selected[k].resize(size_t(N) * D);
+        copy_to_host(selected[k].data(), x, selected[k].size() * sizeof(float), s);
+        stream_synchronize(s);
+      }
+  };
+  keep_if_selected(0);
+  for (size_t li = 0; li < g.vlayers.size(); ++li) {
+    const VisLayer& Ly = g.vlayers[li];
+    layer_norm(DType::F32, x, hf, Ly.ln1_w, Ly.ln1_b, N, D, g.v_eps, s);
+    g.to16(hf, h16, size_t(N) * D);
+    g.linear(Ly.qkv, h16, N, qkv, false);
+    g.to16(qkv, qkv16, size_t(N) * W3);
+    PrefillAttentionArgs a;
+    a.dtype = g.dt;
+    a.q = qkv16;
+    a.n_q = N;
+    a.q_stride = W3;
+    a.k = static_cast<const char*>(qkv16) + size_t(D) * es;
+    a.v = static_cast<const char*>(qkv16) + size_t(2 * D) * es;
+    a.n_kv = N;
+    a.kv_stride = W3;
+    a.n_heads = a.n_kv_heads = H;
+    a.head_dim = hd;
+    a.scale = 1.f / std::sqrt(float(hd));
+    a.out = att16;
+    attention_prefill(a, s);
+    g.linear(Ly.o, att16, N, x, true);
+    layer_norm(DType::F32, x, hf, Ly.ln2_w, Ly.ln2_b, N, D, g.v_eps, s);
+    g.to16(hf, h16, size_t(N) * D);
+    g.linear(Ly.fc1, h16, N, mlp, false);
+    activate(DType::F32, mlp, size_t(N) * I, act, s);
+    g.to16(mlp, h16, size_t(N) * I);
+    g.linear(Ly.fc2, h16, N, x, true);
+    g.checkpoint("vision layer", int(li), x, size_t(N) * D);
+    keep_if_selected(int(li) + 1);
+  }
+  for (size_t k = 0; k < selected.size(); ++k)
+    if (selected[k].empty())
+      fail(kWhere, "vision feature layer " + std::to_string(feature_layers[k]) + " was not computed");
+
+  // Features: the selected layers side by side, CLS dropped for "default"; then the projector.
+  const int skip = g.cfg.feature_strategy == "default" ? 1 : 0;
+  const int T = N - skip, F = D * int(selected.size());
+  std::vector<float> feats(size_t(T) * F);
+  for (int t = 0; t < T; ++t)
+    for (size_t k = 0; k < selected.size(); ++k)
+      std::memcpy(&feats[size_t(t) * F + k * D], &selected[k][size_t(t + skip) * D], sizeof(float) * D);
+  if (g.projector.empty()) fail(kWhere, "the model has no projector");
+  const ops::Act pact = ops::act_from_name(g.cfg.projector_act.c_str());
+  size_t widest = size_t(F);
+  for (const DevLinear& pl : g.projector) widest = std::max(widest, size_t(pl.out));
+  float* cur = g.io.need_as<float>(size_t(T) * widest * 2, s);
+  float* nxt = cur + size_t(T) * widest;
+  void* in16 = g.h16.need(size_t(T) * widest * es, s);
+  copy_to_device(cur, feats.data(), feats.size() * sizeof(float), s);
+  int width = F;
+  for (size_t i = 0; i < g.projector.size(); ++i) {
+    const DevLinear& pl = g.projector[i];
+    if (pl.in != width) fail(kWhere, "projector layer " + std::to_string(i) + " expects " + std::to_string(pl.in) + " inputs, got " + std::to_string(width));
+    g.to16(cur, in16, size_t(T) * width);
+    g.linear(pl, in16, T, nxt, false);
+    if (i + 1 < g.projector.size()) activate(DType::F32, nxt, size_t(T) * pl.out, pact, s);
+    std::swap(cur, nxt);
+    width = pl.out;
+  }
+  if (width != g.D) fail(kWhere, "the projector outputs " + std::to_string(width) + " features, the decoder takes " + std::to_string(g.D));
+  std::vector<float> out(size_t(T) * width);
+  copy_to_host(out.data(), cur, out.size() * sizeof(float), s);
+  stream_synchronize(s);
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------------
+void GpuModel::prefill(GpuKVPool& kv, BlockPool::SeqId seq, const float* x_host, int T, const int32_t* pos,
+                       float* logits_host, std::vector<std::vector<float>>* importance, int importance_from) {
+  Impl& g = *impl_;
+  void* s = g.s();
+  if (kv.stream() != s) fail(kWhere, "prefill: the KV pool belongs to another GpuModel");
+  if (T < 1) fail(kWhere, "prefill: the prompt is empty");
+  if (!x_host || !pos) fail(kWhere, "prefill: no input embeddings or positions");
+  for (int i = 0; i < T; ++i)
+    if (pos[i] < 0 || (i > 0 && pos[i] <= pos[i - 1]))
+      fail(kWhere, "prefill: positions must be non-negative and strictly increasing (position " + std::to_string(i) +
+                       " is " + std::to_string(pos[i]) + ")");
+  BlockPool& bp = kv.blocks();
+  for (int l = 0; l < g.L; ++l)
+    if (bp.entries(seq, l) != 0)
+      fail(kWhere, "prefill: sequence " + std::to_string(seq) + " already holds " + std::to_string(bp.entries(seq, l)) +
+                       " entries in layer " + std::to_string(l) + " (prefill starts an empty sequence)");
+  const int need = bp.blocks_needed(seq, std::vector<int>(size_t(g.L), T));
+  if (need > bp.free_blocks())
+    fail("GPU KV pool", "out of KV blocks: the prefill of sequence " + std::to_string(seq) + " (" + std::to_string(T) +
+                            " tokens x " + std::to_string(g.L) + " layers) needs " + std::to_string(need) + " blocks of " +
+                            std::to_string(bp.block_size()) + " entries, only " + std::to_string(bp.free_blocks()) + " of " +
+                            std::to_string(bp.n_blocks()) + " are free");
+  bp.resize_all(seq, std::vector<int>(size_t(g.L), T));
+
+  // Metadata: positions, this sequence's table per layer, the rows to write (table 0, entries 0..T-1).
+  const int stride = std::max(1, bp.blocks_for(T));
+  IntPack pk;
+  const size_t o_pos = pk.add(std::vector<int32_t>(pos, pos + T));
+  const size_t o_tab = pk.reserve(size_t(g.L) * stride, -1);
+  for (int l = 0; l < g.L; ++l) {
+    const std::vector<int32_t>& t = bp.table(seq, l);
+    PKV_ASSERT(int(t.size()) <= stride);
+    std::copy(t.begin(), t.end(), pk.data.begin() + long(o_tab + size_t(l) * stride));
+  }
+  const size_t o_rt = pk.add(std::vector<int32_t>(size_t(T), 0));
+  std::vector<int32_t> entries(static_cast<size_t>(T));
+  std::iota(entries.begin(), entries.end(), 0);
+  const size_t o_re = pk.add(entries);
+
+  const bool want_imp = importance != nullptr;
+  const size_t es = g.esize();
+  const size_t wide = std::max({size_t(g.D), size_t(g.I), size_t(g.qd)});
+  float* x = g.x.need_as<float>(size_t(T) * g.D, s);
+  float* hf = g.hf.need_as<float>(size_t(T) * g.D, s);
+  void* h16 = g.h16.need(size_t(T) * wide * es, s);
+  float* qkv = g.qkv.need_as<float>(size_t(T) * g.W, s);
+  void* qkv16 = g.qkv16.need(size_t(T) * g.W * es, s);
+  void* att16 = g.att16.need(size_t(T) * g.qd * es, s);
+  float* gate = g.gate.need_as<float>(size_t(T) * g.I, s);
+  float* up = g.up.need_as<float>(size_t(T) * g.I, s);
+  float* imp = want_imp ? g.imp.need_as<float>(size_t(g.L) * T, s) : nullptr;
+  const size_t ws_bytes = want_imp ? attention_prefill_workspace_bytes(T, T, g.H) : 0;
+  void* ws = want_imp ? g.ws.need(ws_bytes, s) : nullptr;
+  int32_t* meta = upload_pack(g.ints, pk, s);
+  const int32_t* pos_dev = meta + o_pos;
+
+  copy_to_device(x, x_host, size_t(T) * g.D * sizeof(float), s);
+  if (imp) memset_device(imp, 0, size_t(g.L) * T * sizeof(float), s);
+  for (int l = 0; l < g.L; ++l) {
+    const DecLayer& Ly = g.layers[size_t(l)];
+    g.decoder_qkv(Ly, T, pos_dev, x, hf, h16, qkv);
+    const PagedKV pkv = kv.paged(meta + o_tab + size_t(l) * stride, stride);
+    const PagedRows rows{meta + o_rt, meta + o_re, T};
+    paged_kv_write(pkv, rows, DType::F32, qkv + g.qd, qkv + g.qd + g.kvd, g.W, pos_dev, s);
+    g.to16(qkv, qkv16, size_t(T) * g.W);
+    PrefillAttentionArgs a;
+    a.dtype = g.dt;
+    a.q = qkv16;
+    a.n_q = T;
+    a.q_stride = g.W;
+    a.q_pos = pos_dev;
+    a.k = static_cast<const char*>(qkv16) + size_t(g.qd) * es;
+    a.v = static_cast<const char*>(qkv16) + size_t(g.qd + g.kvd) * es;
+    a.n_kv = T;
+    a.kv_stride = g.W;
+    a.kv_pos = pos_dev;
+    a.n_heads = g.H;
+    a.n_kv_heads = g.Hkv;
+    a.head_dim = g.hd;
+    a.scale = g.scale;
+    a.out = att16;
+    if (imp) {
+      a.importance = imp + size_t(l) * T;
+      a.importance_from = importance_from;
+      a.workspace = ws;
+      a.workspace_bytes = ws_bytes;
+    }
+    attention_prefill(a, s);
+    g.decoder_mlp(Ly, T, x, hf, h16, att16, gate, up);
+    g.checkpoint("decoder prefill", l, x, size_t(T) * g.D);
+  }
+  if (logits_host) g.head_logits(x + size_t(T - 1) * g.D, 1, logits_host);
+  if (imp) {
+    std::vector<float> all(size_t(g.L) * T);
+    copy_to_host(all.data(), imp, all.size() * sizeof(float), s);
+    stream_synchronize(s);
+    importance->assign(size_t(g.L), {});
+    for (int l = 0; l < g.L; ++l) (*importance)[size_t(l)].assign(all.begin() + long(size_t(l) * T), all.begin() + long(size_t(l + 1) * T));
+  }
+  kv.check_error_flag("prefill of sequence " + std::to_string(seq));
+}
+
+// ------------------------------------------------------------------------------------------------
+void GpuModel::decode(GpuKVPool& kv, const GpuDecodeBatch& b) {
+  Impl& g = *impl_;
+  void* s = g.s();
+  if (kv.stream() != s) fail(kWhere, "decode: the KV pool belongs to another GpuModel");
+  const int B = int(b.seqs.size());
+  if (B == 0) return;
+  if ((b.embeddings == nullptr) == (b.tokens == nullptr)) fail(kWhere, "decode: give either embeddings or tokens");
+  if (!b.positions) fail(kWhere, "decode: no positions");
+  if (!b.want_importance.empty() && int(b.want_importance.size()) != B)
+    fail(kWhere, "decode: want_importance has " + std::to_string(b.want_importance.size()) + " flags for " +
+                     std::to_string(B) + " sequences");
+  if (std::set<BlockPool::SeqId>(b.seqs.begin(), b.seqs.end()).size() != b.seqs.size())
+    fail(kWhere, "decode: a sequence appears twice in one batch");
+  if (b.tokens)
+    for (int i = 0; i < B; ++i)
+      if (b.tokens[i] < 0 || b.tokens[i] >= g.V)
+        fail("prompt", "token id " + std::to_string(b.tokens[i]) + " is outside the vocabulary of " + std::to_string(g.V));
+  for (int i = 0; i < B; ++i)
+    if (b.positions[i] < 0) fail(kWhere, "decode: negative position " + std::to_string(b.positions[i]));
+
+  // Blocks: one more entry in every layer of every sequence; all or nothing over the batch.
+  BlockPool& bp = kv.blocks();
+  std::vector<std::vector<int>> before(static_cast<size_t>(B));
+  int need = 0;
+  std::string needs;
+  for (int i = 0; i < B; ++i) {
+    const BlockPool::SeqId q = b.seqs[size_t(i)];
+    std::vector<int> e(static_cast<size_t>(g.L));
+    for (int l = 0; l < g.L; ++l) e[size_t(l)] = bp.entries(q, l);
+    before[size_t(i)] = e;
+    for (int& n : e) ++n;
+    const int n = bp.blocks_needed(q, e);
+    need += n;
+    if (n) needs += (needs.empty() ? "" : ", ") + ("sequence " + std::to_string(q) + ": " + std::to_string(n));
+  }
+  if (need > bp.free_blocks())
+    fail("GPU KV pool", "out of KV blocks: a decode step of " + std::to_string(B) + " sequences needs " + std::to_string(need) +
+                            " new blocks (" + needs + "), only " + std::to_string(bp.free_blocks()) + " of " +
+                            std::to_string(bp.n_blocks()) + " are free");
+  for (int i = 0; i < B; ++i) bp.append_all(b.seqs[size_t(i)], 1);
+
+  // Metadata: positions, tokens, per layer [B, stride] tables, row entries and lengths.
+  int stride = 1, max_len_all = 0;
+  std::vector<int> max_len(static_cast<size_t>(g.L), 0);
+  for (int i = 0; i < B; ++i)
+    for (int l = 0; l < g.L; ++l) {
+      const int n = before[size_t(i)][size_t(l)] + 1;
+      stride = std::max(stride, bp.blocks_for(n));
+      max_len[size_t(l)] = std::max(max_len[size_t(l)], n);
+      max_len_all = std::max(max_len_all, n);
+    }
+  IntPack pk;
+  const size_t o_pos = pk.add(std::vector<int32_t>(b.positions, b.positions + B));
+  const size_t o_tok = b.tokens ? pk.add(std::vector<int32_t>(b.tokens, b.tokens + B)) : 0;
+  const size_t o_tab = pk.reserve(size_t(g.L) * B * stride, -1);
+  const size_t o_re = pk.reserve(size_t(g.L) * B, 0);
+  const size_t o_len = pk.reserve(size_t(g.L) * B, 0);
+  std::vector<int32_t> row_table(static_cast<size_t>(B));
+  std::iota(row_table.begin(), row_table.end(), 0);
+  const size_t o_rt = pk.add(row_table);
+  for (int l = 0; l < g.L; ++l)
+    for (int i = 0; i < B; ++i) {
+      const std::vector<int32_t>& t = bp.table(b.seqs[size_t(i)], l);
+      PKV_ASSERT(int(t.size()) <= stride);
+      std::copy(t.begin(), t.end(), pk.data.begin() + long(o_tab + (size_t(l) * B + i) * stride));
+      pk.data[o_re + size_t(l) * B + i] = before[size_t(i)][size_t(l)];
+      pk.data[o_len + size_t(l) * B + i] = before[size_t(i)][size_t(l)] + 1;
+    }
+
+  const bool want_imp = b.importance != nullptr;
+  const int64_t istride = max_len_all;
+  size_t ws_bytes = 0;
+  for (int l = 0; l < g.L; ++l)
+    ws_bytes = std::max(ws_bytes, attention_decode_workspace_bytes(B, g.H, g.Hkv, g.hd, max_len[size_t(l)], want_imp));
+  const size_t es = g.esize();
+  const size_t wide = std::max({size_t(g.D), size_t(g.I), size_t(g.qd)});
+  float* x = g.x.need_as<float>(size_t(B) * g.D, s);
+  float* hf = g.hf.need_as<float>(size_t(B) * g.D, s);
+  void* h16 = g.h16.need(size_t(B) * wide * es, s);
+  float* qkv = g.qkv.need_as<float>(size_t(B) * g.W, s);
+  void* qkv16 = g.qkv16.need(size_t(B) * g.W * es, s);
+  void* att16 = g.att16.need(size_t(B) * g.qd * es, s);
+  float* gate = g.gate.need_as<float>(size_t(B) * g.I, s);
+  float* up = g.up.need_as<float>(size_t(B) * g.I, s);
+  float* imp = want_imp ? g.imp.need_as<float>(size_t(g.L) * B * istride, s) : nullptr;
+  void* ws = g.ws.need(ws_bytes, s);
+  int32_t* meta = upload_pack(g.ints, pk, s);
+  const int32_t* pos_dev = meta + o_pos;
+
+  if (b.embeddings) copy_to_device(x, b.embeddings, size_t(B) * g.D * sizeof(float), s);
+  else embedding(g.dt, g.embed, g.V, g.D, meta + o_tok, B, DType::F32, x, s);
+  if (imp) memset_device(imp, 0, size_t(g.L) * B * istride * sizeof(float), s);
+  for (int l = 0; l < g.L; ++l) {
+    const DecLayer& Ly = g.layers[size_t(l)];
+    g.decoder_qkv(Ly, B, pos_dev, x, hf, h16, qkv);
+    const PagedKV pkv = kv.paged(meta + o_tab + size_t(l) * B * stride, stride);
+    const PagedRows rows{meta + o_rt, meta + o_re + size_t(l) * B, B};
+    paged_kv_write(pkv, rows, DType::F32, qkv + g.qd, qkv + g.qd + g.kvd, g.W, pos_dev, s);
+    g.to16(qkv, qkv16, size_t(B) * g.W);
+    DecodeAttentionArgs a;
+    a.q = qkv16;
+    a.batch = B;
+    a.q_stride = g.W;
+    a.q_pos = pos_dev;
+    a.kv = pkv;
+    a.lengths = meta + o_len + size_t(l) * B;
+    a.max_len = max_len[size_t(l)];
+    a.n_heads = g.H;
+    a.n_kv_heads = g.Hkv;
+    a.head_dim = g.hd;
+    a.scale = g.scale;
+    a.out = att16;
+    if (imp) {
+      a.importance = imp + size_t(l) * B * istride;
+      a.importance_stride = istride;
+    }
+    a.workspace = ws;
+    a.workspace_bytes = ws_bytes;
+    attention_decode(a, s);
+    g.decoder_mlp(Ly, B, x, hf, h16, att16, gate, up);
+    g.checkpoint("decoder step", l, x, size_t(B) * g.D);
+  }
+  if (b.logits) g.head_logits(x, B, b.logits);
+  if (imp) {
+    std::vector<float> all(size_t(g.L) * B * istride);
+    copy_to_host(all.data(), imp, all.size() * sizeof(float), s);
+    stream_synchronize(s);
+    b.importance->assign(size_t(B), {});
+    for (int i = 0; i < B; ++i) {
+      if (!b.want_importance.empty() && !b.want_importance[size_t(i)]) continue;
+      auto& per = (*b.importance)[size_t(i)];
+      per.resize(size_t(g.L));
+      for (int l = 0; l < g.L; ++l) {
+        const float* row = &all[(size_t(l) * B + i) * istride];
+        per[size_t(l)].assign(row, row + before[size_t(i)][size_t(l)] + 1);
+      }
+    }
+  }
+  kv.check_error_flag("decode step");
+}
+
+// ------------------------------------------------------------------------------------------------
+GpuKVPool::GpuKVPool(GpuModel& model, const GpuKVPoolOptions& opt)
+    : blocks_(0, std::max(1, opt.block_size), model.config().text.n_layers, 0),
+      dtype_(model.dtype()),
+      kv_dim_(model.config().text.n_kv_heads * model.config().text.head_dim),
+      stream_(model.stream()) {
+  const char* where = "GPU KV pool";
+  if (opt.block_size < 1) fail(where, "block_size must be >= 1, got " + std::to_string(opt.block_size));
+  if (kv_dim_ < 2 || kv_dim_ % 2 != 0) fail(where, "kv_dim " + std::to_string(kv_dim_) + " must be even");
+  const size_t block_bytes = paged_block_bytes(opt.block_size, kv_dim_, dtype_size(dtype_));
+  int n = opt.n_blocks;
+  if (n <= 0) {
+    if (opt.bytes == 0) fail(where, "give its size: n_blocks or bytes");
+    const size_t nb = opt.bytes / block_bytes;
+    if (nb < 1)
+      fail(where, std::to_string(opt.bytes) + " bytes hold no block (one block of " + std::to_string(opt.block_size) +
+                      " entries is " + std::to_string(block_bytes) + " bytes)");
+    n = int(std::min<size_t>(nb, size_t(1) << 30));
+  }
+  blocks_ = BlockPool(n, opt.block_size, model.config().text.n_layers, block_bytes);
+  PagedKV shape;
+  shape.dtype = dtype_, shape.n_blocks = n, shape.block_size = opt.block_size, shape.kv_dim = kv_dim_;
+  pool_ = DeviceBuffer(paged_pool_bytes(shape), "the KV pool (" + std::to_string(n) + " blocks of " +
+                                                    std::to_string(opt.block_size) + " entries, " +
+                                                    mib(paged_pool_bytes(shape)) + ")");
+  positions_ = DeviceBuffer(paged_positions_bytes(shape), "the KV pool's positions");
+  flag_ = DeviceBuffer(sizeof(int), "the KV pool's error flag");
+  memset_device(flag_.data(), 0, sizeof(int), stream_);
+  memset_device(positions_.data(), 0xff, positions_.bytes(), stream_);
+  stream_synchronize(stream_);
+}
+
+GpuKVPool::~GpuKVPool() {
+  try {
+    stream_synchronize(stream_);  // no kernel may still use the pool when it is freed
+  } catch (...) {
+  }
+}
+
+PagedKV GpuKVPool::paged(const int32_t* tables, int table_stride) const {
+  PagedKV kv;
+  kv.dtype = dtype_;
+  kv.pool = const_cast<void*>(pool_.data());
+  kv.positions = const_cast<int32_t*>(positions_.as<int32_t>());
+  kv.n_blocks = blocks_.n_blocks();
+  kv.block_size = blocks_.block_size();
+  kv.kv_dim = kv_dim_;
+  kv.tables = tables;
+  kv.table_stride = table_stride;
+  kv.error_flag = const_cast<int*>(flag_.as<int>());
+  return kv;
+}
+
+void GpuKVPool::compact(std::vector<Job> jobs) {
+  const char* where = "GPU KV pool";
+  if (jobs.empty()) return;
+  // The staging vector of the previous call may still feed an asynchronous copy: finish it (the
+  // stream is idle here in practice: every model call ends with a synchronisation).
+  stream_synchronize(stream_);
+  // Merge jobs first: paged_kv_merge then runs on the prefix of the same job arrays.
+  std::stable_partition(jobs.begin(), jobs.end(), [](const Job& j) { return j.merge; });
+  int n_merge = 0, stride = 1;
+  std::set<std::pair<BlockPool::SeqId, int>> seen;
+  for (const Job& j : jobs) {
+    const int n = blocks_.entries(j.seq, j.layer);  // validates the sequence and layer
+    if (!seen.insert({j.seq, j.layer}).second)
+      fail(where, "compact: sequence " + std::to_string(j.seq) + " layer " + std::to_string(j.layer) + " appears twice");
+    for (size_t m = 0; m < j.keep.size(); ++m)
+      if (j.keep[m] < 0 || j.keep[m] >= n || (m > 0 && j.keep[m] <= j.keep[m - 1]))
+        fail(where, "compact: sequence " + std::to_string(j.seq) + " layer " + std::to_string(j.layer) +
+                        ": kept indices must be strictly increasing and < " + std::to_string(n));
+    if (j.merge && j.keep.empty() && n > 0)
+      fail(where, "compact: a merge needs at least one kept entry");
+    n_merge += j.merge ? 1 : 0;
+    stride = std::max(stride, int(blocks_.table(j.seq, j.layer).size()));
+  }
+  const int J = int(jobs.size());
+  std::vector<int32_t>& host = staging_;
+  const size_t o_tab = 0;
+  host.assign(size_t(J) * stride, -1);
+  std::vector<int32_t> job_table(static_cast<size_t>(J)), offsets{0}, lengths(static_cast<size_t>(J)), keep;
+  for (int i = 0; i < J; ++i) {
+    const Job& j = jobs[size_t(i)];
+    const std::vector<int32_t>& t = blocks_.table(j.seq, j.layer);
+    std::copy(t.begin(), t.end(), host.begin() + long(size_t(i) * stride));
+    job_table[size_t(i)] = i;
+    lengths[size_t(i)] = blocks_.entries(j.seq, j.layer);
+    keep.insert(keep.end(), j.keep.begin(), j.keep.end());
+    offsets.push_back(int32_t(keep.size()));
+  }
+  auto append = [&](const std::vector<int32_t>& v) {
+    while (host.size() % 4) host.push_back(0);
+    const size_t at = host.size();
+    host.insert(host.end(), v.begin(), v.end());
+    return at;
+  };
+  const size_t o_job = append(job_table), o_off = append(offsets), o_len = append(lengths),
+               o_keep = append(keep.empty() ? std::vector<int32_t>{0} : keep);
+  const size_t bytes = host.size() * sizeof(int32_t);
+  if (meta_.bytes() < bytes) {
+    stream_synchronize(stream_);
+    meta_.reset();
+    meta_ = DeviceBuffer(bytes + bytes / 2, "the KV pool's compaction metadata");
+  }
+  copy_to_device(meta_.data(), host.data(), bytes, stream_);
+  const int32_t* d = meta_.as<int32_t>();
+  const PagedKV kv = paged(d + o_tab, stride);
+  PagedJobs pj{d + o_job, d + o_keep, d + o_off, d + o_len, J};
+  if (n_merge > 0) {
+    PagedJobs mj = pj;
+    mj.n_jobs = n_merge;
+    paged_kv_merge(kv, mj, stream_);
+  }
+  paged_kv_compact(kv, pj, stream_);
+  for (const Job& j : jobs) blocks_.resize(j.seq, j.layer, int(j.keep.size()));
+}
+
+void GpuKVPool::check_error_flag(const std::string& after) {
+  int flag = 0;
+  copy_to_host(&flag, flag_.data(), sizeof(int), stream_);
+  stream_synchronize(stream_);
+  if (flag != 0)
+    fail("GPU KV pool", "after " + after + ": a paged kernel found an inconsistent block table (flags " + std::to_string(flag) +
+                            ": 1 = block id out of range, 2 = entry out of range); this is a bug in the KV bookkeeping");
+}
+
+void GpuKVPool::read_layer(BlockPool::SeqId seq, int layer, std::vector<float>* k, std::vector<float>* v,
+                           std::vector<int32_t>* pos) {
+  const int n = blocks_.entries(seq, layer);
+  const std::vector<int32_t>& t = blocks_.table(seq, layer);
+  const int stride = std::max<int>(1, int(t.size()));
+  std::vector<int32_t> host(t.begin(), t.end());
+  host.resize(size_t(stride), -1);
+  const size_t o_rt = host.size();
+  host.insert(host.end(), size_t(n), 0);
+  const size_t o_re = host.size();
+  for (int e = 0; e < n; ++e) host.push_back(e);
+  DeviceBuffer meta(std::max<size_t>(host.size(), 1) * sizeof(int32_t), "read_layer metadata");
+  const size_t es = dtype_size(dtype_);
+  DeviceBuffer dk(std::max<size_t>(size_t(n) * kv_dim_ * es, 16), "read_layer K");
+  DeviceBuffer dv(std::max<size_t>(size_t(n) * kv_dim_ * es, 16), "read_layer V");
+  DeviceBuffer dp(std::max<size_t>(size_t(n) * sizeof(int32_t), 16), "read_layer positions");
+  copy_to_device(meta.data(), host.data(), host.size() * sizeof(int32_t), stream_);
+  const int32_t* d = meta.as<int32_t>();
+  paged_kv_read(paged(d, stride), PagedRows{d + o_rt, d + o_re, n}, dk.data(), dv.data(), dp.as<int32_t>(), stream_);
+  stream_synchronize(stream_);
+  std::vector<uint16_t> raw(size_t(n) * kv_dim_);
+  auto to_float = [&](const DeviceBuffer& b, std::vector<float>* out) {
+    if (!out) return;
+    b.download(raw.data(), raw.size() * 2);
+    out->resize(raw.size());
+    for (size_t i = 0; i < raw.size(); ++i) (*out)[i] = dtype_ == DType::F16 ? f16_to_f32(raw[i]) : bf16_to_f32(raw[i]);
+  };
+  to_float(dk, k);
+  to_float(dv, v);
+  if (pos) {
+    pos->resize(size_t(n));
+    dp.download(pos->data(), size_t(n) * sizeof(int32_t));
+  }
+  check_error_flag("read_layer");
+}
+
+}  // namespace pkv::cuda

@@ -1,0 +1,146 @@
+// The model forward pass on a CUDA device, and the paged KV pool it reads and writes.
+// Plain C++ (no CUDA types, DESIGN.md principle 1); built with PREFIXKV_CUDA only (target pkv_cuda_model).
+//
+// GpuModel is built from a loaded CPU pkv::Model (the numerical reference): same config, same weight
+// views. Every weight is uploaded once, converted on the host to the compute dtype (BF16 or F16, the
+// caller's choice); norm weights, biases, class and position embeddings and RoPE frequencies stay
+// float32. Activations (src/cuda/README.md, "The model on the GPU"):
+//   - the residual stream is float32 on the device; every GEMM product is float32 (cuBLAS, fp32
+//     accumulation), and the o / down / fc2 projections add straight into the residual (beta = 1);
+//   - GEMM inputs (norm outputs, attention outputs, SwiGLU / activation outputs) are rounded once to
+//     the compute dtype (convert kernel); RoPE runs on the float32 q/k, which are then rounded once;
+//   - K and V go into the paged pool in the compute dtype; prefill attention reads the same rounded
+//     values, decode attention reads them from the pool.
+// Per-call scratch is owned by the GpuModel: one GpuModel serves one host thread at a time.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/dtype.h"
+#include "cuda/block_pool.h"
+#include "cuda/kernels.h"
+#include "model/model.h"
+
+namespace pkv::cuda {
+
+struct GpuModelOptions {
+  DType dtype = DType::BF16;  // compute dtype: BF16 or F16
+  bool vision = true;         // upload the vision tower and projector (when the model has them)
+  int device = 0;
+};
+
+class GpuModel;
+
+// Sizing of a GpuKVPool: give n_blocks, or bytes (device bytes for K, V and positions).
+struct GpuKVPoolOptions {
+  int block_size = 16;  // entries per block
+  int n_blocks = 0;
+  size_t bytes = 0;
+};
+
+// One pool of KV blocks on the device shared by every sequence and layer (layout: kernels.h
+// PagedKV; bookkeeping: BlockPool). Each (sequence, layer) has its own block table and entry count.
+class GpuKVPool {
+ public:
+  GpuKVPool(GpuModel& model, const GpuKVPoolOptions& opt);
+  ~GpuKVPool();
+  GpuKVPool(const GpuKVPool&) = delete;
+  GpuKVPool& operator=(const GpuKVPool&) = delete;
+
+  BlockPool& blocks() { return blocks_; }
+  const BlockPool& blocks() const { return blocks_; }
+  DType dtype() const { return dtype_; }
+  int kv_dim() const { return kv_dim_; }
+  int n_layers() const { return blocks_.n_layers(); }
+  size_t block_bytes() const { return blocks_.bytes_per_block(); }
+  void* stream() const { return stream_; }
+
+  // The device view with the given device block tables ([n, table_stride] int32).
+  PagedKV paged(const int32_t* tables, int table_stride) const;
+
+  // Removes entries of whole (sequence, layer) tables: entry m becomes entry keep[m]; jobs with
+  // merge first get Elastic's nearest-kept mean (paged_kv_merge). Then each table shrinks to
+  // keep.size() entries (BlockPool::resize) and its tail blocks are free at once. Enqueued on the
+  // stream (no synchronisation).
+  struct Job {
+    BlockPool::SeqId seq = 0;
+    int layer = 0;
+    std::vector<int32_t> keep;  // strictly increasing, < the table's entries
+    bool merge = false;
+  };
+  void compact(std::vector<Job> jobs);
+
+  // Synchronises and throws Error when a paged kernel flagged an inconsistent block table since
+  // the pool was made (a bug in the bookkeeping, never bad input). `after` names the call.
+  void check_error_flag(const std::string& after);
+
+  // Host [rows] of one (sequence, layer): K and V as float (converted from the pool's dtype) and the
+  // positions, for tests and debugging (synchronises).
+  void read_layer(BlockPool::SeqId seq, int layer, std::vector<float>* k, std::vector<float>* v,
+                  std::vector<int32_t>* pos);
+
+ private:
+  BlockPool blocks_;
+  DType dtype_;
+  int kv_dim_;
+  void* stream_;
+  DeviceBuffer pool_, positions_, flag_, meta_;
+  std::vector<int32_t> staging_;  // host side of meta_ (kept until the next call: async copy)
+};
+
+// One decode step for a batch of sequences: one new token each.
+struct GpuDecodeBatch {
+  std::vector<BlockPool::SeqId> seqs;  // B distinct sequences of the pool, each with >= 0 entries
+  const float* embeddings = nullptr;   // host [B, hidden] input embeddings, or
+  const int32_t* tokens = nullptr;     // host [B] token ids, gathered from the device embedding table
+  const int32_t* positions = nullptr;  // host [B] absolute position of each new token
+  float* logits = nullptr;             // host [B, vocab] (may be null)
+  // Optional decode-time importance (H2O): (*importance)[b][l] = sequence b's new query's head-mean
+  // attention probability over layer l's entries (after the append), for the b with
+  // want_importance[b] (every b when want_importance is empty); other rows are left empty.
+  std::vector<std::vector<std::vector<float>>>* importance = nullptr;
+  std::vector<bool> want_importance;
+};
+
+class GpuModel {
+ public:
+  // Uploads the weights. Throws Error: no device, unsupported dtype or shapes, a weight outside the
+  // F16 range, or out of device memory (naming the tensor).
+  explicit GpuModel(const Model& model, const GpuModelOptions& opt = {});
+  ~GpuModel();
+  GpuModel(const GpuModel&) = delete;
+  GpuModel& operator=(const GpuModel&) = delete;
+
+  const Model& cpu() const;
+  const ModelConfig& config() const;
+  DType dtype() const;
+  bool has_vision() const;
+  size_t weight_bytes() const;  // device bytes of the uploaded weights
+  void* stream() const;         // the cudaStream_t every call runs on
+
+  // pixels [3, S, S] (host) -> image embeddings [image_tokens, text hidden] (host): CLIP tower and
+  // projector on the device; the feature layers and CLS handling of Model::encode_image.
+  std::vector<float> encode_image(const float* pixels);
+
+  // Prefill of one sequence whose layers are empty: x [T, hidden] host input embeddings at absolute
+  // positions pos [T] (strictly increasing). Takes the blocks (every layer gets T entries; throws
+  // Error naming the sequence and the block counts when the pool is short, changing nothing),
+  // writes K/V, and returns the last position's logits (host [vocab], may be null) and, when
+  // importance is given, (*importance)[l] = layer l's per-key importance over the queries
+  // >= importance_from (host [L][T]).
+  void prefill(GpuKVPool& kv, BlockPool::SeqId seq, const float* x, int T, const int32_t* pos, float* logits,
+               std::vector<std::vector<float>>* importance = nullptr, int importance_from = 0);
+
+  // One batched decode step (see GpuDecodeBatch): appends one entry to every layer of every
+  // sequence (all or nothing: throws Error naming the sequences and block counts when the pool is
+  // short, changing nothing), then flash-decoding attention over each sequence's own entries.
+  void decode(GpuKVPool& kv, const GpuDecodeBatch& batch);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace pkv::cuda

@@ -1,0 +1,126 @@
+#include "cuda/gpu_session.h"
+
+#include <numeric>
+#include <set>
+
+#include "core/error.h"
+
+namespace pkv::cuda {
+
+namespace {
+constexpr const char* kWhere = "GPU session";
+}
+
+GpuSession::GpuSession(GpuModel& model, GpuKVPool& pool, KVPolicy& policy)
+    : model_(model), pool_(pool), policy_(policy), mirror_(model.config().text.n_layers), seq_(pool.blocks().add_sequence()) {
+  if (pool.stream() != model.stream()) {
+    pool.blocks().remove_sequence(seq_);
+    fail(kWhere, "the KV pool was made for another GpuModel");
+  }
+}
+
+GpuSession::~GpuSession() {
+  if (pool_.blocks().has_sequence(seq_)) pool_.blocks().remove_sequence(seq_);
+}
+
+std::vector<int> GpuSession::entries_per_layer() const {
+  std::vector<int> e;
+  for (int l = 0; l < pool_.n_layers(); ++l) e.push_back(pool_.blocks().entries(seq_, l));
+  return e;
+}
+
+size_t GpuSession::kv_bytes() const { return size_t(pool_.blocks().blocks_held(seq_)) * pool_.block_bytes(); }
+
+// The mirror and the pool must agree on every layer's entry count (a bookkeeping bug otherwise).
+void GpuSession::check_mirror() const {
+  for (int l = 0; l < pool_.n_layers(); ++l)
+    PKV_ASSERT_MSG(mirror_.cache().layer(l).size() == pool_.blocks().entries(seq_, l),
+                   "GPU session " + std::to_string(seq_) + " layer " + std::to_string(l) + ": mirror holds " +
+                       std::to_string(mirror_.cache().layer(l).size()) + " entries, the pool " +
+                       std::to_string(pool_.blocks().entries(seq_, l)));
+}
+
+template <class F>
+void GpuSession::run_policy(F&& policy_call, std::vector<GpuKVPool::Job>& jobs) {
+  mirror_.before_policy();
+  policy_call();
+  for (LayerEdit& e : mirror_.after_policy(policy_.name())) {
+    PKV_ASSERT(e.before == pool_.blocks().entries(seq_, e.layer));
+    jobs.push_back(GpuKVPool::Job{seq_, e.layer, std::move(e.keep), e.merge});
+  }
+}
+
+void GpuSession::prefill(const PreparedPrompt& p, float* logits) {
+  const int T = int(p.ids.size());
+  if (T == 0) fail("prompt", "is empty");
+  if (pos_ != 0) fail(kWhere, "prefill on a session that already holds " + std::to_string(pos_) + " tokens");
+  const int D = model_.config().text.hidden;
+  if (p.embeddings.size() != size_t(T) * D)
+    fail(kWhere, "the prompt's embeddings hold " + std::to_string(p.embeddings.size()) + " values, expected " +
+                     std::to_string(T) + " x " + std::to_string(D));
+  std::vector<int32_t> pos(static_cast<size_t>(T));
+  std::iota(pos.begin(), pos.end(), 0);
+  std::vector<std::vector<float>> importance;
+  const ImportanceRequest req = policy_.prefill_importance(T);
+  model_.prefill(pool_, seq_, p.embeddings.data(), T, pos.data(), logits, req.needed ? &importance : nullptr, req.from);
+  mirror_.append_all(pos.data(), T);
+  pos_ = T;
+  std::vector<GpuKVPool::Job> jobs;
+  run_policy([&] { policy_.after_prefill(mirror_.cache(), importance, T); }, jobs);
+  pool_.compact(std::move(jobs));
+  check_mirror();
+}
+
+void GpuSession::step(int32_t token, float* logits) { step_many({this}, &token, logits); }
+
+void GpuSession::step_many(const std::vector<GpuSession*>& sessions, const int32_t* tokens, float* logits) {
+  if (sessions.empty()) return;
+  GpuModel& model = sessions[0]->model_;
+  GpuKVPool& pool = sessions[0]->pool_;
+  const int B = int(sessions.size()), D = model.config().text.hidden;
+  std::set<const GpuSession*> distinct;
+  for (const GpuSession* s : sessions) {
+    if (!s) fail(kWhere, "step_many: a null session");
+    if (&s->model_ != &model || &s->pool_ != &pool)
+      fail(kWhere, "step_many: every session must share one GpuModel and one GpuKVPool");
+    if (!distinct.insert(s).second) fail(kWhere, "step_many: session " + std::to_string(s->seq_) + " appears twice");
+  }
+
+  // Input embeddings on the host, exactly as the CPU Session makes them (Model::embed also checks
+  // the token ids).
+  GpuDecodeBatch batch;
+  std::vector<float> x(size_t(B) * D);
+  std::vector<int32_t> positions(static_cast<size_t>(B));
+  bool any_importance = false;
+  for (int i = 0; i < B; ++i) {
+    GpuSession& s = *sessions[size_t(i)];
+    model.cpu().embed(&tokens[i], 1, &x[size_t(i) * D]);
+    positions[size_t(i)] = s.pos_;
+    batch.seqs.push_back(s.seq_);
+    const bool want = s.policy_.needs_decode_importance();
+    batch.want_importance.push_back(want);
+    any_importance = any_importance || want;
+  }
+  std::vector<std::vector<std::vector<float>>> importance;
+  batch.embeddings = x.data();
+  batch.positions = positions.data();
+  batch.logits = logits;
+  if (any_importance) batch.importance = &importance;
+  else batch.want_importance.clear();
+  model.decode(pool, batch);  // throws before any change when out of blocks
+
+  std::vector<GpuKVPool::Job> jobs;
+  for (int i = 0; i < B; ++i) {
+    GpuSession& s = *sessions[size_t(i)];
+    const int32_t position = s.pos_;
+    s.mirror_.append_all(&position, 1);
+    ++s.pos_;
+    const bool want = s.policy_.needs_decode_importance();
+    const std::vector<std::vector<float>>* step_imp = want ? &importance[size_t(i)] : nullptr;
+    s.run_policy([&] { s.policy_.after_decode_step(s.mirror_.cache(), s.pos_, step_imp); }, jobs);
+  }
+  pool.compact(std::move(jobs));
+  for (const GpuSession* s : sessions) s->check_mirror();
+}
+
+}  // namespace pkv::cuda
