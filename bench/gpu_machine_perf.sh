@@ -3,6 +3,9 @@
 # everything is packed into $OUT/perf_<phase>.tar (at most 8 files come back).
 #   bash bench/gpu_machine_perf.sh cpu      # prefixkv bench on the machine's CPU cores (LLaVA-1.5-7B shape)
 #   bash bench/gpu_machine_perf.sh hf       # transformers, eager and sdpa, the paper's settings (bench/hf_bench.py)
+#   bash bench/gpu_machine_perf.sh gpu1     # prefixkv bench --device cuda: batch 1 (bandwidth floor), 7B batch 16
+#   bash bench/gpu_machine_perf.sh gpu2     # prefixkv bench --device cuda: 7B batch 48, 13B batch 8
+# (the same card must run both sides of a comparison: run hf and gpu* in one call or on one warm machine)
 set -euo pipefail
 FINAL_OUT=$OUT
 W=$FINAL_OUT/w_perf
@@ -28,6 +31,25 @@ case $phase in
     python3 bench/hf_bench.py --shape llava-1.5-7b --batch 48 --prompt 624 --gen 256 --out "$W/hf_7b_b48.json" >> "$W/hf.txt" 2>&1
     python3 bench/hf_bench.py --shape llava-1.5-13b --batch 8 --prompt 1024 --gen 512 --out "$W/hf_13b_b8.json" >> "$W/hf.txt" 2>&1
     grep "^|" "$W/hf.txt" || tail -20 "$W/hf.txt"
+    ;;
+  gpu1|gpu2)
+    if [ ! -x build-gpu/prefixkv ] || [ ! -f build-gpu/.bench_built ]; then
+      cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DPREFIXKV_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
+        -DPREFIXKV_TESTS=OFF > "$W/build_gpu.log" 2>&1
+      cmake --build build-gpu -j "$J" --target prefixkv >> "$W/build_gpu.log" 2>&1 && touch build-gpu/.bench_built
+    fi
+    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$W/gpu.txt"
+    B=./build-gpu/prefixkv
+    P="--policies full,prefixkv-online --budgets 0.2,0.4,0.6,0.8 --device cuda --dtype f16"
+    if [ "$phase" = gpu1 ]; then
+      $B bench --shape llava-1.5-7b --device cuda --dtype f16 --batch 1 --prompt 672 --gen 256 \
+        --json "$W/gpu_7b_b1.json" >> "$W/gpu.txt" 2>&1
+      $B bench --shape llava-1.5-7b $P --batch 16 --prompt 1024 --gen 512 --json "$W/gpu_7b_b16.json" >> "$W/gpu.txt" 2>&1
+    else
+      $B bench --shape llava-1.5-7b $P --batch 48 --prompt 624 --gen 256 --json "$W/gpu_7b_b48.json" >> "$W/gpu.txt" 2>&1
+      $B bench --shape llava-1.5-13b $P --batch 8 --prompt 1024 --gen 512 --json "$W/gpu_13b_b8.json" >> "$W/gpu.txt" 2>&1
+    fi
+    grep "^|" "$W/gpu.txt" || tail -20 "$W/gpu.txt"
     ;;
   *) echo "unknown phase $phase" >&2; exit 2 ;;
 esac

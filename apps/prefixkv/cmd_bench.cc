@@ -1,7 +1,7 @@
 // prefixkv bench: speed and memory of prefill and batched decoding for model shapes of any size
 // (random weights made in memory: no download), batch sizes, prompt / generated lengths, KV
-// policies and budgets. Prints a table and writes JSON. The CPU back end today; the CUDA back end
-// plugs in behind the same loop (docs/PERF.md).
+// policies and budgets. Prints a table and writes JSON. CPU back end, or the CUDA back end
+// (--device cuda: GpuModel + GpuSession over one paged KV pool) when built with it (docs/PERF.md).
 #include <sys/resource.h>
 
 #include <algorithm>
@@ -21,6 +21,10 @@
 #include "core/threads.h"
 #include "engine/engine.h"
 #include "kv_options.h"
+#ifdef PREFIXKV_HAVE_CUDA
+#include "cuda/device.h"
+#include "cuda/gpu_session.h"
+#endif
 
 using nlohmann::json;
 
@@ -33,7 +37,9 @@ const std::vector<OptionSpec> kBenchOptions = with_options({
                       "model's decoder)"},
     {"model", "DIR", "benchmark a real checkpoint's decoder instead of random weights"},
     {"dtype", "T", "weights of the random model: f16 (default) or bf16"},
-    {"device", "NAME", "cpu (default); cuda is not wired into the bench yet"},
+    {"device", "NAME", "cpu (default) or cuda (builds with -DPREFIXKV_CUDA=ON)"},
+    {"kv-pool-gb", "G", "cuda: device memory for the paged KV pool (default: 90% of what is free after the weights)"},
+    {"block-size", "N", "cuda: KV entries per pool block (default 16)"},
     {"batch", "LIST", "comma-separated batch sizes (default 1)"},
     {"prompt", "N", "prompt tokens per sequence (default 672: 576 image tokens + text, as LLaVA-1.5)"},
     {"gen", "N", "generated tokens per sequence (default 256)"},
@@ -95,7 +101,7 @@ struct Record {
   double prefill_ms = 0, decode_ms = 0;
   double decode_tok_s = 0, throughput = 0;
   size_t kv_bytes_end = 0, kv_bytes_full = 0;
-  double peak_rss_gib = 0;
+  double peak_rss_gib = 0, gpu_used_gib = 0;
   long largest_batch = 0;
 };
 
@@ -116,9 +122,10 @@ int cmd_bench(int argc, char** argv) {
   }
   if (args.has("threads")) set_num_threads(args.integer("threads", 1));
   const std::string device = args.str("device", "cpu");
-  if (device == "cuda")
-    fail("--device cuda", "the CUDA back end's kernels exist (src/cuda) but are not wired into the bench yet");
-  if (device != "cpu") fail("--device", "must be cpu or cuda, got '" + device + "'");
+  if (device != "cpu" && device != "cuda") fail("--device", "must be cpu or cuda, got '" + device + "'");
+#ifndef PREFIXKV_HAVE_CUDA
+  if (device == "cuda") fail("--device cuda", "this prefixkv was built without the CUDA back end (-DPREFIXKV_CUDA=ON)");
+#endif
   const int prompt = args.integer("prompt", 672), gen = args.integer("gen", 256);
   if (prompt < 1) fail("--prompt", "must be at least 1");
   if (gen < 1) fail("--gen", "must be at least 1");
@@ -168,6 +175,31 @@ int cmd_bench(int argc, char** argv) {
               what.c_str(), t.n_layers, double(model->weight_bytes()) / double(1ull << 30), load_s, num_threads(),
               prompt, gen);
 
+  const DType dtype = args.str("dtype", "f16") == "bf16" ? DType::BF16 : DType::F16;
+#ifdef PREFIXKV_HAVE_CUDA
+  std::unique_ptr<cuda::GpuModel> gpu;
+  std::unique_ptr<cuda::GpuKVPool> pool;
+  size_t gpu_total = 0, gpu_used_before = 0;
+  if (device == "cuda") {
+    cuda::GpuModelOptions go;
+    go.dtype = dtype;
+    go.vision = false;
+    gpu = std::make_unique<cuda::GpuModel>(*model, go);
+    cuda::device_synchronize();
+    gpu_total = cuda::device_total_bytes();
+    const size_t free_now = cuda::device_free_bytes();
+    gpu_used_before = gpu_total - free_now;
+    cuda::GpuKVPoolOptions po;
+    po.block_size = args.integer("block-size", 16);
+    if (po.block_size < 1) fail("--block-size", "must be at least 1");
+    po.bytes = args.has("kv-pool-gb") ? size_t(args.number("kv-pool-gb", 0) * double(1ull << 30))
+                                      : size_t(double(free_now) * 0.9);
+    pool = std::make_unique<cuda::GpuKVPool>(*gpu, po);
+    std::printf("bench: %s on the GPU (%s): weights and runtime %.2f GiB, KV pool %.2f GiB in blocks of %d entries\n",
+                dtype_name(dtype), cuda::device_summary().c_str(), double(gpu_used_before) / double(1ull << 30),
+                double(po.bytes) / double(1ull << 30), po.block_size);
+  }
+#endif
   PolicyOptions base = policy_options_from_args(args);
   std::vector<Record> records;
   std::mt19937_64 rng(seed + 1);
@@ -181,6 +213,10 @@ int cmd_bench(int argc, char** argv) {
         std::vector<std::unique_ptr<KVPolicy>> pols;
         std::vector<std::unique_ptr<Session>> sessions;
         std::vector<Session*> ptrs;
+#ifdef PREFIXKV_HAVE_CUDA
+        std::vector<std::unique_ptr<cuda::GpuSession>> gsessions;
+        std::vector<cuda::GpuSession*> gptrs;
+#endif
         std::vector<float> logits(size_t(B) * size_t(V));
         Record r;
         r.policy = pname, r.budget = budget, r.batch = B;
@@ -192,9 +228,18 @@ int cmd_bench(int argc, char** argv) {
           p.embeddings.resize(size_t(prompt) * size_t(t.hidden));
           model->embed(p.ids.data(), prompt, p.embeddings.data());
           pols.push_back(make_policy(pname, o));
+          const auto t0 = std::chrono::steady_clock::now();
+#ifdef PREFIXKV_HAVE_CUDA
+          if (gpu) {
+            gsessions.push_back(std::make_unique<cuda::GpuSession>(*gpu, *pool, *pols.back()));
+            gptrs.push_back(gsessions.back().get());
+            gsessions.back()->prefill(p, &logits[size_t(b) * size_t(V)]);  // logits copied back: synchronous
+            r.prefill_ms += ms_since(t0);
+            continue;
+          }
+#endif
           sessions.push_back(std::make_unique<Session>(*model, *pols.back()));
           ptrs.push_back(sessions.back().get());
-          const auto t0 = std::chrono::steady_clock::now();
           sessions.back()->prefill(p, &logits[size_t(b) * size_t(V)]);
           r.prefill_ms += ms_since(t0);
         }
@@ -206,6 +251,12 @@ int cmd_bench(int argc, char** argv) {
             const float* l = &logits[size_t(b) * size_t(V)];
             tokens[size_t(b)] = int32_t(std::max_element(l, l + V) - l);
           }
+#ifdef PREFIXKV_HAVE_CUDA
+          if (gpu) {
+            cuda::GpuSession::step_many(gptrs, tokens.data(), logits.data());
+            continue;
+          }
+#endif
           Session::step_many(ptrs, tokens.data(), logits.data());
         }
         r.decode_ms = ms_since(t1);
@@ -216,8 +267,19 @@ int cmd_bench(int argc, char** argv) {
         r.peak_rss_gib = peak_rss_gib();
         // Largest batch: what is left of the memory after the weights, over one sequence's cache at
         // its end, keeping room for one uncompressed prompt (prefills run one at a time).
-        const double per_seq = double(r.kv_bytes_end) / B;
-        const double left = double(memory) - double(model->weight_bytes()) - double(prompt) * double(entry_bytes);
+        double per_seq = double(r.kv_bytes_end) / B;
+        double left = double(memory) - double(model->weight_bytes()) - double(prompt) * double(entry_bytes);
+#ifdef PREFIXKV_HAVE_CUDA
+        if (gpu) {
+          // the pool's blocks (16-bit K/V), held at the end; the pool is what sequences share
+          for (auto& s : gsessions) r.kv_bytes_end += s->kv_bytes();
+          r.kv_bytes_full = size_t(B) * size_t(prompt + gen) * (entry_bytes / 2);  // 16-bit entries
+          r.gpu_used_gib = double(gpu_total - cuda::device_free_bytes()) / double(1ull << 30);
+          per_seq = double(r.kv_bytes_end) / B;
+          left = double(pool->blocks().stats().total_blocks) * double(pool->block_bytes()) -
+                 double(prompt) * double(entry_bytes / 2);
+        }
+#endif
         r.largest_batch = per_seq > 0 && left > 0 ? long(left / per_seq) : 0;
         records.push_back(r);
         std::fprintf(stderr, "  %s %.2f batch %d: prefill %.0f ms, decode %.1f tok/s\n", pname.c_str(), budget, B,
@@ -225,15 +287,17 @@ int cmd_bench(int argc, char** argv) {
       }
   }
 
+  const bool on_gpu = device == "cuda";
   std::printf("\n| policy | kept | batch | prefill ms | decode tok/s | throughput tok/s | KV MiB at end | KV MiB full "
-              "| peak RSS GiB | largest batch (%.0f GiB) |\n",
-              double(memory) / double(1ull << 30));
+              "| %s | largest batch (%s) |\n",
+              on_gpu ? "GPU GiB used" : "peak RSS GiB",
+              on_gpu ? "the KV pool" : (std::to_string(int(double(memory) / double(1ull << 30))) + " GiB").c_str());
   std::printf("|---|---|---|---|---|---|---|---|---|---|\n");
   for (const Record& r : records)
     std::printf("| %s | %.0f%% | %d | %.0f | %.2f | %.2f | %.1f | %.1f | %.2f | %ld |\n", r.policy.c_str(),
                 r.budget * 100, r.batch, r.prefill_ms, r.decode_tok_s, r.throughput,
-                double(r.kv_bytes_end) / double(1 << 20), double(r.kv_bytes_full) / double(1 << 20), r.peak_rss_gib,
-                r.largest_batch);
+                double(r.kv_bytes_end) / double(1 << 20), double(r.kv_bytes_full) / double(1 << 20),
+                on_gpu ? r.gpu_used_gib : r.peak_rss_gib, r.largest_batch);
   if (args.has("json")) {
     json j;
     j["model"] = what;
@@ -249,7 +313,8 @@ int cmd_bench(int argc, char** argv) {
                               {"prefill_ms", r.prefill_ms}, {"decode_ms", r.decode_ms},
                               {"decode_tokens_per_s", r.decode_tok_s}, {"throughput_tokens_per_s", r.throughput},
                               {"kv_bytes_end", r.kv_bytes_end}, {"kv_bytes_full", r.kv_bytes_full},
-                              {"peak_rss_gib", r.peak_rss_gib}, {"largest_batch", r.largest_batch}});
+                              {"peak_rss_gib", r.peak_rss_gib}, {"gpu_used_gib", r.gpu_used_gib},
+                              {"largest_batch", r.largest_batch}});
     const std::string out = args.str("json");
     std::ofstream f(out);
     if (!f) fail(out, "cannot write the results");

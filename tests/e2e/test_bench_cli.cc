@@ -51,7 +51,8 @@ TEST(BenchCli, BadOptions) {
                                          {"--shape tiny --budgets 1.5 --policies snapkv", "--budgets"},
                                          {"--shape tiny --prompt 2000 --gen 100", "2048"},
                                          {"--shape tiny --dtype f8", "--dtype"},
-                                         {"--shape tiny --device tpu", "--device"}}) {
+                                         {"--shape tiny --device tpu", "--device"},
+                                         {"--shape tiny --device cuda", "CUDA"}}) {
     Result r = prefixkv("bench " + c.args + " --gen 2 --prompt 8");
     if (c.args.find("--prompt 2000") != std::string::npos) r = prefixkv("bench " + c.args);
     EXPECT_NE(r.rc, 0) << c.args;
