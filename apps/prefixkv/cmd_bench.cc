@@ -51,14 +51,6 @@ const std::vector<OptionSpec> kBenchOptions = with_options({
     {"json", "FILE", "also write the records as JSON"},
 }, kv_option_specs({"kv-importance", "kv-window", "kv-protected", "kv-prefix-pool", "kv-decode"}));
 
-std::vector<std::string> split_list(const std::string& s) {
-  std::vector<std::string> out;
-  std::stringstream ss(s);
-  std::string t;
-  while (std::getline(ss, t, ','))
-    if (!t.empty()) out.push_back(t);
-  return out;
-}
 
 ModelConfig shape_config(const std::string& name) {
   ModelConfig c;

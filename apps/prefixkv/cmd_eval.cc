@@ -56,14 +56,6 @@ const std::vector<OptionSpec> kEvalOptions = with_options({
     {"plot", "FILE", "PPL and ROUGE-L against budget per policy, as SVG"},
 }, kv_option_specs({"kv-window", "kv-protected", "kv-prefix-pool", "kv-decode", "kv-profile"}));
 
-std::vector<std::string> split(const std::string& s) {
-  std::vector<std::string> out;
-  std::stringstream ss(s);
-  std::string t;
-  while (std::getline(ss, t, ','))
-    if (!t.empty()) out.push_back(t);
-  return out;
-}
 
 struct Config {
   std::string policy, estimator;  // estimator "" for policies that have their own
@@ -107,13 +99,13 @@ int cmd_eval(int argc, char** argv) {
   if (data.empty()) fail("--data", "is required");
   const std::string out = args.str("out", "");
   if (out.empty()) fail("--out", "is required (results JSON)");
-  std::vector<std::string> policies = args.has("policies") ? split(args.str("policies")) : policy_names();
+  std::vector<std::string> policies = args.has("policies") ? split_list(args.str("policies")) : policy_names();
   policies.erase(std::remove(policies.begin(), policies.end(), "full"), policies.end());
   for (auto& p : policies)
     if (std::find(policy_names().begin(), policy_names().end(), p) == policy_names().end())
       fail("--policies", "unknown policy '" + p + "'");
   const std::vector<double> budgets = parse_budgets(args.str("budgets", "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9"), "--budgets");
-  std::vector<std::string> estimators = split(args.str("estimators", "window"));
+  std::vector<std::string> estimators = split_list(args.str("estimators", "window"));
   for (auto& e : estimators) estimator_from_name(e);
   const PolicyOptions base = policy_options_from_args(args);
   const std::string rule = args.str("kv-decode", "proportional");

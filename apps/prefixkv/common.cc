@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <filesystem>
+#include <sstream>
 #include <unistd.h>
 
 #include "core/error.h"
@@ -34,6 +35,15 @@ LoadedModel load_model(const Args& args) {
   m.model = Model::load(m.dir, lo);
   m.tok = std::make_unique<Tokenizer>((fs::path(m.dir) / "tokenizer.model").string());
   return m;
+}
+
+std::vector<std::string> split_list(const std::string& s) {
+  std::vector<std::string> out;
+  std::stringstream ss(s);
+  std::string t;
+  while (std::getline(ss, t, ','))
+    if (!t.empty()) out.push_back(t);
+  return out;
 }
 
 std::vector<double> parse_budgets(const std::string& s, const std::string& option) {

@@ -23,6 +23,9 @@ struct LoadedModel {
 };
 LoadedModel load_model(const Args& args);
 
+// The non-empty items of a comma-separated list.
+std::vector<std::string> split_list(const std::string& s);
+
 // A comma-separated list of budgets in (0, 1], sorted and without duplicates; errors name `option`.
 std::vector<double> parse_budgets(const std::string& list, const std::string& option);
 

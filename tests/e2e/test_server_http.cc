@@ -210,17 +210,30 @@ TEST(ServerHttp, QueueBoundAdmissionByKvMemoryAndDisconnects) {
     }
     return j.dump();
   };
+  // The value that met the condition (not a second read: the gauges move while requests arrive).
   auto wait_for = [&](const std::string& metric, double value) {
-    for (int i = 0; i < 200 && s.metric(metric) != value; ++i)
+    double v = s.metric(metric);
+    for (int i = 0; i < 200 && v != value; ++i) {
       std::this_thread::sleep_for(std::chrono::milliseconds(25));
-    return s.metric(metric);
+      v = s.metric(metric);
+    }
+    return v;
+  };
+  // Both gauges at once: while the three requests arrive (slowly on a loaded machine), "2 queued"
+  // can also be seen before the first is admitted.
+  auto wait_state = [&](double running, double queued) {
+    for (int i = 0; i < 400; ++i) {
+      if (s.metric("prefixkv_requests_running") == running && s.metric("prefixkv_requests_queued") == queued) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(25));
+    }
+    return false;
   };
 
   // Full cache: the first runs, the next ones wait for memory.
   std::vector<int> fds;
   for (int i = 0; i < 3; ++i) fds.push_back(http_open_post(s.port(), "/v1/chat/completions", long_request("")));
-  EXPECT_EQ(wait_for("prefixkv_requests_queued", 2), 2);
-  EXPECT_EQ(wait_for("prefixkv_requests_running", 1), 1);
+  EXPECT_TRUE(wait_state(1, 2)) << "running " << s.metric("prefixkv_requests_running") << ", queued "
+                                << s.metric("prefixkv_requests_queued");
   EXPECT_GT(s.metric("prefixkv_kv_reserved_bytes"), full_bytes * 0.99);
   for (int i = 0; i < 200 && s.metric("prefixkv_kv_used_bytes") <= 0; ++i)
     std::this_thread::sleep_for(std::chrono::milliseconds(25));
