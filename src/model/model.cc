@@ -92,6 +92,35 @@ static void emit(Observer* obs, const char* name, int layer, const float* data, 
   if (obs && obs->wants(name)) obs->on_tensor(name, layer, data, shape);
 }
 
+// The parts of a decoder layer that act on each row alone, shared by decode() and decode_batch();
+// `lin` is ops::linear (a prompt: BLAS) or ops::linear_rows (a batch of single tokens).
+using LinearFn = void (*)(const float*, int, const Linear&, float*);
+
+// h = attn_norm(x); q, k, v = projections of h with RoPE at `pos`.
+static void qkv_rows(const TextConfig& t, const ops::Rope& rope, const LlamaLayer& L, LinearFn lin, const float* x,
+                     int rows, const int32_t* pos, float* h, float* q, float* k, float* v) {
+  ops::rms_norm(x, rows, t.hidden, L.attn_norm, t.rms_eps, h);
+  lin(h, rows, L.q, q);
+  lin(h, rows, L.k, k);
+  lin(h, rows, L.v, v);
+  rope.apply(q, rows, t.n_heads, pos);
+  rope.apply(k, rows, t.n_kv_heads, pos);
+}
+
+// x += o(att); x += down(silu(gate(norm(x))) * up(norm(x))).
+static void finish_rows(const TextConfig& t, const LlamaLayer& L, LinearFn lin, float* x, int rows, const float* att,
+                        float* h, float* gate, float* up) {
+  const size_t n = size_t(rows) * size_t(t.hidden);
+  lin(att, rows, L.o, h);
+  for (size_t i = 0; i < n; ++i) x[i] += h[i];
+  ops::rms_norm(x, rows, t.hidden, L.mlp_norm, t.rms_eps, h);
+  lin(h, rows, L.gate, gate);
+  lin(h, rows, L.up, up);
+  ops::swiglu(gate, up, size_t(rows) * size_t(t.intermediate));
+  lin(gate, rows, L.down, h);
+  for (size_t i = 0; i < n; ++i) x[i] += h[i];
+}
+
 std::vector<float> Model::encode_image(const float* pixels, Observer* obs) const {
   PKV_ASSERT(cfg_.has_vision);
   const VisionConfig& v = cfg_.vision;
@@ -200,12 +229,7 @@ void Model::decode(const float* x_in, int T, const int32_t* pos, KVCache& cache,
   if (call.importance) call.importance->resize(size_t(t.n_layers));
   for (int l = 0; l < t.n_layers; ++l) {
     const LlamaLayer& L = w.layers[size_t(l)];
-    ops::rms_norm(x.data(), T, D, L.attn_norm, t.rms_eps, h.data());
-    ops::linear(h.data(), T, L.q, q.data());
-    ops::linear(h.data(), T, L.k, k.data());
-    ops::linear(h.data(), T, L.v, v.data());
-    rope_.apply(q.data(), T, t.n_heads, pos);
-    rope_.apply(k.data(), T, t.n_kv_heads, pos);
+    qkv_rows(t, rope_, L, ops::linear, x.data(), T, pos, h.data(), q.data(), k.data(), v.data());
     KVLayer& kv = cache.layer(l);
     kv.append(k.data(), v.data(), pos, T);
     ops::AttentionArgs a;
@@ -229,14 +253,7 @@ void Model::decode(const float* x_in, int T, const int32_t* pos, KVCache& cache,
       a.importance_from = call.importance_from;
     }
     ops::attention(a);
-    ops::linear(att.data(), T, L.o, h.data());
-    for (size_t i = 0; i < x.size(); ++i) x[i] += h[i];
-    ops::rms_norm(x.data(), T, D, L.mlp_norm, t.rms_eps, h.data());
-    ops::linear(h.data(), T, L.gate, gate.data());
-    ops::linear(h.data(), T, L.up, up.data());
-    ops::swiglu(gate.data(), up.data(), gate.size());
-    ops::linear(gate.data(), T, L.down, h.data());
-    for (size_t i = 0; i < x.size(); ++i) x[i] += h[i];
+    finish_rows(t, L, ops::linear, x.data(), T, att.data(), h.data(), gate.data(), up.data());
     emit(obs, "layer_out", l, x.data(), {T, D});
   }
   ops::rms_norm(x.data(), T, D, w.norm, t.rms_eps, x.data());
@@ -267,12 +284,7 @@ void Model::decode_batch(const float* x_in, int B, const int32_t* pos, const std
     if (!importance.empty() && importance[size_t(b)]) importance[size_t(b)]->resize(size_t(t.n_layers));
   for (int l = 0; l < t.n_layers; ++l) {
     const LlamaLayer& L = w.layers[size_t(l)];
-    ops::rms_norm(x.data(), B, D, L.attn_norm, t.rms_eps, h.data());
-    ops::linear_rows(h.data(), B, L.q, q.data());
-    ops::linear_rows(h.data(), B, L.k, k.data());
-    ops::linear_rows(h.data(), B, L.v, v.data());
-    rope_.apply(q.data(), B, t.n_heads, pos);
-    rope_.apply(k.data(), B, t.n_kv_heads, pos);
+    qkv_rows(t, rope_, L, ops::linear_rows, x.data(), B, pos, h.data(), q.data(), k.data(), v.data());
     for (int b = 0; b < B; ++b) {  // attention: each sequence over its own cache
       KVLayer& kv = caches[size_t(b)]->layer(l);
       kv.append(&k[size_t(b) * kvd], &v[size_t(b) * kvd], &pos[b], 1);
@@ -297,14 +309,7 @@ void Model::decode_batch(const float* x_in, int B, const int32_t* pos, const std
       }
       ops::attention(a);
     }
-    ops::linear_rows(att.data(), B, L.o, h.data());
-    for (size_t i = 0; i < x.size(); ++i) x[i] += h[i];
-    ops::rms_norm(x.data(), B, D, L.mlp_norm, t.rms_eps, h.data());
-    ops::linear_rows(h.data(), B, L.gate, gate.data());
-    ops::linear_rows(h.data(), B, L.up, up.data());
-    ops::swiglu(gate.data(), up.data(), gate.size());
-    ops::linear_rows(gate.data(), B, L.down, h.data());
-    for (size_t i = 0; i < x.size(); ++i) x[i] += h[i];
+    finish_rows(t, L, ops::linear_rows, x.data(), B, att.data(), h.data(), gate.data(), up.data());
   }
   ops::rms_norm(x.data(), B, D, w.norm, t.rms_eps, x.data());
   ops::linear_rows(x.data(), B, w.head, logits_out);
