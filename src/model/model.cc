@@ -121,6 +121,33 @@ static void finish_rows(const TextConfig& t, const LlamaLayer& L, LinearFn lin, 
   for (size_t i = 0; i < n; ++i) x[i] += h[i];
 }
 
+// Appends k, v of n_q new tokens at `pos` to the layer, then attends q over everything it holds;
+// with `imp`, it is resized to the layer and receives the importance of queries >= imp_from.
+static void attend_layer(const TextConfig& t, KVLayer& kv, const float* q, const float* k, const float* v, int n_q,
+                         const int32_t* pos, float* out, std::vector<float>* imp, int imp_from) {
+  kv.append(k, v, pos, n_q);
+  ops::AttentionArgs a;
+  a.q = q;
+  a.n_q = n_q;
+  a.q_pos = pos;
+  a.k = kv.keys();
+  a.v = kv.values();
+  a.n_kv = kv.size();
+  a.kv_stride = t.n_kv_heads * t.head_dim;
+  a.kv_pos = kv.positions();
+  a.n_heads = t.n_heads;
+  a.n_kv_heads = t.n_kv_heads;
+  a.head_dim = t.head_dim;
+  a.scale = 1.f / std::sqrt(float(t.head_dim));
+  a.out = out;
+  if (imp) {
+    imp->assign(size_t(kv.size()), 0.f);
+    a.importance = imp->data();
+    a.importance_from = imp_from;
+  }
+  ops::attention(a);
+}
+
 std::vector<float> Model::encode_image(const float* pixels, Observer* obs) const {
   PKV_ASSERT(cfg_.has_vision);
   const VisionConfig& v = cfg_.vision;
@@ -230,29 +257,8 @@ void Model::decode(const float* x_in, int T, const int32_t* pos, KVCache& cache,
   for (int l = 0; l < t.n_layers; ++l) {
     const LlamaLayer& L = w.layers[size_t(l)];
     qkv_rows(t, rope_, L, ops::linear, x.data(), T, pos, h.data(), q.data(), k.data(), v.data());
-    KVLayer& kv = cache.layer(l);
-    kv.append(k.data(), v.data(), pos, T);
-    ops::AttentionArgs a;
-    a.q = q.data();
-    a.n_q = T;
-    a.q_pos = pos;
-    a.k = kv.keys();
-    a.v = kv.values();
-    a.n_kv = kv.size();
-    a.kv_stride = kvd;
-    a.kv_pos = kv.positions();
-    a.n_heads = t.n_heads;
-    a.n_kv_heads = t.n_kv_heads;
-    a.head_dim = t.head_dim;
-    a.scale = 1.f / std::sqrt(float(t.head_dim));
-    a.out = att.data();
-    if (call.importance) {
-      auto& imp = (*call.importance)[size_t(l)];
-      imp.assign(size_t(kv.size()), 0.f);
-      a.importance = imp.data();
-      a.importance_from = call.importance_from;
-    }
-    ops::attention(a);
+    attend_layer(t, cache.layer(l), q.data(), k.data(), v.data(), T, pos, att.data(),
+                 call.importance ? &(*call.importance)[size_t(l)] : nullptr, call.importance_from);
     finish_rows(t, L, ops::linear, x.data(), T, att.data(), h.data(), gate.data(), up.data());
     emit(obs, "layer_out", l, x.data(), {T, D});
   }
@@ -285,30 +291,10 @@ void Model::decode_batch(const float* x_in, int B, const int32_t* pos, const std
   for (int l = 0; l < t.n_layers; ++l) {
     const LlamaLayer& L = w.layers[size_t(l)];
     qkv_rows(t, rope_, L, ops::linear_rows, x.data(), B, pos, h.data(), q.data(), k.data(), v.data());
-    for (int b = 0; b < B; ++b) {  // attention: each sequence over its own cache
-      KVLayer& kv = caches[size_t(b)]->layer(l);
-      kv.append(&k[size_t(b) * kvd], &v[size_t(b) * kvd], &pos[b], 1);
-      ops::AttentionArgs a;
-      a.q = &q[size_t(b) * qd];
-      a.n_q = 1;
-      a.q_pos = &pos[b];
-      a.k = kv.keys();
-      a.v = kv.values();
-      a.n_kv = kv.size();
-      a.kv_stride = kvd;
-      a.kv_pos = kv.positions();
-      a.n_heads = t.n_heads;
-      a.n_kv_heads = t.n_kv_heads;
-      a.head_dim = t.head_dim;
-      a.scale = 1.f / std::sqrt(float(t.head_dim));
-      a.out = &att[size_t(b) * qd];
-      if (!importance.empty() && importance[size_t(b)]) {
-        auto& imp = (*importance[size_t(b)])[size_t(l)];
-        imp.assign(size_t(kv.size()), 0.f);
-        a.importance = imp.data();
-      }
-      ops::attention(a);
-    }
+    for (int b = 0; b < B; ++b)  // attention: each sequence over its own cache
+      attend_layer(t, caches[size_t(b)]->layer(l), &q[size_t(b) * qd], &k[size_t(b) * kvd], &v[size_t(b) * kvd], 1,
+                   &pos[b], &att[size_t(b) * qd],
+                   !importance.empty() && importance[size_t(b)] ? &(*importance[size_t(b)])[size_t(l)] : nullptr, 0);
     finish_rows(t, L, ops::linear_rows, x.data(), B, att.data(), h.data(), gate.data(), up.data());
   }
   ops::rms_norm(x.data(), B, D, w.norm, t.rms_eps, x.data());
