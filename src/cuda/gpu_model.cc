@@ -154,6 +154,24 @@ struct GpuModel::Impl {
   void linear(const DevLinear& L, const void* x16, int rows, void* y, bool accumulate, int64_t x_stride = 0);
   void to16(const float* src, void* dst, size_t n) { convert(DType::F32, src, dt, dst, n, s()); }
   void checkpoint(const char* what, int layer, const float* resid, size_t n);
+  // The decoder's activation buffers for R rows (grown on demand, shared by prefill and decode).
+  struct Rows {
+    float* x;
+    float* hf;
+    void* h16;
+    float* qkv;
+    void* qkv16;
+    void* att16;
+    float* gate;
+    float* up;
+  };
+  Rows decoder_rows(size_t R, void* stream) {
+    const size_t es = esize(), wide = std::max({size_t(D), size_t(I), size_t(qd)});
+    return {x.need_as<float>(R * D, stream),      hf.need_as<float>(R * D, stream),
+            h16.need(R * wide * es, stream),      qkv.need_as<float>(R * W, stream),
+            qkv16.need(R * W * es, stream),       att16.need(R * qd * es, stream),
+            gate.need_as<float>(R * I, stream),   up.need_as<float>(R * I, stream)};
+  }
   void decoder_qkv(const DecLayer& Ly, int R, const int32_t* pos_dev, float* xr, float* hfr, void* h16r, float* qkvr);
   void decoder_mlp(const DecLayer& Ly, int R, float* xr, float* hfr, void* h16r, void* att, float* g, float* u);
   void head_logits(const float* rows_x, int R, float* out_host);
@@ -593,15 +611,9 @@ void GpuModel::prefill(GpuKVPool& kv, BlockPool::SeqId seq, const float* x_host,
 
   const bool want_imp = importance != nullptr;
   const size_t es = g.esize();
-  const size_t wide = std::max({size_t(g.D), size_t(g.I), size_t(g.qd)});
-  float* x = g.x.need_as<float>(size_t(T) * g.D, s);
-  float* hf = g.hf.need_as<float>(size_t(T) * g.D, s);
-  void* h16 = g.h16.need(size_t(T) * wide * es, s);
-  float* qkv = g.qkv.need_as<float>(size_t(T) * g.W, s);
-  void* qkv16 = g.qkv16.need(size_t(T) * g.W * es, s);
-  void* att16 = g.att16.need(size_t(T) * g.qd * es, s);
-  float* gate = g.gate.need_as<float>(size_t(T) * g.I, s);
-  float* up = g.up.need_as<float>(size_t(T) * g.I, s);
+  const Impl::Rows r = g.decoder_rows(size_t(T), s);
+  float *x = r.x, *hf = r.hf, *qkv = r.qkv, *gate = r.gate, *up = r.up;
+  void *h16 = r.h16, *qkv16 = r.qkv16, *att16 = r.att16;
   float* imp = want_imp ? g.imp.need_as<float>(size_t(g.L) * T, s) : nullptr;
   const size_t ws_bytes = want_imp ? attention_prefill_workspace_bytes(T, T, g.H) : 0;
   void* ws = want_imp ? g.ws.need(ws_bytes, s) : nullptr;
@@ -729,16 +741,9 @@ void GpuModel::decode(GpuKVPool& kv, const GpuDecodeBatch& b) {
   size_t ws_bytes = 0;
   for (int l = 0; l < g.L; ++l)
     ws_bytes = std::max(ws_bytes, attention_decode_workspace_bytes(B, g.H, g.Hkv, g.hd, max_len[size_t(l)], want_imp));
-  const size_t es = g.esize();
-  const size_t wide = std::max({size_t(g.D), size_t(g.I), size_t(g.qd)});
-  float* x = g.x.need_as<float>(size_t(B) * g.D, s);
-  float* hf = g.hf.need_as<float>(size_t(B) * g.D, s);
-  void* h16 = g.h16.need(size_t(B) * wide * es, s);
-  float* qkv = g.qkv.need_as<float>(size_t(B) * g.W, s);
-  void* qkv16 = g.qkv16.need(size_t(B) * g.W * es, s);
-  void* att16 = g.att16.need(size_t(B) * g.qd * es, s);
-  float* gate = g.gate.need_as<float>(size_t(B) * g.I, s);
-  float* up = g.up.need_as<float>(size_t(B) * g.I, s);
+  const Impl::Rows r = g.decoder_rows(size_t(B), s);
+  float *x = r.x, *hf = r.hf, *qkv = r.qkv, *gate = r.gate, *up = r.up;
+  void *h16 = r.h16, *qkv16 = r.qkv16, *att16 = r.att16;
   float* imp = want_imp ? g.imp.need_as<float>(size_t(g.L) * B * istride, s) : nullptr;
   void* ws = g.ws.need(ws_bytes, s);
   int32_t* meta = upload_pack(g.ints, pk, s);
