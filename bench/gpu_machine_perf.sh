@@ -3,6 +3,7 @@
 # everything is packed into $OUT/perf_<phase>.tar (at most 8 files come back).
 #   bash bench/gpu_machine_perf.sh cpu      # prefixkv bench on the machine's CPU cores (LLaVA-1.5-7B shape)
 #   bash bench/gpu_machine_perf.sh hf       # transformers, eager and sdpa, the paper's settings (bench/hf_bench.py)
+#   bash bench/gpu_machine_perf.sh smoke    # prefixkv bench --device cuda: short runs of each kind + an nsys profile of batch 1
 #   bash bench/gpu_machine_perf.sh gpu1     # prefixkv bench --device cuda: batch 1 (bandwidth floor), 7B batch 16
 #   bash bench/gpu_machine_perf.sh gpu2     # prefixkv bench --device cuda: 7B batch 48, 13B batch 8
 # (the same card must run both sides of a comparison: run hf and gpu* in one call or on one warm machine)
@@ -32,16 +33,29 @@ case $phase in
     python3 bench/hf_bench.py --shape llava-1.5-13b --batch 8 --prompt 1024 --gen 512 --out "$W/hf_13b_b8.json" >> "$W/hf.txt" 2>&1
     grep "^|" "$W/hf.txt" || tail -20 "$W/hf.txt"
     ;;
-  gpu1|gpu2)
-    if [ ! -x build-gpu/prefixkv ] || [ ! -f build-gpu/.bench_built ]; then
+  smoke|gpu1|gpu2)
+    if [ ! -f build-gpu/CMakeCache.txt ]; then  # scripts/gpu_test.sh may have configured it already
       cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DPREFIXKV_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
-        -DPREFIXKV_TESTS=OFF > "$W/build_gpu.log" 2>&1
-      cmake --build build-gpu -j "$J" --target prefixkv >> "$W/build_gpu.log" 2>&1 && touch build-gpu/.bench_built
+        -DPREFIXKV_NATIVE=ON -DPREFIXKV_TESTS=OFF > "$W/build_gpu.log" 2>&1
     fi
+    cmake --build build-gpu -j "$J" --target prefixkv >> "$W/build_gpu.log" 2>&1
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$W/gpu.txt"
     B=./build-gpu/prefixkv
     P="--policies full,prefixkv-online --budgets 0.2,0.4,0.6,0.8 --device cuda --dtype f16"
-    if [ "$phase" = gpu1 ]; then
+    if [ "$phase" = smoke ]; then  # minutes: does everything run, and where does a decode step go
+      timeout 170 $B bench --shape tiny --device cuda --dtype f16 --batch 1,4 --prompt 64 --gen 16 --policies full,prefixkv-online,h2o,elastic \
+        --budgets 0.5 >> "$W/gpu.txt" 2>&1 || echo "bench failed: rc $?" | tee -a "$W/gpu.txt"
+      timeout 170 $B bench --shape llava-1.5-7b --device cuda --dtype f16 --batch 1 --prompt 672 --gen 64 \
+        --json "$W/gpu_7b_b1_smoke.json" >> "$W/gpu.txt" 2>&1 || echo "bench failed: rc $?" | tee -a "$W/gpu.txt"
+      timeout 170 $B bench --shape llava-1.5-7b $P --budgets 0.2 --batch 16 --prompt 1024 --gen 32 --json "$W/gpu_7b_b16_smoke.json" \
+        >> "$W/gpu.txt" 2>&1 || echo "bench failed: rc $?" | tee -a "$W/gpu.txt"
+      if command -v nsys >/dev/null; then
+        timeout 120 nsys profile -o "$W/b1" --force-overwrite true $B bench --shape llava-1.5-7b --device cuda --dtype f16 --batch 1 \
+          --prompt 672 --gen 32 > "$W/nsys_run.txt" 2>&1 || true
+        nsys stats --report cuda_gpu_kern_sum,cuda_api_sum --format csv "$W/b1.nsys-rep" > "$W/nsys_b1.csv" 2>&1 || true
+        rm -f "$W/b1.nsys-rep" "$W/b1.sqlite"
+      fi
+    elif [ "$phase" = gpu1 ]; then
       $B bench --shape llava-1.5-7b --device cuda --dtype f16 --batch 1 --prompt 672 --gen 256 \
         --json "$W/gpu_7b_b1.json" >> "$W/gpu.txt" 2>&1
       $B bench --shape llava-1.5-7b $P --batch 16 --prompt 1024 --gen 512 --json "$W/gpu_7b_b16.json" >> "$W/gpu.txt" 2>&1

@@ -212,6 +212,9 @@ int cmd_bench(int argc, char** argv) {
         std::vector<float> logits(size_t(B) * size_t(V));
         Record r;
         r.policy = pname, r.budget = budget, r.batch = B;
+#ifdef PREFIXKV_HAVE_CUDA
+        if (pool) pool->blocks().reset_peak();
+#endif
         // Prefill: one sequence after another (the engine prefills one prompt at a time).
         for (int b = 0; b < B; ++b) {
           PreparedPrompt p;
@@ -266,7 +269,11 @@ int cmd_bench(int argc, char** argv) {
           // the pool's blocks (16-bit K/V), held at the end; the pool is what sequences share
           for (auto& s : gsessions) r.kv_bytes_end += s->kv_bytes();
           r.kv_bytes_full = size_t(B) * size_t(prompt + gen) * (entry_bytes / 2);  // 16-bit entries
-          r.gpu_used_gib = double(gpu_total - cuda::device_free_bytes()) / double(1ull << 30);
+          // Peak GPU memory of this run: everything but the pool (weights, activations, workspaces)
+          // plus the most pool blocks its sequences held at once (the pool itself is allocated whole).
+          const BlockPoolStats st = pool->blocks().stats();
+          const double outside_pool = double(gpu_total - cuda::device_free_bytes()) - double(st.total_bytes);
+          r.gpu_used_gib = (outside_pool + double(st.peak_used_blocks) * double(st.bytes_per_block)) / double(1ull << 30);
           per_seq = double(r.kv_bytes_end) / B;
           left = double(pool->blocks().stats().total_blocks) * double(pool->block_bytes()) -
                  double(prompt) * double(entry_bytes / 2);
@@ -282,7 +289,7 @@ int cmd_bench(int argc, char** argv) {
   const bool on_gpu = device == "cuda";
   std::printf("\n| policy | kept | batch | prefill ms | decode tok/s | throughput tok/s | KV MiB at end | KV MiB full "
               "| %s | largest batch (%s) |\n",
-              on_gpu ? "GPU GiB used" : "peak RSS GiB",
+              on_gpu ? "peak GPU GiB" : "peak RSS GiB",
               on_gpu ? "the KV pool" : (std::to_string(int(double(memory) / double(1ull << 30))) + " GiB").c_str());
   std::printf("|---|---|---|---|---|---|---|---|---|---|\n");
   for (const Record& r : records)
@@ -305,7 +312,7 @@ int cmd_bench(int argc, char** argv) {
                               {"prefill_ms", r.prefill_ms}, {"decode_ms", r.decode_ms},
                               {"decode_tokens_per_s", r.decode_tok_s}, {"throughput_tokens_per_s", r.throughput},
                               {"kv_bytes_end", r.kv_bytes_end}, {"kv_bytes_full", r.kv_bytes_full},
-                              {"peak_rss_gib", r.peak_rss_gib}, {"gpu_used_gib", r.gpu_used_gib},
+                              {"peak_rss_gib", r.peak_rss_gib}, {"peak_gpu_gib", r.gpu_used_gib},
                               {"largest_batch", r.largest_batch}});
     const std::string out = args.str("json");
     std::ofstream f(out);

@@ -83,6 +83,8 @@ class BlockPool {
   size_t used_bytes() const { return size_t(used_blocks()) * bytes_per_block_; }
   size_t free_bytes() const { return size_t(free_blocks()) * bytes_per_block_; }
   BlockPoolStats stats() const;
+  // Starts a new high-water mark of used blocks (stats().peak_used_blocks) from the blocks used now.
+  void reset_peak() { peak_used_ = used_blocks(); }
 
   // Every block is either free or owned by exactly one table, and tables match their entry counts.
   // A bug here is ours: asserts (aborts) with what is inconsistent.
