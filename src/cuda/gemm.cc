@@ -1,4 +1,5 @@
 // Matrix products through cuBLAS (y = x W^T + b), the twin of ops::linear.
+#include <cstdlib>
 #include <string>
 
 #include <cuda_runtime.h>
@@ -21,6 +22,14 @@ cudaDataType_t cuda_type(DType t) {
 }
 
 }  // namespace
+
+bool gemv_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("PKV_GEMV");
+    return !(v && std::string(v) == "0");
+  }();
+  return on;
+}
 
 Blas::Blas(void* stream) : stream_(stream) {
   cublasHandle_t h = nullptr;
@@ -71,6 +80,13 @@ void linear(Blas& blas, const LinearArgs& a) {
   if (x_stride < a.in || y_stride < a.out) fail(op, "a row stride is smaller than the row");
   if (a.rows == 0) return;
   if (!a.x || !a.w || !a.y) fail(op, "x, w and y must be set");
+  if (!a.bias && a.rows <= kGemvMaxRows && gemv_enabled()) {
+    GemvArgs g;
+    g.x = a.x, g.x_stride = x_stride, g.w = a.w, g.w_dtype = a.w_dtype;
+    g.rows = a.rows, g.in = a.in, g.out = a.out;
+    g.y = a.y, g.y_stride = y_stride, g.y_dtype = a.y_dtype, g.accumulate = a.accumulate;
+    if (gemv_fits(g)) return gemv(g, blas.stream());
+  }
 
   const auto h = static_cast<cublasHandle_t>(blas.handle());
   auto gemm = [&](void* y, DType yt, int64_t ldy, float beta) {

@@ -407,6 +407,16 @@ void GpuModel::Impl::decoder_mlp(const DecLayer& Ly, int R, float* xr, float* hf
   linear(Ly.o, att, R, xr, true);
   rms_norm(DType::F32, xr, hfr, Ly.mlp_norm, R, D, eps, s());
   to16(hfr, h16r, size_t(R) * D);
+  // A few rows (decoding): gate, up and SwiGLU in one pass over both weights, straight to 16 bits.
+  GemvArgs gu;
+  gu.x = h16r, gu.w = Ly.gate.w, gu.w_up = Ly.up.w, gu.w_dtype = dt;
+  gu.rows = R, gu.in = D, gu.out = I;
+  gu.y = g, gu.y_dtype = dt;  // 16-bit rows in the float32 gate buffer (room for twice as many)
+  if (gemv_enabled() && !Ly.gate.b && !Ly.up.b && gemv_fits(gu)) {
+    gemv(gu, s());
+    linear(Ly.down, g, R, xr, true);
+    return;
+  }
   linear(Ly.gate, h16r, R, g, false);
   linear(Ly.up, h16r, R, u, false);
   swiglu(DType::F32, g, u, size_t(R) * I, s());

@@ -107,6 +107,31 @@ struct LinearArgs {
 };
 void linear(Blas& blas, const LinearArgs& a);
 
+// Skinny products for decoding (a few rows): each weight row is read once for all rows, with 16-byte
+// loads and float32 accumulation, one warp per two outputs. Twin: ops::linear (and ops::swiglu).
+//   w [out, in] 16-bit (w_dtype F16 or BF16); x [rows, x_stride] in w_dtype; 1 <= rows <= kGemvMaxRows;
+//   in, x_stride multiples of 8; w, x 16-byte aligned (gemv_fits() says whether all of this holds);
+//   y [rows, y_stride] F32 (accumulate: y +=) or w_dtype;
+//   w_up (optional, [out, in] like w): y = silu(x w^T) * (x w_up^T), the SwiGLU MLP's first half.
+// linear() takes this path by itself for rows <= kGemvMaxRows without a bias (PKV_GEMV=0: never).
+constexpr int kGemvMaxRows = 8;
+struct GemvArgs {
+  const void* x = nullptr;
+  int64_t x_stride = 0;  // 0: in
+  const void* w = nullptr;
+  const void* w_up = nullptr;
+  DType w_dtype = DType::BF16;
+  int rows = 0, in = 0, out = 0;
+  void* y = nullptr;
+  int64_t y_stride = 0;  // 0: out
+  DType y_dtype = DType::F32;
+  bool accumulate = false;
+};
+bool gemv_fits(const GemvArgs& a);
+// False when the environment sets PKV_GEMV=0 (to compare with cuBLAS).
+bool gemv_enabled();
+void gemv(const GemvArgs& a, void* stream);
+
 // ------------------------------------------------------------------------------------------------
 // Prefill attention: flash-style (tiles of 64 queries x 64 keys, online softmax in float32; the
 // [n_q, n_kv] matrix is never formed), GQA, head_dim 1..128 (any, e.g. 32, 64, 80, 96, 128).

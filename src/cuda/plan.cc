@@ -281,4 +281,43 @@ size_t paged_pool_bytes(const PagedKV& kv) {
 
 size_t paged_positions_bytes(const PagedKV& kv) { return size_t(kv.n_blocks) * size_t(kv.block_size) * sizeof(int32_t); }
 
+bool gemv_fits(const GemvArgs& a) { return detail::gemv_misfit(a).empty(); }
+
+namespace detail {
+
+std::string gemv_misfit(const GemvArgs& a) {
+  if (a.w_dtype != DType::F16 && a.w_dtype != DType::BF16) return "w must be F16 or BF16";
+  if (a.y_dtype != DType::F32 && a.y_dtype != a.w_dtype) return "y must be F32 or w's type";
+  if (a.accumulate && a.y_dtype != DType::F32) return "accumulate needs a float32 y";
+  if (a.rows < 1 || a.rows > kGemvMaxRows)
+    return "rows must be 1.." + std::to_string(kGemvMaxRows) + ", got " + std::to_string(a.rows);
+  if (a.in < 8 || a.in % 8 || a.out < 1)
+    return "in must be a positive multiple of 8 and out >= 1 (in " + std::to_string(a.in) + ", out " +
+           std::to_string(a.out) + ")";
+  const int64_t xs = a.x_stride ? a.x_stride : a.in, ys = a.y_stride ? a.y_stride : a.out;
+  if (xs < a.in || xs % 8) return "x_stride must be a multiple of 8 and >= in";
+  if (ys < a.out) return "y_stride is smaller than out";
+  if (!a.x || !a.w || !a.y) return "x, w and y must be set";
+  auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  if (!aligned(a.x) || !aligned(a.w) || (a.w_up && !aligned(a.w_up))) return "x and w must be 16-byte aligned";
+  return {};
+}
+
+GemvPlan plan_gemv(const GemvArgs& a) {
+  const std::string why = gemv_misfit(a);
+  if (!why.empty()) bad("gemv", why);
+  GemvPlan plan;
+  plan.w_dtype = a.w_dtype, plan.y_dtype = a.y_dtype, plan.swiglu = a.w_up != nullptr;
+  GemvParams& p = plan.params;
+  p.x = a.x, p.x_stride = a.x_stride ? a.x_stride : a.in;
+  p.w = a.w, p.w_up = a.w_up;
+  p.rows = a.rows, p.in = a.in, p.out = a.out;
+  p.y = a.y, p.y_stride = a.y_stride ? a.y_stride : a.out;
+  p.accumulate = a.accumulate ? 1 : 0;
+  const int per_block = (kGemvThreads / 32) * kGemvOutsPerWarp;
+  plan.launch = {{unsigned((a.out + per_block - 1) / per_block), 1, 1}, kGemvThreads, 0};
+  return plan;
+}
+
+}  // namespace detail
 }  // namespace pkv::cuda

@@ -5,6 +5,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <string>
 
 #include "cuda/kernels.h"
 
@@ -199,5 +200,32 @@ PagedPlan plan_paged_write(const PagedKV& kv, const PagedRows& rows, DType src_d
 PagedPlan plan_paged_read(const PagedKV& kv, const PagedRows& rows, void* k, void* v, int32_t* pos);
 PagedPlan plan_paged_compact(const PagedKV& kv, const PagedJobs& jobs);
 PagedPlan plan_paged_merge(const PagedKV& kv, const PagedJobs& jobs);
+
+// ---------------------------------------------------------------------------------------------
+// Skinny products (gemv): 256 threads = 8 warps; warp w of block b computes outputs
+// (b * 8 + w) * 2 and + 1 for every row; lane l reads 8 elements at columns l * 8 + 256 * k.
+constexpr int kGemvThreads = 256;
+constexpr int kGemvOutsPerWarp = 2;
+
+struct GemvParams {
+  const void* x = nullptr;
+  int64_t x_stride = 0;
+  const void* w = nullptr;
+  const void* w_up = nullptr;
+  int rows = 0, in = 0, out = 0;
+  void* y = nullptr;
+  int64_t y_stride = 0;
+  int accumulate = 0;
+};
+
+struct GemvPlan {
+  GemvParams params;
+  DType w_dtype = DType::BF16, y_dtype = DType::F32;
+  bool swiglu = false;
+  Launch launch;
+};
+// Empty reason = it fits; else why not (the caller falls back or reports it).
+std::string gemv_misfit(const GemvArgs& a);
+GemvPlan plan_gemv(const GemvArgs& a);
 
 }  // namespace pkv::cuda::detail

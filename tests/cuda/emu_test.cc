@@ -7,11 +7,13 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "core/error.h"
 #include "emu.h"  // before the bodies: atomicOr
 #include "cuda/attention_body.h"
+#include "cuda/gemv_body.h"
 #include "cuda/paged_body.h"
 #include "cuda/plan.h"
 #include "kernel_cases.h"
@@ -108,6 +110,35 @@ class EmuBackend : public Backend {
     }
   }
 
+  void gemv(const GemvArgs& a) override {
+    const detail::GemvPlan plan = detail::plan_gemv(a);
+    if (plan.w_dtype == DType::F16) gemv_typed<__half>(plan);
+    else gemv_typed<__nv_bfloat16>(plan);
+  }
+  template <class T, class Y, bool S>
+  void gemv_rows(const detail::GemvPlan& plan) {
+    const detail::GemvParams& p = plan.params;
+    auto run = [&](auto rows) {
+      emu::run(plan.launch, [&](emu::Ctx& c) { detail::gemv<T, Y, decltype(rows)::value, S>(c, p); }, seed_++);
+    };
+    switch (p.rows) {
+      case 1: return run(std::integral_constant<int, 1>{});
+      case 2: return run(std::integral_constant<int, 2>{});
+      case 3: return run(std::integral_constant<int, 3>{});
+      case 4: return run(std::integral_constant<int, 4>{});
+      case 5: return run(std::integral_constant<int, 5>{});
+      case 6: return run(std::integral_constant<int, 6>{});
+      case 7: return run(std::integral_constant<int, 7>{});
+      case 8: return run(std::integral_constant<int, 8>{});
+    }
+  }
+  template <class T>
+  void gemv_typed(const detail::GemvPlan& plan) {
+    const bool f32 = plan.y_dtype == DType::F32;
+    if (plan.swiglu) return f32 ? gemv_rows<T, float, true>(plan) : gemv_rows<T, T, true>(plan);
+    return f32 ? gemv_rows<T, float, false>(plan) : gemv_rows<T, T, false>(plan);
+  }
+
   std::vector<std::unique_ptr<char, decltype(&std::free)>> mem_;
   uint32_t seed_ = 1;
 };
@@ -131,6 +162,12 @@ TEST(CudaEmu, FullGpuCaseList) {
   EmuBackend be;
   for (const PrefillCase& c : prefill_cases(true)) check_prefill(be, c);
   for (const DecodeCase& c : decode_cases(true)) check_decode(be, c);
+}
+
+TEST(CudaEmu, Gemv) {
+  EmuBackend be;
+  for (const GemvCase& c : gemv_cases(false)) check_gemv(be, c);
+  check_gemv_refusals(be);
 }
 
 TEST(CudaEmu, Compaction) {

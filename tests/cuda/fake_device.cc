@@ -300,6 +300,27 @@ void linear(Blas& blas, const LinearArgs& a) {
   (void)blas;
 }
 
+bool gemv_enabled() { return true; }
+
+// The plan's checks, then the products in double (the twin's arithmetic up to summation order).
+void gemv(const GemvArgs& a, void*) {
+  const detail::GemvPlan plan = detail::plan_gemv(a);
+  const detail::GemvParams& p = plan.params;
+  for (int r = 0; r < p.rows; ++r)
+    for (int o = 0; o < p.out; ++o) {
+      double g = 0, u = 0;
+      for (int i = 0; i < p.in; ++i) {
+        const double xv = ld(a.w_dtype, p.x, size_t(r) * size_t(p.x_stride) + i);
+        g += xv * ld(a.w_dtype, p.w, size_t(o) * size_t(p.in) + i);
+        if (p.w_up) u += xv * ld(a.w_dtype, p.w_up, size_t(o) * size_t(p.in) + i);
+      }
+      float v = p.w_up ? float(g / (1.0 + std::exp(-g)) * u) : float(g);
+      const size_t yi = size_t(r) * size_t(p.y_stride) + o;
+      if (p.accumulate) v += ld(a.y_dtype, p.y, yi);
+      st(a.y_dtype, p.y, yi, v);
+    }
+}
+
 // ------------------------------------------------------------------------------------------------
 // Attention: the plans' argument checks, then ops::attention (the CPU twin) on float copies.
 

@@ -13,6 +13,7 @@
 #include "kv/kv_cache.h"
 #include "kv/policy.h"
 #include "ops/ops.h"
+#include "core/error.h"
 
 namespace pkv::cuda::test {
 
@@ -558,6 +559,127 @@ void check_paged_errors(Backend& be) {
   EXPECT_EQ(be.get(kv.error_flag, 1)[0], kPagedBadBlock);
   const std::vector<float> out = get_as(be, DType::BF16, a.out, 2 * hd);
   for (float x : out) EXPECT_TRUE(std::isfinite(x));
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// Skinny products.
+
+std::string GemvCase::str() const {
+  std::ostringstream o;
+  o << "gemv " << dname(dtype) << " -> " << dname(y_dtype) << " " << rows << "x" << in << "x" << out
+    << (x_pad ? " x_pad" : "") << (y_pad ? " y_pad" : "") << (accumulate ? " accumulate" : "") << (swiglu ? " swiglu" : "");
+  return o.str();
+}
+
+void check_gemv(Backend& be, const GemvCase& c) {
+  SCOPED_TRACE(c.str());
+  std::mt19937 rng(c.seed);
+  const int64_t xs = c.in + c.x_pad, ys = c.out + c.y_pad;
+  auto rounded = [&](std::vector<float> v) {
+    round_to(c.dtype, v);
+    return v;
+  };
+  const std::vector<float> w = rounded(randn(rng, size_t(c.out) * c.in, 0.05f));
+  const std::vector<float> wu = rounded(randn(rng, size_t(c.out) * c.in, 0.05f));
+  const std::vector<float> x = rounded(randn(rng, size_t(c.rows) * xs));
+  std::vector<float> y0 = randn(rng, size_t(c.rows) * ys);
+  if (c.y_dtype != DType::F32) round_to(c.y_dtype, y0);
+
+  // Reference: ops::linear_reference on the dense rows, then SwiGLU / accumulate, into y0's layout
+  // (padding columns keep their values).
+  std::vector<float> xd(size_t(c.rows) * c.in);
+  for (int r = 0; r < c.rows; ++r)
+    std::copy_n(&x[size_t(r) * xs], c.in, &xd[size_t(r) * c.in]);
+  auto product = [&](const std::vector<float>& wf) {
+    TensorView tv;
+    tv.dtype = DType::F32, tv.shape = {c.out, c.in}, tv.data = wf.data(), tv.supported = true;
+    Linear L;
+    L.w = &tv, L.in = c.in, L.out = c.out;
+    std::vector<float> y(size_t(c.rows) * c.out);
+    ops::linear_reference(xd.data(), c.rows, L, y.data());
+    return y;
+  };
+  std::vector<float> prod = product(w);
+  if (c.swiglu) ops::swiglu(prod.data(), product(wu).data(), prod.size());
+  std::vector<float> ref = y0;
+  for (int r = 0; r < c.rows; ++r)
+    for (int o = 0; o < c.out; ++o) {
+      float& dst = ref[size_t(r) * ys + o];
+      dst = (c.accumulate ? dst : 0.f) + prod[size_t(r) * c.out + o];
+    }
+
+  GemvArgs a;
+  a.x = put_as(be, c.dtype, x), a.x_stride = xs;
+  a.w = put_as(be, c.dtype, w), a.w_dtype = c.dtype;
+  if (c.swiglu) a.w_up = put_as(be, c.dtype, wu);
+  a.rows = c.rows, a.in = c.in, a.out = c.out;
+  a.y = put_as(be, c.y_dtype, y0), a.y_stride = ys, a.y_dtype = c.y_dtype, a.accumulate = c.accumulate;
+  be.gemv(a);
+  const std::vector<float> got = get_as(be, c.y_dtype, a.y, y0.size());
+  // float32 outputs: the reference sums in double, the kernel in float32 over `in` terms.
+  expect_close(got, ref, c.y_dtype == DType::F32 ? 1e-4 : tolerance(c.y_dtype), "gemv");
+  for (int r = 0; r < c.rows; ++r)
+    for (int64_t o = c.out; o < ys; ++o)
+      ASSERT_EQ(got[size_t(r) * ys + o], y0[size_t(r) * ys + o]) << "gemv wrote past out in row " << r;
+}
+
+std::vector<GemvCase> gemv_cases(bool full) {
+  std::vector<GemvCase> cs;
+  uint32_t seed = 900;
+  const int ins_full[] = {8, 264, 1000, 4096}, ins_small[] = {8, 264};
+  const int outs_full[] = {1, 17, 300}, outs_small[] = {1, 17};
+  const auto& ins = full ? std::vector<int>(std::begin(ins_full), std::end(ins_full))
+                         : std::vector<int>(std::begin(ins_small), std::end(ins_small));
+  const auto& outs = full ? std::vector<int>(std::begin(outs_full), std::end(outs_full))
+                          : std::vector<int>(std::begin(outs_small), std::end(outs_small));
+  for (DType t : {DType::F16, DType::BF16})
+    for (int rows = 1; rows <= kGemvMaxRows; rows += (full ? 1 : 3))
+      for (int in : ins)
+        for (int out : outs) {
+          GemvCase c;
+          c.dtype = t, c.rows = rows, c.in = in, c.out = out, c.seed = seed++;
+          const int kind = int(c.seed % 4);  // vary the rest across the grid
+          c.y_dtype = kind == 1 || kind == 3 ? t : DType::F32;
+          c.accumulate = kind == 2;
+          c.swiglu = kind == 3 || (kind == 0 && rows % 2 == 0);
+          c.x_pad = kind == 1 ? 8 : 0;
+          c.y_pad = kind == 2 ? 3 : 0;
+          cs.push_back(c);
+        }
+  return cs;
+}
+
+void check_gemv_refusals(Backend& be) {
+  const std::vector<float> z(64 * 16, 0.f);
+  GemvArgs ok;
+  ok.x = put_as(be, DType::F16, z), ok.w = put_as(be, DType::F16, z), ok.w_dtype = DType::F16;
+  ok.rows = 2, ok.in = 16, ok.out = 16;
+  ok.y = be.alloc(64 * 16 * 4);
+  EXPECT_TRUE(gemv_fits(ok));
+  auto refused = [&](GemvArgs a, const char* what) {
+    EXPECT_FALSE(gemv_fits(a)) << what;
+    EXPECT_THROW(be.gemv(a), Error) << what;
+  };
+  GemvArgs a = ok;
+  a.rows = kGemvMaxRows + 1;
+  refused(a, "too many rows");
+  a = ok, a.rows = 0;
+  refused(a, "no rows");
+  a = ok, a.in = 12;
+  refused(a, "in not a multiple of 8");
+  a = ok, a.x_stride = 20;
+  refused(a, "x_stride not a multiple of 8");
+  a = ok, a.x = static_cast<const char*>(ok.x) + 2;
+  refused(a, "misaligned x");
+  a = ok, a.w_dtype = DType::F32;
+  refused(a, "float32 weights");
+  a = ok, a.y_dtype = DType::BF16;
+  refused(a, "y of another 16-bit type");
+  a = ok, a.y_dtype = DType::F16, a.accumulate = true;
+  refused(a, "accumulate into a 16-bit y");
+  a = ok, a.y = nullptr;
+  refused(a, "no y");
 }
 
 }  // namespace pkv::cuda::test

@@ -30,6 +30,7 @@ class Backend {
   virtual void paged_read(const PagedKV& kv, const PagedRows& rows, void* k, void* v, int32_t* pos) = 0;
   virtual void paged_compact(const PagedKV& kv, const PagedJobs& jobs) = 0;
   virtual void paged_merge(const PagedKV& kv, const PagedJobs& jobs) = 0;
+  virtual void gemv(const GemvArgs& a) = 0;
 
   template <class T>
   T* put(const std::vector<T>& v) {
@@ -101,5 +102,21 @@ void check_merge(Backend& be, DType dtype, int block_size, int kv_dim, int n_lay
                  uint32_t seed);
 // Inconsistent block tables set the error flag and never fault.
 void check_paged_errors(Backend& be);
+
+// Skinny products (gemv) vs ops::linear_reference (and ops::swiglu): rows 1..8, widths with a tail
+// past the last full 256-column stripe, an out that is not a multiple of a block's 16 outputs,
+// strided x and y, accumulate, float32 and 16-bit y, the SwiGLU pair; then the refusals.
+struct GemvCase {
+  DType dtype = DType::BF16;
+  DType y_dtype = DType::F32;
+  int rows = 1, in = 0, out = 0;
+  int x_pad = 0, y_pad = 0;  // extra row stride
+  bool accumulate = false, swiglu = false;
+  uint32_t seed = 1;
+  std::string str() const;
+};
+void check_gemv(Backend& be, const GemvCase& c);
+std::vector<GemvCase> gemv_cases(bool full);
+void check_gemv_refusals(Backend& be);
 
 }  // namespace pkv::cuda::test

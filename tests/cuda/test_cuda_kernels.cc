@@ -51,6 +51,7 @@ class GpuBackend : public Backend {
   }
   void paged_compact(const PagedKV& kv, const PagedJobs& jobs) override { sync([&] { paged_kv_compact(kv, jobs, nullptr); }); }
   void paged_merge(const PagedKV& kv, const PagedJobs& jobs) override { sync([&] { paged_kv_merge(kv, jobs, nullptr); }); }
+  void gemv(const GemvArgs& a) override { sync([&] { cuda::gemv(a, nullptr); }); }
 
  private:
   template <class F>
@@ -289,6 +290,12 @@ TEST(CudaOps, Linear) {
           device_synchronize();
           expect_close(get_as(be, yt, a.y, ref.size()), ref, yt == DType::F32 ? 1e-4 : tolerance(yt), "linear");
         }
+}
+
+TEST(CudaOps, Gemv) {
+  GpuBackend be;
+  for (const GemvCase& c : gemv_cases(true)) check_gemv(be, c);
+  check_gemv_refusals(be);
 }
 
 // ---------------------------------------------------------------------------------------------
