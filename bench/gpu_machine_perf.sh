@@ -42,13 +42,16 @@ case $phase in
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$W/gpu.txt"
     B=./build-gpu/prefixkv
     P="--policies full,prefixkv-online --budgets 0.2,0.4,0.6,0.8 --device cuda --dtype f16"
-    if [ "$phase" = smoke ]; then  # minutes: does everything run, and where does a decode step go
+    if [ "$phase" = smoke ]; then  # minutes: does everything run; A/B of CUDA graphs and the gemv kernel
       timeout 170 $B bench --shape tiny --device cuda --dtype f16 --batch 1,4 --prompt 64 --gen 16 --policies full,prefixkv-online,h2o,elastic \
         --budgets 0.5 >> "$W/gpu.txt" 2>&1 || echo "bench failed: rc $?" | tee -a "$W/gpu.txt"
-      timeout 170 $B bench --shape llava-1.5-7b --device cuda --dtype f16 --batch 1 --prompt 672 --gen 64 \
-        --json "$W/gpu_7b_b1_smoke.json" >> "$W/gpu.txt" 2>&1 || echo "bench failed: rc $?" | tee -a "$W/gpu.txt"
-      timeout 170 $B bench --shape llava-1.5-7b $P --budgets 0.2 --batch 16 --prompt 1024 --gen 32 --json "$W/gpu_7b_b16_smoke.json" \
-        >> "$W/gpu.txt" 2>&1 || echo "bench failed: rc $?" | tee -a "$W/gpu.txt"
+      for ab in "" "PKV_CUDA_GRAPHS=0" "PKV_CUDA_GRAPHS=0 PKV_GEMV=0"; do
+        echo "== 7B batch 1 ${ab:-(default)}" >> "$W/gpu.txt"
+        env $ab timeout 170 $B bench --shape llava-1.5-7b --device cuda --dtype f16 --batch 1 --prompt 672 --gen 128 \
+          --json "$W/gpu_7b_b1_smoke${ab:+_$(echo $ab | tr ' =' '__')}.json" >> "$W/gpu.txt" 2>&1 || echo "bench failed: rc $?" | tee -a "$W/gpu.txt"
+      done
+      timeout 170 $B bench --shape llava-1.5-7b --device cuda --dtype f16 --policies full,prefixkv-online --budgets 0.2 \
+        --batch 16 --prompt 1024 --gen 64 --json "$W/gpu_7b_b16_smoke.json" >> "$W/gpu.txt" 2>&1 || echo "bench failed: rc $?" | tee -a "$W/gpu.txt"
       if command -v nsys >/dev/null; then
         timeout 120 nsys profile -o "$W/b1" --force-overwrite true $B bench --shape llava-1.5-7b --device cuda --dtype f16 --batch 1 \
           --prompt 672 --gen 32 > "$W/nsys_run.txt" 2>&1 || true

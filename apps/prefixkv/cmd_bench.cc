@@ -95,6 +95,8 @@ struct Record {
   size_t kv_bytes_end = 0, kv_bytes_full = 0;
   double peak_rss_gib = 0, gpu_used_gib = 0;
   long largest_batch = 0;
+  size_t kv_bytes_prefill = 0;  // held right after the prefills (GPU: the pool's blocks)
+  double floor_tok_s = 0;       // GPU: batch x bandwidth / bytes read per step (0: not measured)
 };
 
 double ms_since(std::chrono::steady_clock::time_point t0) {
@@ -168,6 +170,7 @@ int cmd_bench(int argc, char** argv) {
               prompt, gen);
 
   const DType dtype = args.str("dtype", "f16") == "bf16" ? DType::BF16 : DType::F16;
+  double bandwidth = 0;  // GPU copy bandwidth (bytes/s), for the decode floor
 #ifdef PREFIXKV_HAVE_CUDA
   std::unique_ptr<cuda::GpuModel> gpu;
   std::unique_ptr<cuda::GpuKVPool> pool;
@@ -190,6 +193,11 @@ int cmd_bench(int argc, char** argv) {
     std::printf("bench: %s on the GPU (%s): weights and runtime %.2f GiB, KV pool %.2f GiB in blocks of %d entries\n",
                 dtype_name(dtype), cuda::device_summary().c_str(), double(gpu_used_before) / double(1ull << 30),
                 double(po.bytes) / double(1ull << 30), po.block_size);
+    bandwidth = cuda::measure_copy_bandwidth();
+    std::printf("bench: device copy bandwidth %.0f GB/s (read + written); decode steps as CUDA graphs: %s; "
+                "gemv for <= %d rows: %s\n",
+                bandwidth / 1e9, gpu->uses_graphs() ? "on" : "off (PKV_CUDA_GRAPHS=0)", cuda::kGemvMaxRows,
+                cuda::gemv_enabled() ? "on" : "off (PKV_GEMV=0)");
   }
 #endif
   PolicyOptions base = policy_options_from_args(args);
@@ -238,6 +246,10 @@ int cmd_bench(int argc, char** argv) {
           sessions.back()->prefill(p, &logits[size_t(b) * size_t(V)]);
           r.prefill_ms += ms_since(t0);
         }
+#ifdef PREFIXKV_HAVE_CUDA
+        for (auto& s : gsessions) r.kv_bytes_prefill += s->kv_bytes();
+#endif
+        for (auto& s : sessions) r.kv_bytes_prefill += s->cache().bytes();
         // Decode: every step one batched pass over all sequences (greedy tokens).
         std::vector<int32_t> tokens(static_cast<size_t>(B));
         const auto t1 = std::chrono::steady_clock::now();
@@ -275,6 +287,13 @@ int cmd_bench(int argc, char** argv) {
           const double outside_pool = double(gpu_total - cuda::device_free_bytes()) - double(st.total_bytes);
           r.gpu_used_gib = (outside_pool + double(st.peak_used_blocks) * double(st.bytes_per_block)) / double(1ull << 30);
           per_seq = double(r.kv_bytes_end) / B;
+          // The bandwidth floor: a step reads every weight but the embedding table once, and the
+          // KV entries the sequences hold (on average over the run: midway between after the
+          // prefills and the end).
+          const double streamed = double(gpu->weight_bytes()) -
+                                  (t.tie_embeddings ? 0.0 : double(t.vocab_size) * t.hidden * double(dtype_size(dtype)));
+          const double per_step = streamed + (double(r.kv_bytes_prefill) + double(r.kv_bytes_end)) / 2;
+          if (bandwidth > 0) r.floor_tok_s = double(B) * bandwidth / per_step;
           left = double(pool->blocks().stats().total_blocks) * double(pool->block_bytes()) -
                  double(prompt) * double(entry_bytes / 2);
         }
@@ -287,16 +306,22 @@ int cmd_bench(int argc, char** argv) {
   }
 
   const bool on_gpu = device == "cuda";
-  std::printf("\n| policy | kept | batch | prefill ms | decode tok/s | throughput tok/s | KV MiB at end | KV MiB full "
-              "| %s | largest batch (%s) |\n",
+  std::printf("\n| policy | kept | batch | prefill ms | decode tok/s | floor tok/s | of floor | throughput tok/s "
+              "| KV MiB at end | KV MiB full | %s | largest batch (%s) |\n",
               on_gpu ? "peak GPU GiB" : "peak RSS GiB",
               on_gpu ? "the KV pool" : (std::to_string(int(double(memory) / double(1ull << 30))) + " GiB").c_str());
-  std::printf("|---|---|---|---|---|---|---|---|---|---|\n");
-  for (const Record& r : records)
-    std::printf("| %s | %.0f%% | %d | %.0f | %.2f | %.2f | %.1f | %.1f | %.2f | %ld |\n", r.policy.c_str(),
-                r.budget * 100, r.batch, r.prefill_ms, r.decode_tok_s, r.throughput,
+  std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+  for (const Record& r : records) {
+    char floor[32] = "-", pct[32] = "-";
+    if (r.floor_tok_s > 0) {
+      std::snprintf(floor, sizeof floor, "%.1f", r.floor_tok_s);
+      std::snprintf(pct, sizeof pct, "%.0f%%", 100 * r.decode_tok_s / r.floor_tok_s);
+    }
+    std::printf("| %s | %.0f%% | %d | %.0f | %.2f | %s | %s | %.2f | %.1f | %.1f | %.2f | %ld |\n", r.policy.c_str(),
+                r.budget * 100, r.batch, r.prefill_ms, r.decode_tok_s, floor, pct, r.throughput,
                 double(r.kv_bytes_end) / double(1 << 20), double(r.kv_bytes_full) / double(1 << 20),
                 on_gpu ? r.gpu_used_gib : r.peak_rss_gib, r.largest_batch);
+  }
   if (args.has("json")) {
     json j;
     j["model"] = what;
@@ -306,6 +331,14 @@ int cmd_bench(int argc, char** argv) {
     j["gen"] = gen;
     j["weight_bytes"] = model->weight_bytes();
     j["memory_bytes"] = memory;
+    j["copy_bandwidth_bytes_per_s"] = bandwidth;
+#ifdef PREFIXKV_HAVE_CUDA
+    if (gpu) {
+      j["gpu"] = cuda::device_summary();
+      j["cuda_graphs"] = gpu->uses_graphs();
+      j["gemv"] = cuda::gemv_enabled();
+    }
+#endif
     j["records"] = json::array();
     for (const Record& r : records)
       j["records"].push_back({{"policy", r.policy}, {"budget", r.budget}, {"batch", r.batch},
@@ -313,7 +346,8 @@ int cmd_bench(int argc, char** argv) {
                               {"decode_tokens_per_s", r.decode_tok_s}, {"throughput_tokens_per_s", r.throughput},
                               {"kv_bytes_end", r.kv_bytes_end}, {"kv_bytes_full", r.kv_bytes_full},
                               {"peak_rss_gib", r.peak_rss_gib}, {"peak_gpu_gib", r.gpu_used_gib},
-                              {"largest_batch", r.largest_batch}});
+                              {"largest_batch", r.largest_batch}, {"kv_bytes_prefill", r.kv_bytes_prefill},
+                              {"floor_tokens_per_s", r.floor_tok_s}});
     const std::string out = args.str("json");
     std::ofstream f(out);
     if (!f) fail(out, "cannot write the results");

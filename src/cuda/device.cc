@@ -52,7 +52,7 @@ bool debug_sync() {
 
 void launch_check(cudaStream_t stream, const char* what, const char* file, int line) {
   cudaError_t err = cudaGetLastError();
-  if (err == cudaSuccess && debug_sync()) err = cudaStreamSynchronize(stream);
+  if (err == cudaSuccess && debug_sync() && !stream_capturing(stream)) err = cudaStreamSynchronize(stream);
   if (err != cudaSuccess)
     fail(where(file, line), std::string("CUDA error ") + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) +
                                 ") launching " + what + (debug_sync() ? "" : " (set PKV_CUDA_SYNC=1 to find an asynchronous fault's launch)"));
@@ -189,6 +189,76 @@ void copy_on_device(void* dst, const void* src, size_t bytes, void* stream) {
 }
 void memset_device(void* dst, int value, size_t bytes, void* stream) {
   if (bytes) PKV_CUDA_CHECK(cudaMemsetAsync(dst, value, bytes, static_cast<cudaStream_t>(stream)));
+}
+
+// ------------------------------------------------------------------------------------------------
+double measure_copy_bandwidth(size_t bytes) {
+  DeviceBuffer a(bytes, "bandwidth probe"), b(bytes, "bandwidth probe");
+  PKV_CUDA_CHECK(cudaMemset(a.data(), 1, bytes));
+  cudaEvent_t e0 = nullptr, e1 = nullptr;
+  PKV_CUDA_CHECK(cudaEventCreate(&e0));
+  PKV_CUDA_CHECK(cudaEventCreate(&e1));
+  float best_ms = 0;
+  for (int rep = 0; rep < 6; ++rep) {  // the first is a warm-up; the best of the rest
+    PKV_CUDA_CHECK(cudaEventRecord(e0, nullptr));
+    PKV_CUDA_CHECK(cudaMemcpyAsync(b.data(), a.data(), bytes, cudaMemcpyDeviceToDevice, nullptr));
+    PKV_CUDA_CHECK(cudaEventRecord(e1, nullptr));
+    PKV_CUDA_CHECK(cudaEventSynchronize(e1));
+    float ms = 0;
+    PKV_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
+    if (rep > 0 && (best_ms == 0 || ms < best_ms)) best_ms = ms;
+  }
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  return best_ms > 0 ? 2.0 * double(bytes) / (double(best_ms) / 1000.0) : 0.0;
+}
+
+bool stream_capturing(void* stream) {
+  cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+  PKV_CUDA_CHECK(cudaStreamIsCapturing(static_cast<cudaStream_t>(stream), &st));
+  return st != cudaStreamCaptureStatusNone;
+}
+
+StreamGraph::~StreamGraph() {
+  if (exec_) cudaGraphExecDestroy(static_cast<cudaGraphExec_t>(exec_));
+}
+
+void StreamGraph::capture(void* stream, const std::function<void()>& enqueue) {
+  const auto s = static_cast<cudaStream_t>(stream);
+  if (!s) fail("cuda::StreamGraph", "the default stream cannot be captured; give a stream of your own");
+  PKV_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+  cudaGraph_t graph = nullptr;
+  try {
+    enqueue();
+  } catch (...) {
+    cudaStreamEndCapture(s, &graph);  // ends the capture; what was recorded is dropped
+    if (graph) cudaGraphDestroy(graph);
+    (void)cudaGetLastError();
+    throw;
+  }
+  PKV_CUDA_CHECK(cudaStreamEndCapture(s, &graph));
+  ++captures_;
+  if (exec_) {
+    cudaGraphExecUpdateResultInfo info{};
+    if (cudaGraphExecUpdate(static_cast<cudaGraphExec_t>(exec_), graph, &info) == cudaSuccess) {
+      cudaGraphDestroy(graph);
+      return;
+    }
+    (void)cudaGetLastError();  // the topology changed: instantiate anew
+    cudaGraphExecDestroy(static_cast<cudaGraphExec_t>(exec_));
+    exec_ = nullptr;
+  }
+  cudaGraphExec_t exec = nullptr;
+  const cudaError_t err = cudaGraphInstantiate(&exec, graph, 0);
+  cudaGraphDestroy(graph);
+  if (err != cudaSuccess) cuda_failed(err, "cudaGraphInstantiate(&exec, graph, 0)", __FILE__, __LINE__);
+  exec_ = exec;
+  ++instantiations_;
+}
+
+void StreamGraph::launch(void* stream) {
+  if (!exec_) fail("cuda::StreamGraph", "launch before any capture");
+  PKV_CUDA_CHECK(cudaGraphLaunch(static_cast<cudaGraphExec_t>(exec_), static_cast<cudaStream_t>(stream)));
 }
 
 }  // namespace pkv::cuda

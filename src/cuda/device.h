@@ -3,6 +3,7 @@
 // plain pointers. Every failure throws pkv::Error with the file and line of the failing call.
 #pragma once
 #include <cstddef>
+#include <functional>
 #include <string>
 
 namespace pkv::cuda {
@@ -16,6 +17,9 @@ std::string device_summary();
 size_t device_free_bytes();
 size_t device_total_bytes();
 void device_synchronize();
+// Device memory bandwidth from timed device-to-device copies of `bytes` (bytes read + bytes written
+// per second, the traffic of the copy); 0 where it cannot be measured (the fake device).
+double measure_copy_bandwidth(size_t bytes = size_t(1) << 30);
 void stream_synchronize(void* stream);
 
 // Owns one device allocation (cudaMalloc). Move-only; expensive copies are explicit (copy_from).
@@ -71,6 +75,32 @@ class Stream {
  private:
   void* s_ = nullptr;
 };
+
+// Work recorded once from a stream and replayed with one launch (a CUDA graph), so that a decode
+// step of hundreds of small kernels is not bound by their launch overhead. capture() records what
+// `enqueue` puts on `stream` WITHOUT running it; every argument is baked in at that moment (device
+// memory is read at each replay), so `enqueue` must copy the values it uses, not refer to state that
+// changes. The first capture instantiates the graph; later ones update it in place when only
+// arguments changed (cudaGraphExecUpdate) and re-instantiate otherwise.
+class StreamGraph {
+ public:
+  StreamGraph() = default;
+  ~StreamGraph();
+  StreamGraph(const StreamGraph&) = delete;
+  StreamGraph& operator=(const StreamGraph&) = delete;
+  void capture(void* stream, const std::function<void()>& enqueue);
+  void launch(void* stream);  // replays the last capture on `stream`
+  bool ready() const { return exec_ != nullptr; }
+  int captures() const { return captures_; }
+  int instantiations() const { return instantiations_; }
+
+ private:
+  void* exec_ = nullptr;  // cudaGraphExec_t
+  std::function<void()> replay_;  // the fake device (tests/cuda/fake_device.cc) replays this
+  int captures_ = 0, instantiations_ = 0;
+};
+// True while `stream` is being captured (then nothing may synchronise it).
+bool stream_capturing(void* stream);
 
 // Asynchronous copies on `stream` (host memory should be pinned for real overlap).
 void copy_to_device(void* dst, const void* host_src, size_t bytes, void* stream);

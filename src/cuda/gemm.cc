@@ -46,6 +46,19 @@ Blas::Blas(void* stream) : stream_(stream) {
     cublasDestroy(h);
     cublas_failed(st, "cublasSetMathMode(h, CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION)", __FILE__, __LINE__);
   }
+  // A workspace of our own (32 MiB, what cuBLAS's documentation suggests for Hopper): products
+  // captured into a CUDA graph then never allocate.
+  try {
+    cublas_ws_ = DeviceBuffer(size_t(32) << 20, "cuBLAS workspace");
+  } catch (...) {
+    cublasDestroy(h);
+    throw;
+  }
+  st = cublasSetWorkspace(h, cublas_ws_.data(), cublas_ws_.bytes());
+  if (st != CUBLAS_STATUS_SUCCESS) {
+    cublasDestroy(h);
+    cublas_failed(st, "cublasSetWorkspace(h, ws, 32 MiB)", __FILE__, __LINE__);
+  }
   handle_ = h;
 }
 

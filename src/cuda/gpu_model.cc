@@ -21,6 +21,11 @@ namespace {
 
 constexpr const char* kWhere = "GPU model";
 
+bool env_off(const char* name) {
+  const char* v = std::getenv(name);
+  return v && std::string(v) == "0";
+}
+
 bool env_on(const char* name) {
   const char* v = std::getenv(name);
   return v && *v && std::string(v) != "0";
@@ -175,10 +180,20 @@ struct GpuModel::Impl {
   void decoder_qkv(const DecLayer& Ly, int R, const int32_t* pos_dev, float* xr, float* hfr, void* h16r, float* qkvr);
   void decoder_mlp(const DecLayer& Ly, int R, float* xr, float* hfr, void* h16r, void* att, float* g, float* u);
   void head_logits(const float* rows_x, int R, float* out_host);
+  float* head_buffers(int R);  // sizes the head's scratch for R rows; returns the logits buffer
+  void head_device(const float* rows_x, int R, float* logits_dev);
+
+  // CUDA graphs of decode steps (GpuModelOptions::cuda_graphs).
+  bool use_graphs = true;
+  bool capturing = false;
+  StreamGraph graph;
+  std::vector<int64_t> graph_key;
 };
 
 GpuModel::Impl::Impl(const Model& model, const GpuModelOptions& opt)
     : m(model), cfg(model.config()), dt(opt.dtype), stream(), blas(stream.get()) {
+  // PKV_GPU_CHECK's per-layer finiteness checks synchronise: they need the plain launches.
+  use_graphs = opt.cuda_graphs && !check_finite && !env_off("PKV_CUDA_GRAPHS");
   const TextConfig& t = cfg.text;
   D = t.hidden, H = t.n_heads, Hkv = t.n_kv_heads, hd = t.head_dim, I = t.intermediate, V = t.vocab_size,
   L = t.n_layers;
@@ -373,7 +388,7 @@ void GpuModel::Impl::linear(const DevLinear& Lw, const void* x16, int rows, void
 // PKV_CUDA_SYNC=1: synchronise after every stage so a fault names the stage and layer;
 // PKV_GPU_CHECK=1: also check that the residual stream is finite (F16 overflow shows up here).
 void GpuModel::Impl::checkpoint(const char* what, int layer, const float* resid, size_t n) {
-  if (!sync_debug && !check_finite) return;
+  if ((!sync_debug && !check_finite) || capturing) return;  // a stream being captured cannot synchronise
   const std::string at = std::string(what) + (layer >= 0 ? " of layer " + std::to_string(layer) : "");
   try {
     stream.synchronize();
@@ -426,13 +441,23 @@ void GpuModel::Impl::decoder_mlp(const DecLayer& Ly, int R, float* xr, float* hf
 
 // Final norm and LM head for R rows of the residual; logits to the host (synchronises).
 void GpuModel::Impl::head_logits(const float* rows_x, int R, float* out_host) {
-  float* hfr = hf.need_as<float>(size_t(R) * D, s());
+  float* lg = head_buffers(R);
+  head_device(rows_x, R, lg);
+  copy_to_host(out_host, lg, size_t(R) * V * sizeof(float), s());
+}
+
+float* GpuModel::Impl::head_buffers(int R) {
+  hf.need_as<float>(size_t(R) * D, s());
+  h16.need(size_t(R) * D * esize(), s());
+  return logits.need_as<float>(size_t(R) * V, s());
+}
+
+void GpuModel::Impl::head_device(const float* rows_x, int R, float* lg) {
+  float* hfr = hf.need_as<float>(size_t(R) * D, s());  // sized by head_buffers: no reallocation here
   void* h16r = h16.need(size_t(R) * D * esize(), s());
-  float* lg = logits.need_as<float>(size_t(R) * V, s());
   rms_norm(DType::F32, rows_x, hfr, final_norm, R, D, eps, s());
   to16(hfr, h16r, size_t(R) * D);
   linear(head, h16r, R, lg, false);
-  copy_to_host(out_host, lg, size_t(R) * V * sizeof(float), s());
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -455,6 +480,8 @@ DType GpuModel::dtype() const { return impl_->dt; }
 bool GpuModel::has_vision() const { return impl_->vision; }
 size_t GpuModel::weight_bytes() const { return impl_->weight_bytes; }
 void* GpuModel::stream() const { return impl_->s(); }
+bool GpuModel::uses_graphs() const { return impl_->use_graphs; }
+int GpuModel::graph_captures() const { return impl_->graph.captures(); }
 
 // ------------------------------------------------------------------------------------------------
 std::vector<float> GpuModel::encode_image(const float* pixels) {
@@ -718,16 +745,24 @@ void GpuModel::decode(GpuKVPool& kv, const GpuDecodeBatch& b) {
                             std::to_string(bp.n_blocks()) + " are free");
   for (int i = 0; i < B; ++i) bp.append_all(b.seqs[size_t(i)], 1);
 
-  // Metadata: positions, tokens, per layer [B, stride] tables, row entries and lengths.
+  // Attention plans are made for a length bucket (the next power of two >= 256) rather than the
+  // exact longest entry count, and tables are padded to the bucket: then the whole step's launch
+  // arguments stay the same from one step to the next (the kernels read the true lengths from
+  // `lengths`), so one captured CUDA graph serves every step until a layer outgrows its bucket.
+  auto bucket = [](int n) {
+    int v = 256;
+    while (v < n) v *= 2;
+    return v;
+  };
   int stride = 1, max_len_all = 0;
   std::vector<int> max_len(static_cast<size_t>(g.L), 0);
   for (int i = 0; i < B; ++i)
-    for (int l = 0; l < g.L; ++l) {
-      const int n = before[size_t(i)][size_t(l)] + 1;
-      stride = std::max(stride, bp.blocks_for(n));
-      max_len[size_t(l)] = std::max(max_len[size_t(l)], n);
-      max_len_all = std::max(max_len_all, n);
-    }
+    for (int l = 0; l < g.L; ++l) max_len[size_t(l)] = std::max(max_len[size_t(l)], before[size_t(i)][size_t(l)] + 1);
+  for (int l = 0; l < g.L; ++l) {
+    max_len[size_t(l)] = bucket(max_len[size_t(l)]);
+    max_len_all = std::max(max_len_all, max_len[size_t(l)]);
+  }
+  stride = std::max(stride, bp.blocks_for(max_len_all));
   IntPack pk;
   const size_t o_pos = pk.add(std::vector<int32_t>(b.positions, b.positions + B));
   const size_t o_tok = b.tokens ? pk.add(std::vector<int32_t>(b.tokens, b.tokens + B)) : 0;
@@ -752,47 +787,82 @@ void GpuModel::decode(GpuKVPool& kv, const GpuDecodeBatch& b) {
   for (int l = 0; l < g.L; ++l)
     ws_bytes = std::max(ws_bytes, attention_decode_workspace_bytes(B, g.H, g.Hkv, g.hd, max_len[size_t(l)], want_imp));
   const Impl::Rows r = g.decoder_rows(size_t(B), s);
-  float *x = r.x, *hf = r.hf, *qkv = r.qkv, *gate = r.gate, *up = r.up;
-  void *h16 = r.h16, *qkv16 = r.qkv16, *att16 = r.att16;
   float* imp = want_imp ? g.imp.need_as<float>(size_t(g.L) * B * istride, s) : nullptr;
   void* ws = g.ws.need(ws_bytes, s);
+  float* lg = b.logits ? g.head_buffers(B) : nullptr;
   int32_t* meta = upload_pack(g.ints, pk, s);
-  const int32_t* pos_dev = meta + o_pos;
+  if (b.embeddings) copy_to_device(r.x, b.embeddings, size_t(B) * g.D * sizeof(float), s);
 
-  if (b.embeddings) copy_to_device(x, b.embeddings, size_t(B) * g.D * sizeof(float), s);
-  else embedding(g.dt, g.embed, g.V, g.D, meta + o_tok, B, DType::F32, x, s);
-  if (imp) memset_device(imp, 0, size_t(g.L) * B * istride * sizeof(float), s);
-  for (int l = 0; l < g.L; ++l) {
-    const DecLayer& Ly = g.layers[size_t(l)];
-    g.decoder_qkv(Ly, B, pos_dev, x, hf, h16, qkv);
-    const PagedKV pkv = kv.paged(meta + o_tab + size_t(l) * B * stride, stride);
-    const PagedRows rows{meta + o_rt, meta + o_re + size_t(l) * B, B};
-    paged_kv_write(pkv, rows, DType::F32, qkv + g.qd, qkv + g.qd + g.kvd, g.W, pos_dev, s);
-    g.to16(qkv, qkv16, size_t(B) * g.W);
-    DecodeAttentionArgs a;
-    a.q = qkv16;
-    a.batch = B;
-    a.q_stride = g.W;
-    a.q_pos = pos_dev;
-    a.kv = pkv;
-    a.lengths = meta + o_len + size_t(l) * B;
-    a.max_len = max_len[size_t(l)];
-    a.n_heads = g.H;
-    a.n_kv_heads = g.Hkv;
-    a.head_dim = g.hd;
-    a.scale = g.scale;
-    a.out = att16;
-    if (imp) {
-      a.importance = imp + size_t(l) * B * istride;
-      a.importance_stride = istride;
+  // The step's work. Everything it uses is copied into the closure (a captured graph keeps the
+  // values of its capture); only device memory (metadata, activations, the pool) changes between
+  // replays.
+  const bool tokens = b.tokens != nullptr;
+  const std::vector<int> plan_len = max_len;
+  Impl* gp = &g;
+  GpuKVPool* kvp = &kv;
+  auto enqueue = [gp, kvp, r, imp, ws, ws_bytes, lg, meta, B, stride, istride, tokens, plan_len, o_pos, o_tok, o_tab,
+                  o_re, o_len, o_rt]() {
+    Impl& g = *gp;
+    void* s = g.s();
+    const int32_t* pos_dev = meta + o_pos;
+    if (tokens) embedding(g.dt, g.embed, g.V, g.D, meta + o_tok, B, DType::F32, r.x, s);
+    if (imp) memset_device(imp, 0, size_t(g.L) * B * istride * sizeof(float), s);
+    for (int l = 0; l < g.L; ++l) {
+      const DecLayer& Ly = g.layers[size_t(l)];
+      g.decoder_qkv(Ly, B, pos_dev, r.x, r.hf, r.h16, r.qkv);
+      const PagedKV pkv = kvp->paged(meta + o_tab + size_t(l) * B * stride, stride);
+      const PagedRows rows{meta + o_rt, meta + o_re + size_t(l) * B, B};
+      paged_kv_write(pkv, rows, DType::F32, r.qkv + g.qd, r.qkv + g.qd + g.kvd, g.W, pos_dev, s);
+      g.to16(r.qkv, r.qkv16, size_t(B) * g.W);
+      DecodeAttentionArgs a;
+      a.q = r.qkv16;
+      a.batch = B;
+      a.q_stride = g.W;
+      a.q_pos = pos_dev;
+      a.kv = pkv;
+      a.lengths = meta + o_len + size_t(l) * B;
+      a.max_len = plan_len[size_t(l)];
+      a.n_heads = g.H;
+      a.n_kv_heads = g.Hkv;
+      a.head_dim = g.hd;
+      a.scale = g.scale;
+      a.out = r.att16;
+      if (imp) {
+        a.importance = imp + size_t(l) * B * istride;
+        a.importance_stride = istride;
+      }
+      a.workspace = ws;
+      a.workspace_bytes = ws_bytes;
+      attention_decode(a, s);
+      g.decoder_mlp(Ly, B, r.x, r.hf, r.h16, r.att16, r.gate, r.up);
+      g.checkpoint("decoder step", l, r.x, size_t(B) * g.D);
     }
-    a.workspace = ws;
-    a.workspace_bytes = ws_bytes;
-    attention_decode(a, s);
-    g.decoder_mlp(Ly, B, x, hf, h16, att16, gate, up);
-    g.checkpoint("decoder step", l, x, size_t(B) * g.D);
+    if (lg) g.head_device(r.x, B, lg);
+  };
+  if (g.use_graphs) {
+    // The key: every value baked into the graph that can differ between steps.
+    std::vector<int64_t> key = {B, stride, istride, tokens, int64_t(ws_bytes)};
+    key.insert(key.end(), plan_len.begin(), plan_len.end());
+    const std::initializer_list<const void*> ptrs = {r.x, r.hf, r.h16, r.qkv, r.qkv16, r.att16, r.gate, r.up, imp, ws, lg, meta};
+    for (const void* p : ptrs)
+      key.push_back(int64_t(reinterpret_cast<uintptr_t>(p)));
+    if (key != g.graph_key || !g.graph.ready()) {
+      g.graph_key.clear();  // stays clear if the capture fails
+      g.capturing = true;
+      try {
+        g.graph.capture(s, enqueue);
+      } catch (...) {
+        g.capturing = false;
+        throw;
+      }
+      g.capturing = false;
+      g.graph_key = key;
+    }
+    g.graph.launch(s);
+  } else {
+    enqueue();
   }
-  if (b.logits) g.head_logits(x, B, b.logits);
+  if (lg) copy_to_host(b.logits, lg, size_t(B) * g.V * sizeof(float), s);
   if (imp) {
     std::vector<float> all(size_t(g.L) * B * istride);
     copy_to_host(all.data(), imp, all.size() * sizeof(float), s);

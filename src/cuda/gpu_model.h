@@ -29,6 +29,8 @@ struct GpuModelOptions {
   DType dtype = DType::BF16;  // compute dtype: BF16 or F16
   bool vision = true;         // upload the vision tower and projector (when the model has them)
   int device = 0;
+  // Decode steps as CUDA graphs (one launch per step; PKV_CUDA_GRAPHS=0 turns them off).
+  bool cuda_graphs = true;
 };
 
 class GpuModel;
@@ -119,6 +121,8 @@ class GpuModel {
   bool has_vision() const;
   size_t weight_bytes() const;  // device bytes of the uploaded weights
   void* stream() const;         // the cudaStream_t every call runs on
+  bool uses_graphs() const;     // decode steps run as CUDA graphs (GpuModelOptions::cuda_graphs)
+  int graph_captures() const;   // decode steps captured so far (the rest were replays)
 
   // pixels [3, S, S] (host) -> image embeddings [image_tokens, text hidden] (host): CLIP tower and
   // projector on the device; the feature layers and CLS handling of Model::encode_image.

@@ -82,6 +82,7 @@ class Blas {
   void* handle_ = nullptr;
   void* stream_ = nullptr;
   DeviceBuffer ws_;
+  DeviceBuffer cublas_ws_;  // cuBLAS's own workspace, set once, so that captured GEMMs allocate nothing
 };
 
 // y[rows, out] = x[rows, in] * W^T + bias (or += with accumulate): ops::linear's twin.

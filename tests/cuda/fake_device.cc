@@ -87,6 +87,7 @@ std::string device_summary() { return "fake device (host memory, CPU twins; " + 
 size_t device_free_bytes() { return limit_bytes() - g_used; }
 size_t device_total_bytes() { return limit_bytes(); }
 void device_synchronize() {}
+double measure_copy_bandwidth(size_t) { return 0; }
 void stream_synchronize(void*) {}
 
 DeviceBuffer::DeviceBuffer(size_t bytes, const std::string& what) : what_(what) {
@@ -144,6 +145,21 @@ Stream& Stream::operator=(Stream&& o) noexcept {
   return *this;
 }
 void Stream::synchronize() const {}
+
+// Graphs: capture keeps the enqueue function (nothing runs), launch runs it. As on the GPU, the
+// values it was given are those of the capture; device memory is read at each replay.
+StreamGraph::~StreamGraph() = default;
+void StreamGraph::capture(void*, const std::function<void()>& enqueue) {
+  replay_ = enqueue;
+  exec_ = this;
+  ++captures_;
+  if (instantiations_ == 0) ++instantiations_;
+}
+void StreamGraph::launch(void*) {
+  if (!exec_) fail("cuda::StreamGraph", "launch before any capture");
+  replay_();
+}
+bool stream_capturing(void*) { return false; }
 
 void copy_to_device(void* dst, const void* src, size_t bytes, void*) {
   if (bytes) std::memcpy(dst, src, bytes);
