@@ -97,6 +97,7 @@ struct Record {
   long largest_batch = 0;
   size_t kv_bytes_prefill = 0;  // held right after the prefills (GPU: the pool's blocks)
   double floor_tok_s = 0;       // GPU: batch x bandwidth / bytes read per step (0: not measured)
+  double step_ms = 0, step_gpu_ms = 0;  // per decode step: wall time, and GPU time of the model's work
 };
 
 double ms_since(std::chrono::steady_clock::time_point t0) {
@@ -252,6 +253,9 @@ int cmd_bench(int argc, char** argv) {
         for (auto& s : sessions) r.kv_bytes_prefill += s->cache().bytes();
         // Decode: every step one batched pass over all sequences (greedy tokens).
         std::vector<int32_t> tokens(static_cast<size_t>(B));
+#ifdef PREFIXKV_HAVE_CUDA
+        if (gpu) gpu->reset_decode_times();
+#endif
         const auto t1 = std::chrono::steady_clock::now();
         for (int s = 0; s < gen; ++s) {
           for (int b = 0; b < B; ++b) {
@@ -267,6 +271,11 @@ int cmd_bench(int argc, char** argv) {
           Session::step_many(ptrs, tokens.data(), logits.data());
         }
         r.decode_ms = ms_since(t1);
+        r.step_ms = gen > 0 ? r.decode_ms / gen : 0;
+#ifdef PREFIXKV_HAVE_CUDA
+        if (gpu && gpu->decode_times().steps > 0)
+          r.step_gpu_ms = gpu->decode_times().gpu_ms / gpu->decode_times().steps;
+#endif
         r.decode_tok_s = double(B) * gen / (r.decode_ms / 1000);
         r.throughput = double(B) * gen / ((r.prefill_ms + r.decode_ms) / 1000);
         for (auto& s : sessions) r.kv_bytes_end += s->cache().bytes();
@@ -300,8 +309,8 @@ int cmd_bench(int argc, char** argv) {
 #endif
         r.largest_batch = per_seq > 0 && left > 0 ? long(left / per_seq) : 0;
         records.push_back(r);
-        std::fprintf(stderr, "  %s %.2f batch %d: prefill %.0f ms, decode %.1f tok/s\n", pname.c_str(), budget, B,
-                     r.prefill_ms, r.decode_tok_s);
+        std::fprintf(stderr, "  %s %.2f batch %d: prefill %.0f ms, decode %.1f tok/s (%.2f ms a step, %.2f ms of it on the GPU)\n",
+                     pname.c_str(), budget, B, r.prefill_ms, r.decode_tok_s, r.step_ms, r.step_gpu_ms);
       }
   }
 
@@ -347,7 +356,8 @@ int cmd_bench(int argc, char** argv) {
                               {"kv_bytes_end", r.kv_bytes_end}, {"kv_bytes_full", r.kv_bytes_full},
                               {"peak_rss_gib", r.peak_rss_gib}, {"peak_gpu_gib", r.gpu_used_gib},
                               {"largest_batch", r.largest_batch}, {"kv_bytes_prefill", r.kv_bytes_prefill},
-                              {"floor_tokens_per_s", r.floor_tok_s}});
+                              {"floor_tokens_per_s", r.floor_tok_s},
+                              {"step_ms", r.step_ms}, {"step_gpu_ms", r.step_gpu_ms}});
     const std::string out = args.str("json");
     std::ofstream f(out);
     if (!f) fail(out, "cannot write the results");

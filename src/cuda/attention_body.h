@@ -318,7 +318,8 @@ __device__ __forceinline__ int decode_length(const DecodeParams& p, int b) {
 template <class T, int D, class Ctx>
 __device__ void decode_split(Ctx& c, const DecodeParams& p) {
   using L = DecodeLayout<D>;
-  constexpr int TK = kDecodeTK, MG = kDecodeMaxG, KT = L::KT, NL = L::NL;
+  constexpr int TK = kDecodeTK, MG = kDecodeMaxG, KT = L::KT, NL = L::NL, KPT = TK / NL;
+  static_assert(TK % NL == 0, "a tile's keys split evenly over the key lanes");
   float* smem = reinterpret_cast<float*>(c.smem);
   int64_t* rowoff = reinterpret_cast<int64_t*>(smem + L::rowoff);
   float* q_s = smem + L::q;
@@ -356,17 +357,29 @@ __device__ void decode_split(Ctx& c, const DecodeParams& p) {
   c.sync();
 
   for (int t0 = start; t0 < end; t0 += TK) {
-    // Scores: KT threads per key, 8 dims each, reduced across the KT lanes.
-    for (int kk = lk; kk < TK; kk += NL) {
-      const int j = t0 + kk;
+    // Scores: KT threads per key, 8 dims each, reduced across the KT lanes. A thread first loads
+    // its KPT keys of the tile (so that many loads are in flight), then reduces them.
+    int64_t offs[KPT];
+    uint4 kraw[KPT];
+#pragma unroll
+    for (int it = 0; it < KPT; ++it) {
+      const int j = t0 + lk + it * NL;
       int64_t off = -1;
       if (j < end) {
         int si = 0;
         off = decode_entry_offset(p, b, j, &si);
         if (off >= 0 && p.positions[si] > qpos) off = -1;  // not visible to this query
       }
-      float kf[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-      if (off >= 0 && d0 < hd) load8(pool + off + int64_t(g) * hd + d0, kf);
+      offs[it] = off;
+      kraw[it] = uint4{0u, 0u, 0u, 0u};
+      if (off >= 0 && d0 < hd) kraw[it] = *reinterpret_cast<const uint4*>(pool + off + int64_t(g) * hd + d0);
+    }
+#pragma unroll
+    for (int it = 0; it < KPT; ++it) {
+      const int kk = lk + it * NL, j = t0 + kk;
+      const int64_t off = offs[it];
+      float kf[8];
+      unpack8<T>(kraw[it], kf);
 #pragma unroll
       for (int hh = 0; hh < MG; ++hh) {
         if (hh >= G) break;  // G is uniform over the block
@@ -419,11 +432,19 @@ __device__ void decode_split(Ctx& c, const DecodeParams& p) {
 #pragma unroll
       for (int e = 0; e < 8; ++e) acc[hh][e] *= a;
     }
-    for (int kk = lk; kk < TK; kk += NL) {
-      const int64_t off = rowoff[kk];
-      if (off < 0 || d0 >= hd) continue;
+    uint4 vraw[KPT];
+#pragma unroll
+    for (int it = 0; it < KPT; ++it) {  // the V rows of this thread's keys, all loads first
+      const int64_t off = rowoff[lk + it * NL];
+      vraw[it] = uint4{0u, 0u, 0u, 0u};
+      if (off >= 0 && d0 < hd) vraw[it] = *reinterpret_cast<const uint4*>(pool + off + int64_t(p.block_size) * p.kv_dim + int64_t(g) * hd + d0);
+    }
+#pragma unroll
+    for (int it = 0; it < KPT; ++it) {
+      const int kk = lk + it * NL;
+      if (rowoff[kk] < 0 || d0 >= hd) continue;
       float vf[8];
-      load8(pool + off + int64_t(p.block_size) * p.kv_dim + int64_t(g) * hd + d0, vf);
+      unpack8<T>(vraw[it], vf);
 #pragma unroll
       for (int hh = 0; hh < MG; ++hh) {
         if (hh >= G) break;

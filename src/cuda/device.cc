@@ -213,6 +213,32 @@ double measure_copy_bandwidth(size_t bytes) {
   return best_ms > 0 ? 2.0 * double(bytes) / (double(best_ms) / 1000.0) : 0.0;
 }
 
+StreamTimer::StreamTimer() {
+  cudaEvent_t a = nullptr, b = nullptr;
+  PKV_CUDA_CHECK(cudaEventCreate(&a));
+  if (cudaEventCreate(&b) != cudaSuccess) {
+    cudaEventDestroy(a);
+    PKV_CUDA_CHECK(cudaGetLastError());
+  }
+  e0_ = a, e1_ = b;
+}
+StreamTimer::~StreamTimer() {
+  if (e0_) cudaEventDestroy(static_cast<cudaEvent_t>(e0_));
+  if (e1_) cudaEventDestroy(static_cast<cudaEvent_t>(e1_));
+}
+void StreamTimer::start(void* stream) {
+  PKV_CUDA_CHECK(cudaEventRecord(static_cast<cudaEvent_t>(e0_), static_cast<cudaStream_t>(stream)));
+}
+void StreamTimer::stop(void* stream) {
+  PKV_CUDA_CHECK(cudaEventRecord(static_cast<cudaEvent_t>(e1_), static_cast<cudaStream_t>(stream)));
+}
+double StreamTimer::elapsed_ms() const {
+  PKV_CUDA_CHECK(cudaEventSynchronize(static_cast<cudaEvent_t>(e1_)));
+  float ms = 0;
+  PKV_CUDA_CHECK(cudaEventElapsedTime(&ms, static_cast<cudaEvent_t>(e0_), static_cast<cudaEvent_t>(e1_)));
+  return ms;
+}
+
 bool stream_capturing(void* stream) {
   cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
   PKV_CUDA_CHECK(cudaStreamIsCapturing(static_cast<cudaStream_t>(stream), &st));

@@ -99,6 +99,22 @@ class StreamGraph {
   std::function<void()> replay_;  // the fake device (tests/cuda/fake_device.cc) replays this
   int captures_ = 0, instantiations_ = 0;
 };
+// GPU time between two points of a stream (CUDA events).
+class StreamTimer {
+ public:
+  StreamTimer();
+  ~StreamTimer();
+  StreamTimer(const StreamTimer&) = delete;
+  StreamTimer& operator=(const StreamTimer&) = delete;
+  void start(void* stream);
+  void stop(void* stream);
+  double elapsed_ms() const;  // waits for the stop event; 0 on the fake device
+
+ private:
+  void* e0_ = nullptr;
+  void* e1_ = nullptr;
+};
+
 // True while `stream` is being captured (then nothing may synchronise it).
 bool stream_capturing(void* stream);
 

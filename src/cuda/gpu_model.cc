@@ -188,6 +188,8 @@ struct GpuModel::Impl {
   bool capturing = false;
   StreamGraph graph;
   std::vector<int64_t> graph_key;
+  StreamTimer step_timer;
+  GpuModel::DecodeTimes times;
 };
 
 GpuModel::Impl::Impl(const Model& model, const GpuModelOptions& opt)
@@ -481,6 +483,8 @@ bool GpuModel::has_vision() const { return impl_->vision; }
 size_t GpuModel::weight_bytes() const { return impl_->weight_bytes; }
 void* GpuModel::stream() const { return impl_->s(); }
 bool GpuModel::uses_graphs() const { return impl_->use_graphs; }
+GpuModel::DecodeTimes GpuModel::decode_times() const { return impl_->times; }
+void GpuModel::reset_decode_times() { impl_->times = {}; }
 int GpuModel::graph_captures() const { return impl_->graph.captures(); }
 
 // ------------------------------------------------------------------------------------------------
@@ -839,6 +843,7 @@ void GpuModel::decode(GpuKVPool& kv, const GpuDecodeBatch& b) {
     }
     if (lg) g.head_device(r.x, B, lg);
   };
+  g.step_timer.start(s);
   if (g.use_graphs) {
     // The key: every value baked into the graph that can differ between steps.
     std::vector<int64_t> key = {B, stride, istride, tokens, int64_t(ws_bytes)};
@@ -862,7 +867,10 @@ void GpuModel::decode(GpuKVPool& kv, const GpuDecodeBatch& b) {
   } else {
     enqueue();
   }
+  g.step_timer.stop(s);
   if (lg) copy_to_host(b.logits, lg, size_t(B) * g.V * sizeof(float), s);
+  g.times.steps += 1;
+  g.times.gpu_ms += g.step_timer.elapsed_ms();
   if (imp) {
     std::vector<float> all(size_t(g.L) * B * istride);
     copy_to_host(all.data(), imp, all.size() * sizeof(float), s);

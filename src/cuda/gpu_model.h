@@ -123,6 +123,14 @@ class GpuModel {
   void* stream() const;         // the cudaStream_t every call runs on
   bool uses_graphs() const;     // decode steps run as CUDA graphs (GpuModelOptions::cuda_graphs)
   int graph_captures() const;   // decode steps captured so far (the rest were replays)
+  // GPU time of the decode steps' work (embedding to logits, CUDA events), to compare with their
+  // wall time: the rest is the host's (metadata, policies, the copies and synchronisation).
+  struct DecodeTimes {
+    int steps = 0;
+    double gpu_ms = 0;
+  };
+  DecodeTimes decode_times() const;
+  void reset_decode_times();
 
   // pixels [3, S, S] (host) -> image embeddings [image_tokens, text hidden] (host): CLIP tower and
   // projector on the device; the feature layers and CLS handling of Model::encode_image.

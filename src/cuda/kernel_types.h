@@ -61,14 +61,19 @@ __host__ __device__ __forceinline__ uint32_t pack2(float a, float b) {
          (uint32_t(f_to_bits(b, static_cast<const T*>(nullptr))) << 16);
 }
 
-// Eight consecutive 16-bit elements (16-byte aligned) -> float, one 16-byte load.
+// Eight 16-bit elements held in 16 bytes -> float.
 template <class T>
-__host__ __device__ __forceinline__ void load8(const T* p, float (&out)[8]) {
-  const uint4 u = *reinterpret_cast<const uint4*>(p);
+__host__ __device__ __forceinline__ void unpack8(const uint4& u, float (&out)[8]) {
   unpack2<T>(u.x, out[0], out[1]);
   unpack2<T>(u.y, out[2], out[3]);
   unpack2<T>(u.z, out[4], out[5]);
   unpack2<T>(u.w, out[6], out[7]);
+}
+
+// Eight consecutive 16-bit elements (16-byte aligned) -> float, one 16-byte load.
+template <class T>
+__host__ __device__ __forceinline__ void load8(const T* p, float (&out)[8]) {
+  unpack8<T>(*reinterpret_cast<const uint4*>(p), out);
 }
 
 }  // namespace pkv::cuda::detail

@@ -100,8 +100,10 @@ PrefillWorkspaceLayout prefill_workspace_layout(int n_q, int n_kv, int n_heads);
 constexpr int kDecodeThreads = 128;
 constexpr int kDecodeTK = 64;           // keys per tile
 constexpr int kDecodeMaxG = 8;          // query heads per block at most
-constexpr int kDecodeMinChunk = 256;    // fewest keys per split
-constexpr int kDecodeTargetBlocks = 264;  // ~2 blocks per SM on an H100 (132 SMs)
+constexpr int kDecodeMinChunk = 128;    // fewest keys per split
+// Enough blocks to keep ~8 per SM of an H100 / H200 (132 SMs) loading: a block has only
+// NL * 16 bytes per thread-row in flight, so memory parallelism comes from many blocks.
+constexpr int kDecodeTargetBlocks = 1056;
 
 template <int D>
 struct DecodeLayout {

@@ -160,6 +160,11 @@ void StreamGraph::launch(void*) {
   replay_();
 }
 bool stream_capturing(void*) { return false; }
+StreamTimer::StreamTimer() = default;
+StreamTimer::~StreamTimer() = default;
+void StreamTimer::start(void*) {}
+void StreamTimer::stop(void*) {}
+double StreamTimer::elapsed_ms() const { return 0; }
 
 void copy_to_device(void* dst, const void* src, size_t bytes, void*) {
   if (bytes) std::memcpy(dst, src, bytes);
