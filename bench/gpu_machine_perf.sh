@@ -33,6 +33,38 @@ case $phase in
     python3 bench/hf_bench.py --shape llava-1.5-13b --batch 8 --prompt 1024 --gen 512 --out "$W/hf_13b_b8.json" >> "$W/hf.txt" 2>&1
     grep "^|" "$W/hf.txt" || tail -20 "$W/hf.txt"
     ;;
+  ncu)  # per-kernel GPU time of decode steps (plain launches: ncu profiles each kernel)
+    if [ ! -f build-gpu/CMakeCache.txt ]; then
+      cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DPREFIXKV_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
+        -DPREFIXKV_NATIVE=ON -DPREFIXKV_TESTS=OFF > "$W/build_gpu.log" 2>&1
+    fi
+    cmake --build build-gpu -j "$J" --target prefixkv >> "$W/build_gpu.log" 2>&1
+    for cfg in "1 672" "16 1024"; do
+      set -- $cfg
+      # skip the prefill(s) and the first steps: profile kernels of later decode steps only
+      skip=$(( $1 * 530 + 1700 ))
+      PKV_CUDA_GRAPHS=0 timeout 280 ncu --clock-control none --metrics gpu__time_duration.sum --csv \
+        --launch-skip $skip --launch-count 1000 ./build-gpu/prefixkv bench --shape llava-1.5-7b --device cuda --dtype f16 \
+        --batch $1 --prompt $2 --gen 16 > "$W/ncu_b$1.csv" 2> "$W/ncu_b$1.err" || echo "ncu b$1 failed: rc $?"
+      python3 - "$W/ncu_b$1.csv" <<'PY' | tee "$W/ncu_b$1_summary.txt"
+import csv, sys, collections
+rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
+if not rows: print("no ncu rows"); sys.exit()
+h = rows[0]; ki = h.index("Kernel Name"); vi = h.index("Metric Value"); ui = h.index("Metric Unit")
+tot = collections.defaultdict(float); cnt = collections.Counter()
+for r in rows[1:]:
+    try: v = float(r[vi].replace(",", ""))
+    except ValueError: continue
+    if r[ui] == "usecond": v *= 1000
+    elif r[ui] == "msecond": v *= 1e6
+    name = r[ki].split("(")[0][:70]; tot[name] += v; cnt[name] += 1
+all_ns = sum(tot.values())
+print(f"{len(rows)-1} kernels, {all_ns/1e6:.3f} ms in all")
+for n, v in sorted(tot.items(), key=lambda x: -x[1])[:25]:
+    print(f"{v/1e6:9.3f} ms {100*v/all_ns:5.1f}% {cnt[n]:6d} x {v/cnt[n]/1e3:8.2f} us  {n}")
+PY
+    done
+    ;;
   smoke|gpu1|gpu2)
     if [ ! -f build-gpu/CMakeCache.txt ]; then  # scripts/gpu_test.sh may have configured it already
       cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DPREFIXKV_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
