@@ -317,19 +317,16 @@ __device__ __forceinline__ int decode_length(const DecodeParams& p, int b) {
 
 template <class T, int D, class Ctx>
 __device__ void decode_split(Ctx& c, const DecodeParams& p) {
+  // Flash-decoding without block barriers in the key loop: the block's 128 threads form NL key
+  // groups of KT = D / 8 lanes (a group holds one key's D dims, 8 per lane, and stays inside one
+  // warp). Group kg takes keys start + kg, + NL, ...; for each it computes the G heads' scores
+  // (reduced over its KT lanes by shuffles, so every lane of the group has them), then updates its
+  // own online softmax (m, l) and output rows. U keys are loaded (table, position, K and V rows)
+  // before any is used, so a group keeps U * 32 bytes per lane in flight. At the end the NL groups'
+  // partial results are merged through shared memory into this split's (O, m, l).
   using L = DecodeLayout<D>;
-  constexpr int TK = kDecodeTK, MG = kDecodeMaxG, KT = L::KT, NL = L::NL, KPT = TK / NL;
-  static_assert(TK % NL == 0, "a tile's keys split evenly over the key lanes");
-  float* smem = reinterpret_cast<float*>(c.smem);
-  int64_t* rowoff = reinterpret_cast<int64_t*>(smem + L::rowoff);
-  float* q_s = smem + L::q;
-  float* S = smem + L::s;
-  float* m_s = smem + L::m;
-  float* l_s = smem + L::l;
-  float* alpha_s = smem + L::alpha;
-  float* red = smem + L::red;
-
-  const int tid = c.tid, lk = tid / KT, dp = tid % KT, d0 = dp * 8;
+  constexpr int MG = kDecodeMaxG, KT = L::KT, NL = L::NL, U = kDecodeKeysInFlight;
+  const int tid = c.tid, kg = tid / KT, dp = tid % KT, d0 = dp * 8;
   const int split = c.bx, h0 = c.by * p.G, b = c.bz;
   const int G = p.G, hd = p.head_dim, g = h0 / p.group;
   const int len = decode_length(p, b);
@@ -338,140 +335,106 @@ __device__ void decode_split(Ctx& c, const DecodeParams& p) {
   const int qpos = p.q_pos ? p.q_pos[b] : INT_MAX;
   const T* q = static_cast<const T*>(p.q);
   const T* pool = static_cast<const T*>(p.pool);
+  const bool dims_ok = d0 < hd;
 
-  for (int idx = tid; idx < MG * D; idx += kDecodeThreads) {
-    const int hh = idx / D, cc = idx % D;
-    float x = 0.f;
-    if (hh < G && cc < hd) x = to_f(q[int64_t(b) * p.q_stride + int64_t(h0 + hh) * hd + cc]) * p.scale_log2;
-    q_s[idx] = x;
-  }
-  if (tid < MG) {
-    m_s[tid] = -INFINITY;
-    l_s[tid] = 0.f;
-  }
-  float acc[MG][8];
+  float qv[MG][8], acc[MG][8], m[MG], l[MG];
 #pragma unroll
-  for (int hh = 0; hh < MG; ++hh)
+  for (int hh = 0; hh < MG; ++hh) {
+    m[hh] = -INFINITY;
+    l[hh] = 0.f;
 #pragma unroll
-    for (int e = 0; e < 8; ++e) acc[hh][e] = 0.f;
-  c.sync();
+    for (int e = 0; e < 8; ++e) {
+      acc[hh][e] = 0.f;
+      qv[hh][e] = 0.f;
+      if (hh < G && d0 + e < hd) qv[hh][e] = to_f(q[int64_t(b) * p.q_stride + int64_t(h0 + hh) * hd + d0 + e]) * p.scale_log2;
+    }
+  }
 
-  for (int t0 = start; t0 < end; t0 += TK) {
-    // Scores: KT threads per key, 8 dims each, reduced across the KT lanes. A thread first loads
-    // its KPT keys of the tile (so that many loads are in flight), then reduces them.
-    int64_t offs[KPT];
-    uint4 kraw[KPT];
+  // The same iteration count for every group (the score shuffles need the whole warp): keys past
+  // `end` are masked, never skipped.
+  const int n_iter = end > start ? (end - start + NL * U - 1) / (NL * U) : 0;
+  for (int it = 0; it < n_iter; ++it) {
+    const int base = start + it * NL * U + kg;
+    int64_t off[U];
+    uint4 kr[U], vr[U];
 #pragma unroll
-    for (int it = 0; it < KPT; ++it) {
-      const int j = t0 + lk + it * NL;
-      int64_t off = -1;
+    for (int u = 0; u < U; ++u) {
+      const int j = base + u * NL;
+      off[u] = -1;
       if (j < end) {
         int si = 0;
-        off = decode_entry_offset(p, b, j, &si);
-        if (off >= 0 && p.positions[si] > qpos) off = -1;  // not visible to this query
+        off[u] = decode_entry_offset(p, b, j, &si);
+        if (off[u] >= 0 && p.positions[si] > qpos) off[u] = -1;  // not visible to this query
       }
-      offs[it] = off;
-      kraw[it] = uint4{0u, 0u, 0u, 0u};
-      if (off >= 0 && d0 < hd) kraw[it] = *reinterpret_cast<const uint4*>(pool + off + int64_t(g) * hd + d0);
+      kr[u] = vr[u] = uint4{0u, 0u, 0u, 0u};
+      if (off[u] >= 0 && dims_ok) {
+        const T* row = pool + off[u] + int64_t(g) * hd + d0;
+        kr[u] = *reinterpret_cast<const uint4*>(row);
+        vr[u] = *reinterpret_cast<const uint4*>(row + int64_t(p.block_size) * p.kv_dim);
+      }
     }
 #pragma unroll
-    for (int it = 0; it < KPT; ++it) {
-      const int kk = lk + it * NL, j = t0 + kk;
-      const int64_t off = offs[it];
-      float kf[8];
-      unpack8<T>(kraw[it], kf);
+    for (int u = 0; u < U; ++u) {
+      const int j = base + u * NL;
+      float kf[8], vf[8];
+      unpack8<T>(kr[u], kf);
+      unpack8<T>(vr[u], vf);
 #pragma unroll
       for (int hh = 0; hh < MG; ++hh) {
         if (hh >= G) break;  // G is uniform over the block
-        float part = 0.f;
+        float s = 0.f;
 #pragma unroll
-        for (int e = 0; e < 8; ++e) part = fmaf(q_s[hh * D + d0 + e], kf[e], part);
+        for (int e = 0; e < 8; ++e) s = fmaf(qv[hh][e], kf[e], s);
 #pragma unroll
-        for (int o = KT / 2; o >= 1; o /= 2) part += c.shfl_xor(part, o);
-        if (dp == 0) {
-          const float sc = off >= 0 ? part : -INFINITY;
-          S[hh * TK + kk] = sc;
-          if (p.ws_scores && j < end) p.ws_scores[(int64_t(b) * p.n_heads + h0 + hh) * p.max_len + j] = sc;
-        }
-      }
-      if (dp == 0) rowoff[kk] = off;
-    }
-    c.sync();
-
-    // Online softmax, one warp per head.
-    const int warp = tid / 32, lane = tid % 32;
-    for (int hh = warp; hh < G; hh += kDecodeThreads / 32) {
-      const float s0 = S[hh * TK + lane], s1 = S[hh * TK + lane + 32];
-      float mt = fmaxf(s0, s1);
+        for (int o = KT / 2; o >= 1; o /= 2) s += c.shfl_xor(s, o);
+        if (off[u] < 0) s = -INFINITY;  // masked, invisible or past the end (off = -1)
+        if (p.ws_scores && dp == 0 && j < end) p.ws_scores[(int64_t(b) * p.n_heads + h0 + hh) * p.max_len + j] = s;
+        // No branch around the update (every lane stays on the same path to the next shuffle).
+        const bool live = s != -INFINITY;
+        const float m_new = live ? fmaxf(m[hh], s) : m[hh];
+        const float alpha = live ? exp2f(m[hh] - m_new) : 1.f;  // m[hh] = -inf: 0 (acc, l are 0 anyway)
+        const float pw = live ? exp2f(s - m_new) : 0.f;
+        l[hh] = l[hh] * alpha + pw;
 #pragma unroll
-      for (int o = 16; o >= 1; o /= 2) mt = fmaxf(mt, c.shfl_xor(mt, o));
-      const float m_old = m_s[hh];
-      const float m_new = fmaxf(m_old, mt);
-      const float alpha = m_new == -INFINITY ? 1.f : exp2f(m_old - m_new);
-      const float p0 = s0 == -INFINITY ? 0.f : exp2f(s0 - m_new);
-      const float p1 = s1 == -INFINITY ? 0.f : exp2f(s1 - m_new);
-      S[hh * TK + lane] = p0;
-      S[hh * TK + lane + 32] = p1;
-      float ps = p0 + p1;
-#pragma unroll
-      for (int o = 16; o >= 1; o /= 2) ps += c.shfl_xor(ps, o);
-      c.warp_sync();  // every lane has read m_s[hh] before lane 0 rewrites it
-      if (lane == 0) {
-        l_s[hh] = l_s[hh] * alpha + ps;
-        m_s[hh] = m_new;
-        alpha_s[hh] = alpha;
+        for (int e = 0; e < 8; ++e) acc[hh][e] = fmaf(pw, vf[e], acc[hh][e] * alpha);
+        m[hh] = m_new;
       }
     }
-    c.sync();
-
-    // acc[head][my 8 dims] = acc * alpha + sum over my keys of p * V.
-#pragma unroll
-    for (int hh = 0; hh < MG; ++hh) {
-      if (hh >= G) break;
-      const float a = alpha_s[hh];
-#pragma unroll
-      for (int e = 0; e < 8; ++e) acc[hh][e] *= a;
-    }
-    uint4 vraw[KPT];
-#pragma unroll
-    for (int it = 0; it < KPT; ++it) {  // the V rows of this thread's keys, all loads first
-      const int64_t off = rowoff[lk + it * NL];
-      vraw[it] = uint4{0u, 0u, 0u, 0u};
-      if (off >= 0 && d0 < hd) vraw[it] = *reinterpret_cast<const uint4*>(pool + off + int64_t(p.block_size) * p.kv_dim + int64_t(g) * hd + d0);
-    }
-#pragma unroll
-    for (int it = 0; it < KPT; ++it) {
-      const int kk = lk + it * NL;
-      if (rowoff[kk] < 0 || d0 >= hd) continue;
-      float vf[8];
-      unpack8<T>(vraw[it], vf);
-#pragma unroll
-      for (int hh = 0; hh < MG; ++hh) {
-        if (hh >= G) break;
-        const float pw = S[hh * TK + kk];
-#pragma unroll
-        for (int e = 0; e < 8; ++e) acc[hh][e] = fmaf(pw, vf[e], acc[hh][e]);
-      }
-    }
-    c.sync();  // S and rowoff are rewritten by the next tile
   }
 
-  // Sum the NL key lanes' partial outputs; write this split's partial result.
+  // Merge the NL groups: O = sum_g acc_g 2^(m_g - M), l = sum_g l_g 2^(m_g - M), M = max_g m_g.
+  float* red_m = reinterpret_cast<float*>(c.smem);  // [NL][G] (DecodeLayout)
+  float* red_l = red_m + NL * G;                     // [NL][G]
+  float* red_o = red_l + NL * G;                     // [NL][G][D]
+  if (dp == 0)
+    for (int hh = 0; hh < G; ++hh) {
+      red_m[kg * G + hh] = m[hh];
+      red_l[kg * G + hh] = l[hh];
+    }
 #pragma unroll
-  for (int hh = 0; hh < MG; ++hh)
+  for (int hh = 0; hh < MG; ++hh) {
+    if (hh >= G) break;
 #pragma unroll
-    for (int e = 0; e < 8; ++e) red[(lk * MG + hh) * D + d0 + e] = acc[hh][e];
+    for (int e = 0; e < 8; ++e) red_o[(kg * G + hh) * D + d0 + e] = acc[hh][e];
+  }
   c.sync();
   for (int idx = tid; idx < G * hd; idx += kDecodeThreads) {
     const int hh = idx / hd, d = idx % hd;
-    float sum = 0.f;
-    for (int t = 0; t < NL; ++t) sum += red[(t * MG + hh) * D + d];
-    p.ws_o[((int64_t(b) * p.n_heads + h0 + hh) * p.n_splits + split) * hd + d] = sum;
-  }
-  if (tid < G) {
-    float* ml = p.ws_ml + ((int64_t(b) * p.n_heads + h0 + tid) * p.n_splits + split) * 2;
-    ml[0] = m_s[tid];
-    ml[1] = l_s[tid];
+    float M = -INFINITY;
+    for (int t = 0; t < NL; ++t) M = fmaxf(M, red_m[t * G + hh]);
+    float o = 0.f, lsum = 0.f;
+    if (M != -INFINITY)
+      for (int t = 0; t < NL; ++t) {
+        const float w = exp2f(red_m[t * G + hh] - M);
+        o += red_o[(t * G + hh) * D + d] * w;
+        lsum += red_l[t * G + hh] * w;
+      }
+    p.ws_o[((int64_t(b) * p.n_heads + h0 + hh) * p.n_splits + split) * hd + d] = o;
+    if (d == 0) {
+      float* ml = p.ws_ml + ((int64_t(b) * p.n_heads + h0 + hh) * p.n_splits + split) * 2;
+      ml[0] = M;
+      ml[1] = lsum;
+    }
   }
 }
 

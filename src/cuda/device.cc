@@ -1,5 +1,6 @@
 #include "cuda/device.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -192,6 +193,20 @@ void memset_device(void* dst, int value, size_t bytes, void* stream) {
 }
 
 // ------------------------------------------------------------------------------------------------
+PinnedBuffer::~PinnedBuffer() {
+  if (ptr_) cudaFreeHost(ptr_);
+}
+
+void* PinnedBuffer::need(size_t bytes) {
+  if (bytes <= bytes_ && ptr_) return ptr_;
+  if (ptr_) PKV_CUDA_CHECK(cudaFreeHost(ptr_));
+  ptr_ = nullptr, bytes_ = 0;
+  const size_t n = std::max<size_t>(bytes + bytes / 4, 4096);
+  PKV_CUDA_CHECK(cudaMallocHost(&ptr_, n));
+  bytes_ = n;
+  return ptr_;
+}
+
 double measure_copy_bandwidth(size_t bytes) {
   DeviceBuffer a(bytes, "bandwidth probe"), b(bytes, "bandwidth probe");
   PKV_CUDA_CHECK(cudaMemset(a.data(), 1, bytes));

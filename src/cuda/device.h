@@ -60,6 +60,21 @@ class DeviceBuffer {
   std::string what_;
 };
 
+// Page-locked host memory (cudaMallocHost), for copies that run at full speed. Grown on demand.
+class PinnedBuffer {
+ public:
+  PinnedBuffer() = default;
+  ~PinnedBuffer();
+  PinnedBuffer(const PinnedBuffer&) = delete;
+  PinnedBuffer& operator=(const PinnedBuffer&) = delete;
+  void* need(size_t bytes);  // at least `bytes`; the old contents are lost when it grows
+  void* data() { return ptr_; }
+
+ private:
+  void* ptr_ = nullptr;
+  size_t bytes_ = 0;
+};
+
 // An owned, non-blocking CUDA stream.
 class Stream {
  public:

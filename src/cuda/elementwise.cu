@@ -72,6 +72,32 @@ __global__ void __launch_bounds__(kThreads) rms_norm_kernel(const T* x, T* y, co
   for (int i = threadIdx.x; i < dim; i += blockDim.x) yr[i] = from_f<T>(w[i] * (to_f(xr[i]) * inv));
 }
 
+// One row per block with the row held in registers: every element is loaded once, all loads of a
+// thread are issued together (PER per thread), so a row costs about one memory round trip.
+template <class T, int PER>
+__global__ void __launch_bounds__(kThreads) rms_norm_regs_kernel(const T* x, T* y, const float* w, int dim, float eps) {
+  __shared__ float sh[33];
+  const int64_t row = blockIdx.x;
+  const T* xr = x + row * dim;
+  T* yr = y + row * dim;
+  float v[PER];
+  float ss = 0.f;
+#pragma unroll
+  for (int k = 0; k < PER; ++k) {
+    const int i = threadIdx.x + k * kThreads;
+    v[k] = i < dim ? to_f(xr[i]) : 0.f;
+  }
+#pragma unroll
+  for (int k = 0; k < PER; ++k) ss += v[k] * v[k];
+  ss = block_sum(ss, sh);
+  const float inv = 1.f / sqrtf(ss / float(dim) + eps);
+#pragma unroll
+  for (int k = 0; k < PER; ++k) {
+    const int i = threadIdx.x + k * kThreads;
+    if (i < dim) yr[i] = from_f<T>(w[i] * (v[k] * inv));
+  }
+}
+
 template <class T>
 __global__ void __launch_bounds__(kThreads) layer_norm_kernel(const T* x, T* y, const float* w, const float* b, int dim,
                                                               float eps) {
@@ -187,7 +213,14 @@ void rms_norm(DType t, const void* x, void* y, const float* weight, int rows, in
   if (rows == 0) return;
   dispatch(t, [&](auto tag) {
     using T = decltype(tag);
-    rms_norm_kernel<T><<<unsigned(rows), kThreads, 0, st(stream)>>>(static_cast<const T*>(x), static_cast<T*>(y), weight, dim, eps);
+    const T* xs = static_cast<const T*>(x);
+    T* ys = static_cast<T*>(y);
+    const unsigned g = unsigned(rows);
+    if (dim <= 4 * kThreads) rms_norm_regs_kernel<T, 4><<<g, kThreads, 0, st(stream)>>>(xs, ys, weight, dim, eps);
+    else if (dim <= 8 * kThreads) rms_norm_regs_kernel<T, 8><<<g, kThreads, 0, st(stream)>>>(xs, ys, weight, dim, eps);
+    else if (dim <= 16 * kThreads) rms_norm_regs_kernel<T, 16><<<g, kThreads, 0, st(stream)>>>(xs, ys, weight, dim, eps);
+    else if (dim <= 32 * kThreads) rms_norm_regs_kernel<T, 32><<<g, kThreads, 0, st(stream)>>>(xs, ys, weight, dim, eps);
+    else rms_norm_kernel<T><<<g, kThreads, 0, st(stream)>>>(xs, ys, weight, dim, eps);
     PKV_CUDA_LAUNCH_CHECK(st(stream), "rms_norm");
   });
 }

@@ -36,19 +36,16 @@ __device__ void gemv(Ctx& c, const GemvParams& p) {
 #pragma unroll
       for (int r = 0; r < R; ++r) acc[n][g][r] = 0.f;
 
-#pragma unroll 2
+#pragma unroll 4
   for (int k = lane * 8; k < p.in; k += 256) {
     float wv[N][G][8];
 #pragma unroll
     for (int n = 0; n < N; ++n)
 #pragma unroll
       for (int g = 0; g < G; ++g) {
-        if (o0 + g < p.out) {
-          load8(wm[n] + int64_t(o0 + g) * p.in + k, wv[n][g]);
-        } else {
-#pragma unroll
-          for (int j = 0; j < 8; ++j) wv[n][g][j] = 0.f;
-        }
+        uint4 raw{0u, 0u, 0u, 0u};
+        if (o0 + g < p.out) raw = load16_stream(wm[n] + int64_t(o0 + g) * p.in + k);
+        unpack8<T>(raw, wv[n][g]);
       }
 #pragma unroll
     for (int r = 0; r < R; ++r) {

@@ -189,6 +189,7 @@ struct GpuModel::Impl {
   StreamGraph graph;
   std::vector<int64_t> graph_key;
   StreamTimer step_timer;
+  PinnedBuffer pinned;  // the decode steps' logits on their way to the caller
   GpuModel::DecodeTimes times;
 };
 
@@ -868,7 +869,13 @@ void GpuModel::decode(GpuKVPool& kv, const GpuDecodeBatch& b) {
     enqueue();
   }
   g.step_timer.stop(s);
-  if (lg) copy_to_host(b.logits, lg, size_t(B) * g.V * sizeof(float), s);
+  if (lg) {  // through page-locked memory: a pageable copy of B x vocab floats runs at a fraction of the speed
+    const size_t n = size_t(B) * g.V * sizeof(float);
+    void* staged = g.pinned.need(n);
+    copy_to_host(staged, lg, n, s);
+    stream_synchronize(s);
+    std::memcpy(b.logits, staged, n);
+  }
   g.times.steps += 1;
   g.times.gpu_ms += g.step_timer.elapsed_ms();
   if (imp) {

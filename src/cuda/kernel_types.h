@@ -70,6 +70,16 @@ __host__ __device__ __forceinline__ void unpack8(const uint4& u, float (&out)[8]
   unpack2<T>(u.w, out[6], out[7]);
 }
 
+// 16 bytes read once and not again soon (weights streamed through a product): evict-first loads
+// on the GPU (__ldcs), a plain load in the host build of the bodies.
+__host__ __device__ __forceinline__ uint4 load16_stream(const void* p) {
+#if defined(__CUDA_ARCH__)
+  return __ldcs(reinterpret_cast<const uint4*>(p));
+#else
+  return *reinterpret_cast<const uint4*>(p);
+#endif
+}
+
 // Eight consecutive 16-bit elements (16-byte aligned) -> float, one 16-byte load.
 template <class T>
 __host__ __device__ __forceinline__ void load8(const T* p, float (&out)[8]) {

@@ -1,5 +1,6 @@
 #include "cuda/kv_mirror.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "core/error.h"
@@ -33,22 +34,30 @@ std::vector<IndexRange> nearest_groups(std::span<const int32_t> keep, int n) {
   return g;
 }
 
-KVMirror::KVMirror(int n_layers) : cache_(n_layers, 1) {}
+KVMirror::KVMirror(int n_layers)
+    : cache_(n_layers, 1), shadow_(size_t(n_layers)), marked_(size_t(n_layers), 0), stamped_edits_(size_t(n_layers), 0) {}
 
 void KVMirror::append_all(const int32_t* pos, int n) {
   const std::vector<float> zeros(static_cast<size_t>(n), 0.f);
-  for (int l = 0; l < cache_.n_layers(); ++l) cache_.layer(l).append(zeros.data(), zeros.data(), pos, n);
+  for (int l = 0; l < cache_.n_layers(); ++l) {
+    cache_.layer(l).append(zeros.data(), zeros.data(), pos, n);
+    shadow_[size_t(l)].insert(shadow_[size_t(l)].end(), pos, pos + n);
+  }
 }
 
 void KVMirror::before_policy() {
-  snapshot_.resize(size_t(cache_.n_layers()));
   for (int l = 0; l < cache_.n_layers(); ++l) {
     KVLayer& L = cache_.layer(l);
     PKV_ASSERT_MSG(L.size() < (1 << 24), "more entries than float markers can number exactly");
-    float* k = L.mutable_keys();
-    float* v = L.mutable_values();
-    for (int i = 0; i < L.size(); ++i) k[i] = float(i), v[i] = float(i % 2);
-    snapshot_[size_t(l)].assign(L.positions(), L.positions() + L.size());
+    PKV_ASSERT_MSG(int(shadow_[size_t(l)].size()) == L.size(), "KVMirror: the layer changed outside a policy call");
+    int& from = marked_[size_t(l)];
+    if (from < L.size()) {  // stamp the entries whose markers are not their index yet
+      float* k = L.mutable_keys();
+      float* v = L.mutable_values();
+      for (int i = from; i < L.size(); ++i) k[i] = float(i), v[i] = float(i % 2);
+      from = L.size();
+    }
+    stamped_edits_[size_t(l)] = L.edits();
   }
   armed_ = true;
 }
@@ -59,7 +68,8 @@ std::vector<LayerEdit> KVMirror::after_policy(const std::string& who) {
   std::vector<LayerEdit> edits;
   for (int l = 0; l < cache_.n_layers(); ++l) {
     const KVLayer& L = cache_.layer(l);
-    const std::vector<int32_t>& before = snapshot_[size_t(l)];
+    if (L.edits() == stamped_edits_[size_t(l)]) continue;  // untouched
+    std::vector<int32_t>& before = shadow_[size_t(l)];
     LayerEdit e;
     e.layer = l;
     e.before = int(before.size());
@@ -90,6 +100,12 @@ std::vector<LayerEdit> KVMirror::after_policy(const std::string& who) {
       }
       e.merge = true;
     }
+    // The device now holds `keep`: entries before the first moved (or merged) one keep their markers.
+    int first = e.merge ? 0 : int(e.keep.size());
+    for (size_t m = 0; m < e.keep.size() && first == int(e.keep.size()); ++m)
+      if (e.keep[m] != int32_t(m)) first = int(m);
+    marked_[size_t(l)] = std::min(marked_[size_t(l)], first);
+    before.assign(L.positions(), L.positions() + L.size());
     if (e.merge || int(e.keep.size()) < e.before) edits.push_back(std::move(e));
   }
   return edits;

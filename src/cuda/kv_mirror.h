@@ -63,8 +63,14 @@ class KVMirror {
   std::vector<LayerEdit> after_policy(const std::string& who);
 
  private:
+  // Per layer, kept up to date incrementally so that a decode step costs O(changed entries), not
+  // O(entries held): the positions as the device holds them, how many leading entries carry valid
+  // markers, and the layer's edit count right after stamping (unchanged after the policy = the
+  // policy left the layer alone).
   KVCache cache_;
-  std::vector<std::vector<int32_t>> snapshot_;  // per layer: positions before the policy
+  std::vector<std::vector<int32_t>> shadow_;
+  std::vector<int> marked_;
+  std::vector<uint64_t> stamped_edits_;
   bool armed_ = false;
 };
 

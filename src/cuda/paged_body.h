@@ -23,7 +23,9 @@ __device__ __forceinline__ int paged_block_of(const PagedParams& p, int t, int e
   return blk;
 }
 
-// Block r writes row r: K and V converted from S to T, and the position.
+// Block (r, y) writes elements [y * kPagedThreads * 8, (y + 1) * kPagedThreads * 8) of row r (K and V
+// converted from S to T; 8 consecutive elements per thread, all loaded before any is stored, so a
+// row costs about one memory round trip), and block (r, 0) its position.
 template <class T, class S, class Ctx>
 __device__ void paged_write(Ctx& c, const PagedParams& p) {
   const int r = c.bx;
@@ -34,11 +36,23 @@ __device__ void paged_write(Ctx& c, const PagedParams& p) {
   T* v = k + int64_t(p.block_size) * p.kv_dim;
   const S* sk = static_cast<const S*>(p.src_k) + int64_t(r) * p.src_stride;
   const S* sv = static_cast<const S*>(p.src_v) + int64_t(r) * p.src_stride;
-  for (int i = c.tid; i < p.kv_dim; i += kPagedThreads) {
-    k[i] = from_f<T>(to_f(sk[i]));
-    v[i] = from_f<T>(to_f(sv[i]));
+  const int i0 = (c.by * kPagedThreads + c.tid) * 8;
+  float kf[8], vf[8];
+#pragma unroll
+  for (int e = 0; e < 8; ++e) {
+    const int i = i0 + e;
+    kf[e] = i < p.kv_dim ? to_f(sk[i]) : 0.f;
+    vf[e] = i < p.kv_dim ? to_f(sv[i]) : 0.f;
   }
-  if (c.tid == 0) p.positions[int64_t(blk) * p.block_size + slot] = p.src_pos[r];
+#pragma unroll
+  for (int e = 0; e < 8; ++e) {
+    const int i = i0 + e;
+    if (i < p.kv_dim) {
+      k[i] = from_f<T>(kf[e]);
+      v[i] = from_f<T>(vf[e]);
+    }
+  }
+  if (c.by == 0 && c.tid == 0) p.positions[int64_t(blk) * p.block_size + slot] = p.src_pos[r];
 }
 
 // Block r reads row r into dense rows (in the pool's type).

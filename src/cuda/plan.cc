@@ -178,7 +178,9 @@ DecodePlan plan_attention_decode(const DecodeAttentionArgs& a) {
   p.out = a.out, p.out_stride = out_stride;
   p.importance = a.importance, p.importance_stride = a.importance_stride;
 
-  const size_t smem = plan.D == 32 ? DecodeLayout<32>::bytes : plan.D == 64 ? DecodeLayout<64>::bytes : DecodeLayout<128>::bytes;
+  const size_t smem = plan.D == 32   ? DecodeLayout<32>::bytes(w.G)
+                      : plan.D == 64 ? DecodeLayout<64>::bytes(w.G)
+                                     : DecodeLayout<128>::bytes(w.G);
   plan.split = {{unsigned(w.n_splits), unsigned(a.n_heads / w.G), unsigned(a.batch)}, kDecodeThreads, smem};
   plan.combine = {{unsigned(a.n_heads), unsigned(a.batch), 1}, 128, 0};
   if (plan.importance && a.max_len > 0)
@@ -225,7 +227,8 @@ PagedPlan plan_paged_write(const PagedKV& kv, const PagedRows& rows, DType src_d
   plan.params = paged_params(kv);
   plan.params.row_table = rows.row_table, plan.params.row_entry = rows.row_entry, plan.params.n_rows = rows.n_rows;
   plan.params.src_k = k, plan.params.src_v = v, plan.params.src_stride = stride, plan.params.src_pos = pos;
-  plan.launch = {{unsigned(rows.n_rows), 1, 1}, kPagedThreads, 0};  // block r: row r
+  // block (r, y): part y of row r
+  plan.launch = {{unsigned(rows.n_rows), unsigned(ceil_div(kv.kv_dim, int64_t(kPagedThreads) * 8)), 1}, kPagedThreads, 0};
   return plan;
 }
 

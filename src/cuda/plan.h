@@ -105,19 +105,15 @@ constexpr int kDecodeMinChunk = 128;    // fewest keys per split
 // NL * 16 bytes per thread-row in flight, so memory parallelism comes from many blocks.
 constexpr int kDecodeTargetBlocks = 1056;
 
+constexpr int kDecodeKeysInFlight = 4;   // keys a key group loads before using them
+
 template <int D>
 struct DecodeLayout {
-  static constexpr int KT = D / 8;                 // threads per key
-  static constexpr int NL = kDecodeThreads / KT;   // keys in flight per block
-  static constexpr size_t rowoff = 0;                                        // int64 [TK] (2 floats each)
-  static constexpr size_t q = rowoff + 2 * size_t(kDecodeTK);                 // [MaxG][D] scaled queries
-  static constexpr size_t s = q + size_t(kDecodeMaxG) * D;                    // [MaxG][TK] scores, then probabilities
-  static constexpr size_t m = s + size_t(kDecodeMaxG) * kDecodeTK;            // [MaxG] running max
-  static constexpr size_t l = m + kDecodeMaxG;                                // [MaxG] running sum
-  static constexpr size_t alpha = l + kDecodeMaxG;                            // [MaxG] rescale of this tile
-  static constexpr size_t red = alpha + kDecodeMaxG;                          // [NL][MaxG][D] final reduction
-  static constexpr size_t floats = red + size_t(NL) * kDecodeMaxG * D;
-  static constexpr size_t bytes = floats * 4;
+  static constexpr int KT = D / 8;                 // threads per key (8 dims each)
+  static constexpr int NL = kDecodeThreads / KT;   // key groups per block
+  // Shared memory for the final merge, G heads per block: m and l [NL][G], partial outputs
+  // [NL][G][D] (floats).
+  static constexpr size_t bytes(int G) { return (2 * size_t(NL) * G + size_t(NL) * G * D) * 4; }
 };
 
 struct DecodeParams {

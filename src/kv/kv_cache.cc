@@ -14,6 +14,7 @@ void KVLayer::reserve(int entries) {
 }
 
 void KVLayer::append(const float* k, const float* v, const int32_t* positions, int n) {
+  ++edits_;
   for (int i = 0; i < n; ++i)
     PKV_ASSERT_MSG((pos_.empty() && i == 0) || positions[i] > (i ? positions[i - 1] : pos_.back()),
                    "KV positions must increase");
@@ -23,6 +24,7 @@ void KVLayer::append(const float* k, const float* v, const int32_t* positions, i
 }
 
 void KVLayer::retain(std::span<const int32_t> keep) {
+  ++edits_;
   const size_t d = size_t(kv_dim_);
   for (size_t i = 0; i < keep.size(); ++i) {
     PKV_ASSERT(keep[i] >= 0 && keep[i] < size());
@@ -48,6 +50,7 @@ void KVLayer::retain(std::span<const int32_t> keep) {
 }
 
 void KVLayer::clear() {
+  ++edits_;
   k_.clear();
   v_.clear();
   pos_.clear();

@@ -21,8 +21,17 @@ class KVLayer {
   const float* keys() const { return k_.data(); }    // [size, kv_dim]
   const float* values() const { return v_.data(); }  // [size, kv_dim]
   const int32_t* positions() const { return pos_.data(); }  // [size], strictly increasing
-  float* mutable_keys() { return k_.data(); }
-  float* mutable_values() { return v_.data(); }
+  float* mutable_keys() {
+    ++edits_;
+    return k_.data();
+  }
+  float* mutable_values() {
+    ++edits_;
+    return v_.data();
+  }
+  // Counts the calls that may have changed the layer (append, retain, clear, mutable_keys/values):
+  // unchanged means untouched (the GPU mirror skips such layers; src/cuda/kv_mirror.h).
+  uint64_t edits() const { return edits_; }
 
   void reserve(int entries);
   // Appends n entries; k, v: [n, kv_dim]; positions must be larger than every held position.
@@ -39,6 +48,7 @@ class KVLayer {
   int kv_dim_;
   std::vector<float> k_, v_;
   std::vector<int32_t> pos_;
+  uint64_t edits_ = 0;
 };
 
 class KVCache {

@@ -160,6 +160,15 @@ void StreamGraph::launch(void*) {
   replay_();
 }
 bool stream_capturing(void*) { return false; }
+PinnedBuffer::~PinnedBuffer() { std::free(ptr_); }
+void* PinnedBuffer::need(size_t bytes) {
+  if (bytes <= bytes_ && ptr_) return ptr_;
+  std::free(ptr_);
+  bytes_ = std::max<size_t>(bytes, 64);
+  ptr_ = std::malloc(bytes_);
+  if (!ptr_) fail("fake device", "out of host memory");
+  return ptr_;
+}
 StreamTimer::StreamTimer() = default;
 StreamTimer::~StreamTimer() = default;
 void StreamTimer::start(void*) {}

@@ -84,7 +84,7 @@ TEST(CudaOps, RmsNormAndLayerNorm) {
   GpuBackend be;
   std::mt19937 rng(11);
   for (DType t : kAll)
-    for (int dim : {64, 777, 4096}) {
+    for (int dim : {64, 777, 4096, 5120, 9000}) {
       SCOPED_TRACE(std::string(dtype_name(t)) + " dim=" + std::to_string(dim));
       const int rows = 5;
       const std::vector<float> x = rounded(t, randn(rng, size_t(rows) * dim, 2.f, 0.3f));
