@@ -39,6 +39,13 @@ case $phase in
         -DPREFIXKV_NATIVE=ON -DPREFIXKV_TESTS=OFF > "$W/build_gpu.log" 2>&1
     fi
     cmake --build build-gpu -j "$J" --target prefixkv >> "$W/build_gpu.log" 2>&1
+    # the decode kernels' memory throughput, occupancy and registers (a few launches each)
+    PKV_CUDA_GRAPHS=0 timeout 200 ncu --clock-control none --kernel-name regex:"gemv|decode_split|rms_norm" \
+      --launch-skip 600 --launch-count 12 \
+      --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,dram__bytes_read.sum,sm__warps_active.avg.pct_of_peak_sustained_active,launch__registers_per_thread,launch__grid_size,launch__occupancy_limit_registers \
+      ./build-gpu/prefixkv bench --shape llava-1.5-7b --device cuda --dtype f16 --batch 1 --prompt 672 --gen 8 \
+      > "$W/ncu_metrics_b1.txt" 2>&1 || echo "ncu metrics failed: rc $?"
+    grep -E "gemv_kernel|decode_split|rms_norm|duration|dram__|warps_active|registers|grid_size|occupancy" "$W/ncu_metrics_b1.txt" | head -120
     for cfg in "1 672" "16 1024"; do
       set -- $cfg
       # skip the prefill(s) and the first steps: profile kernels of later decode steps only

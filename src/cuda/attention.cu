@@ -26,10 +26,10 @@ __global__ void __launch_bounds__(256) prefill_importance_reduce_kernel(PrefillP
   prefill_importance_reduce(c, p);
 }
 
-template <class T, int D>
+template <class T, int D, int MG>
 __global__ void __launch_bounds__(kDecodeThreads) decode_split_kernel(DecodeParams p) {
   PKV_KERNEL_CTX(c);
-  decode_split<T, D>(c, p);
+  decode_split<T, D, MG>(c, p);
 }
 
 template <class T>
@@ -62,7 +62,13 @@ void run_prefill_typed(const PrefillPlan& plan, cudaStream_t s) {
 
 template <class T, int D>
 void run_decode(const DecodePlan& plan, cudaStream_t s) {
-  launch(decode_split_kernel<T, D>, plan.split, plan.params, s, "attention_decode (split)");
+  const char* name = "attention_decode (split)";
+  switch (plan.MG) {
+    case 1: launch(decode_split_kernel<T, D, 1>, plan.split, plan.params, s, name); break;
+    case 2: launch(decode_split_kernel<T, D, 2>, plan.split, plan.params, s, name); break;
+    case 4: launch(decode_split_kernel<T, D, 4>, plan.split, plan.params, s, name); break;
+    default: launch(decode_split_kernel<T, D, 8>, plan.split, plan.params, s, name); break;
+  }
   launch(decode_combine_kernel<T>, plan.combine, plan.params, s, "attention_decode (combine)");
   if (plan.importance) launch(decode_importance_kernel, plan.importance_pass, plan.params, s, "attention_decode (importance)");
 }

@@ -315,7 +315,7 @@ __device__ __forceinline__ int decode_length(const DecodeParams& p, int b) {
   return len;
 }
 
-template <class T, int D, class Ctx>
+template <class T, int D, int MG, class Ctx>
 __device__ void decode_split(Ctx& c, const DecodeParams& p) {
   // Flash-decoding without block barriers in the key loop: the block's 128 threads form NL key
   // groups of KT = D / 8 lanes (a group holds one key's D dims, 8 per lane, and stays inside one
@@ -324,8 +324,10 @@ __device__ void decode_split(Ctx& c, const DecodeParams& p) {
   // own online softmax (m, l) and output rows. U keys are loaded (table, position, K and V rows)
   // before any is used, so a group keeps U * 32 bytes per lane in flight. At the end the NL groups'
   // partial results are merged through shared memory into this split's (O, m, l).
+  // MG: the register arrays' head count (>= p.G; the plan picks the smallest of 1, 2, 4, 8, so that
+  // MHA blocks hold 8 floats of query and output per lane, not 64, and many blocks fit on an SM).
   using L = DecodeLayout<D>;
-  constexpr int MG = kDecodeMaxG, KT = L::KT, NL = L::NL, U = kDecodeKeysInFlight;
+  constexpr int KT = L::KT, NL = L::NL, U = kDecodeKeysInFlight;
   const int tid = c.tid, kg = tid / KT, dp = tid % KT, d0 = dp * 8;
   const int split = c.bx, h0 = c.by * p.G, b = c.bz;
   const int G = p.G, hd = p.head_dim, g = h0 / p.group;

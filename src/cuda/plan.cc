@@ -169,6 +169,7 @@ DecodePlan plan_attention_decode(const DecodeAttentionArgs& a) {
   p.batch = a.batch, p.n_heads = a.n_heads, p.group = a.n_heads / a.n_kv_heads, p.G = w.G, p.head_dim = a.head_dim;
   p.scale_log2 = a.scale * kLog2e;
   p.n_splits = w.n_splits, p.chunk = w.chunk;
+  plan.MG = w.G <= 1 ? 1 : w.G <= 2 ? 2 : w.G <= 4 ? 4 : 8;
   p.ws_o = reinterpret_cast<float*>(ws + w.o);
   p.ws_ml = reinterpret_cast<float*>(ws + w.ml);
   if (plan.importance) {

@@ -100,7 +100,7 @@ PrefillWorkspaceLayout prefill_workspace_layout(int n_q, int n_kv, int n_heads);
 constexpr int kDecodeThreads = 128;
 constexpr int kDecodeTK = 64;           // keys per tile
 constexpr int kDecodeMaxG = 8;          // query heads per block at most
-constexpr int kDecodeMinChunk = 128;    // fewest keys per split
+constexpr int kDecodeMinChunk = 64;     // fewest keys per split
 // Enough blocks to keep ~8 per SM of an H100 / H200 (132 SMs) loading: a block has only
 // NL * 16 bytes per thread-row in flight, so memory parallelism comes from many blocks.
 constexpr int kDecodeTargetBlocks = 1056;
@@ -152,6 +152,7 @@ struct DecodePlan {
   DecodeParams params;
   DType dtype = DType::BF16;
   int D = 0;
+  int MG = 1;  // heads per block rounded up to 1, 2, 4 or 8 (decode_split's template argument)
   bool importance = false;
   Launch split, combine, importance_pass;
 };

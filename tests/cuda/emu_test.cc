@@ -90,7 +90,15 @@ class EmuBackend : public Backend {
   template <class T, int D>
   void decode_run(const detail::DecodePlan& plan) {
     const DecodeParams& p = plan.params;
-    emu::run(plan.split, [&](emu::Ctx& c) { detail::decode_split<T, D>(c, p); }, seed_++);
+    auto split = [&](auto mg) {
+      emu::run(plan.split, [&](emu::Ctx& c) { detail::decode_split<T, D, decltype(mg)::value>(c, p); }, seed_++);
+    };
+    switch (plan.MG) {
+      case 1: split(std::integral_constant<int, 1>{}); break;
+      case 2: split(std::integral_constant<int, 2>{}); break;
+      case 4: split(std::integral_constant<int, 4>{}); break;
+      default: split(std::integral_constant<int, 8>{}); break;
+    }
     emu::run(plan.combine, [&](emu::Ctx& c) { detail::decode_combine<T>(c, p); });
     if (plan.importance) emu::run(plan.importance_pass, [&](emu::Ctx& c) { detail::decode_importance(c, p); });
   }

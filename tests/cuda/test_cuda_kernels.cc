@@ -103,6 +103,10 @@ TEST(CudaOps, RmsNormAndLayerNorm) {
       rms_norm(t, dx, dx, w, rows, dim, 1e-5f, nullptr);  // in place
       expect_close(get_as(be, t, dx, x.size()), ref, tolerance(t), "rms_norm in place");
 
+      // rms_norm's kernels change with the width (registers for up to 32 x 256 elements, then a
+      // loop); layer_norm (the vision tower's, widths <= 4096) is checked up to 4096: in float32 its
+      // mean subtraction loses digits on wider rows, in both twins.
+      if (dim > 4096) continue;
       ops::layer_norm(x.data(), rows, dim, n, 1e-5f, ref.data());
       dx = put_as(be, t, x);
       layer_norm(t, dx, dy, w, b, rows, dim, 1e-5f, nullptr);
