@@ -80,12 +80,13 @@ __global__ void __launch_bounds__(kThreads) rms_norm_regs_kernel(const T* x, T* 
   const int64_t row = blockIdx.x;
   const T* xr = x + row * dim;
   T* yr = y + row * dim;
-  float v[PER];
+  float v[PER], wv[PER];
   float ss = 0.f;
 #pragma unroll
-  for (int k = 0; k < PER; ++k) {
+  for (int k = 0; k < PER; ++k) {  // the weights too: their loads overlap the reduction
     const int i = threadIdx.x + k * kThreads;
     v[k] = i < dim ? to_f(xr[i]) : 0.f;
+    wv[k] = i < dim ? w[i] : 0.f;
   }
 #pragma unroll
   for (int k = 0; k < PER; ++k) ss += v[k] * v[k];
@@ -94,7 +95,7 @@ __global__ void __launch_bounds__(kThreads) rms_norm_regs_kernel(const T* x, T* 
 #pragma unroll
   for (int k = 0; k < PER; ++k) {
     const int i = threadIdx.x + k * kThreads;
-    if (i < dim) yr[i] = from_f<T>(w[i] * (v[k] * inv));
+    if (i < dim) yr[i] = from_f<T>(wv[k] * (v[k] * inv));
   }
 }
 

@@ -2,11 +2,14 @@
 // as attention_body.h (a thread context `c`, the plan's parameters), built by nvcc for the GPU and
 // by the host compiler for the CPU emulation test.
 //
-// Warp w of block b owns outputs o = (b * 8 + w) * 2 + {0, 1}. Lane l walks the columns l * 8 +
-// 256 * k: one 16-byte load of each owned weight row, then the same 8 columns of every x row, so a
-// weight element is read once from memory whatever the row count. Per-lane float32 partial sums
-// are added across the warp by butterfly shuffles (all 32 lanes take part, also those whose
-// outputs are past `out`, which load nothing).
+// A block's 8 warps are 2 output groups x kGemvKSplit column slices: warp w computes outputs
+// o = (b * 2 + w / kGemvKSplit) * kGemvOutsPerWarp + {0, 1} over the columns of slice
+// s = w % kGemvKSplit: lane l reads the 8 columns s * 256 + l * 8 + 256 * kGemvKSplit * k. Each
+// weight row is read once whatever the row count (one 16-byte evict-first load per 8 columns,
+// issued for several k before any is used); x rows come from L1/L2. Per-lane float32 partial sums
+// are added across the warp by butterfly shuffles, then across the slices through shared memory
+// (fixed order: deterministic). Splitting the columns gives a 4096-wide product 1024 blocks, so
+// enough loads are in flight to approach the memory bandwidth.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -20,10 +23,12 @@ __host__ __device__ __forceinline__ float gemv_silu(float g) { return g / (1.f +
 
 template <class T, class Y, int R, bool SWIGLU, class Ctx>
 __device__ void gemv(Ctx& c, const GemvParams& p) {
-  constexpr int G = kGemvOutsPerWarp;
+  constexpr int G = kGemvOutsPerWarp, KS = kGemvKSplit, U = 4;
   constexpr int N = SWIGLU ? 2 : 1;  // weight matrices (gate, up)
+  constexpr int GROUPS = kGemvThreads / 32 / KS;
   const int warp = c.tid / 32, lane = c.tid % 32;
-  const int o0 = (c.bx * (kGemvThreads / 32) + warp) * G;
+  const int group = warp / KS, slice = warp % KS;
+  const int o0 = (c.bx * GROUPS + group) * G;
   const T* wm[N];
   wm[0] = static_cast<const T*>(p.w);
   if (SWIGLU) wm[N - 1] = static_cast<const T*>(p.w_up);
@@ -36,30 +41,43 @@ __device__ void gemv(Ctx& c, const GemvParams& p) {
 #pragma unroll
       for (int r = 0; r < R; ++r) acc[n][g][r] = 0.f;
 
-#pragma unroll 4
-  for (int k = lane * 8; k < p.in; k += 256) {
-    float wv[N][G][8];
+  constexpr int STEP = 256 * KS;  // columns between a lane's consecutive loads
+  for (int k0 = slice * 256 + lane * 8; k0 < p.in; k0 += STEP * U) {
+    uint4 raw[U][N][G];
 #pragma unroll
-    for (int n = 0; n < N; ++n)
-#pragma unroll
-      for (int g = 0; g < G; ++g) {
-        uint4 raw{0u, 0u, 0u, 0u};
-        if (o0 + g < p.out) raw = load16_stream(wm[n] + int64_t(o0 + g) * p.in + k);
-        unpack8<T>(raw, wv[n][g]);
-      }
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      float xv[8];
-      load8(x + int64_t(r) * p.x_stride + k, xv);
+    for (int u = 0; u < U; ++u) {
+      const int k = k0 + u * STEP;
 #pragma unroll
       for (int n = 0; n < N; ++n)
 #pragma unroll
-        for (int g = 0; g < G; ++g)
+        for (int g = 0; g < G; ++g) {
+          raw[u][n][g] = uint4{0u, 0u, 0u, 0u};
+          if (k < p.in && o0 + g < p.out) raw[u][n][g] = load16_stream(wm[n] + int64_t(o0 + g) * p.in + k);
+        }
+    }
 #pragma unroll
-          for (int j = 0; j < 8; ++j) acc[n][g][r] += wv[n][g][j] * xv[j];
+    for (int u = 0; u < U; ++u) {
+      const int k = k0 + u * STEP;
+      if (k >= p.in) break;
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        float xv[8];
+        load8(x + int64_t(r) * p.x_stride + k, xv);
+#pragma unroll
+        for (int n = 0; n < N; ++n)
+#pragma unroll
+          for (int g = 0; g < G; ++g) {
+            float wv[8];
+            unpack8<T>(raw[u][n][g], wv);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) acc[n][g][r] += wv[j] * xv[j];
+          }
+      }
     }
   }
 
+  // Warp sums (every lane takes part), then the slices' sums through shared memory.
+  float* part = reinterpret_cast<float*>(c.smem);  // [warps][N][G][R]
 #pragma unroll
   for (int n = 0; n < N; ++n)
 #pragma unroll
@@ -72,20 +90,24 @@ __device__ void gemv(Ctx& c, const GemvParams& p) {
         v += c.shfl_xor(v, 4);
         v += c.shfl_xor(v, 2);
         v += c.shfl_xor(v, 1);
-        acc[n][g][r] = v;
+        if (lane == 0) part[((warp * N + n) * G + g) * R + r] = v;
       }
-  if (lane != 0) return;
+  c.sync();
+  // Thread t < GROUPS * G * R writes output (group, g) of row r.
+  const int t = c.tid;
+  if (t >= GROUPS * G * R) return;
+  const int r = t % R, g = (t / R) % G, grp = t / (R * G);
+  const int o = (c.bx * GROUPS + grp) * G + g;
+  if (o >= p.out) return;
+  float s[N];
 #pragma unroll
-  for (int g = 0; g < G; ++g) {
-    const int o = o0 + g;
-    if (o >= p.out) break;
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const float v = SWIGLU ? gemv_silu(acc[0][g][r]) * acc[N - 1][g][r] : acc[0][g][r];
-      Y* y = static_cast<Y*>(p.y) + int64_t(r) * p.y_stride + o;
-      *y = p.accumulate ? from_f<Y>(to_f(*y) + v) : from_f<Y>(v);
-    }
+  for (int n = 0; n < N; ++n) {
+    s[n] = 0.f;
+    for (int sl = 0; sl < KS; ++sl) s[n] += part[(((grp * KS + sl) * N + n) * G + g) * R + r];
   }
+  const float v = SWIGLU ? gemv_silu(s[0]) * s[N - 1] : s[0];
+  Y* y = static_cast<Y*>(p.y) + int64_t(r) * p.y_stride + o;
+  *y = p.accumulate ? from_f<Y>(to_f(*y) + v) : from_f<Y>(v);
 }
 
 }  // namespace pkv::cuda::detail

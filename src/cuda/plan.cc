@@ -318,8 +318,9 @@ GemvPlan plan_gemv(const GemvArgs& a) {
   p.rows = a.rows, p.in = a.in, p.out = a.out;
   p.y = a.y, p.y_stride = a.y_stride ? a.y_stride : a.out;
   p.accumulate = a.accumulate ? 1 : 0;
-  const int per_block = (kGemvThreads / 32) * kGemvOutsPerWarp;
-  plan.launch = {{unsigned((a.out + per_block - 1) / per_block), 1, 1}, kGemvThreads, 0};
+  const int per_block = (kGemvThreads / 32 / kGemvKSplit) * kGemvOutsPerWarp;
+  const size_t smem = size_t(kGemvThreads / 32) * (plan.swiglu ? 2 : 1) * kGemvOutsPerWarp * a.rows * sizeof(float);
+  plan.launch = {{unsigned((a.out + per_block - 1) / per_block), 1, 1}, kGemvThreads, smem};
   return plan;
 }
 

@@ -201,10 +201,11 @@ PagedPlan plan_paged_compact(const PagedKV& kv, const PagedJobs& jobs);
 PagedPlan plan_paged_merge(const PagedKV& kv, const PagedJobs& jobs);
 
 // ---------------------------------------------------------------------------------------------
-// Skinny products (gemv): 256 threads = 8 warps; warp w of block b computes outputs
-// (b * 8 + w) * 2 and + 1 for every row; lane l reads 8 elements at columns l * 8 + 256 * k.
+// Skinny products (gemv): 256 threads = 8 warps = 2 output groups of kGemvOutsPerWarp outputs x
+// kGemvKSplit column slices (gemv_body.h); shared memory for the slices' partial sums.
 constexpr int kGemvThreads = 256;
 constexpr int kGemvOutsPerWarp = 2;
+constexpr int kGemvKSplit = 4;
 
 struct GemvParams {
   const void* x = nullptr;

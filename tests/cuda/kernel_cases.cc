@@ -627,7 +627,7 @@ void check_gemv(Backend& be, const GemvCase& c) {
 std::vector<GemvCase> gemv_cases(bool full) {
   std::vector<GemvCase> cs;
   uint32_t seed = 900;
-  const int ins_full[] = {8, 264, 1000, 4096}, ins_small[] = {8, 264};
+  const int ins_full[] = {8, 264, 1000, 4096, 11008}, ins_small[] = {8, 264, 4104};
   const int outs_full[] = {1, 17, 300}, outs_small[] = {1, 17};
   const auto& ins = full ? std::vector<int>(std::begin(ins_full), std::end(ins_full))
                          : std::vector<int>(std::begin(ins_small), std::end(ins_small));
