@@ -12,6 +12,8 @@ FINAL_OUT=$OUT
 W=$FINAL_OUT/w_perf
 mkdir -p "$W"
 pack() { tar -C "$W" -cf "$FINAL_OUT/perf_${PHASES// /_}.tar" . && rm -rf "$W"; }
+# What is done so far, packed after every run: a call killed at its time limit still returns it.
+keep() { tar -C "$W" -cf "$FINAL_OUT/perf_${PHASES// /_}.tar" . || true; }
 PHASES="$*"
 trap pack EXIT
 J=$(nproc)
@@ -27,11 +29,12 @@ case $phase in
     ;;
   hf)
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$W/hf.txt"
-    python3 bench/hf_bench.py --shape llava-1.5-7b --batch 1 --prompt 672 --gen 256 --out "$W/hf_7b_b1.json" >> "$W/hf.txt" 2>&1
-    python3 bench/hf_bench.py --shape llava-1.5-7b --batch 16 --prompt 1024 --gen 512 --out "$W/hf_7b_b16.json" >> "$W/hf.txt" 2>&1
-    python3 bench/hf_bench.py --shape llava-1.5-7b --batch 48 --prompt 624 --gen 256 --out "$W/hf_7b_b48.json" >> "$W/hf.txt" 2>&1
-    python3 bench/hf_bench.py --shape llava-1.5-13b --batch 8 --prompt 1024 --gen 512 --out "$W/hf_13b_b8.json" >> "$W/hf.txt" 2>&1
+    PYTHONUNBUFFERED=1 timeout 280 python3 bench/hf_bench.py --shape llava-1.5-7b --batch 1 --prompt 672 --gen 256 --out "$W/hf_7b_b1.json" >> "$W/hf.txt" 2>&1 || echo "hf_bench failed: rc $?" >> "$W/hf.txt"; keep
+    PYTHONUNBUFFERED=1 timeout 280 python3 bench/hf_bench.py --shape llava-1.5-7b --batch 16 --prompt 1024 --gen 512 --out "$W/hf_7b_b16.json" >> "$W/hf.txt" 2>&1 || echo "hf_bench failed: rc $?" >> "$W/hf.txt"; keep
+    PYTHONUNBUFFERED=1 timeout 280 python3 bench/hf_bench.py --shape llava-1.5-7b --batch 48 --prompt 624 --gen 256 --out "$W/hf_7b_b48.json" >> "$W/hf.txt" 2>&1 || echo "hf_bench failed: rc $?" >> "$W/hf.txt"; keep
+    PYTHONUNBUFFERED=1 timeout 280 python3 bench/hf_bench.py --shape llava-1.5-13b --batch 8 --prompt 1024 --gen 512 --out "$W/hf_13b_b8.json" >> "$W/hf.txt" 2>&1 || echo "hf_bench failed: rc $?" >> "$W/hf.txt"; keep
     grep "^|" "$W/hf.txt" || tail -20 "$W/hf.txt"
+    grep -iE "error|Traceback" "$W/hf.txt" | head -5 || true
     ;;
   ncu)  # per-kernel GPU time of decode steps (plain launches: ncu profiles each kernel)
     if [ ! -f build-gpu/CMakeCache.txt ]; then
@@ -72,7 +75,7 @@ for n, v in sorted(tot.items(), key=lambda x: -x[1])[:25]:
 PY
     done
     ;;
-  smoke|gpu1|gpu2)
+  smoke|gpu1|gpu2|b1)
     if [ ! -f build-gpu/CMakeCache.txt ]; then  # scripts/gpu_test.sh may have configured it already
       cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DPREFIXKV_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
         -DPREFIXKV_NATIVE=ON -DPREFIXKV_TESTS=OFF > "$W/build_gpu.log" 2>&1
@@ -81,7 +84,11 @@ PY
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$W/gpu.txt"
     B=./build-gpu/prefixkv
     P="--policies full,prefixkv-online --budgets 0.2,0.4,0.6,0.8 --device cuda --dtype f16"
-    if [ "$phase" = smoke ]; then  # minutes: does everything run; A/B of CUDA graphs and the gemv kernel
+    if [ "$phase" = b1 ]; then  # one short batch-1 run (a check after a kernel change)
+      timeout 170 $B bench --shape llava-1.5-7b --device cuda --dtype f16 --batch 1 --prompt 672 --gen 128 \
+        --json "$W/gpu_7b_b1_quick.json" >> "$W/gpu.txt" 2>&1 || echo "bench failed: rc $?" | tee -a "$W/gpu.txt"
+      keep
+    elif [ "$phase" = smoke ]; then  # minutes: does everything run; A/B of CUDA graphs and the gemv kernel
       timeout 170 $B bench --shape tiny --device cuda --dtype f16 --batch 1,4 --prompt 64 --gen 16 --policies full,prefixkv-online,h2o,elastic \
         --budgets 0.5 >> "$W/gpu.txt" 2>&1 || echo "bench failed: rc $?" | tee -a "$W/gpu.txt"
       for ab in "" "PKV_CUDA_GRAPHS=0"; do
@@ -99,11 +106,11 @@ PY
       fi
     elif [ "$phase" = gpu1 ]; then
       $B bench --shape llava-1.5-7b --device cuda --dtype f16 --batch 1 --prompt 672 --gen 256 \
-        --json "$W/gpu_7b_b1.json" >> "$W/gpu.txt" 2>&1
-      $B bench --shape llava-1.5-7b $P --batch 16 --prompt 1024 --gen 512 --json "$W/gpu_7b_b16.json" >> "$W/gpu.txt" 2>&1
+        --json "$W/gpu_7b_b1.json" >> "$W/gpu.txt" 2>&1 || echo "bench failed: rc $?" >> "$W/gpu.txt"; keep
+      $B bench --shape llava-1.5-7b $P --batch 16 --prompt 1024 --gen 512 --json "$W/gpu_7b_b16.json" >> "$W/gpu.txt" 2>&1 || echo "bench failed: rc $?" >> "$W/gpu.txt"; keep
     else
-      $B bench --shape llava-1.5-7b $P --batch 48 --prompt 624 --gen 256 --json "$W/gpu_7b_b48.json" >> "$W/gpu.txt" 2>&1
-      $B bench --shape llava-1.5-13b $P --batch 8 --prompt 1024 --gen 512 --json "$W/gpu_13b_b8.json" >> "$W/gpu.txt" 2>&1
+      $B bench --shape llava-1.5-7b $P --batch 48 --prompt 624 --gen 256 --json "$W/gpu_7b_b48.json" >> "$W/gpu.txt" 2>&1 || echo "bench failed: rc $?" >> "$W/gpu.txt"; keep
+      $B bench --shape llava-1.5-13b $P --batch 8 --prompt 1024 --gen 512 --json "$W/gpu_13b_b8.json" >> "$W/gpu.txt" 2>&1 || echo "bench failed: rc $?" >> "$W/gpu.txt"; keep
     fi
     grep "^|" "$W/gpu.txt" || tail -20 "$W/gpu.txt"
     ;;
