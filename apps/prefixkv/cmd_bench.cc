@@ -197,7 +197,7 @@ int cmd_bench(int argc, char** argv) {
     bandwidth = cuda::measure_copy_bandwidth();
     std::printf("bench: device copy bandwidth %.0f GB/s (read + written); decode steps as CUDA graphs: %s; "
                 "gemv for <= %d rows: %s\n",
-                bandwidth / 1e9, gpu->uses_graphs() ? "on" : "off (PKV_CUDA_GRAPHS=0)", cuda::kGemvMaxRows,
+                bandwidth / 1e9, gpu->uses_graphs() ? "on" : "off (PKV_CUDA_GRAPHS=0)", cuda::kGemvAutoRows,
                 cuda::gemv_enabled() ? "on" : "off (PKV_GEMV=0)");
   }
 #endif

@@ -93,7 +93,7 @@ void linear(Blas& blas, const LinearArgs& a) {
   if (x_stride < a.in || y_stride < a.out) fail(op, "a row stride is smaller than the row");
   if (a.rows == 0) return;
   if (!a.x || !a.w || !a.y) fail(op, "x, w and y must be set");
-  if (!a.bias && a.rows <= kGemvMaxRows && gemv_enabled()) {
+  if (!a.bias && a.rows <= kGemvAutoRows && gemv_enabled()) {
     GemvArgs g;
     g.x = a.x, g.x_stride = x_stride, g.w = a.w, g.w_dtype = a.w_dtype;
     g.rows = a.rows, g.in = a.in, g.out = a.out;

@@ -430,7 +430,7 @@ void GpuModel::Impl::decoder_mlp(const DecLayer& Ly, int R, float* xr, float* hf
   gu.x = h16r, gu.w = Ly.gate.w, gu.w_up = Ly.up.w, gu.w_dtype = dt;
   gu.rows = R, gu.in = D, gu.out = I;
   gu.y = g, gu.y_dtype = dt;  // 16-bit rows in the float32 gate buffer (room for twice as many)
-  if (gemv_enabled() && !Ly.gate.b && !Ly.up.b && gemv_fits(gu)) {
+  if (R <= kGemvAutoRows && gemv_enabled() && !Ly.gate.b && !Ly.up.b && gemv_fits(gu)) {
     gemv(gu, s());
     linear(Ly.down, g, R, xr, true);
     return;
@@ -976,14 +976,20 @@ void GpuKVPool::compact(std::vector<Job> jobs) {
   std::vector<int32_t>& host = staging_;
   const size_t o_tab = 0;
   host.assign(size_t(J) * stride, -1);
-  std::vector<int32_t> job_table(static_cast<size_t>(J)), offsets{0}, lengths(static_cast<size_t>(J)), keep;
+  std::vector<int32_t> job_table(static_cast<size_t>(J)), offsets{0}, lengths(static_cast<size_t>(J)), keep,
+      firsts(static_cast<size_t>(J), 0);
   for (int i = 0; i < J; ++i) {
     const Job& j = jobs[size_t(i)];
     const std::vector<int32_t>& t = blocks_.table(j.seq, j.layer);
     std::copy(t.begin(), t.end(), host.begin() + long(size_t(i) * stride));
     job_table[size_t(i)] = i;
     lengths[size_t(i)] = blocks_.entries(j.seq, j.layer);
-    keep.insert(keep.end(), j.keep.begin(), j.keep.end());
+    // Compaction jobs send their keep list from the first entry that moves (merges: all of it).
+    size_t f = 0;
+    if (!j.merge)
+      while (f < j.keep.size() && j.keep[f] == int32_t(f)) ++f;
+    firsts[size_t(i)] = int32_t(f);
+    keep.insert(keep.end(), j.keep.begin() + long(f), j.keep.end());
     offsets.push_back(int32_t(keep.size()));
   }
   auto append = [&](const std::vector<int32_t>& v) {
@@ -992,7 +998,7 @@ void GpuKVPool::compact(std::vector<Job> jobs) {
     host.insert(host.end(), v.begin(), v.end());
     return at;
   };
-  const size_t o_job = append(job_table), o_off = append(offsets), o_len = append(lengths),
+  const size_t o_job = append(job_table), o_off = append(offsets), o_len = append(lengths), o_first = append(firsts),
                o_keep = append(keep.empty() ? std::vector<int32_t>{0} : keep);
   const size_t bytes = host.size() * sizeof(int32_t);
   if (meta_.bytes() < bytes) {
@@ -1009,6 +1015,7 @@ void GpuKVPool::compact(std::vector<Job> jobs) {
     mj.n_jobs = n_merge;
     paged_kv_merge(kv, mj, stream_);
   }
+  pj.first = d + o_first;  // merge jobs have first = 0 (whole lists)
   paged_kv_compact(kv, pj, stream_);
   for (const Job& j : jobs) blocks_.resize(j.seq, j.layer, int(j.keep.size()));
 }

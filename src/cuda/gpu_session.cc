@@ -1,9 +1,11 @@
 #include "cuda/gpu_session.h"
 
+#include <exception>
 #include <numeric>
 #include <set>
 
 #include "core/error.h"
+#include "core/threads.h"
 
 namespace pkv::cuda {
 
@@ -109,16 +111,30 @@ void GpuSession::step_many(const std::vector<GpuSession*>& sessions, const int32
   else batch.want_importance.clear();
   model.decode(pool, batch);  // throws before any change when out of blocks
 
+  // The policies, one sequence per task (each touches only its own mirror and policy): on the
+  // host this is O(entries changed) per sequence, and batches of dozens of sequences add up.
+  std::vector<std::vector<GpuKVPool::Job>> per(static_cast<size_t>(B));
+  std::vector<std::exception_ptr> errors(static_cast<size_t>(B));
+  parallel_for(size_t(B), 1, [&](size_t begin, size_t end, int) {
+    for (size_t i = begin; i < end; ++i) {
+      try {
+        GpuSession& s = *sessions[i];
+        const int32_t position = s.pos_;
+        s.mirror_.append_all(&position, 1);
+        ++s.pos_;
+        const bool want = s.policy_.needs_decode_importance();
+        const std::vector<std::vector<float>>* step_imp = want ? &importance[i] : nullptr;
+        s.run_policy([&] { s.policy_.after_decode_step(s.mirror_.cache(), s.pos_, step_imp); }, per[i]);
+      } catch (...) {
+        errors[i] = std::current_exception();
+      }
+    }
+  });
+  for (const std::exception_ptr& e : errors)
+    if (e) std::rethrow_exception(e);
   std::vector<GpuKVPool::Job> jobs;
-  for (int i = 0; i < B; ++i) {
-    GpuSession& s = *sessions[size_t(i)];
-    const int32_t position = s.pos_;
-    s.mirror_.append_all(&position, 1);
-    ++s.pos_;
-    const bool want = s.policy_.needs_decode_importance();
-    const std::vector<std::vector<float>>* step_imp = want ? &importance[size_t(i)] : nullptr;
-    s.run_policy([&] { s.policy_.after_decode_step(s.mirror_.cache(), s.pos_, step_imp); }, jobs);
-  }
+  for (auto& v : per)
+    for (auto& j : v) jobs.push_back(std::move(j));
   pool.compact(std::move(jobs));
   for (const GpuSession* s : sessions) s->check_mirror();
 }

@@ -114,8 +114,11 @@ void linear(Blas& blas, const LinearArgs& a);
 //   in, x_stride multiples of 8; w, x 16-byte aligned (gemv_fits() says whether all of this holds);
 //   y [rows, y_stride] F32 (accumulate: y +=) or w_dtype;
 //   w_up (optional, [out, in] like w): y = silu(x w^T) * (x w_up^T), the SwiGLU MLP's first half.
-// linear() takes this path by itself for rows <= kGemvMaxRows without a bias (PKV_GEMV=0: never).
+// linear() takes this path by itself for rows <= kGemvAutoRows without a bias (PKV_GEMV=0: never);
+// from 5 rows on, cuBLAS's tensor-core kernels win (the CUDA cores' FMAs would bound this one:
+// measured on the H200, docs/PERF.md).
 constexpr int kGemvMaxRows = 8;
+constexpr int kGemvAutoRows = 4;
 struct GemvArgs {
   const void* x = nullptr;
   int64_t x_stride = 0;  // 0: in
@@ -257,6 +260,10 @@ struct PagedJobs {
   const int32_t* keep_offsets = nullptr;  // [n_jobs + 1]
   const int32_t* lengths = nullptr;       // [n_jobs] entries before the operation (merge only)
   int n_jobs = 0;
+  // Compaction only (optional, [n_jobs]): job j's keep list covers entries first[j].. only; the
+  // entries before it stay where they are (keep[m] = m there), so one eviction near the end of a
+  // long table sends and moves only the tail. Null: every list starts at entry 0.
+  const int32_t* first = nullptr;
 };
 // Compaction: entry m of each table becomes its entry keep[m] (K, V and position), in order: the
 // kept entries move to the front. Twin: KVLayer::retain. Afterwards the host shrinks the table to

@@ -97,10 +97,11 @@ __device__ void paged_compact(Ctx& c, const PagedParams& p) {
   const int tensor = x / W, w = x % W;
   const bool moves_positions = x == 0;
   const int t = p.job_table[job];
-  const int* keep = p.keep + p.keep_offsets[job];
-  const int n_keep = p.keep_offsets[job + 1] - p.keep_offsets[job];
+  const int first = p.first ? p.first[job] : 0;  // entries before it stay in place
+  const int* keep = p.keep + p.keep_offsets[job] - first;  // keep[m] for m >= first
+  const int n_keep = first + p.keep_offsets[job + 1] - p.keep_offsets[job];
   uint32_t* pool = static_cast<uint32_t*>(p.pool);
-  for (int m0 = 0; m0 < n_keep; m0 += U) {
+  for (int m0 = first; m0 < n_keep; m0 += U) {
     uint32_t val[U];
     int64_t dst[U], dst_slot[U];
     int32_t pos[U];

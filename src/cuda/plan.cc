@@ -256,6 +256,8 @@ static PagedPlan plan_jobs(const char* op, const PagedKV& kv, const PagedJobs& j
   plan.params = paged_params(kv);
   plan.params.job_table = jobs.job_table, plan.params.keep = jobs.keep, plan.params.keep_offsets = jobs.keep_offsets;
   plan.params.lengths = jobs.lengths, plan.params.n_jobs = jobs.n_jobs;
+  if (need_lengths && jobs.first) bad(op, "a merge takes whole keep lists (first must be null)");
+  plan.params.first = jobs.first;
   // One thread per 32-bit word (two elements) of K and of V of an entry; each thread walks the
   // entries of its job in order (see paged_body.h for why that order makes in-place moves safe).
   const int words = kv.kv_dim / 2;

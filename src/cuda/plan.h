@@ -186,6 +186,7 @@ struct PagedParams {
   const int32_t* keep_offsets = nullptr;
   const int32_t* lengths = nullptr;
   int n_jobs = 0;
+  const int32_t* first = nullptr;  // compaction: first entry each keep list covers (null: 0)
 };
 
 struct PagedPlan {

@@ -429,6 +429,9 @@ std::vector<int32_t> random_keep(std::mt19937& rng, int n, int kind) {
   } else if (kind == 2) {  // first and last
     keep.push_back(0);
     if (n > 1) keep.push_back(n - 1);
+  } else if (kind == 4) {  // one eviction near the end (a decode step's)
+    for (int i = 0; i < n; ++i)
+      if (i != n - 3) keep.push_back(i);
   } else {  // a random ~30%, always the first
     for (int i = 0; i < n; ++i)
       if (i == 0 || rng() % 10 < 3) keep.push_back(i);
@@ -448,12 +451,27 @@ void check_compact(Backend& be, DType dt, int block_size, int kv_dim, uint32_t s
   std::vector<std::vector<int32_t>> keeps;
   std::vector<int32_t> job_table, keep_all, offsets{0};
   for (int j = 0; j < J; ++j) {
-    keeps.push_back(random_keep(rng, lengths[size_t(j)], j % 4 == 3 || j >= 4 ? 3 : j % 4));
+    keeps.push_back(random_keep(rng, lengths[size_t(j)], j == 5 ? 4 : j % 4 == 3 || j >= 4 ? 3 : j % 4));
     job_table.push_back(j);
     keep_all.insert(keep_all.end(), keeps.back().begin(), keeps.back().end());
     offsets.push_back(int32_t(keep_all.size()));
   }
-  be.paged_compact(f.kv, PagedJobs{be.put(job_table), be.put(keep_all), be.put(offsets), nullptr, J});
+  if (seed % 2 == 0) {
+    be.paged_compact(f.kv, PagedJobs{be.put(job_table), be.put(keep_all), be.put(offsets), nullptr, J});
+  } else {  // keep lists from each job's first moved entry (PagedJobs::first), as GpuKVPool sends them
+    std::vector<int32_t> tails, tail_offsets{0}, firsts;
+    for (const auto& kp : keeps) {
+      size_t first = 0;
+      while (first < kp.size() && kp[first] == int32_t(first)) ++first;
+      firsts.push_back(int32_t(first));
+      tails.insert(tails.end(), kp.begin() + long(first), kp.end());
+      tail_offsets.push_back(int32_t(tails.size()));
+    }
+    if (tails.empty()) tails.push_back(0);
+    PagedJobs pj{be.put(job_table), be.put(tails), be.put(tail_offsets), nullptr, J};
+    pj.first = be.put(firsts);
+    be.paged_compact(f.kv, pj);
+  }
 
   const int used_before = f.pool->used_blocks();
   int freed = 0;
