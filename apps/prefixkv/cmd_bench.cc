@@ -98,6 +98,7 @@ struct Record {
   size_t kv_bytes_prefill = 0;  // held right after the prefills (GPU: the pool's blocks)
   double floor_tok_s = 0;       // GPU: batch x bandwidth / bytes read per step (0: not measured)
   double step_ms = 0, step_gpu_ms = 0;  // per decode step: wall time, and GPU time of the model's work
+  double prefill_policy_ms = 0, prefill_compact_ms = 0;  // GPU: of prefill_ms, the policy and the compaction
 };
 
 double ms_since(std::chrono::steady_clock::time_point t0) {
@@ -172,6 +173,7 @@ int cmd_bench(int argc, char** argv) {
 
   const DType dtype = args.str("dtype", "f16") == "bf16" ? DType::BF16 : DType::F16;
   double bandwidth = 0;  // GPU copy bandwidth (bytes/s), for the decode floor
+  double importance_ms = 0, prefill_alone_ms = 0;  // GPU: one prefill's importance pass, and the prefill without it
 #ifdef PREFIXKV_HAVE_CUDA
   std::unique_ptr<cuda::GpuModel> gpu;
   std::unique_ptr<cuda::GpuKVPool> pool;
@@ -195,6 +197,31 @@ int cmd_bench(int argc, char** argv) {
                 dtype_name(dtype), cuda::device_summary().c_str(), double(gpu_used_before) / double(1ull << 30),
                 double(po.bytes) / double(1ull << 30), po.block_size);
     bandwidth = cuda::measure_copy_bandwidth();
+    // The importance pass's cost: one prompt prefilled with and without METHOD.md's importance
+    // (best of 3 each, on a scratch sequence whose blocks are returned after each run).
+    {
+      std::vector<float> x(size_t(prompt) * size_t(t.hidden));
+      std::vector<int32_t> ids(static_cast<size_t>(prompt)), pos(static_cast<size_t>(prompt));
+      std::mt19937_64 r0(seed + 7);
+      for (int i = 0; i < prompt; ++i) ids[size_t(i)] = int32_t(r0() % uint64_t(t.vocab_size)), pos[size_t(i)] = i;
+      model->embed(ids.data(), prompt, x.data());
+      std::vector<std::vector<float>> imp;
+      auto once = [&](bool with_importance) {
+        const BlockPool::SeqId q = pool->blocks().add_sequence();
+        const auto t0 = std::chrono::steady_clock::now();
+        gpu->prefill(*pool, q, x.data(), prompt, pos.data(), nullptr, with_importance ? &imp : nullptr, 0);
+        cuda::device_synchronize();
+        const double ms = ms_since(t0);
+        pool->blocks().remove_sequence(q);
+        return ms;
+      };
+      double with = 1e30, without = 1e30;
+      for (int rep = 0; rep < 3; ++rep) without = std::min(without, once(false)), with = std::min(with, once(true));
+      importance_ms = with - without;
+      prefill_alone_ms = without;
+      std::printf("bench: one %d-token prefill %.1f ms without importance, %.1f ms with (the importance pass: %.1f ms, "
+                  "%.1f%%)\n", prompt, without, with, with - without, 100 * (with - without) / with);
+    }
     std::printf("bench: device copy bandwidth %.0f GB/s (read + written); decode steps as CUDA graphs: %s; "
                 "gemv for <= %d rows: %s\n",
                 bandwidth / 1e9, gpu->uses_graphs() ? "on" : "off (PKV_CUDA_GRAPHS=0)", cuda::kGemvAutoRows,
@@ -222,7 +249,10 @@ int cmd_bench(int argc, char** argv) {
         Record r;
         r.policy = pname, r.budget = budget, r.batch = B;
 #ifdef PREFIXKV_HAVE_CUDA
-        if (pool) pool->blocks().reset_peak();
+        if (pool) {
+          pool->blocks().reset_peak();
+          pool->prefill_times() = {};
+        }
 #endif
         // Prefill: one sequence after another (the engine prefills one prompt at a time).
         for (int b = 0; b < B; ++b) {
@@ -249,6 +279,10 @@ int cmd_bench(int argc, char** argv) {
         }
 #ifdef PREFIXKV_HAVE_CUDA
         for (auto& s : gsessions) r.kv_bytes_prefill += s->kv_bytes();
+        if (pool) {
+          const cuda::GpuKVPool::PrefillTimes& pt = pool->prefill_times();
+          r.prefill_policy_ms = pt.policy_ms, r.prefill_compact_ms = pt.compact_ms;
+        }
 #endif
         for (auto& s : sessions) r.kv_bytes_prefill += s->cache().bytes();
         // Decode: every step one batched pass over all sequences (greedy tokens).
@@ -309,8 +343,10 @@ int cmd_bench(int argc, char** argv) {
 #endif
         r.largest_batch = per_seq > 0 && left > 0 ? long(left / per_seq) : 0;
         records.push_back(r);
-        std::fprintf(stderr, "  %s %.2f batch %d: prefill %.0f ms, decode %.1f tok/s (%.2f ms a step, %.2f ms of it on the GPU)\n",
-                     pname.c_str(), budget, B, r.prefill_ms, r.decode_tok_s, r.step_ms, r.step_gpu_ms);
+        std::fprintf(stderr, "  %s %.2f batch %d: prefill %.0f ms (policy %.1f ms, compaction %.1f ms), decode %.1f tok/s "
+                     "(%.2f ms a step, %.2f ms of it on the GPU)\n",
+                     pname.c_str(), budget, B, r.prefill_ms, r.prefill_policy_ms, r.prefill_compact_ms, r.decode_tok_s,
+                     r.step_ms, r.step_gpu_ms);
       }
   }
 
@@ -341,6 +377,8 @@ int cmd_bench(int argc, char** argv) {
     j["weight_bytes"] = model->weight_bytes();
     j["memory_bytes"] = memory;
     j["copy_bandwidth_bytes_per_s"] = bandwidth;
+    j["prefill_ms_without_importance"] = prefill_alone_ms;
+    j["importance_pass_ms"] = importance_ms;
 #ifdef PREFIXKV_HAVE_CUDA
     if (gpu) {
       j["gpu"] = cuda::device_summary();
@@ -357,7 +395,8 @@ int cmd_bench(int argc, char** argv) {
                               {"peak_rss_gib", r.peak_rss_gib}, {"peak_gpu_gib", r.gpu_used_gib},
                               {"largest_batch", r.largest_batch}, {"kv_bytes_prefill", r.kv_bytes_prefill},
                               {"floor_tokens_per_s", r.floor_tok_s},
-                              {"step_ms", r.step_ms}, {"step_gpu_ms", r.step_gpu_ms}});
+                              {"step_ms", r.step_ms}, {"step_gpu_ms", r.step_gpu_ms},
+                              {"prefill_policy_ms", r.prefill_policy_ms}, {"prefill_compact_ms", r.prefill_compact_ms}});
     const std::string out = args.str("json");
     std::ofstream f(out);
     if (!f) fail(out, "cannot write the results");

@@ -51,6 +51,14 @@ class GpuKVPool {
   GpuKVPool(const GpuKVPool&) = delete;
   GpuKVPool& operator=(const GpuKVPool&) = delete;
 
+  // Where the prefills' time went (GpuSession::prefill adds to it): the model's pass (with the
+  // importance pass when the policy asks for it), the policy on the host, the compaction on the GPU.
+  struct PrefillTimes {
+    int prefills = 0;
+    double model_ms = 0, policy_ms = 0, compact_ms = 0;
+  };
+  PrefillTimes& prefill_times() { return prefill_times_; }
+
   BlockPool& blocks() { return blocks_; }
   const BlockPool& blocks() const { return blocks_; }
   DType dtype() const { return dtype_; }
@@ -85,6 +93,7 @@ class GpuKVPool {
 
  private:
   BlockPool blocks_;
+  PrefillTimes prefill_times_;
   DType dtype_;
   int kv_dim_;
   void* stream_;

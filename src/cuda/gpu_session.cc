@@ -1,5 +1,6 @@
 #include "cuda/gpu_session.h"
 
+#include <chrono>
 #include <exception>
 #include <numeric>
 #include <set>
@@ -64,13 +65,25 @@ void GpuSession::prefill(const PreparedPrompt& p, float* logits) {
   std::iota(pos.begin(), pos.end(), 0);
   std::vector<std::vector<float>> importance;
   const ImportanceRequest req = policy_.prefill_importance(T);
+  using clock = std::chrono::steady_clock;
+  auto ms = [](clock::time_point a, clock::time_point b) { return std::chrono::duration<double, std::milli>(b - a).count(); };
+  const clock::time_point t0 = clock::now();
   model_.prefill(pool_, seq_, p.embeddings.data(), T, pos.data(), logits, req.needed ? &importance : nullptr, req.from);
+  const clock::time_point t1 = clock::now();  // the prefill ends synchronised (logits, error flag)
   mirror_.append_all(pos.data(), T);
   pos_ = T;
   std::vector<GpuKVPool::Job> jobs;
   run_policy([&] { policy_.after_prefill(mirror_.cache(), importance, T); }, jobs);
+  const clock::time_point t2 = clock::now();
+  const bool compacts = !jobs.empty();
   pool_.compact(std::move(jobs));
+  if (compacts) stream_synchronize(pool_.stream());
   check_mirror();
+  GpuKVPool::PrefillTimes& pt = pool_.prefill_times();
+  ++pt.prefills;
+  pt.model_ms += ms(t0, t1);
+  pt.policy_ms += ms(t1, t2);
+  pt.compact_ms += ms(t2, clock::now());
 }
 
 void GpuSession::step(int32_t token, float* logits) { step_many({this}, &token, logits); }
