@@ -732,8 +732,8 @@ void GpuModel::decode(GpuKVPool& kv, const GpuDecodeBatch& b) {
   // Blocks: one more entry in every layer of every sequence; all or nothing over the batch.
   BlockPool& bp = kv.blocks();
   std::vector<std::vector<int>> before(static_cast<size_t>(B));
-  int need = 0;
-  std::string needs;
+  int need = 0, needing = 0;
+  std::string needs;  // the first few sequences that need blocks (the message stays one line)
   for (int i = 0; i < B; ++i) {
     const BlockPool::SeqId q = b.seqs[size_t(i)];
     std::vector<int> e(static_cast<size_t>(g.L));
@@ -742,8 +742,10 @@ void GpuModel::decode(GpuKVPool& kv, const GpuDecodeBatch& b) {
     for (int& n : e) ++n;
     const int n = bp.blocks_needed(q, e);
     need += n;
-    if (n) needs += (needs.empty() ? "" : ", ") + ("sequence " + std::to_string(q) + ": " + std::to_string(n));
+    if (n && ++needing <= 4)
+      needs += (needs.empty() ? "" : ", ") + ("sequence " + std::to_string(q) + ": " + std::to_string(n));
   }
+  if (needing > 4) needs += ", and " + std::to_string(needing - 4) + " more sequences";
   if (need > bp.free_blocks())
     fail("GPU KV pool", "out of KV blocks: a decode step of " + std::to_string(B) + " sequences needs " + std::to_string(need) +
                             " new blocks (" + needs + "), only " + std::to_string(bp.free_blocks()) + " of " +
