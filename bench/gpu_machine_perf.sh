@@ -5,6 +5,7 @@
 #   bash bench/gpu_machine_perf.sh hf       # transformers, eager and sdpa, the paper's settings (bench/hf_bench.py)
 #   bash bench/gpu_machine_perf.sh smoke    # prefixkv bench --device cuda: short runs of each kind + an nsys profile of batch 1
 #   bash bench/gpu_machine_perf.sh gpu1     # prefixkv bench --device cuda: batch 1 (bandwidth floor), 7B batch 16
+#   bash bench/gpu_machine_perf.sh ab       # batch 1: CUDA graphs / the gemv kernel on and off; the importance pass's cost
 #   bash bench/gpu_machine_perf.sh capacity # 7B at 20% kept with the batch the pool holds (700); full cache past its 151
 #   bash bench/gpu_machine_perf.sh gpu2     # prefixkv bench --device cuda: 7B batch 48, 13B batch 8
 # (the same card must run both sides of a comparison: run hf and gpu* in one call or on one warm machine)
@@ -76,7 +77,7 @@ for n, v in sorted(tot.items(), key=lambda x: -x[1])[:25]:
 PY
     done
     ;;
-  smoke|gpu1|gpu2|b1|capacity)
+  smoke|gpu1|gpu2|b1|capacity|ab)
     if [ ! -f build-gpu/CMakeCache.txt ]; then  # scripts/gpu_test.sh may have configured it already
       cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DPREFIXKV_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
         -DPREFIXKV_NATIVE=ON -DPREFIXKV_TESTS=OFF > "$W/build_gpu.log" 2>&1
@@ -85,7 +86,14 @@ PY
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$W/gpu.txt"
     B=./build-gpu/prefixkv
     P="--policies full,prefixkv-online --budgets 0.2,0.4,0.6,0.8 --device cuda --dtype f16"
-    if [ "$phase" = capacity ]; then  # the memory saved is real: run the batch the pool holds at 20%, and past full's
+    if [ "$phase" = ab ]; then  # batch 1, 1024-token prompt: CUDA graphs and the gemv kernel on / off
+      for ab in "" "PKV_CUDA_GRAPHS=0" "PKV_CUDA_GRAPHS=0 PKV_GEMV=0"; do
+        echo "== 7B batch 1 ${ab:-(default)}" >> "$W/gpu.txt"
+        env $ab timeout 170 $B bench --shape llava-1.5-7b --device cuda --dtype f16 --batch 1 --prompt 1024 --gen 128 \
+          --json "$W/gpu_7b_b1_ab${ab:+_$(echo $ab | tr ' =' '__')}.json" >> "$W/gpu.txt" 2>&1 || echo "bench failed: rc $?" | tee -a "$W/gpu.txt"
+        keep
+      done
+    elif [ "$phase" = capacity ]; then  # the memory saved is real: run the batch the pool holds at 20%, and past full's
       timeout 280 $B bench --shape llava-1.5-7b --device cuda --dtype f16 --policies prefixkv-online --budgets 0.2 \
         --batch 700 --prompt 1024 --gen 512 --json "$W/gpu_7b_cap20_b700.json" >> "$W/gpu.txt" 2>&1 || echo "bench failed: rc $?" | tee -a "$W/gpu.txt"
       keep
