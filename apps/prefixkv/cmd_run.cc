@@ -14,6 +14,10 @@
 #include "core/threads.h"
 #include "engine/engine.h"
 #include "kv_options.h"
+#ifdef PREFIXKV_HAVE_CUDA
+#include "cuda/device.h"
+#include "cuda/gpu_session.h"
+#endif
 
 namespace fs = std::filesystem;
 using nlohmann::json;
@@ -39,6 +43,8 @@ const std::vector<OptionSpec> kRunOptions = with_options({
     {"threads", "N", "worker threads (default: all cores)"},
     {"json", "", "print one JSON object (answer, token ids, timings, KV bytes per layer) instead of text"},
     {"dump-tensors", "DIR", "write pixel values, vision features, projector output, final hidden states and logits as .npy"},
+    {"device", "NAME", "cpu (default) or cuda: the vision tower, projector and decoder on the GPU (builds with -DPREFIXKV_CUDA=ON)"},
+    {"gpu-dtype", "TYPE", "cuda: bf16 or f16 weights, activations and KV (default: the checkpoint's 16-bit type, else bf16)"},
 }, kv_option_specs({"kv-policy", "kv-budget", "kv-budget-tokens", "kv-importance", "kv-window", "kv-protected",
                                   "kv-prefix-pool", "kv-decode", "kv-profile"}));
 
@@ -96,6 +102,17 @@ int cmd_run(int argc, char** argv) {
   if (tmpl != "llava" && tmpl != "raw") fail("--template", "must be llava or raw, got '" + tmpl + "'");
   const std::string mode = args.str("image-mode", "");
   if (!mode.empty() && mode != "pad" && mode != "crop") fail("--image-mode", "must be pad or crop, got '" + mode + "'");
+  const std::string device = args.str("device", "cpu");
+  if (device != "cpu" && device != "cuda") fail("--device", "must be cpu or cuda, got '" + device + "'");
+#ifndef PREFIXKV_HAVE_CUDA
+  if (device == "cuda") fail("--device cuda", "this prefixkv was built without the CUDA back end (-DPREFIXKV_CUDA=ON)");
+#endif
+  const std::string gpu_dtype = args.str("gpu-dtype", "");
+  if (!gpu_dtype.empty() && gpu_dtype != "bf16" && gpu_dtype != "f16")
+    fail("--gpu-dtype", "must be bf16 or f16, got '" + gpu_dtype + "'");
+  if (device == "cpu" && !gpu_dtype.empty()) fail("--gpu-dtype", "only applies with --device cuda");
+  if (device == "cuda" && args.has("dump-tensors"))
+    fail("--dump-tensors", "runs on the CPU reference only (drop --device cuda)");
   const std::string policy_name = args.str("kv-policy", "full");
   PolicyOptions popt = policy_options_from_args(args);
   const std::string dump_dir = args.str("dump-tensors", "");
@@ -126,7 +143,6 @@ int cmd_run(int argc, char** argv) {
   req.image_mode = mode;
   DumpObserver dump(dump_dir);
   Observer* obs = dump_dir.empty() ? nullptr : &dump;
-  PreparedPrompt p = engine.prepare(req, obs);
   std::unique_ptr<KVPolicy> policy_ptr = make_policy_for_model(policy_name, popt, args, *model);
   KVPolicy& policy = *policy_ptr;
   const bool as_json = args.flag("json");
@@ -135,7 +151,31 @@ int cmd_run(int argc, char** argv) {
     std::fwrite(piece.data(), 1, piece.size(), stdout);
     std::fflush(stdout);
   };
-  GenerationResult r = engine.generate(p, s, policy, stream, obs);
+  PreparedPrompt p;
+  GenerationResult r;
+  std::string device_desc = "cpu";
+#ifdef PREFIXKV_HAVE_CUDA
+  if (device == "cuda") {
+    // The weights' own 16-bit type by default (no extra rounding); float32 checkpoints: bf16.
+    DType dt = DType::BF16;
+    if (gpu_dtype == "f16") dt = DType::F16;
+    else if (gpu_dtype.empty() && model->weights().lm.embed && model->weights().lm.embed->dtype == DType::F16) dt = DType::F16;
+    cuda::GpuModelOptions go;
+    go.dtype = dt;
+    go.vision = model->config().has_vision && has_image;
+    cuda::GpuModel gm(*model, go);
+    if (has_image) req.encode_image = [&](const float* px) { return gm.encode_image(px); };
+    p = engine.prepare(req, nullptr);
+    const int entries = std::min<int>(int(p.ids.size()) + s.max_tokens + 1, model->config().text.max_positions + 1);
+    cuda::GpuKVPool pool(gm, cuda::pool_for_one_sequence(gm, entries));
+    r = cuda::generate_on_gpu(gm, pool, *lm.tok, p, s, policy, stream);
+    device_desc = "cuda " + std::string(dtype_name(dt)) + " (" + cuda::device_summary() + ")";
+  }
+#endif
+  if (device == "cpu") {
+    p = engine.prepare(req, obs);
+    r = engine.generate(p, s, policy, stream, obs);
+  }
   const int n_gen = int(r.tokens.size());
   const double decode_tps = r.decode_ms > 0 && n_gen > 1 ? (n_gen - 1) / (r.decode_ms / 1000.0) : 0.0;
   const double prefill_tps = r.prefill_ms > 0 ? r.prompt_tokens / (r.prefill_ms / 1000.0) : 0.0;
@@ -155,6 +195,7 @@ int cmd_run(int argc, char** argv) {
                     {"prefill_ms", r.prefill_ms},   {"prefill_tokens_per_s", prefill_tps},
                     {"decode_ms", r.decode_ms},     {"decode_tokens_per_s", decode_tps},
                     {"threads", num_threads()}};
+    j["device"] = device_desc;
     j["kv"] = {{"policy", policy.name()},
                {"budget", policy.name() == "full" ? 1.0 : popt.budget},
                {"prefill_kept_per_layer", policy.prefill_kept()},
@@ -167,11 +208,11 @@ int cmd_run(int argc, char** argv) {
     std::printf("\n");
     std::fprintf(stderr,
                  "\n[prefixkv] model %s (%s, %s) | prompt %d tokens (%d image) | %d generated (%s)\n"
-                 "[prefixkv] load %.0f ms | vision %.0f ms | prefill %.0f ms (%.1f tok/s) | decode %.1f tok/s | %d threads\n"
+                 "[prefixkv] load %.0f ms | vision %.0f ms | prefill %.0f ms (%.1f tok/s) | decode %.1f tok/s | %d threads | %s\n"
                  "[prefixkv] KV cache (%s): %.2f MiB over %d layers\n",
                  model_dir.c_str(), model->config().architecture.c_str(), layout_name(model->config().layout),
                  r.prompt_tokens, p.image_tokens, n_gen, r.stop_reason.c_str(), load_ms, p.vision_ms, r.prefill_ms,
-                 prefill_tps, decode_tps, num_threads(), policy.name().c_str(), double(r.kv_bytes) / (1 << 20),
+                 prefill_tps, decode_tps, num_threads(), device_desc.c_str(), policy.name().c_str(), double(r.kv_bytes) / (1 << 20),
                  model->config().text.n_layers);
   }
   return 0;

@@ -4,6 +4,7 @@
 // request in its batch, so both stop and stream in exactly the same way.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -45,5 +46,21 @@ class Decoding {
   std::string emitted_;  // text already handed out
   std::string stop_reason_ = "length";
 };
+
+// Runs `d` to the end from the logits of the prompt's last position: samples, streams the final
+// text through on_text, and calls step(token, logits) to feed each token and get the next logits.
+// Engine::generate_from (CPU) and cuda::generate_on_gpu share it.
+template <class Step>
+void decode_to_end(Decoding& d, std::vector<float>& logits, Step&& step,
+                   const std::function<void(const std::string&)>& on_text) {
+  for (;;) {
+    const std::string piece = d.next(logits.data());
+    if (!piece.empty() && on_text) on_text(piece);
+    if (d.done()) break;
+    step(d.last_token(), logits.data());
+  }
+  const std::string rest = d.finish();
+  if (!rest.empty() && on_text) on_text(rest);
+}
 
 }  // namespace pkv

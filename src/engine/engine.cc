@@ -96,7 +96,10 @@ PreparedPrompt Engine::prepare(const PromptRequest& req, Observer* obs) const {
     if (!req.image_mode.empty()) ic.mode = req.image_mode;
     auto t0 = std::chrono::steady_clock::now();
     p.pixels = preprocess_image(*req.image, ic);
-    image_emb = model_.encode_image(p.pixels.data(), obs);
+    image_emb = req.encode_image ? req.encode_image(p.pixels.data()) : model_.encode_image(p.pixels.data(), obs);
+    if (image_emb.size() != size_t(cfg.image_tokens()) * size_t(cfg.text.hidden))
+      fail("image encoder", "returned " + std::to_string(image_emb.size()) + " values, expected " +
+                                std::to_string(cfg.image_tokens()) + " x " + std::to_string(cfg.text.hidden));
     p.vision_ms = ms_since(t0);
     p.image_tokens = cfg.image_tokens();
   }
@@ -256,14 +259,7 @@ GenerationResult Engine::generate_from(Session& session, std::vector<float> logi
   r.first_logits = logits;
   Decoding d(model_.config(), tok_, s, T);
   auto t1 = std::chrono::steady_clock::now();
-  for (;;) {
-    const std::string piece = d.next(logits.data());
-    if (!piece.empty() && on_text) on_text(piece);
-    if (d.done()) break;
-    session.step(d.last_token(), logits.data(), obs);
-  }
-  const std::string rest = d.finish();
-  if (!rest.empty() && on_text) on_text(rest);
+  decode_to_end(d, logits, [&](int32_t token, float* out) { session.step(token, out, obs); }, on_text);
   r.tokens = d.tokens();
   r.text = d.text();
   r.stop_reason = d.stop_reason();

@@ -24,6 +24,9 @@ struct PromptRequest {
   // When not empty: the model input already tokenised (BOS first, -1 once where the image goes),
   // used instead of text and tmpl. The server renders multi-turn conversations this way.
   std::vector<int32_t> marked_ids;
+  // When set: computes the image embeddings [image_tokens, hidden] from the preprocessed pixels
+  // [3, S, S] instead of the model's CPU vision tower (prefixkv run --device cuda: GpuModel).
+  std::function<std::vector<float>(const float* pixels)> encode_image;
 };
 
 struct PreparedPrompt {

@@ -498,6 +498,51 @@ TEST(GpuModel, GraphStepsEqualPlainLaunches) {
   }
 }
 
+// prefixkv run --device cuda's path: the image through the GPU's vision tower, then
+// generate_on_gpu (the CPU engine's Decoding) gives the CPU engine's answer, token for token (the
+// bundled model's greedy description; F16 keeps its logits within 2e-3 of the CPU's).
+TEST(GpuModel, GenerateOnGpuEqualsTheCpuEngine) {
+  Loaded& l = load(kTiny);
+  GpuModel& gm = l.on(DType::F16);
+  SamplingOptions s;
+  s.max_tokens = 48;
+  FullPolicy cpu_policy;
+  const GenerationResult cpu = l.engine->generate(l.prompt, s, cpu_policy);
+  PromptRequest req;
+  req.text = kTiny.prompt;
+  req.tmpl = Template::LlavaV1;
+  const Image img = load_image(repo(kTiny.image));
+  req.image = &img;
+  req.encode_image = [&](const float* px) { return gm.encode_image(px); };
+  const PreparedPrompt p = l.engine->prepare(req);
+  ASSERT_EQ(p.ids, l.prompt.ids);
+  for (const char* name : {"full", "snapkv"}) {
+    SCOPED_TRACE(name);
+    std::unique_ptr<KVPolicy> pol = policy(name, 0.5);
+    const int entries = int(p.ids.size()) + s.max_tokens + 1;
+    GpuKVPool pool(gm, pool_for_one_sequence(gm, entries));
+    std::string streamed;
+    const GenerationResult g = generate_on_gpu(gm, pool, *l.tok, p, s, *pol, [&](const std::string& t) { streamed += t; });
+    EXPECT_EQ(streamed, g.text);
+    EXPECT_EQ(g.prompt_tokens, int(p.ids.size()));
+    ASSERT_EQ(int(g.kv_entries_per_layer.size()), l.L());
+    if (std::string(name) == "full") {
+      EXPECT_EQ(g.tokens, cpu.tokens) << "GPU: " << g.text << "\nCPU: " << cpu.text;
+      EXPECT_EQ(g.stop_reason, cpu.stop_reason);
+      for (int n : g.kv_entries_per_layer) EXPECT_EQ(n, g.prompt_tokens + int(g.tokens.size()) - 1);
+      std::printf("gpu_model: (g) tiny F16  run --device cuda path: %zu tokens, identical to the CPU engine: %s\n",
+                  g.tokens.size(), g.tokens == cpu.tokens ? "yes" : "no");
+    } else {
+      for (int n : g.kv_entries_per_layer) EXPECT_LT(n, g.prompt_tokens);  // compressed
+      EXPECT_FALSE(g.text.empty());
+    }
+    size_t held = 0;  // the blocks the session held at the end, from its entry counts
+    for (int n : g.kv_entries_per_layer) held += size_t(pool.blocks().blocks_for(n)) * pool.block_bytes();
+    EXPECT_EQ(g.kv_bytes, held);
+    EXPECT_EQ(pool.blocks().stats().used_blocks, 0) << "the finished sequence's blocks are back in the pool";
+  }
+}
+
 TEST(GpuModel, TokenIdsAndEmbeddingsGiveTheSameStep) {
   Loaded& l = load(kTiny);
   for (DType dt : kDtypes) {

@@ -139,6 +139,26 @@ TEST(CliErrors, UnknownOptionAndBadValues) {
   expect_error(prefixkv("run --model " + fixture("llama_text") + " --prompt hi --kv-policy magic"), {"--kv-policy", "magic"});
 }
 
+// --device and its options. Without a GPU (CI), --device cuda is one clear error whichever way
+// prefixkv was built; with one, it answers.
+TEST(CliErrors, DeviceOptions) {
+  const std::string m = "run --model " + fixture("llama_text") + " --prompt hi --max-tokens 3";
+  expect_error(prefixkv(m + " --device tpu"), {"--device", "tpu"});
+  expect_error(prefixkv(m + " --gpu-dtype f16"), {"--gpu-dtype", "--device cuda"});
+  expect_error(prefixkv(m + " --device cuda --gpu-dtype f8"), {"--gpu-dtype", "f8"});
+  const Result dump = prefixkv(m + " --device cuda --dump-tensors " + testing::TempDir() + "/pkv_dump_cuda");
+  EXPECT_NE(dump.rc, 0);
+  EXPECT_TRUE(dump.out.find("--dump-tensors") != std::string::npos || dump.out.find("CUDA back end") != std::string::npos)
+      << dump.out;
+  const Result r = prefixkv(m + " --device cuda --json");
+  if (r.rc != 0) {
+    EXPECT_NE(r.out.find("CUDA"), std::string::npos) << r.out;  // no device, or no CUDA back end
+    EXPECT_EQ(r.out.find("Segmentation"), std::string::npos);
+  } else {
+    EXPECT_NE(r.out.find("\"device\": \"cuda"), std::string::npos) << r.out;
+  }
+}
+
 TEST(CliErrors, MissingModelDirectory) {
   expect_error(prefixkv("run --model /nonexistent/model --prompt hi"), {"/nonexistent/model"});
 }
