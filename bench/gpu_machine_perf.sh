@@ -5,6 +5,7 @@
 #   bash bench/gpu_machine_perf.sh hf       # transformers, eager and sdpa, the paper's settings (bench/hf_bench.py)
 #   bash bench/gpu_machine_perf.sh smoke    # prefixkv bench --device cuda: short runs of each kind + an nsys profile of batch 1
 #   bash bench/gpu_machine_perf.sh gpu1     # prefixkv bench --device cuda: batch 1 (bandwidth floor), 7B batch 16
+#   bash bench/gpu_machine_perf.sh run      # prefixkv run --device cuda vs cpu on the bundled model
 #   bash bench/gpu_machine_perf.sh ab       # batch 1: CUDA graphs / the gemv kernel on and off; the importance pass's cost
 #   bash bench/gpu_machine_perf.sh capacity # 7B at 20% kept with the batch the pool holds (700); full cache past its 151
 #   bash bench/gpu_machine_perf.sh gpu2     # prefixkv bench --device cuda: 7B batch 48, 13B batch 8
@@ -37,6 +38,20 @@ case $phase in
     PYTHONUNBUFFERED=1 timeout 280 python3 bench/hf_bench.py --shape llava-1.5-13b --batch 8 --prompt 1024 --gen 512 --out "$W/hf_13b_b8.json" >> "$W/hf.txt" 2>&1 || echo "hf_bench failed: rc $?" >> "$W/hf.txt"; keep
     grep "^|" "$W/hf.txt" || tail -20 "$W/hf.txt"
     grep -iE "error|Traceback" "$W/hf.txt" | head -5 || true
+    ;;
+  run)  # prefixkv run on the GPU vs the CPU: the bundled model describing data/example.png
+    if [ ! -f build-gpu/CMakeCache.txt ]; then
+      cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DPREFIXKV_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
+        -DPREFIXKV_NATIVE=ON -DPREFIXKV_TESTS=OFF > "$W/build_gpu.log" 2>&1
+    fi
+    cmake --build build-gpu -j "$J" --target prefixkv >> "$W/build_gpu.log" 2>&1
+    for dev in cpu "cuda --gpu-dtype f16" "cuda --gpu-dtype bf16" "cuda --gpu-dtype f16 --kv-policy prefixkv --kv-budget 0.2"; do
+      tag=$(echo "$dev" | tr ' .-' '___')
+      ./build-gpu/prefixkv run --image data/example.png --device $dev --json > "$W/run_$tag.json" 2> "$W/run_$tag.err" \
+        || echo "run --device $dev failed: $(tail -1 "$W/run_$tag.err")"
+      python3 -c "import json,sys; j=json.load(open(sys.argv[1])); print(sys.argv[2], '|', j.get('device'), '|', j['timings']['vision_ms'], 'ms vision |', round(j['timings']['prefill_ms'],1), 'ms prefill |', round(j['timings']['decode_tokens_per_s'],1), 'tok/s |', j['text'])" "$W/run_$tag.json" "$dev" || true
+      keep
+    done
     ;;
   ncu)  # per-kernel GPU time of decode steps (plain launches: ncu profiles each kernel)
     if [ ! -f build-gpu/CMakeCache.txt ]; then
