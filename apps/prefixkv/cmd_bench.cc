@@ -299,10 +299,12 @@ int cmd_bench(int argc, char** argv) {
 #endif
         const auto t1 = std::chrono::steady_clock::now();
         for (int s = 0; s < gen; ++s) {
-          for (int b = 0; b < B; ++b) {
-            const float* l = &logits[size_t(b) * size_t(V)];
-            tokens[size_t(b)] = int32_t(std::max_element(l, l + V) - l);
-          }
+          parallel_for(size_t(B), 1, [&](size_t b0, size_t b1, int) {  // greedy tokens (batches of hundreds)
+            for (size_t b = b0; b < b1; ++b) {
+              const float* l = &logits[b * size_t(V)];
+              tokens[b] = int32_t(std::max_element(l, l + V) - l);
+            }
+          });
 #ifdef PREFIXKV_HAVE_CUDA
           if (gpu) {
             cuda::GpuSession::step_many(gptrs, tokens.data(), logits.data());

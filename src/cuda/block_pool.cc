@@ -59,6 +59,7 @@ void BlockPool::remove_sequence(SeqId s) {
 std::vector<BlockPool::SeqId> BlockPool::sequences() const {
   std::vector<SeqId> ids;
   for (const auto& [id, q] : seqs_) ids.push_back(id);
+  std::sort(ids.begin(), ids.end());
   return ids;
 }
 

@@ -12,6 +12,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <map>
+#include <unordered_map>
 #include <string>
 #include <vector>
 
@@ -110,7 +111,7 @@ class BlockPool {
   size_t bytes_per_block_;
   std::vector<int32_t> free_;   // stack of free block ids
   std::vector<SeqId> owner_;    // owner sequence of each block, -1 = free
-  std::map<SeqId, Seq> seqs_;
+  std::unordered_map<SeqId, Seq> seqs_;  // looked up several times per (sequence, layer) and step
   SeqId next_id_ = 0;
   uint64_t next_version_ = 1;
   int peak_used_ = 0;

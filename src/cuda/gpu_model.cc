@@ -965,7 +965,14 @@ void GpuKVPool::compact(std::vector<Job> jobs) {
     const int n = blocks_.entries(j.seq, j.layer);  // validates the sequence and layer
     if (!seen.insert({j.seq, j.layer}).second)
       fail(where, "compact: sequence " + std::to_string(j.seq) + " layer " + std::to_string(j.layer) + " appears twice");
-    for (size_t m = 0; m < j.keep.size(); ++m)
+    // Strictly increasing and < n. An identity prefix (keep[m] = m: a decode step's eviction keeps
+    // most of the table) needs no check beyond its last element.
+    size_t m0 = 0;
+    while (m0 < j.keep.size() && j.keep[m0] == int32_t(m0)) ++m0;
+    if (m0 > 0 && int(m0) > n)
+      fail(where, "compact: sequence " + std::to_string(j.seq) + " layer " + std::to_string(j.layer) +
+                      ": kept indices must be < " + std::to_string(n));
+    for (size_t m = m0; m < j.keep.size(); ++m)
       if (j.keep[m] < 0 || j.keep[m] >= n || (m > 0 && j.keep[m] <= j.keep[m - 1]))
         fail(where, "compact: sequence " + std::to_string(j.seq) + " layer " + std::to_string(j.layer) +
                         ": kept indices must be strictly increasing and < " + std::to_string(n));
