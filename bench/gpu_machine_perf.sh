@@ -20,6 +20,14 @@ keep() { tar -C "$W" -cf "$FINAL_OUT/perf_${PHASES// /_}.tar" . || true; }
 PHASES="$*"
 trap pack EXIT
 J=$(nproc)
+# prefixkv with the CUDA back end in build-gpu (scripts/gpu_test.sh may have configured it already)
+build_gpu() {
+  if [ ! -f build-gpu/CMakeCache.txt ]; then
+    cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DPREFIXKV_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
+      -DPREFIXKV_NATIVE=ON -DPREFIXKV_TESTS=OFF > "$W/build_gpu.log" 2>&1
+  fi
+  cmake --build build-gpu -j "$J" --target prefixkv >> "$W/build_gpu.log" 2>&1
+}
 for phase in "$@"; do
 case $phase in
   cpu)
@@ -40,11 +48,7 @@ case $phase in
     grep -iE "error|Traceback" "$W/hf.txt" | head -5 || true
     ;;
   run)  # prefixkv run on the GPU vs the CPU: the bundled model describing data/example.png
-    if [ ! -f build-gpu/CMakeCache.txt ]; then
-      cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DPREFIXKV_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
-        -DPREFIXKV_NATIVE=ON -DPREFIXKV_TESTS=OFF > "$W/build_gpu.log" 2>&1
-    fi
-    cmake --build build-gpu -j "$J" --target prefixkv >> "$W/build_gpu.log" 2>&1
+    build_gpu
     for dev in cpu "cuda --gpu-dtype f16" "cuda --gpu-dtype bf16" "cuda --gpu-dtype f16 --kv-policy prefixkv --kv-budget 0.2"; do
       tag=$(echo "$dev" | tr ' .-' '___')
       ./build-gpu/prefixkv run --image data/example.png --device $dev --json > "$W/run_$tag.json" 2> "$W/run_$tag.err" \
@@ -54,11 +58,7 @@ case $phase in
     done
     ;;
   ncu)  # per-kernel GPU time of decode steps (plain launches: ncu profiles each kernel)
-    if [ ! -f build-gpu/CMakeCache.txt ]; then
-      cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DPREFIXKV_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
-        -DPREFIXKV_NATIVE=ON -DPREFIXKV_TESTS=OFF > "$W/build_gpu.log" 2>&1
-    fi
-    cmake --build build-gpu -j "$J" --target prefixkv >> "$W/build_gpu.log" 2>&1
+    build_gpu
     # the decode kernels' memory throughput, occupancy and registers (a few launches each)
     PKV_CUDA_GRAPHS=0 timeout 200 ncu --clock-control none --kernel-name regex:"gemv|decode_split|rms_norm" \
       --launch-skip 600 --launch-count 12 \
@@ -93,11 +93,7 @@ PY
     done
     ;;
   smoke|gpu1|gpu2|b1|capacity|ab)
-    if [ ! -f build-gpu/CMakeCache.txt ]; then  # scripts/gpu_test.sh may have configured it already
-      cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DPREFIXKV_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
-        -DPREFIXKV_NATIVE=ON -DPREFIXKV_TESTS=OFF > "$W/build_gpu.log" 2>&1
-    fi
-    cmake --build build-gpu -j "$J" --target prefixkv >> "$W/build_gpu.log" 2>&1
+    build_gpu
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$W/gpu.txt"
     B=./build-gpu/prefixkv
     P="--policies full,prefixkv-online --budgets 0.2,0.4,0.6,0.8 --device cuda --dtype f16"
