@@ -22,6 +22,9 @@
 
 #ifdef PKV_HAVE_HTTPLIB
 #include "serve/http_server.h"
+#ifdef PREFIXKV_HAVE_CUDA
+#include "serve/gpu_backend.h"
+#endif
 #include "serve/scheduler.h"
 #include "serve/service.h"
 #endif
@@ -42,7 +45,9 @@ const std::vector<OptionSpec> kServeOptions = with_options(
         {"api-key", "KEY",
          "require 'Authorization: Bearer KEY' on every endpoint but /health (default: $PREFIXKV_API_KEY, else none)"},
         {"media-dir", "DIR", "allow image_url paths to local files inside DIR (default: none, data: URIs only)"},
-        {"kv-memory", "MB", "KV-cache pool that admission reserves from, in MiB (default 512)"},
+        {"kv-memory", "MB", "KV-cache pool that admission reserves from, in MiB (default 512; cuda: 90% of the free GPU memory)"},
+        {"device", "NAME", "cpu (default) or cuda: the requests' sequences, vision tower and decoder on the GPU"},
+        {"gpu-dtype", "TYPE", "cuda: bf16 or f16 (default: the checkpoint's 16-bit type, else bf16)"},
         {"max-running", "N", "requests decoded together at most (default 16)"},
         {"max-queue", "N", "requests waiting at most; more get 503 (default 64)"},
         {"max-body-mb", "MB", "largest request body in MiB; larger get 413 (default 20)"},
@@ -112,6 +117,15 @@ int cmd_serve(int argc, char** argv) {
   http.api_key = args.str("api-key", std::getenv("PREFIXKV_API_KEY") ? std::getenv("PREFIXKV_API_KEY") : "");
   http.max_body_bytes = size_t(positive(args, "max-body-mb", 20, 4096)) << 20;
   if (args.has("http-threads")) http.threads = positive(args, "http-threads", 1, 4096);
+  const std::string device = args.str("device", "cpu");
+  if (device != "cpu" && device != "cuda") fail("--device", "must be cpu or cuda, got '" + device + "'");
+#ifndef PREFIXKV_HAVE_CUDA
+  if (device == "cuda") fail("--device cuda", "this prefixkv was built without the CUDA back end (-DPREFIXKV_CUDA=ON)");
+#endif
+  const std::string gpu_dtype = args.str("gpu-dtype", "");
+  if (!gpu_dtype.empty() && gpu_dtype != "bf16" && gpu_dtype != "f16")
+    fail("--gpu-dtype", "must be bf16 or f16, got '" + gpu_dtype + "'");
+  if (device == "cpu" && !gpu_dtype.empty()) fail("--gpu-dtype", "only applies with --device cuda");
   SchedulerOptions so;
   so.kv_pool_bytes = size_t(positive(args, "kv-memory", 512, 1 << 20)) << 20;
   so.max_running = positive(args, "max-running", 16, 4096);
@@ -144,6 +158,17 @@ int cmd_serve(int argc, char** argv) {
   };
   factory(svc.default_policy, std::nullopt);  // a bad default (e.g. prefixkv without a profile) fails now
 
+#ifdef PREFIXKV_HAVE_CUDA
+  if (device == "cuda") {
+    GpuBackendOptions go;
+    go.model.dtype = DType::BF16;
+    if (gpu_dtype == "f16" || (gpu_dtype.empty() && model.weights().lm.embed && model.weights().lm.embed->dtype == DType::F16))
+      go.model.dtype = DType::F16;
+    go.pool_bytes = args.has("kv-memory") ? so.kv_pool_bytes : 0;  // 0: 90% of what is free after the weights
+    so.backend = gpu_backend(model, go);
+    so.kv_pool_bytes = gpu_backend_pool_bytes(*so.backend);
+  }
+#endif
   Scheduler scheduler(model, *lm.tok, so);
   ChatService service(model, *lm.tok, scheduler, svc, factory);
   HttpServer server(service, http);
@@ -162,9 +187,9 @@ int cmd_serve(int argc, char** argv) {
     server.stop();
   });
 
-  std::printf("prefixkv serve: model %s (%s) | KV pool %zu MiB, default policy %s | %d running, %d queued at most%s\n",
-              svc.model_id.c_str(), lm.dir.c_str(), so.kv_pool_bytes >> 20, svc.default_policy.c_str(), so.max_running,
-              so.max_queue, http.api_key.empty() ? "" : " | API key required");
+  std::printf("prefixkv serve: model %s (%s) on %s | KV pool %zu MiB, default policy %s | %d running, %d queued at most%s\n",
+              svc.model_id.c_str(), lm.dir.c_str(), scheduler.backend().name().c_str(), so.kv_pool_bytes >> 20,
+              svc.default_policy.c_str(), so.max_running, so.max_queue, http.api_key.empty() ? "" : " | API key required");
   if (http.api_key.empty() && http.host != "127.0.0.1" && http.host != "localhost" && http.host != "::1")
     std::printf("prefixkv serve: warning: listening beyond this machine without --api-key\n");
   std::printf("listening on http://%s:%d\n", http.host.c_str(), port);

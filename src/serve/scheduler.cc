@@ -24,22 +24,65 @@ constexpr auto kRateWindow = std::chrono::seconds(10);
 }  // namespace
 
 KvReservation kv_reservation(const TextConfig& t, int prompt_tokens, int max_tokens, double keep_fraction,
-                             int protected_count) {
-  const size_t entry = size_t(2) * size_t(t.n_kv_heads) * size_t(t.head_dim) * sizeof(float);
+                             int protected_count, size_t entry_bytes, int block) {
+  const size_t entry = entry_bytes ? entry_bytes : size_t(2) * size_t(t.n_kv_heads) * size_t(t.head_dim) * sizeof(float);
   const size_t L = size_t(t.n_layers);
   const size_t total = size_t(prompt_tokens) + size_t(max_tokens);
-  size_t entries = L * total;
+  const size_t round = size_t(std::max(block, 1));
+  size_t entries = L * ((total + round - 1) / round * round);
   if (keep_fraction < 1) {
-    // Per layer round(k_l x T) with the k_l averaging keep_fraction, at least protected + 1.
-    const size_t kept = size_t(std::ceil(keep_fraction * double(L * total))) + L * size_t(protected_count + 2);
+    // Per layer round(k_l x T) with the k_l averaging keep_fraction, at least protected + 1; each
+    // layer's last allocation unit may be partly empty.
+    const size_t kept = size_t(std::ceil(keep_fraction * double(L * total))) + L * size_t(protected_count + 2) + L * (round - 1);
     entries = std::min(entries, kept);
   }
   KvReservation r;
   r.final_bytes = entries * entry;
-  // Session::prefill reserves the prompt plus 64 entries in every layer before compressing.
-  r.prefill_bytes = L * (size_t(prompt_tokens) + 64) * entry;
+  // Session::prefill reserves the prompt plus 64 entries in every layer before compressing (the GPU
+  // session the prompt's blocks).
+  r.prefill_bytes = L * ((size_t(prompt_tokens) + 64 + round - 1) / round * round) * entry;
   return r;
 }
+
+namespace {
+
+class CpuBackend : public SequenceBackend {
+ public:
+  explicit CpuBackend(const Model& model) : model_(model) {}
+  struct CpuSeq : Seq {
+    std::unique_ptr<Session> s;
+    int position() const override { return s->position(); }
+    size_t kv_bytes() const override { return s->cache().bytes(); }
+    std::vector<int> entries_per_layer() const override {
+      std::vector<int> e;
+      for (int l = 0; l < s->cache().n_layers(); ++l) e.push_back(s->cache().layer(l).size());
+      return e;
+    }
+  };
+  std::string name() const override { return "cpu"; }
+  std::unique_ptr<Seq> prefill(const PreparedPrompt& p, KVPolicy& policy, float* logits) override {
+    auto q = std::make_unique<CpuSeq>();
+    q->s = std::make_unique<Session>(model_, policy);
+    q->s->prefill(p, logits);
+    return q;
+  }
+  void step_many(const std::vector<Seq*>& seqs, const int32_t* tokens, float* logits) override {
+    std::vector<Session*> ss;
+    for (Seq* q : seqs) ss.push_back(static_cast<CpuSeq*>(q)->s.get());
+    Session::step_many(ss, tokens, logits);
+  }
+  size_t kv_entry_bytes() const override {
+    const TextConfig& t = model_.config().text;
+    return size_t(2) * size_t(t.n_kv_heads) * size_t(t.head_dim) * sizeof(float);
+  }
+
+ private:
+  const Model& model_;
+};
+
+}  // namespace
+
+std::shared_ptr<SequenceBackend> cpu_backend(const Model& model) { return std::make_shared<CpuBackend>(model); }
 
 std::optional<Event> Job::next_event(std::chrono::milliseconds timeout) {
   std::unique_lock lk(mu_);
@@ -59,7 +102,7 @@ void Job::push(Event e) {
 
 struct Scheduler::Running {
   std::shared_ptr<Job> job;
-  std::unique_ptr<Session> session;
+  std::unique_ptr<SequenceBackend::Seq> session;
   std::unique_ptr<Decoding> decoding;
   std::vector<float> logits;  // [vocab]: the next position's
   Clock::time_point decode_start;
@@ -69,6 +112,7 @@ struct Scheduler::Running {
 
 Scheduler::Scheduler(const Model& model, const Tokenizer& tok, SchedulerOptions opt)
     : model_(model), tok_(tok), engine_(model, tok), opt_(opt) {
+  if (!opt_.backend) opt_.backend = cpu_backend(model);
   counters_.kv_pool_bytes = opt_.kv_pool_bytes;
 }
 
@@ -207,12 +251,12 @@ bool Scheduler::admit(const std::shared_ptr<Job>& job, std::vector<Running>& run
   r.queue_ms = ms_between(job->submitted_, t0);
   try {
     if (job->cancelled()) throw ApiError(499, "cancelled");
+    if (job->prompt.image) job->prompt.encode_image = opt_.backend->image_encoder();
     PreparedPrompt p = engine_.prepare(job->prompt);
     // The pixels and the decoded image are not needed past the vision tower.
     job->image = Image{};
-    r.session = std::make_unique<Session>(model_, *job->policy);
     r.logits.resize(size_t(model_.config().text.vocab_size));
-    r.session->prefill(p, r.logits.data());
+    r.session = opt_.backend->prefill(p, *job->policy, r.logits.data());
     r.decoding = std::make_unique<Decoding>(model_.config(), tok_, job->sampling, int(p.ids.size()));
   } catch (const std::exception& e) {
     {
@@ -241,7 +285,7 @@ bool Scheduler::admit(const std::shared_ptr<Job>& job, std::vector<Running>& run
 }
 
 void Scheduler::advance(std::vector<Running>& running) {
-  std::vector<Session*> batch;
+  std::vector<SequenceBackend::Seq*> batch;
   std::vector<int32_t> tokens;
   std::vector<Running*> fed;
   int generated = 0;
@@ -269,11 +313,10 @@ void Scheduler::advance(std::vector<Running>& running) {
     c.stop_reason = r.decoding->stop_reason();
     c.prompt_tokens = r.job->prompt_tokens;
     c.completion_tokens = int(r.decoding->tokens().size());
-    const KVCache& cache = r.session->cache();
-    c.kv_bytes = cache.bytes();
-    const size_t kv_dim = size_t(model_.config().text.n_kv_heads) * size_t(model_.config().text.head_dim);
-    c.kv_bytes_full = size_t(cache.n_layers()) * size_t(r.session->position()) * 2 * kv_dim * sizeof(float);
-    for (int l = 0; l < cache.n_layers(); ++l) c.kv_entries_per_layer.push_back(cache.layer(l).size());
+    c.kv_bytes = r.session->kv_bytes();
+    c.kv_bytes_full =
+        size_t(model_.config().text.n_layers) * size_t(r.session->position()) * opt_.backend->kv_entry_bytes();
+    c.kv_entries_per_layer = r.session->entries_per_layer();
     c.queue_ms = r.queue_ms;
     c.prefill_ms = r.prefill_ms;
     c.decode_ms = ms_between(r.decode_start, Clock::now());
@@ -285,7 +328,7 @@ void Scheduler::advance(std::vector<Running>& running) {
   if (!batch.empty()) {
     const size_t V = size_t(model_.config().text.vocab_size);
     std::vector<float> logits(batch.size() * V);
-    Session::step_many(batch, tokens.data(), logits.data());
+    opt_.backend->step_many(batch, tokens.data(), logits.data());
     for (size_t i = 0; i < fed.size(); ++i) std::copy_n(&logits[i * V], V, fed[i]->logits.data());
   }
   size_t used = 0;
@@ -293,7 +336,7 @@ void Scheduler::advance(std::vector<Running>& running) {
     if (r.remove)
       release(*r.job);
     else
-      used += r.session->cache().bytes();
+      used += r.session->kv_bytes();
   }
   std::erase_if(running, [](const Running& r) { return r.remove; });
   kv_used_ = used;

@@ -10,9 +10,11 @@
 #include <chrono>
 #include <condition_variable>
 #include <deque>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -31,8 +33,34 @@ struct KvReservation {
 // keep_fraction 1 is the full cache: every layer keeps prompt + max_tokens entries. Below 1 the
 // proportional decode rule keeps about keep_fraction x (prompt + generated) entries per layer on
 // average (METHOD.md section 4), plus the protected tokens and rounding.
+// entry_bytes: one entry of one layer (K and V) in the back end's cache (0: float32, the CPU's);
+// block: entries are held in blocks of this many per layer (the GPU pool's), so each layer rounds up.
 KvReservation kv_reservation(const TextConfig& t, int prompt_tokens, int max_tokens, double keep_fraction,
-                             int protected_count);
+                             int protected_count, size_t entry_bytes = 0, int block = 1);
+
+// Where the running sequences live. The default is the CPU (pkv::Session, Session::step_many); the
+// CUDA back end gives serve/gpu_backend.h's (cuda::GpuSession over one paged pool). Used by the
+// scheduler thread only.
+class SequenceBackend {
+ public:
+  struct Seq {
+    virtual ~Seq() = default;
+    virtual int position() const = 0;
+    virtual size_t kv_bytes() const = 0;  // what its cache holds now
+    virtual std::vector<int> entries_per_layer() const = 0;
+  };
+  virtual ~SequenceBackend() = default;
+  virtual std::string name() const = 0;
+  // Runs the prompt under `policy` (which must outlive the sequence); logits of its last position.
+  virtual std::unique_ptr<Seq> prefill(const PreparedPrompt& p, KVPolicy& policy, float* logits) = 0;
+  // One token for each sequence in one batched pass; logits [n, vocab].
+  virtual void step_many(const std::vector<Seq*>& seqs, const int32_t* tokens, float* logits) = 0;
+  virtual size_t kv_entry_bytes() const = 0;  // one entry of one layer, K and V
+  virtual int kv_block() const { return 1; }  // entries per allocation unit of a layer
+  // The image embeddings, when this back end computes them itself (else the model's CPU tower).
+  virtual std::function<std::vector<float>(const float* pixels)> image_encoder() { return {}; }
+};
+std::shared_ptr<SequenceBackend> cpu_backend(const Model& model);
 
 struct Completion {
   std::string text;
@@ -80,6 +108,7 @@ class Job {
 };
 
 struct SchedulerOptions {
+  std::shared_ptr<SequenceBackend> backend;  // null: the CPU
   size_t kv_pool_bytes = size_t(512) << 20;
   int max_running = 16;
   int max_queue = 64;
@@ -109,6 +138,7 @@ class Scheduler {
 
   SchedulerStats stats() const;
   const SchedulerOptions& options() const { return opt_; }
+  SequenceBackend& backend() const { return *opt_.backend; }
 
  private:
   struct Running;

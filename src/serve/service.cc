@@ -197,7 +197,8 @@ Submitted ChatService::submit(const std::string& body) {
     sub.kv_budget = std::min(1.0, double(opt_.default_budget_tokens) / prompt_tokens);
   else
     sub.kv_budget = opt_.default_budget;
-  job->kv = kv_reservation(cfg.text, prompt_tokens, s.max_tokens, sub.kv_budget, opt_.protected_count);
+  job->kv = kv_reservation(cfg.text, prompt_tokens, s.max_tokens, sub.kv_budget, opt_.protected_count,
+                           scheduler_.backend().kv_entry_bytes(), scheduler_.backend().kv_block());
   job->sampling = s;
   job->prompt_tokens = prompt_tokens;
   if (has_image) {  // last: the most expensive check
