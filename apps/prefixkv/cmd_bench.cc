@@ -171,7 +171,7 @@ int cmd_bench(int argc, char** argv) {
               what.c_str(), t.n_layers, double(model->weight_bytes()) / double(1ull << 30), load_s, num_threads(),
               prompt, gen);
 
-  const DType dtype = args.str("dtype", "f16") == "bf16" ? DType::BF16 : DType::F16;
+  [[maybe_unused]] const DType dtype = args.str("dtype", "f16") == "bf16" ? DType::BF16 : DType::F16;
   double bandwidth = 0;  // GPU copy bandwidth (bytes/s), for the decode floor
   double importance_ms = 0, importance_window_ms = 0, prefill_alone_ms = 0;  // GPU: one prefill's importance pass, and the prefill without it
 #ifdef PREFIXKV_HAVE_CUDA

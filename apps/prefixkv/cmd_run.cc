@@ -102,16 +102,9 @@ int cmd_run(int argc, char** argv) {
   if (tmpl != "llava" && tmpl != "raw") fail("--template", "must be llava or raw, got '" + tmpl + "'");
   const std::string mode = args.str("image-mode", "");
   if (!mode.empty() && mode != "pad" && mode != "crop") fail("--image-mode", "must be pad or crop, got '" + mode + "'");
-  const std::string device = args.str("device", "cpu");
-  if (device != "cpu" && device != "cuda") fail("--device", "must be cpu or cuda, got '" + device + "'");
-#ifndef PREFIXKV_HAVE_CUDA
-  if (device == "cuda") fail("--device cuda", "this prefixkv was built without the CUDA back end (-DPREFIXKV_CUDA=ON)");
-#endif
-  const std::string gpu_dtype = args.str("gpu-dtype", "");
-  if (!gpu_dtype.empty() && gpu_dtype != "bf16" && gpu_dtype != "f16")
-    fail("--gpu-dtype", "must be bf16 or f16, got '" + gpu_dtype + "'");
-  if (device == "cpu" && !gpu_dtype.empty()) fail("--gpu-dtype", "only applies with --device cuda");
-  if (device == "cuda" && args.has("dump-tensors"))
+  const DeviceChoice dev = parse_device(args);
+  const std::string device = dev.cuda ? "cuda" : "cpu";
+  if (dev.cuda && args.has("dump-tensors"))
     fail("--dump-tensors", "runs on the CPU reference only (drop --device cuda)");
   const std::string policy_name = args.str("kv-policy", "full");
   PolicyOptions popt = policy_options_from_args(args);
@@ -156,10 +149,7 @@ int cmd_run(int argc, char** argv) {
   std::string device_desc = "cpu";
 #ifdef PREFIXKV_HAVE_CUDA
   if (device == "cuda") {
-    // The weights' own 16-bit type by default (no extra rounding); float32 checkpoints: bf16.
-    DType dt = DType::BF16;
-    if (gpu_dtype == "f16") dt = DType::F16;
-    else if (gpu_dtype.empty() && model->weights().lm.embed && model->weights().lm.embed->dtype == DType::F16) dt = DType::F16;
+    const DType dt = gpu_compute_dtype(dev, *model);
     cuda::GpuModelOptions go;
     go.dtype = dt;
     go.vision = model->config().has_vision && has_image;

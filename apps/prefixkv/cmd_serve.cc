@@ -117,15 +117,7 @@ int cmd_serve(int argc, char** argv) {
   http.api_key = args.str("api-key", std::getenv("PREFIXKV_API_KEY") ? std::getenv("PREFIXKV_API_KEY") : "");
   http.max_body_bytes = size_t(positive(args, "max-body-mb", 20, 4096)) << 20;
   if (args.has("http-threads")) http.threads = positive(args, "http-threads", 1, 4096);
-  const std::string device = args.str("device", "cpu");
-  if (device != "cpu" && device != "cuda") fail("--device", "must be cpu or cuda, got '" + device + "'");
-#ifndef PREFIXKV_HAVE_CUDA
-  if (device == "cuda") fail("--device cuda", "this prefixkv was built without the CUDA back end (-DPREFIXKV_CUDA=ON)");
-#endif
-  const std::string gpu_dtype = args.str("gpu-dtype", "");
-  if (!gpu_dtype.empty() && gpu_dtype != "bf16" && gpu_dtype != "f16")
-    fail("--gpu-dtype", "must be bf16 or f16, got '" + gpu_dtype + "'");
-  if (device == "cpu" && !gpu_dtype.empty()) fail("--gpu-dtype", "only applies with --device cuda");
+  const DeviceChoice dev = parse_device(args);
   SchedulerOptions so;
   so.kv_pool_bytes = size_t(positive(args, "kv-memory", 512, 1 << 20)) << 20;
   so.max_running = positive(args, "max-running", 16, 4096);
@@ -159,15 +151,15 @@ int cmd_serve(int argc, char** argv) {
   factory(svc.default_policy, std::nullopt);  // a bad default (e.g. prefixkv without a profile) fails now
 
 #ifdef PREFIXKV_HAVE_CUDA
-  if (device == "cuda") {
+  if (dev.cuda) {
     GpuBackendOptions go;
-    go.model.dtype = DType::BF16;
-    if (gpu_dtype == "f16" || (gpu_dtype.empty() && model.weights().lm.embed && model.weights().lm.embed->dtype == DType::F16))
-      go.model.dtype = DType::F16;
+    go.model.dtype = gpu_compute_dtype(dev, model);
     go.pool_bytes = args.has("kv-memory") ? so.kv_pool_bytes : 0;  // 0: 90% of what is free after the weights
     so.backend = gpu_backend(model, go);
     so.kv_pool_bytes = gpu_backend_pool_bytes(*so.backend);
   }
+#else
+  (void)dev;  // parse_device refused cuda
 #endif
   Scheduler scheduler(model, *lm.tok, so);
   ChatService service(model, *lm.tok, scheduler, svc, factory);
