@@ -961,6 +961,8 @@ void GpuKVPool::compact(std::vector<Job> jobs) {
   std::stable_partition(jobs.begin(), jobs.end(), [](const Job& j) { return j.merge; });
   int n_merge = 0, stride = 1;
   std::set<std::pair<BlockPool::SeqId, int>> seen;
+  std::vector<int32_t> firsts;  // per job: where its keep list starts moving entries (merges: 0)
+  firsts.reserve(jobs.size());
   for (const Job& j : jobs) {
     const int n = blocks_.entries(j.seq, j.layer);  // validates the sequence and layer
     if (!seen.insert({j.seq, j.layer}).second)
@@ -978,6 +980,7 @@ void GpuKVPool::compact(std::vector<Job> jobs) {
                         ": kept indices must be strictly increasing and < " + std::to_string(n));
     if (j.merge && j.keep.empty() && n > 0)
       fail(where, "compact: a merge needs at least one kept entry");
+    firsts.push_back(j.merge ? 0 : int32_t(m0));
     n_merge += j.merge ? 1 : 0;
     stride = std::max(stride, int(blocks_.table(j.seq, j.layer).size()));
   }
@@ -985,8 +988,7 @@ void GpuKVPool::compact(std::vector<Job> jobs) {
   std::vector<int32_t>& host = staging_;
   const size_t o_tab = 0;
   host.assign(size_t(J) * stride, -1);
-  std::vector<int32_t> job_table(static_cast<size_t>(J)), offsets{0}, lengths(static_cast<size_t>(J)), keep,
-      firsts(static_cast<size_t>(J), 0);
+  std::vector<int32_t> job_table(static_cast<size_t>(J)), offsets{0}, lengths(static_cast<size_t>(J)), keep;
   for (int i = 0; i < J; ++i) {
     const Job& j = jobs[size_t(i)];
     const std::vector<int32_t>& t = blocks_.table(j.seq, j.layer);
@@ -994,11 +996,7 @@ void GpuKVPool::compact(std::vector<Job> jobs) {
     job_table[size_t(i)] = i;
     lengths[size_t(i)] = blocks_.entries(j.seq, j.layer);
     // Compaction jobs send their keep list from the first entry that moves (merges: all of it).
-    size_t f = 0;
-    if (!j.merge)
-      while (f < j.keep.size() && j.keep[f] == int32_t(f)) ++f;
-    firsts[size_t(i)] = int32_t(f);
-    keep.insert(keep.end(), j.keep.begin() + long(f), j.keep.end());
+    keep.insert(keep.end(), j.keep.begin() + long(firsts[size_t(i)]), j.keep.end());
     offsets.push_back(int32_t(keep.size()));
   }
   auto append = [&](const std::vector<int32_t>& v) {
