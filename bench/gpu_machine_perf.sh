@@ -21,6 +21,7 @@ PHASES="$*"
 trap pack EXIT
 J=$(nproc)
 # prefixkv with the CUDA back end in build-gpu (scripts/gpu_test.sh may have configured it already)
+source scripts/httplib_env.sh  # the server needs cpp-httplib: carried in .carry/httplib where the machine lacks it
 build_gpu() {
   if [ ! -f build-gpu/CMakeCache.txt ]; then
     cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DPREFIXKV_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
@@ -56,6 +57,34 @@ case $phase in
       python3 -c "import json,sys; j=json.load(open(sys.argv[1])); print(sys.argv[2], '|', j.get('device'), '|', j['timings']['vision_ms'], 'ms vision |', round(j['timings']['prefill_ms'],1), 'ms prefill |', round(j['timings']['decode_tokens_per_s'],1), 'tok/s |', j['text'])" "$W/run_$tag.json" "$dev" || true
       keep
     done
+    ;;
+  serve)  # prefixkv serve --device cuda: 4 concurrent requests (batched on the GPU) = prefixkv run's answers
+    build_gpu
+    SERVE_DEV=${SERVE_DEV:-cuda --gpu-dtype f16}
+    cases=()
+    for pb in full snapkv:0.5 prefixkv-online:0.3 h2o:0.5; do
+      pol=${pb%%:*}; bud=${pb#*:}; [ "$bud" = "$pb" ] && bud=1
+      ./build-gpu/prefixkv run --image data/example.png --device $SERVE_DEV --kv-policy "$pol" --kv-budget "$bud" \
+        --max-tokens 48 --json > "$W/serve_ref_$pol.json" 2>> "$W/serve.txt" || echo "run $pol failed" | tee -a "$W/serve.txt"
+      cases+=("$pb=$W/serve_ref_$pol.json")
+    done
+    ./build-gpu/prefixkv serve --device $SERVE_DEV --port 0 > "$W/serve_server.log" 2>&1 &
+    spid=$!
+    port=""
+    for _ in $(seq 1 120); do
+      port=$(sed -n 's/^listening on http:\/\/[^:]*:\([0-9]*\).*/\1/p' "$W/serve_server.log" | head -1)
+      [ -n "$port" ] && break
+      kill -0 $spid 2>/dev/null || break
+      sleep 0.5
+    done
+    if [ -n "$port" ]; then
+      python3 bench/serve_check.py --port "$port" --image data/example.png --max-tokens 48 "${cases[@]}" 2>&1 | tee -a "$W/serve.txt" || true
+      curl -s "http://127.0.0.1:$port/metrics" 2>/dev/null | grep -E "^prefixkv_(kv|batch|requests)" | head -12 >> "$W/serve.txt" || true
+    else
+      echo "serve did not start:" | tee -a "$W/serve.txt"; tail -5 "$W/serve_server.log" | tee -a "$W/serve.txt"
+    fi
+    kill $spid 2>/dev/null || true; wait $spid 2>/dev/null || true
+    keep
     ;;
   ncu)  # per-kernel GPU time of decode steps (plain launches: ncu profiles each kernel)
     build_gpu

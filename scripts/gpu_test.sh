@@ -33,6 +33,8 @@ nvidia-smi -L 2>/dev/null || echo "gpu_test: nvidia-smi not available"
 
 gen=()
 command -v ninja >/dev/null && gen=(-G Ninja)
+source scripts/httplib_env.sh  # the GPU serve tests and the server need cpp-httplib: carried where missing
+
 configure() {
   cmake -S . -B "$BUILD" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DPREFIXKV_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$ARCH" \
     -DPREFIXKV_NATIVE=ON -DPREFIXKV_TESTS=ON "$@" >>"$build_log" 2>&1

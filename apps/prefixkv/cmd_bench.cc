@@ -98,6 +98,9 @@ struct Record {
   size_t kv_bytes_prefill = 0;  // held right after the prefills (GPU: the pool's blocks)
   double floor_tok_s = 0;       // GPU: batch x bandwidth / bytes read per step (0: not measured)
   double step_ms = 0, step_gpu_ms = 0;  // per decode step: wall time, and GPU time of the model's work
+  // per decode step (GPU): host work before the launch, the policies on the host mirrors, the
+  // compaction's host part and its GPU time
+  double step_prep_ms = 0, step_policy_ms = 0, step_compact_ms = 0, step_compact_gpu_ms = 0;
   double prefill_policy_ms = 0, prefill_compact_ms = 0;  // GPU: of prefill_ms, the policy and the compaction
 };
 
@@ -295,7 +298,12 @@ int cmd_bench(int argc, char** argv) {
         // Decode: every step one batched pass over all sequences (greedy tokens).
         std::vector<int32_t> tokens(static_cast<size_t>(B));
 #ifdef PREFIXKV_HAVE_CUDA
-        if (gpu) gpu->reset_decode_times();
+        double compact_gpu0 = 0;
+        if (gpu) {
+          gpu->reset_decode_times();
+          pool->step_times() = {};
+          compact_gpu0 = pool->compaction_gpu_ms();
+        }
 #endif
         const auto t1 = std::chrono::steady_clock::now();
         for (int s = 0; s < gen; ++s) {
@@ -316,8 +324,15 @@ int cmd_bench(int argc, char** argv) {
         r.decode_ms = ms_since(t1);
         r.step_ms = gen > 0 ? r.decode_ms / gen : 0;
 #ifdef PREFIXKV_HAVE_CUDA
-        if (gpu && gpu->decode_times().steps > 0)
-          r.step_gpu_ms = gpu->decode_times().gpu_ms / gpu->decode_times().steps;
+        if (gpu && gpu->decode_times().steps > 0) {
+          const int n = gpu->decode_times().steps;
+          r.step_gpu_ms = gpu->decode_times().gpu_ms / n;
+          r.step_prep_ms = gpu->decode_times().host_ms / n;
+          const cuda::GpuKVPool::StepTimes& st = pool->step_times();
+          r.step_policy_ms = st.policy_ms / n;
+          r.step_compact_ms = st.compact_ms / n;
+          r.step_compact_gpu_ms = (pool->compaction_gpu_ms() - compact_gpu0) / n;
+        }
 #endif
         r.decode_tok_s = double(B) * gen / (r.decode_ms / 1000);
         r.throughput = double(B) * gen / ((r.prefill_ms + r.decode_ms) / 1000);
@@ -353,9 +368,10 @@ int cmd_bench(int argc, char** argv) {
         r.largest_batch = per_seq > 0 && left > 0 ? long(left / per_seq) : 0;
         records.push_back(r);
         std::fprintf(stderr, "  %s %.2f batch %d: prefill %.0f ms (policy %.1f ms, compaction %.1f ms), decode %.1f tok/s "
-                     "(%.2f ms a step, %.2f ms of it on the GPU)\n",
+                     "(%.2f ms a step: the model's kernels %.2f on the GPU; host: %.2f before the launch, policies "
+                     "%.2f, compaction %.2f + %.3f on the GPU)\n",
                      pname.c_str(), budget, B, r.prefill_ms, r.prefill_policy_ms, r.prefill_compact_ms, r.decode_tok_s,
-                     r.step_ms, r.step_gpu_ms);
+                     r.step_ms, r.step_gpu_ms, r.step_prep_ms, r.step_policy_ms, r.step_compact_ms, r.step_compact_gpu_ms);
       }
   }
 
@@ -406,6 +422,8 @@ int cmd_bench(int argc, char** argv) {
                               {"largest_batch", r.largest_batch}, {"kv_bytes_prefill", r.kv_bytes_prefill},
                               {"floor_tokens_per_s", r.floor_tok_s},
                               {"step_ms", r.step_ms}, {"step_gpu_ms", r.step_gpu_ms},
+                              {"step_prep_ms", r.step_prep_ms}, {"step_policy_ms", r.step_policy_ms},
+                              {"step_compact_ms", r.step_compact_ms}, {"step_compact_gpu_ms", r.step_compact_gpu_ms},
                               {"prefill_policy_ms", r.prefill_policy_ms}, {"prefill_compact_ms", r.prefill_compact_ms}});
     const std::string out = args.str("json");
     std::ofstream f(out);

@@ -102,6 +102,59 @@ const std::vector<int32_t>& BlockPool::table(SeqId s, int layer) const {
   return seq(s, "table").layers[size_t(layer)].blocks;
 }
 
+const std::vector<int32_t>& BlockPool::slot_map(SeqId s, int layer) const {
+  check_layer(layer, "slot_map");
+  return seq(s, "slot_map").layers[size_t(layer)].slots;
+}
+
+// True when map is a permutation of [0, map.size()).
+static bool is_permutation_prefix(const std::vector<int32_t>& map) {
+  std::vector<char> seen(map.size(), 0);
+  for (int32_t v : map) {
+    if (v < 0 || size_t(v) >= map.size() || seen[size_t(v)]) return false;
+    seen[size_t(v)] = 1;
+  }
+  return true;
+}
+
+void BlockPool::set_slot_map(SeqId s, int layer, std::vector<int32_t> map) {
+  check_layer(layer, "set_slot_map");
+  Layer& L = seq(s, "set_slot_map").layers[size_t(layer)];
+  PKV_ASSERT_MSG(map.size() <= size_t(L.entries) && is_permutation_prefix(map),
+                 "sequence " + std::to_string(s) + " layer " + std::to_string(layer) + ": a slot map of " +
+                     std::to_string(map.size()) + " entries that is not a permutation of its own range, or longer than the " +
+                     std::to_string(L.entries) + " entries held");
+  L.slots = std::move(map);
+}
+
+SlotMoves plan_slot_moves(std::span<const int32_t> map, int n, std::span<const int32_t> keep) {
+  const int k = int(keep.size());
+  PKV_ASSERT(k <= n && map.size() <= size_t(n));
+  SlotMoves r;
+  r.map.resize(size_t(k));
+  std::vector<char> taken(size_t(k), 0);  // slot < k still holds a kept entry
+  for (int m = 0; m < k; ++m) {
+    const int32_t e = keep[size_t(m)];
+    PKV_ASSERT(e >= 0 && e < n && (m == 0 || e > keep[size_t(m - 1)]));
+    const int32_t slot = slot_of(map, e);
+    r.map[size_t(m)] = slot;
+    if (slot < k) taken[size_t(slot)] = 1;
+  }
+  int hole = 0;
+  for (int m = 0; m < k; ++m) {
+    if (r.map[size_t(m)] < k) continue;
+    while (taken[size_t(hole)]) ++hole;  // as many free slots below k as entries above it
+    r.src.push_back(r.map[size_t(m)]);
+    r.dst.push_back(hole);
+    r.map[size_t(m)] = hole;
+    taken[size_t(hole)] = 1;
+  }
+  size_t len = r.map.size();
+  while (len > 0 && r.map[len - 1] == int32_t(len - 1)) --len;
+  r.map.resize(len);
+  return r;
+}
+
 uint64_t BlockPool::table_version(SeqId s, int layer) const {
   check_layer(layer, "table_version");
   return seq(s, "table_version").layers[size_t(layer)].version;
@@ -159,6 +212,10 @@ void BlockPool::apply_resize(SeqId s, Layer& L, int entries) {
     L.blocks.resize(size_t(want));
   }
   if (want != have || entries != L.entries) L.version = next_version_++;
+  if (entries == 0) L.slots.clear();
+  PKV_ASSERT_MSG(L.slots.size() <= size_t(entries), "sequence " + std::to_string(s) + ": a slot map of " +
+                                                        std::to_string(L.slots.size()) + " entries for a table of " +
+                                                        std::to_string(entries));
   L.entries = entries;
 }
 
@@ -230,6 +287,8 @@ void BlockPool::check_invariants() const {
                                                     std::to_string(id) + " is owned by " + std::to_string(owner_[size_t(b)]));
         ++seen[size_t(b)];
       }
+      PKV_ASSERT_MSG(L.slots.size() <= size_t(L.entries) && is_permutation_prefix(L.slots),
+                     "sequence " + std::to_string(id) + ": a bad slot map");
     }
   }
   for (size_t b = 0; b < seen.size(); ++b)

@@ -7,11 +7,18 @@
 // 20% of its entries holds about 20% of the blocks, and blocks freed by compaction serve any other
 // sequence or layer at once: all blocks are the same size, so the pool never fragments.
 //
+// Entries of a table need not sit in their logical order: each (sequence, layer) also has a slot
+// map, logical entry i -> the slot (entry index in the table's blocks) that holds it. Attention does
+// not depend on the order (keys carry their rotary positions, and the position of each entry is
+// stored beside it), so an eviction in the middle of a long table moves the few entries from its end
+// into the freed slots instead of shifting everything after it (plan_slot_moves).
+//
 // Errors (out of blocks, unknown sequence, bad layer or count) throw pkv::Error and change nothing.
 #pragma once
 #include <cstddef>
 #include <cstdint>
 #include <map>
+#include <span>
 #include <unordered_map>
 #include <string>
 #include <vector>
@@ -35,6 +42,23 @@ struct BlockPoolStats {
   size_t total_bytes = 0;
   std::string to_string() const;  // one line for logs
 };
+
+// A slot map is stored short: entries [0, map.size()) are at map[i], every later entry i at slot i
+// (new entries are appended at the end of the table, where they also sit logically). The stored
+// part is a permutation of [0, map.size()).
+inline int32_t slot_of(std::span<const int32_t> map, int32_t i) { return size_t(i) < map.size() ? map[size_t(i)] : i; }
+
+// Compaction of one table by moves: the table holds n entries (slot map `map`) and keeps the logical
+// entries keep (strictly increasing, < n). The kept entries that sit at slots >= keep.size() move
+// into the slots < keep.size() that removed entries free (each such slot receives one entry, each
+// moving entry leaves a slot that is cut off with the table's tail): entry dst[i] <- entry src[i],
+// all independent of each other. `map` becomes the kept entries' new slot map (trailing identity
+// trimmed). O(n).
+struct SlotMoves {
+  std::vector<int32_t> src, dst;  // slots
+  std::vector<int32_t> map;       // the new slot map of the keep.size() entries left
+};
+SlotMoves plan_slot_moves(std::span<const int32_t> map, int n, std::span<const int32_t> keep);
 
 class BlockPool {
  public:
@@ -61,6 +85,10 @@ class BlockPool {
   // Block ids of (s, layer) in entry order: entry e lives in block table[e / block_size], slot
   // e % block_size.
   const std::vector<int32_t>& table(SeqId s, int layer) const;
+  // Logical entry -> slot (short form, see slot_of); empty = every entry at its own index.
+  const std::vector<int32_t>& slot_map(SeqId s, int layer) const;
+  // Replaces the map (a permutation of [0, map.size()), map.size() <= entries: asserted).
+  void set_slot_map(SeqId s, int layer, std::vector<int32_t> map);
   // Changes whenever table(s, layer) changes (to upload only the tables that changed).
   uint64_t table_version(SeqId s, int layer) const;
   int blocks_held(SeqId s) const;
@@ -72,7 +100,8 @@ class BlockPool {
   bool can_admit(int blocks) const { return blocks <= free_blocks(); }
 
   // Sets the entry count of (s, layer). Growing takes blocks from the pool (throws, changing
-  // nothing, when too few are free); shrinking (after compaction) returns the tail blocks.
+  // nothing, when too few are free); shrinking (after compaction) returns the tail blocks. The slot
+  // map must already fit the new count (set_slot_map first); shrinking to 0 clears it.
   void resize(SeqId s, int layer, int entries);
   // Every layer at once, all or nothing.
   void resize_all(SeqId s, const std::vector<int>& entries_per_layer);
@@ -95,6 +124,7 @@ class BlockPool {
   struct Layer {
     int entries = 0;
     std::vector<int32_t> blocks;
+    std::vector<int32_t> slots;  // slot map (short form)
     uint64_t version = 0;
   };
   struct Seq {

@@ -56,12 +56,12 @@ __device__ float block_sum(float v, float* sh) {
   return r;
 }
 
-template <class T>
-__global__ void __launch_bounds__(kThreads) rms_norm_kernel(const T* x, T* y, const float* w, int dim, float eps) {
+template <class T, class TO>
+__global__ void __launch_bounds__(kThreads) rms_norm_kernel(const T* x, TO* y, const float* w, int dim, float eps) {
   __shared__ float sh[33];
   const int64_t row = blockIdx.x;
   const T* xr = x + row * dim;
-  T* yr = y + row * dim;
+  TO* yr = y + row * dim;
   float ss = 0.f;
   for (int i = threadIdx.x; i < dim; i += blockDim.x) {
     const float v = to_f(xr[i]);
@@ -69,17 +69,17 @@ __global__ void __launch_bounds__(kThreads) rms_norm_kernel(const T* x, T* y, co
   }
   ss = block_sum(ss, sh);
   const float inv = 1.f / sqrtf(ss / float(dim) + eps);
-  for (int i = threadIdx.x; i < dim; i += blockDim.x) yr[i] = from_f<T>(w[i] * (to_f(xr[i]) * inv));
+  for (int i = threadIdx.x; i < dim; i += blockDim.x) yr[i] = from_f<TO>(w[i] * (to_f(xr[i]) * inv));
 }
 
 // One row per block with the row held in registers: every element is loaded once, all loads of a
 // thread are issued together (PER per thread), so a row costs about one memory round trip.
-template <class T, int PER>
-__global__ void __launch_bounds__(kThreads) rms_norm_regs_kernel(const T* x, T* y, const float* w, int dim, float eps) {
+template <class T, class TO, int PER>
+__global__ void __launch_bounds__(kThreads) rms_norm_regs_kernel(const T* x, TO* y, const float* w, int dim, float eps) {
   __shared__ float sh[33];
   const int64_t row = blockIdx.x;
   const T* xr = x + row * dim;
-  T* yr = y + row * dim;
+  TO* yr = y + row * dim;
   float v[PER], wv[PER];
   float ss = 0.f;
 #pragma unroll
@@ -95,7 +95,7 @@ __global__ void __launch_bounds__(kThreads) rms_norm_regs_kernel(const T* x, T* 
 #pragma unroll
   for (int k = 0; k < PER; ++k) {
     const int i = threadIdx.x + k * kThreads;
-    if (i < dim) yr[i] = from_f<T>(wv[k] * (v[k] * inv));
+    if (i < dim) yr[i] = from_f<TO>(wv[k] * (v[k] * inv));
   }
 }
 
@@ -210,19 +210,28 @@ cudaStream_t st(void* s) { return static_cast<cudaStream_t>(s); }
 }  // namespace
 
 void rms_norm(DType t, const void* x, void* y, const float* weight, int rows, int dim, float eps, void* stream) {
+  rms_norm_to(t, x, t, y, weight, rows, dim, eps, stream);
+}
+
+void rms_norm_to(DType x_t, const void* x, DType y_t, void* y, const float* weight, int rows, int dim, float eps,
+                 void* stream) {
   check_rows("rms_norm", rows, dim);
   if (rows == 0) return;
-  dispatch(t, [&](auto tag) {
+  if (x_t != y_t && x != nullptr && x == y) fail("cuda::rms_norm", "in place needs the same input and output type");
+  dispatch(x_t, [&](auto tag) {
     using T = decltype(tag);
-    const T* xs = static_cast<const T*>(x);
-    T* ys = static_cast<T*>(y);
-    const unsigned g = unsigned(rows);
-    if (dim <= 4 * kThreads) rms_norm_regs_kernel<T, 4><<<g, kThreads, 0, st(stream)>>>(xs, ys, weight, dim, eps);
-    else if (dim <= 8 * kThreads) rms_norm_regs_kernel<T, 8><<<g, kThreads, 0, st(stream)>>>(xs, ys, weight, dim, eps);
-    else if (dim <= 16 * kThreads) rms_norm_regs_kernel<T, 16><<<g, kThreads, 0, st(stream)>>>(xs, ys, weight, dim, eps);
-    else if (dim <= 32 * kThreads) rms_norm_regs_kernel<T, 32><<<g, kThreads, 0, st(stream)>>>(xs, ys, weight, dim, eps);
-    else rms_norm_kernel<T><<<g, kThreads, 0, st(stream)>>>(xs, ys, weight, dim, eps);
-    PKV_CUDA_LAUNCH_CHECK(st(stream), "rms_norm");
+    dispatch(y_t, [&](auto out_tag) {
+      using TO = decltype(out_tag);
+      const T* xs = static_cast<const T*>(x);
+      TO* ys = static_cast<TO*>(y);
+      const unsigned g = unsigned(rows);
+      if (dim <= 4 * kThreads) rms_norm_regs_kernel<T, TO, 4><<<g, kThreads, 0, st(stream)>>>(xs, ys, weight, dim, eps);
+      else if (dim <= 8 * kThreads) rms_norm_regs_kernel<T, TO, 8><<<g, kThreads, 0, st(stream)>>>(xs, ys, weight, dim, eps);
+      else if (dim <= 16 * kThreads) rms_norm_regs_kernel<T, TO, 16><<<g, kThreads, 0, st(stream)>>>(xs, ys, weight, dim, eps);
+      else if (dim <= 32 * kThreads) rms_norm_regs_kernel<T, TO, 32><<<g, kThreads, 0, st(stream)>>>(xs, ys, weight, dim, eps);
+      else rms_norm_kernel<T, TO><<<g, kThreads, 0, st(stream)>>>(xs, ys, weight, dim, eps);
+      PKV_CUDA_LAUNCH_CHECK(st(stream), "rms_norm");
+    });
   });
 }
 

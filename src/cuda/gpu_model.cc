@@ -4,6 +4,7 @@
 #include "cuda/gpu_model.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -162,7 +163,6 @@ struct GpuModel::Impl {
   // The decoder's activation buffers for R rows (grown on demand, shared by prefill and decode).
   struct Rows {
     float* x;
-    float* hf;
     void* h16;
     float* qkv;
     void* qkv16;
@@ -172,13 +172,13 @@ struct GpuModel::Impl {
   };
   Rows decoder_rows(size_t R, void* stream) {
     const size_t es = esize(), wide = std::max({size_t(D), size_t(I), size_t(qd)});
-    return {x.need_as<float>(R * D, stream),      hf.need_as<float>(R * D, stream),
-            h16.need(R * wide * es, stream),      qkv.need_as<float>(R * W, stream),
+    return {x.need_as<float>(R * D, stream),      h16.need(R * wide * es, stream),
+            qkv.need_as<float>(R * W, stream),
             qkv16.need(R * W * es, stream),       att16.need(R * qd * es, stream),
             gate.need_as<float>(R * I, stream),   up.need_as<float>(R * I, stream)};
   }
-  void decoder_qkv(const DecLayer& Ly, int R, const int32_t* pos_dev, float* xr, float* hfr, void* h16r, float* qkvr);
-  void decoder_mlp(const DecLayer& Ly, int R, float* xr, float* hfr, void* h16r, void* att, float* g, float* u);
+  void decoder_qkv(const DecLayer& Ly, int R, const int32_t* pos_dev, const float* xr, void* h16r, float* qkvr);
+  void decoder_mlp(const DecLayer& Ly, int R, float* xr, void* h16r, void* att, float* g, float* u);
   void head_logits(const float* rows_x, int R, float* out_host);
   float* head_buffers(int R);  // sizes the head's scratch for R rows; returns the logits buffer
   void head_device(const float* rows_x, int R, float* logits_dev);
@@ -410,21 +410,18 @@ void GpuModel::Impl::checkpoint(const char* what, int layer, const float* resid,
 }
 
 // Attention input: rms_norm, fused q/k/v product (float32), RoPE on q and k (float32).
-void GpuModel::Impl::decoder_qkv(const DecLayer& Ly, int R, const int32_t* pos_dev, float* xr, float* hfr, void* h16r,
+void GpuModel::Impl::decoder_qkv(const DecLayer& Ly, int R, const int32_t* pos_dev, const float* xr, void* h16r,
                                  float* qkvr) {
-  rms_norm(DType::F32, xr, hfr, Ly.attn_norm, R, D, eps, s());
-  to16(hfr, h16r, size_t(R) * D);
+  rms_norm_to(DType::F32, xr, dt, h16r, Ly.attn_norm, R, D, eps, s());
   linear(Ly.qkv, h16r, R, qkvr, false);
-  rope(DType::F32, qkvr, R, H, hd, W, pos_dev, inv_freq, s());
-  rope(DType::F32, qkvr + qd, R, Hkv, hd, W, pos_dev, inv_freq, s());
+  rope(DType::F32, qkvr, R, H + Hkv, hd, W, pos_dev, inv_freq, s());  // q and k heads are adjacent in a row
 }
 
 // Attention output projection into the residual, then the SwiGLU MLP into the residual.
-void GpuModel::Impl::decoder_mlp(const DecLayer& Ly, int R, float* xr, float* hfr, void* h16r, void* att, float* g,
+void GpuModel::Impl::decoder_mlp(const DecLayer& Ly, int R, float* xr, void* h16r, void* att, float* g,
                                  float* u) {
   linear(Ly.o, att, R, xr, true);
-  rms_norm(DType::F32, xr, hfr, Ly.mlp_norm, R, D, eps, s());
-  to16(hfr, h16r, size_t(R) * D);
+  rms_norm_to(DType::F32, xr, dt, h16r, Ly.mlp_norm, R, D, eps, s());
   // A few rows (decoding): gate, up and SwiGLU in one pass over both weights, straight to 16 bits.
   GemvArgs gu;
   gu.x = h16r, gu.w = Ly.gate.w, gu.w_up = Ly.up.w, gu.w_dtype = dt;
@@ -450,16 +447,13 @@ void GpuModel::Impl::head_logits(const float* rows_x, int R, float* out_host) {
 }
 
 float* GpuModel::Impl::head_buffers(int R) {
-  hf.need_as<float>(size_t(R) * D, s());
   h16.need(size_t(R) * D * esize(), s());
   return logits.need_as<float>(size_t(R) * V, s());
 }
 
 void GpuModel::Impl::head_device(const float* rows_x, int R, float* lg) {
-  float* hfr = hf.need_as<float>(size_t(R) * D, s());  // sized by head_buffers: no reallocation here
   void* h16r = h16.need(size_t(R) * D * esize(), s());
-  rms_norm(DType::F32, rows_x, hfr, final_norm, R, D, eps, s());
-  to16(hfr, h16r, size_t(R) * D);
+  rms_norm_to(DType::F32, rows_x, dt, h16r, final_norm, R, D, eps, s());
   linear(head, h16r, R, lg, false);
 }
 
@@ -654,7 +648,7 @@ void GpuModel::prefill(GpuKVPool& kv, BlockPool::SeqId seq, const float* x_host,
   const bool want_imp = importance != nullptr;
   const size_t es = g.esize();
   const Impl::Rows r = g.decoder_rows(size_t(T), s);
-  float *x = r.x, *hf = r.hf, *qkv = r.qkv, *gate = r.gate, *up = r.up;
+  float *x = r.x, *qkv = r.qkv, *gate = r.gate, *up = r.up;
   void *h16 = r.h16, *qkv16 = r.qkv16, *att16 = r.att16;
   float* imp = want_imp ? g.imp.need_as<float>(size_t(g.L) * T, s) : nullptr;
   const size_t ws_bytes = want_imp ? attention_prefill_workspace_bytes(T, T, g.H) : 0;
@@ -666,7 +660,7 @@ void GpuModel::prefill(GpuKVPool& kv, BlockPool::SeqId seq, const float* x_host,
   if (imp) memset_device(imp, 0, size_t(g.L) * T * sizeof(float), s);
   for (int l = 0; l < g.L; ++l) {
     const DecLayer& Ly = g.layers[size_t(l)];
-    g.decoder_qkv(Ly, T, pos_dev, x, hf, h16, qkv);
+    g.decoder_qkv(Ly, T, pos_dev, x, h16, qkv);
     const PagedKV pkv = kv.paged(meta + o_tab + size_t(l) * stride, stride);
     const PagedRows rows{meta + o_rt, meta + o_re, T};
     paged_kv_write(pkv, rows, DType::F32, qkv + g.qd, qkv + g.qd + g.kvd, g.W, pos_dev, s);
@@ -694,7 +688,7 @@ void GpuModel::prefill(GpuKVPool& kv, BlockPool::SeqId seq, const float* x_host,
       a.workspace_bytes = ws_bytes;
     }
     attention_prefill(a, s);
-    g.decoder_mlp(Ly, T, x, hf, h16, att16, gate, up);
+    g.decoder_mlp(Ly, T, x, h16, att16, gate, up);
     g.checkpoint("decoder prefill", l, x, size_t(T) * g.D);
   }
   if (logits_host) g.head_logits(x + size_t(T - 1) * g.D, 1, logits_host);
@@ -720,6 +714,7 @@ void GpuModel::decode(GpuKVPool& kv, const GpuDecodeBatch& b) {
   if (!b.want_importance.empty() && int(b.want_importance.size()) != B)
     fail(kWhere, "decode: want_importance has " + std::to_string(b.want_importance.size()) + " flags for " +
                      std::to_string(B) + " sequences");
+  const auto host_t0 = std::chrono::steady_clock::now();
   if (std::set<BlockPool::SeqId>(b.seqs.begin(), b.seqs.end()).size() != b.seqs.size())
     fail(kWhere, "decode: a sequence appears twice in one batch");
   if (b.tokens)
@@ -816,7 +811,7 @@ void GpuModel::decode(GpuKVPool& kv, const GpuDecodeBatch& b) {
     if (imp) memset_device(imp, 0, size_t(g.L) * B * istride * sizeof(float), s);
     for (int l = 0; l < g.L; ++l) {
       const DecLayer& Ly = g.layers[size_t(l)];
-      g.decoder_qkv(Ly, B, pos_dev, r.x, r.hf, r.h16, r.qkv);
+      g.decoder_qkv(Ly, B, pos_dev, r.x, r.h16, r.qkv);
       const PagedKV pkv = kvp->paged(meta + o_tab + size_t(l) * B * stride, stride);
       const PagedRows rows{meta + o_rt, meta + o_re + size_t(l) * B, B};
       paged_kv_write(pkv, rows, DType::F32, r.qkv + g.qd, r.qkv + g.qd + g.kvd, g.W, pos_dev, s);
@@ -841,19 +836,27 @@ void GpuModel::decode(GpuKVPool& kv, const GpuDecodeBatch& b) {
       a.workspace = ws;
       a.workspace_bytes = ws_bytes;
       attention_decode(a, s);
-      g.decoder_mlp(Ly, B, r.x, r.hf, r.h16, r.att16, r.gate, r.up);
+      g.decoder_mlp(Ly, B, r.x, r.h16, r.att16, r.gate, r.up);
       g.checkpoint("decoder step", l, r.x, size_t(B) * g.D);
     }
     if (lg) g.head_device(r.x, B, lg);
   };
+  g.times.host_ms += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - host_t0).count();
   g.step_timer.start(s);
   if (g.use_graphs) {
     // The key: every value baked into the graph that can differ between steps.
     std::vector<int64_t> key = {B, stride, istride, tokens, int64_t(ws_bytes)};
     key.insert(key.end(), plan_len.begin(), plan_len.end());
-    const std::initializer_list<const void*> ptrs = {r.x, r.hf, r.h16, r.qkv, r.qkv16, r.att16, r.gate, r.up, imp, ws, lg, meta};
+    const std::initializer_list<const void*> ptrs = {r.x, r.h16, r.qkv, r.qkv16, r.att16, r.gate, r.up, imp, ws, lg, meta};
     for (const void* p : ptrs)
       key.push_back(int64_t(reinterpret_cast<uintptr_t>(p)));
+    // The pool the graph writes into: another pool (a new one at another address, or another
+    // shape) needs its own capture, even when every activation buffer is the same.
+    const PagedKV pv = kv.paged(nullptr, stride);
+    for (const void* p : {static_cast<const void*>(pv.pool), static_cast<const void*>(pv.positions),
+                          static_cast<const void*>(pv.error_flag)})
+      key.push_back(int64_t(reinterpret_cast<uintptr_t>(p)));
+    key.insert(key.end(), {pv.n_blocks, pv.block_size, pv.kv_dim, int64_t(pv.dtype)});
     if (key != g.graph_key || !g.graph.ready()) {
       g.graph_key.clear();  // stays clear if the capture fails
       g.capturing = true;
@@ -890,8 +893,13 @@ void GpuModel::decode(GpuKVPool& kv, const GpuDecodeBatch& b) {
       auto& per = (*b.importance)[size_t(i)];
       per.resize(size_t(g.L));
       for (int l = 0; l < g.L; ++l) {
+        // The kernel writes each entry's importance at its slot; the caller counts logical entries.
         const float* row = &all[(size_t(l) * B + i) * istride];
-        per[size_t(l)].assign(row, row + before[size_t(i)][size_t(l)] + 1);
+        const int n = before[size_t(i)][size_t(l)] + 1;
+        const std::vector<int32_t>& map = bp.slot_map(b.seqs[size_t(i)], l);
+        std::vector<float>& out = per[size_t(l)];
+        out.assign(row, row + n);
+        for (size_t e = 0; e < map.size(); ++e) out[e] = row[map[e]];
       }
     }
   }
@@ -957,74 +965,108 @@ void GpuKVPool::compact(std::vector<Job> jobs) {
   // The staging vector of the previous call may still feed an asynchronous copy: finish it (the
   // stream is idle here in practice: every model call ends with a synchronisation).
   stream_synchronize(stream_);
+  if (compact_timed_) {
+    compact_gpu_ms_ += compact_timer_.elapsed_ms();
+    compact_timed_ = false;
+  }
   // Merge jobs first: paged_kv_merge then runs on the prefix of the same job arrays.
   std::stable_partition(jobs.begin(), jobs.end(), [](const Job& j) { return j.merge; });
-  int n_merge = 0, stride = 1;
   std::set<std::pair<BlockPool::SeqId, int>> seen;
-  std::vector<int32_t> firsts;  // per job: where its keep list starts moving entries (merges: 0)
-  firsts.reserve(jobs.size());
+  int n_merge = 0, stride = 1;
   for (const Job& j : jobs) {
     const int n = blocks_.entries(j.seq, j.layer);  // validates the sequence and layer
     if (!seen.insert({j.seq, j.layer}).second)
       fail(where, "compact: sequence " + std::to_string(j.seq) + " layer " + std::to_string(j.layer) + " appears twice");
-    // Strictly increasing and < n. An identity prefix (keep[m] = m: a decode step's eviction keeps
-    // most of the table) needs no check beyond its last element.
-    size_t m0 = 0;
-    while (m0 < j.keep.size() && j.keep[m0] == int32_t(m0)) ++m0;
-    if (m0 > 0 && int(m0) > n)
-      fail(where, "compact: sequence " + std::to_string(j.seq) + " layer " + std::to_string(j.layer) +
-                      ": kept indices must be < " + std::to_string(n));
-    for (size_t m = m0; m < j.keep.size(); ++m)
+    for (size_t m = 0; m < j.keep.size(); ++m)
       if (j.keep[m] < 0 || j.keep[m] >= n || (m > 0 && j.keep[m] <= j.keep[m - 1]))
         fail(where, "compact: sequence " + std::to_string(j.seq) + " layer " + std::to_string(j.layer) +
                         ": kept indices must be strictly increasing and < " + std::to_string(n));
-    if (j.merge && j.keep.empty() && n > 0)
-      fail(where, "compact: a merge needs at least one kept entry");
-    firsts.push_back(j.merge ? 0 : int32_t(m0));
+    if (j.merge && j.keep.empty() && n > 0) fail(where, "compact: a merge needs at least one kept entry");
     n_merge += j.merge ? 1 : 0;
     stride = std::max(stride, int(blocks_.table(j.seq, j.layer).size()));
   }
+  // Merges read the kept entries' groups by logical index through the slot maps (sent only where
+  // a map is not the identity); then every job's kept entries move into the slots below its new
+  // length (plan_slot_moves), and only jobs with moves go to the compaction kernel.
   const int J = int(jobs.size());
   std::vector<int32_t>& host = staging_;
-  const size_t o_tab = 0;
   host.assign(size_t(J) * stride, -1);
-  std::vector<int32_t> job_table(static_cast<size_t>(J)), offsets{0}, lengths(static_cast<size_t>(J)), keep;
+  std::vector<int32_t> job_table(static_cast<size_t>(J)), lengths(static_cast<size_t>(J));
+  std::vector<int32_t> merge_keep, merge_offsets{0}, slots, slot_offsets;
+  std::vector<int32_t> move_jobs, src, dst, move_offsets{0};
+  std::vector<SlotMoves> plans(static_cast<size_t>(J));
   for (int i = 0; i < J; ++i) {
     const Job& j = jobs[size_t(i)];
     const std::vector<int32_t>& t = blocks_.table(j.seq, j.layer);
     std::copy(t.begin(), t.end(), host.begin() + long(size_t(i) * stride));
     job_table[size_t(i)] = i;
-    lengths[size_t(i)] = blocks_.entries(j.seq, j.layer);
-    // Compaction jobs send their keep list from the first entry that moves (merges: all of it).
-    keep.insert(keep.end(), j.keep.begin() + long(firsts[size_t(i)]), j.keep.end());
-    offsets.push_back(int32_t(keep.size()));
+    const int n = blocks_.entries(j.seq, j.layer);
+    lengths[size_t(i)] = n;
+    const std::vector<int32_t>& map = blocks_.slot_map(j.seq, j.layer);
+    if (j.merge) {
+      merge_keep.insert(merge_keep.end(), j.keep.begin(), j.keep.end());
+      merge_offsets.push_back(int32_t(merge_keep.size()));
+      if (map.empty()) {
+        slot_offsets.push_back(-1);
+      } else {
+        slot_offsets.push_back(int32_t(slots.size()));
+        for (int e = 0; e < n; ++e) slots.push_back(slot_of(map, e));
+      }
+    }
+    plans[size_t(i)] = plan_slot_moves(map, n, j.keep);
+    const SlotMoves& mv = plans[size_t(i)];
+    if (!mv.src.empty()) {
+      move_jobs.push_back(i);
+      src.insert(src.end(), mv.src.begin(), mv.src.end());
+      dst.insert(dst.end(), mv.dst.begin(), mv.dst.end());
+      move_offsets.push_back(int32_t(src.size()));
+    }
   }
   auto append = [&](const std::vector<int32_t>& v) {
     while (host.size() % 4) host.push_back(0);
     const size_t at = host.size();
     host.insert(host.end(), v.begin(), v.end());
+    if (v.empty()) host.push_back(0);
     return at;
   };
-  const size_t o_job = append(job_table), o_off = append(offsets), o_len = append(lengths), o_first = append(firsts),
-               o_keep = append(keep.empty() ? std::vector<int32_t>{0} : keep);
+  const size_t o_job = append(job_table), o_len = append(lengths), o_mkeep = append(merge_keep),
+               o_moff = append(merge_offsets), o_slots = append(slots), o_soff = append(slot_offsets),
+               o_mjob = append(move_jobs), o_src = append(src), o_dst = append(dst), o_voff = append(move_offsets);
   const size_t bytes = host.size() * sizeof(int32_t);
   if (meta_.bytes() < bytes) {
-    stream_synchronize(stream_);
     meta_.reset();
     meta_ = DeviceBuffer(bytes + bytes / 2, "the KV pool's compaction metadata");
   }
   copy_to_device(meta_.data(), host.data(), bytes, stream_);
   const int32_t* d = meta_.as<int32_t>();
-  const PagedKV kv = paged(d + o_tab, stride);
-  PagedJobs pj{d + o_job, d + o_keep, d + o_off, d + o_len, J};
+  const PagedKV kv = paged(d, stride);
+  compact_timer_.start(stream_);
   if (n_merge > 0) {
-    PagedJobs mj = pj;
-    mj.n_jobs = n_merge;
+    PagedJobs mj{d + o_job, d + o_mkeep, d + o_moff, d + o_len, n_merge};
+    if (!slots.empty()) mj.slots = d + o_slots, mj.slot_offsets = d + o_soff;
     paged_kv_merge(kv, mj, stream_);
   }
-  pj.first = d + o_first;  // merge jobs have first = 0 (whole lists)
-  paged_kv_compact(kv, pj, stream_);
-  for (const Job& j : jobs) blocks_.resize(j.seq, j.layer, int(j.keep.size()));
+  if (!move_jobs.empty()) {
+    PagedJobs pj{d + o_mjob, d + o_src, d + o_voff, nullptr, int(move_jobs.size())};
+    pj.dest = d + o_dst;
+    paged_kv_compact(kv, pj, stream_);
+  }
+  compact_timer_.stop(stream_);
+  compact_timed_ = true;
+  ++compactions_;
+  for (int i = 0; i < J; ++i) {
+    const Job& j = jobs[size_t(i)];
+    blocks_.set_slot_map(j.seq, j.layer, std::move(plans[size_t(i)].map));
+    blocks_.resize(j.seq, j.layer, int(j.keep.size()));
+  }
+}
+
+double GpuKVPool::compaction_gpu_ms() {
+  if (compact_timed_) {
+    compact_gpu_ms_ += compact_timer_.elapsed_ms();
+    compact_timed_ = false;
+  }
+  return compact_gpu_ms_;
 }
 
 void GpuKVPool::check_error_flag(const std::string& after) {
@@ -1046,7 +1088,8 @@ void GpuKVPool::read_layer(BlockPool::SeqId seq, int layer, std::vector<float>* 
   const size_t o_rt = host.size();
   host.insert(host.end(), size_t(n), 0);
   const size_t o_re = host.size();
-  for (int e = 0; e < n; ++e) host.push_back(e);
+  const std::vector<int32_t>& map = blocks_.slot_map(seq, layer);
+  for (int e = 0; e < n; ++e) host.push_back(slot_of(map, e));  // logical order
   DeviceBuffer meta(std::max<size_t>(host.size(), 1) * sizeof(int32_t), "read_layer metadata");
   const size_t es = dtype_size(dtype_);
   DeviceBuffer dk(std::max<size_t>(size_t(n) * kv_dim_ * es, 16), "read_layer K");

@@ -58,6 +58,14 @@ class GpuKVPool {
     double model_ms = 0, policy_ms = 0, compact_ms = 0;
   };
   PrefillTimes& prefill_times() { return prefill_times_; }
+  // Where the batched decode steps' wall time went (GpuSession::step_many adds to it): the input
+  // embeddings, the model's step (GpuModel::decode: metadata, launch, waiting for the logits), the
+  // policies on the host mirrors, and the compaction's host part (checks, metadata, enqueueing).
+  struct StepTimes {
+    int steps = 0;
+    double embed_ms = 0, model_ms = 0, policy_ms = 0, compact_ms = 0;
+  };
+  StepTimes& step_times() { return step_times_; }
 
   BlockPool& blocks() { return blocks_; }
   const BlockPool& blocks() const { return blocks_; }
@@ -81,6 +89,10 @@ class GpuKVPool {
     bool merge = false;
   };
   void compact(std::vector<Job> jobs);
+  // GPU time of all compactions so far (CUDA events; reading the last one synchronises), and how
+  // many calls enqueued work.
+  double compaction_gpu_ms();
+  int compactions() const { return compactions_; }
 
   // Synchronises and throws Error when a paged kernel flagged an inconsistent block table since
   // the pool was made (a bug in the bookkeeping, never bad input). `after` names the call.
@@ -94,6 +106,11 @@ class GpuKVPool {
  private:
   BlockPool blocks_;
   PrefillTimes prefill_times_;
+  StepTimes step_times_;
+  StreamTimer compact_timer_;
+  bool compact_timed_ = false;
+  double compact_gpu_ms_ = 0;
+  int compactions_ = 0;
   DType dtype_;
   int kv_dim_;
   void* stream_;
@@ -136,7 +153,8 @@ class GpuModel {
   // wall time: the rest is the host's (metadata, policies, the copies and synchronisation).
   struct DecodeTimes {
     int steps = 0;
-    double gpu_ms = 0;
+    double gpu_ms = 0;   // the step's kernels (CUDA events around the graph)
+    double host_ms = 0;  // decode()'s host work before the launch (checks, blocks, metadata)
   };
   DecodeTimes decode_times() const;
   void reset_decode_times();

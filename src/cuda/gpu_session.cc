@@ -103,6 +103,9 @@ void GpuSession::step_many(const std::vector<GpuSession*>& sessions, const int32
     if (!distinct.insert(s).second) fail(kWhere, "step_many: session " + std::to_string(s->seq_) + " appears twice");
   }
 
+  using clock = std::chrono::steady_clock;
+  auto ms = [](clock::time_point a, clock::time_point b) { return std::chrono::duration<double, std::milli>(b - a).count(); };
+  const clock::time_point t0 = clock::now();
   // Input embeddings on the host, exactly as the CPU Session makes them (Model::embed also checks
   // the token ids).
   GpuDecodeBatch batch;
@@ -124,7 +127,9 @@ void GpuSession::step_many(const std::vector<GpuSession*>& sessions, const int32
   batch.logits = logits;
   if (any_importance) batch.importance = &importance;
   else batch.want_importance.clear();
+  const clock::time_point t1 = clock::now();
   model.decode(pool, batch);  // throws before any change when out of blocks
+  const clock::time_point t2 = clock::now();
 
   // The policies, one sequence per task (each touches only its own mirror and policy): on the
   // host this is O(entries changed) per sequence, and batches of dozens of sequences add up.
@@ -147,11 +152,18 @@ void GpuSession::step_many(const std::vector<GpuSession*>& sessions, const int32
   });
   for (const std::exception_ptr& e : errors)
     if (e) std::rethrow_exception(e);
+  const clock::time_point t3 = clock::now();
   std::vector<GpuKVPool::Job> jobs;
   for (auto& v : per)
     for (auto& j : v) jobs.push_back(std::move(j));
   pool.compact(std::move(jobs));
   for (const GpuSession* s : sessions) s->check_mirror();
+  GpuKVPool::StepTimes& st = pool.step_times();
+  ++st.steps;
+  st.embed_ms += ms(t0, t1);
+  st.model_ms += ms(t1, t2);
+  st.policy_ms += ms(t2, t3);
+  st.compact_ms += ms(t3, clock::now());
 }
 
 GenerationResult generate_on_gpu(GpuModel& model, GpuKVPool& pool, const Tokenizer& tok, const PreparedPrompt& p,

@@ -31,6 +31,10 @@ namespace pkv::cuda {
 
 // y[rows, dim] = x * rsqrt(mean(x^2) + eps) * weight. y may alias x. Twin: ops::rms_norm.
 void rms_norm(DType t, const void* x, void* y, const float* weight, int rows, int dim, float eps, void* stream);
+// The same with y in another type (x_t -> y_t, rounded once): a norm that feeds a 16-bit product
+// writes its input directly (no separate conversion). In place only when the types are equal.
+void rms_norm_to(DType x_t, const void* x, DType y_t, void* y, const float* weight, int rows, int dim, float eps,
+                 void* stream);
 // y[rows, dim] = (x - mean) * rsqrt(var + eps) * weight + bias. y may alias x. Twin: ops::layer_norm.
 void layer_norm(DType t, const void* x, void* y, const float* weight, const float* bias, int rows, int dim, float eps,
                 void* stream);
@@ -253,27 +257,33 @@ size_t attention_decode_workspace_bytes(int batch, int n_heads, int n_kv_heads, 
                                         bool importance);
 void attention_decode(const DecodeAttentionArgs& a, void* stream);
 
-// Jobs on whole (sequence, layer) tables: job j works on table job_table[j] with the kept entry
-// indices keep[keep_offsets[j] .. keep_offsets[j+1]) (strictly increasing, each < lengths[j]).
+// Jobs on whole (sequence, layer) tables: job j works on table job_table[j] with the entry indices
+// keep[keep_offsets[j] .. keep_offsets[j+1]).
 struct PagedJobs {
   const int32_t* job_table = nullptr;     // [n_jobs]
-  const int32_t* keep = nullptr;          // all jobs' kept indices, concatenated
+  const int32_t* keep = nullptr;          // all jobs' lists, concatenated
   const int32_t* keep_offsets = nullptr;  // [n_jobs + 1]
   const int32_t* lengths = nullptr;       // [n_jobs] entries before the operation (merge only)
   int n_jobs = 0;
-  // Compaction only (optional, [n_jobs]): job j's keep list covers entries first[j].. only; the
-  // entries before it stay where they are (keep[m] = m there), so one eviction near the end of a
-  // long table sends and moves only the tail. Null: every list starts at entry 0.
-  const int32_t* first = nullptr;
+  // Compaction only (optional, parallel to keep): the jobs are independent moves, entry dest[i] <-
+  // entry keep[i]; no entry is both a source and a destination, so their order does not matter.
+  // The host plans them with plan_slot_moves (block_pool.h): an eviction moves the few entries from
+  // the table's end into the freed slots rather than shifting every later entry.
+  const int32_t* dest = nullptr;
+  // Merge only (optional): job j's logical entry i sits at slot slots[slot_offsets[j] + i], or at
+  // slot i when slot_offsets[j] < 0 (the table's slot map, BlockPool::slot_map).
+  const int32_t* slots = nullptr;
+  const int32_t* slot_offsets = nullptr;  // [n_jobs]
 };
-// Compaction: entry m of each table becomes its entry keep[m] (K, V and position), in order: the
-// kept entries move to the front. Twin: KVLayer::retain. Afterwards the host shrinks the table to
-// keep.size() entries (BlockPool::resize), returning the tail blocks; work queued later on the same
-// stream may reuse them at once.
+// Compaction. Without dest: entry m of each table becomes its entry keep[m] (K, V and position;
+// keep strictly increasing), in order: the kept entries move to the front (twin: KVLayer::retain).
+// With dest: the moves above. Afterwards the host shrinks the table (BlockPool::resize), returning
+// the tail blocks; work queued later on the same stream may reuse them at once.
 void paged_kv_compact(const PagedKV& kv, const PagedJobs& jobs, void* stream);
-// Elastic Cache merge (run before paged_kv_compact with the same keep): every entry i < lengths[j]
-// is assigned to its nearest kept entry by index (ties to the earlier one), and each kept entry's K
-// and V become the mean over its group (positions unchanged). Twin: the elastic policy's
+// Elastic Cache merge (run before the compaction): keep lists the kept LOGICAL entries (strictly
+// increasing); every logical entry i < lengths[j] is assigned to its nearest kept entry by index
+// (ties to the earlier one), and each kept entry's K and V become the mean over its group
+// (positions unchanged), read and written through the slot maps. Twin: the elastic policy's
 // before_retain (src/kv/policies/elastic.cc).
 void paged_kv_merge(const PagedKV& kv, const PagedJobs& jobs, void* stream);
 

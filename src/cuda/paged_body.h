@@ -82,11 +82,12 @@ __device__ __forceinline__ int64_t paged_word(const PagedParams& p, int t, int e
 }
 
 // Compaction. Block (bx, by) = (job, group of 128 words); thread x handles word x of K (x < W) or
-// word x - W of V of EVERY entry of its job, walking m = 0, 1, ... in order: entry m <- entry keep[m].
+// word x - W of V of EVERY entry of its job's list, in order. Without dest: entry m <- entry keep[m];
 // keep is strictly increasing, so keep[m] >= m: a step never overwrites a word that a later step
 // still has to read (exactly memmove's forward copy), and no other thread touches this word column.
-// Reads are batched 8 at a time before the writes (sources keep[m..m+7] >= m + 7 >= every target of
-// the batch, so the batch still reads only original values).
+// With dest: entry dest[i] <- entry keep[i], independent moves. Reads are batched 8 at a time before
+// the writes (ordered lists: sources keep[m..m+7] >= m + 7 >= every target of the batch, so the
+// batch still reads only original values; moves: no target is a source).
 template <class Ctx>
 __device__ void paged_compact(Ctx& c, const PagedParams& p) {
   constexpr int U = 8;
@@ -97,11 +98,11 @@ __device__ void paged_compact(Ctx& c, const PagedParams& p) {
   const int tensor = x / W, w = x % W;
   const bool moves_positions = x == 0;
   const int t = p.job_table[job];
-  const int first = p.first ? p.first[job] : 0;  // entries before it stay in place
-  const int* keep = p.keep + p.keep_offsets[job] - first;  // keep[m] for m >= first
-  const int n_keep = first + p.keep_offsets[job + 1] - p.keep_offsets[job];
+  const int* keep = p.keep + p.keep_offsets[job];
+  const int* dest = p.dest ? p.dest + p.keep_offsets[job] : nullptr;
+  const int n_keep = p.keep_offsets[job + 1] - p.keep_offsets[job];
   uint32_t* pool = static_cast<uint32_t*>(p.pool);
-  for (int m0 = first; m0 < n_keep; m0 += U) {
+  for (int m0 = 0; m0 < n_keep; m0 += U) {
     uint32_t val[U];
     int64_t dst[U], dst_slot[U];
     int32_t pos[U];
@@ -111,10 +112,11 @@ __device__ void paged_compact(Ctx& c, const PagedParams& p) {
       const int m = m0 + u;
       if (m >= n_keep) continue;
       const int src = keep[m];
-      if (src == m) continue;  // already in place
+      const int to = dest ? dest[m] : m;
+      if (src == to) continue;  // already in place
       int64_t src_slot = 0;
       const int64_t sw = paged_word(p, t, src, tensor, w, &src_slot);
-      const int64_t dw = paged_word(p, t, m, tensor, w, &dst_slot[u]);
+      const int64_t dw = paged_word(p, t, to, tensor, w, &dst_slot[u]);
       if (sw < 0 || dw < 0) continue;
       val[u] = pool[sw];
       if (moves_positions) pos[u] = p.positions[src_slot];
@@ -146,15 +148,17 @@ __device__ void paged_merge(Ctx& c, const PagedParams& p) {
   const int* keep = p.keep + p.keep_offsets[job];
   const int n_keep = p.keep_offsets[job + 1] - p.keep_offsets[job];
   const int N = p.lengths[job];
+  const int so = p.slots ? p.slot_offsets[job] : -1;
+  const int* slot = so >= 0 ? p.slots + so : nullptr;  // logical entry -> slot (null: the same)
   uint32_t* pool = static_cast<uint32_t*>(p.pool);
   for (int m = 0; m < n_keep; ++m) {
     const int lo = m == 0 ? 0 : (keep[m - 1] + keep[m]) / 2 + 1;
     const int hi = m == n_keep - 1 ? N - 1 : (keep[m] + keep[m + 1]) / 2;
     if (hi <= lo) continue;  // a group of one: unchanged
     float s0 = 0.f, s1 = 0.f;
-    int64_t slot = 0;
+    int64_t where = 0;
     for (int i = lo; i <= hi; ++i) {
-      const int64_t wi = paged_word(p, t, i, tensor, w, &slot);
+      const int64_t wi = paged_word(p, t, slot ? slot[i] : i, tensor, w, &where);
       if (wi < 0) continue;
       float a, b;
       unpack2<T>(pool[wi], a, b);
@@ -162,7 +166,7 @@ __device__ void paged_merge(Ctx& c, const PagedParams& p) {
       s1 += b;
     }
     const float cnt = float(hi - lo + 1);
-    const int64_t wk = paged_word(p, t, keep[m], tensor, w, &slot);
+    const int64_t wk = paged_word(p, t, slot ? slot[keep[m]] : keep[m], tensor, w, &where);
     if (wk >= 0) pool[wk] = pack2<T>(s0 / cnt, s1 / cnt);
   }
 }

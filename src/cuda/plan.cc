@@ -256,8 +256,11 @@ static PagedPlan plan_jobs(const char* op, const PagedKV& kv, const PagedJobs& j
   plan.params = paged_params(kv);
   plan.params.job_table = jobs.job_table, plan.params.keep = jobs.keep, plan.params.keep_offsets = jobs.keep_offsets;
   plan.params.lengths = jobs.lengths, plan.params.n_jobs = jobs.n_jobs;
-  if (need_lengths && jobs.first) bad(op, "a merge takes whole keep lists (first must be null)");
-  plan.params.first = jobs.first;
+  if (need_lengths && jobs.dest) bad(op, "a merge takes kept entries, not moves (dest must be null)");
+  if (!need_lengths && jobs.slots) bad(op, "slot maps are for merges (compaction moves name slots)");
+  if (jobs.slots && !jobs.slot_offsets) bad(op, "slots without slot_offsets");
+  plan.params.dest = jobs.dest;
+  plan.params.slots = jobs.slots, plan.params.slot_offsets = jobs.slot_offsets;
   // One thread per 32-bit word (two elements) of K and of V of an entry; each thread walks the
   // entries of its job in order (see paged_body.h for why that order makes in-place moves safe).
   const int words = kv.kv_dim / 2;

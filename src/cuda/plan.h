@@ -186,7 +186,9 @@ struct PagedParams {
   const int32_t* keep_offsets = nullptr;
   const int32_t* lengths = nullptr;
   int n_jobs = 0;
-  const int32_t* first = nullptr;  // compaction: first entry each keep list covers (null: 0)
+  const int32_t* dest = nullptr;          // compaction by moves (PagedJobs::dest)
+  const int32_t* slots = nullptr;         // merge: slot maps (PagedJobs::slots)
+  const int32_t* slot_offsets = nullptr;
 };
 
 struct PagedPlan {

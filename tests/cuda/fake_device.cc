@@ -191,7 +191,11 @@ void memset_device(void* dst, int value, size_t bytes, void*) {
 // ------------------------------------------------------------------------------------------------
 // Element-wise operators (the formulas of elementwise.cu).
 
-void rms_norm(DType t, const void* x, void* y, const float* w, int rows, int dim, float eps, void*) {
+void rms_norm(DType t, const void* x, void* y, const float* w, int rows, int dim, float eps, void* s) {
+  rms_norm_to(t, x, t, y, w, rows, dim, eps, s);
+}
+
+void rms_norm_to(DType t, const void* x, DType yt, void* y, const float* w, int rows, int dim, float eps, void*) {
   if (rows < 0 || dim < 1) fail("cuda::rms_norm", "bad rows/dim");
   for (int r = 0; r < rows; ++r) {
     float ss = 0.f;
@@ -200,7 +204,7 @@ void rms_norm(DType t, const void* x, void* y, const float* w, int rows, int dim
       ss += v * v;
     }
     const float inv = 1.f / std::sqrt(ss / float(dim) + eps);
-    for (int i = 0; i < dim; ++i) st(t, y, size_t(r) * dim + i, w[i] * (ld(t, x, size_t(r) * dim + i) * inv));
+    for (int i = 0; i < dim; ++i) st(yt, y, size_t(r) * dim + i, w[i] * (ld(t, x, size_t(r) * dim + i) * inv));
   }
 }
 

@@ -456,36 +456,74 @@ void check_compact(Backend& be, DType dt, int block_size, int kv_dim, uint32_t s
     keep_all.insert(keep_all.end(), keeps.back().begin(), keeps.back().end());
     offsets.push_back(int32_t(keep_all.size()));
   }
-  if (seed % 2 == 0) {
+  // Even seeds: ordered compaction (entry m <- keep[m]). Odd seeds: the moves GpuKVPool sends
+  // (plan_slot_moves), starting from a random slot map on every other table: logical entry i is the
+  // entry written at slot map[i], and the result is read back through the new map.
+  const bool moves = seed % 2 == 1;
+  std::vector<std::vector<int32_t>> maps(static_cast<size_t>(J)), new_maps(static_cast<size_t>(J));
+  if (!moves) {
     be.paged_compact(f.kv, PagedJobs{be.put(job_table), be.put(keep_all), be.put(offsets), nullptr, J});
-  } else {  // keep lists from each job's first moved entry (PagedJobs::first), as GpuKVPool sends them
-    std::vector<int32_t> tails, tail_offsets{0}, firsts;
-    for (const auto& kp : keeps) {
-      size_t first = 0;
-      while (first < kp.size() && kp[first] == int32_t(first)) ++first;
-      firsts.push_back(int32_t(first));
-      tails.insert(tails.end(), kp.begin() + long(first), kp.end());
-      tail_offsets.push_back(int32_t(tails.size()));
+  } else {
+    std::vector<int32_t> move_jobs, src, dst, move_offsets{0};
+    for (int j = 0; j < J; ++j) {
+      if (j % 2 == 1) {
+        maps[size_t(j)].resize(size_t(lengths[size_t(j)]));
+        std::iota(maps[size_t(j)].begin(), maps[size_t(j)].end(), 0);
+        std::shuffle(maps[size_t(j)].begin(), maps[size_t(j)].end(), rng);
+      }
+      SlotMoves mv = plan_slot_moves(maps[size_t(j)], lengths[size_t(j)], keeps[size_t(j)]);
+      new_maps[size_t(j)] = mv.map;
+      if (mv.src.empty()) continue;
+      move_jobs.push_back(j);
+      src.insert(src.end(), mv.src.begin(), mv.src.end());
+      dst.insert(dst.end(), mv.dst.begin(), mv.dst.end());
+      move_offsets.push_back(int32_t(src.size()));
     }
-    if (tails.empty()) tails.push_back(0);
-    PagedJobs pj{be.put(job_table), be.put(tails), be.put(tail_offsets), nullptr, J};
-    pj.first = be.put(firsts);
-    be.paged_compact(f.kv, pj);
+    if (!move_jobs.empty()) {
+      PagedJobs pj{be.put(job_table), be.put(src), be.put(move_offsets), nullptr, int(move_jobs.size())};
+      pj.job_table = be.put(move_jobs);
+      pj.dest = be.put(dst);
+      be.paged_compact(f.kv, pj);
+    }
   }
 
   const int used_before = f.pool->used_blocks();
   int freed = 0;
   for (int j = 0; j < J; ++j) {
-    KVLayer ref(kv_dim);  // the CPU twin
-    ref.append(f.K[size_t(j)].data(), f.V[size_t(j)].data(), f.P[size_t(j)].data(), lengths[size_t(j)]);
-    ref.retain(keeps[size_t(j)]);
-    const int n = ref.size();
-    std::vector<float> k, v;
-    std::vector<int32_t> p;
-    f.read(be, j, n, k, v, p);
-    EXPECT_EQ(k, std::vector<float>(ref.keys(), ref.keys() + size_t(n) * kv_dim)) << "job " << j << " K";
-    EXPECT_EQ(v, std::vector<float>(ref.values(), ref.values() + size_t(n) * kv_dim)) << "job " << j << " V";
-    EXPECT_EQ(p, std::vector<int32_t>(ref.positions(), ref.positions() + n)) << "job " << j << " positions";
+    const int n0 = lengths[size_t(j)];
+    // The CPU twin: KVLayer::retain on the entries in logical order (with a random map the
+    // positions are not increasing along it, so the twin's rows are gathered here).
+    std::vector<float> rk, rv;
+    std::vector<int32_t> rp;
+    if (maps[size_t(j)].empty()) {
+      KVLayer ref(kv_dim);
+      ref.append(f.K[size_t(j)].data(), f.V[size_t(j)].data(), f.P[size_t(j)].data(), n0);
+      ref.retain(keeps[size_t(j)]);
+      rk.assign(ref.keys(), ref.keys() + size_t(ref.size()) * kv_dim);
+      rv.assign(ref.values(), ref.values() + size_t(ref.size()) * kv_dim);
+      rp.assign(ref.positions(), ref.positions() + ref.size());
+    } else {
+      for (int32_t i : keeps[size_t(j)]) {
+        const size_t e = size_t(slot_of(maps[size_t(j)], i));
+        rk.insert(rk.end(), &f.K[size_t(j)][e * kv_dim], &f.K[size_t(j)][(e + 1) * kv_dim]);
+        rv.insert(rv.end(), &f.V[size_t(j)][e * kv_dim], &f.V[size_t(j)][(e + 1) * kv_dim]);
+        rp.push_back(f.P[size_t(j)][e]);
+      }
+    }
+    const int n = int(rp.size());
+    std::vector<float> k0, v0, k(size_t(n) * kv_dim), v(size_t(n) * kv_dim);
+    std::vector<int32_t> p0, p(static_cast<size_t>(n));
+    f.read(be, j, n, k0, v0, p0);  // slot order
+    for (int m = 0; m < n; ++m) {
+      const size_t e = size_t(slot_of(new_maps[size_t(j)], m));
+      ASSERT_LT(e, size_t(n)) << "job " << j << ": the new slot map leaves the table";
+      std::copy_n(&k0[e * kv_dim], kv_dim, &k[size_t(m) * kv_dim]);
+      std::copy_n(&v0[e * kv_dim], kv_dim, &v[size_t(m) * kv_dim]);
+      p[size_t(m)] = p0[e];
+    }
+    EXPECT_EQ(k, rk) << "job " << j << " K";
+    EXPECT_EQ(v, rv) << "job " << j << " V";
+    EXPECT_EQ(p, rp) << "job " << j << " positions";
     freed += f.pool->blocks_for(lengths[size_t(j)]) - f.pool->blocks_for(n);
     f.pool->resize(f.seqs[size_t(j)], 0, n);  // the tail blocks go back to the pool
   }

@@ -102,6 +102,14 @@ TEST(CudaOps, RmsNormAndLayerNorm) {
       expect_close(get_as(be, t, dy, x.size()), ref, tolerance(t), "rms_norm");
       rms_norm(t, dx, dx, w, rows, dim, 1e-5f, nullptr);  // in place
       expect_close(get_as(be, t, dx, x.size()), ref, tolerance(t), "rms_norm in place");
+      if (t == DType::F32)  // float32 residual -> the 16-bit input of the next product, rounded once
+        for (DType o : {DType::F16, DType::BF16}) {
+          std::vector<float> ref16 = get_as(be, t, dy, x.size());  // the float32 kernel's result
+          round_to(o, ref16);
+          void* d16 = be.alloc(x.size() * dtype_size(o));
+          rms_norm_to(t, put_as(be, t, x), o, d16, w, rows, dim, 1e-5f, nullptr);
+          EXPECT_EQ(get_as(be, o, d16, x.size()), ref16) << "rms_norm_to " << dtype_name(o) << ": not rms_norm then rounded";
+        }
 
       // rms_norm's kernels change with the width (registers for up to 32 x 256 elements, then a
       // loop); layer_norm (the vision tower's, widths <= 4096) is checked up to 4096: in float32 its

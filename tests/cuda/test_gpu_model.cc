@@ -262,7 +262,18 @@ void expect_pool_matches_mirror(GpuKVPool& pool, const GpuSession& s, const std:
     std::vector<int32_t> pos;
     pool.read_layer(s.sequence(), l, nullptr, nullptr, &pos);
     const KVLayer& m = s.mirror().layer(l);
-    EXPECT_EQ(pos, std::vector<int32_t>(m.positions(), m.positions() + m.size())) << what << " layer " << l;
+    const std::vector<int32_t> want(m.positions(), m.positions() + m.size());
+    if (pos == want) continue;
+    std::string detail;
+    const std::vector<int32_t>& map = pool.blocks().slot_map(s.sequence(), l);
+    for (size_t i = 0; i < std::min(pos.size(), want.size()); ++i)
+      if (pos[i] != want[i]) {
+        detail += " [" + std::to_string(i) + "]: pool " + std::to_string(pos[i]) + ", mirror " + std::to_string(want[i]) +
+                  " (slot " + std::to_string(slot_of(map, int32_t(i))) + ");";
+        if (detail.size() > 300) break;
+      }
+    ADD_FAILURE() << what << " layer " << l << ": the pool holds " << pos.size() << " entries, the mirror " << want.size()
+                  << "; slot map of " << map.size() << ";" << detail;
   }
 }
 
@@ -495,6 +506,29 @@ TEST(GpuModel, GraphStepsEqualPlainLaunches) {
         EXPECT_TRUE(a.size() == b.size() && std::equal(a.positions(), a.positions() + a.size(), b.positions()))
             << "sequence " << i << " layer " << layer;
       }
+
+    // A second pool (the first still alive, so at other addresses) whose batch has the same shape
+    // as the last captured step (B = 2, both buckets 512): every launch argument but the pool is the
+    // same, and the graph must still be captured again, not replayed into the first pool.
+    const PreparedPrompt first_text = text;
+    text = l.prepare(words, false);  // make() prefills `text`
+    text.ids.resize(300);
+    text.embeddings.resize(size_t(300) * hidden);
+    Side g2 = make(graphed), p2 = make(plain);
+    text = first_text;
+    const int captures_before2 = graphed.graph_captures();
+    double worst2 = 0;
+    for (int step = 0; step < 3; ++step) {
+      std::vector<int32_t> tokens = {argmax(&g2.logits[0], V), argmax(&g2.logits[size_t(V)], V)};
+      GpuSession::step_many(g2.ptrs, tokens.data(), g2.logits.data());
+      GpuSession::step_many(p2.ptrs, tokens.data(), p2.logits.data());
+      worst2 = std::max(worst2, max_abs(g2.logits.data(), p2.logits.data(), g2.logits.size()));
+    }
+    std::printf("gpu_model: (e) tiny %-4s a second pool, same step shape: %d captures, max |logit difference| vs "
+                "plain launches %.3g\n",
+                dtype_name(dt), graphed.graph_captures() - captures_before2, worst2);
+    EXPECT_EQ(worst2, 0.0) << "graph steps on a second pool";
+    EXPECT_GE(graphed.graph_captures() - captures_before2, 1);
   }
 }
 

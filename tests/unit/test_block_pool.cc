@@ -2,6 +2,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <numeric>
 #include <random>
 #include <set>
 
@@ -196,6 +197,74 @@ TEST(BlockPool, RandomChurnKeepsInvariants) {
   pool.check_invariants();
   for (auto s : live) pool.remove_sequence(s);
   EXPECT_EQ(pool.free_blocks(), 64);
+}
+
+
+// A decode step's eviction in the middle of a long table moves one entry (the last) into the hole,
+// not the whole tail; the new map sends every kept logical entry to the slot holding it.
+TEST(SlotMoves, OneEvictionMovesOneEntry) {
+  const int n = 200;
+  std::vector<int32_t> keep;
+  for (int i = 0; i < n; ++i)
+    if (i != 120) keep.push_back(i);
+  const SlotMoves mv = plan_slot_moves({}, n, keep);
+  ASSERT_EQ(mv.src.size(), 1u);
+  EXPECT_EQ(mv.src[0], n - 1);
+  EXPECT_EQ(mv.dst[0], 120);
+  // logical 0..119 stay, 120..197 are the old 121..198 (unmoved slots), 198 (old 199) sits in 120
+  ASSERT_EQ(mv.map.size(), size_t(n - 1));
+  EXPECT_EQ(slot_of(mv.map, 119), 119);
+  EXPECT_EQ(slot_of(mv.map, 120), 121);
+  EXPECT_EQ(slot_of(mv.map, 197), 198);
+  EXPECT_EQ(slot_of(mv.map, 198), 120);
+  // Evicting the last entry, or nothing, moves nothing and keeps the identity (an empty map).
+  std::vector<int32_t> all_but_last(static_cast<size_t>(n - 1));
+  std::iota(all_but_last.begin(), all_but_last.end(), 0);
+  EXPECT_TRUE(plan_slot_moves({}, n, all_but_last).src.empty());
+  EXPECT_TRUE(plan_slot_moves({}, n, all_but_last).map.empty());
+}
+
+// Random maps and keep lists: simulate the slots and check that the moves land every kept entry
+// where the new map says, that only slots below the new length are written, and that no slot is
+// both read and written.
+TEST(SlotMoves, RandomMapsAndKeepsAreConsistent) {
+  std::mt19937 rng(7);
+  for (int trial = 0; trial < 300; ++trial) {
+    const int n = 1 + int(rng() % 60);
+    std::vector<int32_t> map;
+    const int mapped = int(rng() % (n + 1));
+    map.resize(size_t(mapped));
+    std::iota(map.begin(), map.end(), 0);
+    std::shuffle(map.begin(), map.end(), rng);
+    std::vector<int32_t> slot_holds(static_cast<size_t>(n));  // which logical entry each slot holds
+    for (int i = 0; i < n; ++i) slot_holds[size_t(slot_of(map, i))] = i;
+    std::vector<int32_t> keep;
+    for (int i = 0; i < n; ++i)
+      if (rng() % 3 != 0) keep.push_back(i);
+    const SlotMoves mv = plan_slot_moves(map, n, keep);
+    const int k = int(keep.size());
+    std::set<int32_t> srcs(mv.src.begin(), mv.src.end()), dsts(mv.dst.begin(), mv.dst.end());
+    ASSERT_EQ(srcs.size(), mv.src.size());
+    ASSERT_EQ(dsts.size(), mv.dst.size());
+    std::vector<int32_t> after = slot_holds;
+    for (size_t i = 0; i < mv.src.size(); ++i) {
+      ASSERT_GE(mv.src[i], k);
+      ASSERT_LT(mv.dst[i], k);
+      ASSERT_EQ(srcs.count(mv.dst[i]), 0u);
+      after[size_t(mv.dst[i])] = slot_holds[size_t(mv.src[i])];
+    }
+    ASSERT_LE(mv.map.size(), size_t(k));
+    for (int m = 0; m < k; ++m) EXPECT_EQ(after[size_t(slot_of(mv.map, m))], keep[size_t(m)]) << "trial " << trial;
+    // The pool accepts the map once the table has the new length.
+    BlockPool pool(64, 4, 1, 1);
+    const BlockPool::SeqId s = pool.add_sequence();
+    pool.resize(s, 0, n);
+    pool.set_slot_map(s, 0, map);
+    pool.set_slot_map(s, 0, mv.map);
+    pool.resize(s, 0, k);
+    pool.check_invariants();
+    EXPECT_EQ(pool.slot_map(s, 0), mv.map);
+  }
 }
 
 }  // namespace
