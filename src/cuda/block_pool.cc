@@ -1,6 +1,7 @@
 #include "cuda/block_pool.h"
 
 #include <algorithm>
+#include <numeric>
 #include <cstdio>
 
 #include "core/error.h"
@@ -127,32 +128,55 @@ void BlockPool::set_slot_map(SeqId s, int layer, std::vector<int32_t> map) {
   L.slots = std::move(map);
 }
 
-SlotMoves plan_slot_moves(std::span<const int32_t> map, int n, std::span<const int32_t> keep) {
+std::vector<int32_t>& BlockPool::mutable_slot_map(SeqId s, int layer) {
+  check_layer(layer, "mutable_slot_map");
+  return seq(s, "mutable_slot_map").layers[size_t(layer)].slots;
+}
+
+void plan_slot_moves(std::vector<int32_t>& map, int n, std::span<const int32_t> keep, int first,
+                     std::vector<int32_t>& src, std::vector<int32_t>& dst) {
   const int k = int(keep.size());
-  PKV_ASSERT(k <= n && map.size() <= size_t(n));
-  SlotMoves r;
-  r.map.resize(size_t(k));
-  std::vector<char> taken(size_t(k), 0);  // slot < k still holds a kept entry
-  for (int m = 0; m < k; ++m) {
+  PKV_ASSERT(k <= n && map.size() <= size_t(n) && first >= 0 && first <= k);
+  if (map.size() < size_t(k)) {  // the identity part that the new map will cover explicitly
+    const int32_t from = int32_t(map.size());
+    map.resize(size_t(k));
+    std::iota(map.begin() + from, map.end(), from);
+  }
+  // In place, m increasing: the new entry m reads the old map at keep[m] >= m and at removed entries
+  // e > keep[m - 1] >= m - 1, none of which has been written yet.
+  const std::span<const int32_t> old(map);
+  std::vector<int32_t> holes, movers;
+  // Kept entries of the identity prefix stay where the map has them, which may be a slot >= k
+  // (moved there by no one, but a table can shrink below them): one tight scan of the explicit part.
+  const int explicit_prefix = std::min(first, int(map.size()));
+  for (int m = 0; m < explicit_prefix; ++m)
+    if (map[size_t(m)] >= k) movers.push_back(m);
+  int32_t prev = first - 1;
+  for (int m = first; m < k; ++m) {
     const int32_t e = keep[size_t(m)];
-    PKV_ASSERT(e >= 0 && e < n && (m == 0 || e > keep[size_t(m - 1)]));
-    const int32_t slot = slot_of(map, e);
-    r.map[size_t(m)] = slot;
-    if (slot < k) taken[size_t(slot)] = 1;
+    for (int32_t r = prev + 1; r < e; ++r) {  // removed entries
+      const int32_t slot = slot_of(old, r);
+      if (slot < k) holes.push_back(slot);
+    }
+    const int32_t slot = slot_of(old, e);
+    map[size_t(m)] = slot;
+    if (slot >= k) movers.push_back(m);
+    prev = e;
   }
-  int hole = 0;
-  for (int m = 0; m < k; ++m) {
-    if (r.map[size_t(m)] < k) continue;
-    while (taken[size_t(hole)]) ++hole;  // as many free slots below k as entries above it
-    r.src.push_back(r.map[size_t(m)]);
-    r.dst.push_back(hole);
-    r.map[size_t(m)] = hole;
-    taken[size_t(hole)] = 1;
+  for (int32_t r = prev + 1; r < n; ++r) {  // removed after the last kept entry
+    const int32_t slot = slot_of(old, r);
+    if (slot < k) holes.push_back(slot);
   }
-  size_t len = r.map.size();
-  while (len > 0 && r.map[len - 1] == int32_t(len - 1)) --len;
-  r.map.resize(len);
-  return r;
+  PKV_ASSERT(holes.size() == movers.size());
+  for (size_t i = 0; i < movers.size(); ++i) {
+    int32_t& slot = map[size_t(movers[i])];
+    src.push_back(slot);
+    dst.push_back(holes[i]);
+    slot = holes[i];
+  }
+  size_t len = size_t(k);
+  while (len > 0 && map[len - 1] == int32_t(len - 1)) --len;
+  map.resize(len);
 }
 
 uint64_t BlockPool::table_version(SeqId s, int layer) const {

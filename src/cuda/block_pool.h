@@ -49,16 +49,15 @@ struct BlockPoolStats {
 inline int32_t slot_of(std::span<const int32_t> map, int32_t i) { return size_t(i) < map.size() ? map[size_t(i)] : i; }
 
 // Compaction of one table by moves: the table holds n entries (slot map `map`) and keeps the logical
-// entries keep (strictly increasing, < n). The kept entries that sit at slots >= keep.size() move
-// into the slots < keep.size() that removed entries free (each such slot receives one entry, each
-// moving entry leaves a slot that is cut off with the table's tail): entry dst[i] <- entry src[i],
-// all independent of each other. `map` becomes the kept entries' new slot map (trailing identity
-// trimmed). O(n).
-struct SlotMoves {
-  std::vector<int32_t> src, dst;  // slots
-  std::vector<int32_t> map;       // the new slot map of the keep.size() entries left
-};
-SlotMoves plan_slot_moves(std::span<const int32_t> map, int n, std::span<const int32_t> keep);
+// entries keep (strictly increasing, < n; keep[m] = m for m < first, the caller's identity prefix).
+// The kept entries that sit at slots >= keep.size() move into the slots < keep.size() that removed
+// entries free (each such slot receives one entry, each moving entry leaves a slot that is cut off
+// with the table's tail): entry dst[i] <- entry src[i], appended to src/dst, all independent of each
+// other. `map` becomes, in place, the kept entries' slot map (trailing identity trimmed). O(n - first)
+// plus one compare per entry of the prefix: a decode step's eviction near the end of a long table
+// costs the tail, not the table.
+void plan_slot_moves(std::vector<int32_t>& map, int n, std::span<const int32_t> keep, int first,
+                     std::vector<int32_t>& src, std::vector<int32_t>& dst);
 
 class BlockPool {
  public:
@@ -89,6 +88,8 @@ class BlockPool {
   const std::vector<int32_t>& slot_map(SeqId s, int layer) const;
   // Replaces the map (a permutation of [0, map.size()), map.size() <= entries: asserted).
   void set_slot_map(SeqId s, int layer, std::vector<int32_t> map);
+  // The map itself, for an in-place update (plan_slot_moves); check_invariants validates it.
+  std::vector<int32_t>& mutable_slot_map(SeqId s, int layer);
   // Changes whenever table(s, layer) changes (to upload only the tables that changed).
   uint64_t table_version(SeqId s, int layer) const;
   int blocks_held(SeqId s) const;

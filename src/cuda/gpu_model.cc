@@ -971,38 +971,64 @@ void GpuKVPool::compact(std::vector<Job> jobs) {
   }
   // Merge jobs first: paged_kv_merge then runs on the prefix of the same job arrays.
   std::stable_partition(jobs.begin(), jobs.end(), [](const Job& j) { return j.merge; });
-  std::set<std::pair<BlockPool::SeqId, int>> seen;
+  const int J = int(jobs.size());
+  {
+    std::vector<int64_t> keys(static_cast<size_t>(J));  // (sequence, layer) at most once
+    for (int i = 0; i < J; ++i) keys[size_t(i)] = (int64_t(jobs[size_t(i)].seq) << 32) | uint32_t(jobs[size_t(i)].layer);
+    std::sort(keys.begin(), keys.end());
+    const auto dup = std::adjacent_find(keys.begin(), keys.end());
+    if (dup != keys.end())
+      fail(where, "compact: sequence " + std::to_string(*dup >> 32) + " layer " + std::to_string(int32_t(*dup & 0xffffffff)) +
+                      " appears twice");
+  }
   int n_merge = 0, stride = 1;
-  for (const Job& j : jobs) {
+  size_t entries_sum = 0;
+  std::vector<int> lengths(static_cast<size_t>(J)), firsts(static_cast<size_t>(J));
+  for (int i = 0; i < J; ++i) {
+    const Job& j = jobs[size_t(i)];
     const int n = blocks_.entries(j.seq, j.layer);  // validates the sequence and layer
-    if (!seen.insert({j.seq, j.layer}).second)
-      fail(where, "compact: sequence " + std::to_string(j.seq) + " layer " + std::to_string(j.layer) + " appears twice");
-    for (size_t m = 0; m < j.keep.size(); ++m)
+    // Strictly increasing and < n. The identity prefix (keep[m] = m: a decode step's eviction keeps
+    // most of the table) needs no check beyond its length.
+    size_t m0 = 0;
+    while (m0 < j.keep.size() && j.keep[m0] == int32_t(m0)) ++m0;
+    if (int(m0) > n)
+      fail(where, "compact: sequence " + std::to_string(j.seq) + " layer " + std::to_string(j.layer) +
+                      ": kept indices must be < " + std::to_string(n));
+    for (size_t m = m0; m < j.keep.size(); ++m)
       if (j.keep[m] < 0 || j.keep[m] >= n || (m > 0 && j.keep[m] <= j.keep[m - 1]))
         fail(where, "compact: sequence " + std::to_string(j.seq) + " layer " + std::to_string(j.layer) +
                         ": kept indices must be strictly increasing and < " + std::to_string(n));
     if (j.merge && j.keep.empty() && n > 0) fail(where, "compact: a merge needs at least one kept entry");
+    lengths[size_t(i)] = n;
+    firsts[size_t(i)] = int(m0);
     n_merge += j.merge ? 1 : 0;
-    stride = std::max(stride, int(blocks_.table(j.seq, j.layer).size()));
+    stride = std::max(stride, blocks_.blocks_for(n));
+    entries_sum += size_t(n);
   }
-  // Merges read the kept entries' groups by logical index through the slot maps (sent only where
-  // a map is not the identity); then every job's kept entries move into the slots below its new
-  // length (plan_slot_moves), and only jobs with moves go to the compaction kernel.
-  const int J = int(jobs.size());
+  // The metadata's device buffer, sized for the most it can hold (tables, per-job arrays, and per
+  // entry at most a merge's keep and slot lists and a move's source and target), before any
+  // bookkeeping changes: an allocation failure leaves everything as it was.
+  const size_t bound = (size_t(J) * stride + 8 * (size_t(J) + 8) + 4 * entries_sum) * sizeof(int32_t);
+  if (meta_.bytes() < bound) {
+    meta_.reset();
+    meta_ = DeviceBuffer(bound + bound / 2, "the KV pool's compaction metadata");
+  }
+  // Nothing can fail from here on. Merges read the kept entries' groups by logical index through the
+  // slot maps (sent only where a map is not the identity); then every job's kept entries move into
+  // the slots below its new length (plan_slot_moves updates each map in place), and only jobs with
+  // moves go to the compaction kernel.
   std::vector<int32_t>& host = staging_;
   host.assign(size_t(J) * stride, -1);
-  std::vector<int32_t> job_table(static_cast<size_t>(J)), lengths(static_cast<size_t>(J));
+  std::vector<int32_t> job_table(static_cast<size_t>(J));
   std::vector<int32_t> merge_keep, merge_offsets{0}, slots, slot_offsets;
   std::vector<int32_t> move_jobs, src, dst, move_offsets{0};
-  std::vector<SlotMoves> plans(static_cast<size_t>(J));
   for (int i = 0; i < J; ++i) {
     const Job& j = jobs[size_t(i)];
     const std::vector<int32_t>& t = blocks_.table(j.seq, j.layer);
     std::copy(t.begin(), t.end(), host.begin() + long(size_t(i) * stride));
     job_table[size_t(i)] = i;
-    const int n = blocks_.entries(j.seq, j.layer);
-    lengths[size_t(i)] = n;
-    const std::vector<int32_t>& map = blocks_.slot_map(j.seq, j.layer);
+    const int n = lengths[size_t(i)];
+    std::vector<int32_t>& map = blocks_.mutable_slot_map(j.seq, j.layer);
     if (j.merge) {
       merge_keep.insert(merge_keep.end(), j.keep.begin(), j.keep.end());
       merge_offsets.push_back(int32_t(merge_keep.size()));
@@ -1013,15 +1039,14 @@ void GpuKVPool::compact(std::vector<Job> jobs) {
         for (int e = 0; e < n; ++e) slots.push_back(slot_of(map, e));
       }
     }
-    plans[size_t(i)] = plan_slot_moves(map, n, j.keep);
-    const SlotMoves& mv = plans[size_t(i)];
-    if (!mv.src.empty()) {
+    const size_t before = src.size();
+    plan_slot_moves(map, n, j.keep, firsts[size_t(i)], src, dst);
+    if (src.size() > before) {
       move_jobs.push_back(i);
-      src.insert(src.end(), mv.src.begin(), mv.src.end());
-      dst.insert(dst.end(), mv.dst.begin(), mv.dst.end());
       move_offsets.push_back(int32_t(src.size()));
     }
   }
+  std::vector<int32_t> lengths32(lengths.begin(), lengths.end());
   auto append = [&](const std::vector<int32_t>& v) {
     while (host.size() % 4) host.push_back(0);
     const size_t at = host.size();
@@ -1029,14 +1054,11 @@ void GpuKVPool::compact(std::vector<Job> jobs) {
     if (v.empty()) host.push_back(0);
     return at;
   };
-  const size_t o_job = append(job_table), o_len = append(lengths), o_mkeep = append(merge_keep),
+  const size_t o_job = append(job_table), o_len = append(lengths32), o_mkeep = append(merge_keep),
                o_moff = append(merge_offsets), o_slots = append(slots), o_soff = append(slot_offsets),
                o_mjob = append(move_jobs), o_src = append(src), o_dst = append(dst), o_voff = append(move_offsets);
   const size_t bytes = host.size() * sizeof(int32_t);
-  if (meta_.bytes() < bytes) {
-    meta_.reset();
-    meta_ = DeviceBuffer(bytes + bytes / 2, "the KV pool's compaction metadata");
-  }
+  PKV_ASSERT(bytes <= meta_.bytes());
   copy_to_device(meta_.data(), host.data(), bytes, stream_);
   const int32_t* d = meta_.as<int32_t>();
   const PagedKV kv = paged(d, stride);
@@ -1054,11 +1076,7 @@ void GpuKVPool::compact(std::vector<Job> jobs) {
   compact_timer_.stop(stream_);
   compact_timed_ = true;
   ++compactions_;
-  for (int i = 0; i < J; ++i) {
-    const Job& j = jobs[size_t(i)];
-    blocks_.set_slot_map(j.seq, j.layer, std::move(plans[size_t(i)].map));
-    blocks_.resize(j.seq, j.layer, int(j.keep.size()));
-  }
+  for (const Job& j : jobs) blocks_.resize(j.seq, j.layer, int(j.keep.size()));
 }
 
 double GpuKVPool::compaction_gpu_ms() {

@@ -471,12 +471,11 @@ void check_compact(Backend& be, DType dt, int block_size, int kv_dim, uint32_t s
         std::iota(maps[size_t(j)].begin(), maps[size_t(j)].end(), 0);
         std::shuffle(maps[size_t(j)].begin(), maps[size_t(j)].end(), rng);
       }
-      SlotMoves mv = plan_slot_moves(maps[size_t(j)], lengths[size_t(j)], keeps[size_t(j)]);
-      new_maps[size_t(j)] = mv.map;
-      if (mv.src.empty()) continue;
+      new_maps[size_t(j)] = maps[size_t(j)];
+      const size_t before = src.size();
+      plan_slot_moves(new_maps[size_t(j)], lengths[size_t(j)], keeps[size_t(j)], 0, src, dst);
+      if (src.size() == before) continue;
       move_jobs.push_back(j);
-      src.insert(src.end(), mv.src.begin(), mv.src.end());
-      dst.insert(dst.end(), mv.dst.begin(), mv.dst.end());
       move_offsets.push_back(int32_t(src.size()));
     }
     if (!move_jobs.empty()) {
