@@ -13,6 +13,7 @@
 #include <set>
 
 #include "core/error.h"
+#include "core/threads.h"
 #include "cuda/device.h"
 #include "cuda/kernels.h"
 
@@ -879,7 +880,12 @@ void GpuModel::decode(GpuKVPool& kv, const GpuDecodeBatch& b) {
     void* staged = g.pinned.need(n);
     copy_to_host(staged, lg, n, s);
     stream_synchronize(s);
-    std::memcpy(b.logits, staged, n);
+    // Megabytes at large batches (48 x 32k floats = 6 MB): one thread copies them at a few GB/s.
+    constexpr size_t kChunk = size_t(1) << 18;
+    parallel_for((n + kChunk - 1) / kChunk, 1, [&](size_t c0, size_t c1, int) {
+      const size_t from = c0 * kChunk, to = std::min(n, c1 * kChunk);
+      std::memcpy(reinterpret_cast<char*>(b.logits) + from, static_cast<const char*>(staged) + from, to - from);
+    });
   }
   g.times.steps += 1;
   g.times.gpu_ms += g.step_timer.elapsed_ms();
@@ -981,29 +987,41 @@ void GpuKVPool::compact(std::vector<Job> jobs) {
       fail(where, "compact: sequence " + std::to_string(*dup >> 32) + " layer " + std::to_string(int32_t(*dup & 0xffffffff)) +
                       " appears twice");
   }
+  // Validation, one task per group of jobs (a decode step of a large batch has thousands of them).
+  std::vector<int> lengths(static_cast<size_t>(J)), firsts(static_cast<size_t>(J));
+  std::vector<std::string> errors(static_cast<size_t>(J));
+  constexpr size_t kGrain = 64;
+  parallel_for(size_t(J), kGrain, [&](size_t i0, size_t i1, int) {
+    for (size_t i = i0; i < i1; ++i) {
+      const Job& j = jobs[i];
+      int n = 0;
+      try {
+        n = blocks_.entries(j.seq, j.layer);  // validates the sequence and layer
+      } catch (const Error& e) {
+        errors[i] = e.what();
+        continue;
+      }
+      const std::string which = "compact: sequence " + std::to_string(j.seq) + " layer " + std::to_string(j.layer);
+      // Strictly increasing and < n. The identity prefix (keep[m] = m: a decode step's eviction
+      // keeps most of the table) needs no check beyond its length.
+      size_t m0 = 0;
+      while (m0 < j.keep.size() && j.keep[m0] == int32_t(m0)) ++m0;
+      bool ok = int(m0) <= n;
+      for (size_t m = m0; ok && m < j.keep.size(); ++m)
+        ok = j.keep[m] >= 0 && j.keep[m] < n && (m == 0 || j.keep[m] > j.keep[m - 1]);
+      if (!ok) errors[i] = which + ": kept indices must be strictly increasing and < " + std::to_string(n);
+      else if (j.merge && j.keep.empty() && n > 0) errors[i] = which + ": a merge needs at least one kept entry";
+      lengths[i] = n;
+      firsts[i] = int(m0);
+    }
+  });
   int n_merge = 0, stride = 1;
   size_t entries_sum = 0;
-  std::vector<int> lengths(static_cast<size_t>(J)), firsts(static_cast<size_t>(J));
   for (int i = 0; i < J; ++i) {
-    const Job& j = jobs[size_t(i)];
-    const int n = blocks_.entries(j.seq, j.layer);  // validates the sequence and layer
-    // Strictly increasing and < n. The identity prefix (keep[m] = m: a decode step's eviction keeps
-    // most of the table) needs no check beyond its length.
-    size_t m0 = 0;
-    while (m0 < j.keep.size() && j.keep[m0] == int32_t(m0)) ++m0;
-    if (int(m0) > n)
-      fail(where, "compact: sequence " + std::to_string(j.seq) + " layer " + std::to_string(j.layer) +
-                      ": kept indices must be < " + std::to_string(n));
-    for (size_t m = m0; m < j.keep.size(); ++m)
-      if (j.keep[m] < 0 || j.keep[m] >= n || (m > 0 && j.keep[m] <= j.keep[m - 1]))
-        fail(where, "compact: sequence " + std::to_string(j.seq) + " layer " + std::to_string(j.layer) +
-                        ": kept indices must be strictly increasing and < " + std::to_string(n));
-    if (j.merge && j.keep.empty() && n > 0) fail(where, "compact: a merge needs at least one kept entry");
-    lengths[size_t(i)] = n;
-    firsts[size_t(i)] = int(m0);
-    n_merge += j.merge ? 1 : 0;
-    stride = std::max(stride, blocks_.blocks_for(n));
-    entries_sum += size_t(n);
+    if (!errors[size_t(i)].empty()) fail(where, errors[size_t(i)]);
+    n_merge += jobs[size_t(i)].merge ? 1 : 0;
+    stride = std::max(stride, blocks_.blocks_for(lengths[size_t(i)]));
+    entries_sum += size_t(lengths[size_t(i)]);
   }
   // The metadata's device buffer, sized for the most it can hold (tables, per-job arrays, and per
   // entry at most a merge's keep and slot lists and a move's source and target), before any
@@ -1021,30 +1039,36 @@ void GpuKVPool::compact(std::vector<Job> jobs) {
   host.assign(size_t(J) * stride, -1);
   std::vector<int32_t> job_table(static_cast<size_t>(J));
   std::vector<int32_t> merge_keep, merge_offsets{0}, slots, slot_offsets;
+  for (int i = 0; i < n_merge; ++i) {  // merge jobs come first; their slot lists before the maps change
+    const Job& j = jobs[size_t(i)];
+    const std::vector<int32_t>& map = blocks_.slot_map(j.seq, j.layer);
+    merge_keep.insert(merge_keep.end(), j.keep.begin(), j.keep.end());
+    merge_offsets.push_back(int32_t(merge_keep.size()));
+    if (map.empty()) {
+      slot_offsets.push_back(-1);
+    } else {
+      slot_offsets.push_back(int32_t(slots.size()));
+      for (int e = 0; e < lengths[size_t(i)]; ++e) slots.push_back(slot_of(map, e));
+    }
+  }
+  // Tables and moves, in parallel (each job touches only its own table's map), then concatenated.
+  std::vector<std::vector<int32_t>> job_src(static_cast<size_t>(J)), job_dst(static_cast<size_t>(J));
+  parallel_for(size_t(J), kGrain, [&](size_t i0, size_t i1, int) {
+    for (size_t i = i0; i < i1; ++i) {
+      const Job& j = jobs[i];
+      const std::vector<int32_t>& t = blocks_.table(j.seq, j.layer);
+      std::copy(t.begin(), t.end(), host.begin() + long(i * stride));
+      job_table[i] = int32_t(i);
+      plan_slot_moves(blocks_.mutable_slot_map(j.seq, j.layer), lengths[i], j.keep, firsts[i], job_src[i], job_dst[i]);
+    }
+  });
   std::vector<int32_t> move_jobs, src, dst, move_offsets{0};
   for (int i = 0; i < J; ++i) {
-    const Job& j = jobs[size_t(i)];
-    const std::vector<int32_t>& t = blocks_.table(j.seq, j.layer);
-    std::copy(t.begin(), t.end(), host.begin() + long(size_t(i) * stride));
-    job_table[size_t(i)] = i;
-    const int n = lengths[size_t(i)];
-    std::vector<int32_t>& map = blocks_.mutable_slot_map(j.seq, j.layer);
-    if (j.merge) {
-      merge_keep.insert(merge_keep.end(), j.keep.begin(), j.keep.end());
-      merge_offsets.push_back(int32_t(merge_keep.size()));
-      if (map.empty()) {
-        slot_offsets.push_back(-1);
-      } else {
-        slot_offsets.push_back(int32_t(slots.size()));
-        for (int e = 0; e < n; ++e) slots.push_back(slot_of(map, e));
-      }
-    }
-    const size_t before = src.size();
-    plan_slot_moves(map, n, j.keep, firsts[size_t(i)], src, dst);
-    if (src.size() > before) {
-      move_jobs.push_back(i);
-      move_offsets.push_back(int32_t(src.size()));
-    }
+    if (job_src[size_t(i)].empty()) continue;
+    move_jobs.push_back(i);
+    src.insert(src.end(), job_src[size_t(i)].begin(), job_src[size_t(i)].end());
+    dst.insert(dst.end(), job_dst[size_t(i)].begin(), job_dst[size_t(i)].end());
+    move_offsets.push_back(int32_t(src.size()));
   }
   std::vector<int32_t> lengths32(lengths.begin(), lengths.end());
   auto append = [&](const std::vector<int32_t>& v) {

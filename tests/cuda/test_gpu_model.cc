@@ -681,6 +681,55 @@ TEST(GpuModel, OutOfBlocksIsAnErrorAndChangesNothing) {
   EXPECT_TRUE(all_finite(std::vector<float>(logits.begin(), logits.begin() + l.V())));
 }
 
+// Compaction jobs that no policy can produce (a bookkeeping bug): one clear error naming the table,
+// and neither the pool's tables nor its slot maps change.
+TEST(GpuModel, CompactionRefusesBadJobsAndChangesNothing) {
+  Loaded& l = load(kTiny);
+  GpuModel& gm = l.on(DType::F16);
+  GpuKVPool pool(gm, pool_for(l, l.T(), 1));
+  auto full = policy("full", 1.0);
+  GpuSession gs(gm, pool, *full);
+  std::vector<float> logits(static_cast<size_t>(l.V()));
+  gs.prefill(l.prompt, logits.data());
+  const int n = l.T();
+  std::vector<int32_t> pos_before;
+  pool.read_layer(gs.sequence(), 0, nullptr, nullptr, &pos_before);
+  auto job = [&](int layer, std::vector<int32_t> keep) { return GpuKVPool::Job{gs.sequence(), layer, std::move(keep), false}; };
+  std::vector<int32_t> evict_one;  // a valid job: drop entry 3
+  for (int i = 0; i < n; ++i)
+    if (i != 3) evict_one.push_back(i);
+  const std::vector<std::pair<std::vector<GpuKVPool::Job>, std::string>> bad = {
+      {{job(0, evict_one), job(1, {0, 2, 1})}, "strictly increasing"},
+      {{job(0, evict_one), job(1, {0, n})}, "strictly increasing and < " + std::to_string(n)},
+      {{job(0, evict_one), job(0, evict_one)}, "appears twice"},
+      {{job(0, evict_one), job(l.L(), {0})}, "layer"},
+  };
+  for (const auto& [jobs, want] : bad) {
+    try {
+      pool.compact(jobs);
+      ADD_FAILURE() << "no error for: " << want;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(want), std::string::npos) << e.what();
+    }
+    for (int layer = 0; layer < l.L(); ++layer) {
+      EXPECT_EQ(pool.blocks().entries(gs.sequence(), layer), n);
+      EXPECT_TRUE(pool.blocks().slot_map(gs.sequence(), layer).empty());
+    }
+    std::vector<int32_t> pos;
+    pool.read_layer(gs.sequence(), 0, nullptr, nullptr, &pos);
+    EXPECT_EQ(pos, pos_before);
+  }
+  // The valid job alone: entry n - 1 moves into slot 3, and the pool reads back in logical order.
+  pool.compact({job(0, evict_one)});
+  std::vector<int32_t> pos;
+  pool.read_layer(gs.sequence(), 0, nullptr, nullptr, &pos);
+  std::vector<int32_t> want = pos_before;
+  want.erase(want.begin() + 3);
+  EXPECT_EQ(pos, want);
+  EXPECT_EQ(pool.blocks().slot_map(gs.sequence(), 0).size(), size_t(n - 1));
+  pool.blocks().check_invariants();
+}
+
 TEST(GpuModel, OutOfDeviceMemoryAtLoadIsAnError) {
   Loaded& l = load(kTiny);
   const size_t weights = l.on(DType::BF16).weight_bytes();
