@@ -45,6 +45,16 @@ __global__ void __launch_bounds__(128) decode_importance_kernel(DecodeParams p) 
 
 template <class T, int D>
 void run_prefill(const PrefillPlan& plan, cudaStream_t s) {
+  // Blocks of ~86 KB (D = 128): the whole L1 as shared memory lets two share an SM (the tiles live in
+  // shared memory; the kernel barely uses the L1 cache otherwise).
+  static const bool carveout = [] {
+    PKV_CUDA_CHECK(cudaFuncSetAttribute(prefill_forward_kernel<T, D>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                        int(cudaSharedmemCarveoutMaxShared)));
+    PKV_CUDA_CHECK(cudaFuncSetAttribute(prefill_importance_kernel<T, D>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                        int(cudaSharedmemCarveoutMaxShared)));
+    return true;
+  }();
+  (void)carveout;
   launch(prefill_forward_kernel<T, D>, plan.forward, plan.params, s, "attention_prefill (forward)");
   if (!plan.importance) return;
   launch(prefill_importance_kernel<T, D>, plan.importance_pass, plan.params, s, "attention_prefill (importance)");

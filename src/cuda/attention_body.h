@@ -17,9 +17,26 @@
 
 namespace pkv::cuda::detail {
 
+// N (4 or 8) consecutive 16-bit elements of shared memory (8-byte / 16-byte aligned) as floats.
+template <class T, int N>
+__device__ __forceinline__ void load_f(const T* src, float* out) {
+  static_assert(N == 4 || N == 8, "4 or 8 elements");
+  if constexpr (N == 8) {
+    const uint4 w = *reinterpret_cast<const uint4*>(src);
+    unpack2<T>(w.x, out[0], out[1]);
+    unpack2<T>(w.y, out[2], out[3]);
+    unpack2<T>(w.z, out[4], out[5]);
+    unpack2<T>(w.w, out[6], out[7]);
+  } else {
+    const uint2 w = *reinterpret_cast<const uint2*>(src);
+    unpack2<T>(w.x, out[0], out[1]);
+    unpack2<T>(w.y, out[2], out[3]);
+  }
+}
+
 // s[a][b] = sum over head dims of Qs[c][row a] * Ks[c][key b], for this thread's 4 rows x 8 keys.
-template <int QS, int KS>
-__device__ __forceinline__ void prefill_tile_scores(const float* Qs, const float* Ks, int ty, int tx, int hd,
+template <int QS, int KS, class T>
+__device__ __forceinline__ void prefill_tile_scores(const float* Qs, const T* Ks, int ty, int tx, int hd,
                                                     float (&s)[4][8]) {
 #pragma unroll
   for (int a = 0; a < 4; ++a)
@@ -28,10 +45,9 @@ __device__ __forceinline__ void prefill_tile_scores(const float* Qs, const float
 #pragma unroll 2
   for (int cc = 0; cc < hd; ++cc) {
     const float4 qa = *reinterpret_cast<const float4*>(Qs + cc * QS + ty * 4);
-    const float4 k0 = *reinterpret_cast<const float4*>(Ks + cc * KS + tx * 8);
-    const float4 k1 = *reinterpret_cast<const float4*>(Ks + cc * KS + tx * 8 + 4);
+    float kv[8];
+    load_f<T, 8>(Ks + cc * KS + tx * 8, kv);
     const float qv[4] = {qa.x, qa.y, qa.z, qa.w};
-    const float kv[8] = {k0.x, k0.y, k0.z, k0.w, k1.x, k1.y, k1.z, k1.w};
 #pragma unroll
     for (int a = 0; a < 4; ++a)
 #pragma unroll
@@ -52,19 +68,20 @@ __device__ __forceinline__ void prefill_load_q(Ctx& c, const PrefillParams& p, i
 }
 
 // Loads the key tile [k0, k0 + BK) of kv head g (keys >= kv_end as zeros), transposed into
-// Ks[c][j]; with Vs != nullptr also the values into Vs[j][c].
+// Ks[c][j]; with Vs != nullptr also the values into Vs[j][c]. Both in the inputs' 16-bit type.
 template <class T, int D, int KS, class Ctx>
-__device__ __forceinline__ void prefill_load_kv(Ctx& c, const PrefillParams& p, int k0, int kv_end, int g, float* Ks,
-                                                float* Vs) {
+__device__ __forceinline__ void prefill_load_kv(Ctx& c, const PrefillParams& p, int k0, int kv_end, int g, T* Ks,
+                                                T* Vs) {
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
+  const T zero = from_f<T>(0.f);
   for (int idx = c.tid; idx < kPrefillBK * D; idx += kPrefillThreads) {
     const int j = idx / D, cc = idx % D, key = k0 + j;
-    float kx = 0.f, vx = 0.f;
+    T kx = zero, vx = zero;
     if (key < kv_end && cc < p.head_dim) {
       const int64_t off = int64_t(key) * p.kv_stride + int64_t(g) * p.head_dim + cc;
-      kx = to_f(k[off]);
-      if (Vs) vx = to_f(v[off]);
+      kx = k[off];
+      if (Vs) vx = v[off];
     }
     Ks[cc * KS + j] = kx;
     if (Vs) Vs[j * D + cc] = vx;
@@ -78,8 +95,8 @@ __device__ void prefill_forward(Ctx& c, const PrefillParams& p) {
   constexpr int BK = kPrefillBK, DT = D / 8;
   float* smem = reinterpret_cast<float*>(c.smem);
   float* Qs = smem + L::q;
-  float* Ks = smem + L::k;
-  float* Vs = smem + L::v;
+  T* Ks = reinterpret_cast<T*>(smem + L::k);
+  T* Vs = reinterpret_cast<T*>(smem + L::v);
   float* Ps = smem + L::p;
   int* kpos = reinterpret_cast<int*>(smem + L::kpos);
   int* misc = reinterpret_cast<int*>(smem + L::misc);
@@ -172,13 +189,14 @@ __device__ void prefill_forward(Ctx& c, const PrefillParams& p) {
       float pj[4];
 #pragma unroll
       for (int a = 0; a < 4; ++a) pj[a] = Ps[(ty * 4 + a) * L::PS + j];
-      const float* vr = Vs + j * D + tx * DT;
+      const T* vr = Vs + j * D + tx * DT;
+      constexpr int VN = DT % 8 == 0 ? 8 : 4;
 #pragma unroll
-      for (int d4 = 0; d4 < DT; d4 += 4) {
-        const float4 v4 = *reinterpret_cast<const float4*>(vr + d4);
-        const float vv[4] = {v4.x, v4.y, v4.z, v4.w};
+      for (int d4 = 0; d4 < DT; d4 += VN) {
+        float vv[VN];
+        load_f<T, VN>(vr + d4, vv);
 #pragma unroll
-        for (int e = 0; e < 4; ++e)
+        for (int e = 0; e < VN; ++e)
 #pragma unroll
           for (int a = 0; a < 4; ++a) o[a][d4 + e] = fmaf(pj[a], vv[e], o[a][d4 + e]);
       }
@@ -211,7 +229,7 @@ __device__ void prefill_importance(Ctx& c, const PrefillParams& p) {
   constexpr int BQ = kPrefillBQ, BK = kPrefillBK;
   float* smem = reinterpret_cast<float*>(c.smem);
   float* Qs = smem + L::q;
-  float* Ks = smem + L::k;
+  T* Ks = reinterpret_cast<T*>(smem + L::k);
   float* red = smem + L::red;
   float* lse_s = smem + L::lse;
   int* qpos_s = reinterpret_cast<int*>(smem + L::qpos);

@@ -29,18 +29,20 @@ constexpr int kPrefillBQ = 64;
 constexpr int kPrefillBK = 64;
 constexpr int kPrefillThreads = 128;
 
-// Shared memory of the forward kernel, in floats (ints share the float slots).
+// Shared memory of the forward kernel, in floats (ints share the float slots). The K and V tiles
+// are kept in the inputs' 16-bit type (exact: they are 16-bit values), which halves them and lets two
+// blocks share an SM; the scaled Q tile and the probabilities are float32.
 template <int D>
 struct PrefillForwardLayout {
   static constexpr int QS = kPrefillBQ + 4;  // row stride of Qs [D][QS] (transposed Q tile, 16-byte rows)
-  static constexpr int KS = kPrefillBK + 4;  // row stride of Ks [D][KS] (transposed K tile)
+  static constexpr int KS = kPrefillBK + 8;  // row stride of Ks [D][KS] (transposed K tile, 16-bit, 16-byte rows)
   static constexpr int PS = kPrefillBK + 1;  // row stride of Ps [BQ][PS] (probabilities; odd: no bank conflicts)
   static constexpr size_t q = 0;
   static constexpr size_t k = q + size_t(D) * QS;
-  static constexpr size_t v = k + size_t(D) * KS;             // Vs [BK][D]
-  static constexpr size_t p = v + size_t(kPrefillBK) * D;     // Ps [BQ][PS]
-  static constexpr size_t kpos = p + size_t(kPrefillBQ) * PS; // int [BK]: key positions
-  static constexpr size_t misc = kpos + kPrefillBK;           // int [4]: [0] = end of the visible keys
+  static constexpr size_t v = k + size_t(D) * KS / 2;             // Vs [BK][D] (16-bit)
+  static constexpr size_t p = v + size_t(kPrefillBK) * D / 2;     // Ps [BQ][PS]
+  static constexpr size_t kpos = p + size_t(kPrefillBQ) * PS;     // int [BK]: key positions
+  static constexpr size_t misc = kpos + kPrefillBK;               // int [4]: [0] = end of the visible keys
   static constexpr size_t floats = misc + 4;
   static constexpr size_t bytes = floats * 4;
 };
@@ -49,10 +51,10 @@ struct PrefillForwardLayout {
 template <int D>
 struct PrefillImportanceLayout {
   static constexpr int QS = kPrefillBQ + 4;
-  static constexpr int KS = kPrefillBK + 4;
+  static constexpr int KS = kPrefillBK + 8;  // 16-bit, as in the forward kernel
   static constexpr size_t q = 0;
   static constexpr size_t k = q + size_t(D) * QS;
-  static constexpr size_t red = k + size_t(D) * KS;                       // [16][BK] column sums per ty
+  static constexpr size_t red = k + size_t(D) * KS / 2;                   // [16][BK] column sums per ty
   static constexpr size_t lse = red + size_t(16) * kPrefillBK;            // [BQ] log2-sum-exp of each row
   static constexpr size_t qpos = lse + kPrefillBQ;                         // int [BQ]
   static constexpr size_t rowok = qpos + kPrefillBQ;                       // int [BQ]: row counts
