@@ -724,6 +724,8 @@ void GpuModel::decode(GpuKVPool& kv, const GpuDecodeBatch& b) {
         fail("prompt", "token id " + std::to_string(b.tokens[i]) + " is outside the vocabulary of " + std::to_string(g.V));
   for (int i = 0; i < B; ++i)
     if (b.positions[i] < 0) fail(kWhere, "decode: negative position " + std::to_string(b.positions[i]));
+  if (b.while_running && b.importance)
+    fail(kWhere, "decode: work while the step runs cannot depend on the step's importance");
 
   // Blocks: one more entry in every layer of every sequence; all or nothing over the batch.
   BlockPool& bp = kv.blocks();
@@ -875,10 +877,20 @@ void GpuModel::decode(GpuKVPool& kv, const GpuDecodeBatch& b) {
     enqueue();
   }
   g.step_timer.stop(s);
-  if (lg) {  // through page-locked memory: a pageable copy of B x vocab floats runs at a fraction of the speed
-    const size_t n = size_t(B) * g.V * sizeof(float);
-    void* staged = g.pinned.need(n);
-    copy_to_host(staged, lg, n, s);
+  // Through page-locked memory: a pageable copy of B x vocab floats runs at a fraction of the speed.
+  const size_t n_logits = lg ? size_t(B) * g.V * sizeof(float) : 0;
+  void* staged = lg ? g.pinned.need(n_logits) : nullptr;
+  if (lg) copy_to_host(staged, lg, n_logits, s);
+  if (b.while_running) {
+    try {
+      b.while_running();
+    } catch (...) {
+      stream_synchronize(s);
+      throw;
+    }
+  }
+  if (lg) {
+    const size_t n = n_logits;
     stream_synchronize(s);
     // Megabytes at large batches (48 x 32k floats = 6 MB): one thread copies them at a few GB/s.
     constexpr size_t kChunk = size_t(1) << 18;
@@ -968,9 +980,9 @@ PagedKV GpuKVPool::paged(const int32_t* tables, int table_stride) const {
 void GpuKVPool::compact(std::vector<Job> jobs) {
   const char* where = "GPU KV pool";
   if (jobs.empty()) return;
-  // The staging vector of the previous call may still feed an asynchronous copy: finish it (the
-  // stream is idle here in practice: every model call ends with a synchronisation).
-  stream_synchronize(stream_);
+  // No synchronisation with the stream: compaction may be enqueued behind a decode step that is
+  // still running (GpuDecodeBatch::while_running). The previous call's work (its metadata copy out
+  // of staging_pinned_, its kernels) ends with its timer's stop event: wait for that only.
   if (compact_timed_) {
     compact_gpu_ms_ += compact_timer_.elapsed_ms();
     compact_timed_ = false;
@@ -1083,7 +1095,10 @@ void GpuKVPool::compact(std::vector<Job> jobs) {
                o_mjob = append(move_jobs), o_src = append(src), o_dst = append(dst), o_voff = append(move_offsets);
   const size_t bytes = host.size() * sizeof(int32_t);
   PKV_ASSERT(bytes <= meta_.bytes());
-  copy_to_device(meta_.data(), host.data(), bytes, stream_);
+  // From page-locked memory: a pageable copy would wait for the stream (the running step) first.
+  void* pinned = staging_pinned_.need(bytes);
+  std::memcpy(pinned, host.data(), bytes);
+  copy_to_device(meta_.data(), pinned, bytes, stream_);
   const int32_t* d = meta_.as<int32_t>();
   const PagedKV kv = paged(d, stride);
   compact_timer_.start(stream_);

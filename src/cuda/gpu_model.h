@@ -14,6 +14,7 @@
 // Per-call scratch is owned by the GpuModel: one GpuModel serves one host thread at a time.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -107,8 +108,9 @@ class GpuKVPool {
   BlockPool blocks_;
   PrefillTimes prefill_times_;
   StepTimes step_times_;
-  StreamTimer compact_timer_;
+  StreamTimer compact_timer_;  // its stop event also tells when the last call's metadata copy is done
   bool compact_timed_ = false;
+  PinnedBuffer staging_pinned_;  // the metadata on its way to the device (asynchronous copy)
   double compact_gpu_ms_ = 0;
   int compactions_ = 0;
   DType dtype_;
@@ -130,6 +132,11 @@ struct GpuDecodeBatch {
   // want_importance[b] (every b when want_importance is empty); other rows are left empty.
   std::vector<std::vector<std::vector<float>>>* importance = nullptr;
   std::vector<bool> want_importance;
+  // Optional: host work to do while the step runs on the GPU (called once the step and the copy of
+  // its logits are enqueued, before waiting for them): GpuSession::step_many runs the policies and
+  // enqueues the compaction there, which the step's own results do not feed unless a policy needs
+  // decode-time importance (then it must be empty). If it throws, the step is still waited for.
+  std::function<void()> while_running;
 };
 
 class GpuModel {

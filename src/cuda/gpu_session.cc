@@ -127,43 +127,53 @@ void GpuSession::step_many(const std::vector<GpuSession*>& sessions, const int32
   batch.logits = logits;
   if (any_importance) batch.importance = &importance;
   else batch.want_importance.clear();
+  // The policies, one sequence per task (each touches only its own mirror and policy): on the
+  // host this is O(entries changed) per sequence, and batches of dozens of sequences add up. Then
+  // one compaction call for the whole batch.
+  double policy_ms = 0, compact_ms = 0;
+  auto evict = [&] {
+    const clock::time_point p0 = clock::now();
+    std::vector<std::vector<GpuKVPool::Job>> per(static_cast<size_t>(B));
+    std::vector<std::exception_ptr> errors(static_cast<size_t>(B));
+    parallel_for(size_t(B), 1, [&](size_t begin, size_t end, int) {
+      for (size_t i = begin; i < end; ++i) {
+        try {
+          GpuSession& s = *sessions[i];
+          const int32_t position = s.pos_;
+          s.mirror_.append_all(&position, 1);
+          ++s.pos_;
+          const bool want = s.policy_.needs_decode_importance();
+          const std::vector<std::vector<float>>* step_imp = want ? &importance[i] : nullptr;
+          s.run_policy([&] { s.policy_.after_decode_step(s.mirror_.cache(), s.pos_, step_imp); }, per[i]);
+        } catch (...) {
+          errors[i] = std::current_exception();
+        }
+      }
+    });
+    for (const std::exception_ptr& e : errors)
+      if (e) std::rethrow_exception(e);
+    const clock::time_point p1 = clock::now();
+    std::vector<GpuKVPool::Job> jobs;
+    for (auto& v : per)
+      for (auto& j : v) jobs.push_back(std::move(j));
+    pool.compact(std::move(jobs));
+    policy_ms = ms(p0, p1);
+    compact_ms = ms(p1, clock::now());
+  };
+  // Without decode-time importance the policies need nothing the step computes (positions and
+  // counts only), so they run, and the compaction is enqueued behind the step, while the GPU works.
+  if (!any_importance) batch.while_running = evict;
   const clock::time_point t1 = clock::now();
   model.decode(pool, batch);  // throws before any change when out of blocks
   const clock::time_point t2 = clock::now();
-
-  // The policies, one sequence per task (each touches only its own mirror and policy): on the
-  // host this is O(entries changed) per sequence, and batches of dozens of sequences add up.
-  std::vector<std::vector<GpuKVPool::Job>> per(static_cast<size_t>(B));
-  std::vector<std::exception_ptr> errors(static_cast<size_t>(B));
-  parallel_for(size_t(B), 1, [&](size_t begin, size_t end, int) {
-    for (size_t i = begin; i < end; ++i) {
-      try {
-        GpuSession& s = *sessions[i];
-        const int32_t position = s.pos_;
-        s.mirror_.append_all(&position, 1);
-        ++s.pos_;
-        const bool want = s.policy_.needs_decode_importance();
-        const std::vector<std::vector<float>>* step_imp = want ? &importance[i] : nullptr;
-        s.run_policy([&] { s.policy_.after_decode_step(s.mirror_.cache(), s.pos_, step_imp); }, per[i]);
-      } catch (...) {
-        errors[i] = std::current_exception();
-      }
-    }
-  });
-  for (const std::exception_ptr& e : errors)
-    if (e) std::rethrow_exception(e);
-  const clock::time_point t3 = clock::now();
-  std::vector<GpuKVPool::Job> jobs;
-  for (auto& v : per)
-    for (auto& j : v) jobs.push_back(std::move(j));
-  pool.compact(std::move(jobs));
+  if (any_importance) evict();
   for (const GpuSession* s : sessions) s->check_mirror();
   GpuKVPool::StepTimes& st = pool.step_times();
   ++st.steps;
   st.embed_ms += ms(t0, t1);
-  st.model_ms += ms(t1, t2);
-  st.policy_ms += ms(t2, t3);
-  st.compact_ms += ms(t3, clock::now());
+  st.model_ms += ms(t1, t2) - (any_importance ? 0.0 : policy_ms + compact_ms);
+  st.policy_ms += policy_ms;
+  st.compact_ms += compact_ms;
 }
 
 GenerationResult generate_on_gpu(GpuModel& model, GpuKVPool& pool, const Tokenizer& tok, const PreparedPrompt& p,
