@@ -121,7 +121,7 @@ for n, v in sorted(tot.items(), key=lambda x: -x[1])[:25]:
 PY
     done
     ;;
-  smoke|gpu1|gpu2|b1|capacity|ab)
+  smoke|gpu1|gpu2|b1|bf16|capacity|ab)
     build_gpu
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$W/gpu.txt"
     B=./build-gpu/prefixkv
@@ -139,6 +139,13 @@ PY
       keep
       timeout 200 $B bench --shape llava-1.5-7b --device cuda --dtype f16 --policies full \
         --batch 160 --prompt 1024 --gen 512 --json "$W/gpu_7b_capfull_b160.json" >> "$W/gpu.txt" 2>&1 || echo "bench failed (expected: out of blocks): rc $?" | tee -a "$W/gpu.txt"
+      keep
+    elif [ "$phase" = bf16 ]; then  # bf16 weights and KV: batch 1 and batch 16 (full and 20%)
+      timeout 120 $B bench --shape llava-1.5-7b --device cuda --dtype bf16 --batch 1 --prompt 672 --gen 256 \
+        --json "$W/gpu_7b_b1_bf16.json" >> "$W/gpu.txt" 2>&1 || echo "bench failed: rc $?" | tee -a "$W/gpu.txt"
+      keep
+      timeout 170 $B bench --shape llava-1.5-7b --device cuda --dtype bf16 --policies full,prefixkv-online --budgets 0.2 \
+        --batch 16 --prompt 1024 --gen 512 --json "$W/gpu_7b_b16_bf16.json" >> "$W/gpu.txt" 2>&1 || echo "bench failed: rc $?" | tee -a "$W/gpu.txt"
       keep
     elif [ "$phase" = b1 ]; then  # one short batch-1 run (a check after a kernel change)
       timeout 170 $B bench --shape llava-1.5-7b --device cuda --dtype f16 --batch 1 --prompt 672 --gen 128 \
