@@ -178,7 +178,8 @@ struct GpuModel::Impl {
             qkv16.need(R * W * es, stream),       att16.need(R * qd * es, stream),
             gate.need_as<float>(R * I, stream),   up.need_as<float>(R * I, stream)};
   }
-  void decoder_qkv(const DecLayer& Ly, int R, const int32_t* pos_dev, const float* xr, void* h16r, float* qkvr);
+  void decoder_qkv(const DecLayer& Ly, int R, const int32_t* pos_dev, const float* xr, void* h16r, float* qkvr,
+                   bool rope_here = true);
   void decoder_mlp(const DecLayer& Ly, int R, float* xr, void* h16r, void* att, float* g, float* u);
   void head_logits(const float* rows_x, int R, float* out_host);
   float* head_buffers(int R);  // sizes the head's scratch for R rows; returns the logits buffer
@@ -412,10 +413,11 @@ void GpuModel::Impl::checkpoint(const char* what, int layer, const float* resid,
 
 // Attention input: rms_norm, fused q/k/v product (float32), RoPE on q and k (float32).
 void GpuModel::Impl::decoder_qkv(const DecLayer& Ly, int R, const int32_t* pos_dev, const float* xr, void* h16r,
-                                 float* qkvr) {
+                                 float* qkvr, bool rope_here) {
   rms_norm_to(DType::F32, xr, dt, h16r, Ly.attn_norm, R, D, eps, s());
   linear(Ly.qkv, h16r, R, qkvr, false);
-  rope(DType::F32, qkvr, R, H + Hkv, hd, W, pos_dev, inv_freq, s());  // q and k heads are adjacent in a row
+  // q and k heads are adjacent in a row: one launch (decode steps rotate in paged_kv_rope_write)
+  if (rope_here) rope(DType::F32, qkvr, R, H + Hkv, hd, W, pos_dev, inv_freq, s());
 }
 
 // Attention output projection into the residual, then the SwiGLU MLP into the residual.
@@ -814,11 +816,14 @@ void GpuModel::decode(GpuKVPool& kv, const GpuDecodeBatch& b) {
     if (imp) memset_device(imp, 0, size_t(g.L) * B * istride * sizeof(float), s);
     for (int l = 0; l < g.L; ++l) {
       const DecLayer& Ly = g.layers[size_t(l)];
-      g.decoder_qkv(Ly, B, pos_dev, r.x, r.h16, r.qkv);
+      g.decoder_qkv(Ly, B, pos_dev, r.x, r.h16, r.qkv, false);
       const PagedKV pkv = kvp->paged(meta + o_tab + size_t(l) * B * stride, stride);
       const PagedRows rows{meta + o_rt, meta + o_re + size_t(l) * B, B};
-      paged_kv_write(pkv, rows, DType::F32, r.qkv + g.qd, r.qkv + g.qd + g.kvd, g.W, pos_dev, s);
-      g.to16(r.qkv, r.qkv16, size_t(B) * g.W);
+      // RoPE, the new K/V rows into the pool and q in 16 bits for the attention, in one kernel.
+      RopeWriteArgs rw;
+      rw.qkv = r.qkv, rw.qkv_stride = g.W, rw.n_heads = g.H, rw.n_kv_heads = g.Hkv, rw.head_dim = g.hd;
+      rw.pos = pos_dev, rw.inv_freq = g.inv_freq, rw.q_out = r.qkv16, rw.q_out_stride = g.W;
+      paged_kv_rope_write(pkv, rows, rw, s);
       DecodeAttentionArgs a;
       a.q = r.qkv16;
       a.batch = B;

@@ -221,6 +221,22 @@ struct PagedRows {
 // (one table, entries 0..N-1) and of a decode step (one row per sequence) are both this call.
 void paged_kv_write(const PagedKV& kv, const PagedRows& rows, DType src_dtype, const void* k, const void* v,
                     int64_t src_stride, const int32_t* pos, void* stream);
+// A decode step's attention input in one pass (instead of rope, paged_kv_write and convert): the
+// float32 rows qkv [n_rows, *] (row stride qkv_stride) hold the q heads, then the k heads, then v
+// (the fused projection's layout, kv_dim = n_kv_heads * head_dim). RoPE (rotate-half, angle
+// float(pos) * inv_freq as rope()) on the q and k heads; the rotated q, rounded to the pool's type,
+// goes to q_out [n_rows, q_out_stride]; the rotated K, V and the positions are written into the pool
+// at the rows' entries. Each value is rounded once, as rope() in float32 then the write would.
+struct RopeWriteArgs {
+  const float* qkv = nullptr;
+  int64_t qkv_stride = 0;
+  int n_heads = 0, n_kv_heads = 0, head_dim = 0;
+  const int32_t* pos = nullptr;       // [n_rows]
+  const float* inv_freq = nullptr;    // [head_dim / 2]
+  void* q_out = nullptr;              // the pool's dtype
+  int64_t q_out_stride = 0;
+};
+void paged_kv_rope_write(const PagedKV& kv, const PagedRows& rows, const RopeWriteArgs& a, void* stream);
 // The reverse: k, v [n_rows, kv_dim] in the pool's dtype, pos [n_rows] (any may be null).
 void paged_kv_read(const PagedKV& kv, const PagedRows& rows, void* k, void* v, int32_t* pos, void* stream);
 

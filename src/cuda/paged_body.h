@@ -55,6 +55,43 @@ __device__ void paged_write(Ctx& c, const PagedParams& p) {
   if (c.by == 0 && c.tid == 0) p.positions[int64_t(blk) * p.block_size + slot] = p.src_pos[r];
 }
 
+// RoPE + write (paged_kv_rope_write). Block (r, y): thread t = y * kPagedThreads + tid rotates pair
+// t of row r's q and k heads (head t / half, dims i and i + half) or, past them, copies v elements
+// 2u and 2u + 1; thread 0 stores the position. kv_dim is even (checked by paged_params' callers).
+template <class T, class Ctx>
+__device__ void paged_rope_write(Ctx& c, const PagedParams& p) {
+  const int r = c.bx;
+  const int half = p.head_dim / 2;
+  const int rot = (p.n_heads + p.n_kv_heads) * half;
+  const int t = c.by * kPagedThreads + c.tid;
+  if (t >= rot + p.kv_dim / 2) return;
+  const int blk = paged_block_of(p, p.row_table[r], p.row_entry[r]);
+  if (blk < 0) return;
+  const int slot = p.row_entry[r] % p.block_size;
+  T* k = static_cast<T*>(p.pool) + (int64_t(blk) * 2 * p.block_size + slot) * p.kv_dim;
+  T* v = k + int64_t(p.block_size) * p.kv_dim;
+  const float* x = static_cast<const float*>(p.src_k) + int64_t(r) * p.src_stride;
+  if (t < rot) {
+    const int h = t / half, i = t % half;
+    const float ang = float(p.src_pos[r]) * p.inv_freq[i];  // float32 product, as rope()
+    float sn, cs;
+    sincosf(ang, &sn, &cs);
+    const float* xh = x + int64_t(h) * p.head_dim;
+    const float a = xh[i], b = xh[i + half];
+    const float y0 = a * cs - b * sn, y1 = b * cs + a * sn;
+    T* dst = h < p.n_heads ? static_cast<T*>(p.q_out) + int64_t(r) * p.q_out_stride + int64_t(h) * p.head_dim
+                           : k + int64_t(h - p.n_heads) * p.head_dim;
+    dst[i] = from_f<T>(y0);
+    dst[i + half] = from_f<T>(y1);
+  } else {
+    const int j = 2 * (t - rot);
+    const float* xv = x + int64_t(p.n_heads + p.n_kv_heads) * p.head_dim;
+    v[j] = from_f<T>(xv[j]);
+    v[j + 1] = from_f<T>(xv[j + 1]);
+  }
+  if (t == 0) p.positions[int64_t(blk) * p.block_size + slot] = p.src_pos[r];
+}
+
 // Block r reads row r into dense rows (in the pool's type).
 template <class T, class Ctx>
 __device__ void paged_read(Ctx& c, const PagedParams& p) {

@@ -16,6 +16,12 @@ __global__ void __launch_bounds__(kPagedThreads) paged_write_kernel(PagedParams 
 }
 
 template <class T>
+__global__ void __launch_bounds__(kPagedThreads) paged_rope_write_kernel(PagedParams p) {
+  PKV_KERNEL_CTX(c);
+  paged_rope_write<T>(c, p);
+}
+
+template <class T>
 __global__ void __launch_bounds__(kPagedThreads) paged_read_kernel(PagedParams p) {
   PKV_KERNEL_CTX(c);
   paged_read<T>(c, p);
@@ -52,6 +58,15 @@ void paged_kv_write(const PagedKV& kv, const PagedRows& rows, DType src_dtype, c
   const auto s = static_cast<cudaStream_t>(stream);
   if (plan.dtype == DType::F16) detail::run_write<__half>(plan, s);
   else detail::run_write<__nv_bfloat16>(plan, s);
+}
+
+void paged_kv_rope_write(const PagedKV& kv, const PagedRows& rows, const RopeWriteArgs& a, void* stream) {
+  const detail::PagedPlan plan = detail::plan_paged_rope_write(kv, rows, a);
+  if (plan.launch.empty()) return;
+  const auto s = static_cast<cudaStream_t>(stream);
+  const char* name = "paged_kv_rope_write";
+  if (plan.dtype == DType::F16) detail::launch(detail::paged_rope_write_kernel<__half>, plan.launch, plan.params, s, name);
+  else detail::launch(detail::paged_rope_write_kernel<__nv_bfloat16>, plan.launch, plan.params, s, name);
 }
 
 void paged_kv_read(const PagedKV& kv, const PagedRows& rows, void* k, void* v, int32_t* pos, void* stream) {

@@ -233,6 +233,32 @@ PagedPlan plan_paged_write(const PagedKV& kv, const PagedRows& rows, DType src_d
   return plan;
 }
 
+PagedPlan plan_paged_rope_write(const PagedKV& kv, const PagedRows& rows, const RopeWriteArgs& a) {
+  const char* op = "paged_kv_rope_write";
+  check_paged(op, kv);
+  check_rows(op, rows);
+  PagedPlan plan;
+  plan.dtype = kv.dtype;
+  plan.src_dtype = DType::F32;
+  if (rows.n_rows == 0) return plan;
+  if (!a.qkv || !a.pos || !a.inv_freq || !a.q_out) bad(op, "qkv, pos, inv_freq and q_out must be set");
+  if (a.n_heads < 1 || a.n_kv_heads < 1 || a.head_dim < 2 || a.head_dim % 2 != 0)
+    bad(op, "needs n_heads, n_kv_heads >= 1 and an even head_dim");
+  if (int64_t(a.n_kv_heads) * a.head_dim != kv.kv_dim) bad(op, "n_kv_heads * head_dim must equal the pool's kv_dim");
+  if (a.qkv_stride < int64_t(a.n_heads + 2 * a.n_kv_heads) * a.head_dim) bad(op, "qkv_stride is smaller than q + k + v");
+  if (a.q_out_stride < int64_t(a.n_heads) * a.head_dim) bad(op, "q_out_stride is smaller than n_heads * head_dim");
+  plan.params = paged_params(kv);
+  plan.params.row_table = rows.row_table, plan.params.row_entry = rows.row_entry, plan.params.n_rows = rows.n_rows;
+  plan.params.src_k = a.qkv, plan.params.src_stride = a.qkv_stride, plan.params.src_pos = a.pos;
+  plan.params.n_heads = a.n_heads, plan.params.n_kv_heads = a.n_kv_heads, plan.params.head_dim = a.head_dim;
+  plan.params.inv_freq = a.inv_freq, plan.params.q_out = a.q_out, plan.params.q_out_stride = a.q_out_stride;
+  // block (r, y): threads y * 128 .. of row r; a thread rotates one (i, i + head_dim/2) pair of a q or
+  // k head, or copies two elements of v
+  const int64_t work = int64_t(a.n_heads + a.n_kv_heads) * (a.head_dim / 2) + kv.kv_dim / 2;
+  plan.launch = {{unsigned(rows.n_rows), unsigned(ceil_div(work, int64_t(kPagedThreads))), 1}, kPagedThreads, 0};
+  return plan;
+}
+
 PagedPlan plan_paged_read(const PagedKV& kv, const PagedRows& rows, void* k, void* v, int32_t* pos) {
   const char* op = "paged_kv_read";
   check_paged(op, kv);

@@ -188,6 +188,11 @@ struct PagedParams {
   const int32_t* keep_offsets = nullptr;
   const int32_t* lengths = nullptr;
   int n_jobs = 0;
+  // rope + write (RopeWriteArgs; src_k = qkv, src_stride = its row stride, src_pos = pos)
+  int n_heads = 0, n_kv_heads = 0, head_dim = 0;
+  const float* inv_freq = nullptr;
+  void* q_out = nullptr;
+  int64_t q_out_stride = 0;
   const int32_t* dest = nullptr;          // compaction by moves (PagedJobs::dest)
   const int32_t* slots = nullptr;         // merge: slot maps (PagedJobs::slots)
   const int32_t* slot_offsets = nullptr;
@@ -202,6 +207,7 @@ struct PagedPlan {
 PagedPlan plan_paged_write(const PagedKV& kv, const PagedRows& rows, DType src_dtype, const void* k, const void* v,
                            int64_t src_stride, const int32_t* pos);
 PagedPlan plan_paged_read(const PagedKV& kv, const PagedRows& rows, void* k, void* v, int32_t* pos);
+PagedPlan plan_paged_rope_write(const PagedKV& kv, const PagedRows& rows, const RopeWriteArgs& a);
 PagedPlan plan_paged_compact(const PagedKV& kv, const PagedJobs& jobs);
 PagedPlan plan_paged_merge(const PagedKV& kv, const PagedJobs& jobs);
 

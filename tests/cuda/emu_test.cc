@@ -62,6 +62,11 @@ class EmuBackend : public Backend {
     if (plan.dtype == DType::F16) emu::run(plan.launch, [&](emu::Ctx& c) { detail::paged_read<__half>(c, plan.params); });
     else emu::run(plan.launch, [&](emu::Ctx& c) { detail::paged_read<__nv_bfloat16>(c, plan.params); });
   }
+  void paged_rope_write(const PagedKV& kv, const PagedRows& rows, const RopeWriteArgs& a) override {
+    const detail::PagedPlan plan = detail::plan_paged_rope_write(kv, rows, a);
+    if (plan.dtype == DType::F16) emu::run(plan.launch, [&](emu::Ctx& c) { detail::paged_rope_write<__half>(c, plan.params); });
+    else emu::run(plan.launch, [&](emu::Ctx& c) { detail::paged_rope_write<__nv_bfloat16>(c, plan.params); });
+  }
   void paged_compact(const PagedKV& kv, const PagedJobs& jobs) override {
     const detail::PagedPlan plan = detail::plan_paged_compact(kv, jobs);
     emu::run(plan.launch, [&](emu::Ctx& c) { detail::paged_compact(c, plan.params); });
@@ -183,6 +188,15 @@ TEST(CudaEmu, Compaction) {
   uint32_t seed = 300;
   for (DType t : k16)
     for (int bs : {16, 5}) check_compact(be, t, bs, t == DType::F16 ? 64 : 258, seed++);
+}
+
+TEST(CudaEmu, RopeWrite) {
+  EmuBackend be;
+  uint32_t seed = 350;
+  for (DType t : k16) {
+    check_rope_write(be, t, 16, 4, 2, 32, seed++);
+    check_rope_write(be, t, 5, 2, 2, 16, seed++);
+  }
 }
 
 TEST(CudaEmu, ElasticMerge) {

@@ -455,6 +455,13 @@ void paged_kv_read(const PagedKV& kv, const PagedRows& rows, void* k, void* v, i
   else emu::run(plan.launch, [&](emu::Ctx& c) { detail::paged_read<__nv_bfloat16>(c, plan.params); });
 }
 
+void paged_kv_rope_write(const PagedKV& kv, const PagedRows& rows, const RopeWriteArgs& a, void*) {
+  const detail::PagedPlan plan = detail::plan_paged_rope_write(kv, rows, a);
+  if (plan.launch.empty()) return;
+  if (plan.dtype == DType::F16) emu::run(plan.launch, [&](emu::Ctx& c) { detail::paged_rope_write<__half>(c, plan.params); });
+  else emu::run(plan.launch, [&](emu::Ctx& c) { detail::paged_rope_write<__nv_bfloat16>(c, plan.params); });
+}
+
 void paged_kv_compact(const PagedKV& kv, const PagedJobs& jobs, void*) {
   const detail::PagedPlan plan = detail::plan_paged_compact(kv, jobs);
   if (plan.launch.empty()) return;

@@ -531,6 +531,60 @@ void check_compact(Backend& be, DType dt, int block_size, int kv_dim, uint32_t s
   EXPECT_EQ(be.get(f.kv.error_flag, 1)[0], 0);
 }
 
+void check_rope_write(Backend& be, DType dt, int block_size, int H, int Hkv, int hd, uint32_t seed) {
+  SCOPED_TRACE(std::string(dname(dt)) + " block=" + std::to_string(block_size) + " heads=" + std::to_string(H) + "/" +
+               std::to_string(Hkv) + " head_dim=" + std::to_string(hd) + " seed=" + std::to_string(seed));
+  std::mt19937 rng(seed);
+  const int kv_dim = Hkv * hd;
+  // Tables of different lengths; each gets one new row at its end (a decode step), written over
+  // the entry the fixture put there (so a wrong slot shows up as the fixture's values).
+  const std::vector<int> lengths = {3 * block_size + 2, 1, block_size, 2 * block_size};
+  PagedFixture f(be, dt, block_size, kv_dim, lengths, rng, false);
+  const int R = int(lengths.size());
+  const int64_t stride = int64_t(H + 2 * Hkv) * hd + 6, q_stride = int64_t(H) * hd + 2;
+  const std::vector<float> qkv = randn(rng, size_t(R) * size_t(stride));
+  std::vector<int32_t> pos(static_cast<size_t>(R)), rt(static_cast<size_t>(R)), re(static_cast<size_t>(R));
+  for (int r = 0; r < R; ++r) {
+    pos[size_t(r)] = int32_t(5000 + rng() % 3000);
+    rt[size_t(r)] = r;
+    re[size_t(r)] = lengths[size_t(r)] - 1;
+  }
+  const ops::Rope rope = ops::Rope::make(hd, 10000.f, "default", 1.f, 1.f, 4.f, 8192);
+  const size_t es = dtype_size(dt);
+  void* q_out = be.alloc(size_t(R) * size_t(q_stride) * es);
+  be.fill(q_out, 0, size_t(R) * size_t(q_stride) * es);
+  RopeWriteArgs a;
+  a.qkv = be.put(qkv), a.qkv_stride = stride, a.n_heads = H, a.n_kv_heads = Hkv, a.head_dim = hd;
+  a.pos = be.put(pos), a.inv_freq = be.put(rope.inv_freq), a.q_out = q_out, a.q_out_stride = q_stride;
+  be.paged_rope_write(f.kv, PagedRows{be.put(rt), be.put(re), R}, a);
+
+  const std::vector<float> got_q = get_as(be, dt, q_out, size_t(R) * size_t(q_stride));
+  for (int r = 0; r < R; ++r) {
+    // CPU twin: ops::Rope on the float32 q and k heads, then every value rounded once.
+    std::vector<float> q(qkv.begin() + long(r * stride), qkv.begin() + long(r * stride + H * hd));
+    std::vector<float> k(qkv.begin() + long(r * stride + H * hd), qkv.begin() + long(r * stride + (H + Hkv) * hd));
+    std::vector<float> v(qkv.begin() + long(r * stride + (H + Hkv) * hd), qkv.begin() + long(r * stride + (H + 2 * Hkv) * hd));
+    rope.apply(q.data(), 1, H, &pos[size_t(r)]);
+    rope.apply(k.data(), 1, Hkv, &pos[size_t(r)]);
+    round_to(dt, q), round_to(dt, k), round_to(dt, v);
+    const std::vector<float> gq(got_q.begin() + long(r * q_stride), got_q.begin() + long(r * q_stride + H * hd));
+    expect_close(gq, q, tolerance(dt), "q of row " + std::to_string(r));
+    EXPECT_EQ(got_q[size_t(r * q_stride + H * hd)], 0.f) << "q_out written past n_heads * head_dim";
+    const int n = lengths[size_t(r)];
+    std::vector<float> gk, gv;
+    std::vector<int32_t> gp;
+    f.read(be, r, n, gk, gv, gp);
+    expect_close(std::vector<float>(gk.begin() + long(size_t(n - 1) * kv_dim), gk.end()), k, tolerance(dt),
+                 "K of row " + std::to_string(r));
+    EXPECT_EQ(std::vector<float>(gv.begin() + long(size_t(n - 1) * kv_dim), gv.end()), v) << "V of row " << r;
+    EXPECT_EQ(gp[size_t(n - 1)], pos[size_t(r)]) << "position of row " << r;
+    // The entries before it are the fixture's.
+    EXPECT_EQ(std::vector<float>(gk.begin(), gk.begin() + long(size_t(n - 1) * kv_dim)),
+              std::vector<float>(f.K[size_t(r)].begin(), f.K[size_t(r)].begin() + long(size_t(n - 1) * kv_dim)));
+  }
+  EXPECT_EQ(be.get(f.kv.error_flag, 1)[0], 0);
+}
+
 void check_merge(Backend& be, DType dt, int block_size, int kv_dim, int n_layers, int N, double budget, uint32_t seed) {
   SCOPED_TRACE(std::string(dname(dt)) + " block=" + std::to_string(block_size) + " kv_dim=" + std::to_string(kv_dim) +
                " N=" + std::to_string(N) + " budget=" + std::to_string(budget) + " seed=" + std::to_string(seed));

@@ -28,6 +28,7 @@ class Backend {
   virtual void paged_write(const PagedKV& kv, const PagedRows& rows, DType src_dtype, const void* k, const void* v,
                            int64_t src_stride, const int32_t* pos) = 0;
   virtual void paged_read(const PagedKV& kv, const PagedRows& rows, void* k, void* v, int32_t* pos) = 0;
+  virtual void paged_rope_write(const PagedKV& kv, const PagedRows& rows, const RopeWriteArgs& a) = 0;
   virtual void paged_compact(const PagedKV& kv, const PagedJobs& jobs) = 0;
   virtual void paged_merge(const PagedKV& kv, const PagedJobs& jobs) = 0;
   virtual void gemv(const GemvArgs& a) = 0;
@@ -97,6 +98,9 @@ std::vector<DecodeCase> decode_cases(bool full);
 
 // Compaction of several tables in one call vs KVLayer::retain; then the block pool shrinks.
 void check_compact(Backend& be, DType dtype, int block_size, int kv_dim, uint32_t seed);
+// RoPE + KV write + q conversion in one pass vs ops::Rope and rounding (and the rows around it
+// untouched), a decode step's rows appended to tables of different lengths.
+void check_rope_write(Backend& be, DType dtype, int block_size, int n_heads, int n_kv_heads, int head_dim, uint32_t seed);
 // Elastic merge + compaction vs the elastic policy's after_prefill on a KVCache.
 void check_merge(Backend& be, DType dtype, int block_size, int kv_dim, int n_layers, int N, double budget,
                  uint32_t seed);

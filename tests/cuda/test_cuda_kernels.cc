@@ -49,6 +49,9 @@ class GpuBackend : public Backend {
   void paged_read(const PagedKV& kv, const PagedRows& rows, void* k, void* v, int32_t* pos) override {
     sync([&] { paged_kv_read(kv, rows, k, v, pos, nullptr); });
   }
+  void paged_rope_write(const PagedKV& kv, const PagedRows& rows, const RopeWriteArgs& a) override {
+    sync([&] { paged_kv_rope_write(kv, rows, a, nullptr); });
+  }
   void paged_compact(const PagedKV& kv, const PagedJobs& jobs) override { sync([&] { paged_kv_compact(kv, jobs, nullptr); }); }
   void paged_merge(const PagedKV& kv, const PagedJobs& jobs) override { sync([&] { paged_kv_merge(kv, jobs, nullptr); }); }
   void gemv(const GemvArgs& a) override { sync([&] { cuda::gemv(a, nullptr); }); }
@@ -329,6 +332,16 @@ TEST(CudaPagedKV, Compaction) {
   for (DType t : k16)
     for (int bs : {16, 32, 5})
       for (int kv_dim : {64, 1024, 130}) check_compact(be, t, bs, kv_dim, seed++);
+}
+
+TEST(CudaPagedKV, RopeWrite) {
+  GpuBackend be;
+  uint32_t seed = 350;
+  for (DType t : k16) {
+    check_rope_write(be, t, 16, 32, 32, 128, seed++);  // LLaVA-1.5-7B's attention
+    check_rope_write(be, t, 16, 8, 4, 32, seed++);     // the bundled model's (GQA)
+    check_rope_write(be, t, 5, 4, 1, 80, seed++);
+  }
 }
 
 TEST(CudaPagedKV, ElasticMerge) {
