@@ -137,6 +137,13 @@ void plan_slot_moves(std::vector<int32_t>& map, int n, std::span<const int32_t> 
                      std::vector<int32_t>& src, std::vector<int32_t>& dst) {
   const int k = int(keep.size());
   PKV_ASSERT(k <= n && map.size() <= size_t(n) && first >= 0 && first <= k);
+  std::vector<int32_t> holes, movers;
+  // Kept entries of the identity prefix stay where the map has them, which may be a slot >= k
+  // (moved there by no one, but a table can shrink below them): one tight scan of the part the map
+  // stores (beyond it entry m sits at slot m < first <= k).
+  const int explicit_prefix = std::min(first, int(map.size()));
+  for (int m = 0; m < explicit_prefix; ++m)
+    if (map[size_t(m)] >= k) movers.push_back(m);
   if (map.size() < size_t(k)) {  // the identity part that the new map will cover explicitly
     const int32_t from = int32_t(map.size());
     map.resize(size_t(k));
@@ -145,12 +152,6 @@ void plan_slot_moves(std::vector<int32_t>& map, int n, std::span<const int32_t> 
   // In place, m increasing: the new entry m reads the old map at keep[m] >= m and at removed entries
   // e > keep[m - 1] >= m - 1, none of which has been written yet.
   const std::span<const int32_t> old(map);
-  std::vector<int32_t> holes, movers;
-  // Kept entries of the identity prefix stay where the map has them, which may be a slot >= k
-  // (moved there by no one, but a table can shrink below them): one tight scan of the explicit part.
-  const int explicit_prefix = std::min(first, int(map.size()));
-  for (int m = 0; m < explicit_prefix; ++m)
-    if (map[size_t(m)] >= k) movers.push_back(m);
   int32_t prev = first - 1;
   for (int m = first; m < k; ++m) {
     const int32_t e = keep[size_t(m)];

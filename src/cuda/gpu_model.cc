@@ -988,10 +988,7 @@ void GpuKVPool::compact(std::vector<Job> jobs) {
   // No synchronisation with the stream: compaction may be enqueued behind a decode step that is
   // still running (GpuDecodeBatch::while_running). The previous call's work (its metadata copy out
   // of staging_pinned_, its kernels) ends with its timer's stop event: wait for that only.
-  if (compact_timed_) {
-    compact_gpu_ms_ += compact_timer_.elapsed_ms();
-    compact_timed_ = false;
-  }
+  compaction_gpu_ms();  // waits for the previous call's stop event (and adds its time)
   // Merge jobs first: paged_kv_merge then runs on the prefix of the same job arrays.
   std::stable_partition(jobs.begin(), jobs.end(), [](const Job& j) { return j.merge; });
   const int J = int(jobs.size());
@@ -1005,7 +1002,8 @@ void GpuKVPool::compact(std::vector<Job> jobs) {
                       " appears twice");
   }
   // Validation, one task per group of jobs (a decode step of a large batch has thousands of them).
-  std::vector<int> lengths(static_cast<size_t>(J)), firsts(static_cast<size_t>(J));
+  std::vector<int32_t> lengths(static_cast<size_t>(J));
+  std::vector<int> firsts(static_cast<size_t>(J));
   std::vector<std::string> errors(static_cast<size_t>(J));
   constexpr size_t kGrain = 64;
   parallel_for(size_t(J), kGrain, [&](size_t i0, size_t i1, int) {
@@ -1087,7 +1085,6 @@ void GpuKVPool::compact(std::vector<Job> jobs) {
     dst.insert(dst.end(), job_dst[size_t(i)].begin(), job_dst[size_t(i)].end());
     move_offsets.push_back(int32_t(src.size()));
   }
-  std::vector<int32_t> lengths32(lengths.begin(), lengths.end());
   auto append = [&](const std::vector<int32_t>& v) {
     while (host.size() % 4) host.push_back(0);
     const size_t at = host.size();
@@ -1095,7 +1092,7 @@ void GpuKVPool::compact(std::vector<Job> jobs) {
     if (v.empty()) host.push_back(0);
     return at;
   };
-  const size_t o_job = append(job_table), o_len = append(lengths32), o_mkeep = append(merge_keep),
+  const size_t o_job = append(job_table), o_len = append(lengths), o_mkeep = append(merge_keep),
                o_moff = append(merge_offsets), o_slots = append(slots), o_soff = append(slot_offsets),
                o_mjob = append(move_jobs), o_src = append(src), o_dst = append(dst), o_voff = append(move_offsets);
   const size_t bytes = host.size() * sizeof(int32_t);
@@ -1119,7 +1116,6 @@ void GpuKVPool::compact(std::vector<Job> jobs) {
   }
   compact_timer_.stop(stream_);
   compact_timed_ = true;
-  ++compactions_;
   for (const Job& j : jobs) blocks_.resize(j.seq, j.layer, int(j.keep.size()));
 }
 

@@ -90,10 +90,8 @@ class GpuKVPool {
     bool merge = false;
   };
   void compact(std::vector<Job> jobs);
-  // GPU time of all compactions so far (CUDA events; reading the last one synchronises), and how
-  // many calls enqueued work.
+  // GPU time of all compactions so far (CUDA events; reading the last one waits for it).
   double compaction_gpu_ms();
-  int compactions() const { return compactions_; }
 
   // Synchronises and throws Error when a paged kernel flagged an inconsistent block table since
   // the pool was made (a bug in the bookkeeping, never bad input). `after` names the call.
@@ -112,7 +110,6 @@ class GpuKVPool {
   bool compact_timed_ = false;
   PinnedBuffer staging_pinned_;  // the metadata on its way to the device (asynchronous copy)
   double compact_gpu_ms_ = 0;
-  int compactions_ = 0;
   DType dtype_;
   int kv_dim_;
   void* stream_;

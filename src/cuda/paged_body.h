@@ -23,16 +23,26 @@ __device__ __forceinline__ int paged_block_of(const PagedParams& p, int t, int e
   return blk;
 }
 
+// Row r of a write/read call: its K row in the pool (V is block_size * kv_dim further), and the
+// index of its position in `positions`; null (error flag set) when its table or entry is bad.
+template <class T>
+__device__ __forceinline__ T* paged_row(const PagedParams& p, int r, int64_t* pos_index) {
+  const int blk = paged_block_of(p, p.row_table[r], p.row_entry[r]);
+  if (blk < 0) return nullptr;
+  const int slot = p.row_entry[r] % p.block_size;
+  *pos_index = int64_t(blk) * p.block_size + slot;
+  return static_cast<T*>(p.pool) + (int64_t(blk) * 2 * p.block_size + slot) * p.kv_dim;
+}
+
 // Block (r, y) writes elements [y * kPagedThreads * 8, (y + 1) * kPagedThreads * 8) of row r (K and V
 // converted from S to T; 8 consecutive elements per thread, all loaded before any is stored, so a
 // row costs about one memory round trip), and block (r, 0) its position.
 template <class T, class S, class Ctx>
 __device__ void paged_write(Ctx& c, const PagedParams& p) {
   const int r = c.bx;
-  const int blk = paged_block_of(p, p.row_table[r], p.row_entry[r]);
-  if (blk < 0) return;
-  const int slot = p.row_entry[r] % p.block_size;
-  T* k = static_cast<T*>(p.pool) + (int64_t(blk) * 2 * p.block_size + slot) * p.kv_dim;
+  int64_t pos_index = 0;
+  T* k = paged_row<T>(p, r, &pos_index);
+  if (!k) return;
   T* v = k + int64_t(p.block_size) * p.kv_dim;
   const S* sk = static_cast<const S*>(p.src_k) + int64_t(r) * p.src_stride;
   const S* sv = static_cast<const S*>(p.src_v) + int64_t(r) * p.src_stride;
@@ -52,12 +62,12 @@ __device__ void paged_write(Ctx& c, const PagedParams& p) {
       v[i] = from_f<T>(vf[e]);
     }
   }
-  if (c.by == 0 && c.tid == 0) p.positions[int64_t(blk) * p.block_size + slot] = p.src_pos[r];
+  if (c.by == 0 && c.tid == 0) p.positions[pos_index] = p.src_pos[r];
 }
 
 // RoPE + write (paged_kv_rope_write). Block (r, y): thread t = y * kPagedThreads + tid rotates pair
 // t of row r's q and k heads (head t / half, dims i and i + half) or, past them, copies v elements
-// 2u and 2u + 1; thread 0 stores the position. kv_dim is even (checked by paged_params' callers).
+// 2u and 2u + 1; thread 0 stores the position. kv_dim is even (plan_paged_rope_write checks it).
 template <class T, class Ctx>
 __device__ void paged_rope_write(Ctx& c, const PagedParams& p) {
   const int r = c.bx;
@@ -65,10 +75,9 @@ __device__ void paged_rope_write(Ctx& c, const PagedParams& p) {
   const int rot = (p.n_heads + p.n_kv_heads) * half;
   const int t = c.by * kPagedThreads + c.tid;
   if (t >= rot + p.kv_dim / 2) return;
-  const int blk = paged_block_of(p, p.row_table[r], p.row_entry[r]);
-  if (blk < 0) return;
-  const int slot = p.row_entry[r] % p.block_size;
-  T* k = static_cast<T*>(p.pool) + (int64_t(blk) * 2 * p.block_size + slot) * p.kv_dim;
+  int64_t pos_index = 0;
+  T* k = paged_row<T>(p, r, &pos_index);
+  if (!k) return;
   T* v = k + int64_t(p.block_size) * p.kv_dim;
   const float* x = static_cast<const float*>(p.src_k) + int64_t(r) * p.src_stride;
   if (t < rot) {
@@ -89,23 +98,22 @@ __device__ void paged_rope_write(Ctx& c, const PagedParams& p) {
     v[j] = from_f<T>(xv[j]);
     v[j + 1] = from_f<T>(xv[j + 1]);
   }
-  if (t == 0) p.positions[int64_t(blk) * p.block_size + slot] = p.src_pos[r];
+  if (t == 0) p.positions[pos_index] = p.src_pos[r];
 }
 
 // Block r reads row r into dense rows (in the pool's type).
 template <class T, class Ctx>
 __device__ void paged_read(Ctx& c, const PagedParams& p) {
   const int r = c.bx;
-  const int blk = paged_block_of(p, p.row_table[r], p.row_entry[r]);
-  if (blk < 0) return;
-  const int slot = p.row_entry[r] % p.block_size;
-  const T* k = static_cast<const T*>(p.pool) + (int64_t(blk) * 2 * p.block_size + slot) * p.kv_dim;
+  int64_t pos_index = 0;
+  const T* k = paged_row<T>(p, r, &pos_index);
+  if (!k) return;
   const T* v = k + int64_t(p.block_size) * p.kv_dim;
   for (int i = c.tid; i < p.kv_dim; i += kPagedThreads) {
     if (p.dst_k) static_cast<T*>(p.dst_k)[int64_t(r) * p.kv_dim + i] = k[i];
     if (p.dst_v) static_cast<T*>(p.dst_v)[int64_t(r) * p.kv_dim + i] = v[i];
   }
-  if (c.tid == 0 && p.dst_pos) p.dst_pos[r] = p.positions[int64_t(blk) * p.block_size + slot];
+  if (c.tid == 0 && p.dst_pos) p.dst_pos[r] = p.positions[pos_index];
 }
 
 // Word index (32-bit words = two elements) of word w of tensor (0 = K, 1 = V) of entry e of table t,
