@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Proves that `make run` works on a bare Debian 12 machine: builds a minimal bookworm root with
 # debootstrap (deb.debian.org only), puts the repository into it and runs `make run` there as root in
-# a chroot, then checks that it answered. Variants (each in a fresh copy of the same bare root):
+# a chroot, then checks that it answered. The bare root gets `make` first (a bare Debian has none; it is
+# the one prerequisite of `make run`). Variants (each in a fresh copy of the same bare root):
 #   plain       nothing but the bare system; `make run` must install only what the CLI needs (no
 #               GoogleTest, node or npm) and build only the prefixkv target
 #   nodesource  a non-Debian nodejs that ships its own npm (NodeSource's; it Provides and Conflicts
@@ -210,6 +211,13 @@ run_variant() {
       rm -rf "$r"/var/lib/apt/lists/*
     fi
   fi
+
+  # make itself is not in a bare Debian: the one thing a machine needs before `make run`
+  timed "$r" "$work/$v-make-install.log" \
+    "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends make"
+  [ $rc -eq 0 ] || { tail -20 "$work/$v-make-install.log"; fail "$v: apt-get install make"; }
+  rm -rf "$r"/var/lib/apt/lists/*
+  note "prerequisite: apt-get install make ($secs s)"
 
   # every apt-get call from now on is logged
   cat >"$r/usr/local/sbin/apt-get" <<'EOF'
