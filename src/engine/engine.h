@@ -112,6 +112,18 @@ class Engine {
   // Token ids of the text parts of a prompt with `<image>` marking where the image goes
   // (the image marker is returned as -1, one entry). Exposed for tests.
   std::vector<int32_t> tokenize_prompt(const std::string& full_text, bool has_image) const;
+  // A conversation rendered as pieces split at the end of each assistant turn: the first piece as
+  // tokenize_prompt (its <image> the image's place when has_image), each later one after an EOS,
+  // its text a continuation (no dummy prefix) and any <image> in it a marker. A single piece gives
+  // exactly tokenize_prompt.
+  std::vector<int32_t> tokenize_turns(const std::vector<std::string>& pieces, bool has_image) const;
+  // The fewest tokens a text of this many bytes can encode to (no token stands for more bytes than
+  // the tokenizer's longest piece), and a check that refuses, before any tokenizing, a text that
+  // cannot fit the model's context.
+  int64_t min_tokens(size_t text_bytes) const;
+  void check_text_fits(size_t text_bytes) const;
+  // The end-of-sequence id the model was trained to produce (the config's first, else the tokenizer's).
+  int32_t eos_id() const;
 
   // Token ids of a reference answer as it follows the prompt (teacher forcing), with EOS at the end:
   // the tokens the model was trained to produce after "ASSISTANT:".
@@ -121,6 +133,10 @@ class Engine {
   static std::string apply_template(const std::string& text, Template t, bool has_image);
 
  private:
+  // Appends the ids of text; with split_images each "<image>" becomes one -1 marker (returns their
+  // count). starts_prompt: the text opens the prompt (transformers' dummy prefix applies).
+  int append_text_ids(std::vector<int32_t>& ids, const std::string& text, bool starts_prompt, bool split_images) const;
+
   const Model& model_;
   const Tokenizer& tok_;
 };

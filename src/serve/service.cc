@@ -39,25 +39,25 @@ std::optional<std::pair<int64_t, int64_t>> image_header_size(const std::vector<u
   if (n >= 24 && std::memcmp(b.data(), "\x89PNG\r\n\x1a\n", 8) == 0 && std::memcmp(&b[12], "IHDR", 4) == 0)
     return std::make_pair(be32(16), be32(20));
   if (n >= 4 && b[0] == 0xFF && b[1] == 0xD8) {
+    // Markers found the way libjpeg finds them (jdmarker.c, next_marker): bytes before a 0xFF are
+    // skipped, 0xFF fill bytes swallowed, and 0xFF 0x00 (a stuffed zero) is no marker. Stopping at
+    // the first stray byte instead let a JPEG that libjpeg decodes pass unmeasured (found by
+    // tests/fuzz/fuzz_image.cc: the pixel limit was bypassed).
     size_t i = 2;
-    while (i + 4 <= n) {
-      if (b[i] != 0xFF) return std::nullopt;
-      const uint8_t m = b[i + 1];
-      if (m == 0xFF) {  // fill byte
-        ++i;
-        continue;
-      }
-      if (m == 0x01 || (m >= 0xD0 && m <= 0xD8)) {  // markers without a length
-        i += 2;
-        continue;
-      }
+    for (;;) {
+      while (i < n && b[i] != 0xFF) ++i;
+      while (i < n && b[i] == 0xFF) ++i;
+      if (i >= n) return std::nullopt;
+      const uint8_t m = b[i++];  // i: the marker's length field, when it has one
+      if (m == 0x00 || m == 0x01 || (m >= 0xD0 && m <= 0xD8)) continue;  // stuffed zero, markers without a length
       if (m == 0xD9 || m == 0xDA) return std::nullopt;  // end of image / scan data before any frame header
       const bool frame = m >= 0xC0 && m <= 0xCF && m != 0xC4 && m != 0xC8 && m != 0xCC;
       if (frame) {
-        if (i + 9 > n) return std::nullopt;
-        return std::make_pair(be16(i + 7), be16(i + 5));  // SOFn: length, precision, height, width
+        if (i + 7 > n) return std::nullopt;
+        return std::make_pair(be16(i + 5), be16(i + 3));  // SOFn: length, precision, height, width
       }
-      i += 2 + size_t(be16(i + 2));
+      if (i + 2 > n) return std::nullopt;
+      i += size_t(be16(i));  // the length counts its own two bytes
     }
   }
   return std::nullopt;
@@ -92,32 +92,6 @@ json ChatService::models() const {
 json ChatService::model(const std::string& id) const {
   if (id != opt_.model_id) check_model(id.empty() ? "''" : id);
   return models()["data"][0];
-}
-
-std::vector<int32_t> ChatService::tokenize_conversation(const std::vector<std::string>& pieces, bool has_image) const {
-  const ModelConfig& cfg = model_.config();
-  auto holds_image = [](const std::string& s) { return s.find("<image>") != std::string::npos; };
-  std::vector<int32_t> ids = engine_.tokenize_prompt(pieces[0], has_image && holds_image(pieces[0]));
-  const bool original = cfg.layout == Layout::LlavaOriginal;
-  const int32_t eos = cfg.text.eos_ids.empty() ? tok_.eos_id() : cfg.text.eos_ids[0];
-  for (size_t i = 1; i < pieces.size(); ++i) {
-    ids.push_back(eos);  // the "</s>" that ends an assistant turn
-    // Text after a special token: transformers' non-legacy LLaMA tokenizer adds no dummy prefix;
-    // the original repository's encodes every chunk with its prefix (as Engine::tokenize_prompt).
-    size_t start = 0;
-    for (;;) {
-      const size_t at = pieces[i].find("<image>", start);
-      const std::string chunk = pieces[i].substr(start, at == std::string::npos ? std::string::npos : at - start);
-      if (!chunk.empty()) {
-        std::vector<int> t = original ? tok_.encode(chunk) : tok_.encode_hf(chunk, false);
-        ids.insert(ids.end(), t.begin(), t.end());
-      }
-      if (at == std::string::npos) break;
-      ids.push_back(-1);
-      start = at + 7;
-    }
-  }
-  return ids;
 }
 
 Image ChatService::decode_image_input(const ImageInput& in) {
@@ -157,14 +131,25 @@ Submitted ChatService::submit(const std::string& body) {
                    "invalid_value", "messages");
 
   auto job = std::make_shared<Job>();
+  const std::vector<std::string> pieces = render_llava_v1(req.messages);
+  const int image_tokens = has_image ? cfg.image_tokens() : 0;
+  const int context = cfg.text.max_positions;
+  // Refused before tokenizing when the text alone cannot fit: tokenizing costs time in its length.
+  size_t text_bytes = 0;
+  for (const std::string& p : pieces) text_bytes += p.size();
+  if (const int64_t at_least = engine_.min_tokens(text_bytes) + image_tokens; at_least >= context)
+    throw ApiError(400,
+                   "messages: the prompt is " + std::to_string(text_bytes) + " bytes of text, at least " +
+                       std::to_string(at_least) + " tokens" +
+                       (has_image ? " (" + std::to_string(image_tokens) + " of them the image's)" : "") +
+                       ", and the model's context is " + std::to_string(context) + " tokens",
+                   "context_length_exceeded", "messages");
   try {
-    job->prompt.marked_ids = tokenize_conversation(render_llava_v1(req.messages), has_image);
+    job->prompt.marked_ids = engine_.tokenize_turns(pieces, has_image);
   } catch (const pkv::Error& e) {
     throw ApiError(400, std::string("messages: ") + e.what(), "invalid_value", "messages");
   }
-  const int image_tokens = has_image ? cfg.image_tokens() : 0;
   const int prompt_tokens = int(job->prompt.marked_ids.size()) + (has_image ? image_tokens - 1 : 0);
-  const int context = cfg.text.max_positions;
   if (prompt_tokens >= context)
     throw ApiError(400,
                    "messages: the prompt is " + std::to_string(prompt_tokens) + " tokens" +

@@ -59,9 +59,6 @@ class ChatService {
   nlohmann::json chunk_body(const Submitted& s, const nlohmann::json& delta, const std::string& finish_reason) const;
   nlohmann::json usage_chunk_body(const Submitted& s, const Completion& c) const;
 
-  // The model input for a conversation: token ids with BOS first and -1 where the image goes.
-  // A single user turn gives exactly Engine::tokenize_prompt of `prefixkv run`'s prompt.
-  std::vector<int32_t> tokenize_conversation(const std::vector<std::string>& pieces, bool has_image) const;
 
   const ServiceOptions& options() const { return opt_; }
   Scheduler& scheduler() { return scheduler_; }

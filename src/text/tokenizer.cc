@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cstdio>
 #include <filesystem>
+#include <functional>
+#include <queue>
 #include <string_view>
 #include <tuple>
 #include <unordered_map>
@@ -13,9 +15,18 @@
 
 namespace pkv {
 
+namespace {
+// Lets the piece table be searched with a string_view into the text (no string per lookup).
+struct PieceHash {
+  using is_transparent = void;
+  size_t operator()(std::string_view v) const { return std::hash<std::string_view>{}(v); }
+};
+}  // namespace
+
 struct Tokenizer::BpeVocab {
-  std::unordered_map<std::string, int> ids;  // mergeable pieces (normal and user-defined)
+  std::unordered_map<std::string, int, PieceHash, std::equal_to<>> ids;  // mergeable pieces (normal and user-defined)
   int byte_ids[256];
+  int max_piece_bytes = 1;  // the longest piece, in bytes
 };
 
 Tokenizer::Tokenizer(const std::string& model_path) : sp_(new sentencepiece::SentencePieceProcessor()), path_(model_path) {
@@ -33,10 +44,29 @@ Tokenizer::Tokenizer(const std::string& model_path) : sp_(new sentencepiece::Sen
       unsigned v = 0;
       if (std::sscanf(sp_->IdToPiece(i).c_str(), "<0x%02X>", &v) == 1 && v < 256) bpe_->byte_ids[v] = i;
     } else if (!sp_->IsControl(i) && !sp_->IsUnknown(i)) {
-      bpe_->ids.emplace(sp_->IdToPiece(i), i);
+      const std::string piece = sp_->IdToPiece(i);
+      bpe_->ids.emplace(piece, i);
+      bpe_->max_piece_bytes = std::max(bpe_->max_piece_bytes, int(piece.size()));
     }
   }
 }
+
+namespace {
+
+// The ranks of BPE merges and their order, as one key: smaller merges first. Rank of a pair, as
+// transformers derives the merges from a SentencePiece model: the merged piece's id (not its score:
+// LLaMA's whitespace pieces have score -1e9 but low ids, and merge first), then the left and right
+// ids; equal pairs merge leftmost first (the left symbol's index).
+struct MergeCandidate {
+  int merged, left_id, right_id;
+  int left;                   // index of the left symbol (its first character)
+  int left_len, right_len;    // bytes of both symbols when the candidate was made
+  bool operator>(const MergeCandidate& o) const {
+    return std::tie(merged, left_id, right_id, left) > std::tie(o.merged, o.left_id, o.right_id, o.left);
+  }
+};
+
+}  // namespace
 
 std::vector<int> Tokenizer::encode_hf(const std::string& text, bool first_section) const {
   static const std::string kSpace = "\xe2\x96\x81";  // U+2581
@@ -47,49 +77,72 @@ std::vector<int> Tokenizer::encode_hf(const std::string& text, bool first_sectio
     else s += c;
   }
   if (s.empty()) return {};
-  if (first_section && s.compare(0, kSpace.size(), kSpace) != 0) s = kSpace + s;
-  // Symbols: one per UTF-8 character.
-  std::vector<std::string> sym;
+  // The prefix goes in unless the section already starts with "▁" (a space, or the character itself).
+  if (first_section && s.compare(0, kSpace.size(), kSpace) != 0) s.insert(0, kSpace);
+  // Symbols: one per UTF-8 character at first, a doubly linked list over their indices; a merge
+  // grows the left symbol and unlinks the right one. Symbol i covers s[start[i], start[i] + len[i]).
+  std::vector<int> start, len;
   for (size_t i = 0; i < s.size();) {
     const unsigned char c = static_cast<unsigned char>(s[i]);
-    size_t len = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 1;
-    len = std::min(len, s.size() - i);
-    sym.push_back(s.substr(i, len));
-    i += len;
+    size_t n = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 1;
+    n = std::min(n, s.size() - i);
+    start.push_back(int(i));
+    len.push_back(int(n));
+    i += n;
   }
-  // Merge the best pair until none applies. Rank of a pair, as transformers derives the merges from
-  // a SentencePiece model: the merged piece's id (not its score: LLaMA's whitespace pieces have score
-  // -1e9 but low ids, and merge first), then the left and right ids; equal pairs merge leftmost first.
+  const int n = int(start.size());
+  std::vector<int> next(static_cast<size_t>(n)), id(static_cast<size_t>(n));
+  for (int i = 0; i < n; ++i) next[size_t(i)] = i + 1 < n ? i + 1 : -1;
   const auto& ids = bpe_->ids;
-  for (;;) {
-    int best = -1;
-    std::tuple<int, int, int> best_key;
-    for (size_t i = 0; i + 1 < sym.size(); ++i) {
-      auto it = ids.find(sym[i] + sym[i + 1]);
-      if (it == ids.end()) continue;
-      auto li = ids.find(sym[i]), ri = ids.find(sym[i + 1]);
-      if (li == ids.end() || ri == ids.end()) continue;
-      std::tuple<int, int, int> key{it->second, li->second, ri->second};
-      if (best < 0 || key < best_key) {
-        best = int(i);
-        best_key = key;
-      }
-    }
-    if (best < 0) break;
-    sym[size_t(best)] += sym[size_t(best) + 1];
-    sym.erase(sym.begin() + best + 1);
+  auto lookup = [&](int from, int bytes) {
+    auto it = ids.find(std::string_view(s).substr(size_t(from), size_t(bytes)));
+    return it == ids.end() ? -1 : it->second;
+  };
+  for (int i = 0; i < n; ++i) id[size_t(i)] = lookup(start[size_t(i)], len[size_t(i)]);
+  // Every adjacent pair that forms a piece is a candidate; a candidate popped after one of its
+  // symbols changed is stale and skipped (symbols only grow, so equal lengths mean unchanged). Each
+  // merge adds at most two candidates: O(n log n) over the section's n characters.
+  std::priority_queue<MergeCandidate, std::vector<MergeCandidate>, std::greater<>> queue;
+  auto offer = [&](int left) {
+    const int right = next[size_t(left)];
+    if (right < 0 || id[size_t(left)] < 0 || id[size_t(right)] < 0) return;
+    const int merged = lookup(start[size_t(left)], len[size_t(left)] + len[size_t(right)]);
+    if (merged >= 0)
+      queue.push({merged, id[size_t(left)], id[size_t(right)], left, len[size_t(left)], len[size_t(right)]});
+  };
+  std::vector<int> prev(static_cast<size_t>(n));
+  for (int i = 0; i < n; ++i) {
+    prev[size_t(i)] = i - 1;
+    offer(i);
+  }
+  while (!queue.empty()) {
+    const MergeCandidate c = queue.top();
+    queue.pop();
+    const int right = next[size_t(c.left)];
+    if (len[size_t(c.left)] != c.left_len || right < 0 || len[size_t(right)] != c.right_len) continue;
+    len[size_t(c.left)] += len[size_t(right)];
+    id[size_t(c.left)] = c.merged;
+    len[size_t(right)] = 0;  // unlinked: never a valid left or right again
+    next[size_t(c.left)] = next[size_t(right)];
+    if (next[size_t(right)] >= 0) prev[size_t(next[size_t(right)])] = c.left;
+    if (prev[size_t(c.left)] >= 0) offer(prev[size_t(c.left)]);
+    offer(c.left);
   }
   std::vector<int> out;
-  for (auto& x : sym) {
-    auto it = ids.find(x);
-    if (it != ids.end()) {
-      out.push_back(it->second);
+  for (int i = 0; i >= 0 && i < n; i = next[size_t(i)]) {
+    if (id[size_t(i)] >= 0) {
+      out.push_back(id[size_t(i)]);
       continue;
     }
-    for (unsigned char b : x) out.push_back(bpe_->byte_ids[b] >= 0 ? bpe_->byte_ids[b] : sp_->unk_id());
+    for (int b = start[size_t(i)]; b < start[size_t(i)] + len[size_t(i)]; ++b) {
+      const int byte_id = bpe_->byte_ids[static_cast<unsigned char>(s[size_t(b)])];
+      out.push_back(byte_id >= 0 ? byte_id : sp_->unk_id());
+    }
   }
   return out;
 }
+
+int Tokenizer::max_piece_bytes() const { return bpe_->max_piece_bytes; }
 
 Tokenizer::~Tokenizer() = default;
 

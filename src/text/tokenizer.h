@@ -22,9 +22,14 @@ class Tokenizer {
   std::vector<int> encode_continuation(const std::string& text) const;
   // transformers' LLaMA tokenizer (tokenizers BPE converted from this model, legacy = false):
   // spaces become "▁", one "▁" is prepended to the first section of a text unless it already starts
-  // with one, and BPE merges run over the whole section, ranked by the merged piece's score (no
+  // with one, and BPE merges run over the whole section, ranked by the merged piece's id (no
   // split at whitespace, unlike SentencePiece itself). Differs from encode() on runs of spaces.
+  // O(n log n) in the section's length (a queue of candidate merges over a list of symbols).
   std::vector<int> encode_hf(const std::string& text, bool first_section) const;
+  // The longest piece in bytes: no token stands for more bytes of text, so a text of b bytes
+  // encodes to at least b / max_piece_bytes() tokens (with byte fallback, as LLaMA's model has).
+  // Lets a caller refuse a text that cannot fit a context before encoding it.
+  int max_piece_bytes() const;
   std::string decode(const std::vector<int>& ids) const;
 
   int vocab_size() const;

@@ -368,8 +368,8 @@ TEST(ServeService, ValidatesAgainstTheModelAndQueues) {
   // assistant's turn.
   Engine engine(*b.model, b.tok);
   const std::string p = Engine::apply_template("Describe the image in detail.", Template::LlavaV1, true);
-  EXPECT_EQ(svc.tokenize_conversation({p}, true), engine.tokenize_prompt(p, true));
-  std::vector<int32_t> ids = svc.tokenize_conversation({"USER: a ASSISTANT: b", "USER: <image>\nc ASSISTANT:"}, true);
+  EXPECT_EQ(engine.tokenize_turns({p}, true), engine.tokenize_prompt(p, true));
+  std::vector<int32_t> ids = engine.tokenize_turns({"USER: a ASSISTANT: b", "USER: <image>\nc ASSISTANT:"}, true);
   EXPECT_EQ(std::count(ids.begin(), ids.end(), b.model->config().text.eos_ids[0]), 1);
   EXPECT_EQ(std::count(ids.begin(), ids.end(), -1), 1);
 
