@@ -363,6 +363,19 @@ TEST(ServeService, ValidatesAgainstTheModelAndQueues) {
   json long_answer = hi;
   long_answer["max_tokens"] = 2047;
   EXPECT_NE(status_of(long_answer).second.find("context"), std::string::npos);
+  // A text that cannot fit the context is refused by its size, before it is tokenized (the message
+  // names bytes; a refusal after tokenizing names the token count only).
+  std::string words;
+  for (int i = 0; i < 200000; ++i) words += "red square ";
+  json huge = {{"messages", {{{"role", "user"}, {"content", words}}}}};
+  try {
+    svc.submit(huge.dump());
+    ADD_FAILURE() << "a 400,000-word message was accepted";
+  } catch (const ApiError& e) {
+    EXPECT_EQ(e.status(), 400);
+    EXPECT_EQ(e.code(), "context_length_exceeded");
+    EXPECT_NE(std::string(e.what()).find("bytes of text"), std::string::npos) << e.what();
+  }
 
   // A single user turn tokenises as `prefixkv run` does; a conversation puts EOS after the
   // assistant's turn.
