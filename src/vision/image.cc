@@ -9,6 +9,7 @@
 #include <iterator>
 
 #include <jpeglib.h>
+#include <jerror.h>
 #include <png.h>
 
 #include "core/error.h"
@@ -19,6 +20,12 @@ namespace {
 
 constexpr int64_t kMaxPixels = int64_t(1) << 28;  // 268 megapixels
 
+// libpng and libjpeg report errors by longjmp. A longjmp that skips a C++ object with a destructor
+// is undefined behaviour ([csetjmp.syn]), so every call into either library happens inside a small
+// function below whose frame holds only trivially destructible locals and which sets its own jump
+// target; buffers are owned by the caller, outside those frames, and the library state is released
+// by a guard object in the caller whatever happened.
+
 // ---------------------------------------------------------------- PNG
 struct PngReader {
   const uint8_t* data;
@@ -27,7 +34,7 @@ struct PngReader {
 
 void png_read_mem(png_structp png, png_bytep out, png_size_t n) {
   auto* r = static_cast<PngReader*>(png_get_io_ptr(png));
-  if (r->off + n > r->size) png_error(png, "truncated PNG data");
+  if (n > r->size - r->off) png_error(png, "truncated PNG data");
   std::memcpy(out, r->data + r->off, n);
   r->off += n;
 }
@@ -42,45 +49,65 @@ void png_err_fn(png_structp png, png_const_charp msg) {
 }
 void png_warn_fn(png_structp, png_const_charp) {}
 
-Image decode_png(const uint8_t* data, size_t size, const std::string& what) {
+struct PngState {
+  png_structp png = nullptr;
+  png_infop info = nullptr;
   PngErr err;
-  png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, &err, png_err_fn, png_warn_fn);
-  if (!png) fail(what, "out of memory decoding PNG");
-  png_infop info = png_create_info_struct(png);
-  PngReader reader{data, size, 0};
+  PngReader reader{nullptr, 0, 0};
+  png_uint_32 width = 0, height = 0;
+  size_t row_bytes = 0;  // after the conversion to 8-bit RGB
+};
+
+// Reads the header and sets up the conversion to 8-bit RGB. False on a libpng error (in st.err).
+bool png_read_header_c(PngState& st) {
+  if (setjmp(png_jmpbuf(st.png))) return false;
+  png_set_read_fn(st.png, &st.reader, png_read_mem);
+  png_read_info(st.png, st.info);
+  st.width = png_get_image_width(st.png, st.info);
+  st.height = png_get_image_height(st.png, st.info);
+  if (st.width == 0 || st.height == 0 || int64_t(st.width) * st.height > kMaxPixels) return true;  // caller refuses
+  const int color = png_get_color_type(st.png, st.info), depth = png_get_bit_depth(st.png, st.info);
+  if (color == PNG_COLOR_TYPE_PALETTE) png_set_palette_to_rgb(st.png);
+  if (color == PNG_COLOR_TYPE_GRAY && depth < 8) png_set_expand_gray_1_2_4_to_8(st.png);
+  if (depth == 16) png_set_strip_16(st.png);
+  if (color == PNG_COLOR_TYPE_GRAY || color == PNG_COLOR_TYPE_GRAY_ALPHA) png_set_gray_to_rgb(st.png);
+  png_set_strip_alpha(st.png);  // also drops tRNS-derived alpha (never added: no png_set_tRNS_to_alpha)
+  png_set_interlace_handling(st.png);
+  png_read_update_info(st.png, st.info);
+  st.row_bytes = png_get_rowbytes(st.png, st.info);
+  return true;
+}
+
+// Decodes every row into rows[y] (caller-owned, height pointers of row_bytes each).
+bool png_read_rows_c(PngState& st, png_bytep* rows) {
+  if (setjmp(png_jmpbuf(st.png))) return false;
+  png_read_image(st.png, rows);
+  png_read_end(st.png, nullptr);
+  return true;
+}
+
+Image decode_png(const uint8_t* data, size_t size, const std::string& what) {
+  PngState st;
+  st.reader = PngReader{data, size, 0};
+  st.png = png_create_read_struct(PNG_LIBPNG_VER_STRING, &st.err, png_err_fn, png_warn_fn);
+  if (!st.png) fail(what, "out of memory decoding PNG");
+  struct Release {
+    PngState& st;
+    ~Release() { png_destroy_read_struct(&st.png, st.info ? &st.info : nullptr, nullptr); }
+  } release{st};
+  st.info = png_create_info_struct(st.png);
+  if (!st.info) fail(what, "out of memory decoding PNG");
+  if (!png_read_header_c(st)) fail(what, std::string("invalid or truncated PNG: ") + st.err.msg);
+  if (st.width == 0 || st.height == 0 || int64_t(st.width) * st.height > kMaxPixels)
+    fail(what, "PNG has an unsupported size " + std::to_string(st.width) + "x" + std::to_string(st.height));
+  if (st.row_bytes != size_t(st.width) * 3) fail(what, "PNG colour format could not be converted to 8-bit RGB");
   Image img;
-  std::vector<png_bytep> rows;
-  if (setjmp(png_jmpbuf(png))) {
-    png_destroy_read_struct(&png, &info, nullptr);
-    fail(what, std::string("invalid or truncated PNG: ") + err.msg);
-  }
-  png_set_read_fn(png, &reader, png_read_mem);
-  png_read_info(png, info);
-  png_uint_32 w = png_get_image_width(png, info), h = png_get_image_height(png, info);
-  int color = png_get_color_type(png, info), depth = png_get_bit_depth(png, info);
-  if (w == 0 || h == 0 || int64_t(w) * h > kMaxPixels) {
-    png_destroy_read_struct(&png, &info, nullptr);
-    fail(what, "PNG has an unsupported size " + std::to_string(w) + "x" + std::to_string(h));
-  }
-  if (color == PNG_COLOR_TYPE_PALETTE) png_set_palette_to_rgb(png);
-  if (color == PNG_COLOR_TYPE_GRAY && depth < 8) png_set_expand_gray_1_2_4_to_8(png);
-  if (depth == 16) png_set_strip_16(png);
-  if (color == PNG_COLOR_TYPE_GRAY || color == PNG_COLOR_TYPE_GRAY_ALPHA) png_set_gray_to_rgb(png);
-  png_set_strip_alpha(png);  // also drops tRNS-derived alpha (never added: no png_set_tRNS_to_alpha)
-  png_set_interlace_handling(png);
-  png_read_update_info(png, info);
-  if (png_get_rowbytes(png, info) != size_t(w) * 3) {
-    png_destroy_read_struct(&png, &info, nullptr);
-    fail(what, "PNG colour format could not be converted to 8-bit RGB");
-  }
-  img.width = int(w);
-  img.height = int(h);
-  img.rgb.resize(size_t(w) * h * 3);
-  rows.resize(h);
-  for (png_uint_32 y = 0; y < h; ++y) rows[y] = img.rgb.data() + size_t(y) * w * 3;
-  png_read_image(png, rows.data());
-  png_read_end(png, nullptr);
-  png_destroy_read_struct(&png, &info, nullptr);
+  img.width = int(st.width);
+  img.height = int(st.height);
+  img.rgb.resize(size_t(st.width) * st.height * 3);
+  std::vector<png_bytep> rows(st.height);
+  for (png_uint_32 y = 0; y < st.height; ++y) rows[y] = img.rgb.data() + size_t(y) * st.width * 3;
+  if (!png_read_rows_c(st, rows.data())) fail(what, std::string("invalid or truncated PNG: ") + st.err.msg);
   return img;
 }
 
@@ -96,49 +123,79 @@ void jpeg_err_exit(j_common_ptr cinfo) {
   longjmp(e->jmp, 1);
 }
 void jpeg_no_output(j_common_ptr) {}
+// Warnings are ignored as PIL ignores them (corrupt data it can skip), except a file that ends
+// before its image does: libjpeg would fill the rest with grey, PIL refuses it as truncated.
+void jpeg_on_message(j_common_ptr cinfo, int level) {
+  if (level == -1 && cinfo->err->msg_code == JWRN_JPEG_EOF) jpeg_err_exit(cinfo);
+}
+
+struct JpegState {
+  jpeg_decompress_struct cinfo{};  // zeroed: jpeg_destroy_decompress is a no-op before creation
+  JpegErr err{};
+  bool created = false;
+};
+
+// Creates the decompressor, reads the header, chooses the output colour space and starts
+// decompression unless the size is refused (width/height 0 or too many pixels: the caller checks).
+bool jpeg_start_c(JpegState& st, const uint8_t* data, size_t size) {
+  st.cinfo.err = jpeg_std_error(&st.err.mgr);
+  st.err.mgr.error_exit = jpeg_err_exit;
+  st.err.mgr.output_message = jpeg_no_output;
+  st.err.mgr.emit_message = jpeg_on_message;
+  if (setjmp(st.err.jmp)) return false;
+  jpeg_create_decompress(&st.cinfo);
+  st.created = true;
+  jpeg_mem_src(&st.cinfo, data, static_cast<unsigned long>(size));
+  jpeg_read_header(&st.cinfo, TRUE);
+  if (st.cinfo.image_width == 0 || st.cinfo.image_height == 0 ||
+      int64_t(st.cinfo.image_width) * st.cinfo.image_height > kMaxPixels)
+    return true;
+  const bool cmyk = st.cinfo.jpeg_color_space == JCS_CMYK || st.cinfo.jpeg_color_space == JCS_YCCK;
+  st.cinfo.out_color_space = cmyk ? JCS_CMYK : JCS_RGB;
+  jpeg_start_decompress(&st.cinfo);
+  return true;
+}
+
+// Decodes the rows into out (output_height rows of output_width * output_components bytes).
+bool jpeg_read_rows_c(JpegState& st, uint8_t* out) {
+  if (setjmp(st.err.jmp)) return false;
+  const size_t stride = size_t(st.cinfo.output_width) * size_t(st.cinfo.output_components);
+  while (st.cinfo.output_scanline < st.cinfo.output_height) {
+    JSAMPROW row = out + size_t(st.cinfo.output_scanline) * stride;
+    jpeg_read_scanlines(&st.cinfo, &row, 1);
+  }
+  jpeg_finish_decompress(&st.cinfo);
+  return true;
+}
 
 Image decode_jpeg(const uint8_t* data, size_t size, const std::string& what) {
-  jpeg_decompress_struct cinfo;
-  JpegErr err;
-  cinfo.err = jpeg_std_error(&err.mgr);
-  err.mgr.error_exit = jpeg_err_exit;
-  err.mgr.output_message = jpeg_no_output;
-  Image img;
-  if (setjmp(err.jmp)) {
-    jpeg_destroy_decompress(&cinfo);
-    fail(what, std::string("invalid or truncated JPEG: ") + err.msg);
-  }
-  jpeg_create_decompress(&cinfo);
-  jpeg_mem_src(&cinfo, data, static_cast<unsigned long>(size));
-  jpeg_read_header(&cinfo, TRUE);
-  if (cinfo.image_width == 0 || cinfo.image_height == 0 || int64_t(cinfo.image_width) * cinfo.image_height > kMaxPixels) {
-    jpeg_destroy_decompress(&cinfo);
-    fail(what, "JPEG has an unsupported size");
-  }
-  const bool cmyk = cinfo.jpeg_color_space == JCS_CMYK || cinfo.jpeg_color_space == JCS_YCCK;
-  cinfo.out_color_space = cmyk ? JCS_CMYK : JCS_RGB;
-  jpeg_start_decompress(&cinfo);
-  img.width = int(cinfo.output_width);
-  img.height = int(cinfo.output_height);
-  const int comps = cinfo.output_components;
-  std::vector<uint8_t> row(size_t(img.width) * comps);
-  img.rgb.resize(size_t(img.width) * img.height * 3);
-  while (cinfo.output_scanline < cinfo.output_height) {
-    const int y = int(cinfo.output_scanline);
-    JSAMPROW rp = row.data();
-    jpeg_read_scanlines(&cinfo, &rp, 1);
-    uint8_t* dst = &img.rgb[size_t(y) * img.width * 3];
-    for (int x = 0; x < img.width; ++x) {
-      if (comps == 3) {
-        std::memcpy(dst + x * 3, &row[size_t(x) * 3], 3);
-      } else {  // Adobe CMYK JPEGs store inverted values; PIL's conversion: channel = 255 - (255 - c) ... = c * k / 255
-        const uint8_t* p = &row[size_t(x) * 4];
-        for (int c = 0; c < 3; ++c) dst[x * 3 + c] = uint8_t((int(p[c]) * int(p[3]) + 127) / 255);
-      }
+  JpegState st;
+  struct Release {
+    JpegState& st;
+    ~Release() {
+      if (st.created) jpeg_destroy_decompress(&st.cinfo);
     }
+  } release{st};
+  if (!jpeg_start_c(st, data, size)) fail(what, std::string("invalid or truncated JPEG: ") + st.err.msg);
+  if (st.cinfo.image_width == 0 || st.cinfo.image_height == 0 ||
+      int64_t(st.cinfo.image_width) * st.cinfo.image_height > kMaxPixels)
+    fail(what, "JPEG has an unsupported size " + std::to_string(st.cinfo.image_width) + "x" +
+                   std::to_string(st.cinfo.image_height));
+  const int comps = st.cinfo.output_components;
+  if (comps != 3 && comps != 4) fail(what, "JPEG colour format could not be converted to 8-bit RGB");
+  Image img;
+  img.width = int(st.cinfo.output_width);
+  img.height = int(st.cinfo.output_height);
+  std::vector<uint8_t> decoded(size_t(img.width) * img.height * size_t(comps));  // [height, width, comps]
+  if (!jpeg_read_rows_c(st, decoded.data())) fail(what, std::string("invalid or truncated JPEG: ") + st.err.msg);
+  if (comps == 3) {
+    img.rgb = std::move(decoded);
+    return img;
   }
-  jpeg_finish_decompress(&cinfo);
-  jpeg_destroy_decompress(&cinfo);
+  // Adobe CMYK JPEGs store inverted values; PIL's conversion: channel = c * k / 255.
+  img.rgb.resize(size_t(img.width) * img.height * 3);
+  for (size_t p = 0; p < size_t(img.width) * img.height; ++p)
+    for (int c = 0; c < 3; ++c) img.rgb[p * 3 + c] = uint8_t((int(decoded[p * 4 + c]) * int(decoded[p * 4 + 3]) + 127) / 255);
   return img;
 }
 
