@@ -3,6 +3,7 @@
 #include <array>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -13,6 +14,11 @@ namespace pkv::test {
 
 std::string data_path(const std::string& rel) { return std::string(PKV_TEST_DATA) + "/" + rel; }
 std::string shared_path(const std::string& rel) { return std::string(PKV_SHARED) + "/" + rel; }
+
+bool in_ci() {
+  const char* ci = std::getenv("CI");
+  return ci && std::string(ci) == "true";
+}
 
 namespace {
 // Removes this process's temp paths when the test program exits.

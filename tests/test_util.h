@@ -1,4 +1,5 @@
 #pragma once
+#include <filesystem>
 #include <string>
 #include <vector>
 
@@ -24,4 +25,19 @@ struct Result {
 };
 Result prefixkv(const std::string& args);
 
+// True when the environment says CI=true: there a test must not pass by skipping.
+bool in_ci();
+
 }  // namespace pkv::test
+
+// Skips the test when what it needs is missing (`why` says what), except under CI=true, where the
+// test fails instead: a CI run tests everything or says why not.
+#define PKV_SKIP_UNLESS(condition, why)                                              \
+  do {                                                                               \
+    if (!(condition)) {                                                              \
+      if (::pkv::test::in_ci()) FAIL() << "CI=true and " << why;                     \
+      else GTEST_SKIP() << why;                                                      \
+    }                                                                                \
+  } while (0)
+// The same for a file or folder under ../shared (the project's references).
+#define PKV_NEED_PATH(path) PKV_SKIP_UNLESS(std::filesystem::exists(path), (path) << " is not present")

@@ -161,7 +161,7 @@ TEST(CliErrors, DeviceOptions) {
 
 TEST(CliErrors, ServeDeviceOptions) {
   const Result r = prefixkv("serve --device tpu --port 0");
-  if (r.out.find("cpp-httplib") != std::string::npos) GTEST_SKIP() << "prefixkv was built without its server";
+  PKV_SKIP_UNLESS(r.out.find("cpp-httplib") == std::string::npos, "prefixkv was built without its server");
   expect_error(r, {"--device", "tpu"});
   expect_error(prefixkv("serve --gpu-dtype f16 --port 0"), {"--gpu-dtype", "--device cuda"});
   expect_error(prefixkv("serve --device cuda --gpu-dtype f8 --port 0"), {"--gpu-dtype", "f8"});

@@ -87,7 +87,7 @@ TEST(CalibrateCli, AllocateFromTheAnswers) {
 
 TEST(CalibrateCli, ImportOfficialProfiles) {
   const std::string dir = test::shared_path("reference/official-profiles");
-  if (!fs::exists(dir)) GTEST_SKIP();
+  PKV_NEED_PATH(dir);
   const std::string out = test::temp_path("official.json");
   std::string files;
   for (int r = 0; r <= 9; ++r) files += " " + dir + "/prefixkv_llava-v1.5-7b_0." + std::to_string(r) + ".json";

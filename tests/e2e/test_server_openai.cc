@@ -15,9 +15,8 @@ using namespace pkv::test;
 
 TEST(ServerOpenAIClient, PlainAndStreamedChatWithImageEqualPrefixkvRun) {
   std::string out;
-  if (run_command("command -v node", &out) != 0)
-    GTEST_SKIP()
-        << "node is not installed (scripts/setup.sh installs nodejs and npm): the OpenAI client test cannot run";
+  PKV_SKIP_UNLESS(run_command("command -v node && command -v npm", &out) == 0,
+                  "node or npm is not installed (scripts/setup.sh test installs them): the OpenAI client test cannot run");
   // The client is installed into the build folder (never the source tree), once: npm ci again only
   // when the lock file changed. flock keeps parallel test processes from installing at once.
   const fs::path dir = fs::path(PKV_BUILD_DIR) / "node_openai";

@@ -142,7 +142,7 @@ TEST(Profile, CalibratedWriteReadRoundTripKeepsEveryField) {
 }
 
 TEST(Profile, ImportedWriteReadRoundTripKeepsEveryField) {
-  if (!fs::exists(official_dir())) GTEST_SKIP() << official_dir() << " not present";
+  PKV_NEED_PATH(official_dir());
   std::vector<std::string> files;
   for (int i = 0; i <= 9; ++i) files.push_back(official_dir() + "/prefixkv_llava-v1.5-7b_0." + std::to_string(i) + ".json");
   const Profile p = import_official(files, 32);
@@ -175,7 +175,7 @@ TEST(Profile, FileLayoutIsTheDocumentedOne) {
 // ---- the authors' files ----
 
 TEST(Profile, ImportOfficialReproducesEveryFileExactly) {
-  if (!fs::exists(official_dir())) GTEST_SKIP() << official_dir() << " not present";
+  PKV_NEED_PATH(official_dir());
   for (const auto& [model, layers] : std::vector<std::pair<std::string, int>>{{"llava-v1.5-7b", 32}, {"llava-v1.5-13b", 40}}) {
     std::vector<std::string> files;
     for (int i = 9; i >= 0; --i) files.push_back(official_dir() + "/prefixkv_" + model + "_0." + std::to_string(i) + ".json");
