@@ -133,12 +133,14 @@ struct Loaded {
   }
 };
 
+// Loads a case once per program. A load that fails (a missing image, say) throws in every test
+// that asks for the case and caches nothing: no test goes on with a half-loaded case (it used to
+// read the CPU's tokens of an empty prompt and crash the program).
 Loaded& load(const ModelCase& c) {
   static std::map<std::string, std::unique_ptr<Loaded>> cache;
-  auto& slot = cache[c.name];
-  if (slot) return *slot;
-  slot = std::make_unique<Loaded>();
-  Loaded& l = *slot;
+  if (auto it = cache.find(c.name); it != cache.end()) return *it->second;
+  auto loaded = std::make_unique<Loaded>();
+  Loaded& l = *loaded;
   l.c = &c;
   LoadOptions lo;
   if (c.tower) lo.vision_tower_dir = repo(c.tower);
@@ -158,7 +160,7 @@ Loaded& load(const ModelCase& c) {
     s.step(t, logits.data());
     l.cpu_logits.push_back(logits);
   }
-  return l;
+  return *(cache[c.name] = std::move(loaded));
 }
 
 // A pool for n_seqs sequences of up to `entries` entries per layer.
@@ -683,6 +685,58 @@ TEST(GpuModel, OutOfBlocksIsAnErrorAndChangesNothing) {
   sb.step(tokens[0], logits.data());
   EXPECT_EQ(sb.position(), pos_b + 1);
   EXPECT_TRUE(all_finite(std::vector<float>(logits.begin(), logits.begin() + l.V())));
+}
+
+// Failed prefills (an empty prompt, a prompt the pool has no blocks for) leave the model and the
+// pool as they were: a later sequence on the same pool gives exactly the logits it gives on a
+// fresh pool, and every block comes back when the sessions end.
+TEST(GpuModel, FailedPrefillsLeaveTheModelAndPoolUsable) {
+  Loaded& l = load(kTiny);
+  GpuModel& gm = l.on(DType::F16);
+  constexpr int steps = 4;
+  const GpuKVPoolOptions o = pool_for(l, l.T() + steps + 1, 1);
+  const int V = l.V();
+  auto run = [&](GpuKVPool& pool) {
+    FullPolicy full;
+    GpuSession s(gm, pool, full);
+    std::vector<float> logits(static_cast<size_t>(V) * (steps + 1));
+    s.prefill(l.prompt, logits.data());
+    for (int i = 0; i < steps; ++i) s.step(l.cpu_tokens[size_t(i)], &logits[size_t(i + 1) * V]);
+    return logits;
+  };
+  GpuKVPool fresh(gm, o);
+  const std::vector<float> expected = run(fresh);
+
+  GpuKVPool pool(gm, o);
+  std::vector<float> logits(static_cast<size_t>(V));
+  {
+    FullPolicy full;
+    GpuSession empty(gm, pool, full);
+    EXPECT_THROW(empty.prefill(PreparedPrompt{}, logits.data()), Error);
+    EXPECT_EQ(empty.position(), 0);
+  }
+  {
+    // Twice the prompt: more blocks than the pool has.
+    PreparedPrompt twice = l.prompt;
+    const int D = l.model->config().text.hidden;
+    twice.ids.insert(twice.ids.end(), l.prompt.ids.begin(), l.prompt.ids.end());
+    twice.embeddings.insert(twice.embeddings.end(), l.prompt.embeddings.begin(), l.prompt.embeddings.end());
+    ASSERT_EQ(twice.embeddings.size(), twice.ids.size() * size_t(D));
+    FullPolicy full;
+    GpuSession too_long(gm, pool, full);
+    try {
+      too_long.prefill(twice, logits.data());
+      ADD_FAILURE() << "a prefill larger than the pool succeeded";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("out of KV blocks"), std::string::npos) << e.what();
+    }
+    EXPECT_EQ(pool.blocks().free_blocks(), pool.blocks().n_blocks());
+  }
+  pool.blocks().check_invariants();
+  const std::vector<float> got = run(pool);
+  EXPECT_EQ(got, expected) << "a sequence after failed prefills differs from one on a fresh pool";
+  EXPECT_EQ(pool.blocks().free_blocks(), pool.blocks().n_blocks());
+  pool.blocks().check_invariants();
 }
 
 // Compaction jobs that no policy can produce (a bookkeeping bug): one clear error naming the table,
