@@ -19,14 +19,16 @@
 #                         when it is a NodeSource one (dpkg's files, control fields and scripts)
 #     --repro REV         nodesource variant: first run REV's scripts/setup.sh and report whether the
 #                         old defect (apt: "held broken packages") shows
-#     --make-test         plain variant: afterwards `make test` (GoogleTest, Debian's nodejs and npm,
+#     --make-test         afterwards, in each variant: `make test` (GoogleTest, Debian's nodejs and npm,
 #                         the whole suite) and `make run` again on the same build folder
+#     --npm-cafile F      make test: extra CA certificates for npm (NODE_EXTRA_CA_CERTS), for a machine
+#                         that reaches registry.npmjs.org through a TLS-intercepting proxy
 #     --keep              keep the variant roots (they are removed at the end otherwise; base stays)
 # Needs root (debootstrap, mount, chroot). Mounts are undone at exit, on failure too.
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
-variant=both work=/work/chroot-prefixkv fresh=0 worktree=0 nodesource_deb="" repro="" make_test=0 keep=0
+variant=both work=/work/chroot-prefixkv fresh=0 worktree=0 nodesource_deb="" repro="" make_test=0 keep=0 npm_cafile=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --variant) variant=$2; shift ;;
@@ -36,6 +38,7 @@ while [ $# -gt 0 ]; do
     --nodesource-deb) nodesource_deb=$(realpath "$2"); shift ;;
     --repro) repro=$2; shift ;;
     --make-test) make_test=1 ;;
+    --npm-cafile) npm_cafile=$(realpath "$2"); shift ;;
     --keep) keep=1 ;;
     -h|--help) sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;;
     *) echo "check_setup_clean: unknown option $1" >&2; exit 2 ;;
@@ -267,18 +270,28 @@ EOF
     note "scripts/setup.sh test again: silent, rc 0"
   fi
 
-  if [ "$v" = plain ] && [ "$make_test" = 1 ]; then
+  if [ "$make_test" = 1 ]; then
     log "$v: make test (log: $work/$v-make-test.log)"
     : >"$r/var/log/apt-get-calls.log"
-    timed "$r" "$work/$v-make-test.log" "cd /root/prefixkv && make test"
+    local extra=""
+    if [ -n "$npm_cafile" ]; then
+      cp "$npm_cafile" "$r/root/npm-extra-ca.crt"
+      extra="NODE_EXTRA_CA_CERTS=/root/npm-extra-ca.crt"
+      note "  (npm gets NODE_EXTRA_CA_CERTS=$npm_cafile: this machine's TLS-intercepting proxy)"
+    fi
+    timed "$r" "$work/$v-make-test.log" "cd /root/prefixkv && $extra make test"
+    local test_rc=$rc
     note "make test: rc $rc in ${secs} s; $(grep -E 'tests passed|tests failed' "$work/$v-make-test.log" | tail -1)"
     note "  apt-get calls: $(apt_calls "$r" | tr '\n' ';')"
-    note "  OpenAI client test: $(grep -E 'ServerOpenAIClient.*(Passed|Failed|Not Run|Skipped)' "$work/$v-make-test.log" | sed 's/  */ /g' | head -1)"
-    local test_rc=$rc
+    note "  failed: $(sed -n '/^The following tests FAILED:/,$p' "$work/$v-make-test.log" | grep -E '^\s+[0-9]+ - ' | sed 's/^\s*//' | tr '\n' ';')"
+    note "  OpenAI client test: $(grep -E 'Test +#[0-9]+: ServerOpenAIClient' "$work/$v-make-test.log" | sed 's/\.\.\.*/ /; s/  */ /g' | head -1)"
+    [ -x "$r/root/prefixkv/build/tests/pkv_tests" ] || fail "$v: make test did not build the tests"
+    grep -q '^PREFIXKV_TESTS:BOOL=ON' "$r/root/prefixkv/build/CMakeCache.txt" || fail "$v: make test did not turn the tests on"
     timed "$r" "$work/$v-make-run3.log" "cd /root/prefixkv && make run"
     [ $rc -eq 0 ] && check_answer "$work/$v-make-run3.log" || fail "$v: make run after make test"
-    note "make run after make test: rc 0 in ${secs} s"
-    [ $test_rc -eq 0 ] || fail "$v: make test rc $test_rc"
+    note "make run after make test (same build folder, tests still configured): rc 0 in ${secs} s"
+    # the suite's own failures are reported above, not a failure of this check (which is about setup)
+    [ $test_rc -eq 0 ] || note "  (make test rc $test_rc: see $work/$v-make-test.log)"
   fi
   unmount_all
 }

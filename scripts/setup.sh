@@ -59,7 +59,7 @@ need() {  # need PACKAGE WHAT
     [ "$p" = "$1" ] && return 0
   done
   pkgs+=("$1")
-  whats+=("$2 ($1)")
+  whats+=("$2")
 }
 
 have_cmd() { command -v "$1" >/dev/null 2>&1; }
@@ -93,7 +93,7 @@ have_cmake_package() {  # have_cmake_package NAME: a NAMEConfig.cmake or name-co
 check_tools() {
   have_cmd make || need make "make"
   have_cmd cmake || need cmake "cmake"
-  have_cmd ninja || need ninja-build "ninja (CMake's Ninja generator)"
+  have_cmd ninja || need ninja-build "ninja"
   have_cmd pkg-config || need pkg-config "pkg-config"
   if [ -n "${CXX:-}" ]; then
     have_cmd "$cxx" || die "CXX=$CXX is not a command; unset CXX to use g++"
