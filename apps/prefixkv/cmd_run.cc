@@ -15,8 +15,8 @@
 #include "engine/engine.h"
 #include "kv_options.h"
 #ifdef PREFIXKV_HAVE_CUDA
-#include "cuda/device.h"
-#include "cuda/gpu_session.h"
+#include "ops/cuda/device.h"
+#include "engine/gpu_session.h"
 #endif
 
 namespace fs = std::filesystem;

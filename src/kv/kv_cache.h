@@ -30,7 +30,7 @@ class KVLayer {
     return v_.data();
   }
   // Counts the calls that may have changed the layer (append, retain, clear, mutable_keys/values):
-  // unchanged means untouched (the GPU mirror skips such layers; src/cuda/kv_mirror.h).
+  // unchanged means untouched (the GPU mirror skips such layers; src/kv/kv_mirror.h).
   uint64_t edits() const { return edits_; }
 
   void reserve(int entries);

@@ -1,8 +1,8 @@
 #include "serve/gpu_backend.h"
 
 #include "core/error.h"
-#include "cuda/device.h"
-#include "cuda/gpu_session.h"
+#include "ops/cuda/device.h"
+#include "engine/gpu_session.h"
 
 namespace pkv::serve {
 

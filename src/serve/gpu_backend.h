@@ -4,7 +4,7 @@
 #pragma once
 #include <memory>
 
-#include "cuda/gpu_model.h"
+#include "model/gpu_model.h"
 #include "serve/scheduler.h"
 
 namespace pkv::serve {

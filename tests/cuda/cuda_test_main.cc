@@ -4,7 +4,7 @@
 
 #include <cstdio>
 
-#include "cuda/device.h"
+#include "ops/cuda/device.h"
 
 int main(int argc, char** argv) {
   const int n = pkv::cuda::device_count();

@@ -1,4 +1,4 @@
-// A CPU emulation of CUDA thread blocks, to run the kernel bodies of src/cuda/*_body.h without a GPU.
+// A CPU emulation of CUDA thread blocks, to run the kernel bodies of src/ops/cuda/*_body.h without a GPU.
 //
 // Each thread of a block is a cooperative fiber (ucontext). __syncthreads, __syncthreads_or,
 // __syncwarp and __shfl_xor_sync become barriers over the block or the warp. Fibers run in a random
@@ -12,7 +12,7 @@
 #include <functional>
 #include <string>
 
-#include "cuda/plan.h"
+#include "ops/cuda/plan.h"
 
 // CUDA's device atomics that the bodies use: fibers never run concurrently.
 inline int atomicOr(int* address, int value) {

@@ -12,10 +12,10 @@
 
 #include "core/error.h"
 #include "emu.h"  // before the bodies: atomicOr
-#include "cuda/attention_body.h"
-#include "cuda/gemv_body.h"
-#include "cuda/paged_body.h"
-#include "cuda/plan.h"
+#include "ops/cuda/attention_body.h"
+#include "ops/cuda/gemv_body.h"
+#include "ops/cuda/paged_body.h"
+#include "ops/cuda/plan.h"
 #include "kernel_cases.h"
 
 namespace pkv::cuda::test {

@@ -1,13 +1,13 @@
-// A host stand-in for the CUDA back end's public API (src/cuda/device.h, kernels.h), so that the
-// code written against it (src/cuda/gpu_model.cc, gpu_session.cc) and its tests
+// A host stand-in for the CUDA back end's public API (src/ops/cuda/device.h, kernels.h), so that the
+// code written against it (src/model/gpu_model.cc, src/engine/gpu_session.cc) and its tests
 // (tests/cuda/test_gpu_model.cc) run without a GPU: pkv_cuda_model_emu_tests.
 //
 // "Device" memory is host memory, counted against a limit (PKV_FAKE_DEVICE_MIB, default 2048) so
 // out-of-memory paths run too. The operators keep the GPU operators' contracts: the same argument
-// checks (the launch plans of src/cuda/plan.cc where there is one), the same storage types and one
+// checks (the launch plans of src/ops/cuda/plan.cc where there is one), the same storage types and one
 // rounding at the store. The arithmetic is the CPU twins' (src/ops) for the element-wise operators,
 // the products and the attention; the paged-KV operators run the REAL kernel bodies
-// (src/cuda/paged_body.h) through the block emulator (emu.h), and decode attention reads the pool
+// (src/ops/cuda/paged_body.h) through the block emulator (emu.h), and decode attention reads the pool
 // exactly as documented in kernels.h (tables, slots, positions, lengths, the error flag). What this
 // checks is the orchestration: shapes, strides, offsets, block tables, rows, lengths, workspaces.
 #include <algorithm>
@@ -20,11 +20,11 @@
 #include <vector>
 
 #include "core/error.h"
-#include "cuda/device.h"
-#include "cuda/kernels.h"
+#include "ops/cuda/device.h"
+#include "ops/cuda/kernels.h"
 #include "emu.h"  // before the bodies: atomicOr
-#include "cuda/paged_body.h"
-#include "cuda/plan.h"
+#include "ops/cuda/paged_body.h"
+#include "ops/cuda/plan.h"
 #include "ops/ops.h"
 
 namespace pkv::cuda {

@@ -9,7 +9,7 @@
 #include <random>
 #include <sstream>
 
-#include "cuda/block_pool.h"
+#include "kv/block_pool.h"
 #include "kv/kv_cache.h"
 #include "kv/policy.h"
 #include "ops/ops.h"

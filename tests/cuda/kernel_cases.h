@@ -1,6 +1,6 @@
 // Test cases of the attention and paged-KV kernels against their CPU twins, written once against a
 // small Backend interface and run twice:
-//  - pkv_cuda_tests (GPU, test_cuda_kernels.cc): the real kernels through src/cuda/kernels.h;
+//  - pkv_cuda_tests (GPU, test_cuda_kernels.cc): the real kernels through src/ops/cuda/kernels.h;
 //  - pkv_cuda_emu_tests (CPU, emu_test.cc): the same kernel bodies and launch plans run by a CPU
 //    emulation of CUDA thread blocks, so that CI (no GPU) checks their logic too.
 #pragma once
@@ -10,7 +10,7 @@
 #include <vector>
 
 #include "core/dtype.h"
-#include "cuda/kernels.h"
+#include "ops/cuda/kernels.h"
 
 namespace pkv::cuda::test {
 

@@ -10,8 +10,8 @@
 #include <vector>
 
 #include "core/error.h"
-#include "cuda/device.h"
-#include "cuda/kernels.h"
+#include "ops/cuda/device.h"
+#include "ops/cuda/kernels.h"
 #include "kernel_cases.h"
 #include "kv/budgeted.h"
 #include "ops/ops.h"

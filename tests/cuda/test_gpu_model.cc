@@ -1,4 +1,4 @@
-// The model on the GPU (src/cuda/gpu_model.h, gpu_session.h) against the CPU model, the reference:
+// The model on the GPU (src/model/gpu_model.h, src/engine/gpu_session.h) against the CPU model, the reference:
 //   (a) prefill logits: norm-wise relative error <= 1e-2 in BF16, <= 2e-3 in F16;
 //   (b) 16 greedy steps teacher-forced on the CPU's tokens: the same top-1 at every step, except
 //       where the CPU's own margin is within the measured logit error (reported);
@@ -22,9 +22,9 @@
 #include <vector>
 
 #include "core/error.h"
-#include "cuda/device.h"
-#include "cuda/gpu_model.h"
-#include "cuda/gpu_session.h"
+#include "ops/cuda/device.h"
+#include "model/gpu_model.h"
+#include "engine/gpu_session.h"
 #include "engine/engine.h"
 #include "kv/policy.h"
 #include "text/tokenizer.h"

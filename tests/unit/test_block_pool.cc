@@ -1,4 +1,4 @@
-// The paged KV block pool (src/cuda/block_pool.h): pure bookkeeping, tested in every build.
+// The paged KV block pool (src/kv/block_pool.h): pure bookkeeping, tested in every build.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -7,7 +7,7 @@
 #include <set>
 
 #include "core/error.h"
-#include "cuda/block_pool.h"
+#include "kv/block_pool.h"
 
 namespace pkv {
 namespace {

@@ -1,4 +1,4 @@
-// The host side of the GPU session's policy handling (src/cuda/kv_mirror.h): every policy run on a
+// The host side of the GPU session's policy handling (src/kv/kv_mirror.h): every policy run on a
 // marker-only mirror yields edits that, applied to a full cache (merge as paged_kv_merge does it,
 // then retain as paged_kv_compact does it), give exactly what the policy does to the full cache
 // itself, after the prefill and over decode steps.
@@ -9,7 +9,7 @@
 #include <random>
 
 #include "core/error.h"
-#include "cuda/kv_mirror.h"
+#include "kv/kv_mirror.h"
 #include "kv/policy.h"
 
 using namespace pkv;

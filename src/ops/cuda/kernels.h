@@ -18,7 +18,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "cuda/device.h"
+#include "ops/cuda/device.h"
 
 #include "core/dtype.h"
 #include "ops/ops.h"  // ops::Act
@@ -180,7 +180,7 @@ size_t attention_prefill_workspace_bytes(int n_q, int n_kv, int n_heads);
 void attention_prefill(const PrefillAttentionArgs& a, void* stream);
 
 // ------------------------------------------------------------------------------------------------
-// The paged KV cache on the device (host bookkeeping: cuda/block_pool.h).
+// The paged KV cache on the device (host bookkeeping: kv/block_pool.h).
 //
 // One pool of n_blocks blocks. Block b holds block_size entries of one layer of one sequence:
 //   K of slot s:  pool + (b * 2 * block_size + s) * kv_dim              (kv_dim = n_kv_heads * head_dim)

@@ -5,8 +5,8 @@
 #include <cuda_runtime.h>
 
 #include "core/error.h"
-#include "cuda/cuda_check.h"
-#include "cuda/kernels.h"
+#include "ops/cuda/cuda_check.h"
+#include "ops/cuda/kernels.h"
 
 namespace pkv::cuda {
 

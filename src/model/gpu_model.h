@@ -4,7 +4,7 @@
 // GpuModel is built from a loaded CPU pkv::Model (the numerical reference): same config, same weight
 // views. Every weight is uploaded once, converted on the host to the compute dtype (BF16 or F16, the
 // caller's choice); norm weights, biases, class and position embeddings and RoPE frequencies stay
-// float32. Activations (src/cuda/README.md, "The model on the GPU"):
+// float32. Activations (src/ops/cuda/README.md, "The model on the GPU"):
 //   - the residual stream is float32 on the device; every GEMM product is float32 (cuBLAS, fp32
 //     accumulation), and the o / down / fc2 projections add straight into the residual (beta = 1);
 //   - GEMM inputs (norm outputs, attention outputs, SwiGLU / activation outputs) are rounded once to
@@ -20,8 +20,8 @@
 #include <vector>
 
 #include "core/dtype.h"
-#include "cuda/block_pool.h"
-#include "cuda/kernels.h"
+#include "kv/block_pool.h"
+#include "ops/cuda/kernels.h"
 #include "model/model.h"
 
 namespace pkv::cuda {

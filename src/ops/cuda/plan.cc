@@ -1,4 +1,4 @@
-#include "cuda/plan.h"
+#include "ops/cuda/plan.h"
 
 #include <algorithm>
 #include <cmath>

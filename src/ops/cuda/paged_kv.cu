@@ -1,9 +1,9 @@
 // Paged KV cache: row writes and reads, compaction, Elastic merge (bodies in paged_body.h).
-#include "cuda/device_ctx.cuh"
-#include "cuda/kernels.h"
-#include "cuda/launch.cuh"
-#include "cuda/paged_body.h"
-#include "cuda/plan.h"
+#include "ops/cuda/device_ctx.cuh"
+#include "ops/cuda/kernels.h"
+#include "ops/cuda/launch.cuh"
+#include "ops/cuda/paged_body.h"
+#include "ops/cuda/plan.h"
 
 namespace pkv::cuda {
 namespace detail {

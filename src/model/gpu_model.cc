@@ -1,7 +1,7 @@
 // The model forward pass on the device: CLIP tower + projector and the LLaMA decoder, written
 // against the operator API of kernels.h (no CUDA headers here). Model::encode_image and
 // Model::decode (src/model/model.cc) are the references, step for step.
-#include "cuda/gpu_model.h"
+#include "model/gpu_model.h"
 
 #include <algorithm>
 #include <chrono>
@@ -14,8 +14,8 @@
 
 #include "core/error.h"
 #include "core/threads.h"
-#include "cuda/device.h"
-#include "cuda/kernels.h"
+#include "ops/cuda/device.h"
+#include "ops/cuda/kernels.h"
 
 namespace pkv::cuda {
 

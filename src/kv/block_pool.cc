@@ -1,4 +1,4 @@
-#include "cuda/block_pool.h"
+#include "kv/block_pool.h"
 
 #include <algorithm>
 #include <numeric>

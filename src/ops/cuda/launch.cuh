@@ -1,11 +1,11 @@
-// Launching a planned kernel (internal to src/cuda/): grid and shared memory from a detail::Launch,
+// Launching a planned kernel (internal to src/ops/cuda/): grid and shared memory from a detail::Launch,
 // the >48 KiB shared-memory opt-in, and the launch check.
 #pragma once
 #include <string>
 
 #include "core/error.h"
-#include "cuda/cuda_check.h"
-#include "cuda/plan.h"
+#include "ops/cuda/cuda_check.h"
+#include "ops/cuda/plan.h"
 
 namespace pkv::cuda::detail {
 

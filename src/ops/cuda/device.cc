@@ -1,4 +1,4 @@
-#include "cuda/device.h"
+#include "ops/cuda/device.h"
 
 #include <algorithm>
 #include <cstdio>
@@ -7,7 +7,7 @@
 #include <utility>
 
 #include "core/error.h"
-#include "cuda/cuda_check.h"
+#include "ops/cuda/cuda_check.h"
 
 namespace pkv::cuda {
 
@@ -15,7 +15,7 @@ namespace {
 
 std::string where(const char* file, int line) {
   std::string f(file);
-  const size_t p = f.find("src/cuda/");
+  const size_t p = f.rfind("src/");
   if (p != std::string::npos) f = f.substr(p);
   return f + ":" + std::to_string(line);
 }

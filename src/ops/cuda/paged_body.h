@@ -1,11 +1,11 @@
-// Paged KV kernel bodies (internal to src/cuda/): row writes and reads, compaction, Elastic merge.
+// Paged KV kernel bodies (internal to src/ops/cuda/): row writes and reads, compaction, Elastic merge.
 // Same conventions as attention_body.h (a thread context `c`, the plan's parameters); none of these
 // needs a barrier.
 #pragma once
 #include <cstdint>
 
-#include "cuda/kernel_types.h"
-#include "cuda/plan.h"
+#include "ops/cuda/kernel_types.h"
+#include "ops/cuda/plan.h"
 
 namespace pkv::cuda::detail {
 

@@ -1,4 +1,4 @@
-#include "cuda/gpu_session.h"
+#include "engine/gpu_session.h"
 
 #include <algorithm>
 #include <chrono>

@@ -3,11 +3,11 @@
 #include <string>
 
 #include "core/error.h"
-#include "cuda/device_ctx.cuh"
-#include "cuda/gemv_body.h"
-#include "cuda/kernels.h"
-#include "cuda/launch.cuh"
-#include "cuda/plan.h"
+#include "ops/cuda/device_ctx.cuh"
+#include "ops/cuda/gemv_body.h"
+#include "ops/cuda/kernels.h"
+#include "ops/cuda/launch.cuh"
+#include "ops/cuda/plan.h"
 
 namespace pkv::cuda {
 namespace detail {

@@ -1,4 +1,4 @@
-// Skinny matrix products for decoding (internal to src/cuda/): kernels.h's gemv(). Same conventions
+// Skinny matrix products for decoding (internal to src/ops/cuda/): kernels.h's gemv(). Same conventions
 // as attention_body.h (a thread context `c`, the plan's parameters), built by nvcc for the GPU and
 // by the host compiler for the CPU emulation test.
 //
@@ -14,8 +14,8 @@
 #include <cmath>
 #include <cstdint>
 
-#include "cuda/kernel_types.h"
-#include "cuda/plan.h"
+#include "ops/cuda/kernel_types.h"
+#include "ops/cuda/plan.h"
 
 namespace pkv::cuda::detail {
 

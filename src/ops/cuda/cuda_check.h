@@ -1,4 +1,4 @@
-// Checked CUDA and cuBLAS calls (internal to src/cuda/ and its tests: this header includes CUDA's).
+// Checked CUDA and cuBLAS calls (internal to src/ops/cuda/ and its tests: this header includes CUDA's).
 //
 // Every runtime and cuBLAS call goes through PKV_CUDA_CHECK / PKV_CUBLAS_CHECK. A failure throws
 // pkv::Error("<file>:<line>: CUDA error cudaErrorX (<description>) in <call>") through pkv::fail.

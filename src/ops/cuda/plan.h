@@ -1,4 +1,4 @@
-// Launch plans of the attention and paged-KV kernels (internal to src/cuda/): the argument checks,
+// Launch plans of the attention and paged-KV kernels (internal to src/ops/cuda/): the argument checks,
 // the kernel parameters, grid shapes, shared-memory layouts and workspace layouts, in plain C++ (no
 // CUDA types). The CUDA launchers (attention.cu, paged_kv.cu) and the CPU emulation test
 // (tests/cuda/emu_test.cc) both run exactly these plans, so the emulation covers them too.
@@ -7,7 +7,7 @@
 #include <cstdint>
 #include <string>
 
-#include "cuda/kernels.h"
+#include "ops/cuda/kernels.h"
 
 namespace pkv::cuda::detail {
 

@@ -3,9 +3,9 @@
 #include <string>
 
 #include "core/error.h"
-#include "cuda/cuda_check.h"
-#include "cuda/kernel_types.h"
-#include "cuda/kernels.h"
+#include "ops/cuda/cuda_check.h"
+#include "ops/cuda/kernel_types.h"
+#include "ops/cuda/kernels.h"
 
 namespace pkv::cuda {
 namespace {

@@ -1,4 +1,4 @@
-// Attention kernel bodies (internal to src/cuda/). Each body is a function of a thread context `c`
+// Attention kernel bodies (internal to src/ops/cuda/). Each body is a function of a thread context `c`
 // (c.tid, c.bx/by/bz, c.smem, c.sync(), c.sync_or(), c.warp_sync(), c.shfl_xor()) and of the plan's
 // parameters (plan.h). attention.cu wraps them in __global__ kernels with a context of CUDA
 // intrinsics; the CPU emulation test runs the very same bodies with a context of cooperative threads.
@@ -12,8 +12,8 @@
 #include <cmath>
 #include <cstdint>
 
-#include "cuda/kernel_types.h"
-#include "cuda/plan.h"
+#include "ops/cuda/kernel_types.h"
+#include "ops/cuda/plan.h"
 
 namespace pkv::cuda::detail {
 

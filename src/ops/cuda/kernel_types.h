@@ -1,4 +1,4 @@
-// Element types inside kernels (internal to src/cuda/). Includes CUDA's fp16/bf16 headers, which
+// Element types inside kernels (internal to src/ops/cuda/). Includes CUDA's fp16/bf16 headers, which
 // also compile as plain host C++: the kernel bodies (attention_body.h, paged_body.h) are built both
 // by nvcc for the GPU and by the host compiler for the CPU emulation test (tests/cuda/emu_*).
 #pragma once

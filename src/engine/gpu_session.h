@@ -2,7 +2,7 @@
 // paged GpuKVPool. Plain C++ (no CUDA types); built with PREFIXKV_CUDA only (target pkv_cuda_model).
 //
 // The session applies its KVPolicy exactly where the CPU Session does (after the prefill, after
-// every decode step), to a host KVMirror of its entries (positions and markers, cuda/kv_mirror.h),
+// every decode step), to a host KVMirror of its entries (positions and markers, kv/kv_mirror.h),
 // and carries the policy's decision over to the device: Elastic's merge (paged_kv_merge), the
 // compaction (paged_kv_compact) and the shrinking of the block tables (BlockPool::resize).
 #pragma once
@@ -11,8 +11,8 @@
 #include <string>
 #include <vector>
 
-#include "cuda/gpu_model.h"
-#include "cuda/kv_mirror.h"
+#include "model/gpu_model.h"
+#include "kv/kv_mirror.h"
 #include "engine/engine.h"
 #include "kv/policy.h"
 

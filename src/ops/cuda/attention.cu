@@ -1,9 +1,9 @@
 // Prefill and decode attention: kernels (bodies in attention_body.h) and their launchers.
-#include "cuda/attention_body.h"
-#include "cuda/device_ctx.cuh"
-#include "cuda/kernels.h"
-#include "cuda/launch.cuh"
-#include "cuda/plan.h"
+#include "ops/cuda/attention_body.h"
+#include "ops/cuda/device_ctx.cuh"
+#include "ops/cuda/kernels.h"
+#include "ops/cuda/launch.cuh"
+#include "ops/cuda/plan.h"
 
 namespace pkv::cuda {
 namespace detail {

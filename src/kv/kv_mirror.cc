@@ -1,4 +1,4 @@
-#include "cuda/kv_mirror.h"
+#include "kv/kv_mirror.h"
 
 #include <algorithm>
 #include <cmath>
