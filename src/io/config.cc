@@ -1,5 +1,6 @@
 #include "io/config.h"
 
+#include <climits>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -35,6 +36,13 @@ json read_json(const std::string& path) {
   }
 }
 
+// A JSON integer that fits in an int. The caller has checked is_number_integer().
+bool fits_int(const json& v) {
+  if (v.is_number_unsigned()) return v.get<uint64_t>() <= uint64_t(INT_MAX);
+  const int64_t i = v.get<int64_t>();
+  return i >= INT_MIN && i <= INT_MAX;
+}
+
 // Typed field access with errors that name the file and the field.
 struct Fields {
   const json& j;
@@ -44,6 +52,7 @@ struct Fields {
   int get_int(const char* k, int def) const {
     if (!has(k)) return def;
     if (!j[k].is_number_integer()) fail(where, std::string("field '") + k + "' must be an integer");
+    if (!fits_int(j[k])) fail(where, std::string("field '") + k + "' is out of range: " + j[k].dump());
     return j[k].get<int>();
   }
   float get_float(const char* k, float def) const {
@@ -81,10 +90,12 @@ void check_all_or_none(const Fields& f, std::initializer_list<const char*> keys)
 std::vector<int> int_list(const json& v, const std::string& where, const char* key) {
   std::vector<int> out;
   if (v.is_number_integer()) {
+    if (!fits_int(v)) fail(where, std::string("field '") + key + "' is out of range: " + v.dump());
     out.push_back(v.get<int>());
   } else if (v.is_array()) {
     for (auto& x : v) {
       if (!x.is_number_integer()) fail(where, std::string("field '") + key + "' must hold integers");
+      if (!fits_int(x)) fail(where, std::string("field '") + key + "' holds an out-of-range integer: " + x.dump());
       out.push_back(x.get<int>());
     }
   } else if (!v.is_null()) {
@@ -132,6 +143,7 @@ TextConfig parse_text(const Fields& f) {
   if (!f.has("head_dim") && t.hidden % t.n_heads != 0)
     fail(f.where, "hidden_size is not a multiple of num_attention_heads and head_dim is not given");
   if (t.n_heads % t.n_kv_heads != 0) fail(f.where, "num_attention_heads is not a multiple of num_key_value_heads");
+  if (t.head_dim <= 0) fail(f.where, "head_dim must be positive");
   if (t.head_dim % 2 != 0) fail(f.where, "head_dim must be even for rotary embeddings");
   t.max_positions = f.get_int("max_position_embeddings", 2048);
   t.rms_eps = f.get_float("rms_norm_eps", 1e-6f);
@@ -159,10 +171,12 @@ VisionConfig parse_vision(const Fields& f) {
   v.channels = f.get_int("num_channels", 3);
   v.eps = f.get_float("layer_norm_eps", 1e-5f);
   v.act = f.get_str("hidden_act", "quick_gelu");
-  if (v.hidden <= 0 || v.n_heads <= 0 || v.n_layers <= 0 || v.patch <= 0 || v.image_size <= 0)
+  if (v.hidden <= 0 || v.n_heads <= 0 || v.n_layers <= 0 || v.patch <= 0 || v.image_size <= 0 || v.intermediate <= 0)
     fail(f.where, "sizes must be positive");
   if (v.hidden % v.n_heads) fail(f.where, "hidden_size is not a multiple of num_attention_heads");
   if (v.image_size % v.patch) fail(f.where, "image_size is not a multiple of patch_size");
+  // grid() * grid() patches (and the image tokens) are ints.
+  if (v.grid() > 4096) fail(f.where, "image_size / patch_size is more than 4096 patches a side");
   if (v.channels != 3) fail(f.where, "only 3-channel vision towers are supported");
   if (v.act != "quick_gelu" && v.act != "gelu" && v.act != "gelu_pytorch_tanh")
     fail(f.where, "unsupported vision hidden_act '" + v.act + "'");
@@ -171,32 +185,43 @@ VisionConfig parse_vision(const Fields& f) {
 
 void parse_preprocessor(const std::string& path, ImageConfig& img) {
   json j = read_json(path);
+  if (!j.is_object()) fail(path, "not a JSON object");
   Fields f{j, path};
   if (f.has("image_mean")) {
     auto& m = j["image_mean"];
     if (!m.is_array() || m.size() != 3) fail(path, "image_mean must be a list of 3 numbers");
-    for (int c = 0; c < 3; ++c) img.mean[c] = m[c].get<float>();
+    for (int c = 0; c < 3; ++c) {
+      if (!m[c].is_number()) fail(path, "image_mean must be a list of 3 numbers");
+      img.mean[c] = m[c].get<float>();
+    }
   }
   if (f.has("image_std")) {
     auto& s = j["image_std"];
     if (!s.is_array() || s.size() != 3) fail(path, "image_std must be a list of 3 numbers");
     for (int c = 0; c < 3; ++c) {
+      if (!s[c].is_number()) fail(path, "image_std must be a list of 3 numbers");
       img.std[c] = s[c].get<float>();
       if (!(img.std[c] > 0)) fail(path, "image_std must be positive");
     }
   }
   img.rescale = f.get_float("rescale_factor", img.rescale);
+  // A side length: a positive integer (given directly or as a field of an object).
+  auto side = [&](const json& v, const char* what) {
+    if (!v.is_number_integer() || !fits_int(v) || v.get<int>() <= 0)
+      fail(path, std::string(what) + " must be a positive integer, got " + v.dump());
+    return v.get<int>();
+  };
   if (f.has("crop_size")) {
     auto& c = j["crop_size"];
-    if (c.is_number_integer()) img.crop = c.get<int>();
-    else if (c.is_object() && c.contains("height")) img.crop = c["height"].get<int>();
+    if (c.is_number_integer()) img.crop = side(c, "crop_size");
+    else if (c.is_object() && c.contains("height")) img.crop = side(c["height"], "crop_size.height");
     else fail(path, "crop_size must be an integer or {height, width}");
   }
   if (f.has("size")) {
     auto& s = j["size"];
-    if (s.is_number_integer()) img.shortest_edge = s.get<int>();
-    else if (s.is_object() && s.contains("shortest_edge")) img.shortest_edge = s["shortest_edge"].get<int>();
-    else if (s.is_object() && s.contains("height")) img.shortest_edge = s["height"].get<int>();
+    if (s.is_number_integer()) img.shortest_edge = side(s, "size");
+    else if (s.is_object() && s.contains("shortest_edge")) img.shortest_edge = side(s["shortest_edge"], "size.shortest_edge");
+    else if (s.is_object() && s.contains("height")) img.shortest_edge = side(s["height"], "size.height");
     else fail(path, "size must be an integer, {shortest_edge} or {height, width}");
   }
   const int resample = f.get_int("resample", 3);
@@ -262,7 +287,8 @@ ModelConfig load_config(const std::string& dir, const std::string& vision_tower_
     const std::string ptype = top.get_str("mm_projector_type", "linear");
     if (ptype == "linear") {
       cfg.projector_layers = 1;
-    } else if (ptype.size() > 9 && ptype.rfind("mlp", 0) == 0 && ptype.substr(ptype.size() - 6) == "x_gelu" &&
+    } else if (ptype.size() > 9 && ptype.size() <= 12 &&  // mlpNx_gelu, N of 1 to 3 digits
+               ptype.rfind("mlp", 0) == 0 && ptype.substr(ptype.size() - 6) == "x_gelu" &&
                ptype.find_first_not_of("0123456789", 3) == ptype.size() - 6) {
       cfg.projector_layers = std::stoi(ptype.substr(3, ptype.size() - 9));
       if (cfg.projector_layers < 1) fail(path, "bad mm_projector_type '" + ptype + "'");
@@ -279,7 +305,8 @@ ModelConfig load_config(const std::string& dir, const std::string& vision_tower_
       const std::string vpath = (fs::path(vision_tower_dir) / "config.json").string();
       if (!fs::exists(vpath)) fail(vision_tower_dir, "no config.json in the vision tower directory");
       json vj = read_json(vpath);
-      if (vj.contains("vision_config")) vj = vj["vision_config"];  // a full CLIPModel config
+      if (vj.contains("vision_config")) vj = json(vj["vision_config"]);  // a full CLIPModel config
+      if (!vj.is_object()) fail(vpath, "the vision config is not a JSON object");
       cfg.vision = parse_vision(Fields{vj, vpath});
       const std::string vpre = (fs::path(vision_tower_dir) / "preprocessor_config.json").string();
       if (fs::exists(vpre)) {

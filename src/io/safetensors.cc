@@ -57,9 +57,16 @@ SafetensorsFile::SafetensorsFile(const std::string& path) {
     if (t.dtype_str == "F16") t.dtype = DType::F16, t.supported = true;
     if (t.dtype_str == "BF16") t.dtype = DType::BF16, t.supported = true;
     if (!info["shape"].is_array()) fail(where, "shape is not an array");
+    // The element count as TensorView::numel() forms it (left to right): every partial product must
+    // fit in int64_t, and the whole must fit in the data section, before anything multiplies it.
+    uint64_t count = 1;
     for (auto& d : info["shape"]) {
       if (!d.is_number_integer() || d.get<int64_t>() < 0) fail(where, "shape has a non-integer or negative dimension");
-      t.shape.push_back(d.get<int64_t>());
+      const uint64_t dim = d.get<uint64_t>();
+      if (dim > uint64_t(INT64_MAX) || (count != 0 && dim > uint64_t(INT64_MAX) / count))
+        fail(where, "shape " + info["shape"].dump() + " has more elements than a 64-bit count holds");
+      count *= dim;
+      t.shape.push_back(int64_t(dim));
     }
     auto& off = info["data_offsets"];
     if (!off.is_array() || off.size() != 2 || !off[0].is_number_unsigned() || !off[1].is_number_unsigned())
@@ -68,7 +75,10 @@ SafetensorsFile::SafetensorsFile(const std::string& path) {
     if (b > e || e > data_size)
       fail(where, "data_offsets [" + std::to_string(b) + ", " + std::to_string(e) + "] lie outside the data section of " +
                       std::to_string(data_size) + " bytes (file truncated or header wrong)");
-    uint64_t expect = uint64_t(t.numel()) * esize;
+    if (count > UINT64_MAX / esize)
+      fail(where, "holds " + std::to_string(e - b) + " bytes but dtype " + t.dtype_str + " and shape " + t.shape_str() +
+                      " need more than 2^64");
+    const uint64_t expect = count * esize;
     if (e - b != expect)
       fail(where, "holds " + std::to_string(e - b) + " bytes but dtype " + t.dtype_str + " and shape " + t.shape_str() +
                       " need " + std::to_string(expect));
@@ -94,12 +104,22 @@ std::unique_ptr<TensorStore> TensorStore::open(const std::string& path) {
   store->source_ = path;
   std::vector<std::string> files;
   std::map<std::string, std::string> expected;  // tensor -> shard file, from the index
-  if (!fs::exists(path)) fail(path, "no such file or directory");
-  if (fs::is_regular_file(path)) {
+  // std::filesystem's throwing calls would escape as std::filesystem::filesystem_error (a name too
+  // long, a folder that cannot be read): each answer is checked and becomes a pkv::Error.
+  std::error_code ec;
+  auto exists = [&](const fs::path& p, const std::string& whose) {
+    const bool yes = fs::exists(p, ec);
+    if (ec) fail(whose, "cannot look up '" + p.string() + "': " + ec.message());
+    return yes;
+  };
+  if (!exists(path, path)) fail(path, "no such file or directory");
+  const bool is_file = fs::is_regular_file(path, ec);
+  if (ec) fail(path, "cannot look it up: " + ec.message());
+  if (is_file) {
     files.push_back(path);
   } else {
     const fs::path dir(path);
-    if (fs::exists(dir / "model.safetensors.index.json")) {
+    if (exists(dir / "model.safetensors.index.json", path)) {
       const std::string ipath = (dir / "model.safetensors.index.json").string();
       json idx;
       try {
@@ -116,18 +136,22 @@ std::unique_ptr<TensorStore> TensorStore::open(const std::string& path) {
         expected[name] = (dir / shard.get<std::string>()).string();
       }
       for (auto& s : shard_names) {
-        if (!fs::exists(dir / s)) fail(ipath, "names shard '" + s + "', which is missing from " + path);
+        if (!exists(dir / s, ipath)) fail(ipath, "names shard '" + s + "', which is missing from " + path);
         files.push_back((dir / s).string());
       }
-    } else if (fs::exists(dir / "model.safetensors")) {
+    } else if (exists(dir / "model.safetensors", path)) {
       files.push_back((dir / "model.safetensors").string());
     } else {
       bool has_bin = false;
-      for (auto& e : fs::directory_iterator(dir)) {
+      fs::directory_iterator it(dir, ec), end;
+      if (ec) fail(path, "cannot list the folder: " + ec.message());
+      for (; it != end; it.increment(ec)) {
+        const fs::directory_entry& e = *it;
         const std::string n = e.path().filename().string();
         if (e.path().extension() == ".safetensors") files.push_back(e.path().string());
         if (e.path().extension() == ".bin" && n.rfind("pytorch_model", 0) == 0) has_bin = true;
       }
+      if (ec) fail(path, "cannot list the folder: " + ec.message());
       std::sort(files.begin(), files.end());
       if (files.empty() && has_bin) fail(path, bin_error(path));
       if (files.empty()) fail(path, "no .safetensors weights found (expected model.safetensors or model.safetensors.index.json)");

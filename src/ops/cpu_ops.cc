@@ -172,8 +172,11 @@ void linear(const float* x, int rows, const Linear& L, float* y) {
     // multiplies it with all rows of x through BLAS.
     const int block = std::max(16, std::min(256, (out + num_threads() - 1) / num_threads()));
     const int n_blocks = (out + block - 1) / block;
-    static thread_local std::vector<float> scratch;
     parallel_for(size_t(n_blocks), 1, [&](size_t b, size_t e, int) {
+      // Declared here, in the code the workers run: a thread_local declared in linear() itself is
+      // never constructed on a worker thread (no thread passes its declaration), so the workers
+      // used an object whose lifetime had not begun and never freed its buffer (found by LeakSanitizer).
+      static thread_local std::vector<float> scratch;
       for (size_t blk = b; blk < e; ++blk) {
         const int o0 = int(blk) * block, nb = std::min(block, out - o0);
         const float* wb;

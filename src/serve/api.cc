@@ -205,8 +205,9 @@ ChatRequest parse_chat_request(const std::string& body, const ParseOptions& opt)
   json j;
   try {
     j = json::parse(body);
-  } catch (const json::parse_error& e) {
-    // nlohmann's message starts with "[json.exception.parse_error.101] parse error at line 1, ..."
+  } catch (const json::exception& e) {
+    // nlohmann's message starts with "[json.exception.parse_error.101] parse error at line 1, ...".
+    // Not only parse_error: a number too large for a double ("1e400") is an out_of_range (406).
     std::string what = e.what();
     if (auto at = what.find("] "); at != std::string::npos) what = what.substr(at + 2);
     throw ApiError(400, "the request body is not valid JSON: " + what, "invalid_json");
