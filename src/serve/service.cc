@@ -103,7 +103,10 @@ Image ChatService::decode_image_input(const ImageInput& in) {
                     "image_too_large", "messages");
   };
   // Refuse huge images before decoding: a few kilobytes of PNG can claim gigabytes of pixels.
-  if (auto size = image_header_size(in.bytes); size && size->first * size->second > opt_.max_image_pixels)
+  // Unsigned: a header's sides are below 2^32 each, so the product is exact (a PNG claiming
+  // 0xFFFFFFFF x 0xFFFFFFFF overflowed int64_t, found by tests/fuzz/fuzz_image.cc).
+  if (auto size = image_header_size(in.bytes);
+      size && uint64_t(size->first) * uint64_t(size->second) > uint64_t(opt_.max_image_pixels))
     throw too_large(size->first, size->second);
   // Bounded concurrency: every handler thread may hold an image, and decoding is the memory peak.
   decode_slots_.acquire();

@@ -17,7 +17,12 @@
 #include "core/error.h"
 #include "io/config.h"
 #include "io/safetensors.h"
+#include "text/tokenizer.h"
+#include "kv/policy.h"
+#include "model/model.h"
 #include "serve/api.h"
+#include "serve/base64.h"
+#include "serve/scheduler.h"
 #include "serve/service.h"
 #include "vision/image.h"
 
@@ -185,4 +190,35 @@ TEST(FuzzRegressions, JpegHeaderSizeSkipsWhatLibjpegSkips) {
   EXPECT_EQ(serve::image_header_size(rst), std::make_pair(int64_t(12), int64_t(9)));
   EXPECT_FALSE(serve::image_header_size({0xFF, 0xD8, 0x00, 0xFF, 0xDA, 0x00, 0x02}));
   EXPECT_FALSE(serve::image_header_size({0xFF, 0xD8, 0xFF, 0xC0, 0x00, 0x11, 0x08, 0x40}));  // cut short
+}
+
+// The server's pixel check multiplied the header's sides as int64_t: a PNG claiming 0xFFFFFFFF x
+// 0xFFFFFFFF overflowed (undefined behaviour; the product wrapped below the limit and the image went
+// on to the decoder instead of being refused as too large).
+TEST(FuzzRegressions, ServerPixelCheckOfAHugePngHeaderDoesNotOverflow) {
+  const std::string dir = std::string(PKV_SOURCE_DIR) + "/models/prefixkv-llava-tiny";
+  auto model = Model::load(dir);
+  Tokenizer tok(dir + "/tokenizer.model");
+  serve::Scheduler sched(*model, tok, {});
+  serve::ServiceOptions opt;
+  opt.max_image_pixels = int64_t(1) << 24;
+  serve::ChatService svc(*model, tok, sched, opt, [](const std::string& name, std::optional<double> budget) {
+    PolicyOptions o;
+    o.budget = budget.value_or(0.2);
+    return make_policy(name, o);
+  });
+  for (uint32_t side : {0xFFFFFFFFu, 0x80000000u, 0x10000u}) {
+    std::vector<uint8_t> png = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1A, '\n', 0, 0, 0, 13, 'I', 'H', 'D', 'R'};
+    for (int k = 0; k < 2; ++k)
+      for (int shift : {24, 16, 8, 0}) png.push_back(uint8_t(side >> shift));
+    png.insert(png.end(), {8, 2, 0, 0, 0, 0, 0, 0, 0});  // depth, colour type, methods; CRC (not checked here)
+    const json body = {{"messages", {{{"role", "user"}, {"content", {{{"type", "image_url"},
+        {"image_url", {{"url", "data:image/png;base64," + serve::base64_encode(png.data(), png.size())}}}}}}}}}};
+    try {
+      svc.submit(body.dump());
+      ADD_FAILURE() << "accepted a " << side << " x " << side << " PNG";
+    } catch (const serve::ApiError& e) {
+      EXPECT_EQ(e.code(), "image_too_large") << side << ": " << e.what();
+    }
+  }
 }
