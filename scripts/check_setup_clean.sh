@@ -122,13 +122,20 @@ make_nodesource_deb() {
   ver=$(dpkg-query -W -f='${Version}' nodejs 2>/dev/null) || fail "no nodejs on this host to repack: pass --nodesource-deb"
   maint=$(dpkg-query -W -f='${Maintainer}' nodejs)
   case "$ver $maint" in *nodesource*|*NodeSource*) ;; *) fail "the host's nodejs ($ver) is not NodeSource's: pass --nodesource-deb" ;; esac
-  if [ -f "$out" ] && [ "$(dpkg-deb -f "$out" Version)" = "$ver" ]; then echo "$out"; return; fi
   local d
   d=$(mktemp -d "$work/repack.XXXXXX")
-  # the package's files as installed (directories come with their files)
-  dpkg-query -L nodejs | while IFS= read -r f; do
-    if [ -L "$f" ] || { [ -e "$f" ] && [ ! -d "$f" ]; }; then printf '%s\n' "${f#/}"; fi
-  done >"$d.list"
+  # the package's files as installed; its bundled modules (npm, corepack) whole, as they are now (npm
+  # may have replaced itself since: npm install -g npm)
+  dpkg-query -L nodejs >"$d.all"
+  {
+    while IFS= read -r f; do
+      case "$f" in /usr/lib/node_modules/*) continue ;; esac
+      if [ -L "$f" ] || { [ -e "$f" ] && [ ! -d "$f" ]; }; then printf '%s\n' "${f#/}"; fi
+    done <"$d.all"
+    grep -E '^/usr/lib/node_modules/[^/]+$' "$d.all" | while IFS= read -r m; do
+      if [ -d "$m" ]; then printf '%s\n' "${m#/}"; fi
+    done
+  } >"$d.list"
   tar -C / -cf - -T "$d.list" | tar -C "$d" -xf -
   mkdir "$d/DEBIAN"
   dpkg-query -s nodejs | grep -v -E '^(Status|Conffiles):' >"$d/DEBIAN/control"
@@ -137,7 +144,7 @@ make_nodesource_deb() {
     [ -f "/var/lib/dpkg/info/nodejs.$s" ] && install -m 755 "/var/lib/dpkg/info/nodejs.$s" "$d/DEBIAN/$s"
   done
   dpkg-deb --root-owner-group -Zgzip -z1 -b "$d" "$out" >/dev/null
-  rm -rf "$d" "$d.list"
+  rm -rf "$d" "$d.list" "$d.all"
   echo "$out"
 }
 
@@ -200,6 +207,7 @@ run_variant() {
     timed "$r" "$work/$v-nodesource-install.log" \
       "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends /root/nodejs-nodesource.deb"
     [ $rc -eq 0 ] || { tail -20 "$work/$v-nodesource-install.log"; fail "$v: installing the NodeSource-style nodejs"; }
+    in_root "$r" "node --version && npm --version" >/dev/null || fail "$v: the pre-installed node or npm does not run"
     note "pre-installed: nodejs $(in_root "$r" "dpkg-query -W -f='\${Version}' nodejs") (Provides: $(in_root "$r" "dpkg-query -W -f='\${Provides}' nodejs")); node $(in_root "$r" "node --version"), npm $(in_root "$r" "npm --version")"
     rm -rf "$r"/var/lib/apt/lists/*  # back to a machine whose lists are not fresh
     if [ -n "$repro" ]; then
