@@ -98,7 +98,7 @@ struct Record {
   size_t kv_bytes_prefill = 0;  // held right after the prefills (GPU: the pool's blocks)
   double floor_tok_s = 0;       // GPU: batch x bandwidth / bytes read per step (0: not measured)
   double step_ms = 0, step_gpu_ms = 0;  // per decode step: wall time, and GPU time of the model's work
-  // per decode step (GPU): host work before the launch, the policies on the host mirrors, the
+  // per decode step (GPU): host work before the launch, the policies on the host positions, the
   // compaction's host part and its GPU time
   double step_prep_ms = 0, step_policy_ms = 0, step_compact_ms = 0, step_compact_gpu_ms = 0;
   double prefill_policy_ms = 0, prefill_compact_ms = 0;  // GPU: of prefill_ms, the policy and the compaction

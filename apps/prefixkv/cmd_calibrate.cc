@@ -48,9 +48,10 @@ class ImportanceProbe : public KVPolicy {
   ImportanceProbe(Estimator e, int window) : est_(e), window_(window) {}
   std::string name() const override { return "probe"; }
   ImportanceRequest prefill_importance(int N) const override { return estimator_request(est_, window_, N); }
-  void after_prefill(KVCache&, const std::vector<std::vector<float>>& imp, int N) override {
+  KeepPlan after_prefill(const CacheView&, const std::vector<std::vector<float>>& imp, int N) override {
     scores.clear();
     for (auto& l : imp) scores.push_back(estimator_scores(est_, l, N));
+    return {};
   }
   std::vector<std::vector<float>> scores;
 

@@ -75,7 +75,10 @@ class Recorder : public KVPolicy {
   explicit Recorder(int from) : from_(from) {}
   std::string name() const override { return "recorder"; }
   ImportanceRequest prefill_importance(int) const override { return {true, from_}; }
-  void after_prefill(KVCache&, const std::vector<std::vector<float>>& imp, int) override { importance = imp; }
+  KeepPlan after_prefill(const CacheView&, const std::vector<std::vector<float>>& imp, int) override {
+    importance = imp;
+    return {};
+  }
   std::vector<std::vector<float>> importance;
 
  private:

@@ -227,14 +227,14 @@ void Session::prefill(const PreparedPrompt& p, float* logits, Observer* obs) {
   }
   model_.decode(p.embeddings.data(), T, pos.data(), cache_, call);
   pos_ = T;
-  policy_.after_prefill(cache_, importance, T);
+  cache_.apply(policy_.after_prefill(cache_, importance, T), policy_.name());
 }
 
 void Session::adopt_prefill(const KVCache& full, const std::vector<std::vector<float>>& importance, int N) {
   PKV_ASSERT(pos_ == 0);
   cache_ = full.clone();
   pos_ = N;
-  policy_.after_prefill(cache_, importance, N);
+  cache_.apply(policy_.after_prefill(cache_, importance, N), policy_.name());
 }
 
 void Session::step(int32_t token, float* logits, Observer* obs) {
@@ -248,7 +248,7 @@ void Session::step(int32_t token, float* logits, Observer* obs) {
   if (policy_.needs_decode_importance()) call.importance = &importance;
   model_.decode(x_.data(), 1, &position, cache_, call);
   ++pos_;
-  policy_.after_decode_step(cache_, pos_, call.importance ? &importance : nullptr);
+  cache_.apply(policy_.after_decode_step(cache_, pos_, call.importance ? &importance : nullptr), policy_.name());
 }
 
 void Session::step_many(const std::vector<Session*>& sessions, const int32_t* tokens, float* logits) {
@@ -273,7 +273,7 @@ void Session::step_many(const std::vector<Session*>& sessions, const int32_t* to
   for (int b = 0; b < B; ++b) {
     Session& s = *sessions[size_t(b)];
     ++s.pos_;
-    s.policy_.after_decode_step(s.cache_, s.pos_, imp_ptr[size_t(b)]);
+    s.cache_.apply(s.policy_.after_decode_step(s.cache_, s.pos_, imp_ptr[size_t(b)]), s.policy_.name());
   }
 }
 

@@ -17,7 +17,7 @@ constexpr const char* kWhere = "GPU session";
 }
 
 GpuSession::GpuSession(GpuModel& model, GpuKVPool& pool, KVPolicy& policy)
-    : model_(model), pool_(pool), policy_(policy), mirror_(model.config().text.n_layers), seq_(pool.blocks().add_sequence()) {
+    : model_(model), pool_(pool), policy_(policy), positions_(model.config().text.n_layers), seq_(pool.blocks().add_sequence()) {
   if (pool.stream() != model.stream()) {
     pool.blocks().remove_sequence(seq_);
     fail(kWhere, "the KV pool was made for another GpuModel");
@@ -36,22 +36,21 @@ std::vector<int> GpuSession::entries_per_layer() const {
 
 size_t GpuSession::kv_bytes() const { return size_t(pool_.blocks().blocks_held(seq_)) * pool_.block_bytes(); }
 
-// The mirror and the pool must agree on every layer's entry count (a bookkeeping bug otherwise).
-void GpuSession::check_mirror() const {
+// The host positions and the pool must agree on every layer's entry count (a bookkeeping bug otherwise).
+void GpuSession::check_positions() const {
   for (int l = 0; l < pool_.n_layers(); ++l)
-    PKV_ASSERT_MSG(mirror_.cache().layer(l).size() == pool_.blocks().entries(seq_, l),
-                   "GPU session " + std::to_string(seq_) + " layer " + std::to_string(l) + ": mirror holds " +
-                       std::to_string(mirror_.cache().layer(l).size()) + " entries, the pool " +
-                       std::to_string(pool_.blocks().entries(seq_, l)));
+    PKV_ASSERT_MSG(positions_.size(l) == pool_.blocks().entries(seq_, l),
+                   "GPU session " + std::to_string(seq_) + " layer " + std::to_string(l) + ": the host holds " +
+                       std::to_string(positions_.size(l)) + " positions, the pool " +
+                       std::to_string(pool_.blocks().entries(seq_, l)) + " entries");
 }
 
-template <class F>
-void GpuSession::run_policy(F&& policy_call, std::vector<GpuKVPool::Job>& jobs) {
-  mirror_.before_policy();
-  policy_call();
-  for (LayerEdit& e : mirror_.after_policy(policy_.name())) {
-    PKV_ASSERT(e.before == pool_.blocks().entries(seq_, e.layer));
-    jobs.push_back(GpuKVPool::Job{seq_, e.layer, std::move(e.keep), e.merge});
+void GpuSession::take_plan(KeepPlan plan, std::vector<GpuKVPool::Job>& jobs) {
+  check_plan(plan, positions_, policy_.name());
+  positions_.apply(plan);
+  for (LayerKeep& k : plan.layers) {
+    PKV_ASSERT(k.before == pool_.blocks().entries(seq_, k.layer));
+    jobs.push_back(GpuKVPool::Job{seq_, k.layer, std::move(k.keep), k.merge});
   }
 }
 
@@ -72,15 +71,15 @@ void GpuSession::prefill(const PreparedPrompt& p, float* logits) {
   const clock::time_point t0 = clock::now();
   model_.prefill(pool_, seq_, p.embeddings.data(), T, pos.data(), logits, req.needed ? &importance : nullptr, req.from);
   const clock::time_point t1 = clock::now();  // the prefill ends synchronised (logits, error flag)
-  mirror_.append_all(pos.data(), T);
+  positions_.append_all(pos.data(), T);
   pos_ = T;
   std::vector<GpuKVPool::Job> jobs;
-  run_policy([&] { policy_.after_prefill(mirror_.cache(), importance, T); }, jobs);
+  take_plan(policy_.after_prefill(positions_, importance, T), jobs);
   const clock::time_point t2 = clock::now();
   const bool compacts = !jobs.empty();
   pool_.compact(std::move(jobs));
   if (compacts) stream_synchronize(pool_.stream());
-  check_mirror();
+  check_positions();
   GpuKVPool::PrefillTimes& pt = pool_.prefill_times();
   ++pt.prefills;
   pt.model_ms += ms(t0, t1);
@@ -127,7 +126,7 @@ void GpuSession::step_many(const std::vector<GpuSession*>& sessions, const int32
   batch.logits = logits;
   if (any_importance) batch.importance = &importance;
   else batch.want_importance.clear();
-  // The policies, one sequence per task (each touches only its own mirror and policy): on the
+  // The policies, one sequence per task (each touches only its own positions and policy): on the
   // host this is O(entries changed) per sequence, and batches of dozens of sequences add up. Then
   // one compaction call for the whole batch.
   double policy_ms = 0, compact_ms = 0;
@@ -140,11 +139,11 @@ void GpuSession::step_many(const std::vector<GpuSession*>& sessions, const int32
         try {
           GpuSession& s = *sessions[i];
           const int32_t position = s.pos_;
-          s.mirror_.append_all(&position, 1);
+          s.positions_.append_all(&position, 1);
           ++s.pos_;
           const bool want = s.policy_.needs_decode_importance();
           const std::vector<std::vector<float>>* step_imp = want ? &importance[i] : nullptr;
-          s.run_policy([&] { s.policy_.after_decode_step(s.mirror_.cache(), s.pos_, step_imp); }, per[i]);
+          s.take_plan(s.policy_.after_decode_step(s.positions_, s.pos_, step_imp), per[i]);
         } catch (...) {
           errors[i] = std::current_exception();
         }
@@ -167,7 +166,7 @@ void GpuSession::step_many(const std::vector<GpuSession*>& sessions, const int32
   model.decode(pool, batch);  // throws before any change when out of blocks
   const clock::time_point t2 = clock::now();
   if (any_importance) evict();
-  for (const GpuSession* s : sessions) s->check_mirror();
+  for (const GpuSession* s : sessions) s->check_positions();
   GpuKVPool::StepTimes& st = pool.step_times();
   ++st.steps;
   st.embed_ms += ms(t0, t1);

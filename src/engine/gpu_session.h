@@ -1,10 +1,10 @@
 // One sequence decoding on the GPU: the twin of pkv::Session (src/engine/engine.h) over a shared
-// paged GpuKVPool. Plain C++ (no CUDA types); built with PREFIXKV_CUDA only (target pkv_cuda_model).
+// paged GpuKVPool. Plain C++ (no CUDA types); built with PREFIXKV_CUDA only (target pkv_engine_cuda).
 //
-// The session applies its KVPolicy exactly where the CPU Session does (after the prefill, after
-// every decode step), to a host KVMirror of its entries (positions and markers, kv/kv_mirror.h),
-// and carries the policy's decision over to the device: Elastic's merge (paged_kv_merge), the
-// compaction (paged_kv_compact) and the shrinking of the block tables (BlockPool::resize).
+// The session asks its KVPolicy exactly where the CPU Session does (after the prefill, after every
+// decode step), showing it the positions each layer holds (a host PositionTable), and the pool
+// applies the policy's keep plan on the device: Elastic's merge (paged_kv_merge), the compaction
+// (paged_kv_compact) and the shrinking of the block tables (BlockPool::resize).
 #pragma once
 #include <cstdint>
 #include <functional>
@@ -12,7 +12,7 @@
 #include <vector>
 
 #include "model/gpu_model.h"
-#include "kv/kv_mirror.h"
+#include "kv/keep_plan.h"
 #include "engine/engine.h"
 #include "kv/policy.h"
 
@@ -42,22 +42,21 @@ class GpuSession {
   int position() const { return pos_; }
   BlockPool::SeqId sequence() const { return seq_; }
   const KVPolicy& policy() const { return policy_; }
-  // The entries each layer holds (positions; the K/V rows are markers, not keys).
-  const KVCache& mirror() const { return mirror_.cache(); }
+  // The positions each layer holds (the pool holds their keys and values).
+  const PositionTable& positions() const { return positions_; }
   std::vector<int> entries_per_layer() const;
   // Device bytes of the blocks this session holds.
   size_t kv_bytes() const;
 
  private:
-  // Runs `policy_call` on the mirror and applies what it did to the device (collected into jobs).
-  template <class F>
-  void run_policy(F&& policy_call, std::vector<GpuKVPool::Job>& jobs);
-  void check_mirror() const;
+  // Checks the policy's plan, applies it to the host positions and adds its device work to jobs.
+  void take_plan(KeepPlan plan, std::vector<GpuKVPool::Job>& jobs);
+  void check_positions() const;
 
   GpuModel& model_;
   GpuKVPool& pool_;
   KVPolicy& policy_;
-  KVMirror mirror_;
+  PositionTable positions_;
   BlockPool::SeqId seq_;
   int pos_ = 0;
 };

@@ -40,7 +40,8 @@ std::vector<int32_t> BudgetedPolicy::select(int, const std::vector<float>& impor
   return top_entries(importance, n, protected_indices(N));
 }
 
-void BudgetedPolicy::after_prefill(KVCache& cache, const std::vector<std::vector<float>>& importance, int N) {
+KeepPlan BudgetedPolicy::after_prefill(const CacheView& cache, const std::vector<std::vector<float>>& importance,
+                                       int N) {
   prompt_len_ = N;
   const int L = cache.n_layers();
   std::vector<int> n = layer_budgets(importance, N, L);
@@ -48,55 +49,58 @@ void BudgetedPolicy::after_prefill(KVCache& cache, const std::vector<std::vector
   prefill_kept_ = n;
   keep_fraction_.assign(size_t(L), 1.0);
   static const std::vector<float> none;
+  KeepPlan plan;
   for (int l = 0; l < L; ++l) {
-    KVLayer& layer = cache.layer(l);
-    PKV_ASSERT(layer.size() == N);
+    PKV_ASSERT(cache.size(l) == N);
     keep_fraction_[size_t(l)] = double(n[size_t(l)]) / N;
     if (n[size_t(l)] >= N) continue;
     std::vector<int32_t> keep = select(l, importance.empty() ? none : importance[size_t(l)], n[size_t(l)], N);
     PKV_ASSERT_MSG(int(keep.size()) == n[size_t(l)], name() + " selected the wrong number of entries");
-    before_retain(layer, l, keep);
-    layer.retain(keep);
+    on_kept(l, keep);
+    plan.layers.push_back(LayerKeep{l, N, std::move(keep), merges_on_prefill()});
   }
+  return plan;
 }
 
-int BudgetedPolicy::decode_victim(const KVLayer& layer, int l) {
+int BudgetedPolicy::decode_victim(std::span<const int32_t> positions, int l) {
   // METHOD.md section 4: a fixed place, fifo_offset entries before the end of the prefill-kept part:
   // the entries before it are frozen and the ones after it (the prefill tail, then the generated
   // tokens) leave in FIFO order. Protected entries and the newest entry are skipped.
-  const int size = layer.size();
+  const int size = int(positions.size());
   int i = std::max(0, prefill_kept_[size_t(l)] - opt_.fifo_offset);
-  while (i < size - 1 && is_protected_position(layer.positions()[i])) ++i;
+  while (i < size - 1 && is_protected_position(positions[size_t(i)])) ++i;
   if (i >= size - 1) {  // everything from the fixed place on is protected: the oldest evictable entry
     i = 0;
-    while (i < size - 1 && is_protected_position(layer.positions()[i])) ++i;
+    while (i < size - 1 && is_protected_position(positions[size_t(i)])) ++i;
   }
   return i;
 }
 
-void BudgetedPolicy::evict(KVLayer& layer, int l, int i) {
-  std::vector<int32_t> keep;
-  keep.reserve(size_t(layer.size()));
-  for (int j = 0; j < layer.size(); ++j)
-    if (j != i) keep.push_back(j);
-  layer.retain(keep);
-  on_evicted(l, i);
-}
-
-void BudgetedPolicy::after_decode_step(KVCache& cache, int T, const std::vector<std::vector<float>>*) {
-  if (prefill_kept_.empty()) return;  // prefill kept everything
+KeepPlan BudgetedPolicy::after_decode_step(const CacheView& cache, int T, const std::vector<std::vector<float>>*) {
+  KeepPlan plan;
+  if (prefill_kept_.empty()) return plan;  // prefill kept everything
   for (int l = 0; l < cache.n_layers(); ++l) {
-    KVLayer& layer = cache.layer(l);
+    const int held = cache.size(l);
     int target = opt_.decode_rule == DecodeRule::Proportional
                      ? int(std::lround(keep_fraction_[size_t(l)] * T))
                      : prefill_kept_[size_t(l)];
-    target = std::max(target, std::min(layer.size(), opt_.protected_count + 1));
-    while (layer.size() > target) {
-      const int v = decode_victim(layer, l);
-      if (v >= layer.size() - 1) break;  // nothing evictable
-      evict(layer, l, v);
+    target = std::max(target, std::min(held, opt_.protected_count + 1));
+    if (held <= target) continue;
+    // Evict one entry at a time, each choice seeing the layer as the ones before left it: the
+    // layer's positions and, for the plan, the indices they hold in the layer as it is now.
+    const std::span<const int32_t> now = cache.positions(l);
+    std::vector<int32_t> positions(now.begin(), now.end()), keep(static_cast<size_t>(held));
+    std::iota(keep.begin(), keep.end(), 0);
+    while (int(keep.size()) > target) {
+      const int v = decode_victim(positions, l);
+      if (v >= int(keep.size()) - 1) break;  // nothing evictable
+      positions.erase(positions.begin() + v);
+      keep.erase(keep.begin() + v);
+      on_evicted(l, v);
     }
+    if (int(keep.size()) < held) plan.layers.push_back(LayerKeep{l, held, std::move(keep), false});
   }
+  return plan;
 }
 
 ImportanceRequest estimator_request(Estimator e, int window, int N) {

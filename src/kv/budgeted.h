@@ -1,7 +1,8 @@
 // The machinery every compressing policy shares: per-layer prefill budgets from the kept fraction,
-// the protected tokens, selection applied through KVLayer::retain, and the decode-time rule of
-// METHOD.md section 4. A policy overrides only what makes it different.
+// the protected tokens, the selection made into a keep plan, and the decode-time rule of METHOD.md
+// section 4. A policy overrides only what makes it different.
 #pragma once
+#include <span>
 #include <string>
 #include <vector>
 
@@ -13,8 +14,10 @@ class BudgetedPolicy : public KVPolicy {
  public:
   explicit BudgetedPolicy(const PolicyOptions& opt) : opt_(opt) {}
 
-  void after_prefill(KVCache& cache, const std::vector<std::vector<float>>& importance, int prompt_len) override;
-  void after_decode_step(KVCache& cache, int total_tokens, const std::vector<std::vector<float>>* step_importance) override;
+  KeepPlan after_prefill(const CacheView& cache, const std::vector<std::vector<float>>& importance,
+                         int prompt_len) override;
+  KeepPlan after_decode_step(const CacheView& cache, int total_tokens,
+                             const std::vector<std::vector<float>>* step_importance) override;
 
   const PolicyOptions& options() const { return opt_; }
   // The kept fraction for this request (a token budget becomes tokens / N).
@@ -26,18 +29,19 @@ class BudgetedPolicy : public KVPolicy {
   // Entries of layer l to keep (ascending indices into the layer), exactly n of them, including the
   // protected ones. Default: the highest `scores(l)`.
   virtual std::vector<int32_t> select(int layer, const std::vector<float>& importance, int n, int N);
-  // Called with the layer and the kept indices before retain() (Elastic merges here).
-  virtual void before_retain(KVLayer& layer, int l, const std::vector<int32_t>& keep) { (void)layer, (void)l, (void)keep; }
-  // Index of the entry to evict from layer l during decoding (default: the fixed place).
-  virtual int decode_victim(const KVLayer& layer, int l);
+  // Whether the prefill's kept entries absorb the evicted ones (Elastic: the plan's merge flag).
+  virtual bool merges_on_prefill() const { return false; }
+  // Called with the kept indices of layer l's prefill plan (per-entry state follows them here).
+  virtual void on_kept(int l, const std::vector<int32_t>& keep) { (void)l, (void)keep; }
+  // Index of the entry to evict from layer l during decoding, given the positions it holds now
+  // (default: the fixed place).
+  virtual int decode_victim(std::span<const int32_t> positions, int l);
   // Keeps per-policy per-entry state aligned with the layer after evicting index `i`.
   virtual void on_evicted(int l, int i) { (void)l, (void)i; }
 
   // The prompt's protected entries (indices = positions right after the prefill).
   std::vector<int32_t> protected_indices(int N) const;
   bool is_protected_position(int32_t pos) const;
-  // Evicts one entry of layer l at index i.
-  void evict(KVLayer& layer, int l, int i);
 
   PolicyOptions opt_;
   int prompt_len_ = 0;

@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "core/error.h"
+#include "ops/kv_merge.h"
 
 namespace pkv {
 
@@ -14,7 +15,6 @@ void KVLayer::reserve(int entries) {
 }
 
 void KVLayer::append(const float* k, const float* v, const int32_t* positions, int n) {
-  ++edits_;
   for (int i = 0; i < n; ++i)
     PKV_ASSERT_MSG((pos_.empty() && i == 0) || positions[i] > (i ? positions[i - 1] : pos_.back()),
                    "KV positions must increase");
@@ -24,7 +24,6 @@ void KVLayer::append(const float* k, const float* v, const int32_t* positions, i
 }
 
 void KVLayer::retain(std::span<const int32_t> keep) {
-  ++edits_;
   const size_t d = size_t(kv_dim_);
   for (size_t i = 0; i < keep.size(); ++i) {
     PKV_ASSERT(keep[i] >= 0 && keep[i] < size());
@@ -49,8 +48,29 @@ void KVLayer::retain(std::span<const int32_t> keep) {
   }
 }
 
+void KVLayer::apply(const LayerKeep& plan) {
+  PKV_ASSERT(plan.before == size());
+  if (plan.merge) {
+    const size_t d = size_t(kv_dim_);
+    const int n_keep = int(plan.keep.size());
+    std::vector<double> ksum(d), vsum(d);
+    for (int m = 0; m < n_keep; ++m) {
+      const int lo = ops::merge_group_lo(plan.keep.data(), m);
+      const int hi = ops::merge_group_hi(plan.keep.data(), m, n_keep, size());
+      std::fill(ksum.begin(), ksum.end(), 0.0);
+      std::fill(vsum.begin(), vsum.end(), 0.0);
+      for (int i = lo; i <= hi; ++i)
+        for (size_t x = 0; x < d; ++x) ksum[x] += k_[size_t(i) * d + x], vsum[x] += v_[size_t(i) * d + x];
+      const double count = hi - lo + 1;
+      float* k = &k_[size_t(plan.keep[size_t(m)]) * d];
+      float* v = &v_[size_t(plan.keep[size_t(m)]) * d];
+      for (size_t x = 0; x < d; ++x) k[x] = float(ksum[x] / count), v[x] = float(vsum[x] / count);
+    }
+  }
+  retain(plan.keep);
+}
+
 void KVLayer::clear() {
-  ++edits_;
   k_.clear();
   v_.clear();
   pos_.clear();
@@ -70,6 +90,11 @@ void KVCache::reserve(int entries) {
 
 void KVCache::clear() {
   for (auto& l : layers_) l.clear();
+}
+
+void KVCache::apply(const KeepPlan& plan, const std::string& who) {
+  check_plan(plan, *this, who);
+  for (const LayerKeep& k : plan.layers) layers_[size_t(k.layer)].apply(k);
 }
 
 size_t KVCache::bytes() const {

@@ -7,8 +7,11 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <span>
 #include <vector>
+
+#include "kv/keep_plan.h"
 
 namespace pkv {
 
@@ -21,17 +24,8 @@ class KVLayer {
   const float* keys() const { return k_.data(); }    // [size, kv_dim]
   const float* values() const { return v_.data(); }  // [size, kv_dim]
   const int32_t* positions() const { return pos_.data(); }  // [size], strictly increasing
-  float* mutable_keys() {
-    ++edits_;
-    return k_.data();
-  }
-  float* mutable_values() {
-    ++edits_;
-    return v_.data();
-  }
-  // Counts the calls that may have changed the layer (append, retain, clear, mutable_keys/values):
-  // unchanged means untouched (the GPU mirror skips such layers; src/kv/kv_mirror.h).
-  uint64_t edits() const { return edits_; }
+  float* mutable_keys() { return k_.data(); }
+  float* mutable_values() { return v_.data(); }
 
   void reserve(int entries);
   // Appends n entries; k, v: [n, kv_dim]; positions must be larger than every held position.
@@ -39,6 +33,10 @@ class KVLayer {
   // Keeps the entries at the given indices (strictly increasing, within [0, size)), in order,
   // and releases the storage of the others.
   void retain(std::span<const int32_t> keep);
+  // Applies a policy's plan for this layer: with plan.merge, each kept entry's key and value first
+  // become the mean over its nearest-kept group (ops/kv_merge.h; sums in double); then retain.
+  // The plan must have passed check_plan.
+  void apply(const LayerKeep& plan);
   void clear();
 
   size_t bytes() const;     // bytes of the entries held: size * 2 * kv_dim * sizeof(float)
@@ -48,13 +46,17 @@ class KVLayer {
   int kv_dim_;
   std::vector<float> k_, v_;
   std::vector<int32_t> pos_;
-  uint64_t edits_ = 0;
 };
 
-class KVCache {
+class KVCache : public CacheView {
  public:
   KVCache(int n_layers, int kv_dim);
-  int n_layers() const { return int(layers_.size()); }
+  int n_layers() const override { return int(layers_.size()); }
+  std::span<const int32_t> positions(int l) const override {
+    return {layers_[size_t(l)].positions(), size_t(layers_[size_t(l)].size())};
+  }
+  // Checks a policy's plan (check_plan, naming `who`) and applies it to every layer it names.
+  void apply(const KeepPlan& plan, const std::string& who);
   KVLayer& layer(int l) { return layers_[size_t(l)]; }
   const KVLayer& layer(int l) const { return layers_[size_t(l)]; }
   void reserve(int entries);

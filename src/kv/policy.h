@@ -1,12 +1,21 @@
-// KV-cache eviction policies (METHOD.md): small objects that see importance and say which entries
-// each layer keeps; the cache applies the decision (KVLayer::retain). One file per policy in
-// src/kv/policies/, listed once in policy_registry.cc.
+// KV-cache eviction policies (METHOD.md): small objects that see importance and the cache's shape
+// and return a keep plan (kv/keep_plan.h): per layer, the entries to keep and whether they absorb
+// the others. They never touch keys or values: every cache applies the same plan (the CPU cache,
+// KVCache::apply; the paged GPU pool, GpuKVPool::compact). One file per policy in src/kv/policies/,
+// listed once in policy_registry.cc.
+//
+// What a policy object may keep between calls: one object serves one sequence, from its prefill to
+// its end, and may keep what it derived from the calls it saw (the prompt length, the layer budgets
+// it chose, per-entry scores aligned with the entries its plans kept). It may count on every plan it
+// returned having been applied before its next call, so per-entry state stays aligned by replaying
+// its own plans. It keeps no pointer or reference into a cache, and it reads the cache only through
+// the CacheView it is handed.
 #pragma once
 #include <memory>
 #include <string>
 #include <vector>
 
-#include "kv/kv_cache.h"
+#include "kv/keep_plan.h"
 
 namespace pkv {
 
@@ -54,16 +63,20 @@ class KVPolicy {
   virtual std::string name() const = 0;
   virtual ImportanceRequest prefill_importance(int prompt_len) const { (void)prompt_len; return {}; }
   virtual bool needs_decode_importance() const { return false; }
-  // After the prefill of `prompt_len` tokens; importance[l] covers layer l's entries (empty if not
-  // requested).
-  virtual void after_prefill(KVCache& cache, const std::vector<std::vector<float>>& importance, int prompt_len) {
+  // After the prefill of `prompt_len` tokens: what each layer keeps. importance[l] covers layer l's
+  // entries (empty if not requested).
+  virtual KeepPlan after_prefill(const CacheView& cache, const std::vector<std::vector<float>>& importance,
+                                 int prompt_len) {
     (void)cache, (void)importance, (void)prompt_len;
+    return {};
   }
   // After each decode step; `total_tokens` = prompt + generated tokens held so far (the new token
-  // included). step_importance (when requested) is the new query's attention over each layer.
-  virtual void after_decode_step(KVCache& cache, int total_tokens,
-                                 const std::vector<std::vector<float>>* step_importance) {
+  // included, and held by every layer of `cache`). step_importance (when requested) is the new
+  // query's attention over each layer's entries.
+  virtual KeepPlan after_decode_step(const CacheView& cache, int total_tokens,
+                                     const std::vector<std::vector<float>>* step_importance) {
     (void)cache, (void)total_tokens, (void)step_importance;
+    return {};
   }
   // Entries each layer kept after the prefill (empty for full).
   const std::vector<int>& prefill_kept() const { return prefill_kept_; }

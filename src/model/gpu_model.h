@@ -61,7 +61,7 @@ class GpuKVPool {
   PrefillTimes& prefill_times() { return prefill_times_; }
   // Where the batched decode steps' wall time went (GpuSession::step_many adds to it): the input
   // embeddings, the model's step (GpuModel::decode: metadata, launch, waiting for the logits), the
-  // policies on the host mirrors, and the compaction's host part (checks, metadata, enqueueing).
+  // policies on the host positions, and the compaction's host part (checks, metadata, enqueueing).
   struct StepTimes {
     int steps = 0;
     double embed_ms = 0, model_ms = 0, policy_ms = 0, compact_ms = 0;

@@ -592,7 +592,7 @@ void check_merge(Backend& be, DType dt, int block_size, int kv_dim, int n_layers
   // One table per layer of one sequence; positions 0..N-1 as after a prefill.
   PagedFixture f(be, dt, block_size, kv_dim, std::vector<int>(size_t(n_layers), N), rng, true);
 
-  // CPU twin: the elastic policy on a KVCache holding the same (rounded) entries.
+  // CPU twin: the elastic policy's plan applied to a KVCache holding the same (rounded) entries.
   KVCache cache(n_layers, kv_dim);
   std::vector<std::vector<float>> importance;
   for (int l = 0; l < n_layers; ++l) {
@@ -604,7 +604,9 @@ void check_merge(Backend& be, DType dt, int block_size, int kv_dim, int n_layers
   PolicyOptions opt;
   opt.budget = budget;
   auto policy = make_policy("elastic", opt);
-  policy->after_prefill(cache, importance, N);
+  const KeepPlan plan = policy->after_prefill(cache, importance, N);
+  for (const LayerKeep& k : plan.layers) EXPECT_TRUE(k.merge) << "elastic's prefill plan merges";
+  cache.apply(plan, policy->name());
 
   std::vector<int32_t> job_table, keep_all, offsets{0}, lengths;
   for (int l = 0; l < n_layers; ++l) {

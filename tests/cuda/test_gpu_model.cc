@@ -4,7 +4,7 @@
 //       where the CPU's own margin is within the measured logit error (reported);
 //   (c) image features (CLIP tower + projector on the GPU);
 //   (d) the policies keep the same entries after the prefill (mismatches <= 1% of the entries), and
-//       the pool holds exactly the entries the mirror says, with the CPU's values;
+//       the pool holds exactly the entries of the session's host positions, with the CPU's values;
 //   (e) step_many (one batched call) = step one session at a time; token ids = embeddings;
 //   (f) out of blocks / out of memory: pkv::Error, nothing changed.
 // Every measured number is printed on a line starting with "gpu_model:" (scripts/gpu_test.sh shows
@@ -18,6 +18,7 @@
 #include <memory>
 #include <numeric>
 #include <set>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -252,29 +253,29 @@ TEST(GpuModel, ImageFeaturesMatchTheCpu) {
 // ---------------------------------------------------------------------------------------------
 // (d) the policies on both back ends.
 
-std::vector<std::set<int32_t>> kept_sets(const KVCache& c) {
+std::vector<std::set<int32_t>> kept_sets(const CacheView& c) {
   std::vector<std::set<int32_t>> s;
-  for (int l = 0; l < c.n_layers(); ++l) s.emplace_back(c.layer(l).positions(), c.layer(l).positions() + c.layer(l).size());
+  for (int l = 0; l < c.n_layers(); ++l) s.emplace_back(c.positions(l).begin(), c.positions(l).end());
   return s;
 }
 
-// The pool holds, in every layer, exactly the mirror's positions, in order.
-void expect_pool_matches_mirror(GpuKVPool& pool, const GpuSession& s, const std::string& what) {
+// The pool holds, in every layer, exactly the session's host positions, in order.
+void expect_pool_matches_positions(GpuKVPool& pool, const GpuSession& s, const std::string& what) {
   for (int l = 0; l < pool.n_layers(); ++l) {
     std::vector<int32_t> pos;
     pool.read_layer(s.sequence(), l, nullptr, nullptr, &pos);
-    const KVLayer& m = s.mirror().layer(l);
-    const std::vector<int32_t> want(m.positions(), m.positions() + m.size());
+    const std::span<const int32_t> m = s.positions().positions(l);
+    const std::vector<int32_t> want(m.begin(), m.end());
     if (pos == want) continue;
     std::string detail;
     const std::vector<int32_t>& map = pool.blocks().slot_map(s.sequence(), l);
     for (size_t i = 0; i < std::min(pos.size(), want.size()); ++i)
       if (pos[i] != want[i]) {
-        detail += " [" + std::to_string(i) + "]: pool " + std::to_string(pos[i]) + ", mirror " + std::to_string(want[i]) +
+        detail += " [" + std::to_string(i) + "]: pool " + std::to_string(pos[i]) + ", host " + std::to_string(want[i]) +
                   " (slot " + std::to_string(slot_of(map, int32_t(i))) + ");";
         if (detail.size() > 300) break;
       }
-    ADD_FAILURE() << what << " layer " << l << ": the pool holds " << pos.size() << " entries, the mirror " << want.size()
+    ADD_FAILURE() << what << " layer " << l << ": the pool holds " << pos.size() << " entries, the host positions " << want.size()
                   << "; slot map of " << map.size() << ";" << detail;
   }
 }
@@ -296,9 +297,9 @@ TEST(GpuModel, PoliciesKeepTheSameEntries) {
         auto gpu_policy = policy(name, 0.2);
         GpuSession gs(gm, pool, *gpu_policy);
         gs.prefill(l.prompt, logits.data());
-        expect_pool_matches_mirror(pool, gs, "after prefill");
+        expect_pool_matches_positions(pool, gs, "after prefill");
 
-        const auto a = kept_sets(cpu.cache()), b = kept_sets(gs.mirror());
+        const auto a = kept_sets(cpu.cache()), b = kept_sets(gs.positions());
         int mismatch = 0, kept = 0, count_diff = 0;
         for (size_t i = 0; i < a.size(); ++i) {
           int only_cpu = 0, only_gpu = 0;
@@ -318,7 +319,7 @@ TEST(GpuModel, PoliciesKeepTheSameEntries) {
 }
 
 // Every policy through the prefill and 8 decode steps on the tiny model: the pool holds exactly the
-// mirror's entries, and where a layer keeps the same entries as the CPU its K and V are the CPU's
+// host positions' entries, and where a layer keeps the same entries as the CPU its K and V are the CPU's
 // (Elastic's merged means included).
 TEST(GpuModel, PoolHoldsThePolicysEntriesWithTheCpuValues) {
   Loaded& l = load(kTiny);
@@ -340,13 +341,13 @@ TEST(GpuModel, PoolHoldsThePolicysEntriesWithTheCpuValues) {
       cpu.step(l.cpu_tokens[size_t(i)], lc.data());
       gs.step(l.cpu_tokens[size_t(i)], lg.data());
     }
-    expect_pool_matches_mirror(pool, gs, "after 8 steps");
+    expect_pool_matches_positions(pool, gs, "after 8 steps");
     double worst = 0;
     int same_layers = 0;
     for (int layer = 0; layer < l.L(); ++layer) {
       const KVLayer& c = cpu.cache().layer(layer);
-      const KVLayer& m = gs.mirror().layer(layer);
-      if (c.size() != m.size() || !std::equal(c.positions(), c.positions() + c.size(), m.positions())) continue;
+      const std::span<const int32_t> m = gs.positions().positions(layer);
+      if (c.size() != int(m.size()) || !std::equal(c.positions(), c.positions() + c.size(), m.begin())) continue;
       ++same_layers;
       std::vector<float> k, v;
       pool.read_layer(gs.sequence(), layer, &k, &v, nullptr);
@@ -427,12 +428,12 @@ TEST(GpuModel, BatchedStepsEqualOneAtATime) {
       if (argmax(&lb[size_t(i) * V], V) != argmax(&ls[size_t(i) * V], V)) ++token_diffs;
       EXPECT_EQ(batched[size_t(i)]->position(), single[size_t(i)]->position());
       for (int layer = 0; layer < l.L(); ++layer) {
-        const KVLayer& a = batched[size_t(i)]->mirror().layer(layer);
-        const KVLayer& b = single[size_t(i)]->mirror().layer(layer);
-        EXPECT_TRUE(a.size() == b.size() && std::equal(a.positions(), a.positions() + a.size(), b.positions()))
+        const std::span<const int32_t> a = batched[size_t(i)]->positions().positions(layer);
+        const std::span<const int32_t> b = single[size_t(i)]->positions().positions(layer);
+        EXPECT_TRUE(std::equal(a.begin(), a.end(), b.begin(), b.end()))
             << "sequence " << i << " layer " << layer << ": batched and single keep different entries";
       }
-      expect_pool_matches_mirror(pool, *batched[size_t(i)], "batched sequence " + std::to_string(i));
+      expect_pool_matches_positions(pool, *batched[size_t(i)], "batched sequence " + std::to_string(i));
     }
     std::printf("gpu_model: (e) tiny %-4s 3 sequences (T = %zu, %zu, %zu; snapkv 0.2, full, h2o 0.5), %d steps: "
                 "batched vs one at a time worst norm-rel logit difference %.3g (bound %.0e), %d greedy-token differences\n",
@@ -507,9 +508,9 @@ TEST(GpuModel, GraphStepsEqualPlainLaunches) {
     EXPECT_LE(captures, 3);
     for (int i = 0; i < 2; ++i)
       for (int layer = 0; layer < l.L(); ++layer) {
-        const KVLayer& a = g.sessions[size_t(i)]->mirror().layer(layer);
-        const KVLayer& b = p.sessions[size_t(i)]->mirror().layer(layer);
-        EXPECT_TRUE(a.size() == b.size() && std::equal(a.positions(), a.positions() + a.size(), b.positions()))
+        const std::span<const int32_t> a = g.sessions[size_t(i)]->positions().positions(layer);
+        const std::span<const int32_t> b = p.sessions[size_t(i)]->positions().positions(layer);
+        EXPECT_TRUE(std::equal(a.begin(), a.end(), b.begin(), b.end()))
             << "sequence " << i << " layer " << layer;
       }
 

@@ -13,18 +13,20 @@ using namespace pkv;
 
 namespace {
 
-// Keeps everything, but through retain(): must change nothing.
+// Keeps everything, but through a plan naming every layer: must change nothing.
 class RetainAllPolicy : public KVPolicy {
  public:
   std::string name() const override { return "retain-all"; }
-  void after_prefill(KVCache& c, const std::vector<std::vector<float>>&, int) override { all(c); }
-  void after_decode_step(KVCache& c, int, const std::vector<std::vector<float>>*) override { all(c); }
-  static void all(KVCache& c) {
+  KeepPlan after_prefill(const CacheView& c, const std::vector<std::vector<float>>&, int) override { return all(c); }
+  KeepPlan after_decode_step(const CacheView& c, int, const std::vector<std::vector<float>>*) override { return all(c); }
+  static KeepPlan all(const CacheView& c) {
+    KeepPlan plan;
     for (int l = 0; l < c.n_layers(); ++l) {
-      std::vector<int32_t> keep(static_cast<size_t>(c.layer(l).size()));
+      std::vector<int32_t> keep(static_cast<size_t>(c.size(l)));
       std::iota(keep.begin(), keep.end(), 0);
-      c.layer(l).retain(keep);
+      plan.layers.push_back(LayerKeep{l, c.size(l), keep, false});
     }
+    return plan;
   }
 };
 
@@ -33,17 +35,19 @@ class RetainAllPolicy : public KVPolicy {
 class DropInLayerOne : public KVPolicy {
  public:
   std::string name() const override { return "drop-l1"; }
-  void after_prefill(KVCache& c, const std::vector<std::vector<float>>&, int n) override {
+  KeepPlan after_prefill(const CacheView&, const std::vector<std::vector<float>>&, int n) override {
     std::vector<int32_t> keep = {0};
     for (int i = n / 2; i < n; ++i) keep.push_back(i);
-    c.layer(1).retain(keep);
     prefill_kept = int(keep.size());
+    return KeepPlan{{LayerKeep{1, n, keep, false}}};
   }
-  void after_decode_step(KVCache& c, int, const std::vector<std::vector<float>>*) override {
+  KeepPlan after_decode_step(const CacheView& c, int, const std::vector<std::vector<float>>*) override {
     std::vector<int32_t> keep = {0};
-    for (int i = 2; i < c.layer(1).size(); ++i) keep.push_back(i);
-    c.layer(1).retain(keep);
-    positions_seen.assign(c.layer(1).positions(), c.layer(1).positions() + c.layer(1).size());
+    for (int i = 2; i < c.size(1); ++i) keep.push_back(i);
+    // The positions layer 1 will hold once the plan is applied.
+    positions_seen.clear();
+    for (int32_t i : keep) positions_seen.push_back(c.positions(1)[size_t(i)]);
+    return KeepPlan{{LayerKeep{1, c.size(1), keep, false}}};
   }
   int prefill_kept = 0;
   std::vector<int32_t> positions_seen;

@@ -264,7 +264,7 @@ TEST(Policies, PrefixPoolingKeepsTheSpikesNeighbourhood) {
     PolicyOptions o = options(7.0 / N);  // 7 entries: the 2 protected + 5 chosen
     o.prefix_pool = pool;
     auto p = make_policy("uniform-prefix", o);
-    p->after_prefill(cache, {imp}, N);
+    cache.apply(p->after_prefill(cache, {imp}, N), p->name());
     const KVLayer& l = cache.layer(0);
     ASSERT_EQ(l.size(), 7);
     std::vector<int32_t> kept(l.positions(), l.positions() + l.size());

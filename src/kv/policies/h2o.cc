@@ -16,13 +16,13 @@ class H2OPolicy : public BudgetedPolicy {
   ImportanceRequest prefill_importance(int N) const override { return estimator_request(Estimator::Paper, 0, N); }
   bool needs_decode_importance() const override { return true; }
 
-  void after_prefill(KVCache& cache, const std::vector<std::vector<float>>& imp, int N) override {
-    score_ = imp;  // aligned with every layer's entries; compacted in before_retain
+  KeepPlan after_prefill(const CacheView& cache, const std::vector<std::vector<float>>& imp, int N) override {
+    score_ = imp;  // aligned with every layer's entries; follows the plan in on_kept / on_evicted
     score_.resize(size_t(cache.n_layers()), std::vector<float>(size_t(N), 0.f));
-    BudgetedPolicy::after_prefill(cache, imp, N);
+    return BudgetedPolicy::after_prefill(cache, imp, N);
   }
 
-  void after_decode_step(KVCache& cache, int T, const std::vector<std::vector<float>>* step) override {
+  KeepPlan after_decode_step(const CacheView& cache, int T, const std::vector<std::vector<float>>* step) override {
     // Accumulate the new query's attention (over every entry, the new one included) first.
     for (int l = 0; l < cache.n_layers(); ++l) {
       auto& acc = score_[size_t(l)];
@@ -30,7 +30,7 @@ class H2OPolicy : public BudgetedPolicy {
       if (step && l < int(step->size()) && (*step)[size_t(l)].size() == acc.size())
         for (size_t j = 0; j < acc.size(); ++j) acc[j] += (*step)[size_t(l)][j];
     }
-    BudgetedPolicy::after_decode_step(cache, T, step);
+    return BudgetedPolicy::after_decode_step(cache, T, step);
   }
 
  protected:
@@ -41,20 +41,20 @@ class H2OPolicy : public BudgetedPolicy {
     (void)l;
     return top_entries(s, n, protected_indices(N));
   }
-  void before_retain(KVLayer&, int l, const std::vector<int32_t>& keep) override {
+  void on_kept(int l, const std::vector<int32_t>& keep) override {
     std::vector<float> kept;
     for (int32_t i : keep) kept.push_back(score_[size_t(l)][size_t(i)]);
     score_[size_t(l)] = std::move(kept);
   }
-  int decode_victim(const KVLayer& layer, int l) override {
+  int decode_victim(std::span<const int32_t> positions, int l) override {
     // The lightest entry outside the recent window (half of the layer's prefill budget).
-    const int size = layer.size(), recent = std::max(1, prefill_kept_[size_t(l)] / 2);
+    const int size = int(positions.size()), recent = std::max(1, prefill_kept_[size_t(l)] / 2);
     int best = -1;
     for (int i = 0; i < size - recent; ++i) {
-      if (is_protected_position(layer.positions()[i])) continue;
+      if (is_protected_position(positions[size_t(i)])) continue;
       if (best < 0 || score_[size_t(l)][size_t(i)] < score_[size_t(l)][size_t(best)]) best = i;
     }
-    return best >= 0 ? best : BudgetedPolicy::decode_victim(layer, l);
+    return best >= 0 ? best : BudgetedPolicy::decode_victim(positions, l);
   }
   void on_evicted(int l, int i) override { score_[size_t(l)].erase(score_[size_t(l)].begin() + i); }
 

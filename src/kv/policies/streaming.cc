@@ -20,7 +20,9 @@ class StreamingPolicy : public BudgetedPolicy {
     for (int i = N - (n - s); i < N; ++i) keep.push_back(i);
     return keep;
   }
-  int decode_victim(const KVLayer& layer, int) override { return std::min(opt_.sinks, layer.size() - 1); }
+  int decode_victim(std::span<const int32_t> positions, int) override {
+    return std::min(opt_.sinks, int(positions.size()) - 1);
+  }
 };
 
 }  // namespace

@@ -299,8 +299,8 @@ void paged_kv_compact(const PagedKV& kv, const PagedJobs& jobs, void* stream);
 // Elastic Cache merge (run before the compaction): keep lists the kept LOGICAL entries (strictly
 // increasing); every logical entry i < lengths[j] is assigned to its nearest kept entry by index
 // (ties to the earlier one), and each kept entry's K and V become the mean over its group
-// (positions unchanged), read and written through the slot maps. Twin: the elastic policy's
-// before_retain (src/kv/policies/elastic.cc).
+// (positions unchanged), read and written through the slot maps. The groups: ops/kv_merge.h.
+// Twin: KVLayer::apply of a plan with merge (src/kv/kv_cache.cc).
 void paged_kv_merge(const PagedKV& kv, const PagedJobs& jobs, void* stream);
 
 }  // namespace pkv::cuda

@@ -6,6 +6,7 @@
 
 #include "ops/cuda/kernel_types.h"
 #include "ops/cuda/plan.h"
+#include "ops/kv_merge.h"
 
 namespace pkv::cuda::detail {
 
@@ -177,9 +178,7 @@ __device__ void paged_compact(Ctx& c, const PagedParams& p) {
 }
 
 // Elastic merge. Same thread layout as compaction. Kept entry m's group is the index range
-// [lo, hi] of the entries nearest to keep[m] (ties to the earlier kept entry):
-//   lo = 0 for m = 0, else floor((keep[m-1] + keep[m]) / 2) + 1;  hi = N-1 for the last, else
-//   floor((keep[m] + keep[m+1]) / 2).
+// [lo, hi] of the entries nearest to keep[m] (ops/kv_merge.h, the rule the CPU cache uses too).
 // Groups are disjoint and each group's mean is written to its own kept entry only, so the order of
 // the work does not matter. Sums in float32, mean rounded once to the pool's type.
 template <class T, class Ctx>
@@ -197,8 +196,8 @@ __device__ void paged_merge(Ctx& c, const PagedParams& p) {
   const int* slot = so >= 0 ? p.slots + so : nullptr;  // logical entry -> slot (null: the same)
   uint32_t* pool = static_cast<uint32_t*>(p.pool);
   for (int m = 0; m < n_keep; ++m) {
-    const int lo = m == 0 ? 0 : (keep[m - 1] + keep[m]) / 2 + 1;
-    const int hi = m == n_keep - 1 ? N - 1 : (keep[m] + keep[m + 1]) / 2;
+    const int lo = ops::merge_group_lo(keep, m);
+    const int hi = ops::merge_group_hi(keep, m, n_keep, N);
     if (hi <= lo) continue;  // a group of one: unchanged
     float s0 = 0.f, s1 = 0.f;
     int64_t where = 0;

@@ -1,0 +1,68 @@
+// Keep plans: what a KV policy decides (src/kv/policy.h), applied by every cache alike: the CPU
+// cache (KVCache::apply) and the paged GPU pool (GpuKVPool::compact). Policies decide, caches act.
+#pragma once
+#include <cstdint>
+#include <span>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace pkv {
+
+// One layer of one sequence: the entries to keep, as indices into the layer as it was when the plan
+// was made (strictly increasing, at least one), and whether the kept entries absorb the others: with
+// `merge`, every entry belongs to its nearest kept entry (ops/kv_merge.h: the rule, in one place)
+// and each kept entry's key and value become the mean over its group (Elastic Cache).
+struct LayerKeep {
+  LayerKeep() = default;
+  LayerKeep(int layer_, int before_, std::vector<int32_t> keep_, bool merge_ = false)
+      : layer(layer_), before(before_), keep(std::move(keep_)), merge(merge_) {}
+
+  int layer = 0;
+  int before = 0;              // entries the layer held when the plan was made (checked on apply)
+  std::vector<int32_t> keep;   // [kept] indices into the layer, strictly increasing
+  bool merge = false;
+  // One keep list per KV head ([kv_heads][kept_h]) instead of `keep`, for per-head budgets. No
+  // cache holds per-head entries yet: check_plan refuses a plan that uses it.
+  std::vector<std::vector<int32_t>> head_keep;
+};
+
+// A sequence's plan: the layers that change, in increasing layer order (layers not named keep every
+// entry).
+struct KeepPlan {
+  std::vector<LayerKeep> layers;
+  bool empty() const { return layers.empty(); }
+};
+
+// What a policy may read of a sequence's cache when it decides: per layer, the absolute positions of
+// the entries held, in order (strictly increasing).
+class CacheView {
+ public:
+  virtual ~CacheView() = default;
+  virtual int n_layers() const = 0;
+  virtual std::span<const int32_t> positions(int layer) const = 0;
+  int size(int layer) const { return int(positions(layer).size()); }
+};
+
+// Checks a plan against the cache it is for: layers in range and increasing, `before` equal to the
+// layer's size, keep lists strictly increasing within [0, before) and not empty when before > 0.
+// Throws Error naming `who` (the policy) and the layer: a plan no cache can apply is a bug.
+void check_plan(const KeepPlan& plan, const CacheView& cache, const std::string& who);
+
+// Entry positions per layer without keys and values: what the GPU session keeps on the host to let
+// its policy decide (the pool holds the rows).
+class PositionTable : public CacheView {
+ public:
+  explicit PositionTable(int n_layers) : pos_(static_cast<size_t>(n_layers)) {}
+  int n_layers() const override { return int(pos_.size()); }
+  std::span<const int32_t> positions(int layer) const override { return pos_[size_t(layer)]; }
+  // Appends n positions to every layer.
+  void append_all(const int32_t* positions, int n);
+  // Keeps the planned entries of each named layer (the plan must pass check_plan).
+  void apply(const KeepPlan& plan);
+
+ private:
+  std::vector<std::vector<int32_t>> pos_;  // [layers][entries]
+};
+
+}  // namespace pkv
