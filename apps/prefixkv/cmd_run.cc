@@ -1,4 +1,5 @@
 // prefixkv run: one prompt (and optionally one image) through the model, answer streamed to stdout.
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -12,12 +13,10 @@
 #include "core/error.h"
 #include "core/npy.h"
 #include "core/threads.h"
+#include "engine/backend.h"
 #include "engine/engine.h"
+#include "engine/make_backend.h"
 #include "kv_options.h"
-#ifdef PREFIXKV_HAVE_CUDA
-#include "ops/cuda/device.h"
-#include "engine/gpu_session.h"
-#endif
 
 namespace fs = std::filesystem;
 using nlohmann::json;
@@ -103,7 +102,6 @@ int cmd_run(int argc, char** argv) {
   const std::string mode = args.str("image-mode", "");
   if (!mode.empty() && mode != "pad" && mode != "crop") fail("--image-mode", "must be pad or crop, got '" + mode + "'");
   const DeviceChoice dev = parse_device(args);
-  const std::string device = dev.cuda ? "cuda" : "cpu";
   if (dev.cuda && args.has("dump-tensors"))
     fail("--dump-tensors", "runs on the CPU reference only (drop --device cuda)");
   const std::string policy_name = args.str("kv-policy", "full");
@@ -144,28 +142,22 @@ int cmd_run(int argc, char** argv) {
     std::fwrite(piece.data(), 1, piece.size(), stdout);
     std::fflush(stdout);
   };
-  PreparedPrompt p;
-  GenerationResult r;
-  std::string device_desc = "cpu";
-#ifdef PREFIXKV_HAVE_CUDA
-  if (device == "cuda") {
-    const DType dt = gpu_compute_dtype(dev, *model);
-    cuda::GpuModelOptions go;
-    go.dtype = dt;
-    go.vision = model->config().has_vision && has_image;
-    cuda::GpuModel gm(*model, go);
-    if (has_image) req.encode_image = [&](const float* px) { return gm.encode_image(px); };
-    p = engine.prepare(req, nullptr);
-    const int entries = std::min<int>(int(p.ids.size()) + s.max_tokens + 1, model->config().text.max_positions + 1);
-    cuda::GpuKVPool pool(gm, cuda::pool_for_one_sequence(gm, entries));
-    r = cuda::generate_on_gpu(gm, pool, *lm.tok, p, s, policy, stream);
-    device_desc = "cuda " + std::string(dtype_name(dt)) + " (" + cuda::device_summary() + ")";
-  }
-#endif
-  if (device == "cpu") {
-    p = engine.prepare(req, obs);
-    r = engine.generate(p, s, policy, stream, obs);
-  }
+  // The device: the model's copy there (the GPU's vision tower when there is an image) and KV
+  // memory for this one sequence: the prompt's tokens (counted before the image is encoded, which
+  // needs the device) and max_tokens more, at most the model's context.
+  const ModelConfig& cfg = model->config();
+  const std::vector<int32_t> marked = engine.tokenize_prompt(Engine::apply_template(prompt, req.tmpl, has_image), has_image);
+  const int prompt_tokens = int(marked.size()) + (has_image && cfg.has_vision ? cfg.image_tokens() - 1 : 0);
+  BackendOptions bo;
+  bo.device = dev.device;
+  bo.gpu_dtype = dev.gpu_dtype;
+  bo.vision = has_image;
+  bo.kv_pool_entries = int(std::min<int64_t>(int64_t(prompt_tokens) + s.max_tokens + 1, cfg.text.max_positions + 1));
+  const std::unique_ptr<Backend> backend = make_backend(*model, bo);
+  if (has_image) backend->use_for_images(req, obs);
+  const PreparedPrompt p = engine.prepare(req, obs);
+  const GenerationResult r = generate(*backend, *lm.tok, p, s, policy, stream, obs);
+  const std::string device_desc = backend->description();
   const int n_gen = int(r.tokens.size());
   const double decode_tps = r.decode_ms > 0 && n_gen > 1 ? (n_gen - 1) / (r.decode_ms / 1000.0) : 0.0;
   const double prefill_tps = r.prefill_ms > 0 ? r.prompt_tokens / (r.prefill_ms / 1000.0) : 0.0;

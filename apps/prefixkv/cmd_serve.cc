@@ -18,13 +18,11 @@
 #include "common.h"
 #include "core/error.h"
 #include "core/threads.h"
+#include "engine/make_backend.h"
 #include "kv_options.h"
 
 #ifdef PKV_HAVE_HTTPLIB
 #include "serve/http_server.h"
-#ifdef PREFIXKV_HAVE_CUDA
-#include "serve/gpu_backend.h"
-#endif
 #include "serve/scheduler.h"
 #include "serve/service.h"
 #endif
@@ -150,17 +148,12 @@ int cmd_serve(int argc, char** argv) {
   };
   factory(svc.default_policy, std::nullopt);  // a bad default (e.g. prefixkv without a profile) fails now
 
-#ifdef PREFIXKV_HAVE_CUDA
-  if (dev.cuda) {
-    GpuBackendOptions go;
-    go.model.dtype = gpu_compute_dtype(dev, model);
-    go.pool_bytes = args.has("kv-memory") ? so.kv_pool_bytes : 0;  // 0: 90% of what is free after the weights
-    so.backend = gpu_backend(model, go);
-    so.kv_pool_bytes = gpu_backend_pool_bytes(*so.backend);
-  }
-#else
-  (void)dev;  // parse_device refused cuda
-#endif
+  BackendOptions bo;
+  bo.device = dev.device;
+  bo.gpu_dtype = dev.gpu_dtype;
+  bo.kv_pool_bytes = args.has("kv-memory") ? so.kv_pool_bytes : 0;  // cuda, 0: 90% of what is free after the weights
+  so.backend = make_backend(model, bo);
+  if (so.backend->kv_pool_bytes() > 0) so.kv_pool_bytes = so.backend->kv_pool_bytes();  // the device's fixed pool
   Scheduler scheduler(model, *lm.tok, so);
   ChatService service(model, *lm.tok, scheduler, svc, factory);
   HttpServer server(service, http);

@@ -1,5 +1,7 @@
 #include "common.h"
 
+#include "engine/make_backend.h"
+
 #include <algorithm>
 #include <cstdlib>
 #include <filesystem>
@@ -70,24 +72,11 @@ std::vector<double> parse_budgets(const std::string& s, const std::string& optio
 
 DeviceChoice parse_device(const Args& args) {
   DeviceChoice d;
-  const std::string device = args.str("device", "cpu");
-  if (device != "cpu" && device != "cuda") fail("--device", "must be cpu or cuda, got '" + device + "'");
-  d.cuda = device == "cuda";
-#ifndef PREFIXKV_HAVE_CUDA
-  if (d.cuda) fail("--device cuda", "this prefixkv was built without the CUDA back end (-DPREFIXKV_CUDA=ON)");
-#endif
+  d.device = args.str("device", "cpu");
   d.gpu_dtype = args.str("gpu-dtype", "");
-  if (!d.gpu_dtype.empty() && d.gpu_dtype != "bf16" && d.gpu_dtype != "f16")
-    fail("--gpu-dtype", "must be bf16 or f16, got '" + d.gpu_dtype + "'");
-  if (!d.cuda && !d.gpu_dtype.empty()) fail("--gpu-dtype", "only applies with --device cuda");
+  check_device_options(d.device, d.gpu_dtype);
+  d.cuda = d.device == "cuda";
   return d;
-}
-
-DType gpu_compute_dtype(const DeviceChoice& d, const Model& model) {
-  if (d.gpu_dtype == "f16") return DType::F16;
-  if (d.gpu_dtype == "bf16") return DType::BF16;
-  const TensorView* embed = model.weights().lm.embed;
-  return embed && embed->dtype == DType::F16 ? DType::F16 : DType::BF16;
 }
 
 }  // namespace pkv::cli

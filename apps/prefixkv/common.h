@@ -29,15 +29,13 @@ std::vector<std::string> split_list(const std::string& s);
 // A comma-separated list of budgets in (0, 1], sorted and without duplicates; errors name `option`.
 std::vector<double> parse_budgets(const std::string& list, const std::string& option);
 
-// --device cpu|cuda and --gpu-dtype bf16|f16 (run, serve), checked: cuda in a build without the
-// CUDA back end, or --gpu-dtype without cuda, is an error naming the option.
+// --device cpu|cuda and --gpu-dtype bf16|f16 (run, serve), checked before anything is loaded (the
+// rules: engine/make_backend.h's check_device_options).
 struct DeviceChoice {
+  std::string device = "cpu";
   bool cuda = false;
-  std::string gpu_dtype;  // "" = the default (gpu_compute_dtype)
+  std::string gpu_dtype;  // "" = the default (the checkpoint's 16-bit type, else bf16)
 };
 DeviceChoice parse_device(const Args& args);
-// The GPU's compute type: --gpu-dtype, else the checkpoint's 16-bit type (no extra rounding), else
-// BF16 (float32 checkpoints).
-DType gpu_compute_dtype(const DeviceChoice& d, const Model& model);
 
 }  // namespace pkv::cli

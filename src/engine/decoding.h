@@ -49,7 +49,7 @@ class Decoding {
 
 // Runs `d` to the end from the logits of the prompt's last position: samples, streams the final
 // text through on_text, and calls step(token, logits) to feed each token and get the next logits.
-// Engine::generate_from (CPU) and cuda::generate_on_gpu share it.
+// pkv::generate (any back end, engine/backend.h) and Engine::generate_from share it.
 template <class Step>
 void decode_to_end(Decoding& d, std::vector<float>& logits, Step&& step,
                    const std::function<void(const std::string&)>& on_text) {

@@ -7,6 +7,7 @@
 #include <string_view>
 
 #include "core/error.h"
+#include "engine/backend.h"
 #include "engine/decoding.h"
 
 namespace pkv {
@@ -279,18 +280,8 @@ void Session::step_many(const std::vector<Session*>& sessions, const int32_t* to
 
 GenerationResult Engine::generate(const PreparedPrompt& p, const SamplingOptions& s, KVPolicy& policy,
                                   const std::function<void(const std::string&)>& on_text, Observer* obs) const {
-  const ModelConfig& cfg = model_.config();
-  const int T = int(p.ids.size()), V = cfg.text.vocab_size;
-  if (T == 0) fail("prompt", "is empty");
-  if (s.max_tokens < 0) fail("--max-tokens", "must not be negative");
-  Session session(model_, policy);
-  std::vector<float> logits(static_cast<size_t>(V));
-  auto t0 = std::chrono::steady_clock::now();
-  session.prefill(p, logits.data(), obs);
-  const double prefill_ms = ms_since(t0);
-  GenerationResult r = generate_from(session, std::move(logits), T, s, on_text, obs);
-  r.prefill_ms = prefill_ms;
-  return r;
+  const std::unique_ptr<Backend> cpu = make_cpu_backend(model_);
+  return pkv::generate(*cpu, tok_, p, s, policy, on_text, obs);
 }
 
 GenerationResult Engine::generate_from(Session& session, std::vector<float> logits, int T, const SamplingOptions& s,

@@ -99,12 +99,14 @@ class Engine {
   // Tokenises, preprocesses and encodes the image, and builds the input embeddings.
   PreparedPrompt prepare(const PromptRequest& req, Observer* obs = nullptr) const;
 
-  // Decode from a session that has run (or adopted) its prefill; `logits` are the prefill's.
+  // Decode from a CPU session that has run (or adopted) its prefill; `logits` are the prefill's.
+  // (Evaluation shares one prefill among policies this way; it moves onto the backend seam next.)
   GenerationResult generate_from(Session& session, std::vector<float> logits, int prompt_len, const SamplingOptions& s,
                                  const std::function<void(const std::string&)>& on_text = {},
                                  Observer* obs = nullptr) const;
 
-  // Prefill + decode. on_text receives text as it is produced (may be empty function).
+  // Prefill + decode on the CPU: pkv::generate (engine/backend.h) over the CPU back end. on_text
+  // receives text as it is produced (may be empty function).
   GenerationResult generate(const PreparedPrompt& p, const SamplingOptions& s, KVPolicy& policy,
                             const std::function<void(const std::string&)>& on_text = {},
                             Observer* obs = nullptr) const;

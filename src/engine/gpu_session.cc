@@ -8,7 +8,6 @@
 
 #include "core/error.h"
 #include "core/threads.h"
-#include "engine/decoding.h"
 
 namespace pkv::cuda {
 
@@ -173,36 +172,6 @@ void GpuSession::step_many(const std::vector<GpuSession*>& sessions, const int32
   st.model_ms += ms(t1, t2) - (any_importance ? 0.0 : policy_ms + compact_ms);
   st.policy_ms += policy_ms;
   st.compact_ms += compact_ms;
-}
-
-GenerationResult generate_on_gpu(GpuModel& model, GpuKVPool& pool, const Tokenizer& tok, const PreparedPrompt& p,
-                                 const SamplingOptions& s, KVPolicy& policy,
-                                 const std::function<void(const std::string&)>& on_text) {
-  const ModelConfig& cfg = model.config();
-  const int T = int(p.ids.size()), V = cfg.text.vocab_size;
-  if (T == 0) fail("prompt", "is empty");
-  if (s.max_tokens < 0) fail("--max-tokens", "must not be negative");
-  GpuSession session(model, pool, policy);
-  std::vector<float> logits(static_cast<size_t>(V));
-  using clock = std::chrono::steady_clock;
-  const clock::time_point t0 = clock::now();
-  session.prefill(p, logits.data());
-  GenerationResult r;
-  r.prefill_ms = std::chrono::duration<double, std::milli>(clock::now() - t0).count();
-  r.prompt_tokens = T;
-  r.first_logits = logits;
-  Decoding d(cfg, tok, s, T);
-  const clock::time_point t1 = clock::now();
-  decode_to_end(d, logits, [&](int32_t token, float* out) { session.step(token, out); }, on_text);
-  r.decode_ms = std::chrono::duration<double, std::milli>(clock::now() - t1).count();
-  r.tokens = d.tokens();
-  r.text = d.text();
-  r.stop_reason = d.stop_reason();
-  r.kv_bytes = session.kv_bytes();
-  r.kv_entries_per_layer = session.entries_per_layer();
-  for (int l = 0; l < cfg.text.n_layers; ++l)
-    r.kv_bytes_per_layer.push_back(pool.blocks().table(session.sequence(), l).size() * pool.block_bytes());
-  return r;
 }
 
 GpuKVPoolOptions pool_for_one_sequence(const GpuModel& model, int entries) {

@@ -7,7 +7,6 @@
 // (paged_kv_compact) and the shrinking of the block tables (BlockPool::resize).
 #pragma once
 #include <cstdint>
-#include <functional>
 #include <string>
 #include <vector>
 
@@ -60,13 +59,6 @@ class GpuSession {
   BlockPool::SeqId seq_;
   int pos_ = 0;
 };
-
-// Prefill + decode of one prompt on the GPU, the twin of Engine::generate: the same sampling, stop
-// conditions and streaming (Decoding), in a session of `pool`. Fills the result's KV fields from
-// the pool blocks the session holds at the end (device bytes of 16-bit entries).
-GenerationResult generate_on_gpu(GpuModel& model, GpuKVPool& pool, const Tokenizer& tok, const PreparedPrompt& p,
-                                 const SamplingOptions& s, KVPolicy& policy,
-                                 const std::function<void(const std::string&)>& on_text = {});
 
 // KV pool options that hold one sequence of `entries` entries in every layer (blocks of 16).
 GpuKVPoolOptions pool_for_one_sequence(const GpuModel& model, int entries);

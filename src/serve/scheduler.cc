@@ -44,46 +44,6 @@ KvReservation kv_reservation(const TextConfig& t, int prompt_tokens, int max_tok
   return r;
 }
 
-namespace {
-
-class CpuBackend : public SequenceBackend {
- public:
-  explicit CpuBackend(const Model& model) : model_(model) {}
-  struct CpuSeq : Seq {
-    std::unique_ptr<Session> s;
-    int position() const override { return s->position(); }
-    size_t kv_bytes() const override { return s->cache().bytes(); }
-    std::vector<int> entries_per_layer() const override {
-      std::vector<int> e;
-      for (int l = 0; l < s->cache().n_layers(); ++l) e.push_back(s->cache().layer(l).size());
-      return e;
-    }
-  };
-  std::string name() const override { return "cpu"; }
-  std::unique_ptr<Seq> prefill(const PreparedPrompt& p, KVPolicy& policy, float* logits) override {
-    auto q = std::make_unique<CpuSeq>();
-    q->s = std::make_unique<Session>(model_, policy);
-    q->s->prefill(p, logits);
-    return q;
-  }
-  void step_many(const std::vector<Seq*>& seqs, const int32_t* tokens, float* logits) override {
-    std::vector<Session*> ss;
-    for (Seq* q : seqs) ss.push_back(static_cast<CpuSeq*>(q)->s.get());
-    Session::step_many(ss, tokens, logits);
-  }
-  size_t kv_entry_bytes() const override {
-    const TextConfig& t = model_.config().text;
-    return size_t(2) * size_t(t.n_kv_heads) * size_t(t.head_dim) * sizeof(float);
-  }
-
- private:
-  const Model& model_;
-};
-
-}  // namespace
-
-std::shared_ptr<SequenceBackend> cpu_backend(const Model& model) { return std::make_shared<CpuBackend>(model); }
-
 std::optional<Event> Job::next_event(std::chrono::milliseconds timeout) {
   std::unique_lock lk(mu_);
   if (!cv_.wait_for(lk, timeout, [&] { return !events_.empty(); })) return std::nullopt;
@@ -102,7 +62,7 @@ void Job::push(Event e) {
 
 struct Scheduler::Running {
   std::shared_ptr<Job> job;
-  std::unique_ptr<SequenceBackend::Seq> session;
+  std::unique_ptr<Backend::Sequence> session;
   std::unique_ptr<Decoding> decoding;
   std::vector<float> logits;  // [vocab]: the next position's
   Clock::time_point decode_start;
@@ -112,7 +72,7 @@ struct Scheduler::Running {
 
 Scheduler::Scheduler(const Model& model, const Tokenizer& tok, SchedulerOptions opt)
     : model_(model), tok_(tok), engine_(model, tok), opt_(opt) {
-  if (!opt_.backend) opt_.backend = cpu_backend(model);
+  if (!opt_.backend) opt_.backend = make_cpu_backend(model);
   counters_.kv_pool_bytes = opt_.kv_pool_bytes;
 }
 
@@ -251,7 +211,7 @@ bool Scheduler::admit(const std::shared_ptr<Job>& job, std::vector<Running>& run
   r.queue_ms = ms_between(job->submitted_, t0);
   try {
     if (job->cancelled()) throw ApiError(499, "cancelled");
-    if (job->prompt.image) job->prompt.encode_image = opt_.backend->image_encoder();
+    if (job->prompt.image) opt_.backend->use_for_images(job->prompt);
     PreparedPrompt p = engine_.prepare(job->prompt);
     // The pixels and the decoded image are not needed past the vision tower.
     job->image = Image{};
@@ -285,7 +245,7 @@ bool Scheduler::admit(const std::shared_ptr<Job>& job, std::vector<Running>& run
 }
 
 void Scheduler::advance(std::vector<Running>& running) {
-  std::vector<SequenceBackend::Seq*> batch;
+  std::vector<Backend::Sequence*> batch;
   std::vector<int32_t> tokens;
   std::vector<Running*> fed;
   int generated = 0;

@@ -18,6 +18,7 @@
 #include <thread>
 #include <vector>
 
+#include "engine/backend.h"
 #include "engine/engine.h"
 #include "serve/api.h"
 
@@ -38,29 +39,6 @@ struct KvReservation {
 KvReservation kv_reservation(const TextConfig& t, int prompt_tokens, int max_tokens, double keep_fraction,
                              int protected_count, size_t entry_bytes = 0, int block = 1);
 
-// Where the running sequences live. The default is the CPU (pkv::Session, Session::step_many); the
-// CUDA back end gives serve/gpu_backend.h's (cuda::GpuSession over one paged pool). Used by the
-// scheduler thread only.
-class SequenceBackend {
- public:
-  struct Seq {
-    virtual ~Seq() = default;
-    virtual int position() const = 0;
-    virtual size_t kv_bytes() const = 0;  // what its cache holds now
-    virtual std::vector<int> entries_per_layer() const = 0;
-  };
-  virtual ~SequenceBackend() = default;
-  virtual std::string name() const = 0;
-  // Runs the prompt under `policy` (which must outlive the sequence); logits of its last position.
-  virtual std::unique_ptr<Seq> prefill(const PreparedPrompt& p, KVPolicy& policy, float* logits) = 0;
-  // One token for each sequence in one batched pass; logits [n, vocab].
-  virtual void step_many(const std::vector<Seq*>& seqs, const int32_t* tokens, float* logits) = 0;
-  virtual size_t kv_entry_bytes() const = 0;  // one entry of one layer, K and V
-  virtual int kv_block() const { return 1; }  // entries per allocation unit of a layer
-  // The image embeddings, when this back end computes them itself (else the model's CPU tower).
-  virtual std::function<std::vector<float>(const float* pixels)> image_encoder() { return {}; }
-};
-std::shared_ptr<SequenceBackend> cpu_backend(const Model& model);
 
 struct Completion {
   std::string text;
@@ -108,7 +86,9 @@ class Job {
 };
 
 struct SchedulerOptions {
-  std::shared_ptr<SequenceBackend> backend;  // null: the CPU
+  // Where the running sequences live (engine/backend.h: the CPU's Sessions, or GPU sessions over one
+  // paged pool); used by the scheduler thread only. null: the CPU.
+  std::shared_ptr<Backend> backend;
   size_t kv_pool_bytes = size_t(512) << 20;
   int max_running = 16;
   int max_queue = 64;
@@ -138,7 +118,7 @@ class Scheduler {
 
   SchedulerStats stats() const;
   const SchedulerOptions& options() const { return opt_; }
-  SequenceBackend& backend() const { return *opt_.backend; }
+  Backend& backend() const { return *opt_.backend; }
 
  private:
   struct Running;

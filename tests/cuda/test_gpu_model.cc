@@ -25,6 +25,7 @@
 #include "core/error.h"
 #include "ops/cuda/device.h"
 #include "model/gpu_model.h"
+#include "engine/cuda_backend.h"
 #include "engine/gpu_session.h"
 #include "engine/engine.h"
 #include "kv/policy.h"
@@ -539,31 +540,36 @@ TEST(GpuModel, GraphStepsEqualPlainLaunches) {
   }
 }
 
-// prefixkv run --device cuda's path: the image through the GPU's vision tower, then
-// generate_on_gpu (the CPU engine's Decoding) gives the CPU engine's answer, token for token (the
-// bundled model's greedy description; F16 keeps its logits within 2e-3 of the CPU's).
-TEST(GpuModel, GenerateOnGpuEqualsTheCpuEngine) {
+// prefixkv run --device cuda's path: the CUDA back end (engine/cuda_backend.h) takes the image
+// through the GPU's vision tower, and generate() over it (the CPU engine's Decoding) gives the CPU
+// engine's answer, token for token (the bundled model's greedy description; F16 keeps its logits
+// within 2e-3 of the CPU's).
+TEST(GpuModel, GenerateOnTheCudaBackendEqualsTheCpuEngine) {
   Loaded& l = load(kTiny);
-  GpuModel& gm = l.on(DType::F16);
   SamplingOptions s;
   s.max_tokens = 48;
   FullPolicy cpu_policy;
   const GenerationResult cpu = l.engine->generate(l.prompt, s, cpu_policy);
+  CudaBackendOptions bo;
+  bo.dtype = DType::F16;
+  bo.kv_pool_entries = l.T() + s.max_tokens + 1;
+  const std::unique_ptr<Backend> backend = make_cuda_backend(*l.model, bo);
+  EXPECT_EQ(backend->name(), "cuda");
   PromptRequest req;
   req.text = kTiny.prompt;
   req.tmpl = Template::LlavaV1;
   const Image img = load_image(repo(kTiny.image));
   req.image = &img;
-  req.encode_image = [&](const float* px) { return gm.encode_image(px); };
+  backend->use_for_images(req);
   const PreparedPrompt p = l.engine->prepare(req);
   ASSERT_EQ(p.ids, l.prompt.ids);
+  const size_t pool_bytes = backend->kv_pool_bytes();
+  EXPECT_GT(pool_bytes, 0u);
   for (const char* name : {"full", "snapkv"}) {
     SCOPED_TRACE(name);
     std::unique_ptr<KVPolicy> pol = policy(name, 0.5);
-    const int entries = int(p.ids.size()) + s.max_tokens + 1;
-    GpuKVPool pool(gm, pool_for_one_sequence(gm, entries));
     std::string streamed;
-    const GenerationResult g = generate_on_gpu(gm, pool, *l.tok, p, s, *pol, [&](const std::string& t) { streamed += t; });
+    const GenerationResult g = generate(*backend, *l.tok, p, s, *pol, [&](const std::string& t) { streamed += t; });
     EXPECT_EQ(streamed, g.text);
     EXPECT_EQ(g.prompt_tokens, int(p.ids.size()));
     ASSERT_EQ(int(g.kv_entries_per_layer.size()), l.L());
@@ -577,11 +583,21 @@ TEST(GpuModel, GenerateOnGpuEqualsTheCpuEngine) {
       for (int n : g.kv_entries_per_layer) EXPECT_LT(n, g.prompt_tokens);  // compressed
       EXPECT_FALSE(g.text.empty());
     }
-    size_t held = 0;  // the blocks the session held at the end, from its entry counts
-    for (int n : g.kv_entries_per_layer) held += size_t(pool.blocks().blocks_for(n)) * pool.block_bytes();
-    EXPECT_EQ(g.kv_bytes, held);
-    EXPECT_EQ(pool.blocks().stats().used_blocks, 0) << "the finished sequence's blocks are back in the pool";
+    // The blocks each layer held at the end, from its entry count: whole blocks of block_size
+    // entries of kv_entry_bytes each; the sequence's bytes are their sum.
+    ASSERT_EQ(g.kv_bytes_per_layer.size(), g.kv_entries_per_layer.size());
+    size_t sum = 0;
+    for (size_t i = 0; i < g.kv_bytes_per_layer.size(); ++i) {
+      const size_t blocks = size_t((g.kv_entries_per_layer[i] + bo.block_size - 1) / bo.block_size);
+      EXPECT_EQ(g.kv_bytes_per_layer[i], blocks * size_t(bo.block_size) * backend->kv_entry_bytes()) << "layer " << i;
+      sum += g.kv_bytes_per_layer[i];
+    }
+    EXPECT_EQ(g.kv_bytes, sum);
   }
+  // The finished sequences gave their blocks back: a sequence of the pool's whole size still fits.
+  FullPolicy full;
+  std::vector<float> logits(static_cast<size_t>(l.V()));
+  EXPECT_NO_THROW(backend->prefill(p, full, logits.data()));
 }
 
 TEST(GpuModel, TokenIdsAndEmbeddingsGiveTheSameStep) {

@@ -1,4 +1,4 @@
-// prefixkv serve --device cuda: the scheduler with its GPU back end (src/serve/gpu_backend.h). The
+// prefixkv serve --device cuda: the scheduler with its GPU back end (src/engine/cuda_backend.h). The
 // bundled model's requests, batched on the GPU, give the CPU engine's answers (greedy, F16), the
 // KV reservations hold the pool's blocks, and a request larger than the whole pool is refused.
 // Runs on the GPU (pkv_cuda_tests) and on the fake device (pkv_cuda_model_emu_tests).
@@ -11,10 +11,10 @@
 #include <thread>
 #include <vector>
 
+#include "engine/cuda_backend.h"
 #include "engine/engine.h"
 #include "kv/policy.h"
 #include "serve/api.h"
-#include "serve/gpu_backend.h"
 #include "serve/scheduler.h"
 #include "text/tokenizer.h"
 #include "vision/image.h"
@@ -39,16 +39,17 @@ TEST(GpuServe, BatchedAnswersEqualTheCpuEngineAndReservationsHold) {
   const std::unique_ptr<Model> model = Model::load(repo("models/prefixkv-llava-tiny"));
   const Tokenizer tok(repo("models/prefixkv-llava-tiny/tokenizer.model"));
   Engine engine(*model, tok);
-  GpuBackendOptions go;
-  go.model.dtype = DType::F16;
-  go.pool_bytes = size_t(64) << 20;
-  std::shared_ptr<SequenceBackend> backend = gpu_backend(*model, go);
+  cuda::CudaBackendOptions go;
+  go.dtype = DType::F16;
+  go.kv_pool_bytes = size_t(64) << 20;
+  std::shared_ptr<Backend> backend = cuda::make_cuda_backend(*model, go);
   ASSERT_EQ(backend->name(), "cuda");
   const TextConfig& t = model->config().text;
   EXPECT_EQ(backend->kv_entry_bytes(), size_t(2) * t.n_kv_heads * t.head_dim * 2 + 4);  // 16-bit K, V; int32 position
   SchedulerOptions so;
   so.backend = backend;
-  so.kv_pool_bytes = gpu_backend_pool_bytes(*backend);
+  so.kv_pool_bytes = backend->kv_pool_bytes();
+  EXPECT_GT(so.kv_pool_bytes, 0u);
   Scheduler sched(*model, tok, so);
   sched.start();
 

@@ -1,0 +1,88 @@
+#include "engine/cuda_backend.h"
+
+#include "core/error.h"
+#include "engine/gpu_session.h"
+#include "ops/cuda/device.h"
+
+namespace pkv::cuda {
+
+namespace {
+
+class CudaBackend : public Backend {
+ public:
+  CudaBackend(const Model& model, const CudaBackendOptions& opt)
+      : model_(model), gpu_(model, GpuModelOptions{opt.dtype, opt.vision}) {
+    GpuKVPoolOptions po;
+    if (opt.kv_pool_entries > 0) {
+      po = pool_for_one_sequence(gpu_, opt.kv_pool_entries);
+    } else {
+      po.block_size = opt.block_size;
+      po.bytes = opt.kv_pool_bytes ? opt.kv_pool_bytes : size_t(double(device_free_bytes()) * 0.9);
+    }
+    pool_ = std::make_unique<GpuKVPool>(gpu_, po);
+    // One entry of one layer as the pool stores it: K and V in 16 bits and the int32 position.
+    entry_bytes_ = pool_->block_bytes() / size_t(pool_->blocks().block_size());
+    description_ = "cuda " + std::string(dtype_name(opt.dtype)) + " (" + device_summary() + ")";
+  }
+
+  class CudaSequence : public Sequence {
+   public:
+    CudaSequence(GpuModel& gpu, GpuKVPool& pool, KVPolicy& policy) : session(gpu, pool, policy), pool_(pool) {}
+    int position() const override { return session.position(); }
+    const CacheView& entries() const override { return session.positions(); }
+    size_t kv_bytes() const override { return session.kv_bytes(); }
+    std::vector<size_t> kv_bytes_per_layer() const override {
+      std::vector<size_t> b;
+      for (int l = 0; l < pool_.n_layers(); ++l)
+        b.push_back(pool_.blocks().table(session.sequence(), l).size() * pool_.block_bytes());
+      return b;
+    }
+    const KVPolicy& policy() const override { return session.policy(); }
+    GpuSession session;
+
+   private:
+    GpuKVPool& pool_;
+  };
+
+  std::string name() const override { return "cuda"; }
+  std::string description() const override { return description_; }
+  const Model& model() const override { return model_; }
+  std::vector<float> encode_image(const float* pixels, Observer* obs) override {
+    if (obs) fail("--dump-tensors", "the cuda back end does not show its tensors to an observer (use the CPU)");
+    if (!gpu_.has_vision()) return model_.encode_image(pixels);  // tower not uploaded: the CPU's
+    return gpu_.encode_image(pixels);
+  }
+  std::unique_ptr<Sequence> prefill(const PreparedPrompt& p, KVPolicy& policy, float* logits, Observer* obs) override {
+    if (obs) fail("--dump-tensors", "the cuda back end does not show its tensors to an observer (use the CPU)");
+    auto s = std::make_unique<CudaSequence>(gpu_, *pool_, policy);
+    s->session.prefill(p, logits);
+    return s;
+  }
+  void step_many(const std::vector<Sequence*>& seqs, const int32_t* tokens, float* logits) override {
+    std::vector<GpuSession*> sessions;
+    for (Sequence* s : seqs) {
+      auto* c = dynamic_cast<CudaSequence*>(s);
+      PKV_ASSERT_MSG(c, "a sequence of another back end was given to the cuda back end");
+      sessions.push_back(&c->session);
+    }
+    GpuSession::step_many(sessions, tokens, logits);
+  }
+  size_t kv_entry_bytes() const override { return entry_bytes_; }
+  int kv_block() const override { return pool_->blocks().block_size(); }
+  size_t kv_pool_bytes() const override { return pool_->blocks().stats().total_bytes; }
+
+ private:
+  const Model& model_;
+  GpuModel gpu_;
+  std::unique_ptr<GpuKVPool> pool_;
+  size_t entry_bytes_ = 0;
+  std::string description_;
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cuda_backend(const Model& model, const CudaBackendOptions& opt) {
+  return std::make_unique<CudaBackend>(model, opt);
+}
+
+}  // namespace pkv::cuda
