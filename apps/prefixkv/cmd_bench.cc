@@ -141,12 +141,9 @@ int cmd_bench(int argc, char** argv) {
   }
   const std::vector<std::string> policies = split_list(args.str("policies", "full"));
   if (policies.empty()) fail("--policies", "is empty");
-  for (const std::string& p : policies) {
-    if (std::find(policy_names().begin(), policy_names().end(), p) == policy_names().end())
-      fail("--policies", "unknown policy '" + p + "'");
-    if (p == "prefixkv")
-      fail("--policies prefixkv", "needs a calibrated profile, which random weights do not have; use prefixkv-online");
-  }
+  for (const std::string& p : policies)
+    if (policy_info(p, "--policies").needs_profile)
+      fail("--policies " + p, "needs a calibrated profile, which random weights do not have; use prefixkv-online");
   const std::vector<double> budgets = parse_budgets(args.str("budgets", "0.2"), "--budgets");
   const uint64_t seed = uint64_t(args.integer("seed", 0));
 
@@ -243,7 +240,7 @@ int cmd_bench(int argc, char** argv) {
   std::mt19937_64 rng(seed + 1);
   const int V = t.vocab_size;
   for (const std::string& pname : policies) {
-    const std::vector<double> bl = pname == "full" ? std::vector<double>{1.0} : budgets;
+    const std::vector<double> bl = policy_info(pname).compresses ? budgets : std::vector<double>{1.0};
     for (double budget : bl)
       for (int B : batches) {
         PolicyOptions o = base;

@@ -85,9 +85,7 @@ class Recorder : public KVPolicy {
   int from_;
 };
 
-bool uses_estimator(const std::string& p) {
-  return p == "uniform-prefix" || p == "prefixkv" || p == "prefixkv-online";
-}
+bool uses_estimator(const std::string& p) { return policy_info(p, "--policies").uses_estimator; }
 
 }  // namespace
 
@@ -103,10 +101,10 @@ int cmd_eval(int argc, char** argv) {
   const std::string out = args.str("out", "");
   if (out.empty()) fail("--out", "is required (results JSON)");
   std::vector<std::string> policies = args.has("policies") ? split_list(args.str("policies")) : policy_names();
-  policies.erase(std::remove(policies.begin(), policies.end(), "full"), policies.end());
-  for (auto& p : policies)
-    if (std::find(policy_names().begin(), policy_names().end(), p) == policy_names().end())
-      fail("--policies", "unknown policy '" + p + "'");
+  // The full cache is the reference every record is measured against, not a policy to evaluate.
+  policies.erase(std::remove_if(policies.begin(), policies.end(),
+                                [](const std::string& p) { return !policy_info(p, "--policies").compresses; }),
+                 policies.end());
   const std::vector<double> budgets = parse_budgets(args.str("budgets", "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9"), "--budgets");
   std::vector<std::string> estimators = split_list(args.str("estimators", "window"));
   for (auto& e : estimators) estimator_from_name(e);
@@ -132,16 +130,16 @@ int cmd_eval(int argc, char** argv) {
   std::vector<Config> configs;
   std::optional<Profile> profile;
   for (auto& p : policies) {
-    if (p == "prefixkv") {
+    if (policy_info(p).needs_profile) {
       std::string path = args.str("kv-profile", (fs::path(model_dir) / "prefixkv_profile.json").string());
-      if (!fs::exists(path)) fail("--policies prefixkv", "needs a profile: none at " + path + " (--kv-profile)");
+      if (!fs::exists(path)) fail("--policies " + p, "needs a profile: none at " + path + " (--kv-profile)");
       profile = Profile::load(path);
       profile->check_compatible(model_identity(*model));
     }
     for (double b : budgets) {
       if (uses_estimator(p)) {
         for (auto& e : estimators) {
-          if (p == "prefixkv" && e != profile->estimator) continue;  // a profile fixes its estimator
+          if (policy_info(p).needs_profile && e != profile->estimator) continue;  // a profile fixes its estimator
           configs.push_back({p, e, b});
         }
       } else {
@@ -169,7 +167,7 @@ int cmd_eval(int argc, char** argv) {
     PolicyOptions o = base;
     o.budget = c.budget;
     if (!c.estimator.empty()) o.estimator = estimator_from_name(c.estimator);
-    if (c.policy == "prefixkv") o.keep_fractions = profile->keep_fractions(c.budget);
+    if (policy_info(c.policy).needs_profile) o.keep_fractions = profile->keep_fractions(c.budget);
     return make_policy(c.policy, o);
   };
 

@@ -179,7 +179,7 @@ int cmd_run(int argc, char** argv) {
                     {"threads", num_threads()}};
     j["device"] = device_desc;
     j["kv"] = {{"policy", policy.name()},
-               {"budget", policy.name() == "full" ? 1.0 : popt.budget},
+               {"budget", policy_info(policy.name()).compresses ? popt.budget : 1.0},
                {"prefill_kept_per_layer", policy.prefill_kept()},
                {"bytes", r.kv_bytes},
                {"bytes_per_layer", r.kv_bytes_per_layer},

@@ -41,10 +41,13 @@ std::vector<double> load_keep_fractions(const std::string& path, double budget, 
 }
 
 std::vector<OptionSpec> kv_option_specs(const std::vector<std::string>& names) {
+  static const std::string policy_help = [] {
+    std::string h = "KV-cache policy (default full):";
+    for (const PolicyInfo& p : policy_infos()) h += "\n      " + p.name + ": " + p.help;
+    return h;
+  }();
   static const std::vector<OptionSpec> all = {
-      {"kv-policy", "NAME",
-       "KV-cache policy: full (default), streaming, h2o, snapkv, pyramidkv, elastic, uniform-prefix, prefixkv, "
-       "prefixkv-online"},
+      {"kv-policy", "NAME", policy_help},
       {"kv-budget", "B", "kept fraction of the prompt's KV entries, in (0, 1] (default 0.2)"},
       {"kv-budget-tokens", "N", "KV entries per layer on average, instead of --kv-budget"},
       {"kv-importance", "NAME", "importance estimator for the prefix policies: window (default), paper, normalized"},
@@ -89,13 +92,13 @@ PolicyOptions policy_options_from_args(const Args& args) {
 
 std::unique_ptr<KVPolicy> make_policy_for_model(const std::string& name, PolicyOptions opt, const Args& args,
                                                 const Model& model) {
-  if (name == "prefixkv") {
+  if (policy_info(name).needs_profile) {
     std::string path = args.str("kv-profile", "");
     if (path.empty()) {
       path = (fs::path(model.config().dir) / "prefixkv_profile.json").string();
       if (!fs::exists(path))
-        fail("--kv-policy prefixkv", "needs a profile: none at " + path +
-                                         "; make one with 'prefixkv calibrate' and pass it with --kv-profile");
+        fail("--kv-policy " + name, "needs a profile: none at " + path +
+                                        "; make one with 'prefixkv calibrate' and pass it with --kv-profile");
     }
     opt.keep_fractions = load_keep_fractions(path, opt.budget, model);
   }

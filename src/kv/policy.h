@@ -91,6 +91,18 @@ class FullPolicy : public KVPolicy {
   std::string name() const override { return "full"; }
 };
 
+// What a policy is, as the commands need to know it (one entry per policy in policy_registry.cc).
+struct PolicyInfo {
+  std::string name;
+  bool compresses = true;        // false: keeps every entry (full)
+  bool needs_profile = false;    // needs per-layer keep fractions from a calibrated profile (prefixkv)
+  bool uses_estimator = false;   // ranks by PolicyOptions::estimator (--kv-importance applies)
+  std::string help;              // one line for --help
+};
+// All policies, in the order of METHOD.md.
+const std::vector<PolicyInfo>& policy_infos();
+// The entry of `name`; throws Error naming `option` and listing the policies when there is none.
+const PolicyInfo& policy_info(const std::string& name, const std::string& option = "--kv-policy");
 // All policy names, in the order of METHOD.md.
 const std::vector<std::string>& policy_names();
 // Makes a policy by name; throws Error naming --kv-policy for an unknown name or bad options.

@@ -19,26 +19,57 @@ std::unique_ptr<KVPolicy> make_prefixkv_online_policy(const PolicyOptions&);
 
 namespace {
 using Factory = std::function<std::unique_ptr<KVPolicy>(const PolicyOptions&)>;
-const std::vector<std::pair<std::string, Factory>>& registry() {
-  static const std::vector<std::pair<std::string, Factory>> r = {
-      {"full", [](const PolicyOptions&) { return std::make_unique<FullPolicy>(); }},
-      {"streaming", make_streaming_policy},
-      {"h2o", make_h2o_policy},
-      {"snapkv", make_snapkv_policy},
-      {"pyramidkv", make_pyramidkv_policy},
-      {"elastic", make_elastic_policy},
-      {"uniform-prefix", make_uniform_prefix_policy},
-      {"prefixkv", make_prefixkv_policy},
-      {"prefixkv-online", make_prefixkv_online_policy},
+struct Entry {
+  PolicyInfo info;
+  Factory make;
+};
+const std::vector<Entry>& registry() {
+  static const std::vector<Entry> r = {
+      {{"full", false, false, false, "keeps every entry (the uncompressed cache)"},
+       [](const PolicyOptions&) { return std::make_unique<FullPolicy>(); }},
+      {{"streaming", true, false, false, "StreamingLLM: sink tokens plus the most recent ones"}, make_streaming_policy},
+      {{"h2o", true, false, false, "H2O: heavy hitters by accumulated attention plus a recent window"}, make_h2o_policy},
+      {{"snapkv", true, false, false, "SnapKV: the observation window's pooled attention, uniform budgets"},
+       make_snapkv_policy},
+      {{"pyramidkv", true, false, false, "PyramidKV: SnapKV's ranking, budgets shrinking with depth"},
+       make_pyramidkv_policy},
+      {{"elastic", true, false, false, "Elastic Cache: uniform budgets, evicted entries merged into the nearest kept"},
+       make_elastic_policy},
+      {{"uniform-prefix", true, false, true, "PrefixKV's ranking with the same budget in every layer"},
+       make_uniform_prefix_policy},
+      {{"prefixkv", true, true, true, "PrefixKV with the per-layer budgets of a calibrated profile (offline)"},
+       make_prefixkv_policy},
+      {{"prefixkv-online", true, false, true, "PrefixKV with per-layer budgets searched on this request's attention"},
+       make_prefixkv_online_policy},
   };
   return r;
 }
+std::string all_names() {
+  std::string all;
+  for (const Entry& e : registry()) all += (all.empty() ? "" : ", ") + e.info.name;
+  return all;
+}
 }  // namespace
+
+const std::vector<PolicyInfo>& policy_infos() {
+  static const std::vector<PolicyInfo> infos = [] {
+    std::vector<PolicyInfo> v;
+    for (const Entry& e : registry()) v.push_back(e.info);
+    return v;
+  }();
+  return infos;
+}
+
+const PolicyInfo& policy_info(const std::string& name, const std::string& option) {
+  for (const Entry& e : registry())
+    if (e.info.name == name) return e.info;
+  fail(option, "unknown policy '" + name + "' (available: " + all_names() + ")");
+}
 
 const std::vector<std::string>& policy_names() {
   static const std::vector<std::string> names = [] {
     std::vector<std::string> n;
-    for (auto& [name, f] : registry()) n.push_back(name);
+    for (const Entry& e : registry()) n.push_back(e.info.name);
     return n;
   }();
   return names;
@@ -66,11 +97,9 @@ std::unique_ptr<KVPolicy> make_policy(const std::string& name, const PolicyOptio
   if (opt.budget_tokens < 0) fail("--kv-budget-tokens", "must be positive");
   if (opt.window < 1) fail("--kv-window", "must be at least 1");
   if (opt.protected_count < 0) fail("--kv-protected", "must not be negative");
-  for (auto& [n, f] : registry())
-    if (n == name) return f(opt);
-  std::string all;
-  for (auto& n : policy_names()) all += (all.empty() ? "" : ", ") + n;
-  fail("--kv-policy", "unknown policy '" + name + "' (available: " + all + ")");
+  for (const Entry& e : registry())
+    if (e.info.name == name) return e.make(opt);
+  fail("--kv-policy", "unknown policy '" + name + "' (available: " + all_names() + ")");
 }
 
 }  // namespace pkv

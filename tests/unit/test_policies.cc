@@ -286,3 +286,50 @@ TEST(Policies, PrefixPoolingKeepsTheSpikesNeighbourhood) {
     }
   }
 }
+
+// The registry's traits say what each policy does: a policy that compresses keeps fewer entries
+// than the prompt at budget 0.2; one that uses the estimator asks the prefill for other queries
+// under the window and the paper estimators; one that needs a profile refuses to be made without
+// keep fractions. An unknown name is one error naming the option.
+TEST(PolicyRegistry, TraitsMatchWhatThePoliciesDo) {
+  const int N = 100, L = 2;
+  ASSERT_EQ(policy_infos().size(), policy_names().size());
+  for (const PolicyInfo& info : policy_infos()) {
+    SCOPED_TRACE(info.name);
+    PolicyOptions o;
+    o.budget = 0.2;
+    if (info.needs_profile) {
+      EXPECT_THROW(make_policy(info.name, o), Error) << "made without a profile's keep fractions";
+      o.keep_fractions = {0.3, 0.1};
+    }
+    auto p = make_policy(info.name, o);
+    EXPECT_EQ(p->name(), info.name);
+    EXPECT_FALSE(info.help.empty());
+    KVCache cache(L, 4);
+    std::vector<float> kv(size_t(N) * 4, 0.5f);
+    std::vector<int32_t> pos(static_cast<size_t>(N));
+    std::iota(pos.begin(), pos.end(), 0);
+    std::vector<std::vector<float>> imp;
+    for (int l = 0; l < L; ++l) {
+      cache.layer(l).append(kv.data(), kv.data(), pos.data(), N);
+      std::vector<float> x(static_cast<size_t>(N));
+      for (int i = 0; i < N; ++i) x[size_t(i)] = float((i * 37 + l) % 101);
+      imp.push_back(x);
+    }
+    cache.apply(p->after_prefill(cache, imp, N), info.name);
+    EXPECT_EQ(cache.layer(0).size() < N, info.compresses);
+    PolicyOptions w = o, pa = o;
+    w.estimator = Estimator::Window;
+    pa.estimator = Estimator::Paper;
+    const ImportanceRequest rw = make_policy(info.name, w)->prefill_importance(N);
+    const ImportanceRequest rp = make_policy(info.name, pa)->prefill_importance(N);
+    EXPECT_EQ(rw.needed != rp.needed || rw.from != rp.from, info.uses_estimator);
+  }
+  try {
+    policy_info("magic", "--policies");
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("--policies"), std::string::npos);
+    EXPECT_NE(std::string(e.what()).find("prefixkv-online"), std::string::npos);
+  }
+}
