@@ -1,9 +1,11 @@
 // prefixkv serve: an OpenAI-compatible HTTP server (chat completions with images, streaming,
 // continuous batching, per-request KV policies). docs/SERVER.md describes the API.
+#include <poll.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <cerrno>
+#include <chrono>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
@@ -52,6 +54,8 @@ const std::vector<OptionSpec> kServeOptions = with_options(
         {"max-image-pixels", "N", "largest image, width x height (default 16777216)"},
         {"default-max-tokens", "N", "max_tokens of a request that gives none (default 256, capped by the context)"},
         {"http-threads", "N", "connection threads (default: max-running + max-queue + 16)"},
+        {"shutdown-grace", "SECONDS",
+         "on SIGTERM, how long the requests in flight may take to finish (default 30; a second signal stops at once)"},
         {"threads", "N", "compute threads (default: all cores)"},
     },
     kv_option_specs({"kv-policy", "kv-budget", "kv-budget-tokens", "kv-importance", "kv-window", "kv-protected",
@@ -115,6 +119,8 @@ int cmd_serve(int argc, char** argv) {
   http.api_key = args.str("api-key", std::getenv("PREFIXKV_API_KEY") ? std::getenv("PREFIXKV_API_KEY") : "");
   http.max_body_bytes = size_t(positive(args, "max-body-mb", 20, 4096)) << 20;
   if (args.has("http-threads")) http.threads = positive(args, "http-threads", 1, 4096);
+  const double grace_s = args.number("shutdown-grace", 30);
+  if (!(grace_s >= 0 && grace_s <= 86400)) fail("--shutdown-grace", "must be between 0 and 86400 seconds");
   const DeviceChoice dev = parse_device(args);
   SchedulerOptions so;
   so.kv_pool_bytes = size_t(positive(args, "kv-memory", 512, 1 << 20)) << 20;
@@ -160,16 +166,53 @@ int cmd_serve(int argc, char** argv) {
   const int port = server.bind();
   scheduler.start();
 
-  std::atomic<bool> stopping{false};
+  // The first SIGTERM or SIGINT drains: no new connection is accepted (and a request that still
+  // arrives on an open one gets 503), the queued and running requests go on to their end, for at most
+  // --shutdown-grace seconds; then (or at a second signal) what is left ends with a 503 error.
+  std::atomic<bool> stopping{false}, served{false};
   std::thread signals([&] {
-    char sig = 0;
-    while (::read(g_stop_pipe[0], &sig, 1) < 0 && errno == EINTR) {
-    }
+    auto read_signal = [] {
+      char sig = 0;
+      while (::read(g_stop_pipe[0], &sig, 1) < 0 && errno == EINTR) {
+      }
+      return sig;
+    };
+    const char sig = read_signal();
     if (stopping.exchange(true)) return;  // woken by the main thread: the server has already ended
-    std::fprintf(stderr, "[prefixkv serve] %s: stopping (running requests are cancelled)\n",
-                 sig == SIGINT ? "SIGINT" : "SIGTERM");
+    const char* name = sig == SIGINT ? "SIGINT" : "SIGTERM";
+    const SchedulerStats st = scheduler.stats();
+    std::fprintf(stderr,
+                 "[prefixkv serve] %s: no new requests; finishing %d running and %d queued (at most %g s; another "
+                 "signal stops now)\n",
+                 name, st.running, st.queued, grace_s);
+    server.stop_accepting();
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(grace_s);
+    bool drained = false, again = false;
+    for (;;) {
+      if (scheduler.drain(std::chrono::milliseconds(50))) {
+        drained = true;
+        break;
+      }
+      if (std::chrono::steady_clock::now() >= deadline) break;
+      pollfd p{g_stop_pipe[0], POLLIN, 0};
+      if (::poll(&p, 1, 0) > 0) {
+        again = read_signal() != 0;  // 0: the main thread (serve() ended)
+        break;
+      }
+    }
+    if (!drained)
+      std::fprintf(stderr, "[prefixkv serve] %s: ending the requests left (%d running, %d queued)\n",
+                   again ? "second signal" : "grace period over", scheduler.stats().running, scheduler.stats().queued);
     scheduler.shutdown();
     server.stop();
+    // Connections that never end (a client sending a byte every few seconds) would keep serve() from
+    // returning: past 10 s more the process ends without them.
+    for (int i = 0; i < 200 && !served; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    if (!served) {
+      std::fprintf(stderr, "[prefixkv serve] connections still open 10 s after the requests ended; exiting\n");
+      std::fflush(stderr);
+      std::_Exit(0);
+    }
   });
 
   std::printf("prefixkv serve: model %s (%s) on %s | KV pool %zu MiB, default policy %s | %d running, %d queued at most%s\n",
@@ -180,6 +223,7 @@ int cmd_serve(int argc, char** argv) {
   std::printf("listening on http://%s:%d\n", http.host.c_str(), port);
   std::fflush(stdout);
   server.serve();
+  served = true;
 
   if (!stopping.exchange(true)) {  // wake the signal thread
     const char none = 0;

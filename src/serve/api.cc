@@ -201,7 +201,57 @@ void parse_message(const json& m, const std::string& where, ChatRequest& req, co
 
 }  // namespace
 
+void check_json_shape(const std::string& body, const ParseOptions& opt) {
+  // One pass, no allocation: outside strings, '[' and '{' open a level, and every container, ',' and
+  // ':' counts one value (keys included; an empty container counts one too many, which is fine for
+  // a bound). Inside a string only the closing quote matters, and a backslash escapes what follows.
+  size_t depth = 0, values = 1;
+  bool in_string = false;
+  const size_t n = body.size();
+  const size_t max_depth = size_t(std::max(opt.max_json_depth, 1));
+  for (size_t i = 0; i < n; ++i) {
+    const char c = body[i];
+    if (in_string) {
+      if (c == '\\')
+        ++i;
+      else if (c == '"')
+        in_string = false;
+      continue;
+    }
+    switch (c) {
+      case '"':
+        in_string = true;
+        break;
+      case '[':
+      case '{':
+        if (++depth > max_depth)
+          throw ApiError(400,
+                         "the request body nests arrays and objects more than " + std::to_string(max_depth) +
+                             " levels deep (the server's limit; byte " + std::to_string(i) + ")",
+                         "json_too_deep");
+        [[fallthrough]];
+      case ',':
+      case ':':
+        if (++values > opt.max_json_values)
+          throw ApiError(400,
+                         "the request body holds more than " + std::to_string(opt.max_json_values) +
+                             " JSON values and keys (the server's limit; byte " + std::to_string(i) + ")",
+                         "json_too_large");
+        break;
+      case ']':
+      case '}':
+        if (depth > 0) --depth;
+        break;
+      default:
+        break;
+    }
+  }
+}
+
 ChatRequest parse_chat_request(const std::string& body, const ParseOptions& opt) {
+  // Bounded before the parser runs: its tree costs memory by depth and by the number of values, far
+  // more than the body's bytes (nlohmann's parser is iterative, so depth does not overflow the stack).
+  check_json_shape(body, opt);
   json j;
   try {
     j = json::parse(body);
@@ -221,6 +271,23 @@ ChatRequest parse_chat_request(const std::string& body, const ParseOptions& opt)
   if (!msgs) bad("messages", "is required", "missing_required_parameter");
   if (!msgs->is_array()) wrong_type("messages", "an array", *msgs);
   if (msgs->empty()) bad("messages", "must hold at least one message");
+  if (msgs->size() > opt.max_messages)
+    bad("messages",
+        "holds " + std::to_string(msgs->size()) + " messages, more than the server's limit of " +
+            std::to_string(opt.max_messages),
+        "too_many_messages");
+  size_t parts = 0;
+  for (size_t i = 0; i < msgs->size(); ++i) {
+    const json& m = (*msgs)[i];
+    const json* c = m.is_object() ? field(m, "content") : nullptr;
+    parts += c && c->is_array() ? c->size() : 1;
+    if (parts > opt.max_content_parts)
+      bad("messages[" + std::to_string(i) + "].content",
+          "the messages up to this one hold " + std::to_string(parts) +
+              " content parts, more than the server's limit of " + std::to_string(opt.max_content_parts) +
+              " for a request",
+          "too_many_content_parts");
+  }
   for (size_t i = 0; i < msgs->size(); ++i) parse_message((*msgs)[i], "messages[" + std::to_string(i) + "]", req, opt);
   if (req.messages.back().role != Role::User)
     bad("messages[" + std::to_string(msgs->size() - 1) + "].role",

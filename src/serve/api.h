@@ -18,6 +18,12 @@ class ApiError : public std::runtime_error {
  public:
   ApiError(int status, const std::string& message, std::string code = {}, std::string param = {});
   int status() const { return status_; }
+  // Seconds a client should wait before trying again (the Retry-After header of a 429 or 503); 0: none.
+  int retry_after() const { return retry_after_; }
+  ApiError& with_retry_after(int seconds) {
+    retry_after_ = seconds;
+    return *this;
+  }
   const std::string& code() const { return code_; }
   const std::string& param() const { return param_; }
   // OpenAI's error types: invalid_request_error (400, 404, 413), authentication_error (401),
@@ -27,6 +33,7 @@ class ApiError : public std::runtime_error {
 
  private:
   int status_;
+  int retry_after_ = 0;
   std::string code_, param_;
 };
 
@@ -48,10 +55,25 @@ struct ImageInput {
   std::string where;  // the JSON path, for errors: messages[1].content[0].image_url.url
 };
 
+// Limits that bound what a request body can cost before it is parsed or looked at further: the
+// body's size is the HTTP layer's (--max-body-mb); these bound what the size alone does not.
 struct ParseOptions {
   std::string media_dir;  // local image paths are allowed only inside it; "" = none allowed
   size_t max_image_file_bytes = 64u << 20;
+  // JSON arrays and objects nested deeper than this are refused before parsing: each level costs the
+  // parser a heap-allocated container (10 MB of '[' took 750 MB), and the request's shape needs 5.
+  int max_json_depth = 64;
+  // JSON values (containers, strings, numbers, literals) at most, counted before parsing: each costs
+  // the parsed tree 16 bytes and more (a string or container its own allocation).
+  size_t max_json_values = 100000;
+  size_t max_messages = 2048;       // messages[] entries (OpenAI's limit too)
+  size_t max_content_parts = 2048;  // content parts over all messages (a string content is one)
 };
+
+// The linear pre-scan behind the first two limits: walks the body once, outside strings counting
+// bracket depth and values, and throws ApiError 400 (json_too_deep, json_too_large) naming the
+// limit. It does not validate the JSON (the parser does); a body that is not JSON may pass.
+void check_json_shape(const std::string& body, const ParseOptions& opt);
 
 // A validated chat-completions request. What needs the model (the prompt's length, the policy, the
 // image's pixels) is checked later, by ChatService.

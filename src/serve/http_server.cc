@@ -23,7 +23,13 @@ void send_json(httplib::Response& res, int status, const json& body) {
   res.set_content(dump_json(body), "application/json");
 }
 
-void send_error(httplib::Response& res, const ApiError& e) { send_json(res, e.status(), e.body()); }
+// A 429 or 503 always says when to try again (RFC 9110 Retry-After; the OpenAI clients honour it).
+void send_error(httplib::Response& res, const ApiError& e) {
+  int retry = e.retry_after();
+  if (retry <= 0 && (e.status() == 429 || e.status() == 503)) retry = 1;
+  if (retry > 0) res.set_header("Retry-After", std::to_string(retry));
+  send_json(res, e.status(), e.body());
+}
 
 // Compares without an early exit, so the time taken does not tell how much of the key was right.
 bool same_secret(const std::string& a, const std::string& b) {
@@ -47,6 +53,7 @@ struct HttpServer::Impl {
   httplib::Server svr;
   HttpCounters counters;
   std::atomic<int> active_streams{0};
+  std::atomic<bool> accept_stopped{false};
   int listen_fd = -1;
 
   Impl(ChatService& s, HttpOptions o) : service(s), opt(std::move(o)) {}
@@ -266,13 +273,25 @@ int HttpServer::bind() {
 
 void HttpServer::serve() { impl_->svr.listen_after_bind(); }
 
+void HttpServer::stop_accepting() {
+  // Not httplib's stop(): from the moment its listening socket is marked closed it ends every chunked
+  // response being written (no further chunk, no terminating one), which would cut the streams that
+  // a drain means to finish. Shutting the socket down makes accept() fail (EINVAL), and the library
+  // then leaves its accept loop, closes the socket and waits for its connection threads; connections
+  // not yet accepted are reset, new ones refused.
+  Impl& m = *impl_;
+  if (m.listen_fd >= 0 && !m.accept_stopped.exchange(true)) ::shutdown(m.listen_fd, SHUT_RDWR);
+}
+
 void HttpServer::stop() {
   // Let the responses that are ending (the scheduler has just sent them their last event) finish
   // writing before the connections close.
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(2);
   while (impl_->active_streams > 0 && std::chrono::steady_clock::now() < deadline)
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  impl_->svr.stop();
+  // After stop_accepting() the library has closed the socket itself (its number may be another
+  // file's by now): its stop() must not close it again.
+  if (!impl_->accept_stopped) impl_->svr.stop();
 }
 
 }  // namespace pkv::serve

@@ -27,7 +27,11 @@ class HttpServer {
   int bind();
   // Serves until stop(); returns once every connection thread has ended.
   void serve();
-  // Stops accepting. Safe from any thread (the signal thread calls it).
+  // Refuses new connections (the listening socket is shut down) and lets the connections being
+  // served go on: serve() returns once they have ended. For a drain; safe from any thread.
+  void stop_accepting();
+  // Stops serving: waits (at most 2 s) for the responses that are ending, then ends the rest. Safe
+  // from any thread (the signal thread calls it).
   void stop();
 
  private:

@@ -93,16 +93,26 @@ void Scheduler::submit(std::shared_ptr<Job> job) {
                    "kv_memory_exceeded");
   {
     std::lock_guard lk(mu_);
-    if (stopping_) throw ApiError(503, "the server is shutting down", "server_shutting_down");
+    if (stopping_ || draining_) throw ApiError(503, "the server is shutting down", "server_shutting_down");
     if (int(queue_.size()) >= opt_.max_queue)
       throw ApiError(503,
                      "the server is busy: " + std::to_string(running_count_) + " requests running and " +
                          std::to_string(queue_.size()) + " queued (--max-queue); retry later",
-                     "server_overloaded");
+                     "server_overloaded")
+          .with_retry_after(std::max(opt_.retry_after_seconds, 1));
     job->submitted_ = Clock::now();
     queue_.push_back(std::move(job));
   }
   cv_.notify_all();
+}
+
+bool Scheduler::drain(std::chrono::milliseconds timeout) {
+  std::unique_lock lk(mu_);
+  draining_ = true;
+  // running_count_ counts a job from its admission (taken off the queue) to the end of the
+  // iteration that finished it; the thread notifies cv_ when it goes idle.
+  cv_.wait_for(lk, timeout, [&] { return stopping_ || (queue_.empty() && running_count_ == 0); });
+  return queue_.empty() && running_count_ == 0;
 }
 
 void Scheduler::shutdown() {
@@ -159,6 +169,7 @@ void Scheduler::run() {
       if (stopping_) break;
       if (running.empty() && queue_.empty()) {
         kv_used_ = 0;
+        cv_.notify_all();  // drain() waits for this
 #if defined(__GLIBC__)
         // Hand the freed caches back to the system when the server goes idle: glibc keeps freed
         // memory of its per-thread arenas otherwise, and the resident size would stay at its peak.

@@ -92,6 +92,7 @@ struct SchedulerOptions {
   size_t kv_pool_bytes = size_t(512) << 20;
   int max_running = 16;
   int max_queue = 64;
+  int retry_after_seconds = 1;  // the Retry-After of the 503 that a full queue answers
 };
 
 struct SchedulerStats {
@@ -110,9 +111,12 @@ class Scheduler {
   Scheduler& operator=(const Scheduler&) = delete;
 
   void start();
-  // Queues a job. Throws ApiError: 400 when its reservation is larger than the whole pool, 503 when
-  // the queue is full or the scheduler is stopping.
+  // Queues a job. Throws ApiError: 400 when its reservation is larger than the whole pool, 503 with
+  // a Retry-After when the queue is full, 503 when the scheduler is draining or stopping.
   void submit(std::shared_ptr<Job> job);
+  // Stops admission (submit() answers 503 server_shutting_down from now on) and lets the queued and
+  // running jobs go on; true once none is left, false when `timeout` came first.
+  bool drain(std::chrono::milliseconds timeout);
   // Ends every queued and running job with a 503 error and joins the thread.
   void shutdown();
 
@@ -137,6 +141,7 @@ class Scheduler {
   std::condition_variable cv_;
   std::deque<std::shared_ptr<Job>> queue_;
   bool stopping_ = false;
+  bool draining_ = false;
   size_t reserved_ = 0;
   int running_count_ = 0;
   SchedulerStats counters_;

@@ -32,35 +32,48 @@ std::string new_completion_id() {
 
 std::string dump_json(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
 
-std::optional<std::pair<int64_t, int64_t>> image_header_size(const std::vector<uint8_t>& b) {
+std::optional<ImageHeader> read_image_header(const std::vector<uint8_t>& b) {
   const size_t n = b.size();
   auto be16 = [&](size_t i) { return int64_t(b[i]) << 8 | int64_t(b[i + 1]); };
   auto be32 = [&](size_t i) { return be16(i) << 16 | be16(i + 2); };
   if (n >= 24 && std::memcmp(b.data(), "\x89PNG\r\n\x1a\n", 8) == 0 && std::memcmp(&b[12], "IHDR", 4) == 0)
-    return std::make_pair(be32(16), be32(20));
+    return ImageHeader{false, be32(16), be32(20), false, 0};
   if (n >= 4 && b[0] == 0xFF && b[1] == 0xD8) {
     // Markers found the way libjpeg finds them (jdmarker.c, next_marker): bytes before a 0xFF are
     // skipped, 0xFF fill bytes swallowed, and 0xFF 0x00 (a stuffed zero) is no marker. Stopping at
     // the first stray byte instead let a JPEG that libjpeg decodes pass unmeasured (found by
-    // tests/fuzz/fuzz_image.cc: the pixel limit was bypassed).
+    // tests/fuzz/fuzz_image.cc: the pixel limit was bypassed). The same walk skips the entropy-coded
+    // data of the scans (no 0xFF there but stuffed zeros and restart markers).
+    std::optional<ImageHeader> h;
     size_t i = 2;
     for (;;) {
       while (i < n && b[i] != 0xFF) ++i;
       while (i < n && b[i] == 0xFF) ++i;
-      if (i >= n) return std::nullopt;
+      if (i >= n) return h;
       const uint8_t m = b[i++];  // i: the marker's length field, when it has one
       if (m == 0x00 || m == 0x01 || (m >= 0xD0 && m <= 0xD8)) continue;  // stuffed zero, markers without a length
-      if (m == 0xD9 || m == 0xDA) return std::nullopt;  // end of image / scan data before any frame header
-      const bool frame = m >= 0xC0 && m <= 0xCF && m != 0xC4 && m != 0xC8 && m != 0xCC;
-      if (frame) {
-        if (i + 7 > n) return std::nullopt;
-        return std::make_pair(be16(i + 5), be16(i + 3));  // SOFn: length, precision, height, width
+      if (m == 0xD9) return h;  // end of image
+      if (m == 0xDA) {
+        if (!h) return std::nullopt;  // scan data before any frame header
+        ++h->scans;
       }
-      if (i + 2 > n) return std::nullopt;
+      const bool frame = m >= 0xC0 && m <= 0xCF && m != 0xC4 && m != 0xC8 && m != 0xCC;
+      if (frame && !h) {
+        if (i + 7 > n) return std::nullopt;
+        // SOFn: length, precision, height, width
+        h = ImageHeader{true, be16(i + 5), be16(i + 3), m == 0xC2 || m == 0xC6 || m == 0xCA || m == 0xCE, 0};
+      }
+      if (i + 2 > n) return h;
       i += size_t(be16(i));  // the length counts its own two bytes
     }
   }
   return std::nullopt;
+}
+
+std::optional<std::pair<int64_t, int64_t>> image_header_size(const std::vector<uint8_t>& bytes) {
+  auto h = read_image_header(bytes);
+  if (!h) return std::nullopt;
+  return std::make_pair(h->width, h->height);
 }
 
 ChatService::ChatService(const Model& model, const Tokenizer& tok, Scheduler& scheduler, ServiceOptions opt,
@@ -105,9 +118,27 @@ Image ChatService::decode_image_input(const ImageInput& in) {
   // Refuse huge images before decoding: a few kilobytes of PNG can claim gigabytes of pixels.
   // Unsigned: a header's sides are below 2^32 each, so the product is exact (a PNG claiming
   // 0xFFFFFFFF x 0xFFFFFFFF overflowed int64_t, found by tests/fuzz/fuzz_image.cc).
-  if (auto size = image_header_size(in.bytes);
-      size && uint64_t(size->first) * uint64_t(size->second) > uint64_t(opt_.max_image_pixels))
-    throw too_large(size->first, size->second);
+  const std::vector<uint8_t>& b = in.bytes;
+  const std::optional<ImageHeader> h = read_image_header(b);
+  if (!h) {
+    // Nothing is decoded without its size known: PNG or JPEG data whose header cannot be read
+    // is refused here, anything else by the decoder ("not a PNG or JPEG image").
+    const bool png = b.size() >= 8 && std::memcmp(b.data(), "\x89PNG", 4) == 0;
+    const bool jpeg = b.size() >= 2 && b[0] == 0xFF && b[1] == 0xD8;
+    if (png || jpeg)
+      throw ApiError(400,
+                     in.where + ": the " + (png ? "PNG" : "JPEG") +
+                         " data ends before its size is given (a truncated or damaged header)",
+                     "invalid_image", "messages");
+  } else {
+    if (uint64_t(h->width) * uint64_t(h->height) > uint64_t(opt_.max_image_pixels)) throw too_large(h->width, h->height);
+    if (h->jpeg && h->scans > opt_.max_jpeg_scans)
+      throw ApiError(400,
+                     in.where + ": the JPEG has " + std::to_string(h->scans) + " scans, more than the " +
+                         std::to_string(opt_.max_jpeg_scans) +
+                         " the server decodes (each scan is a pass over the whole image)",
+                     "invalid_image", "messages");
+  }
   // Bounded concurrency: every handler thread may hold an image, and decoding is the memory peak.
   decode_slots_.acquire();
   struct Slot {

@@ -29,6 +29,9 @@ struct ServiceOptions {
   int default_max_tokens = 256;   // when a request gives none (capped by the context)
   int64_t max_image_pixels = int64_t(1) << 24;
   int image_decode_slots = 2;  // images decoded at once (each can take width x height x 3 bytes)
+  // A JPEG's scans at most: each is a pass of the decoder over the whole image, and a scan header is
+  // 10 bytes, so a few megabytes of them cost hours (typical progressive files have 6 to 12).
+  int max_jpeg_scans = 64;
   ParseOptions parse;
 };
 
@@ -79,8 +82,19 @@ class ChatService {
   int64_t started_;
 };
 
-// Width and height from a PNG or JPEG header without decoding; nullopt when there is none to read
-// (the decoder then reports what is wrong).
+// What a PNG or JPEG says about itself before any pixel is decoded.
+struct ImageHeader {
+  bool jpeg = false;
+  int64_t width = 0, height = 0;
+  bool progressive = false;  // JPEG: SOF2, SOF6, SOF10 or SOF14
+  int scans = 0;             // JPEG: the scans (SOS markers) up to the end of the image; PNG: 0
+};
+// Reads the header the way the decoders do (for a JPEG: the markers up to the frame header, which
+// may come after any number of other segments, then the scans to the end of the image, skipping
+// their entropy-coded data); linear in the size. nullopt when there is no size to read (not a PNG
+// or JPEG, or one cut short before its frame header).
+std::optional<ImageHeader> read_image_header(const std::vector<uint8_t>& bytes);
+// Width and height from read_image_header.
 std::optional<std::pair<int64_t, int64_t>> image_header_size(const std::vector<uint8_t>& bytes);
 
 // JSON text for a response: invalid UTF-8 in generated text becomes U+FFFD instead of an exception.

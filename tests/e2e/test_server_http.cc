@@ -242,7 +242,9 @@ TEST(ServerHttp, QueueBoundAdmissionByKvMemoryAndDisconnects) {
   // One more fits in the queue; the one after gets 503 with a JSON error.
   fds.push_back(http_open_post(s.port(), "/v1/chat/completions", long_request("")));
   EXPECT_EQ(wait_for("prefixkv_requests_queued", 3), 3);
-  expect_error(chat(s, user_text("hi").dump(), {}), 503, "busy", "queue full");
+  HttpReply busy = chat(s, user_text("hi").dump(), {});
+  expect_error(busy, 503, "busy", "queue full");
+  EXPECT_EQ(busy.headers["retry-after"], "1") << "a full queue says when to try again";
   // A request that could never fit the pool is refused at once.
   expect_error(chat(s, user_text("hi", 2 * 1010).dump(), {}), 400, "--kv-memory", "larger than the pool");
 
@@ -271,13 +273,61 @@ TEST(ServerHttp, QueueBoundAdmissionByKvMemoryAndDisconnects) {
   EXPECT_EQ(wait_for("prefixkv_requests_running", 0), 0);
   EXPECT_EQ(s.metric("prefixkv_requests_finished_total{outcome=\"cancelled\"}"), 8);
 
-  // SIGTERM with a stream running: the stream ends with an error event, the server exits 0.
-  fd = http_open_post(s.port(), "/v1/chat/completions", long_request(""));
-  std::string got;
-  ASSERT_TRUE(read_until(fd, "\"finish_reason\":null", &got));
-  EXPECT_EQ(wait_for("prefixkv_requests_running", 1), 1);
-  ::kill(s.pid(), SIGTERM);
-  EXPECT_TRUE(read_until(fd, "server_shutting_down", &got, 20)) << got;
-  ::close(fd);
   EXPECT_EQ(s.stop(), 0) << s.log();
+}
+
+// SIGTERM drains: new connections are refused at once, the requests in flight (running and queued)
+// go on to their whole answers, then the server exits 0. A second signal ends what is left with an
+// error event.
+TEST(ServerHttp, SigtermFinishesTheRequestsInFlightAndRefusesNewOnes) {
+  auto stream = [](int max_tokens) {
+    json j = user_text("Tell me a long story.", max_tokens);
+    j["ignore_eos"] = true;
+    j["stream"] = true;
+    return j.dump();
+  };
+  {
+    ServerProcess s("--max-running 1");
+    ASSERT_TRUE(s.started()) << s.log();
+    const int port = s.port();
+    const int running = http_open_post(port, "/v1/chat/completions", stream(300));
+    std::string got_running, got_queued;
+    ASSERT_TRUE(read_until(running, "\"finish_reason\":null", &got_running));
+    const int queued = http_open_post(port, "/v1/chat/completions", stream(20));
+    for (int i = 0; i < 400 && s.metric("prefixkv_requests_queued") != 1; ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    ::kill(s.pid(), SIGTERM);
+    // Refused from the moment the signal is handled (the answers in flight take longer than that).
+    HttpReply late;
+    for (int i = 0; i < 200; ++i) {
+      late = http_request(port, "GET", "/health", "", {}, 5);
+      if (late.status == 0) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    EXPECT_EQ(late.status, 0) << "a new connection was served while the server drained";
+    EXPECT_TRUE(read_until(running, "data: [DONE]", &got_running, 60)) << got_running;
+    EXPECT_TRUE(read_until(queued, "data: [DONE]", &got_queued, 60)) << got_queued;
+    EXPECT_EQ(got_running.find("server_shutting_down"), std::string::npos);
+    EXPECT_NE(got_running.find("\"finish_reason\":\"length\""), std::string::npos);
+    ::close(running);
+    ::close(queued);
+    EXPECT_EQ(s.stop(), 0) << s.log();
+    EXPECT_NE(s.log().find("no new requests; finishing 1 running and 1 queued"), std::string::npos) << s.log();
+  }
+  {
+    ServerProcess s("");
+    ASSERT_TRUE(s.started()) << s.log();
+    const int fd = http_open_post(s.port(), "/v1/chat/completions", stream(1500));
+    std::string got;
+    ASSERT_TRUE(read_until(fd, "\"finish_reason\":null", &got));
+    ::kill(s.pid(), SIGTERM);
+    // The second signal once the first has been handled (two sent at once may arrive as one).
+    for (int i = 0; i < 200 && http_request(s.port(), "GET", "/health", "", {}, 5).status != 0; ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    ::kill(s.pid(), SIGTERM);
+    EXPECT_TRUE(read_until(fd, "server_shutting_down", &got, 20)) << got;
+    ::close(fd);
+    EXPECT_EQ(s.stop(), 0) << s.log();
+    EXPECT_NE(s.log().find("second signal: ending the requests left (1 running"), std::string::npos) << s.log();
+  }
 }
