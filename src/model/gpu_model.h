@@ -1,5 +1,5 @@
 // The model forward pass on a CUDA device, and the paged KV pool it reads and writes.
-// Plain C++ (no CUDA types, DESIGN.md principle 1); built with PREFIXKV_CUDA only (target pkv_cuda_model).
+// Plain C++ (no CUDA types, DESIGN.md principle 1); built with PREFIXKV_CUDA only (target pkv_model_cuda).
 //
 // GpuModel is built from a loaded CPU pkv::Model (the numerical reference): same config, same weight
 // views. Every weight is uploaded once, converted on the host to the compute dtype (BF16 or F16, the
