@@ -90,7 +90,7 @@ struct DevLinear {
 struct DecLayer {
   const float* attn_norm = nullptr;
   const float* mlp_norm = nullptr;
-  DevLinear qkv, o, gate, up, down;  // qkv: [q | k | v] rows fused into one [qd + 2 kvd, hidden]
+  DevLinear qkv, o, gate, up, down;  // qkv: [q | k | v] rows fused into one [q_dim + 2 kv_dim, hidden]
 };
 
 struct VisLayer {
@@ -114,7 +114,10 @@ struct GpuModel::Impl {
   size_t weight_bytes = 0;
 
   // Decoder.
-  int D = 0, H = 0, Hkv = 0, hd = 0, qd = 0, kvd = 0, W = 0, I = 0, V = 0, L = 0;
+  // q_dim = n_heads * head_dim, kv_dim = n_kv_heads * head_dim, qkv_dim = q_dim + 2 kv_dim (the
+  // fused q/k/v row); ffn: the MLP's intermediate size.
+  int hidden = 0, n_heads = 0, n_kv_heads = 0, head_dim = 0, q_dim = 0, kv_dim = 0, qkv_dim = 0, ffn = 0, vocab = 0,
+      n_layers = 0;
   float eps = 0, scale = 1;
   std::vector<DecLayer> layers;
   const void* embed = nullptr;  // [vocab, hidden]
@@ -124,7 +127,9 @@ struct GpuModel::Impl {
 
   // Vision tower and projector.
   bool vision = false;
-  int vD = 0, vH = 0, vhd = 0, vI = 0, vN = 0, vG = 0, vP = 0, vS = 0;
+  // vis_tokens = vis_grid^2 patches + the class token; vis_patch: pixels per patch side.
+  int vis_hidden = 0, vis_heads = 0, vis_head_dim = 0, vis_ffn = 0, vis_tokens = 0, vis_grid = 0, vis_patch = 0,
+      vis_image_size = 0;
   float v_eps = 0;
   const void* patch_w = nullptr;
   const float* class_emb = nullptr;
@@ -133,11 +138,20 @@ struct GpuModel::Impl {
   std::vector<VisLayer> vlayers;
   std::vector<DevLinear> projector;
 
-  // Scratch.
-  Scratch x{"GPU residual stream"}, hf{"GPU norm output"}, h16{"GPU GEMM input"}, qkv{"GPU q/k/v (float32)"},
-      qkv16{"GPU q/k/v (16-bit)"}, att16{"GPU attention output"}, gate{"GPU MLP gate"}, up{"GPU MLP up"},
-      logits{"GPU logits"}, ints{"GPU call metadata"}, imp{"GPU importance"}, ws{"GPU attention workspace"},
-      io{"GPU input staging"};
+  // Scratch, grown on demand and shared by the vision tower, prefill and decode; R = rows of the
+  // call (prompt tokens, batch size or vision tokens), d = that model's hidden size.
+  Scratch x{"GPU residual stream"},           // float32 [R, d]
+      hf{"GPU norm output"},                  // float32 [R, max(d, patch values)]
+      h16{"GPU GEMM input"},                  // compute dtype [R, widest GEMM input]
+      qkv{"GPU q/k/v (float32)"},             // float32 [R, qkv_dim]
+      qkv16{"GPU q/k/v (16-bit)"},            // compute dtype [R, qkv_dim]
+      att16{"GPU attention output"},          // compute dtype [R, q_dim]
+      gate{"GPU MLP gate"}, up{"GPU MLP up"},  // float32 [R, ffn]
+      logits{"GPU logits"},                   // float32 [R, vocab]
+      ints{"GPU call metadata"},              // int32 tables, lengths, positions of one call
+      imp{"GPU importance"},                  // float32 [layers, R or batch x stride]
+      ws{"GPU attention workspace"},          // the attention kernels' workspace (plan.h layouts)
+      io{"GPU input staging"};                // host inputs on their way to the device
 
   Impl(const Model& model, const GpuModelOptions& opt);
   ~Impl() {
@@ -158,7 +172,7 @@ struct GpuModel::Impl {
   void convert_into(const TensorView& t, size_t first, size_t n, uint16_t* dst) const;
 
   // Running.
-  void linear(const DevLinear& L, const void* x16, int rows, void* y, bool accumulate, int64_t x_stride = 0);
+  void linear(const DevLinear& Lw, const void* x16, int rows, void* y, bool accumulate, int64_t x_stride = 0);
   void to16(const float* src, void* dst, size_t n) { convert(DType::F32, src, dt, dst, n, s()); }
   void checkpoint(const char* what, int layer, const float* resid, size_t n);
   // The decoder's activation buffers for R rows (grown on demand, shared by prefill and decode).
@@ -172,11 +186,11 @@ struct GpuModel::Impl {
     float* up;
   };
   Rows decoder_rows(size_t R, void* stream) {
-    const size_t es = esize(), wide = std::max({size_t(D), size_t(I), size_t(qd)});
-    return {x.need_as<float>(R * D, stream),      h16.need(R * wide * es, stream),
-            qkv.need_as<float>(R * W, stream),
-            qkv16.need(R * W * es, stream),       att16.need(R * qd * es, stream),
-            gate.need_as<float>(R * I, stream),   up.need_as<float>(R * I, stream)};
+    const size_t es = esize(), wide = std::max({size_t(hidden), size_t(ffn), size_t(q_dim)});
+    return {x.need_as<float>(R * hidden, stream),      h16.need(R * wide * es, stream),
+            qkv.need_as<float>(R * qkv_dim, stream),
+            qkv16.need(R * qkv_dim * es, stream),       att16.need(R * q_dim * es, stream),
+            gate.need_as<float>(R * ffn, stream),   up.need_as<float>(R * ffn, stream)};
   }
   void decoder_qkv(const DecLayer& Ly, int R, const int32_t* pos_dev, const float* xr, void* h16r, float* qkvr,
                    bool rope_here = true);
@@ -200,17 +214,17 @@ GpuModel::Impl::Impl(const Model& model, const GpuModelOptions& opt)
   // PKV_GPU_CHECK's per-layer finiteness checks synchronise: they need the plain launches.
   use_graphs = opt.cuda_graphs && !check_finite && !env_off("PKV_CUDA_GRAPHS");
   const TextConfig& t = cfg.text;
-  D = t.hidden, H = t.n_heads, Hkv = t.n_kv_heads, hd = t.head_dim, I = t.intermediate, V = t.vocab_size,
-  L = t.n_layers;
-  qd = H * hd, kvd = Hkv * hd, W = qd + 2 * kvd;
+  hidden = t.hidden, n_heads = t.n_heads, n_kv_heads = t.n_kv_heads, head_dim = t.head_dim, ffn = t.intermediate, vocab = t.vocab_size,
+  n_layers = t.n_layers;
+  q_dim = n_heads * head_dim, kv_dim = n_kv_heads * head_dim, qkv_dim = q_dim + 2 * kv_dim;
   eps = t.rms_eps;
-  scale = 1.f / std::sqrt(float(hd));
-  if (hd % 8 != 0 || hd > 128)
-    fail(kWhere, "head_dim " + std::to_string(hd) + " is not supported by the decode attention kernel (a multiple of 8, <= 128)");
-  if (H % Hkv != 0) fail(kWhere, "n_heads " + std::to_string(H) + " is not a multiple of n_kv_heads " + std::to_string(Hkv));
+  scale = 1.f / std::sqrt(float(head_dim));
+  if (head_dim % 8 != 0 || head_dim > 128)
+    fail(kWhere, "head_dim " + std::to_string(head_dim) + " is not supported by the decode attention kernel (a multiple of 8, <= 128)");
+  if (n_heads % n_kv_heads != 0) fail(kWhere, "n_heads " + std::to_string(n_heads) + " is not a multiple of n_kv_heads " + std::to_string(n_kv_heads));
 
   const Weights& w = m.weights();
-  for (int l = 0; l < L; ++l) {
+  for (int l = 0; l < n_layers; ++l) {
     const LlamaLayer& src = w.lm.layers[size_t(l)];
     const std::string p = "decoder layer " + std::to_string(l);
     DecLayer d;
@@ -226,19 +240,19 @@ GpuModel::Impl::Impl(const Model& model, const GpuModelOptions& opt)
   embed = upload_matrix(*w.lm.embed);
   head = linear_of(w.lm.head);  // the embedding's buffer when tied (uploaded once)
   final_norm = upload_f32(w.lm.norm.w, "final norm");
-  const ops::Rope rope = ops::Rope::make(hd, t.rope_theta, t.rope_type, t.rope_factor, t.rope_low_freq_factor,
+  const ops::Rope rope = ops::Rope::make(head_dim, t.rope_theta, t.rope_type, t.rope_factor, t.rope_low_freq_factor,
                                          t.rope_high_freq_factor, t.rope_original_max_positions);
   inv_freq = upload_f32(rope.inv_freq, "RoPE inverse frequencies");
 
   vision = opt.vision && cfg.has_vision;
   if (vision) {
     const VisionConfig& v = cfg.vision;
-    vD = v.hidden, vH = v.n_heads, vI = v.intermediate, vG = v.grid(), vP = v.patch, vS = v.image_size;
-    vN = v.n_patches() + 1;
+    vis_hidden = v.hidden, vis_heads = v.n_heads, vis_ffn = v.intermediate, vis_grid = v.grid(), vis_patch = v.patch, vis_image_size = v.image_size;
+    vis_tokens = v.n_patches() + 1;
     v_eps = v.eps;
-    if (vH < 1 || vD % vH != 0) fail(kWhere, "vision hidden " + std::to_string(vD) + " is not a multiple of its heads");
-    vhd = vD / vH;
-    if (vhd > 128) fail(kWhere, "vision head_dim " + std::to_string(vhd) + " exceeds 128 (prefill attention kernel)");
+    if (vis_heads < 1 || vis_hidden % vis_heads != 0) fail(kWhere, "vision hidden " + std::to_string(vis_hidden) + " is not a multiple of its heads");
+    vis_head_dim = vis_hidden / vis_heads;
+    if (vis_head_dim > 128) fail(kWhere, "vision head_dim " + std::to_string(vis_head_dim) + " exceeds 128 (prefill attention kernel)");
     const ClipWeights& cw = w.vision;
     patch_w = upload_matrix(*cw.patch.w);
     class_emb = upload_f32(cw.class_emb, "vision class embedding");
@@ -414,21 +428,21 @@ void GpuModel::Impl::checkpoint(const char* what, int layer, const float* resid,
 // Attention input: rms_norm, fused q/k/v product (float32), RoPE on q and k (float32).
 void GpuModel::Impl::decoder_qkv(const DecLayer& Ly, int R, const int32_t* pos_dev, const float* xr, void* h16r,
                                  float* qkvr, bool rope_here) {
-  rms_norm_to(DType::F32, xr, dt, h16r, Ly.attn_norm, R, D, eps, s());
+  rms_norm_to(DType::F32, xr, dt, h16r, Ly.attn_norm, R, hidden, eps, s());
   linear(Ly.qkv, h16r, R, qkvr, false);
   // q and k heads are adjacent in a row: one launch (decode steps rotate in paged_kv_rope_write)
-  if (rope_here) rope(DType::F32, qkvr, R, H + Hkv, hd, W, pos_dev, inv_freq, s());
+  if (rope_here) rope(DType::F32, qkvr, R, n_heads + n_kv_heads, head_dim, qkv_dim, pos_dev, inv_freq, s());
 }
 
 // Attention output projection into the residual, then the SwiGLU MLP into the residual.
 void GpuModel::Impl::decoder_mlp(const DecLayer& Ly, int R, float* xr, void* h16r, void* att, float* g,
                                  float* u) {
   linear(Ly.o, att, R, xr, true);
-  rms_norm_to(DType::F32, xr, dt, h16r, Ly.mlp_norm, R, D, eps, s());
+  rms_norm_to(DType::F32, xr, dt, h16r, Ly.mlp_norm, R, hidden, eps, s());
   // A few rows (decoding): gate, up and SwiGLU in one pass over both weights, straight to 16 bits.
   GemvArgs gu;
   gu.x = h16r, gu.w = Ly.gate.w, gu.w_up = Ly.up.w, gu.w_dtype = dt;
-  gu.rows = R, gu.in = D, gu.out = I;
+  gu.rows = R, gu.in = hidden, gu.out = ffn;
   gu.y = g, gu.y_dtype = dt;  // 16-bit rows in the float32 gate buffer (room for twice as many)
   if (R <= kGemvAutoRows && gemv_enabled() && !Ly.gate.b && !Ly.up.b && gemv_fits(gu)) {
     gemv(gu, s());
@@ -437,8 +451,8 @@ void GpuModel::Impl::decoder_mlp(const DecLayer& Ly, int R, float* xr, void* h16
   }
   linear(Ly.gate, h16r, R, g, false);
   linear(Ly.up, h16r, R, u, false);
-  swiglu(DType::F32, g, u, size_t(R) * I, s());
-  to16(g, h16r, size_t(R) * I);
+  swiglu(DType::F32, g, u, size_t(R) * ffn, s());
+  to16(g, h16r, size_t(R) * ffn);
   linear(Ly.down, h16r, R, xr, true);
 }
 
@@ -446,17 +460,17 @@ void GpuModel::Impl::decoder_mlp(const DecLayer& Ly, int R, float* xr, void* h16
 void GpuModel::Impl::head_logits(const float* rows_x, int R, float* out_host) {
   float* lg = head_buffers(R);
   head_device(rows_x, R, lg);
-  copy_to_host(out_host, lg, size_t(R) * V * sizeof(float), s());
+  copy_to_host(out_host, lg, size_t(R) * vocab * sizeof(float), s());
 }
 
 float* GpuModel::Impl::head_buffers(int R) {
-  h16.need(size_t(R) * D * esize(), s());
-  return logits.need_as<float>(size_t(R) * V, s());
+  h16.need(size_t(R) * hidden * esize(), s());
+  return logits.need_as<float>(size_t(R) * vocab, s());
 }
 
 void GpuModel::Impl::head_device(const float* rows_x, int R, float* lg) {
-  void* h16r = h16.need(size_t(R) * D * esize(), s());
-  rms_norm_to(DType::F32, rows_x, dt, h16r, final_norm, R, D, eps, s());
+  void* h16r = h16.need(size_t(R) * hidden * esize(), s());
+  rms_norm_to(DType::F32, rows_x, dt, h16r, final_norm, R, hidden, eps, s());
   linear(head, h16r, R, lg, false);
 }
 
@@ -493,40 +507,40 @@ std::vector<float> GpuModel::encode_image(const float* pixels) {
                                   : "the model " + g.cfg.dir + " has no vision tower");
   if (!pixels) fail(kWhere, "encode_image: no pixels");
   void* s = g.s();
-  const int S = g.vS, P = g.vP, G = g.vG, D = g.vD, N = g.vN, H = g.vH, hd = g.vhd, I = g.vI;
-  const int C = 3 * P * P, W3 = 3 * D;
+  const int image_size = g.vis_image_size, patch_size = g.vis_patch, grid = g.vis_grid, hidden = g.vis_hidden, tokens = g.vis_tokens, n_heads = g.vis_heads, head_dim = g.vis_head_dim, ffn = g.vis_ffn;
+  const int patch_len = 3 * patch_size * patch_size, qkv_width = 3 * hidden;
   const size_t es = g.esize();
 
   // Unfold the patches on the host ([c, ky, kx] per patch, as the conv weight), as the CPU does.
-  std::vector<float> cols(size_t(G) * G * C);
-  for (int gy = 0; gy < G; ++gy)
-    for (int gx = 0; gx < G; ++gx) {
-      float* dst = &cols[(size_t(gy) * G + gx) * C];
+  std::vector<float> cols(size_t(grid) * grid * patch_len);
+  for (int gy = 0; gy < grid; ++gy)
+    for (int gx = 0; gx < grid; ++gx) {
+      float* dst = &cols[(size_t(gy) * grid + gx) * patch_len];
       for (int c = 0; c < 3; ++c)
-        for (int ky = 0; ky < P; ++ky)
-          std::memcpy(dst + (size_t(c) * P + ky) * P, pixels + (size_t(c) * S + gy * P + ky) * S + gx * P,
-                      sizeof(float) * P);
+        for (int ky = 0; ky < patch_size; ++ky)
+          std::memcpy(dst + (size_t(c) * patch_size + ky) * patch_size, pixels + (size_t(c) * image_size + gy * patch_size + ky) * image_size + gx * patch_size,
+                      sizeof(float) * patch_size);
     }
 
   // Scratch, all sized before anything is enqueued.
-  const size_t wide = std::max({size_t(C), size_t(W3), size_t(I), size_t(D)});
-  float* x = g.x.need_as<float>(size_t(N) * D, s);
-  float* hf = g.hf.need_as<float>(size_t(N) * std::max(D, C), s);
-  void* h16 = g.h16.need(size_t(N) * wide * es, s);
-  float* qkv = g.qkv.need_as<float>(size_t(N) * W3, s);
-  void* qkv16 = g.qkv16.need(size_t(N) * W3 * es, s);
-  void* att16 = g.att16.need(size_t(N) * D * es, s);
-  float* mlp = g.gate.need_as<float>(size_t(N) * I, s);
+  const size_t wide = std::max({size_t(patch_len), size_t(qkv_width), size_t(ffn), size_t(hidden)});
+  float* x = g.x.need_as<float>(size_t(tokens) * hidden, s);
+  float* hf = g.hf.need_as<float>(size_t(tokens) * std::max(hidden, patch_len), s);
+  void* h16 = g.h16.need(size_t(tokens) * wide * es, s);
+  float* qkv = g.qkv.need_as<float>(size_t(tokens) * qkv_width, s);
+  void* qkv16 = g.qkv16.need(size_t(tokens) * qkv_width * es, s);
+  void* att16 = g.att16.need(size_t(tokens) * hidden * es, s);
+  float* mlp = g.gate.need_as<float>(size_t(tokens) * ffn, s);
 
   // Patch embedding, class token, position embeddings, pre-layernorm.
   copy_to_device(hf, cols.data(), cols.size() * sizeof(float), s);
   g.to16(hf, h16, cols.size());
-  DevLinear patch{g.patch_w, nullptr, C, D};
-  g.linear(patch, h16, G * G, x + D, false);
-  copy_on_device(x, g.class_emb, size_t(D) * sizeof(float), s);
-  add(DType::F32, x, g.pos_emb, x, size_t(N) * D, s);
-  layer_norm(DType::F32, x, x, g.pre_w, g.pre_b, N, D, g.v_eps, s);
-  g.checkpoint("vision embeddings", -1, x, size_t(N) * D);
+  DevLinear patch{g.patch_w, nullptr, patch_len, hidden};
+  g.linear(patch, h16, grid * grid, x + hidden, false);
+  copy_on_device(x, g.class_emb, size_t(hidden) * sizeof(float), s);
+  add(DType::F32, x, g.pos_emb, x, size_t(tokens) * hidden, s);
+  layer_norm(DType::F32, x, x, g.pre_w, g.pre_b, tokens, hidden, g.v_eps, s);
+  g.checkpoint("vision embeddings", -1, x, size_t(tokens) * hidden);
 
   const VisionConfig& v = g.cfg.vision;
   const ops::Act act = ops::act_from_name(v.act.c_str());
@@ -536,7 +550,7 @@ std::vector<float> GpuModel::encode_image(const float* pixels) {
   auto keep_if_selected = [&](int idx) {
     for (size_t k = 0; k < feature_layers.size(); ++k)
       if (layer_index(feature_layers[k]) == idx) {
-        selected[k].resize(size_t(N) * D);
+        selected[k].resize(size_t(tokens) * hidden);
         copy_to_host(selected[k].data(), x, selected[k].size() * sizeof(float), s);
         stream_synchronize(s);
       }
@@ -544,32 +558,32 @@ std::vector<float> GpuModel::encode_image(const float* pixels) {
   keep_if_selected(0);
   for (size_t li = 0; li < g.vlayers.size(); ++li) {
     const VisLayer& Ly = g.vlayers[li];
-    layer_norm(DType::F32, x, hf, Ly.ln1_w, Ly.ln1_b, N, D, g.v_eps, s);
-    g.to16(hf, h16, size_t(N) * D);
-    g.linear(Ly.qkv, h16, N, qkv, false);
-    g.to16(qkv, qkv16, size_t(N) * W3);
+    layer_norm(DType::F32, x, hf, Ly.ln1_w, Ly.ln1_b, tokens, hidden, g.v_eps, s);
+    g.to16(hf, h16, size_t(tokens) * hidden);
+    g.linear(Ly.qkv, h16, tokens, qkv, false);
+    g.to16(qkv, qkv16, size_t(tokens) * qkv_width);
     PrefillAttentionArgs a;
     a.dtype = g.dt;
     a.q = qkv16;
-    a.n_q = N;
-    a.q_stride = W3;
-    a.k = static_cast<const char*>(qkv16) + size_t(D) * es;
-    a.v = static_cast<const char*>(qkv16) + size_t(2 * D) * es;
-    a.n_kv = N;
-    a.kv_stride = W3;
-    a.n_heads = a.n_kv_heads = H;
-    a.head_dim = hd;
-    a.scale = 1.f / std::sqrt(float(hd));
+    a.n_q = tokens;
+    a.q_stride = qkv_width;
+    a.k = static_cast<const char*>(qkv16) + size_t(hidden) * es;
+    a.v = static_cast<const char*>(qkv16) + size_t(2 * hidden) * es;
+    a.n_kv = tokens;
+    a.kv_stride = qkv_width;
+    a.n_heads = a.n_kv_heads = n_heads;
+    a.head_dim = head_dim;
+    a.scale = 1.f / std::sqrt(float(head_dim));
     a.out = att16;
     attention_prefill(a, s);
-    g.linear(Ly.o, att16, N, x, true);
-    layer_norm(DType::F32, x, hf, Ly.ln2_w, Ly.ln2_b, N, D, g.v_eps, s);
-    g.to16(hf, h16, size_t(N) * D);
-    g.linear(Ly.fc1, h16, N, mlp, false);
-    activate(DType::F32, mlp, size_t(N) * I, act, s);
-    g.to16(mlp, h16, size_t(N) * I);
-    g.linear(Ly.fc2, h16, N, x, true);
-    g.checkpoint("vision layer", int(li), x, size_t(N) * D);
+    g.linear(Ly.o, att16, tokens, x, true);
+    layer_norm(DType::F32, x, hf, Ly.ln2_w, Ly.ln2_b, tokens, hidden, g.v_eps, s);
+    g.to16(hf, h16, size_t(tokens) * hidden);
+    g.linear(Ly.fc1, h16, tokens, mlp, false);
+    activate(DType::F32, mlp, size_t(tokens) * ffn, act, s);
+    g.to16(mlp, h16, size_t(tokens) * ffn);
+    g.linear(Ly.fc2, h16, tokens, x, true);
+    g.checkpoint("vision layer", int(li), x, size_t(tokens) * hidden);
     keep_if_selected(int(li) + 1);
   }
   for (size_t k = 0; k < selected.size(); ++k)
@@ -578,11 +592,11 @@ std::vector<float> GpuModel::encode_image(const float* pixels) {
 
   // Features: the selected layers side by side, CLS dropped for "default"; then the projector.
   const int skip = g.cfg.feature_strategy == "default" ? 1 : 0;
-  const int T = N - skip, F = D * int(selected.size());
+  const int T = tokens - skip, F = hidden * int(selected.size());
   std::vector<float> feats(size_t(T) * F);
   for (int t = 0; t < T; ++t)
     for (size_t k = 0; k < selected.size(); ++k)
-      std::memcpy(&feats[size_t(t) * F + k * D], &selected[k][size_t(t + skip) * D], sizeof(float) * D);
+      std::memcpy(&feats[size_t(t) * F + k * hidden], &selected[k][size_t(t + skip) * hidden], sizeof(float) * hidden);
   if (g.projector.empty()) fail(kWhere, "the model has no projector");
   const ops::Act pact = ops::act_from_name(g.cfg.projector_act.c_str());
   size_t widest = size_t(F);
@@ -601,7 +615,7 @@ std::vector<float> GpuModel::encode_image(const float* pixels) {
     std::swap(cur, nxt);
     width = pl.out;
   }
-  if (width != g.D) fail(kWhere, "the projector outputs " + std::to_string(width) + " features, the decoder takes " + std::to_string(g.D));
+  if (width != g.hidden) fail(kWhere, "the projector outputs " + std::to_string(width) + " features, the decoder takes " + std::to_string(g.hidden));
   std::vector<float> out(size_t(T) * width);
   copy_to_host(out.data(), cur, out.size() * sizeof(float), s);
   stream_synchronize(s);
@@ -621,24 +635,24 @@ void GpuModel::prefill(GpuKVPool& kv, BlockPool::SeqId seq, const float* x_host,
       fail(kWhere, "prefill: positions must be non-negative and strictly increasing (position " + std::to_string(i) +
                        " is " + std::to_string(pos[i]) + ")");
   BlockPool& bp = kv.blocks();
-  for (int l = 0; l < g.L; ++l)
+  for (int l = 0; l < g.n_layers; ++l)
     if (bp.entries(seq, l) != 0)
       fail(kWhere, "prefill: sequence " + std::to_string(seq) + " already holds " + std::to_string(bp.entries(seq, l)) +
                        " entries in layer " + std::to_string(l) + " (prefill starts an empty sequence)");
-  const int need = bp.blocks_needed(seq, std::vector<int>(size_t(g.L), T));
+  const int need = bp.blocks_needed(seq, std::vector<int>(size_t(g.n_layers), T));
   if (need > bp.free_blocks())
     fail("GPU KV pool", "out of KV blocks: the prefill of sequence " + std::to_string(seq) + " (" + std::to_string(T) +
-                            " tokens x " + std::to_string(g.L) + " layers) needs " + std::to_string(need) + " blocks of " +
+                            " tokens x " + std::to_string(g.n_layers) + " layers) needs " + std::to_string(need) + " blocks of " +
                             std::to_string(bp.block_size()) + " entries, only " + std::to_string(bp.free_blocks()) + " of " +
                             std::to_string(bp.n_blocks()) + " are free");
-  bp.resize_all(seq, std::vector<int>(size_t(g.L), T));
+  bp.resize_all(seq, std::vector<int>(size_t(g.n_layers), T));
 
   // Metadata: positions, this sequence's table per layer, the rows to write (table 0, entries 0..T-1).
   const int stride = std::max(1, bp.blocks_for(T));
   IntPack pk;
   const size_t o_pos = pk.add(std::vector<int32_t>(pos, pos + T));
-  const size_t o_tab = pk.reserve(size_t(g.L) * stride, -1);
-  for (int l = 0; l < g.L; ++l) {
+  const size_t o_tab = pk.reserve(size_t(g.n_layers) * stride, -1);
+  for (int l = 0; l < g.n_layers; ++l) {
     const std::vector<int32_t>& t = bp.table(seq, l);
     PKV_ASSERT(int(t.size()) <= stride);
     std::copy(t.begin(), t.end(), pk.data.begin() + long(o_tab + size_t(l) * stride));
@@ -653,35 +667,35 @@ void GpuModel::prefill(GpuKVPool& kv, BlockPool::SeqId seq, const float* x_host,
   const Impl::Rows r = g.decoder_rows(size_t(T), s);
   float *x = r.x, *qkv = r.qkv, *gate = r.gate, *up = r.up;
   void *h16 = r.h16, *qkv16 = r.qkv16, *att16 = r.att16;
-  float* imp = want_imp ? g.imp.need_as<float>(size_t(g.L) * T, s) : nullptr;
-  const size_t ws_bytes = want_imp ? attention_prefill_workspace_bytes(T, T, g.H) : 0;
+  float* imp = want_imp ? g.imp.need_as<float>(size_t(g.n_layers) * T, s) : nullptr;
+  const size_t ws_bytes = want_imp ? attention_prefill_workspace_bytes(T, T, g.n_heads) : 0;
   void* ws = want_imp ? g.ws.need(ws_bytes, s) : nullptr;
   int32_t* meta = upload_pack(g.ints, pk, s);
   const int32_t* pos_dev = meta + o_pos;
 
-  copy_to_device(x, x_host, size_t(T) * g.D * sizeof(float), s);
-  if (imp) memset_device(imp, 0, size_t(g.L) * T * sizeof(float), s);
-  for (int l = 0; l < g.L; ++l) {
+  copy_to_device(x, x_host, size_t(T) * g.hidden * sizeof(float), s);
+  if (imp) memset_device(imp, 0, size_t(g.n_layers) * T * sizeof(float), s);
+  for (int l = 0; l < g.n_layers; ++l) {
     const DecLayer& Ly = g.layers[size_t(l)];
     g.decoder_qkv(Ly, T, pos_dev, x, h16, qkv);
     const PagedKV pkv = kv.paged(meta + o_tab + size_t(l) * stride, stride);
     const PagedRows rows{meta + o_rt, meta + o_re, T};
-    paged_kv_write(pkv, rows, DType::F32, qkv + g.qd, qkv + g.qd + g.kvd, g.W, pos_dev, s);
-    g.to16(qkv, qkv16, size_t(T) * g.W);
+    paged_kv_write(pkv, rows, DType::F32, qkv + g.q_dim, qkv + g.q_dim + g.kv_dim, g.qkv_dim, pos_dev, s);
+    g.to16(qkv, qkv16, size_t(T) * g.qkv_dim);
     PrefillAttentionArgs a;
     a.dtype = g.dt;
     a.q = qkv16;
     a.n_q = T;
-    a.q_stride = g.W;
+    a.q_stride = g.qkv_dim;
     a.q_pos = pos_dev;
-    a.k = static_cast<const char*>(qkv16) + size_t(g.qd) * es;
-    a.v = static_cast<const char*>(qkv16) + size_t(g.qd + g.kvd) * es;
+    a.k = static_cast<const char*>(qkv16) + size_t(g.q_dim) * es;
+    a.v = static_cast<const char*>(qkv16) + size_t(g.q_dim + g.kv_dim) * es;
     a.n_kv = T;
-    a.kv_stride = g.W;
+    a.kv_stride = g.qkv_dim;
     a.kv_pos = pos_dev;
-    a.n_heads = g.H;
-    a.n_kv_heads = g.Hkv;
-    a.head_dim = g.hd;
+    a.n_heads = g.n_heads;
+    a.n_kv_heads = g.n_kv_heads;
+    a.head_dim = g.head_dim;
     a.scale = g.scale;
     a.out = att16;
     if (imp) {
@@ -692,15 +706,15 @@ void GpuModel::prefill(GpuKVPool& kv, BlockPool::SeqId seq, const float* x_host,
     }
     attention_prefill(a, s);
     g.decoder_mlp(Ly, T, x, h16, att16, gate, up);
-    g.checkpoint("decoder prefill", l, x, size_t(T) * g.D);
+    g.checkpoint("decoder prefill", l, x, size_t(T) * g.hidden);
   }
-  if (logits_host) g.head_logits(x + size_t(T - 1) * g.D, 1, logits_host);
+  if (logits_host) g.head_logits(x + size_t(T - 1) * g.hidden, 1, logits_host);
   if (imp) {
-    std::vector<float> all(size_t(g.L) * T);
+    std::vector<float> all(size_t(g.n_layers) * T);
     copy_to_host(all.data(), imp, all.size() * sizeof(float), s);
     stream_synchronize(s);
-    importance->assign(size_t(g.L), {});
-    for (int l = 0; l < g.L; ++l) (*importance)[size_t(l)].assign(all.begin() + long(size_t(l) * T), all.begin() + long(size_t(l + 1) * T));
+    importance->assign(size_t(g.n_layers), {});
+    for (int l = 0; l < g.n_layers; ++l) (*importance)[size_t(l)].assign(all.begin() + long(size_t(l) * T), all.begin() + long(size_t(l + 1) * T));
   }
   kv.check_error_flag("prefill of sequence " + std::to_string(seq));
 }
@@ -722,8 +736,8 @@ void GpuModel::decode(GpuKVPool& kv, const GpuDecodeBatch& b) {
     fail(kWhere, "decode: a sequence appears twice in one batch");
   if (b.tokens)
     for (int i = 0; i < B; ++i)
-      if (b.tokens[i] < 0 || b.tokens[i] >= g.V)
-        fail("prompt", "token id " + std::to_string(b.tokens[i]) + " is outside the vocabulary of " + std::to_string(g.V));
+      if (b.tokens[i] < 0 || b.tokens[i] >= g.vocab)
+        fail("prompt", "token id " + std::to_string(b.tokens[i]) + " is outside the vocabulary of " + std::to_string(g.vocab));
   for (int i = 0; i < B; ++i)
     if (b.positions[i] < 0) fail(kWhere, "decode: negative position " + std::to_string(b.positions[i]));
   if (b.while_running && b.importance)
@@ -736,8 +750,8 @@ void GpuModel::decode(GpuKVPool& kv, const GpuDecodeBatch& b) {
   std::string needs;  // the first few sequences that need blocks (the message stays one line)
   for (int i = 0; i < B; ++i) {
     const BlockPool::SeqId q = b.seqs[size_t(i)];
-    std::vector<int> e(static_cast<size_t>(g.L));
-    for (int l = 0; l < g.L; ++l) e[size_t(l)] = bp.entries(q, l);
+    std::vector<int> e(static_cast<size_t>(g.n_layers));
+    for (int l = 0; l < g.n_layers; ++l) e[size_t(l)] = bp.entries(q, l);
     before[size_t(i)] = e;
     for (int& n : e) ++n;
     const int n = bp.blocks_needed(q, e);
@@ -762,10 +776,10 @@ void GpuModel::decode(GpuKVPool& kv, const GpuDecodeBatch& b) {
     return v;
   };
   int stride = 1, max_len_all = 0;
-  std::vector<int> max_len(static_cast<size_t>(g.L), 0);
+  std::vector<int> max_len(static_cast<size_t>(g.n_layers), 0);
   for (int i = 0; i < B; ++i)
-    for (int l = 0; l < g.L; ++l) max_len[size_t(l)] = std::max(max_len[size_t(l)], before[size_t(i)][size_t(l)] + 1);
-  for (int l = 0; l < g.L; ++l) {
+    for (int l = 0; l < g.n_layers; ++l) max_len[size_t(l)] = std::max(max_len[size_t(l)], before[size_t(i)][size_t(l)] + 1);
+  for (int l = 0; l < g.n_layers; ++l) {
     max_len[size_t(l)] = bucket(max_len[size_t(l)]);
     max_len_all = std::max(max_len_all, max_len[size_t(l)]);
   }
@@ -773,13 +787,13 @@ void GpuModel::decode(GpuKVPool& kv, const GpuDecodeBatch& b) {
   IntPack pk;
   const size_t o_pos = pk.add(std::vector<int32_t>(b.positions, b.positions + B));
   const size_t o_tok = b.tokens ? pk.add(std::vector<int32_t>(b.tokens, b.tokens + B)) : 0;
-  const size_t o_tab = pk.reserve(size_t(g.L) * B * stride, -1);
-  const size_t o_re = pk.reserve(size_t(g.L) * B, 0);
-  const size_t o_len = pk.reserve(size_t(g.L) * B, 0);
+  const size_t o_tab = pk.reserve(size_t(g.n_layers) * B * stride, -1);
+  const size_t o_re = pk.reserve(size_t(g.n_layers) * B, 0);
+  const size_t o_len = pk.reserve(size_t(g.n_layers) * B, 0);
   std::vector<int32_t> row_table(static_cast<size_t>(B));
   std::iota(row_table.begin(), row_table.end(), 0);
   const size_t o_rt = pk.add(row_table);
-  for (int l = 0; l < g.L; ++l)
+  for (int l = 0; l < g.n_layers; ++l)
     for (int i = 0; i < B; ++i) {
       const std::vector<int32_t>& t = bp.table(b.seqs[size_t(i)], l);
       PKV_ASSERT(int(t.size()) <= stride);
@@ -791,14 +805,14 @@ void GpuModel::decode(GpuKVPool& kv, const GpuDecodeBatch& b) {
   const bool want_imp = b.importance != nullptr;
   const int64_t istride = max_len_all;
   size_t ws_bytes = 0;
-  for (int l = 0; l < g.L; ++l)
-    ws_bytes = std::max(ws_bytes, attention_decode_workspace_bytes(B, g.H, g.Hkv, g.hd, max_len[size_t(l)], want_imp));
+  for (int l = 0; l < g.n_layers; ++l)
+    ws_bytes = std::max(ws_bytes, attention_decode_workspace_bytes(B, g.n_heads, g.n_kv_heads, g.head_dim, max_len[size_t(l)], want_imp));
   const Impl::Rows r = g.decoder_rows(size_t(B), s);
-  float* imp = want_imp ? g.imp.need_as<float>(size_t(g.L) * B * istride, s) : nullptr;
+  float* imp = want_imp ? g.imp.need_as<float>(size_t(g.n_layers) * B * istride, s) : nullptr;
   void* ws = g.ws.need(ws_bytes, s);
   float* lg = b.logits ? g.head_buffers(B) : nullptr;
   int32_t* meta = upload_pack(g.ints, pk, s);
-  if (b.embeddings) copy_to_device(r.x, b.embeddings, size_t(B) * g.D * sizeof(float), s);
+  if (b.embeddings) copy_to_device(r.x, b.embeddings, size_t(B) * g.hidden * sizeof(float), s);
 
   // The step's work. Everything it uses is copied into the closure (a captured graph keeps the
   // values of its capture); only device memory (metadata, activations, the pool) changes between
@@ -812,29 +826,29 @@ void GpuModel::decode(GpuKVPool& kv, const GpuDecodeBatch& b) {
     Impl& g = *gp;
     void* s = g.s();
     const int32_t* pos_dev = meta + o_pos;
-    if (tokens) embedding(g.dt, g.embed, g.V, g.D, meta + o_tok, B, DType::F32, r.x, s);
-    if (imp) memset_device(imp, 0, size_t(g.L) * B * istride * sizeof(float), s);
-    for (int l = 0; l < g.L; ++l) {
+    if (tokens) embedding(g.dt, g.embed, g.vocab, g.hidden, meta + o_tok, B, DType::F32, r.x, s);
+    if (imp) memset_device(imp, 0, size_t(g.n_layers) * B * istride * sizeof(float), s);
+    for (int l = 0; l < g.n_layers; ++l) {
       const DecLayer& Ly = g.layers[size_t(l)];
       g.decoder_qkv(Ly, B, pos_dev, r.x, r.h16, r.qkv, false);
       const PagedKV pkv = kvp->paged(meta + o_tab + size_t(l) * B * stride, stride);
       const PagedRows rows{meta + o_rt, meta + o_re + size_t(l) * B, B};
       // RoPE, the new K/V rows into the pool and q in 16 bits for the attention, in one kernel.
       RopeWriteArgs rw;
-      rw.qkv = r.qkv, rw.qkv_stride = g.W, rw.n_heads = g.H, rw.n_kv_heads = g.Hkv, rw.head_dim = g.hd;
-      rw.pos = pos_dev, rw.inv_freq = g.inv_freq, rw.q_out = r.qkv16, rw.q_out_stride = g.W;
+      rw.qkv = r.qkv, rw.qkv_stride = g.qkv_dim, rw.n_heads = g.n_heads, rw.n_kv_heads = g.n_kv_heads, rw.head_dim = g.head_dim;
+      rw.pos = pos_dev, rw.inv_freq = g.inv_freq, rw.q_out = r.qkv16, rw.q_out_stride = g.qkv_dim;
       paged_kv_rope_write(pkv, rows, rw, s);
       DecodeAttentionArgs a;
       a.q = r.qkv16;
       a.batch = B;
-      a.q_stride = g.W;
+      a.q_stride = g.qkv_dim;
       a.q_pos = pos_dev;
       a.kv = pkv;
       a.lengths = meta + o_len + size_t(l) * B;
       a.max_len = plan_len[size_t(l)];
-      a.n_heads = g.H;
-      a.n_kv_heads = g.Hkv;
-      a.head_dim = g.hd;
+      a.n_heads = g.n_heads;
+      a.n_kv_heads = g.n_kv_heads;
+      a.head_dim = g.head_dim;
       a.scale = g.scale;
       a.out = r.att16;
       if (imp) {
@@ -845,7 +859,7 @@ void GpuModel::decode(GpuKVPool& kv, const GpuDecodeBatch& b) {
       a.workspace_bytes = ws_bytes;
       attention_decode(a, s);
       g.decoder_mlp(Ly, B, r.x, r.h16, r.att16, r.gate, r.up);
-      g.checkpoint("decoder step", l, r.x, size_t(B) * g.D);
+      g.checkpoint("decoder step", l, r.x, size_t(B) * g.hidden);
     }
     if (lg) g.head_device(r.x, B, lg);
   };
@@ -883,7 +897,7 @@ void GpuModel::decode(GpuKVPool& kv, const GpuDecodeBatch& b) {
   }
   g.step_timer.stop(s);
   // Through page-locked memory: a pageable copy of B x vocab floats runs at a fraction of the speed.
-  const size_t n_logits = lg ? size_t(B) * g.V * sizeof(float) : 0;
+  const size_t n_logits = lg ? size_t(B) * g.vocab * sizeof(float) : 0;
   void* staged = lg ? g.pinned.need(n_logits) : nullptr;
   if (lg) copy_to_host(staged, lg, n_logits, s);
   if (b.while_running) {
@@ -907,15 +921,15 @@ void GpuModel::decode(GpuKVPool& kv, const GpuDecodeBatch& b) {
   g.times.steps += 1;
   g.times.gpu_ms += g.step_timer.elapsed_ms();
   if (imp) {
-    std::vector<float> all(size_t(g.L) * B * istride);
+    std::vector<float> all(size_t(g.n_layers) * B * istride);
     copy_to_host(all.data(), imp, all.size() * sizeof(float), s);
     stream_synchronize(s);
     b.importance->assign(size_t(B), {});
     for (int i = 0; i < B; ++i) {
       if (!b.want_importance.empty() && !b.want_importance[size_t(i)]) continue;
       auto& per = (*b.importance)[size_t(i)];
-      per.resize(size_t(g.L));
-      for (int l = 0; l < g.L; ++l) {
+      per.resize(size_t(g.n_layers));
+      for (int l = 0; l < g.n_layers; ++l) {
         // The kernel writes each entry's importance at its slot; the caller counts logical entries.
         const float* row = &all[(size_t(l) * B + i) * istride];
         const int n = before[size_t(i)][size_t(l)] + 1;
