@@ -14,6 +14,7 @@
 
 #include "core/error.h"
 #include "core/threads.h"
+#include "model/clip.h"
 #include "ops/cuda/device.h"
 #include "ops/cuda/kernels.h"
 
@@ -507,20 +508,13 @@ std::vector<float> GpuModel::encode_image(const float* pixels) {
                                   : "the model " + g.cfg.dir + " has no vision tower");
   if (!pixels) fail(kWhere, "encode_image: no pixels");
   void* s = g.s();
-  const int image_size = g.vis_image_size, patch_size = g.vis_patch, grid = g.vis_grid, hidden = g.vis_hidden, tokens = g.vis_tokens, n_heads = g.vis_heads, head_dim = g.vis_head_dim, ffn = g.vis_ffn;
+  const int patch_size = g.vis_patch, grid = g.vis_grid, hidden = g.vis_hidden, tokens = g.vis_tokens,
+            n_heads = g.vis_heads, head_dim = g.vis_head_dim, ffn = g.vis_ffn;
   const int patch_len = 3 * patch_size * patch_size, qkv_width = 3 * hidden;
   const size_t es = g.esize();
 
-  // Unfold the patches on the host ([c, ky, kx] per patch, as the conv weight), as the CPU does.
-  std::vector<float> cols(size_t(grid) * grid * patch_len);
-  for (int gy = 0; gy < grid; ++gy)
-    for (int gx = 0; gx < grid; ++gx) {
-      float* dst = &cols[(size_t(gy) * grid + gx) * patch_len];
-      for (int c = 0; c < 3; ++c)
-        for (int ky = 0; ky < patch_size; ++ky)
-          std::memcpy(dst + (size_t(c) * patch_size + ky) * patch_size, pixels + (size_t(c) * image_size + gy * patch_size + ky) * image_size + gx * patch_size,
-                      sizeof(float) * patch_size);
-    }
+  // The patches as rows on the host (clip::unfold_patches, as the CPU does).
+  const std::vector<float> cols = clip::unfold_patches(g.cfg.vision, pixels);
 
   // Scratch, all sized before anything is enqueued.
   const size_t wide = std::max({size_t(patch_len), size_t(qkv_width), size_t(ffn), size_t(hidden)});
@@ -544,12 +538,11 @@ std::vector<float> GpuModel::encode_image(const float* pixels) {
 
   const VisionConfig& v = g.cfg.vision;
   const ops::Act act = ops::act_from_name(v.act.c_str());
-  auto layer_index = [&](int l) { return l < 0 ? v.n_layers + 1 + l : l; };
-  const std::vector<int>& feature_layers = g.cfg.feature_layers;
-  std::vector<std::vector<float>> selected(feature_layers.size());
+  const std::vector<int> wanted = clip::feature_hidden_states(g.cfg);
+  std::vector<std::vector<float>> selected(wanted.size());
   auto keep_if_selected = [&](int idx) {
-    for (size_t k = 0; k < feature_layers.size(); ++k)
-      if (layer_index(feature_layers[k]) == idx) {
+    for (size_t k = 0; k < wanted.size(); ++k)
+      if (wanted[k] == idx) {
         selected[k].resize(size_t(tokens) * hidden);
         copy_to_host(selected[k].data(), x, selected[k].size() * sizeof(float), s);
         stream_synchronize(s);
@@ -588,15 +581,11 @@ std::vector<float> GpuModel::encode_image(const float* pixels) {
   }
   for (size_t k = 0; k < selected.size(); ++k)
     if (selected[k].empty())
-      fail(kWhere, "vision feature layer " + std::to_string(feature_layers[k]) + " was not computed");
+      fail(kWhere, "vision feature layer " + std::to_string(g.cfg.feature_layers[k]) + " was not computed");
 
   // Features: the selected layers side by side, CLS dropped for "default"; then the projector.
-  const int skip = g.cfg.feature_strategy == "default" ? 1 : 0;
-  const int T = tokens - skip, F = hidden * int(selected.size());
-  std::vector<float> feats(size_t(T) * F);
-  for (int t = 0; t < T; ++t)
-    for (size_t k = 0; k < selected.size(); ++k)
-      std::memcpy(&feats[size_t(t) * F + k * hidden], &selected[k][size_t(t + skip) * hidden], sizeof(float) * hidden);
+  const clip::Features feats = clip::join_features(g.cfg, selected, tokens, hidden);
+  const int T = feats.rows, F = feats.width;
   if (g.projector.empty()) fail(kWhere, "the model has no projector");
   const ops::Act pact = ops::act_from_name(g.cfg.projector_act.c_str());
   size_t widest = size_t(F);
@@ -604,7 +593,7 @@ std::vector<float> GpuModel::encode_image(const float* pixels) {
   float* cur = g.io.need_as<float>(size_t(T) * widest * 2, s);
   float* nxt = cur + size_t(T) * widest;
   void* in16 = g.h16.need(size_t(T) * widest * es, s);
-  copy_to_device(cur, feats.data(), feats.size() * sizeof(float), s);
+  copy_to_device(cur, feats.data.data(), feats.data.size() * sizeof(float), s);
   int width = F;
   for (size_t i = 0; i < g.projector.size(); ++i) {
     const DevLinear& pl = g.projector[i];

@@ -7,6 +7,7 @@
 
 #include "core/error.h"
 #include "core/threads.h"
+#include "model/clip.h"
 
 namespace pkv {
 
@@ -152,19 +153,11 @@ std::vector<float> Model::encode_image(const float* pixels, Observer* obs) const
   PKV_ASSERT(cfg_.has_vision);
   const VisionConfig& v = cfg_.vision;
   const ClipWeights& w = lw_->w.vision;
-  const int S = v.image_size, P = v.patch, G = v.grid(), D = v.hidden, N = v.n_patches() + 1;
+  const int S = v.image_size, G = v.grid(), D = v.hidden, N = v.n_patches() + 1;
   emit(obs, "pixel_values", -1, pixels, {3, S, S});
 
-  // Patch embedding: im2col (each patch flattened as [c, ky, kx], matching the conv weight) then a matmul.
-  std::vector<float> cols(size_t(G) * G * 3 * P * P);
-  for (int gy = 0; gy < G; ++gy)
-    for (int gx = 0; gx < G; ++gx) {
-      float* dst = &cols[(size_t(gy) * G + gx) * 3 * P * P];
-      for (int c = 0; c < 3; ++c)
-        for (int ky = 0; ky < P; ++ky)
-          std::memcpy(dst + (size_t(c) * P + ky) * P, pixels + (size_t(c) * S + gy * P + ky) * S + gx * P,
-                      sizeof(float) * P);
-    }
+  // Patch embedding: the patches as rows (clip::unfold_patches), then a matmul.
+  const std::vector<float> cols = clip::unfold_patches(v, pixels);
   std::vector<float> x(size_t(N) * D);
   ops::linear(cols.data(), G * G, w.patch, x.data() + D);
   std::copy(w.class_emb.begin(), w.class_emb.end(), x.begin());
@@ -175,11 +168,11 @@ std::vector<float> Model::encode_image(const float* pixels, Observer* obs) const
   const int H = v.n_heads, hd = D / H;
   std::vector<float> h(size_t(N) * D), q(h.size()), k(h.size()), vv(h.size()), att(h.size()), mlp(size_t(N) * v.intermediate);
   // hidden_states[0] is the embedding output; hidden_states[i + 1] the output of layer i.
-  auto layer_index = [&](int l) { return l < 0 ? v.n_layers + 1 + l : l; };
-  std::vector<std::vector<float>> selected(cfg_.feature_layers.size());
+  const std::vector<int> wanted = clip::feature_hidden_states(cfg_);
+  std::vector<std::vector<float>> selected(wanted.size());
   auto keep_if_selected = [&](int idx) {
-    for (size_t s = 0; s < cfg_.feature_layers.size(); ++s)
-      if (layer_index(cfg_.feature_layers[s]) == idx) selected[s] = x;
+    for (size_t s = 0; s < wanted.size(); ++s)
+      if (wanted[s] == idx) selected[s] = x;
   };
   keep_if_selected(0);
   for (size_t li = 0; li < w.layers.size(); ++li) {
@@ -211,13 +204,10 @@ std::vector<float> Model::encode_image(const float* pixels, Observer* obs) const
     keep_if_selected(int(li) + 1);
   }
 
-  // Feature selection: concatenate the selected layers along the feature axis, drop CLS for "default".
-  const int skip = cfg_.feature_strategy == "default" ? 1 : 0;
-  const int T = N - skip, F = D * int(selected.size());
-  std::vector<float> feats(size_t(T) * F);
-  for (int t = 0; t < T; ++t)
-    for (size_t s = 0; s < selected.size(); ++s)
-      std::memcpy(&feats[size_t(t) * F + s * D], &selected[s][size_t(t + skip) * D], sizeof(float) * D);
+  // Feature selection: the selected layers side by side, CLS dropped for "default".
+  clip::Features joined = clip::join_features(cfg_, selected, N, D);
+  const int T = joined.rows, F = joined.width;
+  std::vector<float> feats = std::move(joined.data);
   emit(obs, "vision_features", -1, feats.data(), {T, F});
 
   // Projector: linear (act linear)*.
