@@ -15,7 +15,8 @@
 #   FUZZ_KEEP=1     keep the grown corpora of earlier runs (default: start from the seeds each time)
 # Per target: the work corpus is $FUZZ_BUILD/corpus/<target> (grown from tests/fuzz/corpus/<target>,
 # which is never written), findings go to $FUZZ_BUILD/findings/<target>/, the log to
-# $FUZZ_BUILD/logs/<target>.log; $FUZZ_BUILD/fuzz_summary.tsv gets one line per target run.
+# $FUZZ_BUILD/logs/<target>.log; $FUZZ_BUILD/fuzz_summary.tsv gets one line per target run (date,
+# target, executions, seconds, exit status, the commit the targets were built from).
 # Reproduce a finding: $FUZZ_BUILD/fuzz/<target> $FUZZ_BUILD/findings/<target>/crash-...
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -57,7 +58,8 @@ if ! cmake --build "$BUILD" -j "$JOBS" --target "${targets[@]}" >"$BUILD/logs/bu
   echo "fuzz: build failed ($BUILD/logs/build.log)" >&2
   exit 2
 fi
-echo "fuzz: built ${#targets[@]} target(s) in $(( $(date +%s) - t0 )) s; $secs s each"
+rev=$(git describe --always --dirty 2>/dev/null || echo -)  # what the targets were built from
+echo "fuzz: built ${#targets[@]} target(s) from $rev in $(( $(date +%s) - t0 )) s; $secs s each"
 
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
@@ -92,8 +94,7 @@ for t in "${targets[@]}"; do
     failed+=("$t")
   fi
   printf '%-24s %12s %8s %10s  %s\n' "$t" "$execs" "$el" "$rate" "$result"
-  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$(date -u +%FT%TZ)" "$t" "$execs" "$el" "$rc" "$(git rev-parse --short HEAD 2>/dev/null || echo -)" \
-    >>"$BUILD/fuzz_summary.tsv"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$(date -u +%FT%TZ)" "$t" "$execs" "$el" "$rc" "$rev" >>"$BUILD/fuzz_summary.tsv"
   if [ "$rc" != 0 ]; then
     grep -E "FINDING|ERROR: |runtime error|SUMMARY|Test unit written" "$log" | head -8 | sed 's/^/    /'
   fi
