@@ -772,22 +772,23 @@ def costs(a):
         + b"\xff\xc0\x00\x0b\x08\x4e\x20\x4e\x20\x01\x01\x11\x00\xff\xd9"
     cases = [
         ("JSON depth: 100000 '['", b"[" * 100000, "json_too_deep"),
-        (f"JSON depth: {fill >> 20} MiB of '['", b"[" * fill, "json_too_deep"),
-        (f"JSON values: {fill >> 20} MiB of [0,0,...]", (b'{"a":[' + b"0," * (fill // 2) + b"0]}"), "json_too_large"),
+        (f"JSON depth: {fill / 2**20:.1f} MiB of '['", b"[" * fill, "json_too_deep"),
+        (f"JSON values: {fill / 2**20:.1f} MiB of [0,0,...]", (b'{"a":[' + b"0," * (fill // 2) + b"0]}"),
+         "json_too_large"),
         ("messages: 2049", json.dumps({"messages": [{"role": "user", "content": "x"}] * 2049}).encode(),
          "too_many_messages"),
         ("content parts: 2049", json.dumps({"messages": [{"role": "user", "content": [
             {"type": "text", "text": "x"}] * 2049}]}).encode(), "too_many_content_parts"),
-        (f"body over the limit: {(limit >> 20) + 1} MiB", json.dumps({**hi, "user": "a" * (limit + (1 << 20))}).encode(),
+        (f"body over the limit: {(limit >> 20) + 1} MiB (limit {limit >> 20})", json.dumps({**hi, "user": "a" * (limit + (1 << 20))}).encode(),
          "request_too_large"),
         ("PNG header 100000x100000", with_image(png_header_only(100000, 100000), "image/png"), "image_too_large"),
-        (f"JPEG SOF after {len(sof_late) >> 20} MiB of comments, 20000x20000", with_image(sof_late, "image/jpeg"),
+        (f"JPEG SOF after {len(sof_late) / 2**20:.1f} MiB of comments, 20000x20000", with_image(sof_late, "image/jpeg"),
          "image_too_large"),
         ("progressive JPEG 4096x4096, 65 scans", with_image(progressive_jpeg(4096, 4096, 65), "image/jpeg"),
          "invalid_image"),
         ("progressive JPEG 4096x4096, 100000 scans", with_image(progressive_jpeg(4096, 4096, 100000), "image/jpeg"),
          "invalid_image"),
-        (f"text over the context: {fill >> 20} MiB", json.dumps({**hi, "messages": [
+        (f"text over the context: {fill / 2**20:.1f} MiB", json.dumps({**hi, "messages": [
             {"role": "user", "content": "red square " * (fill // 12)}]}).encode(), "context_length_exceeded"),
     ]
     rows = []
@@ -808,7 +809,7 @@ def costs(a):
         # A flood of header lines: httplib 0.11.4 (Debian 12's) bounds each line (8 kB) but not their
         # number, and keeps them all; nothing of prefixkv runs before they are read. Measured, not fixed.
         flood = []
-        for lines in (10000, 100000):
+        for lines in (100000, 1000000):
             hwm0 = srv.rss()["VmHWM"]
             s = raw_connect(srv.port)
             head = b"".join(b"X-Flood-%d: 1\r\n" % i for i in range(lines))
