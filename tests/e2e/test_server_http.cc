@@ -132,6 +132,9 @@ TEST(ServerHttp, BadRequestsGetOneJsonErrorEachAndTheServerKeepsServing) {
       {"last message not the user's", last_assistant.dump(), 400, "the last message must be the user's"},
       {"n = 2", n2.dump(), 400, "only n = 1"},
       {"oversized body", user_text(std::string(2 << 20, 'a')).dump(), 413, "larger than the server's limit of 1 MiB"},
+      // A data URI is part of the body: its base64 counts against the same limit.
+      {"an image over the body limit", user_image("data:image/png;base64," + std::string(3 << 19, 'A')).dump(), 413,
+       "larger than the server's limit of 1 MiB"},
   };
   for (const Case& c : cases) expect_error(chat(s, c.body), c.status, c.fragment, c.what);
 
