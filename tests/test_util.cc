@@ -13,7 +13,12 @@
 namespace pkv::test {
 
 std::string data_path(const std::string& rel) { return std::string(PKV_TEST_DATA) + "/" + rel; }
-std::string shared_path(const std::string& rel) { return std::string(PKV_SHARED) + "/" + rel; }
+std::string shared_path(const std::string& rel) {
+  // The project's references sit in ../shared beside the checkout; PREFIXKV_SHARED names them when
+  // the checkout is elsewhere (.ci/run sets it for a clone made outside the workspace).
+  const char* env = std::getenv("PREFIXKV_SHARED");
+  return std::string(env && *env ? env : PKV_SHARED) + "/" + rel;
+}
 
 bool in_ci() {
   const char* ci = std::getenv("CI");

@@ -11,7 +11,7 @@ std::string data_path(const std::string& rel);
 // A path under the system temp folder unique to this process (ctest runs tests in parallel
 // processes) and to the current test: <tmp>/pkv_<pid>_<test>_<tag>.
 std::string temp_path(const std::string& tag);    // tests/data/<rel>
-std::string shared_path(const std::string& rel);  // ../shared/<rel>
+std::string shared_path(const std::string& rel);  // ../shared/<rel> ($PREFIXKV_SHARED/<rel> when set)
 // Max |a-b| / max|b| over all elements (relative to the reference's scale).
 double rel_error(const float* a, const float* b, size_t n);
 double max_abs_diff(const float* a, const float* b, size_t n);
