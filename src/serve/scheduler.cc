@@ -21,6 +21,22 @@ double ms_between(Clock::time_point a, Clock::time_point b) {
 
 constexpr auto kRateWindow = std::chrono::seconds(10);
 
+// A fixed KV pool (the GPU's, src/kv/block_pool.cc) that ran out: pkv::Error with the pool's own
+// words. The reservations are meant to make it impossible; if one undercounts, the request that ran
+// into it is told to retry instead of being failed as a bad request (prefill) or taking every
+// running request down with it (step).
+bool out_of_kv_blocks(const std::exception& e) {
+  return dynamic_cast<const pkv::Error*>(&e) && std::string(e.what()).find("out of KV blocks") != std::string::npos;
+}
+
+ApiError kv_pool_ran_out(int running) {
+  return ApiError(503,
+                  "the KV pool ran out with " + std::to_string(running) +
+                      " requests running; this one was stopped so that the others could go on; retry later",
+                  "server_overloaded")
+      .with_retry_after(1);
+}
+
 }  // namespace
 
 KvReservation kv_reservation(const TextConfig& t, int prompt_tokens, int max_tokens, double keep_fraction,
@@ -241,11 +257,13 @@ bool Scheduler::admit(const std::shared_ptr<Job>& job, std::vector<Running>& run
     if (!job->cancelled()) {
       std::fprintf(stderr, "[prefixkv serve] a request failed before decoding: %s\n", e.what());
       const auto* api = dynamic_cast<const ApiError*>(&e);
-      job->push(
-          Event{Event::Kind::Error,
-                {},
-                {},
-                api ? *api : ApiError(dynamic_cast<const pkv::Error*>(&e) ? 400 : 500, e.what(), "prefill_failed")});
+      job->push(Event{Event::Kind::Error,
+                      {},
+                      {},
+                      api                    ? *api
+                      : out_of_kv_blocks(e) ? kv_pool_ran_out(int(running.size()))
+                                             : ApiError(dynamic_cast<const pkv::Error*>(&e) ? 400 : 500, e.what(),
+                                                        "prefill_failed")});
     }
     return false;
   }
@@ -296,11 +314,31 @@ void Scheduler::advance(std::vector<Running>& running) {
     std::lock_guard lk(mu_);
     ++counters_.finished_total;
   }
-  if (!batch.empty()) {
+  while (!batch.empty()) {
     const size_t V = size_t(model_.config().text.vocab_size);
     std::vector<float> logits(batch.size() * V);
-    opt_.backend->step_many(batch, tokens.data(), logits.data());
+    try {
+      opt_.backend->step_many(batch, tokens.data(), logits.data());
+    } catch (const std::exception& e) {
+      // A backend throws out of KV blocks before it changes anything (Backend::step_many's GPU
+      // implementation, GpuSession::step_many): the newest request gives its blocks back and the
+      // others take the step again. Anything else still fails the batch (run() catches it).
+      if (!out_of_kv_blocks(e)) throw;
+      Running* newest = fed.back();
+      std::fprintf(stderr, "[prefixkv serve] %s; stopping the newest of %zu running requests\n", e.what(), batch.size());
+      newest->job->push(Event{Event::Kind::Error, {}, {}, kv_pool_ran_out(int(batch.size()))});
+      newest->remove = true;
+      {
+        std::lock_guard lk(mu_);
+        ++counters_.failed_total;
+      }
+      batch.pop_back();
+      tokens.pop_back();
+      fed.pop_back();
+      continue;
+    }
     for (size_t i = 0; i < fed.size(); ++i) std::copy_n(&logits[i * V], V, fed[i]->logits.data());
+    break;
   }
   size_t used = 0;
   for (auto& r : running) {

@@ -12,6 +12,8 @@
 #include <nlohmann/json.hpp>
 #include <thread>
 
+#include "core/error.h"
+#include "engine/backend.h"
 #include "engine/engine.h"
 #include "kv/policy.h"
 #include "serve/api.h"
@@ -131,6 +133,36 @@ PolicyFactory simple_factory() {
     return make_policy(name, o);
   };
 }
+
+// The CPU back end, except that the first step of `fail_at` sequences or more throws what the GPU's
+// fixed KV pool throws when it runs out (src/kv/block_pool.cc), before changing anything, as
+// GpuSession::step_many does.
+class PoolRunsOut : public Backend {
+ public:
+  PoolRunsOut(const Model& m, size_t fail_at) : cpu_(make_cpu_backend(m)), fail_at_(fail_at) {}
+  std::string name() const override { return "cpu"; }
+  std::string description() const override { return "cpu whose KV pool runs out once"; }
+  const Model& model() const override { return cpu_->model(); }
+  std::vector<float> encode_image(const float* pixels, Observer* obs) override {
+    return cpu_->encode_image(pixels, obs);
+  }
+  std::unique_ptr<Sequence> prefill(const PreparedPrompt& p, KVPolicy& policy, float* logits, Observer* obs) override {
+    return cpu_->prefill(p, policy, logits, obs);
+  }
+  void step_many(const std::vector<Sequence*>& seqs, const int32_t* tokens, float* logits) override {
+    if (seqs.size() >= fail_at_ && !failed_) {
+      failed_ = true;
+      fail("KV block pool", "out of KV blocks: sequence 3 needs 12 more blocks for a decode step but only 0 of 64 are free");
+    }
+    cpu_->step_many(seqs, tokens, logits);
+  }
+  size_t kv_entry_bytes() const override { return cpu_->kv_entry_bytes(); }
+
+ private:
+  std::unique_ptr<Backend> cpu_;
+  size_t fail_at_;
+  bool failed_ = false;
+};
 
 }  // namespace
 
@@ -326,6 +358,61 @@ TEST(ServeLimits, AFullQueueSaysWhenToRetryAndADrainFinishesWhatIsInFlight) {
     EXPECT_EQ(e->completion.completion_tokens, (*j)->sampling.max_tokens);
   }
   EXPECT_EQ(sched.stats().failed_total, 0u);
+  EXPECT_EQ(sched.stats().kv_reserved_bytes, 0u);
+  sched.shutdown();
+}
+
+// A step that runs out of KV blocks (the GPU's fixed pool, if a reservation undercounted) stops only
+// the newest request, with 503 server_overloaded and a Retry-After; the others go on to the answers
+// they would have given alone.
+TEST(ServeLimits, APoolThatRunsOutStopsTheNewestRequestOnly) {
+  Bundled& b = bundled();
+  Engine engine(*b.model, b.tok);
+  SchedulerOptions so;
+  so.backend = std::make_shared<PoolRunsOut>(*b.model, 3);
+  Scheduler sched(*b.model, b.tok, so);
+  const std::vector<std::string> prompts = {"Tell me about shapes.", "Count to five.", "What colour is the sky?"};
+  std::vector<std::shared_ptr<Job>> jobs;
+  std::vector<std::string> expected;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    auto j = std::make_shared<Job>();
+    j->prompt.text = prompts[i];
+    j->sampling.max_tokens = 24 + 8 * int(i);
+    j->sampling.ignore_eos = true;
+    j->policy = make_policy("full", {});
+    PreparedPrompt p = engine.prepare(j->prompt);
+    j->prompt_tokens = int(p.ids.size());
+    j->kv = kv_reservation(b.model->config().text, j->prompt_tokens, j->sampling.max_tokens, 1.0, 2);
+    auto ref = make_policy("full", {});
+    expected.push_back(engine.generate(p, j->sampling, *ref).text);
+    jobs.push_back(j);
+    sched.submit(j);  // all queued before the thread starts: they join the batch one per iteration
+  }
+  sched.start();
+  auto end_of = [](Job& job, std::string* text) {
+    for (;;) {
+      std::optional<Event> e = job.next_event(std::chrono::seconds(60));
+      if (!e) return Event{Event::Kind::Error, {}, {}, ApiError(0, "timed out")};
+      if (e->kind != Event::Kind::Text) return std::move(*e);
+      *text += e->text;
+    }
+  };
+  for (size_t i = 0; i < 2; ++i) {
+    std::string text;
+    Event e = end_of(*jobs[i], &text);
+    ASSERT_EQ(e.kind, Event::Kind::Done) << (e.error ? e.error->what() : "");
+    EXPECT_EQ(e.completion.text, expected[i]) << prompts[i];
+  }
+  std::string partial;
+  Event third = end_of(*jobs[2], &partial);
+  ASSERT_EQ(third.kind, Event::Kind::Error);
+  EXPECT_EQ(third.error->status(), 503);
+  EXPECT_EQ(third.error->code(), "server_overloaded");
+  EXPECT_EQ(third.error->retry_after(), 1);
+  EXPECT_TRUE(has(third.error->what(), "the KV pool ran out with 3 requests running")) << third.error->what();
+  for (int i = 0; i < 100 && sched.stats().running > 0; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  EXPECT_EQ(sched.stats().failed_total, 1u);
+  EXPECT_EQ(sched.stats().finished_total, 2u);
   EXPECT_EQ(sched.stats().kv_reserved_bytes, 0u);
   sched.shutdown();
 }
