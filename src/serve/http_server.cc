@@ -9,6 +9,7 @@
 #include <deque>
 #include <list>
 #include <mutex>
+#include <system_error>
 #include <thread>
 #if defined(__GLIBC__)
 #include <malloc.h>
@@ -58,15 +59,29 @@ class ConnectionThreads : public httplib::TaskQueue {
   ~ConnectionThreads() override { shutdown(); }
 
   void enqueue(std::function<void()> fn) override {
-    std::lock_guard lk(mu_);
-    jobs_.push_back(std::move(fn));
-    reap();
-    if (running_ < max_) {
-      ++running_;
-      workers_.emplace_back();
-      Worker& w = workers_.back();
-      w.thread = std::thread([this, &w] { work(w); });
+    std::function<void()> inline_job;
+    {
+      std::lock_guard lk(mu_);
+      jobs_.push_back(std::move(fn));
+      reap();
+      if (running_ < max_) {
+        workers_.emplace_back();
+        Worker& w = workers_.back();
+        try {
+          w.thread = std::thread([this, &w] { work(w); });
+          ++running_;
+        } catch (const std::system_error&) {
+          // No thread to be had now (a process or memory limit): a running one takes the connection
+          // later; with none running, it is served here, on the accepting thread.
+          workers_.pop_back();
+          if (running_ == 0) {
+            inline_job = std::move(jobs_.back());
+            jobs_.pop_back();
+          }
+        }
+      }
     }
+    if (inline_job) inline_job();
   }
 
   void shutdown() override {
