@@ -132,8 +132,14 @@ std::unique_ptr<TensorStore> TensorStore::open(const std::string& path) {
       std::set<std::string> shard_names;
       for (auto& [name, shard] : idx["weight_map"].items()) {
         if (!shard.is_string()) fail(ipath, "weight_map entry '" + name + "' is not a file name");
-        shard_names.insert(shard.get<std::string>());
-        expected[name] = (dir / shard.get<std::string>()).string();
+        // A shard is a plain file name in the checkpoint's folder: an absolute path or one through
+        // ".." would map a file from anywhere on the disk, and an index comes with a download.
+        const std::string& s = shard.get_ref<const std::string&>();
+        if (s.empty() || s == "." || s == ".." || s.find('/') != std::string::npos || s.find('\0') != std::string::npos)
+          fail(ipath, "weight_map entry '" + name + "' names shard '" + s +
+                          "', which is not a plain file name in the checkpoint's folder");
+        shard_names.insert(s);
+        expected[name] = (dir / s).string();
       }
       for (auto& s : shard_names) {
         if (!exists(dir / s, ipath)) fail(ipath, "names shard '" + s + "', which is missing from " + path);

@@ -3,13 +3,21 @@
 
 #include "test_util.h"
 
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <fcntl.h>
 #include <filesystem>
 #include <fstream>
+#include <future>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
 #include "io/config.h"
+#include "io/mapped_file.h"
 #include "io/safetensors.h"
 
 namespace fs = std::filesystem;
@@ -174,6 +182,59 @@ TEST(Safetensors, ShardedLoadsAllShards) {
   auto s = TensorStore::open(d.string());
   ASSERT_TRUE(s->find("b"));
   EXPECT_EQ(static_cast<const float*>(s->find("b")->data)[1], 3.f);
+}
+
+// A shard outside the checkpoint's folder is refused before anything is opened, though the file is
+// there and valid: an absolute path, a path through "..", and a name in a subfolder.
+TEST(Safetensors, ShardedIndexNamesAShardOutsideTheFolder) {
+  const fs::path outside = tmpdir("shard_outside_target");
+  json h = {{"a", {{"dtype", "F32"}, {"shape", {1}}, {"data_offsets", {0, 4}}}}};
+  write_file(outside / "s1.safetensors", safetensors_bytes(h, floats({1})));
+  const fs::path d = tmpdir("shard_outside");
+  const std::string relative = "../" + outside.filename().string() + "/s1.safetensors";
+  for (const std::string& shard : {(outside / "s1.safetensors").string(), relative, std::string("..")}) {
+    SCOPED_TRACE(shard);
+    write_file(d / "model.safetensors.index.json", json{{"weight_map", {{"a", shard}}}}.dump());
+    expect_error(d.string(), {"model.safetensors.index.json", "'" + shard + "'", "not a plain file name"});
+  }
+  // The same shard beside the index loads.
+  fs::copy_file(outside / "s1.safetensors", d / "s1.safetensors");
+  write_file(d / "model.safetensors.index.json", json{{"weight_map", {{"a", "s1.safetensors"}}}}.dump());
+  EXPECT_EQ(*static_cast<const float*>(TensorStore::open(d.string())->find("a")->data), 1.f);
+}
+
+// MappedFile opened anything by name with a blocking open(): a FIFO (or a device) as a weights file
+// waited for a writer forever. Now anything but a regular file is an Error naming the path, at once.
+// Should open() block again, the test opens the FIFO's writing end itself to release it, and fails
+// instead of hanging.
+TEST(Safetensors, AFifoAsAWeightsFileIsAnErrorNotAHang) {
+  const fs::path d = tmpdir("fifo");
+  const fs::path fifo = d / "model.safetensors";
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0) << std::strerror(errno);
+  for (const fs::path& path : {fifo, d}) {  // the file itself, and a checkpoint folder holding it
+    SCOPED_TRACE(path.string());
+    auto opened = std::async(std::launch::async, [&]() -> std::string {
+      try {
+        if (path == fifo)
+          MappedFile m(path.string());
+        else
+          TensorStore::open(path.string());
+      } catch (const Error& e) {
+        return e.what();
+      }
+      return "no error";
+    });
+    if (opened.wait_for(std::chrono::seconds(10)) != std::future_status::ready) {
+      const int w = ::open(fifo.c_str(), O_WRONLY | O_NONBLOCK);  // succeeds while a reader waits
+      opened.wait();
+      if (w >= 0) ::close(w);
+      ADD_FAILURE() << "opening a FIFO blocked";
+      continue;
+    }
+    const std::string what = opened.get();
+    EXPECT_NE(what.find(fifo.string()), std::string::npos) << what;
+    EXPECT_NE(what.find("FIFO"), std::string::npos) << what;
+  }
 }
 
 // ------------------------------------------------------------------ config.json
