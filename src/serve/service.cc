@@ -8,6 +8,7 @@
 #include <ctime>
 
 #include "core/error.h"
+#include "kv/policy.h"
 
 using nlohmann::json;
 
@@ -208,7 +209,7 @@ Submitted ChatService::submit(const std::string& body) {
   } catch (const pkv::Error& e) {
     throw ApiError(400, std::string("kv_policy: ") + e.what(), "invalid_value", "kv_policy");
   }
-  if (sub.kv_policy == "full")
+  if (!policy_info(sub.kv_policy).compresses)  // keeps every entry, whatever the budget
     sub.kv_budget = 1;
   else if (req.kv_budget)
     sub.kv_budget = *req.kv_budget;
