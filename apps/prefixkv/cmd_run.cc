@@ -144,10 +144,11 @@ int cmd_run(int argc, char** argv) {
   };
   // The device: the model's copy there (the GPU's vision tower when there is an image) and KV
   // memory for this one sequence: the prompt's tokens (counted before the image is encoded, which
-  // needs the device) and max_tokens more, at most the model's context.
+  // needs the device) and max_tokens more, at most the model's context. prompt_ids builds the
+  // prompt as prepare() will (and refuses an image for a text-only model).
   const ModelConfig& cfg = model->config();
-  const std::vector<int32_t> marked = engine.tokenize_prompt(Engine::apply_template(prompt, req.tmpl, has_image), has_image);
-  const int prompt_tokens = int(marked.size()) + (has_image && cfg.has_vision ? cfg.image_tokens() - 1 : 0);
+  const std::vector<int32_t> marked = engine.prompt_ids(req);
+  const int prompt_tokens = int(marked.size()) + (has_image ? cfg.image_tokens() - 1 : 0);
   BackendOptions bo;
   bo.device = dev.device;
   bo.gpu_dtype = dev.gpu_dtype;

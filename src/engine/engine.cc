@@ -4,7 +4,6 @@
 #include <chrono>
 #include <cmath>
 #include <numeric>
-#include <string_view>
 
 #include "core/error.h"
 #include "engine/backend.h"
@@ -27,109 +26,10 @@ uint64_t splitmix64(uint64_t& s) {
 
 }  // namespace
 
-std::string Engine::apply_template(const std::string& text, Template t, bool has_image) {
-  if (t == Template::Raw) {
-    if (has_image && text.find("<image>") == std::string::npos) return "<image>\n" + text;
-    return text;
-  }
-  // LLaVA v1 (conv_vicuna_v1 / llava-hf): "USER: <image>\n{prompt} ASSISTANT:"
-  return std::string("USER: ") + (has_image ? "<image>\n" : "") + text + " ASSISTANT:";
-}
-
-int64_t Engine::min_tokens(size_t text_bytes) const {
-  const int64_t per_token = tok_.max_piece_bytes();
-  return (int64_t(text_bytes) + per_token - 1) / per_token;
-}
-
-void Engine::check_text_fits(size_t text_bytes) const {
-  const int context = model_.config().text.max_positions;
-  const int64_t at_least = min_tokens(text_bytes);
-  if (at_least > context)
-    fail("prompt", "is " + std::to_string(text_bytes) + " bytes of text, at least " + std::to_string(at_least) +
-                       " tokens, more than the model's context of " + std::to_string(context) + " tokens");
-}
-
-int Engine::append_text_ids(std::vector<int32_t>& ids, const std::string& text, bool starts_prompt,
-                            bool split_images) const {
-  // The original LLaVA repository encodes each chunk around <image> separately with SentencePiece,
-  // each with its dummy prefix (its tokenizer_image_token); transformers' LLaMA tokenizer
-  // (legacy = false) adds the prefix only at the start of the text and merges differently on runs
-  // of spaces (Tokenizer::encode_hf).
-  static constexpr std::string_view kImage = "<image>";
-  const bool every_chunk_prefixed = model_.config().layout == Layout::LlavaOriginal;
-  bool first = starts_prompt;
-  int images = 0;
-  for (size_t start = 0;;) {
-    const size_t at = split_images ? text.find(kImage, start) : std::string::npos;
-    const std::string chunk = text.substr(start, at == std::string::npos ? std::string::npos : at - start);
-    if (!chunk.empty()) {
-      std::vector<int> t = every_chunk_prefixed ? tok_.encode(chunk) : tok_.encode_hf(chunk, first);
-      ids.insert(ids.end(), t.begin(), t.end());
-    }
-    first = false;
-    if (at == std::string::npos) break;
-    ids.push_back(-1);
-    ++images;
-    start = at + kImage.size();
-  }
-  return images;
-}
-
-std::vector<int32_t> Engine::tokenize_prompt(const std::string& full_text, bool has_image) const {
-  check_text_fits(full_text.size());
-  std::vector<int32_t> ids = {int32_t(model_.config().text.bos_id)};
-  const int images = append_text_ids(ids, full_text, true, has_image);
-  if (has_image && images != 1) fail("prompt", "expected exactly one <image> in the prompt, found " + std::to_string(images));
-  return ids;
-}
-
-std::vector<int32_t> Engine::tokenize_turns(const std::vector<std::string>& pieces, bool has_image) const {
-  size_t bytes = 0;
-  for (const std::string& p : pieces) bytes += p.size();
-  check_text_fits(bytes);
-  if (pieces.empty()) fail("prompt", "no text to tokenize");
-  const bool first_has_image = has_image && pieces[0].find("<image>") != std::string::npos;
-  std::vector<int32_t> ids = tokenize_prompt(pieces[0], first_has_image);
-  for (size_t i = 1; i < pieces.size(); ++i) {
-    ids.push_back(eos_id());  // the "</s>" that ends an assistant turn
-    // Text after a special token: transformers' non-legacy LLaMA tokenizer adds no dummy prefix;
-    // the original repository's encodes every chunk with its prefix.
-    append_text_ids(ids, pieces[i], false, true);
-  }
-  return ids;
-}
-
-int32_t Engine::eos_id() const {
-  const ModelConfig& cfg = model_.config();
-  return cfg.text.eos_ids.empty() ? tok_.eos_id() : cfg.text.eos_ids[0];
-}
-
-std::vector<int32_t> Engine::answer_ids(const std::string& answer) const {
-  // The answer continues "... ASSISTANT:" after one space; both tokenizer rules start a new piece at
-  // the space, so the joint tokenisation is the prompt's followed by this.
-  const bool original = model_.config().layout == Layout::LlavaOriginal;
-  std::vector<int> t = original ? tok_.encode_continuation(" " + answer) : tok_.encode_hf(" " + answer, false);
-  std::vector<int32_t> ids(t.begin(), t.end());
-  ids.push_back(eos_id());
-  return ids;
-}
-
 PreparedPrompt Engine::prepare(const PromptRequest& req, Observer* obs) const {
   const ModelConfig& cfg = model_.config();
   const bool has_image = req.image != nullptr;
-  if (has_image && !cfg.has_vision)
-    fail("--image", "the model " + cfg.dir + " (" + cfg.architecture + ") is text-only and cannot take an image");
-  if (!has_image && req.tmpl == Template::Raw && req.text.find("<image>") != std::string::npos && cfg.has_vision)
-    fail("prompt", "the prompt contains <image> but no image was given");
-  std::vector<int32_t> marked;
-  if (req.marked_ids.empty()) {
-    marked = tokenize_prompt(apply_template(req.text, req.tmpl, has_image), has_image);
-  } else {
-    marked = req.marked_ids;
-    const auto markers = std::count(marked.begin(), marked.end(), -1);
-    if (markers != (has_image ? 1 : 0))
-      fail("prompt", "has " + std::to_string(markers) + " image markers for " + (has_image ? "one image" : "no image"));
-  }
+  const std::vector<int32_t> marked = prompt_ids(req);
 
   PreparedPrompt p;
   std::vector<float> image_emb;

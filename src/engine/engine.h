@@ -1,5 +1,6 @@
-// Generation for one sequence: prompt building (chat template, image-token expansion), prefill,
-// the decode loop with sampling and stop conditions, and the KV policy hooks.
+// Generation for one sequence: prompt preparation (the tokens from engine/prompt.h's templates, the
+// image's embeddings spliced in), prefill, the decode loop with sampling and stop conditions, and
+// the KV policy hooks.
 #pragma once
 #include <cstdint>
 #include <functional>
@@ -7,14 +8,13 @@
 #include <string>
 #include <vector>
 
+#include "engine/prompt.h"
 #include "kv/policy.h"
 #include "model/model.h"
 #include "text/tokenizer.h"
 #include "vision/image.h"
 
 namespace pkv {
-
-enum class Template { LlavaV1, Raw };
 
 struct PromptRequest {
   std::string text;                 // the user's prompt (Raw: the whole model input)
@@ -111,27 +111,37 @@ class Engine {
                             const std::function<void(const std::string&)>& on_text = {},
                             Observer* obs = nullptr) const;
 
+  // Prompt building (defined in prompt.cc, with the templates of prompt.h):
+  //
+  // The model input of a request, tokenized, -1 once where the image goes: req.text in req.tmpl as
+  // a single_turn conversation, rendered and tokenized by tokenize_turns, or req.marked_ids when
+  // given (checked to hold one marker with an image, none without). Refuses an image for a
+  // text-only model and a raw prompt with <image> but no image. prepare() starts with it; callers
+  // count a prompt's tokens with it before preparing.
+  std::vector<int32_t> prompt_ids(const PromptRequest& req) const;
   // Token ids of the text parts of a prompt with `<image>` marking where the image goes
   // (the image marker is returned as -1, one entry). Exposed for tests.
   std::vector<int32_t> tokenize_prompt(const std::string& full_text, bool has_image) const;
-  // A conversation rendered as pieces split at the end of each assistant turn: the first piece as
-  // tokenize_prompt (its <image> the image's place when has_image), each later one after an EOS,
-  // its text a continuation (no dummy prefix) and any <image> in it a marker. A single piece gives
-  // exactly tokenize_prompt.
+  // A conversation rendered as pieces split at the end of each assistant turn (render_prompt): the
+  // first piece as tokenize_prompt (its <image> the image's place when has_image), each later one
+  // after an EOS, its text a continuation (no dummy prefix) and any <image> in it a marker. A
+  // single piece gives exactly tokenize_prompt.
   std::vector<int32_t> tokenize_turns(const std::vector<std::string>& pieces, bool has_image) const;
   // The fewest tokens a text of this many bytes can encode to (no token stands for more bytes than
   // the tokenizer's longest piece), and a check that refuses, before any tokenizing, a text that
   // cannot fit the model's context.
   int64_t min_tokens(size_t text_bytes) const;
   void check_text_fits(size_t text_bytes) const;
-  // The end-of-sequence id the model was trained to produce (the config's first, else the tokenizer's).
+  // The end-of-sequence id the model was trained to produce (the config's first, else the
+  // tokenizer's): the token between conversation turns and after a reference answer.
   int32_t eos_id() const;
 
   // Token ids of a reference answer as it follows the prompt (teacher forcing), with EOS at the end:
   // the tokens the model was trained to produce after "ASSISTANT:".
   std::vector<int32_t> answer_ids(const std::string& answer) const;
 
-  // The model input text for a request: the chat template applied.
+  // The model input text of a single prompt: render_prompt(single_turn(text, has_image, t), t), one
+  // piece.
   static std::string apply_template(const std::string& text, Template t, bool has_image);
 
  private:

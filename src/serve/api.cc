@@ -193,9 +193,9 @@ void parse_message(const json& m, const std::string& where, ChatRequest& req, co
     wrong_type(where + ".content", "a string or an array of parts", *content);
   }
   for (size_t i = 0; i < msg.parts.size(); ++i)
-    if (!msg.parts[i].is_image && msg.parts[i].text.find("<image>") != std::string::npos)
-      bad(where + ".content",
-          "the text contains '<image>', the model's image marker; send the image as an image_url part");
+    if (!msg.parts[i].is_image && msg.parts[i].text.find(kImageMarker) != std::string::npos)
+      bad(where + ".content", "the text contains '" + std::string(kImageMarker) +
+                                  "', the model's image marker; send the image as an image_url part");
   req.messages.push_back(std::move(msg));
 }
 
@@ -369,33 +369,21 @@ ChatRequest parse_chat_request(const std::string& body, const ParseOptions& opt)
   return req;
 }
 
-std::vector<std::string> render_llava_v1(const std::vector<ChatMessage>& messages) {
-  auto join = [](const ChatMessage& m) {
-    std::string s;
-    for (size_t i = 0; i < m.parts.size(); ++i) {
-      if (i) s += '\n';
-      s += m.parts[i].is_image ? std::string("<image>") : m.parts[i].text;
-    }
-    return s;
-  };
-  std::string system;
-  for (auto& m : messages)
-    if (m.role == Role::System) {
-      if (!system.empty()) system += '\n';
-      system += join(m);
-    }
-  std::vector<std::string> pieces(1);
-  if (!system.empty()) pieces.back() = system + " ";
-  for (auto& m : messages) {
-    if (m.role == Role::User) {
-      pieces.back().append("USER: ").append(join(m)).append(" ");
-    } else if (m.role == Role::Assistant) {
-      pieces.back().append("ASSISTANT: ").append(join(m));
-      pieces.emplace_back();  // "</s>"
-    }
+Conversation to_conversation(const std::vector<ChatMessage>& messages) {
+  Conversation c;
+  c.reserve(messages.size());
+  for (const ChatMessage& m : messages) {
+    Turn t;
+    t.role = m.role == Role::System ? Turn::Role::System : m.role == Role::User ? Turn::Role::User : Turn::Role::Assistant;
+    t.parts.reserve(m.parts.size());
+    for (const ContentPart& p : m.parts) t.parts.push_back({p.is_image, p.text});
+    c.push_back(std::move(t));
   }
-  pieces.back() += "ASSISTANT:";
-  return pieces;
+  return c;
+}
+
+std::vector<std::string> render_llava_v1(const std::vector<ChatMessage>& messages) {
+  return render_prompt(to_conversation(messages), Template::LlavaV1);
 }
 
 std::string finish_reason(const std::string& stop_reason) {

@@ -93,12 +93,14 @@ struct ChatRequest {
 // what was wrong, e.g. "messages[1].content[0].image_url.url: not valid base64".
 ChatRequest parse_chat_request(const std::string& body, const ParseOptions& opt);
 
-// The conversation in LLaVA v1's template (conv_vicuna_v1, the template of the llava-hf models):
-//   "{system} USER: {user} ASSISTANT: {assistant}</s>USER: {user} ASSISTANT:"
-// with "<image>" where the image part was and parts of one message joined by "\n"; a single user
-// message renders exactly as `prefixkv run` renders its prompt. Returned split at the "</s>" that
-// end assistant turns (an end-of-sequence token goes between the pieces, never text that a user
-// could type).
+// The request's messages as the engine's conversation (engine/prompt.h): roles mapped, each
+// message's parts kept in order (an image part stands where the image goes).
+Conversation to_conversation(const std::vector<ChatMessage>& messages);
+
+// The conversation in LLaVA v1's template: render_prompt(to_conversation(messages),
+// Template::LlavaV1), the pieces split where an end-of-sequence token goes (engine/prompt.h says
+// how). A single user message with an image part then a text part renders exactly as
+// `prefixkv run` renders its prompt.
 std::vector<std::string> render_llava_v1(const std::vector<ChatMessage>& messages);
 
 // finish_reason from the engine's stop reason: eos, stop -> "stop"; length, context -> "length".

@@ -200,6 +200,67 @@ TEST(ServeApi, ConversationsRenderInTheLlavaV1Template) {
   EXPECT_EQ(finish_reason("context"), "length");
 }
 
+// Prompt building has one home (engine/prompt.h): a single user message sent to the server gives
+// the very token ids `prefixkv run` prefills for the same text (Engine::prompt_ids, what its
+// prepare() uses), with and without an image, on both checkpoint layouts (transformers' BPE rule
+// and the original repository's chunk-by-chunk SentencePiece); a conversation puts the system text
+// in front and one EOS after the assistant's turn, the image at its part's place.
+TEST(ServeService, ASingleTurnRequestTokenizesAsPrefixkvRun) {
+  for (const std::string& dir : {repo("models/prefixkv-llava-tiny"), test::data_path("fixtures/llava_orig_sharded")}) {
+    SCOPED_TRACE(dir);
+    auto model = Model::load(dir);
+    Tokenizer tok(dir + "/tokenizer.model");
+    const ModelConfig& cfg = model->config();
+    ASSERT_TRUE(cfg.has_vision);
+    Scheduler sched(*model, tok, {});  // not started: submitted jobs wait in the queue
+    ServiceOptions opt;
+    opt.model_id = "m";
+    ChatService svc(*model, tok, sched, opt, simple_factory());
+    Engine engine(*model, tok);
+    const Image img = load_image(repo("data/example.png"));
+    const std::string text = "What is in  the picture?";  // two spaces: the tokenizer rules differ there
+    const json image_part = {{"type", "image_url"}, {"image_url", {{"url", png_uri()}}}};
+    const json text_part = {{"type", "text"}, {"text", text}};
+
+    PromptRequest run;  // what `prefixkv run --prompt TEXT [--image ...]` builds
+    run.text = text;
+    run.tmpl = Template::LlavaV1;
+    run.image = &img;
+    const std::vector<int32_t> run_image = engine.prompt_ids(run);
+    run.image = nullptr;
+    const std::vector<int32_t> run_text = engine.prompt_ids(run);
+    EXPECT_EQ(std::count(run_image.begin(), run_image.end(), -1), 1);
+    EXPECT_EQ(std::count(run_text.begin(), run_text.end(), -1), 0);
+
+    json with_image = {{"messages", {{{"role", "user"}, {"content", {image_part, text_part}}}}}, {"max_tokens", 1}};
+    Submitted a = svc.submit(with_image.dump());
+    EXPECT_EQ(a.job->prompt.marked_ids, run_image);
+    EXPECT_EQ(a.job->prompt_tokens, int(run_image.size()) + cfg.image_tokens() - 1);
+    json text_only = {{"messages", {{{"role", "user"}, {"content", text}}}}, {"max_tokens", 1}};
+    Submitted b = svc.submit(text_only.dump());
+    EXPECT_EQ(b.job->prompt.marked_ids, run_text);
+
+    // A conversation, spelled out token by token: BOS, the first piece as a prompt's start, EOS,
+    // then the rest as a continuation, the image one -1 where its part stands.
+    json conv = {{"messages",
+                  {{{"role", "system"}, {"content", "Be kind."}},
+                   {{"role", "user"}, {"content", "Hello"}},
+                   {{"role", "assistant"}, {"content", "Hi there."}},
+                   {{"role", "user"}, {"content", {text_part, image_part}}}}},
+                 {"max_tokens", 1}};
+    Submitted c = svc.submit(conv.dump());
+    const bool original = cfg.layout == Layout::LlavaOriginal;
+    auto encode = [&](const std::string& t, bool starts) { return original ? tok.encode(t) : tok.encode_hf(t, starts); };
+    std::vector<int32_t> want = {int32_t(cfg.text.bos_id)};
+    for (int id : encode("Be kind. USER: Hello ASSISTANT: Hi there.", true)) want.push_back(id);
+    want.push_back(engine.eos_id());
+    for (int id : encode("USER: " + text + "\n", false)) want.push_back(id);
+    want.push_back(-1);
+    for (int id : encode(" ASSISTANT:", false)) want.push_back(id);
+    EXPECT_EQ(c.job->prompt.marked_ids, want);
+  }
+}
+
 TEST(ServeApi, ImageHeaderSizes) {
   auto png = image_header_size(file_bytes(repo("data/example.png")));
   Image decoded = load_image(repo("data/example.png"));

@@ -6,7 +6,9 @@
 #include <cstring>
 #include <numeric>
 
+#include "core/error.h"
 #include "engine/engine.h"
+#include "engine/prompt.h"
 #include "test_util.h"
 
 using namespace pkv;
@@ -165,4 +167,26 @@ TEST(EngineBatch, StepManyIsBitIdenticalToSeparateSteps) {
     EXPECT_LT(a[2]->cache().layer(0).size(), a[2]->position()) << "h2o evicted";
     EXPECT_EQ(a[0]->cache().layer(0).size(), a[0]->position()) << "full kept everything";
   }
+}
+
+// The templates (engine/prompt.h) give the texts docs/FORMATS.md and the references spell out; a
+// conversation splits after each assistant turn, where the end-of-sequence token goes.
+TEST(Prompt, TemplatesRenderTheDocumentedText) {
+  EXPECT_EQ(Engine::apply_template("hi", Template::LlavaV1, true), "USER: <image>\nhi ASSISTANT:");
+  EXPECT_EQ(Engine::apply_template("hi", Template::LlavaV1, false), "USER: hi ASSISTANT:");
+  EXPECT_EQ(Engine::apply_template("", Template::LlavaV1, true), "USER: <image>\n ASSISTANT:");
+  EXPECT_EQ(Engine::apply_template("hi", Template::Raw, true), "<image>\nhi");
+  EXPECT_EQ(Engine::apply_template("a <image> b", Template::Raw, true), "a <image> b");
+  EXPECT_EQ(Engine::apply_template("a <image> b", Template::Raw, false), "a <image> b");
+  EXPECT_EQ(Engine::apply_template("hi", Template::Raw, false), "hi");
+  // LLaVA v1 always puts the image first; a second marker in the text is refused when tokenizing.
+  EXPECT_EQ(Engine::apply_template("a <image> b", Template::LlavaV1, true), "USER: <image>\na <image> b ASSISTANT:");
+
+  const Conversation conv = {{Turn::Role::User, {{false, "a"}, {true, {}}}},
+                             {Turn::Role::Assistant, {{false, "b"}}},
+                             {Turn::Role::System, {{false, "s"}}},
+                             {Turn::Role::User, {{false, "c"}}}};
+  EXPECT_EQ(render_prompt(conv, Template::LlavaV1),
+            (std::vector<std::string>{"s USER: a\n<image> ASSISTANT: b", "USER: c ASSISTANT:"}));
+  EXPECT_THROW(render_prompt(conv, Template::Raw), Error);
 }
