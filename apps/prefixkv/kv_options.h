@@ -6,6 +6,7 @@
 #include "args.h"
 #include "kv/policy.h"
 #include "kv/profile.h"
+#include "model/identity.h"
 #include "model/model.h"
 
 namespace pkv::cli {
@@ -16,9 +17,6 @@ std::vector<OptionSpec> kv_option_specs(const std::vector<std::string>& names);
 // Reads --kv-budget, --kv-budget-tokens, --kv-importance, --kv-window, --kv-protected,
 // --kv-prefix-pool, --kv-decode (those a command does not take keep their defaults).
 PolicyOptions policy_options_from_args(const Args& args);
-// The identity a profile records: the model folder's name, and a fingerprint of its config and
-// tensor index (names, dtypes, shapes), so a profile is not used with another model by mistake.
-ModelIdentity model_identity(const Model& model);
 // Keep fractions for `budget` from a profile file, after checking it against the model.
 std::vector<double> load_keep_fractions(const std::string& path, double budget, const Model& model);
 // Makes the policy; for prefixkv, loads the profile (--kv-profile, else the model's

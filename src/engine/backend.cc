@@ -13,6 +13,23 @@ std::vector<int> Backend::Sequence::entries_per_layer() const {
   return e;
 }
 
+const std::vector<std::vector<float>>& Backend::SharedPrefill::importance_for(int f) const {
+  for (size_t i = 0; i < from.size(); ++i)
+    if (from[i] == f) return importance[i];
+  fail("shared prefill", "the importance from query " + std::to_string(f) + " was not measured (measured from: " +
+                             [&] {
+                               std::string m;
+                               for (int x : from) m += (m.empty() ? "" : ", ") + std::to_string(x);
+                               return m.empty() ? std::string("none") : m;
+                             }() + ")");
+}
+
+const std::vector<std::vector<float>>& Backend::SharedPrefill::importance_for(const KVPolicy& policy) const {
+  static const std::vector<std::vector<float>> none;
+  const ImportanceRequest req = policy.prefill_importance(prompt_len);
+  return req.needed ? importance_for(req.from) : none;
+}
+
 void Backend::step(Sequence& seq, int32_t token, float* logits, Observer* obs) {
   if (obs) fail("--dump-tensors", "the " + name() + " back end does not show its tensors to an observer (use the CPU)");
   step_many({&seq}, &token, logits);
@@ -58,6 +75,27 @@ class CpuBackend : public Backend {
   void step(Sequence& seq, int32_t token, float* logits, Observer* obs) override {
     as_cpu(seq).session.step(token, logits, obs);
   }
+  struct CpuShared : SharedPrefill {
+    CpuShared(const Model& model) : session(model, full) {}
+    FullPolicy full;
+    Session session;
+  };
+  std::unique_ptr<SharedPrefill> prefill_shared(const PreparedPrompt& p, const std::vector<int>& from) override {
+    auto sh = std::make_unique<CpuShared>(model_);
+    sh->prompt_len = int(p.ids.size());
+    sh->logits.resize(size_t(model_.config().text.vocab_size));
+    sh->from = from;
+    sh->importance = sh->session.prefill_uncompressed(p, sh->logits.data(), from);
+    return sh;
+  }
+  std::unique_ptr<Sequence> adopt(const SharedPrefill& shared, KVPolicy& policy) override {
+    auto* sh = dynamic_cast<const CpuShared*>(&shared);
+    PKV_ASSERT_MSG(sh, "a shared prefill of another back end was given to the CPU back end");
+    auto s = std::make_unique<CpuSequence>(model_, policy);
+    s->session.adopt_prefill(sh->session.cache(), shared.importance_for(policy), shared.prompt_len);
+    return s;
+  }
+  bool thread_safe() const override { return true; }  // the model is read-only; the state is the sequences'
   size_t kv_entry_bytes() const override {
     const TextConfig& t = model_.config().text;
     return size_t(2) * size_t(t.n_kv_heads) * size_t(t.head_dim) * sizeof(float);
@@ -80,6 +118,19 @@ double ms_since(std::chrono::steady_clock::time_point t0) {
 
 std::unique_ptr<Backend> make_cpu_backend(const Model& model) { return std::make_unique<CpuBackend>(model); }
 
+namespace {
+void fill_kv(GenerationResult& r, const Backend::Sequence& seq) {
+  r.kv_bytes = seq.kv_bytes();
+  r.kv_bytes_per_layer = seq.kv_bytes_per_layer();
+  r.kv_entries_per_layer = seq.entries_per_layer();
+}
+void fill_decoding(GenerationResult& r, const Decoding& d) {
+  r.tokens = d.tokens();
+  r.text = d.text();
+  r.stop_reason = d.stop_reason();
+}
+}  // namespace
+
 GenerationResult generate(Backend& backend, const Tokenizer& tok, const PreparedPrompt& p, const SamplingOptions& s,
                           KVPolicy& policy, const std::function<void(const std::string&)>& on_text, Observer* obs) {
   const ModelConfig& cfg = backend.model().config();
@@ -97,12 +148,55 @@ GenerationResult generate(Backend& backend, const Tokenizer& tok, const Prepared
   const auto t1 = std::chrono::steady_clock::now();
   decode_to_end(d, logits, [&](int32_t token, float* out) { backend.step(*seq, token, out, obs); }, on_text);
   r.decode_ms = ms_since(t1);
-  r.tokens = d.tokens();
-  r.text = d.text();
-  r.stop_reason = d.stop_reason();
-  r.kv_bytes = seq->kv_bytes();
-  r.kv_bytes_per_layer = seq->kv_bytes_per_layer();
-  r.kv_entries_per_layer = seq->entries_per_layer();
+  fill_decoding(r, d);
+  fill_kv(r, *seq);
+  return r;
+}
+
+std::vector<GenerationResult> generate_many(Backend& backend, const Tokenizer& tok,
+                                            const std::vector<Backend::Sequence*>& seqs, const std::vector<int>& prompt_len,
+                                            std::vector<float> logits, const SamplingOptions& s,
+                                            const std::function<void(size_t, const float*)>& on_logits) {
+  const ModelConfig& cfg = backend.model().config();
+  const size_t n = seqs.size(), V = size_t(cfg.text.vocab_size);
+  PKV_ASSERT(prompt_len.size() == n && logits.size() == n * V);
+  if (s.max_tokens < 0) fail("--max-tokens", "must not be negative");
+  std::vector<Decoding> d;
+  d.reserve(n);
+  for (size_t i = 0; i < n; ++i) d.emplace_back(cfg, tok, s, prompt_len[i]);
+  const auto t0 = std::chrono::steady_clock::now();
+  std::vector<size_t> live(n);
+  for (size_t i = 0; i < n; ++i) live[i] = i;
+  std::vector<float> out;
+  while (!live.empty()) {
+    // Each live sequence takes the logits of its last step (row i of `logits` for sequence i).
+    std::vector<Backend::Sequence*> batch;
+    std::vector<int32_t> tokens;
+    std::vector<size_t> next_live;
+    for (size_t i : live) {
+      if (on_logits) on_logits(i, &logits[i * V]);
+      d[i].next(&logits[i * V]);
+      if (d[i].done()) continue;
+      batch.push_back(seqs[i]);
+      tokens.push_back(d[i].last_token());
+      next_live.push_back(i);
+    }
+    if (batch.empty()) break;
+    out.resize(batch.size() * V);
+    backend.step_many(batch, tokens.data(), out.data());
+    for (size_t b = 0; b < next_live.size(); ++b)
+      std::copy(out.begin() + ptrdiff_t(b * V), out.begin() + ptrdiff_t((b + 1) * V), logits.begin() + ptrdiff_t(next_live[b] * V));
+    live = std::move(next_live);
+  }
+  const double ms = ms_since(t0);
+  std::vector<GenerationResult> r(n);
+  for (size_t i = 0; i < n; ++i) {
+    d[i].finish();
+    r[i].prompt_tokens = prompt_len[i];
+    r[i].decode_ms = ms;
+    fill_decoding(r[i], d[i]);
+    fill_kv(r[i], *seqs[i]);
+  }
   return r;
 }
 

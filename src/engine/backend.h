@@ -34,6 +34,25 @@ class Backend {
     std::vector<int> entries_per_layer() const;
   };
 
+  // A prompt's uncompressed prefill held so that several policies can each start from it
+  // (evaluation and calibration measure many policies, or only the importance, on one prompt): the
+  // logits of its last position and, for each requested first query `from`, the raw prefill
+  // importance over the queries from there on (importance_for(from)[l][j]: layer l's key j, the
+  // ImportanceRequest{true, from} a policy would get). Made by prefill_shared, used by adopt; it
+  // holds the prompt's whole cache on the device until destroyed.
+  class SharedPrefill {
+   public:
+    virtual ~SharedPrefill() = default;
+    int prompt_len = 0;
+    std::vector<float> logits;  // [vocab]
+    const std::vector<std::vector<float>>& importance_for(int from) const;
+    // The importance a policy asks for (none when it asks for none). Error when the prefill did not
+    // measure that window.
+    const std::vector<std::vector<float>>& importance_for(const KVPolicy& policy) const;
+    std::vector<int> from;                                     // the windows measured
+    std::vector<std::vector<std::vector<float>>> importance;   // [from.size()][layers][prompt_len]
+  };
+
   virtual ~Backend() = default;
   virtual std::string name() const = 0;         // "cpu" or "cuda"
   virtual std::string description() const = 0;  // for reports: "cpu", "cuda bf16 (NVIDIA H100 ...)"
@@ -51,6 +70,17 @@ class Backend {
   // One token for one sequence; an observer sees its named tensors where the backend supports it.
   virtual void step(Sequence& seq, int32_t token, float* logits, Observer* obs = nullptr);
 
+  // Runs the prompt once, uncompressed, measuring the importance over the queries from each of
+  // `importance_from` (each distinct, in [0, prompt length); may be empty). Out of KV memory: Error.
+  virtual std::unique_ptr<SharedPrefill> prefill_shared(const PreparedPrompt& p, const std::vector<int>& importance_from) = 0;
+  // A new sequence under `policy` that starts from a shared prefill of this backend: its cache a
+  // copy of the prompt's, then the policy's plan applied (with the importance it asks for): the
+  // same sequence prefill(p, policy) makes, without running the prompt again.
+  virtual std::unique_ptr<Sequence> adopt(const SharedPrefill& shared, KVPolicy& policy) = 0;
+
+  // Whether several host threads may use this backend at once (each with its own sequences).
+  virtual bool thread_safe() const { return false; }
+
   // KV memory accounting, for admission: bytes of one entry of one layer (K, V and what the device
   // stores beside them), entries per allocation unit of a layer, and the fixed pool's size (0: the
   // host's memory, no fixed pool).
@@ -65,6 +95,17 @@ class Backend {
 
 // The CPU reference: Sessions over the model (float32 caches).
 std::unique_ptr<Backend> make_cpu_backend(const Model& model);
+
+// Decodes several sequences of one backend to the end in batched steps (Backend::step_many over
+// the unfinished ones), each from the logits of its prompt's last position (logits [n, vocab]) and
+// with its own Decoding (same options; prompt_len[i] positions before the first generated token).
+// Each result as generate()'s after its prefill (prefill_ms and first_logits left empty). The same
+// answers as decoding each alone (bit for bit on the CPU).
+// on_logits (optional) sees every row of logits a sequence samples from, before it samples.
+std::vector<GenerationResult> generate_many(Backend& backend, const Tokenizer& tok,
+                                            const std::vector<Backend::Sequence*>& seqs, const std::vector<int>& prompt_len,
+                                            std::vector<float> logits, const SamplingOptions& s,
+                                            const std::function<void(size_t seq, const float* logits)>& on_logits = {});
 
 // Prefill + decode of one prompt on any backend: sampling, stop conditions and streaming
 // (Decoding), the result's KV fields from the sequence at the end.

@@ -58,6 +58,26 @@ class CudaBackend : public Backend {
     s->session.prefill(p, logits);
     return s;
   }
+  struct CudaShared : SharedPrefill {
+    CudaShared(GpuModel& gpu, GpuKVPool& pool) : session(gpu, pool, full) {}
+    FullPolicy full;
+    GpuSession session;
+  };
+  std::unique_ptr<SharedPrefill> prefill_shared(const PreparedPrompt& p, const std::vector<int>& from) override {
+    auto sh = std::make_unique<CudaShared>(gpu_, *pool_);
+    sh->prompt_len = int(p.ids.size());
+    sh->logits.resize(size_t(model_.config().text.vocab_size));
+    sh->from = from;
+    sh->importance = sh->session.prefill_uncompressed(p, sh->logits.data(), from);
+    return sh;
+  }
+  std::unique_ptr<Sequence> adopt(const SharedPrefill& shared, KVPolicy& policy) override {
+    auto* sh = dynamic_cast<const CudaShared*>(&shared);
+    PKV_ASSERT_MSG(sh, "a shared prefill of another back end was given to the cuda back end");
+    auto s = std::make_unique<CudaSequence>(gpu_, *pool_, policy);
+    s->session.adopt_prefill(sh->session, shared.importance_for(policy));
+    return s;
+  }
   void step_many(const std::vector<Sequence*>& seqs, const int32_t* tokens, float* logits) override {
     std::vector<GpuSession*> sessions;
     for (Sequence* s : seqs) {

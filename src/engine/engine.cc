@@ -109,26 +109,48 @@ int sample_token(const float* logits, int vocab, const SamplingOptions& s, uint6
 Session::Session(const Model& model, KVPolicy& policy)
     : model_(model), policy_(policy), cache_(model.make_cache()), x_(size_t(model.config().text.hidden)) {}
 
-void Session::prefill(const PreparedPrompt& p, float* logits, Observer* obs) {
+void Session::run_prompt(const PreparedPrompt& p, float* logits, Observer* obs, std::vector<std::vector<float>>* importance,
+                         int importance_from) {
   const int T = int(p.ids.size());
   if (T == 0) fail("prompt", "is empty");
   PKV_ASSERT(pos_ == 0);
   cache_.reserve(T + 64);
   std::vector<int32_t> pos(static_cast<size_t>(T));
   std::iota(pos.begin(), pos.end(), 0);
-  std::vector<std::vector<float>> importance;
   DecoderCall call;
   call.observer = obs;
-  call.logits_rows = {T - 1};
-  call.logits_out = logits;
-  const ImportanceRequest req = policy_.prefill_importance(T);
-  if (req.needed) {
-    call.importance = &importance;
-    call.importance_from = req.from;
+  if (logits) {
+    call.logits_rows = {T - 1};
+    call.logits_out = logits;
   }
+  call.importance = importance;
+  call.importance_from = importance_from;
   model_.decode(p.embeddings.data(), T, pos.data(), cache_, call);
   pos_ = T;
+}
+
+void Session::prefill(const PreparedPrompt& p, float* logits, Observer* obs) {
+  const int T = int(p.ids.size());
+  std::vector<std::vector<float>> importance;
+  const ImportanceRequest req = policy_.prefill_importance(T);
+  run_prompt(p, logits, obs, req.needed ? &importance : nullptr, req.from);
   cache_.apply(policy_.after_prefill(cache_, importance, T), policy_.name());
+}
+
+std::vector<std::vector<std::vector<float>>> Session::prefill_uncompressed(const PreparedPrompt& p, float* logits,
+                                                                           const std::vector<int>& importance_from) {
+  const int T = int(p.ids.size());
+  for (int f : importance_from)
+    if (f < 0 || f >= std::max(T, 1)) fail("prefill", "importance from query " + std::to_string(f) + " of a " + std::to_string(T) + "-token prompt");
+  std::vector<std::vector<std::vector<float>>> imp(importance_from.size());
+  run_prompt(p, logits, nullptr, imp.empty() ? nullptr : &imp[0], imp.empty() ? 0 : importance_from[0]);
+  // Each further window: the same prompt again over a scratch cache (the attention pass measures
+  // one window at a time).
+  for (size_t i = 1; i < importance_from.size(); ++i) {
+    Session scratch(model_, policy_);
+    scratch.run_prompt(p, nullptr, nullptr, &imp[i], importance_from[i]);
+  }
+  return imp;
 }
 
 void Session::adopt_prefill(const KVCache& full, const std::vector<std::vector<float>>& importance, int N) {
@@ -182,25 +204,6 @@ GenerationResult Engine::generate(const PreparedPrompt& p, const SamplingOptions
                                   const std::function<void(const std::string&)>& on_text, Observer* obs) const {
   const std::unique_ptr<Backend> cpu = make_cpu_backend(model_);
   return pkv::generate(*cpu, tok_, p, s, policy, on_text, obs);
-}
-
-GenerationResult Engine::generate_from(Session& session, std::vector<float> logits, int T, const SamplingOptions& s,
-                                       const std::function<void(const std::string&)>& on_text, Observer* obs) const {
-  GenerationResult r;
-  r.prompt_tokens = T;
-  r.first_logits = logits;
-  Decoding d(model_.config(), tok_, s, T);
-  auto t1 = std::chrono::steady_clock::now();
-  decode_to_end(d, logits, [&](int32_t token, float* out) { session.step(token, out, obs); }, on_text);
-  r.tokens = d.tokens();
-  r.text = d.text();
-  r.stop_reason = d.stop_reason();
-  r.decode_ms = ms_since(t1);
-  const KVCache& cache = session.cache();
-  r.kv_bytes = cache.bytes();
-  r.kv_bytes_per_layer = cache.bytes_per_layer();
-  for (int l = 0; l < cache.n_layers(); ++l) r.kv_entries_per_layer.push_back(cache.layer(l).size());
-  return r;
 }
 
 }  // namespace pkv

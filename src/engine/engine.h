@@ -68,6 +68,11 @@ class Session {
   // Runs the prompt; writes the logits of its last position (from the uncompressed prefill), then
   // lets the policy compress the cache.
   void prefill(const PreparedPrompt& p, float* logits, Observer* obs = nullptr);
+  // Runs the prompt without consulting the policy (nothing compressed; logits as prefill's, may be
+  // null) and returns the raw importance over the queries from each of importance_from (distinct
+  // first queries in [0, prompt length)): Backend::prefill_shared on the CPU.
+  std::vector<std::vector<std::vector<float>>> prefill_uncompressed(const PreparedPrompt& p, float* logits,
+                                                                    const std::vector<int>& importance_from);
   // Starts from another session's uncompressed prefill (its cache, the importance this session's
   // policy asks for, the prompt length) instead of running the prompt again, then lets the policy
   // compress. Evaluation uses it to share one prefill among many policies.
@@ -85,6 +90,11 @@ class Session {
   const KVPolicy& policy() const { return policy_; }
 
  private:
+  // The prompt into the empty cache (positions 0..T-1), the importance over the queries from
+  // importance_from when asked; no policy involved.
+  void run_prompt(const PreparedPrompt& p, float* logits, Observer* obs, std::vector<std::vector<float>>* importance,
+                  int importance_from);
+
   const Model& model_;
   KVPolicy& policy_;
   KVCache cache_;
@@ -96,14 +106,11 @@ class Engine {
  public:
   Engine(const Model& model, const Tokenizer& tok) : model_(model), tok_(tok) {}
 
+  const Model& model() const { return model_; }
+  const Tokenizer& tokenizer() const { return tok_; }
+
   // Tokenises, preprocesses and encodes the image, and builds the input embeddings.
   PreparedPrompt prepare(const PromptRequest& req, Observer* obs = nullptr) const;
-
-  // Decode from a CPU session that has run (or adopted) its prefill; `logits` are the prefill's.
-  // (Evaluation shares one prefill among policies this way; it moves onto the backend seam next.)
-  GenerationResult generate_from(Session& session, std::vector<float> logits, int prompt_len, const SamplingOptions& s,
-                                 const std::function<void(const std::string&)>& on_text = {},
-                                 Observer* obs = nullptr) const;
 
   // Prefill + decode on the CPU: pkv::generate (engine/backend.h) over the CPU back end. on_text
   // receives text as it is produced (may be empty function).

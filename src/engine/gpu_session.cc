@@ -53,7 +53,8 @@ void GpuSession::take_plan(KeepPlan plan, std::vector<GpuKVPool::Job>& jobs) {
   }
 }
 
-void GpuSession::prefill(const PreparedPrompt& p, float* logits) {
+void GpuSession::run_prompt(const PreparedPrompt& p, float* logits, std::vector<std::vector<float>>* importance,
+                            int importance_from) {
   const int T = int(p.ids.size());
   if (T == 0) fail("prompt", "is empty");
   if (pos_ != 0) fail(kWhere, "prefill on a session that already holds " + std::to_string(pos_) + " tokens");
@@ -63,27 +64,62 @@ void GpuSession::prefill(const PreparedPrompt& p, float* logits) {
                      std::to_string(T) + " x " + std::to_string(D));
   std::vector<int32_t> pos(static_cast<size_t>(T));
   std::iota(pos.begin(), pos.end(), 0);
+  model_.prefill(pool_, seq_, p.embeddings.data(), T, pos.data(), logits, importance, importance_from);
+  positions_.append_all(pos.data(), T);
+  pos_ = T;
+}
+
+double GpuSession::compress_prompt(const std::vector<std::vector<float>>& importance) {
+  const auto t0 = std::chrono::steady_clock::now();
+  std::vector<GpuKVPool::Job> jobs;
+  take_plan(policy_.after_prefill(positions_, importance, pos_), jobs);
+  const double policy_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  const bool compacts = !jobs.empty();
+  pool_.compact(std::move(jobs));
+  if (compacts) stream_synchronize(pool_.stream());
+  check_positions();
+  return policy_ms;
+}
+
+void GpuSession::prefill(const PreparedPrompt& p, float* logits) {
+  const int T = int(p.ids.size());
   std::vector<std::vector<float>> importance;
   const ImportanceRequest req = policy_.prefill_importance(T);
   using clock = std::chrono::steady_clock;
   auto ms = [](clock::time_point a, clock::time_point b) { return std::chrono::duration<double, std::milli>(b - a).count(); };
   const clock::time_point t0 = clock::now();
-  model_.prefill(pool_, seq_, p.embeddings.data(), T, pos.data(), logits, req.needed ? &importance : nullptr, req.from);
+  run_prompt(p, logits, req.needed ? &importance : nullptr, req.from);
   const clock::time_point t1 = clock::now();  // the prefill ends synchronised (logits, error flag)
-  positions_.append_all(pos.data(), T);
-  pos_ = T;
-  std::vector<GpuKVPool::Job> jobs;
-  take_plan(policy_.after_prefill(positions_, importance, T), jobs);
-  const clock::time_point t2 = clock::now();
-  const bool compacts = !jobs.empty();
-  pool_.compact(std::move(jobs));
-  if (compacts) stream_synchronize(pool_.stream());
-  check_positions();
+  const double policy_ms = compress_prompt(importance);
   GpuKVPool::PrefillTimes& pt = pool_.prefill_times();
   ++pt.prefills;
   pt.model_ms += ms(t0, t1);
-  pt.policy_ms += ms(t1, t2);
-  pt.compact_ms += ms(t2, clock::now());
+  pt.policy_ms += policy_ms;
+  pt.compact_ms += ms(t1, clock::now()) - policy_ms;
+}
+
+std::vector<std::vector<std::vector<float>>> GpuSession::prefill_uncompressed(const PreparedPrompt& p, float* logits,
+                                                                              const std::vector<int>& importance_from) {
+  const int T = int(p.ids.size());
+  for (int f : importance_from)
+    if (f < 0 || f >= std::max(T, 1))
+      fail(kWhere, "importance from query " + std::to_string(f) + " of a " + std::to_string(T) + "-token prompt");
+  std::vector<std::vector<std::vector<float>>> imp(importance_from.size());
+  run_prompt(p, logits, imp.empty() ? nullptr : &imp[0], imp.empty() ? 0 : importance_from[0]);
+  for (size_t i = 1; i < importance_from.size(); ++i) {
+    GpuSession scratch(model_, pool_, policy_);  // its blocks go back when it ends
+    scratch.run_prompt(p, nullptr, &imp[i], importance_from[i]);
+  }
+  return imp;
+}
+
+void GpuSession::adopt_prefill(const GpuSession& full, const std::vector<std::vector<float>>& importance) {
+  if (&full.model_ != &model_ || &full.pool_ != &pool_) fail(kWhere, "adopt_prefill: another model's or pool's session");
+  if (pos_ != 0) fail(kWhere, "adopt_prefill on a session that already holds " + std::to_string(pos_) + " tokens");
+  pool_.copy_sequence(full.seq_, seq_);
+  positions_ = full.positions_;
+  pos_ = full.pos_;
+  compress_prompt(importance);
 }
 
 void GpuSession::step(int32_t token, float* logits) { step_many({this}, &token, logits); }
@@ -92,7 +128,7 @@ void GpuSession::step_many(const std::vector<GpuSession*>& sessions, const int32
   if (sessions.empty()) return;
   GpuModel& model = sessions[0]->model_;
   GpuKVPool& pool = sessions[0]->pool_;
-  const int B = int(sessions.size()), D = model.config().text.hidden;
+  const int B = int(sessions.size());
   std::set<const GpuSession*> distinct;
   for (const GpuSession* s : sessions) {
     if (!s) fail(kWhere, "step_many: a null session");
@@ -104,15 +140,14 @@ void GpuSession::step_many(const std::vector<GpuSession*>& sessions, const int32
   using clock = std::chrono::steady_clock;
   auto ms = [](clock::time_point a, clock::time_point b) { return std::chrono::duration<double, std::milli>(b - a).count(); };
   const clock::time_point t0 = clock::now();
-  // Input embeddings on the host, exactly as the CPU Session makes them (Model::embed also checks
-  // the token ids).
+  // The tokens' embeddings are gathered on the device from its copy of the embedding table
+  // (GpuModel::decode checks the ids first): nothing of the step's input goes through the host but
+  // the ids and positions.
   GpuDecodeBatch batch;
-  std::vector<float> x(size_t(B) * D);
   std::vector<int32_t> positions(static_cast<size_t>(B));
   bool any_importance = false;
   for (int i = 0; i < B; ++i) {
     GpuSession& s = *sessions[size_t(i)];
-    model.cpu().embed(&tokens[i], 1, &x[size_t(i) * D]);
     positions[size_t(i)] = s.pos_;
     batch.seqs.push_back(s.seq_);
     const bool want = s.policy_.needs_decode_importance();
@@ -120,7 +155,7 @@ void GpuSession::step_many(const std::vector<GpuSession*>& sessions, const int32
     any_importance = any_importance || want;
   }
   std::vector<std::vector<std::vector<float>>> importance;
-  batch.embeddings = x.data();
+  batch.tokens = tokens;
   batch.positions = positions.data();
   batch.logits = logits;
   if (any_importance) batch.importance = &importance;

@@ -30,6 +30,16 @@ class GpuSession {
   // uncompressed prefill; may be null), then lets the policy compress the cache. Out of blocks:
   // throws Error (sequence, blocks needed and free) and the session stays empty.
   void prefill(const PreparedPrompt& p, float* logits);
+  // Runs the prompt without consulting the policy (nothing compressed; logits may be null) and
+  // returns the raw importance over the queries from each of importance_from (distinct, in
+  // [0, T)); each window after the first is measured by a second pass over a scratch sequence of
+  // the pool. Backend::prefill_shared on the GPU.
+  std::vector<std::vector<std::vector<float>>> prefill_uncompressed(const PreparedPrompt& p, float* logits,
+                                                                    const std::vector<int>& importance_from);
+  // Starts from another session's uncompressed prefill (same model and pool): a copy of its blocks,
+  // then this session's policy compresses it with `importance` (what it asks for, from the same
+  // prompt), exactly as after prefill().
+  void adopt_prefill(const GpuSession& full, const std::vector<std::vector<float>>& importance);
   // Feeds one token at the next position; writes the logits for the position after it, then lets
   // the policy evict. Out of blocks: throws Error and nothing changes.
   void step(int32_t token, float* logits);
@@ -51,6 +61,11 @@ class GpuSession {
   // Checks the policy's plan, applies it to the host positions and adds its device work to jobs.
   void take_plan(KeepPlan plan, std::vector<GpuKVPool::Job>& jobs);
   void check_positions() const;
+  // The prompt into this empty session (no policy involved); the importance when asked for.
+  void run_prompt(const PreparedPrompt& p, float* logits, std::vector<std::vector<float>>* importance, int importance_from);
+  // The policy's plan after the prefill (or an adopted one), applied on the device; returns the
+  // host time the policy took (ms).
+  double compress_prompt(const std::vector<std::vector<float>>& importance);
 
   GpuModel& model_;
   GpuKVPool& pool_;

@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "engine/prompt.h"
 
 namespace fs = std::filesystem;
 using nlohmann::json;
@@ -44,8 +45,10 @@ std::vector<Sample> load_conversations(const std::string& path, const std::strin
       const std::string from = turn["from"].get<std::string>(), value = turn["value"].get<std::string>();
       if (from == "human" && !have_human) {
         std::string p = value;
-        if (size_t at = p.find("<image>"); at != std::string::npos) {
-          size_t len = 7;
+        // The sample's prompt without its image marker (and the line break beside it): the
+        // prompt is rendered again with the image in the template's place (engine/prompt.h).
+        if (size_t at = p.find(kImageMarker); at != std::string::npos) {
+          size_t len = kImageMarker.size();
           if (at + len < p.size() && p[at + len] == '\n') ++len;
           else if (at > 0 && p[at - 1] == '\n') --at, ++len;
           p.erase(at, len);

@@ -1139,6 +1139,35 @@ void GpuKVPool::check_error_flag(const std::string& after) {
                             ": 1 = block id out of range, 2 = entry out of range); this is a bug in the KV bookkeeping");
 }
 
+void GpuKVPool::copy_sequence(BlockPool::SeqId from, BlockPool::SeqId to) {
+  const int L = n_layers();
+  std::vector<int> entries(static_cast<size_t>(L));
+  for (int l = 0; l < L; ++l) {
+    if (blocks_.entries(to, l) != 0)
+      fail("GPU KV pool", "copy into sequence " + std::to_string(to) + ", which is not empty");
+    entries[size_t(l)] = blocks_.entries(from, l);
+  }
+  blocks_.resize_all(to, entries);  // throws, changing nothing, when too few blocks are free
+  const int bs = blocks_.block_size();
+  const size_t kv_block = size_t(2) * size_t(bs) * size_t(kv_dim_) * dtype_size(dtype_);  // K then V of a block
+  const size_t pos_block = size_t(bs) * sizeof(int32_t);
+  auto* kv = static_cast<uint8_t*>(pool_.data());
+  auto* pos = static_cast<uint8_t*>(positions_.data());
+  for (int l = 0; l < L; ++l) {
+    blocks_.set_slot_map(to, l, blocks_.slot_map(from, l));
+    const std::vector<int32_t>& src = blocks_.table(from, l);
+    const std::vector<int32_t>& dst = blocks_.table(to, l);
+    PKV_ASSERT(src.size() == dst.size());
+    for (size_t i = 0; i < src.size();) {
+      size_t n = 1;  // a run of blocks consecutive in both tables: one copy
+      while (i + n < src.size() && src[i + n] == src[i] + int32_t(n) && dst[i + n] == dst[i] + int32_t(n)) ++n;
+      copy_on_device(kv + size_t(dst[i]) * kv_block, kv + size_t(src[i]) * kv_block, n * kv_block, stream_);
+      copy_on_device(pos + size_t(dst[i]) * pos_block, pos + size_t(src[i]) * pos_block, n * pos_block, stream_);
+      i += n;
+    }
+  }
+}
+
 void GpuKVPool::read_layer(BlockPool::SeqId seq, int layer, std::vector<float>* k, std::vector<float>* v,
                            std::vector<int32_t>* pos) {
   const int n = blocks_.entries(seq, layer);

@@ -59,8 +59,9 @@ class GpuKVPool {
     double model_ms = 0, policy_ms = 0, compact_ms = 0;
   };
   PrefillTimes& prefill_times() { return prefill_times_; }
-  // Where the batched decode steps' wall time went (GpuSession::step_many adds to it): the input
-  // embeddings, the model's step (GpuModel::decode: metadata, launch, waiting for the logits), the
+  // Where the batched decode steps' wall time went (GpuSession::step_many adds to it): the host's
+  // preparation of the inputs (embed_ms: checks, positions; the embeddings are gathered on the
+  // device), the model's step (GpuModel::decode: metadata, launch, waiting for the logits), the
   // policies on the host positions, and the compaction's host part (checks, metadata, enqueueing).
   struct StepTimes {
     int steps = 0;
@@ -92,6 +93,11 @@ class GpuKVPool {
   void compact(std::vector<Job> jobs);
   // GPU time of all compactions so far (CUDA events; reading the last one waits for it).
   double compaction_gpu_ms();
+
+  // Makes the empty sequence `to` a copy of `from`: every layer's entries (K, V, positions) in
+  // blocks of its own, and the same slot maps. Out of blocks: Error, nothing changed. Enqueued on
+  // the stream (device-to-device copies, one per run of consecutive blocks).
+  void copy_sequence(BlockPool::SeqId from, BlockPool::SeqId to);
 
   // Synchronises and throws Error when a paged kernel flagged an inconsistent block table since
   // the pool was made (a bug in the bookkeeping, never bad input). `after` names the call.

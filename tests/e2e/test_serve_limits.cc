@@ -156,6 +156,12 @@ class PoolRunsOut : public Backend {
     }
     cpu_->step_many(seqs, tokens, logits);
   }
+  std::unique_ptr<SharedPrefill> prefill_shared(const PreparedPrompt& p, const std::vector<int>& from) override {
+    return cpu_->prefill_shared(p, from);
+  }
+  std::unique_ptr<Sequence> adopt(const SharedPrefill& shared, KVPolicy& policy) override {
+    return cpu_->adopt(shared, policy);
+  }
   size_t kv_entry_bytes() const override { return cpu_->kv_entry_bytes(); }
 
  private:

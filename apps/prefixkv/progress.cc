@@ -1,30 +1,10 @@
-#include "sample_prompt.h"
+#include "progress.h"
 
 #include <cstdio>
 #include <unistd.h>
 
-#include "core/error.h"
 
 namespace pkv::cli {
-
-std::optional<PreparedPrompt> prepare_sample(const Engine& engine, const Sample& s, const std::string& image_mode,
-                                             std::string* why) {
-  Image img;
-  PromptRequest req;
-  req.text = s.prompt;
-  req.tmpl = Template::LlavaV1;
-  req.image_mode = image_mode;
-  if (!s.image.empty()) {
-    try {
-      img = load_image(s.image);
-    } catch (const Error& e) {
-      if (why) *why = e.what();
-      return std::nullopt;
-    }
-    req.image = &img;
-  }
-  return engine.prepare(req);
-}
 
 void progress(const std::string& label, size_t done, size_t total, double elapsed) {
   const int width = 30;

@@ -1,0 +1,134 @@
+#include "eval/calibrate.h"
+
+#include <algorithm>
+#include <cmath>
+#include <ctime>
+
+#include "core/error.h"
+#include "eval/evaluate.h"
+#include "kv/prefix_search.h"
+#include "model/identity.h"
+
+namespace pkv {
+
+namespace {
+std::string utc_now() {
+  std::time_t t = std::time(nullptr);
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&t));
+  return buf;
+}
+}  // namespace
+
+std::vector<std::vector<float>> calibration_scores(Backend& backend, const Engine& engine, const PreparedPrompt& p,
+                                                   const std::string& answer, const CalibrateOptions& opt) {
+  const int N = int(p.ids.size());
+  if (opt.allocation == "answer") {
+    // The prompt and the answer (EOS included) in one uncompressed prefill; the importance over the
+    // answer's queries, cut to the prompt's keys: what the generation will read.
+    const std::vector<int32_t> a = engine.answer_ids(answer);
+    const int H = engine.model().config().text.hidden;
+    PreparedPrompt ext;
+    ext.ids = p.ids;
+    ext.ids.insert(ext.ids.end(), a.begin(), a.end());
+    ext.embeddings = p.embeddings;
+    ext.embeddings.resize(ext.ids.size() * size_t(H));
+    engine.model().embed(a.data(), int(a.size()), ext.embeddings.data() + size_t(N) * size_t(H));
+    const std::unique_ptr<Backend::SharedPrefill> sh = backend.prefill_shared(ext, {N});
+    std::vector<std::vector<float>> imp = sh->importance_for(N);
+    for (auto& l : imp) l.resize(size_t(N));
+    return imp;
+  }
+  if (opt.allocation != "prompt") fail("--allocate-from", "must be prompt or answer, got '" + opt.allocation + "'");
+  const ImportanceRequest req = estimator_request(opt.estimator, opt.window, N);
+  PKV_ASSERT_MSG(req.needed, "every estimator measures the prefill's attention");
+  const std::unique_ptr<Backend::SharedPrefill> sh = backend.prefill_shared(p, {req.from});
+  std::vector<std::vector<float>> scores;
+  for (const auto& l : sh->importance_for(req.from)) scores.push_back(estimator_scores(opt.estimator, l, N));
+  return scores;
+}
+
+CalibrateResult calibrate(Backend& backend, const Engine& engine, const std::vector<Sample>& samples,
+                          const CalibrateOptions& opt) {
+  if (opt.budgets.empty()) fail("--budgets", "no budget to calibrate");
+  if (opt.allocation != "prompt" && opt.allocation != "answer")
+    fail("--allocate-from", "must be prompt or answer, got '" + opt.allocation + "'");
+  const Model& model = engine.model();
+  const int L = model.config().text.n_layers;
+  const size_t B = opt.budgets.size();
+  // Per budget, per layer: sum, sum of squares, min and max of the per-sample k_l.
+  std::vector<std::vector<double>> sum(B, std::vector<double>(size_t(L), 0.0)), sq = sum,
+                                   mn(B, std::vector<double>(size_t(L), 1e9)), mx(B, std::vector<double>(size_t(L), -1e9));
+  std::vector<double> top10(size_t(L), 0.0);
+  std::vector<std::string> ids;
+  const size_t target = opt.limit > 0 ? std::min(samples.size(), opt.limit) : samples.size();
+  for (const Sample& s : samples) {
+    if (ids.size() >= target) break;
+    std::string why;
+    std::optional<PreparedPrompt> p = prepare_sample(engine, s, opt.image_mode, &why, &backend);
+    if (!p) {
+      if (opt.on_skip) opt.on_skip(s.id, why);
+      continue;
+    }
+    if (opt.allocation == "answer" && s.answer.empty()) {
+      if (opt.on_skip) opt.on_skip(s.id, "no reference answer");
+      continue;
+    }
+    const int N = int(p->ids.size());
+    const std::vector<std::vector<float>> scores = calibration_scores(backend, engine, *p, s.answer, opt);
+    if (opt.on_scores) opt.on_scores(s.id, scores);
+    for (int l = 0; l < L; ++l) {
+      std::vector<float> sc = scores[size_t(l)];
+      std::sort(sc.begin(), sc.end(), std::greater<float>());
+      double tot = 0, top = 0;
+      const size_t k = size_t(std::ceil(0.1 * N));
+      for (size_t i = 0; i < sc.size(); ++i) tot += sc[i], top += i < k ? sc[i] : 0.0;
+      top10[size_t(l)] += tot > 0 ? top / tot : 0.0;
+    }
+    for (size_t bi = 0; bi < B; ++bi) {
+      const std::vector<int> n = prefix_budgets(scores, std::llround(opt.budgets[bi] * N * L), std::min(N, opt.protected_count));
+      for (int l = 0; l < L; ++l) {
+        const double k = double(n[size_t(l)]) / N;
+        sum[bi][size_t(l)] += k;
+        sq[bi][size_t(l)] += k * k;
+        mn[bi][size_t(l)] = std::min(mn[bi][size_t(l)], k);
+        mx[bi][size_t(l)] = std::max(mx[bi][size_t(l)], k);
+      }
+    }
+    ids.push_back(s.id);
+    if (opt.on_progress) opt.on_progress(ids.size(), target);
+  }
+  const int used = int(ids.size());
+  if (used == 0) fail(opt.data.empty() ? "calibration data" : opt.data, "no usable calibration sample (every image was missing or broken)");
+  CalibrateResult r;
+  for (int l = 0; l < L; ++l) r.concentration.push_back(top10[size_t(l)] / used);
+  Profile& profile = r.profile;
+  profile.model = model_identity(model);
+  profile.estimator = estimator_name(opt.estimator);
+  profile.window = opt.estimator == Estimator::Window ? opt.window : 0;
+  profile.protected_tokens = opt.protected_count;
+  profile.allocation = opt.allocation;
+  profile.source = "calibrated";
+  profile.samples = used;
+  profile.data = opt.data;
+  profile.date = utc_now();
+  profile.sample_ids = ids;
+  for (size_t bi = 0; bi < B; ++bi) {
+    ProfileBudget pb;
+    pb.budget = opt.budgets[bi];
+    for (int l = 0; l < L; ++l) {
+      const double m = sum[bi][size_t(l)] / used;
+      pb.keep.push_back(m);
+      pb.keep_std.push_back(std::sqrt(std::max(0.0, sq[bi][size_t(l)] / used - m * m)));
+      pb.keep_min.push_back(mn[bi][size_t(l)]);
+      pb.keep_max.push_back(mx[bi][size_t(l)]);
+    }
+    // The mean over samples of exact per-sample totals is already b up to rounding of b N L; make
+    // it exact (METHOD.md section 3).
+    rescale_to_mean(pb.keep, opt.budgets[bi], 0.0, 1.0);
+    profile.set_budget(std::move(pb));
+  }
+  return r;
+}
+
+}  // namespace pkv

@@ -1,0 +1,47 @@
+// PrefixKV's calibration (METHOD.md sections 2-3) on any back end: per sample, the per-layer
+// importance of the prompt's tokens (the estimator's scores over the prompt's own queries, or the
+// attention the reference answer pays them, teacher-forced over the full cache), then for every
+// budget the prefix search's per-layer keep fractions, averaged over the samples into a profile.
+#pragma once
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "engine/backend.h"
+#include "eval/dataset.h"
+#include "kv/budgeted.h"
+#include "kv/profile.h"
+
+namespace pkv {
+
+struct CalibrateOptions {
+  std::vector<double> budgets;        // kept fractions in (0, 1]
+  Estimator estimator = Estimator::Window;
+  int window = 32;                    // the window estimator's last queries
+  int protected_count = 0;            // tokens every layer keeps (the prefix search's minimum)
+  std::string allocation = "prompt";  // prompt (the estimator) | answer (the reference answer's attention)
+  size_t limit = 0;                   // the first `limit` usable samples (0: all)
+  std::string image_mode;             // "" = the model's
+  std::string data;                   // the data file's name, recorded in the profile
+  // Optional: each sample's scores [layers][prompt tokens], as the prefix search sees them.
+  std::function<void(const std::string& sample, const std::vector<std::vector<float>>& scores)> on_scores;
+  std::function<void(size_t done, size_t total)> on_progress;
+  std::function<void(const std::string& sample, const std::string& why)> on_skip;
+};
+
+struct CalibrateResult {
+  Profile profile;
+  // Per layer: the share of the importance held by the top 10% of the prompt's tokens, averaged over
+  // the samples (PrefixKV's premise is that this concentration differs by layer).
+  std::vector<double> concentration;
+};
+
+// The importance scores of one prepared prompt (see CalibrateOptions::allocation); `answer` is the
+// sample's reference answer (used by allocation "answer" only).
+std::vector<std::vector<float>> calibration_scores(Backend& backend, const Engine& engine, const PreparedPrompt& p,
+                                                   const std::string& answer, const CalibrateOptions& opt);
+
+CalibrateResult calibrate(Backend& backend, const Engine& engine, const std::vector<Sample>& samples,
+                          const CalibrateOptions& opt);
+
+}  // namespace pkv

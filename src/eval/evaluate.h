@@ -1,0 +1,95 @@
+// Evaluation (METHOD.md section 7) on any back end. For every sample the full cache gives the
+// reference (the teacher-forced next-token distributions of the reference answer, and a greedy
+// answer); every policy x estimator x budget is then measured against it:
+//   PPL      exp(mean NLL of the reference answer's tokens, EOS included), teacher-forced over the
+//            compressed cache (compressed after the prefill and at every step);
+//   ROUGE-L  F of the compressed greedy answer against the full cache's greedy answer;
+//   accuracy the task checker's score of the compressed greedy answer (when a truth set is given);
+//   KLD      mean KL(full || compressed) of the next-token distributions along the reference answer;
+//   top-1    the share of those positions where both pick the same most likely token;
+//   KV bytes the cache right after the prefill's compression, and at the end of the greedy answer.
+//
+// One uncompressed prefill per sample (Backend::prefill_shared) is shared by every policy
+// (Backend::adopt); the policies' sequences of a sample are decoded together in batched steps
+// (Backend::step_many, bit-identical to one at a time on the CPU).
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "engine/backend.h"
+#include "eval/checker.h"
+#include "eval/dataset.h"
+#include "kv/policy.h"
+#include "kv/profile.h"
+
+namespace pkv {
+
+// Loads the sample's image and prepares its LLaVA v1 prompt, the image encoded by `backend` (the
+// CPU's tower when null). nullopt (with `why`) when the image is missing or broken: evaluation and
+// calibration report and skip such samples.
+std::optional<PreparedPrompt> prepare_sample(const Engine& engine, const Sample& s, const std::string& image_mode,
+                                             std::string* why, Backend* backend = nullptr);
+
+struct EvalConfig {
+  std::string policy;
+  std::string estimator;  // "" for a policy without an importance estimator
+  double budget = 1.0;
+  std::string key() const;  // "policy[/estimator]@budget"
+};
+
+// Every policy (other than those that compress nothing) x budget, and x estimator for those that
+// use one (a profile's policies only with the profile's estimator).
+std::vector<EvalConfig> eval_configs(const std::vector<std::string>& policies, const std::vector<double>& budgets,
+                                     const std::vector<std::string>& estimators, const Profile* profile);
+
+struct EvalOptions {
+  std::vector<EvalConfig> configs;
+  PolicyOptions base;                // window, protected tokens, pool, decode rule
+  const Profile* profile = nullptr;  // the keep fractions of the policies that need one
+  int max_tokens = 1024;             // greedy answer length limit
+  std::string image_mode;            // "" = the model's
+  size_t limit = 0;                  // the first `limit` usable samples (0: all)
+  int jobs = 1;                      // samples at once, one host thread each (thread-safe back ends)
+  int batch = 32;                    // policies whose sequences are decoded together
+  // The callbacks are called one at a time (from the worker threads when jobs > 1).
+  // Optional: each greedy answer's tokens and, per token, the gap between the two largest logits it
+  // was chosen from (to trace answers that differ between devices to near-ties).
+  std::function<void(const std::string& sample, const std::string& config, const std::vector<int32_t>& tokens,
+                     const std::vector<float>& margins)>
+      on_answer;
+  std::function<void(size_t done, size_t total)> on_progress;
+  std::function<void(const std::string& sample, const std::string& why)> on_skip;
+};
+
+struct EvalScores {
+  double ppl = 0, rouge_l = 0, kld = 0, top1 = 0;
+  std::optional<double> accuracy;
+  double kv_bytes = 0, kv_bytes_end = 0;  // means over the samples
+  int samples = 0;
+};
+
+struct EvalReport {
+  std::string device;  // Backend::description()
+  int samples = 0;
+  int64_t answer_tokens = 0;
+  std::vector<std::pair<std::string, std::string>> skipped;  // sample id, why
+  EvalScores full;                                            // the reference itself (ppl, accuracy, KV)
+  std::vector<std::pair<EvalConfig, EvalScores>> records;     // in the order of the configs
+  double seconds = 0;
+};
+
+EvalReport evaluate(Backend& backend, const Engine& engine, const std::vector<Sample>& samples, const TruthSet* truth,
+                    const EvalOptions& opt);
+
+// The report as the results JSON of `prefixkv eval` (docs/FORMATS.md) without its "settings", and
+// as the paper-style table: rows policy[/estimator], columns budgets, cells PPL / ROUGE-L /
+// accuracy / KLD.
+nlohmann::json report_json(const EvalReport& r);
+std::string report_table(const EvalReport& r, const std::vector<double>& budgets);
+
+}  // namespace pkv
