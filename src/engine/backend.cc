@@ -100,6 +100,12 @@ class CpuBackend : public Backend {
     const TextConfig& t = model_.config().text;
     return size_t(2) * size_t(t.n_kv_heads) * size_t(t.head_dim) * sizeof(float);
   }
+  // No time breakdowns, pool or device memory on the CPU: only the weights it computes with.
+  Stats stats() const override {
+    Stats s;
+    s.weight_bytes = model_.weight_bytes();
+    return s;
+  }
 
  private:
   static CpuSequence& as_cpu(Sequence& s) {

@@ -88,6 +88,47 @@ class Backend {
   virtual int kv_block() const { return 1; }
   virtual size_t kv_pool_bytes() const { return 0; }
 
+  // Statistics for benchmarks (prefixkv bench), so that they measure any device through this seam.
+  // Counters run from the last reset_stats() (or the backend's making); memory is as it is now. A
+  // field a backend does not measure stays 0: the CPU measures none of the breakdowns and has no
+  // device memory or pool.
+  struct Stats {
+    // Prefills: how many, and where their wall time went: the model's pass (with the importance
+    // pass when the policy asks for it), the policy on the host, the compaction.
+    int prefills = 0;
+    double prefill_model_ms = 0, prefill_policy_ms = 0, prefill_compact_ms = 0;
+    // Batched decode steps: how many, and their wall time's parts: the input embeddings, the
+    // model's step (launch and waiting for the logits), the policies, the compaction's host part.
+    int steps = 0;
+    double step_embed_ms = 0, step_model_ms = 0, step_policy_ms = 0, step_compact_ms = 0;
+    // Of the model's steps: the device time of its work, and the host's work before the launch.
+    double step_device_ms = 0, step_prep_ms = 0;
+    int graph_captures = 0;        // steps recorded as a graph (the others replayed one)
+    double compact_device_ms = 0;  // device time of every compaction, the prefills' and the steps'
+    // The KV pool: its size, what sequences hold now and the most they held at once.
+    size_t pool_total_bytes = 0, pool_used_bytes = 0, pool_peak_bytes = 0;
+    // The device's memory (total and free now); the bytes of the weights it computes with.
+    size_t device_total_bytes = 0, device_free_bytes = 0, weight_bytes = 0;
+  };
+  virtual Stats stats() const { return {}; }
+  virtual void reset_stats() {}
+  // What a benchmark says once about the device: a one-line summary ("" for the CPU) and the
+  // switches its speed depends on, each with a key for reports ("cuda_graphs"), what it does, and
+  // what turned it off.
+  struct DeviceSwitch {
+    std::string key, what;
+    bool on = false;
+    std::string off_by;
+  };
+  struct DeviceInfo {
+    std::string summary;
+    std::vector<DeviceSwitch> switches;
+  };
+  virtual DeviceInfo device_info() const { return {}; }
+  // The device memory's bandwidth from timed device-to-device copies (bytes read + written per
+  // second); 0 where it is not measured (the CPU).
+  virtual double measure_copy_bandwidth() { return 0; }
+
   // Fills a prompt request's image encoder with this backend's vision tower (obs sees its tensors
   // where the backend supports it).
   void use_for_images(PromptRequest& req, Observer* obs = nullptr);

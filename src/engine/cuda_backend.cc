@@ -91,12 +91,55 @@ class CudaBackend : public Backend {
   int kv_block() const override { return pool_->blocks().block_size(); }
   size_t kv_pool_bytes() const override { return pool_->blocks().stats().total_bytes; }
 
+  // The pool's prefill and step times, the model's decode times and the pool's blocks, as
+  // GpuSession and GpuModel keep them; the counters that only grow are read against their values at
+  // the last reset.
+  Stats stats() const override {
+    Stats s;
+    const GpuKVPool::PrefillTimes& pt = pool_->prefill_times();
+    s.prefills = pt.prefills;
+    s.prefill_model_ms = pt.model_ms, s.prefill_policy_ms = pt.policy_ms, s.prefill_compact_ms = pt.compact_ms;
+    const GpuModel::DecodeTimes dt = gpu_.decode_times();
+    s.steps = dt.steps;
+    s.step_device_ms = dt.gpu_ms, s.step_prep_ms = dt.host_ms;
+    const GpuKVPool::StepTimes& st = pool_->step_times();
+    s.step_embed_ms = st.embed_ms, s.step_model_ms = st.model_ms;
+    s.step_policy_ms = st.policy_ms, s.step_compact_ms = st.compact_ms;
+    s.graph_captures = gpu_.graph_captures() - graph_captures0_;
+    s.compact_device_ms = pool_->compaction_gpu_ms() - compact_gpu0_;
+    const BlockPoolStats b = pool_->blocks().stats();
+    s.pool_total_bytes = b.total_bytes, s.pool_used_bytes = b.used_bytes;
+    s.pool_peak_bytes = size_t(b.peak_used_blocks) * b.bytes_per_block;
+    s.device_total_bytes = device_total_bytes(), s.device_free_bytes = device_free_bytes();
+    s.weight_bytes = gpu_.weight_bytes();
+    return s;
+  }
+  void reset_stats() override {
+    pool_->prefill_times() = {};
+    pool_->step_times() = {};
+    gpu_.reset_decode_times();
+    pool_->blocks().reset_peak();
+    graph_captures0_ = gpu_.graph_captures();
+    compact_gpu0_ = pool_->compaction_gpu_ms();
+  }
+  DeviceInfo device_info() const override {
+    DeviceInfo d;
+    d.summary = device_summary();
+    d.switches.push_back({"cuda_graphs", "decode steps as CUDA graphs", gpu_.uses_graphs(), "PKV_CUDA_GRAPHS=0"});
+    d.switches.push_back(
+        {"gemv", "gemv for <= " + std::to_string(kGemvAutoRows) + " rows", gemv_enabled(), "PKV_GEMV=0"});
+    return d;
+  }
+  double measure_copy_bandwidth() override { return cuda::measure_copy_bandwidth(); }
+
  private:
   const Model& model_;
   GpuModel gpu_;
   std::unique_ptr<GpuKVPool> pool_;
   size_t entry_bytes_ = 0;
   std::string description_;
+  int graph_captures0_ = 0;   // the counters' values at the last reset_stats()
+  double compact_gpu0_ = 0;
 };
 
 }  // namespace
