@@ -1,7 +1,8 @@
 // prefixkv bench: speed and memory of prefill and batched decoding for model shapes of any size
 // (random weights made in memory: no download), batch sizes, prompt / generated lengths, KV
-// policies and budgets. Prints a table and writes JSON. CPU back end, or the CUDA back end
-// (--device cuda: GpuModel + GpuSession over one paged KV pool) when built with it (docs/PERF.md).
+// policies and budgets. Prints a table and writes JSON. Any back end of make_backend (--device cpu,
+// or cuda when built with it: one paged KV pool for all sequences); what only a device measures
+// (its time breakdowns, memory, copy bandwidth) comes through Backend::stats (docs/PERF.md).
 #include <sys/resource.h>
 
 #include <algorithm>
@@ -19,12 +20,10 @@
 #include "common.h"
 #include "core/error.h"
 #include "core/threads.h"
+#include "engine/backend.h"
 #include "engine/engine.h"
+#include "engine/make_backend.h"
 #include "kv_options.h"
-#ifdef PREFIXKV_HAVE_CUDA
-#include "ops/cuda/device.h"
-#include "engine/gpu_session.h"
-#endif
 
 using nlohmann::json;
 
@@ -108,6 +107,17 @@ double ms_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
 }
 
+// Keeps every entry and asks the prefill for METHOD.md's importance over the queries from `from`
+// on (none when from < 0): the importance pass's cost, measured through the backend's prefill.
+class ImportanceOnly : public FullPolicy {
+ public:
+  explicit ImportanceOnly(int from) : from_(from) {}
+  ImportanceRequest prefill_importance(int) const override { return {from_ >= 0, std::max(from_, 0)}; }
+
+ private:
+  int from_;
+};
+
 }  // namespace
 
 int cmd_bench(int argc, char** argv) {
@@ -121,10 +131,7 @@ int cmd_bench(int argc, char** argv) {
   }
   if (args.has("threads")) set_num_threads(args.integer("threads", 1));
   const std::string device = args.str("device", "cpu");
-  if (device != "cpu" && device != "cuda") fail("--device", "must be cpu or cuda, got '" + device + "'");
-#ifndef PREFIXKV_HAVE_CUDA
-  if (device == "cuda") fail("--device cuda", "this prefixkv was built without the CUDA back end (-DPREFIXKV_CUDA=ON)");
-#endif
+  check_device_options(device, "");  // an unknown device, or cuda in a build without it
   const int prompt = args.integer("prompt", 672), gen = args.integer("gen", 256);
   if (prompt < 1) fail("--prompt", "must be at least 1");
   if (gen < 1) fail("--gen", "must be at least 1");
@@ -165,76 +172,77 @@ int cmd_bench(int argc, char** argv) {
     fail("--prompt + --gen", std::to_string(prompt + gen) + " tokens exceed the model's " +
                                  std::to_string(t.max_positions) + " positions");
   const double load_s = ms_since(t_load) / 1000;
-  const size_t entry_bytes = size_t(2) * t.n_kv_heads * t.head_dim * sizeof(float) * t.n_layers;
   const size_t memory = args.has("memory-gb") ? size_t(args.number("memory-gb", 0) * double(1ull << 30)) : machine_memory();
   std::printf("bench: %s, %d layers, %.2f GiB of weights (made in %.1f s); %d threads; prompt %d + %d generated\n",
               what.c_str(), t.n_layers, double(model->weight_bytes()) / double(1ull << 30), load_s, num_threads(),
               prompt, gen);
 
-  [[maybe_unused]] const DType dtype = args.str("dtype", "f16") == "bf16" ? DType::BF16 : DType::F16;
-  double bandwidth = 0;  // GPU copy bandwidth (bytes/s), for the decode floor
-  double importance_ms = 0, importance_window_ms = 0, prefill_alone_ms = 0;  // GPU: one prefill's importance pass, and the prefill without it
-#ifdef PREFIXKV_HAVE_CUDA
-  std::unique_ptr<cuda::GpuModel> gpu;
-  std::unique_ptr<cuda::GpuKVPool> pool;
-  size_t gpu_total = 0, gpu_used_before = 0;
+  // The random weights' type is also the GPU's compute type (f16 unless --dtype bf16).
+  const DType dtype = args.str("dtype", "f16") == "bf16" ? DType::BF16 : DType::F16;
+  BackendOptions bo;
+  bo.device = device;
+  bo.vision = false;  // the prompts are token embeddings: no image tower needed
   if (device == "cuda") {
-    cuda::GpuModelOptions go;
-    go.dtype = dtype;
-    go.vision = false;
-    gpu = std::make_unique<cuda::GpuModel>(*model, go);
-    cuda::device_synchronize();
-    gpu_total = cuda::device_total_bytes();
-    const size_t free_now = cuda::device_free_bytes();
-    gpu_used_before = gpu_total - free_now;
-    cuda::GpuKVPoolOptions po;
-    po.block_size = args.integer("block-size", 16);
-    if (po.block_size < 1) fail("--block-size", "must be at least 1");
-    po.bytes = args.has("kv-pool-gb") ? size_t(args.number("kv-pool-gb", 0) * double(1ull << 30))
-                                      : size_t(double(free_now) * 0.9);
-    pool = std::make_unique<cuda::GpuKVPool>(*gpu, po);
-    std::printf("bench: %s on the GPU (%s): weights and runtime %.2f GiB, KV pool %.2f GiB in blocks of %d entries\n",
-                dtype_name(dtype), cuda::device_summary().c_str(), double(gpu_used_before) / double(1ull << 30),
-                double(po.bytes) / double(1ull << 30), po.block_size);
-    bandwidth = cuda::measure_copy_bandwidth();
-    // The importance pass's cost: one prompt prefilled with and without METHOD.md's importance
-    // (best of 3 each, on a scratch sequence whose blocks are returned after each run).
-    {
-      std::vector<float> x(size_t(prompt) * size_t(t.hidden));
-      std::vector<int32_t> ids(static_cast<size_t>(prompt)), pos(static_cast<size_t>(prompt));
-      std::mt19937_64 r0(seed + 7);
-      for (int i = 0; i < prompt; ++i) ids[size_t(i)] = int32_t(r0() % uint64_t(t.vocab_size)), pos[size_t(i)] = i;
-      model->embed(ids.data(), prompt, x.data());
-      std::vector<std::vector<float>> imp;
-      // importance over every query (the paper's estimator) and over the last 32 (the window
-      // estimator, the default of the policies)
-      auto once = [&](int from) {
-        const BlockPool::SeqId q = pool->blocks().add_sequence();
-        const auto t0 = std::chrono::steady_clock::now();
-        gpu->prefill(*pool, q, x.data(), prompt, pos.data(), nullptr, from >= 0 ? &imp : nullptr, std::max(from, 0));
-        cuda::device_synchronize();
-        const double ms = ms_since(t0);
-        pool->blocks().remove_sequence(q);
-        return ms;
-      };
-      const int window_from = std::max(0, prompt - 32);
-      double all = 1e30, window = 1e30, without = 1e30;
-      for (int rep = 0; rep < 3; ++rep)
-        without = std::min(without, once(-1)), all = std::min(all, once(0)), window = std::min(window, once(window_from));
-      importance_ms = all - without;
-      importance_window_ms = window - without;
-      prefill_alone_ms = without;
-      std::printf("bench: one %d-token prefill %.1f ms without importance; the importance pass over all queries "
-                  "%.1f ms (%.1f%% of the prefill), over the last 32 %.1f ms (%.1f%%)\n",
-                  prompt, without, all - without, 100 * (all - without) / all, window - without,
-                  100 * (window - without) / window);
-    }
-    std::printf("bench: device copy bandwidth %.0f GB/s (read + written); decode steps as CUDA graphs: %s; "
-                "gemv for <= %d rows: %s\n",
-                bandwidth / 1e9, gpu->uses_graphs() ? "on" : "off (PKV_CUDA_GRAPHS=0)", cuda::kGemvAutoRows,
-                cuda::gemv_enabled() ? "on" : "off (PKV_GEMV=0)");
+    bo.gpu_dtype = dtype == DType::BF16 ? "bf16" : "f16";
+    bo.block_size = args.integer("block-size", 16);
+    if (bo.block_size < 1) fail("--block-size", "must be at least 1");
+    if (args.has("kv-pool-gb")) {
+      const double gb = args.number("kv-pool-gb", 0);
+      if (!(gb > 0)) fail("--kv-pool-gb", "must be positive");
+      bo.kv_pool_bytes = size_t(gb * double(1ull << 30));
+    }  // else 90% of what is free after the weights
   }
-#endif
+  const std::unique_ptr<Backend> backend = make_backend(*model, bo);
+  // One token's entries in every layer as the backend stores them (CPU: float32 K and V; GPU: 16-bit
+  // K and V and the position), for the uncompressed size and the room for one prompt.
+  const size_t entry_bytes = backend->kv_entry_bytes() * size_t(t.n_layers);
+  const Backend::DeviceInfo info = backend->device_info();
+  const Backend::Stats st = backend->stats();
+  const bool has_device_memory = st.device_total_bytes > 0;  // a GPU's, not the host's
+  if (has_device_memory)
+    std::printf("bench: %s: weights and runtime %.2f GiB, KV pool %.2f GiB in blocks of %d entries\n",
+                backend->description().c_str(),
+                double(st.device_total_bytes - st.device_free_bytes - st.pool_total_bytes) / double(1ull << 30),
+                double(st.pool_total_bytes) / double(1ull << 30), backend->kv_block());
+  const double bandwidth = backend->measure_copy_bandwidth();  // bytes/s, for the decode floor (0: not measured)
+  // The importance pass's cost: one prompt prefilled with and without METHOD.md's importance, over
+  // every query (the paper's estimator) and over the last 32 (the window estimator, the default of
+  // the policies); best of 3 each, the sequence released after each run. Not on the CPU, where
+  // these nine prefills would take longer than the rest of a short run.
+  double importance_ms = 0, importance_window_ms = 0, prefill_alone_ms = 0;
+  if (device != "cpu") {
+    PreparedPrompt p;
+    p.ids.resize(size_t(prompt));
+    std::mt19937_64 r0(seed + 7);
+    for (int32_t& id : p.ids) id = int32_t(r0() % uint64_t(t.vocab_size));
+    p.embeddings.resize(size_t(prompt) * size_t(t.hidden));
+    model->embed(p.ids.data(), prompt, p.embeddings.data());
+    std::vector<float> logits(size_t(t.vocab_size));
+    auto once = [&](int from) {
+      ImportanceOnly policy(from);
+      const auto t0 = std::chrono::steady_clock::now();
+      const std::unique_ptr<Backend::Sequence> seq = backend->prefill(p, policy, logits.data());  // synchronous
+      const double ms = ms_since(t0);
+      return ms;  // the sequence's blocks go back after the timing
+    };
+    const int window_from = std::max(0, prompt - 32);
+    double all = 1e30, window = 1e30, without = 1e30;
+    for (int rep = 0; rep < 3; ++rep)
+      without = std::min(without, once(-1)), all = std::min(all, once(0)), window = std::min(window, once(window_from));
+    importance_ms = all - without;
+    importance_window_ms = window - without;
+    prefill_alone_ms = without;
+    std::printf("bench: one %d-token prefill %.1f ms without importance; the importance pass over all queries "
+                "%.1f ms (%.1f%% of the prefill), over the last 32 %.1f ms (%.1f%%)\n",
+                prompt, without, all - without, 100 * (all - without) / all, window - without,
+                100 * (window - without) / window);
+  }
+  if (!info.summary.empty()) {
+    std::printf("bench: device copy bandwidth %.0f GB/s (read + written)", bandwidth / 1e9);
+    for (const Backend::DeviceSwitch& sw : info.switches)
+      std::printf("; %s: %s", sw.what.c_str(), sw.on ? "on" : ("off (" + sw.off_by + ")").c_str());
+    std::printf("\n");
+  }
   PolicyOptions base = policy_options_from_args(args);
   std::vector<Record> records;
   std::mt19937_64 rng(seed + 1);
@@ -245,22 +253,13 @@ int cmd_bench(int argc, char** argv) {
       for (int B : batches) {
         PolicyOptions o = base;
         o.budget = budget;
-        std::vector<std::unique_ptr<KVPolicy>> pols;
-        std::vector<std::unique_ptr<Session>> sessions;
-        std::vector<Session*> ptrs;
-#ifdef PREFIXKV_HAVE_CUDA
-        std::vector<std::unique_ptr<cuda::GpuSession>> gsessions;
-        std::vector<cuda::GpuSession*> gptrs;
-#endif
+        std::vector<std::unique_ptr<KVPolicy>> pols;  // declared first: the sequences go before their policies
+        std::vector<std::unique_ptr<Backend::Sequence>> seqs;
+        std::vector<Backend::Sequence*> ptrs;
         std::vector<float> logits(size_t(B) * size_t(V));
         Record r;
         r.policy = pname, r.budget = budget, r.batch = B;
-#ifdef PREFIXKV_HAVE_CUDA
-        if (pool) {
-          pool->blocks().reset_peak();
-          pool->prefill_times() = {};
-        }
-#endif
+        backend->reset_stats();  // the times of this run, and the pool's peak from here
         // Prefill: one sequence after another (the engine prefills one prompt at a time).
         for (int b = 0; b < B; ++b) {
           PreparedPrompt p;
@@ -270,38 +269,16 @@ int cmd_bench(int argc, char** argv) {
           model->embed(p.ids.data(), prompt, p.embeddings.data());
           pols.push_back(make_policy(pname, o));
           const auto t0 = std::chrono::steady_clock::now();
-#ifdef PREFIXKV_HAVE_CUDA
-          if (gpu) {
-            gsessions.push_back(std::make_unique<cuda::GpuSession>(*gpu, *pool, *pols.back()));
-            gptrs.push_back(gsessions.back().get());
-            gsessions.back()->prefill(p, &logits[size_t(b) * size_t(V)]);  // logits copied back: synchronous
-            r.prefill_ms += ms_since(t0);
-            continue;
-          }
-#endif
-          sessions.push_back(std::make_unique<Session>(*model, *pols.back()));
-          ptrs.push_back(sessions.back().get());
-          sessions.back()->prefill(p, &logits[size_t(b) * size_t(V)]);
+          // synchronous: the logits are copied back
+          seqs.push_back(backend->prefill(p, *pols.back(), &logits[size_t(b) * size_t(V)]));
           r.prefill_ms += ms_since(t0);
+          ptrs.push_back(seqs.back().get());
         }
-#ifdef PREFIXKV_HAVE_CUDA
-        for (auto& s : gsessions) r.kv_bytes_prefill += s->kv_bytes();
-        if (pool) {
-          const cuda::GpuKVPool::PrefillTimes& pt = pool->prefill_times();
-          r.prefill_policy_ms = pt.policy_ms, r.prefill_compact_ms = pt.compact_ms;
-        }
-#endif
-        for (auto& s : sessions) r.kv_bytes_prefill += s->cache().bytes();
+        for (auto& s : seqs) r.kv_bytes_prefill += s->kv_bytes();
+        const Backend::Stats after_prefill = backend->stats();
+        r.prefill_policy_ms = after_prefill.prefill_policy_ms, r.prefill_compact_ms = after_prefill.prefill_compact_ms;
         // Decode: every step one batched pass over all sequences (greedy tokens).
         std::vector<int32_t> tokens(static_cast<size_t>(B));
-#ifdef PREFIXKV_HAVE_CUDA
-        double compact_gpu0 = 0;
-        if (gpu) {
-          gpu->reset_decode_times();
-          pool->step_times() = {};
-          compact_gpu0 = pool->compaction_gpu_ms();
-        }
-#endif
         const auto t1 = std::chrono::steady_clock::now();
         for (int s = 0; s < gen; ++s) {
           parallel_for(size_t(B), 1, [&](size_t b0, size_t b1, int) {  // greedy tokens (batches of hundreds)
@@ -310,58 +287,51 @@ int cmd_bench(int argc, char** argv) {
               tokens[b] = int32_t(std::max_element(l, l + V) - l);
             }
           });
-#ifdef PREFIXKV_HAVE_CUDA
-          if (gpu) {
-            cuda::GpuSession::step_many(gptrs, tokens.data(), logits.data());
-            continue;
-          }
-#endif
-          Session::step_many(ptrs, tokens.data(), logits.data());
+          backend->step_many(ptrs, tokens.data(), logits.data());
         }
         r.decode_ms = ms_since(t1);
         r.step_ms = gen > 0 ? r.decode_ms / gen : 0;
-#ifdef PREFIXKV_HAVE_CUDA
-        if (gpu && gpu->decode_times().steps > 0) {
-          const int n = gpu->decode_times().steps;
-          r.step_gpu_ms = gpu->decode_times().gpu_ms / n;
-          r.step_prep_ms = gpu->decode_times().host_ms / n;
-          const cuda::GpuKVPool::StepTimes& st = pool->step_times();
-          r.step_policy_ms = st.policy_ms / n;
-          r.step_compact_ms = st.compact_ms / n;
-          r.step_compact_gpu_ms = (pool->compaction_gpu_ms() - compact_gpu0) / n;
+        // The decode steps' parts (a device's breakdown; 0 on the CPU, which measures none): what
+        // the counters gained since the prefills, per step.
+        const Backend::Stats end = backend->stats();
+        if (const int n = end.steps - after_prefill.steps; n > 0) {
+          r.step_gpu_ms = (end.step_device_ms - after_prefill.step_device_ms) / n;
+          r.step_prep_ms = (end.step_prep_ms - after_prefill.step_prep_ms) / n;
+          r.step_policy_ms = (end.step_policy_ms - after_prefill.step_policy_ms) / n;
+          r.step_compact_ms = (end.step_compact_ms - after_prefill.step_compact_ms) / n;
+          r.step_compact_gpu_ms = (end.compact_device_ms - after_prefill.compact_device_ms) / n;
         }
-#endif
         r.decode_tok_s = double(B) * gen / (r.decode_ms / 1000);
         r.throughput = double(B) * gen / ((r.prefill_ms + r.decode_ms) / 1000);
-        for (auto& s : sessions) r.kv_bytes_end += s->cache().bytes();
+        // The caches as the backend stores them (CPU: float32 entries; GPU: the pool blocks held).
+        for (auto& s : seqs) r.kv_bytes_end += s->kv_bytes();
         r.kv_bytes_full = size_t(B) * size_t(prompt + gen) * entry_bytes;
         r.peak_rss_gib = peak_rss_gib();
-        // Largest batch: what is left of the memory after the weights, over one sequence's cache at
-        // its end, keeping room for one uncompressed prompt (prefills run one at a time).
-        double per_seq = double(r.kv_bytes_end) / B;
-        double left = double(memory) - double(model->weight_bytes()) - double(prompt) * double(entry_bytes);
-#ifdef PREFIXKV_HAVE_CUDA
-        if (gpu) {
-          // the pool's blocks (16-bit K/V), held at the end; the pool is what sequences share
-          for (auto& s : gsessions) r.kv_bytes_end += s->kv_bytes();
-          r.kv_bytes_full = size_t(B) * size_t(prompt + gen) * (entry_bytes / 2);  // 16-bit entries
-          // Peak GPU memory of this run: everything but the pool (weights, activations, workspaces)
-          // plus the most pool blocks its sequences held at once (the pool itself is allocated whole).
-          const BlockPoolStats st = pool->blocks().stats();
-          const double outside_pool = double(gpu_total - cuda::device_free_bytes()) - double(st.total_bytes);
-          r.gpu_used_gib = (outside_pool + double(st.peak_used_blocks) * double(st.bytes_per_block)) / double(1ull << 30);
-          per_seq = double(r.kv_bytes_end) / B;
+        if (has_device_memory) {
+          // Peak device memory of this run: everything but the pool (weights, activations,
+          // workspaces) plus the most pool blocks its sequences held at once (the pool itself is
+          // allocated whole).
+          const double outside_pool =
+              double(end.device_total_bytes - end.device_free_bytes) - double(end.pool_total_bytes);
+          r.gpu_used_gib = (outside_pool + double(end.pool_peak_bytes)) / double(1ull << 30);
+        }
+        if (bandwidth > 0) {
           // The bandwidth floor: a step reads every weight but the embedding table once, and the
           // KV entries the sequences hold (on average over the run: midway between after the
           // prefills and the end).
-          const double streamed = double(gpu->weight_bytes()) -
+          const double streamed = double(end.weight_bytes) -
                                   (t.tie_embeddings ? 0.0 : double(t.vocab_size) * t.hidden * double(dtype_size(dtype)));
           const double per_step = streamed + (double(r.kv_bytes_prefill) + double(r.kv_bytes_end)) / 2;
-          if (bandwidth > 0) r.floor_tok_s = double(B) * bandwidth / per_step;
-          left = double(pool->blocks().stats().total_blocks) * double(pool->block_bytes()) -
-                 double(prompt) * double(entry_bytes / 2);
+          r.floor_tok_s = double(B) * bandwidth / per_step;
         }
-#endif
+        // Largest batch: what is left of the memory (the backend's KV pool where it has one, else
+        // this machine's after the weights) over one sequence's cache at its end, keeping room for
+        // one uncompressed prompt (prefills run one at a time).
+        const double per_seq = double(r.kv_bytes_end) / B;
+        const double one_prompt = double(prompt) * double(entry_bytes);
+        const double left = backend->kv_pool_bytes() > 0
+                                ? double(backend->kv_pool_bytes()) - one_prompt
+                                : double(memory) - double(model->weight_bytes()) - one_prompt;
         r.largest_batch = per_seq > 0 && left > 0 ? long(left / per_seq) : 0;
         records.push_back(r);
         std::fprintf(stderr, "  %s %.2f batch %d: prefill %.0f ms (policy %.1f ms, compaction %.1f ms), decode %.1f tok/s "
@@ -372,7 +342,7 @@ int cmd_bench(int argc, char** argv) {
       }
   }
 
-  const bool on_gpu = device == "cuda";
+  const bool on_gpu = has_device_memory;
   std::printf("\n| policy | kept | batch | prefill ms | decode tok/s | floor tok/s | of floor | throughput tok/s "
               "| KV MiB at end | KV MiB full | %s | largest batch (%s) |\n",
               on_gpu ? "peak GPU GiB" : "peak RSS GiB",
@@ -402,13 +372,10 @@ int cmd_bench(int argc, char** argv) {
     j["prefill_ms_without_importance"] = prefill_alone_ms;
     j["importance_pass_ms"] = importance_ms;
     j["importance_pass_window32_ms"] = importance_window_ms;
-#ifdef PREFIXKV_HAVE_CUDA
-    if (gpu) {
-      j["gpu"] = cuda::device_summary();
-      j["cuda_graphs"] = gpu->uses_graphs();
-      j["gemv"] = cuda::gemv_enabled();
+    if (!info.summary.empty()) {  // the device and its switches ("cuda_graphs", "gemv")
+      j["gpu"] = info.summary;
+      for (const Backend::DeviceSwitch& sw : info.switches) j[sw.key] = sw.on;
     }
-#endif
     j["records"] = json::array();
     for (const Record& r : records)
       j["records"].push_back({{"policy", r.policy}, {"budget", r.budget}, {"batch", r.batch},

@@ -21,10 +21,18 @@ TEST(BenchCli, RecordsForEveryConfigAndCompressionShrinksTheCache) {
   EXPECT_NE(r.out.find("| snapkv | 25% | 3 |"), std::string::npos) << r.out;
   json j = json::parse(std::ifstream(out));
   ASSERT_EQ(j["records"].size(), 6u);
+  // The CPU back end measures none of a device's numbers (Backend::stats): they stay 0, no device named.
+  EXPECT_FALSE(j.contains("gpu")) << j.dump();
+  EXPECT_EQ(j["copy_bandwidth_bytes_per_s"].get<double>(), 0);
+  EXPECT_EQ(j["importance_pass_ms"].get<double>(), 0);
   size_t full1 = 0;
   for (const json& x : j["records"]) {
     EXPECT_GT(x["decode_tokens_per_s"].get<double>(), 0);
     EXPECT_GT(x["prefill_ms"].get<double>(), 0);
+    EXPECT_GT(x["kv_bytes_prefill"].get<size_t>(), 0u);
+    for (const char* k : {"peak_gpu_gib", "floor_tokens_per_s", "step_gpu_ms", "step_policy_ms", "step_compact_gpu_ms",
+                          "prefill_compact_ms"})
+      EXPECT_EQ(x[k].get<double>(), 0) << k;
     const int B = x["batch"];
     const size_t full = x["kv_bytes_full"], end = x["kv_bytes_end"];
     // tiny: 12 layers x 2 x 4 kv heads x 32 x 4 bytes per entry, 46 entries per sequence
