@@ -102,8 +102,6 @@ int cmd_run(int argc, char** argv) {
   const std::string mode = args.str("image-mode", "");
   if (!mode.empty() && mode != "pad" && mode != "crop") fail("--image-mode", "must be pad or crop, got '" + mode + "'");
   const DeviceChoice dev = parse_device(args);
-  if (dev.cuda && args.has("dump-tensors"))
-    fail("--dump-tensors", "runs on the CPU reference only (drop --device cuda)");
   const std::string policy_name = args.str("kv-policy", "full");
   PolicyOptions popt = policy_options_from_args(args);
   const std::string dump_dir = args.str("dump-tensors", "");

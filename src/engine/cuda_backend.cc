@@ -48,14 +48,12 @@ class CudaBackend : public Backend {
   std::string description() const override { return description_; }
   const Model& model() const override { return model_; }
   std::vector<float> encode_image(const float* pixels, Observer* obs) override {
-    if (obs) fail("--dump-tensors", "the cuda back end does not show its tensors to an observer (use the CPU)");
-    if (!gpu_.has_vision()) return model_.encode_image(pixels);  // tower not uploaded: the CPU's
-    return gpu_.encode_image(pixels);
+    if (!gpu_.has_vision()) return model_.encode_image(pixels, obs);  // tower not uploaded: the CPU's
+    return gpu_.encode_image(pixels, obs);
   }
   std::unique_ptr<Sequence> prefill(const PreparedPrompt& p, KVPolicy& policy, float* logits, Observer* obs) override {
-    if (obs) fail("--dump-tensors", "the cuda back end does not show its tensors to an observer (use the CPU)");
     auto s = std::make_unique<CudaSequence>(gpu_, *pool_, policy);
-    s->session.prefill(p, logits);
+    s->session.prefill(p, logits, obs);
     return s;
   }
   struct CudaShared : SharedPrefill {
@@ -80,12 +78,11 @@ class CudaBackend : public Backend {
   }
   void step_many(const std::vector<Sequence*>& seqs, const int32_t* tokens, float* logits) override {
     std::vector<GpuSession*> sessions;
-    for (Sequence* s : seqs) {
-      auto* c = dynamic_cast<CudaSequence*>(s);
-      PKV_ASSERT_MSG(c, "a sequence of another back end was given to the cuda back end");
-      sessions.push_back(&c->session);
-    }
+    for (Sequence* s : seqs) sessions.push_back(&as_cuda(*s).session);
     GpuSession::step_many(sessions, tokens, logits);
+  }
+  void step(Sequence& seq, int32_t token, float* logits, Observer* obs) override {
+    as_cuda(seq).session.step(token, logits, obs);
   }
   size_t kv_entry_bytes() const override { return entry_bytes_; }
   int kv_block() const override { return pool_->blocks().block_size(); }
@@ -133,6 +130,11 @@ class CudaBackend : public Backend {
   double measure_copy_bandwidth() override { return cuda::measure_copy_bandwidth(); }
 
  private:
+  static CudaSequence& as_cuda(Sequence& s) {
+    auto* c = dynamic_cast<CudaSequence*>(&s);
+    PKV_ASSERT_MSG(c, "a sequence of another back end was given to the cuda back end");
+    return *c;
+  }
   const Model& model_;
   GpuModel gpu_;
   std::unique_ptr<GpuKVPool> pool_;

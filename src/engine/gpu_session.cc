@@ -54,7 +54,7 @@ void GpuSession::take_plan(KeepPlan plan, std::vector<GpuKVPool::Job>& jobs) {
 }
 
 void GpuSession::run_prompt(const PreparedPrompt& p, float* logits, std::vector<std::vector<float>>* importance,
-                            int importance_from) {
+                            int importance_from, Observer* obs) {
   const int T = int(p.ids.size());
   if (T == 0) fail("prompt", "is empty");
   if (pos_ != 0) fail(kWhere, "prefill on a session that already holds " + std::to_string(pos_) + " tokens");
@@ -64,7 +64,7 @@ void GpuSession::run_prompt(const PreparedPrompt& p, float* logits, std::vector<
                      std::to_string(T) + " x " + std::to_string(D));
   std::vector<int32_t> pos(static_cast<size_t>(T));
   std::iota(pos.begin(), pos.end(), 0);
-  model_.prefill(pool_, seq_, p.embeddings.data(), T, pos.data(), logits, importance, importance_from);
+  model_.prefill(pool_, seq_, p.embeddings.data(), T, pos.data(), logits, importance, importance_from, obs);
   positions_.append_all(pos.data(), T);
   pos_ = T;
 }
@@ -81,14 +81,14 @@ double GpuSession::compress_prompt(const std::vector<std::vector<float>>& import
   return policy_ms;
 }
 
-void GpuSession::prefill(const PreparedPrompt& p, float* logits) {
+void GpuSession::prefill(const PreparedPrompt& p, float* logits, Observer* obs) {
   const int T = int(p.ids.size());
   std::vector<std::vector<float>> importance;
   const ImportanceRequest req = policy_.prefill_importance(T);
   using clock = std::chrono::steady_clock;
   auto ms = [](clock::time_point a, clock::time_point b) { return std::chrono::duration<double, std::milli>(b - a).count(); };
   const clock::time_point t0 = clock::now();
-  run_prompt(p, logits, req.needed ? &importance : nullptr, req.from);
+  run_prompt(p, logits, req.needed ? &importance : nullptr, req.from, obs);
   const clock::time_point t1 = clock::now();  // the prefill ends synchronised (logits, error flag)
   const double policy_ms = compress_prompt(importance);
   GpuKVPool::PrefillTimes& pt = pool_.prefill_times();
@@ -122,9 +122,10 @@ void GpuSession::adopt_prefill(const GpuSession& full, const std::vector<std::ve
   compress_prompt(importance);
 }
 
-void GpuSession::step(int32_t token, float* logits) { step_many({this}, &token, logits); }
+void GpuSession::step(int32_t token, float* logits, Observer* obs) { step_many({this}, &token, logits, obs); }
 
-void GpuSession::step_many(const std::vector<GpuSession*>& sessions, const int32_t* tokens, float* logits) {
+void GpuSession::step_many(const std::vector<GpuSession*>& sessions, const int32_t* tokens, float* logits,
+                           Observer* obs) {
   if (sessions.empty()) return;
   GpuModel& model = sessions[0]->model_;
   GpuKVPool& pool = sessions[0]->pool_;
@@ -157,6 +158,7 @@ void GpuSession::step_many(const std::vector<GpuSession*>& sessions, const int32
   std::vector<std::vector<std::vector<float>>> importance;
   batch.tokens = tokens;
   batch.positions = positions.data();
+  batch.observer = obs;
   batch.logits = logits;
   if (any_importance) batch.importance = &importance;
   else batch.want_importance.clear();

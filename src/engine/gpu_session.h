@@ -29,7 +29,7 @@ class GpuSession {
   // Runs the prompt (p.embeddings [T, hidden]); writes the logits of its last position (from the
   // uncompressed prefill; may be null), then lets the policy compress the cache. Out of blocks:
   // throws Error (sequence, blocks needed and free) and the session stays empty.
-  void prefill(const PreparedPrompt& p, float* logits);
+  void prefill(const PreparedPrompt& p, float* logits, Observer* obs = nullptr);
   // Runs the prompt without consulting the policy (nothing compressed; logits may be null) and
   // returns the raw importance over the queries from each of importance_from (distinct, in
   // [0, T)); each window after the first is measured by a second pass over a scratch sequence of
@@ -42,11 +42,13 @@ class GpuSession {
   void adopt_prefill(const GpuSession& full, const std::vector<std::vector<float>>& importance);
   // Feeds one token at the next position; writes the logits for the position after it, then lets
   // the policy evict. Out of blocks: throws Error and nothing changes.
-  void step(int32_t token, float* logits);
+  void step(int32_t token, float* logits, Observer* obs = nullptr);
   // One token for each of several sessions of the same model and pool in ONE batched decode call
   // (the sessions may have different lengths, positions and policies); logits [n, vocab], row i for
   // sessions[i]. Equivalent to step() on each in turn; all or nothing when out of blocks.
-  static void step_many(const std::vector<GpuSession*>& sessions, const int32_t* tokens, float* logits);
+  // obs (optional) sees the step's named tensors (GpuDecodeBatch::observer).
+  static void step_many(const std::vector<GpuSession*>& sessions, const int32_t* tokens, float* logits,
+                        Observer* obs = nullptr);
 
   int position() const { return pos_; }
   BlockPool::SeqId sequence() const { return seq_; }
@@ -62,7 +64,8 @@ class GpuSession {
   void take_plan(KeepPlan plan, std::vector<GpuKVPool::Job>& jobs);
   void check_positions() const;
   // The prompt into this empty session (no policy involved); the importance when asked for.
-  void run_prompt(const PreparedPrompt& p, float* logits, std::vector<std::vector<float>>* importance, int importance_from);
+  void run_prompt(const PreparedPrompt& p, float* logits, std::vector<std::vector<float>>* importance, int importance_from,
+                  Observer* obs = nullptr);
   // The policy's plan after the prefill (or an adopted one), applied on the device; returns the
   // host time the policy took (ms).
   double compress_prompt(const std::vector<std::vector<float>>& importance);

@@ -152,7 +152,23 @@ struct GpuModel::Impl {
       ints{"GPU call metadata"},              // int32 tables, lengths, positions of one call
       imp{"GPU importance"},                  // float32 [layers, R or batch x stride]
       ws{"GPU attention workspace"},          // the attention kernels' workspace (plan.h layouts)
-      io{"GPU input staging"};                // host inputs on their way to the device
+      io{"GPU input staging"},                // host inputs on their way to the device
+      shown{"GPU observed tensor"};           // float32: a tensor computed only for an observer
+
+  // The observer of the call running now (encode_image, prefill, an observed decode step), or
+  // null: the named tensors of Model's CPU forward pass, with the same names and shapes.
+  Observer* obs = nullptr;
+  bool observes(const char* name) const { return obs && obs->wants(name); }
+  // Waits for the stream and shows a float32 device tensor to the observer, when it wants it.
+  void show(const char* name, int layer, const float* dev, const std::vector<int64_t>& shape);
+  // The final norm of R rows in float32 ("hidden_final"), shown when wanted.
+  void show_hidden_final(const float* rows_x, int R);
+  // Sets the observer for one call and clears it when the call ends (also by an exception).
+  struct Observing {
+    Impl& g;
+    Observing(Impl& impl, Observer* o) : g(impl) { g.obs = o; }
+    ~Observing() { g.obs = nullptr; }
+  };
 
   Impl(const Model& model, const GpuModelOptions& opt);
   ~Impl() {
@@ -458,6 +474,24 @@ void GpuModel::Impl::decoder_mlp(const DecLayer& Ly, int R, float* xr, void* h16
 }
 
 // Final norm and LM head for R rows of the residual; logits to the host (synchronises).
+void GpuModel::Impl::show(const char* name, int layer, const float* dev, const std::vector<int64_t>& shape) {
+  if (!observes(name)) return;
+  PKV_ASSERT_MSG(!capturing, "an observer cannot watch a step being captured as a CUDA graph");
+  size_t n = 1;
+  for (int64_t d : shape) n *= size_t(d);
+  std::vector<float> h(n);
+  copy_to_host(h.data(), dev, n * sizeof(float), s());
+  stream.synchronize();
+  obs->on_tensor(name, layer, h.data(), shape);
+}
+
+void GpuModel::Impl::show_hidden_final(const float* rows_x, int R) {
+  if (!observes("hidden_final")) return;
+  float* y = shown.need_as<float>(size_t(R) * hidden, s());
+  rms_norm_to(DType::F32, rows_x, DType::F32, y, final_norm, R, hidden, eps, s());
+  show("hidden_final", -1, y, {R, hidden});
+}
+
 void GpuModel::Impl::head_logits(const float* rows_x, int R, float* out_host) {
   float* lg = head_buffers(R);
   head_device(rows_x, R, lg);
@@ -501,8 +535,9 @@ void GpuModel::reset_decode_times() { impl_->times = {}; }
 int GpuModel::graph_captures() const { return impl_->graph.captures(); }
 
 // ------------------------------------------------------------------------------------------------
-std::vector<float> GpuModel::encode_image(const float* pixels) {
+std::vector<float> GpuModel::encode_image(const float* pixels, Observer* obs) {
   Impl& g = *impl_;
+  Impl::Observing watching(g, obs);
   if (!g.vision)
     fail(kWhere, g.cfg.has_vision ? "the vision tower was not uploaded (GpuModelOptions::vision = false)"
                                   : "the model " + g.cfg.dir + " has no vision tower");
@@ -513,6 +548,10 @@ std::vector<float> GpuModel::encode_image(const float* pixels) {
   const int patch_len = 3 * patch_size * patch_size, qkv_width = 3 * hidden;
   const size_t es = g.esize();
 
+  if (g.observes("pixel_values")) {
+    const int S = g.cfg.vision.image_size;
+    obs->on_tensor("pixel_values", -1, pixels, {3, S, S});
+  }
   // The patches as rows on the host (clip::unfold_patches, as the CPU does).
   const std::vector<float> cols = clip::unfold_patches(g.cfg.vision, pixels);
 
@@ -577,6 +616,7 @@ std::vector<float> GpuModel::encode_image(const float* pixels) {
     g.to16(mlp, h16, size_t(tokens) * ffn);
     g.linear(Ly.fc2, h16, tokens, x, true);
     g.checkpoint("vision layer", int(li), x, size_t(tokens) * hidden);
+    g.show("vision_layer_out", int(li), x, {tokens, hidden});
     keep_if_selected(int(li) + 1);
   }
   for (size_t k = 0; k < selected.size(); ++k)
@@ -586,6 +626,7 @@ std::vector<float> GpuModel::encode_image(const float* pixels) {
   // Features: the selected layers side by side, CLS dropped for "default"; then the projector.
   const clip::Features feats = clip::join_features(g.cfg, selected, tokens, hidden);
   const int T = feats.rows, F = feats.width;
+  if (g.observes("vision_features")) obs->on_tensor("vision_features", -1, feats.data.data(), {T, F});
   if (g.projector.empty()) fail(kWhere, "the model has no projector");
   const ops::Act pact = ops::act_from_name(g.cfg.projector_act.c_str());
   size_t widest = size_t(F);
@@ -605,6 +646,7 @@ std::vector<float> GpuModel::encode_image(const float* pixels) {
     width = pl.out;
   }
   if (width != g.hidden) fail(kWhere, "the projector outputs " + std::to_string(width) + " features, the decoder takes " + std::to_string(g.hidden));
+  g.show("projector_output", -1, cur, {T, width});
   std::vector<float> out(size_t(T) * width);
   copy_to_host(out.data(), cur, out.size() * sizeof(float), s);
   stream_synchronize(s);
@@ -613,8 +655,10 @@ std::vector<float> GpuModel::encode_image(const float* pixels) {
 
 // ------------------------------------------------------------------------------------------------
 void GpuModel::prefill(GpuKVPool& kv, BlockPool::SeqId seq, const float* x_host, int T, const int32_t* pos,
-                       float* logits_host, std::vector<std::vector<float>>* importance, int importance_from) {
+                       float* logits_host, std::vector<std::vector<float>>* importance, int importance_from,
+                       Observer* obs) {
   Impl& g = *impl_;
+  Impl::Observing watching(g, obs);
   void* s = g.s();
   if (kv.stream() != s) fail(kWhere, "prefill: the KV pool belongs to another GpuModel");
   if (T < 1) fail(kWhere, "prefill: the prompt is empty");
@@ -696,8 +740,14 @@ void GpuModel::prefill(GpuKVPool& kv, BlockPool::SeqId seq, const float* x_host,
     attention_prefill(a, s);
     g.decoder_mlp(Ly, T, x, h16, att16, gate, up);
     g.checkpoint("decoder prefill", l, x, size_t(T) * g.hidden);
+    g.show("layer_out", l, x, {T, g.hidden});
   }
+  g.show_hidden_final(x, T);
   if (logits_host) g.head_logits(x + size_t(T - 1) * g.hidden, 1, logits_host);
+  if (logits_host && g.observes("logits")) {
+    stream_synchronize(s);
+    obs->on_tensor("logits", -1, logits_host, {1, g.vocab});
+  }
   if (imp) {
     std::vector<float> all(size_t(g.n_layers) * T);
     copy_to_host(all.data(), imp, all.size() * sizeof(float), s);
@@ -711,6 +761,7 @@ void GpuModel::prefill(GpuKVPool& kv, BlockPool::SeqId seq, const float* x_host,
 // ------------------------------------------------------------------------------------------------
 void GpuModel::decode(GpuKVPool& kv, const GpuDecodeBatch& b) {
   Impl& g = *impl_;
+  Impl::Observing watching(g, b.observer);
   void* s = g.s();
   if (kv.stream() != s) fail(kWhere, "decode: the KV pool belongs to another GpuModel");
   const int B = int(b.seqs.size());
@@ -849,12 +900,14 @@ void GpuModel::decode(GpuKVPool& kv, const GpuDecodeBatch& b) {
       attention_decode(a, s);
       g.decoder_mlp(Ly, B, r.x, r.h16, r.att16, r.gate, r.up);
       g.checkpoint("decoder step", l, r.x, size_t(B) * g.hidden);
+      g.show("layer_out", l, r.x, {B, g.hidden});  // observed steps only: they are never captured
     }
+    g.show_hidden_final(r.x, B);
     if (lg) g.head_device(r.x, B, lg);
   };
   g.times.host_ms += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - host_t0).count();
   g.step_timer.start(s);
-  if (g.use_graphs) {
+  if (g.use_graphs && !b.observer) {  // an observed step waits for its tensors: plain launches
     // The key: every value baked into the graph that can differ between steps.
     std::vector<int64_t> key = {B, stride, istride, tokens, int64_t(ws_bytes)};
     key.insert(key.end(), plan_len.begin(), plan_len.end());
@@ -906,6 +959,7 @@ void GpuModel::decode(GpuKVPool& kv, const GpuDecodeBatch& b) {
       const size_t from = c0 * kChunk, to = std::min(n, c1 * kChunk);
       std::memcpy(reinterpret_cast<char*>(b.logits) + from, static_cast<const char*>(staged) + from, to - from);
     });
+    if (g.observes("logits")) b.observer->on_tensor("logits", -1, b.logits, {B, g.vocab});
   }
   g.times.steps += 1;
   g.times.gpu_ms += g.step_timer.elapsed_ms();

@@ -140,6 +140,9 @@ struct GpuDecodeBatch {
   // enqueues the compaction there, which the step's own results do not feed unless a policy needs
   // decode-time importance (then it must be empty). If it throws, the step is still waited for.
   std::function<void()> while_running;
+  // Optional: shown the step's named tensors (layer_out [B, hidden] per layer, hidden_final, logits
+  // [B, vocab]) as Model::decode shows them; an observed step runs as plain launches, not a graph.
+  Observer* observer = nullptr;
 };
 
 class GpuModel {
@@ -171,7 +174,9 @@ class GpuModel {
 
   // pixels [3, S, S] (host) -> image embeddings [image_tokens, text hidden] (host): CLIP tower and
   // projector on the device; the feature layers and CLS handling of Model::encode_image.
-  std::vector<float> encode_image(const float* pixels);
+  // obs (optional) sees pixel_values, vision_layer_out per layer, vision_features and
+  // projector_output, as Model::encode_image shows them.
+  std::vector<float> encode_image(const float* pixels, Observer* obs = nullptr);
 
   // Prefill of one sequence whose layers are empty: x [T, hidden] host input embeddings at absolute
   // positions pos [T] (strictly increasing). Takes the blocks (every layer gets T entries; throws
@@ -179,8 +184,10 @@ class GpuModel {
   // writes K/V, and returns the last position's logits (host [vocab], may be null) and, when
   // importance is given, (*importance)[l] = layer l's per-key importance over the queries
   // >= importance_from (host [L][T]).
+  // obs (optional) sees layer_out [T, hidden] per layer, hidden_final [T, hidden] and logits
+  // [1, vocab], as Model::decode shows them.
   void prefill(GpuKVPool& kv, BlockPool::SeqId seq, const float* x, int T, const int32_t* pos, float* logits,
-               std::vector<std::vector<float>>* importance = nullptr, int importance_from = 0);
+               std::vector<std::vector<float>>* importance = nullptr, int importance_from = 0, Observer* obs = nullptr);
 
   // One batched decode step (see GpuDecodeBatch): appends one entry to every layer of every
   // sequence (all or nothing: throws Error naming the sequences and block counts when the pool is

@@ -679,6 +679,66 @@ TEST(GpuModel, EvaluationOnTheCudaBackendMatchesTheCpu) {
               rg.records[1].second.ppl);
 }
 
+// The observer hook on the GPU (prefixkv run --device cuda --dump-tensors): the same named tensors
+// as the CPU's forward pass, in the same order and shapes, through the image, the prefill and two
+// decode steps; their values within the bounds of the tests above (the image's tensors within the
+// image embeddings' tolerance (c), the decoder's within the greedy steps' (b): 2 logit_tol).
+TEST(GpuModel, ObserversSeeTheCpusTensors) {
+  struct Collect : Observer {
+    struct Event {
+      std::string name;
+      int layer;
+      std::vector<int64_t> shape;
+      std::vector<float> data;
+    };
+    std::vector<Event> events;
+    void on_tensor(const std::string& name, int layer, const float* data, const std::vector<int64_t>& shape) override {
+      size_t n = 1;
+      for (int64_t d : shape) n *= size_t(d);
+      events.push_back({name, layer, shape, std::vector<float>(data, data + n)});
+    }
+  };
+  Loaded& l = load(kTiny);
+  const Image img = load_image(repo(kTiny.image));
+  SamplingOptions so;
+  so.max_tokens = 3;  // the prefill and two steps
+  auto run = [&](Backend& backend, Collect& obs) {
+    PromptRequest req;
+    req.text = kTiny.prompt;
+    req.tmpl = Template::LlavaV1;
+    req.image = &img;
+    backend.use_for_images(req, &obs);
+    const PreparedPrompt p = l.engine->prepare(req, &obs);
+    FullPolicy full;
+    return generate(backend, *l.tok, p, so, full, {}, &obs);
+  };
+  const std::unique_ptr<Backend> cpu = make_cpu_backend(*l.model);
+  CudaBackendOptions bo;
+  bo.dtype = DType::F16;
+  bo.kv_pool_entries = l.T() + so.max_tokens + 1;
+  const std::unique_ptr<Backend> gpu = make_cuda_backend(*l.model, bo);
+  Collect oc, og;
+  const GenerationResult rc = run(*cpu, oc), rg = run(*gpu, og);
+  EXPECT_EQ(rg.tokens, rc.tokens);
+  ASSERT_EQ(og.events.size(), oc.events.size());
+  std::map<std::string, double> worst;
+  for (size_t i = 0; i < oc.events.size(); ++i) {
+    const auto &c = oc.events[i], &g = og.events[i];
+    ASSERT_EQ(g.name, c.name) << "event " << i;
+    ASSERT_EQ(g.layer, c.layer) << c.name;
+    ASSERT_EQ(g.shape, c.shape) << c.name << " layer " << c.layer;
+    const bool vision = c.name == "pixel_values" || c.name.rfind("vision", 0) == 0 || c.name == "projector_output";
+    const double e = norm_rel(g.data, c.data), bound = vision ? vision_tol(DType::F16) : 2 * logit_tol(DType::F16);
+    EXPECT_LE(e, bound) << c.name << " layer " << c.layer;
+    if (c.name == "pixel_values") EXPECT_EQ(g.data, c.data) << "the same host preprocessing";
+    worst[c.name] = std::max(worst[c.name], e);
+  }
+  for (const char* name : {"pixel_values", "vision_layer_out", "vision_features", "projector_output", "layer_out",
+                           "hidden_final", "logits"})
+    EXPECT_TRUE(worst.count(name)) << name << " was never shown";
+  for (auto& [name, e] : worst) std::printf("gpu_model: (h) tiny F16 observed %-17s worst norm-rel error %.3g\n", name.c_str(), e);
+}
+
 TEST(GpuModel, TokenIdsAndEmbeddingsGiveTheSameStep) {
   Loaded& l = load(kTiny);
   for (DType dt : kDtypes) {
