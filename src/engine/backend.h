@@ -131,7 +131,8 @@ class Backend {
 
   // Fills a prompt request's image encoder with this backend's vision tower (obs sees its tensors
   // where the backend supports it).
-  void use_for_images(PromptRequest& req, Observer* obs = nullptr);
+  // The GPU's leaves the image's embeddings on the device (PromptRequest::encode_image_on_device).
+  virtual void use_for_images(PromptRequest& req, Observer* obs = nullptr);
 };
 
 // The CPU reference: Sessions over the model (float32 caches).

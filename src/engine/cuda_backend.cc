@@ -51,6 +51,16 @@ class CudaBackend : public Backend {
     if (!gpu_.has_vision()) return model_.encode_image(pixels, obs);  // tower not uploaded: the CPU's
     return gpu_.encode_image(pixels, obs);
   }
+  // With the tower uploaded, the image's embeddings stay on the GPU until the prefill splices them in.
+  void use_for_images(PromptRequest& req, Observer* obs) override {
+    if (!gpu_.has_vision()) return Backend::use_for_images(req, obs);
+    req.encode_image = nullptr;
+    req.encode_image_on_device = [this, obs](const float* pixels) -> std::shared_ptr<const DeviceImage> {
+      auto img = std::make_shared<GpuDeviceImage>();
+      img->rows = gpu_.encode_image_on_device(pixels, obs);
+      return img;
+    };
+  }
   std::unique_ptr<Sequence> prefill(const PreparedPrompt& p, KVPolicy& policy, float* logits, Observer* obs) override {
     auto s = std::make_unique<CudaSequence>(gpu_, *pool_, policy);
     s->session.prefill(p, logits, obs);

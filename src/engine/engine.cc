@@ -38,8 +38,13 @@ PreparedPrompt Engine::prepare(const PromptRequest& req, Observer* obs) const {
     if (!req.image_mode.empty()) ic.mode = req.image_mode;
     auto t0 = std::chrono::steady_clock::now();
     p.pixels = preprocess_image(*req.image, ic);
-    image_emb = req.encode_image ? req.encode_image(p.pixels.data()) : model_.encode_image(p.pixels.data(), obs);
-    if (image_emb.size() != size_t(cfg.image_tokens()) * size_t(cfg.text.hidden))
+    if (req.encode_image_on_device) {
+      p.device_image = req.encode_image_on_device(p.pixels.data());
+      if (!p.device_image) fail("image encoder", "returned no image");
+    } else {
+      image_emb = req.encode_image ? req.encode_image(p.pixels.data()) : model_.encode_image(p.pixels.data(), obs);
+    }
+    if (!p.device_image && image_emb.size() != size_t(cfg.image_tokens()) * size_t(cfg.text.hidden))
       fail("image encoder", "returned " + std::to_string(image_emb.size()) + " values, expected " +
                                 std::to_string(cfg.image_tokens()) + " x " + std::to_string(cfg.text.hidden));
     p.vision_ms = ms_since(t0);
@@ -59,6 +64,7 @@ PreparedPrompt Engine::prepare(const PromptRequest& req, Observer* obs) const {
   if (T > cfg.text.max_positions)
     fail("prompt", "is " + std::to_string(T) + " tokens long" + (has_image ? " (with " + std::to_string(p.image_tokens) + " image tokens)" : "") +
                        ", more than the model's context of " + std::to_string(cfg.text.max_positions) + " tokens");
+  if (p.device_image) return p;  // the device builds the rows from the ids and its image
   p.embeddings.resize(size_t(T) * D);
   for (int i = 0; i < T; ++i) {
     if (has_image && i >= p.image_offset && i < p.image_offset + p.image_tokens) {
@@ -114,6 +120,10 @@ void Session::run_prompt(const PreparedPrompt& p, float* logits, Observer* obs, 
   const int T = int(p.ids.size());
   if (T == 0) fail("prompt", "is empty");
   PKV_ASSERT(pos_ == 0);
+  if (p.embeddings.size() != size_t(T) * size_t(model_.config().text.hidden))
+    fail("prompt", p.device_image ? "its image was encoded on another device (the GPU): prepare it for the CPU back end"
+                                  : "holds " + std::to_string(p.embeddings.size()) + " embedding values for " +
+                                        std::to_string(T) + " tokens");
   cache_.reserve(T + 64);
   std::vector<int32_t> pos(static_cast<size_t>(T));
   std::iota(pos.begin(), pos.end(), 0);

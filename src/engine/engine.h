@@ -16,6 +16,13 @@
 
 namespace pkv {
 
+// Image embeddings that a back end's encoder left in its device's memory (the GPU's:
+// Backend::use_for_images), to be spliced into the prompt there; the host never holds them.
+class DeviceImage {
+ public:
+  virtual ~DeviceImage() = default;
+};
+
 struct PromptRequest {
   std::string text;                 // the user's prompt (Raw: the whole model input)
   Template tmpl = Template::LlavaV1;
@@ -27,12 +34,19 @@ struct PromptRequest {
   // When set: computes the image embeddings [image_tokens, hidden] from the preprocessed pixels
   // [3, S, S] instead of the model's CPU vision tower (prefixkv run --device cuda: GpuModel).
   std::function<std::vector<float>(const float* pixels)> encode_image;
+  // When set instead: the image's embeddings stay on the device that computed them, and the prepared
+  // prompt carries them as device_image (no host embeddings at all).
+  std::function<std::shared_ptr<const DeviceImage>(const float* pixels)> encode_image_on_device;
 };
 
 struct PreparedPrompt {
   std::vector<int32_t> ids;         // model input ids; image positions hold the image token id
                                     // (llava-hf) or -200 (original layout), once per image token
-  std::vector<float> embeddings;    // [ids.size(), hidden]
+  std::vector<float> embeddings;    // [ids.size(), hidden]; empty when device_image is set
+  // Set when the image was encoded on a device (PromptRequest::encode_image_on_device): its rows
+  // are there, and only a sequence of that back end can take this prompt, which builds every row on
+  // the device (the text rows from the embedding table by their ids).
+  std::shared_ptr<const DeviceImage> device_image;
   int image_tokens = 0;
   int image_offset = -1;            // first image position, or -1
   std::vector<float> pixels;        // [3, S, S] when an image was given

@@ -59,12 +59,23 @@ void GpuSession::run_prompt(const PreparedPrompt& p, float* logits, std::vector<
   if (T == 0) fail("prompt", "is empty");
   if (pos_ != 0) fail(kWhere, "prefill on a session that already holds " + std::to_string(pos_) + " tokens");
   const int D = model_.config().text.hidden;
-  if (p.embeddings.size() != size_t(T) * D)
-    fail(kWhere, "the prompt's embeddings hold " + std::to_string(p.embeddings.size()) + " values, expected " +
-                     std::to_string(T) + " x " + std::to_string(D));
   std::vector<int32_t> pos(static_cast<size_t>(T));
   std::iota(pos.begin(), pos.end(), 0);
-  model_.prefill(pool_, seq_, p.embeddings.data(), T, pos.data(), logits, importance, importance_from, obs);
+  if (p.device_image) {
+    // The image is on the GPU already: every row is built there (the text's from the ids).
+    const auto* img = dynamic_cast<const GpuDeviceImage*>(p.device_image.get());
+    if (!img) fail(kWhere, "the prompt's image was encoded by another back end");
+    if (p.image_offset < 0 || p.image_tokens != img->rows.rows)
+      fail(kWhere, "the prompt places " + std::to_string(p.image_tokens) + " image tokens, its image has " +
+                       std::to_string(img->rows.rows) + " rows");
+    model_.prefill(pool_, seq_, p.ids.data(), &img->rows, p.image_offset, T, pos.data(), logits, importance,
+                   importance_from, obs);
+  } else {
+    if (p.embeddings.size() != size_t(T) * D)
+      fail(kWhere, "the prompt's embeddings hold " + std::to_string(p.embeddings.size()) + " values, expected " +
+                       std::to_string(T) + " x " + std::to_string(D));
+    model_.prefill(pool_, seq_, p.embeddings.data(), T, pos.data(), logits, importance, importance_from, obs);
+  }
   positions_.append_all(pos.data(), T);
   pos_ = T;
 }

@@ -17,6 +17,11 @@
 
 namespace pkv::cuda {
 
+// A prompt's image left on the GPU by the cuda back end's encoder (PreparedPrompt::device_image).
+struct GpuDeviceImage : DeviceImage {
+  GpuImageRows rows;
+};
+
 class GpuSession {
  public:
   // Admits a new (empty) sequence into `pool`; it holds no blocks until the prefill. The model,

@@ -28,12 +28,12 @@ std::vector<std::vector<float>> calibration_scores(Backend& backend, const Engin
     // answer's queries, cut to the prompt's keys: what the generation will read.
     const std::vector<int32_t> a = engine.answer_ids(answer);
     const int H = engine.model().config().text.hidden;
-    PreparedPrompt ext;
-    ext.ids = p.ids;
+    PreparedPrompt ext = p;
     ext.ids.insert(ext.ids.end(), a.begin(), a.end());
-    ext.embeddings = p.embeddings;
-    ext.embeddings.resize(ext.ids.size() * size_t(H));
-    engine.model().embed(a.data(), int(a.size()), ext.embeddings.data() + size_t(N) * size_t(H));
+    if (!p.device_image) {  // else the device builds the answer's rows from its ids
+      ext.embeddings.resize(ext.ids.size() * size_t(H));
+      engine.model().embed(a.data(), int(a.size()), ext.embeddings.data() + size_t(N) * size_t(H));
+    }
     const std::unique_ptr<Backend::SharedPrefill> sh = backend.prefill_shared(ext, {N});
     std::vector<std::vector<float>> imp = sh->importance_for(N);
     for (auto& l : imp) l.resize(size_t(N));

@@ -535,7 +535,7 @@ void GpuModel::reset_decode_times() { impl_->times = {}; }
 int GpuModel::graph_captures() const { return impl_->graph.captures(); }
 
 // ------------------------------------------------------------------------------------------------
-std::vector<float> GpuModel::encode_image(const float* pixels, Observer* obs) {
+GpuImageRows GpuModel::encode_image_on_device(const float* pixels, Observer* obs) {
   Impl& g = *impl_;
   Impl::Observing watching(g, obs);
   if (!g.vision)
@@ -577,14 +577,24 @@ std::vector<float> GpuModel::encode_image(const float* pixels, Observer* obs) {
 
   const VisionConfig& v = g.cfg.vision;
   const ops::Act act = ops::act_from_name(v.act.c_str());
+  // The features: the selected hidden states side by side ([rows, k x hidden], the CLS row dropped
+  // for "default", as clip::join_features does on the host), written on the device straight into
+  // the projector's input as each selected layer is computed.
   const std::vector<int> wanted = clip::feature_hidden_states(g.cfg);
-  std::vector<std::vector<float>> selected(wanted.size());
+  const int skip = g.cfg.feature_strategy == "default" ? 1 : 0;
+  const int T = tokens - skip, F = hidden * int(wanted.size());
+  if (g.projector.empty()) fail(kWhere, "the model has no projector");
+  size_t widest = size_t(F);
+  for (const DevLinear& pl : g.projector) widest = std::max(widest, size_t(pl.out));
+  float* cur = g.io.need_as<float>(size_t(T) * widest * 2, s);
+  float* nxt = cur + size_t(T) * widest;
+  std::vector<bool> got(wanted.size(), false);
   auto keep_if_selected = [&](int idx) {
     for (size_t k = 0; k < wanted.size(); ++k)
       if (wanted[k] == idx) {
-        selected[k].resize(size_t(tokens) * hidden);
-        copy_to_host(selected[k].data(), x, selected[k].size() * sizeof(float), s);
-        stream_synchronize(s);
+        copy_2d_on_device(cur + k * size_t(hidden), size_t(F) * sizeof(float), x + size_t(skip) * hidden,
+                          size_t(hidden) * sizeof(float), size_t(hidden) * sizeof(float), size_t(T), s);
+        got[k] = true;
       }
   };
   keep_if_selected(0);
@@ -619,22 +629,13 @@ std::vector<float> GpuModel::encode_image(const float* pixels, Observer* obs) {
     g.show("vision_layer_out", int(li), x, {tokens, hidden});
     keep_if_selected(int(li) + 1);
   }
-  for (size_t k = 0; k < selected.size(); ++k)
-    if (selected[k].empty())
-      fail(kWhere, "vision feature layer " + std::to_string(g.cfg.feature_layers[k]) + " was not computed");
+  for (size_t k = 0; k < got.size(); ++k)
+    if (!got[k]) fail(kWhere, "vision feature layer " + std::to_string(g.cfg.feature_layers[k]) + " was not computed");
+  g.show("vision_features", -1, cur, {T, F});
 
-  // Features: the selected layers side by side, CLS dropped for "default"; then the projector.
-  const clip::Features feats = clip::join_features(g.cfg, selected, tokens, hidden);
-  const int T = feats.rows, F = feats.width;
-  if (g.observes("vision_features")) obs->on_tensor("vision_features", -1, feats.data.data(), {T, F});
-  if (g.projector.empty()) fail(kWhere, "the model has no projector");
+  // The projector, on the joined features where they are.
   const ops::Act pact = ops::act_from_name(g.cfg.projector_act.c_str());
-  size_t widest = size_t(F);
-  for (const DevLinear& pl : g.projector) widest = std::max(widest, size_t(pl.out));
-  float* cur = g.io.need_as<float>(size_t(T) * widest * 2, s);
-  float* nxt = cur + size_t(T) * widest;
   void* in16 = g.h16.need(size_t(T) * widest * es, s);
-  copy_to_device(cur, feats.data.data(), feats.data.size() * sizeof(float), s);
   int width = F;
   for (size_t i = 0; i < g.projector.size(); ++i) {
     const DevLinear& pl = g.projector[i];
@@ -647,9 +648,21 @@ std::vector<float> GpuModel::encode_image(const float* pixels, Observer* obs) {
   }
   if (width != g.hidden) fail(kWhere, "the projector outputs " + std::to_string(width) + " features, the decoder takes " + std::to_string(g.hidden));
   g.show("projector_output", -1, cur, {T, width});
-  std::vector<float> out(size_t(T) * width);
-  copy_to_host(out.data(), cur, out.size() * sizeof(float), s);
-  stream_synchronize(s);
+  // Into memory of its own: the scratch it is in serves the next call.
+  GpuImageRows out;
+  out.rows = T;
+  out.width = width;
+  out.owner = this;
+  out.data = DeviceBuffer(size_t(T) * width * sizeof(float), "the image's embeddings");
+  copy_on_device(out.data.data(), cur, size_t(T) * width * sizeof(float), s);
+  return out;
+}
+
+std::vector<float> GpuModel::encode_image(const float* pixels, Observer* obs) {
+  const GpuImageRows rows = encode_image_on_device(pixels, obs);
+  std::vector<float> out(size_t(rows.rows) * rows.width);
+  copy_to_host(out.data(), rows.data.data(), out.size() * sizeof(float), impl_->s());
+  stream_synchronize(impl_->s());
   return out;
 }
 
@@ -657,12 +670,58 @@ std::vector<float> GpuModel::encode_image(const float* pixels, Observer* obs) {
 void GpuModel::prefill(GpuKVPool& kv, BlockPool::SeqId seq, const float* x_host, int T, const int32_t* pos,
                        float* logits_host, std::vector<std::vector<float>>* importance, int importance_from,
                        Observer* obs) {
+  if (!x_host) fail(kWhere, "prefill: no input embeddings");
+  Impl& g = *impl_;
+  prefill_rows(kv, seq, T, pos, logits_host, importance, importance_from, obs, [&](float* x) {
+    copy_to_device(x, x_host, size_t(T) * g.hidden * sizeof(float), g.s());
+  });
+}
+
+void GpuModel::prefill(GpuKVPool& kv, BlockPool::SeqId seq, const int32_t* ids, const GpuImageRows* image,
+                       int image_offset, int T, const int32_t* pos, float* logits_host,
+                       std::vector<std::vector<float>>* importance, int importance_from, Observer* obs) {
+  Impl& g = *impl_;
+  if (!ids) fail(kWhere, "prefill: no token ids");
+  const int n_img = image ? image->rows : 0;
+  if (image) {
+    if (image->owner != this) fail(kWhere, "prefill: the image was encoded by another GpuModel");
+    if (image->width != g.hidden)
+      fail(kWhere, "prefill: the image's rows are " + std::to_string(image->width) + " wide, the decoder's " +
+                       std::to_string(g.hidden));
+    if (image_offset < 0 || image_offset + n_img > T)
+      fail(kWhere, "prefill: the image's " + std::to_string(n_img) + " rows at " + std::to_string(image_offset) +
+                       " do not fit a " + std::to_string(T) + "-token prompt");
+  }
+  // The table's rows of the text tokens; the image's rows get row 0 and are overwritten.
+  std::vector<int32_t> rows(ids, ids + std::max(T, 0));
+  for (int i = 0; i < T; ++i) {
+    if (i >= image_offset && i < image_offset + n_img) {
+      rows[size_t(i)] = 0;
+    } else if (rows[size_t(i)] < 0 || rows[size_t(i)] >= g.vocab) {
+      fail("prompt", "token id " + std::to_string(rows[size_t(i)]) + " at position " + std::to_string(i) +
+                         " is outside the vocabulary of " + std::to_string(g.vocab));
+    }
+  }
+  prefill_rows(kv, seq, T, pos, logits_host, importance, importance_from, obs, [&](float* x) {
+    void* s = g.s();
+    int32_t* ids_dev = g.io.need_as<int32_t>(rows.size(), s);
+    copy_to_device(ids_dev, rows.data(), rows.size() * sizeof(int32_t), s);
+    embedding(g.dt, g.embed, g.vocab, g.hidden, ids_dev, T, DType::F32, x, s);
+    if (n_img)
+      copy_on_device(x + size_t(image_offset) * g.hidden, image->data.data(), size_t(n_img) * g.hidden * sizeof(float), s);
+    stream_synchronize(s);  // the ids' host copy goes out of scope
+  });
+}
+
+void GpuModel::prefill_rows(GpuKVPool& kv, BlockPool::SeqId seq, int T, const int32_t* pos, float* logits_host,
+                            std::vector<std::vector<float>>* importance, int importance_from, Observer* obs,
+                            const std::function<void(float* x_dev)>& fill_x) {
   Impl& g = *impl_;
   Impl::Observing watching(g, obs);
   void* s = g.s();
   if (kv.stream() != s) fail(kWhere, "prefill: the KV pool belongs to another GpuModel");
   if (T < 1) fail(kWhere, "prefill: the prompt is empty");
-  if (!x_host || !pos) fail(kWhere, "prefill: no input embeddings or positions");
+  if (!pos) fail(kWhere, "prefill: no positions");
   for (int i = 0; i < T; ++i)
     if (pos[i] < 0 || (i > 0 && pos[i] <= pos[i - 1]))
       fail(kWhere, "prefill: positions must be non-negative and strictly increasing (position " + std::to_string(i) +
@@ -706,7 +765,7 @@ void GpuModel::prefill(GpuKVPool& kv, BlockPool::SeqId seq, const float* x_host,
   int32_t* meta = upload_pack(g.ints, pk, s);
   const int32_t* pos_dev = meta + o_pos;
 
-  copy_to_device(x, x_host, size_t(T) * g.hidden * sizeof(float), s);
+  fill_x(x);
   if (imp) memset_device(imp, 0, size_t(g.n_layers) * T * sizeof(float), s);
   for (int l = 0; l < g.n_layers; ++l) {
     const DecLayer& Ly = g.layers[size_t(l)];

@@ -21,6 +21,7 @@
 
 #include "core/dtype.h"
 #include "kv/block_pool.h"
+#include "ops/cuda/device.h"
 #include "ops/cuda/kernels.h"
 #include "model/model.h"
 
@@ -35,6 +36,14 @@ struct GpuModelOptions {
 };
 
 class GpuModel;
+
+// An image's embeddings [rows, width = the decoder's hidden size] (float32), left in device memory
+// by GpuModel::encode_image_on_device for a prefill of the same GpuModel to splice into the prompt.
+struct GpuImageRows {
+  DeviceBuffer data;
+  int rows = 0, width = 0;
+  const GpuModel* owner = nullptr;
+};
 
 // Sizing of a GpuKVPool: give n_blocks, or bytes (device bytes for K, V and positions).
 struct GpuKVPoolOptions {
@@ -177,6 +186,8 @@ class GpuModel {
   // obs (optional) sees pixel_values, vision_layer_out per layer, vision_features and
   // projector_output, as Model::encode_image shows them.
   std::vector<float> encode_image(const float* pixels, Observer* obs = nullptr);
+  // The same, the embeddings left on the device (nothing of the image comes back to the host).
+  GpuImageRows encode_image_on_device(const float* pixels, Observer* obs = nullptr);
 
   // Prefill of one sequence whose layers are empty: x [T, hidden] host input embeddings at absolute
   // positions pos [T] (strictly increasing). Takes the blocks (every layer gets T entries; throws
@@ -188,6 +199,12 @@ class GpuModel {
   // [1, vocab], as Model::decode shows them.
   void prefill(GpuKVPool& kv, BlockPool::SeqId seq, const float* x, int T, const int32_t* pos, float* logits,
                std::vector<std::vector<float>>* importance = nullptr, int importance_from = 0, Observer* obs = nullptr);
+  // The same prefill with its input built on the device: row i the embedding table's row of ids[i],
+  // except rows [image_offset, image_offset + image->rows), which are the image's (their ids are
+  // not read). image may be null (a text prompt). The ids outside the image must be in the vocabulary.
+  void prefill(GpuKVPool& kv, BlockPool::SeqId seq, const int32_t* ids, const GpuImageRows* image, int image_offset,
+               int T, const int32_t* pos, float* logits, std::vector<std::vector<float>>* importance = nullptr,
+               int importance_from = 0, Observer* obs = nullptr);
 
   // One batched decode step (see GpuDecodeBatch): appends one entry to every layer of every
   // sequence (all or nothing: throws Error naming the sequences and block counts when the pool is
@@ -195,6 +212,10 @@ class GpuModel {
   void decode(GpuKVPool& kv, const GpuDecodeBatch& batch);
 
  private:
+  // The prefill once its input rows are known: fill_x writes them into the device's [T, hidden].
+  void prefill_rows(GpuKVPool& kv, BlockPool::SeqId seq, int T, const int32_t* pos, float* logits,
+                    std::vector<std::vector<float>>* importance, int importance_from, Observer* obs,
+                    const std::function<void(float* x_dev)>& fill_x);
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };

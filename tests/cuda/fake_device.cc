@@ -184,6 +184,11 @@ void copy_to_host(void* dst, const void* src, size_t bytes, void*) {
 void copy_on_device(void* dst, const void* src, size_t bytes, void*) {
   if (bytes) std::memmove(dst, src, bytes);
 }
+void copy_2d_on_device(void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t width, size_t rows,
+                       void*) {
+  for (size_t r = 0; r < rows; ++r)
+    std::memmove(static_cast<char*>(dst) + r * dst_pitch, static_cast<const char*>(src) + r * src_pitch, width);
+}
 void memset_device(void* dst, int value, size_t bytes, void*) {
   if (bytes) std::memset(dst, value, bytes);
 }

@@ -739,6 +739,62 @@ TEST(GpuModel, ObserversSeeTheCpusTensors) {
   for (auto& [name, e] : worst) std::printf("gpu_model: (h) tiny F16 observed %-17s worst norm-rel error %.3g\n", name.c_str(), e);
 }
 
+// The GPU path keeps the image on the device: the cuda back end's image encoder leaves the
+// projector's output there and the prefill builds every input row on the device (text rows from
+// the embedding table by id). In BF16 over the tiny model's BF16 table that input is exactly the
+// host path's (the table's rows widened to float32, the same projector output), so the prefill's
+// logits are bit-identical; a CPU sequence refuses such a prompt, and a bad id is an error.
+TEST(GpuModel, ImagesStayOnTheDeviceUntilThePrefill) {
+  Loaded& l = load(kTiny);
+  CudaBackendOptions bo;
+  bo.dtype = DType::BF16;
+  bo.kv_pool_entries = l.T() + 2;
+  const std::unique_ptr<Backend> backend = make_cuda_backend(*l.model, bo);
+  const Image img = load_image(repo(kTiny.image));
+  PromptRequest req;
+  req.text = kTiny.prompt;
+  req.tmpl = Template::LlavaV1;
+  req.image = &img;
+  backend->use_for_images(req);
+  ASSERT_TRUE(bool(req.encode_image_on_device));
+  const PreparedPrompt on_device = l.engine->prepare(req);
+  ASSERT_TRUE(on_device.device_image);
+  EXPECT_TRUE(on_device.embeddings.empty()) << "no host embeddings";
+  EXPECT_EQ(on_device.ids, l.prompt.ids);
+  // The host path: the GPU's image embeddings downloaded, the text rows embedded on the host.
+  PromptRequest host_req = req;
+  host_req.encode_image_on_device = nullptr;
+  cuda::GpuModel& gm = l.on(DType::BF16);
+  host_req.encode_image = [&](const float* px) { return gm.encode_image(px); };
+  const PreparedPrompt on_host = l.engine->prepare(host_req);
+  ASSERT_FALSE(on_host.device_image);
+  FullPolicy f1, f2;
+  std::vector<float> a(static_cast<size_t>(l.V())), b(a.size());
+  { auto s = backend->prefill(on_device, f1, a.data()); }
+  {
+    GpuKVPool pool(gm, pool_for(l, l.T(), 1));
+    GpuSession s(gm, pool, f2);
+    s.prefill(on_host, b.data());
+  }
+  EXPECT_EQ(a, b);
+  // The CPU cannot take it.
+  const std::unique_ptr<Backend> cpu = make_cpu_backend(*l.model);
+  FullPolicy f3;
+  try {
+    cpu->prefill(on_device, f3, a.data());
+    ADD_FAILURE() << "the CPU took a prompt whose image is on the GPU";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("encoded on another device"), std::string::npos) << e.what();
+  }
+  // A text id outside the vocabulary is refused before anything runs.
+  PreparedPrompt bad = on_device;
+  bad.ids[0] = l.V();
+  FullPolicy f4;
+  EXPECT_THROW(backend->prefill(bad, f4, a.data()), Error);
+  FullPolicy f5;
+  EXPECT_NO_THROW(backend->prefill(on_device, f5, a.data())) << "the failed prefill held no blocks";
+}
+
 TEST(GpuModel, TokenIdsAndEmbeddingsGiveTheSameStep) {
   Loaded& l = load(kTiny);
   for (DType dt : kDtypes) {

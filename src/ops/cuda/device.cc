@@ -188,6 +188,12 @@ void copy_to_host(void* host_dst, const void* src, size_t bytes, void* stream) {
 void copy_on_device(void* dst, const void* src, size_t bytes, void* stream) {
   if (bytes) PKV_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, static_cast<cudaStream_t>(stream)));
 }
+void copy_2d_on_device(void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t width, size_t rows,
+                       void* stream) {
+  if (width && rows)
+    PKV_CUDA_CHECK(cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, width, rows, cudaMemcpyDeviceToDevice,
+                                     static_cast<cudaStream_t>(stream)));
+}
 void memset_device(void* dst, int value, size_t bytes, void* stream) {
   if (bytes) PKV_CUDA_CHECK(cudaMemsetAsync(dst, value, bytes, static_cast<cudaStream_t>(stream)));
 }

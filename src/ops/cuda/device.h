@@ -137,6 +137,10 @@ bool stream_capturing(void* stream);
 void copy_to_device(void* dst, const void* host_src, size_t bytes, void* stream);
 void copy_to_host(void* host_dst, const void* src, size_t bytes, void* stream);
 void copy_on_device(void* dst, const void* src, size_t bytes, void* stream);
+// `rows` rows of `width` bytes from src (a row every src_pitch bytes) to dst (every dst_pitch
+// bytes), both in device memory; enqueued on the stream.
+void copy_2d_on_device(void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t width, size_t rows,
+                       void* stream);
 void memset_device(void* dst, int value, size_t bytes, void* stream);
 
 }  // namespace pkv::cuda
