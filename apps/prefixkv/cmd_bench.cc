@@ -107,17 +107,6 @@ double ms_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
 }
 
-// Keeps every entry and asks the prefill for METHOD.md's importance over the queries from `from`
-// on (none when from < 0): the importance pass's cost, measured through the backend's prefill.
-class ImportanceOnly : public FullPolicy {
- public:
-  explicit ImportanceOnly(int from) : from_(from) {}
-  ImportanceRequest prefill_importance(int) const override { return {from_ >= 0, std::max(from_, 0)}; }
-
- private:
-  int from_;
-};
-
 }  // namespace
 
 int cmd_bench(int argc, char** argv) {
@@ -217,13 +206,14 @@ int cmd_bench(int argc, char** argv) {
     for (int32_t& id : p.ids) id = int32_t(r0() % uint64_t(t.vocab_size));
     p.embeddings.resize(size_t(prompt) * size_t(t.hidden));
     model->embed(p.ids.data(), prompt, p.embeddings.data());
-    std::vector<float> logits(size_t(t.vocab_size));
+    // One uncompressed prefill measuring the importance over the queries from `from` on (none when
+    // from < 0): Backend::prefill_shared, as evaluation uses it.
     auto once = [&](int from) {
-      ImportanceOnly policy(from);
       const auto t0 = std::chrono::steady_clock::now();
-      const std::unique_ptr<Backend::Sequence> seq = backend->prefill(p, policy, logits.data());  // synchronous
+      const std::unique_ptr<Backend::SharedPrefill> sh =
+          backend->prefill_shared(p, from < 0 ? std::vector<int>{} : std::vector<int>{from});  // synchronous
       const double ms = ms_since(t0);
-      return ms;  // the sequence's blocks go back after the timing
+      return ms;  // the prompt's blocks go back after the timing
     };
     const int window_from = std::max(0, prompt - 32);
     double all = 1e30, window = 1e30, without = 1e30;
