@@ -22,7 +22,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD=${FUZZ_BUILD:-build-fuzz}
 JOBS=${FUZZ_JOBS:-2}
-ALL=(fuzz_safetensors fuzz_safetensors_index fuzz_config fuzz_profile fuzz_image fuzz_chat_request fuzz_tokenizer)
+ALL=(fuzz_safetensors fuzz_safetensors_index fuzz_config fuzz_profile fuzz_image fuzz_chat_request fuzz_tokenizer fuzz_gguf)
 
 secs=30
 if [ $# -gt 0 ] && [[ "$1" =~ ^[0-9]+$ ]]; then secs=$1; shift; fi

@@ -137,3 +137,49 @@ for i, t in enumerate(picked):
     put("fuzz_tokenizer", "fixture_%02d" % i, bytes([i % 16]) + t.encode())
 put("fuzz_tokenizer", "spaces_utf8", b"\x0f  Hello,  w\xc3\xb6rld \xe2\x96\x81 \xf0\x9f\x98\x80 \t\n<s></s><unk>")
 put("fuzz_tokenizer", "invalid_utf8", b"\x07\xff\xfe\xc3\x28\xe2\x82 \x80\x80 abc")
+
+# ---- fuzz_gguf: small GGUF files (the container of src/io/gguf.h) written here byte by byte.
+def gguf(kv, tensors, alignment=32):
+    def s(x):
+        x = x.encode()
+        return struct.pack("<Q", len(x)) + x
+    out = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(kv))
+    for key, (typ, val) in kv:
+        out += s(key) + struct.pack("<I", typ)
+        if typ == 8:
+            out += s(val)
+        elif typ == 9:
+            et, items = val
+            out += struct.pack("<IQ", et, len(items))
+            for it in items:
+                out += s(it) if et == 8 else struct.pack({0: "<B", 4: "<I", 5: "<i", 6: "<f", 7: "<B"}[et], it)
+        else:
+            out += struct.pack({0: "<B", 4: "<I", 5: "<i", 6: "<f", 7: "<B", 10: "<Q"}[typ], val)
+    offset, blobs = 0, []
+    for name, ne, typ, blob in tensors:
+        out += s(name) + struct.pack("<I", len(ne)) + b"".join(struct.pack("<Q", d) for d in ne)
+        out += struct.pack("<IQ", typ, offset)
+        blobs.append((offset, blob))
+        offset = (offset + len(blob) + alignment - 1) // alignment * alignment
+    out += b"\0" * (-len(out) % alignment)
+    start = len(out)
+    for off, blob in blobs:
+        out += b"\0" * (start + off - len(out)) + blob
+    return out
+
+
+half_one = struct.pack("<e", 1.0)
+q8_block = half_one + bytes(range(32))
+q4_block = half_one + bytes((i * 17) % 256 for i in range(16))
+meta = [("general.architecture", (8, "llama")), ("llama.block_count", (4, 2)), ("llama.rope.freq_base", (6, 10000.0)),
+        ("tokenizer.ggml.model", (8, "llama")),
+        ("tokenizer.ggml.tokens", (9, (8, ["<unk>", "<s>", "</s>", "\u2581a"]))),
+        ("tokenizer.ggml.scores", (9, (6, [0.0, 0.0, 0.0, -1.5]))),
+        ("tokenizer.ggml.token_type", (9, (5, [2, 3, 3, 1]))), ("tokenizer.ggml.add_bos_token", (7, 1))]
+put("fuzz_gguf", "llama_like", gguf(meta, [("token_embd.weight", [4, 2], 0, struct.pack("<8f", *range(8))),
+                                           ("output_norm.weight", [8], 1, half_one * 8),
+                                           ("blk.0.attn_q.weight", [32, 2], 8, q8_block * 2),
+                                           ("blk.0.ffn_up.weight", [32], 2, q4_block)]))
+put("fuzz_gguf", "aligned_64", gguf([("general.alignment", (4, 64))] + meta[:2],
+                                    [("a", [32], 8, q8_block), ("b", [2, 2], 30, b"\x80\x3f" * 4)], alignment=64))
+put("fuzz_gguf", "metadata_only", gguf(meta, []))

@@ -1,0 +1,311 @@
+// llama.cpp's GGUF container (src/io/gguf.h) and ggml's block types (src/ops/quant.h): files written
+// by GgufWriter read back the same, every lie in a file is one pkv::Error naming it, and the Q8_0 /
+// Q4_0 round trips stay within the bounds their arithmetic gives.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+
+#include "core/dtype.h"
+#include "core/error.h"
+#include "io/gguf.h"
+#include "ops/quant.h"
+#include "test_util.h"
+
+using namespace pkv;
+
+namespace {
+
+std::vector<uint8_t> f32_bytes(const std::vector<float>& v) {
+  std::vector<uint8_t> b(v.size() * 4);
+  std::memcpy(b.data(), v.data(), b.size());
+  return b;
+}
+
+GgufWriter sample_writer(uint32_t alignment = 32) {
+  GgufWriter w(alignment);
+  w.set("general.architecture", GgufValue::of_string("llama"));
+  w.set("llama.block_count", GgufValue::of_u32(2));
+  w.set("llama.rope.freq_base", GgufValue::of_f32(10000.f));
+  w.set("some.signed", GgufValue::of_i32(-7));
+  w.set("some.big", GgufValue::of_u64(uint64_t(1) << 40));
+  w.set("tokenizer.ggml.add_bos_token", GgufValue::of_bool(true));
+  w.set("tokenizer.ggml.tokens", GgufValue::of_strings({"<unk>", "<s>", "</s>", "\xe2\x96\x81" "a"}));
+  w.set("tokenizer.ggml.scores", GgufValue::of_f32s({0.f, 0.f, 0.f, -1.5f}));
+  w.set("tokenizer.ggml.token_type", GgufValue::of_i32s({2, 3, 3, 1}));
+  w.add_tensor("token_embd.weight", {4, 2}, quant::kF32, f32_bytes({0, 1, 2, 3, 4, 5, 6, 7}));
+  std::vector<float> row(64);
+  for (int i = 0; i < 64; ++i) row[size_t(i)] = std::sin(float(i));
+  std::vector<uint8_t> q8(quant::row_bytes(quant::kQ8_0, 64)), q4(quant::row_bytes(quant::kQ4_0, 64));
+  quant::quantize_row(quant::kQ8_0, row.data(), q8.data(), 64);
+  quant::quantize_row(quant::kQ4_0, row.data(), q4.data(), 64);
+  w.add_tensor("blk.0.attn_q.weight", {32, 2}, quant::kQ8_0, q8);
+  w.add_tensor("blk.0.ffn_up.weight", {64}, quant::kQ4_0, q4);
+  std::vector<uint8_t> h(6);
+  for (int i = 0; i < 3; ++i) {
+    const uint16_t v = f32_to_f16(float(i) + 0.5f);
+    std::memcpy(&h[size_t(i) * 2], &v, 2);
+  }
+  w.add_tensor("output_norm.weight", {3}, quant::kF16, h);
+  return w;
+}
+
+void expect_refused(std::vector<uint8_t> bytes, const std::string& fragment) {
+  try {
+    GgufFile::parse(bytes.data(), bytes.size(), "lie.gguf");
+    ADD_FAILURE() << "accepted; expected an error with '" << fragment << "'";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find(fragment), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("lie.gguf"), std::string::npos) << e.what();
+  }
+}
+
+// Offsets in a sample file, found by searching for known bytes.
+size_t find_bytes(const std::vector<uint8_t>& b, const std::string& needle) {
+  auto it = std::search(b.begin(), b.end(), needle.begin(), needle.end());
+  EXPECT_NE(it, b.end()) << needle;
+  return size_t(it - b.begin());
+}
+
+template <class T>
+void poke(std::vector<uint8_t>& b, size_t at, T v) {
+  std::memcpy(b.data() + at, &v, sizeof v);
+}
+
+}  // namespace
+
+TEST(Gguf, WrittenFilesReadBackTheSame) {
+  for (uint32_t alignment : {32u, 64u}) {
+    SCOPED_TRACE(alignment);
+    const GgufWriter w = sample_writer(alignment);
+    const std::string path = test::temp_path("sample.gguf");
+    w.write(path);
+    const auto f = GgufFile::open(path);
+    EXPECT_EQ(f->version(), 3u);
+    EXPECT_EQ(f->alignment(), alignment);
+    EXPECT_EQ(f->str("general.architecture"), "llama");
+    EXPECT_EQ(f->integer("llama.block_count"), 2);
+    EXPECT_EQ(f->number("llama.rope.freq_base"), 10000.0);
+    EXPECT_EQ(f->integer("some.signed"), -7);
+    EXPECT_EQ(f->integer("some.big"), int64_t(1) << 40);
+    EXPECT_TRUE(f->value("tokenizer.ggml.add_bos_token").b);
+    EXPECT_EQ(f->strings("tokenizer.ggml.tokens"), (std::vector<std::string>{"<unk>", "<s>", "</s>", "\xe2\x96\x81" "a"}));
+    EXPECT_EQ(f->numbers("tokenizer.ggml.scores"), (std::vector<double>{0, 0, 0, -1.5}));
+    EXPECT_EQ(f->numbers("tokenizer.ggml.token_type"), (std::vector<double>{2, 3, 3, 1}));
+    ASSERT_EQ(f->tensors().size(), 4u);
+    const auto* emb = f->find("token_embd.weight");
+    ASSERT_TRUE(emb);
+    EXPECT_EQ(emb->ne, (std::vector<int64_t>{4, 2}));
+    std::vector<float> got(8);
+    std::memcpy(got.data(), emb->data, 32);
+    EXPECT_EQ(got, (std::vector<float>{0, 1, 2, 3, 4, 5, 6, 7}));
+    for (const GgufTensor& t : f->tensors()) {
+      EXPECT_EQ(t.offset % alignment, 0u) << t.name;
+      EXPECT_EQ(uintptr_t(t.data - f->tensors()[0].data) % alignment, 0u) << t.name;
+    }
+    const auto* q4 = f->find("blk.0.ffn_up.weight");
+    ASSERT_TRUE(q4);
+    EXPECT_EQ(q4->bytes, 2u * 18u);
+    EXPECT_EQ(f->find("nope"), nullptr);
+    // Typed access names the key and the type.
+    try {
+      (void)f->str("llama.block_count");
+      ADD_FAILURE();
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("'llama.block_count' is a uint32"), std::string::npos) << e.what();
+    }
+    EXPECT_THROW((void)f->integer("missing.key"), Error);
+  }
+}
+
+// Every prefix of a valid file is refused with an Error (never a crash), and only the whole file
+// is accepted.
+TEST(Gguf, EveryTruncationIsAnError) {
+  const std::vector<uint8_t> b = sample_writer().bytes();
+  for (size_t n = 0; n < b.size(); ++n) {
+    bool accepted = false;
+    try {
+      GgufFile::parse(b.data(), n, "cut.gguf");
+      accepted = true;
+    } catch (const Error&) {
+    }
+    // A cut inside the last tensor's padding-free data is the only place a shorter file could
+    // still hold everything; the sample's last tensor ends the file, so nothing shorter passes.
+    EXPECT_FALSE(accepted) << "accepted a file cut at byte " << n << " of " << b.size();
+  }
+  EXPECT_NO_THROW(GgufFile::parse(b.data(), b.size(), "whole.gguf"));
+}
+
+TEST(Gguf, LiesAreRefusedWithOneClearError) {
+  const std::vector<uint8_t> good = sample_writer().bytes();
+  {
+    auto b = good;
+    b[0] = 'X';
+    expect_refused(b, "not a GGUF file");
+  }
+  {
+    auto b = good;
+    poke<uint32_t>(b, 4, 1);
+    expect_refused(b, "GGUF version 1 is not supported");
+  }
+  {
+    auto b = good;
+    poke<uint64_t>(b, 16, uint64_t(1) << 40);  // metadata count
+    expect_refused(b, "metadata pairs, more than the file can hold");
+  }
+  {
+    auto b = good;
+    poke<uint64_t>(b, 8, uint64_t(1) << 40);  // tensor count
+    expect_refused(b, "tensors, more than the file can hold");
+  }
+  {
+    auto b = good;  // the first key's length
+    poke<uint64_t>(b, 24, uint64_t(1) << 50);
+    expect_refused(b, "needs 1125899906842624 bytes");
+  }
+  {
+    auto b = good;  // the first value's type (after the key "general.architecture")
+    poke<uint32_t>(b, find_bytes(b, "general.architecture") + 20, 77);
+    expect_refused(b, "unknown value type 77");
+  }
+  {
+    auto b = good;  // the bool
+    const size_t at = find_bytes(b, "tokenizer.ggml.add_bos_token") + 28 + 4;
+    b[at] = 2;
+    expect_refused(b, "bool holding 2");
+  }
+  {
+    auto b = good;  // the string array's count
+    poke<uint64_t>(b, find_bytes(b, "tokenizer.ggml.tokens") + 21 + 4 + 4, uint64_t(1) << 60);
+    expect_refused(b, "elements of string, more than");
+  }
+  {
+    auto b = good;  // an array of arrays
+    poke<uint32_t>(b, find_bytes(b, "tokenizer.ggml.scores") + 21 + 4, 9);
+    expect_refused(b, "array of arrays");
+  }
+  // Tensor infos: name, n_dims, ne..., type, offset. "token_embd.weight" is the first.
+  const size_t t0 = find_bytes(good, "token_embd.weight") + 17;
+  {
+    auto b = good;
+    poke<uint32_t>(b, t0, 5);
+    expect_refused(b, "has 5 dimensions");
+  }
+  {
+    auto b = good;
+    poke<uint64_t>(b, t0 + 4, 0);
+    expect_refused(b, "has a dimension of 0");
+  }
+  {
+    auto b = good;
+    poke<uint32_t>(b, t0 + 4 + 16, 99);
+    expect_refused(b, "unknown ggml type 99");
+  }
+  {
+    auto b = good;  // F32 [4, 2] declared Q8_0: rows of 4 are not whole blocks of 32
+    poke<uint32_t>(b, t0 + 4 + 16, quant::kQ8_0);
+    expect_refused(b, "not a whole number of blocks");
+  }
+  {
+    auto b = good;
+    poke<uint64_t>(b, t0 + 4 + 16 + 4, 4);
+    expect_refused(b, "is not a multiple of the alignment 32");
+  }
+  {
+    auto b = good;
+    poke<uint64_t>(b, t0 + 4 + 16 + 4, 1 << 20);
+    expect_refused(b, "lies beyond the end");
+  }
+  {
+    auto b = good;  // the second tensor placed on the first
+    const size_t t1 = find_bytes(good, "blk.0.attn_q.weight") + 19;
+    poke<uint64_t>(b, t1 + 4 + 16 + 4, 0);
+    expect_refused(b, "overlap");
+  }
+  {
+    GgufWriter w;  // two keys of one length, the second renamed to the first
+    w.set("dup.a", GgufValue::of_u32(1));
+    w.set("dup.b", GgufValue::of_u32(2));
+    w.add_tensor("t.a", {1}, quant::kF32, f32_bytes({1}));
+    w.add_tensor("t.b", {1}, quant::kF32, f32_bytes({2}));
+    auto b = w.bytes();
+    b[find_bytes(b, "dup.b") + 4] = 'a';
+    expect_refused(b, "the metadata key 'dup.a' appears twice");
+    b = w.bytes();
+    b[find_bytes(b, "t.b") + 2] = 'a';
+    expect_refused(b, "tensor 't.a' appears twice");
+  }
+  {
+    GgufWriter w;  // a duplicate tensor is refused by the writer already
+    w.add_tensor("a", {1}, quant::kF32, f32_bytes({1}));
+    EXPECT_THROW(w.add_tensor("a", {1}, quant::kF32, f32_bytes({1})), Error);
+    EXPECT_THROW(w.add_tensor("b", {2}, quant::kF32, f32_bytes({1})), Error) << "wrong byte count";
+    EXPECT_THROW(GgufWriter(48), Error) << "alignment not a power of two";
+  }
+  {
+    GgufWriter w(64);
+    auto b = w.bytes();  // general.alignment = 64; make it 48
+    poke<uint32_t>(b, find_bytes(b, "general.alignment") + 17 + 4, 48);
+    expect_refused(b, "is not a power of two");
+  }
+}
+
+// Q8_0: q = round(x / d) with d = max|x| / 127, stored d16 = half(d): |x - q d16| <= d / 2 + 127 |d - d16|
+// <= d (1/2 + 127 * 2^-11). Q4_0: n = min(15, trunc(x / d + 8.5)) with d = m / -8: |x - (n - 8) d16|
+// <= |d| + 8 |d - d16| (the rounding's half step, or a whole step where the top value is clamped).
+TEST(Quant, RoundTripsWithinTheirArithmetic) {
+  std::mt19937 rng(7);
+  std::normal_distribution<float> dist(0.f, 1.f);
+  const int n = 32 * 64;
+  std::vector<float> x(n), y(n);
+  for (float& v : x) v = dist(rng) * (rng() % 3 == 0 ? 10.f : 0.1f);
+  for (uint32_t type : {quant::kQ8_0, quant::kQ4_0}) {
+    std::vector<uint8_t> q(quant::row_bytes(type, n));
+    quant::quantize_row(type, x.data(), q.data(), n);
+    quant::dequantize_row(type, q.data(), y.data(), n);
+    for (int b = 0; b < n / 32; ++b) {
+      float amax = 0, m = 0;
+      for (int j = 0; j < 32; ++j)
+        if (std::fabs(x[size_t(b * 32 + j)]) > amax) amax = std::fabs(x[size_t(b * 32 + j)]), m = x[size_t(b * 32 + j)];
+      const double d = type == quant::kQ8_0 ? amax / 127.0 : std::fabs(m / 8.0);
+      const double bound = type == quant::kQ8_0 ? d * (0.5 + 127.0 / 2048) : d * (1.0 + 8.0 / 2048);
+      for (int j = 0; j < 32; ++j)
+        ASSERT_LE(std::fabs(double(x[size_t(b * 32 + j)]) - y[size_t(b * 32 + j)]), bound * (1 + 1e-6))
+            << (type == quant::kQ8_0 ? "Q8_0" : "Q4_0") << " block " << b << " element " << j;
+    }
+  }
+  // F16 / BF16 round trips are exact for values they hold.
+  const std::vector<float> exact = {0.f, 1.f, -2.5f, 0.125f, 65504.f};
+  for (uint32_t type : {quant::kF16, quant::kBF16, quant::kF32}) {
+    std::vector<uint8_t> q(quant::row_bytes(type, 5));
+    std::vector<float> back(5);
+    quant::quantize_row(type, exact.data(), q.data(), 5);
+    quant::dequantize_row(type, q.data(), back.data(), 5);
+    if (type == quant::kBF16) back[4] = 65504.f;  // not a bfloat16 value
+    EXPECT_EQ(back, exact);
+  }
+}
+
+// The block layouts spelled out: a Q8_0 block is d then 32 int8; a Q4_0 block is d then 16 bytes
+// whose low nibbles are elements 0..15 and high nibbles 16..31, each minus 8.
+TEST(Quant, BlockLayouts) {
+  std::vector<uint8_t> q8(34), q4(18);
+  const uint16_t two = f32_to_f16(2.f);
+  std::memcpy(q8.data(), &two, 2);
+  std::memcpy(q4.data(), &two, 2);
+  for (int j = 0; j < 32; ++j) q8[size_t(2 + j)] = uint8_t(int8_t(j - 16));
+  for (int j = 0; j < 16; ++j) q4[size_t(2 + j)] = uint8_t(j | ((15 - j) << 4));
+  std::vector<float> a(32), b(32);
+  quant::dequantize_row(quant::kQ8_0, q8.data(), a.data(), 32);
+  quant::dequantize_row(quant::kQ4_0, q4.data(), b.data(), 32);
+  for (int j = 0; j < 32; ++j) EXPECT_EQ(a[size_t(j)], 2.f * float(j - 16));
+  for (int j = 0; j < 16; ++j) {
+    EXPECT_EQ(b[size_t(j)], 2.f * float(j - 8));
+    EXPECT_EQ(b[size_t(j + 16)], 2.f * float(15 - j - 8));
+  }
+  EXPECT_THROW(quant::dequantize_row(quant::kQ8_0, q8.data(), a.data(), 31), Error);
+  EXPECT_THROW(quant::dequantize_row(12, q8.data(), a.data(), 256), Error);  // Q4_K: not yet
+  const float bad[32] = {NAN};
+  EXPECT_THROW(quant::quantize_row(quant::kQ4_0, bad, q4.data(), 32), Error);
+}
