@@ -17,13 +17,14 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (!pkv::fuzz::expect_only<pkv::Error>([&] { f = pkv::GgufFile::parse(data, size, "fuzz"); })) return 0;
 
   pkv::GgufWriter w(f->alignment());
-  for (const auto& [key, v] : f->metadata()) {
+  for (const auto& entry : f->metadata()) {
+    const std::string& key = entry.first;  // (clang 14 cannot capture a structured binding)
     pkv::fuzz::expect_only<pkv::Error>([&] { (void)f->str(key); });
     pkv::fuzz::expect_only<pkv::Error>([&] { (void)f->integer(key); });
     pkv::fuzz::expect_only<pkv::Error>([&] { (void)f->number(key); });
     pkv::fuzz::expect_only<pkv::Error>([&] { (void)f->numbers(key); });
     pkv::fuzz::expect_only<pkv::Error>([&] { (void)f->strings(key); });
-    w.set(key, v);
+    w.set(key, entry.second);
   }
   for (const pkv::GgufTensor& t : f->tensors()) {
     if (t.data < data || t.data + t.bytes > data + size) pkv::fuzz::finding("tensor '" + t.name + "' lies outside the input");
