@@ -12,7 +12,8 @@ namespace pkv::quant {
 
 namespace {
 
-constexpr int kQk = 32;  // elements per block of Q8_0 and Q4_0
+constexpr int kQk = 32;   // elements per block of Q8_0 and Q4_0
+constexpr int kQkK = 256; // elements per block of the K types
 
 void check(uint32_t type, int64_t n) {
   if (!supported(type)) fail("quantised row", "ggml type " + std::to_string(type) + " is not supported");
@@ -30,9 +31,11 @@ void store_u16(uint8_t* p, uint16_t v) { std::memcpy(p, &v, 2); }
 
 }  // namespace
 
-bool supported(uint32_t t) { return t == kF32 || t == kF16 || t == kBF16 || t == kQ8_0 || t == kQ4_0; }
+bool supported(uint32_t t) {
+  return t == kF32 || t == kF16 || t == kBF16 || t == kQ8_0 || t == kQ4_0 || t == kQ4_K || t == kQ6_K;
+}
 
-int block_elems(uint32_t t) { return t == kQ8_0 || t == kQ4_0 ? kQk : 1; }
+int block_elems(uint32_t t) { return t == kQ8_0 || t == kQ4_0 ? kQk : t == kQ4_K || t == kQ6_K ? kQkK : 1; }
 
 int block_bytes(uint32_t t) {
   switch (t) {
@@ -40,6 +43,8 @@ int block_bytes(uint32_t t) {
     case kF16: case kBF16: return 2;
     case kQ8_0: return 2 + kQk;
     case kQ4_0: return 2 + kQk / 2;
+    case kQ4_K: return 2 + 2 + 12 + kQkK / 2;
+    case kQ6_K: return kQkK / 2 + kQkK / 4 + kQkK / 16 + 2;
     default: fail("quantised row", "ggml type " + std::to_string(t) + " is not supported");
   }
 }
@@ -79,11 +84,57 @@ void dequantize_row(uint32_t type, const void* src_v, float* dst, int64_t n) {
         }
       }
       return;
+    case kQ4_K:
+      for (int64_t b = 0; b < n / kQkK; ++b, src += 144, dst += kQkK) {
+        const float d = f16_to_f32(load_u16(src)), dmin = f16_to_f32(load_u16(src + 2));
+        const uint8_t* sc = src + 4;
+        const uint8_t* q = src + 16;
+        for (int pair = 0; pair < 4; ++pair, q += 32) {
+          for (int half = 0; half < 2; ++half) {
+            const int j = 2 * pair + half;  // the sub-block
+            int scale, min;
+            if (j < 4) {
+              scale = sc[j] & 63, min = sc[j + 4] & 63;
+            } else {
+              scale = (sc[j + 4] & 0x0F) | ((sc[j - 4] >> 6) << 4);
+              min = (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4);
+            }
+            const float ds = d * float(scale), dm = dmin * float(min);
+            float* out = dst + 32 * j;
+            for (int l = 0; l < 32; ++l) out[l] = ds * float(half ? q[l] >> 4 : q[l] & 0x0F) - dm;
+          }
+        }
+      }
+      return;
+    case kQ6_K:
+      for (int64_t b = 0; b < n / kQkK; ++b, src += 210, dst += kQkK) {
+        const uint8_t* ql = src;
+        const uint8_t* qh = src + 128;
+        const auto* scale = reinterpret_cast<const int8_t*>(src + 192);
+        const float d = f16_to_f32(load_u16(src + 208));
+        for (int h = 0; h < 2; ++h, ql += 64, qh += 32, scale += 8) {
+          float* out = dst + 128 * h;
+          for (int l = 0; l < 32; ++l) {
+            const int s = l / 16;
+            const int q1 = int((ql[l] & 0x0F) | (((qh[l] >> 0) & 3) << 4)) - 32;
+            const int q2 = int((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) - 32;
+            const int q3 = int((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+            const int q4 = int((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+            out[l] = d * float(scale[s]) * float(q1);
+            out[l + 32] = d * float(scale[s + 2]) * float(q2);
+            out[l + 64] = d * float(scale[s + 4]) * float(q3);
+            out[l + 96] = d * float(scale[s + 6]) * float(q4);
+          }
+        }
+      }
+      return;
   }
 }
 
 void quantize_row(uint32_t type, const float* src, void* dst_v, int64_t n) {
   check(type, n);
+  if (type == kQ4_K || type == kQ6_K)
+    fail("quantised row", std::string(type == kQ4_K ? "Q4_K" : "Q6_K") + " is read, not written, by prefixkv");
   if (type == kQ8_0 || type == kQ4_0)
     for (int64_t i = 0; i < n; ++i)
       if (!std::isfinite(src[i]))

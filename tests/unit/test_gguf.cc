@@ -5,7 +5,9 @@
 
 #include <cmath>
 #include <cstring>
+#include <fstream>
 #include <random>
+#include <set>
 
 #include "core/dtype.h"
 #include "core/error.h"
@@ -305,7 +307,45 @@ TEST(Quant, BlockLayouts) {
     EXPECT_EQ(b[size_t(j + 16)], 2.f * float(15 - j - 8));
   }
   EXPECT_THROW(quant::dequantize_row(quant::kQ8_0, q8.data(), a.data(), 31), Error);
-  EXPECT_THROW(quant::dequantize_row(12, q8.data(), a.data(), 256), Error);  // Q4_K: not yet
+  EXPECT_THROW(quant::quantize_row(quant::kQ4_K, a.data(), q8.data(), 256), Error) << "K types are read only";
   const float bad[32] = {NAN};
   EXPECT_THROW(quant::quantize_row(quant::kQ4_0, bad, q4.data(), 32), Error);
+}
+
+// Against ggml itself (tests/data/ref/ggml_quants.bin, written by tools/ggml_quant_reference.c with
+// ggml v0.21.0-2): the same 1024 values quantised by ggml as Q8_0, Q4_0, Q4_K and Q6_K, and its
+// dequantisation of them. Dequantising ggml's bytes must give ggml's floats bit for bit, and our
+// Q8_0 / Q4_0 quantiser must write ggml's bytes.
+TEST(Quant, MatchesGgmlBitForBit) {
+  std::ifstream f(test::data_path("ref/ggml_quants.bin"), std::ios::binary);
+  ASSERT_TRUE(f) << "tests/data/ref/ggml_quants.bin";
+  auto get_u32 = [&] {
+    uint32_t v = 0;
+    f.read(reinterpret_cast<char*>(&v), 4);
+    return v;
+  };
+  std::set<uint32_t> seen;
+  for (int k = 0; k < 4; ++k) {
+    const uint32_t type = get_u32(), n = get_u32();
+    ASSERT_TRUE(f && n == 1024) << "entry " << k;
+    std::vector<float> x(n), ref(n), got(n);
+    f.read(reinterpret_cast<char*>(x.data()), std::streamsize(n) * 4);
+    const uint32_t nb = get_u32();
+    std::vector<uint8_t> q(nb);
+    f.read(reinterpret_cast<char*>(q.data()), nb);
+    f.read(reinterpret_cast<char*>(ref.data()), std::streamsize(n) * 4);
+    ASSERT_TRUE(f);
+    SCOPED_TRACE(type);
+    seen.insert(type);
+    ASSERT_EQ(nb, quant::row_bytes(type, n));
+    quant::dequantize_row(type, q.data(), got.data(), n);
+    for (uint32_t i = 0; i < n; ++i)
+      ASSERT_EQ(std::memcmp(&got[i], &ref[i], 4), 0) << "element " << i << ": " << got[i] << " vs ggml's " << ref[i];
+    if (type == quant::kQ8_0 || type == quant::kQ4_0) {
+      std::vector<uint8_t> mine(nb);
+      quant::quantize_row(type, x.data(), mine.data(), n);
+      for (uint32_t i = 0; i < nb; ++i) ASSERT_EQ(mine[i], q[i]) << "byte " << i << " of the quantised row";
+    }
+  }
+  EXPECT_EQ(seen, (std::set<uint32_t>{quant::kQ8_0, quant::kQ4_0, quant::kQ4_K, quant::kQ6_K}));
 }
