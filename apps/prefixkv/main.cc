@@ -16,6 +16,7 @@ int cmd_calibrate(int argc, char** argv);
 int cmd_eval(int argc, char** argv);
 int cmd_serve(int argc, char** argv);
 int cmd_bench(int argc, char** argv);
+int cmd_export(int argc, char** argv);
 }
 
 
@@ -30,6 +31,7 @@ static const char* kUsage =
     "  eval       measure KV policies against the full cache (PPL, ROUGE-L, accuracy, KLD, KV bytes)\n"
     "  serve      an OpenAI-compatible HTTP server (chat completions with images, streaming, batching)\n"
     "  bench      speed and memory of prefill and batched decoding, any model shape (random weights)\n"
+    "  export     write a checkpoint's language model as llama.cpp's GGUF (F16, Q8_0, Q4_0)\n"
     "\n"
     "Run 'prefixkv <command> --help' for the options of a command.\n";
 
@@ -51,6 +53,7 @@ int main(int argc, char** argv) {
     if (cmd == "eval") return pkv::cli::cmd_eval(argc, argv);
     if (cmd == "serve") return pkv::cli::cmd_serve(argc, argv);
     if (cmd == "bench") return pkv::cli::cmd_bench(argc, argv);
+    if (cmd == "export") return pkv::cli::cmd_export(argc, argv);
     std::fprintf(stderr, "prefixkv: unknown command '%s'\n\n%s", cmd.c_str(), kUsage);
     return 2;
   } catch (const pkv::Error& e) {

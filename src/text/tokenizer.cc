@@ -182,4 +182,18 @@ std::string Tokenizer::id_to_piece(int id) const {
   return (id >= 0 && id < sp_->GetPieceSize()) ? sp_->IdToPiece(id) : std::string();
 }
 
+float Tokenizer::score(int id) const {
+  if (id < 0 || id >= vocab_size()) fail(path_, "token id " + std::to_string(id) + " is outside the vocabulary");
+  return sp_->GetScore(id);
+}
+
+int Tokenizer::gguf_token_type(int id) const {
+  if (id < 0 || id >= vocab_size()) fail(path_, "token id " + std::to_string(id) + " is outside the vocabulary");
+  if (sp_->IsUnknown(id)) return 2;
+  if (sp_->IsControl(id)) return 3;
+  if (sp_->IsUnused(id)) return 5;
+  if (sp_->IsByte(id)) return 6;
+  return 1;  // normal (user-defined pieces are not told apart by this API: none in LLaMA's model)
+}
+
 }  // namespace pkv

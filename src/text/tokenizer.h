@@ -36,6 +36,10 @@ class Tokenizer {
   int bos_id() const;
   int eos_id() const;
   int piece_to_id(const std::string& piece) const;  // -1 when absent
+  // The model's score of a piece, and its kind as llama.cpp's GGUF records it
+  // (tokenizer.ggml.token_type: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte).
+  float score(int id) const;
+  int gguf_token_type(int id) const;
   std::string id_to_piece(int id) const;
 
  private:

@@ -238,3 +238,14 @@ TEST(CliErrors, OriginalLayoutWithoutTowerNamesTheOption) {
   expect_error(prefixkv("run --model " + fixture("llava_orig_nocip") + " --image " + test::data_path("images/wide.png")),
                {"--vision-tower"});
 }
+
+// prefixkv export --gguf: writes a file the GGUF reader accepts; bad options are one clear error.
+TEST(CliExport, WritesGgufAndRefusesBadOptions) {
+  const std::string out = testing::TempDir() + "/pkv_export.gguf";
+  const Result r = prefixkv("export --model " + fixture("llama_text") + " --gguf " + out + " --type q8_0");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  EXPECT_NE(r.out.find("wrote"), std::string::npos) << r.out;
+  EXPECT_TRUE(std::filesystem::exists(out));
+  expect_error(prefixkv("export --model " + fixture("llama_text") + " --gguf " + out + " --type q5_k"), {"--type", "q5_k"});
+  expect_error(prefixkv("export --model " + fixture("llama_text")), {"--gguf"});
+}

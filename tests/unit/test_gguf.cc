@@ -12,6 +12,9 @@
 #include "core/dtype.h"
 #include "core/error.h"
 #include "io/gguf.h"
+#include "model/gguf_export.h"
+#include "model/model.h"
+#include "text/tokenizer.h"
 #include "ops/quant.h"
 #include "test_util.h"
 
@@ -348,4 +351,77 @@ TEST(Quant, MatchesGgmlBitForBit) {
     }
   }
   EXPECT_EQ(seen, (std::set<uint32_t>{quant::kQ8_0, quant::kQ4_0, quant::kQ4_K, quant::kQ6_K}));
+}
+
+// The GGUF export of a checkpoint (src/model/gguf_export.h): llama.cpp's LLaMA names and metadata,
+// every matrix the checkpoint's (rounded to the chosen type), q and k rows in ggml's RoPE order.
+// (bench/gguf_llamacpp.sh checks the files in llama.cpp itself: the same greedy tokens at F16.)
+TEST(GgufExport, TheLanguageModelInLlamaCppsLayout) {
+  const auto model = Model::load(test::data_path("fixtures/llama_text"));
+  const Tokenizer tok(test::data_path("fixtures/llama_text/tokenizer.model"));
+  const TextConfig& t = model->config().text;
+  const std::string path = test::temp_path("export.gguf");
+  GgufExportOptions opt;
+  opt.type = quant::kF16;
+  export_text_gguf(*model, tok, path, opt);
+  const auto f = GgufFile::open(path);
+  EXPECT_EQ(f->str("general.architecture"), "llama");
+  EXPECT_EQ(f->integer("general.file_type"), 1);
+  EXPECT_EQ(f->integer("llama.block_count"), t.n_layers);
+  EXPECT_EQ(f->integer("llama.embedding_length"), t.hidden);
+  EXPECT_EQ(f->integer("llama.feed_forward_length"), t.intermediate);
+  EXPECT_EQ(f->integer("llama.attention.head_count"), t.n_heads);
+  EXPECT_EQ(f->integer("llama.attention.head_count_kv"), t.n_kv_heads);
+  EXPECT_EQ(f->integer("llama.rope.dimension_count"), t.head_dim);
+  EXPECT_FLOAT_EQ(float(f->number("llama.attention.layer_norm_rms_epsilon")), t.rms_eps);
+  EXPECT_EQ(f->str("tokenizer.ggml.model"), "llama");
+  const std::vector<std::string> pieces = f->strings("tokenizer.ggml.tokens");
+  ASSERT_EQ(int(pieces.size()), tok.vocab_size());
+  for (int i : {0, 1, 2, 100, tok.vocab_size() - 1}) {
+    EXPECT_EQ(pieces[size_t(i)], tok.id_to_piece(i));
+    EXPECT_EQ(f->numbers("tokenizer.ggml.scores")[size_t(i)], double(tok.score(i)));
+  }
+  EXPECT_EQ(f->numbers("tokenizer.ggml.token_type")[size_t(tok.bos_id())], 3.0) << "BOS is a control token";
+  EXPECT_EQ(f->integer("tokenizer.ggml.bos_token_id"), tok.bos_id());
+  EXPECT_EQ(f->tensors().size(), size_t(1 + 9 * t.n_layers + 2));  // token_embd, the blocks, output_norm, output
+
+  // A matrix as the file holds it, row r as floats.
+  auto file_row = [&](const std::string& name, int64_t r) {
+    const GgufTensor* g = f->find(name);
+    EXPECT_TRUE(g) << name;
+    std::vector<float> out(size_t(g->ne[0]));
+    quant::dequantize_row(g->type, g->data + size_t(r) * quant::row_bytes(g->type, g->ne[0]), out.data(), g->ne[0]);
+    return out;
+  };
+  // The checkpoint's row r, rounded to F16 as the export stores it.
+  auto ckpt_row = [&](const TensorView& w, int64_t r) {
+    const int64_t n = w.shape[1];
+    std::vector<float> x(static_cast<size_t>(n));
+    const uint32_t st = w.dtype == DType::F32 ? quant::kF32 : w.dtype == DType::F16 ? quant::kF16 : quant::kBF16;
+    quant::dequantize_row(st, static_cast<const uint8_t*>(w.data) + size_t(r * n) * dtype_size(w.dtype), x.data(), n);
+    std::vector<uint8_t> h(size_t(n) * 2);
+    quant::quantize_row(quant::kF16, x.data(), h.data(), n);
+    quant::dequantize_row(quant::kF16, h.data(), x.data(), n);
+    return x;
+  };
+  const LlamaLayer& L0 = model->weights().lm.layers[0];
+  const GgufTensor* q = f->find("blk.0.attn_q.weight");
+  ASSERT_TRUE(q);
+  EXPECT_EQ(q->ne, (std::vector<int64_t>{L0.q.w->shape[1], L0.q.w->shape[0]}));
+  const int half = t.head_dim / 2;
+  for (int h = 0; h < t.n_heads; ++h)
+    for (int i = 0; i < half; ++i)
+      for (int j = 0; j < 2; ++j)
+        ASSERT_EQ(file_row("blk.0.attn_q.weight", h * t.head_dim + 2 * i + j), ckpt_row(*L0.q.w, h * t.head_dim + j * half + i))
+            << "head " << h << " pair " << i << " element " << j;
+  for (int r : {0, 1, t.head_dim - 1})
+    EXPECT_EQ(file_row("blk.0.attn_v.weight", r), ckpt_row(*L0.v.w, r)) << "v rows keep their order";
+  EXPECT_EQ(file_row("token_embd.weight", 5), ckpt_row(*model->weights().lm.embed, 5));
+  std::vector<float> norm(size_t(t.hidden));
+  std::memcpy(norm.data(), f->find("output_norm.weight")->data, norm.size() * 4);
+  EXPECT_EQ(norm, model->weights().lm.norm.w);
+
+  EXPECT_THROW(gguf_export_type("q5_k", "--type"), Error);
+  opt.type = quant::kQ4_K;
+  EXPECT_THROW(export_text_gguf(*model, tok, path, opt), Error);
 }
