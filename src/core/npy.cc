@@ -1,5 +1,7 @@
 #include "core/npy.h"
 
+#include "core/file.h"
+
 #include <cstring>
 #include <fstream>
 #include <sstream>
@@ -46,8 +48,7 @@ int64_t NpyArray::numel() const {
 }
 
 NpyArray read_npy(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) fail(path, "cannot open .npy file");
+  std::istringstream f(read_file(path, ".npy file"));
   char magic[8];
   f.read(magic, 8);
   if (!f || std::memcmp(magic, "\x93NUMPY", 6) != 0) fail(path, "not a .npy file (bad magic)");

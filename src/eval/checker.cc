@@ -9,6 +9,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "core/file.h"
 #include "core/error.h"
 
 using nlohmann::json;
@@ -546,11 +547,10 @@ TruthSet TruthSet::from_json(const json& j, const std::string& where) {
 }
 
 TruthSet TruthSet::load(const std::string& path) {
-  std::ifstream f(path);
-  if (!f) fail(path, "cannot open");
+  const std::string text = read_file(path, "truth file");
   json j;
   try {
-    j = json::parse(f);
+    j = json::parse(text);
   } catch (const json::exception& e) {
     fail(path, std::string("not valid JSON: ") + e.what());
   }

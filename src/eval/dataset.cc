@@ -5,6 +5,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "core/file.h"
 #include "core/error.h"
 #include "engine/prompt.h"
 
@@ -14,11 +15,10 @@ using nlohmann::json;
 namespace pkv {
 
 std::vector<Sample> load_conversations(const std::string& path, const std::string& image_dir) {
-  std::ifstream f(path);
-  if (!f) fail(path, "cannot open the data file");
+  const std::string text = read_file(path, "data file");
   json j;
   try {
-    j = json::parse(f);
+    j = json::parse(text);
   } catch (const std::exception& e) {
     fail(path, std::string("not valid JSON: ") + e.what());
   }

@@ -7,6 +7,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "core/file.h"
 #include "core/error.h"
 
 namespace fs = std::filesystem;
@@ -27,10 +28,9 @@ const char* layout_name(Layout l) {
 namespace {
 
 json read_json(const std::string& path) {
-  std::ifstream f(path);
-  if (!f) fail(path, "cannot open");
+  const std::string text = read_file(path, "config");
   try {
-    return json::parse(f);
+    return json::parse(text);
   } catch (const std::exception& e) {
     fail(path, std::string("not valid JSON: ") + e.what());
   }

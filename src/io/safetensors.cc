@@ -8,6 +8,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "core/file.h"
 #include "core/error.h"
 
 namespace fs = std::filesystem;
@@ -122,9 +123,9 @@ std::unique_ptr<TensorStore> TensorStore::open(const std::string& path) {
     if (exists(dir / "model.safetensors.index.json", path)) {
       const std::string ipath = (dir / "model.safetensors.index.json").string();
       json idx;
+      const std::string text = read_file(ipath, "index");
       try {
-        std::ifstream f(ipath);
-        idx = json::parse(f);
+        idx = json::parse(text);
       } catch (const std::exception& e) {
         fail(ipath, std::string("not valid JSON: ") + e.what());
       }

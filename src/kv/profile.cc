@@ -12,6 +12,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "core/file.h"
 #include "core/error.h"
 
 namespace fs = std::filesystem;
@@ -96,12 +97,9 @@ struct Reader {
 };
 
 json read_json_file(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) fail(path, "cannot open");
-  std::stringstream ss;
-  ss << f.rdbuf();
+  const std::string text = read_file(path, "profile file");
   try {
-    return json::parse(ss.str());
+    return json::parse(text);
   } catch (const std::exception& e) {
     fail(path, std::string("not valid JSON: ") + e.what());
   }
@@ -161,11 +159,7 @@ std::string identity_text(const ModelIdentity& m) {
 // ------------------------------------------------------------------------------------------------
 
 Profile Profile::load(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) fail(path, "cannot open profile");
-  std::stringstream ss;
-  ss << f.rdbuf();
-  Profile p = parse(ss.str(), path);
+  Profile p = parse(read_file(path, "profile"), path);
   p.path = path;
   return p;
 }

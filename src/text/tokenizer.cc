@@ -11,6 +11,7 @@
 
 #include <sentencepiece_processor.h>
 
+#include "core/file.h"
 #include "core/error.h"
 
 namespace pkv {
@@ -31,6 +32,7 @@ struct Tokenizer::BpeVocab {
 
 Tokenizer::Tokenizer(const std::string& model_path) : sp_(new sentencepiece::SentencePieceProcessor()), path_(model_path) {
   if (!std::filesystem::exists(model_path)) fail(model_path, "tokenizer model not found");
+  check_regular_file(model_path, "tokenizer model");  // SentencePiece would block on a FIFO
   auto st = sp_->Load(model_path);
   if (!st.ok()) fail(model_path, "not a valid SentencePiece model: " + st.ToString());
   std::vector<int> ids;

@@ -12,6 +12,7 @@
 #include <jerror.h>
 #include <png.h>
 
+#include "core/file.h"
 #include "core/error.h"
 
 namespace pkv {
@@ -306,10 +307,8 @@ Image decode_image(const uint8_t* data, size_t size, const std::string& what) {
 }
 
 Image load_image(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) fail(path, "cannot open image file");
-  std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  return decode_image(bytes.data(), bytes.size(), path);
+  const std::string bytes = read_file(path, "image file");
+  return decode_image(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size(), path);
 }
 
 Image resize_bicubic(const Image& in, int out_w, int out_h) {

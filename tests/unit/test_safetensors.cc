@@ -9,6 +9,7 @@
 #include <fcntl.h>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <future>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -16,9 +17,16 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "core/file.h"
+#include "core/npy.h"
+#include "eval/checker.h"
+#include "eval/dataset.h"
 #include "io/config.h"
 #include "io/mapped_file.h"
 #include "io/safetensors.h"
+#include "kv/profile.h"
+#include "text/tokenizer.h"
+#include "vision/image.h"
 
 namespace fs = std::filesystem;
 using namespace pkv;
@@ -327,4 +335,44 @@ TEST(Config, OriginalLlavaLayout) {
   EXPECT_EQ(c.projector_layers, 2);
   EXPECT_EQ(c.image.mode, "pad");
   EXPECT_EQ(c.image_token_index, -200);
+}
+
+// Every other file the engine reads (configs, the tokenizer model, images, profiles, evaluation data
+// and truth, .npy arrays) refuses a FIFO the same way: an error naming it, never a wait for a writer.
+TEST(Files, AFifoWhereAFileBelongsIsAnErrorNotAHang) {
+  const fs::path d = tmpdir("fifo_files");
+  const fs::path fifo = d / "input";
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0) << std::strerror(errno);
+  fs::create_directories(d / "cfg");
+  ASSERT_EQ(::mkfifo((d / "cfg" / "config.json").c_str(), 0600), 0) << std::strerror(errno);
+  const std::vector<std::pair<std::string, std::function<void()>>> readers = {
+      {"read_file", [&] { read_file(fifo.string()); }},
+      {"config", [&] { load_config((d / "cfg").string()); }},
+      {"tokenizer", [&] { Tokenizer t(fifo.string()); }},
+      {"image", [&] { load_image(fifo.string()); }},
+      {"profile", [&] { Profile::load(fifo.string()); }},
+      {"data", [&] { load_conversations(fifo.string()); }},
+      {"truth", [&] { TruthSet::load(fifo.string()); }},
+      {"npy", [&] { read_npy(fifo.string()); }},
+  };
+  for (const auto& [name, read] : readers) {
+    SCOPED_TRACE(name);
+    auto opened = std::async(std::launch::async, [&, r = read]() -> std::string {
+      try {
+        r();
+      } catch (const Error& e) {
+        return e.what();
+      }
+      return "no error";
+    });
+    if (opened.wait_for(std::chrono::seconds(10)) != std::future_status::ready) {
+      const int w = ::open(fifo.c_str(), O_WRONLY | O_NONBLOCK);  // releases a reader that waits
+      opened.wait();
+      if (w >= 0) ::close(w);
+      ADD_FAILURE() << "reading a FIFO blocked";
+      continue;
+    }
+    const std::string what = opened.get();
+    EXPECT_NE(what.find("FIFO"), std::string::npos) << what;
+  }
 }
