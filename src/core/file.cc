@@ -21,9 +21,11 @@ const char* kind_of(mode_t m) {
   return "not a regular file";
 }
 
+}  // namespace
+
 // Opens without blocking (O_NONBLOCK: a FIFO would wait for a writer) and checks the descriptor's
-// own type, so nothing can be swapped in between. Returns the descriptor and the size.
-int open_regular(const std::string& path, const std::string& what, size_t* size) {
+// own type, so nothing can be swapped in between.
+int open_regular_file(const std::string& path, const std::string& what, size_t* size) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
   if (fd < 0) fail(path, "cannot open the " + what + ": " + std::strerror(errno));
   struct stat st {};
@@ -40,16 +42,14 @@ int open_regular(const std::string& path, const std::string& what, size_t* size)
   return fd;
 }
 
-}  // namespace
-
 void check_regular_file(const std::string& path, const std::string& what) {
   size_t size = 0;
-  ::close(open_regular(path, what, &size));
+  ::close(open_regular_file(path, what, &size));
 }
 
 std::string read_file(const std::string& path, const std::string& what, size_t max_bytes) {
   size_t size = 0;
-  const int fd = open_regular(path, what, &size);
+  const int fd = open_regular_file(path, what, &size);
   if (size > max_bytes) {
     ::close(fd);
     fail(path, "the " + what + " is " + std::to_string(size) + " bytes, more than the limit of " + std::to_string(max_bytes));

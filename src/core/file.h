@@ -12,5 +12,8 @@ namespace pkv {
 std::string read_file(const std::string& path, const std::string& what = "file", size_t max_bytes = size_t(1) << 31);
 // The same checks without reading (for libraries that open the path themselves).
 void check_regular_file(const std::string& path, const std::string& what = "file");
+// Opens a regular file for reading with those checks; returns the descriptor (the caller closes it)
+// and its size.
+int open_regular_file(const std::string& path, const std::string& what, size_t* size);
 
 }  // namespace pkv

@@ -24,6 +24,12 @@ const std::vector<std::vector<float>>& Backend::SharedPrefill::importance_for(in
                              }() + ")");
 }
 
+void Backend::SharedPrefill::begin(const PreparedPrompt& p, int vocab, const std::vector<int>& windows) {
+  prompt_len = int(p.ids.size());
+  logits.assign(size_t(vocab), 0.f);
+  from = windows;
+}
+
 const std::vector<std::vector<float>>& Backend::SharedPrefill::importance_for(const KVPolicy& policy) const {
   static const std::vector<std::vector<float>> none;
   const ImportanceRequest req = policy.prefill_importance(prompt_len);
@@ -82,9 +88,7 @@ class CpuBackend : public Backend {
   };
   std::unique_ptr<SharedPrefill> prefill_shared(const PreparedPrompt& p, const std::vector<int>& from) override {
     auto sh = std::make_unique<CpuShared>(model_);
-    sh->prompt_len = int(p.ids.size());
-    sh->logits.resize(size_t(model_.config().text.vocab_size));
-    sh->from = from;
+    sh->begin(p, model_.config().text.vocab_size, from);
     sh->importance = sh->session.prefill_uncompressed(p, sh->logits.data(), from);
     return sh;
   }

@@ -51,6 +51,8 @@ class Backend {
     const std::vector<std::vector<float>>& importance_for(const KVPolicy& policy) const;
     std::vector<int> from;                                     // the windows measured
     std::vector<std::vector<std::vector<float>>> importance;   // [from.size()][layers][prompt_len]
+    // Sizes the fields for a prompt before a backend fills logits and importance.
+    void begin(const PreparedPrompt& p, int vocab, const std::vector<int>& windows);
   };
 
   virtual ~Backend() = default;

@@ -73,9 +73,7 @@ class CudaBackend : public Backend {
   };
   std::unique_ptr<SharedPrefill> prefill_shared(const PreparedPrompt& p, const std::vector<int>& from) override {
     auto sh = std::make_unique<CudaShared>(gpu_, *pool_);
-    sh->prompt_len = int(p.ids.size());
-    sh->logits.resize(size_t(model_.config().text.vocab_size));
-    sh->from = from;
+    sh->begin(p, model_.config().text.vocab_size, from);
     sh->importance = sh->session.prefill_uncompressed(p, sh->logits.data(), from);
     return sh;
   }

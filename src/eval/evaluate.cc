@@ -148,23 +148,35 @@ class Evaluator {
     return m == 0 ? std::make_unique<FullPolicy>() : make(opt_.configs[m - 1]);
   }
 
+  // The members' sequences, each adopted from the shared prefill under its own policy, and the
+  // prefill's logits once per member ([n, vocab]), for a batched run from there.
+  struct Members {
+    std::vector<std::unique_ptr<KVPolicy>> policies;
+    std::vector<std::unique_ptr<Backend::Sequence>> seqs;
+    std::vector<Backend::Sequence*> ptrs;
+    std::vector<float> logits;
+  };
+  Members adopt_members(const Backend::SharedPrefill& shared, const std::vector<size_t>& group) {
+    Members m;
+    m.logits.resize(group.size() * V_);
+    for (size_t i = 0; i < group.size(); ++i) {
+      m.policies.push_back(make_member(group[i]));
+      m.seqs.push_back(backend_.adopt(shared, *m.policies.back()));
+      m.ptrs.push_back(m.seqs.back().get());
+      std::copy(shared.logits.begin(), shared.logits.end(), m.logits.begin() + ptrdiff_t(i * V_));
+    }
+    return m;
+  }
+
   // Teacher forcing along the reference answer over each member's compressed cache. The full
   // cache's logits (member 0, first group) are the reference of the KLD and top-1 of every config.
   void teacher_force(const Backend::SharedPrefill& shared, const std::vector<size_t>& group,
                      const std::vector<int32_t>& answer, std::vector<float>& ref_logits, std::vector<Sums>& sums) {
     const int A = int(answer.size());
     const size_t n = group.size();
-    std::vector<std::unique_ptr<KVPolicy>> policies;
-    std::vector<std::unique_ptr<Backend::Sequence>> seqs;
-    std::vector<Backend::Sequence*> ptrs;
-    std::vector<float> logits(n * V_);
-    for (size_t i = 0; i < n; ++i) {
-      policies.push_back(make_member(group[i]));
-      seqs.push_back(backend_.adopt(shared, *policies.back()));
-      ptrs.push_back(seqs.back().get());
-      sums[group[i]].kv0 = double(seqs.back()->kv_bytes());
-      std::copy(shared.logits.begin(), shared.logits.end(), logits.begin() + ptrdiff_t(i * V_));
-    }
+    Members m = adopt_members(shared, group);
+    std::vector<float>& logits = m.logits;
+    for (size_t i = 0; i < n; ++i) sums[group[i]].kv0 = double(m.seqs[i]->kv_bytes());
     std::vector<int32_t> tokens(n);
     for (int t = 0; t < A; ++t) {
       float* ref = ref_logits.data() + size_t(t) * V_;
@@ -181,7 +193,7 @@ class Evaluator {
       }
       if (t + 1 < A) {
         std::fill(tokens.begin(), tokens.end(), answer[size_t(t)]);
-        backend_.step_many(ptrs, tokens.data(), logits.data());
+        backend_.step_many(m.ptrs, tokens.data(), logits.data());
       }
     }
   }
@@ -189,23 +201,14 @@ class Evaluator {
   void greedy(const Sample& s, const Backend::SharedPrefill& shared, const std::vector<size_t>& group,
               std::vector<std::string>& texts, std::vector<Sums>& sums) {
     const size_t n = group.size();
-    std::vector<std::unique_ptr<KVPolicy>> policies;
-    std::vector<std::unique_ptr<Backend::Sequence>> seqs;
-    std::vector<Backend::Sequence*> ptrs;
-    std::vector<float> logits(n * V_);
-    for (size_t i = 0; i < n; ++i) {
-      policies.push_back(make_member(group[i]));
-      seqs.push_back(backend_.adopt(shared, *policies.back()));
-      ptrs.push_back(seqs.back().get());
-      std::copy(shared.logits.begin(), shared.logits.end(), logits.begin() + ptrdiff_t(i * V_));
-    }
+    Members m = adopt_members(shared, group);
     SamplingOptions so;
     so.max_tokens = opt_.max_tokens;
     std::vector<std::vector<float>> margins(n);
     std::function<void(size_t, const float*)> watch;
     if (opt_.on_answer) watch = [&](size_t i, const float* row) { margins[i].push_back(top_two_gap(row, V_)); };
     const std::vector<GenerationResult> r =
-        generate_many(backend_, engine_.tokenizer(), ptrs, std::vector<int>(n, shared.prompt_len), std::move(logits), so, watch);
+        generate_many(backend_, engine_.tokenizer(), m.ptrs, std::vector<int>(n, shared.prompt_len), std::move(m.logits), so, watch);
     for (size_t i = 0; i < n; ++i) {
       texts[group[i]] = r[i].text;
       sums[group[i]].kv1 = double(r[i].kv_bytes);

@@ -215,31 +215,42 @@ TEST(Safetensors, ShardedIndexNamesAShardOutsideTheFolder) {
 // waited for a writer forever. Now anything but a regular file is an Error naming the path, at once.
 // Should open() block again, the test opens the FIFO's writing end itself to release it, and fails
 // instead of hanging.
+namespace {
+// Runs `read` (which should refuse `fifo`) on another thread: its error message, or "" after
+// ADD_FAILURE when it blocked for 10 s (then a writer is opened to release it).
+std::string error_unless_it_blocks(const fs::path& fifo, const std::function<void()>& read) {
+  auto opened = std::async(std::launch::async, [&]() -> std::string {
+    try {
+      read();
+    } catch (const Error& e) {
+      return e.what();
+    }
+    return "no error";
+  });
+  if (opened.wait_for(std::chrono::seconds(10)) != std::future_status::ready) {
+    const int w = ::open(fifo.c_str(), O_WRONLY | O_NONBLOCK);  // succeeds while a reader waits
+    opened.wait();
+    if (w >= 0) ::close(w);
+    ADD_FAILURE() << "reading a FIFO blocked";
+    return "";
+  }
+  return opened.get();
+}
+}  // namespace
+
 TEST(Safetensors, AFifoAsAWeightsFileIsAnErrorNotAHang) {
   const fs::path d = tmpdir("fifo");
   const fs::path fifo = d / "model.safetensors";
   ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0) << std::strerror(errno);
   for (const fs::path& path : {fifo, d}) {  // the file itself, and a checkpoint folder holding it
     SCOPED_TRACE(path.string());
-    auto opened = std::async(std::launch::async, [&]() -> std::string {
-      try {
-        if (path == fifo)
-          MappedFile m(path.string());
-        else
-          TensorStore::open(path.string());
-      } catch (const Error& e) {
-        return e.what();
-      }
-      return "no error";
+    const std::string what = error_unless_it_blocks(fifo, [&] {
+      if (path == fifo)
+        MappedFile m(path.string());
+      else
+        TensorStore::open(path.string());
     });
-    if (opened.wait_for(std::chrono::seconds(10)) != std::future_status::ready) {
-      const int w = ::open(fifo.c_str(), O_WRONLY | O_NONBLOCK);  // succeeds while a reader waits
-      opened.wait();
-      if (w >= 0) ::close(w);
-      ADD_FAILURE() << "opening a FIFO blocked";
-      continue;
-    }
-    const std::string what = opened.get();
+    if (what.empty()) continue;
     EXPECT_NE(what.find(fifo.string()), std::string::npos) << what;
     EXPECT_NE(what.find("FIFO"), std::string::npos) << what;
   }
@@ -357,22 +368,8 @@ TEST(Files, AFifoWhereAFileBelongsIsAnErrorNotAHang) {
   };
   for (const auto& [name, read] : readers) {
     SCOPED_TRACE(name);
-    auto opened = std::async(std::launch::async, [&, r = read]() -> std::string {
-      try {
-        r();
-      } catch (const Error& e) {
-        return e.what();
-      }
-      return "no error";
-    });
-    if (opened.wait_for(std::chrono::seconds(10)) != std::future_status::ready) {
-      const int w = ::open(fifo.c_str(), O_WRONLY | O_NONBLOCK);  // releases a reader that waits
-      opened.wait();
-      if (w >= 0) ::close(w);
-      ADD_FAILURE() << "reading a FIFO blocked";
-      continue;
-    }
-    const std::string what = opened.get();
+    const std::string what = error_unless_it_blocks(fifo, read);
+    if (what.empty()) continue;
     EXPECT_NE(what.find("FIFO"), std::string::npos) << what;
   }
 }
