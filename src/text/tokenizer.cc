@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <functional>
 #include <queue>
@@ -35,6 +36,126 @@ Tokenizer::Tokenizer(const std::string& model_path) : sp_(new sentencepiece::Sen
   check_regular_file(model_path, "tokenizer model");  // SentencePiece would block on a FIFO
   auto st = sp_->Load(model_path);
   if (!st.ok()) fail(model_path, "not a valid SentencePiece model: " + st.ToString());
+  init();
+}
+
+namespace {
+
+// Protocol buffers' wire format, as much as a SentencePiece ModelProto needs
+// (sentencepiece_model.proto): varints, 32-bit floats and length-delimited fields.
+void pb_varint(std::string& out, uint64_t v) {
+  while (v >= 0x80) out.push_back(char(uint8_t(v) | 0x80)), v >>= 7;
+  out.push_back(char(v));
+}
+void pb_key(std::string& out, int field, int wire) { pb_varint(out, uint64_t(field) << 3 | uint64_t(wire)); }
+void pb_bytes(std::string& out, int field, const std::string& b) {
+  pb_key(out, field, 2);
+  pb_varint(out, b.size());
+  out += b;
+}
+void pb_uint(std::string& out, int field, uint64_t v) {
+  pb_key(out, field, 0);
+  pb_varint(out, v);
+}
+void pb_float(std::string& out, int field, float f) {
+  pb_key(out, field, 5);
+  char b[4];
+  std::memcpy(b, &f, 4);
+  out.append(b, 4);
+}
+
+// The SentencePiece types of a serialized ModelProto's pieces (field 1, each with its type in field
+// 3; NORMAL when absent), in order.
+std::vector<int> pb_piece_types(const std::string& proto) {
+  std::vector<int> types;
+  size_t i = 0;
+  auto varint = [&](const std::string& b, size_t& k) {
+    uint64_t r = 0;
+    for (int shift = 0; k < b.size() && shift < 64; shift += 7) {
+      const uint8_t c = uint8_t(b[k++]);
+      r |= uint64_t(c & 0x7f) << shift;
+      if (c < 0x80) break;
+    }
+    return r;
+  };
+  auto skip = [&](const std::string& b, size_t& k, int wire) {
+    if (wire == 0) varint(b, k);
+    else if (wire == 1) k += 8;
+    else if (wire == 5) k += 4;
+    else if (wire == 2) k += size_t(varint(b, k));
+  };
+  while (i < proto.size()) {
+    const uint64_t key = varint(proto, i);
+    const int field = int(key >> 3), wire = int(key & 7);
+    if (field == 1 && wire == 2) {
+      const size_t len = size_t(varint(proto, i));
+      const std::string piece = proto.substr(i, len);
+      i += len;
+      int type = 1;
+      for (size_t k = 0; k < piece.size();) {
+        const uint64_t pk = varint(piece, k);
+        if ((pk >> 3) == 3 && (pk & 7) == 0) type = int(varint(piece, k));
+        else skip(piece, k, int(pk & 7));
+      }
+      types.push_back(type);
+    } else {
+      skip(proto, i, wire);
+    }
+  }
+  return types;
+}
+
+}  // namespace
+
+std::unique_ptr<Tokenizer> Tokenizer::from_pieces(const std::vector<std::string>& pieces, const std::vector<float>& scores,
+                                                  const std::vector<int>& types, int bos_id, int eos_id, int unk_id,
+                                                  const std::string& where) {
+  const size_t n = pieces.size();
+  if (n == 0 || scores.size() != n || types.size() != n)
+    fail(where, "the vocabulary's pieces, scores and types differ in number (" + std::to_string(n) + ", " +
+                    std::to_string(scores.size()) + ", " + std::to_string(types.size()) + ")");
+  auto in_range = [&](int id, const char* what) {
+    if (id < 0 || size_t(id) >= n) fail(where, std::string("the ") + what + " id " + std::to_string(id) + " is outside the vocabulary");
+  };
+  in_range(bos_id, "BOS"), in_range(eos_id, "EOS"), in_range(unk_id, "unknown-token");
+  std::string proto;
+  bool bytes = false;
+  for (size_t i = 0; i < n; ++i) {
+    if (types[i] < 1 || types[i] > 6)
+      fail(where, "piece " + std::to_string(i) + " has the token type " + std::to_string(types[i]) + " (1 to 6)");
+    bytes = bytes || types[i] == 6;
+    std::string piece;
+    pb_bytes(piece, 1, pieces[i]);
+    pb_float(piece, 2, scores[i]);
+    pb_uint(piece, 3, uint64_t(types[i]));
+    pb_bytes(proto, 1, piece);
+  }
+  // LLaMA's settings: BPE with byte fallback, a dummy prefix, whitespace escaped, nothing normalised.
+  std::string trainer;
+  pb_uint(trainer, 3, 2);  // model_type BPE
+  pb_uint(trainer, 4, n);  // vocab_size
+  pb_uint(trainer, 35, bytes ? 1 : 0);  // byte_fallback
+  pb_uint(trainer, 40, uint64_t(unk_id));
+  pb_uint(trainer, 41, uint64_t(bos_id));
+  pb_uint(trainer, 42, uint64_t(eos_id));
+  pb_uint(trainer, 43, uint64_t(int64_t(-1)));  // pad_id: none
+  pb_bytes(proto, 2, trainer);
+  std::string norm;
+  pb_bytes(norm, 1, "identity");
+  pb_uint(norm, 3, 1);  // add_dummy_prefix
+  pb_uint(norm, 4, 0);  // remove_extra_whitespaces
+  pb_uint(norm, 5, 1);  // escape_whitespaces
+  pb_bytes(proto, 3, norm);
+  std::unique_ptr<Tokenizer> t(new Tokenizer());
+  t->sp_ = std::make_unique<sentencepiece::SentencePieceProcessor>();
+  t->path_ = where;
+  const auto st = t->sp_->LoadFromSerializedProto(proto);
+  if (!st.ok()) fail(where, "its vocabulary is not a valid SentencePiece model: " + st.ToString());
+  t->init();
+  return t;
+}
+
+void Tokenizer::init() {
   std::vector<int> ids;
   sp_->Encode("<unk>", &ids).IgnoreError();
   unk_prefix_len_ = int(ids.size());
@@ -51,6 +172,9 @@ Tokenizer::Tokenizer(const std::string& model_path) : sp_(new sentencepiece::Sen
       bpe_->max_piece_bytes = std::max(bpe_->max_piece_bytes, int(piece.size()));
     }
   }
+  const std::string proto = sp_->serialized_model_proto();
+  piece_types_ = pb_piece_types(proto);
+  if (int(piece_types_.size()) != n) piece_types_.assign(size_t(n), 0);  // unreadable: fall back to the API's kinds
 }
 
 namespace {
@@ -191,6 +315,9 @@ float Tokenizer::score(int id) const {
 
 int Tokenizer::gguf_token_type(int id) const {
   if (id < 0 || id >= vocab_size()) fail(path_, "token id " + std::to_string(id) + " is outside the vocabulary");
+  // SentencePiece's piece types are numbered as GGUF's token types (1 normal ... 6 byte).
+  const int t = piece_types_[size_t(id)];
+  if (t >= 1 && t <= 6) return t;
   if (sp_->IsUnknown(id)) return 2;
   if (sp_->IsControl(id)) return 3;
   if (sp_->IsUnused(id)) return 5;

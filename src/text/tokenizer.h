@@ -13,6 +13,13 @@ namespace pkv {
 class Tokenizer {
  public:
   explicit Tokenizer(const std::string& model_path);  // throws Error naming the file
+  // A LLaMA tokenizer from its vocabulary as llama.cpp's GGUF stores it (tokenizer.ggml.tokens,
+  // .scores, .token_type; types numbered as SentencePiece's: 1 normal, 2 unknown, 3 control, 4
+  // user-defined, 5 unused, 6 byte): a SentencePiece BPE model with byte fallback, a dummy prefix
+  // and escaped whitespace, as LLaMA's. Error naming `where` for an inconsistent vocabulary.
+  static std::unique_ptr<Tokenizer> from_pieces(const std::vector<std::string>& pieces, const std::vector<float>& scores,
+                                                const std::vector<int>& types, int bos_id, int eos_id, int unk_id,
+                                                const std::string& where);
   ~Tokenizer();
 
   // Plain SentencePiece encoding (with the model's dummy "▁" prefix), no BOS.
@@ -43,7 +50,10 @@ class Tokenizer {
   std::string id_to_piece(int id) const;
 
  private:
+  Tokenizer() = default;
+  void init();  // the BPE view and the piece types, once the SentencePiece model is loaded
   std::unique_ptr<sentencepiece::SentencePieceProcessor> sp_;
+  std::vector<int> piece_types_;  // SentencePiece's type of each piece (from the model proto)
   std::string path_;
   int unk_prefix_len_ = 0;
   struct BpeVocab;

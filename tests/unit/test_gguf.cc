@@ -425,3 +425,51 @@ TEST(GgufExport, TheLanguageModelInLlamaCppsLayout) {
   opt.type = quant::kQ4_K;
   EXPECT_THROW(export_text_gguf(*model, tok, path, opt), Error);
 }
+
+// The tokenizer a GGUF file carries (tokenizer.ggml.*) is the checkpoint's: exported, read back
+// with Tokenizer::from_pieces, it encodes and decodes every text as the original SentencePiece
+// model does, on the bundled model (with its user-defined <image> piece) and a LLaMA fixture.
+TEST(GgufExport, TheTokenizerReadBackEncodesAsTheOriginal) {
+  const std::vector<std::string> texts = {
+      "Describe the image in detail.", "USER: <image>\nWhat is this? ASSISTANT:", "  two  spaces and a tab\there",
+      "numbers 1234567890 and symbols #$%&*()[]{}", "accents: café, naïve, Zürich; CJK: 東京; emoji: \xF0\x9F\x98\x80",
+      "", " ", "line\nbreaks\n\n", "a red circle above a blue square, to the left of a green triangle"};
+  for (const std::string dir : {std::string(PKV_SOURCE_DIR) + "/models/prefixkv-llava-tiny", test::data_path("fixtures/llama_text")}) {
+    SCOPED_TRACE(dir);
+    const auto model = Model::load(dir);
+    const Tokenizer tok(dir + "/tokenizer.model");
+    const std::string path = test::temp_path("tok.gguf");
+    export_text_gguf(*model, tok, path, GgufExportOptions{});
+    const auto f = GgufFile::open(path);
+    std::vector<float> scores;
+    for (double x : f->numbers("tokenizer.ggml.scores")) scores.push_back(float(x));
+    std::vector<int> types;
+    for (double x : f->numbers("tokenizer.ggml.token_type")) types.push_back(int(x));
+    const auto back = Tokenizer::from_pieces(f->strings("tokenizer.ggml.tokens"), scores, types,
+                                             int(f->integer("tokenizer.ggml.bos_token_id")),
+                                             int(f->integer("tokenizer.ggml.eos_token_id")),
+                                             int(f->integer("tokenizer.ggml.unknown_token_id")), path);
+    ASSERT_EQ(back->vocab_size(), tok.vocab_size());
+    EXPECT_EQ(back->bos_id(), tok.bos_id());
+    EXPECT_EQ(back->eos_id(), tok.eos_id());
+    for (int i = 0; i < tok.vocab_size(); ++i) {
+      ASSERT_EQ(back->id_to_piece(i), tok.id_to_piece(i)) << i;
+      ASSERT_EQ(back->gguf_token_type(i), tok.gguf_token_type(i)) << i;
+      ASSERT_EQ(back->score(i), tok.score(i)) << i;
+    }
+    for (const std::string& t : texts) {
+      SCOPED_TRACE(t);
+      EXPECT_EQ(back->encode(t), tok.encode(t));
+      EXPECT_EQ(back->encode_hf(t, true), tok.encode_hf(t, true));
+      EXPECT_EQ(back->encode_continuation(t), tok.encode_continuation(t));
+      EXPECT_EQ(back->decode(tok.encode(t)), tok.decode(tok.encode(t)));
+    }
+  }
+  const int image = Tokenizer(std::string(PKV_SOURCE_DIR) + "/models/prefixkv-llava-tiny/tokenizer.model").piece_to_id("<image>");
+  ASSERT_GE(image, 0);
+  EXPECT_EQ(Tokenizer(std::string(PKV_SOURCE_DIR) + "/models/prefixkv-llava-tiny/tokenizer.model").gguf_token_type(image), 4)
+      << "<image> is a user-defined piece";
+  EXPECT_THROW(Tokenizer::from_pieces({"a"}, {0.f, 1.f}, {1}, 0, 0, 0, "bad"), Error);
+  EXPECT_THROW(Tokenizer::from_pieces({"a"}, {0.f}, {9}, 0, 0, 0, "bad"), Error);
+  EXPECT_THROW(Tokenizer::from_pieces({"a"}, {0.f}, {1}, 3, 0, 0, "bad"), Error);
+}
