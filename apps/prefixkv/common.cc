@@ -1,6 +1,7 @@
 #include "common.h"
 
 #include "engine/make_backend.h"
+#include "model/gguf_load.h"
 
 #include <algorithm>
 #include <cstdlib>
@@ -35,7 +36,8 @@ LoadedModel load_model(const Args& args) {
   LoadOptions lo;
   lo.vision_tower_dir = args.str("vision-tower", "");
   m.model = Model::load(m.dir, lo);
-  m.tok = std::make_unique<Tokenizer>((fs::path(m.dir) / "tokenizer.model").string());
+  // A GGUF file carries its tokenizer; a checkpoint folder holds it beside the weights.
+  m.tok = is_gguf_path(m.dir) ? gguf_tokenizer(m.dir) : std::make_unique<Tokenizer>((fs::path(m.dir) / "tokenizer.model").string());
   return m;
 }
 

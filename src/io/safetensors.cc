@@ -200,6 +200,19 @@ std::unique_ptr<TensorStore> TensorStore::from_memory(const std::string& source,
   return store;
 }
 
+std::unique_ptr<TensorStore> TensorStore::from_views(const std::string& source, std::vector<TensorView> views,
+                                                     std::vector<OwnedTensor> owned, std::shared_ptr<const void> owner) {
+  std::unique_ptr<TensorStore> store = from_memory(source, std::move(owned));
+  store->owner_ = std::move(owner);
+  for (TensorView& v : views) {
+    auto p = std::make_unique<TensorView>(std::move(v));
+    if (store->index_.count(p->name)) fail(source, "tensor '" + p->name + "' given twice");
+    store->index_[p->name] = p.get();
+    store->owned_views_.push_back(std::move(p));
+  }
+  return store;
+}
+
 const TensorView* TensorStore::find(const std::string& name) const {
   auto it = index_.find(name);
   return it == index_.end() ? nullptr : it->second;

@@ -42,6 +42,10 @@ class TensorStore {
   static std::unique_ptr<TensorStore> open(const std::string& path);
   // Tensors that live in memory (the store owns them); `source` names them in messages.
   static std::unique_ptr<TensorStore> from_memory(const std::string& source, std::vector<OwnedTensor> tensors);
+  // Views of memory the store does not own (a mapped GGUF file), kept alive by `owner`, and tensors
+  // it owns; names must be distinct.
+  static std::unique_ptr<TensorStore> from_views(const std::string& source, std::vector<TensorView> views,
+                                                 std::vector<OwnedTensor> owned, std::shared_ptr<const void> owner);
 
   const TensorView* find(const std::string& name) const;
   bool has(const std::string& name) const { return find(name) != nullptr; }
@@ -54,6 +58,7 @@ class TensorStore {
   std::map<std::string, const TensorView*> index_;
   std::vector<OwnedTensor> owned_;
   std::vector<std::unique_ptr<TensorView>> owned_views_;
+  std::shared_ptr<const void> owner_;
 };
 
 }  // namespace pkv

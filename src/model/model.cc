@@ -1,5 +1,7 @@
 #include "model/model.h"
 
+#include "model/gguf_load.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -12,6 +14,10 @@
 namespace pkv {
 
 std::unique_ptr<Model> Model::load(const std::string& dir, const LoadOptions& opt) {
+  if (is_gguf_path(dir)) {
+    if (!opt.vision_tower_dir.empty()) fail("--vision-tower", "is not read with a GGUF model (its vision file comes later)");
+    return load_gguf(dir);
+  }
   auto m = std::unique_ptr<Model>(new Model());
   m->cfg_ = load_config(dir, opt.vision_tower_dir);
   m->lw_ = load_weights(m->cfg_);

@@ -38,6 +38,8 @@ class Model {
   // uniform with the standard deviation 0.02 of LLaMA's initialisation, norms 1; deterministic in
   // `seed`.
   static std::unique_ptr<Model> random(ModelConfig cfg, DType dtype, uint64_t seed);
+  // A LLaMA language model from llama.cpp's GGUF (model/gguf_load.h; load() takes a .gguf path too).
+  static std::unique_ptr<Model> load_gguf(const std::string& path);
 
   const ModelConfig& config() const { return cfg_; }
   const Weights& weights() const { return lw_->w; }

@@ -12,7 +12,9 @@
 #include "core/dtype.h"
 #include "core/error.h"
 #include "io/gguf.h"
+#include "engine/engine.h"
 #include "model/gguf_export.h"
+#include "model/gguf_load.h"
 #include "model/model.h"
 #include "text/tokenizer.h"
 #include "ops/quant.h"
@@ -472,4 +474,55 @@ TEST(GgufExport, TheTokenizerReadBackEncodesAsTheOriginal) {
   EXPECT_THROW(Tokenizer::from_pieces({"a"}, {0.f, 1.f}, {1}, 0, 0, 0, "bad"), Error);
   EXPECT_THROW(Tokenizer::from_pieces({"a"}, {0.f}, {9}, 0, 0, 0, "bad"), Error);
   EXPECT_THROW(Tokenizer::from_pieces({"a"}, {0.f}, {1}, 3, 0, 0, "bad"), Error);
+}
+
+// A GGUF language model loads as the checkpoint it was exported from: an F32 export of a float32
+// checkpoint holds the same values, so the prefill's logits and greedy tokens are bit-identical;
+// the q / k rows come back from ggml's RoPE order. Files prefixkv cannot run are clear errors.
+TEST(GgufLoad, AnExportLoadsBackAsTheCheckpoint) {
+  const std::string dir = test::data_path("fixtures/llama_text");
+  const auto model = Model::load(dir);
+  const Tokenizer tok(dir + "/tokenizer.model");
+  const std::string path = test::temp_path("load.gguf");
+  GgufExportOptions opt;
+  opt.type = quant::kF32;
+  export_text_gguf(*model, tok, path, opt);
+  const auto back = Model::load(path);
+  const auto back_tok = gguf_tokenizer(path);
+  EXPECT_EQ(back->config().text.n_layers, model->config().text.n_layers);
+  EXPECT_EQ(back->config().text.n_kv_heads, model->config().text.n_kv_heads);
+  EXPECT_FALSE(back->has_vision());
+  const Engine e1(*model, tok), e2(*back, *back_tok);
+  PromptRequest req;
+  req.text = "The quick brown fox jumps over the lazy dog";
+  req.tmpl = Template::Raw;
+  const PreparedPrompt p1 = e1.prepare(req), p2 = e2.prepare(req);
+  ASSERT_EQ(p1.ids, p2.ids);
+  SamplingOptions s;
+  s.max_tokens = 12;
+  s.ignore_eos = true;
+  FullPolicy f1, f2;
+  const GenerationResult a = e1.generate(p1, s, f1), b = e2.generate(p2, s, f2);
+  EXPECT_EQ(a.first_logits, b.first_logits) << "the same weights, the same products";
+  EXPECT_EQ(a.tokens, b.tokens);
+
+  // Refused: a quantised file (the products do not read blocks yet), another architecture.
+  opt.type = quant::kQ8_0;
+  const std::string q8 = test::temp_path("load_q8.gguf");
+  export_text_gguf(*model, tok, q8, opt);  // the fixture's rows (64, 128) are whole Q8_0 blocks
+  try {
+    Model::load(q8);
+    ADD_FAILURE() << "a Q8_0 file loaded";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("Q8_0"), std::string::npos) << e.what();
+  }
+  GgufWriter w;
+  w.set("general.architecture", GgufValue::of_string("gpt2"));
+  w.write(test::temp_path("gpt2.gguf"));
+  try {
+    Model::load(test::temp_path("gpt2.gguf"));
+    ADD_FAILURE() << "a gpt2 file loaded";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("'gpt2'"), std::string::npos) << e.what();
+  }
 }

@@ -1,0 +1,27 @@
+// Reading a LLaMA language model and its tokenizer from llama.cpp's GGUF (architecture "llama", as
+// llama.cpp's converter and `prefixkv export --gguf` write it; model/gguf_export.h lists the
+// layout). The weights stay in the mapped file: every matrix is a view of its bytes, except
+// attn_q / attn_k, whose rows are put back from ggml's interleaved RoPE order into transformers'
+// (a copy of those two per layer, in their stored type). The products take F32, F16 and BF16 files;
+// a quantised file is refused with a clear error until the products read its blocks.
+#pragma once
+#include <memory>
+#include <string>
+
+#include "io/config.h"
+#include "io/gguf.h"
+#include "io/safetensors.h"
+#include "text/tokenizer.h"
+
+namespace pkv {
+
+bool is_gguf_path(const std::string& path);
+// The config a GGUF file describes (Error naming the file and key for a missing or bad value, or an
+// architecture other than llama).
+ModelConfig gguf_config(const GgufFile& f);
+// The weights under transformers' LLaMA names ("model.layers.N.self_attn.q_proj.weight", ...).
+std::unique_ptr<TensorStore> gguf_tensor_store(std::shared_ptr<const GgufFile> f, const ModelConfig& cfg);
+// The tokenizer the file carries (tokenizer.ggml.model "llama").
+std::unique_ptr<Tokenizer> gguf_tokenizer(const std::string& path);
+
+}  // namespace pkv
