@@ -17,6 +17,9 @@ struct TensorView {
   DType dtype = DType::F32;
   std::vector<int64_t> shape;
   const void* data = nullptr;
+  // Nonzero: the rows are ggml blocks of this type (ops/quant.h: Q8_0, Q4_0, Q4_K, Q6_K, from a GGUF
+  // file), read through ops::weight_row; `dtype` is then not the storage. shape stays [out, in].
+  uint32_t quant = 0;
 
   int64_t numel() const {
     int64_t n = 1;

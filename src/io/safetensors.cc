@@ -188,11 +188,12 @@ std::unique_ptr<TensorStore> TensorStore::from_memory(const std::string& source,
     v->name = t.name;
     v->file = source;
     v->dtype = t.dtype;
-    v->dtype_str = t.dtype == DType::F32 ? "F32" : t.dtype == DType::F16 ? "F16" : "BF16";
+    v->dtype_str = t.quant ? t.quant_name : t.dtype == DType::F32 ? "F32" : t.dtype == DType::F16 ? "F16" : "BF16";
     v->supported = true;
     v->shape = t.shape;
     v->data = t.data.data();
-    PKV_ASSERT(t.data.size() == size_t(v->numel()) * dtype_size(t.dtype));
+    v->quant = t.quant;
+    PKV_ASSERT(t.quant || t.data.size() == size_t(v->numel()) * dtype_size(t.dtype));
     if (store->index_.count(t.name)) fail(source, "tensor '" + t.name + "' given twice");
     store->index_[t.name] = v.get();
     store->owned_views_.push_back(std::move(v));

@@ -31,7 +31,9 @@ struct OwnedTensor {
   std::string name;
   DType dtype = DType::F32;
   std::vector<int64_t> shape;
-  std::vector<uint8_t> data;  // numel x dtype_size bytes
+  std::vector<uint8_t> data;  // numel x dtype_size bytes, or rows of ggml blocks when quant is set
+  uint32_t quant = 0;         // TensorView::quant
+  std::string quant_name;     // its name ("Q8_0"), for messages
 };
 
 // All tensors of a checkpoint directory (or of one .safetensors file).

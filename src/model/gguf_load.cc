@@ -75,9 +75,15 @@ std::unique_ptr<TensorStore> gguf_tensor_store(std::shared_ptr<const GgufFile> f
     v.file = f->where();
     v.dtype_str = ggml_type_name(g->type);
     v.dtype = view_dtype(g->type, &v.supported);
+    if (!v.supported && quant::supported(g->type)) {
+      v.supported = true;
+      v.quant = g->type;  // rows of ggml blocks, dequantised inside the products
+    }
     if (!v.supported)
       fail(f->where(), "tensor '" + gname + "' is " + v.dtype_str +
-                           ": prefixkv's products read F32, F16 and BF16 GGUF files so far (export one with --type f16)");
+                           ": prefixkv reads F32, F16, BF16, Q8_0, Q4_0, Q4_K and Q6_K GGUF weights");
+    if (g->ne.size() == 1 && v.quant)
+      fail(f->where(), "tensor '" + gname + "' (a vector) is " + v.dtype_str + "; norms must be F32, F16 or BF16");
     v.shape = shape_of(*g);
     v.data = g->data;
     return v;
@@ -92,7 +98,9 @@ std::unique_ptr<TensorStore> gguf_tensor_store(std::shared_ptr<const GgufFile> f
     o.name = name;
     o.dtype = v.dtype;
     o.shape = v.shape;
-    const size_t row = size_t(v.shape[1]) * dtype_size(v.dtype);
+    o.quant = v.quant;
+    o.quant_name = v.dtype_str;
+    const size_t row = v.quant ? quant::row_bytes(v.quant, v.shape[1]) : size_t(v.shape[1]) * dtype_size(v.dtype);
     o.data.resize(size_t(v.shape[0]) * row);
     const int half = t.head_dim / 2;
     const auto* src = static_cast<const uint8_t*>(v.data);

@@ -2,8 +2,9 @@
 // llama.cpp's converter and `prefixkv export --gguf` write it; model/gguf_export.h lists the
 // layout). The weights stay in the mapped file: every matrix is a view of its bytes, except
 // attn_q / attn_k, whose rows are put back from ggml's interleaved RoPE order into transformers'
-// (a copy of those two per layer, in their stored type). The products take F32, F16 and BF16 files;
-// a quantised file is refused with a clear error until the products read its blocks.
+// (a copy of those two per layer, in their stored type). F32, F16 and BF16 weights are read as
+// such; Q8_0, Q4_0, Q4_K and Q6_K weights stay blocks that the CPU's products dequantise row by row
+// (ops::weight_row; the GPU refuses them for now).
 #pragma once
 #include <memory>
 #include <string>

@@ -298,6 +298,9 @@ GpuModel::Impl::Impl(const Model& model, const GpuModelOptions& opt)
 }
 
 void GpuModel::Impl::convert_into(const TensorView& t, size_t first, size_t n, uint16_t* dst) const {
+  if (t.quant)
+    fail(t.file, "tensor " + t.name + " holds " + t.dtype_str +
+                     " blocks: quantised weights run on the CPU only so far (use --device cpu, or an F16 GGUF)");
   const uint8_t* src = static_cast<const uint8_t*>(t.data) + first * dtype_size(t.dtype);
   if (t.dtype == dt) {
     std::memcpy(dst, src, n * 2);

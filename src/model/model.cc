@@ -89,7 +89,8 @@ std::unique_ptr<Model> Model::random(ModelConfig cfg, DType dtype, uint64_t seed
 
 size_t Model::weight_bytes() const {
   size_t s = 0;
-  for (auto& [n, t] : lw_->store->all()) s += size_t(t->numel()) * (t->supported ? dtype_size(t->dtype) : 0);
+  for (auto& [n, t] : lw_->store->all())
+    s += !t->supported ? 0 : t->quant ? size_t(t->shape[0]) * ops::weight_row_bytes(*t, t->shape[1]) : size_t(t->numel()) * dtype_size(t->dtype);
   if (lw_->vision_store)
     for (auto& [n, t] : lw_->vision_store->all()) s += size_t(t->numel()) * (t->supported ? dtype_size(t->dtype) : 0);
   return s;
@@ -236,8 +237,7 @@ void Model::embed(const int32_t* ids, int n, float* out) const {
   for (int i = 0; i < n; ++i) {
     if (ids[i] < 0 || ids[i] >= t.vocab_size)
       fail("prompt", "token id " + std::to_string(ids[i]) + " is outside the vocabulary of " + std::to_string(t.vocab_size));
-    to_f32(E.dtype, static_cast<const uint8_t*>(E.data) + size_t(ids[i]) * t.hidden * dtype_size(E.dtype),
-           out + size_t(i) * t.hidden, size_t(t.hidden));
+    ops::weight_row(E, ids[i], t.hidden, out + size_t(i) * t.hidden);
   }
 }
 

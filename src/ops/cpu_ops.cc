@@ -15,6 +15,8 @@
 #include "core/threads.h"
 #include "ops/ops.h"
 
+#include "ops/quant.h"
+
 namespace pkv::ops {
 
 namespace {
@@ -154,10 +156,59 @@ const char* blas_coretype_override() {
   return nullptr;
 }
 
+size_t weight_row_bytes(const TensorView& W, int64_t n) {
+  return W.quant ? quant::row_bytes(W.quant, n) : size_t(n) * dtype_size(W.dtype);
+}
+
+void weight_row(const TensorView& W, int64_t row, int64_t n, float* out) {
+  const uint8_t* p = static_cast<const uint8_t*>(W.data) + size_t(row) * weight_row_bytes(W, n);
+  if (W.quant) quant::dequantize_row(W.quant, p, out, n);
+  else to_f32(W.dtype, p, out, size_t(n));
+}
+
+namespace {
+
+// Products with block-quantised weights: each weight row dequantised (block by block, into a
+// row-sized buffer; no full-precision copy of the matrix), then one float dot product per input
+// row. linear() and linear_rows() both take this path, so batched steps equal single ones bit for
+// bit; prefills of many rows dequantise a block of weight rows and multiply it through BLAS.
+void linear_quant(const float* x, int rows, const Linear& L, float* y, bool dots) {
+  const int in = L.in, out = L.out;
+  const TensorView& W = *L.w;
+  if (dots) {
+    parallel_for(size_t(out), 16, [&](size_t b, size_t e, int) {
+      static thread_local std::vector<float> wrow;
+      wrow.resize(size_t(in));
+      for (size_t o = b; o < e; ++o) {
+        weight_row(W, int64_t(o), in, wrow.data());
+        for (int r = 0; r < rows; ++r) y[size_t(r) * out + o] = dot_f32(x + size_t(r) * in, wrow.data(), in);
+      }
+    });
+  } else {
+    const int block = std::max(16, std::min(256, (out + num_threads() - 1) / num_threads()));
+    const int n_blocks = (out + block - 1) / block;
+    parallel_for(size_t(n_blocks), 1, [&](size_t b, size_t e, int) {
+      static thread_local std::vector<float> scratch;
+      for (size_t blk = b; blk < e; ++blk) {
+        const int o0 = int(blk) * block, nb = std::min(block, out - o0);
+        scratch.resize(size_t(nb) * in);
+        for (int i = 0; i < nb; ++i) weight_row(W, o0 + i, in, scratch.data() + size_t(i) * in);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, nb, in, 1.f, x, in, scratch.data(), in, 0.f, y + o0, out);
+      }
+    });
+  }
+  if (!L.b.empty())
+    for (int r = 0; r < rows; ++r)
+      for (int o = 0; o < out; ++o) y[size_t(r) * out + o] += L.b[size_t(o)];
+}
+
+}  // namespace
+
 void linear(const float* x, int rows, const Linear& L, float* y) {
   blas_single_thread();
   const int in = L.in, out = L.out;
   const TensorView& W = *L.w;
+  if (W.quant) return linear_quant(x, rows, L, y, rows <= 2);
   if (rows <= 2 && W.dtype != DType::F32) {
     // Decode: a matrix-vector product reading 16-bit weights directly.
     const uint16_t* w16 = static_cast<const uint16_t*>(W.data);
@@ -199,6 +250,10 @@ void linear(const float* x, int rows, const Linear& L, float* y) {
 void linear_rows(const float* x, int rows, const Linear& L, float* y) {
   const int in = L.in, out = L.out;
   const TensorView& W = *L.w;
+  if (W.quant) {
+    blas_single_thread();
+    return linear_quant(x, rows, L, y, true);  // the decode path's dots, as linear() for one row
+  }
   if (W.dtype == DType::F32 || rows <= 1) {
     for (int r = 0; r < rows; ++r) linear(x + size_t(r) * in, 1, L, y + size_t(r) * out);
     return;
@@ -229,8 +284,7 @@ void linear_rows(const float* x, int rows, const Linear& L, float* y) {
 void linear_reference(const float* x, int rows, const Linear& L, float* y) {
   std::vector<float> wrow(size_t(L.in));
   for (int o = 0; o < L.out; ++o) {
-    to_f32(L.w->dtype, static_cast<const uint8_t*>(L.w->data) + size_t(o) * L.in * dtype_size(L.w->dtype), wrow.data(),
-           size_t(L.in));
+    weight_row(*L.w, o, L.in, wrow.data());
     for (int r = 0; r < rows; ++r) {
       double s = L.b.empty() ? 0.0 : L.b[size_t(o)];
       for (int i = 0; i < L.in; ++i) s += double(x[size_t(r) * L.in + i]) * wrow[size_t(i)];

@@ -19,6 +19,10 @@ const char* blas_corename();
 // y[rows, L.out] = x[rows, L.in] * W^T + b. 16-bit weights are converted block by block into
 // per-thread scratch (never a full float32 copy of the model).
 void linear(const float* x, int rows, const Linear& L, float* y);
+// Row `row` ([n] values) of a stored weight as float32, whatever its storage (F32, F16, BF16 or ggml
+// blocks), and the bytes one row takes.
+void weight_row(const TensorView& W, int64_t row, int64_t n, float* out);
+size_t weight_row_bytes(const TensorView& W, int64_t n);
 
 // Batched decoding: y[rows, L.out] with every row computed exactly as linear(x_r, 1, L, y_r) would
 // (bit for bit), but with 16-bit weights read once for all rows: a row of W is dotted with every x

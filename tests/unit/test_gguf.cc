@@ -17,6 +17,7 @@
 #include "model/gguf_load.h"
 #include "model/model.h"
 #include "text/tokenizer.h"
+#include "ops/ops.h"
 #include "ops/quant.h"
 #include "test_util.h"
 
@@ -506,16 +507,26 @@ TEST(GgufLoad, AnExportLoadsBackAsTheCheckpoint) {
   EXPECT_EQ(a.first_logits, b.first_logits) << "the same weights, the same products";
   EXPECT_EQ(a.tokens, b.tokens);
 
-  // Refused: a quantised file (the products do not read blocks yet), another architecture.
+  // A quantised file loads and runs on the CPU: its batched steps equal single ones bit for bit
+  // (the engine's invariant; tests above bound its products).
   opt.type = quant::kQ8_0;
   const std::string q8 = test::temp_path("load_q8.gguf");
   export_text_gguf(*model, tok, q8, opt);  // the fixture's rows (64, 128) are whole Q8_0 blocks
-  try {
-    Model::load(q8);
-    ADD_FAILURE() << "a Q8_0 file loaded";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("Q8_0"), std::string::npos) << e.what();
-  }
+  const auto mq = Model::load(q8);
+  const Engine eq(*mq, *back_tok);
+  const PreparedPrompt pq = eq.prepare(req);
+  FullPolicy fa, fb;
+  Session sa(*mq, fa), sb(*mq, fb);
+  std::vector<float> la(size_t(mq->config().text.vocab_size)), lb(la.size()), lab(2 * la.size());
+  sa.prefill(pq, la.data());
+  sb.prefill(pq, lb.data());
+  ASSERT_EQ(la, lb);
+  const int32_t tokens[2] = {17, 17};
+  Session::step_many({&sa, &sb}, tokens, lab.data());
+  Session sc(*mq, fa);
+  sc.prefill(pq, la.data());
+  sc.step(17, la.data());
+  EXPECT_TRUE(std::equal(la.begin(), la.end(), lab.begin())) << "batched = single";
   GgufWriter w;
   w.set("general.architecture", GgufValue::of_string("gpt2"));
   w.write(test::temp_path("gpt2.gguf"));
@@ -524,5 +535,57 @@ TEST(GgufLoad, AnExportLoadsBackAsTheCheckpoint) {
     ADD_FAILURE() << "a gpt2 file loaded";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("'gpt2'"), std::string::npos) << e.what();
+  }
+}
+
+// Products with block-quantised weights (ops::linear on a TensorView with `quant`): the weights'
+// rows are dequantised block by block, so the result is the float product with the dequantised
+// matrix, within float summation's bound |error| <= n u / (1 - n u) * sum |x_i w_i| (u = 2^-24);
+// batched rows (linear_rows) equal one row at a time bit for bit; the embedding reads a row too.
+TEST(QuantLinear, ProductsWithDequantisedBlocks) {
+  std::mt19937 rng(3);
+  std::normal_distribution<float> dist(0.f, 1.f);
+  const int in = 64, out = 48;
+  std::vector<float> w(size_t(in) * out);
+  for (float& v : w) v = dist(rng);
+  for (uint32_t type : {quant::kQ8_0, quant::kQ4_0}) {
+    SCOPED_TRACE(type);
+    std::vector<uint8_t> q(quant::row_bytes(type, in) * out);
+    for (int o = 0; o < out; ++o) quant::quantize_row(type, &w[size_t(o) * in], &q[size_t(o) * quant::row_bytes(type, in)], in);
+    std::vector<float> deq(w.size());
+    for (int o = 0; o < out; ++o) quant::dequantize_row(type, &q[size_t(o) * quant::row_bytes(type, in)], &deq[size_t(o) * in], in);
+    TensorView tv;
+    tv.name = "w";
+    tv.shape = {out, in};
+    tv.data = q.data();
+    tv.quant = type;
+    tv.supported = true;
+    Linear L;
+    L.w = &tv;
+    L.in = in, L.out = out;
+    std::vector<float> row(in);
+    ops::weight_row(tv, 7, in, row.data());
+    EXPECT_TRUE(std::equal(row.begin(), row.end(), deq.begin() + 7 * in));
+    for (int rows : {1, 2, 5, 40}) {
+      std::vector<float> x(size_t(rows) * in), y(size_t(rows) * out);
+      for (float& v : x) v = dist(rng);
+      ops::linear(x.data(), rows, L, y.data());
+      const double u = std::ldexp(1.0, -24), gamma = in * u / (1 - in * u);
+      for (int r = 0; r < rows; ++r)
+        for (int o = 0; o < out; ++o) {
+          double exact = 0, mag = 0;
+          for (int i = 0; i < in; ++i) {
+            exact += double(x[size_t(r) * in + i]) * deq[size_t(o) * in + i];
+            mag += std::fabs(double(x[size_t(r) * in + i]) * deq[size_t(o) * in + i]);
+          }
+          ASSERT_LE(std::fabs(y[size_t(r) * out + o] - exact), gamma * mag + 1e-30) << rows << " rows, r " << r << " o " << o;
+        }
+      std::vector<float> batched(y.size()), one(static_cast<size_t>(out));
+      ops::linear_rows(x.data(), rows, L, batched.data());
+      for (int r = 0; r < rows; ++r) {
+        ops::linear(x.data() + size_t(r) * in, 1, L, one.data());
+        ASSERT_TRUE(std::equal(one.begin(), one.end(), batched.begin() + size_t(r) * out)) << "row " << r;
+      }
+    }
   }
 }
