@@ -78,4 +78,13 @@ Result prefixkv(const std::string& args) {
   return r;
 }
 
+BundledModel::BundledModel()
+    : model(Model::load(std::string(PKV_SOURCE_DIR) + "/models/prefixkv-llava-tiny")),
+      tok(std::string(PKV_SOURCE_DIR) + "/models/prefixkv-llava-tiny/tokenizer.model") {}
+
+BundledModel& bundled_model() {
+  static BundledModel b;
+  return b;
+}
+
 }  // namespace pkv::test

@@ -4,6 +4,8 @@
 #include <vector>
 
 #include "core/npy.h"
+#include "model/model.h"
+#include "text/tokenizer.h"
 
 namespace pkv::test {
 
@@ -24,6 +26,14 @@ struct Result {
   std::string out;
 };
 Result prefixkv(const std::string& args);
+
+// The bundled model (models/prefixkv-llava-tiny) and its tokenizer, loaded once per test program.
+struct BundledModel {
+  std::unique_ptr<Model> model;
+  Tokenizer tok;
+  BundledModel();
+};
+BundledModel& bundled_model();
 
 // True when the environment says CI=true: there a test must not pass by skipping.
 bool in_ci();

@@ -168,35 +168,22 @@ void weight_row(const TensorView& W, int64_t row, int64_t n, float* out) {
 
 namespace {
 
-// Products with block-quantised weights: each weight row dequantised (block by block, into a
-// row-sized buffer; no full-precision copy of the matrix), then one float dot product per input
-// row. linear() and linear_rows() both take this path, so batched steps equal single ones bit for
-// bit; prefills of many rows dequantise a block of weight rows and multiply it through BLAS.
-void linear_quant(const float* x, int rows, const Linear& L, float* y, bool dots) {
+// Decode-sized products with block-quantised weights: each weight row dequantised (block by block,
+// into a row-sized buffer; no full-precision copy of the matrix), then one float dot product per
+// input row. linear() (1-2 rows) and linear_rows() both take it, so batched steps equal single ones
+// bit for bit; larger products go through linear()'s blocked BLAS path, which dequantises a block of
+// rows at a time.
+void linear_quant_dots(const float* x, int rows, const Linear& L, float* y) {
   const int in = L.in, out = L.out;
   const TensorView& W = *L.w;
-  if (dots) {
-    parallel_for(size_t(out), 16, [&](size_t b, size_t e, int) {
-      static thread_local std::vector<float> wrow;
-      wrow.resize(size_t(in));
-      for (size_t o = b; o < e; ++o) {
-        weight_row(W, int64_t(o), in, wrow.data());
-        for (int r = 0; r < rows; ++r) y[size_t(r) * out + o] = dot_f32(x + size_t(r) * in, wrow.data(), in);
-      }
-    });
-  } else {
-    const int block = std::max(16, std::min(256, (out + num_threads() - 1) / num_threads()));
-    const int n_blocks = (out + block - 1) / block;
-    parallel_for(size_t(n_blocks), 1, [&](size_t b, size_t e, int) {
-      static thread_local std::vector<float> scratch;
-      for (size_t blk = b; blk < e; ++blk) {
-        const int o0 = int(blk) * block, nb = std::min(block, out - o0);
-        scratch.resize(size_t(nb) * in);
-        for (int i = 0; i < nb; ++i) weight_row(W, o0 + i, in, scratch.data() + size_t(i) * in);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, nb, in, 1.f, x, in, scratch.data(), in, 0.f, y + o0, out);
-      }
-    });
-  }
+  parallel_for(size_t(out), 16, [&](size_t b, size_t e, int) {
+    static thread_local std::vector<float> wrow;
+    wrow.resize(size_t(in));
+    for (size_t o = b; o < e; ++o) {
+      weight_row(W, int64_t(o), in, wrow.data());
+      for (int r = 0; r < rows; ++r) y[size_t(r) * out + o] = dot_f32(x + size_t(r) * in, wrow.data(), in);
+    }
+  });
   if (!L.b.empty())
     for (int r = 0; r < rows; ++r)
       for (int o = 0; o < out; ++o) y[size_t(r) * out + o] += L.b[size_t(o)];
@@ -208,8 +195,8 @@ void linear(const float* x, int rows, const Linear& L, float* y) {
   blas_single_thread();
   const int in = L.in, out = L.out;
   const TensorView& W = *L.w;
-  if (W.quant) return linear_quant(x, rows, L, y, rows <= 2);
-  if (rows <= 2 && W.dtype != DType::F32) {
+  if (W.quant && rows <= 2) return linear_quant_dots(x, rows, L, y);
+  if (rows <= 2 && W.dtype != DType::F32 && !W.quant) {
     // Decode: a matrix-vector product reading 16-bit weights directly.
     const uint16_t* w16 = static_cast<const uint16_t*>(W.data);
     parallel_for(size_t(out), 16, [&](size_t b, size_t e, int) {
@@ -231,8 +218,12 @@ void linear(const float* x, int rows, const Linear& L, float* y) {
       for (size_t blk = b; blk < e; ++blk) {
         const int o0 = int(blk) * block, nb = std::min(block, out - o0);
         const float* wb;
-        if (W.dtype == DType::F32) {
+        if (W.dtype == DType::F32 && !W.quant) {
           wb = static_cast<const float*>(W.data) + size_t(o0) * in;
+        } else if (W.quant) {  // block-quantised rows, one at a time
+          scratch.resize(size_t(nb) * in);
+          for (int i = 0; i < nb; ++i) weight_row(W, o0 + i, in, scratch.data() + size_t(i) * in);
+          wb = scratch.data();
         } else {
           scratch.resize(size_t(nb) * in);
           to_f32(W.dtype, static_cast<const uint8_t*>(W.data) + size_t(o0) * in * 2, scratch.data(), scratch.size());
@@ -252,7 +243,7 @@ void linear_rows(const float* x, int rows, const Linear& L, float* y) {
   const TensorView& W = *L.w;
   if (W.quant) {
     blas_single_thread();
-    return linear_quant(x, rows, L, y, true);  // the decode path's dots, as linear() for one row
+    return linear_quant_dots(x, rows, L, y);  // the decode path's dots, as linear() for one row
   }
   if (W.dtype == DType::F32 || rows <= 1) {
     for (int r = 0; r < rows; ++r) linear(x + size_t(r) * in, 1, L, y + size_t(r) * out);

@@ -47,15 +47,6 @@ std::string parse_error(const std::string& body, const ParseOptions& opt = {}) {
   return "";
 }
 
-struct Bundled {
-  std::unique_ptr<Model> model = Model::load(repo("models/prefixkv-llava-tiny"));
-  Tokenizer tok{repo("models/prefixkv-llava-tiny/tokenizer.model")};
-};
-
-Bundled& bundled() {
-  static Bundled b;
-  return b;
-}
 
 PolicyFactory simple_factory() {
   return [](const std::string& name, std::optional<double> budget) {
@@ -288,7 +279,7 @@ TEST(ServeKv, ReservationCoversTheFullAndTheCompressedCache) {
 }
 
 TEST(ServeScheduler, BatchedAnswersEqualEngineGenerateAndTheReservationHolds) {
-  Bundled& b = bundled();
+  test::BundledModel& b = test::bundled_model();
   Engine engine(*b.model, b.tok);
   SchedulerOptions so;
   Scheduler sched(*b.model, b.tok, so);
@@ -352,7 +343,7 @@ TEST(ServeScheduler, BatchedAnswersEqualEngineGenerateAndTheReservationHolds) {
 }
 
 TEST(ServeScheduler, CancelQueueBoundAndShutdownReleaseEverything) {
-  Bundled& b = bundled();
+  test::BundledModel& b = test::bundled_model();
   SchedulerOptions so;
   so.max_running = 1;
   so.max_queue = 1;
@@ -397,7 +388,7 @@ TEST(ServeScheduler, CancelQueueBoundAndShutdownReleaseEverything) {
 }
 
 TEST(ServeService, ValidatesAgainstTheModelAndQueues) {
-  Bundled& b = bundled();
+  test::BundledModel& b = test::bundled_model();
   Scheduler sched(*b.model, b.tok, {});
   ServiceOptions opt;
   opt.model_id = "tiny";

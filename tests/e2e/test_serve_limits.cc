@@ -117,14 +117,6 @@ std::string image_body(const std::vector<uint8_t>& bytes, const std::string& mim
       .dump();
 }
 
-struct Bundled {
-  std::unique_ptr<Model> model = Model::load(repo("models/prefixkv-llava-tiny"));
-  Tokenizer tok{repo("models/prefixkv-llava-tiny/tokenizer.model")};
-};
-Bundled& bundled() {
-  static Bundled b;
-  return b;
-}
 
 PolicyFactory simple_factory() {
   return [](const std::string& name, std::optional<double> budget) {
@@ -269,7 +261,7 @@ TEST(ServeLimits, ImageHeadersOfPngAndBaselineAndProgressiveJpeg) {
 }
 
 TEST(ServeLimits, ImagesAreRefusedByTheirHeaderBeforeDecoding) {
-  Bundled& b = bundled();
+  test::BundledModel& b = test::bundled_model();
   Scheduler sched(*b.model, b.tok, {});  // not started: nothing here is queued
   ServiceOptions opt;
   opt.model_id = "tiny";
@@ -316,7 +308,7 @@ TEST(ServeLimits, ImagesAreRefusedByTheirHeaderBeforeDecoding) {
 }
 
 TEST(ServeLimits, AFullQueueSaysWhenToRetryAndADrainFinishesWhatIsInFlight) {
-  Bundled& b = bundled();
+  test::BundledModel& b = test::bundled_model();
   SchedulerOptions so;
   so.max_running = 1;
   so.max_queue = 1;
@@ -372,7 +364,7 @@ TEST(ServeLimits, AFullQueueSaysWhenToRetryAndADrainFinishesWhatIsInFlight) {
 // the newest request, with 503 server_overloaded and a Retry-After; the others go on to the answers
 // they would have given alone.
 TEST(ServeLimits, APoolThatRunsOutStopsTheNewestRequestOnly) {
-  Bundled& b = bundled();
+  test::BundledModel& b = test::bundled_model();
   Engine engine(*b.model, b.tok);
   SchedulerOptions so;
   so.backend = std::make_shared<PoolRunsOut>(*b.model, 3);
