@@ -27,6 +27,7 @@ namespace {
 const std::vector<OptionSpec> kCalibrateOptions = with_options({
     {"model", "DIR", "checkpoint directory (default: the bundled model)"},
     {"vision-tower", "DIR", "separate CLIP checkpoint (original LLaVA layout)"},
+    {"mmproj", "FILE", "llama.cpp's LLaVA vision file (GGUF) beside a GGUF language model (--model FILE.gguf)"},
     {"data", "FILE", "calibration data in LLaVA conversation JSON (e.g. data/calib/calib.json)"},
     {"image-dir", "DIR", "folder the data's image names are relative to (default: the data file's folder)"},
     {"samples", "N", "use the first N usable samples (default: all)"},

@@ -33,6 +33,7 @@ namespace {
 const std::vector<OptionSpec> kEvalOptions = with_options({
     {"model", "DIR", "checkpoint directory (default: the bundled model)"},
     {"vision-tower", "DIR", "separate CLIP checkpoint (original LLaVA layout)"},
+    {"mmproj", "FILE", "llama.cpp's LLaVA vision file (GGUF) beside a GGUF language model (--model FILE.gguf)"},
     {"data", "FILE", "evaluation data in LLaVA conversation JSON (e.g. data/eval/eval.json, detail_1k)"},
     {"image-dir", "DIR", "folder the data's image names are relative to (default: the data file's folder)"},
     {"truth", "FILE", "ground truth for the task checker (default: truth.json next to the data, if present)"},

@@ -39,6 +39,7 @@ const std::vector<OptionSpec> kServeOptions = with_options(
     {
         {"model", "DIR", "checkpoint directory (default: the bundled model, models/prefixkv-llava-tiny)"},
         {"vision-tower", "DIR", "separate CLIP checkpoint (original LLaVA layout without the tower inside)"},
+        {"mmproj", "FILE", "llama.cpp's LLaVA vision file (GGUF) beside a GGUF language model (--model FILE.gguf)"},
         {"model-id", "NAME", "the model's name in the API (default: the model folder's name)"},
         {"host", "ADDR", "address to listen on (default 127.0.0.1: this machine only)"},
         {"port", "N", "port to listen on (default 8080; 0: any free port, printed at start)"},

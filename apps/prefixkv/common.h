@@ -15,13 +15,14 @@ std::string default_model_dir();
 // The repository root as seen from the executable (build/prefixkv -> ..).
 std::string repo_dir();
 
-// --model (default: the bundled model) and --vision-tower: the model and its tokenizer.
+// --model (default: the bundled model), --vision-tower and (where `mmproj_input`) --mmproj: the model
+// and its tokenizer.
 struct LoadedModel {
   std::string dir;
   std::unique_ptr<Model> model;
   std::unique_ptr<Tokenizer> tok;
 };
-LoadedModel load_model(const Args& args);
+LoadedModel load_model(const Args& args, bool mmproj_input = true);
 
 // The non-empty items of a comma-separated list.
 std::vector<std::string> split_list(const std::string& s);

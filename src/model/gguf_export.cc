@@ -4,6 +4,7 @@
 
 #include "core/error.h"
 #include "io/gguf.h"
+#include "model/clip.h"
 #include "ops/quant.h"
 
 namespace pkv {
@@ -28,11 +29,11 @@ void row_f32(const TensorView& t, int64_t row, int64_t n, float* out) {
   }
 }
 
-// A [rows, n] weight as a GGUF tensor of `type`; `row_order[r]` is the stored row written as row r
-// (empty: the same order).
+// A [rows, n] weight (or [rows, ...] read as [rows, n], n the product of the rest) as a GGUF tensor
+// of `type`; `row_order[r]` is the stored row written as row r (empty: the same order).
 std::vector<uint8_t> matrix_bytes(const TensorView& t, uint32_t type, const std::vector<int64_t>& row_order = {}) {
-  if (t.shape.size() != 2) fail(t.file, "tensor " + t.name + " " + t.shape_str() + " is not a matrix");
-  const int64_t rows = t.shape[0], n = t.shape[1];
+  if (t.shape.size() < 2) fail(t.file, "tensor " + t.name + " " + t.shape_str() + " is not a matrix");
+  const int64_t rows = t.shape[0], n = t.numel() / rows;
   if (n % quant::block_elems(type) != 0)
     fail(t.file, "tensor " + t.name + " has rows of " + std::to_string(n) + " values, not whole blocks of " +
                      std::to_string(quant::block_elems(type)) + " (choose another --type)");
@@ -46,11 +47,14 @@ std::vector<uint8_t> matrix_bytes(const TensorView& t, uint32_t type, const std:
   return out;
 }
 
-std::vector<uint8_t> vector_f32(const std::vector<float>& v) {
-  std::vector<uint8_t> out(v.size() * 4);
-  quant::quantize_row(quant::kF32, v.data(), out.data(), int64_t(v.size()));
+// Floats as `type` (F32 or F16), rows of n values.
+std::vector<uint8_t> floats_as(uint32_t type, const std::vector<float>& v) {
+  std::vector<uint8_t> out(quant::row_bytes(type, int64_t(v.size())));
+  quant::quantize_row(type, v.data(), out.data(), int64_t(v.size()));
   return out;
 }
+
+std::vector<uint8_t> vector_f32(const std::vector<float>& v) { return floats_as(quant::kF32, v); }
 
 // ggml's LLaMA RoPE rotates interleaved pairs (0, 1), (2, 3), ...; transformers' rotates (i, i + d/2).
 // The q / k projection's output rows are reordered within each head so the two agree.
@@ -151,6 +155,95 @@ void export_text_gguf(const Model& model, const Tokenizer& tok, const std::strin
   }
   vec("output_norm.weight", w.norm.w);
   mat("output.weight", w.head);
+  g.write(path);
+}
+
+std::vector<int> mmproj_feature_layers(const ModelConfig& cfg) {
+  const char* where = "GGUF mmproj export";
+  if (!cfg.has_vision) fail(where, "the model " + cfg.dir + " has no vision tower (an mmproj file holds a LLaVA model's)");
+  if (cfg.feature_strategy != "default")
+    fail(where, "vision_feature_select_strategy is '" + cfg.feature_strategy +
+                    "': llama.cpp's LLaVA graph always drops the class token ('default'), so it would misread this model");
+  std::vector<int> layers = clip::feature_hidden_states(cfg);
+  for (size_t i = 0; i < layers.size(); ++i)
+    if (layers[i] < 1 || layers[i] > cfg.vision.n_layers || (i > 0 && layers[i] <= layers[i - 1]))
+      fail(where, "the vision feature layers must be distinct layer outputs in ascending order (llama.cpp stacks them "
+                  "in layer order); this model selects hidden state " + std::to_string(layers[i]) + " of " +
+                  std::to_string(cfg.vision.n_layers + 1) + " in position " + std::to_string(i));
+  return layers;
+}
+
+void export_mmproj_gguf(const Model& model, const std::string& path, uint32_t type, const std::string& name) {
+  const ModelConfig& cfg = model.config();
+  const VisionConfig& v = cfg.vision;
+  const char* where = "GGUF mmproj export";
+  const std::vector<int> features = mmproj_feature_layers(cfg);
+  if (type != quant::kF32 && type != quant::kF16) fail(where, "the mmproj type must be F32 or F16");
+  if (v.act != "quick_gelu" && v.act != "gelu" && v.act != "silu")
+    fail(where, "the vision tower's activation '" + v.act +
+                    "' is none of the three clip.cpp chooses from its flags (quick_gelu, gelu, silu)");
+  if (cfg.projector_act != "gelu")
+    fail(where, "the projector's activation is '" + cfg.projector_act + "'; llama.cpp's mlp projector applies GELU");
+  const Weights& w = model.weights();
+  if (w.projector.layers.size() != 2)
+    fail(where, "the projector has " + std::to_string(w.projector.layers.size()) +
+                    " linear layers; llama.cpp's 'mlp' projector is two (mm.0, GELU, mm.2)");
+  PKV_ASSERT(int(w.vision.layers.size()) == features.back());
+
+  GgufWriter g;
+  const std::string model_name = !name.empty() ? name : std::filesystem::path(cfg.dir).filename().string();
+  g.set("general.architecture", GgufValue::of_string("clip"));
+  g.set("general.name", GgufValue::of_string(model_name.empty() ? "prefixkv" : model_name));
+  g.set("general.description", GgufValue::of_string("image encoder for LLaVA"));
+  g.set("general.file_type", GgufValue::of_u32(type == quant::kF16 ? 1 : 0));
+  g.set("clip.has_text_encoder", GgufValue::of_bool(false));
+  g.set("clip.has_vision_encoder", GgufValue::of_bool(true));
+  g.set("clip.has_llava_projector", GgufValue::of_bool(true));
+  g.set("clip.projector_type", GgufValue::of_string("mlp"));
+  g.set("clip.vision.image_size", GgufValue::of_u32(uint32_t(v.image_size)));
+  g.set("clip.vision.patch_size", GgufValue::of_u32(uint32_t(v.patch)));
+  g.set("clip.vision.embedding_length", GgufValue::of_u32(uint32_t(v.hidden)));
+  g.set("clip.vision.feed_forward_length", GgufValue::of_u32(uint32_t(v.intermediate)));
+  g.set("clip.vision.projection_dim", GgufValue::of_u32(uint32_t(cfg.text.hidden)));
+  g.set("clip.vision.attention.head_count", GgufValue::of_u32(uint32_t(v.n_heads)));
+  g.set("clip.vision.attention.layer_norm_epsilon", GgufValue::of_f32(v.eps));
+  g.set("clip.vision.block_count", GgufValue::of_u32(uint32_t(features.back())));
+  g.set("clip.vision.feature_layer", GgufValue::of_i32s(std::vector<int32_t>(features.begin(), features.end())));
+  g.set("clip.vision.image_mean", GgufValue::of_f32s({cfg.image.mean.begin(), cfg.image.mean.end()}));
+  g.set("clip.vision.image_std", GgufValue::of_f32s({cfg.image.std.begin(), cfg.image.std.end()}));
+  g.set("clip.use_gelu", GgufValue::of_bool(v.act == "gelu"));
+  if (v.act == "silu") g.set("clip.use_silu", GgufValue::of_bool(true));
+
+  // As the legacy converter stores them: matrices (and the patch kernel) in `type`, the rest F32.
+  auto mat = [&](const std::string& n, const Linear& l) {
+    g.add_tensor(n + ".weight", {l.w->shape[1], l.w->shape[0]}, type, matrix_bytes(*l.w, type));
+    g.add_tensor(n + ".bias", {int64_t(l.b.size())}, quant::kF32, vector_f32(l.b));
+  };
+  auto norm = [&](const std::string& n, const Norm& x) {
+    g.add_tensor(n + ".weight", {int64_t(x.w.size())}, quant::kF32, vector_f32(x.w));
+    g.add_tensor(n + ".bias", {int64_t(x.b.size())}, quant::kF32, vector_f32(x.b));
+  };
+  mat("mm.0", w.projector.layers[0]);
+  mat("mm.2", w.projector.layers[1]);
+  const ClipWeights& c = w.vision;
+  g.add_tensor("v.class_embd", {v.hidden}, quant::kF32, vector_f32(c.class_emb));
+  g.add_tensor("v.patch_embd.weight", {v.patch, v.patch, v.channels, v.hidden}, type, matrix_bytes(*c.patch.w, type));
+  g.add_tensor("v.position_embd.weight", {v.hidden, v.n_patches() + 1}, type, floats_as(type, c.pos_emb));
+  norm("v.pre_ln", c.pre_norm);
+  for (size_t i = 0; i < c.layers.size(); ++i) {
+    const ClipLayer& L = c.layers[i];
+    const std::string p = "v.blk." + std::to_string(i) + ".";
+    mat(p + "attn_q", L.q);
+    mat(p + "attn_k", L.k);
+    mat(p + "attn_v", L.v);
+    mat(p + "attn_out", L.o);
+    norm(p + "ln1", L.ln1);
+    norm(p + "ln2", L.ln2);
+    // The legacy converter's names, which clip.cpp recognises by shape and swaps back: fc1 as
+    // ffn_down, fc2 as ffn_up (kept, so that clip.cpp's test also holds when fc1 is square).
+    mat(p + "ffn_down", L.fc1);
+    mat(p + "ffn_up", L.fc2);
+  }
   g.write(path);
 }
 

@@ -14,6 +14,7 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "model/model.h"
 #include "text/tokenizer.h"
@@ -29,6 +30,28 @@ struct GgufExportOptions {
 // cannot hold as llama.cpp reads it (biases, a RoPE scaling other than none, a vocabulary that is
 // not the tokenizer's), a type other than the four, rows that are not whole blocks of it.
 void export_text_gguf(const Model& model, const Tokenizer& tok, const std::string& path, const GgufExportOptions& opt);
+
+// A LLaVA model's vision tower and projector as llama.cpp's mmproj file for LLaVA-1.5, the layout of
+// llama.cpp's legacy converter (tools/mtmd/legacy-models/convert_image_encoder_to_gguf.py, the path
+// llama.cpp has for LLaVA-1.5) as clip.cpp reads it (tools/mtmd/clip.cpp, clip-impl.h; release
+// v0.4.0, the one node-llama-cpp 3.21.1 bundles; docs/FORMATS.md):
+//   metadata: general.architecture = clip, clip.has_vision_encoder = clip.has_llava_projector = true,
+//     clip.has_text_encoder = false, clip.projector_type = mlp, clip.vision.{image_size, patch_size,
+//     embedding_length, feed_forward_length, projection_dim, attention.head_count,
+//     attention.layer_norm_epsilon, block_count, feature_layer, image_mean, image_std},
+//     clip.use_gelu (and clip.use_silu): the tower's activation, quick_gelu when neither is set
+//   tensors: v.class_embd, v.patch_embd.weight, v.position_embd.weight, v.pre_ln.{weight,bias},
+//     v.blk.N.{attn_q, attn_k, attn_v, attn_out, ln1, ln2, ffn_down (fc1), ffn_up (fc2)}.{weight,bias},
+//     mm.0 and mm.2 .{weight,bias}; matrices, the patch kernel and the position embedding in `type`
+//     (F16 or F32), the rest F32
+//   feature layers as hidden-state indices (0 = the embeddings; LLaVA-1.5's -2 of 24 layers is 23),
+//     block_count = the deepest, the layers past it not written (as the legacy converter drops them)
+// Refused, because llama.cpp would misread it: no vision tower, the "full" feature strategy (clip.cpp
+// always drops the class token), feature layers out of ascending order, a projector other than
+// linear-GELU-linear, a tower activation other than quick_gelu / gelu / silu.
+void export_mmproj_gguf(const Model& model, const std::string& path, uint32_t type, const std::string& name = "");
+// The feature layers an mmproj file stores for the model (Error for a model it cannot hold, above).
+std::vector<int> mmproj_feature_layers(const ModelConfig& cfg);
 
 // The ggml type of a name: f32, f16, q8_0, q4_0 (Error naming `option` otherwise).
 uint32_t gguf_export_type(const std::string& name, const std::string& option);

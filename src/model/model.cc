@@ -15,9 +15,12 @@ namespace pkv {
 
 std::unique_ptr<Model> Model::load(const std::string& dir, const LoadOptions& opt) {
   if (is_gguf_path(dir)) {
-    if (!opt.vision_tower_dir.empty()) fail("--vision-tower", "is not read with a GGUF model (its vision file comes later)");
-    return load_gguf(dir);
+    if (!opt.vision_tower_dir.empty())
+      fail("--vision-tower", "is not read with a GGUF model (its vision tower comes from --mmproj FILE.gguf)");
+    return load_gguf(dir, opt.mmproj);
   }
+  if (!opt.mmproj.empty())
+    fail("--mmproj", "is read beside a GGUF language model (--model FILE.gguf), not with the checkpoint " + dir);
   auto m = std::unique_ptr<Model>(new Model());
   m->cfg_ = load_config(dir, opt.vision_tower_dir);
   m->lw_ = load_weights(m->cfg_);

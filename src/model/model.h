@@ -16,6 +16,7 @@ namespace pkv {
 
 struct LoadOptions {
   std::string vision_tower_dir;  // separate CLIP checkpoint (original LLaVA layout)
+  std::string mmproj;            // llama.cpp's vision file beside a GGUF language model
 };
 
 // Per-call options of the decoder forward pass.
@@ -38,8 +39,9 @@ class Model {
   // uniform with the standard deviation 0.02 of LLaMA's initialisation, norms 1; deterministic in
   // `seed`.
   static std::unique_ptr<Model> random(ModelConfig cfg, DType dtype, uint64_t seed);
-  // A LLaMA language model from llama.cpp's GGUF (model/gguf_load.h; load() takes a .gguf path too).
-  static std::unique_ptr<Model> load_gguf(const std::string& path);
+  // A LLaMA language model from llama.cpp's GGUF, with the vision tower and projector of an mmproj
+  // file when one is given (model/gguf_load.h; load() takes a .gguf path too).
+  static std::unique_ptr<Model> load_gguf(const std::string& path, const std::string& mmproj = "");
 
   const ModelConfig& config() const { return cfg_; }
   const Weights& weights() const { return lw_->w; }

@@ -261,9 +261,12 @@ void load_projector(const Resolver& r, const ModelConfig& cfg, ProjectorWeights&
 
 std::unique_ptr<LoadedWeights> load_weights(ModelConfig& cfg) { return load_weights(cfg, TensorStore::open(cfg.dir)); }
 
-std::unique_ptr<LoadedWeights> load_weights(ModelConfig& cfg, std::unique_ptr<TensorStore> store) {
+std::unique_ptr<LoadedWeights> load_weights(ModelConfig& cfg, std::unique_ptr<TensorStore> store,
+                                            std::unique_ptr<TensorStore> vision_store) {
   auto lw = std::make_unique<LoadedWeights>();
   lw->store = std::move(store);
+  lw->vision_store = std::move(vision_store);
+  const bool projector_with_vision = lw->vision_store != nullptr;
   const TensorStore& s = *lw->store;
   const char* scheme = nullptr;
   const char* lm = find_prefix(s, kLanguagePrefixes, std::size(kLanguagePrefixes), kLanguageProbe, &scheme);
@@ -276,7 +279,7 @@ std::unique_ptr<LoadedWeights> load_weights(ModelConfig& cfg, std::unique_ptr<Te
   if (cfg.layout == Layout::LlavaHF && std::string(lm) != "language_model.model.") cfg.layout = Layout::LlavaV5;
 
   if (cfg.has_vision) {
-    const TensorStore* vs = &s;
+    const TensorStore* vs = lw->vision_store ? lw->vision_store.get() : &s;
     if (!cfg.vision_tower_dir.empty()) {
       lw->vision_store = TensorStore::open(cfg.vision_tower_dir);
       vs = lw->vision_store.get();
@@ -292,7 +295,7 @@ std::unique_ptr<LoadedWeights> load_weights(ModelConfig& cfg, std::unique_ptr<Te
     if (cfg.vision_from_tensors) infer_vision_config(*vs, vp, cfg);
     Resolver vr(*vs, "vision tower");
     load_vision(vr, vp, cfg, lw->w.vision);
-    load_projector(r, cfg, lw->w.projector);
+    load_projector(projector_with_vision ? vr : r, cfg, lw->w.projector);
     lw->w.scheme += std::string("+vision:") + vscheme;
   }
   return lw;

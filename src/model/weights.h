@@ -58,7 +58,10 @@ struct LoadedWeights {
 // Resolves names and checks shapes. May complete `cfg` (original layout: vision tower shape from its
 // tensors; v5 vs hub layout). Throws Error naming the file, the tensor and the mismatch.
 std::unique_ptr<LoadedWeights> load_weights(ModelConfig& cfg);
-// The same over a store the caller made (e.g. TensorStore::from_memory).
-std::unique_ptr<LoadedWeights> load_weights(ModelConfig& cfg, std::unique_ptr<TensorStore> store);
+// The same over a store the caller made (e.g. TensorStore::from_memory); `vision_store`, when given,
+// holds the vision tower and the projector under the CLIP names (vision_model.*,
+// multi_modal_projector.linear_N: a GGUF mmproj file).
+std::unique_ptr<LoadedWeights> load_weights(ModelConfig& cfg, std::unique_ptr<TensorStore> store,
+                                            std::unique_ptr<TensorStore> vision_store = nullptr);
 
 }  // namespace pkv
