@@ -1,9 +1,13 @@
 #!/usr/bin/env python3
 """The transformers side of the GPU comparison (issue 5, docs/PERF.md): a LLaMA decoder of the
 LLaVA-1.5-7B/13B language-model shape with random weights, batched greedy generation with
-transformers' own cache, eager or sdpa attention; prints a table and writes JSON with the same
-fields as `prefixkv bench`: prefill ms, decode tokens/s, end-to-end throughput
-(batch x generated / total time), peak GPU memory, KV bytes, the largest batch that fits.
+transformers' own cache, eager or sdpa attention, or (`static`) sdpa with transformers' static cache,
+for which `generate` compiles the decoding step with torch.compile itself (the strongest PyTorch path:
+CUDA graphs of a fixed-shape step). Prints a table and writes JSON with the same fields as
+`prefixkv bench`: prefill ms, decode tokens/s, end-to-end throughput (batch x generated / total time),
+peak GPU memory, KV bytes, the largest batch that fits. For `static` a first generation of the very
+same shape runs untimed (compilation, CUDA-graph capture) and its time is reported apart as
+`warmup_s`; the timed generation comes after it.
 
 Prompts are random token ids (as `prefixkv bench`); generation is forced to the full length
 (min_new_tokens = max_new_tokens), so every setting generates batch x gen tokens.
@@ -32,12 +36,13 @@ def main():
     ap.add_argument("--batch", default="1", help="comma-separated batch sizes")
     ap.add_argument("--prompt", type=int, default=672)
     ap.add_argument("--gen", type=int, default=256)
-    ap.add_argument("--attn", default="eager,sdpa", help="attention implementations to run")
+    ap.add_argument("--attn", default="eager,sdpa", help="what to run: eager, sdpa, static (sdpa + static cache, compiled)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="")
     args = ap.parse_args()
 
     import torch
+    import transformers
     from transformers import LlamaConfig, LlamaForCausalLM
 
     dev = torch.device("cuda")
@@ -46,8 +51,11 @@ def main():
     records = []
     total_mem = torch.cuda.get_device_properties(dev).total_memory
     for attn in [a for a in args.attn.split(",") if a]:
+        if attn not in ("eager", "sdpa", "static"):
+            ap.error(f"--attn: unknown '{attn}' (eager, sdpa, static)")
+        static = attn == "static"
         cfg = LlamaConfig(**s, max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0,
-                          tie_word_embeddings=False, attn_implementation=attn)
+                          tie_word_embeddings=False, attn_implementation="sdpa" if static else attn)
         torch.manual_seed(args.seed)
         torch.set_default_dtype(dtype)  # made in 16 bits on the GPU directly (a 13B fp32 copy would not fit)
         with torch.device(dev):
@@ -63,7 +71,8 @@ def main():
             ids = torch.randint(3, s["vocab_size"], (b, args.prompt), generator=g).to(dev)
             mask = torch.ones_like(ids)
             rec = dict(impl=f"transformers-{attn}", shape=args.shape, dtype=args.dtype, batch=b, prompt=args.prompt,
-                       gen=args.gen, policy="full", budget=1.0)
+                       gen=args.gen, policy="full", budget=1.0, transformers=transformers.__version__)
+            extra = dict(cache_implementation="static") if static else {}
             try:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(dev)
@@ -72,6 +81,12 @@ def main():
                     model.generate(input_ids=ids[:, :16], attention_mask=mask[:, :16], max_new_tokens=2,
                                    min_new_tokens=2, do_sample=False, pad_token_id=0)
                     torch.cuda.synchronize()
+                    if static:  # compilation and graph capture happen for the exact shape: a whole first run
+                        t0 = time.perf_counter()
+                        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.gen,
+                                       min_new_tokens=args.gen, do_sample=False, pad_token_id=0, **extra)
+                        torch.cuda.synchronize()
+                        rec["warmup_s"] = time.perf_counter() - t0
                     t0 = time.perf_counter()
                     model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
                     torch.cuda.synchronize()
@@ -79,7 +94,7 @@ def main():
                     torch.cuda.reset_peak_memory_stats(dev)
                     t0 = time.perf_counter()
                     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.gen,
-                                         min_new_tokens=args.gen, do_sample=False, pad_token_id=0)
+                                         min_new_tokens=args.gen, do_sample=False, pad_token_id=0, **extra)
                     torch.cuda.synchronize()
                     total_s = time.perf_counter() - t0
                 assert out.shape[1] == args.prompt + args.gen, out.shape
@@ -98,19 +113,20 @@ def main():
             torch.cuda.empty_cache()
         del model
         torch.cuda.empty_cache()
-    print(f"\n| impl | batch | prompt+gen | prefill ms | decode tok/s | throughput tok/s | peak GiB | KV GiB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"\n| impl | batch | prompt+gen | prefill ms | decode tok/s | throughput tok/s | peak GiB | KV GiB | warm-up s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in records:
         if "error" in r:
             print(f"| {r['impl']} | {r['batch']} | {r['prompt']}+{r['gen']} | {r['error']} |")
             continue
+        warm = f"{r['warmup_s']:.1f}" if "warmup_s" in r else ""
         print(f"| {r['impl']} | {r['batch']} | {r['prompt']}+{r['gen']} | {r['prefill_ms']:.0f} | "
               f"{r['decode_tokens_per_s']:.1f} | {r['throughput_tokens_per_s']:.1f} | "
-              f"{r['peak_gpu_bytes'] / 2**30:.1f} | {r['kv_bytes'] / 2**30:.2f} |")
+              f"{r['peak_gpu_bytes'] / 2**30:.1f} | {r['kv_bytes'] / 2**30:.2f} | {warm} |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
-                       "records": records}, f, indent=1)
+                       "transformers": transformers.__version__, "records": records}, f, indent=1)
         print(f"wrote {args.out}")
 
 
