@@ -1,7 +1,6 @@
 #include "common.h"
 
 #include "engine/make_backend.h"
-#include "model/gguf_load.h"
 
 #include <algorithm>
 #include <cstdlib>
@@ -29,17 +28,13 @@ std::string default_model_dir() {
 }
 
 LoadedModel load_model(const Args& args, bool mmproj_input) {
-  LoadedModel m;
-  m.dir = args.str("model", default_model_dir());
-  if (!args.has("model") && !fs::exists(m.dir))
-    fail("--model", "no model given and the bundled model is missing at " + m.dir);
+  const std::string dir = args.str("model", default_model_dir());
+  if (!args.has("model") && !fs::exists(dir))
+    fail("--model", "no model given and the bundled model is missing at " + dir);
   LoadOptions lo;
   lo.vision_tower_dir = args.str("vision-tower", "");
   if (mmproj_input) lo.mmproj = args.str("mmproj", "");
-  m.model = Model::load(m.dir, lo);
-  // A GGUF file carries its tokenizer; a checkpoint folder holds it beside the weights.
-  m.tok = is_gguf_path(m.dir) ? gguf_tokenizer(m.dir) : std::make_unique<Tokenizer>((fs::path(m.dir) / "tokenizer.model").string());
-  return m;
+  return pkv::load_model(dir, lo);
 }
 
 std::vector<std::string> split_list(const std::string& s) {

@@ -5,8 +5,7 @@
 #include <vector>
 
 #include "args.h"
-#include "model/model.h"
-#include "text/tokenizer.h"
+#include "engine/model_files.h"
 
 namespace pkv::cli {
 
@@ -16,12 +15,7 @@ std::string default_model_dir();
 std::string repo_dir();
 
 // --model (default: the bundled model), --vision-tower and (where `mmproj_input`) --mmproj: the model
-// and its tokenizer.
-struct LoadedModel {
-  std::string dir;
-  std::unique_ptr<Model> model;
-  std::unique_ptr<Tokenizer> tok;
-};
+// and its tokenizer (engine/model_files.h).
 LoadedModel load_model(const Args& args, bool mmproj_input = true);
 
 // The non-empty items of a comma-separated list.

@@ -5,16 +5,11 @@
 #include <filesystem>
 
 #include "core/error.h"
+#include "engine/model_files.h"
 
 namespace fs = std::filesystem;
 
 namespace pkv::cli {
-
-std::vector<double> load_keep_fractions(const std::string& path, double budget, const Model& model) {
-  Profile p = Profile::load(path);
-  p.check_compatible(model_identity(model));
-  return p.keep_fractions(budget);
-}
 
 std::vector<OptionSpec> kv_option_specs(const std::vector<std::string>& names) {
   static const std::string policy_help = [] {
@@ -68,17 +63,7 @@ PolicyOptions policy_options_from_args(const Args& args) {
 
 std::unique_ptr<KVPolicy> make_policy_for_model(const std::string& name, PolicyOptions opt, const Args& args,
                                                 const Model& model) {
-  if (policy_info(name).needs_profile) {
-    std::string path = args.str("kv-profile", "");
-    if (path.empty()) {
-      path = (fs::path(model.config().dir) / "prefixkv_profile.json").string();
-      if (!fs::exists(path))
-        fail("--kv-policy " + name, "needs a profile: none at " + path +
-                                        "; make one with 'prefixkv calibrate' and pass it with --kv-profile");
-    }
-    opt.keep_fractions = load_keep_fractions(path, opt.budget, model);
-  }
-  return make_policy(name, opt);
+  return pkv::make_policy_for_model(name, std::move(opt), args.str("kv-profile", ""), model);
 }
 
 }  // namespace pkv::cli

@@ -17,10 +17,8 @@ std::vector<OptionSpec> kv_option_specs(const std::vector<std::string>& names);
 // Reads --kv-budget, --kv-budget-tokens, --kv-importance, --kv-window, --kv-protected,
 // --kv-prefix-pool, --kv-decode (those a command does not take keep their defaults).
 PolicyOptions policy_options_from_args(const Args& args);
-// Keep fractions for `budget` from a profile file, after checking it against the model.
-std::vector<double> load_keep_fractions(const std::string& path, double budget, const Model& model);
-// Makes the policy; for prefixkv, loads the profile (--kv-profile, else the model's
-// prefixkv_profile.json), checks it against the model and resolves the keep fractions.
+// Makes the policy; for prefixkv, with the profile of --kv-profile, else the model's
+// prefixkv_profile.json (engine/model_files.h's make_policy_for_model).
 std::unique_ptr<KVPolicy> make_policy_for_model(const std::string& name, PolicyOptions opt, const Args& args,
                                                 const Model& model);
 
