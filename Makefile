@@ -12,7 +12,7 @@ MODEL ?= models/prefixkv-llava-tiny
 IMAGE ?= data/example.png
 CMAKE_CONFIGURE = cmake -S . -B $(BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Release
 
-.PHONY: all deps deps-run build build-run run test clean
+.PHONY: all deps deps-run build build-run run test clean python
 
 all: build
 
@@ -42,6 +42,24 @@ test: build
 
 clean:
 	rm -rf $(BUILD)
+
+# ---- The Python module (docs/PYTHON.md). `make python` installs what it needs (scripts/setup.sh
+# python), builds it in $(BUILD) (-DPREFIXKV_PYTHON=ON; a fresh folder without the tests), makes the
+# virtual environment $(VENV) with Debian's python ($(PYTHON), --system-site-packages: its numpy)
+# and installs the package there with pip, offline (--no-index, --no-build-isolation: setup.py
+# builds nothing more than the target already built). `make test` builds and tests the module too.
+PYTHON ?= /usr/bin/python3
+VENV ?= .venv
+
+python:
+	@bash scripts/setup.sh python
+	@$(CMAKE_CONFIGURE) -DPREFIXKV_PYTHON=ON -DPython_EXECUTABLE=$(PYTHON) \
+	  $$([ -f $(BUILD)/CMakeCache.txt ] || echo -DPREFIXKV_TESTS=OFF) >/dev/null
+	@cmake --build $(BUILD) -j $(JOBS) --target prefixkv_python
+	@[ -x $(VENV)/bin/python ] || $(PYTHON) -m venv --system-site-packages $(VENV)
+	@PREFIXKV_BUILD=$(abspath $(BUILD)) $(VENV)/bin/python -m pip install -q --no-index --no-build-isolation \
+	  --disable-pip-version-check .
+	@$(VENV)/bin/python -c "import prefixkv, os; print('prefixkv is installed in $(VENV):', os.path.dirname(prefixkv.__file__))"
 
 # ---- Reliability (docs/RELIABILITY.md): fuzzing and the tests under sanitizers. Each has its own
 # build folder (never $(BUILD)); clang; the CUDA back end off.

@@ -15,7 +15,12 @@
 #   test      run + GoogleTest (gtest/gtest.h, libgtest, libgtest_main); node and npm for the test that
 #             runs the official OpenAI client (an existing node/npm is used whatever its origin; Debian's
 #             nodejs and npm are installed only where the commands are missing), and CA certificates
-#             for npm's download of that client. No test runs python.
+#             for npm's download of that client; the Python module's build (below) and pytest
+#             (`import pytest` in /usr/bin/python3) for its tests
+#   python    run + the Python module (`make python`): /usr/bin/python3, its headers (Python.h) and
+#             pybind11 (pybind11/pybind11.h as the compiler sees them, and pybind11's CMake package),
+#             numpy (`import numpy`); for the install: venv with pip (`import ensurepip, venv`),
+#             setuptools and wheel
 #   sanitize  run + GoogleTest + clang++ with its ASan, UBSan and libFuzzer runtimes
 #   tsan      run + GoogleTest + clang++ with its ThreadSanitizer runtime
 #   all       all of the above
@@ -25,24 +30,25 @@ set -euo pipefail
 usage() { sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0" >&2; exit 2; }
 
 dry_run=0
-want_run=0 want_gtest=0 want_node=0 want_asan=0 want_tsan=0
+want_run=0 want_gtest=0 want_node=0 want_asan=0 want_tsan=0 want_py=0 want_pytest=0 want_pyinstall=0
 profiles=()
 for a in "$@"; do
   case "$a" in
     --dry-run|-n) dry_run=1 ;;
     -h|--help) usage ;;
-    run|test|sanitize|tsan|all) profiles+=("$a") ;;
-    *) echo "setup: unknown profile '$a' (run, test, sanitize, tsan, all)" >&2; exit 2 ;;
+    run|test|python|sanitize|tsan|all) profiles+=("$a") ;;
+    *) echo "setup: unknown profile '$a' (run, test, python, sanitize, tsan, all)" >&2; exit 2 ;;
   esac
 done
 [ ${#profiles[@]} -gt 0 ] || profiles=(test)
 for p in "${profiles[@]}"; do
   case "$p" in
     run) want_run=1 ;;
-    test) want_run=1 want_gtest=1 want_node=1 ;;
+    test) want_run=1 want_gtest=1 want_node=1 want_py=1 want_pytest=1 ;;
+    python) want_run=1 want_py=1 want_pyinstall=1 ;;
     sanitize) want_run=1 want_gtest=1 want_asan=1 ;;
     tsan) want_run=1 want_gtest=1 want_tsan=1 ;;
-    all) want_run=1 want_gtest=1 want_node=1 want_asan=1 want_tsan=1 ;;
+    all) want_run=1 want_gtest=1 want_node=1 want_asan=1 want_tsan=1 want_py=1 want_pytest=1 want_pyinstall=1 ;;
   esac
 done
 want_clang=$((want_asan || want_tsan))
@@ -75,6 +81,15 @@ have_lib() {  # have_lib FILE...: true when the compiler's library search path h
   return 1
 }
 have_pc() { pkg-config --exists "$1" 2>/dev/null; }
+# The Python the module is built for and tested with: Debian's, whatever python3 the PATH finds first.
+python=/usr/bin/python3
+have_py_module() { [ -x "$python" ] && "$python" -c "import $1" >/dev/null 2>&1; }
+# have_py_header HEADER: the header as the compiler sees it with Python's include folder added.
+have_py_header() {
+  local inc
+  inc=$("$python" -c 'import sysconfig; print(sysconfig.get_paths()["include"])' 2>/dev/null) || return 1
+  printf '#include <%s>\n' "$1" | "$cxx" -std=c++20 -I"$inc" -x c++ -E -o /dev/null - >/dev/null 2>&1
+}
 have_cmake_package() {  # have_cmake_package NAME: a NAMEConfig.cmake or name-config.cmake find_package sees
   local name=$1 prefix dir extra=()
   local prefixes=(/usr /usr/local)
@@ -102,6 +117,7 @@ check_tools() {
   fi
   if [ "$want_clang" = 1 ]; then have_cmd clang++ || need clang "clang++"; fi
   if [ "$want_node" = 1 ]; then check_node; fi
+  if [ "$want_py" = 1 ]; then [ -x "$python" ] || need python3 "Debian's python3 ($python)"; fi
 }
 
 # node and npm for tests/e2e/test_server_openai.cc. Whatever provides the commands is used as it is;
@@ -136,6 +152,20 @@ check_libs() {
   if [ "$want_gtest" = 1 ]; then
     { have_header gtest/gtest.h && have_lib libgtest.a libgtest.so && have_lib libgtest_main.a libgtest_main.so; } ||
       need libgtest-dev "gtest/gtest.h, libgtest, libgtest_main"
+  fi
+  if [ "$want_py" = 1 ] && [ -x "$python" ]; then
+    have_py_header Python.h || need python3-dev "Python.h for $python"
+    { have_py_header pybind11/pybind11.h && have_cmake_package pybind11; } ||
+      need pybind11-dev "pybind11/pybind11.h and its CMake package"
+    have_py_module numpy || need python3-numpy "numpy for $python"
+  fi
+  if [ "$want_pytest" = 1 ] && [ -x "$python" ]; then
+    have_py_module pytest || need python3-pytest "pytest for $python"
+  fi
+  if [ "$want_pyinstall" = 1 ] && [ -x "$python" ]; then
+    have_py_module "ensurepip, venv" || need python3-venv "venv with pip for $python"
+    have_py_module setuptools || need python3-setuptools "setuptools for $python"
+    have_py_module wheel || need python3-wheel "wheel for $python"
   fi
   if [ "$want_node" = 1 ] && [ ! -e /etc/ssl/certs/ca-certificates.crt ]; then
     need ca-certificates "CA certificates (npm ci downloads the openai client over https)"
