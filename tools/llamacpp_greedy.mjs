@@ -5,7 +5,9 @@ import {getLlama} from "node-llama-cpp";
 const [modelPath, n, text] = process.argv.slice(2);
 const llama = await getLlama({gpu: false, build: "never"});
 const model = await llama.loadModel({modelPath});
-const context = await model.createContext({contextSize: 512});
+// One thread by default: on a busy 2-core machine, llama.cpp's spinning worker threads made a
+// 32-token run take minutes (LLAMACPP_THREADS=N for more).
+const context = await model.createContext({contextSize: 512, threads: Number(process.env.LLAMACPP_THREADS ?? 1)});
 const seq = context.getSequence();
 const prompt = [model.tokens.bos, ...model.tokenize(text)];
 const out = [];
