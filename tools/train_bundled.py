@@ -150,6 +150,16 @@ def read_corpus(path, limit_bytes=None):
     return docs, hashlib.sha256(data).hexdigest()
 
 
+def split_docs(docs, rng):
+    """The language stage's held-out documents (the first 2% of a permutation drawn from rng, at least
+    5; never trained on, only its validation loss) and its training documents. main_train draws it
+    first from np.random.default_rng(--seed); tools/make_text_heldout.py draws it again for the text
+    testbed."""
+    order = rng.permutation(len(docs))
+    n_val = max(5, len(docs) // 50)
+    return [docs[i] for i in order[:n_val]], [docs[i] for i in order[n_val:]]
+
+
 def build_stream(token_lists, bos, eos):
     total = sum(len(t) + 2 for t in token_lists)
     out = np.empty(total, dtype=np.int32)
@@ -1111,10 +1121,7 @@ def main_train(args):
     log(f"sample builder checked on {n_seq} sequences / {n_turns} turns (HF tokenizer): lengths desc "
         f"{int(lens[0::1 + args.qa_seqs].mean())} qa {int(lens[1::1 + args.qa_seqs].mean())} max {int(lens.max())}; "
         f"answer tokens per scene desc {(built.kinds == 0).sum() / 200:.0f} qa {(built.kinds == 1).sum() / 200:.0f}", t0)
-    order = rng.permutation(len(docs))
-    n_val = max(5, len(docs) // 50)
-    val_docs = [docs[i] for i in order[:n_val]]
-    train_docs = [docs[i] for i in order[n_val:]]
+    val_docs, train_docs = split_docs(docs, rng)
     t = time.time()
     train_stream = build_stream(hf.encode(train_docs, special=False), hf.bos, hf.eos)
     val_stream = build_stream(hf.encode(val_docs, special=False), hf.bos, hf.eos)

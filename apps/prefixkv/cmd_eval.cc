@@ -34,12 +34,17 @@ const std::vector<OptionSpec> kEvalOptions = with_options({
     {"model", "DIR", "checkpoint directory (default: the bundled model)"},
     {"vision-tower", "DIR", "separate CLIP checkpoint (original LLaVA layout)"},
     {"mmproj", "FILE", "llama.cpp's LLaVA vision file (GGUF) beside a GGUF language model (--model FILE.gguf)"},
-    {"data", "FILE", "evaluation data in LLaVA conversation JSON (e.g. data/eval/eval.json, detail_1k)"},
+    {"data", "FILE", "evaluation data: LLaVA conversation JSON (data/eval/eval.json: descriptions, "
+                     "data/eval/questions.json: short questions, detail_1k) or a text testbed (data/text/heldout.json)"},
     {"image-dir", "DIR", "folder the data's image names are relative to (default: the data file's folder)"},
     {"truth", "FILE", "ground truth for the task checker (default: truth.json next to the data, if present)"},
     {"policies", "LIST", "comma-separated policies (default: all but full)"},
     {"budgets", "LIST", "comma-separated kept fractions (default 0.1,...,0.9)"},
-    {"estimators", "LIST", "importance estimators for the prefix policies (default: window)"},
+    {"estimators", "LIST", "importance estimators for the prefix policies: window (default), paper, normalized, "
+                           "answer (an oracle: the reference answer's own teacher-forced attention)"},
+    {"no-image-control", "", "also measure the no-image control: every image entry evicted, the text kept"},
+    {"text-context", "N", "text testbed: context tokens (default: the data file's)"},
+    {"text-continuation", "N", "text testbed: continuation tokens teacher-forced after it (default: the data file's)"},
     {"limit", "N", "evaluate the first N usable samples"},
     {"max-tokens", "N", "greedy answer length limit (default 1024)"},
     {"image-mode", "MODE", "pad or crop (default: the model's)"},
@@ -49,7 +54,7 @@ const std::vector<OptionSpec> kEvalOptions = with_options({
     {"gpu-dtype", "TYPE", "cuda: bf16 or f16 (default: the checkpoint's 16-bit type, else bf16)"},
     {"answers", "FILE", "also write every greedy answer (tokens, and the top-two logit gap of each) as JSON lines"},
     {"out", "FILE", "results JSON"},
-    {"plot", "FILE", "PPL and ROUGE-L against budget per policy, as SVG"},
+    {"plot", "FILE", "PPL and ROUGE-L (text testbed: top-1 agreement) against budget per policy, as SVG"},
 }, kv_option_specs({"kv-window", "kv-protected", "kv-prefix-pool", "kv-decode", "kv-profile"}));
 
 }  // namespace
@@ -86,10 +91,27 @@ int cmd_eval(int argc, char** argv) {
   opt.jobs = args.integer("jobs", std::max(1, int(std::thread::hardware_concurrency())));
   if (opt.jobs < 1) fail("--jobs", "must be at least 1");
 
-  std::vector<Sample> samples = load_conversations(data, args.str("image-dir", ""));
+  opt.no_image_control = args.flag("no-image-control");
+
+  // A text testbed (a JSON object of documents) or conversations (a JSON list).
+  const bool text = is_text_set(data);
+  std::optional<TextSet> text_set;
+  std::vector<Sample> samples;
   std::string truth_path = args.str("truth", "");
-  if (truth_path.empty() && fs::exists(fs::path(data).parent_path() / "truth.json"))
-    truth_path = (fs::path(data).parent_path() / "truth.json").string();
+  if (text) {
+    for (const char* o : {"image-dir", "truth", "image-mode", "answers", "max-tokens"})
+      if (args.has(o)) fail(std::string("--") + o, "does not apply to a text testbed (" + data + ")");
+    if (opt.no_image_control) fail("--no-image-control", "the text testbed " + data + " has no image to evict");
+    text_set = load_text_set(data);
+    text_set->context_tokens = args.integer("text-context", text_set->context_tokens);
+    text_set->continuation_tokens = args.integer("text-continuation", text_set->continuation_tokens);
+  } else {
+    for (const char* o : {"text-context", "text-continuation"})
+      if (args.has(o)) fail(std::string("--") + o, "applies to a text testbed only, not to " + data);
+    samples = load_conversations(data, args.str("image-dir", ""));
+    if (truth_path.empty() && fs::exists(fs::path(data).parent_path() / "truth.json"))
+      truth_path = (fs::path(data).parent_path() / "truth.json").string();
+  }
   std::optional<TruthSet> truth;
   if (!truth_path.empty()) truth = TruthSet::load(truth_path);
 
@@ -133,7 +155,8 @@ int cmd_eval(int argc, char** argv) {
   opt.on_skip = [](const std::string& id, const std::string& why) {
     std::fprintf(stderr, "\nprefixkv eval: skipping sample '%s': %s\n", id.c_str(), why.c_str());
   };
-  const EvalReport rep = evaluate(*backend, engine, samples, truth ? &*truth : nullptr, opt);
+  const EvalReport rep = text ? evaluate_text(*backend, engine, *text_set, opt)
+                              : evaluate(*backend, engine, samples, truth ? &*truth : nullptr, opt);
 
   json res = report_json(rep);
   res["model"] = model_dir;
@@ -142,6 +165,10 @@ int cmd_eval(int argc, char** argv) {
                      {"window", opt.base.window}, {"protected", opt.base.protected_count},
                      {"prefix_pool", opt.base.prefix_pool}, {"decode_rule", rule},
                      {"max_tokens", opt.max_tokens}, {"truth", truth_path}};
+  if (opt.no_image_control) res["settings"]["no_image_control"] = true;
+  if (text)
+    res["settings"]["text"] = {{"context_tokens", text_set->context_tokens},
+                               {"continuation_tokens", text_set->continuation_tokens}};
   {
     const std::string tmp = out + ".tmp";
     std::ofstream f(tmp);
@@ -155,7 +182,8 @@ int cmd_eval(int argc, char** argv) {
 
   if (args.has("plot")) {
     PlotSpec ppl{"PPL of the reference answers", "kept fraction", "PPL", true, {}};
-    PlotSpec rl{"ROUGE-L vs full-cache answer", "kept fraction", "ROUGE-L F", false, {}};
+    PlotSpec rl = rep.greedy ? PlotSpec{"ROUGE-L vs full-cache answer", "kept fraction", "ROUGE-L F", false, {}}
+                             : PlotSpec{"top-1 agreement with the full cache", "kept fraction", "top-1", false, {}};
     std::map<std::string, size_t> series;  // one per policy[/estimator], points in budget order
     for (auto& [c, sc] : rep.records) {
       if (!sc.samples) continue;
@@ -167,7 +195,7 @@ int cmd_eval(int argc, char** argv) {
       }
       const size_t k = series[name];
       ppl.series[k].x.push_back(c.budget), ppl.series[k].y.push_back(sc.ppl);
-      rl.series[k].x.push_back(c.budget), rl.series[k].y.push_back(sc.rouge_l);
+      rl.series[k].x.push_back(c.budget), rl.series[k].y.push_back(rep.greedy ? sc.rouge_l : sc.top1);
     }
     write_svg(args.str("plot"), {ppl, rl}, 520, 380);
     std::cout << "wrote " << args.str("plot") << "\n";

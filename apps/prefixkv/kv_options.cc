@@ -48,6 +48,7 @@ PolicyOptions policy_options_from_args(const Args& args) {
     if (args.has("kv-budget")) fail("--kv-budget-tokens", "give either --kv-budget or --kv-budget-tokens, not both");
   }
   o.estimator = estimator_from_name(args.str("kv-importance", "window"));
+  if (o.estimator == Estimator::Answer) refuse_answer_estimator();  // no reference answer here
   o.window = args.integer("kv-window", 32);
   if (o.window < 1) fail("--kv-window", "must be at least 1");
   o.protected_count = args.integer("kv-protected", 2);

@@ -30,6 +30,20 @@ void Backend::SharedPrefill::begin(const PreparedPrompt& p, int vocab, const std
   from = windows;
 }
 
+void Backend::SharedPrefill::add_importance(int f, std::vector<std::vector<float>> imp) {
+  for (int x : from)
+    if (x == f) fail("shared prefill", "already holds the importance from query " + std::to_string(f));
+  if (imp.empty() || (!importance.empty() && imp.size() != importance[0].size()))
+    fail("shared prefill", "importance for " + std::to_string(imp.size()) + " layers, the prefill's has " +
+                               std::to_string(importance.empty() ? 0 : importance[0].size()));
+  for (size_t l = 0; l < imp.size(); ++l)
+    if (int(imp[l].size()) != prompt_len)
+      fail("shared prefill", "importance of layer " + std::to_string(l) + " has " + std::to_string(imp[l].size()) +
+                                 " values for a " + std::to_string(prompt_len) + "-token prompt");
+  from.push_back(f);
+  importance.push_back(std::move(imp));
+}
+
 const std::vector<std::vector<float>>& Backend::SharedPrefill::importance_for(const KVPolicy& policy) const {
   static const std::vector<std::vector<float>> none;
   const ImportanceRequest req = policy.prefill_importance(prompt_len);

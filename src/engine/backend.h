@@ -53,6 +53,10 @@ class Backend {
     std::vector<std::vector<std::vector<float>>> importance;   // [from.size()][layers][prompt_len]
     // Sizes the fields for a prompt before a backend fills logits and importance.
     void begin(const PreparedPrompt& p, int vocab, const std::vector<int>& windows);
+    // Adds importance measured by another pass for a window this prefill did not measure (the answer
+    // estimator's, from == prompt_len: evaluation's teacher-forced reference answer): every layer's
+    // row over the prompt's prompt_len keys. Error for a window already held or rows of another length.
+    void add_importance(int from, std::vector<std::vector<float>> imp);
   };
 
   virtual ~Backend() = default;

@@ -143,6 +143,7 @@ void Session::prefill(const PreparedPrompt& p, float* logits, Observer* obs) {
   const int T = int(p.ids.size());
   std::vector<std::vector<float>> importance;
   const ImportanceRequest req = policy_.prefill_importance(T);
+  check_prompt_importance(req, T);
   run_prompt(p, logits, obs, req.needed ? &importance : nullptr, req.from);
   cache_.apply(policy_.after_prefill(cache_, importance, T), policy_.name());
 }

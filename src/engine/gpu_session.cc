@@ -96,6 +96,7 @@ void GpuSession::prefill(const PreparedPrompt& p, float* logits, Observer* obs) 
   const int T = int(p.ids.size());
   std::vector<std::vector<float>> importance;
   const ImportanceRequest req = policy_.prefill_importance(T);
+  check_prompt_importance(req, T);
   using clock = std::chrono::steady_clock;
   auto ms = [](clock::time_point a, clock::time_point b) { return std::chrono::duration<double, std::milli>(b - a).count(); };
   const clock::time_point t0 = clock::now();

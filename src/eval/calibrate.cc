@@ -23,25 +23,11 @@ std::string utc_now() {
 std::vector<std::vector<float>> calibration_scores(Backend& backend, const Engine& engine, const PreparedPrompt& p,
                                                    const std::string& answer, const CalibrateOptions& opt) {
   const int N = int(p.ids.size());
-  if (opt.allocation == "answer") {
-    // The prompt and the answer (EOS included) in one uncompressed prefill; the importance over the
-    // answer's queries, cut to the prompt's keys: what the generation will read.
-    const std::vector<int32_t> a = engine.answer_ids(answer);
-    const int H = engine.model().config().text.hidden;
-    PreparedPrompt ext = p;
-    ext.ids.insert(ext.ids.end(), a.begin(), a.end());
-    if (!p.device_image) {  // else the device builds the answer's rows from its ids
-      ext.embeddings.resize(ext.ids.size() * size_t(H));
-      engine.model().embed(a.data(), int(a.size()), ext.embeddings.data() + size_t(N) * size_t(H));
-    }
-    const std::unique_ptr<Backend::SharedPrefill> sh = backend.prefill_shared(ext, {N});
-    std::vector<std::vector<float>> imp = sh->importance_for(N);
-    for (auto& l : imp) l.resize(size_t(N));
-    return imp;
-  }
+  if (opt.allocation == "answer") return answer_importance(backend, engine, p, engine.answer_ids(answer));
   if (opt.allocation != "prompt") fail("--allocate-from", "must be prompt or answer, got '" + opt.allocation + "'");
   const ImportanceRequest req = estimator_request(opt.estimator, opt.window, N);
   PKV_ASSERT_MSG(req.needed, "every estimator measures the prefill's attention");
+  check_prompt_importance(req, N);  // the answer estimator: --allocate-from answer instead
   const std::unique_ptr<Backend::SharedPrefill> sh = backend.prefill_shared(p, {req.from});
   std::vector<std::vector<float>> scores;
   for (const auto& l : sh->importance_for(req.from)) scores.push_back(estimator_scores(opt.estimator, l, N));

@@ -14,14 +14,19 @@ using nlohmann::json;
 
 namespace pkv {
 
-std::vector<Sample> load_conversations(const std::string& path, const std::string& image_dir) {
+namespace {
+json read_json(const std::string& path) {
   const std::string text = read_file(path, "data file");
-  json j;
   try {
-    j = json::parse(text);
+    return json::parse(text);
   } catch (const std::exception& e) {
     fail(path, std::string("not valid JSON: ") + e.what());
   }
+}
+}  // namespace
+
+std::vector<Sample> load_conversations(const std::string& path, const std::string& image_dir) {
+  const json j = read_json(path);
   if (!j.is_array()) fail(path, "expected a JSON list of conversations");
   const fs::path base = image_dir.empty() ? fs::path(path).parent_path() : fs::path(image_dir);
   std::vector<Sample> out;
@@ -64,6 +69,37 @@ std::vector<Sample> load_conversations(const std::string& path, const std::strin
     out.push_back(std::move(s));
   }
   return out;
+}
+
+bool is_text_set(const std::string& path) {
+  const std::string text = read_file(path, "data file");
+  const size_t at = text.find_first_not_of(" \t\r\n");
+  return at != std::string::npos && text[at] == '{';
+}
+
+TextSet load_text_set(const std::string& path) {
+  const json j = read_json(path);
+  if (!j.is_object() || !j.contains("documents"))
+    fail(path, "is neither a JSON list of conversations nor a text testbed (an object with 'documents', "
+               "'context_tokens' and 'continuation_tokens')");
+  TextSet set;
+  for (auto [key, field] : {std::pair{"context_tokens", &set.context_tokens},
+                            std::pair{"continuation_tokens", &set.continuation_tokens}}) {
+    if (!j.contains(key) || !j[key].is_number_integer() || j[key].get<int64_t>() < 1 || j[key].get<int64_t>() > 1 << 20)
+      fail(path, std::string("'") + key + "' must be a positive whole number of tokens");
+    *field = j[key].get<int>();
+  }
+  if (!j["documents"].is_array() || j["documents"].empty()) fail(path, "'documents' must be a non-empty list");
+  const json& docs = j["documents"];
+  for (size_t i = 0; i < docs.size(); ++i) {
+    const json& e = docs[i];
+    const std::string where = path + ": document " + std::to_string(i);
+    if (!e.is_object() || !e.contains("id") || !e["id"].is_string() || !e.contains("text") || !e["text"].is_string())
+      fail(where, "must be an object with a string 'id' and a string 'text'");
+    set.documents.push_back({e["id"].get<std::string>(), e["text"].get<std::string>()});
+    if (set.documents.back().text.empty()) fail(where + " ('" + set.documents.back().id + "')", "has no text");
+  }
+  return set;
 }
 
 }  // namespace pkv

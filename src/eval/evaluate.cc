@@ -96,42 +96,84 @@ float top_two_gap(const float* logits, int V) {
   return a - b;
 }
 
+// The no-image control: after the prefill every layer drops the image's entries and keeps the
+// text's; nothing is evicted while decoding.
+class NoImagePolicy : public KVPolicy {
+ public:
+  NoImagePolicy(int first, int count) : first_(first), count_(count) {}
+  std::string name() const override { return "no-image"; }
+  KeepPlan after_prefill(const CacheView& cache, const std::vector<std::vector<float>>&, int N) override {
+    KeepPlan plan;
+    if (first_ < 0 || count_ <= 0) return plan;  // no image: the full cache
+    std::vector<int32_t> keep;
+    for (int32_t i = 0; i < N; ++i)
+      if (i < first_ || i >= first_ + count_) keep.push_back(i);
+    if (keep.empty()) fail("--no-image-control", "the prompt holds nothing but the image");
+    prefill_kept_.assign(size_t(cache.n_layers()), int(keep.size()));
+    for (int l = 0; l < cache.n_layers(); ++l) plan.layers.push_back(LayerKeep{l, N, keep});
+    return plan;
+  }
+
+ private:
+  int first_, count_;
+};
+
+// One unit of evaluation: a prepared prompt, the reference continuation teacher-forced after it,
+// and (conversations) the sample its greedy answer is scored against.
+struct Item {
+  PreparedPrompt prompt;
+  std::vector<int32_t> answer;
+  const Sample* sample = nullptr;
+};
+
 class Evaluator {
  public:
-  Evaluator(Backend& backend, const Engine& engine, const TruthSet* truth, const EvalOptions& opt, std::mutex& report_mu)
-      : backend_(backend), engine_(engine), truth_(truth), opt_(opt), report_mu_(report_mu),
+  Evaluator(Backend& backend, const Engine& engine, const TruthSet* truth, const EvalOptions& opt, bool greedy,
+            std::mutex& report_mu)
+      : backend_(backend), engine_(engine), truth_(truth), opt_(opt), greedy_(greedy), report_mu_(report_mu),
         V_(backend.model().config().text.vocab_size) {}
 
-  // The sums of one sample: [0] the full cache, [1 + c] config c.
-  std::vector<Sums> run(const Sample& s, const PreparedPrompt& p) {
-    const std::vector<int32_t> answer = engine_.answer_ids(s.answer);
+  // The number of members of a sample: the full cache, the configs, the no-image control if asked.
+  size_t members() const { return opt_.configs.size() + 1 + (opt_.no_image_control ? 1 : 0); }
+
+  // The sums of one item: [0] the full cache, [1 + c] config c, [1 + C] the no-image control.
+  std::vector<Sums> run(const std::string& id, const Item& item) {
+    const PreparedPrompt& p = item.prompt;
+    const std::vector<int32_t>& answer = item.answer;
     const int A = int(answer.size()), N = int(p.ids.size());
-    const size_t C = opt_.configs.size();
-    // Every policy's importance window, measured once by the shared prefill.
+    const size_t M = members();
+    // Every policy's importance window, measured once by the shared prefill; the answer
+    // estimator's (the reference answer's queries, from N) by one prefill of prompt + answer.
     std::set<int> windows;
+    bool answer_window = false;
     for (const EvalConfig& c : opt_.configs) {
       const ImportanceRequest req = make(c)->prefill_importance(N);
-      if (req.needed) windows.insert(req.from);
+      if (!req.needed) continue;
+      if (req.from >= N) answer_window = true;
+      else windows.insert(req.from);
     }
     const std::unique_ptr<Backend::SharedPrefill> shared =
         backend_.prefill_shared(p, std::vector<int>(windows.begin(), windows.end()));
-    std::vector<Sums> sums(C + 1);
+    if (answer_window) shared->add_importance(N, answer_importance(backend_, engine_, p, answer));
+    std::vector<Sums> sums(M);
     std::vector<float> ref_logits(size_t(A) * V_);  // the full cache's, along the answer
-    std::vector<std::string> texts(C + 1);
+    std::vector<std::string> texts(M);
     const size_t batch = size_t(std::max(1, opt_.batch));
-    // Member m of a group: the full cache (index 0, in the first group only) or config m - 1.
-    for (size_t first = 0; first < C + 1; first += batch) {
+    // Member m of a group: the full cache (index 0, in the first group only), config m - 1, or the
+    // no-image control (the last).
+    for (size_t first = 0; first < M; first += batch) {
       std::vector<size_t> group;
-      for (size_t m = first; m < std::min(C + 1, first + batch); ++m) group.push_back(m);
-      teacher_force(*shared, group, answer, ref_logits, sums);
-      greedy(s, *shared, group, texts, sums);
+      for (size_t m = first; m < std::min(M, first + batch); ++m) group.push_back(m);
+      teacher_force(*shared, p, group, answer, ref_logits, sums);
+      if (greedy_) greedy(id, *shared, p, group, texts, sums);
     }
-    for (size_t m = 0; m < C + 1; ++m) {
+    for (size_t m = 0; m < M; ++m) {
       sums[m].tokens = A;
       sums[m].samples = 1;
+      if (!greedy_) continue;
       if (m > 0) sums[m].rouge = rouge_l_f(texts[0], texts[m]);
       double acc;
-      if (score(s, texts[m], &acc)) sums[m].acc = acc, sums[m].acc_n = 1;
+      if (item.sample && score(*item.sample, texts[m], &acc)) sums[m].acc = acc, sums[m].acc_n = 1;
     }
     return sums;
   }
@@ -144,8 +186,15 @@ class Evaluator {
     if (policy_info(c.policy).needs_profile) o.keep_fractions = opt_.profile->keep_fractions(c.budget);
     return make_policy(c.policy, o);
   }
-  std::unique_ptr<KVPolicy> make_member(size_t m) const {
-    return m == 0 ? std::make_unique<FullPolicy>() : make(opt_.configs[m - 1]);
+  std::unique_ptr<KVPolicy> make_member(size_t m, const PreparedPrompt& p) const {
+    if (m == 0) return std::make_unique<FullPolicy>();
+    if (m <= opt_.configs.size()) return make(opt_.configs[m - 1]);
+    return std::make_unique<NoImagePolicy>(p.image_offset, p.image_tokens);
+  }
+  std::string member_name(size_t m) const {
+    if (m == 0) return "full";
+    if (m <= opt_.configs.size()) return opt_.configs[m - 1].key();
+    return "no-image";
   }
 
   // The members' sequences, each adopted from the shared prefill under its own policy, and the
@@ -156,11 +205,11 @@ class Evaluator {
     std::vector<Backend::Sequence*> ptrs;
     std::vector<float> logits;
   };
-  Members adopt_members(const Backend::SharedPrefill& shared, const std::vector<size_t>& group) {
+  Members adopt_members(const Backend::SharedPrefill& shared, const PreparedPrompt& p, const std::vector<size_t>& group) {
     Members m;
     m.logits.resize(group.size() * V_);
     for (size_t i = 0; i < group.size(); ++i) {
-      m.policies.push_back(make_member(group[i]));
+      m.policies.push_back(make_member(group[i], p));
       m.seqs.push_back(backend_.adopt(shared, *m.policies.back()));
       m.ptrs.push_back(m.seqs.back().get());
       std::copy(shared.logits.begin(), shared.logits.end(), m.logits.begin() + ptrdiff_t(i * V_));
@@ -170,11 +219,12 @@ class Evaluator {
 
   // Teacher forcing along the reference answer over each member's compressed cache. The full
   // cache's logits (member 0, first group) are the reference of the KLD and top-1 of every config.
-  void teacher_force(const Backend::SharedPrefill& shared, const std::vector<size_t>& group,
+  // Without greedy answers, the KV bytes at the end are those after the answer.
+  void teacher_force(const Backend::SharedPrefill& shared, const PreparedPrompt& p, const std::vector<size_t>& group,
                      const std::vector<int32_t>& answer, std::vector<float>& ref_logits, std::vector<Sums>& sums) {
     const int A = int(answer.size());
     const size_t n = group.size();
-    Members m = adopt_members(shared, group);
+    Members m = adopt_members(shared, p, group);
     std::vector<float>& logits = m.logits;
     for (size_t i = 0; i < n; ++i) sums[group[i]].kv0 = double(m.seqs[i]->kv_bytes());
     std::vector<int32_t> tokens(n);
@@ -196,12 +246,14 @@ class Evaluator {
         backend_.step_many(m.ptrs, tokens.data(), logits.data());
       }
     }
+    if (!greedy_)
+      for (size_t i = 0; i < n; ++i) sums[group[i]].kv1 = double(m.seqs[i]->kv_bytes());
   }
 
-  void greedy(const Sample& s, const Backend::SharedPrefill& shared, const std::vector<size_t>& group,
-              std::vector<std::string>& texts, std::vector<Sums>& sums) {
+  void greedy(const std::string& id, const Backend::SharedPrefill& shared, const PreparedPrompt& p,
+              const std::vector<size_t>& group, std::vector<std::string>& texts, std::vector<Sums>& sums) {
     const size_t n = group.size();
-    Members m = adopt_members(shared, group);
+    Members m = adopt_members(shared, p, group);
     SamplingOptions so;
     so.max_tokens = opt_.max_tokens;
     std::vector<std::vector<float>> margins(n);
@@ -214,8 +266,7 @@ class Evaluator {
       sums[group[i]].kv1 = double(r[i].kv_bytes);
       if (opt_.on_answer) {
         std::lock_guard<std::mutex> lk(report_mu_);
-        opt_.on_answer(s.id, group[i] == 0 ? std::string("full") : opt_.configs[group[i] - 1].key(), r[i].tokens,
-                       margins[i]);
+        opt_.on_answer(id, member_name(group[i]), r[i].tokens, margins[i]);
       }
     }
   }
@@ -237,52 +288,57 @@ class Evaluator {
   const Engine& engine_;
   const TruthSet* truth_;
   const EvalOptions& opt_;
+  const bool greedy_;
   std::mutex& report_mu_;  // the caller's callbacks, one at a time
   const int V_;
 };
 
-}  // namespace
-
-EvalReport evaluate(Backend& backend, const Engine& engine, const std::vector<Sample>& samples, const TruthSet* truth,
-                    const EvalOptions& opt) {
+void check_options(const EvalOptions& opt) {
   if (opt.configs.empty()) fail("--policies", "nothing to evaluate");
   if (opt.jobs < 1) fail("--jobs", "must be at least 1");
   if (opt.batch < 1) fail("--batch", "must be at least 1");
   if (opt.max_tokens < 1) fail("--max-tokens", "must be at least 1");
   for (const EvalConfig& c : opt.configs)
     if (policy_info(c.policy).needs_profile && !opt.profile) fail("--policies " + c.policy, "needs a profile");
+}
+
+// The evaluation loop over `n` candidate items (made by `make_item(i, &why)`; nullopt: skipped
+// with `why`), on opt.jobs host threads, until opt.limit items were measured.
+EvalReport run_items(Backend& backend, const Engine& engine, size_t n, const std::vector<std::string>& ids,
+                     const std::function<std::optional<Item>(size_t, std::string*)>& make_item, const TruthSet* truth,
+                     const EvalOptions& opt, bool greedy) {
   const int jobs = backend.thread_safe() ? opt.jobs : 1;
-  const size_t target = opt.limit > 0 ? std::min(samples.size(), opt.limit) : samples.size();
+  const size_t target = opt.limit > 0 ? std::min(n, opt.limit) : n;
   const auto t0 = std::chrono::steady_clock::now();
 
   std::mutex mu;
-  std::vector<Sums> totals(opt.configs.size() + 1);
+  std::vector<Sums> totals(opt.configs.size() + 1 + (opt.no_image_control ? 1 : 0));
   EvalReport rep;
   rep.device = backend.description();
+  rep.greedy = greedy;
   size_t next = 0, used = 0, done = 0;
   std::exception_ptr error;
   auto worker = [&]() {
-    Evaluator ev(backend, engine, truth, opt, mu);
+    Evaluator ev(backend, engine, truth, opt, greedy, mu);
     for (;;) {
       size_t i;
       {
         std::lock_guard<std::mutex> lk(mu);
-        if (used >= target || next >= samples.size() || error) return;
+        if (used >= target || next >= n || error) return;
         i = next++;
       }
-      const Sample& s = samples[i];
       try {
         std::string why;
-        std::optional<PreparedPrompt> p;
+        std::optional<Item> item;
         try {
-          p = prepare_sample(engine, s, opt.image_mode, &why, &backend);
+          item = make_item(i, &why);
         } catch (const Error& e) {
           why = e.what();
         }
-        if (!p) {
+        if (!item) {
           std::lock_guard<std::mutex> lk(mu);
-          rep.skipped.emplace_back(s.id, why);
-          if (opt.on_skip) opt.on_skip(s.id, why);
+          rep.skipped.emplace_back(ids[i], why);
+          if (opt.on_skip) opt.on_skip(ids[i], why);
           continue;
         }
         {
@@ -290,7 +346,7 @@ EvalReport evaluate(Backend& backend, const Engine& engine, const std::vector<Sa
           if (used >= target) return;
           ++used;
         }
-        const std::vector<Sums> sums = ev.run(s, *p);
+        const std::vector<Sums> sums = ev.run(ids[i], *item);
         std::lock_guard<std::mutex> lk(mu);
         for (size_t m = 0; m < sums.size(); ++m) totals[m].add(sums[m]);
         ++done;
@@ -310,18 +366,121 @@ EvalReport evaluate(Backend& backend, const Engine& engine, const std::vector<Sa
     for (auto& t : threads) t.join();
   }
   if (error) std::rethrow_exception(error);
-  if (totals[0].samples == 0) fail("evaluation data", "no usable sample (every image was missing or broken)");
+  if (totals[0].samples == 0)
+    fail("evaluation data", greedy ? "no usable sample (every image was missing or broken)"
+                                   : "no usable document (every one was too short or unreadable)");
   rep.samples = totals[0].samples;
   rep.answer_tokens = totals[0].tokens;
   rep.full = totals[0].scores();
-  for (size_t c = 0; c < opt.configs.size(); ++c) rep.records.emplace_back(opt.configs[c], totals[c + 1].scores());
+  const size_t C = opt.configs.size();
+  for (size_t c = 0; c < C; ++c) rep.records.emplace_back(opt.configs[c], totals[c + 1].scores());
+  if (opt.no_image_control) rep.no_image = totals[C + 1].scores();
   rep.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return rep;
 }
 
+// descriptions or questions when the truth set scores every sample as one kind, else conversations.
+std::string conversation_testbed(const std::vector<Sample>& samples, const TruthSet* truth) {
+  if (!truth || samples.empty()) return "conversations";
+  size_t questions = 0, scenes = 0;
+  for (const Sample& s : samples) {
+    if (truth->find_question(s.id)) ++questions;
+    else if (truth->find(s.id)) ++scenes;
+  }
+  if (questions == samples.size()) return "questions";
+  if (scenes == samples.size()) return "descriptions";
+  return "conversations";
+}
+
+}  // namespace
+
+std::vector<std::vector<float>> answer_importance(Backend& backend, const Engine& engine, const PreparedPrompt& p,
+                                                  const std::vector<int32_t>& answer) {
+  if (answer.empty()) fail("--kv-importance answer", "the sample has no reference answer to teacher-force");
+  // The prompt and the answer in one uncompressed prefill; the importance over the answer's
+  // queries, cut to the prompt's keys: what the generation will read.
+  const int N = int(p.ids.size());
+  const int H = engine.model().config().text.hidden;
+  PreparedPrompt ext = p;
+  ext.ids.insert(ext.ids.end(), answer.begin(), answer.end());
+  if (!p.device_image) {  // else the device builds the answer's rows from its ids
+    ext.embeddings.resize(ext.ids.size() * size_t(H));
+    engine.model().embed(answer.data(), int(answer.size()), ext.embeddings.data() + size_t(N) * size_t(H));
+  }
+  const std::unique_ptr<Backend::SharedPrefill> sh = backend.prefill_shared(ext, {N});
+  std::vector<std::vector<float>> imp = sh->importance_for(N);
+  for (auto& l : imp) l.resize(size_t(N));
+  return imp;
+}
+
+EvalReport evaluate(Backend& backend, const Engine& engine, const std::vector<Sample>& samples, const TruthSet* truth,
+                    const EvalOptions& opt) {
+  check_options(opt);
+  std::vector<std::string> ids;
+  for (const Sample& s : samples) ids.push_back(s.id);
+  auto make_item = [&](size_t i, std::string* why) -> std::optional<Item> {
+    const Sample& s = samples[i];
+    std::optional<PreparedPrompt> p = prepare_sample(engine, s, opt.image_mode, why, &backend);
+    if (!p) return std::nullopt;
+    return Item{std::move(*p), engine.answer_ids(s.answer), &s};
+  };
+  EvalReport rep = run_items(backend, engine, samples.size(), ids, make_item, truth, opt, true);
+  rep.testbed = conversation_testbed(samples, truth);
+  return rep;
+}
+
+EvalReport evaluate_text(Backend& backend, const Engine& engine, const TextSet& set, const EvalOptions& opt) {
+  check_options(opt);
+  if (opt.no_image_control) fail("--no-image-control", "the text testbed has no image to evict");
+  if (set.context_tokens < 2 || set.continuation_tokens < 1)
+    fail("text testbed", "needs a context of at least 2 tokens and a continuation of at least 1");
+  const int C = set.context_tokens, K = set.continuation_tokens;
+  if (C + K > engine.model().config().text.max_positions)
+    fail("text testbed", "context " + std::to_string(C) + " + continuation " + std::to_string(K) +
+                             " tokens exceed the model's " + std::to_string(engine.model().config().text.max_positions) +
+                             " positions");
+  std::vector<std::string> ids;
+  for (const TextDocument& d : set.documents) ids.push_back(d.id);
+  const int H = engine.model().config().text.hidden;
+  auto make_item = [&](size_t i, std::string* why) -> std::optional<Item> {
+    PromptRequest req;
+    req.text = set.documents[i].text;
+    req.tmpl = Template::Raw;
+    PreparedPrompt whole = engine.prepare(req);
+    if (int(whole.ids.size()) < C + K) {
+      *why = "has " + std::to_string(whole.ids.size()) + " tokens, fewer than context " + std::to_string(C) +
+             " + continuation " + std::to_string(K);
+      return std::nullopt;
+    }
+    Item item;
+    item.answer.assign(whole.ids.begin() + C, whole.ids.begin() + C + K);
+    item.prompt.ids.assign(whole.ids.begin(), whole.ids.begin() + C);
+    item.prompt.embeddings.assign(whole.embeddings.begin(), whole.embeddings.begin() + ptrdiff_t(C) * H);
+    return item;
+  };
+  EvalReport rep = run_items(backend, engine, set.documents.size(), ids, make_item, nullptr, opt, false);
+  rep.testbed = "text";
+  return rep;
+}
+
+namespace {
+nlohmann::json scores_json(const EvalScores& s, bool greedy) {
+  using nlohmann::json;
+  return {{"ppl", s.ppl},
+          {"rouge_l", greedy ? json(s.rouge_l) : json(nullptr)},
+          {"accuracy", s.accuracy ? json(*s.accuracy) : json(nullptr)},
+          {"kld", s.kld},
+          {"top1_agreement", s.top1},
+          {"kv_bytes", s.kv_bytes},
+          {"kv_bytes_end", s.kv_bytes_end},
+          {"samples", s.samples}};
+}
+}  // namespace
+
 nlohmann::json report_json(const EvalReport& r) {
   using nlohmann::json;
   json res;
+  res["testbed"] = r.testbed;
   res["device"] = r.device;
   res["seconds"] = r.seconds;
   res["samples"] = r.samples;
@@ -333,20 +492,14 @@ nlohmann::json report_json(const EvalReport& r) {
                  {"accuracy", r.full.accuracy ? json(*r.full.accuracy) : json(nullptr)},
                  {"kv_bytes", r.full.kv_bytes},
                  {"kv_bytes_end", r.full.kv_bytes_end}};
+  if (r.no_image) res["no_image"] = scores_json(*r.no_image, r.greedy);
   json records = json::array();
   for (auto& [c, s] : r.records) {
     if (!s.samples) continue;
-    records.push_back({{"policy", c.policy},
-                       {"estimator", c.estimator.empty() ? json(nullptr) : json(c.estimator)},
-                       {"budget", c.budget},
-                       {"ppl", s.ppl},
-                       {"rouge_l", s.rouge_l},
-                       {"accuracy", s.accuracy ? json(*s.accuracy) : json(nullptr)},
-                       {"kld", s.kld},
-                       {"top1_agreement", s.top1},
-                       {"kv_bytes", s.kv_bytes},
-                       {"kv_bytes_end", s.kv_bytes_end},
-                       {"samples", s.samples}});
+    json rec = {{"policy", c.policy}, {"estimator", c.estimator.empty() ? json(nullptr) : json(c.estimator)},
+                {"budget", c.budget}};
+    rec.update(scores_json(s, r.greedy));
+    records.push_back(rec);
   }
   res["records"] = records;
   return res;
@@ -361,27 +514,32 @@ std::string report_table(const EvalReport& r, const std::vector<double>& budgets
     if (!rows.count(name)) order.push_back(name);
     rows[name][c.budget] = &s;
   }
+  char cell[96];
+  auto cell_of = [&](const EvalScores& s) {
+    const std::string acc = s.accuracy ? std::to_string(int(std::lround(*s.accuracy * 100))) + "%" : "-";
+    if (r.greedy) std::snprintf(cell, sizeof cell, "%.3g / %.2f / %s / %.3f", s.ppl, s.rouge_l, acc.c_str(), s.kld);
+    else std::snprintf(cell, sizeof cell, "%.3g / %.2f / %.3f", s.ppl, s.top1, s.kld);
+    return std::string(cell);
+  };
   std::ostringstream t;
-  t << "\nsamples " << r.samples << " (skipped " << r.skipped.size() << "); full cache: PPL " << r.full.ppl;
+  t << "\ntestbed " << r.testbed << ": samples " << r.samples << " (skipped " << r.skipped.size()
+    << "); full cache: PPL " << r.full.ppl;
   if (r.full.accuracy) t << ", accuracy " << *r.full.accuracy;
-  t << "\ncells: PPL / ROUGE-L / accuracy / KLD\n\n| policy |";
+  if (r.no_image) {
+    const double kept = r.full.kv_bytes > 0 ? r.no_image->kv_bytes / r.full.kv_bytes : 0;
+    t << "\nno-image control (every image entry evicted, " << int(std::lround(kept * 100))
+      << "% of the prompt's entries kept): " << cell_of(*r.no_image);
+  }
+  t << (r.greedy ? "\ncells: PPL / ROUGE-L / accuracy / KLD\n\n| policy |" : "\ncells: PPL / top-1 / KLD\n\n| policy |");
   for (double b : budgets) t << " " << int(std::lround(b * 100)) << "% |";
   t << "\n|---|";
   for (size_t i = 0; i < budgets.size(); ++i) t << "---|";
   t << "\n";
-  char cell[96];
   for (const std::string& name : order) {
     t << "| " << name << " |";
     for (double b : budgets) {
       auto it = rows[name].find(b);
-      if (it == rows[name].end()) {
-        t << " |";
-        continue;
-      }
-      const EvalScores& s = *it->second;
-      const std::string acc = s.accuracy ? std::to_string(int(std::lround(*s.accuracy * 100))) + "%" : "-";
-      std::snprintf(cell, sizeof cell, " %.3g / %.2f / %s / %.3f |", s.ppl, s.rouge_l, acc.c_str(), s.kld);
-      t << cell;
+      t << (it == rows[name].end() ? " |" : " " + cell_of(*it->second) + " |");
     }
     t << "\n";
   }

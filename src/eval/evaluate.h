@@ -9,6 +9,13 @@
 //   top-1    the share of those positions where both pick the same most likely token;
 //   KV bytes the cache right after the prefill's compression, and at the end of the greedy answer.
 //
+// Testbeds (docs/RESULTS.md, "Testbeds"): conversations (the descriptions of data/eval/eval.json, the
+// short questions of data/eval/questions.json) through evaluate(), and the text testbed (held-out
+// documents of the language corpus: a context, then its continuation teacher-forced; no image, no
+// greedy answer) through evaluate_text(). Beside the policies: the no-image control (every image
+// entry evicted after the prefill, the text kept) and the answer estimator (an oracle: the reference
+// answer's own teacher-forced attention ranks the prompt's entries).
+//
 // One uncompressed prefill per sample (Backend::prefill_shared) is shared by every policy
 // (Backend::adopt); the policies' sequences of a sample are decoded together in batched steps
 // (Backend::step_many, bit-identical to one at a time on the CPU).
@@ -35,6 +42,12 @@ namespace pkv {
 std::optional<PreparedPrompt> prepare_sample(const Engine& engine, const Sample& s, const std::string& image_mode,
                                              std::string* why, Backend* backend = nullptr);
 
+// The answer estimator's importance: the prompt and the reference answer (`answer`: its ids, as
+// teacher-forced) in one uncompressed prefill; per layer, the attention the answer's queries pay
+// each of the prompt's keys ([layers][prompt tokens]). Calibration's answer allocation uses it too.
+std::vector<std::vector<float>> answer_importance(Backend& backend, const Engine& engine, const PreparedPrompt& p,
+                                                  const std::vector<int32_t>& answer);
+
 struct EvalConfig {
   std::string policy;
   std::string estimator;  // "" for a policy without an importance estimator
@@ -56,6 +69,7 @@ struct EvalOptions {
   size_t limit = 0;                  // the first `limit` usable samples (0: all)
   int jobs = 1;                      // samples at once, one host thread each (thread-safe back ends)
   int batch = 32;                    // policies whose sequences are decoded together
+  bool no_image_control = false;     // also measure the no-image control (EvalReport::no_image)
   // The callbacks are called one at a time (from the worker threads when jobs > 1).
   // Optional: each greedy answer's tokens and, per token, the gap between the two largest logits it
   // was chosen from (to trace answers that differ between devices to near-ties).
@@ -67,18 +81,21 @@ struct EvalOptions {
 };
 
 struct EvalScores {
-  double ppl = 0, rouge_l = 0, kld = 0, top1 = 0;
+  double ppl = 0, rouge_l = 0, kld = 0, top1 = 0;  // rouge_l 0 where no greedy answer is made (text)
   std::optional<double> accuracy;
   double kv_bytes = 0, kv_bytes_end = 0;  // means over the samples
   int samples = 0;
 };
 
 struct EvalReport {
-  std::string device;  // Backend::description()
+  std::string device;   // Backend::description()
+  std::string testbed;  // descriptions | questions | conversations (mixed, or no truth) | text
+  bool greedy = true;   // whether greedy answers were made (ROUGE-L, accuracy): not on the text testbed
   int samples = 0;
   int64_t answer_tokens = 0;
   std::vector<std::pair<std::string, std::string>> skipped;  // sample id, why
   EvalScores full;                                            // the reference itself (ppl, accuracy, KV)
+  std::optional<EvalScores> no_image;                         // the no-image control, when asked for
   std::vector<std::pair<EvalConfig, EvalScores>> records;     // in the order of the configs
   double seconds = 0;
 };
@@ -86,9 +103,17 @@ struct EvalReport {
 EvalReport evaluate(Backend& backend, const Engine& engine, const std::vector<Sample>& samples, const TruthSet* truth,
                     const EvalOptions& opt);
 
+// The text testbed: per document its first context_tokens tokens (BOS first, tokenised as the
+// engine tokenises raw text) are the prompt, and the next continuation_tokens (no EOS) the reference
+// teacher-forced over each config's cache (compressed after the prefill and at every step): PPL, KLD
+// and top-1 against the full cache, KV bytes after the prefill and after the continuation. No greedy
+// answers (EvalOptions::max_tokens unused); a document too short, or holding the image marker, is
+// skipped; the no-image control is refused (there is no image).
+EvalReport evaluate_text(Backend& backend, const Engine& engine, const TextSet& set, const EvalOptions& opt);
+
 // The report as the results JSON of `prefixkv eval` (docs/FORMATS.md) without its "settings", and
 // as the paper-style table: rows policy[/estimator], columns budgets, cells PPL / ROUGE-L /
-// accuracy / KLD.
+// accuracy / KLD (PPL / top-1 / KLD on the text testbed); the no-image control on its own line.
 nlohmann::json report_json(const EvalReport& r);
 std::string report_table(const EvalReport& r, const std::vector<double>& budgets);
 

@@ -106,7 +106,7 @@ KeepPlan BudgetedPolicy::after_decode_step(const CacheView& cache, int T, const 
 ImportanceRequest estimator_request(Estimator e, int window, int N) {
   ImportanceRequest r;
   r.needed = true;
-  r.from = e == Estimator::Window ? std::max(0, N - window) : 0;
+  r.from = e == Estimator::Window ? std::max(0, N - window) : e == Estimator::Answer ? N : 0;
   return r;
 }
 

@@ -48,7 +48,8 @@ class BudgetedPolicy : public KVPolicy {
   std::vector<double> keep_fraction_;  // k_l = n_l / N
 };
 
-// The importance request of an estimator (METHOD.md section 1) and its scores from the raw sums.
+// The importance request of an estimator (METHOD.md section 1; the answer estimator's starts at the
+// prompt's length: the reference answer's queries) and its scores from the raw sums.
 ImportanceRequest estimator_request(Estimator e, int window, int prompt_len);
 std::vector<float> estimator_scores(Estimator e, const std::vector<float>& raw, int prompt_len);
 

@@ -24,6 +24,9 @@ enum class Estimator {
   Paper,       // sum over all prefill queries of the head-mean attention
   Window,      // the same over the last `window` prompt queries only
   Normalized,  // paper divided by the number of queries that could see the token
+  Answer,      // analysis only, an oracle: the same sum over the queries of the reference answer that
+               // follows the prompt, teacher-forced over the full cache (the attention the answer
+               // really pays each prompt entry). Only an evaluation that holds the answer measures it.
 };
 const char* estimator_name(Estimator e);
 Estimator estimator_from_name(const std::string& s);  // throws Error naming --kv-importance
@@ -54,8 +57,16 @@ struct PolicyOptions {
 // What the prefill must measure for a policy.
 struct ImportanceRequest {
   bool needed = false;
-  int from = 0;  // first prompt query that counts
+  int from = 0;  // first prompt query that counts; the prompt's length: the queries of the reference
+                 // answer after the prompt (Estimator::Answer), which no prefill of the prompt has
 };
+// The one error for the answer estimator where no reference answer exists (run, serve, bench,
+// calibrate's prompt allocation, a prompt's own prefill), naming --kv-importance.
+[[noreturn]] void refuse_answer_estimator();
+// Refuses a request that the prompt's own prefill cannot measure (the answer estimator's): the back
+// ends' prefills call it (evaluation adds the answer's importance itself,
+// Backend::SharedPrefill::add_importance).
+void check_prompt_importance(const ImportanceRequest& r, int prompt_len);
 
 class KVPolicy {
  public:

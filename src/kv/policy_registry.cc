@@ -80,6 +80,7 @@ const char* estimator_name(Estimator e) {
     case Estimator::Paper: return "paper";
     case Estimator::Window: return "window";
     case Estimator::Normalized: return "normalized";
+    case Estimator::Answer: return "answer";
   }
   return "?";
 }
@@ -88,7 +89,19 @@ Estimator estimator_from_name(const std::string& s) {
   if (s == "paper") return Estimator::Paper;
   if (s == "window") return Estimator::Window;
   if (s == "normalized") return Estimator::Normalized;
-  fail("--kv-importance", "unknown estimator '" + s + "' (paper, window, normalized)");
+  if (s == "answer") return Estimator::Answer;
+  fail("--kv-importance", "unknown estimator '" + s + "' (paper, window, normalized, answer)");
+}
+
+void refuse_answer_estimator() {
+  fail("--kv-importance answer",
+       "ranks by the reference answer's own attention (teacher-forced), an oracle that only an evaluation holding "
+       "that answer can measure (prefixkv eval --estimators answer; calibration: --allocate-from answer); a prompt "
+       "alone has no answer");
+}
+
+void check_prompt_importance(const ImportanceRequest& r, int prompt_len) {
+  if (r.needed && r.from >= prompt_len) refuse_answer_estimator();
 }
 
 std::unique_ptr<KVPolicy> make_policy(const std::string& name, const PolicyOptions& opt) {

@@ -154,3 +154,62 @@ TEST(EvalCli, BadInput) {
   err("run --model " + kModel + " --prompt hi --kv-policy prefixkv --kv-profile " + test::temp_path("broken_profile.json"),
       "broken_profile.json");
 }
+
+// The testbeds through the command: the no-image control and the answer oracle on conversations,
+// the text testbed (a JSON object of documents), each named in the JSON and the table; the answer
+// estimator refused where no reference answer exists; options of the other kind of data refused.
+TEST(EvalCli, TestbedsTheNoImageControlAndTheAnswerOracle) {
+  const std::string data = write_data("eval_testbeds");
+  const std::string out = test::temp_path("testbeds.json");
+  Result r = prefixkv("eval --model " + kModel + " --data " + data + " --truth " + repo("data/calib/truth.json") +
+                      " --policies uniform-prefix --estimators answer,window --budgets 0.5 --max-tokens 4 "
+                      "--no-image-control --out " + out);
+  ASSERT_EQ(r.rc, 0) << r.out;
+  json j = json::parse(std::ifstream(out));
+  EXPECT_EQ(j["testbed"], "descriptions");
+  EXPECT_EQ(j["settings"]["no_image_control"], true);
+  ASSERT_TRUE(j.contains("no_image"));
+  EXPECT_EQ(j["no_image"]["samples"], 2);
+  EXPECT_LT(j["no_image"]["kv_bytes"].get<double>(), 0.1 * j["full"]["kv_bytes"].get<double>()) << "the image is most";
+  ASSERT_EQ(j["records"].size(), 2u);
+  EXPECT_EQ(j["records"][0]["estimator"], "answer");
+  EXPECT_NE(r.out.find("testbed descriptions"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("no-image control (every image entry evicted"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("| uniform-prefix/answer |"), std::string::npos) << r.out;
+
+  // A text testbed of two held-out windows, cut to a short context for the fixture.
+  json src = json::parse(std::ifstream(repo("data/text/heldout.json")));
+  json text = {{"context_tokens", 16}, {"continuation_tokens", 6},
+               {"documents", {src["documents"][0], src["documents"][1]}}};
+  const std::string tdata = test::temp_path("text.json"), tout = test::temp_path("text_results.json");
+  std::ofstream(tdata) << text.dump();
+  Result t = prefixkv("eval --model " + kModel + " --data " + tdata + " --policies snapkv,uniform-prefix "
+                      "--estimators window,answer --budgets 0.5 --text-context 12 --out " + tout + " --plot " +
+                      test::temp_path("text.svg"));
+  ASSERT_EQ(t.rc, 0) << t.out;
+  json tj = json::parse(std::ifstream(tout));
+  EXPECT_EQ(tj["testbed"], "text");
+  EXPECT_EQ(tj["samples"], 2);
+  EXPECT_EQ(tj["answer_tokens"], 12);
+  EXPECT_EQ(tj["settings"]["text"]["context_tokens"], 12);
+  EXPECT_EQ(tj["settings"]["text"]["continuation_tokens"], 6);
+  ASSERT_EQ(tj["records"].size(), 3u);
+  for (auto& rec : tj["records"]) {
+    EXPECT_TRUE(rec["rouge_l"].is_null()) << "no greedy answers on text";
+    EXPECT_GT(rec["kld"].get<double>(), 0.0);
+  }
+  EXPECT_NE(t.out.find("cells: PPL / top-1 / KLD"), std::string::npos) << t.out;
+
+  auto err = [&](const std::string& a, const std::string& frag) {
+    Result e = prefixkv(a);
+    EXPECT_EQ(e.rc, 1) << a << "\n" << e.out;
+    EXPECT_NE(e.out.find(frag), std::string::npos) << e.out;
+  };
+  err("eval --model " + kModel + " --data " + tdata + " --out /tmp/x.json --no-image-control", "--no-image-control");
+  err("eval --model " + kModel + " --data " + tdata + " --out /tmp/x.json --truth " + repo("data/calib/truth.json"),
+      "--truth");
+  err("eval --model " + kModel + " --data " + data + " --out /tmp/x.json --text-context 8", "--text-context");
+  err("run --model " + kModel + " --prompt hi --kv-policy uniform-prefix --kv-importance answer", "--kv-importance answer");
+  err("calibrate --model " + kModel + " --data " + data + " --out /tmp/x.json --kv-importance answer",
+      "--kv-importance answer");
+}

@@ -1,9 +1,11 @@
 // Evaluation and calibration as library modules over the backend seam (src/eval/evaluate.h,
 // calibrate.h), and the backend calls they stand on (Backend::prefill_shared, adopt, generate_many),
-// on the CPU back end.
+// on the CPU back end; the testbeds (text, the no-image control) and the answer oracle.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <fstream>
 #include <numeric>
 #include <set>
 
@@ -12,6 +14,7 @@
 #include "eval/calibrate.h"
 #include "eval/evaluate.h"
 #include "eval/metrics.h"
+#include "kv/budgeted.h"
 #include "test_util.h"
 
 using namespace pkv;
@@ -281,4 +284,242 @@ TEST(Calibrate, ProfileFromTwoSamples) {
     for (double k : pb.keep) mean += k;
     EXPECT_NEAR(mean / double(pb.keep.size()), pb.budget, 1e-9);
   }
+}
+
+namespace {
+
+// Teacher-forces `answer` over a sequence starting from the prefill's last logits; the summed NLL.
+double teacher_forced_nll(Backend& backend, Backend::Sequence& seq, std::vector<float> logits,
+                          const std::vector<int32_t>& answer) {
+  double nll = 0;
+  for (size_t t = 0; t < answer.size(); ++t) {
+    nll += token_nll(logits.data(), int(logits.size()), answer[t]);
+    if (t + 1 < answer.size()) backend.step(seq, answer[t], logits.data());
+  }
+  return nll;
+}
+
+// Keeps exactly the given prompt entries after the prefill (every layer), nothing evicted later.
+class KeepListPolicy : public KVPolicy {
+ public:
+  explicit KeepListPolicy(std::vector<int32_t> keep) : keep_(std::move(keep)) {}
+  std::string name() const override { return "keep-list"; }
+  KeepPlan after_prefill(const CacheView& cache, const std::vector<std::vector<float>>&, int N) override {
+    KeepPlan plan;
+    for (int l = 0; l < cache.n_layers(); ++l) plan.layers.push_back(LayerKeep{l, N, keep_});
+    return plan;
+  }
+
+ private:
+  std::vector<int32_t> keep_;
+};
+
+}  // namespace
+
+// The answer estimator: its request starts at the prompt's length (the answer's queries), which no
+// prompt prefill measures (run, serve: one error naming --kv-importance answer); evaluation adds
+// the reference answer's teacher-forced importance to the shared prefill, and the prefix policies
+// then keep, per layer, the protected entries plus the entries the answer attends to most.
+TEST(AnswerEstimator, RanksByTheReferenceAnswersAttentionAndIsRefusedWithoutOne) {
+  EXPECT_EQ(estimator_from_name("answer"), Estimator::Answer);
+  EXPECT_STREQ(estimator_name(Estimator::Answer), "answer");
+  EXPECT_EQ(estimator_request(Estimator::Answer, 32, 100).from, 100);
+  Bundled& b = bundled();
+  const auto backend = make_cpu_backend(*b.model);
+  std::string why;
+  const auto p = prepare_sample(b.engine, b.samples[1], "", &why);
+  ASSERT_TRUE(p) << why;
+  const int N = int(p->ids.size()), L = b.model->config().text.n_layers;
+  const std::vector<int32_t> answer = b.engine.answer_ids(b.samples[1].answer);
+  for (int pool : {0, 7}) {
+    SCOPED_TRACE("pool " + std::to_string(pool));
+    PolicyOptions o;
+    o.budget = 0.2;
+    o.estimator = Estimator::Answer;
+    o.prefix_pool = pool;
+    auto pol = make_policy("uniform-prefix", o);
+    ASSERT_EQ(pol->prefill_importance(N).from, N);
+    try {
+      std::vector<float> logits(size_t(b.model->config().text.vocab_size));
+      backend->prefill(*p, *pol, logits.data());
+      FAIL() << "a prompt's own prefill ranked by an answer it does not have";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("--kv-importance answer"), std::string::npos) << e.what();
+    }
+    const auto shared = backend->prefill_shared(*p, {});
+    EXPECT_THROW(backend->adopt(*shared, *pol), Error) << "the answer's importance was not added";
+    const auto imp = answer_importance(*backend, b.engine, *p, answer);
+    ASSERT_EQ(int(imp.size()), L);
+    shared->add_importance(N, imp);
+    EXPECT_THROW(shared->add_importance(N, imp), Error) << "the same window twice";
+    auto pol2 = make_policy("uniform-prefix", o);
+    const auto seq = backend->adopt(*shared, *pol2);
+    const int n = int(std::lround(0.2 * N));
+    for (int l = 0; l < L; ++l) {
+      // Expected: positions 0 and N - 1 (protected), then the highest (pooled) answer attention.
+      std::vector<float> s = imp[size_t(l)];
+      if (pool > 1) s = max_pool_1d(s, pool);
+      std::vector<int32_t> order(static_cast<size_t>(N));
+      std::iota(order.begin(), order.end(), 0);
+      std::stable_sort(order.begin(), order.end(), [&](int32_t x, int32_t y) { return s[size_t(x)] > s[size_t(y)]; });
+      std::set<int32_t> want = {0, N - 1};
+      for (int32_t i : order) {
+        if (int(want.size()) >= n) break;
+        want.insert(i);
+      }
+      const auto got = seq->entries().positions(l);
+      ASSERT_EQ(std::set<int32_t>(got.begin(), got.end()), want) << "layer " << l;
+    }
+  }
+  // Rows of another length, or no layers, are refused.
+  const auto shared = backend->prefill_shared(*p, {0});
+  EXPECT_THROW(shared->add_importance(N, std::vector<std::vector<float>>(size_t(L), std::vector<float>(size_t(N - 1)))),
+               Error);
+  EXPECT_THROW(shared->add_importance(N, {}), Error);
+  EXPECT_THROW(answer_importance(*backend, b.engine, *p, {}), Error);
+}
+
+// In evaluate(): a config ranked by the answer estimator is the oracle above, teacher-forced (its
+// PPL is the NLL computed here), and the no-image control keeps exactly the text's entries.
+TEST(Evaluate, AnswerOracleAndNoImageControlAreTheSequencesTheySayTheyAre) {
+  Bundled& b = bundled();
+  const auto backend = make_cpu_backend(*b.model);
+  EvalOptions opt;
+  opt.configs = eval_configs({"uniform-prefix"}, {0.2}, {"answer"}, nullptr);
+  ASSERT_EQ(opt.configs.size(), 1u);
+  opt.base.prefix_pool = 7;
+  opt.no_image_control = true;
+  opt.max_tokens = 4;
+  opt.limit = 1;
+  std::vector<std::string> configs;
+  opt.on_answer = [&](const std::string&, const std::string& c, const std::vector<int32_t>&, const std::vector<float>&) {
+    configs.push_back(c);
+  };
+  const std::vector<Sample> one(b.samples.begin() + 1, b.samples.begin() + 2);
+  const EvalReport rep = evaluate(*backend, b.engine, one, nullptr, opt);
+  EXPECT_EQ(configs, (std::vector<std::string>{"full", opt.configs[0].key(), "no-image"}));
+  EXPECT_EQ(rep.testbed, "conversations") << "no truth set";
+  ASSERT_TRUE(rep.no_image);
+  std::string why;
+  const auto p = prepare_sample(b.engine, one[0], "", &why);
+  ASSERT_TRUE(p) << why;
+  const int N = int(p->ids.size()), I = p->image_tokens;
+  ASSERT_GT(I, 0);
+  const std::vector<int32_t> answer = b.engine.answer_ids(one[0].answer);
+  const auto shared = backend->prefill_shared(*p, {});
+  shared->add_importance(N, answer_importance(*backend, b.engine, *p, answer));
+  {
+    PolicyOptions o = opt.base;
+    o.budget = 0.2;
+    o.estimator = Estimator::Answer;
+    auto pol = make_policy("uniform-prefix", o);
+    auto seq = backend->adopt(*shared, *pol);
+    const double nll = teacher_forced_nll(*backend, *seq, shared->logits, answer);
+    EXPECT_DOUBLE_EQ(rep.records[0].second.ppl, std::exp(nll / double(answer.size())));
+  }
+  std::vector<int32_t> text;
+  for (int32_t i = 0; i < N; ++i)
+    if (i < p->image_offset || i >= p->image_offset + I) text.push_back(i);
+  KeepListPolicy keep(text);
+  auto seq = backend->adopt(*shared, keep);
+  EXPECT_DOUBLE_EQ(rep.no_image->kv_bytes, double(seq->kv_bytes()));
+  EXPECT_DOUBLE_EQ(rep.no_image->kv_bytes, rep.full.kv_bytes * double(N - I) / N);
+  const double nll = teacher_forced_nll(*backend, *seq, shared->logits, answer);
+  EXPECT_DOUBLE_EQ(rep.no_image->ppl, std::exp(nll / double(answer.size())));
+  EXPECT_GT(rep.no_image->ppl, rep.full.ppl) << "the description needs the image";
+  // The text testbed has no image to evict.
+  TextSet set;
+  set.context_tokens = 8;
+  set.continuation_tokens = 4;
+  set.documents = {{"d", "Some words to read here and there, for a while, and then more words after them."}};
+  EXPECT_THROW(evaluate_text(*backend, b.engine, set, opt), Error);
+}
+
+// The text testbed: the document's first tokens (BOS first) as the prompt, the next ones
+// teacher-forced; the full cache's PPL is the NLL computed here, the compressed configs hold fewer
+// entries and diverge; too short a document is skipped with the reason.
+TEST(EvaluateText, ContextThenContinuationTeacherForced) {
+  Bundled& b = bundled();
+  const auto backend = make_cpu_backend(*b.model);
+  const TextSet bundled_set = load_text_set(std::string(PKV_SOURCE_DIR) + "/data/text/heldout.json");
+  EXPECT_EQ(bundled_set.context_tokens + bundled_set.continuation_tokens, 512) << "the trained length";
+  EXPECT_GE(bundled_set.documents.size(), 100u);
+  TextSet set;
+  set.context_tokens = 48;
+  set.continuation_tokens = 12;
+  set.documents = {bundled_set.documents[0], {"short", "Too short."}, bundled_set.documents[1]};
+  EvalOptions opt;
+  opt.configs = eval_configs({"streaming", "uniform-prefix"}, {0.25}, {"window", "answer"}, nullptr);
+  ASSERT_EQ(opt.configs.size(), 3u);
+  opt.jobs = 2;
+  const EvalReport rep = evaluate_text(*backend, b.engine, set, opt);
+  EXPECT_EQ(rep.testbed, "text");
+  EXPECT_FALSE(rep.greedy);
+  EXPECT_EQ(rep.samples, 2);
+  ASSERT_EQ(rep.skipped.size(), 1u);
+  EXPECT_EQ(rep.skipped[0].first, "short");
+  EXPECT_NE(rep.skipped[0].second.find("fewer than context 48"), std::string::npos) << rep.skipped[0].second;
+  EXPECT_EQ(rep.answer_tokens, 2 * 12);
+  double nll = 0;
+  const size_t entry = backend->kv_entry_bytes() * size_t(b.model->config().text.n_layers);
+  for (size_t d : {size_t(0), size_t(2)}) {
+    PromptRequest req;
+    req.text = set.documents[d].text;
+    req.tmpl = Template::Raw;
+    const PreparedPrompt whole = b.engine.prepare(req);
+    ASSERT_EQ(whole.ids[0], b.model->config().text.bos_id);
+    PreparedPrompt p;
+    p.ids.assign(whole.ids.begin(), whole.ids.begin() + 48);
+    const auto emb = b.engine.prepare(PromptRequest{.marked_ids = p.ids});
+    p.embeddings = emb.embeddings;
+    FullPolicy full;
+    std::vector<float> logits(size_t(b.model->config().text.vocab_size));
+    auto seq = backend->prefill(p, full, logits.data());
+    nll += teacher_forced_nll(*backend, *seq, logits, std::vector<int32_t>(whole.ids.begin() + 48, whole.ids.begin() + 60));
+  }
+  EXPECT_DOUBLE_EQ(rep.full.ppl, std::exp(nll / 24));
+  EXPECT_DOUBLE_EQ(rep.full.kv_bytes, double(48 * entry));
+  EXPECT_DOUBLE_EQ(rep.full.kv_bytes_end, double((48 + 11) * entry)) << "after the continuation's 11 fed tokens";
+  for (const auto& [c, s] : rep.records) {
+    SCOPED_TRACE(c.key());
+    EXPECT_EQ(s.samples, 2);
+    EXPECT_DOUBLE_EQ(s.kv_bytes, double(12 * entry)) << "a quarter of 48 in every layer";
+    EXPECT_LT(s.kv_bytes_end, rep.full.kv_bytes_end);
+    EXPECT_GT(s.kld, 0.0);
+    EXPECT_FALSE(s.accuracy);
+  }
+  set.context_tokens = 2000;
+  EXPECT_THROW(evaluate_text(*backend, b.engine, set, opt), Error) << "past the model's positions";
+}
+
+TEST(TextSet, LoadsAndRefusesMalformedFiles) {
+  const std::string path = test::temp_path("text.json");
+  auto write = [&](const std::string& s) { std::ofstream(path) << s; };
+  write(R"({"context_tokens": 8, "continuation_tokens": 4, "documents": [{"id": "a", "text": "x y"}]})");
+  EXPECT_TRUE(is_text_set(path));
+  const TextSet t = load_text_set(path);
+  EXPECT_EQ(t.context_tokens, 8);
+  EXPECT_EQ(t.continuation_tokens, 4);
+  ASSERT_EQ(t.documents.size(), 1u);
+  EXPECT_EQ(t.documents[0].text, "x y");
+  auto bad = [&](const std::string& s, const std::string& frag) {
+    write(s);
+    try {
+      load_text_set(path);
+      ADD_FAILURE() << "no error for " << s;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(frag), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find(path), std::string::npos) << e.what();
+    }
+  };
+  bad(R"([1, 2])", "neither a JSON list of conversations nor a text testbed");
+  bad(R"({"context_tokens": 8})", "neither");
+  bad(R"({"context_tokens": 0, "continuation_tokens": 4, "documents": [{"id": "a", "text": "x"}]})", "'context_tokens'");
+  bad(R"({"context_tokens": 8, "continuation_tokens": "4", "documents": [{"id": "a", "text": "x"}]})", "'continuation_tokens'");
+  bad(R"({"context_tokens": 8, "continuation_tokens": 4, "documents": []})", "'documents' must be a non-empty list");
+  bad(R"({"context_tokens": 8, "continuation_tokens": 4, "documents": [{"id": "a"}]})", "document 0");
+  bad(R"({"context_tokens": 8, "continuation_tokens": 4, "documents": [{"id": "a", "text": ""}]})", "has no text");
+  bad(R"({"context_tokens": 8, )", "not valid JSON");
+  write("  [ ]");
+  EXPECT_FALSE(is_text_set(path));
 }
