@@ -12,3 +12,9 @@ from ._core import (Error, Model, Profile, Stream, calibrate, evaluate, have_cud
 
 __all__ = ["Error", "Model", "Profile", "Stream", "calibrate", "evaluate", "have_cuda", "policies", "set_threads",
            "threads"]
+
+for _name in __all__:  # shown as prefixkv.Error, prefixkv.Model, ... rather than prefixkv._core.*
+    _obj = globals()[_name]
+    if isinstance(_obj, type):
+        _obj.__module__ = __name__
+del _name, _obj
