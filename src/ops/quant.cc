@@ -7,6 +7,7 @@
 
 #include "core/dtype.h"
 #include "core/error.h"
+#include "ops/quant_blocks.h"
 
 namespace pkv::quant {
 
@@ -67,67 +68,10 @@ void dequantize_row(uint32_t type, const void* src_v, float* dst, int64_t n) {
     case kBF16:
       for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(load_u16(src + 2 * i));
       return;
-    case kQ8_0:
-      for (int64_t b = 0; b < n / kQk; ++b, src += 2 + kQk, dst += kQk) {
-        const float d = f16_to_f32(load_u16(src));
-        const auto* q = reinterpret_cast<const int8_t*>(src + 2);
-        for (int j = 0; j < kQk; ++j) dst[j] = float(q[j]) * d;
-      }
-      return;
-    case kQ4_0:
-      for (int64_t b = 0; b < n / kQk; ++b, src += 2 + kQk / 2, dst += kQk) {
-        const float d = f16_to_f32(load_u16(src));
-        const uint8_t* q = src + 2;
-        for (int j = 0; j < kQk / 2; ++j) {
-          dst[j] = float(int(q[j] & 0x0F) - 8) * d;
-          dst[j + kQk / 2] = float(int(q[j] >> 4) - 8) * d;
-        }
-      }
-      return;
-    case kQ4_K:
-      for (int64_t b = 0; b < n / kQkK; ++b, src += 144, dst += kQkK) {
-        const float d = f16_to_f32(load_u16(src)), dmin = f16_to_f32(load_u16(src + 2));
-        const uint8_t* sc = src + 4;
-        const uint8_t* q = src + 16;
-        for (int pair = 0; pair < 4; ++pair, q += 32) {
-          for (int half = 0; half < 2; ++half) {
-            const int j = 2 * pair + half;  // the sub-block
-            int scale, min;
-            if (j < 4) {
-              scale = sc[j] & 63, min = sc[j + 4] & 63;
-            } else {
-              scale = (sc[j + 4] & 0x0F) | ((sc[j - 4] >> 6) << 4);
-              min = (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4);
-            }
-            const float ds = d * float(scale), dm = dmin * float(min);
-            float* out = dst + 32 * j;
-            for (int l = 0; l < 32; ++l) out[l] = ds * float(half ? q[l] >> 4 : q[l] & 0x0F) - dm;
-          }
-        }
-      }
-      return;
-    case kQ6_K:
-      for (int64_t b = 0; b < n / kQkK; ++b, src += 210, dst += kQkK) {
-        const uint8_t* ql = src;
-        const uint8_t* qh = src + 128;
-        const auto* scale = reinterpret_cast<const int8_t*>(src + 192);
-        const float d = f16_to_f32(load_u16(src + 208));
-        for (int h = 0; h < 2; ++h, ql += 64, qh += 32, scale += 8) {
-          float* out = dst + 128 * h;
-          for (int l = 0; l < 32; ++l) {
-            const int s = l / 16;
-            const int q1 = int((ql[l] & 0x0F) | (((qh[l] >> 0) & 3) << 4)) - 32;
-            const int q2 = int((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) - 32;
-            const int q3 = int((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
-            const int q4 = int((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
-            out[l] = d * float(scale[s]) * float(q1);
-            out[l + 32] = d * float(scale[s + 2]) * float(q2);
-            out[l + 64] = d * float(scale[s + 4]) * float(q3);
-            out[l + 96] = d * float(scale[s + 6]) * float(q4);
-          }
-        }
-      }
-      return;
+    case kQ8_0: return blocks::dequantize_blocks<blocks::Q8_0>(src, dst, n);
+    case kQ4_0: return blocks::dequantize_blocks<blocks::Q4_0>(src, dst, n);
+    case kQ4_K: return blocks::dequantize_blocks<blocks::Q4_K>(src, dst, n);
+    case kQ6_K: return blocks::dequantize_blocks<blocks::Q6_K>(src, dst, n);
   }
 }
 
