@@ -17,6 +17,9 @@
 #include "ops/cuda/paged_body.h"
 #include "ops/cuda/plan.h"
 #include "kernel_cases.h"
+#include "ops/cuda/quant_body.h"
+#include "ops/quant.h"
+#include "quant_cases.h"
 
 namespace pkv::cuda::test {
 namespace {
@@ -125,14 +128,51 @@ class EmuBackend : public Backend {
 
   void gemv(const GemvArgs& a) override {
     const detail::GemvPlan plan = detail::plan_gemv(a);
+    namespace b = quant::blocks;
+    switch (plan.w_quant) {
+      case quant::kQ8_0: return gemv_quant<b::Q8_0>(plan);
+      case quant::kQ4_0: return gemv_quant<b::Q4_0>(plan);
+      case quant::kQ4_K: return gemv_quant<b::Q4_K>(plan);
+      case quant::kQ6_K: return gemv_quant<b::Q6_K>(plan);
+    }
     if (plan.w_dtype == DType::F16) gemv_typed<__half>(plan);
     else gemv_typed<__nv_bfloat16>(plan);
   }
-  template <class T, class Y, bool S>
+  template <class F>
+  void gemv_quant(const detail::GemvPlan& plan) {  // y F32 without w_up, x's type with it
+    using W = detail::QuantWeights<F>;
+    if (plan.w_dtype == DType::F16) {
+      if (plan.swiglu) return gemv_rows<__half, __half, true, W>(plan);
+      return gemv_rows<__half, float, false, W>(plan);
+    }
+    if (plan.swiglu) return gemv_rows<__nv_bfloat16, __nv_bfloat16, true, W>(plan);
+    return gemv_rows<__nv_bfloat16, float, false, W>(plan);
+  }
+  void dequantize(const DequantArgs& a) override {
+    const detail::DequantPlan plan = detail::plan_dequantize(a);
+    namespace b = quant::blocks;
+    switch (plan.quant) {
+      case quant::kQ8_0: return dequantize_format<b::Q8_0>(plan);
+      case quant::kQ4_0: return dequantize_format<b::Q4_0>(plan);
+      case quant::kQ4_K: return dequantize_format<b::Q4_K>(plan);
+      case quant::kQ6_K: return dequantize_format<b::Q6_K>(plan);
+    }
+  }
+  template <class F>
+  void dequantize_format(const detail::DequantPlan& plan) {
+    auto run = [&](auto y) {
+      using Y = decltype(y);
+      emu::run(plan.launch, [&](emu::Ctx& c) { detail::dequantize_rows<F, Y>(c, plan.params); });
+    };
+    if (plan.out_dtype == DType::F32) run(float{});
+    else if (plan.out_dtype == DType::F16) run(__half{});
+    else run(__nv_bfloat16{});
+  }
+  template <class T, class Y, bool S, class W = detail::DenseWeights<T>>
   void gemv_rows(const detail::GemvPlan& plan) {
     const detail::GemvParams& p = plan.params;
     auto run = [&](auto rows) {
-      emu::run(plan.launch, [&](emu::Ctx& c) { detail::gemv<T, Y, decltype(rows)::value, S>(c, p); }, seed_++);
+      emu::run(plan.launch, [&](emu::Ctx& c) { detail::gemv<T, Y, decltype(rows)::value, S, W>(c, p); }, seed_++);
     };
     switch (p.rows) {
       case 1: return run(std::integral_constant<int, 1>{});
@@ -181,6 +221,18 @@ TEST(CudaEmu, Gemv) {
   EmuBackend be;
   for (const GemvCase& c : gemv_cases(false)) check_gemv(be, c);
   check_gemv_refusals(be);
+}
+
+// The block-quantised gemv bodies (every format, 1-8 rows, tails, SwiGLU) and dequantisation, emulated.
+TEST(CudaEmu, QuantGemv) {
+  EmuBackend be;
+  for (const QuantGemvCase& c : quant_gemv_cases(false)) check_quant_gemv(be, c);
+  check_quant_gemv_refusals(be);
+}
+
+TEST(CudaEmu, Dequantize) {
+  EmuBackend be;
+  check_dequantize_all(be, 5, 512, 1800);
 }
 
 TEST(CudaEmu, Compaction) {

@@ -26,6 +26,7 @@
 #include "ops/cuda/paged_body.h"
 #include "ops/cuda/plan.h"
 #include "ops/ops.h"
+#include "ops/quant.h"
 
 namespace pkv::cuda {
 
@@ -301,6 +302,27 @@ float* Blas::f32_workspace(size_t floats) {
   if (ws_.bytes() < floats * sizeof(float)) ws_ = DeviceBuffer(floats * sizeof(float), "cuBLAS float32 scratch");
   return ws_.as<float>();
 }
+void* Blas::weight_workspace(size_t bytes) {
+  if (wq_.bytes() < bytes) {
+    wq_.reset();
+    wq_ = DeviceBuffer(bytes, "dequantised weight scratch (one matrix)");
+  }
+  return wq_.data();
+}
+
+// Quantised rows: the plan's checks, then the CPU's dequantiser (the GPU's decoders are the same).
+void dequantize_rows(const DequantArgs& a, void*) {
+  const detail::DequantPlan plan = detail::plan_dequantize(a);
+  const detail::DequantParams& p = plan.params;
+  const size_t row_bytes = quant::row_bytes(a.quant, a.cols);
+  std::vector<float> row(size_t(a.cols));
+  for (int r = 0; r < p.n; ++r) {
+    const int64_t src = p.ids ? p.ids[r] : r;
+    if (src >= 0 && src < p.rows) quant::dequantize_row(a.quant, static_cast<const uint8_t*>(p.w) + size_t(src) * row_bytes, row.data(), a.cols);
+    else std::fill(row.begin(), row.end(), 0.f);
+    for (int i = 0; i < a.cols; ++i) st(a.out_dtype, p.out, size_t(r) * size_t(p.out_stride) + i, row[size_t(i)]);
+  }
+}
 
 void linear(Blas& blas, const LinearArgs& a) {
   const char* op = "cuda::linear";
@@ -317,9 +339,14 @@ void linear(Blas& blas, const LinearArgs& a) {
   std::vector<float> xf(size_t(a.rows) * a.in), prod(size_t(a.rows) * a.out);
   for (int r = 0; r < a.rows; ++r)
     for (int i = 0; i < a.in; ++i) xf[size_t(r) * a.in + i] = ld(a.w_dtype, a.x, size_t(r) * size_t(x_stride) + i);
+  if (a.w_quant) {
+    const std::string why = quant_misfit(a.w_quant, a.in);
+    if (!why.empty()) fail(op, why);
+  }
   TensorView tv;
   tv.name = "fake linear weight";
   tv.dtype = a.w_dtype;
+  tv.quant = a.w_quant;  // ops::linear dequantises block-quantised rows
   tv.supported = true;
   tv.shape = {a.out, a.in};
   tv.data = a.w;
@@ -345,13 +372,25 @@ bool gemv_enabled() { return true; }
 void gemv(const GemvArgs& a, void*) {
   const detail::GemvPlan plan = detail::plan_gemv(a);
   const detail::GemvParams& p = plan.params;
+  // Weight rows as float (block-quantised ones through the CPU's dequantiser).
+  std::vector<float> wrow(size_t(p.in)), urow(size_t(p.in));
+  auto weight_row = [&](const void* w, int o, std::vector<float>& dst) {
+    if (a.w_quant) {
+      const size_t rb = quant::row_bytes(a.w_quant, p.in);
+      quant::dequantize_row(a.w_quant, static_cast<const uint8_t*>(w) + size_t(o) * rb, dst.data(), p.in);
+    } else {
+      for (int i = 0; i < p.in; ++i) dst[size_t(i)] = ld(a.w_dtype, w, size_t(o) * size_t(p.in) + i);
+    }
+  };
   for (int r = 0; r < p.rows; ++r)
     for (int o = 0; o < p.out; ++o) {
       double g = 0, u = 0;
+      weight_row(p.w, o, wrow);
+      if (p.w_up) weight_row(p.w_up, o, urow);
       for (int i = 0; i < p.in; ++i) {
         const double xv = ld(a.w_dtype, p.x, size_t(r) * size_t(p.x_stride) + i);
-        g += xv * ld(a.w_dtype, p.w, size_t(o) * size_t(p.in) + i);
-        if (p.w_up) u += xv * ld(a.w_dtype, p.w_up, size_t(o) * size_t(p.in) + i);
+        g += xv * wrow[size_t(i)];
+        if (p.w_up) u += xv * urow[size_t(i)];
       }
       float v = p.w_up ? float(g / (1.0 + std::exp(-g)) * u) : float(g);
       const size_t yi = size_t(r) * size_t(p.y_stride) + o;

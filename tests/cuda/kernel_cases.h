@@ -32,6 +32,7 @@ class Backend {
   virtual void paged_compact(const PagedKV& kv, const PagedJobs& jobs) = 0;
   virtual void paged_merge(const PagedKV& kv, const PagedJobs& jobs) = 0;
   virtual void gemv(const GemvArgs& a) = 0;
+  virtual void dequantize(const DequantArgs& a) = 0;
 
   template <class T>
   T* put(const std::vector<T>& v) {

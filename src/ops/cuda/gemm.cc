@@ -79,6 +79,36 @@ float* Blas::f32_workspace(size_t floats) {
   return ws_.as<float>();
 }
 
+void* Blas::weight_workspace(size_t bytes) {
+  if (wq_.bytes() < bytes) {
+    if (!wq_.empty()) PKV_CUDA_CHECK(cudaStreamSynchronize(static_cast<cudaStream_t>(stream_)));
+    wq_.reset();
+    wq_ = DeviceBuffer(bytes, "dequantised weight scratch (one matrix)");
+  }
+  return wq_.data();
+}
+
+// A block-quantised W: a few rows read the blocks (gemv); more rows multiply a dequantised copy of
+// this one matrix (blas.weight_workspace) through cuBLAS.
+static void linear_quant(Blas& blas, const LinearArgs& a) {
+  if (a.w_dtype != DType::F16 && a.w_dtype != DType::BF16)
+    fail("cuda::linear", std::string("with quantised weights x must be F16 or BF16, got ") + dtype_name(a.w_dtype));
+  if (!a.bias && a.rows <= gemv_auto_rows(a.w_quant) && gemv_enabled()) {
+    GemvArgs g;
+    g.x = a.x, g.x_stride = a.x_stride, g.w = a.w, g.w_quant = a.w_quant, g.w_dtype = a.w_dtype;
+    g.rows = a.rows, g.in = a.in, g.out = a.out;
+    g.y = a.y, g.y_stride = a.y_stride, g.y_dtype = a.y_dtype, g.accumulate = a.accumulate;
+    if (gemv_fits(g)) return gemv(g, blas.stream());
+  }
+  DequantArgs d;
+  d.quant = a.w_quant, d.w = a.w, d.rows = a.out, d.cols = a.in, d.n = a.out, d.out_dtype = a.w_dtype;
+  d.out = blas.weight_workspace(size_t(a.out) * size_t(a.in) * dtype_size(a.w_dtype));
+  dequantize_rows(d, blas.stream());
+  LinearArgs dense = a;
+  dense.w = d.out, dense.w_quant = 0;
+  linear(blas, dense);
+}
+
 void linear(Blas& blas, const LinearArgs& a) {
   const char* op = "cuda::linear";
   if (a.rows < 0 || a.in < 1 || a.out < 1)
@@ -93,6 +123,7 @@ void linear(Blas& blas, const LinearArgs& a) {
   if (x_stride < a.in || y_stride < a.out) fail(op, "a row stride is smaller than the row");
   if (a.rows == 0) return;
   if (!a.x || !a.w || !a.y) fail(op, "x, w and y must be set");
+  if (a.w_quant) return linear_quant(blas, a);
   if (!a.bias && a.rows <= kGemvAutoRows && gemv_enabled()) {
     GemvArgs g;
     g.x = a.x, g.x_stride = x_stride, g.w = a.w, g.w_dtype = a.w_dtype;

@@ -21,7 +21,19 @@ namespace pkv::cuda::detail {
 
 __host__ __device__ __forceinline__ float gemv_silu(float g) { return g / (1.f + expf(-g)); }
 
-template <class T, class Y, int R, bool SWIGLU, class Ctx>
+// How the kernel reads weights: load(w, row, in, k) fetches what columns k .. k + 7 of a row need
+// (issued for several k before any is used), decode() turns it into 8 floats. Dense 16-bit rows:
+// one 16-byte evict-first load. Block-quantised rows: quant_body.h.
+template <class T>
+struct DenseWeights {
+  using Raw = uint4;
+  __device__ static Raw load(const void* w, int64_t row, int in, int k) {
+    return load16_stream(static_cast<const T*>(w) + row * in + k);
+  }
+  __device__ static void decode(const Raw& r, int, float (&v)[8]) { unpack8<T>(r, v); }
+};
+
+template <class T, class Y, int R, bool SWIGLU, class W = DenseWeights<T>, class Ctx>
 __device__ void gemv(Ctx& c, const GemvParams& p) {
   constexpr int G = kGemvOutsPerWarp, KS = kGemvKSplit, U = 4;
   constexpr int N = SWIGLU ? 2 : 1;  // weight matrices (gate, up)
@@ -29,9 +41,9 @@ __device__ void gemv(Ctx& c, const GemvParams& p) {
   const int warp = c.tid / 32, lane = c.tid % 32;
   const int group = warp / KS, slice = warp % KS;
   const int o0 = (c.bx * GROUPS + group) * G;
-  const T* wm[N];
-  wm[0] = static_cast<const T*>(p.w);
-  if (SWIGLU) wm[N - 1] = static_cast<const T*>(p.w_up);
+  const void* wm[N];
+  wm[0] = p.w;
+  if (SWIGLU) wm[N - 1] = p.w_up;
   const T* x = static_cast<const T*>(p.x);
   float acc[N][G][R];
 #pragma unroll
@@ -43,7 +55,7 @@ __device__ void gemv(Ctx& c, const GemvParams& p) {
 
   constexpr int STEP = 256 * KS;  // columns between a lane's consecutive loads
   for (int k0 = slice * 256 + lane * 8; k0 < p.in; k0 += STEP * U) {
-    uint4 raw[U][N][G];
+    typename W::Raw raw[U][N][G];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int k = k0 + u * STEP;
@@ -51,8 +63,8 @@ __device__ void gemv(Ctx& c, const GemvParams& p) {
       for (int n = 0; n < N; ++n)
 #pragma unroll
         for (int g = 0; g < G; ++g) {
-          raw[u][n][g] = uint4{0u, 0u, 0u, 0u};
-          if (k < p.in && o0 + g < p.out) raw[u][n][g] = load16_stream(wm[n] + int64_t(o0 + g) * p.in + k);
+          raw[u][n][g] = typename W::Raw{};
+          if (k < p.in && o0 + g < p.out) raw[u][n][g] = W::load(wm[n], int64_t(o0 + g), p.in, k);
         }
     }
 #pragma unroll
@@ -68,7 +80,7 @@ __device__ void gemv(Ctx& c, const GemvParams& p) {
 #pragma unroll
           for (int g = 0; g < G; ++g) {
             float wv[8];
-            unpack8<T>(raw[u][n][g], wv);
+            W::decode(raw[u][n][g], k, wv);
 #pragma unroll
             for (int j = 0; j < 8; ++j) acc[n][g][r] += wv[j] * xv[j];
           }

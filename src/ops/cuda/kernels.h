@@ -17,6 +17,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <string>
 
 #include "ops/cuda/device.h"
 
@@ -81,11 +82,15 @@ class Blas {
   // A float32 scratch of at least `floats` values (grown on demand: size it before capturing a
   // CUDA graph). linear() uses it for a 16-bit y with a bias.
   float* f32_workspace(size_t floats);
+  // The dequantised copy of one block-quantised matrix (linear() with w_quant and many rows), at
+  // least `bytes` (grown on demand, like f32_workspace: size it for the largest matrix first).
+  void* weight_workspace(size_t bytes);
 
  private:
   void* handle_ = nullptr;
   void* stream_ = nullptr;
   DeviceBuffer ws_;
+  DeviceBuffer wq_;  // weight_workspace
   DeviceBuffer cublas_ws_;  // cuBLAS's own workspace, set once, so that captured GEMMs allocate nothing
 };
 
@@ -98,10 +103,15 @@ class Blas {
 //   or nullptr; with a 16-bit y the product goes to a float32 scratch first so that product +
 //   bias is rounded once (cuBLAS rounds the product to the output type before adding beta * y,
 //   measured on the H100), and accumulate with a bias needs a float32 y. Row strides: x_stride >= in, y_stride >= out (0 = dense).
+//   w_quant (nonzero: a ggml block type of ops/quant.h, Q8_0, Q4_0, Q4_K or Q6_K): W's rows are
+//   ggml blocks as a GGUF file stores them (in a multiple of the block) and w_dtype is x's type (F16
+//   or BF16); y F32 or w_dtype. Up to kGemvMaxRows rows without a bias: gemv() reads the blocks;
+//   otherwise W is dequantised into blas.weight_workspace (one matrix, w_dtype) and multiplied there.
 struct LinearArgs {
   const void* x = nullptr;
   int64_t x_stride = 0;
   const void* w = nullptr;
+  uint32_t w_quant = 0;
   DType w_dtype = DType::BF16;
   int rows = 0, in = 0, out = 0;
   const float* bias = nullptr;
@@ -122,6 +132,11 @@ void linear(Blas& blas, const LinearArgs& a);
 // linear() takes this path by itself for rows <= kGemvAutoRows without a bias (PKV_GEMV=0: never);
 // from 5 rows on, cuBLAS's tensor-core kernels win (the CUDA cores' FMAs bound this one: 13B at
 // batch 8 decoded 384 tok/s with gemv, 644 with cuBLAS, on the H200).
+// Block-quantised w (w_quant, as in LinearArgs; w_up of the same type): the kernel reads each block
+// once and dequantises it in registers (ops/quant_blocks.h's decoders, the CPU's); in a multiple of
+// the block (32 or 256), w 16-byte aligned, x in w_dtype; y F32 without w_up, w_dtype with it.
+// linear() takes it for rows <= kGemvMaxRows (a dequantised copy plus cuBLAS would read and write
+// more bytes than the blocks hold up to there).
 constexpr int kGemvMaxRows = 8;
 constexpr int kGemvAutoRows = 4;
 struct GemvArgs {
@@ -129,6 +144,7 @@ struct GemvArgs {
   int64_t x_stride = 0;  // 0: in
   const void* w = nullptr;
   const void* w_up = nullptr;
+  uint32_t w_quant = 0;
   DType w_dtype = DType::BF16;
   int rows = 0, in = 0, out = 0;
   void* y = nullptr;
@@ -137,9 +153,32 @@ struct GemvArgs {
   bool accumulate = false;
 };
 bool gemv_fits(const GemvArgs& a);
+// The most rows for which linear() takes gemv() with this weight storage (0: dense).
+inline int gemv_auto_rows(uint32_t w_quant) { return w_quant ? kGemvMaxRows : kGemvAutoRows; }
 // False when the environment sets PKV_GEMV=0 (to compare with cuBLAS).
 bool gemv_enabled();
 void gemv(const GemvArgs& a, void* stream);
+
+// Rows of a block-quantised matrix dequantised (twin: quant::dequantize_row, bit for bit): out row i
+// [cols] (out_dtype F32, F16 or BF16, rounded once; row stride out_stride, 0 = cols) = row ids[i] of
+// w [rows, cols] (ggml blocks of type quant), or row i when ids is null (then n <= rows). An id outside
+// [0, rows) gives a row of zeros, as embedding() does. The embedding of a quantised table, and the
+// scratch copy of linear(); cols a multiple of the block, w 16-byte aligned.
+struct DequantArgs {
+  uint32_t quant = 0;
+  const void* w = nullptr;
+  int64_t rows = 0;
+  int cols = 0;
+  const int32_t* ids = nullptr;
+  int n = 0;
+  DType out_dtype = DType::F32;
+  void* out = nullptr;
+  int64_t out_stride = 0;
+};
+void dequantize_rows(const DequantArgs& a, void* stream);
+// Why rows of `cols` elements stored as ggml type `type` cannot be read by these kernels ("" when
+// they can: Q8_0, Q4_0, Q4_K, Q6_K in whole blocks).
+std::string quant_misfit(uint32_t type, int cols);
 
 // ------------------------------------------------------------------------------------------------
 // Prefill attention: flash-style (tiles of 64 queries x 64 keys, online softmax in float32; the

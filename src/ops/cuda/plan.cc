@@ -5,6 +5,8 @@
 #include <string>
 
 #include "core/error.h"
+#include "ops/quant.h"
+#include "ops/quant_blocks.h"
 
 namespace pkv::cuda::detail {
 
@@ -318,12 +320,34 @@ size_t paged_positions_bytes(const PagedKV& kv) { return size_t(kv.n_blocks) * s
 
 bool gemv_fits(const GemvArgs& a) { return detail::gemv_misfit(a).empty(); }
 
+std::string quant_misfit(uint32_t type, int cols) {
+  int block = 0;
+  switch (type) {
+    case quant::kQ8_0: block = quant::blocks::Q8_0::kElems; break;
+    case quant::kQ4_0: block = quant::blocks::Q4_0::kElems; break;
+    case quant::kQ4_K: block = quant::blocks::Q4_K::kElems; break;
+    case quant::kQ6_K: block = quant::blocks::Q6_K::kElems; break;
+    default:
+      return "ggml type " + std::to_string(type) + " is not a block type the GPU reads (Q8_0, Q4_0, Q4_K, Q6_K)";
+  }
+  if (cols < block || cols % block)
+    return "rows of " + std::to_string(cols) + " elements are not whole blocks of " + std::to_string(block);
+  return {};
+}
+
+
 namespace detail {
 
 std::string gemv_misfit(const GemvArgs& a) {
   if (a.w_dtype != DType::F16 && a.w_dtype != DType::BF16) return "w must be F16 or BF16";
   if (a.y_dtype != DType::F32 && a.y_dtype != a.w_dtype) return "y must be F32 or w's type";
   if (a.accumulate && a.y_dtype != DType::F32) return "accumulate needs a float32 y";
+  if (a.w_quant) {
+    const std::string bad_quant = quant_misfit(a.w_quant, a.in);
+    if (!bad_quant.empty()) return bad_quant;
+    if ((a.y_dtype == DType::F32) == (a.w_up != nullptr))
+      return "with quantised w, y must be F32 without w_up and x's type with it";
+  }
   if (a.rows < 1 || a.rows > kGemvMaxRows)
     return "rows must be 1.." + std::to_string(kGemvMaxRows) + ", got " + std::to_string(a.rows);
   if (a.in < 8 || a.in % 8 || a.out < 1)
@@ -342,7 +366,7 @@ GemvPlan plan_gemv(const GemvArgs& a) {
   const std::string why = gemv_misfit(a);
   if (!why.empty()) bad("gemv", why);
   GemvPlan plan;
-  plan.w_dtype = a.w_dtype, plan.y_dtype = a.y_dtype, plan.swiglu = a.w_up != nullptr;
+  plan.w_dtype = a.w_dtype, plan.y_dtype = a.y_dtype, plan.swiglu = a.w_up != nullptr, plan.w_quant = a.w_quant;
   GemvParams& p = plan.params;
   p.x = a.x, p.x_stride = a.x_stride ? a.x_stride : a.in;
   p.w = a.w, p.w_up = a.w_up;
@@ -352,6 +376,27 @@ GemvPlan plan_gemv(const GemvArgs& a) {
   const int per_block = (kGemvThreads / 32 / kGemvKSplit) * kGemvOutsPerWarp;
   const size_t smem = size_t(kGemvThreads / 32) * (plan.swiglu ? 2 : 1) * kGemvOutsPerWarp * a.rows * sizeof(float);
   plan.launch = {{unsigned((a.out + per_block - 1) / per_block), 1, 1}, kGemvThreads, smem};
+  return plan;
+}
+
+DequantPlan plan_dequantize(const DequantArgs& a) {
+  const std::string why = quant_misfit(a.quant, a.cols);
+  if (!why.empty()) bad("dequantize_rows", why);
+  if (a.rows < 1 || a.n < 0 || (!a.ids && a.n > a.rows))
+    bad("dequantize_rows", "needs rows >= 1 and 0 <= n (<= rows without ids); got rows " + std::to_string(a.rows) +
+                               ", n " + std::to_string(a.n));
+  if (a.out_dtype != DType::F32 && a.out_dtype != DType::F16 && a.out_dtype != DType::BF16)
+    bad("dequantize_rows", "out_dtype must be F32, F16 or BF16");
+  const int64_t stride = a.out_stride ? a.out_stride : a.cols;
+  if (stride < a.cols) bad("dequantize_rows", "out_stride is smaller than the row");
+  if (a.n > 0 && (!a.w || !a.out)) bad("dequantize_rows", "w and out must be set");
+  if (reinterpret_cast<uintptr_t>(a.w) % 16) bad("dequantize_rows", "w must be 16-byte aligned");
+  DequantPlan plan;
+  plan.quant = a.quant, plan.out_dtype = a.out_dtype;
+  DequantParams& p = plan.params;
+  p.w = a.w, p.rows = a.rows, p.cols = a.cols, p.ids = a.ids, p.n = a.n, p.out = a.out, p.out_stride = stride;
+  const int64_t pieces = int64_t(a.n) * (a.cols / 8);
+  plan.launch = {{unsigned((pieces + kDequantThreads - 1) / kDequantThreads), 1, 1}, kDequantThreads, 0};
   return plan;
 }
 

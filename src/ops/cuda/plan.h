@@ -231,12 +231,35 @@ struct GemvParams {
 
 struct GemvPlan {
   GemvParams params;
-  DType w_dtype = DType::BF16, y_dtype = DType::F32;
+  DType w_dtype = DType::BF16, y_dtype = DType::F32;  // w_dtype: x's type (and w's when dense)
+  uint32_t w_quant = 0;                               // nonzero: w's ggml block type
   bool swiglu = false;
   Launch launch;
 };
 // Empty reason = it fits; else why not (the caller falls back or reports it).
 std::string gemv_misfit(const GemvArgs& a);
 GemvPlan plan_gemv(const GemvArgs& a);
+
+// ---------------------------------------------------------------------------------------------
+// Dequantised rows (dequantize_rows): one thread per 8 elements of an output row.
+constexpr int kDequantThreads = 256;
+
+struct DequantParams {
+  const void* w = nullptr;
+  int64_t rows = 0;
+  int cols = 0;
+  const int32_t* ids = nullptr;
+  int n = 0;
+  void* out = nullptr;
+  int64_t out_stride = 0;
+};
+
+struct DequantPlan {
+  DequantParams params;
+  uint32_t quant = 0;
+  DType out_dtype = DType::F32;
+  Launch launch;
+};
+DequantPlan plan_dequantize(const DequantArgs& a);
 
 }  // namespace pkv::cuda::detail
