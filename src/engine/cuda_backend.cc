@@ -22,7 +22,9 @@ class CudaBackend : public Backend {
     pool_ = std::make_unique<GpuKVPool>(gpu_, po);
     // One entry of one layer as the pool stores it: K and V in 16 bits and the int32 position.
     entry_bytes_ = pool_->block_bytes() / size_t(pool_->blocks().block_size());
-    description_ = "cuda " + std::string(dtype_name(opt.dtype)) + " (" + device_summary() + ")";
+    const std::string weights = gpu_.weights_summary();  // quantised GGUF weights only
+    description_ = "cuda " + std::string(dtype_name(opt.dtype)) + " (" + device_summary() +
+                   (weights.empty() ? "" : "; " + weights) + ")";
   }
 
   class CudaSequence : public Sequence {

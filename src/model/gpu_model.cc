@@ -17,6 +17,7 @@
 #include "model/clip.h"
 #include "ops/cuda/device.h"
 #include "ops/cuda/kernels.h"
+#include "ops/quant.h"
 
 namespace pkv::cuda {
 
@@ -83,9 +84,13 @@ int32_t* upload_pack(Scratch& s, const IntPack& p, void* stream) {
 }
 
 struct DevLinear {
-  const void* w = nullptr;  // [out, in] in the compute dtype
+  const void* w = nullptr;   // [out, in] in the compute dtype, or ggml blocks of type `quant`
+  uint32_t quant = 0;        // nonzero: w's rows are ggml blocks as the GGUF file stores them
   const float* b = nullptr;  // [out] or null
   int in = 0, out = 0;
+  // Fused projections whose weights are stored differently (e.g. Q4_K q/k with a Q6_K v): one
+  // product per part, into columns [its offset, + its out) of the fused output, then the bias.
+  std::vector<DevLinear> parts;
 };
 
 struct DecLayer {
@@ -113,6 +118,9 @@ struct GpuModel::Impl {
   std::vector<DeviceBuffer> store;  // every uploaded weight
   std::map<const TensorView*, const void*> uploaded;
   size_t weight_bytes = 0;
+  size_t quant_bytes = 0;             // of weight_bytes: ggml blocks as the file stores them
+  std::set<std::string> quant_types;  // their types ("Q4_K", ...)
+  size_t widest_quant = 0;            // elements of the largest quantised matrix (the scratch's size)
 
   // Decoder.
   // q_dim = n_heads * head_dim, kv_dim = n_kv_heads * head_dim, qkv_dim = q_dim + 2 kv_dim (the
@@ -122,6 +130,7 @@ struct GpuModel::Impl {
   float eps = 0, scale = 1;
   std::vector<DecLayer> layers;
   const void* embed = nullptr;  // [vocab, hidden]
+  uint32_t embed_quant = 0;      // nonzero: its rows are ggml blocks
   DevLinear head;
   const float* final_norm = nullptr;
   const float* inv_freq = nullptr;
@@ -183,6 +192,7 @@ struct GpuModel::Impl {
   // Uploading.
   const void* upload_matrix(const TensorView& t);
   const void* upload_rows(const std::vector<const TensorView*>& parts, int cols, const std::string& what);
+  const void* upload_blocks(const std::vector<const TensorView*>& parts, const std::string& what);
   const float* upload_f32(const std::vector<float>& v, const std::string& what);
   DevLinear linear_of(const Linear& l);
   DevLinear fused_of(const std::vector<const Linear*>& parts, const std::string& what);
@@ -190,6 +200,8 @@ struct GpuModel::Impl {
 
   // Running.
   void linear(const DevLinear& Lw, const void* x16, int rows, void* y, bool accumulate, int64_t x_stride = 0);
+  // out[n, hidden] (float32) = the embedding table's rows ids[n] (device ids).
+  void embed_rows(const int32_t* ids, int n, float* out);
   void to16(const float* src, void* dst, size_t n) { convert(DType::F32, src, dt, dst, n, s()); }
   void checkpoint(const char* what, int layer, const float* resid, size_t n);
   // The decoder's activation buffers for R rows (grown on demand, shared by prefill and decode).
@@ -255,6 +267,7 @@ GpuModel::Impl::Impl(const Model& model, const GpuModelOptions& opt)
     layers.push_back(d);
   }
   embed = upload_matrix(*w.lm.embed);
+  embed_quant = w.lm.embed->quant;
   head = linear_of(w.lm.head);  // the embedding's buffer when tied (uploaded once)
   final_norm = upload_f32(w.lm.norm.w, "final norm");
   const ops::Rope rope = ops::Rope::make(head_dim, t.rope_theta, t.rope_type, t.rope_factor, t.rope_low_freq_factor,
@@ -292,15 +305,16 @@ GpuModel::Impl::Impl(const Model& model, const GpuModelOptions& opt)
     }
     for (const Linear& pl : w.projector.layers) projector.push_back(linear_of(pl));
   }
+  // Products of many rows with quantised weights dequantise one matrix at a time into this scratch:
+  // sized now for the largest, so that nothing grows later (nor inside a captured CUDA graph).
+  if (widest_quant) blas.weight_workspace(widest_quant * esize());
   // The weights went up through cudaMemcpy on the legacy default stream, which our non-blocking
   // stream does not wait for: finish them before any call enqueues work.
   device_synchronize();
 }
 
 void GpuModel::Impl::convert_into(const TensorView& t, size_t first, size_t n, uint16_t* dst) const {
-  if (t.quant)
-    fail(t.file, "tensor " + t.name + " holds " + t.dtype_str +
-                     " blocks: quantised weights run on the CPU only so far (use --device cpu, or an F16 GGUF)");
+  PKV_ASSERT_MSG(!t.quant, "quantised tensors are uploaded as blocks (upload_blocks)");
   const uint8_t* src = static_cast<const uint8_t*>(t.data) + first * dtype_size(t.dtype);
   if (t.dtype == dt) {
     std::memcpy(dst, src, n * 2);
@@ -330,7 +344,7 @@ void GpuModel::Impl::convert_into(const TensorView& t, size_t first, size_t n, u
 const void* GpuModel::Impl::upload_matrix(const TensorView& t) {
   auto it = uploaded.find(&t);
   if (it != uploaded.end()) return it->second;
-  const void* p = upload_rows({&t}, 0, "tensor '" + t.name + "'");
+  const void* p = t.quant ? upload_blocks({&t}, "tensor '" + t.name + "'") : upload_rows({&t}, 0, "tensor '" + t.name + "'");
   uploaded[&t] = p;
   return p;
 }
@@ -360,6 +374,33 @@ const void* GpuModel::Impl::upload_rows(const std::vector<const TensorView*>& pa
   return store.back().data();
 }
 
+// Uploads quantised tensors of one ggml type as they are stored (their rows one after another: a
+// fused matrix of their rows), checked first by the kernels' rules.
+const void* GpuModel::Impl::upload_blocks(const std::vector<const TensorView*>& parts, const std::string& what) {
+  size_t total = 0, elems = 0;
+  for (const TensorView* t : parts) {
+    PKV_ASSERT(t && t->quant == parts[0]->quant && t->shape.size() == 2 && t->shape[1] == parts[0]->shape[1]);
+    const std::string why = quant_misfit(t->quant, int(t->shape[1]));
+    if (!why.empty())
+      fail(t->file, "tensor " + t->name + " (" + t->dtype_str + ", " + t->shape_str() + ") cannot go to the GPU: " + why);
+    total += quant::row_bytes(t->quant, t->shape[1]) * size_t(t->shape[0]);
+    elems += size_t(t->numel());
+  }
+  DeviceBuffer buf(total, what + " (" + parts[0]->dtype_str + " blocks, " + mib(total) + ")");
+  size_t at = 0;
+  for (const TensorView* t : parts) {
+    const size_t n = quant::row_bytes(t->quant, t->shape[1]) * size_t(t->shape[0]);
+    buf.upload(t->data, n, at);
+    at += n;
+  }
+  weight_bytes += buf.bytes();
+  quant_bytes += buf.bytes();
+  quant_types.insert(parts[0]->dtype_str);
+  widest_quant = std::max(widest_quant, elems);
+  store.push_back(std::move(buf));
+  return store.back().data();
+}
+
 const float* GpuModel::Impl::upload_f32(const std::vector<float>& v, const std::string& what) {
   if (v.empty()) return nullptr;
   DeviceBuffer buf(v.size() * sizeof(float), what + " (float32)");
@@ -376,6 +417,7 @@ DevLinear GpuModel::Impl::linear_of(const Linear& l) {
     fail(kWhere, "tensor '" + l.w->name + "' has shape " + l.w->shape_str() + ", expected [" + std::to_string(l.out) + ", " +
                      std::to_string(l.in) + "]");
   d.w = upload_matrix(*l.w);
+  d.quant = l.w->quant;
   d.b = l.b.empty() ? nullptr : upload_f32(l.b, "bias of '" + l.w->name + "'");
   d.in = l.in, d.out = l.out;
   return d;
@@ -401,18 +443,45 @@ DevLinear GpuModel::Impl::fused_of(const std::vector<const Linear*>& parts, cons
     d.out += l->out;
   }
   d.in = parts[0]->in;
+  d.b = any_bias ? upload_f32(bias, what + " biases") : nullptr;
+  bool same = true;  // one storage for all parts: one fused matrix
+  for (const TensorView* t : ts) same = same && t->quant == ts[0]->quant;
+  if (!same) {
+    for (const Linear* l : parts) {
+      DevLinear part;
+      part.w = upload_matrix(*l->w);
+      part.quant = l->w->quant;
+      part.in = l->in, part.out = l->out;
+      d.parts.push_back(part);
+    }
+    return d;
+  }
   std::string names;
   for (const TensorView* t : ts) names += (names.empty() ? "" : ", ") + ("'" + t->name + "'");
-  d.w = upload_rows(ts, d.in, what + " (tensors " + names + ")");
-  d.b = any_bias ? upload_f32(bias, what + " biases") : nullptr;
+  d.quant = ts[0]->quant;
+  d.w = d.quant ? upload_blocks(ts, what + " (tensors " + names + ")") : upload_rows(ts, d.in, what + " (tensors " + names + ")");
   return d;
 }
 
 void GpuModel::Impl::linear(const DevLinear& Lw, const void* x16, int rows, void* y, bool accumulate, int64_t x_stride) {
+  if (!Lw.parts.empty()) {  // float32 y: each part's columns, then the fused bias
+    int at = 0;
+    for (const DevLinear& part : Lw.parts) {
+      LinearArgs a;
+      a.x = x16, a.x_stride = x_stride, a.w = part.w, a.w_quant = part.quant, a.w_dtype = dt;
+      a.rows = rows, a.in = part.in, a.out = part.out;
+      a.y = static_cast<float*>(y) + at, a.y_stride = Lw.out, a.y_dtype = DType::F32, a.accumulate = accumulate;
+      cuda::linear(blas, a);
+      at += part.out;
+    }
+    if (Lw.b) add_bias(DType::F32, y, Lw.b, rows, Lw.out, s());
+    return;
+  }
   LinearArgs a;
   a.x = x16;
   a.x_stride = x_stride;
   a.w = Lw.w;
+  a.w_quant = Lw.quant;
   a.w_dtype = dt;
   a.rows = rows;
   a.in = Lw.in;
@@ -422,6 +491,14 @@ void GpuModel::Impl::linear(const DevLinear& Lw, const void* x16, int rows, void
   a.y_dtype = DType::F32;
   a.accumulate = accumulate;
   cuda::linear(blas, a);
+}
+
+void GpuModel::Impl::embed_rows(const int32_t* ids, int n, float* out) {
+  if (!embed_quant) return embedding(dt, embed, vocab, hidden, ids, n, DType::F32, out, s());
+  DequantArgs a;
+  a.quant = embed_quant, a.w = embed, a.rows = vocab, a.cols = hidden, a.ids = ids, a.n = n;
+  a.out_dtype = DType::F32, a.out = out;
+  dequantize_rows(a, s());
 }
 
 // PKV_CUDA_SYNC=1: synchronise after every stage so a fault names the stage and layer;
@@ -461,10 +538,11 @@ void GpuModel::Impl::decoder_mlp(const DecLayer& Ly, int R, float* xr, void* h16
   rms_norm_to(DType::F32, xr, dt, h16r, Ly.mlp_norm, R, hidden, eps, s());
   // A few rows (decoding): gate, up and SwiGLU in one pass over both weights, straight to 16 bits.
   GemvArgs gu;
-  gu.x = h16r, gu.w = Ly.gate.w, gu.w_up = Ly.up.w, gu.w_dtype = dt;
+  gu.x = h16r, gu.w = Ly.gate.w, gu.w_up = Ly.up.w, gu.w_quant = Ly.gate.quant, gu.w_dtype = dt;
   gu.rows = R, gu.in = hidden, gu.out = ffn;
   gu.y = g, gu.y_dtype = dt;  // 16-bit rows in the float32 gate buffer (room for twice as many)
-  if (R <= kGemvAutoRows && gemv_enabled() && !Ly.gate.b && !Ly.up.b && gemv_fits(gu)) {
+  if (R <= gemv_auto_rows(Ly.gate.quant) && gemv_enabled() && !Ly.gate.b && !Ly.up.b && Ly.gate.quant == Ly.up.quant &&
+      gemv_fits(gu)) {
     gemv(gu, s());
     linear(Ly.down, g, R, xr, true);
     return;
@@ -531,6 +609,16 @@ const ModelConfig& GpuModel::config() const { return impl_->cfg; }
 DType GpuModel::dtype() const { return impl_->dt; }
 bool GpuModel::has_vision() const { return impl_->vision; }
 size_t GpuModel::weight_bytes() const { return impl_->weight_bytes; }
+size_t GpuModel::quantised_bytes() const { return impl_->quant_bytes; }
+std::string GpuModel::weights_summary() const {
+  const Impl& g = *impl_;
+  if (!g.quant_bytes) return "";
+  const std::string s = "weights " + mib(g.weight_bytes);
+  std::string types;
+  for (const std::string& t : g.quant_types) types += (types.empty() ? "" : "/") + t;
+  return s + " (" + mib(g.quant_bytes) + " as " + types + " blocks; dequantisation scratch " +
+         mib(g.widest_quant * g.esize()) + ")";
+}
 void* GpuModel::stream() const { return impl_->s(); }
 bool GpuModel::uses_graphs() const { return impl_->use_graphs; }
 GpuModel::DecodeTimes GpuModel::decode_times() const { return impl_->times; }
@@ -571,7 +659,7 @@ GpuImageRows GpuModel::encode_image_on_device(const float* pixels, Observer* obs
   // Patch embedding, class token, position embeddings, pre-layernorm.
   copy_to_device(hf, cols.data(), cols.size() * sizeof(float), s);
   g.to16(hf, h16, cols.size());
-  DevLinear patch{g.patch_w, nullptr, patch_len, hidden};
+  DevLinear patch{g.patch_w, 0, nullptr, patch_len, hidden, {}};
   g.linear(patch, h16, grid * grid, x + hidden, false);
   copy_on_device(x, g.class_emb, size_t(hidden) * sizeof(float), s);
   add(DType::F32, x, g.pos_emb, x, size_t(tokens) * hidden, s);
@@ -709,7 +797,7 @@ void GpuModel::prefill(GpuKVPool& kv, BlockPool::SeqId seq, const int32_t* ids, 
     void* s = g.s();
     int32_t* ids_dev = g.io.need_as<int32_t>(rows.size(), s);
     copy_to_device(ids_dev, rows.data(), rows.size() * sizeof(int32_t), s);
-    embedding(g.dt, g.embed, g.vocab, g.hidden, ids_dev, T, DType::F32, x, s);
+    g.embed_rows(ids_dev, T, x);
     if (n_img)
       copy_on_device(x + size_t(image_offset) * g.hidden, image->data.data(), size_t(n_img) * g.hidden * sizeof(float), s);
     stream_synchronize(s);  // the ids' host copy goes out of scope
@@ -928,7 +1016,7 @@ void GpuModel::decode(GpuKVPool& kv, const GpuDecodeBatch& b) {
     Impl& g = *gp;
     void* s = g.s();
     const int32_t* pos_dev = meta + o_pos;
-    if (tokens) embedding(g.dt, g.embed, g.vocab, g.hidden, meta + o_tok, B, DType::F32, r.x, s);
+    if (tokens) g.embed_rows(meta + o_tok, B, r.x);
     if (imp) memset_device(imp, 0, size_t(g.n_layers) * B * istride * sizeof(float), s);
     for (int l = 0; l < g.n_layers; ++l) {
       const DecLayer& Ly = g.layers[size_t(l)];

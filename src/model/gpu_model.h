@@ -168,6 +168,12 @@ class GpuModel {
   DType dtype() const;
   bool has_vision() const;
   size_t weight_bytes() const;  // device bytes of the uploaded weights
+  // Of those, the bytes of quantised tensors kept as the GGUF file's ggml blocks (the products
+  // dequantise them as they read them); their dequantised scratch (one matrix, for products of more
+  // than kGemvMaxRows rows) is apart. weights_summary: for logs, with quantised weights only (else
+  // ""): "weights X MiB (Y MiB as Q4_K/Q6_K blocks; dequantisation scratch Z MiB)".
+  size_t quantised_bytes() const;
+  std::string weights_summary() const;
   void* stream() const;         // the cudaStream_t every call runs on
   bool uses_graphs() const;     // decode steps run as CUDA graphs (GpuModelOptions::cuda_graphs)
   int graph_captures() const;   // decode steps captured so far (the rest were replays)
