@@ -37,6 +37,8 @@ using nlohmann::json;
 
 namespace pkv::python {
 
+using OptStr = std::optional<std::string>;
+
 namespace {
 
 double ms_since(std::chrono::steady_clock::time_point t0) {
@@ -171,6 +173,7 @@ struct PolicyArgs {
       o.budget_tokens = *budget_tokens;
     }
     o.estimator = estimator_from_name(estimator);
+    if (o.estimator == Estimator::Answer) refuse_answer_estimator();  // no reference answer here
     o.window = window;
     o.protected_count = protected_count;
     if (prefix_pool < 0) fail("prefix_pool", "must not be negative");
@@ -211,8 +214,9 @@ struct PromptArgs {
   PromptRequest req;
 
   PromptArgs(const std::optional<std::string>& prompt, const py::object& image_obj, const std::string& tmpl,
-             const std::string& image_mode) {
+             const OptStr& image_mode_arg) {
     // (req.image is set by prepare(): the object may move before.)
+    const std::string image_mode = image_mode_arg.value_or("");
     if (!image_obj.is_none()) image = image_from(image_obj);
     req.text = prompt.value_or(image ? "Describe the image in detail." : "");
     if (req.text.empty() && !image) fail("prompt", "is required when no image is given");
@@ -343,7 +347,7 @@ class Stream {
 };
 
 py::object generate(const ModelPtr& m, std::optional<std::string> prompt, py::object image, PolicyArgs pa,
-                    SamplingOptions s, const std::string& tmpl, const std::string& image_mode, bool stream,
+                    SamplingOptions s, const std::string& tmpl, const OptStr& image_mode, bool stream,
                     bool return_stats) {
   PromptArgs prompt_args(prompt, image, tmpl, image_mode);
   std::unique_ptr<KVPolicy> policy = pa.make(m->model());
@@ -369,7 +373,7 @@ py::object generate(const ModelPtr& m, std::optional<std::string> prompt, py::ob
 // (calibration_scores with the estimator's window), [layers, prompt tokens].
 py::array_t<float> importance(const ModelPtr& m, std::optional<std::string> prompt, py::object image,
                               const std::string& estimator, int window, const std::string& tmpl,
-                              const std::string& image_mode) {
+                              const OptStr& image_mode) {
   PromptArgs prompt_args(prompt, image, tmpl, image_mode);
   CalibrateOptions opt;
   opt.estimator = estimator_from_name(estimator);
@@ -398,7 +402,7 @@ std::vector<double> check_budgets(std::vector<double> b) {
 // `concentration`.
 py::object calibrate(const ModelPtr& m, const py::object& data_arg, std::optional<int> samples,
                      std::vector<double> budgets, const std::string& estimator, int window, int protected_count,
-                     const std::string& allocate_from, const py::object& image_dir, const std::string& image_mode) {
+                     const std::string& allocate_from, const py::object& image_dir, const OptStr& image_mode) {
   const std::string data = path_of(data_arg);
   CalibrateOptions opt;
   opt.budgets = check_budgets(std::move(budgets));
@@ -412,7 +416,7 @@ py::object calibrate(const ModelPtr& m, const py::object& data_arg, std::optiona
   opt.allocation = allocate_from;
   if (samples && *samples < 1) fail("samples", "must be at least 1");
   opt.limit = size_t(samples.value_or(0));
-  opt.image_mode = image_mode;
+  opt.image_mode = image_mode.value_or("");
   opt.data = data;
   const std::string dir = opt_path(image_dir);
   CalibrateResult r;
@@ -427,13 +431,17 @@ py::object calibrate(const ModelPtr& m, const py::object& data_arg, std::optiona
   return profile;
 }
 
-// `prefixkv eval`'s results JSON (report_json with the model, the data and the settings).
+// `prefixkv eval`'s results JSON (report_json with the model, the data and the settings), on
+// conversations or on a text testbed.
 py::object evaluate(const ModelPtr& m, const py::object& data_arg, std::optional<std::vector<std::string>> policies_arg,
-                    std::vector<double> budgets, std::vector<std::string> estimators, size_t limit, int max_tokens,
-                    const py::object& image_dir_arg, const py::object& truth_arg, const std::string& image_mode,
-                    int jobs, int batch, int window, int protected_count, int prefix_pool, const std::string& decode,
-                    py::object profile_arg) {
+                    std::vector<double> budgets, std::vector<std::string> estimators, size_t limit,
+                    std::optional<int> max_tokens_arg, const py::object& image_dir_arg, const py::object& truth_arg,
+                    const OptStr& image_mode_arg, int jobs, int batch, int window, int protected_count,
+                    int prefix_pool, const std::string& decode, py::object profile_arg, bool no_image_control,
+                    std::optional<int> text_context, std::optional<int> text_continuation) {
   const std::string data = path_of(data_arg), image_dir = opt_path(image_dir_arg);
+  const int max_tokens = max_tokens_arg.value_or(1024);
+  const std::string image_mode = image_mode_arg.value_or("");
   std::vector<std::string> policies = policies_arg.value_or(policy_names());
   policies.erase(std::remove_if(policies.begin(), policies.end(),
                                 [](const std::string& p) { return !policy_info(p, "policies").compresses; }),
@@ -452,6 +460,20 @@ py::object evaluate(const ModelPtr& m, const py::object& data_arg, std::optional
   opt.batch = batch;
   if (jobs < 1) fail("jobs", "must be at least 1");
   opt.jobs = m->backend->thread_safe() ? jobs : 1;
+  opt.no_image_control = no_image_control;
+
+  // A text testbed (a JSON object of documents) or conversations (a JSON list).
+  const bool text = is_text_set(data);
+  if (text) {
+    const std::pair<const char*, bool> given[] = {{"image_dir", !image_dir_arg.is_none()}, {"truth", !truth_arg.is_none()},
+                                                  {"image_mode", bool(image_mode_arg)}, {"max_tokens", bool(max_tokens_arg)}};
+    for (const auto& [name, is_given] : given)
+      if (is_given) fail(name, "does not apply to a text testbed (" + data + ")");
+    if (no_image_control) fail("no_image_control", "the text testbed " + data + " has no image to evict");
+  } else {
+    if (text_context) fail("text_context", "applies to a text testbed only, not to " + data);
+    if (text_continuation) fail("text_continuation", "applies to a text testbed only, not to " + data);
+  }
 
   std::optional<Profile> profile;
   for (const auto& p : policies)
@@ -470,20 +492,29 @@ py::object evaluate(const ModelPtr& m, const py::object& data_arg, std::optional
   if (opt.configs.empty()) fail("policies", "nothing to evaluate");
 
   std::string truth_path = opt_path(truth_arg);
-  if (truth_arg.is_none() && fs::exists(fs::path(data).parent_path() / "truth.json"))
+  if (!text && truth_arg.is_none() && fs::exists(fs::path(data).parent_path() / "truth.json"))
     truth_path = (fs::path(data).parent_path() / "truth.json").string();
   json res;
+  std::optional<TextSet> text_set;
   {
     py::gil_scoped_release nogil;
-    const std::vector<Sample> samples = load_conversations(data, image_dir);
+    std::vector<Sample> samples;
     std::optional<TruthSet> truth;
-    if (!truth_path.empty()) truth = TruthSet::load(truth_path);
+    if (text) {
+      text_set = load_text_set(data);
+      text_set->context_tokens = text_context.value_or(text_set->context_tokens);
+      text_set->continuation_tokens = text_continuation.value_or(text_set->continuation_tokens);
+    } else {
+      samples = load_conversations(data, image_dir);
+      if (!truth_path.empty()) truth = TruthSet::load(truth_path);
+    }
     std::lock_guard<std::mutex> lock(m->mu);
     // Samples in parallel run single-threaded each, as `prefixkv eval` does; the threads are put back.
     const int threads = num_threads();
     if (opt.jobs > 1) set_num_threads(1);
     try {
-      res = report_json(pkv::evaluate(*m->backend, *m->engine, samples, truth ? &*truth : nullptr, opt));
+      res = report_json(text ? evaluate_text(*m->backend, *m->engine, *text_set, opt)
+                             : pkv::evaluate(*m->backend, *m->engine, samples, truth ? &*truth : nullptr, opt));
     } catch (...) {
       set_num_threads(threads);
       throw;
@@ -496,6 +527,10 @@ py::object evaluate(const ModelPtr& m, const py::object& data_arg, std::optional
                      {"window", opt.base.window}, {"protected", opt.base.protected_count},
                      {"prefix_pool", opt.base.prefix_pool}, {"decode_rule", decode},
                      {"max_tokens", opt.max_tokens},        {"truth", truth_path}};
+  if (opt.no_image_control) res["settings"]["no_image_control"] = true;
+  if (text)
+    res["settings"]["text"] = {{"context_tokens", text_set->context_tokens},
+                               {"continuation_tokens", text_set->continuation_tokens}};
   return from_json(res);
 }
 
@@ -566,7 +601,7 @@ PYBIND11_MODULE(_core, mod) {
              std::optional<double> budget, std::optional<int> budget_tokens, const std::string& estimator, int window,
              int protected_count, int prefix_pool, const std::string& decode, py::object profile, int max_tokens,
              double temperature, int top_k, double top_p, uint64_t seed, py::object stop, bool ignore_eos,
-             const std::string& tmpl, const std::string& image_mode, bool stream, bool return_stats) {
+             const std::string& tmpl, const OptStr& image_mode, bool stream, bool return_stats) {
             PolicyArgs pa{policy, budget, budget_tokens, estimator, window, protected_count, prefix_pool, decode,
                           profile};
             return generate(m, prompt, image, pa,
@@ -579,20 +614,21 @@ PYBIND11_MODULE(_core, mod) {
           py::arg("decode") = "proportional", py::arg("profile") = py::none(), py::arg("max_tokens") = 256,
           py::arg("temperature") = 0.0, py::arg("top_k") = 0, py::arg("top_p") = 1.0, py::arg("seed") = 0,
           py::arg("stop") = py::none(), py::arg("ignore_eos") = false, py::arg("template") = "llava",
-          py::arg("image_mode") = "", py::arg("stream") = false, py::arg("return_stats") = false)
+          py::arg("image_mode") = py::none(), py::arg("stream") = false, py::arg("return_stats") = false)
       .def("importance", &importance, py::arg("prompt") = py::none(), py::kw_only(), py::arg("image") = py::none(),
            py::arg("estimator") = "window", py::arg("window") = 32, py::arg("template") = "llava",
-           py::arg("image_mode") = "");
+           py::arg("image_mode") = py::none());
 
   mod.def("calibrate", &pkv::python::calibrate, py::arg("model"), py::arg("data"), py::kw_only(), py::arg("samples") = py::none(),
           py::arg("budgets") = std::vector<double>{0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9},
           py::arg("estimator") = "window", py::arg("window") = 32, py::arg("protected") = 2,
-          py::arg("allocate_from") = "prompt", py::arg("image_dir") = py::none(), py::arg("image_mode") = "");
+          py::arg("allocate_from") = "prompt", py::arg("image_dir") = py::none(), py::arg("image_mode") = py::none());
   mod.def("evaluate", &pkv::python::evaluate, py::arg("model"), py::arg("data"), py::kw_only(), py::arg("policies") = py::none(),
           py::arg("budgets") = std::vector<double>{0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9},
           py::arg("estimators") = std::vector<std::string>{"window"}, py::arg("limit") = 0,
-          py::arg("max_tokens") = 1024, py::arg("image_dir") = py::none(), py::arg("truth") = py::none(),
-          py::arg("image_mode") = "", py::arg("jobs") = 1, py::arg("batch") = 32, py::arg("window") = 32,
+          py::arg("max_tokens") = py::none(), py::arg("image_dir") = py::none(), py::arg("truth") = py::none(),
+          py::arg("image_mode") = py::none(), py::arg("jobs") = 1, py::arg("batch") = 32, py::arg("window") = 32,
           py::arg("protected") = 2, py::arg("prefix_pool") = pkv::PolicyOptions{}.prefix_pool,
-          py::arg("decode") = "proportional", py::arg("profile") = py::none());
+          py::arg("decode") = "proportional", py::arg("profile") = py::none(), py::arg("no_image_control") = false,
+          py::arg("text_context") = py::none(), py::arg("text_continuation") = py::none());
 }

@@ -86,3 +86,27 @@ def test_evaluate_equals_cli(model, tmp_path):
     assert without_timing(res) == without_timing(ref)
     # The profile's estimator only for prefixkv: streaming x 2 + uniform-prefix x 2 x 2 + prefixkv x 2.
     assert len(res["records"]) == 8
+
+
+def test_evaluate_testbeds_equal_cli(model, tmp_path):
+    # The no-image control and the answer oracle on conversations.
+    res = prefixkv.evaluate(model, EVAL, policies=["uniform-prefix"], budgets=[0.5], estimators=["answer", "window"],
+                            limit=1, max_tokens=6, no_image_control=True)
+    out = tmp_path / "eval.json"
+    cli("eval", "--model", MODEL, "--data", EVAL, "--policies", "uniform-prefix", "--budgets", "0.5",
+        "--estimators", "answer,window", "--limit", 1, "--max-tokens", 6, "--no-image-control", "--jobs", 1,
+        "--out", out)
+    assert without_timing(res) == without_timing(json.loads(out.read_text()))
+    assert res["no_image"]["samples"] == 1 and res["records"][0]["estimator"] == "answer"
+    # The text testbed.
+    text = ROOT / "data" / "text" / "heldout.json"
+    res = prefixkv.evaluate(model, text, policies=["streaming", "snapkv"], budgets=[0.3], limit=2, text_context=24,
+                            text_continuation=8)
+    cli("eval", "--model", MODEL, "--data", text, "--policies", "streaming,snapkv", "--budgets", "0.3", "--limit", 2,
+        "--text-context", 24, "--text-continuation", 8, "--jobs", 1, "--out", out)
+    assert without_timing(res) == without_timing(json.loads(out.read_text()))
+    assert res["testbed"] == "text" and res["settings"]["text"] == {"context_tokens": 24, "continuation_tokens": 8}
+    with pytest.raises(prefixkv.Error, match="max_tokens: does not apply to a text testbed"):
+        prefixkv.evaluate(model, text, policies=["snapkv"], budgets=[0.3], max_tokens=4)
+    with pytest.raises(prefixkv.Error, match="text_context: applies to a text testbed only"):
+        prefixkv.evaluate(model, EVAL, policies=["snapkv"], budgets=[0.3], text_context=24)

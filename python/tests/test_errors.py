@@ -36,6 +36,7 @@ def test_cuda_in_a_build_without_it():
     ({"policy": "h2o", "budget": 1.5}, "--kv-budget: must be in \\(0, 1\\]"),
     ({"policy": "h2o", "budget": 0.2, "budget_tokens": 10}, "budget_tokens: give either budget or budget_tokens"),
     ({"policy": "uniform-prefix", "estimator": "psychic"}, "unknown estimator 'psychic'"),
+    ({"policy": "uniform-prefix", "estimator": "answer"}, "--kv-importance answer: ranks by the reference answer"),
     ({"policy": "snapkv", "window": 0}, "--kv-window: must be at least 1"),
     ({"decode": "sometimes"}, "decode: must be proportional or cap, got 'sometimes'"),
     ({"prefix_pool": -1}, "prefix_pool: must not be negative"),
