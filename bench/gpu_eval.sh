@@ -11,8 +11,17 @@
 #              devices with every greedy answer written (--answers), compared by bench/compare_eval.py
 #   grid_lo    the grid of docs/RESULTS.md at 10-50% kept on the GPU (100 scenes), with its time
 #   grid_hi    the same at 60-90% and the normalised estimator at 10-50%
-# Environment: LIMIT (100), MAXTOK (320), CHECK_LIMIT (20), DTYPE (f16: the bundled model's
-# checkpoint type; bf16 to override).
+#   questions  testbed (b): the short questions of data/eval/questions.json (QLIMIT, all 778 by
+#              default), the grid's policies and estimators at 10-90% kept and the no-image control
+#              (every image entry evicted), answer accuracy and PPL, on the GPU
+#   text       testbed (c): the held-out language-corpus windows of data/text/heldout.json (384-token
+#              context, 128-token continuation teacher-forced), the same configurations, on the GPU
+#              and on the CPU's cores at once, compared by bench/compare_eval.py
+#   oracle     the answer oracle (--estimators answer: the reference answer's own attention ranks
+#              the entries) with uniform budgets and with the online search, plain and pooled, on
+#              the descriptions at 10-90% kept, on the GPU
+# Environment: LIMIT (100), MAXTOK (320), CHECK_LIMIT (20), QLIMIT (0: all questions), DTYPE (f16:
+# the bundled model's checkpoint type; bf16 to override).
 set -euo pipefail
 FINAL_OUT=${OUT:?set OUT}
 W=$FINAL_OUT/w
@@ -25,6 +34,7 @@ MODEL=models/prefixkv-llava-tiny
 LIMIT=${LIMIT:-100}
 MAXTOK=${MAXTOK:-320}
 CHECK_LIMIT=${CHECK_LIMIT:-20}
+QLIMIT=${QLIMIT:-0}
 DTYPE=${DTYPE:-f16}
 J=$(nproc)
 GPU=./$BUILD/prefixkv
@@ -32,14 +42,20 @@ CPU=./build-cpu16/prefixkv
 PLAIN="--kv-prefix-pool 0 --kv-profile docs/results/profiles/window_prompt_n32.json"
 echo "cores: $J; $(grep -m1 'model name' /proc/cpuinfo); $(nvidia-smi -L 2>/dev/null | head -1)"
 
-ev() {  # ev NAME BINARY [eval options...]
-  local name=$1 bin=$2
-  shift 2
+evd() {  # evd NAME BINARY DATA [eval options...]
+  local name=$1 bin=$2 data=$3
+  shift 3
   local t0=$SECONDS
-  $bin eval --model $MODEL --data data/eval/eval.json --max-tokens "$MAXTOK" --out "$OUT/$name.json" "$@" \
-    > "$OUT/$name.txt" 2> "$OUT/$name.log"
+  $bin eval --model $MODEL --data "$data" --out "$OUT/$name.json" "$@" > "$OUT/$name.txt" 2> "$OUT/$name.log"
   echo "$name: $((SECONDS - t0)) s wall (the command's own: $(python3 -c "import json;print(round(json.load(open('$OUT/$name.json'))['seconds'],1))") s)"
 }
+ev() {  # ev NAME BINARY [eval options...]: the descriptions
+  local name=$1 bin=$2
+  shift 2
+  evd "$name" "$bin" data/eval/eval.json --max-tokens "$MAXTOK" "$@"
+}
+ALL_BUDGETS=0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9
+CUDA=(--device cuda --gpu-dtype "$DTYPE" --batch 96)
 
 for phase in "$@"; do
 case $phase in
@@ -106,6 +122,25 @@ EOF
     for g in grid_hi grid_norm; do
       python3 bench/compare_eval.py docs/results/$g.json "$OUT/${g}_cuda.json" --out "$OUT/${g}_compare.json" \
         | tee "$OUT/${g}_compare.txt"
+    done
+    ;;
+  questions)
+    evd questions_cuda $GPU data/eval/questions.json --limit "$QLIMIT" --max-tokens 16 --budgets $ALL_BUDGETS \
+      --estimators window,paper $PLAIN --no-image-control "${CUDA[@]}" --plot "$OUT/questions_cuda.svg"
+    ;;
+  text)
+    common=(--budgets $ALL_BUDGETS --estimators window,paper $PLAIN)
+    evd text_cpu $CPU data/text/heldout.json "${common[@]}" --jobs "$J" &
+    cpu_pid=$!
+    evd text_cuda $GPU data/text/heldout.json "${common[@]}" "${CUDA[@]}" --plot "$OUT/text_cuda.svg"
+    wait $cpu_pid
+    python3 bench/compare_eval.py "$OUT/text_cpu.json" "$OUT/text_cuda.json" --out "$OUT/text_compare.json" \
+      | tee "$OUT/text_compare.txt"
+    ;;
+  oracle)
+    for pool in 0 7; do
+      ev oracle_pool${pool}_cuda $GPU --limit "$LIMIT" --budgets $ALL_BUDGETS --policies uniform-prefix,prefixkv-online \
+        --estimators answer --kv-prefix-pool $pool "${CUDA[@]}"
     done
     ;;
   *) echo "unknown phase $phase" >&2; exit 2 ;;
