@@ -10,7 +10,6 @@
 
 #include <algorithm>
 #include <chrono>
-#include <cmath>
 #include <filesystem>
 #include <mutex>
 #include <optional>
@@ -123,7 +122,6 @@ struct PyModel {
   LoadedModel lm;
   std::unique_ptr<Engine> engine;
   std::unique_ptr<Backend> backend;
-  std::string device;
   std::mutex mu;  // one engine call at a time, taken with the GIL released
 
   const Model& model() const { return *lm.model; }
@@ -150,7 +148,6 @@ ModelPtr load(const py::object& path_arg, const std::string& device, std::option
   bo.vision = m->config().has_vision;
   bo.kv_pool_bytes = size_t(kv_memory_mb * 1024 * 1024);
   m->backend = make_backend(*m->lm.model, bo);
-  m->device = device;
   return m;
 }
 
@@ -587,7 +584,9 @@ PYBIND11_MODULE(_core, mod) {
       .def_property_readonly("result", &Stream::result,
                              "Once the iteration ended: the answer with its statistics (generate's return_stats).");
 
-  py::class_<PyModel, ModelPtr>(mod, "Model")
+  py::class_<PyModel, ModelPtr>(mod, "Model",
+                                "A model loaded once (a checkpoint folder, or a GGUF file with mmproj=) on a device "
+                                "(cpu, or cuda in a build with the CUDA back end).")
       .def(py::init(&load), py::arg("path"), py::kw_only(), py::arg("device") = "cpu", py::arg("gpu_dtype") = py::none(),
            py::arg("mmproj") = py::none(), py::arg("vision_tower") = py::none(), py::arg("kv_memory_mb") = 0.0)
       .def_property_readonly("path", [](const PyModel& m) { return m.lm.dir; })
@@ -614,15 +613,19 @@ PYBIND11_MODULE(_core, mod) {
           py::arg("decode") = "proportional", py::arg("profile") = py::none(), py::arg("max_tokens") = 256,
           py::arg("temperature") = 0.0, py::arg("top_k") = 0, py::arg("top_p") = 1.0, py::arg("seed") = 0,
           py::arg("stop") = py::none(), py::arg("ignore_eos") = false, py::arg("template") = "llava",
-          py::arg("image_mode") = py::none(), py::arg("stream") = false, py::arg("return_stats") = false)
+          py::arg("image_mode") = py::none(), py::arg("stream") = false, py::arg("return_stats") = false,
+          "The answer to a prompt (and image) under a KV policy, as `prefixkv run`: its text; with return_stats "
+          "a dict of text, tokens, timings and KV statistics; with stream an iterator of text pieces.")
       .def("importance", &importance, py::arg("prompt") = py::none(), py::kw_only(), py::arg("image") = py::none(),
            py::arg("estimator") = "window", py::arg("window") = 32, py::arg("template") = "llava",
-           py::arg("image_mode") = py::none());
+           py::arg("image_mode") = py::none(),
+           "The per-layer importance of the prompt's tokens the prefix policies rank: float32 [layers, tokens].");
 
   mod.def("calibrate", &pkv::python::calibrate, py::arg("model"), py::arg("data"), py::kw_only(), py::arg("samples") = py::none(),
           py::arg("budgets") = std::vector<double>{0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9},
           py::arg("estimator") = "window", py::arg("window") = 32, py::arg("protected") = 2,
-          py::arg("allocate_from") = "prompt", py::arg("image_dir") = py::none(), py::arg("image_mode") = py::none());
+          py::arg("allocate_from") = "prompt", py::arg("image_dir") = py::none(), py::arg("image_mode") = py::none(),
+          "`prefixkv calibrate` on LLaVA conversation JSON: a Profile, with the per-layer concentration.");
   mod.def("evaluate", &pkv::python::evaluate, py::arg("model"), py::arg("data"), py::kw_only(), py::arg("policies") = py::none(),
           py::arg("budgets") = std::vector<double>{0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9},
           py::arg("estimators") = std::vector<std::string>{"window"}, py::arg("limit") = 0,
@@ -630,5 +633,6 @@ PYBIND11_MODULE(_core, mod) {
           py::arg("image_mode") = py::none(), py::arg("jobs") = 1, py::arg("batch") = 32, py::arg("window") = 32,
           py::arg("protected") = 2, py::arg("prefix_pool") = pkv::PolicyOptions{}.prefix_pool,
           py::arg("decode") = "proportional", py::arg("profile") = py::none(), py::arg("no_image_control") = false,
-          py::arg("text_context") = py::none(), py::arg("text_continuation") = py::none());
+          py::arg("text_context") = py::none(), py::arg("text_continuation") = py::none(),
+          "`prefixkv eval`: its results JSON as a dict.");
 }

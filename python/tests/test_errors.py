@@ -25,10 +25,16 @@ def test_model_errors(tmp_path):
         prefixkv.Model(MODEL, kv_memory_mb=64)
 
 
-@pytest.mark.skipif(prefixkv.have_cuda(), reason="this build has the CUDA back end")
-def test_cuda_in_a_build_without_it():
-    with raises("--device cuda: this prefixkv was built without the CUDA back end"):
-        prefixkv.Model(MODEL, device="cuda")
+def test_cuda_device_says_what_is_missing():
+    # A build without the CUDA back end says so; one with it runs on the GPU or says that there is none.
+    if not prefixkv.have_cuda():
+        with raises("--device cuda: this prefixkv was built without the CUDA back end"):
+            prefixkv.Model(MODEL, device="cuda")
+        return
+    try:
+        assert prefixkv.Model(MODEL, device="cuda", kv_memory_mb=64).device.startswith("cuda")
+    except prefixkv.Error as e:
+        assert "no CUDA device is available" in str(e)
 
 
 @pytest.mark.parametrize("kw, match", [
