@@ -4,6 +4,26 @@
 
 namespace pkv {
 
+int CacheView::held(int layer) const {
+  if (!per_head(layer)) return size(layer);
+  int n = 0;
+  for (int h = 0; h < kv_heads(); ++h) n += int(head_positions(layer, h).size());
+  return n;
+}
+
+namespace {
+
+void check_list(const std::vector<int32_t>& keep, int held, const std::string& where, const std::string& what) {
+  if (keep.empty() && held > 0) fail(where, what + " keeps no entry");
+  for (size_t i = 0; i < keep.size(); ++i) {
+    if (keep[i] < 0 || keep[i] >= held)
+      fail(where, what + " keeps index " + std::to_string(keep[i]) + " of " + std::to_string(held) + " entries");
+    if (i > 0 && keep[i] <= keep[i - 1]) fail(where, what + " is not strictly increasing at " + std::to_string(i));
+  }
+}
+
+}  // namespace
+
 void check_plan(const KeepPlan& plan, const CacheView& cache, const std::string& who) {
   int previous = -1;
   for (const LayerKeep& k : plan.layers) {
@@ -12,18 +32,23 @@ void check_plan(const KeepPlan& plan, const CacheView& cache, const std::string&
       fail(where, "names a layer outside [0, " + std::to_string(cache.n_layers()) + ")");
     if (k.layer <= previous) fail(where, "comes after layer " + std::to_string(previous) + " (layers must increase)");
     previous = k.layer;
-    const int held = cache.size(k.layer);
+    const int held = cache.held(k.layer);
     if (k.before != held)
       fail(where, "was made for " + std::to_string(k.before) + " entries, the layer holds " + std::to_string(held));
-    if (!k.head_keep.empty())
-      fail(where, "has one keep list per KV head, and this cache keeps the same entries in every head");
-    if (k.keep.empty() && held > 0) fail(where, "keeps no entry");
-    for (size_t i = 0; i < k.keep.size(); ++i) {
-      if (k.keep[i] < 0 || k.keep[i] >= held)
-        fail(where, "keeps index " + std::to_string(k.keep[i]) + " of a layer of " + std::to_string(held) + " entries");
-      if (i > 0 && k.keep[i] <= k.keep[i - 1])
-        fail(where, "keep list is not strictly increasing at " + std::to_string(i));
+    if (k.head_keep.empty()) {
+      if (cache.per_head(k.layer)) fail(where, "has one keep list for a layer whose heads hold their own entries");
+      check_list(k.keep, held, where, "the keep list");
+      continue;
     }
+    if (cache.kv_heads() == 0)
+      fail(where, "has one keep list per KV head, and this cache keeps the same entries in every head");
+    if (int(k.head_keep.size()) != cache.kv_heads())
+      fail(where, "has " + std::to_string(k.head_keep.size()) + " head keep lists for " + std::to_string(cache.kv_heads()) +
+                      " KV heads");
+    if (!k.keep.empty()) fail(where, "has both a layer keep list and head keep lists");
+    for (int h = 0; h < cache.kv_heads(); ++h)
+      check_list(k.head_keep[size_t(h)], int(cache.head_positions(k.layer, h).size()), where,
+                 "the keep list of KV head " + std::to_string(h));
   }
 }
 

@@ -19,11 +19,12 @@ struct LayerKeep {
       : layer(layer_), before(before_), keep(std::move(keep_)), merge(merge_) {}
 
   int layer = 0;
-  int before = 0;              // entries the layer held when the plan was made (checked on apply)
+  int before = 0;              // entries the layer held when the plan was made (checked on apply);
+                               // a per-head layer: summed over its heads
   std::vector<int32_t> keep;   // [kept] indices into the layer, strictly increasing
   bool merge = false;
-  // One keep list per KV head ([kv_heads][kept_h]) instead of `keep`, for per-head budgets. No
-  // cache holds per-head entries yet: check_plan refuses a plan that uses it.
+  // One keep list per KV head ([kv_heads][kept_h], each strictly increasing, indices into that
+  // head's entries) instead of `keep`: per-head budgets. The layer becomes per-head (kv_cache.h).
   std::vector<std::vector<int32_t>> head_keep;
 };
 
@@ -35,18 +36,27 @@ struct KeepPlan {
 };
 
 // What a policy may read of a sequence's cache when it decides: per layer, the absolute positions of
-// the entries held, in order (strictly increasing).
+// the entries held, in order (strictly increasing). A cache that can hold per-head entries says how
+// many KV heads it has (kv_heads() > 0); a layer made per-head by a head plan has no single list of
+// positions (positions() throws), only one per head.
 class CacheView {
  public:
   virtual ~CacheView() = default;
   virtual int n_layers() const = 0;
   virtual std::span<const int32_t> positions(int layer) const = 0;
   int size(int layer) const { return int(positions(layer).size()); }
+  virtual int kv_heads() const { return 0; }  // 0: this cache keeps the same entries in every head
+  virtual bool per_head(int layer) const { return false; }
+  virtual std::span<const int32_t> head_positions(int layer, int head) const { return positions(layer); }
+  // Entries the layer holds, summed over heads for a per-head layer (what LayerKeep::before counts).
+  int held(int layer) const;
 };
 
-// Checks a plan against the cache it is for: layers in range and increasing, `before` equal to the
-// layer's size, keep lists strictly increasing within [0, before) and not empty when before > 0.
-// Throws Error naming `who` (the policy) and the layer: a plan no cache can apply is a bug.
+// Checks a plan against the cache it is for: layers in range and increasing, `before` equal to what
+// the layer holds, keep lists strictly increasing within the layer (or the head) and not empty where
+// it holds entries; head lists only for a cache with per-head entries, one per KV head, and a
+// per-head layer only with head lists. Throws Error naming `who` (the policy) and the layer: a plan
+// no cache can apply is a bug.
 void check_plan(const KeepPlan& plan, const CacheView& cache, const std::string& who);
 
 // Entry positions per layer without keys and values: what the GPU session keeps on the host to let

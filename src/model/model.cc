@@ -132,11 +132,34 @@ static void finish_rows(const TextConfig& t, const LlamaLayer& L, LinearFn lin, 
   for (size_t i = 0; i < n; ++i) x[i] += h[i];
 }
 
-// Appends k, v of n_q new tokens at `pos` to the layer, then attends q over everything it holds;
-// with `imp`, it is resized to the layer and receives the importance of queries >= imp_from.
-static void attend_layer(const TextConfig& t, KVLayer& kv, const float* q, const float* k, const float* v, int n_q,
+void attend_layer(const TextConfig& t, KVLayer& kv, const float* q, const float* k, const float* v, int n_q,
                          const int32_t* pos, float* out, std::vector<float>* imp, int imp_from) {
   kv.append(k, v, pos, n_q);
+  if (kv.per_head()) {
+    // Each KV head over its own entries: the query heads of its group, with their rows' strides.
+    if (imp) fail("attention", "the importance of a layer whose heads hold their own entries is not measured");
+    const int group = t.n_heads / t.n_kv_heads, qd = t.n_heads * t.head_dim;
+    for (int g = 0; g < t.n_kv_heads; ++g) {
+      ops::AttentionArgs a;
+      a.q = q + size_t(g) * group * t.head_dim;
+      a.q_stride = qd;
+      a.n_q = n_q;
+      a.q_pos = pos;
+      a.k = kv.head_keys(g);
+      a.v = kv.head_values(g);
+      a.n_kv = kv.size(g);
+      a.kv_stride = t.head_dim;
+      a.kv_pos = kv.head_positions(g);
+      a.n_heads = group;
+      a.n_kv_heads = 1;
+      a.head_dim = t.head_dim;
+      a.scale = 1.f / std::sqrt(float(t.head_dim));
+      a.out = out + size_t(g) * group * t.head_dim;
+      a.out_stride = qd;
+      ops::attention(a);
+    }
+    return;
+  }
   ops::AttentionArgs a;
   a.q = q;
   a.n_q = n_q;

@@ -31,6 +31,14 @@ struct DecoderCall {
   int importance_from = 0;  // first row of this call whose attention counts (0: all)
 };
 
+// One decoder layer's attention over its KV cache (the decoder's step, exposed for tests): appends
+// k, v of n_q new tokens at `pos` [n_q] to the layer, then attends q [n_q, n_heads * head_dim] over
+// everything it holds into out [n_q, n_heads * head_dim] (causal by position), each KV head over its
+// own entries in a per-head layer; with `imp` (shared layers only), it is resized to the layer and
+// receives the importance of queries >= imp_from (METHOD.md section 1).
+void attend_layer(const TextConfig& t, KVLayer& kv, const float* q, const float* k, const float* v, int n_q,
+                  const int32_t* pos, float* out, std::vector<float>* imp, int imp_from);
+
 class Model {
  public:
   static std::unique_ptr<Model> load(const std::string& dir, const LoadOptions& opt = {});
@@ -67,7 +75,9 @@ class Model {
   void decode_batch(const float* x, int B, const int32_t* pos, const std::vector<KVCache*>& caches,
                     const std::vector<std::vector<std::vector<float>>*>& importance, float* logits_out) const;
 
-  KVCache make_cache() const { return KVCache(cfg_.text.n_layers, cfg_.text.n_kv_heads * cfg_.text.head_dim); }
+  KVCache make_cache() const {
+    return KVCache(cfg_.text.n_layers, cfg_.text.n_kv_heads * cfg_.text.head_dim, cfg_.text.n_kv_heads);
+  }
 
  private:
   ModelConfig cfg_;

@@ -405,7 +405,8 @@ namespace {
 void attention_blocked(const AttentionArgs& a) {
   blas_single_thread();
   const int group = a.n_heads / a.n_kv_heads;
-  const int qd = a.n_heads * a.head_dim;
+  const int qs = a.q_stride ? a.q_stride : a.n_heads * a.head_dim;
+  const int os = a.out_stride ? a.out_stride : a.n_heads * a.head_dim;
   const bool causal = a.q_pos && a.kv_pos;
   constexpr int kBlock = 64;
   const int n_blocks = (a.n_q + kBlock - 1) / kBlock;
@@ -422,7 +423,7 @@ void attention_blocked(const AttentionArgs& a) {
     for (size_t it = b; it < e; ++it) {
       const int h = int(it / size_t(n_blocks)), blk = int(it % size_t(n_blocks));
       const int g = h / group, i0 = blk * kBlock, rows = std::min(kBlock, a.n_q - i0);
-      const float* qb = a.q + size_t(i0) * qd + size_t(h) * a.head_dim;
+      const float* qb = a.q + size_t(i0) * qs + size_t(h) * a.head_dim;
       const float* kb = a.k + size_t(g) * a.head_dim;
       const float* vb = a.v + size_t(g) * a.head_dim;
       // Keys beyond the last query's position are never seen by this block.
@@ -432,10 +433,10 @@ void attention_blocked(const AttentionArgs& a) {
         n_kv = int(std::upper_bound(a.kv_pos, a.kv_pos + a.n_kv, last) - a.kv_pos);
       }
       if (n_kv == 0) {
-        for (int r = 0; r < rows; ++r) std::fill_n(a.out + size_t(i0 + r) * qd + size_t(h) * a.head_dim, a.head_dim, 0.f);
+        for (int r = 0; r < rows; ++r) std::fill_n(a.out + size_t(i0 + r) * os + size_t(h) * a.head_dim, a.head_dim, 0.f);
         continue;
       }
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, n_kv, a.head_dim, a.scale, qb, qd, kb, a.kv_stride,
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, n_kv, a.head_dim, a.scale, qb, qs, kb, a.kv_stride,
                   0.f, p.data(), n_kv);
       for (int r = 0; r < rows; ++r) {
         float* pr = p.data() + size_t(r) * n_kv;
@@ -452,7 +453,7 @@ void attention_blocked(const AttentionArgs& a) {
           for (int j = 0; j < seen; ++j) imp[j] += pr[j] / float(a.n_heads);
       }
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, a.head_dim, n_kv, 1.f, p.data(), n_kv, vb,
-                  a.kv_stride, 0.f, a.out + size_t(i0) * qd + size_t(h) * a.head_dim, qd);
+                  a.kv_stride, 0.f, a.out + size_t(i0) * os + size_t(h) * a.head_dim, os);
     }
   });
   if (a.importance)
@@ -466,7 +467,8 @@ void attention(const AttentionArgs& a) {
   PKV_ASSERT(a.n_heads % a.n_kv_heads == 0);
   if (a.n_q >= 16) return attention_blocked(a);
   const int group = a.n_heads / a.n_kv_heads;
-  const int qd = a.n_heads * a.head_dim;
+  const int qs = a.q_stride ? a.q_stride : a.n_heads * a.head_dim;
+  const int os = a.out_stride ? a.out_stride : a.n_heads * a.head_dim;
   const size_t items = size_t(a.n_q) * a.n_heads;
   const bool causal = a.q_pos && a.kv_pos;
   const int nthreads = num_threads();
@@ -482,8 +484,8 @@ void attention(const AttentionArgs& a) {
     for (size_t it = b; it < e; ++it) {
       const int i = int(it / size_t(a.n_heads)), h = int(it % size_t(a.n_heads));
       const int g = h / group;
-      const float* qv = a.q + size_t(i) * qd + size_t(h) * a.head_dim;
-      float* o = a.out + size_t(i) * qd + size_t(h) * a.head_dim;
+      const float* qv = a.q + size_t(i) * qs + size_t(h) * a.head_dim;
+      float* o = a.out + size_t(i) * os + size_t(h) * a.head_dim;
       float mx = -INFINITY;
       for (int j = 0; j < a.n_kv; ++j) {
         if (causal && a.kv_pos[j] > a.q_pos[i]) {

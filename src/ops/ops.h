@@ -63,6 +63,8 @@ struct Rope {
 struct AttentionArgs {
   const float* q = nullptr;
   int n_q = 0;
+  int q_stride = 0;    // between query rows (0: n_heads * head_dim)
+  int out_stride = 0;  // between output rows (0: n_heads * head_dim)
   const int32_t* q_pos = nullptr;
   const float* k = nullptr;
   const float* v = nullptr;

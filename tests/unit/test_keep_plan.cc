@@ -13,6 +13,7 @@
 #include "core/error.h"
 #include "kv/kv_cache.h"
 #include "kv/policy.h"
+#include "model/model.h"
 
 using namespace pkv;
 
@@ -25,8 +26,8 @@ std::vector<float> random_vec(std::mt19937& rng, size_t n) {
   return x;
 }
 
-KVCache random_cache(std::mt19937& rng, int layers, int n, int d) {
-  KVCache c(layers, d);
+KVCache random_cache(std::mt19937& rng, int layers, int n, int d, int kv_heads = 1) {
+  KVCache c(layers, d, kv_heads);
   std::vector<int32_t> pos(static_cast<size_t>(n));
   std::iota(pos.begin(), pos.end(), 0);
   for (int l = 0; l < layers; ++l) {
@@ -47,9 +48,17 @@ void expect_error(const KVCache& cache, const KeepPlan& plan, const std::string&
     EXPECT_NE(m.find(fragment), std::string::npos) << m;
   }
   for (int l = 0; l < cache.n_layers(); ++l) {
-    ASSERT_EQ(copy.layer(l).size(), cache.layer(l).size()) << "a refused plan changed layer " << l;
-    EXPECT_TRUE(std::equal(copy.layer(l).keys(), copy.layer(l).keys() + size_t(cache.layer(l).size()) * cache.layer(l).kv_dim(),
-                           cache.layer(l).keys()));
+    const KVLayer &a = copy.layer(l), &b = cache.layer(l);
+    ASSERT_EQ(a.per_head(), b.per_head()) << "a refused plan changed layer " << l;
+    if (b.per_head()) {
+      for (int h = 0; h < b.n_kv_heads(); ++h) {
+        ASSERT_EQ(a.size(h), b.size(h)) << "a refused plan changed layer " << l << " head " << h;
+        EXPECT_TRUE(std::equal(a.head_keys(h), a.head_keys(h) + size_t(b.size(h)) * b.head_dim(), b.head_keys(h)));
+      }
+      continue;
+    }
+    ASSERT_EQ(a.size(), b.size()) << "a refused plan changed layer " << l;
+    EXPECT_TRUE(std::equal(a.keys(), a.keys() + size_t(b.size()) * b.kv_dim(), b.keys()));
   }
 }
 
@@ -68,9 +77,16 @@ TEST(KeepPlan, RefusesWhatNoCacheCanApply) {
   expect_error(cache, KeepPlan{{LayerKeep{0, 10, {-1, 3}, false}}}, "index -1");
   expect_error(cache, KeepPlan{{LayerKeep{0, 10, {2, 2}, false}}}, "strictly increasing");
   expect_error(cache, KeepPlan{{LayerKeep{0, 10, {5, 3}, false}}}, "strictly increasing");
-  LayerKeep per_head(0, 10, {0, 1});
+  LayerKeep per_head(0, 10, {});
   per_head.head_keep = {{0, 1}, {2, 3}};
-  expect_error(cache, KeepPlan{{per_head}}, "per KV head");
+  expect_error(cache, KeepPlan{{per_head}}, "2 head keep lists for 1 KV heads");
+  // A cache without per-head entries (the GPU session's host positions) refuses head lists.
+  PositionTable table(3);
+  std::vector<int32_t> pos(10);
+  std::iota(pos.begin(), pos.end(), 0);
+  table.append_all(pos.data(), 10);
+  per_head.head_keep = {{0, 1}};
+  EXPECT_THROW(check_plan(KeepPlan{{per_head}}, table, "test-policy"), Error);
   // A bad layer anywhere in the plan: nothing is applied, not even the good layers before it.
   expect_error(cache, KeepPlan{{LayerKeep{0, 10, {0, 1}, false}, LayerKeep{1, 10, {4, 3}, false}}}, "layer 1");
 }
@@ -176,5 +192,188 @@ TEST(KeepPlan, PositionTableFollowsEveryPolicyAsTheCpuCacheDoes) {
         for (const LayerKeep& k : da.layers) EXPECT_FALSE(k.merge) << "decode-time eviction never merges";
       }
     }
+  }
+}
+
+// Per-head plans (LayerKeep::head_keep): each KV head keeps its own entries, in order, with their own
+// keys, values and positions; the memory of the others is released; new entries go to every head;
+// a per-head layer takes only per-head plans; bad head lists are refused and change nothing.
+TEST(KeepPlan, PerHeadPlansKeepEachHeadsOwnEntries) {
+  std::mt19937 rng(21);
+  const int L = 3, N = 300, H = 4, hd = 3, d = H * hd;
+  KVCache cache = random_cache(rng, L, N, d, H);
+  const KVCache before = cache.clone();
+  const size_t cap_before = cache.layer(1).capacity_bytes();
+  // Layer 1 per head (budgets 5%, 10%, 20%, 40% of the entries), layer 2 shared.
+  std::vector<std::vector<int32_t>> lists(H);
+  for (int h = 0; h < H; ++h) {
+    std::vector<int32_t> all(N);
+    std::iota(all.begin(), all.end(), 0);
+    std::shuffle(all.begin(), all.end(), rng);
+    lists[size_t(h)].assign(all.begin(), all.begin() + (N * (5 << h)) / 100);
+    std::sort(lists[size_t(h)].begin(), lists[size_t(h)].end());
+  }
+  LayerKeep lk(1, N, {});
+  lk.head_keep = lists;
+  cache.apply(KeepPlan{{lk, LayerKeep{2, N, {0, 7, 299}}}}, "test-policy");
+
+  const KVLayer& l1 = cache.layer(1);
+  ASSERT_TRUE(l1.per_head());
+  EXPECT_FALSE(cache.layer(0).per_head());
+  EXPECT_FALSE(cache.layer(2).per_head());
+  size_t entries = 0;
+  for (int h = 0; h < H; ++h) {
+    const auto& keep = lists[size_t(h)];
+    ASSERT_EQ(l1.size(h), int(keep.size())) << "head " << h;
+    entries += keep.size();
+    for (size_t i = 0; i < keep.size(); ++i) {
+      EXPECT_EQ(l1.head_positions(h)[i], keep[i]);
+      for (int x = 0; x < hd; ++x) {
+        EXPECT_EQ(l1.head_keys(h)[i * hd + size_t(x)], before.layer(1).keys()[size_t(keep[i]) * d + size_t(h * hd + x)]);
+        EXPECT_EQ(l1.head_values(h)[i * hd + size_t(x)], before.layer(1).values()[size_t(keep[i]) * d + size_t(h * hd + x)]);
+      }
+    }
+    EXPECT_EQ(cache.bytes_per_head()[1][size_t(h)], keep.size() * 2 * hd * sizeof(float));
+  }
+  EXPECT_EQ(l1.bytes(), entries * 2 * hd * sizeof(float));
+  EXPECT_EQ(cache.bytes_per_layer()[1], l1.bytes());
+  EXPECT_EQ(cache.held(1), int(entries));
+  // The storage follows: the heads together hold ~19% of the entries, and no more than that is kept.
+  EXPECT_LT(l1.capacity_bytes(), cap_before / 2) << "the evicted entries' memory was not released";
+  EXPECT_THROW(cache.positions(1), Error);  // no single list of positions in a per-head layer
+
+  // Decoding appends to every head.
+  const std::vector<float> k = random_vec(rng, 2 * d), v = random_vec(rng, 2 * d);
+  const int32_t next[2] = {300, 301};
+  cache.layer(1).append(k.data(), v.data(), next, 2);
+  for (int h = 0; h < H; ++h) {
+    ASSERT_EQ(l1.size(h), int(lists[size_t(h)].size()) + 2);
+    EXPECT_EQ(l1.head_positions(h)[l1.size(h) - 1], 301);
+    EXPECT_EQ(l1.head_keys(h)[size_t(l1.size(h) - 1) * hd], k[size_t(d + h * hd)]);
+  }
+
+  // A per-head layer takes only per-head plans, made for what it holds (summed over heads).
+  expect_error(cache, KeepPlan{{LayerKeep{1, cache.held(1), {0}}}}, "heads hold their own entries");
+  LayerKeep again(1, cache.held(1) - 1, {});
+  again.head_keep = {{0}, {0}, {0}, {0}};
+  expect_error(cache, KeepPlan{{again}}, "holds " + std::to_string(cache.held(1)));
+  again.before = cache.held(1);
+  again.head_keep = {{0}, {0}, {}, {0}};
+  expect_error(cache, KeepPlan{{again}}, "KV head 2 keeps no entry");
+  again.head_keep = {{0}, {0}, {0, 0}, {0}};
+  expect_error(cache, KeepPlan{{again}}, "KV head 2 is not strictly increasing");
+  again.head_keep = {{0}, {0}, {0}, {int32_t(l1.size(3))}};
+  expect_error(cache, KeepPlan{{again}}, "KV head 3 keeps index");
+  again.head_keep = {{0}, {0}, {0}};
+  expect_error(cache, KeepPlan{{again}}, "3 head keep lists for 4 KV heads");
+  again.head_keep = {{0}, {0}, {0}, {0}};
+  again.keep = {0};
+  expect_error(cache, KeepPlan{{again}}, "both a layer keep list and head keep lists");
+  again.keep.clear();
+  cache.apply(KeepPlan{{again}}, "test-policy");
+  for (int h = 0; h < H; ++h) EXPECT_EQ(l1.head_positions(h)[0], lists[size_t(h)][0]);
+}
+
+// Merging per head: each head's kept entries absorb that head's nearest others (the rule of the
+// shared merge, per head), checked against the shared merge of the same list on a one-head copy.
+TEST(KeepPlan, PerHeadMergeIsTheSharedMergeOfEachHead) {
+  std::mt19937 rng(5);
+  const int N = 40, H = 3, hd = 2, d = H * hd;
+  KVCache cache = random_cache(rng, 1, N, d, H);
+  LayerKeep lk(0, N, {}, true);
+  lk.head_keep = {{3, 9, 30}, {0, 39}, {1, 2, 3, 20, 21}};
+  std::vector<KVCache> single;
+  for (int h = 0; h < H; ++h) {  // head h alone as a one-head cache, merged with the shared rule
+    KVCache one(1, hd, 1);
+    std::vector<float> k(size_t(N) * hd), v(size_t(N) * hd);
+    for (int i = 0; i < N; ++i)
+      for (int x = 0; x < hd; ++x)
+        k[size_t(i * hd + x)] = cache.layer(0).keys()[size_t(i * d + h * hd + x)],
+        v[size_t(i * hd + x)] = cache.layer(0).values()[size_t(i * d + h * hd + x)];
+    std::vector<int32_t> pos(N);
+    std::iota(pos.begin(), pos.end(), 0);
+    one.layer(0).append(k.data(), v.data(), pos.data(), N);
+    one.apply(KeepPlan{{LayerKeep{0, N, lk.head_keep[size_t(h)], true}}}, "elastic");
+    single.push_back(std::move(one));
+  }
+  cache.apply(KeepPlan{{lk}}, "elastic");
+  for (int h = 0; h < H; ++h) {
+    const KVLayer& ref = single[size_t(h)].layer(0);
+    ASSERT_EQ(cache.layer(0).size(h), ref.size());
+    for (size_t i = 0; i < size_t(ref.size()) * hd; ++i) {
+      EXPECT_EQ(cache.layer(0).head_keys(h)[i], ref.keys()[i]);
+      EXPECT_EQ(cache.layer(0).head_values(h)[i], ref.values()[i]);
+    }
+  }
+}
+
+// Attention over a per-head layer: query head q of KV head g = q / group attends over exactly the
+// entries g holds (plus the new token), against a brute-force softmax in double; and a per-head plan
+// that keeps the same entries in every head gives bit for bit the shared layer's attention (the same
+// dot products in the same order, only the rows' addresses differ).
+TEST(KeepPlan, AttentionReadsEachHeadsOwnEntries) {
+  std::mt19937 rng(9);
+  TextConfig t;
+  t.n_heads = 8, t.n_kv_heads = 4, t.head_dim = 16;
+  const int N = 50, H = t.n_kv_heads, hd = t.head_dim, d = H * hd, qd = t.n_heads * hd, group = t.n_heads / H;
+  for (int n_q : {1, 20}) {  // one decode step; a chunk of queries (the blocked path)
+    SCOPED_TRACE("n_q " + std::to_string(n_q));
+    KVCache per = random_cache(rng, 1, N, d, H), shared = per.clone(), same = per.clone();
+    const KVCache orig = per.clone();
+    LayerKeep lk(0, N, {});
+    std::vector<int32_t> common;
+    for (int i = 0; i < N; i += 3) common.push_back(i);
+    for (int h = 0; h < H; ++h) {
+      std::vector<int32_t> keep;
+      for (int i = 0; i < N; ++i)
+        if (rng() % unsigned(h + 2) == 0) keep.push_back(i);
+      if (keep.empty()) keep.push_back(0);
+      lk.head_keep.push_back(keep);
+    }
+    per.apply(KeepPlan{{lk}}, "test");
+    LayerKeep all_same(0, N, {});
+    all_same.head_keep.assign(size_t(H), common);
+    same.apply(KeepPlan{{all_same}}, "test");
+    shared.apply(KeepPlan{{LayerKeep{0, N, common}}}, "test");
+
+    const std::vector<float> q = random_vec(rng, size_t(n_q) * qd), k = random_vec(rng, size_t(n_q) * d),
+                             v = random_vec(rng, size_t(n_q) * d);
+    std::vector<int32_t> pos(static_cast<size_t>(n_q));
+    std::iota(pos.begin(), pos.end(), N);
+    std::vector<float> out(size_t(n_q) * qd), out_same(out.size()), out_shared(out.size());
+    attend_layer(t, per.layer(0), q.data(), k.data(), v.data(), n_q, pos.data(), out.data(), nullptr, 0);
+    attend_layer(t, same.layer(0), q.data(), k.data(), v.data(), n_q, pos.data(), out_same.data(), nullptr, 0);
+    attend_layer(t, shared.layer(0), q.data(), k.data(), v.data(), n_q, pos.data(), out_shared.data(), nullptr, 0);
+    EXPECT_EQ(out_same, out_shared);
+
+    const double scale = 1.0 / std::sqrt(double(hd));
+    double worst = 0;
+    for (int i = 0; i < n_q; ++i)
+      for (int qh = 0; qh < t.n_heads; ++qh) {
+        const int g = qh / group;
+        // Entries seen: head g's kept ones, then the new tokens up to query i.
+        std::vector<const float*> ks, vs;
+        for (int32_t e : lk.head_keep[size_t(g)])
+          ks.push_back(&orig.layer(0).keys()[size_t(e) * d + size_t(g * hd)]),
+              vs.push_back(&orig.layer(0).values()[size_t(e) * d + size_t(g * hd)]);
+        for (int j = 0; j <= i; ++j) ks.push_back(&k[size_t(j) * d + size_t(g * hd)]), vs.push_back(&v[size_t(j) * d + size_t(g * hd)]);
+        std::vector<double> s(ks.size());
+        double mx = -1e300, sum = 0;
+        for (size_t j = 0; j < ks.size(); ++j) {
+          double dot = 0;
+          for (int x = 0; x < hd; ++x) dot += double(q[size_t(i) * qd + size_t(qh * hd + x)]) * ks[j][x];
+          s[j] = dot * scale;
+          mx = std::max(mx, s[j]);
+        }
+        for (double& x : s) sum += x = std::exp(x - mx);
+        for (int x = 0; x < hd; ++x) {
+          double o = 0;
+          for (size_t j = 0; j < ks.size(); ++j) o += s[j] / sum * vs[j][x];
+          worst = std::max(worst, std::fabs(o - out[size_t(i) * qd + size_t(qh * hd + x)]));
+        }
+      }
+    // float32 dot products of 16 terms and sums of at most 70: |error| well under 1e-5 for values
+    // in [-1, 1].
+    EXPECT_LT(worst, 1e-5);
   }
 }
