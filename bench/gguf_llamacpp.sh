@@ -2,9 +2,11 @@
 # prefixkv and llama.cpp on the same GGUF files, in one command. llama.cpp is the CPU back end of the
 # npm package node-llama-cpp (pinned: 3.21.1, llama.cpp release v0.4.0, its prebuilt binaries).
 #  1. Files we write: `prefixkv export --gguf` writes the bundled model's language model as F16, Q8_0
-#     and Q4_0 (and the vision tower as mmproj.gguf, which llama.cpp's prebuilt binaries cannot read:
-#     they ship no libmtmd); llama.cpp loads each and decodes greedily; the tokens are compared with
-#     `prefixkv run` on the original checkpoint and on the same file, prompt by prompt.
+#     and Q4_0 (and the vision tower as mmproj.gguf); llama.cpp loads each and decodes greedily; the
+#     tokens are compared with `prefixkv run` on the original checkpoint and on the same file, prompt
+#     by prompt. The prebuilt binaries ship no libmtmd (clip.cpp), so the mmproj file is only parsed
+#     by ggml's GGUF reader and checked against the keys, types and tensors clip.cpp asks for
+#     (tools/llamacpp_mmproj_check.c).
 #  2. Files llama.cpp writes: its own quantiser (llama_model_quantize in the prebuilt libllama,
 #     tools/llamacpp_quantize.c) turns our F16 file into Q8_0, Q4_K_M (Q4_K and Q6_K tensors) and
 #     Q6_K; prefixkv and llama.cpp decode each, and where they part, pkv_bench_gguf_margins
@@ -32,6 +34,7 @@ fi
 BINS=$NLC/node_modules/@node-llama-cpp/linux-x64/bins/linux-x64
 cp tools/llamacpp_greedy.mjs "$NLC/greedy.mjs"
 cc -O2 tools/llamacpp_quantize.c -ldl -o "$OUT/llamacpp_quantize"
+cc -O2 tools/llamacpp_mmproj_check.c -ldl -o "$OUT/llamacpp_mmproj_check"
 prompts=("USER: What is in a picture of a red circle? ASSISTANT:"
          "USER: Describe the image in detail. ASSISTANT:"
          "The quick brown fox"
@@ -67,6 +70,10 @@ PY
   done
 done
 echo "gguf_llamacpp: llama.cpp's greedy answers equal prefixkv's on the checkpoint in $same of $total, prefixkv's on the same GGUF file in $same_gguf of $total (node-llama-cpp 3.21.1, $N tokens each)"
+# The vision file: ggml's own GGUF reader and the keys, types and tensors clip.cpp asks for.
+"$OUT/llamacpp_mmproj_check" "$BINS/libggml-base.so" "$OUT/mmproj-f16.gguf" >"$OUT/mmproj_check.log" &&
+  echo "gguf_llamacpp: $(tail -1 "$OUT/mmproj_check.log") (tools/llamacpp_mmproj_check.c; the image itself cannot be encoded: no libmtmd in these binaries)" ||
+  { cat "$OUT/mmproj_check.log"; exit 1; }
 
 echo "== files llama.cpp writes (llama_model_quantize from our F16 file)"
 same=0; total=0
