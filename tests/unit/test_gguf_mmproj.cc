@@ -293,6 +293,22 @@ TEST(GgufMmproj, ExportRefusesWhatLlamaCppWouldMisread) {
   cfg.feature_layers = {-5, -2};
   EXPECT_EQ(mmproj_feature_layers(cfg), (std::vector<int>{2, 5}));
 
+  // Types other than F16 / F32.
+  expect_error([&] { export_mmproj_gguf(*test::bundled_model().model, test::temp_path("m5.gguf"), quant::kQ8_0); },
+               {"F32 or F16"});
+  // A one-layer projector (an original-layout fixture read as mm_projector_type "linear"): clip.cpp
+  // would put a GELU after it.
+  {
+    const std::string dir = test::temp_path("linear");
+    fs::remove_all(dir);
+    fs::copy(test::data_path("fixtures/llava_orig_sharded"), dir);
+    nlohmann::json c = nlohmann::json::parse(std::ifstream(dir + "/config.json"));
+    c["mm_projector_type"] = "linear";
+    std::ofstream(dir + "/config.json") << c.dump();
+    const auto linear = Model::load(dir);
+    ASSERT_EQ(linear->weights().projector.layers.size(), 1u);
+    expect_error([&] { export_mmproj_gguf(*linear, test::temp_path("m6.gguf"), quant::kF16); }, {"1 linear layers"});
+  }
   // Activations clip.cpp cannot express: a copy of a small LLaVA fixture with its config edited.
   for (const auto& [key, value, fragment] : std::vector<std::tuple<std::string, std::string, std::string>>{
            {"projector_hidden_act", "relu", "projector's activation is 'relu'"},
