@@ -6,7 +6,7 @@
 #     tokens are compared with `prefixkv run` on the original checkpoint and on the same file, prompt
 #     by prompt. The prebuilt binaries ship no libmtmd (clip.cpp), so the mmproj file is only parsed
 #     by ggml's GGUF reader and checked against the keys, types and tensors clip.cpp asks for
-#     (tools/llamacpp_mmproj_check.c).
+#     (tools/llamacpp_mmproj_check.c); bench/mmproj_llamacpp.sh builds libmtmd and encodes an image.
 #  2. Files llama.cpp writes: its own quantiser (llama_model_quantize in the prebuilt libllama,
 #     tools/llamacpp_quantize.c) turns our F16 file into Q8_0, Q4_K_M (Q4_K and Q6_K tensors) and
 #     Q6_K; prefixkv and llama.cpp decode each, and where they part, pkv_bench_gguf_margins
@@ -72,7 +72,7 @@ done
 echo "gguf_llamacpp: llama.cpp's greedy answers equal prefixkv's on the checkpoint in $same of $total, prefixkv's on the same GGUF file in $same_gguf of $total (node-llama-cpp 3.21.1, $N tokens each)"
 # The vision file: ggml's own GGUF reader and the keys, types and tensors clip.cpp asks for.
 "$OUT/llamacpp_mmproj_check" "$BINS/libggml-base.so" "$OUT/mmproj-f16.gguf" >"$OUT/mmproj_check.log" &&
-  echo "gguf_llamacpp: $(tail -1 "$OUT/mmproj_check.log") (tools/llamacpp_mmproj_check.c; the image itself cannot be encoded: no libmtmd in these binaries)" ||
+  echo "gguf_llamacpp: $(tail -1 "$OUT/mmproj_check.log") (tools/llamacpp_mmproj_check.c; these binaries have no libmtmd to encode the image: bench/mmproj_llamacpp.sh builds it)" ||
   { cat "$OUT/mmproj_check.log"; exit 1; }
 
 echo "== files llama.cpp writes (llama_model_quantize from our F16 file)"
