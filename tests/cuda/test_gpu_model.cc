@@ -679,6 +679,62 @@ TEST(GpuModel, EvaluationOnTheCudaBackendMatchesTheCpu) {
               rg.records[1].second.ppl);
 }
 
+// The testbeds on the cuda back end against the CPU's (docs/RESULTS.md, "Testbeds"; the logic is
+// above the seam): the no-image control keeps the text's entries whatever the attention, so its PPL
+// is within the 1% above, as streaming's; the answer oracle's importance comes from the device's own
+// prefill of prompt + answer (a record that diverges from the full cache); the text testbed's full
+// cache and streaming within 1% too. A prompt's own prefill refuses the answer estimator.
+TEST(GpuModel, TestbedsOnTheCudaBackendMatchTheCpu) {
+  Loaded& l = load(kTiny);
+  const std::vector<Sample> samples = load_conversations(repo("data/eval/eval.json"));
+  EvalOptions opt;
+  opt.configs = {{"uniform-prefix", "answer", 0.5}, {"streaming", "", 0.5}};
+  opt.no_image_control = true;
+  opt.max_tokens = 8;
+  opt.limit = 1;
+  opt.batch = 3;
+  const std::unique_ptr<Backend> cpu = make_cpu_backend(*l.model);
+  CudaBackendOptions bo;
+  bo.dtype = DType::F16;
+  bo.kv_pool_bytes = size_t(256) << 20;
+  const std::unique_ptr<Backend> gpu = make_cuda_backend(*l.model, bo);
+  const EvalReport rc = evaluate(*cpu, *l.engine, samples, nullptr, opt);
+  const EvalReport rg = evaluate(*gpu, *l.engine, samples, nullptr, opt);
+  ASSERT_TRUE(rc.no_image && rg.no_image);
+  EXPECT_NEAR(rg.no_image->ppl / rc.no_image->ppl, 1.0, 0.01);
+  EXPECT_GT(rg.no_image->ppl, rg.full.ppl) << "the description needs the image";
+  ASSERT_EQ(rg.records.size(), 2u);
+  EXPECT_NEAR(rg.records[1].second.ppl / rc.records[1].second.ppl, 1.0, 0.01);
+  EXPECT_TRUE(std::isfinite(rg.records[0].second.kld) && rg.records[0].second.kld > 0);
+  EXPECT_LT(rg.records[0].second.kv_bytes, rg.full.kv_bytes);
+  TextSet text = load_text_set(repo("data/text/heldout.json"));
+  text.documents.resize(2);
+  text.context_tokens = 64;
+  text.continuation_tokens = 16;
+  opt.no_image_control = false;
+  opt.limit = 0;
+  const EvalReport tc = evaluate_text(*cpu, *l.engine, text, opt);
+  const EvalReport tg = evaluate_text(*gpu, *l.engine, text, opt);
+  EXPECT_EQ(tg.testbed, "text");
+  ASSERT_EQ(tg.samples, 2);
+  EXPECT_EQ(tg.answer_tokens, 32);
+  EXPECT_NEAR(tg.full.ppl / tc.full.ppl, 1.0, 0.01);
+  EXPECT_NEAR(tg.records[1].second.ppl / tc.records[1].second.ppl, 1.0, 0.01);
+  PolicyOptions po;
+  po.estimator = Estimator::Answer;
+  po.budget = 0.5;
+  auto oracle = make_policy("uniform-prefix", po);
+  std::vector<float> logits(static_cast<size_t>(l.V()));
+  try {
+    gpu->prefill(l.prompt, *oracle, logits.data());
+    ADD_FAILURE() << "the GPU's prefill ranked by an answer it does not have";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("--kv-importance answer"), std::string::npos) << e.what();
+  }
+  std::printf("gpu_model: testbeds: no-image PPL cpu %.5f gpu %.5f; text full PPL %.5f / %.5f\n", rc.no_image->ppl,
+              rg.no_image->ppl, tc.full.ppl, tg.full.ppl);
+}
+
 // The observer hook on the GPU (prefixkv run --device cuda --dump-tensors): the same named tensors
 // as the CPU's forward pass, in the same order and shapes, through the image, the prefill and two
 // decode steps; their values within the bounds of the tests above (the image's tensors within the
