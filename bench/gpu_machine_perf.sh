@@ -9,6 +9,8 @@
 #   bash bench/gpu_machine_perf.sh ab       # batch 1: CUDA graphs / the gemv kernel on and off; the importance pass's cost
 #   bash bench/gpu_machine_perf.sh capacity # 7B at 20% kept with the batch the pool holds (700); full cache past its 151
 #   bash bench/gpu_machine_perf.sh gpu2     # prefixkv bench --device cuda: 7B batch 48, 13B batch 8
+#   bash bench/gpu_machine_perf.sh peers    # transformers static cache + compiled decoding vs prefixkv, 7B b1 and b16
+#   bash bench/gpu_machine_perf.sh prefill  # one 1024-token 7B prefill: tensor-core vs CUDA-core attention
 # (the same card must run both sides of a comparison: run hf and gpu* in one call or on one warm machine)
 set -euo pipefail
 FINAL_OUT=$OUT
@@ -120,6 +122,44 @@ for n, v in sorted(tot.items(), key=lambda x: -x[1])[:25]:
     print(f"{v/1e6:9.3f} ms {100*v/all_ns:5.1f}% {cnt[n]:6d} x {v/cnt[n]/1e3:8.2f} us  {n}")
 PY
     done
+    ;;
+  peers)  # transformers' strongest path (static cache, compiled decoding) and prefixkv, the same settings, one sitting
+    build_gpu
+    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$W/peers.txt"
+    for cfg in "1 672 256" "16 1024 512"; do
+      set -- $cfg
+      PYTHONUNBUFFERED=1 timeout 280 python3 bench/hf_bench.py --shape llava-1.5-7b --attn static --batch $1 --prompt $2 \
+        --gen $3 --out "$W/hf_static_7b_b$1.json" >> "$W/peers.txt" 2>&1 || echo "hf_bench static b$1 failed: rc $?" | tee -a "$W/peers.txt"
+      keep
+      timeout 150 ./build-gpu/prefixkv bench --shape llava-1.5-7b --device cuda --dtype f16 --batch $1 --prompt $2 --gen $3 \
+        --json "$W/pkv_7b_b$1.json" >> "$W/peers.txt" 2>&1 || echo "prefixkv bench b$1 failed: rc $?" | tee -a "$W/peers.txt"
+      keep
+    done
+    grep -E "^\| (impl|transformers)|^\|---" "$W/peers.txt" | sort -u
+    python3 - "$W"/pkv_7b_b*.json <<'PY'
+import json, sys
+for f in sys.argv[1:]:
+    j = json.load(open(f))
+    for r in j.get("records", []):
+        print({k: r.get(k) for k in ("batch", "prompt", "gen", "policy", "prefill_ms", "decode_tokens_per_s", "throughput_tokens_per_s")})
+PY
+    grep -iE "error|Traceback" "$W/peers.txt" | head -5 || true
+    ;;
+  prefill)  # the prefill attention: tensor-core vs CUDA-core kernels, one 1024-token 7B prompt (f16, bf16)
+    build_gpu
+    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$W/prefill.txt"
+    for dt in f16 bf16; do
+      for mma in 1 0; do
+        for round in $(seq 1 "${PREFILL_ROUNDS:-2}"); do
+          echo "== 7B prefill, $dt, PKV_PREFILL_MMA=$mma, round $round" >> "$W/prefill.txt"
+          PKV_PREFILL_MMA=$mma timeout 120 ./build-gpu/prefixkv bench --shape llava-1.5-7b --device cuda --dtype $dt \
+            --batch 1 --prompt 1024 --gen 4 --json "$W/prefill_${dt}_mma${mma}_r$round.json" >> "$W/prefill.txt" 2>&1 \
+            || echo "bench failed: rc $?" | tee -a "$W/prefill.txt"
+        done
+      done
+    done
+    grep -E "^==|one 1024-token prefill" "$W/prefill.txt"
+    keep
     ;;
   smoke|gpu1|gpu2|b1|bf16|capacity|ab)
     build_gpu

@@ -43,7 +43,9 @@ class EmuBackend : public Backend {
   void fill(void* dst, int byte, size_t bytes) override { std::memset(dst, byte, bytes); }
 
   void attention_prefill(const PrefillAttentionArgs& a) override {
-    const detail::PrefillPlan plan = detail::plan_attention_prefill(a);
+    PrefillAttentionArgs b = a;
+    b.kernel = PrefillKernel::CudaCores;  // the tensor-core kernels (mma, ldmatrix) run on a GPU only
+    const detail::PrefillPlan plan = detail::plan_attention_prefill(b);
     if (plan.forward.empty()) return;
     if (plan.dtype == DType::F16) prefill_typed<__half>(plan);
     else prefill_typed<__nv_bfloat16>(plan);

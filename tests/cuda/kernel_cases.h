@@ -77,7 +77,9 @@ struct PrefillCase {
   uint32_t seed = 1;
   std::string str() const;
 };
-void check_prefill(Backend& be, const PrefillCase& c);
+// The output is checked element by element against a bound from the arithmetic (see the .cc); the
+// importance against the float32 tolerance. `kernel` is passed to attention_prefill.
+void check_prefill(Backend& be, const PrefillCase& c, PrefillKernel kernel = PrefillKernel::Auto);
 
 struct DecodeCase {
   DType dtype = DType::BF16;

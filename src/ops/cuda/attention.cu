@@ -1,5 +1,9 @@
 // Prefill and decode attention: kernels (bodies in attention_body.h) and their launchers.
+#include <cstdlib>
+#include <cstring>
+
 #include "ops/cuda/attention_body.h"
+#include "ops/cuda/attention_mma.cuh"
 #include "ops/cuda/device_ctx.cuh"
 #include "ops/cuda/kernels.h"
 #include "ops/cuda/launch.cuh"
@@ -19,6 +23,16 @@ template <class T, int D>
 __global__ void __launch_bounds__(kPrefillThreads) prefill_importance_kernel(PrefillParams p) {
   PKV_KERNEL_CTX(c);
   prefill_importance<T, D>(c, p);
+}
+
+template <class T, int D>
+__global__ void __launch_bounds__(kPrefillThreads) prefill_mma_forward_kernel(PrefillParams p) {
+  prefill_mma_forward<T, D>(p);
+}
+
+template <class T, int D>
+__global__ void __launch_bounds__(kPrefillThreads) prefill_mma_importance_kernel(PrefillParams p) {
+  prefill_mma_importance<T, D>(p);
 }
 
 __global__ void __launch_bounds__(256) prefill_importance_reduce_kernel(PrefillParams p) {
@@ -46,15 +60,25 @@ __global__ void __launch_bounds__(128) decode_importance_kernel(DecodeParams p) 
 template <class T, int D>
 void run_prefill(const PrefillPlan& plan, cudaStream_t s) {
   // Blocks of ~86 KB (D = 128): the whole L1 as shared memory lets two share an SM (the tiles live in
-  // shared memory; the kernel barely uses the L1 cache otherwise).
+  // shared memory; the kernels barely use the L1 cache otherwise).
   static const bool carveout = [] {
-    PKV_CUDA_CHECK(cudaFuncSetAttribute(prefill_forward_kernel<T, D>, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                        int(cudaSharedmemCarveoutMaxShared)));
-    PKV_CUDA_CHECK(cudaFuncSetAttribute(prefill_importance_kernel<T, D>, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                        int(cudaSharedmemCarveoutMaxShared)));
+    for (const void* f : {reinterpret_cast<const void*>(prefill_forward_kernel<T, D>),
+                          reinterpret_cast<const void*>(prefill_importance_kernel<T, D>),
+                          reinterpret_cast<const void*>(prefill_mma_forward_kernel<T, D>),
+                          reinterpret_cast<const void*>(prefill_mma_importance_kernel<T, D>)})
+      PKV_CUDA_CHECK(cudaFuncSetAttribute(f, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                          int(cudaSharedmemCarveoutMaxShared)));
     return true;
   }();
   (void)carveout;
+  if (plan.tensor_cores) {
+    launch(prefill_mma_forward_kernel<T, D>, plan.forward, plan.params, s, "attention_prefill (tensor-core forward)");
+    if (!plan.importance) return;
+    launch(prefill_mma_importance_kernel<T, D>, plan.importance_pass, plan.params, s,
+           "attention_prefill (tensor-core importance)");
+    launch(prefill_importance_reduce_kernel, plan.reduce, plan.params, s, "attention_prefill (importance reduce)");
+    return;
+  }
   launch(prefill_forward_kernel<T, D>, plan.forward, plan.params, s, "attention_prefill (forward)");
   if (!plan.importance) return;
   launch(prefill_importance_kernel<T, D>, plan.importance_pass, plan.params, s, "attention_prefill (importance)");
@@ -95,7 +119,25 @@ void run_decode_typed(const DecodePlan& plan, cudaStream_t s) {
 }  // namespace
 }  // namespace detail
 
-void attention_prefill(const PrefillAttentionArgs& a, void* stream) {
+namespace {
+// What Auto means on this process's device: the tensor-core kernels from compute capability 8.0 on,
+// unless the environment sets PKV_PREFILL_MMA=0.
+PrefillKernel default_prefill_kernel() {
+  static const PrefillKernel k = [] {
+    const char* env = std::getenv("PKV_PREFILL_MMA");
+    if (env && std::strcmp(env, "0") == 0) return PrefillKernel::CudaCores;
+    int dev = 0, major = 0;
+    PKV_CUDA_CHECK(cudaGetDevice(&dev));
+    PKV_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    return major >= 8 ? PrefillKernel::TensorCores : PrefillKernel::CudaCores;
+  }();
+  return k;
+}
+}  // namespace
+
+void attention_prefill(const PrefillAttentionArgs& args, void* stream) {
+  PrefillAttentionArgs a = args;
+  if (a.kernel == PrefillKernel::Auto) a.kernel = default_prefill_kernel();
   const detail::PrefillPlan plan = detail::plan_attention_prefill(a);
   if (plan.forward.empty()) return;
   const auto s = static_cast<cudaStream_t>(stream);

@@ -88,6 +88,21 @@ __device__ __forceinline__ void prefill_load_kv(Ctx& c, const PrefillParams& p, 
   }
 }
 
+// The end of the keys the query tile [q0, q0 + BQ) can see: keys past the last position any of its
+// queries can see are skipped (kv_pos ascending); every key without positions.
+__host__ __device__ inline int prefill_visible_end(const PrefillParams& p, int q0) {
+  if (p.q_pos == nullptr) return p.n_kv;
+  int mx = INT_MIN;
+  for (int r = 0; r < kPrefillBQ && q0 + r < p.n_q; ++r) mx = p.q_pos[q0 + r] > mx ? p.q_pos[q0 + r] : mx;
+  int lo = 0, hi = p.n_kv;
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if (p.kv_pos[mid] <= mx) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
+
 // Forward pass. Block (bx, by) = (query tile, head).
 template <class T, int D, class Ctx>
 __device__ void prefill_forward(Ctx& c, const PrefillParams& p) {
@@ -106,22 +121,7 @@ __device__ void prefill_forward(Ctx& c, const PrefillParams& p) {
   const bool causal = p.q_pos != nullptr;
 
   prefill_load_q<T, D, L::QS>(c, p, q0, h, Qs);
-  if (tid == 0) {
-    // Keys past the last position any query of this tile can see are skipped (kv_pos ascending).
-    int end = p.n_kv;
-    if (causal) {
-      int mx = INT_MIN;
-      for (int r = 0; r < kPrefillBQ && q0 + r < p.n_q; ++r) mx = p.q_pos[q0 + r] > mx ? p.q_pos[q0 + r] : mx;
-      int lo = 0, hi = p.n_kv;
-      while (lo < hi) {
-        const int mid = (lo + hi) / 2;
-        if (p.kv_pos[mid] <= mx) lo = mid + 1;
-        else hi = mid;
-      }
-      end = lo;
-    }
-    misc[0] = end;
-  }
+  if (tid == 0) misc[0] = prefill_visible_end(p, q0);
   bool row_ok[4];
   int qp[4];
 #pragma unroll

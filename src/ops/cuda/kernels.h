@@ -195,7 +195,14 @@ std::string quant_misfit(uint32_t type, int cols);
 //     Computed by a second pass that recomputes the scores tile by tile from the per-row
 //     log-sum-exp saved by the first; per-head partial sums are reduced in a fixed order, so the
 //     result is deterministic. Needs `workspace` of attention_prefill_workspace_bytes() bytes.
+//   kernel: TensorCores takes the tensor-core kernels (attention_mma.cuh: mma.sync on 16-bit Q, K,
+//     V; float32 scores, softmax and accumulation; the probabilities rounded to 16 bits before they
+//     multiply V, as flash attention does), compute capability 8.0 and later; CudaCores the float32
+//     CUDA-core kernels (attention_body.h; probabilities kept in float32). Auto: TensorCores on
+//     compute capability 8.0 and later unless the environment sets PKV_PREFILL_MMA=0.
+enum class PrefillKernel { Auto, TensorCores, CudaCores };
 struct PrefillAttentionArgs {
+  PrefillKernel kernel = PrefillKernel::Auto;
   DType dtype = DType::BF16;  // of q, k, v and out: F16 or BF16
   const void* q = nullptr;
   int n_q = 0;

@@ -79,9 +79,17 @@ PrefillPlan plan_attention_prefill(const PrefillAttentionArgs& a) {
   p.importance = a.importance;
   p.importance_from = std::max(0, a.importance_from);
 
-  const size_t fwd_smem = plan.D == 32 ? PrefillForwardLayout<32>::bytes
-                          : plan.D == 64 ? PrefillForwardLayout<64>::bytes
-                                         : PrefillForwardLayout<128>::bytes;
+  // Auto is resolved against the device by attention_prefill; a plan made without a device (the
+  // emulator's) takes it as the tensor-core kernels.
+  plan.tensor_cores = a.kernel != PrefillKernel::CudaCores;
+  auto aligned16 = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+  p.vec = aligned16(a.q) && aligned16(a.k) && aligned16(a.v) && q_stride % 8 == 0 && kv_stride % 8 == 0 &&
+          a.head_dim % 8 == 0;
+  auto by_d = [&](size_t b32, size_t b64, size_t b128) { return plan.D == 32 ? b32 : plan.D == 64 ? b64 : b128; };
+  const size_t fwd_smem = plan.tensor_cores
+                              ? by_d(MmaPrefillLayout<32>::bytes, MmaPrefillLayout<64>::bytes, MmaPrefillLayout<128>::bytes)
+                              : by_d(PrefillForwardLayout<32>::bytes, PrefillForwardLayout<64>::bytes,
+                                     PrefillForwardLayout<128>::bytes);
   plan.forward = {{unsigned(ceil_div(a.n_q, kPrefillBQ)), unsigned(a.n_heads), 1}, kPrefillThreads, fwd_smem};
 
   if (plan.importance && a.n_kv > 0 && p.importance_from < a.n_q) {
@@ -92,9 +100,11 @@ PrefillPlan plan_attention_prefill(const PrefillAttentionArgs& a) {
     char* ws = static_cast<char*>(a.workspace);
     p.lse = reinterpret_cast<float*>(ws + w.lse);
     p.partial = reinterpret_cast<float*>(ws + w.partial);
-    const size_t imp_smem = plan.D == 32 ? PrefillImportanceLayout<32>::bytes
-                            : plan.D == 64 ? PrefillImportanceLayout<64>::bytes
-                                           : PrefillImportanceLayout<128>::bytes;
+    const size_t imp_smem =
+        plan.tensor_cores
+            ? by_d(MmaImportanceLayout<32>::bytes, MmaImportanceLayout<64>::bytes, MmaImportanceLayout<128>::bytes)
+            : by_d(PrefillImportanceLayout<32>::bytes, PrefillImportanceLayout<64>::bytes,
+                   PrefillImportanceLayout<128>::bytes);
     plan.importance_pass = {{unsigned(ceil_div(a.n_kv, kPrefillBK)), unsigned(a.n_heads), 1}, kPrefillThreads, imp_smem};
     plan.reduce = {{unsigned(ceil_div(a.n_kv, 256)), 1, 1}, 256, 0};
   } else {

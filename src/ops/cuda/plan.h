@@ -63,6 +63,33 @@ struct PrefillImportanceLayout {
   static constexpr size_t bytes = floats * 4;
 };
 
+// Shared memory of the tensor-core kernels (attention_mma.cuh), in bytes. 16-bit tiles with rows of
+// D + 8 elements: 16-byte aligned rows for cp.async and ldmatrix, and the 8 rows of one ldmatrix
+// matrix fall in 8 different 16-byte bank groups (no conflicts).
+template <int D>
+struct MmaPrefillLayout {
+  static constexpr int S = D + 8;                                   // row stride, elements
+  static constexpr size_t tile = size_t(kPrefillBQ) * S * 2;        // one 64-row tile, bytes
+  static constexpr size_t q = 0;                                    // Q tile
+  static constexpr size_t k = q + tile;                             // K tiles [2] (double-buffered)
+  static constexpr size_t v = k + 2 * tile;                         // V tiles [2]
+  static constexpr size_t kpos = v + 2 * tile;                      // int [2][BK]
+  static constexpr size_t misc = kpos + 2 * kPrefillBK * 4;         // int [4]: [0] = end of the visible keys
+  static constexpr size_t bytes = misc + 16;
+};
+template <int D>
+struct MmaImportanceLayout {
+  static constexpr size_t tile = MmaPrefillLayout<D>::tile;
+  static constexpr size_t q = 0;                                    // Q tile
+  static constexpr size_t k = q + tile;                             // the block's K tile
+  static constexpr size_t kpos = k + tile;                          // int [BK]
+  static constexpr size_t lse = kpos + kPrefillBK * 4;              // float [BQ]
+  static constexpr size_t qpos = lse + kPrefillBQ * 4;              // int [BQ]
+  static constexpr size_t rowok = qpos + kPrefillBQ * 4;            // int [BQ]
+  static constexpr size_t red = rowok + kPrefillBQ * 4;             // float [4 warps][BK]
+  static constexpr size_t bytes = red + 4 * kPrefillBK * 4;
+};
+
 struct PrefillParams {
   const void* q = nullptr;
   const void* k = nullptr;
@@ -77,6 +104,7 @@ struct PrefillParams {
   float* partial = nullptr;      // [n_heads, n_kv] importance per head (importance only)
   float* importance = nullptr;   // [n_kv] the caller's output (+=)
   int importance_from = 0;
+  int vec = 0;                   // q, k, v rows may be read in 16-byte chunks (tensor-core kernels)
 };
 
 struct PrefillPlan {
@@ -84,6 +112,7 @@ struct PrefillPlan {
   DType dtype = DType::BF16;
   int D = 0;                 // padded head dim (32, 64, 128)
   bool importance = false;
+  bool tensor_cores = false;  // attention_mma.cuh's kernels, else attention_body.h's (CUDA cores)
   Launch forward, importance_pass, reduce;
 };
 // Checks the arguments (throws pkv::Error naming the bad one) and plans the launches.
