@@ -219,6 +219,28 @@ __device__ void prefill_forward(Ctx& c, const PrefillParams& p) {
   }
 }
 
+// The rows of query tile [q0, q0 + BQ) that count for head h's importance, in shared memory (this
+// thread's share: rows tid, tid + kPrefillThreads, ...): their saved log-sum-exp, position (INT_MAX
+// without positions) and whether they count (from importance_from on, saw some key). True when one
+// of this thread's rows counts and can see the key tile starting at first_key_pos.
+__host__ __device__ inline bool prefill_importance_rows(const PrefillParams& p, int q0, int h, int first_key_pos, int tid,
+                                                        float* lse_s, int* qpos_s, int* rowok_s) {
+  const bool causal = p.q_pos != nullptr;
+  bool any = false;
+  for (int r = tid; r < kPrefillBQ; r += kPrefillThreads) {
+    const int i = q0 + r;
+    bool ok = i >= p.importance_from && i < p.n_q;
+    const float lse = ok ? p.lse[int64_t(h) * p.n_q + i] : -INFINITY;
+    ok = ok && lse != -INFINITY;  // a row that saw no key contributes nothing
+    const int qpos = ok && causal ? p.q_pos[i] : INT_MAX;
+    lse_s[r] = lse;
+    qpos_s[r] = qpos;
+    rowok_s[r] = ok ? 1 : 0;
+    any = any || (ok && (!causal || qpos >= first_key_pos));
+  }
+  return any;
+}
+
 // Importance pass. Block (bx, by) = (key tile, head): recomputes the scores of its 64 keys against
 // every query tile that counts (rows i >= importance_from that can see some key of the tile), turns
 // them into probabilities with the saved log-sum-exp, and writes the per-head column sums to
@@ -250,18 +272,7 @@ __device__ void prefill_importance(Ctx& c, const PrefillParams& p) {
 
   for (int q0 = (p.importance_from / BQ) * BQ; q0 < p.n_q; q0 += BQ) {
     c.sync();  // the previous tile's Qs, lse_s, qpos_s are no longer read
-    bool any = false;
-    for (int r = tid; r < BQ; r += kPrefillThreads) {
-      const int i = q0 + r;
-      bool ok = i >= p.importance_from && i < p.n_q;
-      const float lse = ok ? p.lse[int64_t(h) * p.n_q + i] : -INFINITY;
-      ok = ok && lse != -INFINITY;  // a row that saw no key contributes nothing
-      const int qpos = ok && causal ? p.q_pos[i] : INT_MAX;
-      lse_s[r] = lse;
-      qpos_s[r] = qpos;
-      rowok_s[r] = ok ? 1 : 0;
-      any = any || (ok && (!causal || qpos >= first_key_pos));
-    }
+    const bool any = prefill_importance_rows(p, q0, h, first_key_pos, tid, lse_s, qpos_s, rowok_s);
     prefill_load_q<T, D, L::QS>(c, p, q0, h, Qs);
     if (!c.sync_or(any)) continue;  // (also the barrier after the loads)
 

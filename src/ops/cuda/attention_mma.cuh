@@ -21,7 +21,7 @@
 #include <cmath>
 #include <cstdint>
 
-#include "ops/cuda/attention_body.h"  // prefill_visible_end
+#include "ops/cuda/attention_body.h"  // prefill_visible_end, prefill_importance_rows
 #include "ops/cuda/kernel_types.h"
 #include "ops/cuda/plan.h"
 
@@ -326,18 +326,7 @@ __device__ void prefill_mma_importance(const PrefillParams& p) {
 
   for (int q0 = (p.importance_from / BQ) * BQ; q0 < p.n_q; q0 += BQ) {
     __syncthreads();  // the previous tile's Qs, lse_s, qpos_s are no longer read
-    bool any = false;
-    for (int r = tid; r < BQ; r += kPrefillThreads) {
-      const int i = q0 + r;
-      bool ok = i >= p.importance_from && i < p.n_q;
-      const float lse = ok ? p.lse[int64_t(h) * p.n_q + i] : -INFINITY;
-      ok = ok && lse != -INFINITY;  // a row that saw no key contributes nothing
-      const int qp = ok && causal ? p.q_pos[i] : INT_MAX;
-      lse_s[r] = lse;
-      qpos_s[r] = qp;
-      rowok_s[r] = ok ? 1 : 0;
-      any = any || (ok && (!causal || qp >= first_key_pos));
-    }
+    const bool any = prefill_importance_rows(p, q0, h, first_key_pos, tid, lse_s, qpos_s, rowok_s);
     if (!__syncthreads_or(any)) continue;
     mma_load_tile<T, D>(q, p.q_stride, int64_t(h) * p.head_dim, q0, p.n_q - q0, p.head_dim, vec, Qs, tid);
     cp_async_commit();
