@@ -109,8 +109,7 @@ int cmd_eval(int argc, char** argv) {
     for (const char* o : {"text-context", "text-continuation"})
       if (args.has(o)) fail(std::string("--") + o, "applies to a text testbed only, not to " + data);
     samples = load_conversations(data, args.str("image-dir", ""));
-    if (truth_path.empty() && fs::exists(fs::path(data).parent_path() / "truth.json"))
-      truth_path = (fs::path(data).parent_path() / "truth.json").string();
+    if (truth_path.empty()) truth_path = default_truth_path(data);
   }
   std::optional<TruthSet> truth;
   if (!truth_path.empty()) truth = TruthSet::load(truth_path);
@@ -161,14 +160,7 @@ int cmd_eval(int argc, char** argv) {
   json res = report_json(rep);
   res["model"] = model_dir;
   res["data"] = data;
-  res["settings"] = {{"policies", policies}, {"budgets", budgets}, {"estimators", estimators},
-                     {"window", opt.base.window}, {"protected", opt.base.protected_count},
-                     {"prefix_pool", opt.base.prefix_pool}, {"decode_rule", rule},
-                     {"max_tokens", opt.max_tokens}, {"truth", truth_path}};
-  if (opt.no_image_control) res["settings"]["no_image_control"] = true;
-  if (text)
-    res["settings"]["text"] = {{"context_tokens", text_set->context_tokens},
-                               {"continuation_tokens", text_set->continuation_tokens}};
+  res["settings"] = eval_settings_json(policies, budgets, estimators, opt, rule, truth_path, text ? &*text_set : nullptr);
   {
     const std::string tmp = out + ".tmp";
     std::ofstream f(tmp);

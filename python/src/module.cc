@@ -489,8 +489,7 @@ py::object evaluate(const ModelPtr& m, const py::object& data_arg, std::optional
   if (opt.configs.empty()) fail("policies", "nothing to evaluate");
 
   std::string truth_path = opt_path(truth_arg);
-  if (!text && truth_arg.is_none() && fs::exists(fs::path(data).parent_path() / "truth.json"))
-    truth_path = (fs::path(data).parent_path() / "truth.json").string();
+  if (!text && truth_arg.is_none()) truth_path = default_truth_path(data);
   json res;
   std::optional<TextSet> text_set;
   {
@@ -520,14 +519,7 @@ py::object evaluate(const ModelPtr& m, const py::object& data_arg, std::optional
   }
   res["model"] = m->lm.dir;
   res["data"] = data;
-  res["settings"] = {{"policies", policies},      {"budgets", budgets},          {"estimators", estimators},
-                     {"window", opt.base.window}, {"protected", opt.base.protected_count},
-                     {"prefix_pool", opt.base.prefix_pool}, {"decode_rule", decode},
-                     {"max_tokens", opt.max_tokens},        {"truth", truth_path}};
-  if (opt.no_image_control) res["settings"]["no_image_control"] = true;
-  if (text)
-    res["settings"]["text"] = {{"context_tokens", text_set->context_tokens},
-                               {"continuation_tokens", text_set->continuation_tokens}};
+  res["settings"] = eval_settings_json(policies, budgets, estimators, opt, decode, truth_path, text ? &*text_set : nullptr);
   return from_json(res);
 }
 

@@ -1,5 +1,7 @@
 #include "eval/evaluate.h"
 
+#include <filesystem>
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -544,6 +546,24 @@ std::string report_table(const EvalReport& r, const std::vector<double>& budgets
     t << "\n";
   }
   return t.str();
+}
+
+nlohmann::json eval_settings_json(const std::vector<std::string>& policies, const std::vector<double>& budgets,
+                                  const std::vector<std::string>& estimators, const EvalOptions& opt,
+                                  const std::string& decode_rule, const std::string& truth_path, const TextSet* text) {
+  nlohmann::json s = {{"policies", policies},       {"budgets", budgets},
+                      {"estimators", estimators},   {"window", opt.base.window},
+                      {"protected", opt.base.protected_count}, {"prefix_pool", opt.base.prefix_pool},
+                      {"decode_rule", decode_rule}, {"max_tokens", opt.max_tokens},
+                      {"truth", truth_path}};
+  if (opt.no_image_control) s["no_image_control"] = true;
+  if (text) s["text"] = {{"context_tokens", text->context_tokens}, {"continuation_tokens", text->continuation_tokens}};
+  return s;
+}
+
+std::string default_truth_path(const std::string& data) {
+  const std::filesystem::path t = std::filesystem::path(data).parent_path() / "truth.json";
+  return std::filesystem::exists(t) ? t.string() : std::string();
 }
 
 }  // namespace pkv

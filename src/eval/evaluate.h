@@ -117,4 +117,12 @@ EvalReport evaluate_text(Backend& backend, const Engine& engine, const TextSet& 
 nlohmann::json report_json(const EvalReport& r);
 std::string report_table(const EvalReport& r, const std::vector<double>& budgets);
 
+// The results JSON's "settings" (docs/FORMATS.md): what was asked for, as `prefixkv eval` and the
+// Python module write it. `text`: the text testbed's set, null for conversations.
+nlohmann::json eval_settings_json(const std::vector<std::string>& policies, const std::vector<double>& budgets,
+                                  const std::vector<std::string>& estimators, const EvalOptions& opt,
+                                  const std::string& decode_rule, const std::string& truth_path, const TextSet* text);
+// The truth file of a conversations file when none is given: truth.json beside it, else "".
+std::string default_truth_path(const std::string& data);
+
 }  // namespace pkv
