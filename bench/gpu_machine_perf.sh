@@ -10,6 +10,7 @@
 #   bash bench/gpu_machine_perf.sh capacity # 7B at 20% kept with the batch the pool holds (700); full cache past its 151
 #   bash bench/gpu_machine_perf.sh gpu2     # prefixkv bench --device cuda: 7B batch 48, 13B batch 8
 #   bash bench/gpu_machine_perf.sh peers    # transformers static cache + compiled decoding vs prefixkv, 7B b1 and b16
+#                                           # (PEER_BATCH=1 or 16: only that setting)
 #   bash bench/gpu_machine_perf.sh prefill  # one 1024-token 7B prefill: tensor-core vs CUDA-core attention
 # (the same card must run both sides of a comparison: run hf and gpu* in one call or on one warm machine)
 set -euo pipefail
@@ -128,6 +129,7 @@ PY
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$W/peers.txt"
     for cfg in "1 672 256" "16 1024 512"; do
       set -- $cfg
+      [ -z "${PEER_BATCH:-}" ] || [ "$PEER_BATCH" = "$1" ] || continue  # PEER_BATCH=1 or 16: one setting per call
       PYTHONUNBUFFERED=1 timeout 280 python3 bench/hf_bench.py --shape llava-1.5-7b --attn static --batch $1 --prompt $2 \
         --gen $3 --out "$W/hf_static_7b_b$1.json" >> "$W/peers.txt" 2>&1 || echo "hf_bench static b$1 failed: rc $?" | tee -a "$W/peers.txt"
       keep
