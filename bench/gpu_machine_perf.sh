@@ -12,6 +12,8 @@
 #   bash bench/gpu_machine_perf.sh peers    # transformers static cache + compiled decoding vs prefixkv, 7B b1 and b16
 #                                           # (PEER_BATCH=1 or 16: only that setting)
 #   bash bench/gpu_machine_perf.sh prefill  # one 1024-token 7B prefill: tensor-core vs CUDA-core attention
+#   bash bench/gpu_machine_perf.sh serve_load # prefixkv serve, random LLaVA-1.5-7B: 64 streaming clients, images,
+#                                           # mixed lengths; full cache and 20% kept (bench/serve_load.py)
 # (the same card must run both sides of a comparison: run hf and gpu* in one call or on one warm machine)
 set -euo pipefail
 FINAL_OUT=$OUT
@@ -146,6 +148,23 @@ for f in sys.argv[1:]:
         print({k: r.get(k) for k in ("batch", "prompt", "gen", "policy", "prefill_ms", "decode_tokens_per_s", "throughput_tokens_per_s")})
 PY
     grep -iE "error|Traceback" "$W/peers.txt" | head -5 || true
+    ;;
+  serve_load)  # the server under load: 64 concurrent streaming clients, a random LLaVA-1.5-7B with its vision tower
+    build_gpu
+    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$W/serve_load.txt"
+    CK=${SERVE_LOAD_CKPT:-build-llamacpp/ckpt7b}  # the checkpoint bench/llamacpp_gpu.sh model writes, when there
+    if [ ! -f "$CK/config.json" ]; then
+      CK=build-serve-load/ckpt7b
+      [ -f "$CK/config.json" ] || python3 tools/make_random_checkpoint.py --shape llava-1.5-7b --out "$CK" \
+        --tokenizer "${SERVE_LOAD_TOKENIZER:-.carry/llamacpp/tokenizer.model}" >> "$W/serve_load.txt" 2>&1
+    fi
+    PYTHONUNBUFFERED=1 timeout "${SERVE_LOAD_TIMEOUT:-540}" python3 bench/serve_load.py --binary build-gpu/prefixkv --model "$CK" \
+      --images data/example.png tests/data/images/wide.png tests/data/images/tall.jpg --clients 64 \
+      --requests "${SERVE_LOAD_REQUESTS:-192}" --gen 32,256 --settings ${SERVE_LOAD_SETTINGS:-full snapkv:0.2} \
+      --server-args "--device cuda --dtype f16 --max-running 64 --max-queue 256" --workdir "$W" \
+      --out "$W/serve_load.json" >> "$W/serve_load.txt" 2>&1 || echo "serve_load failed: rc $?" | tee -a "$W/serve_load.txt"
+    grep -E "^\|" "$W/serve_load.txt" || tail -20 "$W/serve_load.txt"
+    keep
     ;;
   prefill)  # the prefill attention: tensor-core vs CUDA-core kernels, one 1024-token 7B prompt (f16, bf16)
     build_gpu
