@@ -57,7 +57,7 @@ void GpuSession::run_prompt(const PreparedPrompt& p, float* logits, std::vector<
                             int importance_from, Observer* obs) {
   const int T = int(p.ids.size());
   if (T == 0) fail("prompt", "is empty");
-  if (pos_ != 0) fail(kWhere, "prefill on a session that already holds " + std::to_string(pos_) + " tokens");
+  if (pos_ != 0 || pending_) fail(kWhere, "prefill on a session that already holds " + std::to_string(pos_) + " tokens");
   const int D = model_.config().text.hidden;
   std::vector<int32_t> pos(static_cast<size_t>(T));
   std::iota(pos.begin(), pos.end(), 0);
@@ -110,6 +110,131 @@ void GpuSession::prefill(const PreparedPrompt& p, float* logits, Observer* obs) 
   pt.compact_ms += ms(t1, clock::now()) - policy_ms;
 }
 
+void GpuSession::begin_prefill(const PreparedPrompt& p) {
+  const int T = int(p.ids.size());
+  if (T == 0) fail("prompt", "is empty");
+  if (pos_ != 0 || pending_) fail(kWhere, "begin_prefill on a session that already holds a prompt");
+  const int D = model_.config().text.hidden;
+  if (p.device_image) {
+    const auto* img = dynamic_cast<const GpuDeviceImage*>(p.device_image.get());
+    if (!img) fail(kWhere, "the prompt's image was encoded by another back end");
+    if (p.image_offset < 0 || p.image_tokens != img->rows.rows || p.image_offset + img->rows.rows > T)
+      fail(kWhere, "the prompt places " + std::to_string(p.image_tokens) + " image tokens at " +
+                       std::to_string(p.image_offset) + ", its image has " + std::to_string(img->rows.rows) + " rows");
+  } else if (p.embeddings.size() != size_t(T) * D) {
+    fail(kWhere, "the prompt's embeddings hold " + std::to_string(p.embeddings.size()) + " values, expected " +
+                     std::to_string(T) + " x " + std::to_string(D));
+  }
+  auto pending = std::make_unique<Pending>();
+  pending->request = policy_.prefill_importance(T);
+  check_prompt_importance(pending->request, T);
+  pending->prompt = p;
+  if (pending->request.needed)
+    pending->importance.assign(size_t(model_.config().text.n_layers), std::vector<float>(size_t(T), 0.f));
+  pending_ = std::move(pending);
+}
+
+int GpuSession::prefill_left() const { return pending_ ? int(pending_->prompt.ids.size()) - pending_->done : 0; }
+
+GpuPrefillPart GpuSession::next_part(int max_tokens, std::vector<int32_t>& pos) {
+  PKV_ASSERT(pending_);
+  Pending& pd = *pending_;
+  const int T = int(pd.prompt.ids.size()), left = T - pd.done;
+  const int n = max_tokens > 0 ? std::min(max_tokens, left) : left;
+  pos.resize(size_t(n));
+  std::iota(pos.begin(), pos.end(), pd.done);
+  GpuPrefillPart part;
+  part.seq = seq_, part.past = pd.done, part.n = n, part.pos = pos.data();
+  if (pd.prompt.device_image) {
+    const auto* img = static_cast<const GpuDeviceImage*>(pd.prompt.device_image.get());
+    part.ids = pd.prompt.ids.data() + pd.done;
+    part.image = &img->rows;
+    part.image_row0 = pd.prompt.image_offset - pd.done;
+  } else {
+    part.x = pd.prompt.embeddings.data() + size_t(pd.done) * model_.config().text.hidden;
+  }
+  // The queries from request.from on count: those of this piece, if any.
+  if (pd.request.needed && pd.request.from < pd.done + n) {
+    part.importance = &pd.importance;
+    part.importance_from = std::max(0, pd.request.from - pd.done);
+  }
+  return part;
+}
+
+std::vector<bool> GpuSession::prefill_many(const std::vector<GpuSession*>& sessions, const std::vector<int>& max_tokens,
+                                           float* logits) {
+  if (sessions.empty()) return {};
+  if (max_tokens.size() != sessions.size())
+    fail(kWhere, "prefill_many: " + std::to_string(max_tokens.size()) + " token counts for " +
+                     std::to_string(sessions.size()) + " sessions");
+  GpuModel& model = sessions[0]->model_;
+  GpuKVPool& pool = sessions[0]->pool_;
+  std::set<const GpuSession*> distinct;
+  for (const GpuSession* s : sessions) {
+    if (!s) fail(kWhere, "prefill_many: a null session");
+    if (&s->model_ != &model || &s->pool_ != &pool)
+      fail(kWhere, "prefill_many: every session must share one GpuModel and one GpuKVPool");
+    if (!distinct.insert(s).second) fail(kWhere, "prefill_many: session " + std::to_string(s->seq_) + " appears twice");
+    if (!s->pending_) fail(kWhere, "prefill_many: session " + std::to_string(s->seq_) + " has no prompt (begin_prefill)");
+  }
+  using clock = std::chrono::steady_clock;
+  auto ms = [](clock::time_point a, clock::time_point b) { return std::chrono::duration<double, std::milli>(b - a).count(); };
+  const size_t n = sessions.size(), V = size_t(model.config().text.vocab_size);
+  std::vector<std::vector<int32_t>> pos(n);
+  std::vector<GpuPrefillPart> parts;
+  std::vector<bool> ends(n);
+  for (size_t i = 0; i < n; ++i) {
+    GpuSession& s = *sessions[i];
+    parts.push_back(s.next_part(max_tokens[i], pos[i]));
+    ends[i] = s.pending_->done + parts.back().n == int(s.pending_->prompt.ids.size());
+    if (ends[i] && logits) parts.back().logits = logits + i * V;
+  }
+  const clock::time_point t0 = clock::now();
+  model.prefill_parts(pool, parts);  // throws before any change when out of blocks
+  const clock::time_point t1 = clock::now();
+  std::vector<GpuKVPool::Job> jobs;
+  int finished = 0;
+  for (size_t i = 0; i < n; ++i) {
+    GpuSession& s = *sessions[i];
+    s.positions_.append_all(pos[i].data(), int(pos[i].size()));
+    s.pos_ += int(pos[i].size());
+    s.pending_->done += int(pos[i].size());
+    if (!ends[i]) continue;
+    ++finished;
+    const std::unique_ptr<Pending> pd = std::move(s.pending_);
+    s.take_plan(s.policy_.after_prefill(s.positions_, pd->importance, s.pos_), jobs);
+  }
+  const clock::time_point t2 = clock::now();
+  const bool compacts = !jobs.empty();
+  pool.compact(std::move(jobs));
+  if (compacts) stream_synchronize(pool.stream());
+  for (const GpuSession* s : sessions) s->check_positions();
+  GpuKVPool::PrefillTimes& pt = pool.prefill_times();
+  pt.prefills += finished;
+  pt.model_ms += ms(t0, t1);
+  pt.policy_ms += ms(t1, t2);
+  pt.compact_ms += ms(t2, clock::now());
+  return ends;
+}
+
+void GpuSession::prefill_many(const std::vector<GpuSession*>& sessions, const std::vector<const PreparedPrompt*>& prompts,
+                              float* logits) {
+  if (prompts.size() != sessions.size())
+    fail(kWhere, "prefill_many: " + std::to_string(prompts.size()) + " prompts for " + std::to_string(sessions.size()) +
+                     " sessions");
+  size_t begun = 0;
+  try {
+    for (; begun < sessions.size(); ++begun) {
+      if (!sessions[begun] || !prompts[begun]) fail(kWhere, "prefill_many: a null session or prompt");
+      sessions[begun]->begin_prefill(*prompts[begun]);
+    }
+    prefill_many(sessions, std::vector<int>(sessions.size(), 0), logits);
+  } catch (...) {
+    for (size_t i = 0; i < begun; ++i) sessions[i]->pending_.reset();  // nothing ran: they stay empty
+    throw;
+  }
+}
+
 std::vector<std::vector<std::vector<float>>> GpuSession::prefill_uncompressed(const PreparedPrompt& p, float* logits,
                                                                               const std::vector<int>& importance_from) {
   const int T = int(p.ids.size());
@@ -127,7 +252,7 @@ std::vector<std::vector<std::vector<float>>> GpuSession::prefill_uncompressed(co
 
 void GpuSession::adopt_prefill(const GpuSession& full, const std::vector<std::vector<float>>& importance) {
   if (&full.model_ != &model_ || &full.pool_ != &pool_) fail(kWhere, "adopt_prefill: another model's or pool's session");
-  if (pos_ != 0) fail(kWhere, "adopt_prefill on a session that already holds " + std::to_string(pos_) + " tokens");
+  if (pos_ != 0 || pending_) fail(kWhere, "adopt_prefill on a session that already holds " + std::to_string(pos_) + " tokens");
   pool_.copy_sequence(full.seq_, seq_);
   positions_ = full.positions_;
   pos_ = full.pos_;
@@ -148,6 +273,7 @@ void GpuSession::step_many(const std::vector<GpuSession*>& sessions, const int32
     if (&s->model_ != &model || &s->pool_ != &pool)
       fail(kWhere, "step_many: every session must share one GpuModel and one GpuKVPool");
     if (!distinct.insert(s).second) fail(kWhere, "step_many: session " + std::to_string(s->seq_) + " appears twice");
+    if (s->pending_) fail(kWhere, "step_many: session " + std::to_string(s->seq_) + " is still prefilling its prompt");
   }
 
   using clock = std::chrono::steady_clock;

@@ -7,6 +7,7 @@
 // (paged_kv_compact) and the shrinking of the block tables (BlockPool::resize).
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -55,6 +56,27 @@ class GpuSession {
   static void step_many(const std::vector<GpuSession*>& sessions, const int32_t* tokens, float* logits,
                         Observer* obs = nullptr);
 
+  // Batched and chunked prefill. begin_prefill takes a prompt into this empty session without
+  // running any of it (the prompt is copied; its image rows stay where they are);
+  // prefill_many then runs pieces of several sessions' prompts in one forward pass. A session whose
+  // prompt ends in a call writes its logits and lets its policy compress, exactly as prefill() does
+  // after the whole prompt; until then it holds its rows uncompressed and takes no decode step.
+  // The importance its policy asks for is gathered over the pieces (GpuPrefillPart::importance):
+  // the paper's estimator adds each piece's queries over every key so far; the window's counts the
+  // prompt's last `window` queries, in whichever pieces they fall.
+  void begin_prefill(const PreparedPrompt& p);
+  bool prefilling() const { return pending_ != nullptr; }
+  int prefill_left() const;  // prompt tokens not run yet (0 when not prefilling)
+  // Runs up to max_tokens[i] more tokens of sessions[i]'s prompt (<= 0: all that is left) for every
+  // session in ONE GpuModel::prefill_parts call (sessions of one model and pool, each prefilling);
+  // logits [n, vocab] (may be null): row i written when sessions[i]'s prompt ends in this call.
+  // Returns, per session, whether its prompt ended. Out of blocks: Error, nothing changed.
+  static std::vector<bool> prefill_many(const std::vector<GpuSession*>& sessions, const std::vector<int>& max_tokens,
+                                        float* logits);
+  // Several whole prompts in one pass: begin_prefill on each, then one prefill_many call.
+  static void prefill_many(const std::vector<GpuSession*>& sessions, const std::vector<const PreparedPrompt*>& prompts,
+                           float* logits);
+
   int position() const { return pos_; }
   BlockPool::SeqId sequence() const { return seq_; }
   const KVPolicy& policy() const { return policy_; }
@@ -75,8 +97,20 @@ class GpuSession {
   // host time the policy took (ms).
   double compress_prompt(const std::vector<std::vector<float>>& importance);
 
+  // A prompt taken by begin_prefill: its rows, the importance its policy asked for (summed over the
+  // pieces so far) and how many of its tokens have run.
+  struct Pending {
+    PreparedPrompt prompt;
+    ImportanceRequest request;
+    std::vector<std::vector<float>> importance;  // [layers][prompt tokens] when requested
+    int done = 0;
+  };
+  // The part of the next piece of up to max_tokens tokens (<= 0: the rest).
+  GpuPrefillPart next_part(int max_tokens, std::vector<int32_t>& pos);
+
   GpuModel& model_;
   GpuKVPool& pool_;
+  std::unique_ptr<Pending> pending_;
   KVPolicy& policy_;
   PositionTable positions_;
   BlockPool::SeqId seq_;

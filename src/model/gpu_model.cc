@@ -162,7 +162,9 @@ struct GpuModel::Impl {
       imp{"GPU importance"},                  // float32 [layers, R or batch x stride]
       ws{"GPU attention workspace"},          // the attention kernels' workspace (plan.h layouts)
       io{"GPU input staging"},                // host inputs on their way to the device
-      shown{"GPU observed tensor"};           // float32: a tensor computed only for an observer
+      shown{"GPU observed tensor"},           // float32: a tensor computed only for an observer
+      back{"GPU prefill keys read back"},     // a prefill piece's earlier keys: K, V [entries, kv_dim], positions
+      last{"GPU last rows"};                  // float32 [parts, hidden]: each prefill part's last row
 
   // The observer of the call running now (encode_image, prefill, an observed decode step), or
   // null: the named tensors of Model's CPU forward pass, with the same names and shapes.
@@ -762,152 +764,290 @@ void GpuModel::prefill(GpuKVPool& kv, BlockPool::SeqId seq, const float* x_host,
                        float* logits_host, std::vector<std::vector<float>>* importance, int importance_from,
                        Observer* obs) {
   if (!x_host) fail(kWhere, "prefill: no input embeddings");
-  Impl& g = *impl_;
-  prefill_rows(kv, seq, T, pos, logits_host, importance, importance_from, obs, [&](float* x) {
-    copy_to_device(x, x_host, size_t(T) * g.hidden * sizeof(float), g.s());
-  });
+  GpuPrefillPart part;
+  part.seq = seq, part.n = T, part.pos = pos, part.x = x_host, part.logits = logits_host;
+  if (importance) {
+    importance->assign(size_t(impl_->n_layers), std::vector<float>(size_t(std::max(T, 0)), 0.f));
+    part.importance = importance, part.importance_from = importance_from;
+  }
+  prefill_parts(kv, {part}, obs);
 }
 
 void GpuModel::prefill(GpuKVPool& kv, BlockPool::SeqId seq, const int32_t* ids, const GpuImageRows* image,
                        int image_offset, int T, const int32_t* pos, float* logits_host,
                        std::vector<std::vector<float>>* importance, int importance_from, Observer* obs) {
-  Impl& g = *impl_;
   if (!ids) fail(kWhere, "prefill: no token ids");
-  const int n_img = image ? image->rows : 0;
-  if (image) {
-    if (image->owner != this) fail(kWhere, "prefill: the image was encoded by another GpuModel");
-    if (image->width != g.hidden)
-      fail(kWhere, "prefill: the image's rows are " + std::to_string(image->width) + " wide, the decoder's " +
-                       std::to_string(g.hidden));
-    if (image_offset < 0 || image_offset + n_img > T)
-      fail(kWhere, "prefill: the image's " + std::to_string(n_img) + " rows at " + std::to_string(image_offset) +
-                       " do not fit a " + std::to_string(T) + "-token prompt");
+  if (image && (image_offset < 0 || image_offset + image->rows > T))
+    fail(kWhere, "prefill: the image's " + std::to_string(image->rows) + " rows at " + std::to_string(image_offset) +
+                     " do not fit a " + std::to_string(T) + "-token prompt");
+  GpuPrefillPart part;
+  part.seq = seq, part.n = T, part.pos = pos, part.ids = ids, part.image = image, part.image_row0 = image_offset;
+  part.logits = logits_host;
+  if (importance) {
+    importance->assign(size_t(impl_->n_layers), std::vector<float>(size_t(std::max(T, 0)), 0.f));
+    part.importance = importance, part.importance_from = importance_from;
   }
-  // The table's rows of the text tokens; the image's rows get row 0 and are overwritten.
-  std::vector<int32_t> rows(ids, ids + std::max(T, 0));
-  for (int i = 0; i < T; ++i) {
-    if (i >= image_offset && i < image_offset + n_img) {
-      rows[size_t(i)] = 0;
-    } else if (rows[size_t(i)] < 0 || rows[size_t(i)] >= g.vocab) {
-      fail("prompt", "token id " + std::to_string(rows[size_t(i)]) + " at position " + std::to_string(i) +
-                         " is outside the vocabulary of " + std::to_string(g.vocab));
-    }
-  }
-  prefill_rows(kv, seq, T, pos, logits_host, importance, importance_from, obs, [&](float* x) {
-    void* s = g.s();
-    int32_t* ids_dev = g.io.need_as<int32_t>(rows.size(), s);
-    copy_to_device(ids_dev, rows.data(), rows.size() * sizeof(int32_t), s);
-    g.embed_rows(ids_dev, T, x);
-    if (n_img)
-      copy_on_device(x + size_t(image_offset) * g.hidden, image->data.data(), size_t(n_img) * g.hidden * sizeof(float), s);
-    stream_synchronize(s);  // the ids' host copy goes out of scope
-  });
+  prefill_parts(kv, {part}, obs);
 }
 
-void GpuModel::prefill_rows(GpuKVPool& kv, BlockPool::SeqId seq, int T, const int32_t* pos, float* logits_host,
-                            std::vector<std::vector<float>>* importance, int importance_from, Observer* obs,
-                            const std::function<void(float* x_dev)>& fill_x) {
+void GpuModel::prefill_parts(GpuKVPool& kv, const std::vector<GpuPrefillPart>& parts, Observer* obs) {
   Impl& g = *impl_;
   Impl::Observing watching(g, obs);
   void* s = g.s();
+  const int P = int(parts.size());
   if (kv.stream() != s) fail(kWhere, "prefill: the KV pool belongs to another GpuModel");
-  if (T < 1) fail(kWhere, "prefill: the prompt is empty");
-  if (!pos) fail(kWhere, "prefill: no positions");
-  for (int i = 0; i < T; ++i)
-    if (pos[i] < 0 || (i > 0 && pos[i] <= pos[i - 1]))
-      fail(kWhere, "prefill: positions must be non-negative and strictly increasing (position " + std::to_string(i) +
-                       " is " + std::to_string(pos[i]) + ")");
+  if (P == 0) return;
+  if (obs && P > 1) fail(kWhere, "prefill: an observer watches a prefill of one sequence only");
   BlockPool& bp = kv.blocks();
-  for (int l = 0; l < g.n_layers; ++l)
-    if (bp.entries(seq, l) != 0)
-      fail(kWhere, "prefill: sequence " + std::to_string(seq) + " already holds " + std::to_string(bp.entries(seq, l)) +
-                       " entries in layer " + std::to_string(l) + " (prefill starts an empty sequence)");
-  const int need = bp.blocks_needed(seq, std::vector<int>(size_t(g.n_layers), T));
-  if (need > bp.free_blocks())
-    fail("GPU KV pool", "out of KV blocks: the prefill of sequence " + std::to_string(seq) + " (" + std::to_string(T) +
-                            " tokens x " + std::to_string(g.n_layers) + " layers) needs " + std::to_string(need) + " blocks of " +
-                            std::to_string(bp.block_size()) + " entries, only " + std::to_string(bp.free_blocks()) + " of " +
-                            std::to_string(bp.n_blocks()) + " are free");
-  bp.resize_all(seq, std::vector<int>(size_t(g.n_layers), T));
+  const std::string seq0 = std::to_string(parts[0].seq);
 
-  // Metadata: positions, this sequence's table per layer, the rows to write (table 0, entries 0..T-1).
-  const int stride = std::max(1, bp.blocks_for(T));
-  IntPack pk;
-  const size_t o_pos = pk.add(std::vector<int32_t>(pos, pos + T));
-  const size_t o_tab = pk.reserve(size_t(g.n_layers) * stride, -1);
-  for (int l = 0; l < g.n_layers; ++l) {
-    const std::vector<int32_t>& t = bp.table(seq, l);
-    PKV_ASSERT(int(t.size()) <= stride);
-    std::copy(t.begin(), t.end(), pk.data.begin() + long(o_tab + size_t(l) * stride));
+  // Checks, all before anything changes. R: the rows of the whole call; row0[p]: part p's first.
+  int R = 0, max_kv = 0;
+  std::vector<int> row0(static_cast<size_t>(P));
+  std::set<BlockPool::SeqId> seen;
+  bool any_ids = false;
+  for (int p = 0; p < P; ++p) {
+    const GpuPrefillPart& a = parts[size_t(p)];
+    const std::string who = "prefill of sequence " + std::to_string(a.seq);
+    if (!seen.insert(a.seq).second) fail(kWhere, who + ": the sequence appears twice in one call");
+    if (a.n < 1) fail(kWhere, who + ": the prompt is empty");
+    if (a.past < 0) fail(kWhere, who + ": negative past");
+    if (!a.pos) fail(kWhere, who + ": no positions");
+    if ((a.x == nullptr) == (a.ids == nullptr)) fail(kWhere, who + ": give either embeddings or token ids");
+    for (int i = 0; i < a.n; ++i)
+      if (a.pos[i] < 0 || (i > 0 && a.pos[i] <= a.pos[i - 1]))
+        fail(kWhere, who + ": positions must be non-negative and strictly increasing (position " + std::to_string(i) +
+                         " is " + std::to_string(a.pos[i]) + ")");
+    for (int l = 0; l < g.n_layers; ++l) {
+      if (bp.entries(a.seq, l) != a.past)
+        fail(kWhere, who + ": the sequence holds " + std::to_string(bp.entries(a.seq, l)) + " entries in layer " +
+                         std::to_string(l) + ", the call says " + std::to_string(a.past) +
+                         (a.past ? " (earlier pieces of its prompt)" : " (prefill starts an empty sequence)"));
+      // Earlier pieces are read back by entry index: they must never have been compacted.
+      if (a.past && !bp.slot_map(a.seq, l).empty()) fail(kWhere, who + ": its entries were compacted since its last piece");
+    }
+    if (a.ids) {
+      any_ids = true;
+      const int n_img = a.image ? a.image->rows : 0;
+      if (a.image) {
+        if (a.image->owner != this) fail(kWhere, who + ": the image was encoded by another GpuModel");
+        if (a.image->width != g.hidden)
+          fail(kWhere, who + ": the image's rows are " + std::to_string(a.image->width) + " wide, the decoder's " +
+                           std::to_string(g.hidden));
+      }
+      for (int i = 0; i < a.n; ++i) {
+        const bool img = i >= a.image_row0 && i < a.image_row0 + n_img;
+        if (!img && (a.ids[i] < 0 || a.ids[i] >= g.vocab))
+          fail("prompt", "token id " + std::to_string(a.ids[i]) + " at position " + std::to_string(a.past + i) +
+                             " is outside the vocabulary of " + std::to_string(g.vocab));
+      }
+    }
+    if (a.importance) {
+      if (int(a.importance->size()) != g.n_layers) fail(kWhere, who + ": importance needs one row per layer");
+      for (const auto& row : *a.importance)
+        if (int(row.size()) < a.past + a.n) fail(kWhere, who + ": an importance row is shorter than past + n");
+      if (a.importance_from < 0 || a.importance_from >= a.n) fail(kWhere, who + ": importance_from outside the part");
+    }
+    row0[size_t(p)] = R;
+    R += a.n;
+    max_kv = std::max(max_kv, a.past + a.n);
   }
-  const size_t o_rt = pk.add(std::vector<int32_t>(size_t(T), 0));
-  std::vector<int32_t> entries(static_cast<size_t>(T));
-  std::iota(entries.begin(), entries.end(), 0);
-  const size_t o_re = pk.add(entries);
+  int need = 0, needing = 0;
+  std::string needs;
+  for (const GpuPrefillPart& a : parts) {
+    const int n = bp.blocks_needed(a.seq, std::vector<int>(size_t(g.n_layers), a.past + a.n));
+    need += n;
+    if (n && ++needing <= 4)
+      needs += (needs.empty() ? "" : ", ") + ("sequence " + std::to_string(a.seq) + ": " + std::to_string(n));
+  }
+  if (needing > 4) needs += ", and " + std::to_string(needing - 4) + " more sequences";
+  if (need > bp.free_blocks())
+    fail("GPU KV pool", "out of KV blocks: the prefill of " +
+                            (P == 1 ? "sequence " + seq0 + " (" + std::to_string(parts[0].n) + " tokens x " +
+                                          std::to_string(g.n_layers) + " layers)"
+                                    : std::to_string(P) + " sequences (" + std::to_string(R) + " tokens)") +
+                            " needs " + std::to_string(need) + " blocks of " + std::to_string(bp.block_size()) +
+                            " entries (" + needs + "), only " + std::to_string(bp.free_blocks()) + " of " +
+                            std::to_string(bp.n_blocks()) + " are free");
+  for (const GpuPrefillPart& a : parts) bp.resize_all(a.seq, std::vector<int>(size_t(g.n_layers), a.past + a.n));
 
-  const bool want_imp = importance != nullptr;
+  // Metadata: the rows' positions; per layer each part's table ([L][P][stride]); the rows to write
+  // (row r: table of its part, entry past + i); for the pieces with earlier entries, the entries
+  // [0, past + n) to read back (table 0 of a one-table view, entries 0.. in order).
+  const int stride = std::max(1, bp.blocks_for(max_kv));
+  IntPack pk;
+  std::vector<int32_t> pos_all, row_table, row_entry;
+  for (int p = 0; p < P; ++p) {
+    const GpuPrefillPart& a = parts[size_t(p)];
+    pos_all.insert(pos_all.end(), a.pos, a.pos + a.n);
+    for (int i = 0; i < a.n; ++i) row_table.push_back(p), row_entry.push_back(a.past + i);
+  }
+  const size_t o_pos = pk.add(pos_all);
+  const size_t o_tab = pk.reserve(size_t(g.n_layers) * P * stride, -1);
+  for (int l = 0; l < g.n_layers; ++l)
+    for (int p = 0; p < P; ++p) {
+      const std::vector<int32_t>& t = bp.table(parts[size_t(p)].seq, l);
+      PKV_ASSERT(int(t.size()) <= stride);
+      std::copy(t.begin(), t.end(), pk.data.begin() + long(o_tab + (size_t(l) * P + p) * stride));
+    }
+  const size_t o_rt = pk.add(row_table);
+  const size_t o_re = pk.add(row_entry);
+  bool any_past = false;
+  for (const GpuPrefillPart& a : parts) any_past = any_past || a.past > 0;
+  std::vector<int32_t> gather_entry(static_cast<size_t>(max_kv));
+  std::iota(gather_entry.begin(), gather_entry.end(), 0);
+  const size_t o_gt = any_past ? pk.add(std::vector<int32_t>(size_t(max_kv), 0)) : 0;
+  const size_t o_ge = any_past ? pk.add(gather_entry) : 0;
+  std::vector<int32_t> ids_all;
+  if (any_ids) {
+    ids_all.assign(size_t(R), 0);  // rows that are not the table's get row 0 and are overwritten
+    for (int p = 0; p < P; ++p) {
+      const GpuPrefillPart& a = parts[size_t(p)];
+      if (!a.ids) continue;
+      const int n_img = a.image ? a.image->rows : 0;
+      for (int i = 0; i < a.n; ++i)
+        if (!(i >= a.image_row0 && i < a.image_row0 + n_img)) ids_all[size_t(row0[size_t(p)] + i)] = a.ids[i];
+    }
+  }
+  const size_t o_ids = any_ids ? pk.add(ids_all) : 0;
+
+  // Scratch. The importance of part p: [L, past + n] at imp_at[p]; the attention workspace and the
+  // read-back K/V are used by one part after another (stream order).
+  std::vector<size_t> imp_at(static_cast<size_t>(P), 0);
+  size_t imp_floats = 0, ws_bytes = 0;
+  for (int p = 0; p < P; ++p) {
+    const GpuPrefillPart& a = parts[size_t(p)];
+    if (!a.importance) continue;
+    imp_at[size_t(p)] = imp_floats;
+    imp_floats += size_t(g.n_layers) * size_t(a.past + a.n);
+    ws_bytes = std::max(ws_bytes, attention_prefill_workspace_bytes(a.n, a.past + a.n, g.n_heads));
+  }
   const size_t es = g.esize();
-  const Impl::Rows r = g.decoder_rows(size_t(T), s);
+  const Impl::Rows r = g.decoder_rows(size_t(R), s);
   float *x = r.x, *qkv = r.qkv, *gate = r.gate, *up = r.up;
   void *h16 = r.h16, *qkv16 = r.qkv16, *att16 = r.att16;
-  float* imp = want_imp ? g.imp.need_as<float>(size_t(g.n_layers) * T, s) : nullptr;
-  const size_t ws_bytes = want_imp ? attention_prefill_workspace_bytes(T, T, g.n_heads) : 0;
-  void* ws = want_imp ? g.ws.need(ws_bytes, s) : nullptr;
+  float* imp = imp_floats ? g.imp.need_as<float>(imp_floats, s) : nullptr;
+  void* ws = ws_bytes ? g.ws.need(ws_bytes, s) : nullptr;
+  // K, V [max_kv, kv_dim] (compute dtype) and the positions [max_kv] of a piece's keys.
+  const size_t kv_bytes = size_t(max_kv) * g.kv_dim * es;
+  char* back = any_past ? static_cast<char*>(g.back.need(2 * kv_bytes + size_t(max_kv) * sizeof(int32_t), s)) : nullptr;
   int32_t* meta = upload_pack(g.ints, pk, s);
   const int32_t* pos_dev = meta + o_pos;
 
-  fill_x(x);
-  if (imp) memset_device(imp, 0, size_t(g.n_layers) * T * sizeof(float), s);
+  // The input rows.
+  if (any_ids) g.embed_rows(meta + o_ids, R, x);
+  for (int p = 0; p < P; ++p) {
+    const GpuPrefillPart& a = parts[size_t(p)];
+    float* xp = x + size_t(row0[size_t(p)]) * g.hidden;
+    if (a.x) {
+      copy_to_device(xp, a.x, size_t(a.n) * g.hidden * sizeof(float), s);
+    } else if (a.image) {
+      const int first = std::max(0, a.image_row0), last = std::min(a.n, a.image_row0 + a.image->rows);
+      if (first < last)
+        copy_on_device(xp + size_t(first) * g.hidden, static_cast<const float*>(a.image->data.data()) + size_t(first - a.image_row0) * g.hidden,
+                       size_t(last - first) * g.hidden * sizeof(float), s);
+    }
+  }
+  if (imp) memset_device(imp, 0, imp_floats * sizeof(float), s);
   for (int l = 0; l < g.n_layers; ++l) {
     const DecLayer& Ly = g.layers[size_t(l)];
-    g.decoder_qkv(Ly, T, pos_dev, x, h16, qkv);
-    const PagedKV pkv = kv.paged(meta + o_tab + size_t(l) * stride, stride);
-    const PagedRows rows{meta + o_rt, meta + o_re, T};
-    paged_kv_write(pkv, rows, DType::F32, qkv + g.q_dim, qkv + g.q_dim + g.kv_dim, g.qkv_dim, pos_dev, s);
-    g.to16(qkv, qkv16, size_t(T) * g.qkv_dim);
-    PrefillAttentionArgs a;
-    a.dtype = g.dt;
-    a.q = qkv16;
-    a.n_q = T;
-    a.q_stride = g.qkv_dim;
-    a.q_pos = pos_dev;
-    a.k = static_cast<const char*>(qkv16) + size_t(g.q_dim) * es;
-    a.v = static_cast<const char*>(qkv16) + size_t(g.q_dim + g.kv_dim) * es;
-    a.n_kv = T;
-    a.kv_stride = g.qkv_dim;
-    a.kv_pos = pos_dev;
-    a.n_heads = g.n_heads;
-    a.n_kv_heads = g.n_kv_heads;
-    a.head_dim = g.head_dim;
-    a.scale = g.scale;
-    a.out = att16;
-    if (imp) {
-      a.importance = imp + size_t(l) * T;
-      a.importance_from = importance_from;
-      a.workspace = ws;
-      a.workspace_bytes = ws_bytes;
+    g.decoder_qkv(Ly, R, pos_dev, x, h16, qkv);
+    // Every part's new K/V rows into its own table: one write for the whole call.
+    const PagedKV all_tables = kv.paged(meta + o_tab + size_t(l) * P * stride, stride);
+    paged_kv_write(all_tables, PagedRows{meta + o_rt, meta + o_re, R}, DType::F32, qkv + g.q_dim,
+                   qkv + g.q_dim + g.kv_dim, g.qkv_dim, pos_dev, s);
+    g.to16(qkv, qkv16, size_t(R) * g.qkv_dim);
+    for (int p = 0; p < P; ++p) {
+      const GpuPrefillPart& a = parts[size_t(p)];
+      const size_t r0 = size_t(row0[size_t(p)]);
+      const char* q16 = static_cast<const char*>(qkv16) + r0 * g.qkv_dim * es;
+      PrefillAttentionArgs at;
+      at.dtype = g.dt;
+      at.q = q16;
+      at.n_q = a.n;
+      at.q_stride = g.qkv_dim;
+      at.q_pos = pos_dev + r0;
+      at.n_heads = g.n_heads;
+      at.n_kv_heads = g.n_kv_heads;
+      at.head_dim = g.head_dim;
+      at.scale = g.scale;
+      at.out = static_cast<char*>(att16) + r0 * g.q_dim * es;
+      if (a.past == 0) {  // the keys are this call's rows: read them where the product left them
+        at.k = q16 + size_t(g.q_dim) * es;
+        at.v = q16 + size_t(g.q_dim + g.kv_dim) * es;
+        at.n_kv = a.n;
+        at.kv_stride = g.qkv_dim;
+        at.kv_pos = pos_dev + r0;
+      } else {  // earlier pieces' keys too: entries [0, past + n) read back from the pool, in order
+        const int n_kv = a.past + a.n;
+        char* kb = back;
+        char* vb = back + kv_bytes;
+        int32_t* pb = reinterpret_cast<int32_t*>(back + 2 * kv_bytes);
+        paged_kv_read(kv.paged(meta + o_tab + (size_t(l) * P + p) * stride, stride),
+                      PagedRows{meta + o_gt, meta + o_ge, n_kv}, kb, vb, pb, s);
+        at.k = kb;
+        at.v = vb;
+        at.n_kv = n_kv;
+        at.kv_stride = g.kv_dim;
+        at.kv_pos = pb;
+      }
+      if (a.importance) {
+        at.importance = imp + imp_at[size_t(p)] + size_t(l) * (a.past + a.n);
+        at.importance_from = a.importance_from;
+        at.workspace = ws;
+        at.workspace_bytes = ws_bytes;
+      }
+      attention_prefill(at, s);
     }
-    attention_prefill(a, s);
-    g.decoder_mlp(Ly, T, x, h16, att16, gate, up);
-    g.checkpoint("decoder prefill", l, x, size_t(T) * g.hidden);
-    g.show("layer_out", l, x, {T, g.hidden});
+    g.decoder_mlp(Ly, R, x, h16, att16, gate, up);
+    g.checkpoint("decoder prefill", l, x, size_t(R) * g.hidden);
+    g.show("layer_out", l, x, {R, g.hidden});
   }
-  g.show_hidden_final(x, T);
-  if (logits_host) g.head_logits(x + size_t(T - 1) * g.hidden, 1, logits_host);
-  if (logits_host && g.observes("logits")) {
+  g.show_hidden_final(x, R);
+  // Logits of each part's last row: one head product over those rows.
+  std::vector<int> with_logits;
+  for (int p = 0; p < P; ++p)
+    if (parts[size_t(p)].logits) with_logits.push_back(p);
+  if (with_logits.size() == 1) {
+    const GpuPrefillPart& a = parts[size_t(with_logits[0])];
+    g.head_logits(x + size_t(row0[size_t(with_logits[0])] + a.n - 1) * g.hidden, 1, a.logits);
+  } else if (!with_logits.empty()) {
+    const int n = int(with_logits.size());
+    float* last = g.last.need_as<float>(size_t(n) * g.hidden, s);
+    for (int i = 0; i < n; ++i) {
+      const int p = with_logits[size_t(i)];
+      copy_on_device(last + size_t(i) * g.hidden, x + size_t(row0[size_t(p)] + parts[size_t(p)].n - 1) * g.hidden,
+                     size_t(g.hidden) * sizeof(float), s);
+    }
+    std::vector<float> all(size_t(n) * g.vocab);
+    g.head_logits(last, n, all.data());
     stream_synchronize(s);
-    obs->on_tensor("logits", -1, logits_host, {1, g.vocab});
+    for (int i = 0; i < n; ++i)
+      std::copy_n(all.begin() + long(size_t(i) * g.vocab), g.vocab, parts[size_t(with_logits[size_t(i)])].logits);
+  }
+  if (parts[0].logits && g.observes("logits")) {
+    stream_synchronize(s);
+    obs->on_tensor("logits", -1, parts[0].logits, {1, g.vocab});
   }
   if (imp) {
-    std::vector<float> all(size_t(g.n_layers) * T);
+    std::vector<float> all(imp_floats);
     copy_to_host(all.data(), imp, all.size() * sizeof(float), s);
     stream_synchronize(s);
-    importance->assign(size_t(g.n_layers), {});
-    for (int l = 0; l < g.n_layers; ++l) (*importance)[size_t(l)].assign(all.begin() + long(size_t(l) * T), all.begin() + long(size_t(l + 1) * T));
+    // Each piece's sums are added to what earlier pieces left (0 for a whole prompt: exact).
+    for (int p = 0; p < P; ++p) {
+      const GpuPrefillPart& a = parts[size_t(p)];
+      if (!a.importance) continue;
+      const size_t n_kv = size_t(a.past + a.n);
+      for (int l = 0; l < g.n_layers; ++l) {
+        const float* src = all.data() + imp_at[size_t(p)] + size_t(l) * n_kv;
+        float* dst = (*a.importance)[size_t(l)].data();
+        for (size_t j = 0; j < n_kv; ++j) dst[j] += src[j];
+      }
+    }
   }
-  kv.check_error_flag("prefill of sequence " + std::to_string(seq));
+  stream_synchronize(s);  // the host rows (ids, embeddings) of the call may go once it returns
+  kv.check_error_flag(P == 1 ? "prefill of sequence " + seq0 : "prefill of " + std::to_string(P) + " sequences");
 }
-
 // ------------------------------------------------------------------------------------------------
 void GpuModel::decode(GpuKVPool& kv, const GpuDecodeBatch& b) {
   Impl& g = *impl_;

@@ -154,6 +154,31 @@ struct GpuDecodeBatch {
   Observer* observer = nullptr;
 };
 
+// One sequence's rows in a prefill call (GpuModel::prefill_parts): rows [past, past + n) of its
+// prompt, appended after the `past` entries every layer of the sequence holds (an earlier piece of
+// the same prompt, never compacted since: its entries sit in logical order).
+struct GpuPrefillPart {
+  BlockPool::SeqId seq = 0;
+  int past = 0;
+  int n = 0;
+  const int32_t* pos = nullptr;  // host [n] absolute positions, strictly increasing
+  // The input rows: host embeddings [n, hidden], or token ids [n] read from the device's embedding
+  // table, except the rows that an image covers: row i is image row i - image_row0 when that lies
+  // in [0, image->rows) (image_row0 may be negative: a piece that starts inside the image).
+  const float* x = nullptr;
+  const int32_t* ids = nullptr;
+  const GpuImageRows* image = nullptr;
+  int image_row0 = 0;
+  float* logits = nullptr;  // host [vocab]: the logits of the part's last row (may be null)
+  // Optional: (*importance)[l][j] += for each key j < past + n, the sum over this part's queries
+  // i >= importance_from (an index into the part's rows) of their head-mean attention probability
+  // (METHOD.md section 1). Its rows must hold >= past + n values. Over several pieces of one
+  // prompt this adds each piece's queries to the same sums: the unchunked importance up to the
+  // order of float32 additions.
+  std::vector<std::vector<float>>* importance = nullptr;
+  int importance_from = 0;
+};
+
 class GpuModel {
  public:
   // Uploads the weights. Throws Error: no device, unsupported dtype or shapes, a weight outside the
@@ -212,16 +237,22 @@ class GpuModel {
                int T, const int32_t* pos, float* logits, std::vector<std::vector<float>>* importance = nullptr,
                int importance_from = 0, Observer* obs = nullptr);
 
+  // Several sequences' prompt rows in ONE forward pass (batched prefill), each possibly a piece of a
+  // longer prompt (chunked prefill): see GpuPrefillPart. Every product runs once over the
+  // concatenated rows of all parts; attention runs per part (one launch of the prefill kernel per
+  // part and layer: the kernel takes one sequence's query range), the part's queries over its own
+  // keys: the rows of this call and, for a later piece, the `past` entries its earlier pieces wrote
+  // (read back from the pool, the same 16-bit values). Blocks: every layer of every part grows to
+  // past + n entries, all or nothing over the call (Error naming the sequences, nothing changed).
+  // obs (optional) only with one part: as prefill().
+  void prefill_parts(GpuKVPool& kv, const std::vector<GpuPrefillPart>& parts, Observer* obs = nullptr);
+
   // One batched decode step (see GpuDecodeBatch): appends one entry to every layer of every
   // sequence (all or nothing: throws Error naming the sequences and block counts when the pool is
   // short, changing nothing), then flash-decoding attention over each sequence's own entries.
   void decode(GpuKVPool& kv, const GpuDecodeBatch& batch);
 
  private:
-  // The prefill once its input rows are known: fill_x writes them into the device's [T, hidden].
-  void prefill_rows(GpuKVPool& kv, BlockPool::SeqId seq, int T, const int32_t* pos, float* logits,
-                    std::vector<std::vector<float>>* importance, int importance_from, Observer* obs,
-                    const std::function<void(float* x_dev)>& fill_x);
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };

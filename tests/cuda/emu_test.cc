@@ -205,6 +205,13 @@ TEST(CudaEmu, Prefill) {
   for (const PrefillCase& c : prefill_cases(false)) check_prefill(be, c);
 }
 
+TEST(CudaEmu, PrefillInChunks) {  // the SIMT kernels (the tensor-core ones run on a GPU only)
+  EmuBackend be;
+  for (DType dt : k16)
+    for (int chunk : {16, 37, 150})
+      for (int from : {0, 90}) check_prefill_chunks(be, dt, 130, chunk, from, PrefillKernel::CudaCores);
+}
+
 TEST(CudaEmu, Decode) {
   EmuBackend be;
   for (const DecodeCase& c : decode_cases(false)) check_decode(be, c);

@@ -196,6 +196,74 @@ void check_prefill(Backend& be, const PrefillCase& c, PrefillKernel kernel) {
   }
 }
 
+void check_prefill_chunks(Backend& be, DType dt, int n, int chunk, int importance_from, PrefillKernel kernel,
+                          uint32_t seed) {
+  SCOPED_TRACE(std::string(dname(dt)) + " n=" + std::to_string(n) + " chunk=" + std::to_string(chunk) +
+               " importance_from=" + std::to_string(importance_from));
+  std::mt19937 rng(seed);
+  constexpr int H = 4, Hkv = 2, hd = 32;
+  const int qd = H * hd, kvd = Hkv * hd;
+  std::vector<float> q = randn(rng, size_t(n) * qd, 1.5f), k = randn(rng, size_t(n) * kvd), v = randn(rng, size_t(n) * kvd);
+  round_to(dt, q), round_to(dt, k), round_to(dt, v);
+  std::vector<int32_t> pos(static_cast<size_t>(n));
+  std::iota(pos.begin(), pos.end(), 0);
+  const size_t es = dtype_size(dt);
+  char* qb = static_cast<char*>(put_as(be, dt, q));
+  const void* kb = put_as(be, dt, k);
+  const void* vb = put_as(be, dt, v);
+  const int32_t* pb = be.put(pos);
+  auto run = [&](int s, int e, std::vector<float>& imp_host, std::vector<uint16_t>& out_host) {
+    PrefillAttentionArgs a;
+    a.kernel = kernel, a.dtype = dt;
+    a.q = qb + size_t(s) * qd * es, a.n_q = e - s, a.q_pos = pb + s;
+    a.k = kb, a.v = vb, a.n_kv = e, a.kv_pos = pb;
+    a.n_heads = H, a.n_kv_heads = Hkv, a.head_dim = hd, a.scale = 1.f / std::sqrt(float(hd));
+    a.out = be.alloc(size_t(e - s) * qd * es);
+    if (importance_from < e) {
+      a.importance = be.put(std::vector<float>(size_t(e), 0.f));
+      a.importance_from = std::max(0, importance_from - s);
+      a.workspace_bytes = attention_prefill_workspace_bytes(a.n_q, a.n_kv, H);
+      a.workspace = be.alloc(a.workspace_bytes);
+    }
+    be.attention_prefill(a);
+    const std::vector<uint16_t> o = be.get(static_cast<const uint16_t*>(a.out), size_t(e - s) * qd);
+    std::copy(o.begin(), o.end(), out_host.begin() + long(size_t(s) * qd));
+    if (a.importance) {
+      const std::vector<float> add = be.get(a.importance, size_t(e));
+      for (int j = 0; j < e; ++j) imp_host[size_t(j)] += add[size_t(j)];  // as prefill_parts adds pieces
+    }
+  };
+  std::vector<uint16_t> out_whole(size_t(n) * qd), out_chunks(out_whole.size());  // 16-bit bits
+  std::vector<float> imp_whole(size_t(n), 0.f), imp_chunks(size_t(n), 0.f);
+  run(0, n, imp_whole, out_whole);
+  for (int s = 0; s < n; s += chunk) run(s, std::min(n, s + chunk), imp_chunks, out_chunks);
+  size_t differ = 0;
+  for (size_t i = 0; i < out_whole.size(); ++i) differ += out_whole[i] != out_chunks[i];
+  EXPECT_EQ(differ, 0u) << "output elements differ between the whole prompt and its pieces";
+  // Importance: both sides add the same float32 probabilities (the same scores and log-sum-exp per
+  // row), m = (counted queries) x H terms per key, all >= 0, in two different orders (the kernel's
+  // tile and head sums; in pieces, each piece's sums then the host's additions), each side with a
+  // division by H per piece. A float32 sum of m non-negative terms in any order is within
+  // gamma_m = m u / (1 - m u) of the exact sum (u = 2^-24), each division adds u: so the two differ by
+  // at most (2 gamma_m + (pieces + 1) u) times the exact sum, i.e. a slightly larger multiple of either.
+  const double u = std::ldexp(1.0, -24);
+  const int pieces = (n + chunk - 1) / chunk;
+  const double m = double(n - importance_from) * H + pieces;
+  const double rel = 2 * m * u / (1 - m * u) + (pieces + 1) * u;
+  int bad = 0;
+  double worst = 0;
+  for (int j = 0; j < n; ++j) {
+    const double bound = rel * double(imp_whole[size_t(j)]) * (1 + 2 * rel) + 1e-30;
+    const double err = std::fabs(double(imp_chunks[size_t(j)]) - imp_whole[size_t(j)]);
+    worst = std::max(worst, err / bound);
+    if (!(err <= bound)) ++bad;
+  }
+  EXPECT_EQ(bad, 0) << "importance beyond the summation bound (" << rel << " relative); worst " << worst << "x the bound";
+  double total = 0;
+  for (float x : imp_whole) total += x;
+  EXPECT_NEAR(total, double(n - importance_from), 1e-3 * n) << "each counted query's head-mean probabilities sum to 1";
+}
+
 std::string DecodeCase::str() const {
   std::ostringstream s;
   s << dname(dtype) << " lengths=[";

@@ -80,6 +80,14 @@ struct PrefillCase {
 // The output is checked element by element against a bound from the arithmetic (see the .cc); the
 // importance against the float32 tolerance. `kernel` is passed to attention_prefill.
 void check_prefill(Backend& be, const PrefillCase& c, PrefillKernel kernel = PrefillKernel::Auto);
+// A chunked prefill's attention (GpuModel::prefill_parts' pieces): the queries of each piece
+// [s, s + C) over the keys [0, s + C), importance from `importance_from` on added piece by piece
+// on the host, against one call over the whole prompt of n tokens: every output row bit for bit
+// (a row's scores and its online softmax over the same key tiles do not depend on which query tile
+// holds it), the importance within the float32 bound of summing the same probabilities in another
+// order (derived in the .cc).
+void check_prefill_chunks(Backend& be, DType dtype, int n, int chunk, int importance_from, PrefillKernel kernel,
+                          uint32_t seed = 7);
 
 struct DecodeCase {
   DType dtype = DType::BF16;

@@ -401,6 +401,14 @@ TEST(CudaAttention, PrefillOnCudaCores) {
   for (const PrefillCase& c : prefill_cases(true)) check_prefill(be, c, PrefillKernel::CudaCores);
 }
 
+TEST(CudaAttention, PrefillInChunks) {  // both kernels, as a chunked prefill calls them
+  GpuBackend be;
+  for (PrefillKernel kernel : {PrefillKernel::TensorCores, PrefillKernel::CudaCores})
+    for (DType dt : {DType::F16, DType::BF16})
+      for (int chunk : {16, 37, 64, 600})
+        for (int from : {0, 400}) check_prefill_chunks(be, dt, 530, chunk, from, kernel);
+}
+
 TEST(CudaAttention, Decode) {
   GpuBackend be;
   for (const DecodeCase& c : decode_cases(true)) check_decode(be, c);
