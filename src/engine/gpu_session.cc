@@ -161,21 +161,21 @@ GpuPrefillPart GpuSession::next_part(int max_tokens, std::vector<int32_t>& pos) 
   return part;
 }
 
-std::vector<bool> GpuSession::prefill_many(const std::vector<GpuSession*>& sessions, const std::vector<int>& max_tokens,
+std::vector<bool> GpuSession::prefill_pieces(const std::vector<GpuSession*>& sessions, const std::vector<int>& max_tokens,
                                            float* logits) {
   if (sessions.empty()) return {};
   if (max_tokens.size() != sessions.size())
-    fail(kWhere, "prefill_many: " + std::to_string(max_tokens.size()) + " token counts for " +
+    fail(kWhere, "prefill_pieces: " + std::to_string(max_tokens.size()) + " token counts for " +
                      std::to_string(sessions.size()) + " sessions");
   GpuModel& model = sessions[0]->model_;
   GpuKVPool& pool = sessions[0]->pool_;
   std::set<const GpuSession*> distinct;
   for (const GpuSession* s : sessions) {
-    if (!s) fail(kWhere, "prefill_many: a null session");
+    if (!s) fail(kWhere, "prefill_pieces: a null session");
     if (&s->model_ != &model || &s->pool_ != &pool)
-      fail(kWhere, "prefill_many: every session must share one GpuModel and one GpuKVPool");
-    if (!distinct.insert(s).second) fail(kWhere, "prefill_many: session " + std::to_string(s->seq_) + " appears twice");
-    if (!s->pending_) fail(kWhere, "prefill_many: session " + std::to_string(s->seq_) + " has no prompt (begin_prefill)");
+      fail(kWhere, "prefill_pieces: every session must share one GpuModel and one GpuKVPool");
+    if (!distinct.insert(s).second) fail(kWhere, "prefill_pieces: session " + std::to_string(s->seq_) + " appears twice");
+    if (!s->pending_) fail(kWhere, "prefill_pieces: session " + std::to_string(s->seq_) + " has no prompt (begin_prefill)");
   }
   using clock = std::chrono::steady_clock;
   auto ms = [](clock::time_point a, clock::time_point b) { return std::chrono::duration<double, std::milli>(b - a).count(); };
@@ -228,7 +228,7 @@ void GpuSession::prefill_many(const std::vector<GpuSession*>& sessions, const st
       if (!sessions[begun] || !prompts[begun]) fail(kWhere, "prefill_many: a null session or prompt");
       sessions[begun]->begin_prefill(*prompts[begun]);
     }
-    prefill_many(sessions, std::vector<int>(sessions.size(), 0), logits);
+    prefill_pieces(sessions, std::vector<int>(sessions.size(), 0), logits);
   } catch (...) {
     for (size_t i = 0; i < begun; ++i) sessions[i]->pending_.reset();  // nothing ran: they stay empty
     throw;

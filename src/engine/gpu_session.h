@@ -58,7 +58,7 @@ class GpuSession {
 
   // Batched and chunked prefill. begin_prefill takes a prompt into this empty session without
   // running any of it (the prompt is copied; its image rows stay where they are);
-  // prefill_many then runs pieces of several sessions' prompts in one forward pass. A session whose
+  // prefill_pieces then runs pieces of several sessions' prompts in one forward pass. A session whose
   // prompt ends in a call writes its logits and lets its policy compress, exactly as prefill() does
   // after the whole prompt; until then it holds its rows uncompressed and takes no decode step.
   // The importance its policy asks for is gathered over the pieces (GpuPrefillPart::importance):
@@ -71,9 +71,9 @@ class GpuSession {
   // session in ONE GpuModel::prefill_parts call (sessions of one model and pool, each prefilling);
   // logits [n, vocab] (may be null): row i written when sessions[i]'s prompt ends in this call.
   // Returns, per session, whether its prompt ended. Out of blocks: Error, nothing changed.
-  static std::vector<bool> prefill_many(const std::vector<GpuSession*>& sessions, const std::vector<int>& max_tokens,
+  static std::vector<bool> prefill_pieces(const std::vector<GpuSession*>& sessions, const std::vector<int>& max_tokens,
                                         float* logits);
-  // Several whole prompts in one pass: begin_prefill on each, then one prefill_many call.
+  // Several whole prompts in one pass: begin_prefill on each, then one prefill_pieces call.
   static void prefill_many(const std::vector<GpuSession*>& sessions, const std::vector<const PreparedPrompt*>& prompts,
                            float* logits);
 
