@@ -37,6 +37,9 @@ const std::vector<OptionSpec> kCalibrateOptions = with_options({
     {"plot", "FILE", "also draw keep fraction per layer for each budget as SVG"},
     {"allocate-from", "WHAT", "whose attention sets the layer budgets: prompt (the estimator, default) or answer "
                               "(each sample's reference answer, teacher-forced over the full cache)"},
+    {"allocate-by", "RULE", "how the layer budgets follow from the scores: prefix (PrefixKV's equal retention, "
+                            "default) or cutoff[:OPTION]... (one threshold across layers, e.g. cutoff:wov:floor=0.5: "
+                            "options as in a policy name, docs/RESULTS.md)"},
     {"dump-importance", "DIR", "write each sample's per-layer importance [layers, tokens] as .npy"},
     {"import-official", "FILE", "build the profile from the authors' prefixkv_<model>_<r>.json files instead", true, true},
     {"threads", "N", "worker threads (default: all cores)"},
@@ -96,6 +99,7 @@ int cmd_calibrate(int argc, char** argv) {
     opt.window = popt.window;
     opt.protected_count = popt.protected_count;
     opt.allocation = args.str("allocate-from", "prompt");
+    opt.layer_rule = args.str("allocate-by", "prefix");
     if (opt.allocation != "prompt" && opt.allocation != "answer")
       fail("--allocate-from", "must be prompt or answer, got '" + opt.allocation + "'");
     const int limit = args.integer("samples", 0);

@@ -46,7 +46,8 @@ const std::vector<OptionSpec> kRunOptions = with_options({
     {"device", "NAME", "cpu (default) or cuda: the vision tower, projector and decoder on the GPU (builds with -DPREFIXKV_CUDA=ON)"},
     {"gpu-dtype", "TYPE", "cuda: bf16 or f16 weights, activations and KV (default: the checkpoint's 16-bit type, else bf16)"},
 }, kv_option_specs({"kv-policy", "kv-budget", "kv-budget-tokens", "kv-importance", "kv-window", "kv-protected",
-                                  "kv-prefix-pool", "kv-decode", "kv-profile"}));
+                                  "kv-prefix-pool", "kv-decode", "kv-value-weight", "kv-layer-floor",
+                                  "kv-grid-pool", "kv-lookahead", "kv-query-reduce", "kv-profile"}));
 
 // Writes the first occurrence of each named tensor (the prefill's) as DIR/<name>[.L<layer>].npy.
 class DumpObserver : public Observer {
@@ -133,6 +134,11 @@ int cmd_run(int argc, char** argv) {
   req.image_mode = mode;
   DumpObserver dump(dump_dir);
   Observer* obs = dump_dir.empty() ? nullptr : &dump;
+  if (has_image) {  // where the image's entries are (grid pooling)
+    const std::vector<int32_t> ids = engine.prompt_ids(req);
+    popt.image_offset = int(std::find(ids.begin(), ids.end(), -1) - ids.begin());
+    popt.image_tokens = model->config().image_tokens();
+  }
   std::unique_ptr<KVPolicy> policy_ptr = make_policy_for_model(policy_name, popt, args, *model);
   KVPolicy& policy = *policy_ptr;
   const bool as_json = args.flag("json");

@@ -6,6 +6,7 @@
 
 #include "core/error.h"
 #include "engine/model_files.h"
+#include "kv/cutoff.h"
 
 namespace fs = std::filesystem;
 
@@ -27,6 +28,16 @@ std::vector<OptionSpec> kv_option_specs(const std::vector<std::string>& names) {
       {"kv-prefix-pool", "K", "prefix policies: max-pool the importance over K neighbouring tokens before ranking "
                               "(as SnapKV does; default 7, measured best; 0 = off, METHOD.md's plain ranking)"},
       {"kv-decode", "RULE", "decode-time length: proportional (METHOD.md section 4, default) or cap"},
+      {"kv-value-weight", "W", "prefix policies and cutoff: weight each entry's attention by its value, none "
+                               "(default), vnorm (||v||_1) or wov (||W_o v||_1 per query head; CPU only)"},
+      {"kv-layer-floor", "F", "cutoff: each layer keeps at least this fraction of the uniform budget, in [0, 1] "
+                              "(default 0: one threshold decides alone; 0.8: 80% uniform + 20% by the threshold)"},
+      {"kv-grid-pool", "K", "prefix policies and cutoff: max-pool image entries over K x K neighbouring patches of "
+                            "the image grid before ranking (text entries keep --kv-prefix-pool; default 0 = off)"},
+      {"kv-lookahead", "K", "prefix policies and cutoff: rank by the attention of the first K greedy answer tokens "
+                            "decoded over the full cache (K extra decode steps; CPU only; default 0 = off)"},
+      {"kv-query-reduce", "R", "prefix policies and cutoff: how the queries' attention combines: sum (default), "
+                               "mean or max (CPU only unless sum)"},
       {"kv-profile", "FILE", "PrefixKV profile (default: the model's prefixkv_profile.json)"},
   };
   std::vector<OptionSpec> out;
@@ -55,6 +66,14 @@ PolicyOptions policy_options_from_args(const Args& args) {
   if (o.protected_count < 0) fail("--kv-protected", "must not be negative");
   o.prefix_pool = args.integer("kv-prefix-pool", PolicyOptions{}.prefix_pool);
   if (o.prefix_pool < 0) fail("--kv-prefix-pool", "must not be negative");
+  o.value_weight = value_weight_from_name(args.str("kv-value-weight", "none"), "--kv-value-weight");
+  o.layer_floor = args.number("kv-layer-floor", 0.0);
+  if (!(o.layer_floor >= 0 && o.layer_floor <= 1)) fail("--kv-layer-floor", "must be in [0, 1], got " + args.str("kv-layer-floor"));
+  o.grid_pool = args.integer("kv-grid-pool", 0);
+  if (o.grid_pool < 0) fail("--kv-grid-pool", "must not be negative");
+  o.lookahead = args.integer("kv-lookahead", 0);
+  if (o.lookahead < 0) fail("--kv-lookahead", "must not be negative");
+  o.query_reduce = query_reduce_from_name(args.str("kv-query-reduce", "sum"), "--kv-query-reduce");
   const std::string rule = args.str("kv-decode", "proportional");
   if (rule == "proportional") o.decode_rule = DecodeRule::Proportional;
   else if (rule == "cap") o.decode_rule = DecodeRule::FixedCap;

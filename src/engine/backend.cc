@@ -4,6 +4,7 @@
 
 #include "core/error.h"
 #include "engine/decoding.h"
+#include "engine/query_importance.h"
 
 namespace pkv {
 
@@ -47,7 +48,19 @@ void Backend::SharedPrefill::add_importance(int f, std::vector<std::vector<float
 const std::vector<std::vector<float>>& Backend::SharedPrefill::importance_for(const KVPolicy& policy) const {
   static const std::vector<std::vector<float>> none;
   const ImportanceRequest req = policy.prefill_importance(prompt_len);
-  return req.needed ? importance_for(req.from) : none;
+  if (!req.needed) return none;
+  if (req.extended()) {
+    for (size_t i = 0; i < extended_req.size(); ++i)
+      if (extended_req[i] == req) return extended_importance[i];
+    fail("shared prefill", "the extended importance " + policy.name() + " asks for was not measured");
+  }
+  return importance_for(req.from);
+}
+
+void Backend::add_extended_importance(SharedPrefill&, const PreparedPrompt&, const ImportanceRequest& req,
+                                      const std::string& policy) {
+  check_prompt_importance(req, 1 << 30, false);  // the refusal naming the option
+  (void)policy;
 }
 
 void Backend::step(Sequence& seq, int32_t token, float* logits, Observer* obs) {
@@ -105,6 +118,16 @@ class CpuBackend : public Backend {
     sh->begin(p, model_.config().text.vocab_size, from);
     sh->importance = sh->session.prefill_uncompressed(p, sh->logits.data(), from);
     return sh;
+  }
+  void add_extended_importance(SharedPrefill& shared, const PreparedPrompt& p, const ImportanceRequest& req,
+                               const std::string&) override {
+    auto* sh = dynamic_cast<CpuShared*>(&shared);
+    PKV_ASSERT_MSG(sh, "a shared prefill of another back end was given to the CPU back end");
+    for (const ImportanceRequest& r : shared.extended_req)
+      if (r == req) return;  // measured already
+    shared.extended_importance.push_back(
+        extended_importance(model_, sh->session.cache(), p, shared.logits.data(), req));
+    shared.extended_req.push_back(req);
   }
   std::unique_ptr<Sequence> adopt(const SharedPrefill& shared, KVPolicy& policy) override {
     auto* sh = dynamic_cast<const CpuShared*>(&shared);

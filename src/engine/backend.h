@@ -57,6 +57,10 @@ class Backend {
     // estimator's, from == prompt_len: evaluation's teacher-forced reference answer): every layer's
     // row over the prompt's prompt_len keys. Error for a window already held or rows of another length.
     void add_importance(int from, std::vector<std::vector<float>> imp);
+    // Extended importance (ImportanceRequest::extended(): value weights, lookahead, reduces;
+    // [layers][prompt_len]) for the requests in extended_req, added by Backend::add_extended_importance.
+    std::vector<ImportanceRequest> extended_req;
+    std::vector<std::vector<std::vector<float>>> extended_importance;
   };
 
   virtual ~Backend() = default;
@@ -83,6 +87,11 @@ class Backend {
   // copy of the prompt's, then the policy's plan applied (with the importance it asks for): the
   // same sequence prefill(p, policy) makes, without running the prompt again.
   virtual std::unique_ptr<Sequence> adopt(const SharedPrefill& shared, KVPolicy& policy) = 0;
+  // Adds to a shared prefill of this backend the extended importance `req` asks for
+  // (engine/query_importance.h: measured from the prompt's uncompressed cache; nothing if held
+  // already). Only the CPU measures it; the default refuses, naming `policy`.
+  virtual void add_extended_importance(SharedPrefill& shared, const PreparedPrompt& p, const ImportanceRequest& req,
+                                       const std::string& policy);
 
   // Whether several host threads may use this backend at once (each with its own sequences).
   virtual bool thread_safe() const { return false; }

@@ -7,6 +7,7 @@
 
 #include "core/error.h"
 #include "engine/backend.h"
+#include "engine/query_importance.h"
 #include "engine/decoding.h"
 
 namespace pkv {
@@ -143,8 +144,15 @@ void Session::prefill(const PreparedPrompt& p, float* logits, Observer* obs) {
   const int T = int(p.ids.size());
   std::vector<std::vector<float>> importance;
   const ImportanceRequest req = policy_.prefill_importance(T);
-  check_prompt_importance(req, T);
-  run_prompt(p, logits, obs, req.needed ? &importance : nullptr, req.from);
+  check_prompt_importance(req, T, true);
+  if (req.extended()) {  // value weights, lookahead, reduces: measured from the uncompressed cache
+    std::vector<float> own(logits ? 0 : size_t(model_.config().text.vocab_size));
+    float* last = logits ? logits : own.data();
+    run_prompt(p, last, obs, nullptr, 0);
+    importance = extended_importance(model_, cache_, p, last, req);
+  } else {
+    run_prompt(p, logits, obs, req.needed ? &importance : nullptr, req.from);
+  }
   cache_.apply(policy_.after_prefill(cache_, importance, T), policy_.name());
 }
 

@@ -6,6 +6,7 @@
 
 #include "core/error.h"
 #include "eval/evaluate.h"
+#include "kv/cutoff.h"
 #include "kv/prefix_search.h"
 #include "model/identity.h"
 
@@ -23,11 +24,29 @@ std::string utc_now() {
 std::vector<std::vector<float>> calibration_scores(Backend& backend, const Engine& engine, const PreparedPrompt& p,
                                                    const std::string& answer, const CalibrateOptions& opt) {
   const int N = int(p.ids.size());
-  if (opt.allocation == "answer") return answer_importance(backend, engine, p, engine.answer_ids(answer));
+  if (opt.allocation == "answer") {
+    PolicyOptions o;
+    if (opt.layer_rule != "prefix") apply_policy_spec(opt.layer_rule, o, "--allocate-by");
+    if (o.value_weight != ValueWeight::None)
+      fail("--allocate-by " + opt.layer_rule, "value weighting is measured on the prompt's queries, not with --allocate-from answer");
+    return answer_importance(backend, engine, p, engine.answer_ids(answer));
+  }
   if (opt.allocation != "prompt") fail("--allocate-from", "must be prompt or answer, got '" + opt.allocation + "'");
-  const ImportanceRequest req = estimator_request(opt.estimator, opt.window, N);
+  ImportanceRequest req = estimator_request(opt.estimator, opt.window, N);
   PKV_ASSERT_MSG(req.needed, "every estimator measures the prefill's attention");
-  check_prompt_importance(req, N);  // the answer estimator: --allocate-from answer instead
+  if (opt.layer_rule != "prefix") {  // a cutoff's value weighting (kv/cutoff.h)
+    PolicyOptions o;
+    apply_policy_spec(opt.layer_rule, o, "--allocate-by");
+    req.weight = o.value_weight;
+  }
+  check_prompt_importance(req, N, true);  // the answer estimator: --allocate-from answer instead
+  if (req.extended()) {
+    const std::unique_ptr<Backend::SharedPrefill> sh = backend.prefill_shared(p, {});
+    backend.add_extended_importance(*sh, p, req, "--allocate-by " + opt.layer_rule);
+    std::vector<std::vector<float>> scores;
+    for (const auto& l : sh->extended_importance.back()) scores.push_back(estimator_scores(opt.estimator, l, N));
+    return scores;
+  }
   const std::unique_ptr<Backend::SharedPrefill> sh = backend.prefill_shared(p, {req.from});
   std::vector<std::vector<float>> scores;
   for (const auto& l : sh->importance_for(req.from)) scores.push_back(estimator_scores(opt.estimator, l, N));
@@ -39,6 +58,11 @@ CalibrateResult calibrate(Backend& backend, const Engine& engine, const std::vec
   if (opt.budgets.empty()) fail("--budgets", "no budget to calibrate");
   if (opt.allocation != "prompt" && opt.allocation != "answer")
     fail("--allocate-from", "must be prompt or answer, got '" + opt.allocation + "'");
+  if (opt.layer_rule != "prefix") {
+    if (policy_base_name(opt.layer_rule) != "cutoff") fail("--allocate-by", "must be prefix or cutoff[:OPTION]..., got '" + opt.layer_rule + "'");
+    PolicyOptions o;
+    apply_policy_spec(opt.layer_rule, o, "--allocate-by");
+  }
   const Model& model = engine.model();
   const int L = model.config().text.n_layers;
   const size_t B = opt.budgets.size();
@@ -71,8 +95,25 @@ CalibrateResult calibrate(Backend& backend, const Engine& engine, const std::vec
       for (size_t i = 0; i < sc.size(); ++i) tot += sc[i], top += i < k ? sc[i] : 0.0;
       top10[size_t(l)] += tot > 0 ? top / tot : 0.0;
     }
+    // The cutoff's ranking scores (pooled, the protected entries first) and its floor.
+    PolicyOptions co;
+    std::vector<std::vector<float>> ranked;
+    if (opt.layer_rule != "prefix") {
+      apply_policy_spec(opt.layer_rule, co, "--allocate-by");
+      for (int l = 0; l < L; ++l) {
+        ranked.push_back(pool_scores(scores[size_t(l)], co.prefix_pool, co.grid_pool, p->image_offset, p->image_tokens));
+        if (opt.protected_count >= 1) ranked.back()[0] = INFINITY;
+        if (opt.protected_count >= 2) ranked.back()[size_t(N - 1)] = INFINITY;
+      }
+    }
     for (size_t bi = 0; bi < B; ++bi) {
-      const std::vector<int> n = prefix_budgets(scores, std::llround(opt.budgets[bi] * N * L), std::min(N, opt.protected_count));
+      const int c = std::min(N, opt.protected_count);
+      const int uniform = std::clamp(int(std::lround(opt.budgets[bi] * N)), c, N);
+      const std::vector<int> n =
+          opt.layer_rule == "prefix"
+              ? prefix_budgets(scores, std::llround(opt.budgets[bi] * N * L), c)
+              : cutoff_budgets(ranked, std::llround(opt.budgets[bi] * N * L),
+                               std::vector<int>(size_t(L), std::clamp(int(std::lround(co.layer_floor * uniform)), c, uniform)));
       for (int l = 0; l < L; ++l) {
         const double k = double(n[size_t(l)]) / N;
         sum[bi][size_t(l)] += k;
@@ -94,6 +135,7 @@ CalibrateResult calibrate(Backend& backend, const Engine& engine, const std::vec
   profile.window = opt.estimator == Estimator::Window ? opt.window : 0;
   profile.protected_tokens = opt.protected_count;
   profile.allocation = opt.allocation;
+  profile.layer_rule = opt.layer_rule;
   profile.source = "calibrated";
   profile.samples = used;
   profile.data = opt.data;

@@ -20,6 +20,10 @@ struct CalibrateOptions {
   int window = 32;                    // the window estimator's last queries
   int protected_count = 0;            // tokens every layer keeps (the prefix search's minimum)
   std::string allocation = "prompt";  // prompt (the estimator) | answer (the reference answer's attention)
+  // How the layer budgets follow from the scores: "prefix" (METHOD.md section 2) or a cutoff spec
+  // "cutoff[:OPTION]..." (kv/cutoff.h: value weighting, pooling, floor; the offline form of the
+  // cutoff policy).
+  std::string layer_rule = "prefix";
   size_t limit = 0;                   // the first `limit` usable samples (0: all)
   std::string image_mode;             // "" = the model's
   std::string data;                   // the data file's name, recorded in the profile

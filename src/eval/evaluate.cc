@@ -148,15 +148,21 @@ class Evaluator {
     // estimator's (the reference answer's queries, from N) by one prefill of prompt + answer.
     std::set<int> windows;
     bool answer_window = false;
+    std::vector<std::pair<ImportanceRequest, std::string>> extended;  // measured after the prefill
     for (const EvalConfig& c : opt_.configs) {
       const ImportanceRequest req = make(c)->prefill_importance(N);
       if (!req.needed) continue;
+      if (req.extended()) {
+        extended.emplace_back(req, c.policy);
+        continue;
+      }
       if (req.from >= N) answer_window = true;
       else windows.insert(req.from);
     }
     const std::unique_ptr<Backend::SharedPrefill> shared =
         backend_.prefill_shared(p, std::vector<int>(windows.begin(), windows.end()));
     if (answer_window) shared->add_importance(N, answer_importance(backend_, engine_, p, answer));
+    for (const auto& [req, policy] : extended) backend_.add_extended_importance(*shared, p, req, policy);
     std::vector<Sums> sums(M);
     std::vector<float> ref_logits(size_t(A) * V_);  // the full cache's, along the answer
     std::vector<std::string> texts(M);
@@ -181,8 +187,9 @@ class Evaluator {
   }
 
  private:
-  std::unique_ptr<KVPolicy> make(const EvalConfig& c) const {
+  std::unique_ptr<KVPolicy> make(const EvalConfig& c, const PreparedPrompt* p = nullptr) const {
     PolicyOptions o = opt_.base;
+    if (p) o.image_offset = p->image_offset, o.image_tokens = p->image_tokens;  // grid pooling
     o.budget = c.budget;
     if (!c.estimator.empty()) o.estimator = estimator_from_name(c.estimator);
     if (policy_info(c.policy).needs_profile) o.keep_fractions = opt_.profile->keep_fractions(c.budget);
@@ -190,7 +197,7 @@ class Evaluator {
   }
   std::unique_ptr<KVPolicy> make_member(size_t m, const PreparedPrompt& p) const {
     if (m == 0) return std::make_unique<FullPolicy>();
-    if (m <= opt_.configs.size()) return make(opt_.configs[m - 1]);
+    if (m <= opt_.configs.size()) return make(opt_.configs[m - 1], &p);
     return std::make_unique<NoImagePolicy>(p.image_offset, p.image_tokens);
   }
   std::string member_name(size_t m) const {
@@ -557,6 +564,12 @@ nlohmann::json eval_settings_json(const std::vector<std::string>& policies, cons
                       {"decode_rule", decode_rule}, {"max_tokens", opt.max_tokens},
                       {"truth", truth_path}};
   if (opt.no_image_control) s["no_image_control"] = true;
+  const PolicyOptions& b = opt.base, plain{};  // kv/cutoff.h's options, where they differ from the defaults
+  if (b.value_weight != plain.value_weight) s["value_weight"] = value_weight_name(b.value_weight);
+  if (b.layer_floor != plain.layer_floor) s["layer_floor"] = b.layer_floor;
+  if (b.grid_pool != plain.grid_pool) s["grid_pool"] = b.grid_pool;
+  if (b.lookahead != plain.lookahead) s["lookahead"] = b.lookahead;
+  if (b.query_reduce != plain.query_reduce) s["query_reduce"] = query_reduce_name(b.query_reduce);
   if (text) s["text"] = {{"context_tokens", text->context_tokens}, {"continuation_tokens", text->continuation_tokens}};
   return s;
 }

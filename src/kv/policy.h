@@ -31,6 +31,18 @@ enum class Estimator {
 const char* estimator_name(Estimator e);
 Estimator estimator_from_name(const std::string& s);  // throws Error naming --kv-importance
 
+// What an entry's attention is weighted by before scores are compared (BEYOND.md item 2): none (the
+// attention itself), the L1 norm of its value (per KV head), or the L1 norm of what it adds to the
+// layer's output through each query head's slice of W_o (CriticalKV, arXiv 2502.03805).
+enum class ValueWeight { None, ValueNorm, OutputNorm };
+const char* value_weight_name(ValueWeight w);
+ValueWeight value_weight_from_name(const std::string& s, const std::string& option);  // none | vnorm | wov
+// How the attention of several queries over an entry combines: the sum (METHOD.md section 1), the
+// mean or the largest.
+enum class QueryReduce { Sum, Mean, Max };
+const char* query_reduce_name(QueryReduce r);
+QueryReduce query_reduce_from_name(const std::string& s, const std::string& option);  // sum | mean | max
+
 // How a layer's length follows decoding (METHOD.md section 4).
 enum class DecodeRule {
   Proportional,  // keep length = round(k_l * T), T = prompt + generated so far (the reference rule)
@@ -52,6 +64,18 @@ struct PolicyOptions {
   int fifo_offset = 25;     // section 4: evict this many entries before the end of the prefill-kept part
   double pyramid_beta = 20;  // PyramidKV: the last layer keeps avg / beta
   std::vector<double> keep_fractions;  // prefixkv: per-layer k_l from the profile for this budget
+  // Layer allocation and ranking beyond PrefixKV (src/kv/cutoff.h; issue 13 items 2 and 3):
+  ValueWeight value_weight = ValueWeight::None;  // prefix policies: attention weighted by the value
+  double layer_floor = 0.0;  // cutoff: each layer keeps at least this fraction of the uniform budget
+  int grid_pool = 0;         // prefix policies: max-pool image entries over a K x K patch neighbourhood
+                             // (text entries keep prefix_pool along the sequence); 0 or 1 = off
+  int lookahead = 0;         // > 0: rank by the attention of the first `lookahead` greedy answer tokens
+                             // decoded over the full cache (instead of the estimator's queries)
+  QueryReduce query_reduce = QueryReduce::Sum;  // how the queries' attention over an entry combines
+  // The request's image entries (prompt indices [image_offset, image_offset + image_tokens)), set per
+  // request by whoever prepared the prompt; -1: none known (grid pooling then pools along the sequence).
+  int image_offset = -1;
+  int image_tokens = 0;
 };
 
 // What the prefill must measure for a policy.
@@ -59,14 +83,24 @@ struct ImportanceRequest {
   bool needed = false;
   int from = 0;  // first prompt query that counts; the prompt's length: the queries of the reference
                  // answer after the prompt (Estimator::Answer), which no prefill of the prompt has
+  // Beyond the prefill's own sum (src/engine/query_importance.h measures these on the CPU from the
+  // uncompressed cache; the GPU refuses them): the value weighting, lookahead queries (the first
+  // `lookahead` greedy answer tokens over the full cache instead of the prompt's queries), and how
+  // the queries' attention combines.
+  ValueWeight weight = ValueWeight::None;
+  int lookahead = 0;
+  QueryReduce reduce = QueryReduce::Sum;
+  bool extended() const { return needed && (weight != ValueWeight::None || lookahead > 0 || reduce != QueryReduce::Sum); }
+  bool operator==(const ImportanceRequest&) const = default;
 };
 // The one error for the answer estimator where no reference answer exists (run, serve, bench,
 // calibrate's prompt allocation, a prompt's own prefill), naming --kv-importance.
 [[noreturn]] void refuse_answer_estimator();
 // Refuses a request that the prompt's own prefill cannot measure (the answer estimator's): the back
 // ends' prefills call it (evaluation adds the answer's importance itself,
-// Backend::SharedPrefill::add_importance).
-void check_prompt_importance(const ImportanceRequest& r, int prompt_len);
+// Backend::SharedPrefill::add_importance). Extended requests (value weights, lookahead, a reduce
+// other than the sum) only where `extended_ok` (the CPU engine): elsewhere an error naming the option.
+void check_prompt_importance(const ImportanceRequest& r, int prompt_len, bool extended_ok = false);
 
 class KVPolicy {
  public:

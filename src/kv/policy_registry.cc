@@ -4,6 +4,7 @@
 #include <map>
 
 #include "core/error.h"
+#include "kv/cutoff.h"
 #include "kv/policy.h"
 
 namespace pkv {
@@ -16,6 +17,7 @@ std::unique_ptr<KVPolicy> make_elastic_policy(const PolicyOptions&);
 std::unique_ptr<KVPolicy> make_uniform_prefix_policy(const PolicyOptions&);
 std::unique_ptr<KVPolicy> make_prefixkv_policy(const PolicyOptions&);
 std::unique_ptr<KVPolicy> make_prefixkv_online_policy(const PolicyOptions&);
+std::unique_ptr<KVPolicy> make_cutoff_policy(const PolicyOptions&);
 
 namespace {
 using Factory = std::function<std::unique_ptr<KVPolicy>(const PolicyOptions&)>;
@@ -41,6 +43,9 @@ const std::vector<Entry>& registry() {
        make_prefixkv_policy},
       {{"prefixkv-online", true, false, true, "PrefixKV with per-layer budgets searched on this request's attention"},
        make_prefixkv_online_policy},
+      {{"cutoff", true, false, true,
+        "one score threshold across layers (comparable scores: :vnorm or :wov weighting), a per-layer floor"},
+       make_cutoff_policy},
   };
   return r;
 }
@@ -60,7 +65,8 @@ const std::vector<PolicyInfo>& policy_infos() {
   return infos;
 }
 
-const PolicyInfo& policy_info(const std::string& name, const std::string& option) {
+const PolicyInfo& policy_info(const std::string& spec, const std::string& option) {
+  const std::string name = policy_base_name(spec);  // "NAME[:OPTION]..." (kv/cutoff.h)
   for (const Entry& e : registry())
     if (e.info.name == name) return e.info;
   fail(option, "unknown policy '" + name + "' (available: " + all_names() + ")");
@@ -100,8 +106,12 @@ void refuse_answer_estimator() {
        "alone has no answer");
 }
 
-void check_prompt_importance(const ImportanceRequest& r, int prompt_len) {
-  if (r.needed && r.from >= prompt_len) refuse_answer_estimator();
+void check_prompt_importance(const ImportanceRequest& r, int prompt_len, bool extended_ok) {
+  if (r.extended() && !extended_ok)
+    fail("--kv-policy", std::string("value weights (") + value_weight_name(r.weight) + "), lookahead (" +
+                            std::to_string(r.lookahead) + ") and query reduces (" + query_reduce_name(r.reduce) +
+                            ") are measured by the CPU engine only (--device cpu)");
+  if (r.needed && r.from >= prompt_len && r.lookahead == 0) refuse_answer_estimator();
 }
 
 std::unique_ptr<KVPolicy> make_policy(const std::string& name, const PolicyOptions& opt) {
@@ -110,9 +120,16 @@ std::unique_ptr<KVPolicy> make_policy(const std::string& name, const PolicyOptio
   if (opt.budget_tokens < 0) fail("--kv-budget-tokens", "must be positive");
   if (opt.window < 1) fail("--kv-window", "must be at least 1");
   if (opt.protected_count < 0) fail("--kv-protected", "must not be negative");
+  const std::string base = policy_base_name(name);  // "NAME[:OPTION]..." (kv/cutoff.h)
+  PolicyOptions o = opt;
+  apply_policy_spec(name, o);
+  if (!(o.layer_floor >= 0 && o.layer_floor <= 1))
+    fail("--kv-layer-floor", "must be in [0, 1], got " + std::to_string(o.layer_floor));
+  if (o.grid_pool < 0) fail("--kv-grid-pool", "must not be negative");
+  if (o.lookahead < 0) fail("--kv-lookahead", "must not be negative");
   for (const Entry& e : registry())
-    if (e.info.name == name) return e.make(opt);
-  fail("--kv-policy", "unknown policy '" + name + "' (available: " + all_names() + ")");
+    if (e.info.name == base) return e.make(o);
+  fail("--kv-policy", "unknown policy '" + base + "' (available: " + all_names() + ")");
 }
 
 }  // namespace pkv

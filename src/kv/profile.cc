@@ -14,6 +14,7 @@
 
 #include "core/file.h"
 #include "core/error.h"
+#include "kv/cutoff.h"
 
 namespace fs = std::filesystem;
 using nlohmann::json;
@@ -194,6 +195,7 @@ Profile Profile::parse(const std::string& text, const std::string& where) {
   p.window = (imp.contains("window") && !imp["window"].is_null()) ? r.integer(imp, "importance", "window") : 0;
   p.protected_tokens = r.integer(j, "", "protected_tokens");
   p.allocation = imp.contains("allocation") ? r.str(imp, "importance", "allocation") : "prompt";
+  p.layer_rule = imp.contains("layer_rule") ? r.str(imp, "importance", "layer_rule") : "prefix";
 
   const json& src = r.object(j, "", "source");
   p.source = r.str(src, "source", "kind");
@@ -251,6 +253,15 @@ void Profile::validate(const std::string& where) const {
     r.bad("importance.estimator", "'" + estimator + "' is not one of paper, window, normalized");
   if (allocation != "prompt" && allocation != "answer")
     r.bad("importance.allocation", "'" + allocation + "' is not one of prompt, answer");
+  if (layer_rule != "prefix") {
+    if (policy_base_name(layer_rule) != "cutoff") r.bad("importance.layer_rule", "'" + layer_rule + "' is not prefix or cutoff[:OPTION]...");
+    PolicyOptions o;
+    try {
+      apply_policy_spec(layer_rule, o, "layer_rule");
+    } catch (const Error& e) {
+      r.bad("importance.layer_rule", e.what());
+    }
+  }
   if (window < 0) r.bad("importance.window", "must be >= 0 (got " + std::to_string(window) + ")");
   if (estimator == "window" && window < 1) r.bad("importance.window", "the window estimator needs a window of at least 1 query");
   if (protected_tokens < 0) r.bad("protected_tokens", "must be >= 0 (got " + std::to_string(protected_tokens) + ")");
@@ -304,6 +315,7 @@ std::string Profile::to_json() const {
   j["version"] = kVersion;
   j["model"] = {{"name", model.name}, {"fingerprint", model.fingerprint}, {"n_layers", model.n_layers}};
   j["importance"] = {{"estimator", estimator}, {"window", window}, {"allocation", allocation}};
+  if (layer_rule != "prefix") j["importance"]["layer_rule"] = layer_rule;
   j["protected_tokens"] = protected_tokens;
   json src = json::object();
   src["kind"] = source;

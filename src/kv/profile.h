@@ -45,6 +45,10 @@ struct Profile {
   // "answer" (the calibration answers' own queries, teacher-forced over the full cache). Either
   // way, `estimator` ranks the tokens within a layer at inference.
   std::string allocation = "prompt";
+  // How the budgets were allocated across layers: "prefix" (PrefixKV's equal retention, METHOD.md
+  // section 2) or a cutoff spec "cutoff[:OPTION]..." (one score threshold across layers on the
+  // ranking scores those options make, kv/cutoff.h; `prefixkv calibrate --allocate-by`).
+  std::string layer_rule = "prefix";
 
   std::string source = "calibrated";     // how it was made: "calibrated" | "imported"
   // source == "calibrated":

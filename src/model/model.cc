@@ -279,6 +279,7 @@ void Model::decode(const float* x_in, int T, const int32_t* pos, KVCache& cache,
   for (int l = 0; l < t.n_layers; ++l) {
     const LlamaLayer& L = w.layers[size_t(l)];
     qkv_rows(t, rope_, L, ops::linear, x.data(), T, pos, h.data(), q.data(), k.data(), v.data());
+    if (call.show_queries) emit(obs, "attn_q", l, q.data(), {T, qd});  // after RoPE
     attend_layer(t, cache.layer(l), q.data(), k.data(), v.data(), T, pos, att.data(),
                  call.importance ? &(*call.importance)[size_t(l)] : nullptr, call.importance_from);
     finish_rows(t, L, ops::linear, x.data(), T, att.data(), h.data(), gate.data(), up.data());

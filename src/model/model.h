@@ -29,6 +29,9 @@ struct DecoderCall {
   // append (see ops::AttentionArgs::importance). importance->at(l) is resized to the layer's size.
   std::vector<std::vector<float>>* importance = nullptr;
   int importance_from = 0;  // first row of this call whose attention counts (0: all)
+  // Shows the observer each layer's queries after RoPE ("attn_q", [T, n_heads * head_dim]; only when
+  // asked: the GPU has no such tensor), for engine/query_importance.h.
+  bool show_queries = false;
 };
 
 // One decoder layer's attention over its KV cache (the decoder's step, exposed for tests): appends

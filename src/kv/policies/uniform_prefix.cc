@@ -1,5 +1,6 @@
 // Uniform prefix: PrefixKV's selection with the same budget in every layer; isolates what the
 // adaptive layer budgets add. Also holds the selection the prefix policies share.
+#include "kv/cutoff.h"
 #include "kv/prefix_policy.h"
 #include "kv/prefix_search.h"
 
@@ -13,11 +14,13 @@ const std::vector<std::vector<float>>& PrefixPolicy::scores(const std::vector<st
   return scores_;
 }
 
+std::vector<float> PrefixPolicy::ranking(int layer) const {
+  return pool_scores(scores_.at(size_t(layer)), opt_.prefix_pool, opt_.grid_pool, opt_.image_offset, opt_.image_tokens);
+}
+
 std::vector<int32_t> PrefixPolicy::select(int layer, const std::vector<float>& importance, int n, int N) {
   (void)importance;
-  const std::vector<float>& s = scores_.at(size_t(layer));
-  if (opt_.prefix_pool > 1) return top_entries(max_pool_1d(s, opt_.prefix_pool), n, protected_indices(N));
-  return top_entries(s, n, protected_indices(N));
+  return top_entries(ranking(layer), n, protected_indices(N));
 }
 
 namespace {

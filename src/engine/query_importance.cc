@@ -1,0 +1,198 @@
+#include "engine/query_importance.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <numeric>
+
+#include "core/error.h"
+#include "model/observer.h"
+
+namespace pkv {
+
+namespace {
+
+// Keeps the decoder's per-layer queries of one call ("attn_q": [T, n_heads * head_dim], after RoPE).
+class QueryCapture : public Observer {
+ public:
+  explicit QueryCapture(int layers) : q(size_t(layers)) {}
+  bool wants(const std::string& name) const override { return name == "attn_q"; }
+  void on_tensor(const std::string&, int layer, const float* data, const std::vector<int64_t>& shape) override {
+    q[size_t(layer)].assign(data, data + shape[0] * shape[1]);
+  }
+  std::vector<std::vector<float>> q;  // [layers][T * n_heads * head_dim]
+};
+
+}  // namespace
+
+std::vector<std::vector<float>> value_weights(const Model& model, const KVCache& cache, ValueWeight w, int n) {
+  const TextConfig& t = model.config().text;
+  const int H = t.n_heads, Hkv = t.n_kv_heads, hd = t.head_dim, group = H / Hkv, D = t.hidden, qd = H * hd;
+  const int kvd = Hkv * hd;
+  std::vector<std::vector<float>> out(size_t(t.n_layers));
+  for (int l = 0; l < t.n_layers; ++l) {
+    const KVLayer& kv = cache.layer(l);
+    PKV_ASSERT_MSG(!kv.per_head() && kv.size() >= n, "value weights need a layer whose heads share at least n entries");
+    std::vector<float>& o = out[size_t(l)];
+    o.assign(size_t(H) * n, 1.f);
+    if (w == ValueWeight::None) continue;
+    const float* V = kv.values();  // [size, kvd]
+    if (w == ValueWeight::ValueNorm) {
+      for (int h = 0; h < H; ++h)
+        for (int j = 0; j < n; ++j) {
+          const float* v = V + size_t(j) * kvd + size_t(h / group) * hd;
+          double s = 0;
+          for (int d = 0; d < hd; ++d) s += std::fabs(v[d]);
+          o[size_t(h) * n + j] = float(s);
+        }
+      continue;
+    }
+    // W_o^T [qd, D]: row i is W_o's column i (the output of the unit vector e_i).
+    std::vector<float> eye(size_t(qd) * qd, 0.f), wt(size_t(qd) * D);
+    for (int i = 0; i < qd; ++i) eye[size_t(i) * qd + i] = 1.f;
+    const Linear& o_proj = model.weights().lm.layers[size_t(l)].o;
+    ops::linear(eye.data(), qd, o_proj, wt.data());
+    if (!o_proj.b.empty())  // the bias is no value's contribution
+      for (int i = 0; i < qd; ++i)
+        for (int e = 0; e < D; ++e) wt[size_t(i) * D + e] -= o_proj.b[size_t(e)];
+    std::vector<float> y(static_cast<size_t>(D));
+    for (int h = 0; h < H; ++h)
+      for (int j = 0; j < n; ++j) {
+        const float* v = V + size_t(j) * kvd + size_t(h / group) * hd;
+        std::fill(y.begin(), y.end(), 0.f);
+        for (int d = 0; d < hd; ++d) {
+          const float vd = v[d];
+          const float* row = wt.data() + size_t(h * hd + d) * D;
+          for (int e = 0; e < D; ++e) y[size_t(e)] += vd * row[e];
+        }
+        double s = 0;
+        for (float x : y) s += std::fabs(x);
+        o[size_t(h) * n + j] = float(s);
+      }
+  }
+  return out;
+}
+
+void query_scores(const Model& model, const KVCache& cache, const std::vector<std::vector<float>>& q,
+                  const int32_t* pos, int T, const std::vector<std::vector<float>>& weight, int n,
+                  std::vector<std::vector<float>>& out) {
+  const TextConfig& t = model.config().text;
+  const int H = t.n_heads, hd = t.head_dim, group = H / t.n_kv_heads, qd = H * hd, kvd = t.n_kv_heads * hd;
+  const float scale = 1.f / std::sqrt(float(hd));
+  out.assign(size_t(t.n_layers), {});
+  for (int l = 0; l < t.n_layers; ++l) {
+    const KVLayer& kv = cache.layer(l);
+    PKV_ASSERT(!kv.per_head() && kv.size() >= n && int(q[size_t(l)].size()) == T * qd);
+    const int S = kv.size();
+    const float* K = kv.keys();
+    const int32_t* P = kv.positions();
+    std::vector<float>& o = out[size_t(l)];
+    o.assign(size_t(T) * n, 0.f);
+    std::vector<double> p(static_cast<size_t>(S));
+    for (int i = 0; i < T; ++i)
+      for (int h = 0; h < H; ++h) {
+        const float* qv = q[size_t(l)].data() + size_t(i) * qd + size_t(h) * hd;
+        double mx = -INFINITY;
+        int seen = 0;
+        for (int j = 0; j < S; ++j) {
+          if (P[j] > pos[i]) break;  // positions increase
+          double s = 0;
+          for (int d = 0; d < hd; ++d) s += double(qv[d]) * K[size_t(j) * kvd + size_t(h / group) * hd + d];
+          p[size_t(j)] = s * scale;
+          mx = std::max(mx, p[size_t(j)]);
+          seen = j + 1;
+        }
+        double sum = 0;
+        for (int j = 0; j < seen; ++j) sum += p[size_t(j)] = std::exp(p[size_t(j)] - mx);
+        for (int j = 0; j < std::min(seen, n); ++j) {
+          const double wt = weight.empty() ? 1.0 : double(weight[size_t(l)][size_t(h) * n + j]);
+          o[size_t(i) * n + j] += float(p[size_t(j)] / sum * wt / H);
+        }
+      }
+  }
+}
+
+std::vector<std::vector<float>> extended_importance(const Model& model, const KVCache& full, const PreparedPrompt& p,
+                                                    const float* last_logits, const ImportanceRequest& req,
+                                                    QueryImportanceStats* stats) {
+  const auto t0 = std::chrono::steady_clock::now();
+  const TextConfig& t = model.config().text;
+  const int N = int(p.ids.size()), L = t.n_layers, D = t.hidden, V = t.vocab_size;
+  if (req.lookahead < 0) fail("--kv-lookahead", "must not be negative");
+  if (req.lookahead == 0 && req.from >= N)
+    fail("--kv-importance answer", "value weights and query reduces are measured on the prompt's or the lookahead's "
+                                   "queries, not on the reference answer's");
+  for (int l = 0; l < L; ++l) PKV_ASSERT_MSG(full.size(l) == N, "extended importance needs the prompt's uncompressed cache");
+  const std::vector<std::vector<float>> weight =
+      req.weight == ValueWeight::None ? std::vector<std::vector<float>>{} : value_weights(model, full, req.weight, N);
+  std::vector<std::vector<float>> imp(size_t(L), std::vector<float>(size_t(N), 0.f));
+  int queries = 0;
+  auto add_rows = [&](const std::vector<std::vector<float>>& rows, int T) {
+    for (int l = 0; l < L; ++l)
+      for (int i = 0; i < T; ++i)
+        for (int j = 0; j < N; ++j) {
+          const float x = rows[size_t(l)][size_t(i) * N + j];
+          float& acc = imp[size_t(l)][size_t(j)];
+          acc = req.reduce == QueryReduce::Max ? std::max(acc, x) : acc + x;
+        }
+    queries += T;
+  };
+  QueryCapture cap(L);
+  std::vector<std::vector<float>> rows;
+  int steps = 0;
+  std::vector<int32_t> looked;
+  if (req.lookahead > 0) {
+    PKV_ASSERT(last_logits);
+    KVCache c = full.clone();
+    std::vector<float> x(static_cast<size_t>(D)), logits(last_logits, last_logits + V);
+    for (int s = 0; s < req.lookahead; ++s) {
+      const int32_t tok = int32_t(std::max_element(logits.begin(), logits.end()) - logits.begin());
+      if (std::find(t.eos_ids.begin(), t.eos_ids.end(), tok) != t.eos_ids.end()) break;
+      looked.push_back(tok);
+      model.embed(&tok, 1, x.data());
+      const int32_t pos = N + s;
+      DecoderCall call;
+      call.observer = &cap;
+      call.show_queries = true;
+      call.logits_rows = {0};
+      call.logits_out = logits.data();
+      model.decode(x.data(), 1, &pos, c, call);
+      ++steps;
+      query_scores(model, c, cap.q, &pos, 1, weight, N, rows);
+      add_rows(rows, 1);
+    }
+  } else {
+    // The prompt's rows from `from` on, again, over the cache of the rows before them.
+    const int from = std::max(0, req.from), T = N - from;
+    PKV_ASSERT(p.embeddings.size() == size_t(N) * size_t(D));
+    KVCache c = model.make_cache();
+    if (from > 0) {
+      c = full.clone();
+      KeepPlan cut;
+      std::vector<int32_t> keep(static_cast<size_t>(from));
+      std::iota(keep.begin(), keep.end(), 0);
+      for (int l = 0; l < L; ++l) cut.layers.push_back(LayerKeep{l, N, keep});
+      c.apply(cut, "query importance");
+    }
+    std::vector<int32_t> pos(static_cast<size_t>(T));
+    std::iota(pos.begin(), pos.end(), from);
+    DecoderCall call;
+    call.observer = &cap;
+    call.show_queries = true;
+    model.decode(p.embeddings.data() + size_t(from) * D, T, pos.data(), c, call);
+    ++steps;
+    query_scores(model, c, cap.q, pos.data(), T, weight, N, rows);
+    add_rows(rows, T);
+  }
+  if (req.reduce == QueryReduce::Mean && queries > 0)
+    for (auto& l : imp)
+      for (float& x : l) x /= float(queries);
+  if (stats) {
+    stats->steps += steps;
+    stats->ms += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    stats->lookahead_tokens = looked;
+  }
+  return imp;
+}
+
+}  // namespace pkv
