@@ -310,6 +310,17 @@ GpuModel::Impl::Impl(const Model& model, const GpuModelOptions& opt)
   // Products of many rows with quantised weights dequantise one matrix at a time into this scratch:
   // sized now for the largest, so that nothing grows later (nor inside a captured CUDA graph).
   if (widest_quant) blas.weight_workspace(widest_quant * esize());
+  // The skinny products' partial sums (decode steps of 5-64 rows), sized for the widest split now
+  // for the same reason.
+  if (skinny_enabled()) {
+    const int R = kSkinnyMaxRows;
+    const size_t skinny_bytes = std::max({skinny_workspace_bytes(R, hidden, qkv_dim, false),
+                                          skinny_workspace_bytes(R, q_dim, hidden, false),
+                                          skinny_workspace_bytes(R, hidden, ffn, true),
+                                          skinny_workspace_bytes(R, ffn, hidden, false),
+                                          skinny_workspace_bytes(R, hidden, vocab, false)});
+    blas.skinny_workspace(skinny_bytes);
+  }
   // The weights went up through cudaMemcpy on the legacy default stream, which our non-blocking
   // stream does not wait for: finish them before any call enqueues work.
   device_synchronize();
@@ -546,6 +557,13 @@ void GpuModel::Impl::decoder_mlp(const DecLayer& Ly, int R, float* xr, void* h16
   if (R <= gemv_auto_rows(Ly.gate.quant) && gemv_enabled() && !Ly.gate.b && !Ly.up.b && Ly.gate.quant == Ly.up.quant &&
       gemv_fits(gu)) {
     gemv(gu, s());
+    linear(Ly.down, g, R, xr, true);
+    return;
+  }
+  // Up to 64 rows of dense weights (a batch's decode step): the same pass on tensor cores.
+  if (R > gemv_auto_rows(Ly.gate.quant) && R <= kSkinnyMaxRows && !Ly.gate.quant && !Ly.up.quant && !Ly.gate.b &&
+      !Ly.up.b && skinny_enabled() && skinny_fits(gu)) {
+    skinny(gu, blas);
     linear(Ly.down, g, R, xr, true);
     return;
   }

@@ -368,10 +368,16 @@ void linear(Blas& blas, const LinearArgs& a) {
 
 bool gemv_enabled() { return true; }
 
-// The plan's checks, then the products in double (the twin's arithmetic up to summation order).
-void gemv(const GemvArgs& a, void*) {
-  const detail::GemvPlan plan = detail::plan_gemv(a);
-  const detail::GemvParams& p = plan.params;
+namespace {
+// gemv's and skinny's contract (GemvArgs) in double: the twin's arithmetic up to summation order.
+void products_in_double(const GemvArgs& a) {
+  struct {
+    const void *x, *w, *w_up;
+    void* y;
+    int rows, in, out, accumulate;
+    int64_t x_stride, y_stride;
+  } p{a.x, a.w, a.w_up, a.y, a.rows, a.in, a.out, a.accumulate ? 1 : 0, a.x_stride ? a.x_stride : a.in,
+      a.y_stride ? a.y_stride : a.out};
   // Weight rows as float (block-quantised ones through the CPU's dequantiser).
   std::vector<float> wrow(size_t(p.in)), urow(size_t(p.in));
   auto weight_row = [&](const void* w, int o, std::vector<float>& dst) {
@@ -397,6 +403,31 @@ void gemv(const GemvArgs& a, void*) {
       if (p.accumulate) v += ld(a.y_dtype, p.y, yi);
       st(a.y_dtype, p.y, yi, v);
     }
+}
+}  // namespace
+
+// The plans' checks, then the products in double.
+void gemv(const GemvArgs& a, void*) {
+  (void)detail::plan_gemv(a);
+  products_in_double(a);
+}
+
+bool skinny_enabled() { return true; }
+
+Blas::SkinnyWorkspace Blas::skinny_workspace(size_t bytes) {
+  constexpr int kCounters = 4096;
+  if (skinny_ws_.bytes() < bytes) {
+    skinny_ws_.reset();
+    skinny_ws_ = DeviceBuffer(bytes, "skinny products' partial sums");
+  }
+  if (skinny_counters_.empty()) skinny_counters_ = DeviceBuffer(kCounters * sizeof(unsigned), "skinny products' counters");
+  return {skinny_ws_.as<float>(), skinny_counters_.as<unsigned>(), kCounters};
+}
+
+void skinny(const GemvArgs& a, Blas& blas) {
+  const detail::SkinnyPlan plan = detail::plan_skinny(a);
+  if (plan.partial_bytes) (void)blas.skinny_workspace(plan.partial_bytes);  // what the GPU would allocate
+  products_in_double(a);
 }
 
 // ------------------------------------------------------------------------------------------------

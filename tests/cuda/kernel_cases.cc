@@ -778,7 +778,7 @@ std::string GemvCase::str() const {
   return o.str();
 }
 
-void check_gemv(Backend& be, const GemvCase& c) {
+void check_gemv(Backend& be, const GemvCase& c, const std::function<void(const GemvArgs&)>& run) {
   SCOPED_TRACE(c.str());
   std::mt19937 rng(c.seed);
   const int64_t xs = c.in + c.x_pad, ys = c.out + c.y_pad;
@@ -821,7 +821,8 @@ void check_gemv(Backend& be, const GemvCase& c) {
   if (c.swiglu) a.w_up = put_as(be, c.dtype, wu);
   a.rows = c.rows, a.in = c.in, a.out = c.out;
   a.y = put_as(be, c.y_dtype, y0), a.y_stride = ys, a.y_dtype = c.y_dtype, a.accumulate = c.accumulate;
-  be.gemv(a);
+  if (run) run(a);
+  else be.gemv(a);
   const std::vector<float> got = get_as(be, c.y_dtype, a.y, y0.size());
   // float32 outputs: the reference sums in double, the kernel in float32 over `in` terms.
   expect_close(got, ref, c.y_dtype == DType::F32 ? 1e-4 : tolerance(c.y_dtype), "gemv");
@@ -853,6 +854,30 @@ std::vector<GemvCase> gemv_cases(bool full) {
           c.y_pad = kind == 2 ? 3 : 0;
           cs.push_back(c);
         }
+  return cs;
+}
+
+std::vector<GemvCase> skinny_cases() {
+  std::vector<GemvCase> cs;
+  uint32_t seed = 1700;
+  // (in, out): one chunk of 64 columns and one split; 9 splits; 64 splits of one chunk over 2 blocks
+  // of outputs; 86 splits of 2 chunks (a 7B MLP's down product's width); 8 splits over 8 blocks of
+  // outputs; one split of 2 chunks over 266 blocks, the last ragged.
+  const std::pair<int, int> shapes[] = {{64, 17}, {576, 300}, {4096, 129}, {11008, 260}, {1024, 1024}, {128, 34000}};
+  for (DType t : {DType::F16, DType::BF16})
+    for (int rows : {5, 9, 16, 17, 40, 64})
+      for (const auto& [in, out] : shapes) {
+        if (in * int64_t(out) * rows > int64_t(300) << 20) continue;  // the double reference's time
+        GemvCase c;
+        c.dtype = t, c.rows = rows, c.in = in, c.out = out, c.seed = seed++;
+        const int kind = int(c.seed % 4);
+        c.y_dtype = kind == 1 || kind == 3 ? t : DType::F32;
+        c.accumulate = kind == 2;
+        c.swiglu = kind == 3 || (kind == 0 && rows % 2 == 0);
+        c.x_pad = kind == 1 ? 8 : 0;
+        c.y_pad = kind == 2 ? 3 : 0;
+        cs.push_back(c);
+      }
   return cs;
 }
 

@@ -6,6 +6,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -130,8 +131,13 @@ struct GemvCase {
   uint32_t seed = 1;
   std::string str() const;
 };
-void check_gemv(Backend& be, const GemvCase& c);
+// `run` (when set) computes the product instead of be.gemv: the tensor-core skinny products, which
+// only a GPU runs, are held to the same reference and bound.
+void check_gemv(Backend& be, const GemvCase& c, const std::function<void(const GemvArgs&)>& run = {});
 std::vector<GemvCase> gemv_cases(bool full);
+// Skinny products (kernels.h: skinny): 1-64 rows, inputs of one to 172 column chunks, outputs with a
+// ragged last block of 128, products whose columns split over 1 to 86 blocks, the same variations.
+std::vector<GemvCase> skinny_cases();
 void check_gemv_refusals(Backend& be);
 
 }  // namespace pkv::cuda::test

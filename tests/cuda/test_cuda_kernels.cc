@@ -10,7 +10,10 @@
 #include <string>
 #include <vector>
 
+#include <cublas_v2.h>
+
 #include "core/error.h"
+#include "ops/cuda/cuda_check.h"
 #include "ops/cuda/device.h"
 #include "ops/cuda/kernels.h"
 #include "kernel_cases.h"
@@ -315,6 +318,103 @@ TEST(CudaOps, Gemv) {
   GpuBackend be;
   for (const GemvCase& c : gemv_cases(true)) check_gemv(be, c);
   check_gemv_refusals(be);
+}
+
+// The tensor-core skinny products (5-64 rows) against the same reference and bound as gemv; then
+// what skinny_fits refuses and linear()'s choice of it.
+TEST(CudaSkinny, MatchesTheCpuTwin) {
+  if (!skinny_enabled()) GTEST_SKIP() << "PKV_SKINNY=0 or a device older than sm_80";
+  GpuBackend be;
+  Blas blas;
+  auto run = [&](const GemvArgs& a) {
+    skinny(a, blas);
+    device_synchronize();
+  };
+  for (const GemvCase& c : skinny_cases()) check_gemv(be, c, run);
+  // The same product twice: the partial sums are added in a fixed order, so bit for bit.
+  GemvCase c;
+  c.dtype = DType::BF16, c.rows = 48, c.in = 11008, c.out = 260, c.seed = 5;
+  check_gemv(be, c, [&](const GemvArgs& a) {
+    run(a);
+    const std::vector<float> first = be.get(static_cast<const float*>(a.y), size_t(a.rows) * a.out);
+    run(a);
+    const std::vector<float> again = be.get(static_cast<const float*>(a.y), size_t(a.rows) * a.out);
+    EXPECT_EQ(first, again) << "two runs of one split product differ";
+  });
+}
+
+TEST(CudaSkinny, Refusals) {
+  GpuBackend be;
+  const std::vector<float> z(64 * 1024, 0.f);
+  GemvArgs ok;
+  ok.x = put_as(be, DType::F16, z), ok.w = put_as(be, DType::F16, z), ok.w_dtype = DType::F16;
+  ok.rows = 16, ok.in = 128, ok.out = 64, ok.y = be.put(z), ok.y_dtype = DType::F32;
+  EXPECT_TRUE(skinny_fits(ok));
+  Blas blas;
+  auto refused = [&](GemvArgs a, const char* what) {
+    EXPECT_FALSE(skinny_fits(a)) << what;
+    EXPECT_THROW(skinny(a, blas), Error) << what;
+  };
+  GemvArgs a = ok;
+  a.rows = kSkinnyMaxRows + 1;
+  refused(a, "too many rows");
+  a = ok, a.in = 136;
+  refused(a, "in not a multiple of 64");
+  a = ok, a.w_quant = quant::kQ8_0;
+  refused(a, "quantised weights");
+  a = ok, a.accumulate = true, a.y_dtype = DType::F16;
+  refused(a, "accumulate into a 16-bit y");
+  a = ok, a.x = static_cast<const char*>(ok.x) + 2;
+  refused(a, "misaligned x");
+  a = ok, a.x_stride = 132;
+  refused(a, "x_stride not a multiple of 8");
+}
+
+// Time of a 7B-shaped product (4096 -> 11008 SwiGLU pair, 11008 -> 4096, 4096 -> 12288 fused q/k/v)
+// at 16 and 48 rows: the skinny kernel against cuBLAS (the path linear() took before), the mean of
+// 50 launches after 5, as GB/s of weights. Printed, never asserted.
+TEST(CudaSkinny, Timings) {
+  if (!skinny_enabled()) GTEST_SKIP() << "PKV_SKINNY=0 or a device older than sm_80";
+  struct Shape {
+    int in, out;
+    bool swiglu;
+  };
+  const Shape shapes[] = {{4096, 11008, true}, {11008, 4096, false}, {4096, 12288, false}, {4096, 4096, false}};
+  DeviceBuffer x(size_t(64) * 11008 * 2, "x"), y(size_t(64) * 12288 * 4, "y"), y2(size_t(64) * 12288 * 4, "y2");
+  DeviceBuffer w(size_t(11008) * 4096 * 2, "w"), wu(size_t(11008) * 4096 * 2, "w_up");
+  x.fill_bytes(0), w.fill_bytes(0), wu.fill_bytes(0);
+  Blas blas;
+  StreamTimer timer;
+  auto time_ms = [&](const std::function<void()>& f) {
+    for (int i = 0; i < 5; ++i) f();
+    timer.start(nullptr);
+    for (int i = 0; i < 50; ++i) f();
+    timer.stop(nullptr);
+    return timer.elapsed_ms() / 50;
+  };
+  for (const Shape& sh : shapes)
+    for (int rows : {8, 16, 32, 48, 64}) {
+      GemvArgs g;
+      g.x = x.data(), g.w = w.data(), g.w_up = sh.swiglu ? wu.data() : nullptr, g.w_dtype = DType::F16;
+      g.rows = rows, g.in = sh.in, g.out = sh.out, g.y = y.data(), g.y_dtype = sh.swiglu ? DType::F16 : DType::F32;
+      const double t_skinny = time_ms([&] { skinny(g, blas); });
+      // cuBLAS: the product(s) alone (the SwiGLU pair: two products, as the model ran them before).
+      LinearArgs l;
+      l.x = x.data(), l.w = w.data(), l.w_dtype = DType::F16, l.rows = rows, l.in = sh.in, l.out = sh.out;
+      l.y = y2.data(), l.y_dtype = DType::F32;
+      const double t_cublas = time_ms([&] {
+        const auto h = static_cast<cublasHandle_t>(blas.handle());
+        const float alpha = 1.f, beta = 0.f;
+        for (int m = 0; m < (sh.swiglu ? 2 : 1); ++m)
+          PKV_CUBLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, l.out, l.rows, l.in, &alpha, m ? wu.data() : w.data(),
+                                        CUDA_R_16F, l.in, l.x, CUDA_R_16F, l.in, &beta, l.y, CUDA_R_32F, l.out,
+                                        CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+      });
+      const double bytes = double(sh.in) * sh.out * 2 * (sh.swiglu ? 2 : 1);
+      std::printf("skinny %5d -> %5d%s %2d rows: %7.1f us (%4.0f GB/s) | cuBLAS %7.1f us (%4.0f GB/s) | %.2fx\n", sh.in,
+                  sh.out, sh.swiglu ? " SwiGLU" : "       ", rows, t_skinny * 1e3, bytes / t_skinny / 1e6, t_cublas * 1e3,
+                  bytes / t_cublas / 1e6, t_cublas / t_skinny);
+    }
 }
 
 // Block-quantised weights (cases in quant_cases.cc): gemv on the blocks, their dequantisation, and

@@ -79,6 +79,29 @@ float* Blas::f32_workspace(size_t floats) {
   return ws_.as<float>();
 }
 
+Blas::SkinnyWorkspace Blas::skinny_workspace(size_t bytes) {
+  constexpr int kCounters = 4096;  // blocks of 128 outputs: products up to 524288 wide
+  if (skinny_ws_.bytes() < bytes || skinny_counters_.empty()) {
+    cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+    PKV_CUDA_CHECK(cudaStreamIsCapturing(static_cast<cudaStream_t>(stream_), &st));
+    if (st != cudaStreamCaptureStatusNone)
+      fail("cuda::skinny", "its workspace must grow to " + std::to_string(bytes) +
+                               " bytes while a CUDA graph is being captured (size it first: skinny_workspace_bytes)");
+    if (!skinny_ws_.empty() || !skinny_counters_.empty())
+      PKV_CUDA_CHECK(cudaStreamSynchronize(static_cast<cudaStream_t>(stream_)));
+    if (skinny_ws_.bytes() < bytes) {
+      skinny_ws_.reset();
+      skinny_ws_ = DeviceBuffer(bytes, "skinny products' partial sums");
+    }
+    if (skinny_counters_.empty()) {
+      skinny_counters_ = DeviceBuffer(kCounters * sizeof(unsigned), "skinny products' counters");
+      PKV_CUDA_CHECK(cudaMemsetAsync(skinny_counters_.data(), 0, kCounters * sizeof(unsigned),
+                                     static_cast<cudaStream_t>(stream_)));
+    }
+  }
+  return {skinny_ws_.as<float>(), skinny_counters_.as<unsigned>(), kCounters};
+}
+
 void* Blas::weight_workspace(size_t bytes) {
   if (wq_.bytes() < bytes) {
     if (!wq_.empty()) PKV_CUDA_CHECK(cudaStreamSynchronize(static_cast<cudaStream_t>(stream_)));
@@ -124,12 +147,13 @@ void linear(Blas& blas, const LinearArgs& a) {
   if (a.rows == 0) return;
   if (!a.x || !a.w || !a.y) fail(op, "x, w and y must be set");
   if (a.w_quant) return linear_quant(blas, a);
-  if (!a.bias && a.rows <= kGemvAutoRows && gemv_enabled()) {
+  if (!a.bias && a.rows <= kSkinnyMaxRows) {
     GemvArgs g;
     g.x = a.x, g.x_stride = x_stride, g.w = a.w, g.w_dtype = a.w_dtype;
     g.rows = a.rows, g.in = a.in, g.out = a.out;
     g.y = a.y, g.y_stride = y_stride, g.y_dtype = a.y_dtype, g.accumulate = a.accumulate;
-    if (gemv_fits(g)) return gemv(g, blas.stream());
+    if (a.rows <= kGemvAutoRows && gemv_enabled() && gemv_fits(g)) return gemv(g, blas.stream());
+    if (a.rows > kGemvAutoRows && skinny_enabled() && skinny_fits(g)) return skinny(g, blas);
   }
 
   const auto h = static_cast<cublasHandle_t>(blas.handle());

@@ -85,6 +85,15 @@ class Blas {
   // The dequantised copy of one block-quantised matrix (linear() with w_quant and many rows), at
   // least `bytes` (grown on demand, like f32_workspace: size it for the largest matrix first).
   void* weight_workspace(size_t bytes);
+  // The skinny products' partial sums (at least `bytes`) and their completion counters (zero
+  // between launches): grown on demand, like f32_workspace; an error when it would have to grow
+  // while the stream is being captured.
+  struct SkinnyWorkspace {
+    float* partial;
+    unsigned* counters;
+    int n_counters;
+  };
+  SkinnyWorkspace skinny_workspace(size_t bytes);
 
  private:
   void* handle_ = nullptr;
@@ -92,6 +101,7 @@ class Blas {
   DeviceBuffer ws_;
   DeviceBuffer wq_;  // weight_workspace
   DeviceBuffer cublas_ws_;  // cuBLAS's own workspace, set once, so that captured GEMMs allocate nothing
+  DeviceBuffer skinny_ws_, skinny_counters_;
 };
 
 // y[rows, out] = x[rows, in] * W^T + bias (or += with accumulate): ops::linear's twin.
@@ -158,6 +168,22 @@ inline int gemv_auto_rows(uint32_t w_quant) { return w_quant ? kGemvMaxRows : kG
 // False when the environment sets PKV_GEMV=0 (to compare with cuBLAS).
 bool gemv_enabled();
 void gemv(const GemvArgs& a, void* stream);
+
+// Skinny products on tensor cores (the decode step of a batch): GemvArgs' contract (y = x W^T, or
+// the SwiGLU pair with w_up, y F32 with accumulate or w_dtype) for up to kSkinnyMaxRows rows of dense
+// 16-bit weights, on sm_80 and later; in a multiple of 64, x_stride a multiple of 8, w, w_up and x
+// 16-byte aligned (skinny_fits() says whether all of this holds). Each weight row is read from memory
+// once for all rows (mma.sync m16n8k16, float32 accumulators); long inputs are split over several
+// blocks whose float32 partial sums the last block to finish adds in a fixed order (deterministic).
+// linear() and the GPU model's SwiGLU take it for kGemvAutoRows < rows <= kSkinnyMaxRows without a
+// bias (PKV_SKINNY=0: never; cuBLAS then). Its partial sums live in blas.skinny_workspace: size it
+// with skinny_workspace_bytes(rows, in, out, swiglu) for the largest product before capturing a CUDA
+// graph (0 where the product's columns need no split, or it does not fit).
+constexpr int kSkinnyMaxRows = 64;
+bool skinny_fits(const GemvArgs& a);
+bool skinny_enabled();  // false when PKV_SKINNY=0 or the device is older than sm_80
+size_t skinny_workspace_bytes(int rows, int in, int out, bool swiglu);
+void skinny(const GemvArgs& a, Blas& blas);
 
 // Rows of a block-quantised matrix dequantised (twin: quant::dequantize_row, bit for bit): out row i
 // [cols] (out_dtype F32, F16 or BF16, rounded once; row stride out_stride, 0 = cols) = row ids[i] of

@@ -329,6 +329,11 @@ size_t paged_pool_bytes(const PagedKV& kv) {
 size_t paged_positions_bytes(const PagedKV& kv) { return size_t(kv.n_blocks) * size_t(kv.block_size) * sizeof(int32_t); }
 
 bool gemv_fits(const GemvArgs& a) { return detail::gemv_misfit(a).empty(); }
+bool skinny_fits(const GemvArgs& a) { return detail::skinny_misfit(a).empty(); }
+size_t skinny_workspace_bytes(int rows, int in, int out, bool swiglu) {
+  if (rows < 1 || in < detail::kSkinnyChunk || in % detail::kSkinnyChunk || out < 1) return 0;
+  return detail::skinny_partial_bytes(std::min(rows, kSkinnyMaxRows), in, out, swiglu);
+}
 
 std::string quant_misfit(uint32_t type, int cols) {
   int block = 0;
@@ -386,6 +391,62 @@ GemvPlan plan_gemv(const GemvArgs& a) {
   const int per_block = (kGemvThreads / 32 / kGemvKSplit) * kGemvOutsPerWarp;
   const size_t smem = size_t(kGemvThreads / 32) * (plan.swiglu ? 2 : 1) * kGemvOutsPerWarp * a.rows * sizeof(float);
   plan.launch = {{unsigned((a.out + per_block - 1) / per_block), 1, 1}, kGemvThreads, smem};
+  return plan;
+}
+
+int skinny_split(int in, int out, int& k_per_block, int& splits) {
+  const int blocks_x = (out + kSkinnyOuts - 1) / kSkinnyOuts;
+  const int chunks = in / kSkinnyChunk;
+  int s = std::max(1, (kSkinnyTargetBlocks + blocks_x / 2) / blocks_x);
+  s = std::max(s, (in + kSkinnyMaxK - 1) / kSkinnyMaxK);
+  s = std::min(s, chunks);
+  const int per_block = (chunks + s - 1) / s;  // chunks of 64 columns
+  k_per_block = per_block * kSkinnyChunk;
+  splits = (chunks + per_block - 1) / per_block;
+  return blocks_x;
+}
+
+size_t skinny_partial_bytes(int rows, int in, int out, bool swiglu) {
+  int k_per_block = 0, splits = 1;
+  skinny_split(in, out, k_per_block, splits);
+  return splits > 1 ? size_t(splits) * (swiglu ? 2 : 1) * size_t(rows) * size_t(out) * sizeof(float) : 0;
+}
+
+std::string skinny_misfit(const GemvArgs& a) {
+  if (a.w_quant) return "w must be dense (block-quantised weights take gemv or a dequantised copy)";
+  if (a.w_dtype != DType::F16 && a.w_dtype != DType::BF16) return "w must be F16 or BF16";
+  if (a.y_dtype != DType::F32 && a.y_dtype != a.w_dtype) return "y must be F32 or w's type";
+  if (a.accumulate && a.y_dtype != DType::F32) return "accumulate needs a float32 y";
+  if (a.rows < 1 || a.rows > kSkinnyMaxRows)
+    return "rows must be 1.." + std::to_string(kSkinnyMaxRows) + ", got " + std::to_string(a.rows);
+  if (a.in < kSkinnyChunk || a.in % kSkinnyChunk || a.out < 1)
+    return "in must be a positive multiple of " + std::to_string(kSkinnyChunk) + " and out >= 1 (in " +
+           std::to_string(a.in) + ", out " + std::to_string(a.out) + ")";
+  const int64_t xs = a.x_stride ? a.x_stride : a.in, ys = a.y_stride ? a.y_stride : a.out;
+  if (xs < a.in || xs % 8) return "x_stride must be a multiple of 8 and >= in";
+  if (ys < a.out) return "y_stride is smaller than out";
+  if (!a.x || !a.w || !a.y) return "x, w and y must be set";
+  auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  if (!aligned(a.x) || !aligned(a.w) || (a.w_up && !aligned(a.w_up))) return "x and w must be 16-byte aligned";
+  return {};
+}
+
+SkinnyPlan plan_skinny(const GemvArgs& a) {
+  const std::string why = skinny_misfit(a);
+  if (!why.empty()) bad("skinny", why);
+  SkinnyPlan plan;
+  plan.w_dtype = a.w_dtype, plan.y_dtype = a.y_dtype, plan.swiglu = a.w_up != nullptr;
+  plan.n_tiles = (a.rows + 7) / 8;
+  SkinnyParams& p = plan.params;
+  p.x = a.x, p.x_stride = a.x_stride ? a.x_stride : a.in;
+  p.w = a.w, p.w_up = a.w_up;
+  p.rows = a.rows, p.in = a.in, p.out = a.out;
+  p.y = a.y, p.y_stride = a.y_stride ? a.y_stride : a.out;
+  p.accumulate = a.accumulate ? 1 : 0;
+  const int blocks_x = skinny_split(a.in, a.out, p.k_per_block, p.splits);
+  plan.partial_bytes = skinny_partial_bytes(a.rows, a.in, a.out, plan.swiglu);
+  const size_t smem = size_t(8 * plan.n_tiles) * size_t(p.k_per_block + 8) * dtype_size(a.w_dtype);
+  plan.launch = {{unsigned(blocks_x), unsigned(p.splits), 1}, kSkinnyThreads, smem};
   return plan;
 }
 

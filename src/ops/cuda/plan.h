@@ -269,6 +269,43 @@ struct GemvPlan {
 std::string gemv_misfit(const GemvArgs& a);
 GemvPlan plan_gemv(const GemvArgs& a);
 
+// Skinny products on tensor cores (skinny_mma.cu; kernels.h: skinny). A block: 256 threads = 8 warps
+// of 16 outputs each (128 outputs) over one slice of the columns, k_per_block wide (a multiple of 64,
+// at most kSkinnyMaxK); splits = gridDim.y slices. x's slice sits in shared memory, its rows padded
+// with zeros to 8 x n_tiles (row stride k_per_block + 8 elements: the fragments' loads hit distinct
+// banks). The slices are chosen so that a product has about kSkinnyTargetBlocks blocks (two per SM
+// of an H100 or H200); with more than one, each block writes float32 partial sums to
+// partial[split][matrix][row][out] and the last of a column's blocks to finish (counters[bx]) adds
+// them in split order and writes y. The plan depends on the shapes only: the same sums on every card.
+constexpr int kSkinnyThreads = 256, kSkinnyOuts = 128, kSkinnyChunk = 64, kSkinnyMaxK = 1024;
+constexpr int kSkinnyTargetBlocks = 264;
+struct SkinnyParams {
+  const void* x = nullptr;
+  int64_t x_stride = 0;
+  const void* w = nullptr;
+  const void* w_up = nullptr;
+  int rows = 0, in = 0, out = 0;
+  void* y = nullptr;
+  int64_t y_stride = 0;
+  int accumulate = 0;
+  int k_per_block = 0, splits = 1;
+  float* partial = nullptr;      // splits > 1
+  unsigned* counters = nullptr;  // splits > 1: gridDim.x of them, zero before and after
+};
+struct SkinnyPlan {
+  SkinnyParams params;
+  DType w_dtype = DType::BF16, y_dtype = DType::F32;
+  bool swiglu = false;
+  int n_tiles = 1;               // 8-row tiles of x: rows <= 8 n_tiles
+  size_t partial_bytes = 0;      // 0 when splits == 1
+  Launch launch;
+};
+// blocks_x of a product (its outputs / 128), and how its columns split: k_per_block, splits.
+int skinny_split(int in, int out, int& k_per_block, int& splits);
+size_t skinny_partial_bytes(int rows, int in, int out, bool swiglu);
+std::string skinny_misfit(const GemvArgs& a);
+SkinnyPlan plan_skinny(const GemvArgs& a);  // params.partial / counters left for the caller
+
 // ---------------------------------------------------------------------------------------------
 // Dequantised rows (dequantize_rows): one thread per 8 elements of an output row.
 constexpr int kDequantThreads = 256;
