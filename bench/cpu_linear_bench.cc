@@ -91,8 +91,8 @@ int main(int argc, char** argv) {
   std::mt19937 rng(7);
   std::normal_distribution<float> nd(0.f, 0.02f);
   nlohmann::json out = nlohmann::json::array();
-  std::printf("| shape | dtype | rows | threads | ms / product | weight GB/s | read floor GB/s | of the floor |\n");
-  std::printf("|---|---|---|---|---|---|---|---|\n");
+  std::printf("| shape | path | dtype | rows | threads | ms / product | weight GB/s | read floor GB/s | of the floor |\n");
+  std::printf("|---|---|---|---|---|---|---|---|---|\n");
   for (const Shape& sh : shapes) {
     for (pkv::DType dt : {pkv::DType::F16, pkv::DType::BF16}) {
       std::vector<uint16_t> w(size_t(sh.in) * sh.out);
@@ -113,19 +113,24 @@ int main(int argc, char** argv) {
         for (int r : rows) {
           std::vector<float> x(size_t(r) * sh.in), y(size_t(r) * sh.out);
           for (auto& v : x) v = nd(rng) * 50;
-          double best = 1e30;
-          for (int rep = 0; rep < reps; ++rep) {
-            const auto t0 = Clock::now();
-            if (r == 1) pkv::ops::linear(x.data(), 1, L, y.data());
-            else pkv::ops::linear_rows(x.data(), r, L, y.data());
-            best = std::min(best, std::chrono::duration<double>(Clock::now() - t0).count());
+          // linear(): the engine's product (a prefill's rows); linear_rows(): batched decoding's
+          // 16-bit dot products, several rows per weight row (the same for 1 row).
+          for (const char* path : {"linear", "linear_rows"}) {
+            if (r == 1 && std::string(path) == "linear_rows") continue;
+            double best = 1e30;
+            for (int rep = 0; rep < reps; ++rep) {
+              const auto t0 = Clock::now();
+              if (std::string(path) == "linear") pkv::ops::linear(x.data(), r, L, y.data());
+              else pkv::ops::linear_rows(x.data(), r, L, y.data());
+              best = std::min(best, std::chrono::duration<double>(Clock::now() - t0).count());
+            }
+            const double gbs = double(w.size()) * 2 / best / 1e9;
+            std::printf("| %s | %s | %s | %d | %d | %.3f | %.1f | %.1f | %.0f%% |\n", sh.name, path, pkv::dtype_name(dt),
+                        r, nt, best * 1e3, gbs, floor_gbs, 100 * gbs / floor_gbs);
+            out.push_back({{"shape", sh.name}, {"path", path}, {"in", sh.in}, {"out", sh.out},
+                           {"dtype", pkv::dtype_name(dt)}, {"rows", r}, {"threads", nt}, {"ms", best * 1e3},
+                           {"weight_gbs", gbs}, {"read_floor_gbs", floor_gbs}});
           }
-          const double gbs = double(w.size()) * 2 / best / 1e9;
-          std::printf("| %s | %s | %d | %d | %.3f | %.1f | %.1f | %.0f%% |\n", sh.name, pkv::dtype_name(dt), r, nt,
-                      best * 1e3, gbs, floor_gbs, 100 * gbs / floor_gbs);
-          out.push_back({{"shape", sh.name}, {"in", sh.in}, {"out", sh.out}, {"dtype", pkv::dtype_name(dt)},
-                         {"rows", r}, {"threads", nt}, {"ms", best * 1e3}, {"weight_gbs", gbs},
-                         {"read_floor_gbs", floor_gbs}});
         }
       }
     }
