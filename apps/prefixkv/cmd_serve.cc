@@ -51,6 +51,9 @@ const std::vector<OptionSpec> kServeOptions = with_options(
         {"gpu-dtype", "TYPE", "cuda: bf16 or f16 (default: the checkpoint's 16-bit type, else bf16)"},
         {"max-running", "N", "requests decoded together at most (default 16)"},
         {"max-queue", "N", "requests waiting at most; more get 503 (default 64)"},
+        {"prefill-chunk", "N",
+         "cuda: prompt tokens prefilled per scheduler pass, over the prompts waiting, between decode steps (default "
+         "512; 0: whole prompts)"},
         {"max-body-mb", "MB", "largest request body in MiB; larger get 413 (default 20)"},
         {"max-image-pixels", "N", "largest image, width x height (default 16777216)"},
         {"default-max-tokens", "N", "max_tokens of a request that gives none (default 256, capped by the context)"},
@@ -133,6 +136,8 @@ int cmd_serve(int argc, char** argv) {
   so.kv_pool_bytes = size_t(positive(args, "kv-memory", 512, 1 << 20)) << 20;
   so.max_running = positive(args, "max-running", 16, 4096);
   so.max_queue = positive(args, "max-queue", 64, 1 << 20);
+  so.prefill_chunk = args.integer("prefill-chunk", 512);
+  if (so.prefill_chunk < 0) fail("--prefill-chunk", "must not be negative (0: whole prompts)");
   ServiceOptions svc;
   svc.default_max_tokens = positive(args, "default-max-tokens", 256, 1 << 30);
   svc.max_image_pixels = positive(args, "max-image-pixels", 1 << 24, 1 << 28);

@@ -68,6 +68,25 @@ void Backend::step(Sequence& seq, int32_t token, float* logits, Observer* obs) {
   step_many({&seq}, &token, logits);
 }
 
+std::vector<std::unique_ptr<Backend::Sequence>> Backend::prefill_many(const std::vector<const PreparedPrompt*>& prompts,
+                                                                      const std::vector<KVPolicy*>& policies, float* logits) {
+  if (prompts.size() != policies.size())
+    fail("prefill_many", std::to_string(prompts.size()) + " prompts for " + std::to_string(policies.size()) + " policies");
+  const size_t V = size_t(model().config().text.vocab_size);
+  std::vector<std::unique_ptr<Sequence>> seqs;
+  for (size_t i = 0; i < prompts.size(); ++i)
+    seqs.push_back(prefill(*prompts[i], *policies[i], logits ? logits + i * V : nullptr));
+  return seqs;
+}
+
+std::unique_ptr<Backend::Sequence> Backend::begin_prefill(const PreparedPrompt&, KVPolicy&) {
+  fail("chunked prefill", "the " + name() + " back end runs each prompt whole (prefill)");
+}
+
+std::vector<bool> Backend::prefill_pieces(const std::vector<Sequence*>&, const std::vector<int>&, float*) {
+  fail("chunked prefill", "the " + name() + " back end runs each prompt whole (prefill)");
+}
+
 void Backend::use_for_images(PromptRequest& req, Observer* obs) {
   req.encode_image = [this, obs](const float* pixels) { return encode_image(pixels, obs); };
 }

@@ -80,6 +80,24 @@ class Backend {
   // One token for one sequence; an observer sees its named tensors where the backend supports it.
   virtual void step(Sequence& seq, int32_t token, float* logits, Observer* obs = nullptr);
 
+  // Batched prefill: several prompts, each into a new sequence under its own policy (as prefill()
+  // makes it), in one pass where the device can (the GPU: one forward over the rows of all of them,
+  // cuda::GpuSession::prefill_many). logits [n, vocab], row i for prompts[i]. Out of KV memory:
+  // Error, nothing held. The default runs prefill() on each.
+  virtual std::vector<std::unique_ptr<Sequence>> prefill_many(const std::vector<const PreparedPrompt*>& prompts,
+                                                              const std::vector<KVPolicy*>& policies, float* logits);
+  // Chunked prefill, where chunked_prefill() says the back end has it (the GPU). begin_prefill makes
+  // a sequence holding the prompt with none of it run; prefill_pieces runs up to max_tokens[i] more
+  // tokens of seqs[i]'s prompt (<= 0: the rest) for all of them in one pass, and returns for each
+  // whether its prompt ended: such a sequence has row i of logits [n, vocab] written and its policy's
+  // plan applied, exactly as after prefill(); the importance its policy asks for is gathered over
+  // the pieces. A sequence mid-prompt takes no step. Out of KV memory: Error, nothing changed.
+  // The defaults refuse (Error).
+  virtual bool chunked_prefill() const { return false; }
+  virtual std::unique_ptr<Sequence> begin_prefill(const PreparedPrompt& p, KVPolicy& policy);
+  virtual std::vector<bool> prefill_pieces(const std::vector<Sequence*>& seqs, const std::vector<int>& max_tokens,
+                                           float* logits);
+
   // Runs the prompt once, uncompressed, measuring the importance over the queries from each of
   // `importance_from` (each distinct, in [0, prompt length); may be empty). Out of KV memory: Error.
   virtual std::unique_ptr<SharedPrefill> prefill_shared(const PreparedPrompt& p, const std::vector<int>& importance_from) = 0;

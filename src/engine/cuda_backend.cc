@@ -68,6 +68,32 @@ class CudaBackend : public Backend {
     s->session.prefill(p, logits, obs);
     return s;
   }
+  std::vector<std::unique_ptr<Sequence>> prefill_many(const std::vector<const PreparedPrompt*>& prompts,
+                                                      const std::vector<KVPolicy*>& policies, float* logits) override {
+    if (prompts.size() != policies.size())
+      fail("prefill_many", std::to_string(prompts.size()) + " prompts for " + std::to_string(policies.size()) + " policies");
+    std::vector<std::unique_ptr<Sequence>> seqs;
+    std::vector<GpuSession*> sessions;
+    for (KVPolicy* p : policies) {
+      auto s = std::make_unique<CudaSequence>(gpu_, *pool_, *p);
+      sessions.push_back(&s->session);
+      seqs.push_back(std::move(s));
+    }
+    GpuSession::prefill_many(sessions, prompts, logits);
+    return seqs;
+  }
+  bool chunked_prefill() const override { return true; }
+  std::unique_ptr<Sequence> begin_prefill(const PreparedPrompt& p, KVPolicy& policy) override {
+    auto s = std::make_unique<CudaSequence>(gpu_, *pool_, policy);
+    s->session.begin_prefill(p);
+    return s;
+  }
+  std::vector<bool> prefill_pieces(const std::vector<Sequence*>& seqs, const std::vector<int>& max_tokens,
+                                   float* logits) override {
+    std::vector<GpuSession*> sessions;
+    for (Sequence* s : seqs) sessions.push_back(&as_cuda(*s).session);
+    return GpuSession::prefill_pieces(sessions, max_tokens, logits);
+  }
   struct CudaShared : SharedPrefill {
     CudaShared(GpuModel& gpu, GpuKVPool& pool) : session(gpu, pool, full) {}
     FullPolicy full;

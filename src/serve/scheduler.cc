@@ -1,5 +1,6 @@
 #include "serve/scheduler.h"
 
+#include <climits>
 #include <cmath>
 #include <cstdio>
 #if defined(__GLIBC__)
@@ -81,8 +82,10 @@ struct Scheduler::Running {
   std::unique_ptr<Backend::Sequence> session;
   std::unique_ptr<Decoding> decoding;
   std::vector<float> logits;  // [vocab]: the next position's
-  Clock::time_point decode_start;
+  Clock::time_point admitted, decode_start;
   double queue_ms = 0, prefill_ms = 0;
+  int prompt_len = 0;
+  bool prefilling = false;  // chunked prefill: its prompt is not all run yet (no decoding, no steps)
   bool remove = false;
 };
 
@@ -160,16 +163,18 @@ SchedulerStats Scheduler::stats() const {
   return s;
 }
 
-void Scheduler::release(const Job& job) {
+void Scheduler::release(const Running& r) {
   std::lock_guard lk(mu_);
-  reserved_ -= job.kv.final_bytes;
+  // A prompt still prefilling holds its whole reservation (the prefill's transient included).
+  reserved_ -= r.prefilling ? r.job->kv.peak() : r.job->kv.final_bytes;
 }
 
 void Scheduler::run() {
   std::vector<Running> running;
   bool worked = false;
   for (;;) {
-    std::shared_ptr<Job> next;
+    std::vector<std::shared_ptr<Job>> admitted;
+    const bool chunked = opt_.backend->chunked_prefill();
     {
       std::unique_lock lk(mu_);
       // Queued jobs whose client went away leave without ever running.
@@ -199,25 +204,31 @@ void Scheduler::run() {
         cv_.wait(lk, [&] { return stopping_ || !queue_.empty(); });
         continue;
       }
-      // One admission per iteration: a prefill stalls every running sequence for its duration, so
-      // new requests join one at a time between decode steps. The reservation covers the prefill's
-      // transient; the part beyond the final size is given back once the policy has compressed.
-      // With nothing running the pool is empty, and submit() refused what can never fit.
-      if (!queue_.empty() && int(running.size()) < opt_.max_running &&
-          (running.empty() || reserved_ + queue_.front()->kv.peak() <= opt_.kv_pool_bytes)) {
-        next = std::move(queue_.front());
+      // Without chunked prefill, one admission per iteration: a prefill stalls every running
+      // sequence for its duration, so new requests join one at a time between decode steps. With
+      // it, every request that fits joins at once: the prefill passes bound each iteration's
+      // prompt tokens (prefill_chunk), and the prompts waiting share a pass (a batched prefill).
+      // The reservation covers the prefill's transient; the part beyond the final size is given
+      // back once the policy has compressed. With nothing running the pool is empty, and submit()
+      // refused what can never fit.
+      while (!queue_.empty() && int(running.size() + admitted.size()) < opt_.max_running &&
+             ((running.empty() && admitted.empty()) || reserved_ + queue_.front()->kv.peak() <= opt_.kv_pool_bytes)) {
+        admitted.push_back(std::move(queue_.front()));
         queue_.pop_front();
-        reserved_ += next->kv.peak();
-        running_count_ = int(running.size()) + 1;
+        reserved_ += admitted.back()->kv.peak();
+        running_count_ = int(running.size() + admitted.size());
+        if (!chunked) break;
       }
     }
     worked = true;
-    if (next && admit(next, running)) {
-      std::lock_guard lk(mu_);
-      reserved_ -= next->kv.peak() - next->kv.final_bytes;
-      counters_.prompt_tokens_total += uint64_t(next->prompt_tokens);
-    }
+    for (const std::shared_ptr<Job>& next : admitted)
+      if (admit(next, running) && !chunked) {
+        std::lock_guard lk(mu_);
+        reserved_ -= next->kv.peak() - next->kv.final_bytes;
+        counters_.prompt_tokens_total += uint64_t(next->prompt_tokens);
+      }
     try {
+      if (chunked) prefill_pass(running);
       advance(running);
     } catch (const std::exception& e) {
       fail_all(running, ApiError(500, std::string("generation failed: ") + e.what(), "internal_error"));
@@ -235,6 +246,7 @@ bool Scheduler::admit(const std::shared_ptr<Job>& job, std::vector<Running>& run
   const auto t0 = Clock::now();
   Running r;
   r.job = job;
+  r.admitted = t0;
   r.queue_ms = ms_between(job->submitted_, t0);
   try {
     if (job->cancelled()) throw ApiError(499, "cancelled");
@@ -243,6 +255,13 @@ bool Scheduler::admit(const std::shared_ptr<Job>& job, std::vector<Running>& run
     // The pixels and the decoded image are not needed past the vision tower.
     job->image = Image{};
     r.logits.resize(size_t(model_.config().text.vocab_size));
+    r.prompt_len = int(p.ids.size());
+    if (opt_.backend->chunked_prefill()) {  // prefill_pass() runs it
+      r.session = opt_.backend->begin_prefill(p, *job->policy);
+      r.prefilling = true;
+      running.push_back(std::move(r));
+      return true;
+    }
     r.session = opt_.backend->prefill(p, *job->policy, r.logits.data());
     r.decoding = std::make_unique<Decoding>(model_.config(), tok_, job->sampling, int(p.ids.size()));
   } catch (const std::exception& e) {
@@ -273,18 +292,109 @@ bool Scheduler::admit(const std::shared_ptr<Job>& job, std::vector<Running>& run
   return true;
 }
 
-void Scheduler::advance(std::vector<Running>& running) {
-  std::vector<Backend::Sequence*> batch;
-  std::vector<int32_t> tokens;
+void Scheduler::prefill_failed(Running& r, const std::exception& e, int running_count) {
+  r.remove = true;
+  {
+    std::lock_guard lk(mu_);
+    if (r.job->cancelled())
+      ++counters_.cancelled_total;
+    else
+      ++counters_.failed_total;
+  }
+  if (r.job->cancelled()) return;
+  std::fprintf(stderr, "[prefixkv serve] a request failed before decoding: %s\n", e.what());
+  const auto* api = dynamic_cast<const ApiError*>(&e);
+  r.job->push(Event{Event::Kind::Error,
+                    {},
+                    {},
+                    api                    ? *api
+                    : out_of_kv_blocks(e) ? kv_pool_ran_out(running_count)
+                                           : ApiError(dynamic_cast<const pkv::Error*>(&e) ? 400 : 500, e.what(),
+                                                      "prefill_failed")});
+}
+
+void Scheduler::prefill_pass(std::vector<Running>& running) {
+  // The prompts waiting, oldest first, take the pass's tokens: a long one a piece of prefill_chunk
+  // (or what the ones before it left), short ones whole and together.
+  const int budget0 = opt_.prefill_chunk > 0 ? opt_.prefill_chunk : INT_MAX;
+  int budget = budget0;
   std::vector<Running*> fed;
-  int generated = 0;
-  for (auto& r : running) {
+  std::vector<Backend::Sequence*> seqs;
+  std::vector<int> tokens;
+  for (Running& r : running) {
+    if (!r.prefilling || r.remove) continue;
     if (r.job->cancelled()) {
       r.remove = true;
       std::lock_guard lk(mu_);
       ++counters_.cancelled_total;
       continue;
     }
+    if (budget <= 0) continue;
+    const int n = std::min(r.prompt_len - r.session->position(), budget);
+    budget -= n;
+    fed.push_back(&r);
+    seqs.push_back(r.session.get());
+    tokens.push_back(n);
+  }
+  if (fed.empty()) return;
+  const size_t V = size_t(model_.config().text.vocab_size);
+  std::vector<float> logits(fed.size() * V);
+  auto finish = [&](size_t i, bool ended) {
+    if (!ended) return;
+    Running& r = *fed[i];
+    std::copy_n(&logits[i * V], V, r.logits.data());
+    r.decoding = std::make_unique<Decoding>(model_.config(), tok_, r.job->sampling, r.prompt_len);
+    r.prefilling = false;
+    r.decode_start = Clock::now();
+    r.prefill_ms = ms_between(r.admitted, r.decode_start);
+    std::lock_guard lk(mu_);
+    reserved_ -= r.job->kv.peak() - r.job->kv.final_bytes;
+    counters_.prompt_tokens_total += uint64_t(r.job->prompt_tokens);
+  };
+  try {
+    const std::vector<bool> ended = opt_.backend->prefill_pieces(seqs, tokens, logits.data());
+    for (size_t i = 0; i < fed.size(); ++i) finish(i, ended[i]);
+  } catch (const std::exception& e) {
+    // Nothing changed (the back end checks before it runs): each prompt alone, so that only the
+    // one that cannot run fails.
+    if (fed.size() == 1) {
+      prefill_failed(*fed[0], e, int(running.size()));
+    } else {
+      for (size_t i = 0; i < fed.size(); ++i) {
+        try {
+          finish(i, opt_.backend->prefill_pieces({seqs[i]}, {tokens[i]}, &logits[i * V])[0]);
+        } catch (const std::exception& e1) {
+          prefill_failed(*fed[i], e1, int(running.size()));
+        }
+      }
+    }
+  }
+  {
+    std::lock_guard lk(mu_);
+    ++counters_.prefill_passes_total;
+  }
+  if (opt_.trace) {
+    SchedulerTrace t;
+    t.kind = SchedulerTrace::Kind::Prefill;
+    for (size_t i = 0; i < fed.size(); ++i) t.jobs.push_back(fed[i]->job.get()), t.tokens.push_back(tokens[i]);
+    opt_.trace(t);
+  }
+}
+
+void Scheduler::advance(std::vector<Running>& running) {
+  std::vector<Backend::Sequence*> batch;
+  std::vector<int32_t> tokens;
+  std::vector<Running*> fed;
+  int generated = 0;
+  for (auto& r : running) {
+    if (r.remove) continue;
+    if (r.job->cancelled()) {
+      r.remove = true;
+      std::lock_guard lk(mu_);
+      ++counters_.cancelled_total;
+      continue;
+    }
+    if (r.prefilling) continue;  // chunked prefill: its prompt is not all run yet
     const size_t before = r.decoding->tokens().size();
     std::string piece = r.decoding->next(r.logits.data());
     generated += int(r.decoding->tokens().size() - before);
@@ -338,12 +448,22 @@ void Scheduler::advance(std::vector<Running>& running) {
       continue;
     }
     for (size_t i = 0; i < fed.size(); ++i) std::copy_n(&logits[i * V], V, fed[i]->logits.data());
+    {
+      std::lock_guard lk(mu_);
+      ++counters_.decode_steps_total;
+    }
+    if (opt_.trace) {
+      SchedulerTrace t;
+      t.kind = SchedulerTrace::Kind::Step;
+      for (Running* r : fed) t.jobs.push_back(r->job.get());
+      opt_.trace(t);
+    }
     break;
   }
   size_t used = 0;
   for (auto& r : running) {
     if (r.remove)
-      release(*r.job);
+      release(r);
     else
       used += r.session->kv_bytes();
   }
@@ -360,7 +480,7 @@ void Scheduler::advance(std::vector<Running>& running) {
 void Scheduler::fail_all(std::vector<Running>& running, const ApiError& e) {
   for (auto& r : running) {
     r.job->push(Event{Event::Kind::Error, {}, {}, e});
-    release(*r.job);
+    release(r);
     std::lock_guard lk(mu_);
     ++counters_.failed_total;
   }

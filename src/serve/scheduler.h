@@ -85,6 +85,15 @@ class Job {
   std::chrono::steady_clock::time_point submitted_;
 };
 
+// What the scheduler thread did, for tests and debugging (SchedulerOptions::trace): a prefill pass
+// (the jobs whose prompts it ran, with the tokens of each) or a decode step (the jobs in the batch).
+struct SchedulerTrace {
+  enum class Kind { Prefill, Step };
+  Kind kind = Kind::Step;
+  std::vector<const Job*> jobs;
+  std::vector<int> tokens;  // Prefill: the prompt tokens each job ran in this pass
+};
+
 struct SchedulerOptions {
   // Where the running sequences live (engine/backend.h: the CPU's Sessions, or GPU sessions over one
   // paged pool); used by the scheduler thread only. null: the CPU.
@@ -93,6 +102,18 @@ struct SchedulerOptions {
   int max_running = 16;
   int max_queue = 64;
   int retry_after_seconds = 1;  // the Retry-After of the 503 that a full queue answers
+  // Chunked prefill (back ends with Backend::chunked_prefill(): the GPU): the most prompt tokens one
+  // scheduler iteration prefills, over all the prompts waiting, in one pass (Backend::prefill_pieces:
+  // a long prompt goes in pieces of this size, short ones together); the running sequences take a
+  // decode step between passes, so a long prompt delays each of their tokens by at most one pass.
+  // 512: on a GPU a pass of 512 rows keeps the products near the tensor cores' rate (their tiles
+  // are 64-256 rows wide) while costing a 7B model about half of a 1,024-token prefill (about 16 ms
+  // on an H200), i.e. a few decode steps' time; each later piece re-reads the keys of the earlier
+  // ones, which at 512 is a small share of its attention. 0: every waiting prompt whole in one pass.
+  // Back ends without it (the CPU) prefill one whole prompt per iteration.
+  int prefill_chunk = 512;
+  // Optional: called on the scheduler thread after each prefill pass and each decode step.
+  std::function<void(const SchedulerTrace&)> trace;
 };
 
 struct SchedulerStats {
@@ -100,6 +121,7 @@ struct SchedulerStats {
   size_t kv_pool_bytes = 0, kv_reserved_bytes = 0, kv_used_bytes = 0;
   uint64_t prompt_tokens_total = 0, generated_tokens_total = 0;
   uint64_t finished_total = 0, cancelled_total = 0, failed_total = 0;
+  uint64_t prefill_passes_total = 0, decode_steps_total = 0;  // a prefill pass may run several prompts' pieces
   double tokens_per_second = 0;  // generated tokens in the last 10 seconds / 10
 };
 
@@ -128,8 +150,12 @@ class Scheduler {
   struct Running;
   void run();
   bool admit(const std::shared_ptr<Job>& job, std::vector<Running>& running);
+  // Chunked prefill: admit() takes the prompt without running it (Backend::begin_prefill);
+  // prefill_pass() runs up to prefill_chunk tokens of the waiting prompts in one pass.
+  void prefill_pass(std::vector<Running>& running);
+  void prefill_failed(Running& r, const std::exception& e, int running_count);
   void advance(std::vector<Running>& running);
-  void release(const Job& job);
+  void release(const Running& r);
   void fail_all(std::vector<Running>& running, const ApiError& e);
 
   const Model& model_;
