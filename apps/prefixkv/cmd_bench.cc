@@ -40,6 +40,8 @@ const std::vector<OptionSpec> kBenchOptions = with_options({
     {"kv-pool-gb", "G", "cuda: device memory for the paged KV pool (default: 90% of what is free after the weights)"},
     {"block-size", "N", "cuda: KV entries per pool block (default 16)"},
     {"batch", "LIST", "comma-separated batch sizes (default 1)"},
+    {"prefill-batched", "", "prefill each batch's prompts in one pass (Backend::prefill_many: on cuda one forward over "
+                            "the rows of all of them) instead of one prompt after another"},
     {"prompt", "N", "prompt tokens per sequence (default 672: 576 image tokens + text, as LLaVA-1.5)"},
     {"gen", "N", "generated tokens per sequence (default 256)"},
     {"policies", "LIST", "comma-separated KV policies (default full)"},
@@ -101,6 +103,7 @@ struct Record {
   // compaction's host part and its GPU time
   double step_prep_ms = 0, step_policy_ms = 0, step_compact_ms = 0, step_compact_gpu_ms = 0;
   double prefill_policy_ms = 0, prefill_compact_ms = 0;  // GPU: of prefill_ms, the policy and the compaction
+  double prefill_prompts_s = 0;  // prompts prefilled per second (batch / prefill time)
 };
 
 double ms_since(std::chrono::steady_clock::time_point t0) {
@@ -234,6 +237,7 @@ int cmd_bench(int argc, char** argv) {
     std::printf("\n");
   }
   PolicyOptions base = policy_options_from_args(args);
+  const bool prefill_batched = args.flag("prefill-batched");
   std::vector<Record> records;
   std::mt19937_64 rng(seed + 1);
   const int V = t.vocab_size;
@@ -250,20 +254,34 @@ int cmd_bench(int argc, char** argv) {
         Record r;
         r.policy = pname, r.budget = budget, r.batch = B;
         backend->reset_stats();  // the times of this run, and the pool's peak from here
-        // Prefill: one sequence after another (the engine prefills one prompt at a time).
+        // Prefill: one sequence after another (prefill), or all of them in one pass
+        // (--prefill-batched: prefill_many). Both synchronous: the logits are copied back.
+        std::vector<PreparedPrompt> prompts(static_cast<size_t>(B));
         for (int b = 0; b < B; ++b) {
-          PreparedPrompt p;
+          PreparedPrompt& p = prompts[size_t(b)];
           p.ids.resize(size_t(prompt));
           for (int32_t& id : p.ids) id = int32_t(rng() % uint64_t(V));
           p.embeddings.resize(size_t(prompt) * size_t(t.hidden));
           model->embed(p.ids.data(), prompt, p.embeddings.data());
           pols.push_back(make_policy(pname, o));
-          const auto t0 = std::chrono::steady_clock::now();
-          // synchronous: the logits are copied back
-          seqs.push_back(backend->prefill(p, *pols.back(), &logits[size_t(b) * size_t(V)]));
-          r.prefill_ms += ms_since(t0);
-          ptrs.push_back(seqs.back().get());
         }
+        if (prefill_batched) {
+          std::vector<const PreparedPrompt*> pp;
+          std::vector<KVPolicy*> pk;
+          for (int b = 0; b < B; ++b) pp.push_back(&prompts[size_t(b)]), pk.push_back(pols[size_t(b)].get());
+          const auto t0 = std::chrono::steady_clock::now();
+          seqs = backend->prefill_many(pp, pk, logits.data());
+          r.prefill_ms += ms_since(t0);
+        } else {
+          for (int b = 0; b < B; ++b) {
+            const auto t0 = std::chrono::steady_clock::now();
+            seqs.push_back(backend->prefill(prompts[size_t(b)], *pols[size_t(b)], &logits[size_t(b) * size_t(V)]));
+            r.prefill_ms += ms_since(t0);
+          }
+        }
+        for (auto& s : seqs) ptrs.push_back(s.get());
+        r.prefill_prompts_s = r.prefill_ms > 0 ? 1000.0 * B / r.prefill_ms : 0;
+        prompts.clear();
         for (auto& s : seqs) r.kv_bytes_prefill += s->kv_bytes();
         const Backend::Stats after_prefill = backend->stats();
         r.prefill_policy_ms = after_prefill.prefill_policy_ms, r.prefill_compact_ms = after_prefill.prefill_compact_ms;
@@ -324,10 +342,12 @@ int cmd_bench(int argc, char** argv) {
                                 : double(memory) - double(model->weight_bytes()) - one_prompt;
         r.largest_batch = per_seq > 0 && left > 0 ? long(left / per_seq) : 0;
         records.push_back(r);
-        std::fprintf(stderr, "  %s %.2f batch %d: prefill %.0f ms (policy %.1f ms, compaction %.1f ms), decode %.1f tok/s "
+        std::fprintf(stderr, "  %s %.2f batch %d: prefill %.0f ms (%s, %.1f prompts/s; policy %.1f ms, compaction %.1f ms), "
+                     "decode %.1f tok/s "
                      "(%.2f ms a step: the model's kernels %.2f on the GPU; host: %.2f before the launch, policies "
                      "%.2f, compaction %.2f + %.3f on the GPU)\n",
-                     pname.c_str(), budget, B, r.prefill_ms, r.prefill_policy_ms, r.prefill_compact_ms, r.decode_tok_s,
+                     pname.c_str(), budget, B, r.prefill_ms, prefill_batched ? "one pass" : "one prompt at a time",
+                     r.prefill_prompts_s, r.prefill_policy_ms, r.prefill_compact_ms, r.decode_tok_s,
                      r.step_ms, r.step_gpu_ms, r.step_prep_ms, r.step_policy_ms, r.step_compact_ms, r.step_compact_gpu_ms);
       }
   }
@@ -356,6 +376,7 @@ int cmd_bench(int argc, char** argv) {
     j["threads"] = num_threads();
     j["prompt"] = prompt;
     j["gen"] = gen;
+    j["prefill_batched"] = prefill_batched;
     j["weight_bytes"] = model->weight_bytes();
     j["memory_bytes"] = memory;
     j["copy_bandwidth_bytes_per_s"] = bandwidth;
@@ -378,7 +399,8 @@ int cmd_bench(int argc, char** argv) {
                               {"step_ms", r.step_ms}, {"step_gpu_ms", r.step_gpu_ms},
                               {"step_prep_ms", r.step_prep_ms}, {"step_policy_ms", r.step_policy_ms},
                               {"step_compact_ms", r.step_compact_ms}, {"step_compact_gpu_ms", r.step_compact_gpu_ms},
-                              {"prefill_policy_ms", r.prefill_policy_ms}, {"prefill_compact_ms", r.prefill_compact_ms}});
+                              {"prefill_policy_ms", r.prefill_policy_ms}, {"prefill_compact_ms", r.prefill_compact_ms},
+                              {"prefill_prompts_per_s", r.prefill_prompts_s}});
     const std::string out = args.str("json");
     std::ofstream f(out);
     if (!f) fail(out, "cannot write the results");
