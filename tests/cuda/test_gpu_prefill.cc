@@ -21,6 +21,8 @@
 #include <vector>
 
 #include "core/error.h"
+#include "engine/backend.h"
+#include "engine/cuda_backend.h"
 #include "engine/engine.h"
 #include "engine/gpu_session.h"
 #include "engine/model_files.h"
@@ -363,6 +365,41 @@ TEST(GpuPrefill, PiecesOfSeveralPromptsInOneCall) {
   GpuSession::step_many({&a, &b}, std::vector<int32_t>{5, 6}.data(), logits.data());
   EXPECT_EQ(a.position(), int(img.ids.size()) + 1);
   pool.blocks().check_invariants();
+}
+
+// The backend seam: Backend::prefill_many on the cuda back end (one pass) gives each prompt the
+// sequence Backend::prefill gives it (logits within (A)'s bound, the same entries); the CPU back
+// end's default prefills each in turn (bit for bit its own prefill).
+TEST(GpuPrefill, BackendPrefillManyEqualsPrefillEach) {
+  Tiny& t = tiny();
+  CudaBackendOptions bo;
+  bo.dtype = DType::F16;
+  bo.kv_pool_bytes = size_t(32) << 20;
+  const std::unique_ptr<Backend> cuda = make_cuda_backend(*t.model, bo);
+  const std::unique_ptr<Backend> cpu = make_cpu_backend(*t.model);
+  const PreparedPrompt a = t.prepare("What is a cat?", false), b = t.prepare("Name three shapes and three colors.", false);
+  const int V = t.V();
+  for (Backend* be : {cuda.get(), cpu.get()}) {
+    SCOPED_TRACE(be->name());
+    auto p1 = make(t, "snapkv", 0.5), p2 = make(t, "h2o", 0.5), q1 = make(t, "snapkv", 0.5), q2 = make(t, "h2o", 0.5);
+    std::vector<float> many(size_t(2) * V), each(size_t(2) * V);
+    auto seqs = be->prefill_many({&a, &b}, {p1.get(), p2.get()}, many.data());
+    ASSERT_EQ(seqs.size(), 2u);
+    auto s1 = be->prefill(a, *q1, each.data());
+    auto s2 = be->prefill(b, *q2, each.data() + V);
+    const double tol = be == cpu.get() ? 0.0 : 2 * logit_tol(DType::F16);
+    EXPECT_LE(norm_rel(many.data(), each.data(), size_t(2) * V), tol);
+    EXPECT_EQ(seqs[0]->entries_per_layer(), s1->entries_per_layer());
+    EXPECT_EQ(seqs[1]->entries_per_layer(), s2->entries_per_layer());
+    for (int l = 0; l < t.L(); ++l) {
+      const auto x = seqs[1]->entries().positions(l), y = s2->entries().positions(l);
+      EXPECT_TRUE(std::equal(x.begin(), x.end(), y.begin(), y.end())) << "layer " << l;
+    }
+  }
+  EXPECT_TRUE(cuda->chunked_prefill());
+  EXPECT_FALSE(cpu->chunked_prefill());
+  auto f = make(t, "full", 1.0);
+  EXPECT_THROW(cpu->begin_prefill(a, *f), pkv::Error);
 }
 
 }  // namespace
