@@ -55,8 +55,8 @@ const std::vector<OptionSpec> kEvalOptions = with_options({
     {"answers", "FILE", "also write every greedy answer (tokens, and the top-two logit gap of each) as JSON lines"},
     {"out", "FILE", "results JSON"},
     {"plot", "FILE", "PPL and ROUGE-L (text testbed: top-1 agreement) against budget per policy, as SVG"},
-}, kv_option_specs({"kv-window", "kv-protected", "kv-prefix-pool", "kv-decode", "kv-value-weight", "kv-layer-floor",
-                    "kv-grid-pool", "kv-lookahead", "kv-query-reduce", "kv-profile"}));
+}, kv_option_specs({"kv-window", "kv-protected", "kv-prefix-pool", "kv-decode", "kv-head-floor", "kv-value-weight",
+                    "kv-layer-floor", "kv-grid-pool", "kv-lookahead", "kv-query-reduce", "kv-profile"}));
 
 }  // namespace
 

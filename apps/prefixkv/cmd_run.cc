@@ -3,6 +3,7 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <functional>
 #include <iostream>
 #include <map>
 
@@ -46,8 +47,8 @@ const std::vector<OptionSpec> kRunOptions = with_options({
     {"device", "NAME", "cpu (default) or cuda: the vision tower, projector and decoder on the GPU (builds with -DPREFIXKV_CUDA=ON)"},
     {"gpu-dtype", "TYPE", "cuda: bf16 or f16 weights, activations and KV (default: the checkpoint's 16-bit type, else bf16)"},
 }, kv_option_specs({"kv-policy", "kv-budget", "kv-budget-tokens", "kv-importance", "kv-window", "kv-protected",
-                                  "kv-prefix-pool", "kv-decode", "kv-value-weight", "kv-layer-floor",
-                                  "kv-grid-pool", "kv-lookahead", "kv-query-reduce", "kv-profile"}));
+                                  "kv-prefix-pool", "kv-decode", "kv-head-floor", "kv-value-weight",
+                                  "kv-layer-floor", "kv-grid-pool", "kv-lookahead", "kv-query-reduce", "kv-profile"}));
 
 // Writes the first occurrence of each named tensor (the prefill's) as DIR/<name>[.L<layer>].npy.
 class DumpObserver : public Observer {
@@ -189,7 +190,9 @@ int cmd_run(int argc, char** argv) {
                {"prefill_kept_per_layer", policy.prefill_kept()},
                {"bytes", r.kv_bytes},
                {"bytes_per_layer", r.kv_bytes_per_layer},
-               {"entries_per_layer", r.kv_entries_per_layer}};
+               {"entries_per_layer", r.kv_entries_per_layer},
+               {"entries_per_head", r.kv_entries_per_head},
+               {"bytes_per_head", r.kv_bytes_per_head}};
     if (!dump_dir.empty()) j["dumped"] = dump.files;
     std::cout << j.dump(2) << "\n";
   } else {
@@ -202,6 +205,15 @@ int cmd_run(int argc, char** argv) {
                  r.prompt_tokens, p.image_tokens, n_gen, r.stop_reason.c_str(), load_ms, p.vision_ms, r.prefill_ms,
                  prefill_tps, decode_tps, num_threads(), device_desc.c_str(), policy.name().c_str(), double(r.kv_bytes) / (1 << 20),
                  model->config().text.n_layers);
+    // Per-head budgets: each KV head's entries, layer by layer, where the heads of a layer differ.
+    std::string heads;
+    for (size_t l = 0; l < r.kv_entries_per_head.size(); ++l) {
+      const std::vector<int>& e = r.kv_entries_per_head[l];
+      if (std::adjacent_find(e.begin(), e.end(), std::not_equal_to<int>()) == e.end()) continue;
+      heads += (heads.empty() ? "" : " | ") + std::to_string(l) + ":";
+      for (size_t h = 0; h < e.size(); ++h) heads += (h ? "/" : " ") + std::to_string(e[h]);
+    }
+    if (!heads.empty()) std::fprintf(stderr, "[prefixkv] KV entries per KV head (layer: heads): %s\n", heads.c_str());
   }
   return 0;
 }

@@ -28,6 +28,8 @@ std::vector<OptionSpec> kv_option_specs(const std::vector<std::string>& names) {
       {"kv-prefix-pool", "K", "prefix policies: max-pool the importance over K neighbouring tokens before ranking "
                               "(as SnapKV does; default 7, measured best; 0 = off, METHOD.md's plain ranking)"},
       {"kv-decode", "RULE", "decode-time length: proportional (METHOD.md section 4, default) or cap"},
+      {"kv-head-floor", "ALPHA", "adakv: each KV head keeps at least this share of its even share of the layer's "
+                                 "selected entries, in [0, 1] (Ada-KV's alpha, default 0.2)"},
       {"kv-value-weight", "W", "prefix policies and cutoff: weight each entry's attention by its value, none "
                                "(default), vnorm (||v||_1) or wov (||W_o v||_1 per query head; CPU only)"},
       {"kv-layer-floor", "F", "cutoff: each layer keeps at least this fraction of the uniform budget, in [0, 1] "
@@ -66,6 +68,8 @@ PolicyOptions policy_options_from_args(const Args& args) {
   if (o.protected_count < 0) fail("--kv-protected", "must not be negative");
   o.prefix_pool = args.integer("kv-prefix-pool", PolicyOptions{}.prefix_pool);
   if (o.prefix_pool < 0) fail("--kv-prefix-pool", "must not be negative");
+  o.head_floor = args.number("kv-head-floor", PolicyOptions{}.head_floor);
+  if (!(o.head_floor >= 0 && o.head_floor <= 1)) fail("--kv-head-floor", "must be in [0, 1], got " + args.str("kv-head-floor"));
   o.value_weight = value_weight_from_name(args.str("kv-value-weight", "none"), "--kv-value-weight");
   o.layer_floor = args.number("kv-layer-floor", 0.0);
   if (!(o.layer_floor >= 0 && o.layer_floor <= 1)) fail("--kv-layer-floor", "must be in [0, 1], got " + args.str("kv-layer-floor"));

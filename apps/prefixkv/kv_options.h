@@ -15,7 +15,7 @@ namespace pkv::cli {
 // given; asserts on an unknown name.
 std::vector<OptionSpec> kv_option_specs(const std::vector<std::string>& names);
 // Reads --kv-budget, --kv-budget-tokens, --kv-importance, --kv-window, --kv-protected,
-// --kv-prefix-pool, --kv-decode (those a command does not take keep their defaults).
+// --kv-prefix-pool, --kv-decode, --kv-head-floor (those a command does not take keep their defaults).
 PolicyOptions policy_options_from_args(const Args& args);
 // Makes the policy; for prefixkv, with the profile of --kv-profile, else the model's
 // prefixkv_profile.json (engine/model_files.h's make_policy_for_model).

@@ -1,6 +1,7 @@
 #include "engine/backend.h"
 
 #include <chrono>
+#include <cmath>
 
 #include "core/error.h"
 #include "engine/decoding.h"
@@ -9,8 +10,21 @@
 namespace pkv {
 
 std::vector<int> Backend::Sequence::entries_per_layer() const {
+  const CacheView& c = entries();
   std::vector<int> e;
-  for (int l = 0; l < entries().n_layers(); ++l) e.push_back(entries().size(l));
+  for (int l = 0; l < c.n_layers(); ++l)
+    e.push_back(c.per_head(l) ? int(std::lround(double(c.held(l)) / c.kv_heads())) : c.size(l));
+  return e;
+}
+
+std::vector<std::vector<int>> Backend::Sequence::entries_per_head() const {
+  const CacheView& c = entries();
+  std::vector<std::vector<int>> e;
+  if (c.kv_heads() == 0) return e;
+  for (int l = 0; l < c.n_layers(); ++l) {
+    e.emplace_back();
+    for (int h = 0; h < c.kv_heads(); ++h) e.back().push_back(int(c.head_positions(l, h).size()));
+  }
   return e;
 }
 
@@ -45,6 +59,12 @@ void Backend::SharedPrefill::add_importance(int f, std::vector<std::vector<float
   importance.push_back(std::move(imp));
 }
 
+const std::vector<std::vector<float>>& Backend::SharedPrefill::head_importance_for(int f) const {
+  for (size_t i = 0; i < head_from.size(); ++i)
+    if (head_from[i] == f) return head_importance[i];
+  fail("shared prefill", "the per-KV-head importance from query " + std::to_string(f) + " was not measured");
+}
+
 const std::vector<std::vector<float>>& Backend::SharedPrefill::importance_for(const KVPolicy& policy) const {
   static const std::vector<std::vector<float>> none;
   const ImportanceRequest req = policy.prefill_importance(prompt_len);
@@ -54,7 +74,11 @@ const std::vector<std::vector<float>>& Backend::SharedPrefill::importance_for(co
       if (extended_req[i] == req) return extended_importance[i];
     fail("shared prefill", "the extended importance " + policy.name() + " asks for was not measured");
   }
-  return importance_for(req.from);
+  return req.per_kv_head ? head_importance_for(req.from) : importance_for(req.from);
+}
+
+void Backend::add_head_importance(SharedPrefill&, const PreparedPrompt&, int, const std::string& policy) {
+  refuse_per_head(policy, name());
 }
 
 void Backend::add_extended_importance(SharedPrefill&, const PreparedPrompt&, const ImportanceRequest& req,
@@ -104,6 +128,7 @@ class CpuBackend : public Backend {
     const CacheView& entries() const override { return session.cache(); }
     size_t kv_bytes() const override { return session.cache().bytes(); }
     std::vector<size_t> kv_bytes_per_layer() const override { return session.cache().bytes_per_layer(); }
+    std::vector<std::vector<size_t>> kv_bytes_per_head() const override { return session.cache().bytes_per_head(); }
     const KVPolicy& policy() const override { return session.policy(); }
     Session session;
   };
@@ -137,6 +162,15 @@ class CpuBackend : public Backend {
     sh->begin(p, model_.config().text.vocab_size, from);
     sh->importance = sh->session.prefill_uncompressed(p, sh->logits.data(), from);
     return sh;
+  }
+  void add_head_importance(SharedPrefill& shared, const PreparedPrompt& p, int from, const std::string&) override {
+    auto* sh = dynamic_cast<CpuShared*>(&shared);
+    PKV_ASSERT_MSG(sh, "a shared prefill of another back end was given to the CPU back end");
+    for (int f : shared.head_from)
+      if (f == from) return;  // measured already
+    Session scratch(model_, sh->full);
+    shared.head_importance.push_back(std::move(scratch.prefill_uncompressed(p, nullptr, {from}, true)[0]));
+    shared.head_from.push_back(from);
   }
   void add_extended_importance(SharedPrefill& shared, const PreparedPrompt& p, const ImportanceRequest& req,
                                const std::string&) override {
@@ -189,6 +223,8 @@ void fill_kv(GenerationResult& r, const Backend::Sequence& seq) {
   r.kv_bytes = seq.kv_bytes();
   r.kv_bytes_per_layer = seq.kv_bytes_per_layer();
   r.kv_entries_per_layer = seq.entries_per_layer();
+  r.kv_entries_per_head = seq.entries_per_head();
+  r.kv_bytes_per_head = seq.kv_bytes_per_head();
 }
 void fill_decoding(GenerationResult& r, const Decoding& d) {
   r.tokens = d.tokens();

@@ -31,7 +31,12 @@ class Backend {
     virtual size_t kv_bytes() const = 0;                    // what its cache takes on the device now
     virtual std::vector<size_t> kv_bytes_per_layer() const = 0;
     virtual const KVPolicy& policy() const = 0;
+    // Per layer, the entries each KV head holds (a per-head layer: their mean over the heads, rounded).
     std::vector<int> entries_per_layer() const;
+    // [layers][kv heads]: entries and bytes of each KV head; empty where the cache keeps the same
+    // entries in every head (CacheView::kv_heads() == 0: the GPU).
+    std::vector<std::vector<int>> entries_per_head() const;
+    virtual std::vector<std::vector<size_t>> kv_bytes_per_head() const { return {}; }
   };
 
   // A prompt's uncompressed prefill held so that several policies can each start from it
@@ -57,6 +62,11 @@ class Backend {
     // estimator's, from == prompt_len: evaluation's teacher-forced reference answer): every layer's
     // row over the prompt's prompt_len keys. Error for a window already held or rows of another length.
     void add_importance(int from, std::vector<std::vector<float>> imp);
+    // Per-KV-head importance (ImportanceRequest::per_kv_head; [layers][kv_heads * prompt_len]) for
+    // the windows in head_from, added by Backend::add_head_importance.
+    std::vector<int> head_from;
+    std::vector<std::vector<std::vector<float>>> head_importance;
+    const std::vector<std::vector<float>>& head_importance_for(int from) const;
     // Extended importance (ImportanceRequest::extended(): value weights, lookahead, reduces;
     // [layers][prompt_len]) for the requests in extended_req, added by Backend::add_extended_importance.
     std::vector<ImportanceRequest> extended_req;
@@ -105,6 +115,10 @@ class Backend {
   // copy of the prompt's, then the policy's plan applied (with the importance it asks for): the
   // same sequence prefill(p, policy) makes, without running the prompt again.
   virtual std::unique_ptr<Sequence> adopt(const SharedPrefill& shared, KVPolicy& policy) = 0;
+  // Adds to a shared prefill of this backend the per-KV-head importance over the prompt's queries
+  // from `from` (one more pass of the prompt), for `policy` (named in errors). Backends whose caches
+  // keep the same entries in every head refuse (refuse_per_head): the default.
+  virtual void add_head_importance(SharedPrefill& shared, const PreparedPrompt& p, int from, const std::string& policy);
   // Adds to a shared prefill of this backend the extended importance `req` asks for
   // (engine/query_importance.h: measured from the prompt's uncompressed cache; nothing if held
   // already). Only the CPU measures it; the default refuses, naming `policy`.

@@ -117,7 +117,7 @@ Session::Session(const Model& model, KVPolicy& policy)
     : model_(model), policy_(policy), cache_(model.make_cache()), x_(size_t(model.config().text.hidden)) {}
 
 void Session::run_prompt(const PreparedPrompt& p, float* logits, Observer* obs, std::vector<std::vector<float>>* importance,
-                         int importance_from) {
+                         int importance_from, bool importance_per_kv_head) {
   const int T = int(p.ids.size());
   if (T == 0) fail("prompt", "is empty");
   PKV_ASSERT(pos_ == 0);
@@ -136,6 +136,7 @@ void Session::run_prompt(const PreparedPrompt& p, float* logits, Observer* obs, 
   }
   call.importance = importance;
   call.importance_from = importance_from;
+  call.importance_per_kv_head = importance_per_kv_head;
   model_.decode(p.embeddings.data(), T, pos.data(), cache_, call);
   pos_ = T;
 }
@@ -151,23 +152,24 @@ void Session::prefill(const PreparedPrompt& p, float* logits, Observer* obs) {
     run_prompt(p, last, obs, nullptr, 0);
     importance = extended_importance(model_, cache_, p, last, req);
   } else {
-    run_prompt(p, logits, obs, req.needed ? &importance : nullptr, req.from);
+    run_prompt(p, logits, obs, req.needed ? &importance : nullptr, req.from, req.per_kv_head);
   }
   cache_.apply(policy_.after_prefill(cache_, importance, T), policy_.name());
 }
 
 std::vector<std::vector<std::vector<float>>> Session::prefill_uncompressed(const PreparedPrompt& p, float* logits,
-                                                                           const std::vector<int>& importance_from) {
+                                                                           const std::vector<int>& importance_from,
+                                                                           bool per_kv_head) {
   const int T = int(p.ids.size());
   for (int f : importance_from)
     if (f < 0 || f >= std::max(T, 1)) fail("prefill", "importance from query " + std::to_string(f) + " of a " + std::to_string(T) + "-token prompt");
   std::vector<std::vector<std::vector<float>>> imp(importance_from.size());
-  run_prompt(p, logits, nullptr, imp.empty() ? nullptr : &imp[0], imp.empty() ? 0 : importance_from[0]);
+  run_prompt(p, logits, nullptr, imp.empty() ? nullptr : &imp[0], imp.empty() ? 0 : importance_from[0], per_kv_head);
   // Each further window: the same prompt again over a scratch cache (the attention pass measures
   // one window at a time).
   for (size_t i = 1; i < importance_from.size(); ++i) {
     Session scratch(model_, policy_);
-    scratch.run_prompt(p, nullptr, nullptr, &imp[i], importance_from[i]);
+    scratch.run_prompt(p, nullptr, nullptr, &imp[i], importance_from[i], per_kv_head);
   }
   return imp;
 }

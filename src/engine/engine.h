@@ -71,7 +71,13 @@ struct GenerationResult {
   double prefill_ms = 0, decode_ms = 0;
   size_t kv_bytes = 0;
   std::vector<size_t> kv_bytes_per_layer;
+  // Per layer: the entries each KV head holds; a layer whose heads hold their own entries (per-head
+  // budgets, kv_cache.h): their mean over the heads, rounded (kv_entries_per_head has each).
   std::vector<int> kv_entries_per_layer;
+  // [layers][kv heads]: entries and bytes each KV head holds; empty where the back end keeps the
+  // same entries in every head (the GPU).
+  std::vector<std::vector<int>> kv_entries_per_head;
+  std::vector<std::vector<size_t>> kv_bytes_per_head;
   std::vector<float> first_logits;  // logits of the first generated token (from the prefill)
 };
 
@@ -85,8 +91,10 @@ class Session {
   // Runs the prompt without consulting the policy (nothing compressed; logits as prefill's, may be
   // null) and returns the raw importance over the queries from each of importance_from (distinct
   // first queries in [0, prompt length)): Backend::prefill_shared on the CPU.
+  // With per_kv_head, each importance row is per KV head (ImportanceRequest::per_kv_head).
   std::vector<std::vector<std::vector<float>>> prefill_uncompressed(const PreparedPrompt& p, float* logits,
-                                                                    const std::vector<int>& importance_from);
+                                                                    const std::vector<int>& importance_from,
+                                                                    bool per_kv_head = false);
   // Starts from another session's uncompressed prefill (its cache, the importance this session's
   // policy asks for, the prompt length) instead of running the prompt again, then lets the policy
   // compress. Evaluation uses it to share one prefill among many policies.
@@ -107,7 +115,7 @@ class Session {
   // The prompt into the empty cache (positions 0..T-1), the importance over the queries from
   // importance_from when asked; no policy involved.
   void run_prompt(const PreparedPrompt& p, float* logits, Observer* obs, std::vector<std::vector<float>>* importance,
-                  int importance_from);
+                  int importance_from, bool importance_per_kv_head = false);
 
   const Model& model_;
   KVPolicy& policy_;

@@ -21,6 +21,10 @@ GpuSession::GpuSession(GpuModel& model, GpuKVPool& pool, KVPolicy& policy)
     pool.blocks().remove_sequence(seq_);
     fail(kWhere, "the KV pool was made for another GpuModel");
   }
+  if (policy.per_head()) {  // per-head plans and importance: the pool keeps the same entries in every head
+    pool.blocks().remove_sequence(seq_);
+    refuse_per_head(policy.name(), "cuda");
+  }
 }
 
 GpuSession::~GpuSession() {

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <map>
 #include <mutex>
+#include <numeric>
 #include <set>
 #include <sstream>
 #include <thread>
@@ -66,13 +67,56 @@ std::vector<EvalConfig> eval_configs(const std::vector<std::string>& policies, c
 namespace {
 
 // What one sample adds to one record.
+// Adds b to a elementwise (a takes b's shape when empty).
+void add_into(std::vector<double>& a, const std::vector<double>& b) {
+  if (a.empty()) a.assign(b.size(), 0.0);
+  PKV_ASSERT(a.size() == b.size());
+  for (size_t i = 0; i < b.size(); ++i) a[i] += b[i];
+}
+void add_into(std::vector<std::vector<double>>& a, const std::vector<std::vector<double>>& b) {
+  if (a.empty()) a.resize(b.size());
+  PKV_ASSERT(a.size() == b.size());
+  for (size_t i = 0; i < b.size(); ++i) add_into(a[i], b[i]);
+}
+std::vector<double> scaled(const std::vector<double>& v, double f) {
+  std::vector<double> r = v;
+  for (double& x : r) x *= f;
+  return r;
+}
+std::vector<std::vector<double>> scaled(const std::vector<std::vector<double>>& v, double f) {
+  std::vector<std::vector<double>> r;
+  for (const auto& x : v) r.push_back(scaled(x, f));
+  return r;
+}
+
 struct Sums {
   double nll = 0, kld = 0, top1 = 0, rouge = 0, acc = 0, kv0 = 0, kv1 = 0;
+  // The cache right after the prefill's compression: per layer, per KV head (EvalScores).
+  std::vector<double> kv_entries_layer, kv_bytes_layer;
+  std::vector<std::vector<double>> kv_entries_head, kv_bytes_head;
   int64_t tokens = 0;
   int samples = 0, acc_n = 0;
   void add(const Sums& o) {
     nll += o.nll, kld += o.kld, top1 += o.top1, rouge += o.rouge, acc += o.acc, kv0 += o.kv0, kv1 += o.kv1;
     tokens += o.tokens, samples += o.samples, acc_n += o.acc_n;
+    add_into(kv_entries_layer, o.kv_entries_layer);
+    add_into(kv_bytes_layer, o.kv_bytes_layer);
+    add_into(kv_entries_head, o.kv_entries_head);
+    add_into(kv_bytes_head, o.kv_bytes_head);
+  }
+  void take_kv_shape(const Backend::Sequence& s) {
+    kv0 = double(s.kv_bytes());
+    kv_entries_layer.clear(), kv_bytes_layer.clear(), kv_entries_head.clear(), kv_bytes_head.clear();
+    for (size_t b : s.kv_bytes_per_layer()) kv_bytes_layer.push_back(double(b));
+    for (const auto& l : s.entries_per_head()) kv_entries_head.emplace_back(l.begin(), l.end());
+    if (kv_entries_head.empty())
+      for (int e : s.entries_per_layer()) kv_entries_layer.push_back(e);
+    for (const auto& l : kv_entries_head)  // the exact mean over the heads
+      kv_entries_layer.push_back(std::accumulate(l.begin(), l.end(), 0.0) / double(l.size()));
+    for (const auto& l : s.kv_bytes_per_head()) {
+      kv_bytes_head.emplace_back();
+      for (size_t b : l) kv_bytes_head.back().push_back(double(b));
+    }
   }
   EvalScores scores() const {
     EvalScores s;
@@ -85,6 +129,10 @@ struct Sums {
     if (acc_n) s.accuracy = acc / acc_n;
     s.kv_bytes = kv0 / samples;
     s.kv_bytes_end = kv1 / samples;
+    s.kv_entries_per_layer = scaled(kv_entries_layer, 1.0 / samples);
+    s.kv_bytes_per_layer = scaled(kv_bytes_layer, 1.0 / samples);
+    s.kv_entries_per_head = scaled(kv_entries_head, 1.0 / samples);
+    s.kv_bytes_per_head = scaled(kv_bytes_head, 1.0 / samples);
     return s;
   }
 };
@@ -147,6 +195,7 @@ class Evaluator {
     // Every policy's importance window, measured once by the shared prefill; the answer
     // estimator's (the reference answer's queries, from N) by one prefill of prompt + answer.
     std::set<int> windows;
+    std::map<int, std::string> head_windows;  // per-KV-head importance: window -> a policy asking for it
     bool answer_window = false;
     std::vector<std::pair<ImportanceRequest, std::string>> extended;  // measured after the prefill
     for (const EvalConfig& c : opt_.configs) {
@@ -156,13 +205,15 @@ class Evaluator {
         extended.emplace_back(req, c.policy);
         continue;
       }
-      if (req.from >= N) answer_window = true;
+      if (req.per_kv_head) head_windows.emplace(req.from, c.policy);
+      else if (req.from >= N) answer_window = true;
       else windows.insert(req.from);
     }
     const std::unique_ptr<Backend::SharedPrefill> shared =
         backend_.prefill_shared(p, std::vector<int>(windows.begin(), windows.end()));
     if (answer_window) shared->add_importance(N, answer_importance(backend_, engine_, p, answer));
     for (const auto& [req, policy] : extended) backend_.add_extended_importance(*shared, p, req, policy);
+    for (const auto& [from, policy] : head_windows) backend_.add_head_importance(*shared, p, from, policy);
     std::vector<Sums> sums(M);
     std::vector<float> ref_logits(size_t(A) * V_);  // the full cache's, along the answer
     std::vector<std::string> texts(M);
@@ -235,7 +286,7 @@ class Evaluator {
     const size_t n = group.size();
     Members m = adopt_members(shared, p, group);
     std::vector<float>& logits = m.logits;
-    for (size_t i = 0; i < n; ++i) sums[group[i]].kv0 = double(m.seqs[i]->kv_bytes());
+    for (size_t i = 0; i < n; ++i) sums[group[i]].take_kv_shape(*m.seqs[i]);
     std::vector<int32_t> tokens(n);
     for (int t = 0; t < A; ++t) {
       float* ref = ref_logits.data() + size_t(t) * V_;
@@ -482,6 +533,10 @@ nlohmann::json scores_json(const EvalScores& s, bool greedy) {
           {"top1_agreement", s.top1},
           {"kv_bytes", s.kv_bytes},
           {"kv_bytes_end", s.kv_bytes_end},
+          {"kv_entries_per_layer", s.kv_entries_per_layer},
+          {"kv_bytes_per_layer", s.kv_bytes_per_layer},
+          {"kv_entries_per_head", s.kv_entries_per_head},
+          {"kv_bytes_per_head", s.kv_bytes_per_head},
           {"samples", s.samples}};
 }
 }  // namespace

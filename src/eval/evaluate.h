@@ -84,6 +84,12 @@ struct EvalScores {
   double ppl = 0, rouge_l = 0, kld = 0, top1 = 0;  // rouge_l 0 where no greedy answer is made (text)
   std::optional<double> accuracy;
   double kv_bytes = 0, kv_bytes_end = 0;  // means over the samples
+  // Right after the prefill's compression, means over the samples: per layer the entries each KV
+  // head holds (a per-head layer: their mean over the heads) and the bytes; per layer and KV head
+  // ([layers][kv heads]) the entries and bytes, empty where the back end keeps the same entries in
+  // every head (the GPU).
+  std::vector<double> kv_entries_per_layer, kv_bytes_per_layer;
+  std::vector<std::vector<double>> kv_entries_per_head, kv_bytes_per_head;
   int samples = 0;
 };
 

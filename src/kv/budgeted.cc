@@ -63,11 +63,15 @@ KeepPlan BudgetedPolicy::after_prefill(const CacheView& cache, const std::vector
 }
 
 int BudgetedPolicy::decode_victim(std::span<const int32_t> positions, int l) {
+  return fixed_place_victim(positions, prefill_kept_[size_t(l)]);
+}
+
+int BudgetedPolicy::fixed_place_victim(std::span<const int32_t> positions, int prefill_kept) const {
   // METHOD.md section 4: a fixed place, fifo_offset entries before the end of the prefill-kept part:
   // the entries before it are frozen and the ones after it (the prefill tail, then the generated
   // tokens) leave in FIFO order. Protected entries and the newest entry are skipped.
   const int size = int(positions.size());
-  int i = std::max(0, prefill_kept_[size_t(l)] - opt_.fifo_offset);
+  int i = std::max(0, prefill_kept - opt_.fifo_offset);
   while (i < size - 1 && is_protected_position(positions[size_t(i)])) ++i;
   if (i >= size - 1) {  // everything from the fixed place on is protected: the oldest evictable entry
     i = 0;

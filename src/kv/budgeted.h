@@ -36,6 +36,9 @@ class BudgetedPolicy : public KVPolicy {
   // Index of the entry to evict from layer l during decoding, given the positions it holds now
   // (default: the fixed place).
   virtual int decode_victim(std::span<const int32_t> positions, int l);
+  // The fixed place's victim among `positions` for a list that kept `prefill_kept` entries after the
+  // prefill (a layer's, or one KV head's: adakv).
+  int fixed_place_victim(std::span<const int32_t> positions, int prefill_kept) const;
   // Keeps per-policy per-entry state aligned with the layer after evicting index `i`.
   virtual void on_evicted(int l, int i) { (void)l, (void)i; }
 

@@ -63,6 +63,9 @@ struct PolicyOptions {
   DecodeRule decode_rule = DecodeRule::Proportional;
   int fifo_offset = 25;     // section 4: evict this many entries before the end of the prefill-kept part
   double pyramid_beta = 20;  // PyramidKV: the last layer keeps avg / beta
+  double head_floor = 0.2;  // adakv: each KV head keeps at least this share of its even share of the
+                            // layer's selected entries (Ada-KV's alpha; 0.2: the authors' LongBench
+                            // script, FFY0/AdaKV experiments/LongBench/pred.py --floor_alpha)
   std::vector<double> keep_fractions;  // prefixkv: per-layer k_l from the profile for this budget
   // Layer allocation and ranking beyond PrefixKV (src/kv/cutoff.h; issue 13 items 2 and 3):
   ValueWeight value_weight = ValueWeight::None;  // prefix policies: attention weighted by the value
@@ -83,6 +86,13 @@ struct ImportanceRequest {
   bool needed = false;
   int from = 0;  // first prompt query that counts; the prompt's length: the queries of the reference
                  // answer after the prompt (Estimator::Answer), which no prefill of the prompt has
+  // One row per KV head instead of the head mean: layer l's importance then holds kv_heads * len
+  // values, head-major: imp[l][h * len + j] = sum over the counted queries of the MEAN over KV head
+  // h's query heads (its GQA group) of their attention on entry j. The mean over KV heads of these
+  // rows is the head-mean row above (sum over queries of the mean over all query heads), up to
+  // float32 rounding. Only caches whose heads hold their own entries (the CPU's) take the plans
+  // made from it; the GPU refuses (refuse_per_head).
+  bool per_kv_head = false;
   // Beyond the prefill's own sum (src/engine/query_importance.h measures these on the CPU from the
   // uncompressed cache; the GPU refuses them): the value weighting, lookahead queries (the first
   // `lookahead` greedy answer tokens over the full cache instead of the prompt's queries), and how
@@ -102,10 +112,17 @@ struct ImportanceRequest {
 // other than the sum) only where `extended_ok` (the CPU engine): elsewhere an error naming the option.
 void check_prompt_importance(const ImportanceRequest& r, int prompt_len, bool extended_ok = false);
 
+// The one refusal of a back end whose caches keep the same entries in every KV head (the GPU's
+// paged pool) for a policy that makes per-head plans or asks for per-head importance.
+[[noreturn]] void refuse_per_head(const std::string& policy, const std::string& backend);
+
 class KVPolicy {
  public:
   virtual ~KVPolicy() = default;
   virtual std::string name() const = 0;
+  // Whether its plans keep different entries in different KV heads (LayerKeep::head_keep) and its
+  // importance is per KV head: it needs a cache whose heads hold their own entries.
+  virtual bool per_head() const { return false; }
   virtual ImportanceRequest prefill_importance(int prompt_len) const { (void)prompt_len; return {}; }
   virtual bool needs_decode_importance() const { return false; }
   // After the prefill of `prompt_len` tokens: what each layer keeps. importance[l] covers layer l's

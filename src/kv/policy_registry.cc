@@ -18,6 +18,7 @@ std::unique_ptr<KVPolicy> make_uniform_prefix_policy(const PolicyOptions&);
 std::unique_ptr<KVPolicy> make_prefixkv_policy(const PolicyOptions&);
 std::unique_ptr<KVPolicy> make_prefixkv_online_policy(const PolicyOptions&);
 std::unique_ptr<KVPolicy> make_cutoff_policy(const PolicyOptions&);
+std::unique_ptr<KVPolicy> make_adakv_policy(const PolicyOptions&);
 
 namespace {
 using Factory = std::function<std::unique_ptr<KVPolicy>(const PolicyOptions&)>;
@@ -46,6 +47,10 @@ const std::vector<Entry>& registry() {
       {{"cutoff", true, false, true,
         "one score threshold across layers (comparable scores: :vnorm or :wov weighting), a per-layer floor"},
        make_cutoff_policy},
+      {{"adakv", true, false, false,
+        "Ada-KV: SnapKV's scores per KV head, one cutoff across a layer's heads (a floor per head), "
+        "uniform layer budgets; CPU only"},
+       make_adakv_policy},
   };
   return r;
 }
@@ -114,12 +119,20 @@ void check_prompt_importance(const ImportanceRequest& r, int prompt_len, bool ex
   if (r.needed && r.from >= prompt_len && r.lookahead == 0) refuse_answer_estimator();
 }
 
+void refuse_per_head(const std::string& policy, const std::string& backend) {
+  fail("--kv-policy " + policy, "keeps different entries in each KV head, and the " + backend +
+                                    " back end does not hold per-head entries yet (its cache keeps the same entries "
+                                    "in every head): run it on the CPU (--device cpu)");
+}
+
 std::unique_ptr<KVPolicy> make_policy(const std::string& name, const PolicyOptions& opt) {
   if (!(opt.budget > 0 && opt.budget <= 1) || std::isnan(opt.budget))
     fail("--kv-budget", "must be in (0, 1], got " + std::to_string(opt.budget));
   if (opt.budget_tokens < 0) fail("--kv-budget-tokens", "must be positive");
   if (opt.window < 1) fail("--kv-window", "must be at least 1");
   if (opt.protected_count < 0) fail("--kv-protected", "must not be negative");
+  if (!(opt.head_floor >= 0 && opt.head_floor <= 1))
+    fail("--kv-head-floor", "must be in [0, 1], got " + std::to_string(opt.head_floor));
   const std::string base = policy_base_name(name);  // "NAME[:OPTION]..." (kv/cutoff.h)
   PolicyOptions o = opt;
   apply_policy_spec(name, o);

@@ -133,7 +133,7 @@ static void finish_rows(const TextConfig& t, const LlamaLayer& L, LinearFn lin, 
 }
 
 void attend_layer(const TextConfig& t, KVLayer& kv, const float* q, const float* k, const float* v, int n_q,
-                         const int32_t* pos, float* out, std::vector<float>* imp, int imp_from) {
+                  const int32_t* pos, float* out, std::vector<float>* imp, int imp_from, bool imp_per_kv_head) {
   kv.append(k, v, pos, n_q);
   if (kv.per_head()) {
     // Each KV head over its own entries: the query heads of its group, with their rows' strides.
@@ -175,9 +175,10 @@ void attend_layer(const TextConfig& t, KVLayer& kv, const float* q, const float*
   a.scale = 1.f / std::sqrt(float(t.head_dim));
   a.out = out;
   if (imp) {
-    imp->assign(size_t(kv.size()), 0.f);
+    imp->assign(size_t(kv.size()) * (imp_per_kv_head ? size_t(t.n_kv_heads) : 1), 0.f);
     a.importance = imp->data();
     a.importance_from = imp_from;
+    a.importance_per_kv_head = imp_per_kv_head;
   }
   ops::attention(a);
 }
@@ -281,7 +282,8 @@ void Model::decode(const float* x_in, int T, const int32_t* pos, KVCache& cache,
     qkv_rows(t, rope_, L, ops::linear, x.data(), T, pos, h.data(), q.data(), k.data(), v.data());
     if (call.show_queries) emit(obs, "attn_q", l, q.data(), {T, qd});  // after RoPE
     attend_layer(t, cache.layer(l), q.data(), k.data(), v.data(), T, pos, att.data(),
-                 call.importance ? &(*call.importance)[size_t(l)] : nullptr, call.importance_from);
+                 call.importance ? &(*call.importance)[size_t(l)] : nullptr, call.importance_from,
+                 call.importance_per_kv_head);
     finish_rows(t, L, ops::linear, x.data(), T, att.data(), h.data(), gate.data(), up.data());
     emit(obs, "layer_out", l, x.data(), {T, D});
   }

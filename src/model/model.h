@@ -32,15 +32,18 @@ struct DecoderCall {
   // Shows the observer each layer's queries after RoPE ("attn_q", [T, n_heads * head_dim]; only when
   // asked: the GPU has no such tensor), for engine/query_importance.h.
   bool show_queries = false;
+  // One row per KV head ([kv_heads * size], head-major; policy.h, ImportanceRequest::per_kv_head).
+  bool importance_per_kv_head = false;
 };
 
 // One decoder layer's attention over its KV cache (the decoder's step, exposed for tests): appends
 // k, v of n_q new tokens at `pos` [n_q] to the layer, then attends q [n_q, n_heads * head_dim] over
 // everything it holds into out [n_q, n_heads * head_dim] (causal by position), each KV head over its
 // own entries in a per-head layer; with `imp` (shared layers only), it is resized to the layer and
-// receives the importance of queries >= imp_from (METHOD.md section 1).
+// receives the importance of queries >= imp_from (METHOD.md section 1); with imp_per_kv_head, one
+// row per KV head ([n_kv_heads * size], head-major).
 void attend_layer(const TextConfig& t, KVLayer& kv, const float* q, const float* k, const float* v, int n_q,
-                  const int32_t* pos, float* out, std::vector<float>* imp, int imp_from);
+                  const int32_t* pos, float* out, std::vector<float>* imp, int imp_from, bool imp_per_kv_head = false);
 
 class Model {
  public:

@@ -413,16 +413,19 @@ void attention_blocked(const AttentionArgs& a) {
   const size_t items = size_t(a.n_heads) * n_blocks;
   std::vector<std::vector<float>> imp_parts;
   if (a.importance) imp_parts.assign(size_t(num_threads()), std::vector<float>());
+  const size_t imp_len = size_t(a.n_kv) * (a.importance_per_kv_head ? size_t(a.n_kv_heads) : 1);
+  const float imp_div = float(a.importance_per_kv_head ? group : a.n_heads);
   parallel_for(items, 1, [&](size_t b, size_t e, int tid) {
     std::vector<float> p(size_t(kBlock) * a.n_kv);
-    float* imp = nullptr;
+    float* imp_all = nullptr;
     if (a.importance) {
-      imp_parts[size_t(tid)].assign(size_t(a.n_kv), 0.f);
-      imp = imp_parts[size_t(tid)].data();
+      imp_parts[size_t(tid)].assign(imp_len, 0.f);
+      imp_all = imp_parts[size_t(tid)].data();
     }
     for (size_t it = b; it < e; ++it) {
       const int h = int(it / size_t(n_blocks)), blk = int(it % size_t(n_blocks));
       const int g = h / group, i0 = blk * kBlock, rows = std::min(kBlock, a.n_q - i0);
+      float* imp = imp_all && a.importance_per_kv_head ? imp_all + size_t(g) * a.n_kv : imp_all;
       const float* qb = a.q + size_t(i0) * qs + size_t(h) * a.head_dim;
       const float* kb = a.k + size_t(g) * a.head_dim;
       const float* vb = a.v + size_t(g) * a.head_dim;
@@ -450,7 +453,7 @@ void attention_blocked(const AttentionArgs& a) {
         for (int j = 0; j < seen; ++j) pr[j] *= inv;
         for (int j = seen; j < n_kv; ++j) pr[j] = 0.f;
         if (imp && i0 + r >= a.importance_from)
-          for (int j = 0; j < seen; ++j) imp[j] += pr[j] / float(a.n_heads);
+          for (int j = 0; j < seen; ++j) imp[j] += pr[j] / imp_div;
       }
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, a.head_dim, n_kv, 1.f, p.data(), n_kv, vb,
                   a.kv_stride, 0.f, a.out + size_t(i0) * os + size_t(h) * a.head_dim, os);
@@ -474,16 +477,19 @@ void attention(const AttentionArgs& a) {
   const int nthreads = num_threads();
   std::vector<std::vector<float>> imp_parts;
   if (a.importance) imp_parts.assign(size_t(nthreads), std::vector<float>());
+  const size_t imp_len = size_t(a.n_kv) * (a.importance_per_kv_head ? size_t(a.n_kv_heads) : 1);
+  const float imp_div = float(a.importance_per_kv_head ? group : a.n_heads);
   parallel_for(items, 4, [&](size_t b, size_t e, int tid) {
     std::vector<float> p(size_t(a.n_kv));
-    float* imp = nullptr;
+    float* imp_all = nullptr;
     if (a.importance) {
-      imp_parts[size_t(tid)].assign(size_t(a.n_kv), 0.f);
-      imp = imp_parts[size_t(tid)].data();
+      imp_parts[size_t(tid)].assign(imp_len, 0.f);
+      imp_all = imp_parts[size_t(tid)].data();
     }
     for (size_t it = b; it < e; ++it) {
       const int i = int(it / size_t(a.n_heads)), h = int(it % size_t(a.n_heads));
       const int g = h / group;
+      float* imp = imp_all && a.importance_per_kv_head ? imp_all + size_t(g) * a.n_kv : imp_all;
       const float* qv = a.q + size_t(i) * qs + size_t(h) * a.head_dim;
       float* o = a.out + size_t(i) * os + size_t(h) * a.head_dim;
       float mx = -INFINITY;
@@ -509,7 +515,7 @@ void attention(const AttentionArgs& a) {
         if (w == 0.f) continue;
         const float* vv = a.v + size_t(j) * a.kv_stride + size_t(g) * a.head_dim;
         for (int d = 0; d < a.head_dim; ++d) o[d] += w * vv[d];
-        if (imp && i >= a.importance_from) imp[j] += w / float(a.n_heads);
+        if (imp && i >= a.importance_from) imp[j] += w / imp_div;
       }
     }
   });

@@ -59,7 +59,9 @@ struct Rope {
 //   q_pos, kv_pos: absolute positions; when both are given, query i sees key j iff kv_pos[j] <= q_pos[i]
 //   out    [n_q, n_heads * head_dim]
 //   importance (optional) [n_kv]: += for each key j, sum over queries of the mean over heads of the
-//     attention probability (METHOD.md section 1), accumulated in float32.
+//     attention probability (METHOD.md section 1), accumulated in float32. With
+//     importance_per_kv_head: [n_kv_heads, n_kv], KV head g's row += the sum over queries of the mean
+//     over g's query heads (its group) only (policy.h, ImportanceRequest::per_kv_head).
 struct AttentionArgs {
   const float* q = nullptr;
   int n_q = 0;
@@ -76,6 +78,7 @@ struct AttentionArgs {
   float* out = nullptr;
   float* importance = nullptr;
   int importance_from = 0;  // only queries i >= importance_from contribute (window estimators)
+  bool importance_per_kv_head = false;
 };
 void attention(const AttentionArgs& a);
 

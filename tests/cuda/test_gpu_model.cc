@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <functional>
 #include <map>
 #include <memory>
 #include <numeric>
@@ -330,6 +331,7 @@ TEST(GpuModel, PoolHoldsThePolicysEntriesWithTheCpuValues) {
   const int kvd = l.model->config().text.n_kv_heads * l.model->config().text.head_dim;
   for (const std::string& name : policy_names()) {
     if (name == "prefixkv") continue;  // needs a profile; its selection is prefixkv-online's
+    if (policy(name, 0.3)->per_head()) continue;  // the GPU refuses per-head policies (GpuSession.RefusesPerHeadPolicies)
     SCOPED_TRACE(name);
     auto cpu_policy = policy(name, 0.3);
     auto gpu_policy = policy(name, 0.3);
@@ -642,6 +644,43 @@ TEST(GpuModel, AdoptedPrefillsEqualTheirOwnPrefill) {
     }
     if (n != "streaming") EXPECT_LT(a->entries_per_layer()[0], N) << "compressed";
   }
+}
+
+// A per-head policy (adakv: per-KV-head importance and head plans) on the GPU: one error naming the
+// policy and the back end, from a session, a back end's prefill and adoption, and evaluation; no
+// sequence is left in the pool, which still serves a shared-entry policy.
+TEST(GpuModel, RefusesPerHeadPoliciesWithOneError) {
+  Loaded& l = load(kTiny);
+  CudaBackendOptions bo;
+  bo.dtype = DType::F16;
+  bo.kv_pool_bytes = size_t(64) << 20;
+  const std::unique_ptr<Backend> backend = make_cuda_backend(*l.model, bo);
+  auto refused = [](const std::function<void()>& f, const std::string& when) {
+    try {
+      f();
+      ADD_FAILURE() << when << ": accepted";
+    } catch (const Error& e) {
+      const std::string m = e.what();
+      EXPECT_NE(m.find("--kv-policy adakv"), std::string::npos) << when << ": " << m;
+      EXPECT_NE(m.find("cuda back end does not hold per-head entries yet"), std::string::npos) << when << ": " << m;
+    }
+  };
+  auto ada = policy("adakv", 0.3);
+  std::vector<float> logits(static_cast<size_t>(l.V()));
+  refused([&] { backend->prefill(l.prompt, *ada, logits.data()); }, "prefill");
+  const auto shared = backend->prefill_shared(l.prompt, {});
+  refused([&] { backend->adopt(*shared, *ada); }, "adopt");
+  refused([&] { backend->add_head_importance(*shared, l.prompt, 0, "adakv"); }, "per-head importance");
+  EvalOptions opt;
+  opt.configs = {{"adakv", "", 0.5}};
+  opt.max_tokens = 4;
+  opt.limit = 1;
+  const std::vector<Sample> samples = load_conversations(repo("data/eval/eval.json"));
+  refused([&] { evaluate(*backend, *l.engine, samples, nullptr, opt); }, "evaluation");
+  auto snap = policy("snapkv", 0.3);
+  auto seq = backend->prefill(l.prompt, *snap, logits.data());  // the pool still serves
+  EXPECT_LT(seq->entries_per_layer()[0], l.T());
+  EXPECT_TRUE(seq->entries_per_head().empty()) << "the GPU keeps the same entries in every head";
 }
 
 // Evaluation on the cuda back end against the CPU's on two of the bundled evaluation samples: the
