@@ -27,11 +27,15 @@ __global__ void __launch_bounds__(kPrefillThreads) prefill_importance_kernel(Pre
 
 template <class T, int D>
 __global__ void __launch_bounds__(kPrefillThreads) prefill_mma_forward_kernel(PrefillParams p) {
+  pdl_trigger();
+  pdl_wait();
   prefill_mma_forward<T, D>(p);
 }
 
 template <class T, int D>
 __global__ void __launch_bounds__(kPrefillThreads) prefill_mma_importance_kernel(PrefillParams p) {
+  pdl_trigger();
+  pdl_wait();
   prefill_mma_importance<T, D>(p);
 }
 

@@ -308,4 +308,19 @@ void StreamGraph::launch(void* stream) {
   PKV_CUDA_CHECK(cudaGraphLaunch(static_cast<cudaGraphExec_t>(exec_), static_cast<cudaStream_t>(stream)));
 }
 
+namespace detail {
+
+bool pdl_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("PKV_PDL");
+    if (v && std::string(v) == "0") return false;
+    int dev = 0, major = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess) return false;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
+    return major >= 9;
+  }();
+  return on;
+}
+
+}  // namespace detail
 }  // namespace pkv::cuda

@@ -6,11 +6,14 @@
 #include "ops/cuda/cuda_check.h"
 #include "ops/cuda/kernel_types.h"
 #include "ops/cuda/kernels.h"
+#include "ops/cuda/launch.cuh"
 
 namespace pkv::cuda {
 namespace {
 
 using detail::from_f;
+using detail::pdl_trigger;
+using detail::pdl_wait;
 using detail::to_f;
 
 constexpr int kThreads = 256;
@@ -58,6 +61,8 @@ __device__ float block_sum(float v, float* sh) {
 
 template <class T, class TO>
 __global__ void __launch_bounds__(kThreads) rms_norm_kernel(const T* x, TO* y, const float* w, int dim, float eps) {
+  pdl_trigger();
+  pdl_wait();
   __shared__ float sh[33];
   const int64_t row = blockIdx.x;
   const T* xr = x + row * dim;
@@ -82,11 +87,17 @@ __global__ void __launch_bounds__(kThreads) rms_norm_regs_kernel(const T* x, TO*
   TO* yr = y + row * dim;
   float v[PER], wv[PER];
   float ss = 0.f;
+  pdl_trigger();
 #pragma unroll
-  for (int k = 0; k < PER; ++k) {  // the weights too: their loads overlap the reduction
+  for (int k = 0; k < PER; ++k) {  // the weights first (no kernel writes them), before the wait
+    const int i = threadIdx.x + k * kThreads;
+    wv[k] = i < dim ? w[i] : 0.f;
+  }
+  pdl_wait();
+#pragma unroll
+  for (int k = 0; k < PER; ++k) {
     const int i = threadIdx.x + k * kThreads;
     v[k] = i < dim ? to_f(xr[i]) : 0.f;
-    wv[k] = i < dim ? w[i] : 0.f;
   }
 #pragma unroll
   for (int k = 0; k < PER; ++k) ss += v[k] * v[k];
@@ -225,12 +236,14 @@ void rms_norm_to(DType x_t, const void* x, DType y_t, void* y, const float* weig
       const T* xs = static_cast<const T*>(x);
       TO* ys = static_cast<TO*>(y);
       const unsigned g = unsigned(rows);
-      if (dim <= 4 * kThreads) rms_norm_regs_kernel<T, TO, 4><<<g, kThreads, 0, st(stream)>>>(xs, ys, weight, dim, eps);
-      else if (dim <= 8 * kThreads) rms_norm_regs_kernel<T, TO, 8><<<g, kThreads, 0, st(stream)>>>(xs, ys, weight, dim, eps);
-      else if (dim <= 16 * kThreads) rms_norm_regs_kernel<T, TO, 16><<<g, kThreads, 0, st(stream)>>>(xs, ys, weight, dim, eps);
-      else if (dim <= 32 * kThreads) rms_norm_regs_kernel<T, TO, 32><<<g, kThreads, 0, st(stream)>>>(xs, ys, weight, dim, eps);
-      else rms_norm_kernel<T, TO><<<g, kThreads, 0, st(stream)>>>(xs, ys, weight, dim, eps);
-      PKV_CUDA_LAUNCH_CHECK(st(stream), "rms_norm");
+      auto go = [&](auto kernel) {
+        detail::launch_kernel(kernel, dim3(g), dim3(kThreads), 0, st(stream), "rms_norm", xs, ys, weight, dim, eps);
+      };
+      if (dim <= 4 * kThreads) go(rms_norm_regs_kernel<T, TO, 4>);
+      else if (dim <= 8 * kThreads) go(rms_norm_regs_kernel<T, TO, 8>);
+      else if (dim <= 16 * kThreads) go(rms_norm_regs_kernel<T, TO, 16>);
+      else if (dim <= 32 * kThreads) go(rms_norm_regs_kernel<T, TO, 32>);
+      else go(rms_norm_kernel<T, TO>);
     });
   });
 }

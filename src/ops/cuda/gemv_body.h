@@ -54,6 +54,7 @@ __device__ void gemv(Ctx& c, const GemvParams& p) {
       for (int r = 0; r < R; ++r) acc[n][g][r] = 0.f;
 
   constexpr int STEP = 256 * KS;  // columns between a lane's consecutive loads
+  bool waited = false;  // for the earlier kernels (pdl_wait): after the first weight loads are issued
   for (int k0 = slice * 256 + lane * 8; k0 < p.in; k0 += STEP * U) {
     typename W::Raw raw[U][N][G];
 #pragma unroll
@@ -66,6 +67,10 @@ __device__ void gemv(Ctx& c, const GemvParams& p) {
           raw[u][n][g] = typename W::Raw{};
           if (k < p.in && o0 + g < p.out) raw[u][n][g] = W::load(wm[n], int64_t(o0 + g), p.in, k);
         }
+    }
+    if (!waited) {
+      pdl_wait();
+      waited = true;
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -88,6 +93,7 @@ __device__ void gemv(Ctx& c, const GemvParams& p) {
     }
   }
 
+  if (!waited) pdl_wait();  // a lane without columns still writes y below
   // Warp sums (every lane takes part), then the slices' sums through shared memory.
   float* part = reinterpret_cast<float*>(c.smem);  // [warps][N][G][R]
 #pragma unroll

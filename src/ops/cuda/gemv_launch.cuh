@@ -12,7 +12,7 @@ namespace pkv::cuda::detail {
 
 template <class T, class Y, int R, bool SWIGLU, class W>
 __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(GemvParams p) {
-  PKV_KERNEL_CTX(c);
+  PKV_KERNEL_CTX_EARLY(c);  // gemv() waits after its first weight loads
   gemv<T, Y, R, SWIGLU, W>(c, p);
 }
 

@@ -61,6 +61,23 @@ __host__ __device__ __forceinline__ uint32_t pack2(float a, float b) {
          (uint32_t(f_to_bits(b, static_cast<const T*>(nullptr))) << 16);
 }
 
+// Programmatic dependent launch (sm_90 and later; launch.cuh sets the launch attribute, PKV_PDL=0
+// turns it off): a kernel calls pdl_trigger() first, so that the next kernel in the stream may be
+// launched while this one runs, and pdl_wait() before it reads anything an earlier kernel wrote or
+// writes anything an earlier kernel may still read (the wait returns once the earlier grids have
+// finished and their memory is visible; it is a no-op without the attribute). Before the wait a
+// kernel may only read what no kernel writes (weights). No-ops in the host build of the bodies.
+__host__ __device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+__host__ __device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
 // Eight 16-bit elements held in 16 bytes -> float.
 template <class T>
 __host__ __device__ __forceinline__ void unpack8(const uint4& u, float (&out)[8]) {

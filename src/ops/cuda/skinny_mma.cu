@@ -64,9 +64,11 @@ __global__ void __launch_bounds__(kSkinnyThreads, 1) skinny_kernel(SkinnyParams 
   const int k0 = blockIdx.y * p.k_per_block;
   const int kn = min(p.k_per_block, p.in - k0);  // a multiple of 64
   const int chunks = kn / kSkinnyChunk;
-
-  // x's slice into shared memory (rows past `rows` are zeros: their products are never stored).
-  {
+  pdl_trigger();
+  // x's slice into shared memory (rows past `rows` are zeros: their products are never stored),
+  // after the earlier kernels are done (pdl_wait): called once the first weights are on their way.
+  auto load_x = [&] {
+    pdl_wait();
     const int vecs = kn / 8;
     const T* x = static_cast<const T*>(p.x);
     for (int i = threadIdx.x; i < 8 * NT * vecs; i += kSkinnyThreads) {
@@ -76,7 +78,9 @@ __global__ void __launch_bounds__(kSkinnyThreads, 1) skinny_kernel(SkinnyParams 
       else *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
     }
     cp_async_commit();
-  }
+    cp_async_wait<0>();
+    __syncthreads();
+  };
 
   const int o0 = blockIdx.x * kSkinnyOuts + warp * 16;
   // Rows past `out` read the last row (in bounds); their sums are never stored.
@@ -111,9 +115,8 @@ __global__ void __launch_bounds__(kSkinnyThreads, 1) skinny_kernel(SkinnyParams 
         }
       }
     }
-    if (!x_ready) {  // the first weights are on their way; now wait for x
-      cp_async_wait<0>();
-      __syncthreads();
+    if (!x_ready) {  // the first weights are on their way; now x
+      load_x();
       x_ready = true;
     }
 #pragma unroll
@@ -138,10 +141,7 @@ __global__ void __launch_bounds__(kSkinnyThreads, 1) skinny_kernel(SkinnyParams 
       }
     }
   }
-  if (!x_ready) {  // no chunk (cannot happen: plans give every block at least one)
-    cp_async_wait<0>();
-    __syncthreads();
-  }
+  if (!x_ready) load_x();  // no chunk (cannot happen: plans give every block at least one)
 
   // acc[n][j][e]: output o0 + g + 8 (e / 2), row 8 j + 2 t + e % 2.
   if (p.splits == 1) {
