@@ -12,6 +12,8 @@
 #   bash bench/gpu_machine_perf.sh peers    # transformers static cache + compiled decoding vs prefixkv, 7B b1 and b16
 #                                           # (PEER_BATCH=1 or 16: only that setting)
 #   bash bench/gpu_machine_perf.sh prefill  # one 1024-token 7B prefill: tensor-core vs CUDA-core attention
+#   bash bench/gpu_machine_perf.sh decode_ab # decode steps with the dependent launches (PKV_PDL) and the tensor-core
+#                                           # skinny products (PKV_SKINNY) on and off: 7B b1, b16, b48, full cache
 #   bash bench/gpu_machine_perf.sh serve_load # prefixkv serve, random LLaVA-1.5-7B: 64 streaming clients, images,
 #                                           # mixed lengths; full cache and 20% kept (bench/serve_load.py)
 # (the same card must run both sides of a comparison: run hf and gpu* in one call or on one warm machine)
@@ -148,6 +150,21 @@ for f in sys.argv[1:]:
         print({k: r.get(k) for k in ("batch", "prompt", "gen", "policy", "prefill_ms", "decode_tokens_per_s", "throughput_tokens_per_s")})
 PY
     grep -iE "error|Traceback" "$W/peers.txt" | head -5 || true
+    ;;
+  decode_ab)  # what the dependent launches and the skinny products bring to decoding, one sitting
+    build_gpu
+    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$W/decode_ab.txt"
+    for cfg in "1 672 256" "16 1024 512" "48 624 256"; do
+      set -- $cfg
+      for ab in "PKV_PDL=0 PKV_SKINNY=0" "PKV_PDL=1 PKV_SKINNY=0" "PKV_PDL=0 PKV_SKINNY=1" "PKV_PDL=1 PKV_SKINNY=1"; do
+        [ "$1" = 1 ] && [ "${ab#*SKINNY=}" = 1 ] && continue  # one row: the skinny products are not used
+        echo "== 7B batch $1, $2 + $3, $ab" >> "$W/decode_ab.txt"
+        env $ab timeout 150 ./build-gpu/prefixkv bench --shape llava-1.5-7b --device cuda --dtype f16 --batch $1 --prompt $2 \
+          --gen $3 --json "$W/ab_b$1_$(echo $ab | tr ' =' '__').json" >> "$W/decode_ab.txt" 2>&1 || echo "bench failed: rc $?" | tee -a "$W/decode_ab.txt"
+        keep
+      done
+    done
+    grep -E "^==|^\| prefixkv|decode" "$W/decode_ab.txt" | grep -vE "^\|---" | head -60
     ;;
   serve_load)  # the server under load: 64 concurrent streaming clients, a random LLaVA-1.5-7B with its vision tower
     build_gpu
