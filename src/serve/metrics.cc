@@ -65,6 +65,11 @@ std::string prometheus_text(const SchedulerStats& s, const std::map<std::pair<st
   w.sample("prefixkv_prompt_tokens_total", s.prompt_tokens_total);
   w.family("prefixkv_generation_tokens_total", "counter", "Tokens generated.");
   w.sample("prefixkv_generation_tokens_total", s.generated_tokens_total);
+  w.family("prefixkv_prefill_passes_total", "counter",
+           "Prefill passes (one prompt, or on cuda pieces of the waiting prompts in one pass).");
+  w.sample("prefixkv_prefill_passes_total", s.prefill_passes_total);
+  w.family("prefixkv_decode_steps_total", "counter", "Batched decode steps of the running requests.");
+  w.sample("prefixkv_decode_steps_total", s.decode_steps_total);
   w.family("prefixkv_generation_tokens_per_second", "gauge", "Tokens generated per second over the last 10 seconds.");
   w.sample("prefixkv_generation_tokens_per_second", s.tokens_per_second);
   w.family("prefixkv_kv_pool_bytes", "gauge", "KV-cache memory available to requests (--kv-memory).");

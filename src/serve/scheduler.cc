@@ -222,10 +222,14 @@ void Scheduler::run() {
     }
     worked = true;
     for (const std::shared_ptr<Job>& next : admitted)
-      if (admit(next, running) && !chunked) {
-        std::lock_guard lk(mu_);
-        reserved_ -= next->kv.peak() - next->kv.final_bytes;
-        counters_.prompt_tokens_total += uint64_t(next->prompt_tokens);
+      if (admit(next, running) && !chunked) {  // prefilled whole: a pass of its own
+        {
+          std::lock_guard lk(mu_);
+          reserved_ -= next->kv.peak() - next->kv.final_bytes;
+          counters_.prompt_tokens_total += uint64_t(next->prompt_tokens);
+          ++counters_.prefill_passes_total;
+        }
+        if (opt_.trace) opt_.trace(SchedulerTrace{SchedulerTrace::Kind::Prefill, {next.get()}, {running.back().prompt_len}});
       }
     try {
       if (chunked) prefill_pass(running);

@@ -338,8 +338,11 @@ TEST(ServeScheduler, BatchedAnswersEqualEngineGenerateAndTheReservationHolds) {
   const std::string text = prometheus_text(st, {{{"/health", 200}, 3}}, resident_memory_bytes());
   for (const char* name :
        {"prefixkv_http_requests_total{route=\"/health\",status=\"200\"} 3", "prefixkv_requests_running 0",
-        "prefixkv_kv_free_bytes", "prefixkv_generation_tokens_per_second", "process_resident_memory_bytes"})
+        "prefixkv_kv_free_bytes", "prefixkv_generation_tokens_per_second", "process_resident_memory_bytes",
+        "prefixkv_decode_steps_total", "prefixkv_prefill_passes_total"})
     EXPECT_NE(text.find(name), std::string::npos) << name;
+  EXPECT_GT(st.decode_steps_total, 0u);
+  EXPECT_EQ(st.prefill_passes_total, jobs.size()) << "the CPU prefills each prompt whole, in a pass of its own";
 }
 
 TEST(ServeScheduler, CancelQueueBoundAndShutdownReleaseEverything) {
