@@ -12,6 +12,8 @@
 #   bash bench/gpu_machine_perf.sh peers    # transformers static cache + compiled decoding vs prefixkv, 7B b1 and b16
 #                                           # (PEER_BATCH=1 or 16: only that setting)
 #   bash bench/gpu_machine_perf.sh prefill  # one 1024-token 7B prefill: tensor-core vs CUDA-core attention
+#   bash bench/gpu_machine_perf.sh prefill_batch # prompts/s: a batch's prompts in one pass (--prefill-batched) vs one
+#                                           # at a time, 7B f16, prompts of 128 and 672 tokens, batch 1, 4, 16
 #   bash bench/gpu_machine_perf.sh decode_ab # decode steps with the dependent launches (PKV_PDL) and the tensor-core
 #                                           # skinny products (PKV_SKINNY) on and off: 7B b1, b16, b48, full cache
 #   bash bench/gpu_machine_perf.sh serve_load # prefixkv serve, random LLaVA-1.5-7B: 64 streaming clients, images,
@@ -198,6 +200,22 @@ PY
     done
     grep -E "^==|one 1024-token prefill" "$W/prefill.txt"
     keep
+    ;;
+  prefill_batch)  # batched prefill (issue 14 item 2): one pass vs one prompt at a time, alternating, same card
+    build_gpu
+    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$W/prefill_batch.txt"
+    for round in $(seq 1 "${PREFILL_ROUNDS:-2}"); do
+      for prompt in 128 672; do
+        for f in "" --prefill-batched; do
+          echo "== 7B f16 prompt $prompt ${f:-one at a time} round $round" >> "$W/prefill_batch.txt"
+          timeout 150 ./build-gpu/prefixkv bench --shape llava-1.5-7b --device cuda --dtype f16 --batch 1,4,16 \
+            --prompt $prompt --gen 4 $f --json "$W/prefill_batch_p${prompt}${f:+_batched}_r$round.json" \
+            >> "$W/prefill_batch.txt" 2>&1 || echo "bench failed: rc $?" | tee -a "$W/prefill_batch.txt"
+          keep
+        done
+      done
+    done
+    grep -E "^==|prompts/s" "$W/prefill_batch.txt"
     ;;
   smoke|gpu1|gpu2|b1|bf16|capacity|ab)
     build_gpu
