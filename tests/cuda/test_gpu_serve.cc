@@ -289,5 +289,50 @@ TEST(GpuServe, WaitingPromptsArePrefilledInOnePass) {
   }
 }
 
+// A prefill pass that runs out of KV blocks changes nothing; the scheduler retries each prompt
+// alone, so only the one that cannot fit fails (503, retry later) and the other is answered. The
+// scheduler is told of a larger pool than the device holds, so that both are admitted.
+TEST(GpuServe, APassThatRunsOutOfBlocksFailsOnlyThePromptThatDoesNotFit) {
+  const std::unique_ptr<Model> model = Model::load(repo("models/prefixkv-llava-tiny"));
+  const Tokenizer tok(repo("models/prefixkv-llava-tiny/tokenizer.model"));
+  Engine engine(*model, tok);
+  cuda::CudaBackendOptions go;
+  go.dtype = DType::F16;
+  go.kv_pool_bytes = size_t(5) << 20;  // one 590-token prompt (about 3.8 MB in blocks), not two
+  std::shared_ptr<Backend> backend = cuda::make_cuda_backend(*model, go);
+  SchedulerOptions so;
+  so.backend = backend;
+  so.kv_pool_bytes = size_t(64) << 20;
+  so.prefill_chunk = 0;  // both whole, in one pass
+  Scheduler sched(*model, tok, so);
+  Image image = load_image(repo("data/example.png"));
+  std::vector<std::shared_ptr<Job>> jobs;
+  for (int i = 0; i < 2; ++i) {
+    auto job = std::make_shared<Job>();
+    job->image = image;
+    job->prompt.text = "Describe the image in detail.";
+    job->prompt.image = &job->image;
+    job->sampling.max_tokens = 4;
+    job->policy = make_policy("full", PolicyOptions{});  // (a compressing policy would free room for the other)
+    job->prompt_tokens = 590;
+    job->kv = kv_reservation(model->config().text, 590, 4, 1.0, 2, backend->kv_entry_bytes(), backend->kv_block());
+    sched.submit(job);
+    jobs.push_back(job);
+  }
+  sched.start();
+  std::string s0, s1;
+  const Event e0 = drain(*jobs[0], &s0), e1 = drain(*jobs[1], &s1);
+  sched.shutdown();
+  EXPECT_EQ(e0.kind, Event::Kind::Done) << (e0.error ? e0.error->what() : "");
+  ASSERT_EQ(e1.kind, Event::Kind::Error);
+  ASSERT_TRUE(e1.error.has_value());
+  EXPECT_EQ(e1.error->status(), 503) << e1.error->what();
+  EXPECT_NE(std::string(e1.error->what()).find("KV pool ran out"), std::string::npos) << e1.error->what();
+  const SchedulerStats st = sched.stats();
+  EXPECT_EQ(st.finished_total, 1u);
+  EXPECT_EQ(st.failed_total, 1u);
+  EXPECT_EQ(st.kv_reserved_bytes, 0u);
+}
+
 }  // namespace
 }  // namespace pkv::serve
