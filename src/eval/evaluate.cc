@@ -625,6 +625,7 @@ nlohmann::json eval_settings_json(const std::vector<std::string>& policies, cons
   if (b.grid_pool != plain.grid_pool) s["grid_pool"] = b.grid_pool;
   if (b.lookahead != plain.lookahead) s["lookahead"] = b.lookahead;
   if (b.query_reduce != plain.query_reduce) s["query_reduce"] = query_reduce_name(b.query_reduce);
+  if (b.head_floor != plain.head_floor) s["head_floor"] = b.head_floor;  // adakv's floor per head
   if (text) s["text"] = {{"context_tokens", text->context_tokens}, {"continuation_tokens", text->continuation_tokens}};
   return s;
 }

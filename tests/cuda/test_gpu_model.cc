@@ -331,7 +331,7 @@ TEST(GpuModel, PoolHoldsThePolicysEntriesWithTheCpuValues) {
   const int kvd = l.model->config().text.n_kv_heads * l.model->config().text.head_dim;
   for (const std::string& name : policy_names()) {
     if (name == "prefixkv") continue;  // needs a profile; its selection is prefixkv-online's
-    if (policy(name, 0.3)->per_head()) continue;  // the GPU refuses per-head policies (GpuSession.RefusesPerHeadPolicies)
+    if (policy(name, 0.3)->per_head()) continue;  // the GPU refuses per-head policies (RefusesPerHeadPoliciesWithOneError)
     SCOPED_TRACE(name);
     auto cpu_policy = policy(name, 0.3);
     auto gpu_policy = policy(name, 0.3);

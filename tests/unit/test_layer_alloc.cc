@@ -9,9 +9,14 @@
 #include <random>
 
 #include "core/error.h"
+#include "engine/backend.h"
 #include "engine/query_importance.h"
+#include "eval/calibrate.h"
+#include "eval/dataset.h"
+#include "eval/evaluate.h"
 #include "kv/cutoff.h"
 #include "kv/policy.h"
+#include "kv/profile.h"
 #include "ops/ops.h"
 #include "test_util.h"
 
@@ -367,6 +372,49 @@ TEST(PolicySpec, OptionsInThePolicyNameAndTheirErrors) {
   r.weight = ValueWeight::ValueNorm;
   EXPECT_NE(message([&] { check_prompt_importance(r, 100); }).find("CPU engine only"), std::string::npos);
   EXPECT_NO_THROW(check_prompt_importance(r, 100, true));
+}
+
+// The offline form: calibrating on one scene gives that scene's online cutoff budgets, and the
+// profile records the rule (and reads it back; a bad rule is refused naming the field).
+TEST(CutoffProfile, OneSceneCalibratesToTheOnlineBudgets) {
+  test::BundledModel& b = test::bundled_model();
+  const Model& m = *b.model;
+  Engine engine(m, b.tok);
+  const auto backend = make_cpu_backend(m);
+  const std::vector<Sample> samples = load_conversations(std::string(PKV_SOURCE_DIR) + "/data/eval/eval.json");
+  const std::string rule = "cutoff:wov:floor=0.5";
+  CalibrateOptions opt;
+  opt.budgets = {0.2, 0.5};
+  opt.limit = 1;
+  opt.protected_count = 2;
+  opt.layer_rule = rule;
+  const CalibrateResult r = calibrate(*backend, engine, samples, opt);
+  EXPECT_EQ(r.profile.layer_rule, rule);
+  std::string why;
+  const std::optional<PreparedPrompt> p = prepare_sample(engine, samples[0], "", &why, backend.get());
+  ASSERT_TRUE(p) << why;
+  const int N = int(p->ids.size());
+  for (const ProfileBudget& pb : r.profile.budgets) {
+    PolicyOptions o;
+    o.budget = pb.budget;
+    o.image_offset = p->image_offset, o.image_tokens = p->image_tokens;
+    auto online = make_policy(rule, o);
+    std::vector<float> logits(static_cast<size_t>(m.config().text.vocab_size));
+    backend->prefill(*p, *online, logits.data());
+    ASSERT_EQ(online->prefill_kept().size(), pb.keep.size());
+    for (size_t l = 0; l < pb.keep.size(); ++l)  // k_l = n_l / N, rescaled to a mean already exact
+      EXPECT_NEAR(pb.keep[l] * N, online->prefill_kept()[l], 1e-6) << "budget " << pb.budget << " layer " << l;
+  }
+  Profile back = Profile::parse(r.profile.to_json(), "round trip");
+  EXPECT_EQ(back.layer_rule, rule);
+  Profile bad = r.profile;
+  bad.layer_rule = "cutoff:floor=7";
+  try {
+    bad.validate("bad.json");
+    ADD_FAILURE() << "a bad layer rule was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("importance.layer_rule"), std::string::npos) << e.what();
+  }
 }
 
 }  // namespace
