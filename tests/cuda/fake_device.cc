@@ -412,6 +412,7 @@ void gemv(const GemvArgs& a, void*) {
   products_in_double(a);
 }
 
+// On here (on a GPU only with PKV_SKINNY=1): the model's skinny path keeps its orchestration tested.
 bool skinny_enabled() { return true; }
 
 Blas::SkinnyWorkspace Blas::skinny_workspace(size_t bytes) {

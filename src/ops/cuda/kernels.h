@@ -176,12 +176,13 @@ void gemv(const GemvArgs& a, void* stream);
 // once for all rows (mma.sync m16n8k16, float32 accumulators); long inputs are split over several
 // blocks whose float32 partial sums the last block to finish adds in a fixed order (deterministic).
 // linear() and the GPU model's SwiGLU take it for kGemvAutoRows < rows <= kSkinnyMaxRows without a
-// bias (PKV_SKINNY=0: never; cuBLAS then). Its partial sums live in blas.skinny_workspace: size it
+// bias only where PKV_SKINNY=1 (measured on an H100 it matched cuBLAS at 8 rows and lost from 16
+// rows on: docs/PERF.md; cuBLAS stays the default). Its partial sums live in blas.skinny_workspace: size it
 // with skinny_workspace_bytes(rows, in, out, swiglu) for the largest product before capturing a CUDA
 // graph (0 where the product's columns need no split, or it does not fit).
 constexpr int kSkinnyMaxRows = 64;
 bool skinny_fits(const GemvArgs& a);
-bool skinny_enabled();  // false when PKV_SKINNY=0 or the device is older than sm_80
+bool skinny_enabled();  // true only with PKV_SKINNY=1 on sm_80 and later
 size_t skinny_workspace_bytes(int rows, int in, int out, bool swiglu);
 void skinny(const GemvArgs& a, Blas& blas);
 

@@ -226,8 +226,10 @@ void run_typed(const SkinnyPlan& plan, cudaStream_t s) {
 
 bool skinny_enabled() {
   static const bool on = [] {
+    // Off unless asked for: on an H100 it matched cuBLAS at 8 rows and fell behind it from 16 rows
+    // on (48 rows: 0.56-0.73x its speed; docs/PERF.md), so linear() keeps cuBLAS by default.
     const char* env = std::getenv("PKV_SKINNY");
-    if (env && std::strcmp(env, "0") == 0) return false;
+    if (!env || std::strcmp(env, "1") != 0) return false;
     int dev = 0, major = 0;
     if (cudaGetDevice(&dev) != cudaSuccess) return false;
     if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
