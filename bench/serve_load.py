@@ -26,12 +26,13 @@ import http.client
 import json
 import os
 import random
-import re
 import statistics
-import subprocess
 import sys
 import threading
 import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts"))
+from soak_server import Server  # noqa: E402 - `prefixkv serve --port 0`, its port and /metrics
 
 PROMPTS = [
     "Describe the image in detail.",
@@ -50,46 +51,6 @@ def pct(xs, p):
     xs = sorted(xs)
     k = min(len(xs) - 1, max(0, int(round(p / 100 * (len(xs) - 1)))))
     return xs[k]
-
-
-class Server:
-    def __init__(self, binary, args, log_path):
-        self.log_path = log_path
-        self.log = open(log_path, "w")
-        self.proc = subprocess.Popen([binary, "serve", "--port", "0", *args], stdout=self.log,
-                                     stderr=subprocess.STDOUT)
-        self.port = None
-        deadline = time.time() + 600  # a 7B checkpoint loads in minutes from a cold disk
-        while time.time() < deadline:
-            m = re.search(r"listening on http://127\.0\.0\.1:(\d+)", open(log_path).read())
-            if m:
-                self.port = int(m.group(1))
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        raise RuntimeError("the server did not start:\n" + open(log_path).read()[-3000:])
-
-    def metrics(self):
-        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-        c.request("GET", "/metrics")
-        text = c.getresponse().read().decode()
-        c.close()
-        m = {}
-        for line in text.splitlines():
-            if line.startswith("#") or not line.strip():
-                continue
-            name, _, value = line.rpartition(" ")
-            m[name] = float(value)
-        return m
-
-    def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
 
 
 def make_requests(a, images):
@@ -148,7 +109,7 @@ def run_setting(a, setting, reqs, images):
     policy, _, budget = setting.partition(":")
     log = os.path.join(a.workdir, f"serve_{policy}_{budget or 'full'}.log")
     args = ["--model", a.model, *a.server_args.split()]
-    srv = Server(a.binary, args, log)
+    srv = Server(a.binary, args, log, start_timeout=600)  # a 7B checkpoint loads in minutes from a cold disk
     try:
         # one warm-up request (first-use costs: CUDA graphs, allocations) outside the measurement
         one_request(srv.port, body_of(a, reqs[0], images, policy, budget))

@@ -125,12 +125,14 @@ def data_uri(data, mime):
 # ---------------------------------------------------------------- the server process
 
 class Server:
-    def __init__(self, binary, args, log_path):
+    """`prefixkv serve --port 0` with its log in log_path (bench/serve_load.py uses it too)."""
+
+    def __init__(self, binary, args, log_path, start_timeout=120):
         self.log_path = log_path
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen([binary, "serve", "--port", "0", *args], stdout=self.log, stderr=subprocess.STDOUT)
         self.port = None
-        deadline = time.time() + 120
+        deadline = time.time() + start_timeout
         while time.time() < deadline:
             m = re.search(r"listening on http://127\.0\.0\.1:(\d+)", open(log_path).read())
             if m:
