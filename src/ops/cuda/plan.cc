@@ -353,6 +353,22 @@ std::string quant_misfit(uint32_t type, int cols) {
 
 namespace detail {
 
+// What gemv and skinny both ask of rows, widths, strides and pointers (in a multiple of in_multiple).
+static std::string product_shape_misfit(const GemvArgs& a, int max_rows, int in_multiple) {
+  if (a.rows < 1 || a.rows > max_rows)
+    return "rows must be 1.." + std::to_string(max_rows) + ", got " + std::to_string(a.rows);
+  if (a.in < in_multiple || a.in % in_multiple || a.out < 1)
+    return "in must be a positive multiple of " + std::to_string(in_multiple) + " and out >= 1 (in " +
+           std::to_string(a.in) + ", out " + std::to_string(a.out) + ")";
+  const int64_t xs = a.x_stride ? a.x_stride : a.in, ys = a.y_stride ? a.y_stride : a.out;
+  if (xs < a.in || xs % 8) return "x_stride must be a multiple of 8 and >= in";
+  if (ys < a.out) return "y_stride is smaller than out";
+  if (!a.x || !a.w || !a.y) return "x, w and y must be set";
+  auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  if (!aligned(a.x) || !aligned(a.w) || (a.w_up && !aligned(a.w_up))) return "x and w must be 16-byte aligned";
+  return {};
+}
+
 std::string gemv_misfit(const GemvArgs& a) {
   if (a.w_dtype != DType::F16 && a.w_dtype != DType::BF16) return "w must be F16 or BF16";
   if (a.y_dtype != DType::F32 && a.y_dtype != a.w_dtype) return "y must be F32 or w's type";
@@ -363,18 +379,7 @@ std::string gemv_misfit(const GemvArgs& a) {
     if ((a.y_dtype == DType::F32) == (a.w_up != nullptr))
       return "with quantised w, y must be F32 without w_up and x's type with it";
   }
-  if (a.rows < 1 || a.rows > kGemvMaxRows)
-    return "rows must be 1.." + std::to_string(kGemvMaxRows) + ", got " + std::to_string(a.rows);
-  if (a.in < 8 || a.in % 8 || a.out < 1)
-    return "in must be a positive multiple of 8 and out >= 1 (in " + std::to_string(a.in) + ", out " +
-           std::to_string(a.out) + ")";
-  const int64_t xs = a.x_stride ? a.x_stride : a.in, ys = a.y_stride ? a.y_stride : a.out;
-  if (xs < a.in || xs % 8) return "x_stride must be a multiple of 8 and >= in";
-  if (ys < a.out) return "y_stride is smaller than out";
-  if (!a.x || !a.w || !a.y) return "x, w and y must be set";
-  auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-  if (!aligned(a.x) || !aligned(a.w) || (a.w_up && !aligned(a.w_up))) return "x and w must be 16-byte aligned";
-  return {};
+  return product_shape_misfit(a, kGemvMaxRows, 8);
 }
 
 GemvPlan plan_gemv(const GemvArgs& a) {
@@ -417,18 +422,7 @@ std::string skinny_misfit(const GemvArgs& a) {
   if (a.w_dtype != DType::F16 && a.w_dtype != DType::BF16) return "w must be F16 or BF16";
   if (a.y_dtype != DType::F32 && a.y_dtype != a.w_dtype) return "y must be F32 or w's type";
   if (a.accumulate && a.y_dtype != DType::F32) return "accumulate needs a float32 y";
-  if (a.rows < 1 || a.rows > kSkinnyMaxRows)
-    return "rows must be 1.." + std::to_string(kSkinnyMaxRows) + ", got " + std::to_string(a.rows);
-  if (a.in < kSkinnyChunk || a.in % kSkinnyChunk || a.out < 1)
-    return "in must be a positive multiple of " + std::to_string(kSkinnyChunk) + " and out >= 1 (in " +
-           std::to_string(a.in) + ", out " + std::to_string(a.out) + ")";
-  const int64_t xs = a.x_stride ? a.x_stride : a.in, ys = a.y_stride ? a.y_stride : a.out;
-  if (xs < a.in || xs % 8) return "x_stride must be a multiple of 8 and >= in";
-  if (ys < a.out) return "y_stride is smaller than out";
-  if (!a.x || !a.w || !a.y) return "x, w and y must be set";
-  auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-  if (!aligned(a.x) || !aligned(a.w) || (a.w_up && !aligned(a.w_up))) return "x and w must be 16-byte aligned";
-  return {};
+  return product_shape_misfit(a, kSkinnyMaxRows, kSkinnyChunk);
 }
 
 SkinnyPlan plan_skinny(const GemvArgs& a) {
