@@ -354,7 +354,11 @@ void linear(Blas& blas, const LinearArgs& a) {
   L.w = &tv;
   L.in = a.in;
   L.out = a.out;
-  ops::linear(xf.data(), a.rows, L, prod.data());
+  // Row by row in effect (each row's dot products are the same whatever the row count): a row's
+  // result must not depend on which other rows share the call, as on the GPU a prompt prefilled
+  // alone and in a batched pass is compared token for token (GpuServe, GpuPrefill); ops::linear
+  // itself takes dot products for up to 16 rows and BLAS beyond.
+  ops::linear_rows(xf.data(), a.rows, L, prod.data());
   for (int r = 0; r < a.rows; ++r)
     for (int o = 0; o < a.out; ++o) {
       const size_t yi = size_t(r) * size_t(y_stride) + o;

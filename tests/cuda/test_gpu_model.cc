@@ -642,7 +642,9 @@ TEST(GpuModel, AdoptedPrefillsEqualTheirOwnPrefill) {
       backend->step(*b, t, lb.data());
       ASSERT_EQ(la, lb) << "step " << step;
     }
-    if (n != "streaming") EXPECT_LT(a->entries_per_layer()[0], N) << "compressed";
+    if (n != "streaming") {
+      EXPECT_LT(a->entries_per_layer()[0], N) << "compressed";
+    }
   }
 }
 
@@ -825,7 +827,9 @@ TEST(GpuModel, ObserversSeeTheCpusTensors) {
     const bool vision = c.name == "pixel_values" || c.name.rfind("vision", 0) == 0 || c.name == "projector_output";
     const double e = norm_rel(g.data, c.data), bound = vision ? vision_tol(DType::F16) : 2 * logit_tol(DType::F16);
     EXPECT_LE(e, bound) << c.name << " layer " << c.layer;
-    if (c.name == "pixel_values") EXPECT_EQ(g.data, c.data) << "the same host preprocessing";
+    if (c.name == "pixel_values") {
+      EXPECT_EQ(g.data, c.data) << "the same host preprocessing";
+    }
     worst[c.name] = std::max(worst[c.name], e);
   }
   for (const char* name : {"pixel_values", "vision_layer_out", "vision_features", "projector_output", "layer_out",
