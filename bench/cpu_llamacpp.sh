@@ -12,7 +12,7 @@
 # Needs node >= 20 (NODE=/path/to/node), the npm registry for node-llama-cpp (about 180 MB, fetched
 # once into $OUT), build/prefixkv and build/pkv_bench_cpu_linear (`ninja -C build prefixkv
 # pkv_bench_cpu_linear`); the 7b case writes a 13.5 GB checkpoint and a 13.5 GB GGUF under $OUT
-# (python3 with numpy; 28 GB of disk). THREADS (default: the machine's cores). Prints a table; the
+# (PYTHON, default /usr/bin/python3, with numpy; 28 GB of disk). THREADS (default: the machine's cores). Prints a table; the
 # JSON of every run goes to $OUT (default /tmp/cpu_llamacpp). Asserts nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,7 +44,7 @@ case "$WHAT" in
   7b)
     N=${N:-16}; ROUNDS=${ROUNDS:-2}
     if [ ! -f "$OUT/7b-f16.gguf" ]; then
-      [ -f "$OUT/ckpt7b/config.json" ] || python3 tools/make_random_checkpoint.py --shape llava-1.5-7b --out "$OUT/ckpt7b" \
+      [ -f "$OUT/ckpt7b/config.json" ] || "${PYTHON:-/usr/bin/python3}" tools/make_random_checkpoint.py --shape llava-1.5-7b --out "$OUT/ckpt7b" \
         --tokenizer ../shared/reference/llama2-tokenizer/tokenizer.model >"$OUT/ckpt7b.log" 2>&1
       "$PKV" export --model "$OUT/ckpt7b" --gguf "$OUT/7b-f16.gguf" --type f16 >/dev/null
       rm -rf "$OUT/ckpt7b"  # the GGUF holds the same values; keep one copy on disk
