@@ -87,9 +87,13 @@ void export_text_gguf(const Model& model, const Tokenizer& tok, const std::strin
   if (t.attention_bias || t.mlp_bias) fail(where, "the model has biases, which llama.cpp's LLaMA layout does not hold");
   if (t.rope_type != "default") fail(where, "RoPE scaling '" + t.rope_type + "' is not exported");
   if (t.hidden_act != "silu") fail(where, "the activation '" + t.hidden_act + "' is not LLaMA's silu");
-  if (tok.vocab_size() != t.vocab_size)
-    fail(where, "the tokenizer has " + std::to_string(tok.vocab_size()) + " pieces, the model " +
-                    std::to_string(t.vocab_size) + " embeddings: llama.cpp needs them equal");
+  // llava-hf pads the embedding table past the tokenizer (LLaVA-1.5: 32064 rows, 32000 pieces);
+  // llama.cpp needs one piece per row: the rows past the tokenizer get placeholder pieces "[PAD<id>]"
+  // of type 5 (unused: never produced by encoding), as llama.cpp's own converter writes them. A
+  // tokenizer with more pieces than the table has rows cannot be written.
+  if (tok.vocab_size() > t.vocab_size)
+    fail(where, "the tokenizer has " + std::to_string(tok.vocab_size()) + " pieces, more than the model's " +
+                    std::to_string(t.vocab_size) + " embeddings");
   if (t.head_dim % 2 != 0) fail(where, "an odd head size");
 
   GgufWriter g;
@@ -119,6 +123,11 @@ void export_text_gguf(const Model& model, const Tokenizer& tok, const std::strin
     pieces.push_back(tok.id_to_piece(i));
     scores.push_back(tok.score(i));
     types.push_back(tok.gguf_token_type(i));
+  }
+  for (int i = tok.vocab_size(); i < t.vocab_size; ++i) {
+    pieces.push_back("[PAD" + std::to_string(i) + "]");
+    scores.push_back(-1000.f);
+    types.push_back(5);
   }
   g.set("tokenizer.ggml.model", GgufValue::of_string("llama"));
   g.set("tokenizer.ggml.tokens", GgufValue::of_strings(std::move(pieces)));

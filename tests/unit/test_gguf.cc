@@ -477,6 +477,47 @@ TEST(GgufExport, TheTokenizerReadBackEncodesAsTheOriginal) {
   EXPECT_THROW(Tokenizer::from_pieces({"a"}, {0.f}, {1}, 3, 0, 0, "bad"), Error);
 }
 
+// A checkpoint whose embedding table is longer than its tokenizer (llava-hf pads it: LLaVA-1.5-7B has
+// 32064 rows for 32000 pieces; the fixture 386 for 384) exports with a placeholder piece per extra
+// row, as llama.cpp's converter writes them, and loads back with the checkpoint's logits and tokens.
+TEST(GgufExport, APaddedEmbeddingTableGetsPlaceholderPieces) {
+  const std::string dir = test::data_path("fixtures/llava_hf_mha");
+  const auto model = Model::load(dir);
+  const Tokenizer tok(dir + "/tokenizer.model");
+  const int V = model->config().text.vocab_size, n = tok.vocab_size();
+  ASSERT_GT(V, n) << "the fixture's table is padded";
+  const std::string path = test::temp_path("padded.gguf");
+  GgufExportOptions opt;
+  opt.type = quant::kF32;
+  export_text_gguf(*model, tok, path, opt);
+  const auto f = GgufFile::open(path);
+  const std::vector<std::string> pieces = f->strings("tokenizer.ggml.tokens");
+  const std::vector<double> types = f->numbers("tokenizer.ggml.token_type");
+  ASSERT_EQ(int(pieces.size()), V);
+  ASSERT_EQ(int(types.size()), V);
+  for (int i = 0; i < n; ++i) ASSERT_EQ(pieces[size_t(i)], tok.id_to_piece(i)) << i;
+  for (int i = n; i < V; ++i) {
+    EXPECT_EQ(pieces[size_t(i)], "[PAD" + std::to_string(i) + "]");
+    EXPECT_EQ(types[size_t(i)], 5) << "unused";
+  }
+  const auto back = Model::load(path);
+  const auto back_tok = gguf_tokenizer(path);
+  EXPECT_EQ(back_tok->vocab_size(), V);
+  const Engine e1(*model, tok), e2(*back, *back_tok);
+  PromptRequest req;
+  req.text = "a red circle above a blue square";
+  req.tmpl = Template::Raw;
+  const PreparedPrompt p1 = e1.prepare(req), p2 = e2.prepare(req);
+  ASSERT_EQ(p1.ids, p2.ids) << "the placeholders are never produced by encoding";
+  SamplingOptions s;
+  s.max_tokens = 8;
+  s.ignore_eos = true;
+  FullPolicy f1, f2;
+  const GenerationResult a = e1.generate(p1, s, f1), b = e2.generate(p2, s, f2);
+  EXPECT_EQ(a.first_logits, b.first_logits);
+  EXPECT_EQ(a.tokens, b.tokens);
+}
+
 // A GGUF language model loads as the checkpoint it was exported from: an F32 export of a float32
 // checkpoint holds the same values, so the prefill's logits and greedy tokens are bit-identical;
 // the q / k rows come back from ggml's RoPE order. Files prefixkv cannot run are clear errors.
