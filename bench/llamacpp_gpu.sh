@@ -14,6 +14,8 @@
 #     bash bench/llamacpp_gpu.sh build       # llama-bench and llama-batched-bench, CUDA, sm_90
 #     bash bench/llamacpp_gpu.sh model       # the random 7B checkpoint and its GGUF F16 (build-llamacpp/)
 #     bash bench/llamacpp_gpu.sh bench       # both engines: batch 1 (672 + 256) and batch 16 (1024 + 512)
+#     bash bench/llamacpp_gpu.sh cpu         # both engines on the machine's CPU cores (no GPU): the 7B checkpoint
+#                                            # and the bundled model, batch 1, 64-token prompt + 32 tokens
 # Results (logs, JSON) go to $OUT/llamacpp_<phase>.tar.
 #
 # What is compared. Batch 1: llama-bench's `-pg 672,256` (a 672-token prompt then 256 generated tokens,
@@ -51,7 +53,7 @@ case "$phase" in
     cp ../shared/reference/llama2-tokenizer/tokenizer.model "$C/tokenizer.model"
     echo "llamacpp_gpu: $(cat "$C/VERSION"); $(du -sh "$C" | cut -f1) in $C"
     ;;
-  build|model|bench)
+  build|model|bench|cpu)
     [ -f "$C/src.tar.xz" ] || { echo "llamacpp_gpu: no $C/src.tar.xz (run 'bench/llamacpp_gpu.sh prepare' and carry $C)"; exit 2; }
     W=${OUT:-out}/w_llamacpp_$phase
     mkdir -p "$W" "$B"
@@ -103,6 +105,32 @@ PY
           timeout 200 ./build-gpu/prefixkv bench --model "$B/ckpt7b" --device cuda --dtype f16 --batch $1 --prompt $2 --gen $3 \
             --json "$W/prefixkv_b$1.json" > "$W/prefixkv_b$1.txt" 2>&1 || echo "prefixkv bench b$1 failed: rc $?"
           grep -E "^\|" "$W/prefixkv_b$1.txt" | tail -2
+        done
+        ;;
+      cpu)
+        # llama.cpp's CPU back end: the same build with the GPU hidden (CUDA_VISIBLE_DEVICES empty), so no
+        # product is offloaded; both engines use every core. The bundled model is written as GGUF F32 and
+        # F16 by prefixkv export, its checkpoint (bf16 values) read by prefixkv as they are.
+        [ -f "$B/7b-f16.gguf" ] || { echo "llamacpp_gpu: run the model phase first"; exit 2; }
+        LB="$B/build/bin/llama-bench"
+        { grep -m1 'model name' /proc/cpuinfo; echo "cores: $J"; cat "$C/VERSION"; } | tee "$W/cpu.txt"
+        ./build-gpu/prefixkv export --model models/prefixkv-llava-tiny --gguf "$B/tiny-f16.gguf" --type f16 > "$W/export_tiny.log" 2>&1
+        ./build-gpu/prefixkv export --model models/prefixkv-llava-tiny --gguf "$B/tiny-f32.gguf" --type f32 >> "$W/export_tiny.log" 2>&1
+        for m in 7b-f16 tiny-f32 tiny-f16; do
+          r=3; [ "$m" = 7b-f16 ] && r=2
+          CUDA_VISIBLE_DEVICES="" timeout 240 "$LB" -m "$B/$m.gguf" -ngl 0 -t "$J" -p 64 -n 32 -r $r -o json \
+            > "$W/llama_cpu_$m.json" 2> "$W/llama_cpu_$m.err" || { echo "llama-bench $m failed: rc $?"; tail -5 "$W/llama_cpu_$m.err"; }
+          python3 - "$W/llama_cpu_$m.json" "$m" <<'PY' | tee -a "$W/cpu.txt" || true
+import json, sys
+for r in json.load(open(sys.argv[1])):
+    print(f'llama.cpp CPU {sys.argv[2]}: n_prompt {r["n_prompt"]:3} n_gen {r["n_gen"]:3}  {r["avg_ts"]:9.1f} tok/s (+- {r["stddev_ts"]:.1f}), {r["n_threads"]} threads')
+PY
+        done
+        for m in "$B/ckpt7b" models/prefixkv-llava-tiny; do
+          n=$(basename "$m")
+          timeout 240 ./build-gpu/prefixkv bench --model "$m" --device cpu --threads "$J" --batch 1 --prompt 64 --gen 32 \
+            --json "$W/prefixkv_cpu_$n.json" > "$W/prefixkv_cpu_$n.txt" 2>&1 || echo "prefixkv bench cpu $n failed: rc $?"
+          echo "prefixkv CPU $n:" | tee -a "$W/cpu.txt"; grep -E "^\|" "$W/prefixkv_cpu_$n.txt" | tail -2 | tee -a "$W/cpu.txt"
         done
         ;;
     esac
