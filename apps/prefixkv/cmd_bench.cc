@@ -50,7 +50,7 @@ const std::vector<OptionSpec> kBenchOptions = with_options({
     {"seed", "N", "random seed of the weights and prompts (default 0)"},
     {"threads", "N", "worker threads (default: all cores)"},
     {"json", "FILE", "also write the records as JSON"},
-}, kv_option_specs({"kv-importance", "kv-window", "kv-protected", "kv-prefix-pool", "kv-decode"}));
+}, kv_option_specs({"kv-importance", "kv-window", "kv-protected", "kv-prefix-pool", "kv-decode", "kv-dtype"}));
 
 
 ModelConfig shape_config(const std::string& name) {
@@ -123,7 +123,8 @@ int cmd_bench(int argc, char** argv) {
   }
   if (args.has("threads")) set_num_threads(args.integer("threads", 1));
   const std::string device = args.str("device", "cpu");
-  check_device_options(device, "");  // an unknown device, or cuda in a build without it
+  const std::string kv_dtype = args.str("kv-dtype", "");
+  check_device_options(device, "", kv_dtype);  // an unknown device, cuda in a build without it, a bad --kv-dtype
   const int prompt = args.integer("prompt", 672), gen = args.integer("gen", 256);
   if (prompt < 1) fail("--prompt", "must be at least 1");
   if (gen < 1) fail("--gen", "must be at least 1");
@@ -174,6 +175,7 @@ int cmd_bench(int argc, char** argv) {
   BackendOptions bo;
   bo.device = device;
   bo.vision = false;  // the prompts are token embeddings: no image tower needed
+  bo.kv_dtype = kv_dtype;
   if (device == "cuda") {
     bo.gpu_dtype = dtype == DType::BF16 ? "bf16" : "f16";
     bo.block_size = args.integer("block-size", 16);
@@ -185,7 +187,7 @@ int cmd_bench(int argc, char** argv) {
     }  // else 90% of what is free after the weights
   }
   const std::unique_ptr<Backend> backend = make_backend(*model, bo);
-  // One token's entries in every layer as the backend stores them (CPU: float32 K and V; GPU: 16-bit
+  // One token's entries in every layer as the backend stores them (CPU: K and V in --kv-dtype; GPU: 16-bit
   // K and V and the position), for the uncompressed size and the room for one prompt.
   const size_t entry_bytes = backend->kv_entry_bytes() * size_t(t.n_layers);
   const Backend::DeviceInfo info = backend->device_info();
@@ -373,6 +375,7 @@ int cmd_bench(int argc, char** argv) {
     json j;
     j["model"] = what;
     j["device"] = device;
+    if (device == "cpu") j["kv_dtype"] = kv_dtype_label(kv_dtype_from_name(kv_dtype));
     j["threads"] = num_threads();
     j["prompt"] = prompt;
     j["gen"] = gen;

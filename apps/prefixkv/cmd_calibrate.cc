@@ -45,7 +45,7 @@ const std::vector<OptionSpec> kCalibrateOptions = with_options({
     {"threads", "N", "worker threads (default: all cores)"},
     {"device", "NAME", "cpu (default) or cuda: the vision tower, projector and decoder on the GPU"},
     {"gpu-dtype", "TYPE", "cuda: bf16 or f16 (default: the checkpoint's 16-bit type, else bf16)"},
-}, kv_option_specs({"kv-importance", "kv-window", "kv-protected"}));
+}, kv_option_specs({"kv-importance", "kv-window", "kv-protected", "kv-dtype"}));
 
 void write_plot(const Profile& p, const std::string& path) {
   PlotSpec spec;
@@ -118,6 +118,7 @@ int cmd_calibrate(int argc, char** argv) {
     BackendOptions bo;
     bo.device = dev.device;
     bo.gpu_dtype = dev.gpu_dtype;
+    bo.kv_dtype = dev.kv_dtype;
     const std::unique_ptr<Backend> backend = make_backend(*model, bo);
     if (!dump.empty())
       opt.on_scores = [&](const std::string& id, const std::vector<std::vector<float>>& scores) {

@@ -56,7 +56,7 @@ const std::vector<OptionSpec> kEvalOptions = with_options({
     {"out", "FILE", "results JSON"},
     {"plot", "FILE", "PPL and ROUGE-L (text testbed: top-1 agreement) against budget per policy, as SVG"},
 }, kv_option_specs({"kv-window", "kv-protected", "kv-prefix-pool", "kv-decode", "kv-head-floor", "kv-value-weight",
-                    "kv-layer-floor", "kv-grid-pool", "kv-lookahead", "kv-query-reduce", "kv-profile"}));
+                    "kv-layer-floor", "kv-grid-pool", "kv-lookahead", "kv-query-reduce", "kv-profile", "kv-dtype"}));
 
 }  // namespace
 
@@ -135,6 +135,7 @@ int cmd_eval(int argc, char** argv) {
   BackendOptions bo;
   bo.device = dev.device;
   bo.gpu_dtype = dev.gpu_dtype;
+  bo.kv_dtype = dev.kv_dtype;
   const std::unique_ptr<Backend> backend = make_backend(*model, bo);
   if (!backend->thread_safe()) opt.jobs = 1;
   if (opt.jobs > 1) set_num_threads(1);  // parallel over samples; each one single-threaded

@@ -48,7 +48,7 @@ const std::vector<OptionSpec> kRunOptions = with_options({
     {"gpu-dtype", "TYPE", "cuda: bf16 or f16 weights, activations and KV (default: the checkpoint's 16-bit type, else bf16)"},
 }, kv_option_specs({"kv-policy", "kv-budget", "kv-budget-tokens", "kv-importance", "kv-window", "kv-protected",
                                   "kv-prefix-pool", "kv-decode", "kv-head-floor", "kv-value-weight",
-                                  "kv-layer-floor", "kv-grid-pool", "kv-lookahead", "kv-query-reduce", "kv-profile"}));
+                                  "kv-layer-floor", "kv-grid-pool", "kv-lookahead", "kv-query-reduce", "kv-profile", "kv-dtype"}));
 
 // Writes the first occurrence of each named tensor (the prefill's) as DIR/<name>[.L<layer>].npy.
 class DumpObserver : public Observer {
@@ -158,6 +158,7 @@ int cmd_run(int argc, char** argv) {
   BackendOptions bo;
   bo.device = dev.device;
   bo.gpu_dtype = dev.gpu_dtype;
+  bo.kv_dtype = dev.kv_dtype;
   bo.vision = has_image;
   bo.kv_pool_entries = int(std::min<int64_t>(int64_t(prompt_tokens) + s.max_tokens + 1, cfg.text.max_positions + 1));
   const std::unique_ptr<Backend> backend = make_backend(*model, bo);
@@ -186,6 +187,7 @@ int cmd_run(int argc, char** argv) {
                     {"threads", num_threads()}};
     j["device"] = device_desc;
     j["kv"] = {{"policy", policy.name()},
+               {"dtype", kv_dtype_label(dev.cuda ? gpu_compute_dtype(dev.gpu_dtype, *model) : kv_dtype_from_name(dev.kv_dtype))},
                {"budget", policy_info(policy.name()).compresses ? popt.budget : 1.0},
                {"prefill_kept_per_layer", policy.prefill_kept()},
                {"bytes", r.kv_bytes},

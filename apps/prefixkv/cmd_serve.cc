@@ -63,7 +63,7 @@ const std::vector<OptionSpec> kServeOptions = with_options(
         {"threads", "N", "compute threads (default: all cores)"},
     },
     kv_option_specs({"kv-policy", "kv-budget", "kv-budget-tokens", "kv-importance", "kv-window", "kv-protected",
-                     "kv-prefix-pool", "kv-decode", "kv-profile"}));
+                     "kv-prefix-pool", "kv-decode", "kv-profile", "kv-dtype"}));
 
 #ifdef PKV_HAVE_HTTPLIB
 int g_stop_pipe[2] = {-1, -1};
@@ -169,6 +169,7 @@ int cmd_serve(int argc, char** argv) {
   BackendOptions bo;
   bo.device = dev.device;
   bo.gpu_dtype = dev.gpu_dtype;
+  bo.kv_dtype = dev.kv_dtype;
   bo.kv_pool_bytes = args.has("kv-memory") ? so.kv_pool_bytes : 0;  // cuda, 0: 90% of what is free after the weights
   so.backend = make_backend(model, bo);
   if (so.backend->kv_pool_bytes() > 0) so.kv_pool_bytes = so.backend->kv_pool_bytes();  // the device's fixed pool

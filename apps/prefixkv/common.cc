@@ -72,7 +72,8 @@ DeviceChoice parse_device(const Args& args) {
   DeviceChoice d;
   d.device = args.str("device", "cpu");
   d.gpu_dtype = args.str("gpu-dtype", "");
-  check_device_options(d.device, d.gpu_dtype);
+  d.kv_dtype = args.str("kv-dtype", "");
+  check_device_options(d.device, d.gpu_dtype, d.kv_dtype);
   d.cuda = d.device == "cuda";
   return d;
 }

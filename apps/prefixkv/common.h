@@ -24,12 +24,13 @@ std::vector<std::string> split_list(const std::string& s);
 // A comma-separated list of budgets in (0, 1], sorted and without duplicates; errors name `option`.
 std::vector<double> parse_budgets(const std::string& list, const std::string& option);
 
-// --device cpu|cuda and --gpu-dtype bf16|f16 (run, serve), checked before anything is loaded (the
-// rules: engine/make_backend.h's check_device_options).
+// --device cpu|cuda, --gpu-dtype bf16|f16 and --kv-dtype f32|f16|bf16 (run, eval, calibrate, serve),
+// checked before anything is loaded (the rules: engine/make_backend.h's check_device_options).
 struct DeviceChoice {
   std::string device = "cpu";
   bool cuda = false;
   std::string gpu_dtype;  // "" = the default (the checkpoint's 16-bit type, else bf16)
+  std::string kv_dtype;   // "" = f32: the CPU cache's storage type (kv/kv_cache.h)
 };
 DeviceChoice parse_device(const Args& args);
 

@@ -1,7 +1,7 @@
 #include "core/dtype.h"
 
 #include <cmath>
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 #include <vector>
@@ -64,6 +64,10 @@ void to_f32(DType t, const void* src, float* dst, size_t n) {
     case DType::F16: {
       const uint16_t* s = static_cast<const uint16_t*>(src);
       size_t i = 0;
+#if defined(__AVX512F__)
+      for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i))));
+#endif
 #if defined(__F16C__)
       for (; i + 8 <= n; i += 8)
         _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i))));
@@ -73,10 +77,89 @@ void to_f32(DType t, const void* src, float* dst, size_t n) {
     }
     case DType::BF16: {
       const uint16_t* s = static_cast<const uint16_t*>(src);
-      for (size_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(s[i]);
+      size_t i = 0;
+#if defined(__AVX512F__)
+      for (; i + 16 <= n; i += 16)
+        _mm512_storeu_si512(dst + i, _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
+                                                           reinterpret_cast<const __m256i*>(s + i))), 16));
+#endif
+#if defined(__AVX2__)
+      for (; i + 8 <= n; i += 8)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
+                            _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i))), 16));
+#endif
+      for (; i < n; ++i) dst[i] = bf16_to_f32(s[i]);
       return;
     }
   }
+}
+
+namespace {
+
+#if defined(__AVX2__)
+// Eight f32_to_bf16 at once (the same integer steps: NaN keeps its top bits and turns quiet, every
+// other value rounds to nearest even), packed to eight 16-bit words.
+inline __m128i bf16x8(const float* src) {
+  const __m256i u = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+  const __m256i abs = _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff));
+  // Signed compare is right here: abs is below 2^31.
+  const __m256i nan = _mm256_cmpgt_epi32(abs, _mm256_set1_epi32(0x7f800000));
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
+  const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+  const __m256i r = _mm256_blendv_epi8(rounded, quiet, nan);
+  // 32 -> 16 bits: the values fit in 16 bits, so an unsigned saturating pack keeps them; packus
+  // works within 128-bit lanes, hence the permute.
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+  return _mm256_castsi256_si128(packed);
+}
+#endif
+
+}  // namespace
+
+void from_f32(DType t, const float* src, void* dst, size_t n) {
+  switch (t) {
+    case DType::F32:
+      std::memcpy(dst, src, n * 4);
+      return;
+    case DType::F16: {
+      uint16_t* d = static_cast<uint16_t*>(dst);
+      size_t i = 0;
+#if defined(__AVX512F__)
+      for (; i + 16 <= n; i += 16)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + i),
+                            _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+#if defined(__F16C__)
+      for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(d + i),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+      for (; i < n; ++i) d[i] = f32_to_f16(src[i]);
+      return;
+    }
+    case DType::BF16: {
+      uint16_t* d = static_cast<uint16_t*>(dst);
+      size_t i = 0;
+#if defined(__AVX2__)
+      for (; i + 8 <= n; i += 8) _mm_storeu_si128(reinterpret_cast<__m128i*>(d + i), bf16x8(src + i));
+#endif
+      for (; i < n; ++i) d[i] = f32_to_bf16(src[i]);
+      return;
+    }
+  }
+}
+
+float round_to(DType t, double x) {
+  float f = float(x);
+  if (t == DType::F32) return f;
+  if (double(f) != x && std::isfinite(f)) {
+    // Round to odd: of the two floats around x, the one whose last bit is 1.
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    if ((u & 1u) == 0) f = std::nextafter(f, double(f) < x ? INFINITY : -INFINITY);
+  }
+  return t == DType::F16 ? f16_to_f32(f32_to_f16(f)) : bf16_to_f32(f32_to_bf16(f));
 }
 
 }  // namespace pkv

@@ -119,11 +119,11 @@ namespace {
 
 class CpuBackend : public Backend {
  public:
-  explicit CpuBackend(const Model& model) : model_(model) {}
+  CpuBackend(const Model& model, DType kv_dtype) : model_(model), kv_dtype_(kv_dtype) {}
 
   class CpuSequence : public Sequence {
    public:
-    CpuSequence(const Model& model, KVPolicy& policy) : session(model, policy) {}
+    CpuSequence(const Model& model, KVPolicy& policy, DType kv_dtype) : session(model, policy, kv_dtype) {}
     int position() const override { return session.position(); }
     const CacheView& entries() const override { return session.cache(); }
     size_t kv_bytes() const override { return session.cache().bytes(); }
@@ -134,13 +134,15 @@ class CpuBackend : public Backend {
   };
 
   std::string name() const override { return "cpu"; }
-  std::string description() const override { return "cpu"; }
+  std::string description() const override {
+    return kv_dtype_ == DType::F32 ? "cpu" : std::string("cpu, ") + kv_dtype_label(kv_dtype_) + " KV cache";
+  }
   const Model& model() const override { return model_; }
   std::vector<float> encode_image(const float* pixels, Observer* obs) override {
     return model_.encode_image(pixels, obs);
   }
   std::unique_ptr<Sequence> prefill(const PreparedPrompt& p, KVPolicy& policy, float* logits, Observer* obs) override {
-    auto s = std::make_unique<CpuSequence>(model_, policy);
+    auto s = std::make_unique<CpuSequence>(model_, policy, kv_dtype_);
     s->session.prefill(p, logits, obs);
     return s;
   }
@@ -153,12 +155,12 @@ class CpuBackend : public Backend {
     as_cpu(seq).session.step(token, logits, obs);
   }
   struct CpuShared : SharedPrefill {
-    CpuShared(const Model& model) : session(model, full) {}
+    CpuShared(const Model& model, DType kv_dtype) : session(model, full, kv_dtype) {}
     FullPolicy full;
     Session session;
   };
   std::unique_ptr<SharedPrefill> prefill_shared(const PreparedPrompt& p, const std::vector<int>& from) override {
-    auto sh = std::make_unique<CpuShared>(model_);
+    auto sh = std::make_unique<CpuShared>(model_, kv_dtype_);
     sh->begin(p, model_.config().text.vocab_size, from);
     sh->importance = sh->session.prefill_uncompressed(p, sh->logits.data(), from);
     return sh;
@@ -168,7 +170,7 @@ class CpuBackend : public Backend {
     PKV_ASSERT_MSG(sh, "a shared prefill of another back end was given to the CPU back end");
     for (int f : shared.head_from)
       if (f == from) return;  // measured already
-    Session scratch(model_, sh->full);
+    Session scratch(model_, sh->full, kv_dtype_);
     shared.head_importance.push_back(std::move(scratch.prefill_uncompressed(p, nullptr, {from}, true)[0]));
     shared.head_from.push_back(from);
   }
@@ -185,14 +187,14 @@ class CpuBackend : public Backend {
   std::unique_ptr<Sequence> adopt(const SharedPrefill& shared, KVPolicy& policy) override {
     auto* sh = dynamic_cast<const CpuShared*>(&shared);
     PKV_ASSERT_MSG(sh, "a shared prefill of another back end was given to the CPU back end");
-    auto s = std::make_unique<CpuSequence>(model_, policy);
+    auto s = std::make_unique<CpuSequence>(model_, policy, kv_dtype_);
     s->session.adopt_prefill(sh->session.cache(), shared.importance_for(policy), shared.prompt_len);
     return s;
   }
   bool thread_safe() const override { return true; }  // the model is read-only; the state is the sequences'
   size_t kv_entry_bytes() const override {
     const TextConfig& t = model_.config().text;
-    return size_t(2) * size_t(t.n_kv_heads) * size_t(t.head_dim) * sizeof(float);
+    return size_t(2) * size_t(t.n_kv_heads) * size_t(t.head_dim) * dtype_size(kv_dtype_);
   }
   // No time breakdowns, pool or device memory on the CPU: only the weights it computes with.
   Stats stats() const override {
@@ -208,6 +210,7 @@ class CpuBackend : public Backend {
     return *c;
   }
   const Model& model_;
+  DType kv_dtype_;
 };
 
 double ms_since(std::chrono::steady_clock::time_point t0) {
@@ -216,7 +219,9 @@ double ms_since(std::chrono::steady_clock::time_point t0) {
 
 }  // namespace
 
-std::unique_ptr<Backend> make_cpu_backend(const Model& model) { return std::make_unique<CpuBackend>(model); }
+std::unique_ptr<Backend> make_cpu_backend(const Model& model, DType kv_dtype) {
+  return std::make_unique<CpuBackend>(model, kv_dtype);
+}
 
 namespace {
 void fill_kv(GenerationResult& r, const Backend::Sequence& seq) {

@@ -182,8 +182,9 @@ class Backend {
   virtual void use_for_images(PromptRequest& req, Observer* obs = nullptr);
 };
 
-// The CPU reference: Sessions over the model (float32 caches).
-std::unique_ptr<Backend> make_cpu_backend(const Model& model);
+// The CPU reference: Sessions over the model, their caches stored as kv_dtype (float32 by default;
+// F16 / BF16 take half the memory: kv/kv_cache.h, --kv-dtype).
+std::unique_ptr<Backend> make_cpu_backend(const Model& model, DType kv_dtype = DType::F32);
 
 // Decodes several sequences of one backend to the end in batched steps (Backend::step_many over
 // the unfinished ones), each from the logits of its prompt's last position (logits [n, vocab]) and

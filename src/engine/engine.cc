@@ -113,8 +113,8 @@ int sample_token(const float* logits, int vocab, const SamplingOptions& s, uint6
   return idx[size_t(keep - 1)];
 }
 
-Session::Session(const Model& model, KVPolicy& policy)
-    : model_(model), policy_(policy), cache_(model.make_cache()), x_(size_t(model.config().text.hidden)) {}
+Session::Session(const Model& model, KVPolicy& policy, DType kv_dtype)
+    : model_(model), policy_(policy), cache_(model.make_cache(kv_dtype)), x_(size_t(model.config().text.hidden)) {}
 
 void Session::run_prompt(const PreparedPrompt& p, float* logits, Observer* obs, std::vector<std::vector<float>>* importance,
                          int importance_from, bool importance_per_kv_head) {
@@ -168,7 +168,7 @@ std::vector<std::vector<std::vector<float>>> Session::prefill_uncompressed(const
   // Each further window: the same prompt again over a scratch cache (the attention pass measures
   // one window at a time).
   for (size_t i = 1; i < importance_from.size(); ++i) {
-    Session scratch(model_, policy_);
+    Session scratch(model_, policy_, cache_.dtype());
     scratch.run_prompt(p, nullptr, nullptr, &imp[i], importance_from[i], per_kv_head);
   }
   return imp;

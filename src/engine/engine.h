@@ -84,7 +84,8 @@ struct GenerationResult {
 // One sequence's decoding state: its KV cache and its policy. prefill() then step() per token.
 class Session {
  public:
-  Session(const Model& model, KVPolicy& policy);
+  // kv_dtype: the cache's storage type (kv/kv_cache.h; --kv-dtype).
+  Session(const Model& model, KVPolicy& policy, DType kv_dtype = DType::F32);
   // Runs the prompt; writes the logits of its last position (from the uncompressed prefill), then
   // lets the policy compress the cache.
   void prefill(const PreparedPrompt& p, float* logits, Observer* obs = nullptr);

@@ -17,13 +17,15 @@ bool have_cuda_backend() {
 #endif
 }
 
-void check_device_options(const std::string& device, const std::string& gpu_dtype) {
+void check_device_options(const std::string& device, const std::string& gpu_dtype, const std::string& kv_dtype) {
   // The options' own mistakes first, then what this build lacks: the same message for the same
   // typo whichever way prefixkv was built.
   if (device != "cpu" && device != "cuda") fail("--device", "must be cpu or cuda, got '" + device + "'");
   if (!gpu_dtype.empty() && gpu_dtype != "bf16" && gpu_dtype != "f16")
     fail("--gpu-dtype", "must be bf16 or f16, got '" + gpu_dtype + "'");
   if (device != "cuda" && !gpu_dtype.empty()) fail("--gpu-dtype", "only applies with --device cuda");
+  if (kv_dtype_from_name(kv_dtype) != DType::F32 && device == "cuda")
+    fail("--kv-dtype", "applies to the CPU engine's cache; the GPU keeps its cache in the --gpu-dtype type");
   if (device == "cuda" && !have_cuda_backend())
     fail("--device cuda", "this prefixkv was built without the CUDA back end (-DPREFIXKV_CUDA=ON)");
 }
@@ -36,8 +38,8 @@ DType gpu_compute_dtype(const std::string& gpu_dtype, const Model& model) {
 }
 
 std::unique_ptr<Backend> make_backend(const Model& model, const BackendOptions& opt) {
-  check_device_options(opt.device, opt.gpu_dtype);
-  if (opt.device == "cpu") return make_cpu_backend(model);
+  check_device_options(opt.device, opt.gpu_dtype, opt.kv_dtype);
+  if (opt.device == "cpu") return make_cpu_backend(model, kv_dtype_from_name(opt.kv_dtype));
 #ifdef PREFIXKV_HAVE_CUDA
   cuda::CudaBackendOptions o;
   o.dtype = gpu_compute_dtype(opt.gpu_dtype, model);

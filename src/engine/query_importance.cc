@@ -36,7 +36,8 @@ std::vector<std::vector<float>> value_weights(const Model& model, const KVCache&
     std::vector<float>& o = out[size_t(l)];
     o.assign(size_t(H) * n, 1.f);
     if (w == ValueWeight::None) continue;
-    const float* V = kv.values();  // [size, kvd]
+    std::vector<float> vbuf;
+    const float* V = kv.values_f32(vbuf);  // [size, kvd], whatever the cache's storage type
     if (w == ValueWeight::ValueNorm) {
       for (int h = 0; h < H; ++h)
         for (int j = 0; j < n; ++j) {
@@ -84,7 +85,8 @@ void query_scores(const Model& model, const KVCache& cache, const std::vector<st
     const KVLayer& kv = cache.layer(l);
     PKV_ASSERT(!kv.per_head() && kv.size() >= n && int(q[size_t(l)].size()) == T * qd);
     const int S = kv.size();
-    const float* K = kv.keys();
+    std::vector<float> kbuf;
+    const float* K = kv.keys_f32(kbuf);
     const int32_t* P = kv.positions();
     std::vector<float>& o = out[size_t(l)];
     o.assign(size_t(T) * n, 0.f);
@@ -165,7 +167,7 @@ std::vector<std::vector<float>> extended_importance(const Model& model, const KV
     // The prompt's rows from `from` on, again, over the cache of the rows before them.
     const int from = std::max(0, req.from), T = N - from;
     PKV_ASSERT(p.embeddings.size() == size_t(N) * size_t(D));
-    KVCache c = model.make_cache();
+    KVCache c = model.make_cache(full.dtype());
     if (from > 0) {
       c = full.clone();
       KeepPlan cut;

@@ -8,7 +8,84 @@
 
 namespace pkv {
 
-KVLayer::KVLayer(int kv_dim, int n_kv_heads) : kv_dim_(kv_dim), n_kv_heads_(n_kv_heads) {
+DType kv_dtype_from_name(const std::string& name) {
+  if (name.empty() || name == "f32") return DType::F32;
+  if (name == "f16") return DType::F16;
+  if (name == "bf16") return DType::BF16;
+  fail("--kv-dtype", "must be f32, f16 or bf16, got '" + name + "'");
+}
+
+const char* kv_dtype_label(DType t) {
+  switch (t) {
+    case DType::F32: return "f32";
+    case DType::F16: return "f16";
+    case DType::BF16: return "bf16";
+  }
+  return "?";
+}
+
+const float* KVRows::f32() const {
+  PKV_ASSERT_MSG(t_ == DType::F32, std::string("a KV cache stored as ") + dtype_name(t_) +
+                                       " has no float32 rows: read them through keys_f32 / values_f32");
+  return f_.data();
+}
+float* KVRows::f32() {
+  PKV_ASSERT_MSG(t_ == DType::F32, std::string("a KV cache stored as ") + dtype_name(t_) + " has no float32 rows");
+  return f_.data();
+}
+void KVRows::reserve(size_t n) { t_ == DType::F32 ? f_.reserve(n) : h_.reserve(n); }
+void KVRows::resize(size_t n) { t_ == DType::F32 ? f_.resize(n) : h_.resize(n); }
+void KVRows::shrink_to_fit() { t_ == DType::F32 ? f_.shrink_to_fit() : h_.shrink_to_fit(); }
+void KVRows::release() {
+  std::vector<float>().swap(f_);
+  std::vector<uint16_t>().swap(h_);
+}
+
+void KVRows::append(const float* src, size_t n) {
+  if (t_ == DType::F32) {
+    f_.insert(f_.end(), src, src + n);
+    return;
+  }
+  const size_t at = h_.size();
+  h_.resize(at + n);
+  from_f32(t_, src, h_.data() + at, n);
+}
+
+void KVRows::append_stored(const KVRows& o, size_t off, size_t n) {
+  PKV_ASSERT(o.t_ == t_ && off + n <= o.size());
+  if (t_ == DType::F32) f_.insert(f_.end(), o.f_.begin() + ptrdiff_t(off), o.f_.begin() + ptrdiff_t(off + n));
+  else h_.insert(h_.end(), o.h_.begin() + ptrdiff_t(off), o.h_.begin() + ptrdiff_t(off + n));
+}
+
+void KVRows::move(size_t dst, size_t src, size_t n) {
+  if (t_ == DType::F32) std::memmove(&f_[dst], &f_[src], n * sizeof(float));
+  else std::memmove(&h_[dst], &h_[src], n * sizeof(uint16_t));
+}
+
+void KVRows::read(size_t off, size_t n, float* out) const {
+  PKV_ASSERT(off + n <= size());
+  to_f32(t_, static_cast<const char*>(data()) + off * dtype_size(t_), out, n);
+}
+
+double KVRows::at(size_t i) const {
+  switch (t_) {
+    case DType::F32: return f_[i];
+    case DType::F16: return f16_to_f32(h_[i]);
+    case DType::BF16: return bf16_to_f32(h_[i]);
+  }
+  return 0;
+}
+
+void KVRows::set_rounded(size_t i, double x) {
+  switch (t_) {
+    case DType::F32: f_[i] = float(x); return;
+    case DType::F16: h_[i] = f32_to_f16(round_to(DType::F16, x)); return;   // exact: already a half
+    case DType::BF16: h_[i] = f32_to_bf16(round_to(DType::BF16, x)); return;
+  }
+}
+
+KVLayer::KVLayer(int kv_dim, int n_kv_heads, DType dtype)
+    : kv_dim_(kv_dim), n_kv_heads_(n_kv_heads), dtype_(dtype), k_(dtype), v_(dtype) {
   PKV_ASSERT(n_kv_heads >= 1 && kv_dim % n_kv_heads == 0);
 }
 
@@ -28,11 +105,11 @@ int KVLayer::total_entries() const {
 
 const float* KVLayer::keys() const {
   PKV_ASSERT_MSG(!per_head_, "a per-head layer has no shared keys");
-  return k_.data();
+  return k_.f32();
 }
 const float* KVLayer::values() const {
   PKV_ASSERT_MSG(!per_head_, "a per-head layer has no shared values");
-  return v_.data();
+  return v_.f32();
 }
 const int32_t* KVLayer::positions() const {
   PKV_ASSERT_MSG(!per_head_, "a per-head layer has no shared positions");
@@ -40,11 +117,45 @@ const int32_t* KVLayer::positions() const {
 }
 float* KVLayer::mutable_keys() {
   PKV_ASSERT(!per_head_);
-  return k_.data();
+  return k_.f32();
 }
 float* KVLayer::mutable_values() {
   PKV_ASSERT(!per_head_);
+  return v_.f32();
+}
+const void* KVLayer::key_data() const {
+  PKV_ASSERT_MSG(!per_head_, "a per-head layer has no shared keys");
+  return k_.data();
+}
+const void* KVLayer::value_data() const {
+  PKV_ASSERT_MSG(!per_head_, "a per-head layer has no shared values");
   return v_.data();
+}
+
+namespace {
+const float* rows_f32(const KVRows& r, std::vector<float>& buf) {
+  if (r.dtype() == DType::F32) return r.f32();
+  buf.resize(r.size());
+  r.read(0, r.size(), buf.data());
+  return buf.data();
+}
+}  // namespace
+
+const float* KVLayer::keys_f32(std::vector<float>& buf) const {
+  PKV_ASSERT_MSG(!per_head_, "a per-head layer has no shared keys");
+  return rows_f32(k_, buf);
+}
+const float* KVLayer::values_f32(std::vector<float>& buf) const {
+  PKV_ASSERT_MSG(!per_head_, "a per-head layer has no shared values");
+  return rows_f32(v_, buf);
+}
+const float* KVLayer::head_keys_f32(int h, std::vector<float>& buf) const {
+  PKV_ASSERT(per_head_);
+  return rows_f32(heads_[size_t(h)].k, buf);
+}
+const float* KVLayer::head_values_f32(int h, std::vector<float>& buf) const {
+  PKV_ASSERT(per_head_);
+  return rows_f32(heads_[size_t(h)].v, buf);
 }
 
 void KVLayer::reserve(int entries) {
@@ -70,10 +181,8 @@ void KVLayer::append(const float* k, const float* v, const int32_t* positions, i
       for (int i = 0; i < n; ++i) {
         PKV_ASSERT_MSG((h.pos.empty() && i == 0) || positions[i] > (i ? positions[i - 1] : h.pos.back()),
                        "KV positions must increase");
-        const float* kr = k + size_t(i) * kv_dim_ + g * hd;
-        const float* vr = v + size_t(i) * kv_dim_ + g * hd;
-        h.k.insert(h.k.end(), kr, kr + hd);
-        h.v.insert(h.v.end(), vr, vr + hd);
+        h.k.append(k + size_t(i) * kv_dim_ + g * hd, hd);
+        h.v.append(v + size_t(i) * kv_dim_ + g * hd, hd);
       }
       h.pos.insert(h.pos.end(), positions, positions + n);
     }
@@ -82,33 +191,32 @@ void KVLayer::append(const float* k, const float* v, const int32_t* positions, i
   for (int i = 0; i < n; ++i)
     PKV_ASSERT_MSG((pos_.empty() && i == 0) || positions[i] > (i ? positions[i - 1] : pos_.back()),
                    "KV positions must increase");
-  k_.insert(k_.end(), k, k + size_t(n) * kv_dim_);
-  v_.insert(v_.end(), v, v + size_t(n) * kv_dim_);
+  k_.append(k, size_t(n) * kv_dim_);
+  v_.append(v, size_t(n) * kv_dim_);
   pos_.insert(pos_.end(), positions, positions + n);
 }
 
 namespace {
 
 // Keeps rows keep[i] of k, v ([*, d]) and pos, in order; gives memory back when they shrank a lot.
-void retain_rows(std::vector<float>& k, std::vector<float>& v, std::vector<int32_t>& pos, size_t d,
-                 std::span<const int32_t> keep) {
+void retain_rows(KVRows& k, KVRows& v, std::vector<int32_t>& pos, size_t d, std::span<const int32_t> keep) {
   for (size_t i = 0; i < keep.size(); ++i) {
     PKV_ASSERT(keep[i] >= 0 && size_t(keep[i]) < pos.size());
     PKV_ASSERT(i == 0 || keep[i] > keep[i - 1]);
     const size_t src = size_t(keep[i]);
     if (src != i) {
-      std::memmove(&k[i * d], &k[src * d], d * sizeof(float));
-      std::memmove(&v[i * d], &v[src * d], d * sizeof(float));
+      k.move(i * d, src * d, d);
+      v.move(i * d, src * d, d);
       pos[i] = pos[src];
     }
   }
   const size_t n = keep.size();
-  const size_t old_cap = k.capacity();
+  const size_t old_cap = k.capacity_bytes();
   k.resize(n * d);
   v.resize(n * d);
   pos.resize(n);
   // Give memory back when the storage shrank a lot (the point of eviction).
-  if (k.size() * 2 < old_cap) {
+  if (n * d * dtype_size(k.dtype()) * 2 < old_cap) {
     k.shrink_to_fit();
     v.shrink_to_fit();
     pos.shrink_to_fit();
@@ -116,8 +224,9 @@ void retain_rows(std::vector<float>& k, std::vector<float>& v, std::vector<int32
 }
 
 // The merge rule of ops/kv_merge.h on rows [*, d] at column offset `col` of rows `stride` wide: each
-// kept row becomes the mean of its group (sums in double).
-void merge_rows(float* k, float* v, size_t stride, size_t col, size_t d, const std::vector<int32_t>& keep, int size) {
+// kept row becomes the mean of its group (the stored values summed in double, the mean rounded once
+// to the storage type).
+void merge_rows(KVRows& k, KVRows& v, size_t stride, size_t col, size_t d, const std::vector<int32_t>& keep, int size) {
   std::vector<double> ksum(d), vsum(d);
   const int n_keep = int(keep.size());
   for (int m = 0; m < n_keep; ++m) {
@@ -127,11 +236,10 @@ void merge_rows(float* k, float* v, size_t stride, size_t col, size_t d, const s
     std::fill(vsum.begin(), vsum.end(), 0.0);
     for (int i = lo; i <= hi; ++i)
       for (size_t x = 0; x < d; ++x)
-        ksum[x] += k[size_t(i) * stride + col + x], vsum[x] += v[size_t(i) * stride + col + x];
+        ksum[x] += k.at(size_t(i) * stride + col + x), vsum[x] += v.at(size_t(i) * stride + col + x);
     const double count = hi - lo + 1;
-    float* kr = &k[size_t(keep[size_t(m)]) * stride + col];
-    float* vr = &v[size_t(keep[size_t(m)]) * stride + col];
-    for (size_t x = 0; x < d; ++x) kr[x] = float(ksum[x] / count), vr[x] = float(vsum[x] / count);
+    const size_t row = size_t(keep[size_t(m)]) * stride + col;
+    for (size_t x = 0; x < d; ++x) k.set_rounded(row + x, ksum[x] / count), v.set_rounded(row + x, vsum[x] / count);
   }
 }
 
@@ -144,20 +252,20 @@ void KVLayer::retain(std::span<const int32_t> keep) {
 
 void KVLayer::split_heads() {
   const size_t hd = size_t(head_dim()), n = pos_.size();
-  heads_.assign(size_t(n_kv_heads_), Head{});
+  heads_.assign(size_t(n_kv_heads_), Head{KVRows(dtype_), KVRows(dtype_), {}});
   for (size_t g = 0; g < heads_.size(); ++g) {
     Head& h = heads_[g];
-    h.k.resize(n * hd);
-    h.v.resize(n * hd);
+    h.k.reserve(n * hd);
+    h.v.reserve(n * hd);
     for (size_t i = 0; i < n; ++i) {
-      std::memcpy(&h.k[i * hd], &k_[i * size_t(kv_dim_) + g * hd], hd * sizeof(float));
-      std::memcpy(&h.v[i * hd], &v_[i * size_t(kv_dim_) + g * hd], hd * sizeof(float));
+      h.k.append_stored(k_, i * size_t(kv_dim_) + g * hd, hd);
+      h.v.append_stored(v_, i * size_t(kv_dim_) + g * hd, hd);
     }
     h.pos = pos_;
   }
   // Release the shared storage (assigning {} would keep the capacity).
-  std::vector<float>().swap(k_);
-  std::vector<float>().swap(v_);
+  k_.release();
+  v_.release();
   std::vector<int32_t>().swap(pos_);
   per_head_ = true;
 }
@@ -166,7 +274,7 @@ void KVLayer::apply(const LayerKeep& plan) {
   PKV_ASSERT(plan.before == (per_head_ ? total_entries() : size()));  // what CacheView::held counts
   if (plan.head_keep.empty()) {
     PKV_ASSERT(!per_head_);
-    if (plan.merge) merge_rows(k_.data(), v_.data(), size_t(kv_dim_), 0, size_t(kv_dim_), plan.keep, size());
+    if (plan.merge) merge_rows(k_, v_, size_t(kv_dim_), 0, size_t(kv_dim_), plan.keep, size());
     retain(plan.keep);
     return;
   }
@@ -175,36 +283,36 @@ void KVLayer::apply(const LayerKeep& plan) {
   const size_t hd = size_t(head_dim());
   for (size_t g = 0; g < heads_.size(); ++g) {
     Head& h = heads_[g];
-    if (plan.merge) merge_rows(h.k.data(), h.v.data(), hd, 0, hd, plan.head_keep[g], int(h.pos.size()));
+    if (plan.merge) merge_rows(h.k, h.v, hd, 0, hd, plan.head_keep[g], int(h.pos.size()));
     retain_rows(h.k, h.v, h.pos, hd, plan.head_keep[g]);
   }
 }
 
 void KVLayer::clear() {
-  k_.clear();
-  v_.clear();
+  k_.resize(0);
+  v_.resize(0);
   pos_.clear();
   heads_.clear();
   per_head_ = false;
 }
 
-size_t KVLayer::bytes() const { return size_t(total_entries()) * 2 * size_t(head_dim()) * sizeof(float); }
+size_t KVLayer::bytes() const { return size_t(total_entries()) * 2 * size_t(head_dim()) * dtype_size(dtype_); }
 
 std::vector<size_t> KVLayer::bytes_per_head() const {
   std::vector<size_t> b(static_cast<size_t>(n_kv_heads_));
-  for (int h = 0; h < n_kv_heads_; ++h) b[size_t(h)] = size_t(size(h)) * 2 * size_t(head_dim()) * sizeof(float);
+  for (int h = 0; h < n_kv_heads_; ++h) b[size_t(h)] = size_t(size(h)) * 2 * size_t(head_dim()) * dtype_size(dtype_);
   return b;
 }
 
 size_t KVLayer::capacity_bytes() const {
-  size_t c = (k_.capacity() + v_.capacity()) * sizeof(float);
-  for (const Head& h : heads_) c += (h.k.capacity() + h.v.capacity()) * sizeof(float);
+  size_t c = k_.capacity_bytes() + v_.capacity_bytes();
+  for (const Head& h : heads_) c += h.k.capacity_bytes() + h.v.capacity_bytes();
   return c;
 }
 
-KVCache::KVCache(int n_layers, int kv_dim, int n_kv_heads) {
+KVCache::KVCache(int n_layers, int kv_dim, int n_kv_heads, DType dtype) : dtype_(dtype) {
   layers_.reserve(size_t(n_layers));
-  for (int i = 0; i < n_layers; ++i) layers_.emplace_back(kv_dim, n_kv_heads);
+  for (int i = 0; i < n_layers; ++i) layers_.emplace_back(kv_dim, n_kv_heads, dtype);
 }
 
 std::span<const int32_t> KVCache::positions(int l) const {

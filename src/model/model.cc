@@ -132,6 +132,18 @@ static void finish_rows(const TextConfig& t, const LlamaLayer& L, LinearFn lin, 
   for (size_t i = 0; i < n; ++i) x[i] += h[i];
 }
 
+// The rows attention reads: float32, or a 16-bit cache's words (ops::AttentionArgs::kv_dtype).
+static void set_kv_rows(ops::AttentionArgs& a, DType t, const void* k, const void* v) {
+  a.kv_dtype = t;
+  if (t == DType::F32) {
+    a.k = static_cast<const float*>(k);
+    a.v = static_cast<const float*>(v);
+  } else {
+    a.k16 = static_cast<const uint16_t*>(k);
+    a.v16 = static_cast<const uint16_t*>(v);
+  }
+}
+
 void attend_layer(const TextConfig& t, KVLayer& kv, const float* q, const float* k, const float* v, int n_q,
                   const int32_t* pos, float* out, std::vector<float>* imp, int imp_from, bool imp_per_kv_head) {
   kv.append(k, v, pos, n_q);
@@ -145,8 +157,7 @@ void attend_layer(const TextConfig& t, KVLayer& kv, const float* q, const float*
       a.q_stride = qd;
       a.n_q = n_q;
       a.q_pos = pos;
-      a.k = kv.head_keys(g);
-      a.v = kv.head_values(g);
+      set_kv_rows(a, kv.dtype(), kv.head_key_data(g), kv.head_value_data(g));
       a.n_kv = kv.size(g);
       a.kv_stride = t.head_dim;
       a.kv_pos = kv.head_positions(g);
@@ -164,8 +175,7 @@ void attend_layer(const TextConfig& t, KVLayer& kv, const float* q, const float*
   a.q = q;
   a.n_q = n_q;
   a.q_pos = pos;
-  a.k = kv.keys();
-  a.v = kv.values();
+  set_kv_rows(a, kv.dtype(), kv.key_data(), kv.value_data());
   a.n_kv = kv.size();
   a.kv_stride = t.n_kv_heads * t.head_dim;
   a.kv_pos = kv.positions();

@@ -81,8 +81,9 @@ class Model {
   void decode_batch(const float* x, int B, const int32_t* pos, const std::vector<KVCache*>& caches,
                     const std::vector<std::vector<std::vector<float>>*>& importance, float* logits_out) const;
 
-  KVCache make_cache() const {
-    return KVCache(cfg_.text.n_layers, cfg_.text.n_kv_heads * cfg_.text.head_dim, cfg_.text.n_kv_heads);
+  // An empty cache for this model, keys and values stored as `kv_dtype` (kv/kv_cache.h).
+  KVCache make_cache(DType kv_dtype = DType::F32) const {
+    return KVCache(cfg_.text.n_layers, cfg_.text.n_kv_heads * cfg_.text.head_dim, cfg_.text.n_kv_heads, kv_dtype);
   }
 
  private:

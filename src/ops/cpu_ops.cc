@@ -137,6 +137,35 @@ inline void dot4_16(DType t, const float* x, size_t stride, const uint16_t* w, i
 #endif
 }
 
+// n 16-bit values of a KV row (F16 or BF16) as float32 (exact), inline: attention converts one row
+// of one head at a time, and a call into core/dtype's to_f32 per row cost more than the conversion.
+inline void kv_row_f32(DType t, const uint16_t* src, float* dst, int n) {
+  int i = 0;
+  if (t == DType::F16) {
+#if defined(__AVX512F__)
+    for (; i + 16 <= n; i += 16)
+      _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+#endif
+#ifdef PKV_AVX2
+    for (; i + 8 <= n; i += 8)
+      _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+#endif
+    for (; i < n; ++i) dst[i] = f16_to_f32(src[i]);
+    return;
+  }
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_si512(dst + i, _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
+                                                       reinterpret_cast<const __m256i*>(src + i))), 16));
+#endif
+#ifdef PKV_AVX2
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
+                        _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))), 16));
+#endif
+  for (; i < n; ++i) dst[i] = bf16_to_f32(src[i]);
+}
+
 }  // namespace
 
 const char* blas_corename() { return openblas_get_corename(); }
@@ -426,6 +455,8 @@ void attention_blocked(const AttentionArgs& a) {
   const float imp_div = float(a.importance_per_kv_head ? group : a.n_heads);
   parallel_for(items, 1, [&](size_t b, size_t e, int tid) {
     std::vector<float> p(size_t(kBlock) * a.n_kv);
+    std::vector<float> kpanel, vpanel;
+    int panel_g = -1;
     float* imp_all = nullptr;
     if (a.importance) {
       imp_parts[size_t(tid)].assign(imp_len, 0.f);
@@ -436,8 +467,29 @@ void attention_blocked(const AttentionArgs& a) {
       const int g = h / group, i0 = blk * kBlock, rows = std::min(kBlock, a.n_q - i0);
       float* imp = imp_all && a.importance_per_kv_head ? imp_all + size_t(g) * a.n_kv : imp_all;
       const float* qb = a.q + size_t(i0) * qs + size_t(h) * a.head_dim;
-      const float* kb = a.k + size_t(g) * a.head_dim;
-      const float* vb = a.v + size_t(g) * a.head_dim;
+      const float* kb = nullptr;
+      const float* vb = nullptr;
+      int kv_ld = a.kv_stride;
+      if (a.kv_dtype == DType::F32) {
+        kb = a.k + size_t(g) * a.head_dim;
+        vb = a.v + size_t(g) * a.head_dim;
+      } else {
+        // A 16-bit cache: KV head g's rows converted once into this thread's panels [n_kv, head_dim]
+        // (items run head by head, so a thread converts each KV head about once).
+        if (panel_g != g) {
+          kpanel.resize(size_t(a.n_kv) * a.head_dim);
+          vpanel.resize(kpanel.size());
+          for (int j = 0; j < a.n_kv; ++j) {
+            const size_t off = size_t(j) * a.kv_stride + size_t(g) * a.head_dim;
+            kv_row_f32(a.kv_dtype, a.k16 + off, kpanel.data() + size_t(j) * a.head_dim, a.head_dim);
+            kv_row_f32(a.kv_dtype, a.v16 + off, vpanel.data() + size_t(j) * a.head_dim, a.head_dim);
+          }
+          panel_g = g;
+        }
+        kb = kpanel.data();
+        vb = vpanel.data();
+        kv_ld = a.head_dim;
+      }
       // Keys beyond the last query's position are never seen by this block.
       int n_kv = a.n_kv;
       if (causal) {
@@ -448,8 +500,8 @@ void attention_blocked(const AttentionArgs& a) {
         for (int r = 0; r < rows; ++r) std::fill_n(a.out + size_t(i0 + r) * os + size_t(h) * a.head_dim, a.head_dim, 0.f);
         continue;
       }
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, n_kv, a.head_dim, a.scale, qb, qs, kb, a.kv_stride,
-                  0.f, p.data(), n_kv);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, n_kv, a.head_dim, a.scale, qb, qs, kb, kv_ld, 0.f,
+                  p.data(), n_kv);
       for (int r = 0; r < rows; ++r) {
         float* pr = p.data() + size_t(r) * n_kv;
         int seen = n_kv;
@@ -464,8 +516,8 @@ void attention_blocked(const AttentionArgs& a) {
         if (imp && i0 + r >= a.importance_from)
           for (int j = 0; j < seen; ++j) imp[j] += pr[j] / imp_div;
       }
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, a.head_dim, n_kv, 1.f, p.data(), n_kv, vb,
-                  a.kv_stride, 0.f, a.out + size_t(i0) * os + size_t(h) * a.head_dim, os);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, a.head_dim, n_kv, 1.f, p.data(), n_kv, vb, kv_ld,
+                  0.f, a.out + size_t(i0) * os + size_t(h) * a.head_dim, os);
     }
   });
   if (a.importance)
@@ -477,6 +529,7 @@ void attention_blocked(const AttentionArgs& a) {
 
 void attention(const AttentionArgs& a) {
   PKV_ASSERT(a.n_heads % a.n_kv_heads == 0);
+  PKV_ASSERT(a.kv_dtype == DType::F32 ? a.k && a.v : a.k16 && a.v16);
   if (a.n_q >= 16) return attention_blocked(a);
   const int group = a.n_heads / a.n_kv_heads;
   const int qs = a.q_stride ? a.q_stride : a.n_heads * a.head_dim;
@@ -488,8 +541,10 @@ void attention(const AttentionArgs& a) {
   if (a.importance) imp_parts.assign(size_t(nthreads), std::vector<float>());
   const size_t imp_len = size_t(a.n_kv) * (a.importance_per_kv_head ? size_t(a.n_kv_heads) : 1);
   const float imp_div = float(a.importance_per_kv_head ? group : a.n_heads);
+  const bool f32 = a.kv_dtype == DType::F32;
   parallel_for(items, 4, [&](size_t b, size_t e, int tid) {
     std::vector<float> p(size_t(a.n_kv));
+    std::vector<float> row(f32 ? 0 : size_t(a.head_dim));  // a 16-bit row as float32
     float* imp_all = nullptr;
     if (a.importance) {
       imp_parts[size_t(tid)].assign(imp_len, 0.f);
@@ -507,7 +562,10 @@ void attention(const AttentionArgs& a) {
           p[size_t(j)] = -INFINITY;
           continue;
         }
-        const float sc = dot_f32(qv, a.k + size_t(j) * a.kv_stride + size_t(g) * a.head_dim, a.head_dim) * a.scale;
+        const size_t off = size_t(j) * a.kv_stride + size_t(g) * a.head_dim;
+        const float* kr = f32 ? a.k + off : row.data();
+        if (!f32) kv_row_f32(a.kv_dtype, a.k16 + off, row.data(), a.head_dim);
+        const float sc = dot_f32(qv, kr, a.head_dim) * a.scale;
         p[size_t(j)] = sc;
         mx = std::max(mx, sc);
       }
@@ -522,7 +580,9 @@ void attention(const AttentionArgs& a) {
       for (int j = 0; j < a.n_kv; ++j) {
         const float w = p[size_t(j)] * inv;
         if (w == 0.f) continue;
-        const float* vv = a.v + size_t(j) * a.kv_stride + size_t(g) * a.head_dim;
+        const size_t off = size_t(j) * a.kv_stride + size_t(g) * a.head_dim;
+        const float* vv = f32 ? a.v + off : row.data();
+        if (!f32) kv_row_f32(a.kv_dtype, a.v16 + off, row.data(), a.head_dim);
         for (int d = 0; d < a.head_dim; ++d) o[d] += w * vv[d];
         if (imp && i >= a.importance_from) imp[j] += w / imp_div;
       }

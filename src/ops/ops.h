@@ -79,6 +79,13 @@ struct AttentionArgs {
   float* importance = nullptr;
   int importance_from = 0;  // only queries i >= importance_from contribute (window estimators)
   bool importance_per_kv_head = false;
+  // A 16-bit KV cache (kv/kv_cache.h, --kv-dtype): with kv_dtype F16 or BF16 the rows are k16 and v16
+  // (the same layout and kv_stride, in elements) and k, v are not read. Each row is converted to
+  // float32 as it is read (F16C / AVX-512 where the compiler target has them) and then takes the
+  // float32 arithmetic, so the result is bit for bit that of k, v holding the same values in float32.
+  DType kv_dtype = DType::F32;
+  const uint16_t* k16 = nullptr;
+  const uint16_t* v16 = nullptr;
 };
 void attention(const AttentionArgs& a);
 
