@@ -33,8 +33,8 @@ class Backend {
     virtual const KVPolicy& policy() const = 0;
     // Per layer, the entries each KV head holds (a per-head layer: their mean over the heads, rounded).
     std::vector<int> entries_per_layer() const;
-    // [layers][kv heads]: entries and bytes of each KV head; empty where the cache keeps the same
-    // entries in every head (CacheView::kv_heads() == 0: the GPU).
+    // [layers][kv heads]: entries and bytes of each KV head; empty where the cache cannot hold
+    // per-head entries (CacheView::kv_heads() == 0).
     std::vector<std::vector<int>> entries_per_head() const;
     virtual std::vector<std::vector<size_t>> kv_bytes_per_head() const { return {}; }
   };

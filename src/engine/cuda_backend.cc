@@ -35,10 +35,14 @@ class CudaBackend : public Backend {
     size_t kv_bytes() const override { return session.kv_bytes(); }
     std::vector<size_t> kv_bytes_per_layer() const override {
       std::vector<size_t> b;
-      for (int l = 0; l < pool_.n_layers(); ++l)
-        b.push_back(pool_.blocks().table(session.sequence(), l).size() * pool_.block_bytes());
+      for (const std::vector<size_t>& heads : session.kv_bytes_per_head()) {
+        size_t sum = 0;
+        for (size_t x : heads) sum += x;
+        b.push_back(sum);
+      }
       return b;
     }
+    std::vector<std::vector<size_t>> kv_bytes_per_head() const override { return session.kv_bytes_per_head(); }
     const KVPolicy& policy() const override { return session.policy(); }
     GpuSession session;
 
@@ -104,6 +108,15 @@ class CudaBackend : public Backend {
     sh->begin(p, model_.config().text.vocab_size, from);
     sh->importance = sh->session.prefill_uncompressed(p, sh->logits.data(), from);
     return sh;
+  }
+  void add_head_importance(SharedPrefill& shared, const PreparedPrompt& p, int from, const std::string&) override {
+    auto* sh = dynamic_cast<CudaShared*>(&shared);
+    PKV_ASSERT_MSG(sh, "a shared prefill of another back end was given to the cuda back end");
+    for (int f : shared.head_from)
+      if (f == from) return;  // measured already
+    GpuSession scratch(gpu_, *pool_, sh->full);  // its blocks go back when it ends
+    shared.head_importance.push_back(std::move(scratch.prefill_uncompressed(p, nullptr, {from}, true)[0]));
+    shared.head_from.push_back(from);
   }
   std::unique_ptr<Sequence> adopt(const SharedPrefill& shared, KVPolicy& policy) override {
     auto* sh = dynamic_cast<const CudaShared*>(&shared);

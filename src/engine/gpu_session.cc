@@ -16,14 +16,14 @@ constexpr const char* kWhere = "GPU session";
 }
 
 GpuSession::GpuSession(GpuModel& model, GpuKVPool& pool, KVPolicy& policy)
-    : model_(model), pool_(pool), policy_(policy), positions_(model.config().text.n_layers), seq_(pool.blocks().add_sequence()) {
+    : model_(model),
+      pool_(pool),
+      policy_(policy),
+      positions_(model.config().text.n_layers, pool.blocks().n_kv_heads()),
+      seq_(pool.blocks().add_sequence()) {
   if (pool.stream() != model.stream()) {
     pool.blocks().remove_sequence(seq_);
     fail(kWhere, "the KV pool was made for another GpuModel");
-  }
-  if (policy.per_head()) {  // per-head plans and importance: the pool keeps the same entries in every head
-    pool.blocks().remove_sequence(seq_);
-    refuse_per_head(policy.name(), "cuda");
   }
 }
 
@@ -39,13 +39,29 @@ std::vector<int> GpuSession::entries_per_layer() const {
 
 size_t GpuSession::kv_bytes() const { return size_t(pool_.blocks().blocks_held(seq_)) * pool_.block_bytes(); }
 
-// The host positions and the pool must agree on every layer's entry count (a bookkeeping bug otherwise).
+std::vector<std::vector<size_t>> GpuSession::kv_bytes_per_head() const { return pool_.blocks().bytes_per_head(seq_); }
+
+// The host positions and the pool must agree on every layer's (and head's) entry count (a
+// bookkeeping bug otherwise).
 void GpuSession::check_positions() const {
-  for (int l = 0; l < pool_.n_layers(); ++l)
+  const BlockPool& bp = pool_.blocks();
+  for (int l = 0; l < pool_.n_layers(); ++l) {
+    PKV_ASSERT_MSG(positions_.per_head(l) == bp.per_head(seq_, l),
+                   "GPU session " + std::to_string(seq_) + " layer " + std::to_string(l) +
+                       ": the host and the pool disagree on whether its heads hold their own entries");
+    if (positions_.per_head(l)) {
+      for (int h = 0; h < bp.n_kv_heads(); ++h)
+        PKV_ASSERT_MSG(int(positions_.head_positions(l, h).size()) == bp.head_entries(seq_, l, h),
+                       "GPU session " + std::to_string(seq_) + " layer " + std::to_string(l) + " head " +
+                           std::to_string(h) + ": the host holds " + std::to_string(positions_.head_positions(l, h).size()) +
+                           " positions, the pool " + std::to_string(bp.head_entries(seq_, l, h)) + " entries");
+      continue;
+    }
     PKV_ASSERT_MSG(positions_.size(l) == pool_.blocks().entries(seq_, l),
                    "GPU session " + std::to_string(seq_) + " layer " + std::to_string(l) + ": the host holds " +
                        std::to_string(positions_.size(l)) + " positions, the pool " +
                        std::to_string(pool_.blocks().entries(seq_, l)) + " entries");
+  }
 }
 
 void GpuSession::take_plan(KeepPlan plan, std::vector<GpuKVPool::Job>& jobs) {
@@ -53,12 +69,12 @@ void GpuSession::take_plan(KeepPlan plan, std::vector<GpuKVPool::Job>& jobs) {
   positions_.apply(plan);
   for (LayerKeep& k : plan.layers) {
     PKV_ASSERT(k.before == pool_.blocks().entries(seq_, k.layer));
-    jobs.push_back(GpuKVPool::Job{seq_, k.layer, std::move(k.keep), k.merge});
+    jobs.push_back(GpuKVPool::Job{seq_, k.layer, std::move(k.keep), k.merge, std::move(k.head_keep)});
   }
 }
 
 void GpuSession::run_prompt(const PreparedPrompt& p, float* logits, std::vector<std::vector<float>>* importance,
-                            int importance_from, Observer* obs) {
+                            int importance_from, Observer* obs, bool per_kv_head) {
   const int T = int(p.ids.size());
   if (T == 0) fail("prompt", "is empty");
   if (pos_ != 0 || pending_) fail(kWhere, "prefill on a session that already holds " + std::to_string(pos_) + " tokens");
@@ -73,12 +89,12 @@ void GpuSession::run_prompt(const PreparedPrompt& p, float* logits, std::vector<
       fail(kWhere, "the prompt places " + std::to_string(p.image_tokens) + " image tokens, its image has " +
                        std::to_string(img->rows.rows) + " rows");
     model_.prefill(pool_, seq_, p.ids.data(), &img->rows, p.image_offset, T, pos.data(), logits, importance,
-                   importance_from, obs);
+                   importance_from, obs, per_kv_head);
   } else {
     if (p.embeddings.size() != size_t(T) * D)
       fail(kWhere, "the prompt's embeddings hold " + std::to_string(p.embeddings.size()) + " values, expected " +
                        std::to_string(T) + " x " + std::to_string(D));
-    model_.prefill(pool_, seq_, p.embeddings.data(), T, pos.data(), logits, importance, importance_from, obs);
+    model_.prefill(pool_, seq_, p.embeddings.data(), T, pos.data(), logits, importance, importance_from, obs, per_kv_head);
   }
   positions_.append_all(pos.data(), T);
   pos_ = T;
@@ -104,7 +120,7 @@ void GpuSession::prefill(const PreparedPrompt& p, float* logits, Observer* obs) 
   using clock = std::chrono::steady_clock;
   auto ms = [](clock::time_point a, clock::time_point b) { return std::chrono::duration<double, std::milli>(b - a).count(); };
   const clock::time_point t0 = clock::now();
-  run_prompt(p, logits, req.needed ? &importance : nullptr, req.from, obs);
+  run_prompt(p, logits, req.needed ? &importance : nullptr, req.from, obs, req.per_kv_head);
   const clock::time_point t1 = clock::now();  // the prefill ends synchronised (logits, error flag)
   const double policy_ms = compress_prompt(importance);
   GpuKVPool::PrefillTimes& pt = pool_.prefill_times();
@@ -133,8 +149,10 @@ void GpuSession::begin_prefill(const PreparedPrompt& p) {
   pending->request = policy_.prefill_importance(T);
   check_prompt_importance(pending->request, T);
   pending->prompt = p;
-  if (pending->request.needed)
-    pending->importance.assign(size_t(model_.config().text.n_layers), std::vector<float>(size_t(T), 0.f));
+  if (pending->request.needed) {
+    const size_t heads = pending->request.per_kv_head ? size_t(model_.config().text.n_kv_heads) : 1;
+    pending->importance.assign(size_t(model_.config().text.n_layers), std::vector<float>(heads * size_t(T), 0.f));
+  }
   pending_ = std::move(pending);
 }
 
@@ -161,6 +179,7 @@ GpuPrefillPart GpuSession::next_part(int max_tokens, std::vector<int32_t>& pos) 
   if (pd.request.needed && pd.request.from < pd.done + n) {
     part.importance = &pd.importance;
     part.importance_from = std::max(0, pd.request.from - pd.done);
+    if (pd.request.per_kv_head) part.importance_head_stride = T;
   }
   return part;
 }
@@ -240,16 +259,17 @@ void GpuSession::prefill_many(const std::vector<GpuSession*>& sessions, const st
 }
 
 std::vector<std::vector<std::vector<float>>> GpuSession::prefill_uncompressed(const PreparedPrompt& p, float* logits,
-                                                                              const std::vector<int>& importance_from) {
+                                                                              const std::vector<int>& importance_from,
+                                                                              bool per_kv_head) {
   const int T = int(p.ids.size());
   for (int f : importance_from)
     if (f < 0 || f >= std::max(T, 1))
       fail(kWhere, "importance from query " + std::to_string(f) + " of a " + std::to_string(T) + "-token prompt");
   std::vector<std::vector<std::vector<float>>> imp(importance_from.size());
-  run_prompt(p, logits, imp.empty() ? nullptr : &imp[0], imp.empty() ? 0 : importance_from[0]);
+  run_prompt(p, logits, imp.empty() ? nullptr : &imp[0], imp.empty() ? 0 : importance_from[0], nullptr, per_kv_head);
   for (size_t i = 1; i < importance_from.size(); ++i) {
     GpuSession scratch(model_, pool_, policy_);  // its blocks go back when it ends
-    scratch.run_prompt(p, nullptr, &imp[i], importance_from[i]);
+    scratch.run_prompt(p, nullptr, &imp[i], importance_from[i], nullptr, per_kv_head);
   }
   return imp;
 }

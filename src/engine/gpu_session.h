@@ -4,7 +4,10 @@
 // The session asks its KVPolicy exactly where the CPU Session does (after the prefill, after every
 // decode step), showing it the positions each layer holds (a host PositionTable), and the pool
 // applies the policy's keep plan on the device: Elastic's merge (paged_kv_merge), the compaction
-// (paged_kv_compact) and the shrinking of the block tables (BlockPool::resize).
+// (paged_kv_compact) and the shrinking of the block tables (BlockPool::resize). A plan with one
+// keep list per KV head (adakv) gives the layer head tables (GpuKVPool::compact, kernels.h
+// PagedHeads), as it makes a CPU cache's layer per-head; its per-KV-head importance is measured by
+// the prefill (GpuPrefillPart::importance_head_stride).
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -41,7 +44,8 @@ class GpuSession {
   // [0, T)); each window after the first is measured by a second pass over a scratch sequence of
   // the pool. Backend::prefill_shared on the GPU.
   std::vector<std::vector<std::vector<float>>> prefill_uncompressed(const PreparedPrompt& p, float* logits,
-                                                                    const std::vector<int>& importance_from);
+                                                                    const std::vector<int>& importance_from,
+                                                                    bool per_kv_head = false);
   // Starts from another session's uncompressed prefill (same model and pool): a copy of its blocks,
   // then this session's policy compresses it with `importance` (what it asks for, from the same
   // prompt), exactly as after prefill().
@@ -82,9 +86,10 @@ class GpuSession {
   const KVPolicy& policy() const { return policy_; }
   // The positions each layer holds (the pool holds their keys and values).
   const PositionTable& positions() const { return positions_; }
-  std::vector<int> entries_per_layer() const;
-  // Device bytes of the blocks this session holds.
+  std::vector<int> entries_per_layer() const;  // a per-head layer: summed over its KV heads
+  // Device bytes of the blocks this session holds; per layer and KV head (BlockPool::bytes_per_head).
   size_t kv_bytes() const;
+  std::vector<std::vector<size_t>> kv_bytes_per_head() const;
 
  private:
   // Checks the policy's plan, applies it to the host positions and adds its device work to jobs.
@@ -92,7 +97,7 @@ class GpuSession {
   void check_positions() const;
   // The prompt into this empty session (no policy involved); the importance when asked for.
   void run_prompt(const PreparedPrompt& p, float* logits, std::vector<std::vector<float>>* importance, int importance_from,
-                  Observer* obs = nullptr);
+                  Observer* obs = nullptr, bool per_kv_head = false);
   // The policy's plan after the prefill (or an adopted one), applied on the device; returns the
   // host time the policy took (ms).
   double compress_prompt(const std::vector<std::vector<float>>& importance);

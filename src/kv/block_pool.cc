@@ -30,9 +30,11 @@ std::string BlockPoolStats::to_string() const {
   return buf;
 }
 
-BlockPool::BlockPool(int n_blocks, int block_size, int n_layers, size_t bytes_per_block, int max_blocks_per_table)
+BlockPool::BlockPool(int n_blocks, int block_size, int n_layers, size_t bytes_per_block, int max_blocks_per_table,
+                     int n_kv_heads)
     : block_size_(block_size), n_layers_(n_layers), max_blocks_per_table_(max_blocks_per_table),
-      bytes_per_block_(bytes_per_block) {
+      n_kv_heads_(n_kv_heads), bytes_per_block_(bytes_per_block) {
+  if (n_kv_heads < 1) fail(kWhere, "the number of KV heads must be >= 1, got " + std::to_string(n_kv_heads));
   if (n_blocks < 0) fail(kWhere, "the number of blocks must be >= 0, got " + std::to_string(n_blocks));
   if (block_size < 1) fail(kWhere, "the block size must be >= 1 entry, got " + std::to_string(block_size));
   if (n_layers < 1) fail(kWhere, "the number of layers must be >= 1, got " + std::to_string(n_layers));
@@ -53,7 +55,10 @@ BlockPool::SeqId BlockPool::add_sequence() {
 
 void BlockPool::remove_sequence(SeqId s) {
   Seq& q = seq(s, "remove_sequence");
-  for (Layer& L : q.layers) apply_resize(s, L, 0);
+  for (Layer& L : q.layers) {
+    apply_resize(s, L, 0);
+    for (Layer& H : L.heads) apply_resize(s, H, 0, head_entries_per_block());
+  }
   seqs_.erase(s);
 }
 
@@ -95,7 +100,105 @@ void BlockPool::check_entries(SeqId s, int layer, int entries) const {
 
 int BlockPool::entries(SeqId s, int layer) const {
   check_layer(layer, "entries");
-  return seq(s, "entries").layers[size_t(layer)].entries;
+  const Layer& L = seq(s, "entries").layers[size_t(layer)];
+  if (L.heads.empty()) return L.entries;
+  int n = 0;
+  for (const Layer& H : L.heads) n += H.entries;
+  return n;
+}
+
+bool BlockPool::per_head(SeqId s, int layer) const {
+  check_layer(layer, "per_head");
+  return !seq(s, "per_head").layers[size_t(layer)].heads.empty();
+}
+
+BlockPool::Layer& BlockPool::head_layer(SeqId s, int layer, int head, const char* op) {
+  return const_cast<Layer&>(static_cast<const BlockPool*>(this)->head_layer(s, layer, head, op));
+}
+
+const BlockPool::Layer& BlockPool::head_layer(SeqId s, int layer, int head, const char* op) const {
+  check_layer(layer, op);
+  const Layer& L = seq(s, op).layers[size_t(layer)];
+  if (L.heads.empty())
+    fail(kWhere, std::string(op) + ": sequence " + std::to_string(s) + " layer " + std::to_string(layer) +
+                     " keeps the same entries in every head (no head tables)");
+  if (head < 0 || head >= n_kv_heads_)
+    fail(kWhere, std::string(op) + ": KV head " + std::to_string(head) + " out of range [0, " + std::to_string(n_kv_heads_) + ")");
+  return L.heads[size_t(head)];
+}
+
+int BlockPool::head_entries(SeqId s, int layer, int head) const { return head_layer(s, layer, head, "head_entries").entries; }
+
+const std::vector<int32_t>& BlockPool::head_table(SeqId s, int layer, int head) const {
+  return head_layer(s, layer, head, "head_table").blocks;
+}
+
+void BlockPool::split_heads(SeqId s, int layer, const std::vector<int>& entries) {
+  check_layer(layer, "split_heads");
+  Layer& L = seq(s, "split_heads").layers[size_t(layer)];
+  const std::string where = "sequence " + std::to_string(s) + " layer " + std::to_string(layer);
+  if (!L.heads.empty()) fail(kWhere, "split_heads: " + where + " has head tables already");
+  if (int(entries.size()) != n_kv_heads_)
+    fail(kWhere, "split_heads: " + std::to_string(entries.size()) + " entry counts for " + std::to_string(n_kv_heads_) +
+                     " KV heads");
+  int need = 0;
+  for (int e : entries) {
+    if (e < 0 || e > L.entries)
+      fail(kWhere, "split_heads: " + where + ": a head of " + std::to_string(e) + " entries from a layer of " +
+                       std::to_string(L.entries));
+    need += head_blocks_for(e);
+  }
+  if (need > free_blocks()) out_of_blocks(s, need, "the head tables of layer " + std::to_string(layer));
+  L.heads.resize(size_t(n_kv_heads_));
+  for (int h = 0; h < n_kv_heads_; ++h) apply_resize(s, L.heads[size_t(h)], entries[size_t(h)], head_entries_per_block());
+}
+
+void BlockPool::release_shared(SeqId s, int layer) {
+  check_layer(layer, "release_shared");
+  Layer& L = seq(s, "release_shared").layers[size_t(layer)];
+  PKV_ASSERT_MSG(!L.heads.empty(), "release_shared: sequence " + std::to_string(s) + " layer " + std::to_string(layer) +
+                                       " has no head tables");
+  L.slots.clear();
+  apply_resize(s, L, 0);
+}
+
+void BlockPool::resize_head(SeqId s, int layer, int head, int entries) {
+  Layer& H = head_layer(s, layer, head, "resize_head");
+  check_entries(s, layer, entries);
+  const int need = std::max(0, head_blocks_for(entries) - int(H.blocks.size()));
+  if (need > free_blocks())
+    out_of_blocks(s, need, "layer " + std::to_string(layer) + " head " + std::to_string(head) + " (" +
+                               std::to_string(entries) + " entries)");
+  apply_resize(s, H, entries, head_entries_per_block());
+}
+
+int BlockPool::blocks_to_append(SeqId s, int n) const {
+  if (n < 0) fail(kWhere, "blocks_to_append: negative count " + std::to_string(n));
+  int need = 0;
+  for (int l = 0; l < n_layers_; ++l) {
+    const Layer& L = seq(s, "blocks_to_append").layers[size_t(l)];
+    if (L.heads.empty()) {
+      need += blocks_needed(s, l, L.entries + n);
+      continue;
+    }
+    for (const Layer& H : L.heads) {
+      check_entries(s, l, H.entries + n);
+      need += std::max(0, head_blocks_for(H.entries + n) - int(H.blocks.size()));
+    }
+  }
+  return need;
+}
+
+std::vector<std::vector<size_t>> BlockPool::bytes_per_head(SeqId s) const {
+  std::vector<std::vector<size_t>> out(size_t(n_layers_), std::vector<size_t>(size_t(n_kv_heads_), 0));
+  const Seq& q = seq(s, "bytes_per_head");
+  for (int l = 0; l < n_layers_; ++l) {
+    const Layer& L = q.layers[size_t(l)];
+    for (int h = 0; h < n_kv_heads_; ++h)
+      out[size_t(l)][size_t(h)] = L.heads.empty() ? L.blocks.size() * bytes_per_block_ / size_t(n_kv_heads_)
+                                                  : L.heads[size_t(h)].blocks.size() * bytes_per_block_;
+  }
+  return out;
 }
 
 const std::vector<int32_t>& BlockPool::table(SeqId s, int layer) const {
@@ -187,7 +290,10 @@ uint64_t BlockPool::table_version(SeqId s, int layer) const {
 
 int BlockPool::blocks_held(SeqId s) const {
   int n = 0;
-  for (const Layer& L : seq(s, "blocks_held").layers) n += int(L.blocks.size());
+  for (const Layer& L : seq(s, "blocks_held").layers) {
+    n += int(L.blocks.size());
+    for (const Layer& H : L.heads) n += int(H.blocks.size());
+  }
   return n;
 }
 
@@ -195,6 +301,9 @@ int BlockPool::blocks_needed(SeqId s, int layer, int entries) const {
   check_layer(layer, "blocks_needed");
   check_entries(s, layer, entries);
   const Layer& L = seq(s, "blocks_needed").layers[size_t(layer)];
+  if (!L.heads.empty())
+    fail(kWhere, "blocks_needed: sequence " + std::to_string(s) + " layer " + std::to_string(layer) +
+                     " has head tables (blocks_to_append, resize_head)");
   return std::max(0, blocks_for(entries) - int(L.blocks.size()));
 }
 
@@ -214,8 +323,8 @@ void BlockPool::out_of_blocks(SeqId s, int needed, const std::string& what) cons
                    mib(bytes_per_block_) + " per block; " + mib(free_bytes()) + " free)");
 }
 
-void BlockPool::apply_resize(SeqId s, Layer& L, int entries) {
-  const int want = blocks_for(entries);
+void BlockPool::apply_resize(SeqId s, Layer& L, int entries, int per_block) {
+  const int want = (entries + per_block - 1) / per_block;
   const int have = int(L.blocks.size());
   if (want > have) {
     PKV_ASSERT(want - have <= free_blocks());
@@ -248,6 +357,9 @@ void BlockPool::resize(SeqId s, int layer, int entries) {
   check_layer(layer, "resize");
   check_entries(s, layer, entries);
   Layer& L = seq(s, "resize").layers[size_t(layer)];
+  if (!L.heads.empty())
+    fail(kWhere, "resize: sequence " + std::to_string(s) + " layer " + std::to_string(layer) +
+                     " has head tables (resize_head)");
   const int need = std::max(0, blocks_for(entries) - int(L.blocks.size()));
   if (need > free_blocks())
     out_of_blocks(s, need, "layer " + std::to_string(layer) + " (" + std::to_string(entries) + " entries)");
@@ -269,12 +381,13 @@ void BlockPool::resize_all(SeqId s, const std::vector<int>& entries_per_layer) {
 
 void BlockPool::append_all(SeqId s, int n) {
   if (n < 0) fail(kWhere, "append_all: negative count " + std::to_string(n));
-  const Seq& q = seq(s, "append_all");
-  std::vector<int> e(static_cast<size_t>(n_layers_));
-  for (int l = 0; l < n_layers_; ++l) e[size_t(l)] = q.layers[size_t(l)].entries + n;
-  const int need = blocks_needed(s, e);
+  Seq& q = seq(s, "append_all");
+  const int need = blocks_to_append(s, n);  // validates every count first
   if (need > free_blocks()) out_of_blocks(s, need, std::to_string(n) + " new entries in every layer");
-  resize_all(s, e);
+  for (Layer& L : q.layers) {
+    if (L.heads.empty()) apply_resize(s, L, L.entries + n);
+    for (Layer& H : L.heads) apply_resize(s, H, H.entries + n, head_entries_per_block());
+  }
 }
 
 BlockPoolStats BlockPool::stats() const {
@@ -285,7 +398,10 @@ BlockPoolStats BlockPool::stats() const {
   st.peak_used_blocks = peak_used_;
   st.sequences = int(seqs_.size());
   for (const auto& [id, q] : seqs_)
-    for (const Layer& L : q.layers) st.entries += L.entries;
+    for (const Layer& L : q.layers) {
+      if (L.heads.empty()) st.entries += L.entries;
+      for (const Layer& H : L.heads) st.entries += H.entries;
+    }
   st.bytes_per_block = bytes_per_block_;
   st.used_bytes = used_bytes();
   st.free_bytes = free_bytes();
@@ -314,6 +430,17 @@ void BlockPool::check_invariants() const {
       }
       PKV_ASSERT_MSG(L.slots.size() <= size_t(L.entries) && is_permutation_prefix(L.slots),
                      "sequence " + std::to_string(id) + ": a bad slot map");
+      PKV_ASSERT(L.heads.empty() || int(L.heads.size()) == n_kv_heads_);
+      for (const Layer& H : L.heads) {
+        PKV_ASSERT_MSG(int(H.blocks.size()) == head_blocks_for(H.entries) && H.slots.empty(),
+                       "sequence " + std::to_string(id) + ": head table of " + std::to_string(H.blocks.size()) +
+                           " blocks for " + std::to_string(H.entries) + " entries");
+        for (int32_t b : H.blocks) {
+          PKV_ASSERT_MSG(b >= 0 && b < n_blocks() && owner_[size_t(b)] == id,
+                         "block " + std::to_string(b) + " in a head table of sequence " + std::to_string(id));
+          ++seen[size_t(b)];
+        }
+      }
     }
   }
   for (size_t b = 0; b < seen.size(); ++b)

@@ -13,6 +13,13 @@
 // stored beside it), so an eviction in the middle of a long table moves the few entries from its end
 // into the freed slots instead of shifting everything after it (plan_slot_moves).
 //
+// Per-head layers (per-KV-head budgets, kv/kv_cache.h): a keep plan with one list per KV head gives
+// a (sequence, layer) one block table per KV head instead (split_heads). A block of a head table
+// holds block_size * n_kv_heads entries of that one head (the same bytes as block_size whole rows:
+// kernels.h, PagedHeads), so a head keeping 20% of the entries holds about 20% of a layer's share of
+// blocks. Head tables keep their entries in logical order (no slot map); a decode step appends to
+// every head.
+//
 // Errors (out of blocks, unknown sequence, bad layer or count) throw pkv::Error and change nothing.
 #pragma once
 #include <cstddef>
@@ -65,7 +72,9 @@ class BlockPool {
 
   // `max_blocks_per_table` (0: no limit) is the width of the device block tables: a (sequence,
   // layer) can never hold more blocks than that.
-  BlockPool(int n_blocks, int block_size, int n_layers, size_t bytes_per_block, int max_blocks_per_table = 0);
+  // n_kv_heads: the heads a per-head layer splits into (the entries of a head table's block).
+  BlockPool(int n_blocks, int block_size, int n_layers, size_t bytes_per_block, int max_blocks_per_table = 0,
+            int n_kv_heads = 1);
 
   int n_blocks() const { return int(owner_.size()); }
   int block_size() const { return block_size_; }
@@ -73,6 +82,9 @@ class BlockPool {
   int max_blocks_per_table() const { return max_blocks_per_table_; }
   size_t bytes_per_block() const { return bytes_per_block_; }
   int blocks_for(int entries) const { return (entries + block_size_ - 1) / block_size_; }
+  int n_kv_heads() const { return n_kv_heads_; }
+  int head_entries_per_block() const { return block_size_ * n_kv_heads_; }
+  int head_blocks_for(int entries) const { return (entries + head_entries_per_block() - 1) / head_entries_per_block(); }
 
   // Sequences. A new sequence holds no blocks; removing one returns all its blocks.
   SeqId add_sequence();
@@ -80,6 +92,7 @@ class BlockPool {
   bool has_sequence(SeqId s) const { return seqs_.count(s) != 0; }
   std::vector<SeqId> sequences() const;
 
+  // Entries of (s, layer); a per-head layer: summed over its heads (LayerKeep::before counts so).
   int entries(SeqId s, int layer) const;
   // Block ids of (s, layer) in entry order: entry e lives in block table[e / block_size], slot
   // e % block_size.
@@ -94,7 +107,27 @@ class BlockPool {
   uint64_t table_version(SeqId s, int layer) const;
   int blocks_held(SeqId s) const;
 
-  // Blocks that resizing would take from the pool (0 when it shrinks or stays).
+  // Per-head layers. per_head: the layer has head tables (split_heads, for the rest of the
+  // sequence's life).
+  bool per_head(SeqId s, int layer) const;
+  int head_entries(SeqId s, int layer, int head) const;
+  // Block ids of head `head`'s table: entry e lives in block table[e / head_entries_per_block()].
+  const std::vector<int32_t>& head_table(SeqId s, int layer, int head) const;
+  // Gives the shared layer (s, layer) one table per KV head, head h holding entries[h] entries
+  // (new blocks, all or nothing). The shared table stays, for the caller to copy from (the device's
+  // paged_kv_head_compact), until release_shared() returns its blocks.
+  void split_heads(SeqId s, int layer, const std::vector<int>& entries);
+  void release_shared(SeqId s, int layer);
+  // Sets one head's entry count: shrinking (after compaction) returns tail blocks, growing takes
+  // blocks (throws, changing nothing, when too few are free).
+  void resize_head(SeqId s, int layer, int head, int entries);
+  // Blocks append_all(s, n) would take from the pool.
+  int blocks_to_append(SeqId s, int n) const;
+  // Bytes of the blocks (s, layer) holds, per KV head ([layers][n_kv_heads]): a head table's own
+  // blocks; a shared layer's blocks divided evenly over its heads.
+  std::vector<std::vector<size_t>> bytes_per_head(SeqId s) const;
+
+  // Blocks that resizing would take from the pool (0 when it shrinks or stays). Shared layers only.
   int blocks_needed(SeqId s, int layer, int entries) const;
   int blocks_needed(SeqId s, const std::vector<int>& entries_per_layer) const;
   // Admission: are `blocks` blocks free now?
@@ -104,9 +137,9 @@ class BlockPool {
   // nothing, when too few are free); shrinking (after compaction) returns the tail blocks. The slot
   // map must already fit the new count (set_slot_map first); shrinking to 0 clears it.
   void resize(SeqId s, int layer, int entries);
-  // Every layer at once, all or nothing.
+  // Every layer at once, all or nothing (shared layers only).
   void resize_all(SeqId s, const std::vector<int>& entries_per_layer);
-  // One decode step: n more entries in every layer, all or nothing.
+  // One decode step: n more entries in every layer (every head of a per-head layer), all or nothing.
   void append_all(SeqId s, int n = 1);
 
   int free_blocks() const { return int(free_.size()); }
@@ -127,6 +160,7 @@ class BlockPool {
     std::vector<int32_t> blocks;
     std::vector<int32_t> slots;  // slot map (short form)
     uint64_t version = 0;
+    std::vector<Layer> heads;  // per-head layers: one table per KV head (no slot maps)
   };
   struct Seq {
     std::vector<Layer> layers;
@@ -136,9 +170,13 @@ class BlockPool {
   void check_layer(int layer, const char* op) const;
   void check_entries(SeqId s, int layer, int entries) const;
   void out_of_blocks(SeqId s, int needed, const std::string& what) const;
-  void apply_resize(SeqId s, Layer& L, int entries);
+  // per_block: entries a block of this table holds (block_size, or head_entries_per_block()).
+  void apply_resize(SeqId s, Layer& L, int entries, int per_block);
+  void apply_resize(SeqId s, Layer& L, int entries) { apply_resize(s, L, entries, block_size_); }
+  Layer& head_layer(SeqId s, int layer, int head, const char* op);
+  const Layer& head_layer(SeqId s, int layer, int head, const char* op) const;
 
-  int block_size_, n_layers_, max_blocks_per_table_;
+  int block_size_, n_layers_, max_blocks_per_table_, n_kv_heads_;
   size_t bytes_per_block_;
   std::vector<int32_t> free_;   // stack of free block ids
   std::vector<SeqId> owner_;    // owner sequence of each block, -1 = free

@@ -52,12 +52,39 @@ void check_plan(const KeepPlan& plan, const CacheView& cache, const std::string&
   }
 }
 
+std::span<const int32_t> PositionTable::positions(int layer) const {
+  if (per_head(layer))
+    fail("position table layer " + std::to_string(layer), "its heads hold their own entries: read them per head (head_positions)");
+  return pos_[size_t(layer)];
+}
+
+std::span<const int32_t> PositionTable::head_positions(int layer, int head) const {
+  if (!per_head(layer)) return pos_[size_t(layer)];
+  return heads_[size_t(layer)][size_t(head)];
+}
+
 void PositionTable::append_all(const int32_t* positions, int n) {
-  for (auto& p : pos_) p.insert(p.end(), positions, positions + n);
+  for (size_t l = 0; l < pos_.size(); ++l) {
+    if (!per_head(int(l))) pos_[l].insert(pos_[l].end(), positions, positions + n);
+    for (auto& h : heads_[l]) h.insert(h.end(), positions, positions + n);
+  }
 }
 
 void PositionTable::apply(const KeepPlan& plan) {
   for (const LayerKeep& k : plan.layers) {
+    if (!k.head_keep.empty()) {  // a head plan: each head keeps its own list (of its own entries)
+      auto& heads = heads_[size_t(k.layer)];
+      if (heads.empty()) heads.assign(k.head_keep.size(), pos_[size_t(k.layer)]);
+      pos_[size_t(k.layer)].clear();
+      PKV_ASSERT(heads.size() == k.head_keep.size());
+      for (size_t h = 0; h < heads.size(); ++h) {
+        std::vector<int32_t>& p = heads[h];
+        const std::vector<int32_t>& keep = k.head_keep[h];
+        for (size_t i = 0; i < keep.size(); ++i) p[i] = p[size_t(keep[i])];
+        p.resize(keep.size());
+      }
+      continue;
+    }
     std::vector<int32_t>& p = pos_[size_t(k.layer)];
     PKV_ASSERT(int(p.size()) == k.before);
     for (size_t i = 0; i < k.keep.size(); ++i) p[i] = p[size_t(k.keep[i])];

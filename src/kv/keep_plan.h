@@ -60,19 +60,26 @@ class CacheView {
 void check_plan(const KeepPlan& plan, const CacheView& cache, const std::string& who);
 
 // Entry positions per layer without keys and values: what the GPU session keeps on the host to let
-// its policy decide (the pool holds the rows).
+// its policy decide (the pool holds the rows). With kv_heads > 0 a head plan makes a layer per-head,
+// as it does in the CPU cache (one list of positions per KV head from then on).
 class PositionTable : public CacheView {
  public:
-  explicit PositionTable(int n_layers) : pos_(static_cast<size_t>(n_layers)) {}
+  explicit PositionTable(int n_layers, int kv_heads = 0)
+      : pos_(static_cast<size_t>(n_layers)), heads_(static_cast<size_t>(n_layers)), kv_heads_(kv_heads) {}
   int n_layers() const override { return int(pos_.size()); }
-  std::span<const int32_t> positions(int layer) const override { return pos_[size_t(layer)]; }
-  // Appends n positions to every layer.
+  std::span<const int32_t> positions(int layer) const override;  // throws for a per-head layer
+  int kv_heads() const override { return kv_heads_; }
+  bool per_head(int layer) const override { return !heads_[size_t(layer)].empty(); }
+  std::span<const int32_t> head_positions(int layer, int head) const override;
+  // Appends n positions to every layer (every head of a per-head layer).
   void append_all(const int32_t* positions, int n);
   // Keeps the planned entries of each named layer (the plan must pass check_plan).
   void apply(const KeepPlan& plan);
 
  private:
-  std::vector<std::vector<int32_t>> pos_;  // [layers][entries]
+  std::vector<std::vector<int32_t>> pos_;                 // [layers][entries]: shared layers
+  std::vector<std::vector<std::vector<int32_t>>> heads_;  // [layers][kv heads][entries]: per-head layers
+  int kv_heads_ = 0;
 };
 
 }  // namespace pkv

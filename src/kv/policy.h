@@ -90,8 +90,8 @@ struct ImportanceRequest {
   // values, head-major: imp[l][h * len + j] = sum over the counted queries of the MEAN over KV head
   // h's query heads (its GQA group) of their attention on entry j. The mean over KV heads of these
   // rows is the head-mean row above (sum over queries of the mean over all query heads), up to
-  // float32 rounding. Only caches whose heads hold their own entries (the CPU's) take the plans
-  // made from it; the GPU refuses (refuse_per_head).
+  // float32 rounding. Only caches whose heads hold their own entries take the plans made from it
+  // (the CPU's, and the GPU's paged pool with head tables).
   bool per_kv_head = false;
   // Beyond the prefill's own sum (src/engine/query_importance.h measures these on the CPU from the
   // uncompressed cache; the GPU refuses them): the value weighting, lookahead queries (the first
@@ -112,8 +112,8 @@ struct ImportanceRequest {
 // other than the sum) only where `extended_ok` (the CPU engine): elsewhere an error naming the option.
 void check_prompt_importance(const ImportanceRequest& r, int prompt_len, bool extended_ok = false);
 
-// The one refusal of a back end whose caches keep the same entries in every KV head (the GPU's
-// paged pool) for a policy that makes per-head plans or asks for per-head importance.
+// The one refusal of a back end whose caches keep the same entries in every KV head for a policy
+// that makes per-head plans or asks for per-head importance (Backend::add_head_importance's default).
 [[noreturn]] void refuse_per_head(const std::string& policy, const std::string& backend);
 
 class KVPolicy {

@@ -780,20 +780,23 @@ std::vector<float> GpuModel::encode_image(const float* pixels, Observer* obs) {
 // ------------------------------------------------------------------------------------------------
 void GpuModel::prefill(GpuKVPool& kv, BlockPool::SeqId seq, const float* x_host, int T, const int32_t* pos,
                        float* logits_host, std::vector<std::vector<float>>* importance, int importance_from,
-                       Observer* obs) {
+                       Observer* obs, bool importance_per_kv_head) {
   if (!x_host) fail(kWhere, "prefill: no input embeddings");
   GpuPrefillPart part;
   part.seq = seq, part.n = T, part.pos = pos, part.x = x_host, part.logits = logits_host;
   if (importance) {
-    importance->assign(size_t(impl_->n_layers), std::vector<float>(size_t(std::max(T, 0)), 0.f));
+    const size_t heads = importance_per_kv_head ? size_t(impl_->n_kv_heads) : 1;
+    importance->assign(size_t(impl_->n_layers), std::vector<float>(heads * size_t(std::max(T, 0)), 0.f));
     part.importance = importance, part.importance_from = importance_from;
+    part.importance_head_stride = importance_per_kv_head ? T : 0;
   }
   prefill_parts(kv, {part}, obs);
 }
 
 void GpuModel::prefill(GpuKVPool& kv, BlockPool::SeqId seq, const int32_t* ids, const GpuImageRows* image,
                        int image_offset, int T, const int32_t* pos, float* logits_host,
-                       std::vector<std::vector<float>>* importance, int importance_from, Observer* obs) {
+                       std::vector<std::vector<float>>* importance, int importance_from, Observer* obs,
+                       bool importance_per_kv_head) {
   if (!ids) fail(kWhere, "prefill: no token ids");
   if (image && (image_offset < 0 || image_offset + image->rows > T))
     fail(kWhere, "prefill: the image's " + std::to_string(image->rows) + " rows at " + std::to_string(image_offset) +
@@ -802,8 +805,10 @@ void GpuModel::prefill(GpuKVPool& kv, BlockPool::SeqId seq, const int32_t* ids, 
   part.seq = seq, part.n = T, part.pos = pos, part.ids = ids, part.image = image, part.image_row0 = image_offset;
   part.logits = logits_host;
   if (importance) {
-    importance->assign(size_t(impl_->n_layers), std::vector<float>(size_t(std::max(T, 0)), 0.f));
+    const size_t heads = importance_per_kv_head ? size_t(impl_->n_kv_heads) : 1;
+    importance->assign(size_t(impl_->n_layers), std::vector<float>(heads * size_t(std::max(T, 0)), 0.f));
     part.importance = importance, part.importance_from = importance_from;
+    part.importance_head_stride = importance_per_kv_head ? T : 0;
   }
   prefill_parts(kv, {part}, obs);
 }
@@ -837,6 +842,10 @@ void GpuModel::prefill_parts(GpuKVPool& kv, const std::vector<GpuPrefillPart>& p
         fail(kWhere, who + ": positions must be non-negative and strictly increasing (position " + std::to_string(i) +
                          " is " + std::to_string(a.pos[i]) + ")");
     for (int l = 0; l < g.n_layers; ++l) {
+      if (bp.per_head(a.seq, l))
+        fail(kWhere, who + ": layer " + std::to_string(l) +
+                         " keeps its entries per KV head (a compressed cache): a prefill continues only a prompt "
+                         "whose earlier pieces are uncompressed");
       if (bp.entries(a.seq, l) != a.past)
         fail(kWhere, who + ": the sequence holds " + std::to_string(bp.entries(a.seq, l)) + " entries in layer " +
                          std::to_string(l) + ", the call says " + std::to_string(a.past) +
@@ -862,8 +871,12 @@ void GpuModel::prefill_parts(GpuKVPool& kv, const std::vector<GpuPrefillPart>& p
     }
     if (a.importance) {
       if (int(a.importance->size()) != g.n_layers) fail(kWhere, who + ": importance needs one row per layer");
+      const int64_t heads_before = a.importance_head_stride > 0 ? int64_t(g.n_kv_heads - 1) * a.importance_head_stride : 0;
+      if (a.importance_head_stride < 0 || (a.importance_head_stride > 0 && a.importance_head_stride < a.past + a.n))
+        fail(kWhere, who + ": importance_head_stride is smaller than past + n");
       for (const auto& row : *a.importance)
-        if (int(row.size()) < a.past + a.n) fail(kWhere, who + ": an importance row is shorter than past + n");
+        if (int64_t(row.size()) < heads_before + a.past + a.n)
+          fail(kWhere, who + ": an importance row is shorter than past + n (per KV head)");
       if (a.importance_from < 0 || a.importance_from >= a.n) fail(kWhere, who + ": importance_from outside the part");
     }
     row0[size_t(p)] = R;
@@ -937,7 +950,7 @@ void GpuModel::prefill_parts(GpuKVPool& kv, const std::vector<GpuPrefillPart>& p
     const GpuPrefillPart& a = parts[size_t(p)];
     if (!a.importance) continue;
     imp_at[size_t(p)] = imp_floats;
-    imp_floats += size_t(g.n_layers) * size_t(a.past + a.n);
+    imp_floats += size_t(g.n_layers) * size_t(a.past + a.n) * (a.importance_head_stride > 0 ? size_t(g.n_kv_heads) : 1);
     ws_bytes = std::max(ws_bytes, attention_prefill_workspace_bytes(a.n, a.past + a.n, g.n_heads));
   }
   const size_t es = g.esize();
@@ -1010,8 +1023,10 @@ void GpuModel::prefill_parts(GpuKVPool& kv, const std::vector<GpuPrefillPart>& p
         at.kv_pos = pb;
       }
       if (a.importance) {
-        at.importance = imp + imp_at[size_t(p)] + size_t(l) * (a.past + a.n);
+        const bool per_kv = a.importance_head_stride > 0;
+        at.importance = imp + imp_at[size_t(p)] + size_t(l) * (a.past + a.n) * (per_kv ? size_t(g.n_kv_heads) : 1);
         at.importance_from = a.importance_from;
+        at.importance_per_kv_head = per_kv;
         at.workspace = ws;
         at.workspace_bytes = ws_bytes;
       }
@@ -1056,11 +1071,13 @@ void GpuModel::prefill_parts(GpuKVPool& kv, const std::vector<GpuPrefillPart>& p
       const GpuPrefillPart& a = parts[size_t(p)];
       if (!a.importance) continue;
       const size_t n_kv = size_t(a.past + a.n);
-      for (int l = 0; l < g.n_layers; ++l) {
-        const float* src = all.data() + imp_at[size_t(p)] + size_t(l) * n_kv;
-        float* dst = (*a.importance)[size_t(l)].data();
-        for (size_t j = 0; j < n_kv; ++j) dst[j] += src[j];
-      }
+      const int heads = a.importance_head_stride > 0 ? g.n_kv_heads : 1;
+      for (int l = 0; l < g.n_layers; ++l)
+        for (int h = 0; h < heads; ++h) {
+          const float* src = all.data() + imp_at[size_t(p)] + (size_t(l) * heads + h) * n_kv;
+          float* dst = (*a.importance)[size_t(l)].data() + size_t(h) * size_t(a.importance_head_stride);
+          for (size_t j = 0; j < n_kv; ++j) dst[j] += src[j];
+        }
     }
   }
   stream_synchronize(s);  // the host rows (ids, embeddings) of the call may go once it returns
@@ -1101,8 +1118,7 @@ void GpuModel::decode(GpuKVPool& kv, const GpuDecodeBatch& b) {
     std::vector<int> e(static_cast<size_t>(g.n_layers));
     for (int l = 0; l < g.n_layers; ++l) e[size_t(l)] = bp.entries(q, l);
     before[size_t(i)] = e;
-    for (int& n : e) ++n;
-    const int n = bp.blocks_needed(q, e);
+    const int n = bp.blocks_to_append(q, 1);  // every head of a per-head layer gets the entry too
     need += n;
     if (n && ++needing <= 4)
       needs += (needs.empty() ? "" : ", ") + ("sequence " + std::to_string(q) + ": " + std::to_string(n));
@@ -1112,7 +1128,26 @@ void GpuModel::decode(GpuKVPool& kv, const GpuDecodeBatch& b) {
     fail("GPU KV pool", "out of KV blocks: a decode step of " + std::to_string(B) + " sequences needs " + std::to_string(need) +
                             " new blocks (" + needs + "), only " + std::to_string(bp.free_blocks()) + " of " +
                             std::to_string(bp.n_blocks()) + " are free");
+  // Layers some sequence holds in head tables (kernels.h, PagedHeads): their attention and write
+  // read each head's own table; the others take the shared tables alone, as before.
+  const int H = g.n_kv_heads;
+  std::vector<char> heads_in(static_cast<size_t>(g.n_layers), 0);
+  for (int i = 0; i < B; ++i)
+    for (int l = 0; l < g.n_layers; ++l)
+      if (bp.per_head(b.seqs[size_t(i)], l)) heads_in[size_t(l)] = 1;
+  if (b.importance)
+    for (int l = 0; l < g.n_layers; ++l)
+      if (heads_in[size_t(l)])
+        fail(kWhere, "decode: decode-time importance (H2O) over layer " + std::to_string(l) +
+                         ", whose KV heads hold their own entries, is not supported");
   for (int i = 0; i < B; ++i) bp.append_all(b.seqs[size_t(i)], 1);
+  for (int i = 0; i < B; ++i)
+    for (int l = 0; l < g.n_layers; ++l)
+      if (bp.per_head(b.seqs[size_t(i)], l)) {  // the longest head sizes the layer's attention plan
+        int most = 0;
+        for (int h = 0; h < H; ++h) most = std::max(most, bp.head_entries(b.seqs[size_t(i)], l, h) - 1);
+        before[size_t(i)][size_t(l)] = most;
+      }
 
   // Attention plans are made for a length bucket (the next power of two >= 256) rather than the
   // exact longest entry count, and tables are padded to the bucket: then the whole step's launch
@@ -1149,6 +1184,26 @@ void GpuModel::decode(GpuKVPool& kv, const GpuDecodeBatch& b) {
       pk.data[o_re + size_t(l) * B + i] = before[size_t(i)][size_t(l)];
       pk.data[o_len + size_t(l) * B + i] = before[size_t(i)][size_t(l)] + 1;
     }
+  // Per layer with head tables: flags [B], tables [B * H][stride], lengths [B * H] (after the append).
+  std::vector<int64_t> o_heads(size_t(g.n_layers) * 3, -1);  // [layer]: flags, tables, lengths
+  for (int l = 0; l < g.n_layers; ++l) {
+    if (!heads_in[size_t(l)]) continue;
+    const size_t o_flag = pk.reserve(size_t(B), 0), o_htab = pk.reserve(size_t(B) * H * stride, -1),
+                 o_hlen = pk.reserve(size_t(B) * H, 0);
+    o_heads[size_t(l) * 3] = int64_t(o_flag), o_heads[size_t(l) * 3 + 1] = int64_t(o_htab);
+    o_heads[size_t(l) * 3 + 2] = int64_t(o_hlen);
+    for (int i = 0; i < B; ++i) {
+      const BlockPool::SeqId q = b.seqs[size_t(i)];
+      if (!bp.per_head(q, l)) continue;
+      pk.data[o_flag + size_t(i)] = 1;
+      for (int h = 0; h < H; ++h) {
+        const std::vector<int32_t>& t = bp.head_table(q, l, h);
+        PKV_ASSERT(int(t.size()) <= stride);
+        std::copy(t.begin(), t.end(), pk.data.begin() + long(o_htab + (size_t(i) * H + h) * stride));
+        pk.data[o_hlen + size_t(i) * H + h] = bp.head_entries(q, l, h);
+      }
+    }
+  }
 
   const bool want_imp = b.importance != nullptr;
   const int64_t istride = max_len_all;
@@ -1170,7 +1225,7 @@ void GpuModel::decode(GpuKVPool& kv, const GpuDecodeBatch& b) {
   Impl* gp = &g;
   GpuKVPool* kvp = &kv;
   auto enqueue = [gp, kvp, r, imp, ws, ws_bytes, lg, meta, B, stride, istride, tokens, plan_len, o_pos, o_tok, o_tab,
-                  o_re, o_len, o_rt]() {
+                  o_re, o_len, o_rt, o_heads]() {
     Impl& g = *gp;
     void* s = g.s();
     const int32_t* pos_dev = meta + o_pos;
@@ -1181,10 +1236,17 @@ void GpuModel::decode(GpuKVPool& kv, const GpuDecodeBatch& b) {
       g.decoder_qkv(Ly, B, pos_dev, r.x, r.h16, r.qkv, false);
       const PagedKV pkv = kvp->paged(meta + o_tab + size_t(l) * B * stride, stride);
       const PagedRows rows{meta + o_rt, meta + o_re + size_t(l) * B, B};
+      PagedHeads heads;
+      if (o_heads[size_t(l) * 3] >= 0) {
+        heads.per_head = meta + o_heads[size_t(l) * 3];
+        heads.tables = meta + o_heads[size_t(l) * 3 + 1];
+        heads.lengths = meta + o_heads[size_t(l) * 3 + 2];
+      }
       // RoPE, the new K/V rows into the pool and q in 16 bits for the attention, in one kernel.
       RopeWriteArgs rw;
       rw.qkv = r.qkv, rw.qkv_stride = g.qkv_dim, rw.n_heads = g.n_heads, rw.n_kv_heads = g.n_kv_heads, rw.head_dim = g.head_dim;
       rw.pos = pos_dev, rw.inv_freq = g.inv_freq, rw.q_out = r.qkv16, rw.q_out_stride = g.qkv_dim;
+      rw.heads = heads;
       paged_kv_rope_write(pkv, rows, rw, s);
       DecodeAttentionArgs a;
       a.q = r.qkv16;
@@ -1205,6 +1267,7 @@ void GpuModel::decode(GpuKVPool& kv, const GpuDecodeBatch& b) {
       }
       a.workspace = ws;
       a.workspace_bytes = ws_bytes;
+      a.heads = heads;
       attention_decode(a, s);
       g.decoder_mlp(Ly, B, r.x, r.h16, r.att16, r.gate, r.up);
       g.checkpoint("decoder step", l, r.x, size_t(B) * g.hidden);
@@ -1219,6 +1282,7 @@ void GpuModel::decode(GpuKVPool& kv, const GpuDecodeBatch& b) {
     // The key: every value baked into the graph that can differ between steps.
     std::vector<int64_t> key = {B, stride, istride, tokens, int64_t(ws_bytes)};
     key.insert(key.end(), plan_len.begin(), plan_len.end());
+    key.insert(key.end(), o_heads.begin(), o_heads.end());  // which layers read head tables, and where
     const std::initializer_list<const void*> ptrs = {r.x, r.h16, r.qkv, r.qkv16, r.att16, r.gate, r.up, imp, ws, lg, meta};
     for (const void* p : ptrs)
       key.push_back(int64_t(reinterpret_cast<uintptr_t>(p)));
@@ -1313,7 +1377,7 @@ GpuKVPool::GpuKVPool(GpuModel& model, const GpuKVPoolOptions& opt)
                       " entries is " + std::to_string(block_bytes) + " bytes)");
     n = int(std::min<size_t>(nb, size_t(1) << 30));
   }
-  blocks_ = BlockPool(n, opt.block_size, model.config().text.n_layers, block_bytes);
+  blocks_ = BlockPool(n, opt.block_size, model.config().text.n_layers, block_bytes, 0, model.config().text.n_kv_heads);
   PagedKV shape;
   shape.dtype = dtype_, shape.n_blocks = n, shape.block_size = opt.block_size, shape.kv_dim = kv_dim_;
   pool_ = DeviceBuffer(paged_pool_bytes(shape), "the KV pool (" + std::to_string(n) + " blocks of " +
@@ -1354,18 +1418,32 @@ void GpuKVPool::compact(std::vector<Job> jobs) {
   // still running (GpuDecodeBatch::while_running). The previous call's work (its metadata copy out
   // of staging_pinned_, its kernels) ends with its timer's stop event: wait for that only.
   compaction_gpu_ms();  // waits for the previous call's stop event (and adds its time)
-  // Merge jobs first: paged_kv_merge then runs on the prefix of the same job arrays.
-  std::stable_partition(jobs.begin(), jobs.end(), [](const Job& j) { return j.merge; });
-  const int J = int(jobs.size());
   {
-    std::vector<int64_t> keys(static_cast<size_t>(J));  // (sequence, layer) at most once
-    for (int i = 0; i < J; ++i) keys[size_t(i)] = (int64_t(jobs[size_t(i)].seq) << 32) | uint32_t(jobs[size_t(i)].layer);
+    std::vector<int64_t> keys(jobs.size());  // (sequence, layer) at most once
+    for (size_t i = 0; i < jobs.size(); ++i) keys[i] = (int64_t(jobs[i].seq) << 32) | uint32_t(jobs[i].layer);
     std::sort(keys.begin(), keys.end());
     const auto dup = std::adjacent_find(keys.begin(), keys.end());
     if (dup != keys.end())
       fail(where, "compact: sequence " + std::to_string(*dup >> 32) + " layer " + std::to_string(int32_t(*dup & 0xffffffff)) +
                       " appears twice");
   }
+  // Head plans go their own way (compact_heads), after the shared tables' work below.
+  for (const Job& j : jobs)
+    if (j.head_keep.empty() && blocks_.per_head(j.seq, j.layer))
+      fail(where, "compact: sequence " + std::to_string(j.seq) + " layer " + std::to_string(j.layer) +
+                      " has head tables: its plan must keep one list per KV head");
+  const auto heads_from =
+      std::stable_partition(jobs.begin(), jobs.end(), [](const Job& j) { return j.head_keep.empty(); });
+  if (heads_from != jobs.end()) {
+    std::vector<Job> head_jobs(std::make_move_iterator(heads_from), std::make_move_iterator(jobs.end()));
+    jobs.erase(heads_from, jobs.end());
+    compact_heads(std::move(head_jobs));  // validates everything before it changes anything
+    compaction_gpu_ms();                  // adds the head compaction's time
+    if (jobs.empty()) return;
+  }
+  // Merge jobs first: paged_kv_merge then runs on the prefix of the same job arrays.
+  std::stable_partition(jobs.begin(), jobs.end(), [](const Job& j) { return j.merge; });
+  const int J = int(jobs.size());
   // Validation, one task per group of jobs (a decode step of a large batch has thousands of them).
   std::vector<int32_t> lengths(static_cast<size_t>(J));
   std::vector<int> firsts(static_cast<size_t>(J));
@@ -1484,6 +1562,143 @@ void GpuKVPool::compact(std::vector<Job> jobs) {
   for (const Job& j : jobs) blocks_.resize(j.seq, j.layer, int(j.keep.size()));
 }
 
+void GpuKVPool::compact_heads(std::vector<Job> jobs) {
+  const char* where = "GPU KV pool";
+  const int H = blocks_.n_kv_heads(), J = int(jobs.size());
+  // Validation, and what each job takes and returns: a split takes its head tables' blocks and
+  // returns the shared table's; an in-place compaction only returns blocks.
+  std::vector<int> need(static_cast<size_t>(J), 0), freed(static_cast<size_t>(J), 0);
+  std::vector<char> splits(static_cast<size_t>(J), 0);
+  for (int i = 0; i < J; ++i) {
+    const Job& j = jobs[size_t(i)];
+    const std::string which = "compact: sequence " + std::to_string(j.seq) + " layer " + std::to_string(j.layer);
+    const bool split = !blocks_.per_head(j.seq, j.layer);  // validates the sequence and layer
+    splits[size_t(i)] = split;
+    if (j.merge) fail(where, which + ": a merge over head tables is not supported on the GPU");
+    if (int(j.head_keep.size()) != H)
+      fail(where, which + ": " + std::to_string(j.head_keep.size()) + " head lists for " + std::to_string(H) + " KV heads");
+    for (int h = 0; h < H; ++h) {
+      const std::vector<int32_t>& k = j.head_keep[size_t(h)];
+      const int n = split ? blocks_.entries(j.seq, j.layer) : blocks_.head_entries(j.seq, j.layer, h);
+      for (size_t m = 0; m < k.size(); ++m)
+        if (k[m] < 0 || k[m] >= n || (m > 0 && k[m] <= k[m - 1]))
+          fail(where, which + " head " + std::to_string(h) + ": kept indices must be strictly increasing and < " +
+                          std::to_string(n));
+      if (split) need[size_t(i)] += blocks_.head_blocks_for(int(k.size()));
+      else freed[size_t(i)] += int(blocks_.head_table(j.seq, j.layer, h).size()) - blocks_.head_blocks_for(int(k.size()));
+    }
+    if (split) freed[size_t(i)] = int(blocks_.table(j.seq, j.layer).size());
+  }
+  // Groups: as many jobs as the free blocks hold; a group's freed blocks serve the next group.
+  std::vector<int> group_end;
+  {
+    int free = blocks_.free_blocks(), taken = 0, returned = 0;
+    for (int i = 0; i < J; ++i) {
+      if (need[size_t(i)] > free - taken) {
+        group_end.push_back(i);
+        free += returned - taken;
+        taken = returned = 0;
+      }
+      if (need[size_t(i)] > free)
+        fail(where, "out of KV blocks: the head tables of sequence " + std::to_string(jobs[size_t(i)].seq) + " layer " +
+                            std::to_string(jobs[size_t(i)].layer) + " need " + std::to_string(need[size_t(i)]) +
+                            " blocks, " + std::to_string(free) + " are free");
+      taken += need[size_t(i)];
+      returned += freed[size_t(i)];
+    }
+    group_end.push_back(J);
+  }
+  int begin = 0;
+  for (const int end : group_end) {
+    if (end == begin) continue;
+    // Tables: per job its source (the shared table of a split) and its H head tables.
+    std::vector<std::vector<int32_t>> rows;
+    std::vector<int32_t> src, src_head, dst, keep, offsets{0};
+    for (int i = begin; i < end; ++i) {
+      const Job& j = jobs[size_t(i)];
+      const bool split = splits[size_t(i)];
+      int src_row = -1;
+      std::vector<int32_t> slots;
+      if (split) {
+        std::vector<int> counts;
+        for (const auto& k : j.head_keep) counts.push_back(int(k.size()));
+        blocks_.split_heads(j.seq, j.layer, counts);  // fits: the groups were sized for it
+        src_row = int(rows.size());
+        rows.push_back(blocks_.table(j.seq, j.layer));
+        slots = blocks_.slot_map(j.seq, j.layer);
+      }
+      for (int h = 0; h < H; ++h) {
+        const int row = int(rows.size());
+        rows.push_back(blocks_.head_table(j.seq, j.layer, h));
+        src.push_back(split ? src_row : row);
+        src_head.push_back(split ? h : -1);
+        dst.push_back(row);
+        for (int32_t e : j.head_keep[size_t(h)]) keep.push_back(split ? slot_of(slots, e) : e);
+        offsets.push_back(int32_t(keep.size()));
+      }
+    }
+    size_t stride = 1;
+    for (const auto& r : rows) stride = std::max(stride, r.size());
+    std::vector<int32_t> host(rows.size() * stride, -1);
+    for (size_t r = 0; r < rows.size(); ++r) std::copy(rows[r].begin(), rows[r].end(), host.begin() + long(r * stride));
+    std::vector<size_t> at;
+    for (const std::vector<int32_t>* v : {&src, &src_head, &dst, &keep, &offsets}) {
+      at.push_back(host.size());
+      host.insert(host.end(), v->begin(), v->end());
+    }
+    const size_t bytes = host.size() * sizeof(int32_t);
+    stream_synchronize(stream_);  // the previous group's (or call's) metadata is no longer read
+    if (head_meta_.bytes() < bytes) {
+      head_meta_.reset();
+      head_meta_ = DeviceBuffer(bytes + bytes / 2, "the KV pool's head compaction metadata");
+    }
+    void* pinned = head_pinned_.need(bytes);
+    std::memcpy(pinned, host.data(), bytes);
+    copy_to_device(head_meta_.data(), pinned, bytes, stream_);
+    const int32_t* d = head_meta_.as<int32_t>();
+    PagedHeadJobs hj;
+    hj.src = d + at[0], hj.src_head = d + at[1], hj.dst = d + at[2], hj.keep = d + at[3], hj.keep_offsets = d + at[4];
+    hj.n_jobs = int(dst.size());
+    hj.n_kv_heads = H;
+    compaction_gpu_ms();  // the previous group's time (its stop event is past: synchronised above)
+    compact_timer_.start(stream_);
+    paged_kv_head_compact(paged(d, int(stride)), hj, stream_);
+    compact_timer_.stop(stream_);
+    compact_timed_ = true;
+    // Work queued later on the stream may take the returned blocks at once.
+    for (int i = begin; i < end; ++i) {
+      const Job& j = jobs[size_t(i)];
+      if (splits[size_t(i)]) blocks_.release_shared(j.seq, j.layer);
+      else
+        for (int h = 0; h < H; ++h) blocks_.resize_head(j.seq, j.layer, h, int(j.head_keep[size_t(h)].size()));
+    }
+    begin = end;
+  }
+}
+
+void GpuKVPool::read_head(BlockPool::SeqId seq, int layer, int head, std::vector<float>* k, std::vector<float>* v) {
+  const int H = blocks_.n_kv_heads(), hd = kv_dim_ / H;
+  const int n = blocks_.head_entries(seq, layer, head);  // throws for a shared layer
+  const std::vector<int32_t>& t = blocks_.head_table(seq, layer, head);
+  const int bs = blocks_.block_size(), per = bs * H;
+  const size_t es = dtype_size(dtype_);
+  const size_t block = size_t(2) * bs * kv_dim_;  // elements of a block
+  std::vector<uint16_t> raw(t.size() * block);
+  auto* pool = static_cast<const uint8_t*>(pool_.data());
+  stream_synchronize(stream_);
+  for (size_t b = 0; b < t.size(); ++b) copy_to_host(raw.data() + b * block, pool + size_t(t[b]) * block * es, block * es, stream_);
+  stream_synchronize(stream_);
+  auto value = [&](size_t i) { return dtype_ == DType::F16 ? f16_to_f32(raw[i]) : bf16_to_f32(raw[i]); };
+  if (k) k->resize(size_t(n) * hd);
+  if (v) v->resize(size_t(n) * hd);
+  for (int e = 0; e < n; ++e)
+    for (int c = 0; c < hd; ++c) {
+      const size_t off = size_t(e / per) * block + size_t(e % per) * hd + c;
+      if (k) (*k)[size_t(e) * hd + c] = value(off);
+      if (v) (*v)[size_t(e) * hd + c] = value(off + size_t(bs) * kv_dim_);
+    }
+}
+
 double GpuKVPool::compaction_gpu_ms() {
   if (compact_timed_) {
     compact_gpu_ms_ += compact_timer_.elapsed_ms();
@@ -1507,6 +1722,9 @@ void GpuKVPool::copy_sequence(BlockPool::SeqId from, BlockPool::SeqId to) {
   for (int l = 0; l < L; ++l) {
     if (blocks_.entries(to, l) != 0)
       fail("GPU KV pool", "copy into sequence " + std::to_string(to) + ", which is not empty");
+    if (blocks_.per_head(from, l))
+      fail("GPU KV pool", "copy of sequence " + std::to_string(from) + ": layer " + std::to_string(l) +
+                              " keeps its entries per KV head, which a copy does not support");
     entries[size_t(l)] = blocks_.entries(from, l);
   }
   blocks_.resize_all(to, entries);  // throws, changing nothing, when too few blocks are free
@@ -1532,6 +1750,9 @@ void GpuKVPool::copy_sequence(BlockPool::SeqId from, BlockPool::SeqId to) {
 
 void GpuKVPool::read_layer(BlockPool::SeqId seq, int layer, std::vector<float>* k, std::vector<float>* v,
                            std::vector<int32_t>* pos) {
+  if (blocks_.per_head(seq, layer))
+    fail("GPU KV pool", "read_layer: sequence " + std::to_string(seq) + " layer " + std::to_string(layer) +
+                            " keeps its entries per KV head (read_head)");
   const int n = blocks_.entries(seq, layer);
   const std::vector<int32_t>& t = blocks_.table(seq, layer);
   const int stride = std::max<int>(1, int(t.size()));

@@ -93,11 +93,21 @@ class GpuKVPool {
   // merge first get Elastic's nearest-kept mean (paged_kv_merge). Then each table shrinks to
   // keep.size() entries (BlockPool::resize) and its tail blocks are free at once. Enqueued on the
   // stream (no synchronisation).
+  //
+  // A job with head_keep (one list per KV head, each strictly increasing, indices into that head's
+  // entries: LayerKeep::head_keep) keeps exactly each head's list, in order, in head tables of its
+  // own (kernels.h, PagedHeads): a shared layer is split (BlockPool::split_heads, then
+  // paged_kv_head_compact copies each head's kept columns and the shared table is released), a
+  // per-head layer compacts each head table in place and shrinks it. When the pool cannot hold the
+  // new head tables beside the shared ones all at once, the splits run in groups, each group's
+  // shared blocks released before the next; out of blocks even so: Error before anything changes.
+  // Head jobs synchronise with the stream before they reuse their metadata buffer. No merge.
   struct Job {
     BlockPool::SeqId seq = 0;
     int layer = 0;
     std::vector<int32_t> keep;  // strictly increasing, < the table's entries
     bool merge = false;
+    std::vector<std::vector<int32_t>> head_keep = {};
   };
   void compact(std::vector<Job> jobs);
   // GPU time of all compactions so far (CUDA events; reading the last one waits for it).
@@ -116,6 +126,9 @@ class GpuKVPool {
   // positions, for tests and debugging (synchronises).
   void read_layer(BlockPool::SeqId seq, int layer, std::vector<float>* k, std::vector<float>* v,
                   std::vector<int32_t>* pos);
+  // The same for one KV head of a per-head layer: k, v [entries, head_dim] (no positions: the host
+  // keeps them).
+  void read_head(BlockPool::SeqId seq, int layer, int head, std::vector<float>* k, std::vector<float>* v);
 
  private:
   BlockPool blocks_;
@@ -123,12 +136,14 @@ class GpuKVPool {
   StepTimes step_times_;
   StreamTimer compact_timer_;  // its stop event also tells when the last call's metadata copy is done
   bool compact_timed_ = false;
+  void compact_heads(std::vector<Job> jobs);
   PinnedBuffer staging_pinned_;  // the metadata on its way to the device (asynchronous copy)
+  PinnedBuffer head_pinned_;     // compact_heads' metadata (waits for the stream before reuse)
   double compact_gpu_ms_ = 0;
   DType dtype_;
   int kv_dim_;
   void* stream_;
-  DeviceBuffer pool_, positions_, flag_, meta_;
+  DeviceBuffer pool_, positions_, flag_, meta_, head_meta_;
   std::vector<int32_t> staging_;  // host side of meta_ (kept until the next call: async copy)
 };
 
@@ -177,6 +192,9 @@ struct GpuPrefillPart {
   // order of float32 additions.
   std::vector<std::vector<float>>* importance = nullptr;
   int importance_from = 0;
+  // > 0: per-KV-head importance (ImportanceRequest::per_kv_head): KV head g's sums (the mean over
+  // its group's query heads) at [g * importance_head_stride, + past + n) of each row.
+  int importance_head_stride = 0;
 };
 
 class GpuModel {
@@ -225,17 +243,18 @@ class GpuModel {
   // Error naming the sequence and the block counts when the pool is short, changing nothing),
   // writes K/V, and returns the last position's logits (host [vocab], may be null) and, when
   // importance is given, (*importance)[l] = layer l's per-key importance over the queries
-  // >= importance_from (host [L][T]).
+  // >= importance_from (host [L][T]; with importance_per_kv_head [L][n_kv_heads * T], head-major).
   // obs (optional) sees layer_out [T, hidden] per layer, hidden_final [T, hidden] and logits
   // [1, vocab], as Model::decode shows them.
   void prefill(GpuKVPool& kv, BlockPool::SeqId seq, const float* x, int T, const int32_t* pos, float* logits,
-               std::vector<std::vector<float>>* importance = nullptr, int importance_from = 0, Observer* obs = nullptr);
+               std::vector<std::vector<float>>* importance = nullptr, int importance_from = 0, Observer* obs = nullptr,
+               bool importance_per_kv_head = false);
   // The same prefill with its input built on the device: row i the embedding table's row of ids[i],
   // except rows [image_offset, image_offset + image->rows), which are the image's (their ids are
   // not read). image may be null (a text prompt). The ids outside the image must be in the vocabulary.
   void prefill(GpuKVPool& kv, BlockPool::SeqId seq, const int32_t* ids, const GpuImageRows* image, int image_offset,
                int T, const int32_t* pos, float* logits, std::vector<std::vector<float>>* importance = nullptr,
-               int importance_from = 0, Observer* obs = nullptr);
+               int importance_from = 0, Observer* obs = nullptr, bool importance_per_kv_head = false);
 
   // Several sequences' prompt rows in ONE forward pass (batched prefill), each possibly a piece of a
   // longer prompt (chunked prefill): see GpuPrefillPart. Every product runs once over the

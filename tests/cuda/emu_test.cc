@@ -76,6 +76,10 @@ class EmuBackend : public Backend {
     const detail::PagedPlan plan = detail::plan_paged_compact(kv, jobs);
     emu::run(plan.launch, [&](emu::Ctx& c) { detail::paged_compact(c, plan.params); });
   }
+  void paged_head_compact(const PagedKV& kv, const PagedHeadJobs& jobs) override {
+    const detail::PagedPlan plan = detail::plan_paged_head_compact(kv, jobs);
+    emu::run(plan.launch, [&](emu::Ctx& c) { detail::paged_head_compact(c, plan.params); });
+  }
   void paged_merge(const PagedKV& kv, const PagedJobs& jobs) override {
     const detail::PagedPlan plan = detail::plan_paged_merge(kv, jobs);
     if (plan.dtype == DType::F16) emu::run(plan.launch, [&](emu::Ctx& c) { detail::paged_merge<__half>(c, plan.params); });
@@ -266,6 +270,15 @@ TEST(CudaEmu, ElasticMerge) {
   for (DType t : k16) {
     check_merge(be, t, 16, 64, 2, 100, 0.2, seed++);
     check_merge(be, t, 7, 32, 1, 10, 0.3, seed++);
+  }
+}
+
+TEST(CudaEmu, HeadTables) {
+  EmuBackend be;
+  uint32_t seed = 450;
+  for (DType t : k16) {
+    check_head_tables(be, t, 16, 8, 4, 32, seed++);  // GQA, the bundled model's shape
+    check_head_tables(be, t, 5, 4, 4, 16, seed++);   // MHA, a head narrower than the kernel's tile
   }
 }
 

@@ -457,6 +457,7 @@ void attention_prefill(const PrefillAttentionArgs& a, void*) {
   o.n_heads = a.n_heads, o.n_kv_heads = a.n_kv_heads, o.head_dim = hd, o.scale = a.scale;
   o.out = out.data();
   if (plan.importance) o.importance = a.importance, o.importance_from = a.importance_from;
+  o.importance_per_kv_head = a.importance_per_kv_head;
   ops::attention(o);
   for (int i = 0; i < a.n_q; ++i)
     for (int c = 0; c < qd; ++c) st(a.dtype, a.out, size_t(i) * size_t(p.out_stride) + c, out[size_t(i) * qd + c]);
@@ -469,6 +470,45 @@ void attention_decode(const DecodeAttentionArgs& a, void*) {
   const PagedKV& kv = a.kv;
   const int hd = a.head_dim, qd = a.n_heads * hd, kvd = kv.kv_dim;
   for (int b = 0; b < a.batch; ++b) {
+    if (a.heads.per_head && a.heads.per_head[b]) {
+      // Head tables: each KV head over its own entries (kernels.h, PagedHeads), its group's query heads.
+      const int H = a.n_kv_heads, group = a.n_heads / H, per = kv.block_size * H;
+      for (int g = 0; g < H; ++g) {
+        const int row = b * H + g;
+        int len = a.heads.lengths[row];
+        const int cap = kv.table_stride * per;
+        if (len > cap || len > a.max_len || len < 0) {
+          if (kv.error_flag) *kv.error_flag |= kPagedBadEntry;
+          len = std::clamp(len, 0, std::min(cap, a.max_len));
+        }
+        std::vector<float> q(size_t(group) * hd), k(size_t(len) * hd), v(k.size()), out(q.size(), 0.f);
+        std::vector<int32_t> pos(static_cast<size_t>(len), 0);
+        for (int c = 0; c < group * hd; ++c) q[size_t(c)] = ld(kv.dtype, a.q, size_t(b) * size_t(p.q_stride) + size_t(g) * group * hd + c);
+        for (int e = 0; e < len; ++e) {
+          const int blk = a.heads.tables[int64_t(row) * kv.table_stride + e / per];
+          if (blk < 0 || blk >= kv.n_blocks) {
+            if (kv.error_flag) *kv.error_flag |= kPagedBadBlock;
+            pos[size_t(e)] = INT_MAX;
+            continue;
+          }
+          const size_t koff = size_t(blk) * 2 * kv.block_size * kvd + size_t(e % per) * hd;
+          for (int c = 0; c < hd; ++c) {
+            k[size_t(e) * hd + c] = ld(kv.dtype, kv.pool, koff + c);
+            v[size_t(e) * hd + c] = ld(kv.dtype, kv.pool, koff + size_t(kv.block_size) * kvd + c);
+          }
+        }
+        int32_t qpos = INT_MAX - 1;
+        ops::AttentionArgs o;
+        o.q = q.data(), o.n_q = 1, o.q_pos = &qpos;
+        o.k = k.data(), o.v = v.data(), o.n_kv = len, o.kv_stride = hd, o.kv_pos = pos.data();
+        o.n_heads = group, o.n_kv_heads = 1, o.head_dim = hd, o.scale = a.scale;
+        o.out = out.data();
+        if (len > 0) ops::attention(o);
+        for (int c = 0; c < group * hd; ++c)
+          st(kv.dtype, a.out, size_t(b) * size_t(p.out_stride) + size_t(g) * group * hd + c, out[size_t(c)]);
+      }
+      continue;
+    }
     int len = a.lengths[b];
     const int cap = kv.table_stride * kv.block_size;
     if (len > cap || len > a.max_len || len < 0) {
@@ -546,6 +586,12 @@ void paged_kv_compact(const PagedKV& kv, const PagedJobs& jobs, void*) {
   const detail::PagedPlan plan = detail::plan_paged_compact(kv, jobs);
   if (plan.launch.empty()) return;
   emu::run(plan.launch, [&](emu::Ctx& c) { detail::paged_compact(c, plan.params); });
+}
+
+void paged_kv_head_compact(const PagedKV& kv, const PagedHeadJobs& jobs, void*) {
+  const detail::PagedPlan plan = detail::plan_paged_head_compact(kv, jobs);
+  if (plan.launch.empty()) return;
+  emu::run(plan.launch, [&](emu::Ctx& c) { detail::paged_head_compact(c, plan.params); });
 }
 
 void paged_kv_merge(const PagedKV& kv, const PagedJobs& jobs, void*) {

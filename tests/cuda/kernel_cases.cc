@@ -913,4 +913,294 @@ void check_gemv_refusals(Backend& be) {
   refused(a, "no y");
 }
 
+void check_head_tables(Backend& be, DType dt, int block_size, int n_heads, int n_kv_heads, int head_dim, uint32_t seed) {
+  SCOPED_TRACE(std::string(dname(dt)) + " block=" + std::to_string(block_size) + " heads=" + std::to_string(n_heads) +
+               "/" + std::to_string(n_kv_heads) + " hd=" + std::to_string(head_dim) + " seed=" + std::to_string(seed));
+  std::mt19937 rng(seed);
+  const int H = n_kv_heads, hd = head_dim, kvd = H * hd, qd = n_heads * hd;
+  // Sequences 0..2 become per-head; sequence 3 stays shared (a mixed decode batch).
+  const std::vector<int> lengths = {5 * block_size + 3, 2 * block_size + 1, 37, 21};
+  const int S = int(lengths.size()), SH = 3;
+  int blocks = 4;
+  for (int n : lengths) blocks += 2 * ((n + 1 + block_size - 1) / block_size) + H;
+  BlockPool pool(blocks, block_size, 1, paged_block_bytes(block_size, kvd, dtype_size(dt)), 0, H);
+  std::vector<BlockPool::SeqId> seq;
+  for (int s = 0; s < S; ++s) seq.push_back(pool.add_sequence());
+  for (int s = S - 1; s >= 0; --s) pool.resize(seq[size_t(s)], 0, lengths[size_t(s)]);
+  int max_len = 0;
+  for (int n : lengths) max_len = std::max(max_len, n + 1);
+  const int stride = (max_len + block_size - 1) / block_size + 1;
+
+  PagedKV kv;
+  kv.dtype = dt, kv.n_blocks = blocks, kv.block_size = block_size, kv.kv_dim = kvd;
+  kv.pool = be.alloc(paged_pool_bytes(kv));
+  be.fill(kv.pool, 0xff, paged_pool_bytes(kv));
+  kv.positions = static_cast<int32_t*>(be.alloc(paged_positions_bytes(kv)));
+  kv.error_flag = be.put(std::vector<int>{0});
+  auto with_tables = [&](const std::vector<std::vector<int32_t>>& rows) {
+    std::vector<int32_t> t(rows.size() * stride, -1);
+    for (size_t r = 0; r < rows.size(); ++r) std::copy(rows[r].begin(), rows[r].end(), t.begin() + long(r * stride));
+    PagedKV v = kv;
+    v.tables = be.put(t), v.table_stride = stride;
+    return v;
+  };
+
+  // Entries (rounded to the pool's type), written in logical order except sequence 1, whose
+  // logical entry i sits at slot map[i] (a table compacted by moves before).
+  std::vector<std::vector<float>> K, V;
+  std::vector<std::vector<int32_t>> P;
+  std::vector<KVLayer> twin;
+  {
+    std::vector<std::vector<int32_t>> rows;
+    std::vector<int32_t> rt, re, ap;
+    std::vector<float> ak, av;
+    for (int s = 0; s < S; ++s) {
+      const int n = lengths[size_t(s)];
+      K.push_back(randn(rng, size_t(n) * kvd)), V.push_back(randn(rng, size_t(n) * kvd));
+      round_to(dt, K.back()), round_to(dt, V.back());
+      P.push_back(increasing_positions(rng, n, true));
+      std::vector<int32_t> map;
+      if (s == 1) {
+        map.resize(size_t(n));
+        std::iota(map.begin(), map.end(), 0);
+        std::shuffle(map.begin(), map.end(), rng);
+        pool.set_slot_map(seq[size_t(s)], 0, map);
+      }
+      for (int e = 0; e < n; ++e) rt.push_back(s), re.push_back(slot_of(map, e)), ap.push_back(P.back()[size_t(e)]);
+      ak.insert(ak.end(), K.back().begin(), K.back().end());
+      av.insert(av.end(), V.back().begin(), V.back().end());
+      rows.push_back(pool.table(seq[size_t(s)], 0));
+      twin.emplace_back(kvd, H);
+      twin.back().append(K.back().data(), V.back().data(), P.back().data(), n);
+    }
+    be.paged_write(with_tables(rows), PagedRows{be.put(rt), be.put(re), int(rt.size())}, dt, put_as(be, dt, ak),
+                   put_as(be, dt, av), 0, be.put(ap));
+  }
+
+  // Head table `h` of sequence s read back from the pool (head layout) against the twin's head.
+  auto expect_heads = [&](const char* what) {
+    const std::vector<float> all = get_as(be, dt, kv.pool, paged_pool_bytes(kv) / dtype_size(dt));
+    const int per = block_size * H;
+    for (int s = 0; s < SH; ++s)
+      for (int h = 0; h < H; ++h) {
+        const int n = pool.head_entries(seq[size_t(s)], 0, h);
+        ASSERT_EQ(n, twin[size_t(s)].size(h)) << what;
+        const auto& t = pool.head_table(seq[size_t(s)], 0, h);
+        std::vector<float> k, v;
+        for (int e = 0; e < n; ++e) {
+          const size_t off = size_t(t[size_t(e / per)]) * 2 * block_size * kvd + size_t(e % per) * hd;
+          k.insert(k.end(), all.begin() + long(off), all.begin() + long(off + hd));
+          v.insert(v.end(), all.begin() + long(off + size_t(block_size) * kvd), all.begin() + long(off + size_t(block_size) * kvd + hd));
+        }
+        const float* rk = twin[size_t(s)].head_keys(h);
+        const float* rv = twin[size_t(s)].head_values(h);
+        EXPECT_EQ(k, std::vector<float>(rk, rk + size_t(n) * hd)) << what << ": K of sequence " << s << " head " << h;
+        EXPECT_EQ(v, std::vector<float>(rv, rv + size_t(n) * hd)) << what << ": V of sequence " << s << " head " << h;
+      }
+  };
+  // The blocks held: exactly the head tables' (and the shared sequence's own).
+  auto expect_blocks = [&](const char* what) {
+    int want = pool.blocks_for(pool.entries(seq[size_t(SH)], 0));
+    for (int s = 0; s < SH; ++s)
+      for (int h = 0; h < H; ++h) want += pool.head_blocks_for(twin[size_t(s)].size(h));
+    EXPECT_EQ(pool.used_blocks(), want) << what;
+    pool.check_invariants();
+  };
+  // Random head plans: per head a random subset of a random size (at least one entry; head 0 of
+  // sequence 0 keeps everything, head H-1 of sequence 2 its last entry only).
+  auto random_plan = [&](int s) {
+    LayerKeep k;
+    k.layer = 0;
+    k.before = twin[size_t(s)].per_head() ? twin[size_t(s)].total_entries() : twin[size_t(s)].size();
+    for (int h = 0; h < H; ++h) {
+      const int n = twin[size_t(s)].size(h);
+      std::vector<int32_t> keep;
+      if (s == 0 && h == 0) keep = random_keep(rng, n, 0);
+      else if (s == 2 && h == H - 1) keep = random_keep(rng, n, 1);
+      else {
+        const int want = 1 + int(rng() % unsigned(n));
+        std::vector<int32_t> all(static_cast<size_t>(n));
+        std::iota(all.begin(), all.end(), 0);
+        std::shuffle(all.begin(), all.end(), rng);
+        keep.assign(all.begin(), all.begin() + want);
+        std::sort(keep.begin(), keep.end());
+      }
+      k.head_keep.push_back(keep);
+    }
+    return k;
+  };
+
+  // 1. The split: every head's kept columns of the shared table into head tables of its own.
+  {
+    std::vector<std::vector<int32_t>> rows;
+    std::vector<int32_t> src, src_head, dst, keep, offsets{0};
+    std::vector<LayerKeep> plans;
+    for (int s = 0; s < SH; ++s) {
+      plans.push_back(random_plan(s));
+      std::vector<int> counts;
+      for (const auto& k : plans.back().head_keep) counts.push_back(int(k.size()));
+      pool.split_heads(seq[size_t(s)], 0, counts);
+      const int src_row = int(rows.size());
+      rows.push_back(pool.table(seq[size_t(s)], 0));
+      const std::vector<int32_t> map = pool.slot_map(seq[size_t(s)], 0);
+      for (int h = 0; h < H; ++h) {
+        dst.push_back(int32_t(rows.size()));
+        rows.push_back(pool.head_table(seq[size_t(s)], 0, h));
+        src.push_back(src_row), src_head.push_back(h);
+        for (int32_t e : plans.back().head_keep[size_t(h)]) keep.push_back(slot_of(map, e));
+        offsets.push_back(int32_t(keep.size()));
+      }
+    }
+    PagedHeadJobs j{be.put(src), be.put(src_head), be.put(dst), be.put(keep), be.put(offsets), int(dst.size()), H};
+    be.paged_head_compact(with_tables(rows), j);
+    for (int s = 0; s < SH; ++s) {
+      pool.release_shared(seq[size_t(s)], 0);
+      twin[size_t(s)].apply(plans[size_t(s)]);
+    }
+    expect_heads("split");
+    expect_blocks("split");
+  }
+  // 2. In place: each head table keeps a random list of its own entries, then shrinks.
+  {
+    std::vector<std::vector<int32_t>> rows;
+    std::vector<int32_t> src, src_head, dst, keep, offsets{0};
+    std::vector<LayerKeep> plans;
+    for (int s = 0; s < SH; ++s) {
+      plans.push_back(random_plan(s));
+      for (int h = 0; h < H; ++h) {
+        src.push_back(int32_t(rows.size())), dst.push_back(int32_t(rows.size())), src_head.push_back(-1);
+        rows.push_back(pool.head_table(seq[size_t(s)], 0, h));
+        const auto& k = plans.back().head_keep[size_t(h)];
+        keep.insert(keep.end(), k.begin(), k.end());
+        offsets.push_back(int32_t(keep.size()));
+      }
+    }
+    PagedHeadJobs j{be.put(src), be.put(src_head), be.put(dst), be.put(keep), be.put(offsets), int(dst.size()), H};
+    be.paged_head_compact(with_tables(rows), j);
+    for (int s = 0; s < SH; ++s) {
+      for (int h = 0; h < H; ++h) pool.resize_head(seq[size_t(s)], 0, h, int(plans[size_t(s)].head_keep[size_t(h)].size()));
+      twin[size_t(s)].apply(plans[size_t(s)]);
+    }
+    expect_heads("in-place compaction");
+    expect_blocks("in-place compaction");
+  }
+
+  // 3. A decode step: one new row per sequence (the head tables grow by one entry per head), its
+  // RoPE write against the same write into a scratch shared table.
+  for (int s = 0; s < S; ++s) pool.append_all(seq[size_t(s)], 1);
+  std::vector<int32_t> flags(static_cast<size_t>(S), 0), head_lengths(size_t(S) * H, 0), lens(static_cast<size_t>(S));
+  std::vector<std::vector<int32_t>> rows;
+  for (int s = 0; s < S; ++s) rows.push_back(pool.table(seq[size_t(s)], 0));  // per-head sequences: empty
+  for (int s = 0; s < S; ++s)
+    for (int h = 0; h < H; ++h) rows.push_back(s < SH ? pool.head_table(seq[size_t(s)], 0, h) : std::vector<int32_t>{});
+  for (int s = 0; s < S; ++s) {
+    lens[size_t(s)] = pool.entries(seq[size_t(s)], 0);
+    if (s >= SH) continue;
+    flags[size_t(s)] = 1;
+    for (int h = 0; h < H; ++h) head_lengths[size_t(s) * H + h] = pool.head_entries(seq[size_t(s)], 0, h);
+  }
+  const PagedKV kvt = with_tables(rows);
+  PagedHeads heads;
+  heads.per_head = be.put(flags);
+  heads.tables = kvt.tables + size_t(S) * stride;
+  heads.lengths = be.put(head_lengths);
+  std::vector<float> qkv = randn(rng, size_t(S) * (qd + 2 * kvd));
+  std::vector<int32_t> pos(static_cast<size_t>(S)), row_entry(static_cast<size_t>(S)), row_table(static_cast<size_t>(S));
+  for (int s = 0; s < S; ++s) {
+    pos[size_t(s)] = P[size_t(s)].back() + 1 + s;
+    row_table[size_t(s)] = s;
+    row_entry[size_t(s)] = lens[size_t(s)] - 1;  // shared sequence: its new last entry
+  }
+  std::vector<float> inv_freq(static_cast<size_t>(hd / 2));
+  for (int i = 0; i < hd / 2; ++i) inv_freq[size_t(i)] = std::pow(10000.f, -2.f * float(i) / float(hd));
+  RopeWriteArgs rw;
+  rw.qkv = be.put(qkv), rw.qkv_stride = qd + 2 * kvd, rw.n_heads = n_heads, rw.n_kv_heads = H, rw.head_dim = hd;
+  rw.pos = be.put(pos), rw.inv_freq = be.put(inv_freq);
+  const size_t es = dtype_size(dt);
+  rw.q_out = be.alloc(size_t(S) * qd * es), rw.q_out_stride = qd;
+  // The reference: the same rows written into a scratch shared layout (one table of S fresh blocks).
+  {
+    PagedKV ref;
+    ref.dtype = dt, ref.n_blocks = S, ref.block_size = block_size, ref.kv_dim = kvd;
+    ref.pool = be.alloc(paged_pool_bytes(ref));
+    ref.positions = static_cast<int32_t*>(be.alloc(paged_positions_bytes(ref)));
+    std::vector<int32_t> rt(static_cast<size_t>(S)), re(static_cast<size_t>(S), 0), ids(static_cast<size_t>(S));
+    std::iota(rt.begin(), rt.end(), 0), std::iota(ids.begin(), ids.end(), 0);
+    ref.tables = be.put(ids), ref.table_stride = 1;
+    RopeWriteArgs rr = rw;
+    rr.q_out = be.alloc(size_t(S) * qd * es);
+    be.paged_rope_write(ref, PagedRows{be.put(rt), be.put(re), S}, rr);
+    RopeWriteArgs hw = rw;
+    hw.heads = heads;
+    be.paged_rope_write(kvt, PagedRows{be.put(row_table), be.put(row_entry), S}, hw);
+    EXPECT_EQ(get_as(be, dt, hw.q_out, size_t(S) * qd), get_as(be, dt, rr.q_out, size_t(S) * qd)) << "rope write: q";
+    const std::vector<float> want = get_as(be, dt, ref.pool, paged_pool_bytes(ref) / es);
+    for (int s = 0; s < SH; ++s) {  // the twin gets the new row too (decode appends to every head)
+      std::vector<float> k(want.begin() + long(size_t(s) * 2 * block_size * kvd), want.begin() + long((size_t(s) * 2 * block_size + 1) * kvd));
+      std::vector<float> v(want.begin() + long((size_t(s) * 2 + 1) * block_size * kvd),
+                           want.begin() + long(((size_t(s) * 2 + 1) * block_size + 1) * kvd));
+      twin[size_t(s)].append(k.data(), v.data(), &pos[size_t(s)], 1);
+    }
+    expect_heads("rope write into head tables");
+    // The shared sequence's new row: its table, entry lens - 1, as the reference wrote it.
+    const std::vector<float> all = get_as(be, dt, kv.pool, paged_pool_bytes(kv) / es);
+    const int e = lens[size_t(SH)] - 1;
+    const size_t off = (size_t(rows[size_t(SH)][size_t(e / block_size)]) * 2 * block_size + size_t(e % block_size)) * kvd;
+    EXPECT_EQ(std::vector<float>(all.begin() + long(off), all.begin() + long(off + kvd)),
+              std::vector<float>(want.begin() + long(size_t(SH) * 2 * block_size * kvd),
+                                 want.begin() + long((size_t(SH) * 2 * block_size + 1) * kvd)))
+        << "rope write: the shared sequence's K";
+    // Twin of the shared sequence: its entries plus the new row, for the attention below.
+    K[size_t(SH)].insert(K[size_t(SH)].end(), all.begin() + long(off), all.begin() + long(off + kvd));
+    V[size_t(SH)].insert(V[size_t(SH)].end(), all.begin() + long(off + size_t(block_size) * kvd),
+                         all.begin() + long(off + size_t(block_size) * kvd + kvd));
+    P[size_t(SH)].push_back(pos[size_t(SH)]);
+  }
+
+  // 4. Decode attention over the mixed batch against ops::attention over each head's own entries.
+  std::vector<float> q = randn(rng, size_t(S) * qd, 1.5f);
+  round_to(dt, q);
+  const float scale = 1.f / std::sqrt(float(hd));
+  std::vector<float> out_ref(size_t(S) * qd, 0.f);
+  const int group = n_heads / H;
+  for (int s = 0; s < S; ++s) {
+    for (int h = 0; h < H; ++h) {
+      const bool ph = s < SH;
+      const int n = ph ? twin[size_t(s)].size(h) : lens[size_t(s)];
+      std::vector<float> k, v;
+      std::vector<int32_t> p;
+      for (int e = 0; e < n; ++e) {
+        const float* kr = ph ? twin[size_t(s)].head_keys(h) + size_t(e) * hd : K[size_t(s)].data() + size_t(e) * kvd + size_t(h) * hd;
+        const float* vr = ph ? twin[size_t(s)].head_values(h) + size_t(e) * hd : V[size_t(s)].data() + size_t(e) * kvd + size_t(h) * hd;
+        k.insert(k.end(), kr, kr + hd), v.insert(v.end(), vr, vr + hd);
+        p.push_back(ph ? twin[size_t(s)].head_positions(h)[e] : P[size_t(s)][size_t(e)]);
+      }
+      ops::AttentionArgs ra;
+      ra.q = &q[size_t(s) * qd + size_t(h) * group * hd], ra.n_q = 1, ra.q_pos = &pos[size_t(s)];
+      ra.k = k.data(), ra.v = v.data(), ra.n_kv = n, ra.kv_stride = hd, ra.kv_pos = p.data();
+      ra.n_heads = group, ra.n_kv_heads = 1, ra.head_dim = hd, ra.scale = scale;
+      ra.out = &out_ref[size_t(s) * qd + size_t(h) * group * hd];
+      if (n > 0) ops::attention(ra);
+    }
+  }
+  DecodeAttentionArgs a;
+  a.q = put_as(be, dt, q), a.batch = S, a.q_pos = be.put(pos), a.kv = kvt;
+  a.lengths = be.put(lens), a.max_len = max_len;
+  a.n_heads = n_heads, a.n_kv_heads = H, a.head_dim = hd, a.scale = scale;
+  a.out = be.alloc(size_t(S) * qd * es);
+  a.heads = heads;
+  a.workspace_bytes = attention_decode_workspace_bytes(S, n_heads, H, hd, max_len, false);
+  a.workspace = be.alloc(a.workspace_bytes);
+  be.fill(a.workspace, 0xff, a.workspace_bytes);
+  be.attention_decode(a);
+  // The bound on decode outputs (as check_decode): the output is rounded once to the pool's
+  // type (relative 2^-9 for bf16, 2^-12 for fp16) over float32 sums in another order.
+  expect_close(get_as(be, dt, a.out, size_t(S) * qd), out_ref, tolerance(dt), "decode over head tables");
+  // Importance over head tables is refused.
+  DecodeAttentionArgs bad = a;
+  bad.importance = be.put(std::vector<float>(size_t(S) * max_len, 0.f)), bad.importance_stride = max_len;
+  EXPECT_THROW(be.attention_decode(bad), Error);
+  EXPECT_EQ(be.get(kv.error_flag, 1)[0], 0) << "the kernels met an inconsistent block table";
+}
+
 }  // namespace pkv::cuda::test

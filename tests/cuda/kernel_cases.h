@@ -32,6 +32,7 @@ class Backend {
   virtual void paged_rope_write(const PagedKV& kv, const PagedRows& rows, const RopeWriteArgs& a) = 0;
   virtual void paged_compact(const PagedKV& kv, const PagedJobs& jobs) = 0;
   virtual void paged_merge(const PagedKV& kv, const PagedJobs& jobs) = 0;
+  virtual void paged_head_compact(const PagedKV& kv, const PagedHeadJobs& jobs) = 0;
   virtual void gemv(const GemvArgs& a) = 0;
   virtual void dequantize(const DequantArgs& a) = 0;
 
@@ -118,6 +119,15 @@ void check_merge(Backend& be, DType dtype, int block_size, int kv_dim, int n_lay
                  uint32_t seed);
 // Inconsistent block tables set the error flag and never fault.
 void check_paged_errors(Backend& be);
+// Head tables (per-KV-head budgets; kernels.h PagedHeads): shared tables (one with a random slot
+// map) split by paged_kv_head_compact into head tables keeping random lists per head, then
+// compacted in place, each step bit for bit against KVLayer::apply of the same head plans, the
+// BlockPool's blocks exactly the head tables' (the rest freed); a decode step's RoPE write into
+// the head tables against the same write into a shared table (the columns of each head); decode
+// attention over a batch mixing head-table and shared sequences against ops::attention over each
+// head's own entries.
+void check_head_tables(Backend& be, DType dtype, int block_size, int n_heads, int n_kv_heads, int head_dim,
+                       uint32_t seed);
 
 // Skinny products (gemv) vs ops::linear_reference (and ops::swiglu): rows 1..8, widths with a tail
 // past the last full 256-column stripe, an out that is not a multiple of a block's 16 outputs,

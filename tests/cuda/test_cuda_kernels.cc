@@ -59,6 +59,9 @@ class GpuBackend : public Backend {
     sync([&] { paged_kv_rope_write(kv, rows, a, nullptr); });
   }
   void paged_compact(const PagedKV& kv, const PagedJobs& jobs) override { sync([&] { paged_kv_compact(kv, jobs, nullptr); }); }
+  void paged_head_compact(const PagedKV& kv, const PagedHeadJobs& jobs) override {
+    sync([&] { paged_kv_head_compact(kv, jobs, nullptr); });
+  }
   void paged_merge(const PagedKV& kv, const PagedJobs& jobs) override { sync([&] { paged_kv_merge(kv, jobs, nullptr); }); }
   void gemv(const GemvArgs& a) override { sync([&] { cuda::gemv(a, nullptr); }); }
   void dequantize(const DequantArgs& a) override { sync([&] { cuda::dequantize_rows(a, nullptr); }); }
@@ -537,6 +540,16 @@ TEST(CudaPagedKV, ElasticMerge) {
     check_merge(be, t, 16, 256, 3, 200, 0.2, seed++);
     check_merge(be, t, 32, 1024, 2, 577, 0.5, seed++);
     check_merge(be, t, 7, 64, 1, 10, 0.3, seed++);
+  }
+}
+
+TEST(CudaPagedKV, HeadTables) {
+  GpuBackend be;
+  uint32_t seed = 450;
+  for (DType t : k16) {
+    check_head_tables(be, t, 16, 32, 32, 128, seed++);  // LLaVA-1.5-7B's attention
+    check_head_tables(be, t, 16, 8, 4, 32, seed++);     // the bundled model's (GQA)
+    check_head_tables(be, t, 5, 4, 1, 80, seed++);      // one KV head (MQA)
   }
 }
 

@@ -331,7 +331,7 @@ TEST(GpuModel, PoolHoldsThePolicysEntriesWithTheCpuValues) {
   const int kvd = l.model->config().text.n_kv_heads * l.model->config().text.head_dim;
   for (const std::string& name : policy_names()) {
     if (name == "prefixkv") continue;  // needs a profile; its selection is prefixkv-online's
-    if (policy(name, 0.3)->per_head()) continue;  // the GPU refuses per-head policies (RefusesPerHeadPoliciesWithOneError)
+    if (policy(name, 0.3)->per_head()) continue;  // per-head layers: AdaKVKeepsTheCpusEntriesPerHead
     SCOPED_TRACE(name);
     auto cpu_policy = policy(name, 0.3);
     auto gpu_policy = policy(name, 0.3);
@@ -648,41 +648,168 @@ TEST(GpuModel, AdoptedPrefillsEqualTheirOwnPrefill) {
   }
 }
 
-// A per-head policy (adakv: per-KV-head importance and head plans) on the GPU: one error naming the
-// policy and the back end, from a session, a back end's prefill and adoption, and evaluation; no
-// sequence is left in the pool, which still serves a shared-entry policy.
-TEST(GpuModel, RefusesPerHeadPoliciesWithOneError) {
+// A per-head policy (adakv) on the GPU, given the CPU's per-KV-head importance (so both decide on
+// the same numbers: GpuSession::adopt_prefill): every layer and KV head keeps exactly the CPU's
+// entries, in order; each head table holds, bit for bit, the uncompressed GPU cache's K and V of
+// those entries (head h's columns); the pool holds exactly the blocks the CPU's per-head counts
+// need (ceil(n / (block_size * n_kv_heads)) per head), the uncompressed cache's blocks released;
+// then greedy steps teacher-forced on the CPU's tokens: the same top-1 wherever the CPU's margin
+// exceeds the logit error (as (b)), every head one entry longer per step, still the CPU's entries.
+TEST(GpuModel, AdaKVKeepsTheCpusEntriesPerHead) {
+  Loaded& l = load(kTiny);
+  const int H = l.model->config().text.n_kv_heads, hd = l.model->config().text.head_dim, kvd = H * hd;
+  const int T = l.T(), V = l.V(), steps = 8;
+  for (DType dt : kDtypes)
+    for (double budget : {0.3, 0.1}) {
+      SCOPED_TRACE(std::string(dtype_name(dt)) + " budget " + std::to_string(budget));
+      auto cpu_policy = policy("adakv", budget), gpu_policy = policy("adakv", budget);
+      ASSERT_TRUE(cpu_policy->per_head());
+      Session cpu(*l.model, *cpu_policy);
+      std::vector<float> lc(static_cast<size_t>(V)), lg(lc.size());
+      cpu.prefill(l.prompt, lc.data());
+      const ImportanceRequest req = cpu_policy->prefill_importance(T);
+      ASSERT_TRUE(req.per_kv_head);
+      FullPolicy full;
+      Session scratch(*l.model, full);
+      const std::vector<std::vector<float>> imp = scratch.prefill_uncompressed(l.prompt, nullptr, {req.from}, true)[0];
+
+      GpuModel& gm = l.on(dt);
+      // Room for the uncompressed prompt, its copy, and a layer's head tables beside its shared table.
+      GpuKVPool pool(gm, pool_for(l, T + steps + 1, 3));
+      auto full_s = std::make_unique<GpuSession>(gm, pool, full);
+      full_s->prefill_uncompressed(l.prompt, lg.data(), {});
+      GpuSession gs(gm, pool, *gpu_policy);
+      gs.adopt_prefill(*full_s, imp);
+      const BlockPool& bp = pool.blocks();
+      int held = 0;
+      for (int layer = 0; layer < l.L(); ++layer) {
+        const KVLayer& c = cpu.cache().layer(layer);
+        ASSERT_EQ(bp.per_head(gs.sequence(), layer), c.per_head()) << "layer " << layer;
+        if (!c.per_head()) {  // a layer the plan left whole
+          held += bp.blocks_for(c.size());
+          continue;
+        }
+        std::vector<float> fk, fv;  // the uncompressed cache: entry i holds position i
+        pool.read_layer(full_s->sequence(), layer, &fk, &fv, nullptr);
+        for (int h = 0; h < H; ++h) {
+          const std::span<const int32_t> g = gs.positions().head_positions(layer, h);
+          ASSERT_EQ(std::vector<int32_t>(g.begin(), g.end()),
+                    std::vector<int32_t>(c.head_positions(h), c.head_positions(h) + c.size(h)))
+              << "layer " << layer << " head " << h;
+          ASSERT_EQ(bp.head_entries(gs.sequence(), layer, h), c.size(h));
+          held += bp.head_blocks_for(c.size(h));
+          std::vector<float> k, v, wk, wv;
+          pool.read_head(gs.sequence(), layer, h, &k, &v);
+          for (int32_t pos : g) {
+            wk.insert(wk.end(), fk.begin() + long(size_t(pos) * kvd + size_t(h) * hd), fk.begin() + long(size_t(pos) * kvd + size_t(h + 1) * hd));
+            wv.insert(wv.end(), fv.begin() + long(size_t(pos) * kvd + size_t(h) * hd), fv.begin() + long(size_t(pos) * kvd + size_t(h + 1) * hd));
+          }
+          EXPECT_EQ(k, wk) << "K of layer " << layer << " head " << h;
+          EXPECT_EQ(v, wv) << "V of layer " << layer << " head " << h;
+        }
+      }
+      EXPECT_EQ(bp.blocks_held(gs.sequence()), held) << "the blocks of the CPU's per-head counts";
+      full_s.reset();  // the uncompressed cache goes back to the pool
+      EXPECT_EQ(bp.used_blocks(), held);
+      // Bytes per layer and head: each head table's own blocks.
+      const std::vector<std::vector<size_t>> bytes = gs.kv_bytes_per_head();
+      size_t sum = 0;
+      for (int layer = 0; layer < l.L(); ++layer)
+        for (int h = 0; h < H; ++h) {
+          const KVLayer& c = cpu.cache().layer(layer);
+          EXPECT_EQ(bytes[size_t(layer)][size_t(h)], c.per_head() ? size_t(bp.head_blocks_for(c.size(h))) * pool.block_bytes()
+                                                                  : size_t(bp.blocks_for(c.size())) * pool.block_bytes() / H);
+          sum += bytes[size_t(layer)][size_t(h)];
+        }
+      EXPECT_EQ(sum, gs.kv_bytes());
+      std::printf("gpu_model: (h) tiny %-4s adakv %.1f: every layer and head keeps the CPU's entries; %d blocks (%zu "
+                  "bytes) held after the compaction, %d for the uncompressed prompt\n",
+                  dtype_name(dt), budget, held, gs.kv_bytes(), l.L() * ((T + 15) / 16));
+
+      // Greedy steps teacher-forced on the CPU's tokens.
+      int unexplained = 0;
+      for (int i = 0; i < steps; ++i) {
+        cpu.step(l.cpu_tokens[size_t(i)], lc.data());
+        gs.step(l.cpu_tokens[size_t(i)], lg.data());
+        ASSERT_TRUE(all_finite(lg)) << "step " << i;
+        const int ct = argmax(lc.data(), V), gt = argmax(lg.data(), V);
+        if (ct != gt) {
+          const double margin = lc[size_t(ct)] - lc[size_t(gt)], noise = max_abs(lg.data(), lc.data(), size_t(V));
+          std::printf("gpu_model: (h) adakv step %d: top-1 CPU %d GPU %d, CPU margin %.4g, max |logit diff| %.4g\n", i,
+                      ct, gt, margin, noise);
+          unexplained += margin <= 2 * noise ? 0 : 1;
+        }
+      }
+      EXPECT_EQ(unexplained, 0) << "top-1 differs from the CPU's where the CPU's margin is larger than the logit error";
+      for (int layer = 0; layer < l.L(); ++layer)
+        for (int h = 0; h < H; ++h) {
+          const KVLayer& c = cpu.cache().layer(layer);
+          if (!c.per_head()) continue;
+          const std::span<const int32_t> g = gs.positions().head_positions(layer, h);
+          EXPECT_EQ(std::vector<int32_t>(g.begin(), g.end()),
+                    std::vector<int32_t>(c.head_positions(h), c.head_positions(h) + c.size(h)))
+              << "after the steps: layer " << layer << " head " << h;
+          EXPECT_EQ(bp.head_entries(gs.sequence(), layer, h), c.size(h));
+        }
+      pool.blocks().check_invariants();
+    }
+}
+
+// adakv through the cuda back end with the GPU's own per-KV-head importance (the prefill's, and
+// a shared prefill's add_head_importance): per-head entries and bytes are reported, the importance
+// is the CPU's within the prefill bound, and evaluation runs.
+TEST(GpuModel, PerHeadPoliciesRunOnTheCudaBackend) {
   Loaded& l = load(kTiny);
   CudaBackendOptions bo;
   bo.dtype = DType::F16;
   bo.kv_pool_bytes = size_t(64) << 20;
   const std::unique_ptr<Backend> backend = make_cuda_backend(*l.model, bo);
-  auto refused = [](const std::function<void()>& f, const std::string& when) {
-    try {
-      f();
-      ADD_FAILURE() << when << ": accepted";
-    } catch (const Error& e) {
-      const std::string m = e.what();
-      EXPECT_NE(m.find("--kv-policy adakv"), std::string::npos) << when << ": " << m;
-      EXPECT_NE(m.find("cuda back end does not hold per-head entries yet"), std::string::npos) << when << ": " << m;
-    }
-  };
+  const int H = l.model->config().text.n_kv_heads, T = l.T();
   auto ada = policy("adakv", 0.3);
   std::vector<float> logits(static_cast<size_t>(l.V()));
-  refused([&] { backend->prefill(l.prompt, *ada, logits.data()); }, "prefill");
+  auto seq = backend->prefill(l.prompt, *ada, logits.data());
+  const std::vector<std::vector<int>> per_head = seq->entries_per_head();
+  ASSERT_EQ(per_head.size(), size_t(l.L()));
+  const std::vector<std::vector<size_t>> bytes = seq->kv_bytes_per_head();
+  ASSERT_EQ(bytes.size(), size_t(l.L()));
+  size_t sum = 0;
+  for (int layer = 0; layer < l.L(); ++layer) {
+    ASSERT_EQ(per_head[size_t(layer)].size(), size_t(H));
+    for (int h = 0; h < H; ++h) {
+      EXPECT_LT(per_head[size_t(layer)][size_t(h)], T) << "compressed";
+      sum += bytes[size_t(layer)][size_t(h)];
+    }
+  }
+  EXPECT_EQ(sum, seq->kv_bytes());
+  backend->step(*seq, argmax(logits.data(), l.V()), logits.data());
+  EXPECT_TRUE(all_finite(logits));
+
+  // The per-KV-head importance against the CPU's: relative to the row's largest value, within the
+  // prefill logits' bound (F16: the probabilities come from the same 16-bit scores).
+  const ImportanceRequest req = ada->prefill_importance(T);
   const auto shared = backend->prefill_shared(l.prompt, {});
-  refused([&] { backend->adopt(*shared, *ada); }, "adopt");
-  refused([&] { backend->add_head_importance(*shared, l.prompt, 0, "adakv"); }, "per-head importance");
+  backend->add_head_importance(*shared, l.prompt, req.from, "adakv");
+  FullPolicy full;
+  Session scratch(*l.model, full);
+  const auto cpu_imp = scratch.prefill_uncompressed(l.prompt, nullptr, {req.from}, true)[0];
+  const auto& gpu_imp = shared->head_importance_for(req.from);
+  ASSERT_EQ(gpu_imp.size(), cpu_imp.size());
+  double worst = 0;
+  for (size_t layer = 0; layer < cpu_imp.size(); ++layer) {
+    ASSERT_EQ(gpu_imp[layer].size(), size_t(H) * T);
+    worst = std::max(worst, norm_rel(gpu_imp[layer], cpu_imp[layer]));
+  }
+  std::printf("gpu_model: (h) tiny F16 per-KV-head importance norm-rel error %.3g (bound %.1e)\n", worst, logit_tol(DType::F16));
+  EXPECT_LE(worst, logit_tol(DType::F16)) << "per-KV-head importance";
+  auto adopted = backend->adopt(*shared, *ada);
+  EXPECT_EQ(adopted->entries_per_head().size(), size_t(l.L()));
+
   EvalOptions opt;
   opt.configs = {{"adakv", "", 0.5}};
   opt.max_tokens = 4;
   opt.limit = 1;
   const std::vector<Sample> samples = load_conversations(repo("data/eval/eval.json"));
-  refused([&] { evaluate(*backend, *l.engine, samples, nullptr, opt); }, "evaluation");
-  auto snap = policy("snapkv", 0.3);
-  auto seq = backend->prefill(l.prompt, *snap, logits.data());  // the pool still serves
-  EXPECT_LT(seq->entries_per_layer()[0], l.T());
-  EXPECT_TRUE(seq->entries_per_head().empty()) << "the GPU keeps the same entries in every head";
+  EXPECT_NO_THROW(evaluate(*backend, *l.engine, samples, nullptr, opt));
 }
 
 // Evaluation on the cuda back end against the CPU's on two of the bundled evaluation samples: the

@@ -154,6 +154,83 @@ TEST(BlockPool, CompactionReturnsTailBlocksToOthers) {
   EXPECT_EQ(st.used_blocks, 20);
 }
 
+// Per-head layers: head tables of block_size * n_kv_heads entries per block, the shared table
+// released after the split, appends to every head, bytes per layer and head, errors change nothing.
+TEST(BlockPool, HeadTablesSplitAppendShrinkAndRelease) {
+  const int bs = 4, H = 2;  // a head table's block holds 8 entries of one head
+  BlockPool pool(30, bs, 2, 1000, 0, H);
+  EXPECT_EQ(pool.head_entries_per_block(), 8);
+  EXPECT_EQ(pool.head_blocks_for(8), 1);
+  EXPECT_EQ(pool.head_blocks_for(9), 2);
+  const auto a = pool.add_sequence();
+  pool.resize_all(a, {40, 40});  // 10 + 10 blocks, 10 free
+  EXPECT_FALSE(pool.per_head(a, 0));
+  EXPECT_THROW(pool.head_table(a, 0, 0), Error);
+  // Head 0 keeps 9 entries (2 blocks), head 1 keeps 3 (1 block).
+  EXPECT_THROW(pool.split_heads(a, 0, {9}), Error);       // one count per head
+  EXPECT_THROW(pool.split_heads(a, 0, {41, 3}), Error);   // more than the layer holds
+  pool.split_heads(a, 0, {9, 3});
+  EXPECT_TRUE(pool.per_head(a, 0));
+  EXPECT_EQ(pool.used_blocks(), 23);  // the shared table is still held (the copy reads it)
+  EXPECT_EQ(pool.head_table(a, 0, 0).size(), 2u);
+  EXPECT_EQ(pool.head_table(a, 0, 1).size(), 1u);
+  EXPECT_EQ(pool.entries(a, 0), 12);  // summed over the heads
+  pool.release_shared(a, 0);
+  EXPECT_TRUE(pool.table(a, 0).empty());
+  EXPECT_EQ(pool.used_blocks(), 13);
+  EXPECT_EQ(pool.blocks_held(a), 13);
+  EXPECT_EQ(pool.stats().entries, 12 + 40);
+  pool.check_invariants();
+  EXPECT_THROW(pool.resize(a, 0, 5), Error);         // a per-head layer is resized per head
+  EXPECT_THROW(pool.split_heads(a, 0, {1, 1}), Error);
+
+  // A decode step: every head of layer 0 and layer 1 get one entry. Head 1 (3 -> 4) and head 0
+  // (9 -> 10) fit their blocks; layer 1 (40 -> 41) takes one.
+  EXPECT_EQ(pool.blocks_to_append(a, 1), 1);
+  pool.append_all(a, 1);
+  EXPECT_EQ(pool.head_entries(a, 0, 0), 10);
+  EXPECT_EQ(pool.head_entries(a, 0, 1), 4);
+  EXPECT_EQ(pool.entries(a, 1), 41);
+  EXPECT_EQ(pool.used_blocks(), 14);
+  // 6 more: head 0 16 (2 blocks), head 1 10 (+1), layer 1 47 (12 blocks, +1).
+  EXPECT_EQ(pool.blocks_to_append(a, 6), 2);
+  // Bytes per layer and head: head tables their own blocks; a shared layer split evenly.
+  const auto bh = pool.bytes_per_head(a);
+  ASSERT_EQ(bh.size(), 2u);
+  EXPECT_EQ(bh[0], (std::vector<size_t>{2000, 1000}));
+  EXPECT_EQ(bh[1], (std::vector<size_t>{5500, 5500}));
+
+  // Shrink one head: its tail block returns to the pool.
+  pool.resize_head(a, 0, 0, 8);
+  EXPECT_EQ(pool.head_table(a, 0, 0).size(), 1u);
+  EXPECT_EQ(pool.used_blocks(), 13);
+  EXPECT_THROW(pool.resize_head(a, 0, 2, 1), Error);  // no head 2
+  // Out of blocks: 17 free; 18 * 8 + 1 entries in head 1 need 19 blocks. Nothing changes.
+  EXPECT_THROW(pool.resize_head(a, 0, 1, 18 * 8 + 1), Error);
+  EXPECT_EQ(pool.head_entries(a, 0, 1), 4);
+  EXPECT_EQ(pool.used_blocks(), 13);
+  pool.check_invariants();
+  pool.remove_sequence(a);
+  EXPECT_EQ(pool.used_blocks(), 0);
+  pool.check_invariants();
+}
+
+TEST(BlockPool, HeadSplitOutOfBlocksChangesNothing) {
+  BlockPool pool(6, 4, 1, 1, 0, 2);
+  const auto a = pool.add_sequence();
+  pool.resize(a, 0, 20);  // 5 blocks, 1 free
+  EXPECT_THROW(pool.split_heads(a, 0, {9, 1}), Error);  // 2 + 1 blocks
+  EXPECT_FALSE(pool.per_head(a, 0));
+  EXPECT_EQ(pool.used_blocks(), 5);
+  // Appending to a full head table takes a block per head that crosses a block boundary.
+  pool.resize(a, 0, 0);
+  pool.resize(a, 0, 16);
+  pool.split_heads(a, 0, {8, 7});
+  pool.release_shared(a, 0);
+  EXPECT_EQ(pool.blocks_to_append(a, 1), 1);  // head 0: 8 -> 9 crosses into a second block
+  pool.check_invariants();
+}
+
 TEST(BlockPool, TableWidthLimit) {
   BlockPool pool(100, 16, 1, 1, /*max_blocks_per_table=*/4);
   const auto a = pool.add_sequence();

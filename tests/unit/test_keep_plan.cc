@@ -131,7 +131,7 @@ TEST(KeepPlan, MergeAveragesEachEntrysNearestKeptGroup) {
 // plan merges, and the plans keep exactly the entries each policy's budget and rule say (the counts
 // are checked by test_policies.cc; here that the two views never drift apart).
 TEST(KeepPlan, PositionTableFollowsEveryPolicyAsTheCpuCacheDoes) {
-  const int L = 3, N = 57, d = 6;
+  const int L = 3, N = 57, d = 6, H = 2;  // two KV heads: per-head plans (adakv) too
   for (const std::string& name : policy_names()) {
     for (double budget : {0.2, 0.5}) {
       SCOPED_TRACE(name + " budget " + std::to_string(budget));
@@ -141,24 +141,34 @@ TEST(KeepPlan, PositionTableFollowsEveryPolicyAsTheCpuCacheDoes) {
       opt.window = 8;
       opt.keep_fractions = {budget * 1.5, budget, budget * 0.5};
       auto on_cache = make_policy(name, opt);
-      if (on_cache->per_head()) continue;  // the table refuses per-head plans (test_adakv.cc)
       auto on_table = make_policy(name, opt);
-      KVCache cache = random_cache(rng, L, N, d);
-      PositionTable table(L);
+      KVCache cache = random_cache(rng, L, N, d, H);
+      PositionTable table(L, H);
       std::vector<int32_t> pos(static_cast<size_t>(N));
       std::iota(pos.begin(), pos.end(), 0);
       table.append_all(pos.data(), N);
       std::vector<std::vector<float>> importance;
-      for (int l = 0; l < L; ++l) importance.push_back(random_vec(rng, size_t(N)));
+      const size_t rows = on_cache->prefill_importance(N).per_kv_head ? size_t(H) : 1;
+      for (int l = 0; l < L; ++l) importance.push_back(random_vec(rng, rows * size_t(N)));
 
       auto same = [&](const KeepPlan& a, const KeepPlan& b, const std::string& when) {
         ASSERT_EQ(a.layers.size(), b.layers.size()) << when;
         for (size_t i = 0; i < a.layers.size(); ++i) {
           EXPECT_EQ(a.layers[i].layer, b.layers[i].layer) << when;
           EXPECT_EQ(a.layers[i].keep, b.layers[i].keep) << when;
+          EXPECT_EQ(a.layers[i].head_keep, b.layers[i].head_keep) << when;
           EXPECT_EQ(a.layers[i].merge, b.layers[i].merge) << when;
         }
         for (int l = 0; l < L; ++l) {
+          ASSERT_EQ(cache.per_head(l), table.per_head(l)) << when << " layer " << l;
+          for (int h = 0; h < H; ++h) {
+            const auto p = cache.head_positions(l, h), q = table.head_positions(l, h);
+            EXPECT_TRUE(std::equal(p.begin(), p.end(), q.begin(), q.end())) << when << " layer " << l << " head " << h;
+          }
+          if (cache.per_head(l)) {
+            EXPECT_THROW(table.positions(l), Error) << "no single list of positions in a per-head layer";
+            continue;
+          }
           const auto p = cache.positions(l), q = table.positions(l);
           EXPECT_TRUE(std::equal(p.begin(), p.end(), q.begin(), q.end())) << when << " layer " << l;
         }
@@ -182,7 +192,7 @@ TEST(KeepPlan, PositionTableFollowsEveryPolicyAsTheCpuCacheDoes) {
         }
         table.append_all(&p, 1);
         std::vector<std::vector<float>> step_imp;
-        for (int l = 0; l < L; ++l) step_imp.push_back(random_vec(rng, size_t(cache.layer(l).size())));
+        for (int l = 0; l < L; ++l) step_imp.push_back(random_vec(rng, size_t(cache.held(l))));
         const bool want = on_cache->needs_decode_importance();
         const KeepPlan da = on_cache->after_decode_step(cache, p + 1, want ? &step_imp : nullptr);
         const KeepPlan db = on_table->after_decode_step(table, p + 1, want ? &step_imp : nullptr);

@@ -13,6 +13,7 @@
 #include <cstdint>
 
 #include "ops/cuda/kernel_types.h"
+#include "ops/cuda/paged_head.h"
 #include "ops/cuda/plan.h"
 
 namespace pkv::cuda::detail {
@@ -311,6 +312,12 @@ __device__ void prefill_importance_reduce(Ctx& c, const PrefillParams& p) {
   const int j = c.bx * 256 + c.tid;
   if (j >= p.n_kv) return;
   float sum = 0.f;
+  if (p.importance_per_kv_head) {  // KV head by's row: the mean over its group's query heads
+    const int g = c.by;
+    for (int h = g * p.group; h < (g + 1) * p.group; ++h) sum += p.partial[int64_t(h) * p.n_kv + j];
+    p.importance[int64_t(g) * p.n_kv + j] += sum / float(p.group);
+    return;
+  }
   for (int h = 0; h < p.n_heads; ++h) sum += p.partial[int64_t(h) * p.n_kv + j];
   p.importance[j] += sum / float(p.n_heads);
 }
@@ -360,7 +367,24 @@ __device__ void decode_split(Ctx& c, const DecodeParams& p) {
   const int tid = c.tid, kg = tid / KT, dp = tid % KT, d0 = dp * 8;
   const int split = c.bx, h0 = c.by * p.G, b = c.bz;
   const int G = p.G, hd = p.head_dim, g = h0 / p.group;
-  const int len = decode_length(p, b);
+  // Head tables (kernels.h, PagedHeads): KV head g's own table row, length and layout, every entry
+  // visible; the query heads of the block (one group) share it.
+  const int n_kv = p.n_heads / p.group;
+  const bool ph = p.head_flags && p.head_flags[b];
+  const int hrow = b * n_kv + g;
+  int len = 0;
+  if (ph) {
+    len = p.head_lengths[hrow];
+    const int cap = p.table_stride * p.block_size * n_kv;
+    if (len > cap || len > p.max_len || len < 0) {
+      if (p.error_flag) atomicOr(p.error_flag, kPagedBadEntry);
+      len = len < 0 ? 0 : len > cap ? cap : len;
+      len = len > p.max_len ? p.max_len : len;
+    }
+  } else {
+    len = decode_length(p, b);
+  }
+  const int64_t col = ph ? 0 : int64_t(g) * hd;  // the head's columns in a row of the table's layout
   const int start = split * p.chunk;
   const int end = start + p.chunk < len ? start + p.chunk : len;
   const int qpos = p.q_pos ? p.q_pos[b] : INT_MAX;
@@ -392,14 +416,17 @@ __device__ void decode_split(Ctx& c, const DecodeParams& p) {
     for (int u = 0; u < U; ++u) {
       const int j = base + u * NL;
       off[u] = -1;
-      if (j < end) {
+      if (j < end && ph) {
+        off[u] = paged_head_offset(p.head_tables, p.table_stride, p.n_blocks, p.block_size, p.kv_dim, n_kv, p.error_flag,
+                                   hrow, j);
+      } else if (j < end) {
         int si = 0;
         off[u] = decode_entry_offset(p, b, j, &si);
         if (off[u] >= 0 && p.positions[si] > qpos) off[u] = -1;  // not visible to this query
       }
       kr[u] = vr[u] = uint4{0u, 0u, 0u, 0u};
       if (off[u] >= 0 && dims_ok) {
-        const T* row = pool + off[u] + int64_t(g) * hd + d0;
+        const T* row = pool + off[u] + col + d0;
         kr[u] = *reinterpret_cast<const uint4*>(row);
         vr[u] = *reinterpret_cast<const uint4*>(row + int64_t(p.block_size) * p.kv_dim);
       }

@@ -246,6 +246,9 @@ struct PrefillAttentionArgs {
   int64_t out_stride = 0;
   float* importance = nullptr;
   int importance_from = 0;
+  // importance [n_kv_heads, n_kv] instead: KV head g's row += the sum over queries of the mean over
+  // g's query heads only (twin: ops::AttentionArgs::importance_per_kv_head).
+  bool importance_per_kv_head = false;
   void* workspace = nullptr;  // device, >= attention_prefill_workspace_bytes (only with importance)
   size_t workspace_bytes = 0;
 };
@@ -283,6 +286,20 @@ constexpr int kPagedBadEntry = 2;
 size_t paged_pool_bytes(const PagedKV& kv);
 size_t paged_positions_bytes(const PagedKV& kv);
 
+// Head tables (per-KV-head budgets; host bookkeeping BlockPool::split_heads): a (sequence, layer)
+// whose KV heads hold their own entries has one table per KV head (rows of the same [n, table_stride]
+// kind of array). A block of a head table holds block_size * n_kv_heads entries of that one head, in
+// the same bytes as block_size whole rows: entry i of block b has
+//   K at pool + b * 2 * block_size * kv_dim + i * head_dim,  V block_size * kv_dim further,
+// and no device position (the host keeps a head entry's position). Entry e of a head table lives in
+// block table[e / (block_size * n_kv_heads)], entry e % (block_size * n_kv_heads) of it.
+// Decode attention and the decode step's RoPE write read them per row (sequence) b:
+struct PagedHeads {
+  const int32_t* per_head = nullptr;  // [batch] nonzero: b's layer has head tables (null: none has)
+  const int32_t* tables = nullptr;    // [batch * n_kv_heads, table_stride]: head g of b is row b * n_kv_heads + g
+  const int32_t* lengths = nullptr;   // [batch * n_kv_heads] entries of each head table
+};
+
 // Rows addressed in a paged cache: row r is entry row_entry[r] of table row_table[r].
 struct PagedRows {
   const int32_t* row_table = nullptr;  // [n_rows]
@@ -308,6 +325,10 @@ struct RopeWriteArgs {
   const float* inv_freq = nullptr;    // [head_dim / 2]
   void* q_out = nullptr;              // the pool's dtype
   int64_t q_out_stride = 0;
+  // Optional head tables (decode rows: row r is sequence r): where heads.per_head[r], KV head g's K
+  // and V go to the LAST entry (heads.lengths[r * n_kv_heads + g] - 1) of its head table, no
+  // position is written, and row_table / row_entry of r are not read.
+  PagedHeads heads;
 };
 void paged_kv_rope_write(const PagedKV& kv, const PagedRows& rows, const RopeWriteArgs& a, void* stream);
 // The reverse: k, v [n_rows, kv_dim] in the pool's dtype, pos [n_rows] (any may be null).
@@ -324,7 +345,11 @@ void paged_kv_read(const PagedKV& kv, const PagedRows& rows, void* k, void* v, i
 //   head_dim a multiple of 8, <= 128 (16-byte loads); kv.kv_dim = n_kv_heads * head_dim;
 //   out [batch, *] row stride out_stride (0: n_heads * head_dim), in kv.dtype;
 //   importance (optional, H2O): float32 [batch, importance_stride], += for each key j < lengths[b]
-//     the mean over heads of its probability for this query (entry indices of the layer).
+//     the mean over heads of its probability for this query (entry indices of the layer);
+//   heads (optional): sequence b with heads.per_head[b] reads KV head g's own head table (row b *
+//     n_kv_heads + g, heads.lengths[b * n_kv_heads + g] entries, every one visible: q_pos is not
+//     applied to it); the query heads of g's group share it. max_len >= those lengths too. Not with
+//     importance (one row per sequence cannot hold per-head entries: refused).
 struct DecodeAttentionArgs {
   const void* q = nullptr;
   int batch = 0;
@@ -341,6 +366,7 @@ struct DecodeAttentionArgs {
   int64_t importance_stride = 0;
   void* workspace = nullptr;  // device, >= attention_decode_workspace_bytes (always needed)
   size_t workspace_bytes = 0;
+  PagedHeads heads;
 };
 size_t attention_decode_workspace_bytes(int batch, int n_heads, int n_kv_heads, int head_dim, int max_len,
                                         bool importance);
@@ -375,5 +401,23 @@ void paged_kv_compact(const PagedKV& kv, const PagedJobs& jobs, void* stream);
 // (positions unchanged), read and written through the slot maps. The groups: ops/kv_merge.h.
 // Twin: KVLayer::apply of a plan with merge (src/kv/kv_cache.cc).
 void paged_kv_merge(const PagedKV& kv, const PagedJobs& jobs, void* stream);
+
+// Head-table compaction (per-head keep plans). Job j fills entries 0, 1, .. of head table dst[j]
+// (rows of kv.tables, head layout) with the entries keep[keep_offsets[j] ..] in order of:
+//   - src_head[j] < 0: head table src[j]; src[j] == dst[j] (in place) needs keep strictly
+//     increasing (entry m <- entry keep[m], a forward copy as paged_kv_compact's);
+//   - src_head[j] = g >= 0: KV head g's columns of the SLOTS keep[..] of the shared table src[j]
+//     (the split of a shared layer into head tables; dst[j] holds other blocks than src[j]).
+// No positions move (head tables have none on the device). Twin: KVLayer::apply of a head plan.
+struct PagedHeadJobs {
+  const int32_t* src = nullptr;           // [n_jobs] source table rows
+  const int32_t* src_head = nullptr;      // [n_jobs]
+  const int32_t* dst = nullptr;           // [n_jobs] destination head table rows
+  const int32_t* keep = nullptr;          // all jobs' lists, concatenated
+  const int32_t* keep_offsets = nullptr;  // [n_jobs + 1]
+  int n_jobs = 0;
+  int n_kv_heads = 1;                     // kv.kv_dim = n_kv_heads * head_dim, head_dim even
+};
+void paged_kv_head_compact(const PagedKV& kv, const PagedHeadJobs& jobs, void* stream);
 
 }  // namespace pkv::cuda

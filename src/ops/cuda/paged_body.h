@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "ops/cuda/kernel_types.h"
+#include "ops/cuda/paged_head.h"
 #include "ops/cuda/plan.h"
 #include "ops/kv_merge.h"
 
@@ -76,10 +77,21 @@ __device__ void paged_rope_write(Ctx& c, const PagedParams& p) {
   const int rot = (p.n_heads + p.n_kv_heads) * half;
   const int t = c.by * kPagedThreads + c.tid;
   if (t >= rot + p.kv_dim / 2) return;
+  // A row with head tables: KV head g's K and V go to the last entry of its own table.
+  const bool ph = p.head_flags && p.head_flags[r];
+  auto head_row = [&](int g) -> T* {
+    const int row = r * p.n_kv_heads + g;
+    const int64_t off = paged_head_offset(p.head_tables, p.table_stride, p.n_blocks, p.block_size, p.kv_dim,
+                                          p.n_kv_heads, p.error_flag, row, p.head_lengths[row] - 1);
+    return off < 0 ? nullptr : static_cast<T*>(p.pool) + off;
+  };
   int64_t pos_index = 0;
-  T* k = paged_row<T>(p, r, &pos_index);
-  if (!k) return;
-  T* v = k + int64_t(p.block_size) * p.kv_dim;
+  T* k = nullptr;
+  if (!ph) {
+    k = paged_row<T>(p, r, &pos_index);
+    if (!k) return;
+  }
+  T* v = ph ? nullptr : k + int64_t(p.block_size) * p.kv_dim;
   const float* x = static_cast<const float*>(p.src_k) + int64_t(r) * p.src_stride;
   if (t < rot) {
     const int h = t / half, i = t % half;
@@ -90,16 +102,24 @@ __device__ void paged_rope_write(Ctx& c, const PagedParams& p) {
     const float a = xh[i], b = xh[i + half];
     const float y0 = a * cs - b * sn, y1 = b * cs + a * sn;
     T* dst = h < p.n_heads ? static_cast<T*>(p.q_out) + int64_t(r) * p.q_out_stride + int64_t(h) * p.head_dim
+             : ph          ? head_row(h - p.n_heads)
                            : k + int64_t(h - p.n_heads) * p.head_dim;
+    if (!dst) return;
     dst[i] = from_f<T>(y0);
     dst[i + half] = from_f<T>(y1);
   } else {
     const int j = 2 * (t - rot);
     const float* xv = x + int64_t(p.n_heads + p.n_kv_heads) * p.head_dim;
-    v[j] = from_f<T>(xv[j]);
-    v[j + 1] = from_f<T>(xv[j + 1]);
+    T* vd = v + j;
+    if (ph) {  // head_dim is even: the pair (j, j + 1) lies in one head
+      T* hk = head_row(j / p.head_dim);
+      if (!hk) return;
+      vd = hk + int64_t(p.block_size) * p.kv_dim + j % p.head_dim;
+    }
+    vd[0] = from_f<T>(xv[j]);
+    vd[1] = from_f<T>(xv[j + 1]);
   }
-  if (t == 0) p.positions[pos_index] = p.src_pos[r];
+  if (t == 0 && !ph) p.positions[pos_index] = p.src_pos[r];
 }
 
 // Block r reads row r into dense rows (in the pool's type).
@@ -174,6 +194,53 @@ __device__ void paged_compact(Ctx& c, const PagedParams& p) {
       pool[dst[u]] = val[u];
       if (moves_positions) p.positions[dst_slot[u]] = pos[u];
     }
+  }
+}
+
+// Head-table compaction (PagedHeadJobs). Block (bx, by) = (job, group of 128 words); thread x
+// handles word x of K (x < W = head_dim / 2) or word x - W of V of one head's entry, walking its
+// job's entries in order; reads batched 8 at a time before the writes (in place, sources keep[m..]
+// >= m: the same argument as paged_compact; a split writes other blocks than it reads).
+template <class Ctx>
+__device__ void paged_head_compact(Ctx& c, const PagedParams& p) {
+  constexpr int U = 8;
+  const int job = c.bx;
+  const int hd = p.head_dim, W = hd / 2;
+  const int x = c.by * kPagedThreads + c.tid;
+  if (x >= 2 * W) return;
+  const int tensor = x / W, w = x % W;
+  const int src = p.job_src[job], g = p.job_src_head[job], dst = p.job_dst[job];
+  const int* keep = p.keep + p.keep_offsets[job];
+  const int n_keep = p.keep_offsets[job + 1] - p.keep_offsets[job];
+  const int64_t tensor_off = int64_t(tensor) * p.block_size * p.kv_dim;
+  uint32_t* pool = static_cast<uint32_t*>(p.pool);
+  for (int m0 = 0; m0 < n_keep; m0 += U) {
+    uint32_t val[U];
+    int64_t to[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      to[u] = -1;
+      const int m = m0 + u;
+      if (m >= n_keep) continue;
+      const int e = keep[m];
+      if (g < 0 && src == dst && e == m) continue;  // already in place
+      int64_t from = -1;
+      if (g < 0) {
+        from = paged_head_offset(p.tables, p.table_stride, p.n_blocks, p.block_size, p.kv_dim, p.n_kv_heads,
+                                 p.error_flag, src, e);
+      } else {
+        const int blk = paged_block_of(p, src, e);
+        if (blk >= 0) from = (int64_t(blk) * 2 * p.block_size + e % p.block_size) * p.kv_dim + int64_t(g) * hd;
+      }
+      const int64_t d = paged_head_offset(p.tables, p.table_stride, p.n_blocks, p.block_size, p.kv_dim,
+                                          p.n_kv_heads, p.error_flag, dst, m);
+      if (from < 0 || d < 0) continue;
+      val[u] = pool[(from + tensor_off) / 2 + w];
+      to[u] = (d + tensor_off) / 2 + w;
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (to[u] >= 0) pool[to[u]] = val[u];
   }
 }
 

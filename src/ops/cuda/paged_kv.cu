@@ -32,6 +32,11 @@ __global__ void __launch_bounds__(kPagedThreads) paged_compact_kernel(PagedParam
   paged_compact(c, p);
 }
 
+__global__ void __launch_bounds__(kPagedThreads) paged_head_compact_kernel(PagedParams p) {
+  PKV_KERNEL_CTX(c);
+  paged_head_compact(c, p);
+}
+
 template <class T>
 __global__ void __launch_bounds__(kPagedThreads) paged_merge_kernel(PagedParams p) {
   PKV_KERNEL_CTX(c);
@@ -80,6 +85,12 @@ void paged_kv_read(const PagedKV& kv, const PagedRows& rows, void* k, void* v, i
 void paged_kv_compact(const PagedKV& kv, const PagedJobs& jobs, void* stream) {
   const detail::PagedPlan plan = detail::plan_paged_compact(kv, jobs);
   detail::launch(detail::paged_compact_kernel, plan.launch, plan.params, static_cast<cudaStream_t>(stream), "paged_kv_compact");
+}
+
+void paged_kv_head_compact(const PagedKV& kv, const PagedHeadJobs& jobs, void* stream) {
+  const detail::PagedPlan plan = detail::plan_paged_head_compact(kv, jobs);
+  detail::launch(detail::paged_head_compact_kernel, plan.launch, plan.params, static_cast<cudaStream_t>(stream),
+                 "paged_kv_head_compact");
 }
 
 void paged_kv_merge(const PagedKV& kv, const PagedJobs& jobs, void* stream) {

@@ -78,6 +78,7 @@ PrefillPlan plan_attention_prefill(const PrefillAttentionArgs& a) {
   p.scale_log2 = a.scale * kLog2e;
   p.importance = a.importance;
   p.importance_from = std::max(0, a.importance_from);
+  p.importance_per_kv_head = a.importance_per_kv_head;
 
   // Auto is resolved against the device by attention_prefill; a plan made without a device (the
   // emulator's) takes it as the tensor-core kernels.
@@ -106,7 +107,8 @@ PrefillPlan plan_attention_prefill(const PrefillAttentionArgs& a) {
             : by_d(PrefillImportanceLayout<32>::bytes, PrefillImportanceLayout<64>::bytes,
                    PrefillImportanceLayout<128>::bytes);
     plan.importance_pass = {{unsigned(ceil_div(a.n_kv, kPrefillBK)), unsigned(a.n_heads), 1}, kPrefillThreads, imp_smem};
-    plan.reduce = {{unsigned(ceil_div(a.n_kv, 256)), 1, 1}, 256, 0};
+    // block (x, y): keys [256 x, 256 x + 256) of KV head y's row (per KV head) or of the one row
+    plan.reduce = {{unsigned(ceil_div(a.n_kv, 256)), unsigned(a.importance_per_kv_head ? a.n_kv_heads : 1), 1}, 256, 0};
   } else {
     plan.importance = false;  // nothing would be added
   }
@@ -161,6 +163,9 @@ DecodePlan plan_attention_decode(const DecodeAttentionArgs& a) {
   plan.importance = a.importance != nullptr;
   if (a.batch == 0) return plan;
   if (!a.q || !a.out || !a.lengths) bad(op, "q, out and lengths must be set");
+  if (a.heads.per_head && (!a.heads.tables || !a.heads.lengths)) bad(op, "heads.per_head without heads.tables or heads.lengths");
+  if (a.heads.per_head && plan.importance)
+    bad(op, "importance over head tables (one row per sequence cannot hold each head's own entries)");
   if (plan.importance && a.importance_stride < a.max_len)
     bad(op, "importance_stride (" + std::to_string(a.importance_stride) + ") must be >= max_len (" +
                 std::to_string(a.max_len) + ")");
@@ -190,6 +195,7 @@ DecodePlan plan_attention_decode(const DecodeAttentionArgs& a) {
   }
   p.out = a.out, p.out_stride = out_stride;
   p.importance = a.importance, p.importance_stride = a.importance_stride;
+  p.head_flags = a.heads.per_head, p.head_tables = a.heads.tables, p.head_lengths = a.heads.lengths;
 
   const size_t smem = plan.D == 32   ? DecodeLayout<32>::bytes(w.G)
                       : plan.D == 64 ? DecodeLayout<64>::bytes(w.G)
@@ -264,6 +270,8 @@ PagedPlan plan_paged_rope_write(const PagedKV& kv, const PagedRows& rows, const 
   plan.params.src_k = a.qkv, plan.params.src_stride = a.qkv_stride, plan.params.src_pos = a.pos;
   plan.params.n_heads = a.n_heads, plan.params.n_kv_heads = a.n_kv_heads, plan.params.head_dim = a.head_dim;
   plan.params.inv_freq = a.inv_freq, plan.params.q_out = a.q_out, plan.params.q_out_stride = a.q_out_stride;
+  if (a.heads.per_head && (!a.heads.tables || !a.heads.lengths)) bad(op, "heads.per_head without heads.tables or heads.lengths");
+  plan.params.head_flags = a.heads.per_head, plan.params.head_tables = a.heads.tables, plan.params.head_lengths = a.heads.lengths;
   // block (r, y): threads y * 128 .. of row r; a thread rotates one (i, i + head_dim/2) pair of a q or
   // k head, or copies two elements of v
   const int64_t work = int64_t(a.n_heads + a.n_kv_heads) * (a.head_dim / 2) + kv.kv_dim / 2;
@@ -308,6 +316,28 @@ static PagedPlan plan_jobs(const char* op, const PagedKV& kv, const PagedJobs& j
 
 PagedPlan plan_paged_compact(const PagedKV& kv, const PagedJobs& jobs) { return plan_jobs("paged_kv_compact", kv, jobs, false); }
 PagedPlan plan_paged_merge(const PagedKV& kv, const PagedJobs& jobs) { return plan_jobs("paged_kv_merge", kv, jobs, true); }
+
+PagedPlan plan_paged_head_compact(const PagedKV& kv, const PagedHeadJobs& jobs) {
+  const char* op = "paged_kv_head_compact";
+  check_paged(op, kv);
+  PagedPlan plan;
+  plan.dtype = kv.dtype;
+  if (jobs.n_jobs < 0) bad(op, "n_jobs must be >= 0");
+  if (jobs.n_kv_heads < 1 || kv.kv_dim % jobs.n_kv_heads != 0 || (kv.kv_dim / jobs.n_kv_heads) % 2 != 0)
+    bad(op, "n_kv_heads (" + std::to_string(jobs.n_kv_heads) + ") must divide kv_dim (" + std::to_string(kv.kv_dim) +
+                ") into heads of an even head_dim");
+  if (jobs.n_jobs == 0) return plan;
+  if (!jobs.src || !jobs.src_head || !jobs.dst || !jobs.keep || !jobs.keep_offsets)
+    bad(op, "src, src_head, dst, keep and keep_offsets must be set");
+  plan.params = paged_params(kv);
+  plan.params.job_src = jobs.src, plan.params.job_src_head = jobs.src_head, plan.params.job_dst = jobs.dst;
+  plan.params.keep = jobs.keep, plan.params.keep_offsets = jobs.keep_offsets, plan.params.n_jobs = jobs.n_jobs;
+  plan.params.n_kv_heads = jobs.n_kv_heads, plan.params.head_dim = kv.kv_dim / jobs.n_kv_heads;
+  // One thread per 32-bit word of K and of V of one head's entry, walking its job's entries in order.
+  const int words = plan.params.head_dim / 2;
+  plan.launch = {{unsigned(jobs.n_jobs), unsigned(ceil_div(2 * int64_t(words), kPagedThreads)), 1}, kPagedThreads, 0};
+  return plan;
+}
 
 }  // namespace pkv::cuda::detail
 

@@ -102,8 +102,9 @@ struct PrefillParams {
   float scale_log2 = 0.f;        // scale * log2(e): scores live in the log2 domain (exp2)
   float* lse = nullptr;          // [n_heads, n_q] log2-sum-exp per row (importance only)
   float* partial = nullptr;      // [n_heads, n_kv] importance per head (importance only)
-  float* importance = nullptr;   // [n_kv] the caller's output (+=)
+  float* importance = nullptr;   // [n_kv] the caller's output (+=); [n_kv_heads, n_kv] per KV head
   int importance_from = 0;
+  bool importance_per_kv_head = false;
   int vec = 0;                   // q, k, v rows may be read in 16-byte chunks (tensor-core kernels)
 };
 
@@ -170,6 +171,10 @@ struct DecodeParams {
   int64_t out_stride = 0;
   float* importance = nullptr;
   int64_t importance_stride = 0;
+  // Head tables (DecodeAttentionArgs::heads; null: every sequence reads its shared table).
+  const int32_t* head_flags = nullptr;
+  const int32_t* head_tables = nullptr;
+  const int32_t* head_lengths = nullptr;
 };
 
 struct DecodeWorkspaceLayout {
@@ -225,6 +230,14 @@ struct PagedParams {
   const int32_t* dest = nullptr;          // compaction by moves (PagedJobs::dest)
   const int32_t* slots = nullptr;         // merge: slot maps (PagedJobs::slots)
   const int32_t* slot_offsets = nullptr;
+  // Head tables: rope + write (RopeWriteArgs::heads) and head compaction (PagedHeadJobs; n_kv_heads
+  // and head_dim above).
+  const int32_t* head_flags = nullptr;
+  const int32_t* head_tables = nullptr;
+  const int32_t* head_lengths = nullptr;
+  const int32_t* job_src = nullptr;
+  const int32_t* job_src_head = nullptr;
+  const int32_t* job_dst = nullptr;
 };
 
 struct PagedPlan {
@@ -238,6 +251,7 @@ PagedPlan plan_paged_write(const PagedKV& kv, const PagedRows& rows, DType src_d
 PagedPlan plan_paged_read(const PagedKV& kv, const PagedRows& rows, void* k, void* v, int32_t* pos);
 PagedPlan plan_paged_rope_write(const PagedKV& kv, const PagedRows& rows, const RopeWriteArgs& a);
 PagedPlan plan_paged_compact(const PagedKV& kv, const PagedJobs& jobs);
+PagedPlan plan_paged_head_compact(const PagedKV& kv, const PagedHeadJobs& jobs);
 PagedPlan plan_paged_merge(const PagedKV& kv, const PagedJobs& jobs);
 
 // ---------------------------------------------------------------------------------------------
