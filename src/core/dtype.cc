@@ -1,4 +1,5 @@
 #include "core/dtype.h"
+#include "core/dtype_rows.h"
 
 #include <cmath>
 #if defined(__F16C__) || defined(__AVX2__) || defined(__AVX512F__)
@@ -61,36 +62,12 @@ void to_f32(DType t, const void* src, float* dst, size_t n) {
     case DType::F32:
       std::memcpy(dst, src, n * 4);
       return;
-    case DType::F16: {
-      const uint16_t* s = static_cast<const uint16_t*>(src);
-      size_t i = 0;
-#if defined(__AVX512F__)
-      for (; i + 16 <= n; i += 16)
-        _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i))));
-#endif
-#if defined(__F16C__)
-      for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i))));
-#endif
-      for (; i < n; ++i) dst[i] = kF16Table[s[i]];
+    case DType::F16:
+      f16_row_to_f32(static_cast<const uint16_t*>(src), dst, n);
       return;
-    }
-    case DType::BF16: {
-      const uint16_t* s = static_cast<const uint16_t*>(src);
-      size_t i = 0;
-#if defined(__AVX512F__)
-      for (; i + 16 <= n; i += 16)
-        _mm512_storeu_si512(dst + i, _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
-                                                           reinterpret_cast<const __m256i*>(s + i))), 16));
-#endif
-#if defined(__AVX2__)
-      for (; i + 8 <= n; i += 8)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
-                            _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i))), 16));
-#endif
-      for (; i < n; ++i) dst[i] = bf16_to_f32(s[i]);
+    case DType::BF16:
+      bf16_row_to_f32(static_cast<const uint16_t*>(src), dst, n);
       return;
-    }
   }
 }
 

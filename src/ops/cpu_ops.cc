@@ -11,6 +11,7 @@
 #define PKV_AVX2 1
 #endif
 
+#include "core/dtype_rows.h"
 #include "core/error.h"
 #include "core/threads.h"
 #include "ops/ops.h"
@@ -137,33 +138,11 @@ inline void dot4_16(DType t, const float* x, size_t stride, const uint16_t* w, i
 #endif
 }
 
-// n 16-bit values of a KV row (F16 or BF16) as float32 (exact), inline: attention converts one row
-// of one head at a time, and a call into core/dtype's to_f32 per row cost more than the conversion.
+// n 16-bit values of a KV row (F16 or BF16) as float32 (exact); attention converts one short row
+// (one head's) at a time, inline.
 inline void kv_row_f32(DType t, const uint16_t* src, float* dst, int n) {
-  int i = 0;
-  if (t == DType::F16) {
-#if defined(__AVX512F__)
-    for (; i + 16 <= n; i += 16)
-      _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
-#endif
-#ifdef PKV_AVX2
-    for (; i + 8 <= n; i += 8)
-      _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
-#endif
-    for (; i < n; ++i) dst[i] = f16_to_f32(src[i]);
-    return;
-  }
-#if defined(__AVX512F__)
-  for (; i + 16 <= n; i += 16)
-    _mm512_storeu_si512(dst + i, _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
-                                                       reinterpret_cast<const __m256i*>(src + i))), 16));
-#endif
-#ifdef PKV_AVX2
-  for (; i + 8 <= n; i += 8)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
-                        _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))), 16));
-#endif
-  for (; i < n; ++i) dst[i] = bf16_to_f32(src[i]);
+  if (t == DType::F16) f16_row_to_f32(src, dst, size_t(n));
+  else bf16_row_to_f32(src, dst, size_t(n));
 }
 
 }  // namespace
