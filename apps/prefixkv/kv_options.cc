@@ -41,10 +41,10 @@ std::vector<OptionSpec> kv_option_specs(const std::vector<std::string>& names) {
       {"kv-query-reduce", "R", "prefix policies and cutoff: how the queries' attention combines: sum (default), "
                                "mean or max (CPU only unless sum)"},
       {"kv-profile", "FILE", "PrefixKV profile (default: the model's prefixkv_profile.json)"},
-  };
-  std::vector<OptionSpec> out;
       {"kv-dtype", "TYPE", "CPU engine: the KV cache's storage type, f32 (default), f16 or bf16 (keys and values "
                            "rounded once when written; half the memory; attention computes in float32)"},
+  };
+  std::vector<OptionSpec> out;
   for (const std::string& n : names) {
     auto it = std::find_if(all.begin(), all.end(), [&](const OptionSpec& s) { return s.name == n; });
     PKV_ASSERT(it != all.end());
