@@ -13,7 +13,8 @@
 # once into $OUT), build/prefixkv and build/pkv_bench_cpu_linear (`ninja -C build prefixkv
 # pkv_bench_cpu_linear`); the 7b case writes a 13.5 GB checkpoint and a 13.5 GB GGUF under $OUT
 # (PYTHON, default /usr/bin/python3, with numpy; 28 GB of disk). THREADS (default: the machine's cores). Prints a table; the
-# JSON of every run goes to $OUT (default /tmp/cpu_llamacpp). Asserts nothing.
+# JSON of every run goes to $OUT (default /tmp/cpu_llamacpp). PKV_ARGS: more options for prefixkv run
+# (e.g. PKV_ARGS="--kv-dtype f16": its KV cache in 16 bits, as llama.cpp keeps its own). Asserts nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHAT=${1:?tiny, 7b or a GGUF file}
@@ -55,14 +56,14 @@ case "$WHAT" in
 esac
 
 cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')
-echo "machine: $(nproc) cores, $cpu; $(free -g | awk '/Mem:/ {print $2}') GiB; threads $THREADS; $N tokens; $ROUNDS rounds"
+echo "machine: $(nproc) cores, $cpu; $(free -g | awk '/Mem:/ {print $2}') GiB; threads $THREADS; $N tokens; $ROUNDS rounds${PKV_ARGS:+; prefixkv $PKV_ARGS}"
 floor=$("$LINEAR" --threads "$THREADS" --rows 1 --reps 5 --json "$OUT/linear.json" >/dev/null &&
   python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print("%.1f" % max(x["read_floor_gbs"] for x in r))' "$OUT/linear.json")
 echo "read floor: $floor GB/s (plain read of a 7B product's weights, $THREADS threads, best of 5)"
 
 ours() {  # $1 file, $2 output json
   PREFIXKV_THREADS=$THREADS "$PKV" run --model "$1" --template raw --prompt "$PROMPT" --max-tokens "$N" --ignore-eos \
-    --threads "$THREADS" --json > "$2" 2>/dev/null
+    --threads "$THREADS" ${PKV_ARGS:-} --json > "$2" 2>/dev/null
 }
 theirs() {
   (cd "$NLC" && LLAMACPP_THREADS=$THREADS "$NODE" speed.mjs "$1" "$N" "$PROMPT") > "$2" 2>>"$OUT/node.log"
