@@ -31,9 +31,11 @@ std::vector<OptionSpec> kv_option_specs(const std::vector<std::string>& names) {
       {"kv-head-floor", "ALPHA", "adakv: each KV head keeps at least this share of its even share of the layer's "
                                  "selected entries, in [0, 1] (Ada-KV's alpha, default 0.2)"},
       {"kv-value-weight", "W", "prefix policies and cutoff: weight each entry's attention by its value, none "
-                               "(default), vnorm (||v||_1) or wov (||W_o v||_1 per query head; CPU only)"},
+                               "(default), vnorm (||v||_1), wov (||W_o v||_1 per query head) or wov2 (||W_o v||_2 through "
+                               "per-head Gram matrices: the same ranking measured, cheaper; CPU only)"},
       {"kv-layer-floor", "F", "cutoff: each layer keeps at least this fraction of the uniform budget, in [0, 1] "
-                              "(default 0: one threshold decides alone; 0.8: 80% uniform + 20% by the threshold)"},
+                              "(default 0: one threshold decides alone; 0.8: 80% uniform + 20% by the threshold); the policy "
+                              "name's cap=C also lets no layer evict more than C times the uniform eviction"},
       {"kv-grid-pool", "K", "prefix policies and cutoff: max-pool image entries over K x K neighbouring patches of "
                             "the image grid before ranking (text entries keep --kv-prefix-pool; default 0 = off)"},
       {"kv-lookahead", "K", "prefix policies and cutoff: rank by the attention of the first K greedy answer tokens "

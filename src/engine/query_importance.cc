@@ -30,12 +30,28 @@ std::vector<std::vector<float>> value_weights(const Model& model, const KVCache&
   const int H = t.n_heads, Hkv = t.n_kv_heads, hd = t.head_dim, group = H / Hkv, D = t.hidden, qd = H * hd;
   const int kvd = Hkv * hd;
   std::vector<std::vector<float>> out(size_t(t.n_layers));
+  // Float32 weights over rows of hd columns, for ops::linear (BLAS).
+  TensorView view;
+  view.name = "value weights";
+  view.dtype_str = "F32";
+  view.supported = true;
+  view.dtype = DType::F32;
+  auto product = [&](const float* x, int rows, const float* w, int w_rows, float* y) {
+    view.shape = {w_rows, hd};
+    view.data = w;
+    Linear lin;
+    lin.w = &view;
+    lin.in = hd;
+    lin.out = w_rows;
+    ops::linear(x, rows, lin, y);  // y [rows, w_rows] = x [rows, hd] w^T
+  };
+  std::vector<float> vg, y, row, wh;
   for (int l = 0; l < t.n_layers; ++l) {
     const KVLayer& kv = cache.layer(l);
     PKV_ASSERT_MSG(!kv.per_head() && kv.size() >= n, "value weights need a layer whose heads share at least n entries");
     std::vector<float>& o = out[size_t(l)];
     o.assign(size_t(H) * n, 1.f);
-    if (w == ValueWeight::None) continue;
+    if (w == ValueWeight::None || n == 0) continue;
     std::vector<float> vbuf;
     const float* V = kv.values_f32(vbuf);  // [size, kvd], whatever the cache's storage type
     if (w == ValueWeight::ValueNorm) {
@@ -48,28 +64,48 @@ std::vector<std::vector<float>> value_weights(const Model& model, const KVCache&
         }
       continue;
     }
-    // W_o^T [qd, D]: row i is W_o's column i (the output of the unit vector e_i).
-    std::vector<float> eye(size_t(qd) * qd, 0.f), wt(size_t(qd) * D);
-    for (int i = 0; i < qd; ++i) eye[size_t(i) * qd + i] = 1.f;
-    const Linear& o_proj = model.weights().lm.layers[size_t(l)].o;
-    ops::linear(eye.data(), qd, o_proj, wt.data());
-    if (!o_proj.b.empty())  // the bias is no value's contribution
-      for (int i = 0; i < qd; ++i)
-        for (int e = 0; e < D; ++e) wt[size_t(i) * D + e] -= o_proj.b[size_t(e)];
-    std::vector<float> y(static_cast<size_t>(D));
-    for (int h = 0; h < H; ++h)
-      for (int j = 0; j < n; ++j) {
-        const float* v = V + size_t(j) * kvd + size_t(h / group) * hd;
-        std::fill(y.begin(), y.end(), 0.f);
-        for (int d = 0; d < hd; ++d) {
-          const float vd = v[d];
-          const float* row = wt.data() + size_t(h * hd + d) * D;
-          for (int e = 0; e < D; ++e) y[size_t(e)] += vd * row[e];
-        }
-        double s = 0;
-        for (float x : y) s += std::fabs(x);
-        o[size_t(h) * n + j] = float(s);
+    if (w == ValueWeight::OutputNorm) {
+      // L1: W_o^h [D, hd] (W_o's columns h hd ... (h+1) hd - 1) times each value, through BLAS.
+      const TensorView& W = *model.weights().lm.layers[size_t(l)].o.w;  // [D, qd]
+      row.resize(size_t(qd));
+      wh.resize(size_t(H) * D * hd);  // [H][D][hd]
+      for (int e = 0; e < D; ++e) {
+        ops::weight_row(W, e, qd, row.data());
+        for (int h = 0; h < H; ++h)
+          std::copy_n(row.data() + size_t(h) * hd, hd, wh.data() + (size_t(h) * D + size_t(e)) * hd);
       }
+      y.resize(size_t(n) * D);
+    } else {
+      y.resize(size_t(n) * group * hd);
+    }
+    vg.resize(size_t(n) * hd);
+    for (int g = 0; g < Hkv; ++g) {
+      for (int j = 0; j < n; ++j) std::copy_n(V + size_t(j) * kvd + size_t(g) * hd, hd, vg.data() + size_t(j) * hd);
+      if (w == ValueWeight::OutputNorm) {
+        for (int h = g * group; h < (g + 1) * group; ++h) {
+          product(vg.data(), n, wh.data() + size_t(h) * D * hd, D, y.data());
+          for (int j = 0; j < n; ++j) {
+            const float* yj = y.data() + size_t(j) * D;
+            double s = 0;
+            for (int e = 0; e < D; ++e) s += std::fabs(yj[e]);
+            o[size_t(h) * n + j] = float(s);
+          }
+        }
+        continue;
+      }
+      // L2: ||W_o^h v||_2 = sqrt(v^T G_h v); y [n, group hd] = each value times the G_h of the group's
+      // query heads (consecutive in output_gram; G_h is symmetric, so w^T is G_h itself).
+      product(vg.data(), n, model.output_gram(l).data() + size_t(g) * group * hd * hd, group * hd, y.data());
+      for (int j = 0; j < n; ++j) {
+        const float* v = vg.data() + size_t(j) * hd;
+        for (int k = 0; k < group; ++k) {
+          const float* yk = y.data() + (size_t(j) * group + size_t(k)) * hd;
+          double s = 0;
+          for (int d = 0; d < hd; ++d) s += double(v[d]) * yk[d];
+          o[size_t(g * group + k) * n + j] = float(std::sqrt(std::max(0.0, s)));
+        }
+      }
+    }
   }
   return out;
 }

@@ -20,7 +20,10 @@
 namespace pkv {
 
 // Per layer, per query head h and entry j < n of `cache` (a cache whose layers share their entries):
-// ValueNorm: ||v_{g(h), j}||_1 (g(h): h's KV head); OutputNorm: ||W_o[:, h hd : (h+1) hd] v_{g(h), j}||_1.
+// ValueNorm: ||v_{g(h), j}||_1 (g(h): h's KV head); OutputNorm: ||W_o^h v_{g(h), j}||_1 with
+// W_o^h = W_o[:, h hd : (h+1) hd] (BLAS products, n x hidden x head_dim per query head and layer);
+// OutputNorm2: ||W_o^h v_{g(h), j}||_2 = sqrt(v^T G_h v) with the model's Gram matrices
+// (Model::output_gram; n x head_dim^2 per query head and layer).
 // [layers][n_heads * n], head-major. None: every weight 1.
 std::vector<std::vector<float>> value_weights(const Model& model, const KVCache& cache, ValueWeight w, int n);
 

@@ -108,12 +108,12 @@ CalibrateResult calibrate(Backend& backend, const Engine& engine, const std::vec
     }
     for (size_t bi = 0; bi < B; ++bi) {
       const int c = std::min(N, opt.protected_count);
-      const int uniform = std::clamp(int(std::lround(opt.budgets[bi] * N)), c, N);
       const std::vector<int> n =
           opt.layer_rule == "prefix"
               ? prefix_budgets(scores, std::llround(opt.budgets[bi] * N * L), c)
               : cutoff_budgets(ranked, std::llround(opt.budgets[bi] * N * L),
-                               std::vector<int>(size_t(L), std::clamp(int(std::lround(co.layer_floor * uniform)), c, uniform)));
+                               std::vector<int>(size_t(L), cutoff_floor(N, opt.budgets[bi], opt.protected_count,
+                                                                        co.layer_floor, co.layer_evict_cap)));
       for (int l = 0; l < L; ++l) {
         const double k = double(n[size_t(l)]) / N;
         sum[bi][size_t(l)] += k;

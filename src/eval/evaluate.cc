@@ -622,6 +622,7 @@ nlohmann::json eval_settings_json(const std::vector<std::string>& policies, cons
   const PolicyOptions& b = opt.base, plain{};  // kv/cutoff.h's options, where they differ from the defaults
   if (b.value_weight != plain.value_weight) s["value_weight"] = value_weight_name(b.value_weight);
   if (b.layer_floor != plain.layer_floor) s["layer_floor"] = b.layer_floor;
+  if (b.layer_evict_cap != plain.layer_evict_cap) s["layer_evict_cap"] = b.layer_evict_cap;
   if (b.grid_pool != plain.grid_pool) s["grid_pool"] = b.grid_pool;
   if (b.lookahead != plain.lookahead) s["lookahead"] = b.lookahead;
   if (b.query_reduce != plain.query_reduce) s["query_reduce"] = query_reduce_name(b.query_reduce);

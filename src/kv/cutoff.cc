@@ -40,6 +40,14 @@ std::vector<int> cutoff_budgets(const std::vector<std::vector<float>>& scores, i
   return n;
 }
 
+int cutoff_floor(int N, double budget, int protected_count, double layer_floor, double evict_cap) {
+  const int c = std::min(N, protected_count);
+  const int uniform = std::clamp(int(std::lround(budget * N)), c, N);
+  int floor = int(std::lround(layer_floor * uniform));
+  if (evict_cap >= 1) floor = std::max<int>(floor, N - int(std::llround(evict_cap * (N - uniform))));
+  return std::clamp(floor, c, uniform);
+}
+
 std::vector<float> pool_scores(const std::vector<float>& s, int seq_kernel, int grid_kernel, int image_offset,
                                int image_tokens) {
   const int N = int(s.size());
@@ -64,6 +72,7 @@ const char* value_weight_name(ValueWeight w) {
     case ValueWeight::None: return "none";
     case ValueWeight::ValueNorm: return "vnorm";
     case ValueWeight::OutputNorm: return "wov";
+    case ValueWeight::OutputNorm2: return "wov2";
   }
   return "?";
 }
@@ -72,7 +81,8 @@ ValueWeight value_weight_from_name(const std::string& s, const std::string& opti
   if (s == "none") return ValueWeight::None;
   if (s == "vnorm") return ValueWeight::ValueNorm;
   if (s == "wov") return ValueWeight::OutputNorm;
-  fail(option, "unknown value weighting '" + s + "' (none, vnorm, wov)");
+  if (s == "wov2") return ValueWeight::OutputNorm2;
+  fail(option, "unknown value weighting '" + s + "' (none, vnorm, wov, wov2)");
 }
 
 const char* query_reduce_name(QueryReduce r) {
@@ -111,11 +121,7 @@ void apply_policy_spec(const std::string& spec, PolicyOptions& o, const std::str
       }
       fail(where, "'" + key + "' takes an integer >= " + std::to_string(lo) + ", got '" + val + "'");
     };
-    if (eq == std::string::npos && (key == "none" || key == "vnorm" || key == "wov")) {
-      o.value_weight = value_weight_from_name(key, where);
-    } else if (key == "w") {
-      o.value_weight = value_weight_from_name(val, where);
-    } else if (key == "floor") {
+    auto real = [&] {  // the value as a number; -1 when it is not one
       double v = -1;
       try {
         size_t used = 0;
@@ -123,8 +129,21 @@ void apply_policy_spec(const std::string& spec, PolicyOptions& o, const std::str
         if (used != val.size()) v = -1;
       } catch (...) {
       }
+      return v;
+    };
+    if (eq == std::string::npos && (key == "none" || key == "vnorm" || key == "wov" || key == "wov2")) {
+      o.value_weight = value_weight_from_name(key, where);
+    } else if (key == "w") {
+      o.value_weight = value_weight_from_name(val, where);
+    } else if (key == "floor") {
+      const double v = real();
       if (!(v >= 0 && v <= 1)) fail(where, "'floor' takes a fraction of the uniform budget in [0, 1], got '" + val + "'");
       o.layer_floor = v;
+    } else if (key == "cap") {
+      const double v = real();
+      if (!(v == 0 || (v >= 1 && std::isfinite(v))))
+        fail(where, "'cap' takes a multiple of the uniform eviction, 0 (off) or >= 1, got '" + val + "'");
+      o.layer_evict_cap = v;
     } else if (key == "grid") {
       o.grid_pool = integer(0);
     } else if (key == "look") {
@@ -134,7 +153,7 @@ void apply_policy_spec(const std::string& spec, PolicyOptions& o, const std::str
     } else if (key == "pool") {
       o.prefix_pool = integer(0);
     } else {
-      fail(where, "unknown option '" + item + "' (w=none|vnorm|wov, floor=F, grid=K, look=K, reduce=sum|mean|max, pool=K)");
+      fail(where, "unknown option '" + item + "' (w=none|vnorm|wov|wov2, floor=F, cap=C, grid=K, look=K, reduce=sum|mean|max, pool=K)");
     }
   }
 }

@@ -18,6 +18,14 @@ namespace pkv {
 // [sum(base), L * N]; base[l] to [0, N]. The scores must be finite or +inf (protected entries).
 std::vector<int> cutoff_budgets(const std::vector<std::vector<float>>& scores, int64_t total, const std::vector<int>& base);
 
+// The entries each layer keeps whatever the threshold (cutoff_budgets' base), out of N at the kept
+// fraction `budget` (uniform budget u = round(budget N), at least `protected_count`): its floor
+// share of u, round(layer_floor u), and with evict_cap >= 1 at least N - round(evict_cap (N - u)), so
+// that no layer evicts more than evict_cap times the uniform eviction; clamped to [protected_count, u].
+// The second bound only binds near the full cache: with floor f it takes over above
+// budget = (cap - 1) / (cap - f) (cap 2, f 0.5: above 2/3 kept).
+int cutoff_floor(int N, double budget, int protected_count, double layer_floor, double evict_cap);
+
 // The scores a prefix policy ranks by: max-pooled over neighbours. Entries of the image (indices
 // [image_offset, image_offset + image_tokens), a square grid of G x G patches in row-major order) take
 // the maximum over their grid_kernel x grid_kernel neighbourhood of patches (when grid_kernel > 1 and
@@ -29,7 +37,8 @@ std::vector<float> pool_scores(const std::vector<float>& s, int seq_kernel, int 
 
 // A policy named with options: "NAME[:OPTION]...", e.g. "cutoff:wov:floor=0.5:grid=3:look=8". The
 // options (each overrides PolicyOptions for this policy only, so one evaluation can compare
-// variants): w=none|vnorm|wov (or the bare word), floor=F (layer_floor, [0, 1]), grid=K (grid_pool),
+// variants): w=none|vnorm|wov|wov2 (or the bare word), floor=F (layer_floor, [0, 1]), cap=C
+// (layer_evict_cap, 0 or >= 1), grid=K (grid_pool),
 // look=K (lookahead), reduce=sum|mean|max, pool=K (prefix_pool). Returns NAME; errors name `option`
 // and the spec.
 std::string policy_base_name(const std::string& spec);

@@ -32,11 +32,11 @@ const char* estimator_name(Estimator e);
 Estimator estimator_from_name(const std::string& s);  // throws Error naming --kv-importance
 
 // What an entry's attention is weighted by before scores are compared (BEYOND.md item 2): none (the
-// attention itself), the L1 norm of its value (per KV head), or the L1 norm of what it adds to the
-// layer's output through each query head's slice of W_o (CriticalKV, arXiv 2502.03805).
-enum class ValueWeight { None, ValueNorm, OutputNorm };
+// attention itself), the L1 norm of its value (per KV head), or the L1 (wov) or L2 (wov2) norm of what
+// it adds to the layer's output through each query head's slice of W_o (CriticalKV, arXiv 2502.03805).
+enum class ValueWeight { None, ValueNorm, OutputNorm, OutputNorm2 };
 const char* value_weight_name(ValueWeight w);
-ValueWeight value_weight_from_name(const std::string& s, const std::string& option);  // none | vnorm | wov
+ValueWeight value_weight_from_name(const std::string& s, const std::string& option);  // none | vnorm | wov | wov2
 // How the attention of several queries over an entry combines: the sum (METHOD.md section 1), the
 // mean or the largest.
 enum class QueryReduce { Sum, Mean, Max };
@@ -70,6 +70,8 @@ struct PolicyOptions {
   // Layer allocation and ranking beyond PrefixKV (src/kv/cutoff.h; issue 13 items 2 and 3):
   ValueWeight value_weight = ValueWeight::None;  // prefix policies: attention weighted by the value
   double layer_floor = 0.0;  // cutoff: each layer keeps at least this fraction of the uniform budget
+  double layer_evict_cap = 0.0;  // cutoff, >= 1: each layer evicts at most this multiple of the uniform
+                                 // eviction (a floor that rises towards the full cache); 0 = off
   int grid_pool = 0;         // prefix policies: max-pool image entries over a K x K patch neighbourhood
                              // (text entries keep prefix_pool along the sequence); 0 or 1 = off
   int lookahead = 0;         // > 0: rank by the attention of the first `lookahead` greedy answer tokens

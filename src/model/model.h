@@ -3,6 +3,7 @@
 #pragma once
 #include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -81,6 +82,14 @@ class Model {
   void decode_batch(const float* x, int B, const int32_t* pos, const std::vector<KVCache*>& caches,
                     const std::vector<std::vector<std::vector<float>>*>& importance, float* logits_out) const;
 
+  // Layer `layer`'s Gram matrices of the output projection per query head: G_h = (W_o^h)^T W_o^h, with
+  // W_o^h = W_o[:, h hd : (h+1) hd] ([hidden, head_dim]) the slice query head h's attention output
+  // goes through, so ||W_o^h v||_2^2 = v^T G_h v for any v [head_dim] (engine/query_importance.h).
+  // [n_heads * head_dim * head_dim]: head-major, each G_h row-major; float32 products (BLAS) of the
+  // weights as float32, whatever their storage. Computed for all layers on the first call (thread-safe),
+  // then kept with the model: n_layers * n_heads * head_dim^2 floats.
+  const std::vector<float>& output_gram(int layer) const;
+
   // An empty cache for this model, keys and values stored as `kv_dtype` (kv/kv_cache.h).
   KVCache make_cache(DType kv_dtype = DType::F32) const {
     return KVCache(cfg_.text.n_layers, cfg_.text.n_kv_heads * cfg_.text.head_dim, cfg_.text.n_kv_heads, kv_dtype);
@@ -90,6 +99,8 @@ class Model {
   ModelConfig cfg_;
   std::unique_ptr<LoadedWeights> lw_;
   ops::Rope rope_;
+  mutable std::once_flag gram_once_;
+  mutable std::vector<std::vector<float>> gram_;  // output_gram: [layers][n_heads * head_dim^2]
 };
 
 }  // namespace pkv

@@ -117,6 +117,45 @@ TEST(CutoffPolicy, KeepsTheBudgetTheFloorAndTheHighestScoresAcrossLayers) {
   }
 }
 
+TEST(CutoffFloor, TheEvictionCapRaisesTheFloorNearTheFullCacheOnly) {
+  // N 100, 2 protected: uniform u = round(b N); floor = max(round(f u), N - round(cap (N - u))), in [2, u].
+  EXPECT_EQ(cutoff_floor(100, 0.2, 2, 0.5, 2), 10);  // 10 against -60: the share of u
+  EXPECT_EQ(cutoff_floor(100, 0.5, 2, 0.5, 2), 25);  // 25 against 0
+  EXPECT_EQ(cutoff_floor(100, 0.7, 2, 0.5, 2), 40);  // 35 against 40: the cap binds above 2/3 kept
+  EXPECT_EQ(cutoff_floor(100, 0.8, 2, 0.5, 2), 60);
+  EXPECT_EQ(cutoff_floor(100, 0.9, 2, 0.5, 2), 80);
+  EXPECT_EQ(cutoff_floor(100, 0.9, 2, 0.5, 1.5), 85);
+  EXPECT_EQ(cutoff_floor(100, 0.9, 2, 0.5, 0), 45);  // off
+  EXPECT_EQ(cutoff_floor(100, 0.9, 2, 0.0, 1), 90);  // cap 1: uniform
+  EXPECT_EQ(cutoff_floor(100, 0.1, 2, 0.0, 0), 2);   // the protected entries
+  EXPECT_EQ(cutoff_floor(100, 0.9, 2, 1.0, 3), 90);  // never above u
+
+  // Three layers of ten entries whose scores order the layers (layer 2 above layer 1 above layer 0), at
+  // 80% kept (24 entries): the threshold alone would fill layers 2 and 1 and leave layer 0 its floor
+  // of 4; evicting at most twice the uniform 2 entries, layer 0 keeps 6 (cap 1.5: 7).
+  const int L = 3, N = 10;
+  std::vector<std::vector<float>> imp(static_cast<size_t>(L), std::vector<float>(static_cast<size_t>(N)));
+  for (int l = 0; l < L; ++l)
+    for (int j = 0; j < N; ++j) imp[size_t(l)][size_t(j)] = float(10 * (l + 1)) + float((j * 7) % N) / 16.f;
+  auto budgets = [&](const std::string& spec) {
+    PolicyOptions o;
+    o.budget = 0.8;
+    o.prefix_pool = 0;
+    auto policy = make_policy(spec, o);
+    FlatView view(L, N);
+    const KeepPlan plan = policy->after_prefill(view, imp, N);
+    std::vector<int> n(static_cast<size_t>(L), N);
+    for (const LayerKeep& k : plan.layers) n[size_t(k.layer)] = int(k.keep.size());
+    return n;
+  };
+  EXPECT_EQ(budgets("cutoff:floor=0.5"), (std::vector<int>{4, 10, 10}));
+  EXPECT_EQ(budgets("cutoff:floor=0.5:cap=2"), (std::vector<int>{6, 8, 10}));
+  EXPECT_EQ(budgets("cutoff:floor=0.5:cap=1.5"), (std::vector<int>{7, 7, 10}));
+  EXPECT_EQ(budgets("cutoff:cap=1"), (std::vector<int>{8, 8, 8}));
+  EXPECT_THROW(budgets("cutoff:cap=0.5"), Error);
+  EXPECT_THROW(budgets("cutoff:cap=x"), Error);
+}
+
 TEST(GridPool, AHotPatchSpreadsToItsGridNeighboursNotAcrossARowBreak) {
   // 3 text tokens, a 5 x 5 image, 4 text tokens.
   const int before = 3, G = 5, after = 4, N = before + G * G + after;
@@ -165,6 +204,14 @@ TextPrefill text_prefill(const Model& m, const Tokenizer& tok, const std::string
   return t;
 }
 
+// Layer l's W_o [hidden, n_heads * head_dim] as stored, row by row, in float32.
+std::vector<float> output_projection(const Model& m, int l) {
+  const int D = m.config().text.hidden, qd = m.config().text.n_heads * m.config().text.head_dim;
+  std::vector<float> Wo(size_t(D) * qd);
+  for (int e = 0; e < D; ++e) ops::weight_row(*m.weights().lm.layers[size_t(l)].o.w, e, qd, &Wo[size_t(e) * qd]);
+  return Wo;
+}
+
 TEST(ValueWeights, EqualAnIndependentReferenceOnTheBundledModel) {
   test::BundledModel& b = test::bundled_model();
   const Model& m = *b.model;
@@ -179,9 +226,7 @@ TEST(ValueWeights, EqualAnIndependentReferenceOnTheBundledModel) {
   std::vector<float> row(static_cast<size_t>(qd));
   for (int l = 0; l < t.n_layers; ++l) {
     const float* V = tp.cache.layer(l).values();
-    // W_o [D, qd] as stored, row by row.
-    std::vector<float> Wo(size_t(D) * qd);
-    for (int e = 0; e < D; ++e) ops::weight_row(*m.weights().lm.layers[size_t(l)].o.w, e, qd, &Wo[size_t(e) * qd]);
+    const std::vector<float> Wo = output_projection(m, l);
     for (int h = 0; h < H; ++h)
       for (int j = 0; j < n; ++j) {
         const float* v = V + size_t(j) * kvd + size_t(h / group) * hd;
@@ -207,6 +252,55 @@ TEST(ValueWeights, EqualAnIndependentReferenceOnTheBundledModel) {
         EXPECT_EQ(none[size_t(l)][i], 1.f);
       }
   }
+}
+
+// wov2: ||W_o^h v||_2 through the Gram matrix G_h = (W_o^h)^T W_o^h (Model::output_gram) against the
+// direct norm in double. The bound, to first order in u = 2^-24 with g(n) = n u / (1 - n u): each
+// G_ab sums hidden products in float32 (off by <= g(hidden) M_ab, M_ab = sum_e |W_ea| |W_eb|); y = G v
+// sums head_dim products in float32 (off by <= g(head_dim) sum_b |G_ab| |v_b|); v . y is summed in
+// double. So |v'Gv (engine) - ||W v||^2| <= A (g(hidden) + g(head_dim) (1 + g(hidden))) with
+// A = sum_e (sum_a |W_ea| |v_a|)^2, which the square root turns into at most that over the two roots'
+// sum, plus the final rounding to float.
+TEST(ValueWeights, TheGramFormEqualsTheDirectL2NormWithinFloatRounding) {
+  test::BundledModel& b = test::bundled_model();
+  const Model& m = *b.model;
+  const TextConfig& t = m.config().text;
+  const TextPrefill tp = text_prefill(m, b.tok, "USER: How many circles are in the bottom row? ASSISTANT:");
+  const int n = int(tp.p.ids.size()), H = t.n_heads, hd = t.head_dim, group = H / t.n_kv_heads;
+  const int kvd = t.n_kv_heads * hd, qd = H * hd, D = t.hidden;
+  const auto wov2 = value_weights(m, tp.cache, ValueWeight::OutputNorm2, n);
+  ASSERT_EQ(int(wov2.size()), t.n_layers);
+  auto g = [](int k) { return k * kEps / (1 - k * kEps); };
+  double worst = 0;  // the largest error seen as a share of its bound
+  for (int l = 0; l < t.n_layers; ++l) {
+    ASSERT_EQ(wov2[size_t(l)].size(), size_t(H) * n);
+    ASSERT_EQ(m.output_gram(l).size(), size_t(H) * hd * hd);
+    const float* V = tp.cache.layer(l).values();
+    const std::vector<float> Wo = output_projection(m, l);
+    for (int h = 0; h < H; ++h)
+      for (int j = 0; j < n; ++j) {
+        const float* v = V + size_t(j) * kvd + size_t(h / group) * hd;
+        double sq = 0, A = 0;
+        for (int e = 0; e < D; ++e) {
+          double y = 0, mag = 0;
+          for (int d = 0; d < hd; ++d) {
+            const double w = Wo[size_t(e) * qd + size_t(h) * hd + d];
+            y += w * v[d];
+            mag += std::fabs(w * v[d]);
+          }
+          sq += y * y;
+          A += mag * mag;
+        }
+        const double want = std::sqrt(sq), got = wov2[size_t(l)][size_t(h) * n + j];
+        const double E = A * (g(D) + g(hd) * (1 + g(D)));
+        const double tol = std::min(std::sqrt(E), E / (want + std::sqrt(std::max(0.0, sq - E)))) + got * kEps;
+        ASSERT_NEAR(got, want, tol) << "layer " << l << " head " << h << " entry " << j;
+        worst = std::max(worst, std::fabs(got - want) / tol);
+        EXPECT_GT(want, 0);
+      }
+  }
+  // The bound is a bound, not the error: far from it, but the form is not exact either.
+  EXPECT_LT(worst, 1.0);
 }
 
 TEST(QueryScores, WeightedSoftmaxOnHandMadeArrays) {

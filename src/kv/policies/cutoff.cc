@@ -1,7 +1,8 @@
 // cutoff: layer budgets from one score threshold across layers (kv/cutoff.h, cutoff_budgets) on the
 // prefix policies' ranking scores (the estimator's attention, optionally weighted by the value's
 // contribution, pooled along the sequence and over the image grid), each layer keeping at least
-// layer_floor of the uniform budget; within a layer the highest of the same scores. Where PrefixKV
+// layer_floor of the uniform budget (and evicting at most layer_evict_cap times the uniform eviction);
+// within a layer the highest of the same scores. Where PrefixKV
 // equalises the share of each layer's own importance it keeps, this keeps the most score in total,
 // which only means something when scores compare across layers (issue 13 item 2).
 #include <algorithm>
@@ -24,9 +25,7 @@ class CutoffPolicy : public PrefixPolicy {
   std::vector<int> layer_budgets(const std::vector<std::vector<float>>& imp, int N, int L) override {
     scores(imp, N);
     const double b = budget_fraction(N);
-    const int c = std::min(N, opt_.protected_count);
-    const int uniform = std::clamp(int(std::lround(b * N)), c, N);
-    const int floor = std::clamp(int(std::lround(opt_.layer_floor * uniform)), c, uniform);
+    const int floor = cutoff_floor(N, b, opt_.protected_count, opt_.layer_floor, opt_.layer_evict_cap);
     ranked_.assign(size_t(L), {});
     const std::vector<int32_t> prot = protected_indices(N);
     for (int l = 0; l < L; ++l) {
