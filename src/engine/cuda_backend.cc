@@ -35,10 +35,12 @@ class CudaBackend : public Backend {
     size_t kv_bytes() const override { return session.kv_bytes(); }
     std::vector<size_t> kv_bytes_per_layer() const override {
       std::vector<size_t> b;
-      for (const std::vector<size_t>& heads : session.kv_bytes_per_head()) {
-        size_t sum = 0;
-        for (size_t x : heads) sum += x;
-        b.push_back(sum);
+      const BlockPool& bp = pool_.blocks();
+      for (int l = 0; l < pool_.n_layers(); ++l) {
+        size_t n = bp.table(session.sequence(), l).size() * pool_.block_bytes();
+        if (bp.per_head(session.sequence(), l))
+          for (int h = 0; h < bp.n_kv_heads(); ++h) n += bp.head_table(session.sequence(), l, h).size() * bp.sub_block_bytes();
+        b.push_back(n);
       }
       return b;
     }

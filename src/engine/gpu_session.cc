@@ -37,7 +37,7 @@ std::vector<int> GpuSession::entries_per_layer() const {
   return e;
 }
 
-size_t GpuSession::kv_bytes() const { return size_t(pool_.blocks().blocks_held(seq_)) * pool_.block_bytes(); }
+size_t GpuSession::kv_bytes() const { return pool_.blocks().bytes_held(seq_); }
 
 std::vector<std::vector<size_t>> GpuSession::kv_bytes_per_head() const { return pool_.blocks().bytes_per_head(seq_); }
 

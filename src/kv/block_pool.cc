@@ -27,7 +27,11 @@ std::string BlockPoolStats::to_string() const {
   std::snprintf(buf, sizeof buf, "KV blocks: %d of %d used (peak %d), %d free; %s of %s; %d sequences, %lld entries",
                 used_blocks, total_blocks, peak_used_blocks, free_blocks, mib(used_bytes).c_str(),
                 mib(total_bytes).c_str(), sequences, static_cast<long long>(entries));
-  return buf;
+  std::string out = buf;
+  if (split_blocks > 0)
+    out += "; " + std::to_string(split_blocks) + " blocks split into " + std::to_string(sub_blocks_used) +
+           " head sub-blocks (" + std::to_string(sub_blocks_free) + " parts free)";
+  return out;
 }
 
 BlockPool::BlockPool(int n_blocks, int block_size, int n_layers, size_t bytes_per_block, int max_blocks_per_table,
@@ -41,6 +45,8 @@ BlockPool::BlockPool(int n_blocks, int block_size, int n_layers, size_t bytes_pe
   if (max_blocks_per_table < 0)
     fail(kWhere, "the block-table width must be >= 0 (0: no limit), got " + std::to_string(max_blocks_per_table));
   owner_.assign(size_t(n_blocks), -1);
+  sub_owner_.assign(size_t(n_blocks) * size_t(n_kv_heads), -1);
+  sub_used_.assign(size_t(n_blocks), 0);
   free_.reserve(size_t(n_blocks));
   for (int b = n_blocks - 1; b >= 0; --b) free_.push_back(b);  // pops 0, 1, 2, ...
 }
@@ -57,7 +63,7 @@ void BlockPool::remove_sequence(SeqId s) {
   Seq& q = seq(s, "remove_sequence");
   for (Layer& L : q.layers) {
     apply_resize(s, L, 0);
-    for (Layer& H : L.heads) apply_resize(s, H, 0, head_entries_per_block());
+    for (Layer& H : L.heads) apply_head_resize(s, H, 0);
   }
   seqs_.erase(s);
 }
@@ -141,16 +147,18 @@ void BlockPool::split_heads(SeqId s, int layer, const std::vector<int>& entries)
   if (int(entries.size()) != n_kv_heads_)
     fail(kWhere, "split_heads: " + std::to_string(entries.size()) + " entry counts for " + std::to_string(n_kv_heads_) +
                      " KV heads");
-  int need = 0;
+  Need need;
   for (int e : entries) {
     if (e < 0 || e > L.entries)
       fail(kWhere, "split_heads: " + where + ": a head of " + std::to_string(e) + " entries from a layer of " +
                        std::to_string(L.entries));
-    need += head_blocks_for(e);
+    need.sub_blocks += head_blocks_for(e);
   }
-  if (need > free_blocks()) out_of_blocks(s, need, "the head tables of layer " + std::to_string(layer));
+  if (!fits(need))
+    out_of_blocks(s, (need.sub_blocks - int(sub_free_.size()) + n_kv_heads_ - 1) / n_kv_heads_,
+                  "the head tables of layer " + std::to_string(layer));
   L.heads.resize(size_t(n_kv_heads_));
-  for (int h = 0; h < n_kv_heads_; ++h) apply_resize(s, L.heads[size_t(h)], entries[size_t(h)], head_entries_per_block());
+  for (int h = 0; h < n_kv_heads_; ++h) apply_head_resize(s, L.heads[size_t(h)], entries[size_t(h)]);
 }
 
 void BlockPool::release_shared(SeqId s, int layer) {
@@ -165,28 +173,86 @@ void BlockPool::release_shared(SeqId s, int layer) {
 void BlockPool::resize_head(SeqId s, int layer, int head, int entries) {
   Layer& H = head_layer(s, layer, head, "resize_head");
   check_entries(s, layer, entries);
-  const int need = std::max(0, head_blocks_for(entries) - int(H.blocks.size()));
-  if (need > free_blocks())
-    out_of_blocks(s, need, "layer " + std::to_string(layer) + " head " + std::to_string(head) + " (" +
-                               std::to_string(entries) + " entries)");
-  apply_resize(s, H, entries, head_entries_per_block());
+  const Need need{0, std::max(0, head_blocks_for(entries) - int(H.blocks.size()))};
+  if (!fits(need))
+    out_of_blocks(s, (need.sub_blocks - int(sub_free_.size()) + n_kv_heads_ - 1) / n_kv_heads_,
+                  "layer " + std::to_string(layer) + " head " + std::to_string(head) + " (" + std::to_string(entries) +
+                      " entries)");
+  apply_head_resize(s, H, entries);
 }
 
-int BlockPool::blocks_to_append(SeqId s, int n) const {
+bool BlockPool::fits(const Need& n) const {
+  if (n.blocks > free_blocks()) return false;
+  const int from_blocks = std::max(0, n.sub_blocks - int(sub_free_.size()));
+  return from_blocks <= (free_blocks() - n.blocks) * n_kv_heads_;
+}
+
+BlockPool::Need BlockPool::blocks_to_append(SeqId s, int n) const {
   if (n < 0) fail(kWhere, "blocks_to_append: negative count " + std::to_string(n));
-  int need = 0;
+  Need need;
   for (int l = 0; l < n_layers_; ++l) {
     const Layer& L = seq(s, "blocks_to_append").layers[size_t(l)];
     if (L.heads.empty()) {
-      need += blocks_needed(s, l, L.entries + n);
+      need.blocks += blocks_needed(s, l, L.entries + n);
       continue;
     }
     for (const Layer& H : L.heads) {
       check_entries(s, l, H.entries + n);
-      need += std::max(0, head_blocks_for(H.entries + n) - int(H.blocks.size()));
+      need.sub_blocks += std::max(0, head_blocks_for(H.entries + n) - int(H.blocks.size()));
     }
   }
   return need;
+}
+
+int32_t BlockPool::take_sub_block(SeqId s) {
+  if (sub_free_.empty()) {  // split a free block: part 0 serves now, the others wait in sub_free_
+    PKV_ASSERT(!free_.empty());
+    const int32_t b = free_.back();
+    free_.pop_back();
+    PKV_ASSERT(owner_[size_t(b)] == -1 && sub_used_[size_t(b)] == 0);
+    owner_[size_t(b)] = kSplit;
+    for (int j = 0; j < n_kv_heads_; ++j) sub_free_.insert(b * n_kv_heads_ + j);
+    peak_used_ = std::max(peak_used_, used_blocks());
+  }
+  const int32_t sb = *sub_free_.begin();
+  sub_free_.erase(sub_free_.begin());
+  PKV_ASSERT(sub_owner_[size_t(sb)] == -1);
+  sub_owner_[size_t(sb)] = s;
+  ++sub_used_[size_t(sb / n_kv_heads_)];
+  return sb;
+}
+
+void BlockPool::give_sub_block(SeqId s, int32_t sb) {
+  const int32_t b = sb / n_kv_heads_;
+  PKV_ASSERT(sub_owner_[size_t(sb)] == s && owner_[size_t(b)] == kSplit && sub_used_[size_t(b)] > 0);
+  sub_owner_[size_t(sb)] = -1;
+  sub_free_.insert(sb);
+  if (--sub_used_[size_t(b)] > 0) return;
+  for (int j = 0; j < n_kv_heads_; ++j) sub_free_.erase(b * n_kv_heads_ + j);  // the whole block is free again
+  owner_[size_t(b)] = -1;
+  free_.push_back(b);
+}
+
+void BlockPool::apply_head_resize(SeqId s, Layer& H, int entries) {
+  const int want = head_blocks_for(entries);
+  while (int(H.blocks.size()) < want) H.blocks.push_back(take_sub_block(s));
+  while (int(H.blocks.size()) > want) {  // tail sub-blocks, last first
+    give_sub_block(s, H.blocks.back());
+    H.blocks.pop_back();
+  }
+  H.version = next_version_++;
+  H.entries = entries;
+}
+
+int BlockPool::sub_blocks_held(SeqId s) const {
+  int n = 0;
+  for (const Layer& L : seq(s, "sub_blocks_held").layers)
+    for (const Layer& H : L.heads) n += int(H.blocks.size());
+  return n;
+}
+
+size_t BlockPool::bytes_held(SeqId s) const {
+  return size_t(blocks_held(s)) * bytes_per_block_ + size_t(sub_blocks_held(s)) * sub_block_bytes();
 }
 
 std::vector<std::vector<size_t>> BlockPool::bytes_per_head(SeqId s) const {
@@ -196,7 +262,7 @@ std::vector<std::vector<size_t>> BlockPool::bytes_per_head(SeqId s) const {
     const Layer& L = q.layers[size_t(l)];
     for (int h = 0; h < n_kv_heads_; ++h)
       out[size_t(l)][size_t(h)] = L.heads.empty() ? L.blocks.size() * bytes_per_block_ / size_t(n_kv_heads_)
-                                                  : L.heads[size_t(h)].blocks.size() * bytes_per_block_;
+                                                  : L.heads[size_t(h)].blocks.size() * sub_block_bytes();
   }
   return out;
 }
@@ -290,10 +356,7 @@ uint64_t BlockPool::table_version(SeqId s, int layer) const {
 
 int BlockPool::blocks_held(SeqId s) const {
   int n = 0;
-  for (const Layer& L : seq(s, "blocks_held").layers) {
-    n += int(L.blocks.size());
-    for (const Layer& H : L.heads) n += int(H.blocks.size());
-  }
+  for (const Layer& L : seq(s, "blocks_held").layers) n += int(L.blocks.size());
   return n;
 }
 
@@ -323,8 +386,8 @@ void BlockPool::out_of_blocks(SeqId s, int needed, const std::string& what) cons
                    mib(bytes_per_block_) + " per block; " + mib(free_bytes()) + " free)");
 }
 
-void BlockPool::apply_resize(SeqId s, Layer& L, int entries, int per_block) {
-  const int want = (entries + per_block - 1) / per_block;
+void BlockPool::apply_resize(SeqId s, Layer& L, int entries) {
+  const int want = blocks_for(entries);
   const int have = int(L.blocks.size());
   if (want > have) {
     PKV_ASSERT(want - have <= free_blocks());
@@ -382,12 +445,15 @@ void BlockPool::resize_all(SeqId s, const std::vector<int>& entries_per_layer) {
 void BlockPool::append_all(SeqId s, int n) {
   if (n < 0) fail(kWhere, "append_all: negative count " + std::to_string(n));
   Seq& q = seq(s, "append_all");
-  const int need = blocks_to_append(s, n);  // validates every count first
-  if (need > free_blocks()) out_of_blocks(s, need, std::to_string(n) + " new entries in every layer");
-  for (Layer& L : q.layers) {
+  const Need need = blocks_to_append(s, n);  // validates every count first
+  if (!fits(need))
+    out_of_blocks(s, need.blocks + std::max(0, need.sub_blocks - int(sub_free_.size()) + n_kv_heads_ - 1) / n_kv_heads_,
+                  std::to_string(n) + " new entries in every layer");
+  for (Layer& L : q.layers) {  // shared tables first: the sub-blocks then come from what is left
     if (L.heads.empty()) apply_resize(s, L, L.entries + n);
-    for (Layer& H : L.heads) apply_resize(s, H, H.entries + n, head_entries_per_block());
   }
+  for (Layer& L : q.layers)
+    for (Layer& H : L.heads) apply_head_resize(s, H, H.entries + n);
 }
 
 BlockPoolStats BlockPool::stats() const {
@@ -402,6 +468,9 @@ BlockPoolStats BlockPool::stats() const {
       if (L.heads.empty()) st.entries += L.entries;
       for (const Layer& H : L.heads) st.entries += H.entries;
     }
+  for (int b = 0; b < n_blocks(); ++b) st.split_blocks += owner_[size_t(b)] == kSplit ? 1 : 0;
+  st.sub_blocks_free = int(sub_free_.size());
+  st.sub_blocks_used = st.split_blocks * n_kv_heads_ - st.sub_blocks_free;
   st.bytes_per_block = bytes_per_block_;
   st.used_bytes = used_bytes();
   st.free_bytes = free_bytes();
@@ -410,7 +479,7 @@ BlockPoolStats BlockPool::stats() const {
 }
 
 void BlockPool::check_invariants() const {
-  std::vector<int> seen(owner_.size(), 0);
+  std::vector<int> seen(owner_.size(), 0), sub_seen(sub_owner_.size(), 0);
   for (int32_t b : free_) {
     PKV_ASSERT_MSG(b >= 0 && b < n_blocks(), "free block id " + std::to_string(b) + " out of range");
     PKV_ASSERT_MSG(owner_[size_t(b)] == -1, "free block " + std::to_string(b) + " has an owner");
@@ -434,14 +503,33 @@ void BlockPool::check_invariants() const {
       for (const Layer& H : L.heads) {
         PKV_ASSERT_MSG(int(H.blocks.size()) == head_blocks_for(H.entries) && H.slots.empty(),
                        "sequence " + std::to_string(id) + ": head table of " + std::to_string(H.blocks.size()) +
-                           " blocks for " + std::to_string(H.entries) + " entries");
-        for (int32_t b : H.blocks) {
-          PKV_ASSERT_MSG(b >= 0 && b < n_blocks() && owner_[size_t(b)] == id,
-                         "block " + std::to_string(b) + " in a head table of sequence " + std::to_string(id));
-          ++seen[size_t(b)];
+                           " sub-blocks for " + std::to_string(H.entries) + " entries");
+        for (int32_t sb : H.blocks) {
+          PKV_ASSERT_MSG(sb >= 0 && size_t(sb) < sub_owner_.size() && sub_owner_[size_t(sb)] == id &&
+                             owner_[size_t(sb / n_kv_heads_)] == kSplit,
+                         "sub-block " + std::to_string(sb) + " in a head table of sequence " + std::to_string(id));
+          ++sub_seen[size_t(sb)];
         }
       }
     }
+  }
+  // Split blocks: each part either free (in sub_free_) or in exactly one head table; at least one in use.
+  for (int32_t sb : sub_free_) {
+    PKV_ASSERT_MSG(owner_[size_t(sb / n_kv_heads_)] == kSplit && sub_owner_[size_t(sb)] == -1,
+                   "free sub-block " + std::to_string(sb) + " of a block that is not split, or owned");
+    ++sub_seen[size_t(sb)];
+  }
+  for (size_t b = 0; b < seen.size(); ++b) {
+    if (owner_[b] != kSplit) continue;
+    int used = 0;
+    for (int j = 0; j < n_kv_heads_; ++j) {
+      const size_t sb = b * size_t(n_kv_heads_) + size_t(j);
+      PKV_ASSERT_MSG(sub_seen[sb] == 1, "sub-block " + std::to_string(sb) + " is referenced " + std::to_string(sub_seen[sb]) + " times");
+      used += sub_owner_[sb] >= 0 ? 1 : 0;
+    }
+    PKV_ASSERT_MSG(used == sub_used_[b] && used > 0, "split block " + std::to_string(b) + ": " + std::to_string(used) +
+                                                         " parts in use, counted " + std::to_string(sub_used_[b]));
+    ++seen[b];
   }
   for (size_t b = 0; b < seen.size(); ++b)
     PKV_ASSERT_MSG(seen[b] == 1, "block " + std::to_string(b) + " is referenced " + std::to_string(seen[b]) + " times");

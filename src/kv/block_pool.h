@@ -14,17 +14,21 @@
 // into the freed slots instead of shifting everything after it (plan_slot_moves).
 //
 // Per-head layers (per-KV-head budgets, kv/kv_cache.h): a keep plan with one list per KV head gives
-// a (sequence, layer) one block table per KV head instead (split_heads). A block of a head table
-// holds block_size * n_kv_heads entries of that one head (the same bytes as block_size whole rows:
-// kernels.h, PagedHeads), so a head keeping 20% of the entries holds about 20% of a layer's share of
-// blocks. Head tables keep their entries in logical order (no slot map); a decode step appends to
-// every head.
+// a (sequence, layer) one table per KV head instead (split_heads). A head table is a list of
+// SUB-BLOCKS: a block split into n_kv_heads parts, part j holding block_size entries of one head
+// (kernels.h, PagedHeads); sub-block id = block * n_kv_heads + part. So a head table rounds up to
+// block_size entries, as a shared table does, and a head keeping 20% of the entries holds about 20%
+// of its share of the layer's bytes. A block is split when a head table needs a part and no split
+// block has a free one (the lowest free part id is taken first); it returns to the free blocks when
+// its last part is freed. Head tables keep their entries in logical order (no slot map); a decode
+// step appends to every head.
 //
 // Errors (out of blocks, unknown sequence, bad layer or count) throw pkv::Error and change nothing.
 #pragma once
 #include <cstddef>
 #include <cstdint>
 #include <map>
+#include <set>
 #include <span>
 #include <unordered_map>
 #include <string>
@@ -43,6 +47,9 @@ struct BlockPoolStats {
   int peak_used_blocks = 0;
   int sequences = 0;
   int64_t entries = 0;  // entries held over all sequences and layers
+  int split_blocks = 0;     // of the used blocks, those split into head tables' sub-blocks
+  int sub_blocks_used = 0;  // sub-blocks of head tables
+  int sub_blocks_free = 0;  // free parts of split blocks (held until their block is wholly free)
   size_t bytes_per_block = 0;
   size_t used_bytes = 0;
   size_t free_bytes = 0;
@@ -83,8 +90,9 @@ class BlockPool {
   size_t bytes_per_block() const { return bytes_per_block_; }
   int blocks_for(int entries) const { return (entries + block_size_ - 1) / block_size_; }
   int n_kv_heads() const { return n_kv_heads_; }
-  int head_entries_per_block() const { return block_size_ * n_kv_heads_; }
-  int head_blocks_for(int entries) const { return (entries + head_entries_per_block() - 1) / head_entries_per_block(); }
+  // Sub-blocks a head table of `entries` entries holds, and the bytes of one (a block's / n_kv_heads).
+  int head_blocks_for(int entries) const { return blocks_for(entries); }
+  size_t sub_block_bytes() const { return bytes_per_block_ / size_t(n_kv_heads_); }
 
   // Sequences. A new sequence holds no blocks; removing one returns all its blocks.
   SeqId add_sequence();
@@ -105,26 +113,39 @@ class BlockPool {
   std::vector<int32_t>& mutable_slot_map(SeqId s, int layer);
   // Changes whenever table(s, layer) changes (to upload only the tables that changed).
   uint64_t table_version(SeqId s, int layer) const;
+  // The blocks of s's shared tables, the sub-blocks of its head tables, and the bytes of both.
   int blocks_held(SeqId s) const;
+  int sub_blocks_held(SeqId s) const;
+  size_t bytes_held(SeqId s) const;
 
   // Per-head layers. per_head: the layer has head tables (split_heads, for the rest of the
   // sequence's life).
   bool per_head(SeqId s, int layer) const;
   int head_entries(SeqId s, int layer, int head) const;
-  // Block ids of head `head`'s table: entry e lives in block table[e / head_entries_per_block()].
+  // Sub-block ids of head `head`'s table: entry e lives in sub-block table[e / block_size].
   const std::vector<int32_t>& head_table(SeqId s, int layer, int head) const;
   // Gives the shared layer (s, layer) one table per KV head, head h holding entries[h] entries
-  // (new blocks, all or nothing). The shared table stays, for the caller to copy from (the device's
-  // paged_kv_head_compact), until release_shared() returns its blocks.
+  // (new sub-blocks, all or nothing). The shared table stays, for the caller to copy from (the
+  // device's paged_kv_head_compact), until release_shared() returns its blocks.
   void split_heads(SeqId s, int layer, const std::vector<int>& entries);
   void release_shared(SeqId s, int layer);
-  // Sets one head's entry count: shrinking (after compaction) returns tail blocks, growing takes
-  // blocks (throws, changing nothing, when too few are free).
+  // Sets one head's entry count: shrinking (after compaction) returns tail sub-blocks, growing takes
+  // sub-blocks (throws, changing nothing, when too few are free).
   void resize_head(SeqId s, int layer, int head, int entries);
-  // Blocks append_all(s, n) would take from the pool.
-  int blocks_to_append(SeqId s, int n) const;
-  // Bytes of the blocks (s, layer) holds, per KV head ([layers][n_kv_heads]): a head table's own
-  // blocks; a shared layer's blocks divided evenly over its heads.
+  // What a change takes from the pool: whole blocks (shared tables) and sub-blocks (head tables).
+  struct Need {
+    int blocks = 0, sub_blocks = 0;
+    Need& operator+=(const Need& o) { blocks += o.blocks, sub_blocks += o.sub_blocks; return *this; }
+  };
+  // Whether the pool can give it now: the blocks from the free ones, the sub-blocks from the free
+  // parts of split blocks and then from the free blocks left.
+  bool fits(const Need& n) const;
+  // Sub-blocks to be had now: the free parts of split blocks and n_kv_heads per free block.
+  int sub_blocks_available() const { return int(sub_free_.size()) + free_blocks() * n_kv_heads_; }
+  // What append_all(s, n) would take from the pool.
+  Need blocks_to_append(SeqId s, int n) const;
+  // Bytes (s, layer) holds, per KV head ([layers][n_kv_heads]): a head table's sub-blocks; a
+  // shared layer's blocks divided evenly over its heads.
   std::vector<std::vector<size_t>> bytes_per_head(SeqId s) const;
 
   // Blocks that resizing would take from the pool (0 when it shrinks or stays). Shared layers only.
@@ -170,16 +191,21 @@ class BlockPool {
   void check_layer(int layer, const char* op) const;
   void check_entries(SeqId s, int layer, int entries) const;
   void out_of_blocks(SeqId s, int needed, const std::string& what) const;
-  // per_block: entries a block of this table holds (block_size, or head_entries_per_block()).
-  void apply_resize(SeqId s, Layer& L, int entries, int per_block);
-  void apply_resize(SeqId s, Layer& L, int entries) { apply_resize(s, L, entries, block_size_); }
+  void apply_resize(SeqId s, Layer& L, int entries);
+  void apply_head_resize(SeqId s, Layer& H, int entries);  // in sub-blocks
+  int32_t take_sub_block(SeqId s);
+  void give_sub_block(SeqId s, int32_t sb);
   Layer& head_layer(SeqId s, int layer, int head, const char* op);
   const Layer& head_layer(SeqId s, int layer, int head, const char* op) const;
 
   int block_size_, n_layers_, max_blocks_per_table_, n_kv_heads_;
   size_t bytes_per_block_;
   std::vector<int32_t> free_;   // stack of free block ids
-  std::vector<SeqId> owner_;    // owner sequence of each block, -1 = free
+  std::vector<SeqId> owner_;    // owner sequence of each block, -1 = free, kSplit = parts of head tables
+  static constexpr SeqId kSplit = -2;
+  std::vector<SeqId> sub_owner_;  // [n_blocks * n_kv_heads] owner of each part of a split block, -1 = free
+  std::vector<int> sub_used_;     // [n_blocks] parts of each split block in use (0 for other blocks)
+  std::set<int32_t> sub_free_;    // free parts of split blocks, lowest first
   std::unordered_map<SeqId, Seq> seqs_;  // looked up several times per (sequence, layer) and step
   SeqId next_id_ = 0;
   uint64_t next_version_ = 1;

@@ -1111,23 +1111,28 @@ void GpuModel::decode(GpuKVPool& kv, const GpuDecodeBatch& b) {
   // Blocks: one more entry in every layer of every sequence; all or nothing over the batch.
   BlockPool& bp = kv.blocks();
   std::vector<std::vector<int>> before(static_cast<size_t>(B));
-  int need = 0, needing = 0;
+  BlockPool::Need need;
+  int needing = 0;
   std::string needs;  // the first few sequences that need blocks (the message stays one line)
   for (int i = 0; i < B; ++i) {
     const BlockPool::SeqId q = b.seqs[size_t(i)];
     std::vector<int> e(static_cast<size_t>(g.n_layers));
     for (int l = 0; l < g.n_layers; ++l) e[size_t(l)] = bp.entries(q, l);
     before[size_t(i)] = e;
-    const int n = bp.blocks_to_append(q, 1);  // every head of a per-head layer gets the entry too
+    const BlockPool::Need n = bp.blocks_to_append(q, 1);  // every head of a per-head layer gets the entry too
     need += n;
-    if (n && ++needing <= 4)
-      needs += (needs.empty() ? "" : ", ") + ("sequence " + std::to_string(q) + ": " + std::to_string(n));
+    if ((n.blocks || n.sub_blocks) && ++needing <= 4)
+      needs += (needs.empty() ? "" : ", ") + ("sequence " + std::to_string(q) + ": " + std::to_string(n.blocks) +
+                                              (n.sub_blocks ? " + " + std::to_string(n.sub_blocks) + " head sub-blocks" : ""));
   }
   if (needing > 4) needs += ", and " + std::to_string(needing - 4) + " more sequences";
-  if (need > bp.free_blocks())
-    fail("GPU KV pool", "out of KV blocks: a decode step of " + std::to_string(B) + " sequences needs " + std::to_string(need) +
-                            " new blocks (" + needs + "), only " + std::to_string(bp.free_blocks()) + " of " +
-                            std::to_string(bp.n_blocks()) + " are free");
+  if (!bp.fits(need))
+    fail("GPU KV pool", "out of KV blocks: a decode step of " + std::to_string(B) + " sequences needs " +
+                            std::to_string(need.blocks) + " new blocks" +
+                            (need.sub_blocks ? " and " + std::to_string(need.sub_blocks) + " head sub-blocks" : "") + " (" +
+                            needs + "), only " + std::to_string(bp.free_blocks()) + " of " + std::to_string(bp.n_blocks()) +
+                            " are free" +
+                            (need.sub_blocks ? " (" + std::to_string(bp.sub_blocks_available()) + " sub-blocks)" : ""));
   // Layers some sequence holds in head tables (kernels.h, PagedHeads): their attention and write
   // read each head's own table; the others take the shared tables alone, as before.
   const int H = g.n_kv_heads;
@@ -1565,8 +1570,9 @@ void GpuKVPool::compact(std::vector<Job> jobs) {
 void GpuKVPool::compact_heads(std::vector<Job> jobs) {
   const char* where = "GPU KV pool";
   const int H = blocks_.n_kv_heads(), J = int(jobs.size());
-  // Validation, and what each job takes and returns: a split takes its head tables' blocks and
-  // returns the shared table's; an in-place compaction only returns blocks.
+  // Validation, and what each job takes and returns, in sub-blocks (a block is n_kv_heads of them):
+  // a split takes its head tables' and returns the shared table's blocks; an in-place compaction
+  // only returns sub-blocks.
   std::vector<int> need(static_cast<size_t>(J), 0), freed(static_cast<size_t>(J), 0);
   std::vector<char> splits(static_cast<size_t>(J), 0);
   for (int i = 0; i < J; ++i) {
@@ -1587,12 +1593,12 @@ void GpuKVPool::compact_heads(std::vector<Job> jobs) {
       if (split) need[size_t(i)] += blocks_.head_blocks_for(int(k.size()));
       else freed[size_t(i)] += int(blocks_.head_table(j.seq, j.layer, h).size()) - blocks_.head_blocks_for(int(k.size()));
     }
-    if (split) freed[size_t(i)] = int(blocks_.table(j.seq, j.layer).size());
+    if (split) freed[size_t(i)] = int(blocks_.table(j.seq, j.layer).size()) * H;
   }
-  // Groups: as many jobs as the free blocks hold; a group's freed blocks serve the next group.
+  // Groups: as many jobs as the free sub-blocks hold; a group's freed blocks serve the next group.
   std::vector<int> group_end;
   {
-    int free = blocks_.free_blocks(), taken = 0, returned = 0;
+    int free = blocks_.sub_blocks_available(), taken = 0, returned = 0;
     for (int i = 0; i < J; ++i) {
       if (need[size_t(i)] > free - taken) {
         group_end.push_back(i);
@@ -1602,7 +1608,7 @@ void GpuKVPool::compact_heads(std::vector<Job> jobs) {
       if (need[size_t(i)] > free)
         fail(where, "out of KV blocks: the head tables of sequence " + std::to_string(jobs[size_t(i)].seq) + " layer " +
                             std::to_string(jobs[size_t(i)].layer) + " need " + std::to_string(need[size_t(i)]) +
-                            " blocks, " + std::to_string(free) + " are free");
+                            " sub-blocks (" + std::to_string(H) + " per block), " + std::to_string(free) + " are free");
       taken += need[size_t(i)];
       returned += freed[size_t(i)];
     }
@@ -1680,22 +1686,26 @@ void GpuKVPool::read_head(BlockPool::SeqId seq, int layer, int head, std::vector
   const int H = blocks_.n_kv_heads(), hd = kv_dim_ / H;
   const int n = blocks_.head_entries(seq, layer, head);  // throws for a shared layer
   const std::vector<int32_t>& t = blocks_.head_table(seq, layer, head);
-  const int bs = blocks_.block_size(), per = bs * H;
+  const int bs = blocks_.block_size();
   const size_t es = dtype_size(dtype_);
-  const size_t block = size_t(2) * bs * kv_dim_;  // elements of a block
-  std::vector<uint16_t> raw(t.size() * block);
+  const size_t part = size_t(bs) * hd;  // elements of a sub-block's K (and of its V)
+  std::vector<uint16_t> raw(t.size() * 2 * part);  // per sub-block: K then V
   auto* pool = static_cast<const uint8_t*>(pool_.data());
   stream_synchronize(stream_);
-  for (size_t b = 0; b < t.size(); ++b) copy_to_host(raw.data() + b * block, pool + size_t(t[b]) * block * es, block * es, stream_);
+  for (size_t i = 0; i < t.size(); ++i) {
+    const size_t k_at = size_t(t[i] / H) * 2 * bs * kv_dim_ + size_t(t[i] % H) * part;  // elements
+    copy_to_host(raw.data() + i * 2 * part, pool + k_at * es, part * es, stream_);
+    copy_to_host(raw.data() + (i * 2 + 1) * part, pool + (k_at + size_t(bs) * kv_dim_) * es, part * es, stream_);
+  }
   stream_synchronize(stream_);
   auto value = [&](size_t i) { return dtype_ == DType::F16 ? f16_to_f32(raw[i]) : bf16_to_f32(raw[i]); };
   if (k) k->resize(size_t(n) * hd);
   if (v) v->resize(size_t(n) * hd);
   for (int e = 0; e < n; ++e)
     for (int c = 0; c < hd; ++c) {
-      const size_t off = size_t(e / per) * block + size_t(e % per) * hd + c;
+      const size_t off = size_t(e / bs) * 2 * part + size_t(e % bs) * hd + c;
       if (k) (*k)[size_t(e) * hd + c] = value(off);
-      if (v) (*v)[size_t(e) * hd + c] = value(off + size_t(bs) * kv_dim_);
+      if (v) (*v)[size_t(e) * hd + c] = value(off + part);
     }
 }
 

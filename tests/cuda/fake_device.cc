@@ -472,11 +472,11 @@ void attention_decode(const DecodeAttentionArgs& a, void*) {
   for (int b = 0; b < a.batch; ++b) {
     if (a.heads.per_head && a.heads.per_head[b]) {
       // Head tables: each KV head over its own entries (kernels.h, PagedHeads), its group's query heads.
-      const int H = a.n_kv_heads, group = a.n_heads / H, per = kv.block_size * H;
+      const int H = a.n_kv_heads, group = a.n_heads / H, bs = kv.block_size;
       for (int g = 0; g < H; ++g) {
         const int row = b * H + g;
         int len = a.heads.lengths[row];
-        const int cap = kv.table_stride * per;
+        const int cap = kv.table_stride * bs;
         if (len > cap || len > a.max_len || len < 0) {
           if (kv.error_flag) *kv.error_flag |= kPagedBadEntry;
           len = std::clamp(len, 0, std::min(cap, a.max_len));
@@ -485,13 +485,13 @@ void attention_decode(const DecodeAttentionArgs& a, void*) {
         std::vector<int32_t> pos(static_cast<size_t>(len), 0);
         for (int c = 0; c < group * hd; ++c) q[size_t(c)] = ld(kv.dtype, a.q, size_t(b) * size_t(p.q_stride) + size_t(g) * group * hd + c);
         for (int e = 0; e < len; ++e) {
-          const int blk = a.heads.tables[int64_t(row) * kv.table_stride + e / per];
-          if (blk < 0 || blk >= kv.n_blocks) {
+          const int sb = a.heads.tables[int64_t(row) * kv.table_stride + e / bs];
+          if (sb < 0 || sb >= kv.n_blocks * H) {
             if (kv.error_flag) *kv.error_flag |= kPagedBadBlock;
             pos[size_t(e)] = INT_MAX;
             continue;
           }
-          const size_t koff = size_t(blk) * 2 * kv.block_size * kvd + size_t(e % per) * hd;
+          const size_t koff = size_t(sb / H) * 2 * bs * kvd + (size_t(sb % H) * bs + size_t(e % bs)) * hd;
           for (int c = 0; c < hd; ++c) {
             k[size_t(e) * hd + c] = ld(kv.dtype, kv.pool, koff + c);
             v[size_t(e) * hd + c] = ld(kv.dtype, kv.pool, koff + size_t(kv.block_size) * kvd + c);

@@ -100,7 +100,7 @@ std::string PrefillCase::str() const {
   s << dname(dtype) << " n_q=" << n_q << " n_kv=" << n_kv << " heads=" << n_heads << "/" << n_kv_heads
     << " hd=" << head_dim << (causal ? " causal" : " full") << (importance ? " importance_from=" : " no-importance")
     << (importance ? std::to_string(importance_from) : "") << (fused_qkv ? " fused" : "") << (position_gaps ? " gaps" : "")
-    << " seed=" << seed;
+    << (per_kv_head ? " per-kv-head" : "") << " seed=" << seed;
   return s.str();
 }
 
@@ -117,13 +117,15 @@ void check_prefill(Backend& be, const PrefillCase& c, PrefillKernel kernel) {
   const float scale = 1.f / std::sqrt(float(hd));
 
   // CPU twin.
-  std::vector<float> out_ref(size_t(c.n_q) * qd), imp_ref = randn(rng, size_t(c.n_kv), 0.1f);
+  const size_t imp_n = size_t(c.n_kv) * (c.per_kv_head ? size_t(c.n_kv_heads) : 1);
+  std::vector<float> out_ref(size_t(c.n_q) * qd), imp_ref = randn(rng, imp_n, 0.1f);
   const std::vector<float> imp_init = imp_ref;
   ops::AttentionArgs ra;
   ra.q = q.data(), ra.n_q = c.n_q, ra.k = k.data(), ra.v = v.data(), ra.n_kv = c.n_kv, ra.kv_stride = kvd;
   if (c.causal) ra.q_pos = q_pos.data(), ra.kv_pos = kv_pos.data();
   ra.n_heads = c.n_heads, ra.n_kv_heads = c.n_kv_heads, ra.head_dim = hd, ra.scale = scale, ra.out = out_ref.data();
   if (c.importance) ra.importance = imp_ref.data(), ra.importance_from = c.importance_from;
+  ra.importance_per_kv_head = c.per_kv_head;
   ops::attention(ra);
   // The same attention over |v|: sum_j p_ij |v_j|, the scale of each output's rounding error.
   std::vector<float> v_abs(v.size()), out_abs(out_ref.size());
@@ -160,6 +162,7 @@ void check_prefill(Backend& be, const PrefillCase& c, PrefillKernel kernel) {
   if (c.importance) {
     a.importance = be.put(imp_init);
     a.importance_from = c.importance_from;
+    a.importance_per_kv_head = c.per_kv_head;
     a.workspace_bytes = attention_prefill_workspace_bytes(c.n_q, c.n_kv, c.n_heads);
     a.workspace = be.alloc(a.workspace_bytes);
   }
@@ -187,7 +190,7 @@ void check_prefill(Backend& be, const PrefillCase& c, PrefillKernel kernel) {
                        << "x the bound)";
   }
   if (c.importance) {
-    std::vector<float> imp = be.get(a.importance, size_t(c.n_kv));
+    std::vector<float> imp = be.get(a.importance, imp_n);
     // Compare what was added (the initial values cancel), with the float32 tolerance scaled to the
     // sum's size: both sides add float32 probabilities of the same rounded inputs.
     std::vector<float> add(imp.size()), add_ref(imp.size());
@@ -403,6 +406,12 @@ std::vector<PrefillCase> prefill_cases(bool full) {
       add({t, 40, 40, 4, 2, 24, true, true, 8, true, false});        // the GQA fixtures' decoder (head_dim 24)
       add({t, 50, 50, 4, 4, 16, true, true, 0, true, false});        // head_dim 16 (fixtures' decoders)
       add({t, 37, 37, 4, 4, 12, false, false, 0, true, false});      // head_dim 12 (a fixture's vision tower)
+      PrefillCase per_kv{t, 100, 100, 8, 4, 64, true, true, 84, false, false};  // adakv's window, per KV head
+      per_kv.per_kv_head = true;
+      add(per_kv);
+      per_kv = {t, 300, 300, 32, 32, 128, true, true, 268, false, false};  // LLaVA-7B (MHA), per KV head
+      per_kv.per_kv_head = true;
+      add(per_kv);
     } else {
       add({t, 1, 1, 2, 2, 64, true, true, 0, false, false});
       add({t, 17, 17, 4, 2, 128, true, true, 0, false, false});
@@ -413,6 +422,9 @@ std::vector<PrefillCase> prefill_cases(bool full) {
       add({t, 30, 30, 2, 2, 32, true, true, 30, false, false});   // no query counts
       add({t, 40, 40, 4, 2, 24, true, true, 8, true, false});     // head_dim 24 (GQA fixtures), fused qkv
       add({t, 37, 37, 4, 4, 12, false, false, 0, true, false});   // head_dim 12 (a fixture's vision tower)
+      PrefillCase per_kv{t, 70, 70, 4, 2, 32, true, true, 54, false, false};  // adakv's window, per KV head (GQA)
+      per_kv.per_kv_head = true;
+      add(per_kv);
     }
   }
   return cases;
@@ -980,15 +992,15 @@ void check_head_tables(Backend& be, DType dt, int block_size, int n_heads, int n
   // Head table `h` of sequence s read back from the pool (head layout) against the twin's head.
   auto expect_heads = [&](const char* what) {
     const std::vector<float> all = get_as(be, dt, kv.pool, paged_pool_bytes(kv) / dtype_size(dt));
-    const int per = block_size * H;
     for (int s = 0; s < SH; ++s)
       for (int h = 0; h < H; ++h) {
         const int n = pool.head_entries(seq[size_t(s)], 0, h);
         ASSERT_EQ(n, twin[size_t(s)].size(h)) << what;
         const auto& t = pool.head_table(seq[size_t(s)], 0, h);
         std::vector<float> k, v;
-        for (int e = 0; e < n; ++e) {
-          const size_t off = size_t(t[size_t(e / per)]) * 2 * block_size * kvd + size_t(e % per) * hd;
+        for (int e = 0; e < n; ++e) {  // sub-block sb: part sb % H of block sb / H (kernels.h, PagedHeads)
+          const int sb = t[size_t(e / block_size)];
+          const size_t off = size_t(sb / H) * 2 * block_size * kvd + (size_t(sb % H) * block_size + size_t(e % block_size)) * hd;
           k.insert(k.end(), all.begin() + long(off), all.begin() + long(off + hd));
           v.insert(v.end(), all.begin() + long(off + size_t(block_size) * kvd), all.begin() + long(off + size_t(block_size) * kvd + hd));
         }
@@ -998,12 +1010,17 @@ void check_head_tables(Backend& be, DType dt, int block_size, int n_heads, int n
         EXPECT_EQ(v, std::vector<float>(rv, rv + size_t(n) * hd)) << what << ": V of sequence " << s << " head " << h;
       }
   };
-  // The blocks held: exactly the head tables' (and the shared sequence's own).
+  // The memory held: the shared sequence's blocks and exactly ceil(n / block_size) sub-blocks per
+  // head table; the blocks in use are those plus the split blocks (whose free parts wait there).
   auto expect_blocks = [&](const char* what) {
-    int want = pool.blocks_for(pool.entries(seq[size_t(SH)], 0));
+    const int shared = pool.blocks_for(pool.entries(seq[size_t(SH)], 0));
+    int subs = 0;
     for (int s = 0; s < SH; ++s)
-      for (int h = 0; h < H; ++h) want += pool.head_blocks_for(twin[size_t(s)].size(h));
-    EXPECT_EQ(pool.used_blocks(), want) << what;
+      for (int h = 0; h < H; ++h) subs += (twin[size_t(s)].size(h) + block_size - 1) / block_size;
+    const BlockPoolStats st = pool.stats();
+    EXPECT_EQ(st.sub_blocks_used, subs) << what;
+    EXPECT_EQ(pool.used_blocks(), shared + st.split_blocks) << what;
+    EXPECT_EQ(st.split_blocks * H, st.sub_blocks_used + st.sub_blocks_free) << what;
     pool.check_invariants();
   };
   // Random head plans: per head a random subset of a random size (at least one entry; head 0 of

@@ -77,6 +77,7 @@ struct PrefillCase {
   bool fused_qkv = false;  // q, k, v as column blocks of one [n, *] buffer (strided rows); n_q == n_kv
   bool position_gaps = false;
   uint32_t seed = 1;
+  bool per_kv_head = false;  // importance [n_kv_heads, n_kv] (PrefillAttentionArgs::importance_per_kv_head)
   std::string str() const;
 };
 // The output is checked element by element against a bound from the arithmetic (see the .cc); the

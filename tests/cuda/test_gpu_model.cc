@@ -651,8 +651,9 @@ TEST(GpuModel, AdoptedPrefillsEqualTheirOwnPrefill) {
 // A per-head policy (adakv) on the GPU, given the CPU's per-KV-head importance (so both decide on
 // the same numbers: GpuSession::adopt_prefill): every layer and KV head keeps exactly the CPU's
 // entries, in order; each head table holds, bit for bit, the uncompressed GPU cache's K and V of
-// those entries (head h's columns); the pool holds exactly the blocks the CPU's per-head counts
-// need (ceil(n / (block_size * n_kv_heads)) per head), the uncompressed cache's blocks released;
+// those entries (head h's columns); the session holds exactly the sub-blocks the CPU's per-head
+// counts need (ceil(n / block_size) per head, each a block's bytes / n_kv_heads), and the pool's
+// blocks in use are the split blocks those fill, the uncompressed cache's blocks released;
 // then greedy steps teacher-forced on the CPU's tokens: the same top-1 wherever the CPU's margin
 // exceeds the logit error (as (b)), every head one entry longer per step, still the CPU's entries.
 TEST(GpuModel, AdaKVKeepsTheCpusEntriesPerHead) {
@@ -681,7 +682,7 @@ TEST(GpuModel, AdaKVKeepsTheCpusEntriesPerHead) {
       GpuSession gs(gm, pool, *gpu_policy);
       gs.adopt_prefill(*full_s, imp);
       const BlockPool& bp = pool.blocks();
-      int held = 0;
+      int held = 0, subs = 0;  // blocks of shared layers, sub-blocks of head tables
       for (int layer = 0; layer < l.L(); ++layer) {
         const KVLayer& c = cpu.cache().layer(layer);
         ASSERT_EQ(bp.per_head(gs.sequence(), layer), c.per_head()) << "layer " << layer;
@@ -697,7 +698,7 @@ TEST(GpuModel, AdaKVKeepsTheCpusEntriesPerHead) {
                     std::vector<int32_t>(c.head_positions(h), c.head_positions(h) + c.size(h)))
               << "layer " << layer << " head " << h;
           ASSERT_EQ(bp.head_entries(gs.sequence(), layer, h), c.size(h));
-          held += bp.head_blocks_for(c.size(h));
+          subs += (c.size(h) + bp.block_size() - 1) / bp.block_size();
           std::vector<float> k, v, wk, wv;
           pool.read_head(gs.sequence(), layer, h, &k, &v);
           for (int32_t pos : g) {
@@ -708,23 +709,30 @@ TEST(GpuModel, AdaKVKeepsTheCpusEntriesPerHead) {
           EXPECT_EQ(v, wv) << "V of layer " << layer << " head " << h;
         }
       }
-      EXPECT_EQ(bp.blocks_held(gs.sequence()), held) << "the blocks of the CPU's per-head counts";
+      EXPECT_EQ(bp.blocks_held(gs.sequence()), held);
+      EXPECT_EQ(bp.sub_blocks_held(gs.sequence()), subs) << "the sub-blocks of the CPU's per-head counts";
+      EXPECT_EQ(gs.kv_bytes(), size_t(held) * pool.block_bytes() + size_t(subs) * bp.sub_block_bytes());
       full_s.reset();  // the uncompressed cache goes back to the pool
-      EXPECT_EQ(bp.used_blocks(), held);
+      // Taken in order (the lowest free part first) with none freed since, one sequence's sub-blocks
+      // fill their blocks: ceil(subs / n_kv_heads) split blocks.
+      const BlockPoolStats st = bp.stats();
+      EXPECT_EQ(st.sub_blocks_used, subs);
+      EXPECT_EQ(bp.used_blocks(), held + st.split_blocks);
+      EXPECT_EQ(st.split_blocks, (subs + H - 1) / H) << "sub-blocks of one sequence fill their blocks in order";
       // Bytes per layer and head: each head table's own blocks.
       const std::vector<std::vector<size_t>> bytes = gs.kv_bytes_per_head();
       size_t sum = 0;
       for (int layer = 0; layer < l.L(); ++layer)
         for (int h = 0; h < H; ++h) {
           const KVLayer& c = cpu.cache().layer(layer);
-          EXPECT_EQ(bytes[size_t(layer)][size_t(h)], c.per_head() ? size_t(bp.head_blocks_for(c.size(h))) * pool.block_bytes()
+          EXPECT_EQ(bytes[size_t(layer)][size_t(h)], c.per_head() ? size_t(bp.head_blocks_for(c.size(h))) * bp.sub_block_bytes()
                                                                   : size_t(bp.blocks_for(c.size())) * pool.block_bytes() / H);
           sum += bytes[size_t(layer)][size_t(h)];
         }
       EXPECT_EQ(sum, gs.kv_bytes());
-      std::printf("gpu_model: (h) tiny %-4s adakv %.1f: every layer and head keeps the CPU's entries; %d blocks (%zu "
-                  "bytes) held after the compaction, %d for the uncompressed prompt\n",
-                  dtype_name(dt), budget, held, gs.kv_bytes(), l.L() * ((T + 15) / 16));
+      std::printf("gpu_model: (h) tiny %-4s adakv %.1f: every layer and head keeps the CPU's entries; %d blocks + %d "
+                  "head sub-blocks (%zu bytes) held after the compaction, %d blocks for the uncompressed prompt\n",
+                  dtype_name(dt), budget, held, subs, gs.kv_bytes(), l.L() * ((T + 15) / 16));
 
       // Greedy steps teacher-forced on the CPU's tokens.
       int unexplained = 0;
@@ -752,6 +760,31 @@ TEST(GpuModel, AdaKVKeepsTheCpusEntriesPerHead) {
           EXPECT_EQ(bp.head_entries(gs.sequence(), layer, h), c.size(h));
         }
       pool.blocks().check_invariants();
+
+      // What head tables do not support: one error each, nothing changed.
+      const int used = bp.used_blocks();
+      auto refused = [&](const std::function<void()>& f, const std::string& says, const std::string& what) {
+        try {
+          f();
+          ADD_FAILURE() << what << ": accepted";
+        } catch (const Error& e) {
+          EXPECT_NE(std::string(e.what()).find(says), std::string::npos) << what << ": " << e.what();
+        }
+        EXPECT_EQ(bp.used_blocks(), used) << what;
+      };
+      std::vector<std::vector<std::vector<float>>> step_imp;
+      const int32_t token = l.cpu_tokens[0], position = gs.position();
+      GpuDecodeBatch batch;
+      batch.seqs = {gs.sequence()}, batch.tokens = &token, batch.positions = &position, batch.importance = &step_imp;
+      refused([&] { gm.decode(pool, batch); }, "decode-time importance (H2O)", "decode importance");
+      GpuPrefillPart part;
+      part.seq = gs.sequence(), part.past = gs.position(), part.n = 1, part.pos = &position, part.ids = &token;
+      refused([&] { gm.prefill_parts(pool, {part}); }, "keeps its entries per KV head", "a prefill piece");
+      refused([&] { pool.read_layer(gs.sequence(), 0, nullptr, nullptr, nullptr); }, "read_head", "read_layer");
+      FullPolicy other;
+      GpuSession copy(gm, pool, other);
+      refused([&] { pool.copy_sequence(gs.sequence(), copy.sequence()); }, "per KV head", "copy_sequence");
+      EXPECT_EQ(gs.position(), T + steps);
     }
 }
 

@@ -154,80 +154,127 @@ TEST(BlockPool, CompactionReturnsTailBlocksToOthers) {
   EXPECT_EQ(st.used_blocks, 20);
 }
 
-// Per-head layers: head tables of block_size * n_kv_heads entries per block, the shared table
-// released after the split, appends to every head, bytes per layer and head, errors change nothing.
+// Per-head layers: head tables of sub-blocks (a block split into n_kv_heads parts of block_size
+// entries of one head), the shared table released after the split, appends to every head, bytes per
+// layer and head, a block back in the pool when its last part is freed, errors change nothing.
 TEST(BlockPool, HeadTablesSplitAppendShrinkAndRelease) {
-  const int bs = 4, H = 2;  // a head table's block holds 8 entries of one head
+  const int bs = 4, H = 2;  // a sub-block: 4 entries of one head, half a block's bytes
   BlockPool pool(30, bs, 2, 1000, 0, H);
-  EXPECT_EQ(pool.head_entries_per_block(), 8);
-  EXPECT_EQ(pool.head_blocks_for(8), 1);
-  EXPECT_EQ(pool.head_blocks_for(9), 2);
+  EXPECT_EQ(pool.head_blocks_for(4), 1);
+  EXPECT_EQ(pool.head_blocks_for(5), 2);
+  EXPECT_EQ(pool.sub_block_bytes(), 500u);
   const auto a = pool.add_sequence();
   pool.resize_all(a, {40, 40});  // 10 + 10 blocks, 10 free
   EXPECT_FALSE(pool.per_head(a, 0));
   EXPECT_THROW(pool.head_table(a, 0, 0), Error);
-  // Head 0 keeps 9 entries (2 blocks), head 1 keeps 3 (1 block).
+  // Head 0 keeps 9 entries (3 sub-blocks), head 1 keeps 3 (1): 4 sub-blocks = 2 split blocks.
   EXPECT_THROW(pool.split_heads(a, 0, {9}), Error);       // one count per head
   EXPECT_THROW(pool.split_heads(a, 0, {41, 3}), Error);   // more than the layer holds
   pool.split_heads(a, 0, {9, 3});
   EXPECT_TRUE(pool.per_head(a, 0));
-  EXPECT_EQ(pool.used_blocks(), 23);  // the shared table is still held (the copy reads it)
-  EXPECT_EQ(pool.head_table(a, 0, 0).size(), 2u);
+  EXPECT_EQ(pool.used_blocks(), 22);  // the shared table is still held (the copy reads it)
+  EXPECT_EQ(pool.head_table(a, 0, 0).size(), 3u);
   EXPECT_EQ(pool.head_table(a, 0, 1).size(), 1u);
+  // Sub-block ids are block * H + part: the lowest free part first, a block split when none is free.
+  const std::set<int32_t> parts(pool.head_table(a, 0, 0).begin(), pool.head_table(a, 0, 0).end());
+  EXPECT_EQ(parts.size(), 3u);
   EXPECT_EQ(pool.entries(a, 0), 12);  // summed over the heads
   pool.release_shared(a, 0);
   EXPECT_TRUE(pool.table(a, 0).empty());
-  EXPECT_EQ(pool.used_blocks(), 13);
-  EXPECT_EQ(pool.blocks_held(a), 13);
-  EXPECT_EQ(pool.stats().entries, 12 + 40);
+  EXPECT_EQ(pool.used_blocks(), 12);  // 10 of layer 1, 2 split
+  EXPECT_EQ(pool.blocks_held(a), 10);
+  EXPECT_EQ(pool.sub_blocks_held(a), 4);
+  EXPECT_EQ(pool.bytes_held(a), 10 * 1000u + 4 * 500u);
+  BlockPoolStats st = pool.stats();
+  EXPECT_EQ(st.entries, 12 + 40);
+  EXPECT_EQ(st.split_blocks, 2);
+  EXPECT_EQ(st.sub_blocks_used, 4);
+  EXPECT_EQ(st.sub_blocks_free, 0);
   pool.check_invariants();
   EXPECT_THROW(pool.resize(a, 0, 5), Error);         // a per-head layer is resized per head
   EXPECT_THROW(pool.split_heads(a, 0, {1, 1}), Error);
 
-  // A decode step: every head of layer 0 and layer 1 get one entry. Head 1 (3 -> 4) and head 0
-  // (9 -> 10) fit their blocks; layer 1 (40 -> 41) takes one.
-  EXPECT_EQ(pool.blocks_to_append(a, 1), 1);
+  // A decode step: every head of layer 0 and layer 1 get one entry. Head 0 (9 -> 10) and head 1
+  // (3 -> 4) fit their sub-blocks; layer 1 (40 -> 41) takes a block.
+  BlockPool::Need n = pool.blocks_to_append(a, 1);
+  EXPECT_EQ(n.blocks, 1);
+  EXPECT_EQ(n.sub_blocks, 0);
   pool.append_all(a, 1);
   EXPECT_EQ(pool.head_entries(a, 0, 0), 10);
   EXPECT_EQ(pool.head_entries(a, 0, 1), 4);
   EXPECT_EQ(pool.entries(a, 1), 41);
-  EXPECT_EQ(pool.used_blocks(), 14);
-  // 6 more: head 0 16 (2 blocks), head 1 10 (+1), layer 1 47 (12 blocks, +1).
-  EXPECT_EQ(pool.blocks_to_append(a, 6), 2);
-  // Bytes per layer and head: head tables their own blocks; a shared layer split evenly.
+  EXPECT_EQ(pool.used_blocks(), 13);
+  // 3 more: head 0 13 (+1 sub-block), head 1 7 (+1), layer 1 44 (11 blocks, +0).
+  n = pool.blocks_to_append(a, 3);
+  EXPECT_EQ(n.blocks, 0);
+  EXPECT_EQ(n.sub_blocks, 2);
+  pool.append_all(a, 3);
+  EXPECT_EQ(pool.used_blocks(), 14);  // the 2 sub-blocks split one more block
+  // Bytes per layer and head: head tables their own sub-blocks; a shared layer split evenly.
   const auto bh = pool.bytes_per_head(a);
   ASSERT_EQ(bh.size(), 2u);
   EXPECT_EQ(bh[0], (std::vector<size_t>{2000, 1000}));
   EXPECT_EQ(bh[1], (std::vector<size_t>{5500, 5500}));
 
-  // Shrink one head: its tail block returns to the pool.
-  pool.resize_head(a, 0, 0, 8);
+  // Shrink head 0 to 4 entries: 3 sub-blocks go back; blocks whose last part is freed return to
+  // the free blocks, the others keep their free parts for the next head table.
+  pool.resize_head(a, 0, 0, 4);
   EXPECT_EQ(pool.head_table(a, 0, 0).size(), 1u);
-  EXPECT_EQ(pool.used_blocks(), 13);
+  st = pool.stats();
+  EXPECT_EQ(st.sub_blocks_used, 3);
+  EXPECT_EQ(pool.used_blocks(), 11 + st.split_blocks);
+  EXPECT_EQ(st.split_blocks * H, st.sub_blocks_used + st.sub_blocks_free);
   EXPECT_THROW(pool.resize_head(a, 0, 2, 1), Error);  // no head 2
-  // Out of blocks: 17 free; 18 * 8 + 1 entries in head 1 need 19 blocks. Nothing changes.
-  EXPECT_THROW(pool.resize_head(a, 0, 1, 18 * 8 + 1), Error);
-  EXPECT_EQ(pool.head_entries(a, 0, 1), 4);
-  EXPECT_EQ(pool.used_blocks(), 13);
+  // Out of blocks: 30 - 11 - split blocks are free; head 1 asking for all of them and one more
+  // sub-block than they and the free parts hold fails and changes nothing.
+  const int avail = pool.sub_blocks_available();
+  EXPECT_EQ(avail, (30 - 11 - st.split_blocks) * H + st.sub_blocks_free);
+  const int have = int(pool.head_table(a, 0, 1).size());
+  EXPECT_THROW(pool.resize_head(a, 0, 1, (have + avail + 1) * bs), Error);
+  EXPECT_EQ(pool.head_entries(a, 0, 1), 7);
+  EXPECT_EQ(pool.sub_blocks_available(), avail);
+  pool.resize_head(a, 0, 1, (have + avail) * bs);  // exactly everything: fits
+  EXPECT_EQ(pool.free_blocks(), 0);
+  EXPECT_EQ(pool.sub_blocks_available(), 0);
   pool.check_invariants();
   pool.remove_sequence(a);
   EXPECT_EQ(pool.used_blocks(), 0);
+  EXPECT_EQ(pool.stats().split_blocks, 0);
   pool.check_invariants();
 }
 
-TEST(BlockPool, HeadSplitOutOfBlocksChangesNothing) {
+TEST(BlockPool, HeadSubBlocksServeOtherSequencesAndShareBlocks) {
   BlockPool pool(6, 4, 1, 1, 0, 2);
-  const auto a = pool.add_sequence();
-  pool.resize(a, 0, 20);  // 5 blocks, 1 free
-  EXPECT_THROW(pool.split_heads(a, 0, {9, 1}), Error);  // 2 + 1 blocks
+  const auto a = pool.add_sequence(), b = pool.add_sequence();
+  pool.resize(a, 0, 20);  // blocks 0..4; block 5 free = 2 sub-blocks
+  EXPECT_THROW(pool.split_heads(a, 0, {9, 1}), Error);  // 3 + 1 sub-blocks
   EXPECT_FALSE(pool.per_head(a, 0));
   EXPECT_EQ(pool.used_blocks(), 5);
-  // Appending to a full head table takes a block per head that crosses a block boundary.
-  pool.resize(a, 0, 0);
-  pool.resize(a, 0, 16);
-  pool.split_heads(a, 0, {8, 7});
+  pool.split_heads(a, 0, {4, 0});  // one sub-block: block 5 split, part 10 taken, 11 free
+  EXPECT_EQ(pool.head_table(a, 0, 0), std::vector<int32_t>{10});
   pool.release_shared(a, 0);
-  EXPECT_EQ(pool.blocks_to_append(a, 1), 1);  // head 0: 8 -> 9 crosses into a second block
+  EXPECT_EQ(pool.used_blocks(), 1);
+  // Appending takes a sub-block for each head that crosses a boundary (4 -> 5, 0 -> 1).
+  EXPECT_EQ(pool.blocks_to_append(a, 1).sub_blocks, 2);
+  // Another sequence's head table takes the free part of a's split block first, then splits a block.
+  pool.resize(b, 0, 8);
+  pool.split_heads(b, 0, {1, 1});
+  pool.release_shared(b, 0);
+  EXPECT_EQ(pool.head_table(b, 0, 0), std::vector<int32_t>{11});
+  BlockPoolStats st = pool.stats();
+  EXPECT_EQ(st.split_blocks, 2);
+  EXPECT_EQ(st.sub_blocks_used, 3);
+  EXPECT_EQ(st.sub_blocks_free, 1);
+  pool.check_invariants();
+  pool.remove_sequence(a);  // block 5 still holds b's part 11: it stays split
+  st = pool.stats();
+  EXPECT_EQ(st.split_blocks, 2);
+  EXPECT_EQ(st.sub_blocks_used, 2);
+  EXPECT_EQ(pool.sub_blocks_held(b), 2);
+  pool.check_invariants();
+  pool.remove_sequence(b);
+  EXPECT_EQ(pool.used_blocks(), 0);
+  EXPECT_EQ(pool.stats().split_blocks, 0);
   pool.check_invariants();
 }
 

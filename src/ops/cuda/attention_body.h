@@ -375,7 +375,7 @@ __device__ void decode_split(Ctx& c, const DecodeParams& p) {
   int len = 0;
   if (ph) {
     len = p.head_lengths[hrow];
-    const int cap = p.table_stride * p.block_size * n_kv;
+    const int cap = p.table_stride * p.block_size;
     if (len > cap || len > p.max_len || len < 0) {
       if (p.error_flag) atomicOr(p.error_flag, kPagedBadEntry);
       len = len < 0 ? 0 : len > cap ? cap : len;

@@ -288,11 +288,11 @@ size_t paged_positions_bytes(const PagedKV& kv);
 
 // Head tables (per-KV-head budgets; host bookkeeping BlockPool::split_heads): a (sequence, layer)
 // whose KV heads hold their own entries has one table per KV head (rows of the same [n, table_stride]
-// kind of array). A block of a head table holds block_size * n_kv_heads entries of that one head, in
-// the same bytes as block_size whole rows: entry i of block b has
-//   K at pool + b * 2 * block_size * kv_dim + i * head_dim,  V block_size * kv_dim further,
+// kind of array) of SUB-BLOCKS: a block split into n_kv_heads parts of block_size entries of one
+// head. Sub-block sb is part j = sb % n_kv_heads of block b = sb / n_kv_heads; its entry i has
+//   K at pool + b * 2 * block_size * kv_dim + (j * block_size + i) * head_dim,  V block_size * kv_dim further,
 // and no device position (the host keeps a head entry's position). Entry e of a head table lives in
-// block table[e / (block_size * n_kv_heads)], entry e % (block_size * n_kv_heads) of it.
+// sub-block table[e / block_size], entry e % block_size of it.
 // Decode attention and the decode step's RoPE write read them per row (sequence) b:
 struct PagedHeads {
   const int32_t* per_head = nullptr;  // [batch] nonzero: b's layer has head tables (null: none has)

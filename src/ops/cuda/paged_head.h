@@ -8,22 +8,23 @@
 
 namespace pkv::cuda::detail {
 
-// Element offset of the K of entry e of head table t (kernels.h, PagedHeads; V is block_size *
-// kv_dim further), or -1 (error flag set) when the table or entry is out of range.
+// Element offset of the K of entry e of head table t (kernels.h, PagedHeads: sub-block sb =
+// table[e / block_size] is part sb % n_kv_heads of block sb / n_kv_heads; V is block_size * kv_dim
+// further), or -1 (error flag set) when the table or entry is out of range.
 __device__ __forceinline__ int64_t paged_head_offset(const int32_t* tables, int table_stride,
                                                      int n_blocks, int block_size, int kv_dim, int n_kv_heads,
                                                      int* error_flag, int t, int e) {
-  const int per = block_size * n_kv_heads;
-  if (t < 0 || e < 0 || e >= table_stride * per) {
+  if (t < 0 || e < 0 || e >= table_stride * block_size) {
     if (error_flag) atomicOr(error_flag, kPagedBadEntry);
     return -1;
   }
-  const int blk = tables[int64_t(t) * table_stride + e / per];
-  if (blk < 0 || blk >= n_blocks) {
+  const int sb = tables[int64_t(t) * table_stride + e / block_size];
+  if (sb < 0 || sb >= n_blocks * n_kv_heads) {
     if (error_flag) atomicOr(error_flag, kPagedBadBlock);
     return -1;
   }
-  return int64_t(blk) * 2 * block_size * kv_dim + int64_t(e % per) * (kv_dim / n_kv_heads);
+  const int hd = kv_dim / n_kv_heads, blk = sb / n_kv_heads, part = sb % n_kv_heads;
+  return int64_t(blk) * 2 * block_size * kv_dim + (int64_t(part) * block_size + e % block_size) * hd;
 }
 
 }  // namespace pkv::cuda::detail
