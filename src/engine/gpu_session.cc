@@ -377,7 +377,11 @@ GpuKVPoolOptions pool_for_one_sequence(const GpuModel& model, int entries) {
   GpuKVPoolOptions o;
   o.block_size = 16;
   const int L = model.config().text.n_layers;
-  o.n_blocks = L * ((std::max(entries, 1) + o.block_size - 1) / o.block_size);
+  const int per_layer = (std::max(entries, 1) + o.block_size - 1) / o.block_size;
+  // Beyond the sequence's blocks: one layer's (a per-head plan splits a layer into head tables
+  // beside its shared table before that one is released) and one per layer (head tables round up
+  // each head to block_size entries: at most n_kv_heads - 1 parts, under a block, per layer more).
+  o.n_blocks = L * per_layer + per_layer + L;
   return o;
 }
 

@@ -122,7 +122,8 @@ class GpuSession {
   int pos_ = 0;
 };
 
-// KV pool options that hold one sequence of `entries` entries in every layer (blocks of 16).
+// KV pool options that hold one sequence of `entries` entries in every layer (blocks of 16), also
+// when a per-head plan (adakv) splits its layers into head tables.
 GpuKVPoolOptions pool_for_one_sequence(const GpuModel& model, int entries);
 
 }  // namespace pkv::cuda

@@ -843,6 +843,21 @@ TEST(GpuModel, PerHeadPoliciesRunOnTheCudaBackend) {
   opt.limit = 1;
   const std::vector<Sample> samples = load_conversations(repo("data/eval/eval.json"));
   EXPECT_NO_THROW(evaluate(*backend, *l.engine, samples, nullptr, opt));
+
+  // `prefixkv run`'s pool, sized for one sequence (CudaBackendOptions::kv_pool_entries), holds a
+  // per-head plan that keeps nearly everything (each layer split beside its shared table, the head
+  // tables' rounding) and its decode steps.
+  for (double budget : {0.9, 0.3}) {
+    CudaBackendOptions one;
+    one.dtype = DType::F16;
+    const int steps = 4;
+    one.kv_pool_entries = T + steps + 1;
+    const std::unique_ptr<Backend> run = make_cuda_backend(*l.model, one);
+    auto pol = policy("adakv", budget);
+    auto s1 = run->prefill(l.prompt, *pol, logits.data());
+    for (int i = 0; i < steps; ++i) EXPECT_NO_THROW(run->step(*s1, l.cpu_tokens[size_t(i)], logits.data())) << budget;
+    EXPECT_EQ(s1->position(), T + steps);
+  }
 }
 
 // Evaluation on the cuda back end against the CPU's on two of the bundled evaluation samples: the
