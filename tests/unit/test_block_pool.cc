@@ -324,6 +324,95 @@ TEST(BlockPool, RandomChurnKeepsInvariants) {
 }
 
 
+// Head tables under random churn beside shared tables: splits (then the shared table released),
+// head resizes, appends and removals over several sequences. Every call either succeeds or throws
+// and changes nothing; fits() predicts which; the memory counted per sequence (blocks and
+// sub-blocks) sums to what the pool has in use, and every block comes back in the end.
+TEST(BlockPool, RandomHeadChurnKeepsInvariants) {
+  std::mt19937 rng(11);
+  const int H = 4, L = 3, N = 48, bs = 8;
+  BlockPool pool(N, bs, L, 4 * 100, 0, H);
+  std::vector<BlockPool::SeqId> live;
+  std::vector<int> done(6, 0), refused(6, 0);  // per operation
+  auto snapshot = [&] {
+    const BlockPoolStats st = pool.stats();
+    return std::vector<int64_t>{st.used_blocks, st.split_blocks, st.sub_blocks_used, st.sub_blocks_free, st.entries};
+  };
+  for (int step = 0; step < 3000; ++step) {
+    const int op = int(rng() % 6);
+    if (op == 0 || live.empty()) {
+      live.push_back(pool.add_sequence());
+      continue;
+    }
+    const size_t i = rng() % live.size();
+    const auto s = live[i];
+    const int l = int(rng() % L);
+    const std::vector<int64_t> before = snapshot();
+    bool ok = true;
+    if (op == 1 && live.size() > 2) {
+      pool.remove_sequence(s);
+      live.erase(live.begin() + long(i));
+      continue;
+    } else if (op == 2 && !pool.per_head(s, l)) {
+      try {
+        if (pool.entries(s, l) == 0) pool.resize(s, l, 1 + int(rng() % 60));
+        std::vector<int> e(static_cast<size_t>(H));
+        for (int& x : e) x = int(rng() % (pool.entries(s, l) + 1));
+        pool.split_heads(s, l, e);
+        pool.release_shared(s, l);
+      } catch (const Error&) {
+        ok = false;
+      }
+    } else if (op == 3 && pool.per_head(s, l)) {
+      const int h = int(rng() % H), want = int(rng() % 70);
+      BlockPool::Need need{0, std::max(0, pool.head_blocks_for(want) - int(pool.head_table(s, l, h).size()))};
+      const bool fits = pool.fits(need);
+      try {
+        pool.resize_head(s, l, h, want);
+      } catch (const Error&) {
+        ok = false;
+      }
+      EXPECT_EQ(ok, fits) << "step " << step;
+    } else {
+      const int n = 1 + int(rng() % 9);
+      const bool fits = pool.fits(pool.blocks_to_append(s, n));
+      try {
+        pool.append_all(s, n);
+      } catch (const Error&) {
+        ok = false;
+      }
+      EXPECT_EQ(ok, fits) << "step " << step;
+    }
+    ++(ok ? done : refused)[size_t(op)];
+    if (!ok && op != 2) {  // a failed split may follow a resize of an empty layer; the rest change nothing
+      EXPECT_EQ(snapshot(), before) << "step " << step;
+    }
+    if (step % 25 == 0) {
+      pool.check_invariants();
+      const BlockPoolStats st = pool.stats();
+      size_t held = 0;
+      int blocks = 0, subs = 0;
+      for (auto q : live) held += pool.bytes_held(q), blocks += pool.blocks_held(q), subs += pool.sub_blocks_held(q);
+      EXPECT_EQ(subs, st.sub_blocks_used);
+      EXPECT_EQ(blocks + st.split_blocks, st.used_blocks);
+      EXPECT_EQ(held, size_t(blocks) * pool.bytes_per_block() + size_t(subs) * pool.sub_block_bytes());
+      EXPECT_EQ(st.split_blocks * H, st.sub_blocks_used + st.sub_blocks_free);
+    }
+  }
+  pool.check_invariants();
+  // Both outcomes of each kind of call happened (the pool was run full).
+  for (int op : {2, 3}) {
+    EXPECT_GT(done[size_t(op)], 20) << "op " << op;
+    EXPECT_GT(refused[size_t(op)], 0) << "op " << op;
+  }
+  EXPECT_GT(done[4] + done[5], 20);
+  EXPECT_GT(refused[4] + refused[5], 0);
+  for (auto s : live) pool.remove_sequence(s);
+  EXPECT_EQ(pool.free_blocks(), N);
+  EXPECT_EQ(pool.stats().split_blocks, 0);
+}
+
+
 // A decode step's eviction in the middle of a long table moves one entry (the last) into the hole,
 // not the whole tail; the new map sends every kept logical entry to the slot holding it.
 TEST(SlotMoves, OneEvictionMovesOneEntry) {
