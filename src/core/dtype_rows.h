@@ -17,7 +17,7 @@ inline void f16_row_to_f32(const uint16_t* src, float* dst, size_t n) {
   size_t i = 0;
 #if defined(__AVX512F__)
   for (; i + 16 <= n; i += 16)
-    _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+    _mm512_storeu_ps(dst + i, _mm512_maskz_cvtph_ps(0xffff, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
 #endif
 #if defined(__F16C__)
   for (; i + 8 <= n; i += 8)
@@ -30,7 +30,7 @@ inline void bf16_row_to_f32(const uint16_t* src, float* dst, size_t n) {
   size_t i = 0;
 #if defined(__AVX512F__)
   for (; i + 16 <= n; i += 16)
-    _mm512_storeu_si512(dst + i, _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
+    _mm512_storeu_si512(dst + i, _mm512_maskz_slli_epi32(0xffff, _mm512_maskz_cvtepu16_epi32(0xffff, _mm256_loadu_si256(
                                                        reinterpret_cast<const __m256i*>(src + i))), 16));
 #endif
 #if defined(__AVX2__)

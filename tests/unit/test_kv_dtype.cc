@@ -87,13 +87,16 @@ TEST(KvDtype, VectorConversionsMatchTheScalarOnes) {
 
 // Attention over a 16-bit cache equals, bit for bit, attention over a float32 cache holding the same
 // rounded values: the outputs and the importance, for the few-query path (decode) and the blocked
-// one (prefill, n_q >= 16), causal by position, grouped query heads, per-KV-head importance.
+// one (prefill, n_q >= 16), causal by position, grouped (8 / 2) and one-to-one (4 / 4) query heads,
+// per-KV-head importance.
 TEST(KvDtype, AttentionEqualsFloat32CacheOfTheRoundedValues) {
   std::mt19937 rng(5);
-  const int H = 8, Hkv = 2, hd = 40, kvd = Hkv * hd, N = 70;  // head_dim 40: vector loops and a tail
+  const int hd = 40, N = 70;  // head_dim 40: vector loops and a tail
+  for (const auto& [H, Hkv] : {std::pair{8, 2}, std::pair{4, 4}})
   for (DType t : kTypes)
     for (int n_q : {1, 3, 40})
       for (bool per_head_imp : {false, true}) {
+        const int kvd = Hkv * hd;
         const std::vector<float> q = random_vec(rng, size_t(n_q) * H * hd, 2.f);
         const std::vector<float> k = random_vec(rng, size_t(N) * kvd, 2.f), v = random_vec(rng, size_t(N) * kvd);
         std::vector<uint16_t> k16(k.size()), v16(v.size());
@@ -133,7 +136,7 @@ TEST(KvDtype, AttentionEqualsFloat32CacheOfTheRoundedValues) {
         b.importance = imp16.data();
         ops::attention(b);
         EXPECT_TRUE(same_bits(out16.data(), out_ref.data(), out_ref.size()))
-            << dtype_name(t) << " n_q " << n_q << ": max diff " << test::max_abs_diff(out16.data(), out_ref.data(), out_ref.size());
+            << dtype_name(t) << " heads " << H << "/" << Hkv << " n_q " << n_q << ": max diff " << test::max_abs_diff(out16.data(), out_ref.data(), out_ref.size());
         EXPECT_TRUE(same_bits(imp16.data(), imp_ref.data(), imp_len)) << dtype_name(t) << " n_q " << n_q;
       }
 }
