@@ -130,9 +130,11 @@ struct PyModel {
 using ModelPtr = std::shared_ptr<PyModel>;
 
 ModelPtr load(const py::object& path_arg, const std::string& device, std::optional<std::string> gpu_dtype_arg,
-              const py::object& mmproj, const py::object& vision_tower, double kv_memory_mb) {
-  const std::string path = path_of(path_arg), gpu_dtype = gpu_dtype_arg.value_or("");
-  check_device_options(device, gpu_dtype);
+              const py::object& mmproj, const py::object& vision_tower, double kv_memory_mb,
+              std::optional<std::string> kv_dtype_arg) {
+  const std::string path = path_of(path_arg), gpu_dtype = gpu_dtype_arg.value_or(""),
+                    kv_dtype = kv_dtype_arg.value_or("");
+  check_device_options(device, gpu_dtype, kv_dtype);
   if (!(kv_memory_mb >= 0)) fail("kv_memory_mb", "must not be negative");
   if (kv_memory_mb > 0 && device != "cuda") fail("kv_memory_mb", "only applies with device='cuda'");
   auto m = std::make_shared<PyModel>();
@@ -145,6 +147,7 @@ ModelPtr load(const py::object& path_arg, const std::string& device, std::option
   BackendOptions bo;
   bo.device = device;
   bo.gpu_dtype = gpu_dtype;
+  bo.kv_dtype = kv_dtype;
   bo.vision = m->config().has_vision;
   bo.kv_pool_bytes = size_t(kv_memory_mb * 1024 * 1024);
   m->backend = make_backend(*m->lm.model, bo);
@@ -580,7 +583,8 @@ PYBIND11_MODULE(_core, mod) {
                                 "A model loaded once (a checkpoint folder, or a GGUF file with mmproj=) on a device "
                                 "(cpu, or cuda in a build with the CUDA back end).")
       .def(py::init(&load), py::arg("path"), py::kw_only(), py::arg("device") = "cpu", py::arg("gpu_dtype") = py::none(),
-           py::arg("mmproj") = py::none(), py::arg("vision_tower") = py::none(), py::arg("kv_memory_mb") = 0.0)
+           py::arg("mmproj") = py::none(), py::arg("vision_tower") = py::none(), py::arg("kv_memory_mb") = 0.0,
+           py::arg("kv_dtype") = py::none())
       .def_property_readonly("path", [](const PyModel& m) { return m.lm.dir; })
       .def_property_readonly("device", [](const PyModel& m) { return m.backend->description(); })
       .def_property_readonly("n_layers", [](const PyModel& m) { return m.config().text.n_layers; })

@@ -23,6 +23,8 @@ def test_model_errors(tmp_path):
         prefixkv.Model(MODEL, gpu_dtype="f16")
     with raises("kv_memory_mb: only applies with device='cuda'"):
         prefixkv.Model(MODEL, kv_memory_mb=64)
+    with raises("--kv-dtype: must be f32, f16 or bf16, got 'f8'"):
+        prefixkv.Model(MODEL, kv_dtype="f8")
 
 
 def test_cuda_device_says_what_is_missing():

@@ -49,6 +49,16 @@ def test_greedy_equals_cli(model, policy_kw, policy_args):
     assert out["timings"]["prefill_ms"] > 0
 
 
+def test_f16_kv_cache_equals_cli():
+    # kv_dtype="f16": the KV cache in 16 bits, as `prefixkv run --kv-dtype f16` keeps it: the same
+    # tokens and statistics as the program, half the float32 cache's bytes.
+    m16 = prefixkv.Model(MODEL, kv_dtype="f16")
+    assert m16.device == "cpu, f16 KV cache"
+    out = m16.generate(PROMPT, image=IMAGE, max_tokens=48, return_stats=True)
+    assert_same_as_cli(out, cli_json(*run_args(["--kv-dtype", "f16"])))
+    assert out["kv"]["bytes"] * 2 == cli_json(*run_args())["kv"]["bytes"]
+
+
 def test_sampling_and_stop_equal_cli(model):
     kw = dict(temperature=0.8, top_k=20, top_p=0.9, seed=7)
     out = model.generate(PROMPT, image=IMAGE, max_tokens=40, return_stats=True, **kw)
