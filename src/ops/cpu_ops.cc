@@ -506,6 +506,83 @@ void attention_blocked(const AttentionArgs& a) {
 
 }  // namespace
 
+namespace {
+
+// The few-query path over a 16-bit cache (AttentionArgs::kv_dtype): items [b, e) of attention()'s
+// (query, head) items, importance into imp_all (this thread's part, or null). Consecutive items of
+// one query whose heads share a KV head (a group) run together, and each tile of kTile rows of
+// that KV head is converted to float32 once for all of them. Every item still computes what
+// attention() computes for it over float32 rows, in the same order: its scores, its softmax, its
+// output summed over the entries in order, and each entry's importance gets the items' shares in
+// item order. So the result is bit for bit attention() over a float32 cache of the same values.
+void attend_items_16(const AttentionArgs& a, size_t b, size_t e, float* imp_all) {
+  constexpr int kTile = 32;
+  const int group = a.n_heads / a.n_kv_heads, hd = a.head_dim;
+  const int qs = a.q_stride ? a.q_stride : a.n_heads * hd;
+  const int os = a.out_stride ? a.out_stride : a.n_heads * hd;
+  const bool causal = a.q_pos && a.kv_pos;
+  const float imp_div = float(a.importance_per_kv_head ? group : a.n_heads);
+  std::vector<float> p(size_t(group) * a.n_kv), tile(size_t(kTile) * hd);
+  std::vector<float> mx(static_cast<size_t>(group)), inv(static_cast<size_t>(group));
+  for (size_t it = b; it < e;) {
+    const int i = int(it / size_t(a.n_heads)), h0 = int(it % size_t(a.n_heads)), g = h0 / group;
+    int n = 1;  // the run: items it .. it + n - 1, one query, heads of KV head g
+    while (it + size_t(n) < e && h0 + n < (g + 1) * group) ++n;
+    float* imp = imp_all && a.importance_per_kv_head ? imp_all + size_t(g) * a.n_kv : imp_all;
+    const bool count = imp && i >= a.importance_from;
+    // Scores, a tile of keys at a time.
+    std::fill(mx.begin(), mx.end(), -INFINITY);
+    for (int j0 = 0; j0 < a.n_kv; j0 += kTile) {
+      const int jn = std::min(kTile, a.n_kv - j0);
+      for (int j = 0; j < jn; ++j)
+        kv_row_f32(a.kv_dtype, a.k16 + size_t(j0 + j) * a.kv_stride + size_t(g) * hd, tile.data() + size_t(j) * hd, hd);
+      for (int r = 0; r < n; ++r) {
+        const float* qv = a.q + size_t(i) * qs + size_t(h0 + r) * hd;
+        float* pr = p.data() + size_t(r) * a.n_kv;
+        for (int j = j0; j < j0 + jn; ++j) {
+          if (causal && a.kv_pos[j] > a.q_pos[i]) {
+            pr[j] = -INFINITY;
+            continue;
+          }
+          const float sc = dot_f32(qv, tile.data() + size_t(j - j0) * hd, hd) * a.scale;
+          pr[j] = sc;
+          mx[size_t(r)] = std::max(mx[size_t(r)], sc);
+        }
+      }
+    }
+    for (int r = 0; r < n; ++r) {
+      float* pr = p.data() + size_t(r) * a.n_kv;
+      float sum = 0;
+      for (int j = 0; j < a.n_kv; ++j) {
+        const float ev = pr[j] == -INFINITY ? 0.f : std::exp(pr[j] - mx[size_t(r)]);
+        pr[j] = ev;
+        sum += ev;
+      }
+      inv[size_t(r)] = 1.f / sum;
+      float* o = a.out + size_t(i) * os + size_t(h0 + r) * hd;
+      std::fill(o, o + hd, 0.f);
+    }
+    // Outputs, a tile of values at a time.
+    for (int j0 = 0; j0 < a.n_kv; j0 += kTile) {
+      const int jn = std::min(kTile, a.n_kv - j0);
+      for (int j = 0; j < jn; ++j)
+        kv_row_f32(a.kv_dtype, a.v16 + size_t(j0 + j) * a.kv_stride + size_t(g) * hd, tile.data() + size_t(j) * hd, hd);
+      for (int j = j0; j < j0 + jn; ++j)
+        for (int r = 0; r < n; ++r) {
+          const float w = p[size_t(r) * a.n_kv + size_t(j)] * inv[size_t(r)];
+          if (w == 0.f) continue;
+          const float* vv = tile.data() + size_t(j - j0) * hd;
+          float* o = a.out + size_t(i) * os + size_t(h0 + r) * hd;
+          for (int d = 0; d < hd; ++d) o[d] += w * vv[d];
+          if (count) imp[j] += w / imp_div;
+        }
+    }
+    it += size_t(n);
+  }
+}
+
+}  // namespace
+
 void attention(const AttentionArgs& a) {
   PKV_ASSERT(a.n_heads % a.n_kv_heads == 0);
   PKV_ASSERT(a.kv_dtype == DType::F32 ? a.k && a.v : a.k16 && a.v16);
@@ -520,15 +597,14 @@ void attention(const AttentionArgs& a) {
   if (a.importance) imp_parts.assign(size_t(nthreads), std::vector<float>());
   const size_t imp_len = size_t(a.n_kv) * (a.importance_per_kv_head ? size_t(a.n_kv_heads) : 1);
   const float imp_div = float(a.importance_per_kv_head ? group : a.n_heads);
-  const bool f32 = a.kv_dtype == DType::F32;
   parallel_for(items, 4, [&](size_t b, size_t e, int tid) {
-    std::vector<float> p(size_t(a.n_kv));
-    std::vector<float> row(f32 ? 0 : size_t(a.head_dim));  // a 16-bit row as float32
     float* imp_all = nullptr;
     if (a.importance) {
       imp_parts[size_t(tid)].assign(imp_len, 0.f);
       imp_all = imp_parts[size_t(tid)].data();
     }
+    if (a.kv_dtype != DType::F32) return attend_items_16(a, b, e, imp_all);
+    std::vector<float> p(size_t(a.n_kv));
     for (size_t it = b; it < e; ++it) {
       const int i = int(it / size_t(a.n_heads)), h = int(it % size_t(a.n_heads));
       const int g = h / group;
@@ -541,10 +617,7 @@ void attention(const AttentionArgs& a) {
           p[size_t(j)] = -INFINITY;
           continue;
         }
-        const size_t off = size_t(j) * a.kv_stride + size_t(g) * a.head_dim;
-        const float* kr = f32 ? a.k + off : row.data();
-        if (!f32) kv_row_f32(a.kv_dtype, a.k16 + off, row.data(), a.head_dim);
-        const float sc = dot_f32(qv, kr, a.head_dim) * a.scale;
+        const float sc = dot_f32(qv, a.k + size_t(j) * a.kv_stride + size_t(g) * a.head_dim, a.head_dim) * a.scale;
         p[size_t(j)] = sc;
         mx = std::max(mx, sc);
       }
@@ -559,9 +632,7 @@ void attention(const AttentionArgs& a) {
       for (int j = 0; j < a.n_kv; ++j) {
         const float w = p[size_t(j)] * inv;
         if (w == 0.f) continue;
-        const size_t off = size_t(j) * a.kv_stride + size_t(g) * a.head_dim;
-        const float* vv = f32 ? a.v + off : row.data();
-        if (!f32) kv_row_f32(a.kv_dtype, a.v16 + off, row.data(), a.head_dim);
+        const float* vv = a.v + size_t(j) * a.kv_stride + size_t(g) * a.head_dim;
         for (int d = 0; d < a.head_dim; ++d) o[d] += w * vv[d];
         if (imp && i >= a.importance_from) imp[j] += w / imp_div;
       }
