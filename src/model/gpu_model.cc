@@ -1140,11 +1140,12 @@ void GpuModel::decode(GpuKVPool& kv, const GpuDecodeBatch& b) {
   for (int i = 0; i < B; ++i)
     for (int l = 0; l < g.n_layers; ++l)
       if (bp.per_head(b.seqs[size_t(i)], l)) heads_in[size_t(l)] = 1;
-  if (b.importance)
-    for (int l = 0; l < g.n_layers; ++l)
-      if (heads_in[size_t(l)])
-        fail(kWhere, "decode: decode-time importance (H2O) over layer " + std::to_string(l) +
-                         ", whose KV heads hold their own entries, is not supported");
+  if (b.importance)  // a sequence that asks for it must keep every layer shared (its row is per entry)
+    for (int i = 0; i < B; ++i)
+      for (int l = 0; l < g.n_layers; ++l)
+        if ((b.want_importance.empty() || b.want_importance[size_t(i)]) && bp.per_head(b.seqs[size_t(i)], l))
+          fail(kWhere, "decode: decode-time importance (H2O) for sequence " + std::to_string(b.seqs[size_t(i)]) +
+                           ", whose KV heads hold their own entries in layer " + std::to_string(l) + ", is not supported");
   for (int i = 0; i < B; ++i) bp.append_all(b.seqs[size_t(i)], 1);
   for (int i = 0; i < B; ++i)
     for (int l = 0; l < g.n_layers; ++l)

@@ -1213,10 +1213,28 @@ void check_head_tables(Backend& be, DType dt, int block_size, int n_heads, int n
   // The bound on decode outputs (as check_decode): the output is rounded once to the pool's
   // type (relative 2^-9 for bf16, 2^-12 for fp16) over float32 sums in another order.
   expect_close(get_as(be, dt, a.out, size_t(S) * qd), out_ref, tolerance(dt), "decode over head tables");
-  // Importance over head tables is refused.
-  DecodeAttentionArgs bad = a;
-  bad.importance = be.put(std::vector<float>(size_t(S) * max_len, 0.f)), bad.importance_stride = max_len;
-  EXPECT_THROW(be.attention_decode(bad), Error);
+  // With importance (an H2O sequence batched with head-table ones): the shared sequence's row against
+  // ops::attention over its entries (all query heads), the outputs unchanged.
+  {
+    std::vector<float> imp_ref(static_cast<size_t>(max_len), 0.f), out(static_cast<size_t>(qd));
+    ops::AttentionArgs ra;
+    ra.q = &q[size_t(SH) * qd], ra.n_q = 1, ra.q_pos = &pos[size_t(SH)];
+    ra.k = K[size_t(SH)].data(), ra.v = V[size_t(SH)].data(), ra.n_kv = lens[size_t(SH)], ra.kv_stride = kvd;
+    ra.kv_pos = P[size_t(SH)].data();
+    ra.n_heads = n_heads, ra.n_kv_heads = H, ra.head_dim = hd, ra.scale = scale, ra.out = out.data();
+    ra.importance = imp_ref.data();
+    ops::attention(ra);
+    DecodeAttentionArgs with = a;
+    with.importance = be.put(std::vector<float>(size_t(S) * max_len, 0.f)), with.importance_stride = max_len;
+    with.workspace_bytes = attention_decode_workspace_bytes(S, n_heads, H, hd, max_len, true);
+    with.workspace = be.alloc(with.workspace_bytes);
+    with.out = be.alloc(size_t(S) * qd * es);
+    be.attention_decode(with);
+    expect_close(get_as(be, dt, with.out, size_t(S) * qd), out_ref, tolerance(dt), "decode over head tables, with importance");
+    const std::vector<float> imp = be.get(with.importance, size_t(S) * max_len);
+    expect_close(std::vector<float>(imp.begin() + long(size_t(SH) * max_len), imp.begin() + long(size_t(SH + 1) * max_len)),
+                 imp_ref, tolerance(dt), "decode importance of the shared sequence");
+  }
   EXPECT_EQ(be.get(kv.error_flag, 1)[0], 0) << "the kernels met an inconsistent block table";
 }
 

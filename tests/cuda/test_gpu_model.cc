@@ -785,6 +785,16 @@ TEST(GpuModel, AdaKVKeepsTheCpusEntriesPerHead) {
       GpuSession copy(gm, pool, other);
       refused([&] { pool.copy_sequence(gs.sequence(), copy.sequence()); }, "per KV head", "copy_sequence");
       EXPECT_EQ(gs.position(), T + steps);
+
+      // A decode-time-importance policy (H2O) batched with the per-head session: one step for both.
+      auto h2o_policy = policy("h2o", budget);
+      GpuSession h2o(gm, pool, *h2o_policy);
+      h2o.prefill(l.prompt, lg.data());
+      std::vector<float> both(size_t(2) * V);
+      const int32_t two[2] = {l.cpu_tokens[0], l.cpu_tokens[0]};
+      GpuSession::step_many({&gs, &h2o}, two, both.data());
+      EXPECT_TRUE(all_finite(both));
+      EXPECT_EQ(gs.position(), T + steps + 1);
     }
 }
 

@@ -348,8 +348,9 @@ void paged_kv_read(const PagedKV& kv, const PagedRows& rows, void* k, void* v, i
 //     the mean over heads of its probability for this query (entry indices of the layer);
 //   heads (optional): sequence b with heads.per_head[b] reads KV head g's own head table (row b *
 //     n_kv_heads + g, heads.lengths[b * n_kv_heads + g] entries, every one visible: q_pos is not
-//     applied to it); the query heads of g's group share it. max_len >= those lengths too. Not with
-//     importance (one row per sequence cannot hold per-head entries: refused).
+//     applied to it); the query heads of g's group share it. max_len >= those lengths too. With
+//     importance, such a sequence's row is left undefined (one row cannot hold each head's own
+//     entries: ask for none there; the other sequences' rows are as above).
 struct DecodeAttentionArgs {
   const void* q = nullptr;
   int batch = 0;

@@ -164,8 +164,6 @@ DecodePlan plan_attention_decode(const DecodeAttentionArgs& a) {
   if (a.batch == 0) return plan;
   if (!a.q || !a.out || !a.lengths) bad(op, "q, out and lengths must be set");
   if (a.heads.per_head && (!a.heads.tables || !a.heads.lengths)) bad(op, "heads.per_head without heads.tables or heads.lengths");
-  if (a.heads.per_head && plan.importance)
-    bad(op, "importance over head tables (one row per sequence cannot hold each head's own entries)");
   if (plan.importance && a.importance_stride < a.max_len)
     bad(op, "importance_stride (" + std::to_string(a.importance_stride) + ") must be >= max_len (" +
                 std::to_string(a.max_len) + ")");
