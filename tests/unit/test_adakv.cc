@@ -385,8 +385,9 @@ TEST(AdaKV, DecodeStepsFollowEachHeadsOwnBudget) {
           total += int(pos.size());
           expected_total += double(n_h) / N * T;
         }
-        if (rule == DecodeRule::Proportional)
+        if (rule == DecodeRule::Proportional) {
           EXPECT_LE(std::fabs(total - expected_total), H / 2.0) << "the layer's total follows k_l * H * T";
+        }
       }
     }
   }
