@@ -508,77 +508,284 @@ void attention_blocked(const AttentionArgs& a) {
 
 namespace {
 
-// The few-query path over a 16-bit cache (AttentionArgs::kv_dtype): items [b, e) of attention()'s
-// (query, head) items, importance into imp_all (this thread's part, or null). Consecutive items of
-// one query whose heads share a KV head (a group) run together, and each tile of kTile rows of
-// that KV head is converted to float32 once for all of them. Every item still computes what
-// attention() computes for it over float32 rows, in the same order: its scores, its softmax, its
-// output summed over the entries in order, and each entry's importance gets the items' shares in
-// item order. So the result is bit for bit attention() over a float32 cache of the same values.
-void attend_items_16(const AttentionArgs& a, size_t b, size_t e, float* imp_all) {
-  constexpr int kTile = 32;
-  const int group = a.n_heads / a.n_kv_heads, hd = a.head_dim;
-  const int qs = a.q_stride ? a.q_stride : a.n_heads * hd;
-  const int os = a.out_stride ? a.out_stride : a.n_heads * hd;
-  const bool causal = a.q_pos && a.kv_pos;
-  const float imp_div = float(a.importance_per_kv_head ? group : a.n_heads);
-  std::vector<float> p(size_t(group) * a.n_kv), tile(size_t(kTile) * hd);
-  std::vector<float> mx(static_cast<size_t>(group)), inv(static_cast<size_t>(group));
-  for (size_t it = b; it < e;) {
-    const int i = int(it / size_t(a.n_heads)), h0 = int(it % size_t(a.n_heads)), g = h0 / group;
-    int n = 1;  // the run: items it .. it + n - 1, one query, heads of KV head g
-    while (it + size_t(n) < e && h0 + n < (g + 1) * group) ++n;
-    float* imp = imp_all && a.importance_per_kv_head ? imp_all + size_t(g) * a.n_kv : imp_all;
-    const bool count = imp && i >= a.importance_from;
-    // Scores, a tile of keys at a time.
-    std::fill(mx.begin(), mx.end(), -INFINITY);
-    for (int j0 = 0; j0 < a.n_kv; j0 += kTile) {
-      const int jn = std::min(kTile, a.n_kv - j0);
-      for (int j = 0; j < jn; ++j)
-        kv_row_f32(a.kv_dtype, a.k16 + size_t(j0 + j) * a.kv_stride + size_t(g) * hd, tile.data() + size_t(j) * hd, hd);
-      for (int r = 0; r < n; ++r) {
-        const float* qv = a.q + size_t(i) * qs + size_t(h0 + r) * hd;
-        float* pr = p.data() + size_t(r) * a.n_kv;
-        for (int j = j0; j < j0 + jn; ++j) {
-          if (causal && a.kv_pos[j] > a.q_pos[i]) {
-            pr[j] = -INFINITY;
-            continue;
-          }
-          const float sc = dot_f32(qv, tile.data() + size_t(j - j0) * hd, hd) * a.scale;
-          pr[j] = sc;
-          mx[size_t(r)] = std::max(mx[size_t(r)], sc);
-        }
-      }
+// ---- Decode attention (fewer than 16 queries) ----
+//
+// Work items are (query, chunk of KV heads, block of kDecodeBlock entries). An item streams its
+// block's key rows once, each row's segment of KV head g dotted with all of g's query heads while it
+// is loaded, then takes a softmax local to the block (its max m_b and sum l_b per head) and streams
+// the value rows once, adding exp(s_j - m_b) * v_j into a partial output per head. The partials of
+// the blocks are then combined per (query, head) in block order: M = max_b m_b, L = sum_b l_b e^(m_b - M),
+// out = sum_b e^(m_b - M) acc_b / L. The blocks are fixed by the entry count alone and each value is
+// computed by one thread in one order, so the result does not depend on the number of threads; the
+// chunks of heads (chosen from the thread count, to have work for every thread when the cache is
+// short) change which rows an item reads, never the arithmetic of a head.
+//
+// A 16-bit cache's row segment is converted to float32 (exact) into a buffer and then takes the same
+// arithmetic as a float32 row: the result is bit for bit that over a float32 cache of the same values.
+constexpr int kDecodeBlock = 64;
+
+#if defined(__AVX512F__) && defined(PKV_AVX2)
+#define PKV_DECODE_AVX512 1
+#endif
+
+// GCC 12 reports its own _mm512_reduce_add_ps (an undefined-value cast inside) as maybe uninitialized.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// s[r] = sum_d q[r * hd + d] * k[d] for r < N: each piece of k is loaded once for the N query heads.
+template <int N>
+inline void dots_n(const float* q, int hd, const float* k, float* s) {
+#if defined(PKV_DECODE_AVX512)
+  __m512 a0[N], a1[N];
+  for (int r = 0; r < N; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
+  int d = 0;
+  for (; d + 32 <= hd; d += 32) {
+    const __m512 k0 = _mm512_loadu_ps(k + d), k1 = _mm512_loadu_ps(k + d + 16);
+    for (int r = 0; r < N; ++r) {
+      a0[r] = _mm512_fmadd_ps(_mm512_loadu_ps(q + size_t(r) * hd + d), k0, a0[r]);
+      a1[r] = _mm512_fmadd_ps(_mm512_loadu_ps(q + size_t(r) * hd + d + 16), k1, a1[r]);
     }
-    for (int r = 0; r < n; ++r) {
-      float* pr = p.data() + size_t(r) * a.n_kv;
-      float sum = 0;
-      for (int j = 0; j < a.n_kv; ++j) {
-        const float ev = pr[j] == -INFINITY ? 0.f : std::exp(pr[j] - mx[size_t(r)]);
-        pr[j] = ev;
-        sum += ev;
-      }
-      inv[size_t(r)] = 1.f / sum;
-      float* o = a.out + size_t(i) * os + size_t(h0 + r) * hd;
-      std::fill(o, o + hd, 0.f);
-    }
-    // Outputs, a tile of values at a time.
-    for (int j0 = 0; j0 < a.n_kv; j0 += kTile) {
-      const int jn = std::min(kTile, a.n_kv - j0);
-      for (int j = 0; j < jn; ++j)
-        kv_row_f32(a.kv_dtype, a.v16 + size_t(j0 + j) * a.kv_stride + size_t(g) * hd, tile.data() + size_t(j) * hd, hd);
-      for (int j = j0; j < j0 + jn; ++j)
-        for (int r = 0; r < n; ++r) {
-          const float w = p[size_t(r) * a.n_kv + size_t(j)] * inv[size_t(r)];
-          if (w == 0.f) continue;
-          const float* vv = tile.data() + size_t(j - j0) * hd;
-          float* o = a.out + size_t(i) * os + size_t(h0 + r) * hd;
-          for (int d = 0; d < hd; ++d) o[d] += w * vv[d];
-          if (count) imp[j] += w / imp_div;
-        }
-    }
-    it += size_t(n);
   }
+  if (d + 16 <= hd) {
+    const __m512 k0 = _mm512_loadu_ps(k + d);
+    for (int r = 0; r < N; ++r) a0[r] = _mm512_fmadd_ps(_mm512_loadu_ps(q + size_t(r) * hd + d), k0, a0[r]);
+    d += 16;
+  }
+  for (int r = 0; r < N; ++r) {
+    float t = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]));
+    for (int j = d; j < hd; ++j) t += q[size_t(r) * hd + j] * k[j];
+    s[r] = t;
+  }
+#elif defined(PKV_AVX2)
+  __m256 a0[N], a1[N];
+  for (int r = 0; r < N; ++r) a0[r] = a1[r] = _mm256_setzero_ps();
+  int d = 0;
+  for (; d + 16 <= hd; d += 16) {
+    const __m256 k0 = _mm256_loadu_ps(k + d), k1 = _mm256_loadu_ps(k + d + 8);
+    for (int r = 0; r < N; ++r) {
+      a0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q + size_t(r) * hd + d), k0, a0[r]);
+      a1[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q + size_t(r) * hd + d + 8), k1, a1[r]);
+    }
+  }
+  if (d + 8 <= hd) {
+    const __m256 k0 = _mm256_loadu_ps(k + d);
+    for (int r = 0; r < N; ++r) a0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q + size_t(r) * hd + d), k0, a0[r]);
+    d += 8;
+  }
+  for (int r = 0; r < N; ++r) {
+    float t = hsum256(_mm256_add_ps(a0[r], a1[r]));
+    for (int j = d; j < hd; ++j) t += q[size_t(r) * hd + j] * k[j];
+    s[r] = t;
+  }
+#else
+  for (int r = 0; r < N; ++r) s[r] = dot_f32(q + size_t(r) * hd, k, hd);
+#endif
+}
+#pragma GCC diagnostic pop
+
+// acc[r * hd + d] += w[r] * v[d] for r < N: each piece of v is loaded once for the N heads.
+template <int N>
+inline void axpys_n(float* acc, int hd, const float* w, const float* v) {
+  int d = 0;
+#if defined(PKV_DECODE_AVX512)
+  __m512 wv[N];
+  for (int r = 0; r < N; ++r) wv[r] = _mm512_set1_ps(w[r]);
+  for (; d + 16 <= hd; d += 16) {
+    const __m512 x = _mm512_loadu_ps(v + d);
+    for (int r = 0; r < N; ++r) {
+      float* o = acc + size_t(r) * hd + d;
+      _mm512_storeu_ps(o, _mm512_fmadd_ps(wv[r], x, _mm512_loadu_ps(o)));
+    }
+  }
+#elif defined(PKV_AVX2)
+  __m256 wv[N];
+  for (int r = 0; r < N; ++r) wv[r] = _mm256_set1_ps(w[r]);
+  for (; d + 8 <= hd; d += 8) {
+    const __m256 x = _mm256_loadu_ps(v + d);
+    for (int r = 0; r < N; ++r) {
+      float* o = acc + size_t(r) * hd + d;
+      _mm256_storeu_ps(o, _mm256_fmadd_ps(wv[r], x, _mm256_loadu_ps(o)));
+    }
+  }
+#endif
+  for (; d < hd; ++d)
+    for (int r = 0; r < N; ++r) acc[size_t(r) * hd + d] += w[r] * v[d];
+}
+
+// The n (any count) heads of a group against one row, four at a time.
+inline void group_dots(const float* q, int n, int hd, const float* k, float* s) {
+  int r = 0;
+  for (; r + 4 <= n; r += 4) dots_n<4>(q + size_t(r) * hd, hd, k, s + r);
+  switch (n - r) {
+    case 3: dots_n<3>(q + size_t(r) * hd, hd, k, s + r); break;
+    case 2: dots_n<2>(q + size_t(r) * hd, hd, k, s + r); break;
+    case 1: dots_n<1>(q + size_t(r) * hd, hd, k, s + r); break;
+    default: break;
+  }
+}
+
+inline void group_axpys(float* acc, int n, int hd, const float* w, const float* v) {
+  int r = 0;
+  for (; r + 4 <= n; r += 4) axpys_n<4>(acc + size_t(r) * hd, hd, w + r, v);
+  switch (n - r) {
+    case 3: axpys_n<3>(acc + size_t(r) * hd, hd, w + r, v); break;
+    case 2: axpys_n<2>(acc + size_t(r) * hd, hd, w + r, v); break;
+    case 1: axpys_n<1>(acc + size_t(r) * hd, hd, w + r, v); break;
+    default: break;
+  }
+}
+
+struct DecodePlan {
+  int group, hd, qs, os, n_blocks, heads_per_chunk, n_chunks;
+  bool causal;
+  // Partials, [n_q][n_blocks][n_heads] (acc: x head_dim): the block's max score, sum of exponentials
+  // and output sum.
+  float *m, *l, *acc;
+  // With importance: every (query, head, entry)'s scaled score, [n_q][n_heads][n_kv]; null without.
+  float* scores;
+  float *M, *inv_L;  // per (query, head) after combining
+};
+
+// One item: query i, KV heads [g0, g1), entries [j0, j0 + jn).
+void decode_item(const AttentionArgs& a, const DecodePlan& P, size_t it, std::vector<float>& buf) {
+  const int G = P.group, hd = P.hd;
+  const int i = int(it / (size_t(P.n_chunks) * P.n_blocks));
+  const int c = int(it / size_t(P.n_blocks) % size_t(P.n_chunks)), b = int(it % size_t(P.n_blocks));
+  const int g0 = c * P.heads_per_chunk, g1 = std::min(a.n_kv_heads, g0 + P.heads_per_chunk);
+  const int j0 = b * kDecodeBlock, jn = std::min(kDecodeBlock, a.n_kv - j0);
+  const int h0 = g0 * G, nh = (g1 - g0) * G;
+  // buf: scores [nh][kDecodeBlock] (unless kept for importance), exponentials [nh][kDecodeBlock],
+  // a converted row segment [hd], the weights of one row [G].
+  buf.resize(size_t(nh) * kDecodeBlock * 2 + size_t(hd) + size_t(G));
+  float* local = buf.data();
+  float* ex = local + size_t(nh) * kDecodeBlock;
+  float* row = ex + size_t(nh) * kDecodeBlock;
+  float* w = row + hd;
+  auto score_row = [&](int hl) -> float* {  // head h0 + hl's scores for the block (index j - j0)
+    return P.scores ? P.scores + (size_t(i) * a.n_heads + size_t(h0 + hl)) * a.n_kv + j0 : local + size_t(hl) * kDecodeBlock;
+  };
+  auto visible = [&](int j) { return !P.causal || a.kv_pos[j] <= a.q_pos[i]; };
+  auto segment = [&](const float* f32, const uint16_t* b16, int j, int g) -> const float* {
+    const size_t off = size_t(j) * a.kv_stride + size_t(g) * hd;
+    if (a.kv_dtype == DType::F32) return f32 + off;
+    kv_row_f32(a.kv_dtype, b16 + off, row, hd);
+    return row;
+  };
+  const float* qi = a.q + size_t(i) * P.qs;
+  // Keys: every row of the block once, all heads of the chunk.
+  for (int jj = 0; jj < jn; ++jj) {
+    const int j = j0 + jj;
+    if (!visible(j)) {
+      for (int hl = 0; hl < nh; ++hl) score_row(hl)[jj] = -INFINITY;
+      continue;
+    }
+    for (int g = g0; g < g1; ++g) {
+      group_dots(qi + size_t(g) * G * hd, G, hd, segment(a.k, a.k16, j, g), w);
+      for (int r = 0; r < G; ++r) score_row((g - g0) * G + r)[jj] = w[r] * a.scale;
+    }
+  }
+  // The block's softmax, per head.
+  const size_t pb = (size_t(i) * P.n_blocks + size_t(b)) * a.n_heads;  // partials of (i, b)
+  for (int hl = 0; hl < nh; ++hl) {
+    const float* s = score_row(hl);
+    float mx = -INFINITY;
+    for (int jj = 0; jj < jn; ++jj) mx = std::max(mx, s[jj]);
+    float sum = 0;
+    float* e = ex + size_t(hl) * kDecodeBlock;
+    for (int jj = 0; jj < jn; ++jj) {
+      e[jj] = s[jj] == -INFINITY ? 0.f : std::exp(s[jj] - mx);
+      sum += e[jj];
+    }
+    P.m[pb + size_t(h0 + hl)] = mx;
+    P.l[pb + size_t(h0 + hl)] = sum;
+    std::fill_n(P.acc + (pb + size_t(h0 + hl)) * hd, hd, 0.f);
+  }
+  // Values: every row of the block once, added into all heads of the chunk.
+  for (int jj = 0; jj < jn; ++jj) {
+    const int j = j0 + jj;
+    if (!visible(j)) continue;
+    for (int g = g0; g < g1; ++g) {
+      for (int r = 0; r < G; ++r) w[r] = ex[size_t((g - g0) * G + r) * kDecodeBlock + jj];
+      group_axpys(P.acc + (pb + size_t(g) * G) * hd, G, hd, w, segment(a.v, a.v16, j, g));
+    }
+  }
+}
+
+void attention_decode(const AttentionArgs& a) {
+  const int nthreads = num_threads();
+  DecodePlan P;
+  P.group = a.n_heads / a.n_kv_heads;
+  P.hd = a.head_dim;
+  P.qs = a.q_stride ? a.q_stride : a.n_heads * a.head_dim;
+  P.os = a.out_stride ? a.out_stride : a.n_heads * a.head_dim;
+  P.causal = a.q_pos && a.kv_pos;
+  P.n_blocks = (a.n_kv + kDecodeBlock - 1) / kDecodeBlock;
+  // All KV heads in one chunk (whole rows, read in order) unless that leaves threads without work.
+  const int want = (2 * nthreads + a.n_q * P.n_blocks - 1) / (a.n_q * P.n_blocks);
+  P.n_chunks = std::max(1, std::min(a.n_kv_heads, want));
+  P.heads_per_chunk = (a.n_kv_heads + P.n_chunks - 1) / P.n_chunks;
+  P.n_chunks = (a.n_kv_heads + P.heads_per_chunk - 1) / P.heads_per_chunk;
+  const size_t nqh = size_t(a.n_q) * a.n_heads, parts = nqh * P.n_blocks;
+  // Reused between calls (this thread's; the workers are given pointers).
+  static thread_local std::vector<float> scratch;
+  const size_t n_scores = a.importance ? nqh * a.n_kv : 0;
+  scratch.resize(parts * (2 + size_t(a.head_dim)) + n_scores + 2 * nqh);
+  P.m = scratch.data();
+  P.l = P.m + parts;
+  P.acc = P.l + parts;
+  P.scores = a.importance ? P.acc + parts * a.head_dim : nullptr;
+  P.M = P.acc + parts * a.head_dim + n_scores;
+  P.inv_L = P.M + nqh;
+  const size_t items = size_t(a.n_q) * P.n_chunks * P.n_blocks;
+  parallel_for(items, 1, [&](size_t b, size_t e, int) {
+    std::vector<float> buf;
+    for (size_t it = b; it < e; ++it) decode_item(a, P, it, buf);
+  });
+  // Combine the blocks per (query, head), in block order.
+  const int hd = a.head_dim;
+  parallel_for(nqh, 4, [&](size_t b, size_t e, int) {
+    for (size_t x = b; x < e; ++x) {
+      const int i = int(x / size_t(a.n_heads)), h = int(x % size_t(a.n_heads));
+      float* o = a.out + size_t(i) * P.os + size_t(h) * hd;
+      auto part = [&](int blk) { return (size_t(i) * P.n_blocks + size_t(blk)) * a.n_heads + size_t(h); };
+      float mx = -INFINITY;
+      for (int blk = 0; blk < P.n_blocks; ++blk) mx = std::max(mx, P.m[part(blk)]);
+      std::fill(o, o + hd, 0.f);
+      P.M[x] = mx;
+      P.inv_L[x] = 0.f;
+      if (mx == -INFINITY) continue;  // no visible entry: zeros, as the blocked path gives
+      float L = 0;
+      for (int blk = 0; blk < P.n_blocks; ++blk) {
+        const float m = P.m[part(blk)];
+        if (m == -INFINITY) continue;
+        const float cb = std::exp(m - mx);
+        L += cb * P.l[part(blk)];
+        const float* acc = P.acc + part(blk) * hd;
+        for (int d = 0; d < hd; ++d) o[d] += cb * acc[d];
+      }
+      const float inv = 1.f / L;
+      for (int d = 0; d < hd; ++d) o[d] *= inv;
+      P.inv_L[x] = inv;
+    }
+  });
+  if (!a.importance) return;
+  // Importance: per entry, the probabilities of the counted queries and the heads (all, or those of
+  // the entry's KV head) summed in that order, then added to the caller's value; one thread per entry.
+  const float imp_div = float(a.importance_per_kv_head ? P.group : a.n_heads);
+  const int rows = a.importance_per_kv_head ? a.n_kv_heads : 1, heads_per_row = a.n_heads / rows;
+  parallel_for(size_t(a.n_kv), 64, [&](size_t b, size_t e, int) {
+    for (int row = 0; row < rows; ++row)
+      for (size_t j = b; j < e; ++j) {
+        float t = 0;
+        for (int i = std::max(0, a.importance_from); i < a.n_q; ++i)
+          for (int h = row * heads_per_row; h < (row + 1) * heads_per_row; ++h) {
+            const size_t x = size_t(i) * a.n_heads + size_t(h);
+            const float s = P.scores[x * a.n_kv + j];
+            if (s == -INFINITY || P.M[x] == -INFINITY) continue;
+            t += std::exp(s - P.M[x]) * P.inv_L[x] / imp_div;
+          }
+        a.importance[size_t(row) * a.n_kv + j] += t;
+      }
+  });
 }
 
 }  // namespace
@@ -587,60 +794,13 @@ void attention(const AttentionArgs& a) {
   PKV_ASSERT(a.n_heads % a.n_kv_heads == 0);
   PKV_ASSERT(a.kv_dtype == DType::F32 ? a.k && a.v : a.k16 && a.v16);
   if (a.n_q >= 16) return attention_blocked(a);
-  const int group = a.n_heads / a.n_kv_heads;
-  const int qs = a.q_stride ? a.q_stride : a.n_heads * a.head_dim;
-  const int os = a.out_stride ? a.out_stride : a.n_heads * a.head_dim;
-  const size_t items = size_t(a.n_q) * a.n_heads;
-  const bool causal = a.q_pos && a.kv_pos;
-  const int nthreads = num_threads();
-  std::vector<std::vector<float>> imp_parts;
-  if (a.importance) imp_parts.assign(size_t(nthreads), std::vector<float>());
-  const size_t imp_len = size_t(a.n_kv) * (a.importance_per_kv_head ? size_t(a.n_kv_heads) : 1);
-  const float imp_div = float(a.importance_per_kv_head ? group : a.n_heads);
-  parallel_for(items, 4, [&](size_t b, size_t e, int tid) {
-    float* imp_all = nullptr;
-    if (a.importance) {
-      imp_parts[size_t(tid)].assign(imp_len, 0.f);
-      imp_all = imp_parts[size_t(tid)].data();
-    }
-    if (a.kv_dtype != DType::F32) return attend_items_16(a, b, e, imp_all);
-    std::vector<float> p(size_t(a.n_kv));
-    for (size_t it = b; it < e; ++it) {
-      const int i = int(it / size_t(a.n_heads)), h = int(it % size_t(a.n_heads));
-      const int g = h / group;
-      float* imp = imp_all && a.importance_per_kv_head ? imp_all + size_t(g) * a.n_kv : imp_all;
-      const float* qv = a.q + size_t(i) * qs + size_t(h) * a.head_dim;
-      float* o = a.out + size_t(i) * os + size_t(h) * a.head_dim;
-      float mx = -INFINITY;
-      for (int j = 0; j < a.n_kv; ++j) {
-        if (causal && a.kv_pos[j] > a.q_pos[i]) {
-          p[size_t(j)] = -INFINITY;
-          continue;
-        }
-        const float sc = dot_f32(qv, a.k + size_t(j) * a.kv_stride + size_t(g) * a.head_dim, a.head_dim) * a.scale;
-        p[size_t(j)] = sc;
-        mx = std::max(mx, sc);
-      }
-      float sum = 0;
-      for (int j = 0; j < a.n_kv; ++j) {
-        const float ev = p[size_t(j)] == -INFINITY ? 0.f : std::exp(p[size_t(j)] - mx);
-        p[size_t(j)] = ev;
-        sum += ev;
-      }
-      const float inv = 1.f / sum;
-      std::fill(o, o + a.head_dim, 0.f);
-      for (int j = 0; j < a.n_kv; ++j) {
-        const float w = p[size_t(j)] * inv;
-        if (w == 0.f) continue;
-        const float* vv = a.v + size_t(j) * a.kv_stride + size_t(g) * a.head_dim;
-        for (int d = 0; d < a.head_dim; ++d) o[d] += w * vv[d];
-        if (imp && i >= a.importance_from) imp[j] += w / imp_div;
-      }
-    }
-  });
-  if (a.importance)
-    for (auto& part : imp_parts)
-      for (size_t j = 0; j < part.size(); ++j) a.importance[j] += part[j];
+  if (a.n_q <= 0 || a.n_kv <= 0) {
+    // Nothing to attend to: zeros, as the blocked path gives.
+    const int os = a.out_stride ? a.out_stride : a.n_heads * a.head_dim;
+    for (int i = 0; i < a.n_q; ++i) std::fill_n(a.out + size_t(i) * os, size_t(a.n_heads) * a.head_dim, 0.f);
+    return;
+  }
+  attention_decode(a);
 }
 
 }  // namespace pkv::ops

@@ -53,7 +53,10 @@ struct Rope {
   void apply(float* x, int rows, int n_heads, const int32_t* pos) const;
 };
 
-// Softmax attention of queries over a set of keys/values.
+// Softmax attention of queries over a set of keys/values. Fewer than 16 queries (decode) stream the
+// entries in fixed blocks, each row read once for all query heads of its KV head, the blocks' partial
+// softmaxes combined in order: the result does not depend on the number of threads. More queries take
+// BLAS per head and block of queries.
 //   q      [n_q, n_heads * head_dim]
 //   k, v   [n_kv, kv_stride] rows; head g uses columns [g * head_dim, (g+1) * head_dim)
 //   q_pos, kv_pos: absolute positions; when both are given, query i sees key j iff kv_pos[j] <= q_pos[i]
