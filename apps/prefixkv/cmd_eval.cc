@@ -56,7 +56,7 @@ const std::vector<OptionSpec> kEvalOptions = with_options({
     {"out", "FILE", "results JSON"},
     {"plot", "FILE", "PPL and ROUGE-L (text testbed: top-1 agreement) against budget per policy, as SVG"},
 }, kv_option_specs({"kv-window", "kv-protected", "kv-prefix-pool", "kv-decode", "kv-head-floor", "kv-value-weight",
-                    "kv-layer-floor", "kv-grid-pool", "kv-lookahead", "kv-query-reduce", "kv-profile", "kv-dtype"}));
+                    "kv-layer-floor", "kv-layer-cap", "kv-grid-pool", "kv-lookahead", "kv-query-reduce", "kv-profile", "kv-dtype"}));
 
 }  // namespace
 

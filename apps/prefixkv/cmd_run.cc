@@ -48,7 +48,7 @@ const std::vector<OptionSpec> kRunOptions = with_options({
     {"gpu-dtype", "TYPE", "cuda: bf16 or f16 weights, activations and KV (default: the checkpoint's 16-bit type, else bf16)"},
 }, kv_option_specs({"kv-policy", "kv-budget", "kv-budget-tokens", "kv-importance", "kv-window", "kv-protected",
                                   "kv-prefix-pool", "kv-decode", "kv-head-floor", "kv-value-weight",
-                                  "kv-layer-floor", "kv-grid-pool", "kv-lookahead", "kv-query-reduce", "kv-profile", "kv-dtype"}));
+                                  "kv-layer-floor", "kv-layer-cap", "kv-grid-pool", "kv-lookahead", "kv-query-reduce", "kv-profile", "kv-dtype"}));
 
 // Writes the first occurrence of each named tensor (the prefill's) as DIR/<name>[.L<layer>].npy.
 class DumpObserver : public Observer {

@@ -1,6 +1,7 @@
 #include "kv_options.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 
@@ -34,8 +35,9 @@ std::vector<OptionSpec> kv_option_specs(const std::vector<std::string>& names) {
                                "(default), vnorm (||v||_1), wov (||W_o v||_1 per query head) or wov2 (||W_o v||_2 through "
                                "per-head Gram matrices: the same ranking measured, cheaper; CPU only)"},
       {"kv-layer-floor", "F", "cutoff: each layer keeps at least this fraction of the uniform budget, in [0, 1] "
-                              "(default 0: one threshold decides alone; 0.8: 80% uniform + 20% by the threshold); the policy "
-                              "name's cap=C also lets no layer evict more than C times the uniform eviction"},
+                              "(default 0: one threshold decides alone; 0.8: 80% uniform + 20% by the threshold)"},
+      {"kv-layer-cap", "C", "cutoff: no layer evicts more than C times the uniform eviction (0 = off, the default, "
+                            "or >= 1; 1.5 measured best near the full cache; the policy name's cap=C does the same)"},
       {"kv-grid-pool", "K", "prefix policies and cutoff: max-pool image entries over K x K neighbouring patches of "
                             "the image grid before ranking (text entries keep --kv-prefix-pool; default 0 = off)"},
       {"kv-lookahead", "K", "prefix policies and cutoff: rank by the attention of the first K greedy answer tokens "
@@ -77,6 +79,9 @@ PolicyOptions policy_options_from_args(const Args& args) {
   o.value_weight = value_weight_from_name(args.str("kv-value-weight", "none"), "--kv-value-weight");
   o.layer_floor = args.number("kv-layer-floor", 0.0);
   if (!(o.layer_floor >= 0 && o.layer_floor <= 1)) fail("--kv-layer-floor", "must be in [0, 1], got " + args.str("kv-layer-floor"));
+  o.layer_evict_cap = args.number("kv-layer-cap", 0.0);
+  if (!(o.layer_evict_cap == 0 || (o.layer_evict_cap >= 1 && std::isfinite(o.layer_evict_cap))))
+    fail("--kv-layer-cap", "must be 0 (off) or a multiple >= 1 of the uniform eviction, got " + args.str("kv-layer-cap"));
   o.grid_pool = args.integer("kv-grid-pool", 0);
   if (o.grid_pool < 0) fail("--kv-grid-pool", "must not be negative");
   o.lookahead = args.integer("kv-lookahead", 0);

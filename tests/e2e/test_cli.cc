@@ -139,6 +139,26 @@ TEST(CliErrors, UnknownOptionAndBadValues) {
   expect_error(prefixkv("run --model " + fixture("llama_text") + " --prompt hi --kv-policy magic"), {"--kv-policy", "magic"});
 }
 
+// --kv-layer-cap C: no layer of the cutoff evicts more than C times the uniform eviction, as the policy
+// name's cap=C. C = 1 leaves every layer the uniform budget; the threshold alone gives this fixture's two
+// layers different budgets at 80% kept, so an ignored option would show.
+TEST(Cli, LayerCapOptionEqualsThePolicyNamesCap) {
+  const std::string base = "run --model " + fixture("llama_text") +
+                           " --prompt 'the quick brown fox jumps over the lazy dog and then the cat sat on the mat while "
+                           "the bird sang' --max-tokens 4 --kv-budget 0.8 --json --kv-policy ";
+  auto entries = [&](const std::string& args) {
+    Result r = prefixkv(base + args);
+    EXPECT_EQ(r.rc, 0) << r.out;
+    return r.rc == 0 ? json::parse(r.out)["kv"]["entries_per_layer"] : json();
+  };
+  const json free = entries("cutoff:wov2"), named = entries("cutoff:wov2:cap=1"), flag = entries("cutoff:wov2 --kv-layer-cap 1");
+  ASSERT_EQ(free.size(), 2u);
+  EXPECT_NE(free[0], free[1]) << "the threshold alone should give the layers different budgets here";
+  EXPECT_EQ(named[0], named[1]) << "cap 1: every layer keeps the uniform budget";
+  EXPECT_EQ(flag, named);
+  expect_error(prefixkv(base + "cutoff --kv-layer-cap 0.5"), {"--kv-layer-cap", "0.5"});
+}
+
 // --device and its options. Without a GPU (CI), --device cuda is one clear error whichever way
 // prefixkv was built; with one, it answers.
 TEST(CliErrors, DeviceOptions) {
