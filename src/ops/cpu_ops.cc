@@ -664,8 +664,16 @@ void decode_item(const AttentionArgs& a, const DecodePlan& P, size_t it, std::ve
     return P.scores ? P.scores + (size_t(i) * a.n_heads + size_t(h0 + hl)) * a.n_kv + j0 : local + size_t(hl) * kDecodeBlock;
   };
   auto visible = [&](int j) { return !P.causal || a.kv_pos[j] <= a.q_pos[i]; };
+  // A row segment as float32; first the software prefetch of the bytes kPrefetch further on (the
+  // next segments when the chunk is whole rows, as it is for long caches): the dot products and
+  // updates leave the hardware's prefetchers behind (pkv_bench_cpu_attention, 7B layer at 2800
+  // entries: 16-bit 25-35% faster, float32 10-15%). A prefetch never faults, past the end included.
+  constexpr size_t kPrefetch = 4096;
+  const size_t seg_bytes = size_t(hd) * (a.kv_dtype == DType::F32 ? 4 : 2);
   auto segment = [&](const float* f32, const uint16_t* b16, int j, int g) -> const float* {
     const size_t off = size_t(j) * a.kv_stride + size_t(g) * hd;
+    const char* p = a.kv_dtype == DType::F32 ? reinterpret_cast<const char*>(f32 + off) : reinterpret_cast<const char*>(b16 + off);
+    for (size_t o = 0; o < seg_bytes; o += 64) __builtin_prefetch(p + kPrefetch + o, 0, 3);
     if (a.kv_dtype == DType::F32) return f32 + off;
     kv_row_f32(a.kv_dtype, b16 + off, row, hd);
     return row;
@@ -719,8 +727,9 @@ void attention_decode(const AttentionArgs& a) {
   P.os = a.out_stride ? a.out_stride : a.n_heads * a.head_dim;
   P.causal = a.q_pos && a.kv_pos;
   P.n_blocks = (a.n_kv + kDecodeBlock - 1) / kDecodeBlock;
-  // All KV heads in one chunk (whole rows, read in order) unless that leaves threads without work.
-  const int want = (2 * nthreads + a.n_q * P.n_blocks - 1) / (a.n_q * P.n_blocks);
+  // All KV heads in one chunk (whole rows, read in order) unless that leaves fewer than 8 items a
+  // thread (a short cache: the threads' shares would differ by a large part of an item).
+  const int want = (8 * nthreads + a.n_q * P.n_blocks - 1) / (a.n_q * P.n_blocks);
   P.n_chunks = std::max(1, std::min(a.n_kv_heads, want));
   P.heads_per_chunk = (a.n_kv_heads + P.n_chunks - 1) / P.n_chunks;
   P.n_chunks = (a.n_kv_heads + P.heads_per_chunk - 1) / P.heads_per_chunk;
@@ -740,9 +749,11 @@ void attention_decode(const AttentionArgs& a) {
     std::vector<float> buf;
     for (size_t it = b; it < e; ++it) decode_item(a, P, it, buf);
   });
-  // Combine the blocks per (query, head), in block order.
+  // Combine the blocks per (query, head), in block order; on this thread when that is little work
+  // (the bundled model's layer at 700 entries: 8 heads x 11 blocks x 32), where waking the workers
+  // again would cost more.
   const int hd = a.head_dim;
-  parallel_for(nqh, 4, [&](size_t b, size_t e, int) {
+  auto combine = [&](size_t b, size_t e, int) {
     for (size_t x = b; x < e; ++x) {
       const int i = int(x / size_t(a.n_heads)), h = int(x % size_t(a.n_heads));
       float* o = a.out + size_t(i) * P.os + size_t(h) * hd;
@@ -766,7 +777,9 @@ void attention_decode(const AttentionArgs& a) {
       for (int d = 0; d < hd; ++d) o[d] *= inv;
       P.inv_L[x] = inv;
     }
-  });
+  };
+  if (parts * hd < (size_t(1) << 16)) combine(0, nqh, 0);
+  else parallel_for(nqh, 4, combine);
   if (!a.importance) return;
   // Importance: per entry, the probabilities of the counted queries and the heads (all, or those of
   // the entry's KV head) summed in that order, then added to the caller's value; one thread per entry.
