@@ -529,8 +529,10 @@ constexpr int kDecodeBlock = 64;
 #endif
 
 // GCC 12 reports its own _mm512_reduce_add_ps (an undefined-value cast inside) as maybe uninitialized.
+#if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 // s[r] = sum_d q[r * hd + d] * k[d] for r < N: each piece of k is loaded once for the N query heads.
 template <int N>
 inline void dots_n(const float* q, int hd, const float* k, float* s) {
@@ -580,7 +582,9 @@ inline void dots_n(const float* q, int hd, const float* k, float* s) {
   for (int r = 0; r < N; ++r) s[r] = dot_f32(q + size_t(r) * hd, k, hd);
 #endif
 }
+#if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic pop
+#endif
 
 // acc[r * hd + d] += w[r] * v[d] for r < N: each piece of v is loaded once for the N heads.
 template <int N>

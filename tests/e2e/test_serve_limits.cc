@@ -28,8 +28,6 @@ using namespace pkv::serve;
 
 namespace {
 
-std::string repo(const std::string& rel) { return std::string(PKV_SOURCE_DIR) + "/" + rel; }
-
 // The refusal parsing gives (status, code, message); status 0 when it parses.
 struct Refusal {
   int status = 0;
