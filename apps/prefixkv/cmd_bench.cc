@@ -147,6 +147,10 @@ int cmd_bench(int argc, char** argv) {
   const std::vector<double> budgets = parse_budgets(args.str("budgets", "0.2"), "--budgets");
   const uint64_t seed = uint64_t(args.integer("seed", 0));
 
+  // The random weights' type, also the GPU's compute type: f16 unless --dtype bf16.
+  DType dtype = DType::F16;
+  const std::string dt = args.str("dtype", "f16");
+  if (!dtype_from_option(dt, dtype) || dtype == DType::F32) fail("--dtype", "must be f16 or bf16, got '" + dt + "'");
   std::unique_ptr<Model> model;
   std::string what;
   const auto t_load = std::chrono::steady_clock::now();
@@ -154,11 +158,9 @@ int cmd_bench(int argc, char** argv) {
     model = Model::load(args.str("model"));
     what = model->config().dir;
   } else {
-    const std::string dt = args.str("dtype", "f16");
-    if (dt != "f16" && dt != "bf16") fail("--dtype", "must be f16 or bf16, got '" + dt + "'");
     const std::string shape = args.str("shape", "llava-1.5-7b");
-    model = Model::random(shape_config(shape), dt == "f16" ? DType::F16 : DType::BF16, seed);
-    what = shape + " (random " + dt + ")";
+    model = Model::random(shape_config(shape), dtype, seed);
+    what = shape + " (random " + dtype_option_name(dtype) + ")";
   }
   const TextConfig& t = model->config().text;
   if (prompt + gen > t.max_positions)
@@ -170,14 +172,12 @@ int cmd_bench(int argc, char** argv) {
               what.c_str(), t.n_layers, double(model->weight_bytes()) / double(1ull << 30), load_s, num_threads(),
               prompt, gen);
 
-  // The random weights' type is also the GPU's compute type (f16 unless --dtype bf16).
-  const DType dtype = args.str("dtype", "f16") == "bf16" ? DType::BF16 : DType::F16;
   BackendOptions bo;
   bo.device = device;
   bo.vision = false;  // the prompts are token embeddings: no image tower needed
   bo.kv_dtype = kv_dtype;
   if (device == "cuda") {
-    bo.gpu_dtype = dtype == DType::BF16 ? "bf16" : "f16";
+    bo.gpu_dtype = dtype_option_name(dtype);
     bo.block_size = args.integer("block-size", 16);
     if (bo.block_size < 1) fail("--block-size", "must be at least 1");
     if (args.has("kv-pool-gb")) {
@@ -375,7 +375,7 @@ int cmd_bench(int argc, char** argv) {
     json j;
     j["model"] = what;
     j["device"] = device;
-    if (device == "cpu") j["kv_dtype"] = kv_dtype_label(kv_dtype_from_name(kv_dtype));
+    if (device == "cpu") j["kv_dtype"] = dtype_option_name(kv_dtype_from_name(kv_dtype));
     j["threads"] = num_threads();
     j["prompt"] = prompt;
     j["gen"] = gen;

@@ -187,7 +187,7 @@ int cmd_run(int argc, char** argv) {
                     {"threads", num_threads()}};
     j["device"] = device_desc;
     j["kv"] = {{"policy", policy.name()},
-               {"dtype", kv_dtype_label(dev.cuda ? gpu_compute_dtype(dev.gpu_dtype, *model) : kv_dtype_from_name(dev.kv_dtype))},
+               {"dtype", dtype_option_name(dev.cuda ? gpu_compute_dtype(dev.gpu_dtype, *model) : kv_dtype_from_name(dev.kv_dtype))},
                {"budget", policy_info(policy.name()).compresses ? popt.budget : 1.0},
                {"prefill_kept_per_layer", policy.prefill_kept()},
                {"bytes", r.kv_bytes},

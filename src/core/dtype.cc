@@ -20,6 +20,24 @@ const char* dtype_name(DType t) {
   return "?";
 }
 
+const char* dtype_option_name(DType t) {
+  switch (t) {
+    case DType::F32: return "f32";
+    case DType::F16: return "f16";
+    case DType::BF16: return "bf16";
+  }
+  return "?";
+}
+
+bool dtype_from_option(const std::string& name, DType& t) {
+  for (DType d : {DType::F32, DType::F16, DType::BF16})
+    if (name == dtype_option_name(d)) {
+      t = d;
+      return true;
+    }
+  return false;
+}
+
 static float half_bits_to_float(uint16_t h) {
   const uint32_t sign = (h >> 15) & 1u, exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
   float v;

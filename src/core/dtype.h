@@ -10,7 +10,12 @@ namespace pkv {
 enum class DType : uint8_t { F32, F16, BF16 };
 
 size_t dtype_size(DType t);
-const char* dtype_name(DType t);
+const char* dtype_name(DType t);  // "F32", "F16", "BF16" (as the file formats spell them)
+// The lowercase names the command-line options take (--kv-dtype, --gpu-dtype, --dtype): "f32", "f16",
+// "bf16". dtype_from_option: the type of such a name; false for any other name (the caller's error
+// names its option and the names it accepts).
+const char* dtype_option_name(DType t);
+bool dtype_from_option(const std::string& name, DType& t);
 
 inline float bf16_to_f32(uint16_t h) {
   uint32_t u = uint32_t(h) << 16;

@@ -135,7 +135,7 @@ class CpuBackend : public Backend {
 
   std::string name() const override { return "cpu"; }
   std::string description() const override {
-    return kv_dtype_ == DType::F32 ? "cpu" : std::string("cpu, ") + kv_dtype_label(kv_dtype_) + " KV cache";
+    return kv_dtype_ == DType::F32 ? "cpu" : std::string("cpu, ") + dtype_option_name(kv_dtype_) + " KV cache";
   }
   const Model& model() const override { return model_; }
   std::vector<float> encode_image(const float* pixels, Observer* obs) override {

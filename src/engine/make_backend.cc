@@ -21,7 +21,8 @@ void check_device_options(const std::string& device, const std::string& gpu_dtyp
   // The options' own mistakes first, then what this build lacks: the same message for the same
   // typo whichever way prefixkv was built.
   if (device != "cpu" && device != "cuda") fail("--device", "must be cpu or cuda, got '" + device + "'");
-  if (!gpu_dtype.empty() && gpu_dtype != "bf16" && gpu_dtype != "f16")
+  DType g = DType::BF16;
+  if (!gpu_dtype.empty() && (!dtype_from_option(gpu_dtype, g) || g == DType::F32))
     fail("--gpu-dtype", "must be bf16 or f16, got '" + gpu_dtype + "'");
   if (device != "cuda" && !gpu_dtype.empty()) fail("--gpu-dtype", "only applies with --device cuda");
   if (kv_dtype_from_name(kv_dtype) != DType::F32 && device == "cuda")
@@ -31,8 +32,8 @@ void check_device_options(const std::string& device, const std::string& gpu_dtyp
 }
 
 DType gpu_compute_dtype(const std::string& gpu_dtype, const Model& model) {
-  if (gpu_dtype == "f16") return DType::F16;
-  if (gpu_dtype == "bf16") return DType::BF16;
+  DType t;
+  if (dtype_from_option(gpu_dtype, t)) return t;  // f16 or bf16 (check_device_options refuses others)
   const TensorView* embed = model.weights().lm.embed;
   return embed && embed->dtype == DType::F16 ? DType::F16 : DType::BF16;
 }

@@ -9,19 +9,9 @@
 namespace pkv {
 
 DType kv_dtype_from_name(const std::string& name) {
-  if (name.empty() || name == "f32") return DType::F32;
-  if (name == "f16") return DType::F16;
-  if (name == "bf16") return DType::BF16;
-  fail("--kv-dtype", "must be f32, f16 or bf16, got '" + name + "'");
-}
-
-const char* kv_dtype_label(DType t) {
-  switch (t) {
-    case DType::F32: return "f32";
-    case DType::F16: return "f16";
-    case DType::BF16: return "bf16";
-  }
-  return "?";
+  DType t = DType::F32;
+  if (!name.empty() && !dtype_from_option(name, t)) fail("--kv-dtype", "must be f32, f16 or bf16, got '" + name + "'");
+  return t;
 }
 
 const float* KVRows::f32() const {

@@ -24,8 +24,8 @@ namespace pkv {
 
 // The storage types a KV cache takes by name (--kv-dtype): "f32" (also ""), "f16", "bf16". The one
 // rule for every command and the Python module; anything else is an Error naming --kv-dtype.
+// Its label in reports is dtype_option_name (core/dtype.h).
 DType kv_dtype_from_name(const std::string& name);
-const char* kv_dtype_label(DType t);  // "f32", "f16", "bf16"
 
 // A layer starts with every KV head holding the same entries (one row of all heads' keys per entry:
 // keys(), values(), positions()). A plan with one keep list per KV head (LayerKeep::head_keep) turns it
