@@ -481,6 +481,17 @@ void GgufWriter::set(const std::string& key, GgufValue v) {
 
 void GgufWriter::add_tensor(const std::string& name, const std::vector<int64_t>& ne, uint32_t type,
                             std::vector<uint8_t> bytes) {
+  std::string why;
+  size_t need = 0;
+  if (storage_bytes(type, ne, &need, &why) && bytes.size() != need)
+    fail("GGUF writer", "tensor '" + name + "' needs " + std::to_string(need) + " bytes as " + ggml_type_name(type) +
+                            ", got " + std::to_string(bytes.size()));
+  auto held = std::make_shared<const std::vector<uint8_t>>(std::move(bytes));
+  add_tensor(name, ne, type, [held](uint8_t* dst) { std::memcpy(dst, held->data(), held->size()); });
+}
+
+void GgufWriter::add_tensor(const std::string& name, const std::vector<int64_t>& ne, uint32_t type, Fill fill) {
+  if (!fill) fail("GGUF writer", "tensor '" + name + "' has nothing to write");
   for (const GgufTensor& t : tensors_)
     if (t.name == name) fail("GGUF writer", "tensor '" + name + "' added twice");
   GgufTensor t;
@@ -489,14 +500,11 @@ void GgufWriter::add_tensor(const std::string& name, const std::vector<int64_t>&
   t.type = type;
   std::string why;
   if (!storage_bytes(type, ne, &t.bytes, &why)) fail("GGUF writer", "tensor '" + name + "' " + why);
-  if (bytes.size() != t.bytes)
-    fail("GGUF writer", "tensor '" + name + "' needs " + std::to_string(t.bytes) + " bytes as " + ggml_type_name(type) +
-                            ", got " + std::to_string(bytes.size()));
   tensors_.push_back(std::move(t));
-  data_.push_back(std::move(bytes));
+  fill_.push_back(std::move(fill));
 }
 
-std::vector<uint8_t> GgufWriter::bytes() const {
+std::vector<uint8_t> GgufWriter::header() const {
   std::vector<uint8_t> out;
   put<uint32_t>(out, kMagic);
   put<uint32_t>(out, 3);
@@ -516,24 +524,41 @@ std::vector<uint8_t> GgufWriter::bytes() const {
     offset = align_up(offset + t.bytes, alignment_);
   }
   out.resize(size_t(align_up(out.size(), alignment_)), 0);
+  return out;
+}
+
+std::vector<uint8_t> GgufWriter::bytes() const {
+  std::vector<uint8_t> out = header();
   const size_t data_start = out.size();
-  offset = 0;
+  uint64_t offset = 0;
   for (size_t i = 0; i < tensors_.size(); ++i) {
-    out.resize(data_start + size_t(offset), 0);
-    write_raw(out, data_[i].data(), data_[i].size());
+    out.resize(data_start + size_t(offset + tensors_[i].bytes), 0);
+    fill_[i](out.data() + data_start + offset);
     offset = align_up(offset + tensors_[i].bytes, alignment_);
   }
   return out;
 }
 
 void GgufWriter::write(const std::string& path) const {
-  const std::vector<uint8_t> b = bytes();
   const std::string tmp = path + ".tmp";
-  {
+  try {
     std::ofstream f(tmp, std::ios::binary);
     if (!f) fail(path, "cannot write the GGUF file");
-    f.write(reinterpret_cast<const char*>(b.data()), std::streamsize(b.size()));
+    const std::vector<uint8_t> head = header();
+    f.write(reinterpret_cast<const char*>(head.data()), std::streamsize(head.size()));
+    // One tensor at a time, each followed by the padding to the next one's aligned offset.
+    std::vector<uint8_t> buf;
+    for (size_t i = 0; i < tensors_.size() && f; ++i) {
+      const uint64_t padded = i + 1 < tensors_.size() ? align_up(tensors_[i].bytes, alignment_) : tensors_[i].bytes;
+      buf.assign(size_t(padded), 0);
+      fill_[i](buf.data());
+      f.write(reinterpret_cast<const char*>(buf.data()), std::streamsize(buf.size()));
+    }
     if (!f) fail(path, "writing the GGUF file failed (disk full?)");
+  } catch (...) {  // a failed write or a tensor that could not be made: no partial file stays behind
+    std::error_code ignored;
+    std::filesystem::remove(tmp, ignored);
+    throw;
   }
   std::error_code ec;
   std::filesystem::rename(tmp, path, ec);

@@ -13,6 +13,7 @@
 // offset or size do not fit, duplicate names), before any tensor is used.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -119,16 +120,23 @@ class GgufWriter {
   explicit GgufWriter(uint32_t alignment = 32);
   void set(const std::string& key, GgufValue v);  // replaces an earlier value of the key
   void add_tensor(const std::string& name, const std::vector<int64_t>& ne, uint32_t type, std::vector<uint8_t> bytes);
+  // A tensor whose bytes are made only when the file is written: `fill` writes exactly the storage of
+  // `type` and `ne` to the buffer it is given. write() then holds one tensor at a time, so a 7B model
+  // exports in about the memory of its largest tensor. What `fill` reads must outlive the writer's
+  // last write() or bytes().
+  using Fill = std::function<void(uint8_t* dst)>;
+  void add_tensor(const std::string& name, const std::vector<int64_t>& ne, uint32_t type, Fill fill);
   // Writes to `path` (through a temporary file renamed at the end: an error leaves no partial file).
   void write(const std::string& path) const;
   // The whole file as bytes (tests, the fuzz target's seeds).
   std::vector<uint8_t> bytes() const;
 
  private:
+  std::vector<uint8_t> header() const;  // up to the first tensor's data (alignment padding included)
   uint32_t alignment_;
   std::vector<std::pair<std::string, GgufValue>> kv_;
   std::vector<GgufTensor> tensors_;
-  std::vector<std::vector<uint8_t>> data_;
+  std::vector<Fill> fill_;
 };
 
 }  // namespace pkv

@@ -30,21 +30,22 @@ void row_f32(const TensorView& t, int64_t row, int64_t n, float* out) {
 }
 
 // A [rows, n] weight (or [rows, ...] read as [rows, n], n the product of the rest) as a GGUF tensor
-// of `type`; `row_order[r]` is the stored row written as row r (empty: the same order).
-std::vector<uint8_t> matrix_bytes(const TensorView& t, uint32_t type, const std::vector<int64_t>& row_order = {}) {
+// of `type`, converted row by row when the file is written (the writer holds one tensor at a time);
+// `row_order[r]` is the stored row written as row r (empty: the same order). The checks run now.
+GgufWriter::Fill matrix_fill(const TensorView& t, uint32_t type, std::vector<int64_t> row_order = {}) {
   if (t.shape.size() < 2) fail(t.file, "tensor " + t.name + " " + t.shape_str() + " is not a matrix");
   const int64_t rows = t.shape[0], n = t.numel() / rows;
   if (n % quant::block_elems(type) != 0)
     fail(t.file, "tensor " + t.name + " has rows of " + std::to_string(n) + " values, not whole blocks of " +
                      std::to_string(quant::block_elems(type)) + " (choose another --type)");
-  const size_t rb = quant::row_bytes(type, n);
-  std::vector<uint8_t> out(size_t(rows) * rb);
-  std::vector<float> r(static_cast<size_t>(n));
-  for (int64_t i = 0; i < rows; ++i) {
-    row_f32(t, row_order.empty() ? i : row_order[size_t(i)], n, r.data());
-    quant::quantize_row(type, r.data(), out.data() + size_t(i) * rb, n);
-  }
-  return out;
+  return [&t, type, rows, n, order = std::move(row_order)](uint8_t* out) {
+    const size_t rb = quant::row_bytes(type, n);
+    std::vector<float> r(static_cast<size_t>(n));
+    for (int64_t i = 0; i < rows; ++i) {
+      row_f32(t, order.empty() ? i : order[size_t(i)], n, r.data());
+      quant::quantize_row(type, r.data(), out + size_t(i) * rb, n);
+    }
+  };
 }
 
 // Floats as `type` (F32 or F16), rows of n values.
@@ -141,13 +142,13 @@ void export_text_gguf(const Model& model, const Tokenizer& tok, const std::strin
 
   auto mat = [&](const std::string& n, const Linear& l, const std::vector<int64_t>& order = {}) {
     PKV_ASSERT(l.w);
-    g.add_tensor(n, {l.w->shape[1], l.w->shape[0]}, opt.type, matrix_bytes(*l.w, opt.type, order));
+    g.add_tensor(n, {l.w->shape[1], l.w->shape[0]}, opt.type, matrix_fill(*l.w, opt.type, order));
   };
   auto vec = [&](const std::string& n, const std::vector<float>& v) {
     g.add_tensor(n, {int64_t(v.size())}, quant::kF32, vector_f32(v));
   };
   PKV_ASSERT(w.embed);
-  g.add_tensor("token_embd.weight", {w.embed->shape[1], w.embed->shape[0]}, opt.type, matrix_bytes(*w.embed, opt.type));
+  g.add_tensor("token_embd.weight", {w.embed->shape[1], w.embed->shape[0]}, opt.type, matrix_fill(*w.embed, opt.type));
   const std::vector<int64_t> q_order = rope_row_order(t.n_heads, t.head_dim), k_order = rope_row_order(t.n_kv_heads, t.head_dim);
   for (int l = 0; l < t.n_layers; ++l) {
     const LlamaLayer& L = w.layers[size_t(l)];
@@ -225,7 +226,7 @@ void export_mmproj_gguf(const Model& model, const std::string& path, uint32_t ty
 
   // As the legacy converter stores them: matrices (and the patch kernel) in `type`, the rest F32.
   auto mat = [&](const std::string& n, const Linear& l) {
-    g.add_tensor(n + ".weight", {l.w->shape[1], l.w->shape[0]}, type, matrix_bytes(*l.w, type));
+    g.add_tensor(n + ".weight", {l.w->shape[1], l.w->shape[0]}, type, matrix_fill(*l.w, type));
     g.add_tensor(n + ".bias", {int64_t(l.b.size())}, quant::kF32, vector_f32(l.b));
   };
   auto norm = [&](const std::string& n, const Norm& x) {
@@ -236,7 +237,7 @@ void export_mmproj_gguf(const Model& model, const std::string& path, uint32_t ty
   mat("mm.2", w.projector.layers[1]);
   const ClipWeights& c = w.vision;
   g.add_tensor("v.class_embd", {v.hidden}, quant::kF32, vector_f32(c.class_emb));
-  g.add_tensor("v.patch_embd.weight", {v.patch, v.patch, v.channels, v.hidden}, type, matrix_bytes(*c.patch.w, type));
+  g.add_tensor("v.patch_embd.weight", {v.patch, v.patch, v.channels, v.hidden}, type, matrix_fill(*c.patch.w, type));
   g.add_tensor("v.position_embd.weight", {v.hidden, v.n_patches() + 1}, type, floats_as(type, c.pos_emb));
   norm("v.pre_ln", c.pre_norm);
   for (size_t i = 0; i < c.layers.size(); ++i) {

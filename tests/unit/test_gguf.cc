@@ -5,7 +5,9 @@
 
 #include <cmath>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <random>
 #include <set>
 
@@ -125,6 +127,48 @@ TEST(Gguf, WrittenFilesReadBackTheSame) {
     }
     EXPECT_THROW((void)f->integer("missing.key"), Error);
   }
+}
+
+// write() streams one tensor at a time (fills made only then): the file on disk is bytes() to the
+// byte, tensors given as fills are written where their infos say, and a fill that throws leaves
+// neither the file nor its temporary behind.
+TEST(Gguf, StreamedWriteEqualsTheBytesAndFailsCleanly) {
+  for (uint32_t alignment : {32u, 64u}) {
+    SCOPED_TRACE(alignment);
+    GgufWriter w = sample_writer(alignment);
+    int made = 0;
+    w.add_tensor("blk.1.attn_norm.weight", {5}, quant::kF32, [&made](uint8_t* dst) {
+      ++made;
+      for (int i = 0; i < 5; ++i) {
+        const float v = float(i) * 0.25f - 1.f;
+        std::memcpy(dst + i * 4, &v, 4);
+      }
+    });
+    EXPECT_EQ(made, 0) << "a fill runs only when the file is written";
+    const std::string path = test::temp_path("streamed.gguf");
+    w.write(path);
+    EXPECT_EQ(made, 1);
+    std::ifstream in(path, std::ios::binary);
+    const std::vector<uint8_t> disk((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    EXPECT_EQ(disk, w.bytes());
+    const auto f = GgufFile::open(path);
+    const auto* t = f->find("blk.1.attn_norm.weight");
+    ASSERT_TRUE(t);
+    EXPECT_EQ(t->offset % alignment, 0u);
+    std::vector<float> got(5);
+    std::memcpy(got.data(), t->data, 20);
+    EXPECT_EQ(got, (std::vector<float>{-1.f, -0.75f, -0.5f, -0.25f, 0.f}));
+
+    GgufWriter bad = sample_writer(alignment);
+    bad.add_tensor("blk.1.ffn_norm.weight", {2}, quant::kF32, [](uint8_t*) { fail("test weights", "cannot be read"); });
+    const std::string bad_path = test::temp_path("failed.gguf");
+    EXPECT_THROW(bad.write(bad_path), Error);
+    EXPECT_FALSE(std::filesystem::exists(bad_path));
+    EXPECT_FALSE(std::filesystem::exists(bad_path + ".tmp"));
+  }
+  GgufWriter w;
+  EXPECT_THROW(w.add_tensor("x", {4}, quant::kF32, GgufWriter::Fill{}), Error) << "an empty fill";
+  EXPECT_THROW(w.add_tensor("x", {4}, quant::kF32, std::vector<uint8_t>(12)), Error) << "12 bytes for 4 floats";
 }
 
 // Every prefix of a valid file is refused with an Error (never a crash), and only the whole file
