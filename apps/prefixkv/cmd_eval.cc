@@ -46,6 +46,9 @@ const std::vector<OptionSpec> kEvalOptions = with_options({
     {"text-context", "N", "text testbed: context tokens (default: the data file's)"},
     {"text-continuation", "N", "text testbed: continuation tokens teacher-forced after it (default: the data file's)"},
     {"limit", "N", "evaluate the first N usable samples"},
+    {"bootstrap", "B", "95% percentile intervals from B resamples of the samples (fixed seed; default 1000, 0 off): "
+                       "each metric's, and paired ones of each config's difference from the full cache and from "
+                       "the best uniform-budget baseline at its budget, with a verdict better / worse / tied"},
     {"max-tokens", "N", "greedy answer length limit (default 1024)"},
     {"image-mode", "MODE", "pad or crop (default: the model's)"},
     {"jobs", "N", "samples evaluated in parallel on the CPU, one thread each (default: all cores; the GPU: 1)"},
@@ -93,6 +96,9 @@ int cmd_eval(int argc, char** argv) {
   if (opt.jobs < 1) fail("--jobs", "must be at least 1");
 
   opt.no_image_control = args.flag("no-image-control");
+  const int bootstrap = args.integer("bootstrap", 1000);
+  if (bootstrap < 0 || bootstrap > 1000000) fail("--bootstrap", "must be a count of resamples from 0 (off) to 1000000");
+  opt.bootstrap = int(bootstrap);
 
   // A text testbed (a JSON object of documents) or conversations (a JSON list).
   const bool text = is_text_set(data);

@@ -89,16 +89,17 @@ std::vector<std::vector<double>> scaled(const std::vector<std::vector<double>>& 
   return r;
 }
 
+// What one sample adds to one member (`stat`), and the KV sums of many samples.
 struct Sums {
-  double nll = 0, kld = 0, top1 = 0, rouge = 0, acc = 0, kv0 = 0, kv1 = 0;
+  SampleStats stat;  // one sample's (run() fills it; totals leave it alone)
+  double kv0 = 0, kv1 = 0;
   // The cache right after the prefill's compression: per layer, per KV head (EvalScores).
   std::vector<double> kv_entries_layer, kv_bytes_layer;
   std::vector<std::vector<double>> kv_entries_head, kv_bytes_head;
-  int64_t tokens = 0;
-  int samples = 0, acc_n = 0;
+  int samples = 0;
   void add(const Sums& o) {
-    nll += o.nll, kld += o.kld, top1 += o.top1, rouge += o.rouge, acc += o.acc, kv0 += o.kv0, kv1 += o.kv1;
-    tokens += o.tokens, samples += o.samples, acc_n += o.acc_n;
+    kv0 += o.kv0, kv1 += o.kv1;
+    samples += o.samples;
     add_into(kv_entries_layer, o.kv_entries_layer);
     add_into(kv_bytes_layer, o.kv_bytes_layer);
     add_into(kv_entries_head, o.kv_entries_head);
@@ -118,21 +119,24 @@ struct Sums {
       for (size_t b : l) kv_bytes_head.back().push_back(double(b));
     }
   }
-  EvalScores scores() const {
+  // The scores of these totals; the quality metrics from the samples' own statistics (in order).
+  EvalScores scores(std::vector<SampleStats> per_sample) const {
     EvalScores s;
     s.samples = samples;
     if (!samples) return s;
-    s.ppl = std::exp(nll / double(tokens));
-    s.kld = kld / double(tokens);
-    s.top1 = top1 / double(tokens);
-    s.rouge_l = rouge / samples;
-    if (acc_n) s.accuracy = acc / acc_n;
+    s.ppl = metric_value(per_sample, Metric::Ppl);
+    s.kld = metric_value(per_sample, Metric::Kld);
+    s.top1 = metric_value(per_sample, Metric::Top1);
+    s.rouge_l = metric_value(per_sample, Metric::RougeL);
+    const double acc = metric_value(per_sample, Metric::Accuracy);
+    if (!std::isnan(acc)) s.accuracy = acc;
     s.kv_bytes = kv0 / samples;
     s.kv_bytes_end = kv1 / samples;
     s.kv_entries_per_layer = scaled(kv_entries_layer, 1.0 / samples);
     s.kv_bytes_per_layer = scaled(kv_bytes_layer, 1.0 / samples);
     s.kv_entries_per_head = scaled(kv_entries_head, 1.0 / samples);
     s.kv_bytes_per_head = scaled(kv_bytes_head, 1.0 / samples);
+    s.per_sample = std::move(per_sample);
     return s;
   }
 };
@@ -227,12 +231,12 @@ class Evaluator {
       if (greedy_) greedy(id, *shared, p, group, texts, sums);
     }
     for (size_t m = 0; m < M; ++m) {
-      sums[m].tokens = A;
+      SampleStats& st = sums[m].stat;
+      st.tokens = A;
       sums[m].samples = 1;
       if (!greedy_) continue;
-      if (m > 0) sums[m].rouge = rouge_l_f(texts[0], texts[m]);
-      double acc;
-      if (item.sample && score(*item.sample, texts[m], &acc)) sums[m].acc = acc, sums[m].acc_n = 1;
+      st.rouge_l = m > 0 ? rouge_l_f(texts[0], texts[m]) : 1.0;  // the full cache's answer is its own reference
+      if (item.sample) st.scored = score(*item.sample, texts[m], &st.accuracy);
     }
     return sums;
   }
@@ -292,10 +296,11 @@ class Evaluator {
       float* ref = ref_logits.data() + size_t(t) * V_;
       for (size_t i = 0; i < n; ++i) {
         const float* row = logits.data() + i * V_;
-        Sums& su = sums[group[i]];
+        SampleStats& su = sums[group[i]].stat;
         su.nll += token_nll(row, V_, answer[size_t(t)]);
         if (group[i] == 0) {
           std::copy(row, row + V_, ref);
+          su.top1 += 1;  // the full cache agrees with itself (KLD 0)
         } else {
           su.kld += kl_divergence(ref, row, V_);
           su.top1 += top1_agree(ref, row, V_) ? 1 : 0;
@@ -372,7 +377,8 @@ EvalReport run_items(Backend& backend, const Engine& engine, size_t n, const std
   const auto t0 = std::chrono::steady_clock::now();
 
   std::mutex mu;
-  std::vector<Sums> totals(opt.configs.size() + 1 + (opt.no_image_control ? 1 : 0));
+  const size_t M = opt.configs.size() + 1 + (opt.no_image_control ? 1 : 0);
+  std::map<size_t, std::vector<Sums>> measured;  // item index -> its members' sums
   EvalReport rep;
   rep.device = backend.description();
   rep.greedy = greedy;
@@ -406,9 +412,9 @@ EvalReport run_items(Backend& backend, const Engine& engine, size_t n, const std
           if (used >= target) return;
           ++used;
         }
-        const std::vector<Sums> sums = ev.run(ids[i], *item);
+        std::vector<Sums> sums = ev.run(ids[i], *item);
         std::lock_guard<std::mutex> lk(mu);
-        for (size_t m = 0; m < sums.size(); ++m) totals[m].add(sums[m]);
+        measured.emplace(i, std::move(sums));
         ++done;
         if (opt.on_progress) opt.on_progress(done, target);
       } catch (...) {
@@ -426,15 +432,24 @@ EvalReport run_items(Backend& backend, const Engine& engine, size_t n, const std
     for (auto& t : threads) t.join();
   }
   if (error) std::rethrow_exception(error);
+  // Totals in the data's order, whatever order the threads finished in: the same numbers for any
+  // --jobs, and each point estimate is its metric over the per-sample table (bootstrap.h).
+  std::vector<Sums> totals(M);
+  std::vector<std::vector<SampleStats>> per_sample(M);
+  for (const auto& [i, sums] : measured) {
+    rep.sample_ids.push_back(ids[i]);
+    for (size_t m = 0; m < M; ++m) totals[m].add(sums[m]), per_sample[m].push_back(sums[m].stat);
+  }
   if (totals[0].samples == 0)
     fail("evaluation data", greedy ? "no usable sample (every image was missing or broken)"
                                    : "no usable document (every one was too short or unreadable)");
   rep.samples = totals[0].samples;
-  rep.answer_tokens = totals[0].tokens;
-  rep.full = totals[0].scores();
+  for (const SampleStats& st : per_sample[0]) rep.answer_tokens += st.tokens;
+  rep.full = totals[0].scores(std::move(per_sample[0]));
   const size_t C = opt.configs.size();
-  for (size_t c = 0; c < C; ++c) rep.records.emplace_back(opt.configs[c], totals[c + 1].scores());
-  if (opt.no_image_control) rep.no_image = totals[C + 1].scores();
+  for (size_t c = 0; c < C; ++c) rep.records.emplace_back(opt.configs[c], totals[c + 1].scores(std::move(per_sample[c + 1])));
+  if (opt.no_image_control) rep.no_image = totals[C + 1].scores(std::move(per_sample[C + 1]));
+  add_bootstrap(rep, opt.bootstrap, opt.bootstrap_seed);
   rep.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return rep;
 }
@@ -523,21 +538,132 @@ EvalReport evaluate_text(Backend& backend, const Engine& engine, const TextSet& 
   return rep;
 }
 
+bool is_uniform_baseline(const EvalConfig& c) {
+  static const std::set<std::string> baselines = {"streaming", "h2o",   "snapkv",        "pyramidkv",
+                                                  "elastic",   "adakv", "uniform-prefix"};
+  return baselines.count(c.policy) && c.estimator != "answer";
+}
+
+std::vector<Metric> report_metrics(const EvalReport& r) {
+  std::vector<Metric> ms = {Metric::Ppl};
+  if (r.greedy) {
+    ms.push_back(Metric::RougeL);
+    const auto scored = [](const EvalScores& s) {
+      return std::any_of(s.per_sample.begin(), s.per_sample.end(), [](const SampleStats& x) { return x.scored; });
+    };
+    if (scored(r.full)) ms.push_back(Metric::Accuracy);
+  }
+  ms.push_back(Metric::Kld);
+  ms.push_back(Metric::Top1);
+  return ms;
+}
+
+void add_bootstrap(EvalReport& r, int resamples, uint64_t seed) {
+  std::vector<EvalScores*> members = {&r.full};
+  for (auto& rec : r.records) members.push_back(&rec.second);
+  if (r.no_image) members.push_back(&*r.no_image);
+  for (EvalScores* s : members) s->ci.clear(), s->vs_full.clear(), s->vs_best.clear();
+  r.bootstrap = resamples, r.bootstrap_seed = seed;
+  if (resamples <= 0 || r.full.per_sample.empty()) {
+    r.bootstrap = 0;
+    return;
+  }
+  const Resamples rs(r.full.per_sample.size(), resamples, seed);
+  const std::vector<Metric> metrics = report_metrics(r);
+  auto compare = [&](const EvalScores& a, const EvalScores& b, Metric m, const std::string& against) {
+    Comparison c;
+    c.against = against;
+    c.diff = metric_value(a.per_sample, m) - metric_value(b.per_sample, m);
+    c.ci = paired_interval(rs, a.per_sample, b.per_sample, m);
+    c.verdict = verdict(c.ci, m);
+    return c;
+  };
+  for (EvalScores* s : members) {
+    if (s->per_sample.size() != rs.samples()) continue;  // a config measured on no sample
+    for (Metric m : metrics) {
+      // The full cache's KLD, top-1 and ROUGE-L are 0, 1 and 1 by definition: no interval.
+      if (s == &r.full && m != Metric::Ppl && m != Metric::Accuracy) continue;
+      s->ci[metric_key(m)] = bootstrap_interval(rs, s->per_sample, m);
+      if (s != &r.full) s->vs_full[metric_key(m)] = compare(*s, r.full, m, "full");
+    }
+  }
+  // Per budget and metric, the baseline config with the best point estimate (the first on ties).
+  for (Metric m : metrics) {
+    const double sign = higher_is_better(m) ? -1 : 1;  // lower is better after the sign
+    std::map<double, const std::pair<EvalConfig, EvalScores>*> best;
+    for (const auto& rec : r.records) {
+      if (!is_uniform_baseline(rec.first) || rec.second.per_sample.size() != rs.samples()) continue;
+      const double v = sign * metric_value(rec.second.per_sample, m);
+      if (std::isnan(v)) continue;
+      auto it = best.find(rec.first.budget);
+      if (it == best.end() || v < sign * metric_value(it->second->second.per_sample, m)) best[rec.first.budget] = &rec;
+    }
+    for (auto& [c, s] : r.records) {
+      auto it = best.find(c.budget);
+      if (it == best.end() || s.per_sample.size() != rs.samples()) continue;
+      const auto& [bc, bs] = *it->second;
+      Comparison cmp = compare(s, bs, m, bc.policy + (bc.estimator.empty() ? "" : "/" + bc.estimator));
+      cmp.against_off_full = std::string(bs.vs_full.at(metric_key(m)).verdict) != "tied";
+      cmp.meets_goal = !is_uniform_baseline(c) && cmp.verdict != "worse" &&
+                       (cmp.verdict == "better" || !cmp.against_off_full);
+      s.vs_best[metric_key(m)] = cmp;
+    }
+  }
+}
+
 namespace {
-nlohmann::json scores_json(const EvalScores& s, bool greedy) {
+nlohmann::json interval_json(const Interval& i) { return nlohmann::json::array({i.lo, i.hi}); }
+
+// A member's bootstrap keys ("ci", "vs_full", "vs_best_baseline"; with the bootstrap only) and its
+// per-sample table ("per_sample": the metrics' per-sample sums, in the order of the top level's
+// per_sample.ids; `all`: KLD, top-1 and ROUGE-L too, which the full cache has by definition).
+void add_sample_keys(nlohmann::json& j, const EvalScores& s, bool greedy, bool all, bool baseline) {
   using nlohmann::json;
-  return {{"ppl", s.ppl},
-          {"rouge_l", greedy ? json(s.rouge_l) : json(nullptr)},
-          {"accuracy", s.accuracy ? json(*s.accuracy) : json(nullptr)},
-          {"kld", s.kld},
-          {"top1_agreement", s.top1},
-          {"kv_bytes", s.kv_bytes},
-          {"kv_bytes_end", s.kv_bytes_end},
-          {"kv_entries_per_layer", s.kv_entries_per_layer},
-          {"kv_bytes_per_layer", s.kv_bytes_per_layer},
-          {"kv_entries_per_head", s.kv_entries_per_head},
-          {"kv_bytes_per_head", s.kv_bytes_per_head},
-          {"samples", s.samples}};
+  if (!s.ci.empty()) {
+    json ci = json::object();
+    for (const auto& [k, i] : s.ci) ci[k] = interval_json(i);
+    j["ci"] = ci;
+  }
+  auto comparisons = [&](const std::map<std::string, Comparison>& cs, bool best) {
+    json o = json::object();
+    for (const auto& [k, c] : cs) {
+      json e = {{"against", c.against}, {"diff", c.diff}, {"ci", interval_json(c.ci)}, {"verdict", c.verdict}};
+      if (best) e["against_off_full"] = c.against_off_full;
+      if (best && !baseline) e["meets_goal"] = c.meets_goal;
+      o[k] = e;
+    }
+    return o;
+  };
+  if (!s.vs_full.empty()) j["vs_full"] = comparisons(s.vs_full, false);
+  if (!s.vs_best.empty()) j["vs_best_baseline"] = comparisons(s.vs_best, true);
+  json nll = json::array(), kld = json::array(), top1 = json::array(), rouge = json::array(), acc = json::array();
+  for (const SampleStats& x : s.per_sample) {
+    nll.push_back(x.nll), kld.push_back(x.kld), top1.push_back(x.top1), rouge.push_back(x.rouge_l);
+    acc.push_back(x.scored ? json(x.accuracy) : json(nullptr));
+  }
+  json ps = {{"nll", nll}};
+  if (all) ps["kld"] = kld, ps["top1"] = top1;
+  if (all && greedy) ps["rouge_l"] = rouge;
+  if (greedy) ps["accuracy"] = acc;
+  j["per_sample"] = ps;
+}
+
+nlohmann::json scores_json(const EvalScores& s, bool greedy, bool baseline) {
+  using nlohmann::json;
+  json j = {{"ppl", s.ppl},
+            {"rouge_l", greedy ? json(s.rouge_l) : json(nullptr)},
+            {"accuracy", s.accuracy ? json(*s.accuracy) : json(nullptr)},
+            {"kld", s.kld},
+            {"top1_agreement", s.top1},
+            {"kv_bytes", s.kv_bytes},
+            {"kv_bytes_end", s.kv_bytes_end},
+            {"kv_entries_per_layer", s.kv_entries_per_layer},
+            {"kv_bytes_per_layer", s.kv_bytes_per_layer},
+            {"kv_entries_per_head", s.kv_entries_per_head},
+            {"kv_bytes_per_head", s.kv_bytes_per_head},
+            {"samples", s.samples}};
+  add_sample_keys(j, s, greedy, true, baseline);
+  return j;
 }
 }  // namespace
 
@@ -552,22 +678,46 @@ nlohmann::json report_json(const EvalReport& r) {
   for (auto& [id, why] : r.skipped) skipped.push_back({{"id", id}, {"reason", why}});
   res["skipped"] = skipped;
   res["answer_tokens"] = r.answer_tokens;
+  json tokens = json::array();
+  for (const SampleStats& x : r.full.per_sample) tokens.push_back(x.tokens);
+  res["per_sample"] = {{"ids", r.sample_ids}, {"tokens", tokens}};
+  if (r.bootstrap > 0)
+    res["bootstrap"] = {{"resamples", r.bootstrap}, {"seed", r.bootstrap_seed}, {"level", 0.95}, {"method", "percentile"}};
   res["full"] = {{"ppl", r.full.ppl},
                  {"accuracy", r.full.accuracy ? json(*r.full.accuracy) : json(nullptr)},
                  {"kv_bytes", r.full.kv_bytes},
                  {"kv_bytes_end", r.full.kv_bytes_end}};
-  if (r.no_image) res["no_image"] = scores_json(*r.no_image, r.greedy);
+  add_sample_keys(res["full"], r.full, r.greedy, false, false);
+  if (r.no_image) res["no_image"] = scores_json(*r.no_image, r.greedy, false);
   json records = json::array();
   for (auto& [c, s] : r.records) {
     if (!s.samples) continue;
     json rec = {{"policy", c.policy}, {"estimator", c.estimator.empty() ? json(nullptr) : json(c.estimator)},
                 {"budget", c.budget}};
-    rec.update(scores_json(s, r.greedy));
+    rec.update(scores_json(s, r.greedy, is_uniform_baseline(c)));
     records.push_back(rec);
   }
   res["records"] = records;
   return res;
 }
+
+namespace {
+std::string formatted(const char* fmt, double v) {
+  char b[48];
+  std::snprintf(b, sizeof b, fmt, v);
+  return b;
+}
+// "value [lo, hi]" (`scale` multiplies all three), or the value alone without an interval.
+std::string with_interval(const char* fmt, double v, const Interval* ci, double scale = 1) {
+  std::string out = formatted(fmt, v * scale);
+  if (ci) out += " [" + formatted(fmt, ci->lo * scale) + ", " + formatted(fmt, ci->hi * scale) + "]";
+  return out;
+}
+const Interval* interval_of(const EvalScores& s, Metric m) {
+  auto it = s.ci.find(metric_key(m));
+  return it == s.ci.end() ? nullptr : &it->second;
+}
+}  // namespace
 
 std::string report_table(const EvalReport& r, const std::vector<double>& budgets) {
   std::map<std::string, std::map<double, const EvalScores*>> rows;
@@ -578,17 +728,24 @@ std::string report_table(const EvalReport& r, const std::vector<double>& budgets
     if (!rows.count(name)) order.push_back(name);
     rows[name][c.budget] = &s;
   }
-  char cell[96];
+  const bool ci = r.bootstrap > 0;
+  // With intervals one more digit, so that differences near the full cache show.
+  const char* ppl_fmt = ci ? "%.4g" : "%.3g";
   auto cell_of = [&](const EvalScores& s) {
-    const std::string acc = s.accuracy ? std::to_string(int(std::lround(*s.accuracy * 100))) + "%" : "-";
-    if (r.greedy) std::snprintf(cell, sizeof cell, "%.3g / %.2f / %s / %.3f", s.ppl, s.rouge_l, acc.c_str(), s.kld);
-    else std::snprintf(cell, sizeof cell, "%.3g / %.2f / %.3f", s.ppl, s.top1, s.kld);
-    return std::string(cell);
+    std::string acc = "-";
+    if (s.accuracy) acc = ci ? with_interval("%.1f", *s.accuracy, interval_of(s, Metric::Accuracy), 100) + "%"
+                             : std::to_string(int(std::lround(*s.accuracy * 100))) + "%";
+    const std::string ppl = with_interval(ppl_fmt, s.ppl, interval_of(s, Metric::Ppl));
+    const std::string kld = with_interval(ci ? "%.3g" : "%.3f", s.kld, interval_of(s, Metric::Kld));
+    if (r.greedy) return ppl + " / " + with_interval("%.2f", s.rouge_l, interval_of(s, Metric::RougeL)) + " / " + acc + " / " + kld;
+    return ppl + " / " + with_interval("%.2f", s.top1, interval_of(s, Metric::Top1)) + " / " + kld;
   };
   std::ostringstream t;
   t << "\ntestbed " << r.testbed << ": samples " << r.samples << " (skipped " << r.skipped.size()
-    << "); full cache: PPL " << r.full.ppl;
-  if (r.full.accuracy) t << ", accuracy " << *r.full.accuracy;
+    << "); full cache: PPL " << (ci ? with_interval("%.5g", r.full.ppl, interval_of(r.full, Metric::Ppl)) : formatted("%g", r.full.ppl));
+  if (r.full.accuracy)
+    t << ", accuracy " << (ci ? with_interval("%.4g", *r.full.accuracy, interval_of(r.full, Metric::Accuracy)) : formatted("%g", *r.full.accuracy));
+  if (ci) t << "\n[lo, hi]: 95% percentile bootstrap intervals over samples (" << r.bootstrap << " resamples)";
   if (r.no_image) {
     const double kept = r.full.kv_bytes > 0 ? r.no_image->kv_bytes / r.full.kv_bytes : 0;
     t << "\nno-image control (every image entry evicted, " << int(std::lround(kept * 100))
@@ -607,6 +764,42 @@ std::string report_table(const EvalReport& r, const std::vector<double>& budgets
     }
     t << "\n";
   }
+  // The verdicts of the configs that are no baseline against the best baseline at their budget.
+  const std::vector<Metric> all = report_metrics(r);
+  const bool has_acc = std::find(all.begin(), all.end(), Metric::Accuracy) != all.end();
+  const std::vector<Metric> shown = {Metric::Ppl, has_acc ? Metric::Accuracy : Metric::Top1, Metric::Kld};
+  std::vector<Metric> goal = {Metric::Ppl};  // issue 13: lower PPL and at least the accuracy
+  if (has_acc) goal.push_back(Metric::Accuracy);
+  std::ostringstream v;
+  for (auto& [c, s] : r.records) {
+    if (is_uniform_baseline(c) || s.vs_best.empty()) continue;
+    v << "| " << c.policy << (c.estimator.empty() ? "" : "/" + c.estimator) << " | " << int(std::lround(c.budget * 100))
+      << "% |";
+    for (Metric m : shown) {
+      auto it = s.vs_best.find(metric_key(m));
+      if (it == s.vs_best.end()) {
+        v << " |";
+        continue;
+      }
+      const Comparison& cmp = it->second;
+      const double scale = m == Metric::Accuracy ? 100 : 1;
+      v << " " << cmp.verdict << " (" << cmp.against << ", " << with_interval("%+.3g", cmp.diff, &cmp.ci, scale) << ") |";
+    }
+    std::string missed;
+    for (Metric m : goal) {
+      auto it = s.vs_best.find(metric_key(m));
+      if (it != s.vs_best.end() && !it->second.meets_goal) missed += (missed.empty() ? "" : ", ") + std::string(metric_key(m));
+    }
+    v << " " << (missed.empty() ? "met" : "not met: " + missed) << " |\n";
+  }
+  if (!v.str().empty()) {
+    t << "\nagainst the best uniform-budget baseline at the same budget (per metric; difference, accuracy in points,"
+         " with its paired 95% interval):\n\n| config | budget |";
+    for (Metric m : shown) t << " " << metric_key(m) << " |";
+    t << " issue 13: not worse, better where the baseline is off the full cache |\n|---|---|";
+    for (size_t i = 0; i <= shown.size(); ++i) t << "---|";
+    t << "\n" << v.str();
+  }
   return t.str();
 }
 
@@ -619,6 +812,7 @@ nlohmann::json eval_settings_json(const std::vector<std::string>& policies, cons
                       {"decode_rule", decode_rule}, {"max_tokens", opt.max_tokens},
                       {"truth", truth_path}};
   if (opt.no_image_control) s["no_image_control"] = true;
+  s["bootstrap"] = opt.bootstrap;
   const PolicyOptions& b = opt.base, plain{};  // kv/cutoff.h's options, where they differ from the defaults
   if (b.value_weight != plain.value_weight) s["value_weight"] = value_weight_name(b.value_weight);
   if (b.layer_floor != plain.layer_floor) s["layer_floor"] = b.layer_floor;

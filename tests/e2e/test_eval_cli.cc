@@ -1,8 +1,10 @@
 // calibrate and eval end to end on a fixture model with the bundled data sets' format.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <map>
 
 #include <nlohmann/json.hpp>
 
@@ -212,4 +214,75 @@ TEST(EvalCli, TestbedsTheNoImageControlAndTheAnswerOracle) {
   err("run --model " + kModel + " --prompt hi --kv-policy uniform-prefix --kv-importance answer", "--kv-importance answer");
   err("calibrate --model " + kModel + " --data " + data + " --out /tmp/x.json --kv-importance answer",
       "--kv-importance answer");
+}
+
+// --bootstrap on the bundled model: intervals of every metric, paired comparisons against the full
+// cache and the best uniform-budget baseline, the per-sample table they come from (PPL recomputed
+// from it equals the point estimate exactly), the same numbers on a rerun, none with --bootstrap 0.
+TEST(EvalCli, BootstrapIntervalsAndVerdicts) {
+  const std::string out = test::temp_path("boot.json"), again = test::temp_path("boot_again.json"),
+                    off = test::temp_path("boot_off.json");
+  const std::string args = "eval --model " + repo("models/prefixkv-llava-tiny") + " --data " + repo("data/eval/eval.json") +
+                           " --limit 3 --max-tokens 8 --budgets 0.2 --jobs 2"
+                           " --policies snapkv,uniform-prefix,cutoff:wov2:floor=0.5 --bootstrap 200 --out ";
+  Result r = prefixkv(args + out);
+  ASSERT_EQ(r.rc, 0) << r.out;
+  const json j = json::parse(std::ifstream(out));
+  EXPECT_EQ(j["bootstrap"]["resamples"], 200);
+  EXPECT_EQ(j["settings"]["bootstrap"], 200);
+  ASSERT_EQ(j["per_sample"]["ids"].size(), 3u);
+  ASSERT_EQ(j["per_sample"]["tokens"].size(), 3u);
+  EXPECT_TRUE(j["full"]["ci"].contains("ppl"));
+  EXPECT_TRUE(j["full"]["ci"].contains("accuracy"));
+  ASSERT_EQ(j["records"].size(), 3u);
+  std::map<std::string, json> recs;
+  for (const json& rec : j["records"]) recs[rec["policy"]] = rec;
+  const std::string best = recs["snapkv"]["ppl"].get<double>() <= recs["uniform-prefix"]["ppl"].get<double>()
+                               ? "snapkv" : "uniform-prefix/window";
+  for (auto& [name, rec] : recs) {
+    SCOPED_TRACE(name);
+    for (auto k : {"ppl", "rouge_l", "accuracy", "kld", "top1_agreement"}) {
+      ASSERT_TRUE(rec["ci"].contains(k)) << k;
+      EXPECT_LE(rec["ci"][k][0].get<double>(), rec["ci"][k][1].get<double>()) << k;
+      ASSERT_TRUE(rec["vs_full"].contains(k)) << k;
+      ASSERT_TRUE(rec["vs_best_baseline"].contains(k)) << k;
+      const std::string v = rec["vs_best_baseline"][k]["verdict"];
+      EXPECT_TRUE(v == "better" || v == "worse" || v == "tied") << v;
+    }
+    EXPECT_EQ(rec["vs_best_baseline"]["ppl"]["against"], best);
+    EXPECT_EQ(rec["vs_best_baseline"]["ppl"].contains("meets_goal"), name == "cutoff:wov2:floor=0.5");
+    // The PPL from the per-sample table, summed in order: the point estimate, to the bit.
+    double nll = 0;
+    int64_t tokens = 0;
+    for (size_t i = 0; i < 3; ++i)
+      nll += rec["per_sample"]["nll"][i].get<double>(), tokens += j["per_sample"]["tokens"][i].get<int64_t>();
+    EXPECT_EQ(std::exp(nll / double(tokens)), rec["ppl"].get<double>());
+    EXPECT_EQ(tokens, j["answer_tokens"].get<int64_t>());
+  }
+  // The best baseline against itself.
+  const json& self = recs[best == "snapkv" ? "snapkv" : "uniform-prefix"]["vs_best_baseline"]["ppl"];
+  EXPECT_EQ(self["diff"].get<double>(), 0.0);
+  EXPECT_EQ(self["ci"], json::array({0.0, 0.0}));
+  EXPECT_EQ(self["verdict"], "tied");
+  EXPECT_NE(r.out.find(" ["), std::string::npos) << "the table shows intervals\n" << r.out;
+  EXPECT_NE(r.out.find("issue 13"), std::string::npos) << "and the verdicts\n" << r.out;
+  // A rerun gives the same intervals; --bootstrap 0 none, but the per-sample table.
+  ASSERT_EQ(prefixkv(args + again).rc, 0);
+  const json k = json::parse(std::ifstream(again));
+  for (size_t i = 0; i < 3; ++i) {
+    EXPECT_EQ(j["records"][i]["ci"], k["records"][i]["ci"]);
+    EXPECT_EQ(j["records"][i]["vs_best_baseline"], k["records"][i]["vs_best_baseline"]);
+  }
+  Result r0 = prefixkv("eval --model " + repo("models/prefixkv-llava-tiny") + " --data " + repo("data/eval/eval.json") +
+                       " --limit 2 --max-tokens 4 --budgets 0.2 --policies snapkv --bootstrap 0 --out " + off);
+  ASSERT_EQ(r0.rc, 0) << r0.out;
+  const json o = json::parse(std::ifstream(off));
+  EXPECT_FALSE(o.contains("bootstrap"));
+  EXPECT_FALSE(o["records"][0].contains("ci"));
+  EXPECT_FALSE(o["records"][0].contains("vs_best_baseline"));
+  EXPECT_EQ(o["records"][0]["per_sample"]["nll"].size(), 2u);
+  Result bad = prefixkv("eval --model " + repo("models/prefixkv-llava-tiny") + " --data " + repo("data/eval/eval.json") +
+                        " --bootstrap -1 --out " + off);
+  EXPECT_EQ(bad.rc, 1);
+  EXPECT_NE(bad.out.find("--bootstrap"), std::string::npos) << bad.out;
 }
