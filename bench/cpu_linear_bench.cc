@@ -2,7 +2,9 @@
 // ops::linear_rows (batched decode) on 16-bit weights of the LLaVA-1.5-7B language model's shapes,
 // each matrix larger than the caches, so a product is a stream of its weights. Prints, per shape,
 // row count, dtype and thread count, the time of one product and the weight bytes per second, beside
-// a plain read of the same bytes (the floor a product can reach on this machine).
+// a plain read of the same bytes (the floor a product can reach on this machine). With more rows (a
+// short prompt's prefill) the products are bound by arithmetic: the GFLOP/s column, and each of
+// linear()'s paths apart (linear_rows, gemm16, blas) to place the thresholds between them.
 //
 //   cmake --build build-dev --target pkv_bench_cpu_linear
 //   build-dev/pkv_bench_cpu_linear [--threads 1,2] [--rows 1,4,16] [--reps 20] [--json out.json]
@@ -91,8 +93,8 @@ int main(int argc, char** argv) {
   std::mt19937 rng(7);
   std::normal_distribution<float> nd(0.f, 0.02f);
   nlohmann::json out = nlohmann::json::array();
-  std::printf("| shape | path | dtype | rows | threads | ms / product | weight GB/s | read floor GB/s | of the floor |\n");
-  std::printf("|---|---|---|---|---|---|---|---|---|\n");
+  std::printf("| shape | path | dtype | rows | threads | ms / product | weight GB/s | read floor GB/s | of the floor | GFLOP/s |\n");
+  std::printf("|---|---|---|---|---|---|---|---|---|---|\n");
   for (const Shape& sh : shapes) {
     for (pkv::DType dt : {pkv::DType::F16, pkv::DType::BF16}) {
       std::vector<uint16_t> w(size_t(sh.in) * sh.out);
@@ -113,23 +115,29 @@ int main(int argc, char** argv) {
         for (int r : rows) {
           std::vector<float> x(size_t(r) * sh.in), y(size_t(r) * sh.out);
           for (auto& v : x) v = nd(rng) * 50;
-          // linear(): the engine's product (a prefill's rows); linear_rows(): batched decoding's
-          // 16-bit dot products, several rows per weight row (the same for 1 row).
-          for (const char* path : {"linear", "linear_rows"}) {
-            if (r == 1 && std::string(path) == "linear_rows") continue;
+          // linear(): the engine's product (whichever path it takes for r rows); then each path
+          // apart where more than one row makes them differ: linear_rows (batched decoding's 16-bit
+          // dot products, several rows per weight row), gemm16 (a short prompt's register-tiled
+          // product) and blas (blocks of W converted to float32 for BLAS).
+          for (const std::string path : {"linear", "linear_rows", "gemm16", "blas"}) {
+            if (r == 1 && path != "linear") continue;
+            if (r > 64 && path == "linear_rows") continue;  // far too slow to be a choice there
             double best = 1e30;
             for (int rep = 0; rep < reps; ++rep) {
               const auto t0 = Clock::now();
-              if (std::string(path) == "linear") pkv::ops::linear(x.data(), r, L, y.data());
-              else pkv::ops::linear_rows(x.data(), r, L, y.data());
+              if (path == "linear") pkv::ops::linear(x.data(), r, L, y.data());
+              else if (path == "linear_rows") pkv::ops::linear_rows(x.data(), r, L, y.data());
+              else if (path == "gemm16") pkv::ops::gemm16(x.data(), r, dt, w.data(), sh.in, sh.out, y.data());
+              else pkv::ops::linear_blas(x.data(), r, L, y.data());
               best = std::min(best, std::chrono::duration<double>(Clock::now() - t0).count());
             }
             const double gbs = double(w.size()) * 2 / best / 1e9;
-            std::printf("| %s | %s | %s | %d | %d | %.3f | %.1f | %.1f | %.0f%% |\n", sh.name, path, pkv::dtype_name(dt),
-                        r, nt, best * 1e3, gbs, floor_gbs, 100 * gbs / floor_gbs);
+            const double gflops = 2.0 * r * double(w.size()) / best / 1e9;
+            std::printf("| %s | %s | %s | %d | %d | %.3f | %.1f | %.1f | %.0f%% | %.1f |\n", sh.name, path.c_str(),
+                        pkv::dtype_name(dt), r, nt, best * 1e3, gbs, floor_gbs, 100 * gbs / floor_gbs, gflops);
             out.push_back({{"shape", sh.name}, {"path", path}, {"in", sh.in}, {"out", sh.out},
                            {"dtype", pkv::dtype_name(dt)}, {"rows", r}, {"threads", nt}, {"ms", best * 1e3},
-                           {"weight_gbs", gbs}, {"read_floor_gbs", floor_gbs}});
+                           {"weight_gbs", gbs}, {"read_floor_gbs", floor_gbs}, {"gflops", gflops}});
           }
         }
       }

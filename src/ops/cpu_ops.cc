@@ -28,6 +28,13 @@ void blas_single_thread() {
   std::call_once(once, [] { openblas_set_num_threads(1); });
 }
 
+// y[rows, L.out] += L's bias (if any).
+inline void add_bias(const Linear& L, int rows, float* y) {
+  if (L.b.empty()) return;
+  for (int r = 0; r < rows; ++r)
+    for (int o = 0; o < L.out; ++o) y[size_t(r) * L.out + o] += L.b[size_t(o)];
+}
+
 inline float dot_f32(const float* a, const float* b, int n) {
   float s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0;
   int i = 0;
@@ -192,15 +199,18 @@ void linear_quant_dots(const float* x, int rows, const Linear& L, float* y) {
       for (int r = 0; r < rows; ++r) y[size_t(r) * out + o] = dot_f32(x + size_t(r) * in, wrow.data(), in);
     }
   });
-  if (!L.b.empty())
-    for (int r = 0; r < rows; ++r)
-      for (int o = 0; o < out; ++o) y[size_t(r) * out + o] += L.b[size_t(o)];
+  add_bias(L, rows, y);
 }
 
 }  // namespace
 
-// The most rows linear() multiplies by 16-bit dot products rather than BLAS over converted blocks.
+// The most rows linear() multiplies by 16-bit dot products, and the most by gemm16 rather than BLAS
+// over converted blocks. gemm16 against the dots and BLAS (pkv_bench_cpu_linear --threads 2 --rows
+// 17,32,64,128, 7B shapes, 2-core Xeon with AVX-512, another build running): 4096 x 4096 F16 at 32
+// rows 4.9 ms against 11.5 (dots) and 9.6 (BLAS); at 64 rows 9.3 against 14.0 (BLAS); at 128 BLAS
+// is ahead (23.7 against 26.7), and on the down projection (11008 -> 4096) from 64 rows in F16.
 constexpr int kDotRows = 16;
+constexpr int kGemm16Rows = 64;
 
 void linear(const float* x, int rows, const Linear& L, float* y) {
   blas_single_thread();
@@ -213,6 +223,11 @@ void linear(const float* x, int rows, const Linear& L, float* y) {
   // 4 rows 6.0 ms against 1.5 ms; 4096 -> 11008, 12 rows 20.9 against 14.5 ms); at 16 rows the two
   // drew level on the square product and the dots stayed ahead on the MLP's (23.6 against 17.6 ms).
   if (rows > 2 && rows <= kDotRows && W.dtype != DType::F32 && !W.quant) return linear_rows(x, rows, L, y);
+  if (rows > kDotRows && rows <= kGemm16Rows && W.dtype != DType::F32 && !W.quant) {
+    gemm16(x, rows, W.dtype, static_cast<const uint16_t*>(W.data), in, out, y);
+    add_bias(L, rows, y);
+    return;
+  }
   if (rows <= 2 && W.dtype != DType::F32 && !W.quant) {
     // Decode: a matrix-vector product reading 16-bit weights directly.
     const uint16_t* w16 = static_cast<const uint16_t*>(W.data);
@@ -222,13 +237,23 @@ void linear(const float* x, int rows, const Linear& L, float* y) {
           y[size_t(r) * out + o] = W.dtype == DType::BF16 ? dot_bf16(x + size_t(r) * in, w16 + o * size_t(in), in)
                                                           : dot_f16(x + size_t(r) * in, w16 + o * size_t(in), in);
     });
-  } else {
+    add_bias(L, rows, y);
+    return;
+  }
+  linear_blas(x, rows, L, y);
+}
+
+void linear_blas(const float* x, int rows, const Linear& L, float* y) {
+  blas_single_thread();
+  const int in = L.in, out = L.out;
+  const TensorView& W = *L.w;
+  {
     // Blocks of output features: each thread converts its block of W (when 16-bit) into scratch and
     // multiplies it with all rows of x through BLAS.
     const int block = std::max(16, std::min(256, (out + num_threads() - 1) / num_threads()));
     const int n_blocks = (out + block - 1) / block;
     parallel_for(size_t(n_blocks), 1, [&](size_t b, size_t e, int) {
-      // Declared here, in the code the workers run: a thread_local declared in linear() itself is
+      // Declared here, in the code the workers run: a thread_local declared in the function itself is
       // never constructed on a worker thread (no thread passes its declaration), so the workers
       // used an object whose lifetime had not begun and never freed its buffer (found by LeakSanitizer).
       static thread_local std::vector<float> scratch;
@@ -250,9 +275,7 @@ void linear(const float* x, int rows, const Linear& L, float* y) {
       }
     });
   }
-  if (!L.b.empty())
-    for (int r = 0; r < rows; ++r)
-      for (int o = 0; o < out; ++o) y[size_t(r) * out + o] += L.b[size_t(o)];
+  add_bias(L, rows, y);
 }
 
 void linear_rows(const float* x, int rows, const Linear& L, float* y) {
@@ -284,9 +307,7 @@ void linear_rows(const float* x, int rows, const Linear& L, float* y) {
             W.dtype == DType::BF16 ? dot_bf16(x + size_t(r) * in, wo, in) : dot_f16(x + size_t(r) * in, wo, in);
     }
   });
-  if (!L.b.empty())
-    for (int r = 0; r < rows; ++r)
-      for (int o = 0; o < out; ++o) y[size_t(r) * out + o] += L.b[size_t(o)];
+  add_bias(L, rows, y);
 }
 
 void linear_reference(const float* x, int rows, const Linear& L, float* y) {

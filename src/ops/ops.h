@@ -19,6 +19,9 @@ const char* blas_corename();
 // y[rows, L.out] = x[rows, L.in] * W^T + b. 16-bit weights are converted block by block into
 // per-thread scratch (never a full float32 copy of the model).
 void linear(const float* x, int rows, const Linear& L, float* y);
+// linear()'s path for many rows (and float32 or block-quantised weights): blocks of W converted to
+// float32 per thread and multiplied through BLAS. Named for the benchmarks that compare the paths.
+void linear_blas(const float* x, int rows, const Linear& L, float* y);
 // Row `row` ([n] values) of a stored weight as float32, whatever its storage (F32, F16, BF16 or ggml
 // blocks), and the bytes one row takes.
 void weight_row(const TensorView& W, int64_t row, int64_t n, float* out);
@@ -28,6 +31,13 @@ size_t weight_row_bytes(const TensorView& W, int64_t n);
 // (bit for bit), but with 16-bit weights read once for all rows: a row of W is dotted with every x
 // row while it is in cache. Float32 weights fall back to one linear() call per row.
 void linear_rows(const float* x, int rows, const Linear& L, float* y);
+
+// A short prompt's product with 16-bit weights (F16 or BF16, W [out, in] row-major): y[rows, out] =
+// x W^T, register-tiled over outputs and rows (src/ops/cpu_gemm16.cc). Each y[r][o] is the float32
+// fused multiply-add chain over k = 0 .. in-1 in order: gemm16_reference's value bit for bit, whatever
+// the rows beside it, the ISA or the threads. linear() takes it for 17-64 rows (src/ops/cpu_ops.cc).
+void gemm16(const float* x, int rows, DType wt, const uint16_t* W, int in, int out, float* y);
+void gemm16_reference(const float* x, int rows, DType wt, const uint16_t* W, int in, int out, float* y);
 
 // Reference implementation of linear: plain loops in double. For tests.
 void linear_reference(const float* x, int rows, const Linear& L, float* y);

@@ -1,9 +1,11 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <numeric>
 #include <random>
 
+#include "core/threads.h"
 #include "ops/ops.h"
 #include "test_util.h"
 
@@ -61,6 +63,60 @@ TEST_P(LinearTest, MatchesDoubleReference) {
 INSTANTIATE_TEST_SUITE_P(DTypesAndRows, LinearTest,
                          ::testing::Combine(::testing::Values(DType::F32, DType::F16, DType::BF16),
                                             ::testing::Values(1, 2, 5, 64)));
+
+// A short prompt's product (gemm16, what linear() takes for 17-64 rows of 16-bit weights): every
+// value is the float32 FMA chain over k in order, bit for bit, whatever the tile a row falls in, the
+// rows beside it or the threads; and within the arithmetic's bound of the double reference:
+// |y - exact| <= gamma_n * sum_k |x_k w_k|, gamma_n = n u / (1 - n u), u = 2^-24 (n = in multiply-adds,
+// each rounded once).
+TEST(Gemm16, EqualsTheFmaChainBitForBitAndStaysWithinItsBound) {
+  const int saved = num_threads();
+  for (DType dt : {DType::F16, DType::BF16})
+    for (auto [out, in] : {std::pair{301, 77}, std::pair{29, 600}, std::pair{13, 257}}) {
+      SCOPED_TRACE(std::string(dtype_name(dt)) + " out " + std::to_string(out) + " in " + std::to_string(in));
+      std::mt19937 rng(uint32_t(out * 7 + in));
+      auto L = make_linear(out, in, dt, rng, false);
+      const auto* w = static_cast<const uint16_t*>(L.view.data);
+      std::normal_distribution<float> nd;
+      const int max_rows = 131;
+      std::vector<float> x(size_t(max_rows) * in);
+      for (auto& v : x) v = nd(rng);
+      std::vector<float> ref(size_t(max_rows) * out);
+      ops::gemm16_reference(x.data(), max_rows, dt, w, in, out, ref.data());
+      for (int rows : {1, 17, 31, 32, 33, 64, 100, 131}) {
+        for (int threads : {1, 2, 3}) {
+          set_num_threads(threads);
+          std::vector<float> y(size_t(rows) * out, NAN);
+          ops::gemm16(x.data(), rows, dt, w, in, out, y.data());
+          ASSERT_EQ(0, std::memcmp(y.data(), ref.data(), y.size() * 4)) << rows << " rows, " << threads << " threads";
+        }
+        // Rows that start elsewhere (another tile offset) give the same values.
+        std::vector<float> tail(size_t(rows - rows / 2) * out);
+        ops::gemm16(x.data() + size_t(rows / 2) * in, rows - rows / 2, dt, w, in, out, tail.data());
+        ASSERT_EQ(0, std::memcmp(tail.data(), ref.data() + size_t(rows / 2) * out, tail.size() * 4)) << rows;
+      }
+      const double u = std::ldexp(1.0, -24), gamma = in * u / (1 - in * u);
+      for (int r = 0; r < max_rows; ++r)
+        for (int o = 0; o < out; ++o) {
+          double exact = 0, mag = 0;
+          for (int k = 0; k < in; ++k) {
+            const uint16_t h = w[size_t(o) * in + k];
+            const double p = double(x[size_t(r) * in + k]) * (dt == DType::F16 ? f16_to_f32(h) : bf16_to_f32(h));
+            exact += p, mag += std::fabs(p);
+          }
+          ASSERT_LE(std::fabs(ref[size_t(r) * out + o] - exact), gamma * mag) << r << ", " << o;
+        }
+      // linear() takes it for 17-64 rows, bias added after.
+      auto Lb = make_linear(out, in, dt, rng, true);
+      std::vector<float> viaLinear(size_t(40) * out), direct(viaLinear.size());
+      ops::linear(x.data(), 40, Lb.lin, viaLinear.data());
+      ops::gemm16(x.data(), 40, dt, static_cast<const uint16_t*>(Lb.view.data), in, out, direct.data());
+      for (int r = 0; r < 40; ++r)
+        for (int o = 0; o < out; ++o) direct[size_t(r) * out + o] += Lb.lin.b[size_t(o)];
+      ASSERT_EQ(0, std::memcmp(viaLinear.data(), direct.data(), direct.size() * 4));
+    }
+  set_num_threads(saved);
+}
 
 class Attention : public ::testing::TestWithParam<int> {};
 
