@@ -14,7 +14,10 @@
 # pkv_bench_cpu_linear`); the 7b case writes a 13.5 GB checkpoint and a 13.5 GB GGUF under $OUT
 # (PYTHON, default /usr/bin/python3, with numpy; 28 GB of disk). THREADS (default: the machine's cores). Prints a table; the
 # JSON of every run goes to $OUT (default /tmp/cpu_llamacpp). PKV_ARGS: more options for prefixkv run
-# (e.g. PKV_ARGS="--kv-dtype f16": its KV cache in 16 bits, as llama.cpp keeps its own). Asserts nothing.
+# (e.g. PKV_ARGS="--kv-dtype f16": its KV cache in 16 bits, as llama.cpp keeps its own). MMAP=0: both
+# engines read the weights into memory instead of mapping the file (prefixkv --no-mmap, llama.cpp's
+# useMmap false): on a machine whose kernel evicts cold file pages early (this development VM runs
+# DAMON reclaim) a mapped 13.5 GB file is partly re-read from disk at every token. Asserts nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHAT=${1:?tiny, 7b or a GGUF file}
@@ -26,6 +29,8 @@ NODE=${NODE:-node}
 PKV=${PKV:-./build/prefixkv}
 LINEAR=${LINEAR:-./build/pkv_bench_cpu_linear}
 THREADS=${THREADS:-$(nproc)}
+MMAP=${MMAP:-1}
+[ "$MMAP" = 0 ] && PKV_ARGS="${PKV_ARGS:-} --no-mmap"
 PROMPT="USER: Describe the image in detail. What shapes are there, what colours are they, and where are they? ASSISTANT:"
 mkdir -p "$OUT" "$NLC"
 if [ ! -d "$NLC/node_modules/node-llama-cpp" ]; then
@@ -66,7 +71,7 @@ ours() {  # $1 file, $2 output json
     --threads "$THREADS" ${PKV_ARGS:-} --json > "$2" 2>/dev/null
 }
 theirs() {
-  (cd "$NLC" && LLAMACPP_THREADS=$THREADS "$NODE" speed.mjs "$1" "$N" "$PROMPT") > "$2" 2>>"$OUT/node.log"
+  (cd "$NLC" && LLAMACPP_THREADS=$THREADS LLAMACPP_MMAP=$MMAP "$NODE" speed.mjs "$1" "$N" "$PROMPT") > "$2" 2>>"$OUT/node.log"
 }
 for f in "${files[@]}"; do
   b=$(basename "$f" .gguf)

@@ -2,14 +2,15 @@
 //   node llamacpp_speed.mjs MODEL.gguf N "prompt"   (run from a folder where node-llama-cpp is installed)
 // Times the model load, the prompt with its first token (llama.cpp evaluates the prompt and samples
 // in one call) and each later token; the prompt is BOS + llama.cpp's tokenization of the text; N
-// tokens, EOS not stopping. LLAMACPP_THREADS (default 2) threads. bench/cpu_llamacpp.sh runs it.
+// tokens, EOS not stopping. LLAMACPP_THREADS (default 2) threads; LLAMACPP_MMAP=0: the weights read
+// into memory rather than mapped (llama.cpp's --no-mmap). bench/cpu_llamacpp.sh runs it.
 import {getLlama} from "node-llama-cpp";
 const [modelPath, n, text] = process.argv.slice(2);
 const threads = Number(process.env.LLAMACPP_THREADS ?? 2);
 const now = () => Number(process.hrtime.bigint()) / 1e6;
 const llama = await getLlama({gpu: false, build: "never"});
 const t0 = now();
-const model = await llama.loadModel({modelPath});
+const model = await llama.loadModel({modelPath, useMmap: process.env.LLAMACPP_MMAP !== "0"});
 const t1 = now();
 const context = await model.createContext({contextSize: 1024, threads});
 const seq = context.getSequence();

@@ -26,6 +26,7 @@ namespace {
 
 const std::vector<OptionSpec> kCalibrateOptions = with_options({
     {"model", "DIR", "checkpoint directory (default: the bundled model)"},
+    kNoMmapOption,
     {"vision-tower", "DIR", "separate CLIP checkpoint (original LLaVA layout)"},
     {"mmproj", "FILE", "llama.cpp's LLaVA vision file (GGUF) beside a GGUF language model (--model FILE.gguf)"},
     {"data", "FILE", "calibration data in LLaVA conversation JSON (e.g. data/calib/calib.json)"},
@@ -85,6 +86,7 @@ int cmd_calibrate(int argc, char** argv) {
     int layers = 0;
     std::unique_ptr<Model> model;
     if (args.has("model")) {
+      apply_no_mmap(args);
       model = Model::load(args.str("model"));
       layers = model->config().text.n_layers;
     }

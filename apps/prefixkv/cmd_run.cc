@@ -28,6 +28,7 @@ namespace {
 
 const std::vector<OptionSpec> kRunOptions = with_options({
     {"model", "DIR", "checkpoint directory (default: the bundled model, models/prefixkv-llava-tiny)"},
+    kNoMmapOption,
     {"vision-tower", "DIR", "separate CLIP checkpoint (original LLaVA layout without the tower inside)"},
     {"mmproj", "FILE", "llama.cpp's LLaVA vision file (GGUF) beside a GGUF language model (--model FILE.gguf)"},
     {"image", "FILE", "PNG or JPEG image"},

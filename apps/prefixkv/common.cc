@@ -1,5 +1,7 @@
 #include "common.h"
 
+#include "io/mapped_file.h"
+
 #include "engine/make_backend.h"
 
 #include <algorithm>
@@ -9,6 +11,7 @@
 #include <unistd.h>
 
 #include "core/error.h"
+#include "io/mapped_file.h"
 
 namespace fs = std::filesystem;
 
@@ -27,7 +30,15 @@ std::string default_model_dir() {
   return (fs::path(repo_dir()) / "models" / "prefixkv-llava-tiny").string();
 }
 
+const OptionSpec kNoMmapOption = {
+    "no-mmap", "",
+    "read the weights into memory (huge pages where possible) instead of mapping the files: a slower start, but "
+    "decoding never waits for weights the kernel evicted from its page cache"};
+
+void apply_no_mmap(const Args& args) { set_read_into_memory(args.has("no-mmap")); }
+
 LoadedModel load_model(const Args& args, bool mmproj_input) {
+  apply_no_mmap(args);
   const std::string dir = args.str("model", default_model_dir());
   if (!args.has("model") && !fs::exists(dir))
     fail("--model", "no model given and the bundled model is missing at " + dir);

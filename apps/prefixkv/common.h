@@ -14,6 +14,12 @@ std::string default_model_dir();
 // The repository root as seen from the executable (build/prefixkv -> ..).
 std::string repo_dir();
 
+// --no-mmap (run, eval, calibrate, serve, export, bench): read the weight files into memory instead of
+// mapping them (io/mapped_file.h says when that is faster). apply_no_mmap sets it from the arguments
+// (load_model does; a command that loads otherwise calls it first).
+extern const OptionSpec kNoMmapOption;
+void apply_no_mmap(const Args& args);
+
 // --model (default: the bundled model), --vision-tower and (where `mmproj_input`) --mmproj: the model
 // and its tokenizer (engine/model_files.h).
 LoadedModel load_model(const Args& args, bool mmproj_input = true);

@@ -66,6 +66,16 @@ TEST(Cli, GreedyJsonEqualsTransformersWithOwnPreprocessing) {
   EXPECT_EQ(j["kv"]["bytes_per_layer"][0].get<size_t>(), size_t(c["seq_len"].get<int>() + 31) * 2 * 64 * 4);
 }
 
+// --no-mmap reads the weights into memory: the same greedy tokens as the mapped files.
+TEST(Cli, NoMmapGivesTheSameTokens) {
+  const std::string cmd = "run --model " + fixture("llava_hf_mha") + " --image " + test::data_path("images/wide.png") +
+                          " --prompt 'Describe the image in detail.' --max-tokens 12 --ignore-eos --json";
+  Result mapped = prefixkv(cmd), held = prefixkv(cmd + " --no-mmap");
+  ASSERT_EQ(mapped.rc, 0) << mapped.out;
+  ASSERT_EQ(held.rc, 0) << held.out;
+  EXPECT_EQ(json::parse(held.out)["tokens"], json::parse(mapped.out)["tokens"]);
+}
+
 TEST(Cli, OriginalLayoutWithSeparateVisionTower) {
   const json& c = manifest_case("orig_wide_pad");
   ASSERT_FALSE(c.is_null());

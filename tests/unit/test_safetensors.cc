@@ -211,6 +211,26 @@ TEST(Safetensors, ShardedIndexNamesAShardOutsideTheFolder) {
   EXPECT_EQ(*static_cast<const float*>(TensorStore::open(d.string())->find("a")->data), 1.f);
 }
 
+// --no-mmap: the file read into anonymous memory holds the same bytes as the mapping, at the same
+// size, read-only; an empty file stays empty; the setting is read when a file is opened.
+TEST(MappedFile, ReadIntoMemoryHoldsTheMappedBytes) {
+  auto d = tmpdir("readmem");
+  std::string bytes(3 * 1024 * 1024 + 17, '\0');  // more than one 2 MiB huge page, not a multiple
+  for (size_t i = 0; i < bytes.size(); ++i) bytes[i] = char((i * 2654435761u) >> 13);
+  write_file(d / "w.bin", bytes);
+  write_file(d / "empty.bin", "");
+  ASSERT_FALSE(read_into_memory());
+  const MappedFile mapped((d / "w.bin").string());
+  set_read_into_memory(true);
+  const MappedFile held((d / "w.bin").string()), empty((d / "empty.bin").string());
+  set_read_into_memory(false);
+  ASSERT_EQ(held.size(), bytes.size());
+  EXPECT_EQ(0, std::memcmp(held.data(), mapped.data(), bytes.size()));
+  EXPECT_EQ(0, std::memcmp(held.data(), bytes.data(), bytes.size()));
+  EXPECT_NE(held.data(), mapped.data());
+  EXPECT_EQ(empty.size(), 0u);
+}
+
 // MappedFile opened anything by name with a blocking open(): a FIFO (or a device) as a weights file
 // waited for a writer forever. Now anything but a regular file is an Error naming the path, at once.
 // Should open() block again, the test opens the FIFO's writing end itself to release it, and fails
