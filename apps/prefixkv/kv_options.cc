@@ -33,7 +33,8 @@ std::vector<OptionSpec> kv_option_specs(const std::vector<std::string>& names) {
                                  "selected entries, in [0, 1] (Ada-KV's alpha, default 0.2)"},
       {"kv-value-weight", "W", "prefix policies and cutoff: weight each entry's attention by its value, none "
                                "(default), vnorm (||v||_1), wov (||W_o v||_1 per query head) or wov2 (||W_o v||_2 through "
-                               "per-head Gram matrices: the same ranking measured, cheaper; CPU only)"},
+                               "per-head Gram matrices: the same ranking measured, cheaper; the GPU measures none, vnorm "
+                               "and wov2)"},
       {"kv-layer-floor", "F", "cutoff: each layer keeps at least this fraction of the uniform budget, in [0, 1] "
                               "(default 0: one threshold decides alone; 0.8: 80% uniform + 20% by the threshold)"},
       {"kv-layer-cap", "C", "cutoff: no layer evicts more than C times the uniform eviction (0 = off, the default, "
@@ -43,7 +44,7 @@ std::vector<OptionSpec> kv_option_specs(const std::vector<std::string>& names) {
       {"kv-lookahead", "K", "prefix policies and cutoff: rank by the attention of the first K greedy answer tokens "
                             "decoded over the full cache (K extra decode steps; CPU only; default 0 = off)"},
       {"kv-query-reduce", "R", "prefix policies and cutoff: how the queries' attention combines: sum (default), "
-                               "mean or max (CPU only unless sum)"},
+                               "mean or max"},
       {"kv-profile", "FILE", "PrefixKV profile (default: the model's prefixkv_profile.json)"},
       {"kv-dtype", "TYPE", "CPU engine: the KV cache's storage type, f32 (default), f16 or bf16 (keys and values "
                            "rounded once when written; half the memory; attention computes in float32)"},

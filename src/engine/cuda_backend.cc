@@ -120,6 +120,16 @@ class CudaBackend : public Backend {
     shared.head_importance.push_back(std::move(scratch.prefill_uncompressed(p, nullptr, {from}, true)[0]));
     shared.head_from.push_back(from);
   }
+  void add_extended_importance(SharedPrefill& shared, const PreparedPrompt& p, const ImportanceRequest& req,
+                               const std::string&) override {
+    auto* sh = dynamic_cast<CudaShared*>(&shared);
+    PKV_ASSERT_MSG(sh, "a shared prefill of another back end was given to the cuda back end");
+    for (const ImportanceRequest& r : shared.extended_req)
+      if (r == req) return;  // measured already
+    GpuSession scratch(gpu_, *pool_, sh->full);  // its blocks go back when it ends
+    shared.extended_importance.push_back(scratch.measure_importance(p, req));
+    shared.extended_req.push_back(req);
+  }
   std::unique_ptr<Sequence> adopt(const SharedPrefill& shared, KVPolicy& policy) override {
     auto* sh = dynamic_cast<const CudaShared*>(&shared);
     PKV_ASSERT_MSG(sh, "a shared prefill of another back end was given to the cuda back end");

@@ -13,7 +13,23 @@ namespace pkv::cuda {
 
 namespace {
 constexpr const char* kWhere = "GPU session";
+
+// The mean over the counted queries (QueryReduce::Mean): the sum the prefill measured over the
+// prompt's queries from req.from on, divided by their count, as extended_importance does.
+void mean_over_queries(const ImportanceRequest& req, int T, std::vector<std::vector<float>>& imp) {
+  if (!req.needed || req.reduce != QueryReduce::Mean) return;
+  const float queries = float(T - std::max(0, req.from));
+  for (auto& l : imp)
+    for (float& x : l) x /= queries;
 }
+
+// A plain request for the importance from one query on (prefill_uncompressed's windows).
+ImportanceRequest window_request(int from, bool per_kv_head) {
+  ImportanceRequest r;
+  r.needed = true, r.from = from, r.per_kv_head = per_kv_head;
+  return r;
+}
+}  // namespace
 
 GpuSession::GpuSession(GpuModel& model, GpuKVPool& pool, KVPolicy& policy)
     : model_(model),
@@ -74,7 +90,7 @@ void GpuSession::take_plan(KeepPlan plan, std::vector<GpuKVPool::Job>& jobs) {
 }
 
 void GpuSession::run_prompt(const PreparedPrompt& p, float* logits, std::vector<std::vector<float>>* importance,
-                            int importance_from, Observer* obs, bool per_kv_head) {
+                            const ImportanceRequest& req, Observer* obs) {
   const int T = int(p.ids.size());
   if (T == 0) fail("prompt", "is empty");
   if (pos_ != 0 || pending_) fail(kWhere, "prefill on a session that already holds " + std::to_string(pos_) + " tokens");
@@ -88,16 +104,18 @@ void GpuSession::run_prompt(const PreparedPrompt& p, float* logits, std::vector<
     if (p.image_offset < 0 || p.image_tokens != img->rows.rows)
       fail(kWhere, "the prompt places " + std::to_string(p.image_tokens) + " image tokens, its image has " +
                        std::to_string(img->rows.rows) + " rows");
-    model_.prefill(pool_, seq_, p.ids.data(), &img->rows, p.image_offset, T, pos.data(), logits, importance,
-                   importance_from, obs, per_kv_head);
+    model_.prefill(pool_, seq_, p.ids.data(), &img->rows, p.image_offset, T, pos.data(), logits, importance, req.from,
+                   obs, req.per_kv_head, req.weight, req.reduce == QueryReduce::Max);
   } else {
     if (p.embeddings.size() != size_t(T) * D)
       fail(kWhere, "the prompt's embeddings hold " + std::to_string(p.embeddings.size()) + " values, expected " +
                        std::to_string(T) + " x " + std::to_string(D));
-    model_.prefill(pool_, seq_, p.embeddings.data(), T, pos.data(), logits, importance, importance_from, obs, per_kv_head);
+    model_.prefill(pool_, seq_, p.embeddings.data(), T, pos.data(), logits, importance, req.from, obs, req.per_kv_head,
+                   req.weight, req.reduce == QueryReduce::Max);
   }
   positions_.append_all(pos.data(), T);
   pos_ = T;
+  if (importance) mean_over_queries(req, T, *importance);
 }
 
 double GpuSession::compress_prompt(const std::vector<std::vector<float>>& importance) {
@@ -116,11 +134,11 @@ void GpuSession::prefill(const PreparedPrompt& p, float* logits, Observer* obs) 
   const int T = int(p.ids.size());
   std::vector<std::vector<float>> importance;
   const ImportanceRequest req = policy_.prefill_importance(T);
-  check_prompt_importance(req, T);
+  check_gpu_prompt_importance(req, T);
   using clock = std::chrono::steady_clock;
   auto ms = [](clock::time_point a, clock::time_point b) { return std::chrono::duration<double, std::milli>(b - a).count(); };
   const clock::time_point t0 = clock::now();
-  run_prompt(p, logits, req.needed ? &importance : nullptr, req.from, obs, req.per_kv_head);
+  run_prompt(p, logits, req.needed ? &importance : nullptr, req, obs);
   const clock::time_point t1 = clock::now();  // the prefill ends synchronised (logits, error flag)
   const double policy_ms = compress_prompt(importance);
   GpuKVPool::PrefillTimes& pt = pool_.prefill_times();
@@ -147,7 +165,7 @@ void GpuSession::begin_prefill(const PreparedPrompt& p) {
   }
   auto pending = std::make_unique<Pending>();
   pending->request = policy_.prefill_importance(T);
-  check_prompt_importance(pending->request, T);
+  check_gpu_prompt_importance(pending->request, T);
   pending->prompt = p;
   if (pending->request.needed) {
     const size_t heads = pending->request.per_kv_head ? size_t(model_.config().text.n_kv_heads) : 1;
@@ -180,6 +198,8 @@ GpuPrefillPart GpuSession::next_part(int max_tokens, std::vector<int32_t>& pos) 
     part.importance = &pd.importance;
     part.importance_from = std::max(0, pd.request.from - pd.done);
     if (pd.request.per_kv_head) part.importance_head_stride = T;
+    part.importance_weight = pd.request.weight;
+    part.importance_max = pd.request.reduce == QueryReduce::Max;
   }
   return part;
 }
@@ -225,6 +245,7 @@ std::vector<bool> GpuSession::prefill_pieces(const std::vector<GpuSession*>& ses
     if (!ends[i]) continue;
     ++finished;
     const std::unique_ptr<Pending> pd = std::move(s.pending_);
+    mean_over_queries(pd->request, s.pos_, pd->importance);
     s.take_plan(s.policy_.after_prefill(s.positions_, pd->importance, s.pos_), jobs);
   }
   const clock::time_point t2 = clock::now();
@@ -266,11 +287,19 @@ std::vector<std::vector<std::vector<float>>> GpuSession::prefill_uncompressed(co
     if (f < 0 || f >= std::max(T, 1))
       fail(kWhere, "importance from query " + std::to_string(f) + " of a " + std::to_string(T) + "-token prompt");
   std::vector<std::vector<std::vector<float>>> imp(importance_from.size());
-  run_prompt(p, logits, imp.empty() ? nullptr : &imp[0], imp.empty() ? 0 : importance_from[0], nullptr, per_kv_head);
+  run_prompt(p, logits, imp.empty() ? nullptr : &imp[0], window_request(imp.empty() ? 0 : importance_from[0], per_kv_head));
   for (size_t i = 1; i < importance_from.size(); ++i) {
     GpuSession scratch(model_, pool_, policy_);  // its blocks go back when it ends
-    scratch.run_prompt(p, nullptr, &imp[i], importance_from[i], nullptr, per_kv_head);
+    scratch.run_prompt(p, nullptr, &imp[i], window_request(importance_from[i], per_kv_head));
   }
+  return imp;
+}
+
+std::vector<std::vector<float>> GpuSession::measure_importance(const PreparedPrompt& p, const ImportanceRequest& req) {
+  const int T = int(p.ids.size());
+  check_gpu_prompt_importance(req, T);
+  std::vector<std::vector<float>> imp;
+  run_prompt(p, nullptr, req.needed ? &imp : nullptr, req);
   return imp;
 }
 

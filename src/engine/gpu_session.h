@@ -50,6 +50,10 @@ class GpuSession {
   // then this session's policy compresses it with `importance` (what it asks for, from the same
   // prompt), exactly as after prefill().
   void adopt_prefill(const GpuSession& full, const std::vector<std::vector<float>>& importance);
+  // Runs the prompt here (nothing held yet) without consulting the policy (nothing compressed) and
+  // returns the importance `req` asks for, extended requests included (check_gpu_prompt_importance):
+  // Backend::add_extended_importance on the GPU, one more prefill over scratch blocks per request.
+  std::vector<std::vector<float>> measure_importance(const PreparedPrompt& p, const ImportanceRequest& req);
   // Feeds one token at the next position; writes the logits for the position after it, then lets
   // the policy evict. Out of blocks: throws Error and nothing changes.
   void step(int32_t token, float* logits, Observer* obs = nullptr);
@@ -95,9 +99,10 @@ class GpuSession {
   // Checks the policy's plan, applies it to the host positions and adds its device work to jobs.
   void take_plan(KeepPlan plan, std::vector<GpuKVPool::Job>& jobs);
   void check_positions() const;
-  // The prompt into this empty session (no policy involved); the importance when asked for.
-  void run_prompt(const PreparedPrompt& p, float* logits, std::vector<std::vector<float>>* importance, int importance_from,
-                  Observer* obs = nullptr, bool per_kv_head = false);
+  // The prompt into this empty sequence (no policy involved); the importance `req` asks for into
+  // *importance when that is given (a mean over the queries divided by their count here).
+  void run_prompt(const PreparedPrompt& p, float* logits, std::vector<std::vector<float>>* importance,
+                  const ImportanceRequest& req, Observer* obs = nullptr);
   // The policy's plan after the prefill (or an adopted one), applied on the device; returns the
   // host time the policy took (ms).
   double compress_prompt(const std::vector<std::vector<float>>& importance);

@@ -7,6 +7,7 @@
 
 #include "core/error.h"
 #include "model/observer.h"
+#include "ops/ops.h"
 
 namespace pkv {
 
@@ -30,21 +31,6 @@ std::vector<std::vector<float>> value_weights(const Model& model, const KVCache&
   const int H = t.n_heads, Hkv = t.n_kv_heads, hd = t.head_dim, group = H / Hkv, D = t.hidden, qd = H * hd;
   const int kvd = Hkv * hd;
   std::vector<std::vector<float>> out(size_t(t.n_layers));
-  // Float32 weights over rows of hd columns, for ops::linear (BLAS).
-  TensorView view;
-  view.name = "value weights";
-  view.dtype_str = "F32";
-  view.supported = true;
-  view.dtype = DType::F32;
-  auto product = [&](const float* x, int rows, const float* w, int w_rows, float* y) {
-    view.shape = {w_rows, hd};
-    view.data = w;
-    Linear lin;
-    lin.w = &view;
-    lin.in = hd;
-    lin.out = w_rows;
-    ops::linear(x, rows, lin, y);  // y [rows, w_rows] = x [rows, hd] w^T
-  };
   std::vector<float> vg, y, row, wh;
   for (int l = 0; l < t.n_layers; ++l) {
     const KVLayer& kv = cache.layer(l);
@@ -54,55 +40,42 @@ std::vector<std::vector<float>> value_weights(const Model& model, const KVCache&
     if (w == ValueWeight::None || n == 0) continue;
     std::vector<float> vbuf;
     const float* V = kv.values_f32(vbuf);  // [size, kvd], whatever the cache's storage type
-    if (w == ValueWeight::ValueNorm) {
-      for (int h = 0; h < H; ++h)
-        for (int j = 0; j < n; ++j) {
-          const float* v = V + size_t(j) * kvd + size_t(h / group) * hd;
-          double s = 0;
-          for (int d = 0; d < hd; ++d) s += std::fabs(v[d]);
-          o[size_t(h) * n + j] = float(s);
-        }
+    if (w != ValueWeight::OutputNorm) {  // vnorm, wov2: the one definition, which the GPU's kernel is tested against
+      ops::value_weights(V, n, kvd, H, Hkv, hd, w == ValueWeight::OutputNorm2 ? model.output_gram(l).data() : nullptr,
+                         o.data());
       continue;
     }
-    if (w == ValueWeight::OutputNorm) {
-      // L1: W_o^h [D, hd] (W_o's columns h hd ... (h+1) hd - 1) times each value, through BLAS.
-      const TensorView& W = *model.weights().lm.layers[size_t(l)].o.w;  // [D, qd]
-      row.resize(size_t(qd));
-      wh.resize(size_t(H) * D * hd);  // [H][D][hd]
-      for (int e = 0; e < D; ++e) {
-        ops::weight_row(W, e, qd, row.data());
-        for (int h = 0; h < H; ++h)
-          std::copy_n(row.data() + size_t(h) * hd, hd, wh.data() + (size_t(h) * D + size_t(e)) * hd);
-      }
-      y.resize(size_t(n) * D);
-    } else {
-      y.resize(size_t(n) * group * hd);
+    // L1: W_o^h [D, hd] (W_o's columns h hd ... (h+1) hd - 1) times each value, through BLAS.
+    const TensorView& W = *model.weights().lm.layers[size_t(l)].o.w;  // [D, qd]
+    row.resize(size_t(qd));
+    wh.resize(size_t(H) * D * hd);  // [H][D][hd]
+    for (int e = 0; e < D; ++e) {
+      ops::weight_row(W, e, qd, row.data());
+      for (int h = 0; h < H; ++h)
+        std::copy_n(row.data() + size_t(h) * hd, hd, wh.data() + (size_t(h) * D + size_t(e)) * hd);
     }
+    TensorView view;  // W_o^h as float32 weights [D, hd], for ops::linear (BLAS)
+    view.name = "value weights";
+    view.dtype_str = "F32";
+    view.supported = true;
+    view.dtype = DType::F32;
+    view.shape = {D, hd};
+    Linear lin;
+    lin.w = &view;
+    lin.in = hd;
+    lin.out = D;
+    y.resize(size_t(n) * D);
     vg.resize(size_t(n) * hd);
     for (int g = 0; g < Hkv; ++g) {
       for (int j = 0; j < n; ++j) std::copy_n(V + size_t(j) * kvd + size_t(g) * hd, hd, vg.data() + size_t(j) * hd);
-      if (w == ValueWeight::OutputNorm) {
-        for (int h = g * group; h < (g + 1) * group; ++h) {
-          product(vg.data(), n, wh.data() + size_t(h) * D * hd, D, y.data());
-          for (int j = 0; j < n; ++j) {
-            const float* yj = y.data() + size_t(j) * D;
-            double s = 0;
-            for (int e = 0; e < D; ++e) s += std::fabs(yj[e]);
-            o[size_t(h) * n + j] = float(s);
-          }
-        }
-        continue;
-      }
-      // L2: ||W_o^h v||_2 = sqrt(v^T G_h v); y [n, group hd] = each value times the G_h of the group's
-      // query heads (consecutive in output_gram; G_h is symmetric, so w^T is G_h itself).
-      product(vg.data(), n, model.output_gram(l).data() + size_t(g) * group * hd * hd, group * hd, y.data());
-      for (int j = 0; j < n; ++j) {
-        const float* v = vg.data() + size_t(j) * hd;
-        for (int k = 0; k < group; ++k) {
-          const float* yk = y.data() + (size_t(j) * group + size_t(k)) * hd;
+      for (int h = g * group; h < (g + 1) * group; ++h) {
+        view.data = wh.data() + size_t(h) * D * hd;
+        ops::linear(vg.data(), n, lin, y.data());  // y [n, D] = vg [n, hd] (W_o^h)^T
+        for (int j = 0; j < n; ++j) {
+          const float* yj = y.data() + size_t(j) * D;
           double s = 0;
-          for (int d = 0; d < hd; ++d) s += double(v[d]) * yk[d];
-          o[size_t(g * group + k) * n + j] = float(std::sqrt(std::max(0.0, s)));
+          for (int e = 0; e < D; ++e) s += std::fabs(yj[e]);
+          o[size_t(h) * n + j] = float(s);
         }
       }
     }
@@ -114,39 +87,18 @@ void query_scores(const Model& model, const KVCache& cache, const std::vector<st
                   const int32_t* pos, int T, const std::vector<std::vector<float>>& weight, int n,
                   std::vector<std::vector<float>>& out) {
   const TextConfig& t = model.config().text;
-  const int H = t.n_heads, hd = t.head_dim, group = H / t.n_kv_heads, qd = H * hd, kvd = t.n_kv_heads * hd;
-  const float scale = 1.f / std::sqrt(float(hd));
+  const int H = t.n_heads, hd = t.head_dim;
   out.assign(size_t(t.n_layers), {});
   for (int l = 0; l < t.n_layers; ++l) {
     const KVLayer& kv = cache.layer(l);
-    PKV_ASSERT(!kv.per_head() && kv.size() >= n && int(q[size_t(l)].size()) == T * qd);
-    const int S = kv.size();
+    PKV_ASSERT(!kv.per_head() && kv.size() >= n && int(q[size_t(l)].size()) == T * H * hd);
     std::vector<float> kbuf;
-    const float* K = kv.keys_f32(kbuf);
-    const int32_t* P = kv.positions();
-    std::vector<float>& o = out[size_t(l)];
-    o.assign(size_t(T) * n, 0.f);
-    std::vector<double> p(static_cast<size_t>(S));
-    for (int i = 0; i < T; ++i)
-      for (int h = 0; h < H; ++h) {
-        const float* qv = q[size_t(l)].data() + size_t(i) * qd + size_t(h) * hd;
-        double mx = -INFINITY;
-        int seen = 0;
-        for (int j = 0; j < S; ++j) {
-          if (P[j] > pos[i]) break;  // positions increase
-          double s = 0;
-          for (int d = 0; d < hd; ++d) s += double(qv[d]) * K[size_t(j) * kvd + size_t(h / group) * hd + d];
-          p[size_t(j)] = s * scale;
-          mx = std::max(mx, p[size_t(j)]);
-          seen = j + 1;
-        }
-        double sum = 0;
-        for (int j = 0; j < seen; ++j) sum += p[size_t(j)] = std::exp(p[size_t(j)] - mx);
-        for (int j = 0; j < std::min(seen, n); ++j) {
-          const double wt = weight.empty() ? 1.0 : double(weight[size_t(l)][size_t(h) * n + j]);
-          o[size_t(i) * n + j] += float(p[size_t(j)] / sum * wt / H);
-        }
-      }
+    ops::AttentionArgs a;  // the rows of ops::attention's extended importance, the GPU's twin
+    a.q = q[size_t(l)].data(), a.n_q = T, a.q_pos = pos;
+    a.k = kv.keys_f32(kbuf), a.n_kv = kv.size(), a.kv_pos = kv.positions();
+    a.n_heads = H, a.n_kv_heads = t.n_kv_heads, a.head_dim = hd, a.scale = 1.f / std::sqrt(float(hd));
+    out[size_t(l)].resize(size_t(T) * n);
+    ops::attention_rows(a, weight.empty() ? nullptr : weight[size_t(l)].data(), n, 0, out[size_t(l)].data());
   }
 }
 

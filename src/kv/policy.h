@@ -96,7 +96,8 @@ struct ImportanceRequest {
   // (the CPU's, and the GPU's paged pool with head tables).
   bool per_kv_head = false;
   // Beyond the prefill's own sum (src/engine/query_importance.h measures these on the CPU from the
-  // uncompressed cache; the GPU refuses them): the value weighting, lookahead queries (the first
+  // uncompressed cache; the GPU measures all but lookahead and wov inside its prefill attention,
+  // check_gpu_prompt_importance): the value weighting, lookahead queries (the first
   // `lookahead` greedy answer tokens over the full cache instead of the prompt's queries), and how
   // the queries' attention combines.
   ValueWeight weight = ValueWeight::None;
@@ -113,6 +114,11 @@ struct ImportanceRequest {
 // Backend::SharedPrefill::add_importance). Extended requests (value weights, lookahead, a reduce
 // other than the sum) only where `extended_ok` (the CPU engine): elsewhere an error naming the option.
 void check_prompt_importance(const ImportanceRequest& r, int prompt_len, bool extended_ok = false);
+// The GPU back end's prefill check: the extended requests it measures (value weights vnorm and wov2,
+// the sum, mean or maximum over the prompt's queries), else an error naming the option: lookahead
+// (look= / --kv-lookahead) and the L1 weight wov (refuse_gpu_wov) are the CPU engine's only.
+void check_gpu_prompt_importance(const ImportanceRequest& r, int prompt_len);
+[[noreturn]] void refuse_gpu_wov();
 
 // The one refusal of a back end whose caches keep the same entries in every KV head for a policy
 // that makes per-head plans or asks for per-head importance (Backend::add_head_importance's default).

@@ -119,6 +119,22 @@ void check_prompt_importance(const ImportanceRequest& r, int prompt_len, bool ex
   if (r.needed && r.from >= prompt_len && r.lookahead == 0) refuse_answer_estimator();
 }
 
+void refuse_gpu_wov() {
+  fail("--kv-value-weight wov", "the L1 norm ||W_o^h v||_1 is measured by the CPU engine only (a hidden-wide product "
+                                "per query head and entry); on the GPU use wov2, the L2 norm, which ranks alike "
+                                "(docs/RESULTS.md), or vnorm");
+}
+
+void check_gpu_prompt_importance(const ImportanceRequest& r, int prompt_len) {
+  if (r.needed && r.lookahead > 0)
+    fail("--kv-lookahead (look= in a policy's name)",
+         "lookahead queries (the first greedy answer tokens decoded over the full cache) are measured by the CPU "
+         "engine only (--device cpu); the GPU measures value weights (vnorm, wov2) and query reduces over the "
+         "prompt's own queries");
+  if (r.needed && r.weight == ValueWeight::OutputNorm) refuse_gpu_wov();
+  check_prompt_importance(r, prompt_len, true);
+}
+
 void refuse_per_head(const std::string& policy, const std::string& backend) {
   fail("--kv-policy " + policy, "keeps different entries in each KV head, and the " + backend +
                                     " back end does not hold per-head entries yet (its cache keeps the same entries "

@@ -164,7 +164,20 @@ struct GpuModel::Impl {
       io{"GPU input staging"},                // host inputs on their way to the device
       shown{"GPU observed tensor"},           // float32: a tensor computed only for an observer
       back{"GPU prefill keys read back"},     // a prefill piece's earlier keys: K, V [entries, kv_dim], positions
-      last{"GPU last rows"};                  // float32 [parts, hidden]: each prefill part's last row
+      last{"GPU last rows"},                  // float32 [parts, hidden]: each prefill part's last row
+      vw{"GPU value weights"};                // float32 [n_heads, keys]: one part's and layer's (extended importance)
+  // The output projection's Gram matrices (Model::output_gram, float32 [layers][n_heads][hd][hd]),
+  // uploaded by the first prefill that weights by ||W_o^h v||_2 (64 MiB at the 7B shape).
+  DeviceBuffer gram;
+  const float* output_gram(int layer) {
+    const size_t per = size_t(n_heads) * head_dim * head_dim;
+    if (gram.empty()) {
+      DeviceBuffer g(size_t(n_layers) * per * sizeof(float), "GPU output-projection Gram matrices");
+      for (int l = 0; l < n_layers; ++l) g.upload(m.output_gram(l).data(), per * sizeof(float), size_t(l) * per * sizeof(float));
+      gram = std::move(g);
+    }
+    return gram.as<float>() + size_t(layer) * per;
+  }
 
   // The observer of the call running now (encode_image, prefill, an observed decode step), or
   // null: the named tensors of Model's CPU forward pass, with the same names and shapes.
@@ -780,23 +793,28 @@ std::vector<float> GpuModel::encode_image(const float* pixels, Observer* obs) {
 // ------------------------------------------------------------------------------------------------
 void GpuModel::prefill(GpuKVPool& kv, BlockPool::SeqId seq, const float* x_host, int T, const int32_t* pos,
                        float* logits_host, std::vector<std::vector<float>>* importance, int importance_from,
-                       Observer* obs, bool importance_per_kv_head) {
+                       Observer* obs, bool importance_per_kv_head, ValueWeight importance_weight, bool importance_max) {
   if (!x_host) fail(kWhere, "prefill: no input embeddings");
   GpuPrefillPart part;
   part.seq = seq, part.n = T, part.pos = pos, part.x = x_host, part.logits = logits_host;
-  if (importance) {
-    const size_t heads = importance_per_kv_head ? size_t(impl_->n_kv_heads) : 1;
-    importance->assign(size_t(impl_->n_layers), std::vector<float>(heads * size_t(std::max(T, 0)), 0.f));
-    part.importance = importance, part.importance_from = importance_from;
-    part.importance_head_stride = importance_per_kv_head ? T : 0;
-  }
+  want_importance(part, T, importance, importance_from, importance_per_kv_head, importance_weight, importance_max);
   prefill_parts(kv, {part}, obs);
+}
+
+void GpuModel::want_importance(GpuPrefillPart& part, int T, std::vector<std::vector<float>>* importance, int from,
+                               bool per_kv_head, ValueWeight weight, bool max) const {
+  if (!importance) return;
+  const size_t heads = per_kv_head ? size_t(impl_->n_kv_heads) : 1;
+  importance->assign(size_t(impl_->n_layers), std::vector<float>(heads * size_t(std::max(T, 0)), 0.f));
+  part.importance = importance, part.importance_from = from;
+  part.importance_head_stride = per_kv_head ? T : 0;
+  part.importance_weight = weight, part.importance_max = max;
 }
 
 void GpuModel::prefill(GpuKVPool& kv, BlockPool::SeqId seq, const int32_t* ids, const GpuImageRows* image,
                        int image_offset, int T, const int32_t* pos, float* logits_host,
                        std::vector<std::vector<float>>* importance, int importance_from, Observer* obs,
-                       bool importance_per_kv_head) {
+                       bool importance_per_kv_head, ValueWeight importance_weight, bool importance_max) {
   if (!ids) fail(kWhere, "prefill: no token ids");
   if (image && (image_offset < 0 || image_offset + image->rows > T))
     fail(kWhere, "prefill: the image's " + std::to_string(image->rows) + " rows at " + std::to_string(image_offset) +
@@ -804,12 +822,7 @@ void GpuModel::prefill(GpuKVPool& kv, BlockPool::SeqId seq, const int32_t* ids, 
   GpuPrefillPart part;
   part.seq = seq, part.n = T, part.pos = pos, part.ids = ids, part.image = image, part.image_row0 = image_offset;
   part.logits = logits_host;
-  if (importance) {
-    const size_t heads = importance_per_kv_head ? size_t(impl_->n_kv_heads) : 1;
-    importance->assign(size_t(impl_->n_layers), std::vector<float>(heads * size_t(std::max(T, 0)), 0.f));
-    part.importance = importance, part.importance_from = importance_from;
-    part.importance_head_stride = importance_per_kv_head ? T : 0;
-  }
+  want_importance(part, T, importance, importance_from, importance_per_kv_head, importance_weight, importance_max);
   prefill_parts(kv, {part}, obs);
 }
 
@@ -878,6 +891,9 @@ void GpuModel::prefill_parts(GpuKVPool& kv, const std::vector<GpuPrefillPart>& p
         if (int64_t(row.size()) < heads_before + a.past + a.n)
           fail(kWhere, who + ": an importance row is shorter than past + n (per KV head)");
       if (a.importance_from < 0 || a.importance_from >= a.n) fail(kWhere, who + ": importance_from outside the part");
+      if (a.importance_weight == ValueWeight::OutputNorm) refuse_gpu_wov();
+      if ((a.importance_weight != ValueWeight::None || a.importance_max) && a.importance_head_stride > 0)
+        fail(kWhere, who + ": value weights and the maximum over queries are measured over all heads, not per KV head");
     }
     row0[size_t(p)] = R;
     R += a.n;
@@ -1027,8 +1043,22 @@ void GpuModel::prefill_parts(GpuKVPool& kv, const std::vector<GpuPrefillPart>& p
         at.importance = imp + imp_at[size_t(p)] + size_t(l) * (a.past + a.n) * (per_kv ? size_t(g.n_kv_heads) : 1);
         at.importance_from = a.importance_from;
         at.importance_per_kv_head = per_kv;
+        at.importance_max = a.importance_max;
         at.workspace = ws;
         at.workspace_bytes = ws_bytes;
+        if (a.importance_weight != ValueWeight::None) {
+          // The weights from the values the attention reads here (this call's rows, or the earlier
+          // pieces' read back with them): no pass over the pool of its own. A later piece weighs the
+          // earlier entries again (n_kv x n_heads x head_dim^2 per layer for wov2), which equals
+          // what they weighed before: the weight of an entry is a function of its value alone.
+          ValueWeightArgs va;
+          va.dtype = g.dt, va.v = at.v, va.n_kv = at.n_kv, va.kv_stride = at.kv_stride;
+          va.n_heads = g.n_heads, va.n_kv_heads = g.n_kv_heads, va.head_dim = g.head_dim;
+          va.gram = a.importance_weight == ValueWeight::OutputNorm2 ? g.output_gram(l) : nullptr;
+          va.out = g.vw.need_as<float>(size_t(g.n_heads) * at.n_kv, s);
+          value_weights(va, s);
+          at.importance_weight = va.out;
+        }
       }
       attention_prefill(at, s);
     }
@@ -1066,7 +1096,8 @@ void GpuModel::prefill_parts(GpuKVPool& kv, const std::vector<GpuPrefillPart>& p
     std::vector<float> all(imp_floats);
     copy_to_host(all.data(), imp, all.size() * sizeof(float), s);
     stream_synchronize(s);
-    // Each piece's sums are added to what earlier pieces left (0 for a whole prompt: exact).
+    // Each piece's sums are added to what earlier pieces left (0 for a whole prompt: exact); with
+    // importance_max the larger is kept.
     for (int p = 0; p < P; ++p) {
       const GpuPrefillPart& a = parts[size_t(p)];
       if (!a.importance) continue;
@@ -1076,7 +1107,10 @@ void GpuModel::prefill_parts(GpuKVPool& kv, const std::vector<GpuPrefillPart>& p
         for (int h = 0; h < heads; ++h) {
           const float* src = all.data() + imp_at[size_t(p)] + (size_t(l) * heads + h) * n_kv;
           float* dst = (*a.importance)[size_t(l)].data() + size_t(h) * size_t(a.importance_head_stride);
-          for (size_t j = 0; j < n_kv; ++j) dst[j] += src[j];
+          if (a.importance_max)
+            for (size_t j = 0; j < n_kv; ++j) dst[j] = std::max(dst[j], src[j]);
+          else
+            for (size_t j = 0; j < n_kv; ++j) dst[j] += src[j];
         }
     }
   }

@@ -21,6 +21,7 @@
 
 #include "core/dtype.h"
 #include "kv/block_pool.h"
+#include "kv/policy.h"
 #include "ops/cuda/device.h"
 #include "ops/cuda/kernels.h"
 #include "model/model.h"
@@ -195,6 +196,15 @@ struct GpuPrefillPart {
   // > 0: per-KV-head importance (ImportanceRequest::per_kv_head): KV head g's sums (the mean over
   // its group's query heads) at [g * importance_head_stride, + past + n) of each row.
   int importance_head_stride = 0;
+  // The extended importance (ImportanceRequest::weight, reduce; not per KV head): each query head
+  // h's probability on entry j times the value weight of j (ValueNorm: ||v||_1 of h's KV head;
+  // OutputNorm2: ||W_o^h v||_2 through Model::output_gram, uploaded on first use) before the head
+  // mean, and with importance_max the part's queries combined by their maximum:
+  // (*importance)[l][j] = max(itself, the part's largest). The weights are computed per part and
+  // layer from the same 16-bit values the attention reads (entries [0, past + n)). OutputNorm (the
+  // L1 norm of W_o^h v) is refused: a hidden-wide product per head and entry (kernels.h).
+  ValueWeight importance_weight = ValueWeight::None;
+  bool importance_max = false;
 };
 
 class GpuModel {
@@ -246,15 +256,18 @@ class GpuModel {
   // >= importance_from (host [L][T]; with importance_per_kv_head [L][n_kv_heads * T], head-major).
   // obs (optional) sees layer_out [T, hidden] per layer, hidden_final [T, hidden] and logits
   // [1, vocab], as Model::decode shows them.
+  // importance_weight, importance_max: as GpuPrefillPart's.
   void prefill(GpuKVPool& kv, BlockPool::SeqId seq, const float* x, int T, const int32_t* pos, float* logits,
                std::vector<std::vector<float>>* importance = nullptr, int importance_from = 0, Observer* obs = nullptr,
-               bool importance_per_kv_head = false);
+               bool importance_per_kv_head = false, ValueWeight importance_weight = ValueWeight::None,
+               bool importance_max = false);
   // The same prefill with its input built on the device: row i the embedding table's row of ids[i],
   // except rows [image_offset, image_offset + image->rows), which are the image's (their ids are
   // not read). image may be null (a text prompt). The ids outside the image must be in the vocabulary.
   void prefill(GpuKVPool& kv, BlockPool::SeqId seq, const int32_t* ids, const GpuImageRows* image, int image_offset,
                int T, const int32_t* pos, float* logits, std::vector<std::vector<float>>* importance = nullptr,
-               int importance_from = 0, Observer* obs = nullptr, bool importance_per_kv_head = false);
+               int importance_from = 0, Observer* obs = nullptr, bool importance_per_kv_head = false,
+               ValueWeight importance_weight = ValueWeight::None, bool importance_max = false);
 
   // Several sequences' prompt rows in ONE forward pass (batched prefill), each possibly a piece of a
   // longer prompt (chunked prefill): see GpuPrefillPart. Every product runs once over the
@@ -272,6 +285,9 @@ class GpuModel {
   void decode(GpuKVPool& kv, const GpuDecodeBatch& batch);
 
  private:
+  // Sizes *importance for a whole-prompt part and asks the part for it (prefill()).
+  void want_importance(GpuPrefillPart& part, int T, std::vector<std::vector<float>>* importance, int from,
+                       bool per_kv_head, ValueWeight weight, bool max) const;
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };

@@ -828,8 +828,98 @@ void attention_decode(const AttentionArgs& a) {
 
 }  // namespace
 
+void attention_rows(const AttentionArgs& a, const float* weight, int n_out, int from, float* rows) {
+  const int H = a.n_heads, hd = a.head_dim, group = H / a.n_kv_heads;
+  const int qs = a.q_stride ? a.q_stride : H * hd, kvs = a.kv_stride ? a.kv_stride : a.n_kv_heads * hd;
+  const bool causal = a.q_pos && a.kv_pos;
+  PKV_ASSERT(a.kv_dtype == DType::F32 && a.k && n_out <= a.n_kv && from >= 0);
+  if (from >= a.n_q) return;
+  std::fill_n(rows, size_t(a.n_q - from) * n_out, 0.f);
+  std::vector<double> p(static_cast<size_t>(a.n_kv));
+  for (int i = from; i < a.n_q; ++i)
+    for (int h = 0; h < H; ++h) {
+      const float* qv = a.q + size_t(i) * qs + size_t(h) * hd;
+      double mx = -INFINITY;
+      int seen = 0;
+      for (int j = 0; j < a.n_kv; ++j) {
+        if (causal && a.kv_pos[j] > a.q_pos[i]) break;  // positions increase
+        double s = 0;
+        for (int d = 0; d < hd; ++d) s += double(qv[d]) * a.k[size_t(j) * kvs + size_t(h / group) * hd + d];
+        p[size_t(j)] = s * a.scale;
+        mx = std::max(mx, p[size_t(j)]);
+        seen = j + 1;
+      }
+      double sum = 0;
+      for (int j = 0; j < seen; ++j) sum += p[size_t(j)] = std::exp(p[size_t(j)] - mx);
+      float* o = rows + size_t(i - from) * n_out;
+      for (int j = 0; j < std::min(seen, n_out); ++j) {
+        const double wt = weight ? double(weight[size_t(h) * n_out + j]) : 1.0;
+        o[j] += float(p[size_t(j)] / sum * wt / H);
+      }
+    }
+}
+
+void value_weights(const float* v, int n, int kv_stride, int n_heads, int n_kv_heads, int head_dim, const float* gram,
+                   float* out) {
+  const int H = n_heads, hd = head_dim, group = H / n_kv_heads;
+  if (n <= 0) return;
+  if (!gram) {
+    for (int h = 0; h < H; ++h)
+      for (int j = 0; j < n; ++j) {
+        const float* x = v + size_t(j) * kv_stride + size_t(h / group) * hd;
+        double s = 0;
+        for (int d = 0; d < hd; ++d) s += std::fabs(x[d]);
+        out[size_t(h) * n + j] = float(s);
+      }
+    return;
+  }
+  // y [n, group hd] = each value of KV head g times the G_h of g's query heads (consecutive in
+  // gram; G_h is symmetric, so the weight's transpose linear() takes is G_h itself).
+  TensorView view;
+  view.name = "value weights";
+  view.dtype_str = "F32";
+  view.supported = true;
+  view.dtype = DType::F32;
+  view.shape = {int64_t(group) * hd, hd};
+  Linear lin;
+  lin.w = &view;
+  lin.in = hd;
+  lin.out = group * hd;
+  std::vector<float> vg(size_t(n) * hd), y(size_t(n) * group * hd);
+  for (int g = 0; g < n_kv_heads; ++g) {
+    for (int j = 0; j < n; ++j) std::copy_n(v + size_t(j) * kv_stride + size_t(g) * hd, hd, vg.data() + size_t(j) * hd);
+    view.data = gram + size_t(g) * group * hd * hd;
+    linear(vg.data(), n, lin, y.data());
+    for (int j = 0; j < n; ++j) {
+      const float* x = vg.data() + size_t(j) * hd;
+      for (int k = 0; k < group; ++k) {
+        const float* yk = y.data() + (size_t(j) * group + size_t(k)) * hd;
+        double s = 0;
+        for (int d = 0; d < hd; ++d) s += double(x[d]) * yk[d];
+        out[size_t(g * group + k) * n + j] = float(std::sqrt(std::max(0.0, s)));
+      }
+    }
+  }
+}
+
 void attention(const AttentionArgs& a) {
   PKV_ASSERT(a.n_heads % a.n_kv_heads == 0);
+  if (a.importance && (a.importance_weight || a.importance_max)) {
+    // The extended importance: the attention without importance, then the weighted rows.
+    PKV_ASSERT_MSG(!a.importance_per_kv_head, "weighted or max importance per KV head");
+    AttentionArgs b = a;
+    b.importance = nullptr, b.importance_weight = nullptr, b.importance_max = false;
+    attention(b);
+    const int from = std::max(0, a.importance_from);
+    if (from >= a.n_q || a.n_kv <= 0) return;
+    std::vector<float> rows(size_t(a.n_q - from) * a.n_kv);
+    attention_rows(a, a.importance_weight, a.n_kv, from, rows.data());
+    for (int i = 0; i < a.n_q - from; ++i) {
+      const float* r = rows.data() + size_t(i) * a.n_kv;
+      for (int j = 0; j < a.n_kv; ++j) a.importance[j] = a.importance_max ? std::max(a.importance[j], r[j]) : a.importance[j] + r[j];
+    }
+    return;
+  }
   PKV_ASSERT(a.kv_dtype == DType::F32 ? a.k && a.v : a.k16 && a.v16);
   if (a.n_q >= 16) return attention_blocked(a);
   if (a.n_q <= 0 || a.n_kv <= 0) {

@@ -99,7 +99,31 @@ struct AttentionArgs {
   DType kv_dtype = DType::F32;
   const uint16_t* k16 = nullptr;
   const uint16_t* v16 = nullptr;
+  // Extended importance (engine/query_importance.h; the twin of cuda::PrefillAttentionArgs' fields
+  // of the same names): importance_weight [n_heads, n_kv] float32 multiplies each head's probability
+  // on entry j by importance_weight[h * n_kv + j] before the mean over heads; importance_max combines
+  // the counted queries by their maximum (importance[j] = max(importance[j], max over the queries))
+  // instead of adding their sum. Either one measures the importance by attention_rows (double
+  // precision); only with a float32 k and without importance_per_kv_head.
+  const float* importance_weight = nullptr;
+  bool importance_max = false;
 };
 void attention(const AttentionArgs& a);
+
+// The extended importance's per-query scores: for each query row i in [from, n_q) and entry
+// j < n_out (<= n_kv), rows[(i - from) * n_out + j] = the mean over query heads h of
+// p_h(i, j) * weight[h * n_out + j] (weight null: 1), where p_h(i, .) is the softmax of a.scale
+// times query i's dot products with the keys it sees (a's causal rule), in double precision and
+// each head's term rounded to float32 as it is added. Reads q, k (float32), the positions, the
+// shapes and the scale of `a`, nothing else.
+void attention_rows(const AttentionArgs& a, const float* weight, int n_out, int from, float* rows);
+
+// The value weights of one layer (engine/query_importance.h; twin of cuda::value_weights): for
+// each query head h and entry j < n of v [n, kv_stride] (KV head g = h / (n_heads / n_kv_heads) at
+// columns [g head_dim, (g+1) head_dim)), out[h * n + j] = ||v_{g,j}||_1 when gram is null, else
+// ||W_o^h v_{g,j}||_2 = sqrt(v^T G_h v) with gram [n_heads, head_dim, head_dim] the symmetric G_h
+// (Model::output_gram). Double-precision sums; the products G_h v through BLAS.
+void value_weights(const float* v, int n, int kv_stride, int n_heads, int n_kv_heads, int head_dim,
+                   const float* gram, float* out);
 
 }  // namespace pkv::ops

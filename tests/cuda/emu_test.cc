@@ -80,6 +80,18 @@ class EmuBackend : public Backend {
     const detail::PagedPlan plan = detail::plan_paged_head_compact(kv, jobs);
     emu::run(plan.launch, [&](emu::Ctx& c) { detail::paged_head_compact(c, plan.params); });
   }
+  void value_weights(const ValueWeightArgs& a) override {
+    const detail::ValueWeightPlan plan = detail::plan_value_weights(a);
+    if (plan.launch.empty()) return;
+    auto run = [&](auto t) {
+      using T = decltype(t);
+      if (plan.D == 32) emu::run(plan.launch, [&](emu::Ctx& c) { detail::value_weights<T, 32>(c, plan.params); });
+      else if (plan.D == 64) emu::run(plan.launch, [&](emu::Ctx& c) { detail::value_weights<T, 64>(c, plan.params); });
+      else emu::run(plan.launch, [&](emu::Ctx& c) { detail::value_weights<T, 128>(c, plan.params); });
+    };
+    if (plan.dtype == DType::F16) run(__half{});
+    else run(__nv_bfloat16{});
+  }
   void paged_merge(const PagedKV& kv, const PagedJobs& jobs) override {
     const detail::PagedPlan plan = detail::plan_paged_merge(kv, jobs);
     if (plan.dtype == DType::F16) emu::run(plan.launch, [&](emu::Ctx& c) { detail::paged_merge<__half>(c, plan.params); });
@@ -92,6 +104,11 @@ class EmuBackend : public Backend {
     const PrefillParams& p = plan.params;
     emu::run(plan.forward, [&](emu::Ctx& c) { detail::prefill_forward<T, D>(c, p); }, seed_++);
     if (!plan.importance) return;
+    if (p.importance_max) {
+      emu::run(plan.importance_pass, [&](emu::Ctx& c) { detail::prefill_importance_max<T, D>(c, p); }, seed_++);
+      emu::run(plan.reduce, [&](emu::Ctx& c) { detail::prefill_importance_max_reduce(c, p); });
+      return;
+    }
     emu::run(plan.importance_pass, [&](emu::Ctx& c) { detail::prefill_importance<T, D>(c, p); }, seed_++);
     emu::run(plan.reduce, [&](emu::Ctx& c) { detail::prefill_importance_reduce(c, p); });
   }
@@ -209,6 +226,19 @@ TEST(CudaEmu, Prefill) {
   for (const PrefillCase& c : prefill_cases(false)) check_prefill(be, c);
 }
 
+// The extended importance: value weights per (head, key) before the head mean, and the maximum over
+// the counted queries, against ops::attention's twin (ops::attention_rows); the value weights
+// against ops::value_weights, the CPU engine's own definition.
+TEST(CudaEmu, ExtendedImportance) {
+  EmuBackend be;
+  for (const PrefillCase& c : extended_prefill_cases(false)) check_prefill(be, c);
+}
+
+TEST(CudaEmu, ValueWeights) {
+  EmuBackend be;
+  check_value_weights_all(be, false);
+}
+
 TEST(CudaEmu, PrefillInChunks) {  // the SIMT kernels (the tensor-core ones run on a GPU only)
   EmuBackend be;
   for (DType dt : k16)
@@ -227,6 +257,7 @@ TEST(CudaEmu, FullGpuCaseList) {
   if (!full || std::string(full) != "1") GTEST_SKIP() << "set PKV_EMU_FULL=1 to run the GPU case list emulated";
   EmuBackend be;
   for (const PrefillCase& c : prefill_cases(true)) check_prefill(be, c);
+  for (const PrefillCase& c : extended_prefill_cases(true)) check_prefill(be, c);
   for (const DecodeCase& c : decode_cases(true)) check_decode(be, c);
 }
 

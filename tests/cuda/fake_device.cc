@@ -458,9 +458,20 @@ void attention_prefill(const PrefillAttentionArgs& a, void*) {
   o.out = out.data();
   if (plan.importance) o.importance = a.importance, o.importance_from = a.importance_from;
   o.importance_per_kv_head = a.importance_per_kv_head;
+  o.importance_weight = a.importance_weight, o.importance_max = a.importance_max;
   ops::attention(o);
   for (int i = 0; i < a.n_q; ++i)
     for (int c = 0; c < qd; ++c) st(a.dtype, a.out, size_t(i) * size_t(p.out_stride) + c, out[size_t(i) * qd + c]);
+}
+
+void value_weights(const ValueWeightArgs& a, void*) {
+  const detail::ValueWeightPlan plan = detail::plan_value_weights(a);
+  if (plan.launch.empty()) return;
+  const int kvd = a.n_kv_heads * a.head_dim;
+  std::vector<float> v(size_t(a.n_kv) * kvd);
+  for (int j = 0; j < a.n_kv; ++j)
+    for (int c = 0; c < kvd; ++c) v[size_t(j) * kvd + c] = ld(a.dtype, a.v, size_t(j) * size_t(plan.params.kv_stride) + c);
+  ops::value_weights(v.data(), a.n_kv, kvd, a.n_heads, a.n_kv_heads, a.head_dim, a.gram, a.out);
 }
 
 void attention_decode(const DecodeAttentionArgs& a, void*) {

@@ -100,7 +100,7 @@ std::string PrefillCase::str() const {
   s << dname(dtype) << " n_q=" << n_q << " n_kv=" << n_kv << " heads=" << n_heads << "/" << n_kv_heads
     << " hd=" << head_dim << (causal ? " causal" : " full") << (importance ? " importance_from=" : " no-importance")
     << (importance ? std::to_string(importance_from) : "") << (fused_qkv ? " fused" : "") << (position_gaps ? " gaps" : "")
-    << (per_kv_head ? " per-kv-head" : "") << " seed=" << seed;
+    << (per_kv_head ? " per-kv-head" : "") << (weighted ? " weighted" : "") << (max ? " max" : "") << " seed=" << seed;
   return s.str();
 }
 
@@ -126,6 +126,13 @@ void check_prefill(Backend& be, const PrefillCase& c, PrefillKernel kernel) {
   ra.n_heads = c.n_heads, ra.n_kv_heads = c.n_kv_heads, ra.head_dim = hd, ra.scale = scale, ra.out = out_ref.data();
   if (c.importance) ra.importance = imp_ref.data(), ra.importance_from = c.importance_from;
   ra.importance_per_kv_head = c.per_kv_head;
+  std::vector<float> weight;  // [n_heads, n_kv], positive
+  if (c.weighted) {
+    std::uniform_real_distribution<float> w(0.1f, 3.f);
+    for (int i = 0; i < c.n_heads * c.n_kv; ++i) weight.push_back(w(rng));
+    ra.importance_weight = weight.data();
+  }
+  ra.importance_max = c.max;
   ops::attention(ra);
   // The same attention over |v|: sum_j p_ij |v_j|, the scale of each output's rounding error.
   std::vector<float> v_abs(v.size()), out_abs(out_ref.size());
@@ -165,6 +172,8 @@ void check_prefill(Backend& be, const PrefillCase& c, PrefillKernel kernel) {
     a.importance_per_kv_head = c.per_kv_head;
     a.workspace_bytes = attention_prefill_workspace_bytes(c.n_q, c.n_kv, c.n_heads);
     a.workspace = be.alloc(a.workspace_bytes);
+    if (c.weighted) a.importance_weight = be.put(weight);
+    a.importance_max = c.max;
   }
   be.attention_prefill(a);
 
@@ -191,12 +200,90 @@ void check_prefill(Backend& be, const PrefillCase& c, PrefillKernel kernel) {
   }
   if (c.importance) {
     std::vector<float> imp = be.get(a.importance, imp_n);
+    if (c.max) {  // max(initial, the largest weighted head mean): the values themselves
+      expect_close(imp, imp_ref, tolerance(c.dtype), "prefill importance (max)");
+      return;
+    }
     // Compare what was added (the initial values cancel), with the float32 tolerance scaled to the
     // sum's size: both sides add float32 probabilities of the same rounded inputs.
     std::vector<float> add(imp.size()), add_ref(imp.size());
     for (size_t j = 0; j < imp.size(); ++j) add[j] = imp[j] - imp_init[j], add_ref[j] = imp_ref[j] - imp_init[j];
     expect_close(add, add_ref, tolerance(c.dtype), "prefill importance");
   }
+}
+
+std::vector<PrefillCase> extended_prefill_cases(bool full) {
+  std::vector<PrefillCase> cases;
+  uint32_t seed = 700;
+  for (DType t : {DType::F16, DType::BF16})
+    for (int mode = 0; mode < 3; ++mode) {  // weighted sum, weighted max, max of the plain head mean
+      auto add = [&](PrefillCase c) {
+        c.dtype = t;
+        c.seed = seed++;
+        c.weighted = mode != 2;
+        c.max = mode != 0;
+        cases.push_back(c);
+      };
+      //    n_q  n_kv heads kv  hd  causal imp  from fused gaps
+      add({t, 70, 70, 4, 2, 32, true, true, 0, false, false});    // GQA, every query
+      add({t, 70, 70, 4, 2, 32, true, true, 38, false, true});    // a window of 32, position gaps
+      add({t, 20, 150, 4, 1, 48, true, true, 5, false, false});   // a chunk after 130 cached keys, one KV head
+      add({t, 40, 40, 4, 2, 24, true, true, 8, true, false});     // the GQA fixtures' decoder, fused qkv
+      add({t, 130, 130, 2, 2, 64, true, true, 1, false, false});  // MHA, three query tiles
+      if (full) {
+        add({t, 590, 590, 8, 4, 64, true, true, 558, true, false});  // the bundled model's shape, its window
+        add({t, 300, 300, 32, 32, 128, true, true, 268, false, false});  // a LLaVA-7B layer, its window
+        add({t, 200, 200, 8, 2, 128, true, true, 0, false, false});      // every query, 4 tiles x 8 heads
+      }
+    }
+  return cases;
+}
+
+void check_value_weights(Backend& be, DType dt, int n_kv, int H, int Hkv, int hd, bool gram, uint32_t seed) {
+  SCOPED_TRACE(std::string(dname(dt)) + " n_kv=" + std::to_string(n_kv) + " heads=" + std::to_string(H) + "/" +
+               std::to_string(Hkv) + " hd=" + std::to_string(hd) + (gram ? " wov2" : " vnorm"));
+  std::mt19937 rng(seed);
+  const int kvd = Hkv * hd, stride = kvd + 6;  // strided rows (a fused qkv row's v part, say)
+  std::vector<float> v = randn(rng, size_t(n_kv) * stride);
+  round_to(dt, v);
+  std::vector<float> g;  // G_h = W^T W, W [2 hd, hd] random: symmetric positive semi-definite
+  if (gram) {
+    g.assign(size_t(H) * hd * hd, 0.f);
+    for (int h = 0; h < H; ++h) {
+      const std::vector<float> w = randn(rng, size_t(2) * hd * hd, 0.3f);
+      for (int a = 0; a < hd; ++a)
+        for (int b = 0; b < hd; ++b) {
+          double s = 0;
+          for (int r = 0; r < 2 * hd; ++r) s += double(w[size_t(r) * hd + a]) * w[size_t(r) * hd + b];
+          g[(size_t(h) * hd + a) * hd + b] = float(s);
+        }
+    }
+  }
+  std::vector<float> ref(size_t(H) * n_kv);
+  ops::value_weights(v.data(), n_kv, stride, H, Hkv, hd, gram ? g.data() : nullptr, ref.data());
+  ValueWeightArgs a;
+  a.dtype = dt, a.v = put_as(be, dt, v), a.n_kv = n_kv, a.kv_stride = stride;
+  a.n_heads = H, a.n_kv_heads = Hkv, a.head_dim = hd;
+  if (gram) a.gram = be.put(g);
+  a.out = static_cast<float*>(be.alloc(ref.size() * sizeof(float)));
+  be.fill(a.out, 0xff, ref.size() * sizeof(float));  // NaN: every weight must be written
+  be.value_weights(a);
+  expect_close(be.get(a.out, ref.size()), ref, 1e-4, gram ? "value weights (wov2)" : "value weights (vnorm)");
+}
+
+void check_value_weights_all(Backend& be, bool full) {
+  struct Shape {
+    int n_kv, heads, kv_heads, hd;
+  };
+  std::vector<Shape> shapes = {{150, 4, 2, 32},   // GQA, a tile and a ragged one
+                               {64, 8, 4, 64},    // the bundled model's heads
+                               {70, 2, 2, 24},    // MHA, head_dim off the tile
+                               {33, 2, 1, 128}};  // one KV head, head_dim 128
+  if (full) shapes.insert(shapes.end(), {{590, 8, 4, 64}, {672, 32, 32, 128}});  // the bundled model, a LLaVA-7B layer
+  uint32_t seed = 800;
+  for (DType t : {DType::F16, DType::BF16})
+    for (bool gram : {false, true})
+      for (const Shape& x : shapes) check_value_weights(be, t, x.n_kv, x.heads, x.kv_heads, x.hd, gram, seed++);
 }
 
 void check_prefill_chunks(Backend& be, DType dt, int n, int chunk, int importance_from, PrefillKernel kernel,

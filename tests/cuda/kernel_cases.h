@@ -35,6 +35,7 @@ class Backend {
   virtual void paged_head_compact(const PagedKV& kv, const PagedHeadJobs& jobs) = 0;
   virtual void gemv(const GemvArgs& a) = 0;
   virtual void dequantize(const DequantArgs& a) = 0;
+  virtual void value_weights(const ValueWeightArgs& a) = 0;
 
   template <class T>
   T* put(const std::vector<T>& v) {
@@ -78,6 +79,9 @@ struct PrefillCase {
   bool position_gaps = false;
   uint32_t seed = 1;
   bool per_kv_head = false;  // importance [n_kv_heads, n_kv] (PrefillAttentionArgs::importance_per_kv_head)
+  // The extended importance (PrefillAttentionArgs::importance_weight, importance_max): random
+  // positive weights per (head, key), and the maximum over the counted queries instead of the sum.
+  bool weighted = false, max = false;
   std::string str() const;
 };
 // The output is checked element by element against a bound from the arithmetic (see the .cc); the
@@ -109,6 +113,16 @@ void check_decode(Backend& be, const DecodeCase& c);
 // the CPU emulator in CI. Each list covers both 16-bit types.
 std::vector<PrefillCase> prefill_cases(bool full);
 std::vector<DecodeCase> decode_cases(bool full);
+// The extended importance's cases: weighted sum and maximum (weighted or not), GQA and MHA, queries
+// counted from several offsets (0, inside the first tile, a window, a chunk after cached keys).
+std::vector<PrefillCase> extended_prefill_cases(bool full);
+// value_weights (vnorm: gram null; wov2: random symmetric PSD Gram matrices) against
+// ops::value_weights on the same 16-bit values, strided rows, GQA; within 1e-4 (float32 sums).
+void check_value_weights(Backend& be, DType dtype, int n_kv, int n_heads, int n_kv_heads, int head_dim, bool gram,
+                         uint32_t seed);
+// The value weights' cases, both 16-bit types, vnorm and wov2: GQA and MHA, head dims off the tile,
+// ragged key tiles; `full` adds the bundled model's and a LLaVA-7B layer's shapes.
+void check_value_weights_all(Backend& be, bool full);
 
 // Compaction of several tables in one call vs KVLayer::retain; then the block pool shrinks.
 void check_compact(Backend& be, DType dtype, int block_size, int kv_dim, uint32_t seed);

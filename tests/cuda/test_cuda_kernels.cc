@@ -65,6 +65,7 @@ class GpuBackend : public Backend {
   void paged_merge(const PagedKV& kv, const PagedJobs& jobs) override { sync([&] { paged_kv_merge(kv, jobs, nullptr); }); }
   void gemv(const GemvArgs& a) override { sync([&] { cuda::gemv(a, nullptr); }); }
   void dequantize(const DequantArgs& a) override { sync([&] { cuda::dequantize_rows(a, nullptr); }); }
+  void value_weights(const ValueWeightArgs& a) override { sync([&] { cuda::value_weights(a, nullptr); }); }
 
  private:
   template <class F>
@@ -500,6 +501,15 @@ TEST(CudaAttention, Prefill) {  // the tensor-core kernels (Auto on sm_80 and la
 TEST(CudaAttention, PrefillOnCudaCores) {
   GpuBackend be;
   for (const PrefillCase& c : prefill_cases(true)) check_prefill(be, c, PrefillKernel::CudaCores);
+}
+
+// The extended importance (value weights, the maximum over queries) after either forward kernel,
+// and the value weights, against their CPU twins (ops::attention_rows, ops::value_weights).
+TEST(CudaAttention, ExtendedImportance) {
+  GpuBackend be;
+  for (PrefillKernel kernel : {PrefillKernel::TensorCores, PrefillKernel::CudaCores})
+    for (const PrefillCase& c : extended_prefill_cases(true)) check_prefill(be, c, kernel);
+  check_value_weights_all(be, true);
 }
 
 TEST(CudaAttention, PrefillInChunks) {  // both kernels, as a chunked prefill calls them

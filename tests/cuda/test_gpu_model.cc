@@ -28,6 +28,7 @@
 #include "model/gpu_model.h"
 #include "engine/cuda_backend.h"
 #include "engine/gpu_session.h"
+#include "engine/query_importance.h"
 #include "engine/engine.h"
 #include "eval/evaluate.h"
 #include "kv/policy.h"
@@ -262,6 +263,26 @@ std::vector<std::set<int32_t>> kept_sets(const CacheView& c) {
   return s;
 }
 
+// How the entries two caches keep differ: per layer the larger of the two one-sided differences,
+// summed; entries the first keeps; per-layer counts' differences summed; layers kept identically.
+struct KeptDiff {
+  int mismatch = 0, kept = 0, count_diff = 0, layers_equal = 0;
+};
+KeptDiff kept_diff(const CacheView& cpu, const CacheView& gpu) {
+  const auto a = kept_sets(cpu), b = kept_sets(gpu);
+  KeptDiff d;
+  for (size_t i = 0; i < a.size(); ++i) {
+    int only_cpu = 0, only_gpu = 0;
+    for (int32_t x : a[i]) only_cpu += b[i].count(x) ? 0 : 1;
+    for (int32_t x : b[i]) only_gpu += a[i].count(x) ? 0 : 1;
+    d.mismatch += std::max(only_cpu, only_gpu);
+    d.kept += int(a[i].size());
+    d.count_diff += std::abs(int(a[i].size()) - int(b[i].size()));
+    d.layers_equal += a[i] == b[i] ? 1 : 0;
+  }
+  return d;
+}
+
 // The pool holds, in every layer, exactly the session's host positions, in order.
 void expect_pool_matches_positions(GpuKVPool& pool, const GpuSession& s, const std::string& what) {
   for (int l = 0; l < pool.n_layers(); ++l) {
@@ -302,16 +323,8 @@ TEST(GpuModel, PoliciesKeepTheSameEntries) {
         gs.prefill(l.prompt, logits.data());
         expect_pool_matches_positions(pool, gs, "after prefill");
 
-        const auto a = kept_sets(cpu.cache()), b = kept_sets(gs.positions());
-        int mismatch = 0, kept = 0, count_diff = 0;
-        for (size_t i = 0; i < a.size(); ++i) {
-          int only_cpu = 0, only_gpu = 0;
-          for (int32_t p : a[i]) only_cpu += b[i].count(p) ? 0 : 1;
-          for (int32_t p : b[i]) only_gpu += a[i].count(p) ? 0 : 1;
-          mismatch += std::max(only_cpu, only_gpu);
-          kept += int(a[i].size());
-          count_diff += std::abs(int(a[i].size()) - int(b[i].size()));
-        }
+        const auto [mismatch, kept, count_diff, layers_equal] = kept_diff(cpu.cache(), gs.positions());
+        (void)layers_equal;
         const int entries = l.T() * l.L();
         std::printf("gpu_model: (d) %-12s %-4s %-16s kept %d of %d entries; %d differ from the CPU's (%.2f%% of the "
                     "entries), per-layer counts differ by %d in all\n",
@@ -319,6 +332,113 @@ TEST(GpuModel, PoliciesKeepTheSameEntries) {
         EXPECT_LE(mismatch, std::max(1, entries / 100)) << "kept entries differ from the CPU's";
         EXPECT_EQ(gs.entries_per_layer().size(), size_t(l.L()));
       }
+}
+
+// The extended importance on the GPU (value weights and query reduces inside the prefill's
+// attention, kernels.h) against the CPU engine's (engine/query_importance.h, from its float32 cache):
+//   (i) the importance of each request, layer by layer, within a 16-bit prefill's error;
+//   (ii) the cutoff policy at 20% and 80% kept keeps the CPU's entries (as (d): mismatches <= 1% of
+//        the entries, where two entries' scores lie within that error of each other), and 8 greedy
+//        steps teacher-forced on the CPU's tokens give the CPU's top-1 beyond the logit noise;
+//   (iii) lookahead and wov (the L1 weight) are refused naming the option, nothing held.
+TEST(GpuModel, CutoffKeepsTheCpusEntries) {
+  Loaded& l = load(kTiny);
+  const int T = l.T(), V = l.V(), steps = 8;
+  FullPolicy full;
+  Session ref(*l.model, full);
+  std::vector<float> lr(static_cast<size_t>(V));
+  ref.prefill(l.prompt, lr.data());
+  for (DType dt : kDtypes) {
+    SCOPED_TRACE(dtype_name(dt));
+    GpuModel& gm = l.on(dt);
+    GpuKVPool pool(gm, pool_for(l, T + steps + 1, 2));
+    // (i) The weights, the reduces, the window's queries and every query.
+    struct Req {
+      ValueWeight w;
+      QueryReduce r;
+      int from;
+    };
+    const Req reqs[] = {{ValueWeight::OutputNorm2, QueryReduce::Sum, T - 32}, {ValueWeight::ValueNorm, QueryReduce::Mean, T - 32},
+                        {ValueWeight::OutputNorm2, QueryReduce::Max, T - 32}, {ValueWeight::None, QueryReduce::Max, T - 32},
+                        {ValueWeight::OutputNorm2, QueryReduce::Sum, 0},      {ValueWeight::ValueNorm, QueryReduce::Max, 0}};
+    for (const Req& q : reqs) {
+      ImportanceRequest req;
+      req.needed = true, req.from = q.from, req.weight = q.w, req.reduce = q.r;
+      const std::string what = std::string(value_weight_name(q.w)) + " " + query_reduce_name(q.r) + " from " + std::to_string(q.from);
+      SCOPED_TRACE(what);
+      const std::vector<std::vector<float>> want = extended_importance(*l.model, ref.cache(), l.prompt, lr.data(), req);
+      GpuSession scratch(gm, pool, full);
+      const std::vector<std::vector<float>> got = scratch.measure_importance(l.prompt, req);
+      ASSERT_EQ(got.size(), want.size());
+      double worst = 0;
+      for (size_t i = 0; i < got.size(); ++i) worst = std::max(worst, norm_rel(got[i], want[i]));
+      std::printf("gpu_model: (k) tiny %-4s importance %-22s worst layer norm-rel error %.3g (bound %.1e)\n", dtype_name(dt),
+                  what.c_str(), worst, 2 * logit_tol(dt));
+      EXPECT_LE(worst, 2 * logit_tol(dt)) << "the GPU's extended importance against the CPU engine's";
+    }
+    // (ii) The policy that is about to be the default, and the plain value norm.
+    for (const char* name : {"cutoff:wov2:floor=0.5:cap=1.5", "cutoff:vnorm"})
+      for (double budget : {0.2, 0.8}) {
+        SCOPED_TRACE(std::string(name) + " " + std::to_string(budget));
+        auto cpu_policy = policy(name, budget), gpu_policy = policy(name, budget);
+        Session cpu(*l.model, *cpu_policy);
+        std::vector<float> lc(static_cast<size_t>(V)), lg(lc.size());
+        cpu.prefill(l.prompt, lc.data());
+        GpuSession gs(gm, pool, *gpu_policy);
+        gs.prefill(l.prompt, lg.data());
+        expect_pool_matches_positions(pool, gs, "after prefill");
+        const auto [mismatch, kept, count_diff, layers_equal] = kept_diff(cpu.cache(), gs.positions());
+        const int entries = T * l.L();
+        std::printf("gpu_model: (k) tiny %-4s %-30s %.0f%%: kept %d of %d entries; %d differ from the CPU's, per-layer "
+                    "counts differ by %d in all, %d of %d layers identical\n",
+                    dtype_name(dt), name, 100 * budget, kept, entries, mismatch, count_diff, layers_equal, l.L());
+        EXPECT_LE(mismatch, std::max(1, entries / 100)) << "kept entries differ from the CPU's";
+        EXPECT_LE(count_diff, std::max(1, entries / 100)) << "layer budgets differ from the CPU's";
+#ifdef PKV_FAKE_DEVICE
+        // Over the fake device (the CPU twins' arithmetic on 16-bit K/V) F16 keeps exactly the CPU's
+        // entries in every layer (measured); a GPU's own rounding may part at a near-tie.
+        if (dt == DType::F16) {
+          EXPECT_EQ(layers_equal, l.L()) << "every layer keeps exactly the CPU's entries";
+        }
+#endif
+        int unexplained = 0;
+        for (int i = 0; i < steps; ++i) {
+          const int ct = argmax(lc.data(), V), gt = argmax(lg.data(), V);
+          if (ct != gt) {
+            const double margin = lc[size_t(ct)] - lc[size_t(gt)], noise = max_abs(lg.data(), lc.data(), size_t(V));
+            std::printf("gpu_model: (k) %s step %d: top-1 CPU %d GPU %d, CPU margin %.4g, max |logit diff| %.4g\n", name,
+                        i, ct, gt, margin, noise);
+            unexplained += margin <= 2 * noise ? 0 : 1;
+          }
+          cpu.step(l.cpu_tokens[size_t(i)], lc.data());
+          gs.step(l.cpu_tokens[size_t(i)], lg.data());
+          ASSERT_TRUE(all_finite(lg)) << "step " << i;
+        }
+        EXPECT_EQ(unexplained, 0) << "top-1 differs from the CPU's where the CPU's margin is larger than the logit error";
+      }
+    // (iii) What the GPU does not measure: one error naming the option, no blocks held.
+    EXPECT_EQ(pool.blocks().used_blocks(), 0);
+    for (const auto& [name, says] : {std::pair<const char*, const char*>{"cutoff:wov2:floor=0.5:look=8:reduce=max", "look="},
+                                     {"cutoff:wov:floor=0.5", "wov2"}}) {
+      auto p = policy(name, 0.2);
+      GpuSession gs(gm, pool, *p);
+      std::vector<float> lg(static_cast<size_t>(V));
+      try {
+        gs.prefill(l.prompt, lg.data());
+        ADD_FAILURE() << name << ": accepted";
+      } catch (const Error& e) {
+        EXPECT_NE(std::string(e.what()).find(says), std::string::npos) << e.what();
+      }
+      try {
+        gs.begin_prefill(l.prompt);
+        ADD_FAILURE() << name << ": accepted by begin_prefill";
+      } catch (const Error& e) {
+        EXPECT_NE(std::string(e.what()).find(says), std::string::npos) << e.what();
+      }
+      EXPECT_EQ(pool.blocks().used_blocks(), 0) << name;
+      EXPECT_FALSE(gs.prefilling());
+    }
+  }
 }
 
 // Every policy through the prefill and 8 decode steps on the tiny model: the pool holds exactly the

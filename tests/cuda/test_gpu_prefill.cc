@@ -292,7 +292,10 @@ TEST(GpuPrefill, ChunkedPrefillEqualsTheWholePrompt) {
 
     // Sessions: the same entries kept after the last piece, and the same logits (pieces of 37: the
     // window's 32 queries span two of them).
-    for (const char* name : {"snapkv", "prefixkv", "adakv"}) {  // adakv: per-KV-head importance over the pieces
+    // adakv: per-KV-head importance over the pieces; the cutoffs: value weights over the pieces'
+    // keys and the window's queries reduced by their sum, mean and maximum across two pieces.
+    for (const char* name : {"snapkv", "prefixkv", "adakv", "cutoff:wov2:floor=0.5:cap=1.5", "cutoff:vnorm:reduce=max",
+                             "cutoff:wov2:floor=0.5:reduce=mean"}) {
       auto pw = make(t, name, 0.2);
       GpuSession whole(gm, pool, *pw);
       std::vector<float> lw(static_cast<size_t>(V));

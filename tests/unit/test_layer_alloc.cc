@@ -460,12 +460,24 @@ TEST(PolicySpec, OptionsInThePolicyNameAndTheirErrors) {
   EXPECT_NE(message([] { make_policy("cutoff:bogus", PolicyOptions{}); }).find("unknown option 'bogus'"), std::string::npos);
   EXPECT_NE(message([] { make_policy("cutoff:w=l2", PolicyOptions{}); }).find("unknown value weighting 'l2'"), std::string::npos);
   EXPECT_NE(message([] { make_policy("cutoff:look=-1", PolicyOptions{}); }).find("'look' takes an integer >= 0"), std::string::npos);
-  // Only the CPU engine measures extended importance: elsewhere one clear error.
+  // Only the CPU engine measures every extended request (the back ends without their own form: one
+  // clear error); the GPU all but lookahead and wov, each refused naming its option.
   ImportanceRequest r;
   r.needed = true;
   r.weight = ValueWeight::ValueNorm;
   EXPECT_NE(message([&] { check_prompt_importance(r, 100); }).find("CPU engine only"), std::string::npos);
   EXPECT_NO_THROW(check_prompt_importance(r, 100, true));
+  for (ValueWeight w : {ValueWeight::None, ValueWeight::ValueNorm, ValueWeight::OutputNorm2})
+    for (QueryReduce q : {QueryReduce::Sum, QueryReduce::Mean, QueryReduce::Max}) {
+      r.weight = w, r.reduce = q;
+      EXPECT_NO_THROW(check_gpu_prompt_importance(r, 100));
+    }
+  r.lookahead = 8;
+  const std::string look = message([&] { check_gpu_prompt_importance(r, 100); });
+  EXPECT_NE(look.find("look="), std::string::npos) << look;
+  EXPECT_NE(look.find("--kv-lookahead"), std::string::npos) << look;
+  r.lookahead = 0, r.weight = ValueWeight::OutputNorm;
+  EXPECT_NE(message([&] { check_gpu_prompt_importance(r, 100); }).find("use wov2"), std::string::npos);
 }
 
 // The offline form: calibrating on one scene gives that scene's online cutoff budgets, and the

@@ -44,6 +44,30 @@ __global__ void __launch_bounds__(256) prefill_importance_reduce_kernel(PrefillP
   prefill_importance_reduce(c, p);
 }
 
+template <class T, int D>
+__global__ void __launch_bounds__(kPrefillThreads) prefill_importance_max_kernel(PrefillParams p) {
+  PKV_KERNEL_CTX(c);
+  prefill_importance_max<T, D>(c, p);
+}
+
+__global__ void __launch_bounds__(256) prefill_importance_max_reduce_kernel(PrefillParams p) {
+  PKV_KERNEL_CTX(c);
+  prefill_importance_max_reduce(c, p);
+}
+
+template <class T, int D>
+__global__ void __launch_bounds__(kValueWeightKeys) value_weights_kernel(ValueWeightParams p) {
+  PKV_KERNEL_CTX(c);
+  value_weights<T, D>(c, p);
+}
+
+// The maximum over queries (importance_max) after either forward pass: its own kernels.
+template <class T, int D>
+void run_importance_max(const PrefillPlan& plan, cudaStream_t s) {
+  launch(prefill_importance_max_kernel<T, D>, plan.importance_pass, plan.params, s, "attention_prefill (importance max)");
+  launch(prefill_importance_max_reduce_kernel, plan.reduce, plan.params, s, "attention_prefill (importance max reduce)");
+}
+
 template <class T, int D, int MG>
 __global__ void __launch_bounds__(kDecodeThreads) decode_split_kernel(DecodeParams p) {
   PKV_KERNEL_CTX(c);
@@ -78,6 +102,7 @@ void run_prefill(const PrefillPlan& plan, cudaStream_t s) {
   if (plan.tensor_cores) {
     launch(prefill_mma_forward_kernel<T, D>, plan.forward, plan.params, s, "attention_prefill (tensor-core forward)");
     if (!plan.importance) return;
+    if (plan.params.importance_max) return run_importance_max<T, D>(plan, s);
     launch(prefill_mma_importance_kernel<T, D>, plan.importance_pass, plan.params, s,
            "attention_prefill (tensor-core importance)");
     launch(prefill_importance_reduce_kernel, plan.reduce, plan.params, s, "attention_prefill (importance reduce)");
@@ -85,6 +110,7 @@ void run_prefill(const PrefillPlan& plan, cudaStream_t s) {
   }
   launch(prefill_forward_kernel<T, D>, plan.forward, plan.params, s, "attention_prefill (forward)");
   if (!plan.importance) return;
+  if (plan.params.importance_max) return run_importance_max<T, D>(plan, s);
   launch(prefill_importance_kernel<T, D>, plan.importance_pass, plan.params, s, "attention_prefill (importance)");
   launch(prefill_importance_reduce_kernel, plan.reduce, plan.params, s, "attention_prefill (importance reduce)");
 }
@@ -147,6 +173,22 @@ void attention_prefill(const PrefillAttentionArgs& args, void* stream) {
   const auto s = static_cast<cudaStream_t>(stream);
   if (plan.dtype == DType::F16) detail::run_prefill_typed<__half>(plan, s);
   else detail::run_prefill_typed<__nv_bfloat16>(plan, s);
+}
+
+void value_weights(const ValueWeightArgs& a, void* stream) {
+  const detail::ValueWeightPlan plan = detail::plan_value_weights(a);
+  if (plan.launch.empty()) return;
+  const auto s = static_cast<cudaStream_t>(stream);
+  auto run = [&](auto t) {
+    using T = decltype(t);
+    switch (plan.D) {
+      case 32: return detail::launch(detail::value_weights_kernel<T, 32>, plan.launch, plan.params, s, "value_weights");
+      case 64: return detail::launch(detail::value_weights_kernel<T, 64>, plan.launch, plan.params, s, "value_weights");
+      default: return detail::launch(detail::value_weights_kernel<T, 128>, plan.launch, plan.params, s, "value_weights");
+    }
+  };
+  if (plan.dtype == DType::F16) run(__half{});
+  else run(__nv_bfloat16{});
 }
 
 void attention_decode(const DecodeAttentionArgs& a, void* stream) {

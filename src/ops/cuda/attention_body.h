@@ -242,43 +242,32 @@ __host__ __device__ inline bool prefill_importance_rows(const PrefillParams& p, 
   return any;
 }
 
-// Importance pass. Block (bx, by) = (key tile, head): recomputes the scores of its 64 keys against
-// every query tile that counts (rows i >= importance_from that can see some key of the tile), turns
-// them into probabilities with the saved log-sum-exp, and writes the per-head column sums to
-// partial[h, keys]. No atomics: deterministic.
-template <class T, int D, class Ctx>
-__device__ void prefill_importance(Ctx& c, const PrefillParams& p) {
+// The importance passes' views of their shared memory (PrefillImportanceLayout), with the positions
+// of the block's key tile [k0, k0 + BK) loaded into kpos (read after the next barrier) and the tile's
+// smallest position.
+template <class T, int D>
+struct ImportanceSmem {
   using L = PrefillImportanceLayout<D>;
-  constexpr int BQ = kPrefillBQ, BK = kPrefillBK;
-  float* smem = reinterpret_cast<float*>(c.smem);
-  float* Qs = smem + L::q;
-  T* Ks = reinterpret_cast<T*>(smem + L::k);
-  float* red = smem + L::red;
-  float* lse_s = smem + L::lse;
-  int* qpos_s = reinterpret_cast<int*>(smem + L::qpos);
-  int* rowok_s = reinterpret_cast<int*>(smem + L::rowok);
-  int* kpos = reinterpret_cast<int*>(smem + L::kpos);
-
-  const int tid = c.tid, ty = tid / 8, tx = tid % 8;
-  const int k0 = c.bx * BK, h = c.by, g = h / p.group;
-  const bool causal = p.q_pos != nullptr;
-
-  prefill_load_kv<T, D, L::KS>(c, p, k0, p.n_kv, g, Ks, nullptr);
-  for (int j = tid; j < BK; j += kPrefillThreads) kpos[j] = causal && k0 + j < p.n_kv ? p.kv_pos[k0 + j] : 0;
-  const int first_key_pos = causal ? p.kv_pos[k0] : 0;  // the tile's smallest position
-
-  float col[8];
-#pragma unroll
-  for (int b = 0; b < 8; ++b) col[b] = 0.f;
-
-  for (int q0 = (p.importance_from / BQ) * BQ; q0 < p.n_q; q0 += BQ) {
-    c.sync();  // the previous tile's Qs, lse_s, qpos_s are no longer read
-    const bool any = prefill_importance_rows(p, q0, h, first_key_pos, tid, lse_s, qpos_s, rowok_s);
-    prefill_load_q<T, D, L::QS>(c, p, q0, h, Qs);
-    if (!c.sync_or(any)) continue;  // (also the barrier after the loads)
-
-    float s[4][8];
-    prefill_tile_scores<L::QS, L::KS>(Qs, Ks, ty, tx, p.head_dim, s);
+  float *Qs, *red, *lse_s;
+  T* Ks;
+  int *qpos_s, *rowok_s, *kpos;
+  int first_key_pos;
+  template <class Ctx>
+  __device__ ImportanceSmem(Ctx& c, const PrefillParams& p, int k0) {
+    float* smem = reinterpret_cast<float*>(c.smem);
+    Qs = smem + L::q, red = smem + L::red, lse_s = smem + L::lse;
+    Ks = reinterpret_cast<T*>(smem + L::k);
+    qpos_s = reinterpret_cast<int*>(smem + L::qpos), rowok_s = reinterpret_cast<int*>(smem + L::rowok);
+    kpos = reinterpret_cast<int*>(smem + L::kpos);
+    const bool causal = p.q_pos != nullptr;
+    for (int j = c.tid; j < kPrefillBK; j += kPrefillThreads) kpos[j] = causal && k0 + j < p.n_kv ? p.kv_pos[k0 + j] : 0;
+    first_key_pos = causal ? p.kv_pos[k0] : 0;
+  }
+  // f(a, b, probability) for each of this thread's 4 rows x 8 keys (scores s, log2 domain) where the
+  // row counts (rowok_s, lse_s, qpos_s of the current query tile) and sees the key.
+  template <class F>
+  __device__ __forceinline__ void probabilities(const float (&s)[4][8], int ty, int tx, int k0, int n_kv, bool causal,
+                                                F f) const {
 #pragma unroll
     for (int a = 0; a < 4; ++a) {
       const int r = ty * 4 + a;
@@ -288,22 +277,61 @@ __device__ void prefill_importance(Ctx& c, const PrefillParams& p) {
 #pragma unroll
       for (int b = 0; b < 8; ++b) {
         const int j = tx * 8 + b;
-        if (k0 + j < p.n_kv && (!causal || kpos[j] <= qpos)) col[b] += exp2f(s[a][b] - lse);
+        if (k0 + j < n_kv && (!causal || kpos[j] <= qpos)) f(a, b, exp2f(s[a][b] - lse));
       }
     }
   }
+  // The 16 row groups' values of each key (this thread's col[8]: keys tx*8 ..) combined in a fixed
+  // order by op (from `init`); out(key, value) for each key of the tile below n_kv.
+  template <class Ctx, class Op, class Out>
+  __device__ void columns(Ctx& c, const float (&col)[8], int k0, int n_kv, float init, Op op, Out out) {
+    const int ty = c.tid / 8, tx = c.tid % 8;
+    c.sync();
+#pragma unroll
+    for (int b = 0; b < 8; ++b) red[ty * kPrefillBK + tx * 8 + b] = col[b];
+    c.sync();
+    for (int j = c.tid; j < kPrefillBK; j += kPrefillThreads) {
+      if (k0 + j >= n_kv) continue;
+      float v = init;
+      for (int t = 0; t < 16; ++t) v = op(v, red[t * kPrefillBK + j]);
+      out(k0 + j, v);
+    }
+  }
+};
+
+// Importance pass. Block (bx, by) = (key tile, head): recomputes the scores of its 64 keys against
+// every query tile that counts (rows i >= importance_from that can see some key of the tile), turns
+// them into probabilities with the saved log-sum-exp, and writes the per-head column sums to
+// partial[h, keys]. No atomics: deterministic.
+template <class T, int D, class Ctx>
+__device__ void prefill_importance(Ctx& c, const PrefillParams& p) {
+  using L = PrefillImportanceLayout<D>;
+  constexpr int BQ = kPrefillBQ, BK = kPrefillBK;
+  const int tid = c.tid, ty = tid / 8, tx = tid % 8;
+  const int k0 = c.bx * BK, h = c.by, g = h / p.group;
+  const bool causal = p.q_pos != nullptr;
+  ImportanceSmem<T, D> sm(c, p, k0);
+
+  prefill_load_kv<T, D, L::KS>(c, p, k0, p.n_kv, g, sm.Ks, nullptr);
+
+  float col[8];
+#pragma unroll
+  for (int b = 0; b < 8; ++b) col[b] = 0.f;
+
+  for (int q0 = (p.importance_from / BQ) * BQ; q0 < p.n_q; q0 += BQ) {
+    c.sync();  // the previous tile's Qs, lse_s, qpos_s are no longer read
+    const bool any = prefill_importance_rows(p, q0, h, sm.first_key_pos, tid, sm.lse_s, sm.qpos_s, sm.rowok_s);
+    prefill_load_q<T, D, L::QS>(c, p, q0, h, sm.Qs);
+    if (!c.sync_or(any)) continue;  // (also the barrier after the loads)
+
+    float s[4][8];
+    prefill_tile_scores<L::QS, L::KS>(sm.Qs, sm.Ks, ty, tx, p.head_dim, s);
+    sm.probabilities(s, ty, tx, k0, p.n_kv, causal, [&](int, int b, float pr) { col[b] += pr; });
+  }
 
   // Column sums over the 16 row groups, in a fixed order.
-  c.sync();
-#pragma unroll
-  for (int b = 0; b < 8; ++b) red[ty * BK + tx * 8 + b] = col[b];
-  c.sync();
-  for (int j = tid; j < BK; j += kPrefillThreads) {
-    if (k0 + j >= p.n_kv) continue;
-    float sum = 0.f;
-    for (int t = 0; t < 16; ++t) sum += red[t * BK + j];
-    p.partial[int64_t(h) * p.n_kv + k0 + j] = sum;
-  }
+  sm.columns(c, col, k0, p.n_kv, 0.f, [](float a, float b) { return a + b; },
+             [&](int key, float v) { p.partial[int64_t(h) * p.n_kv + key] = v; });
 }
 
 // importance[j] += sum over heads of partial[h, j] / n_heads. One thread per key (block of 256).
@@ -318,8 +346,111 @@ __device__ void prefill_importance_reduce(Ctx& c, const PrefillParams& p) {
     p.importance[int64_t(g) * p.n_kv + j] += sum / float(p.group);
     return;
   }
-  for (int h = 0; h < p.n_heads; ++h) sum += p.partial[int64_t(h) * p.n_kv + j];
+  if (p.importance_weight) {  // the extended importance: each head's sum times its value weight
+    for (int h = 0; h < p.n_heads; ++h)
+      sum = fmaf(p.partial[int64_t(h) * p.n_kv + j], p.importance_weight[int64_t(h) * p.n_kv + j], sum);
+  } else {
+    for (int h = 0; h < p.n_heads; ++h) sum += p.partial[int64_t(h) * p.n_kv + j];
+  }
   p.importance[j] += sum / float(p.n_heads);
+}
+
+// The extended importance's maximum over queries (kernels.h, importance_max). Block (bx, by) = (key
+// tile, group by of query tiles: by, by + max_groups, ...): for each query tile, every head's
+// probabilities (recomputed from the saved log-sum-exp, as prefill_importance does) times the
+// head's value weight are summed per (query, key) in head order; the tile's largest over its counted
+// rows joins the key's maximum. partial[by, keys] = the group's maxima / n_heads (the head mean).
+template <class T, int D, class Ctx>
+__device__ void prefill_importance_max(Ctx& c, const PrefillParams& p) {
+  using L = PrefillImportanceLayout<D>;
+  constexpr int BQ = kPrefillBQ, BK = kPrefillBK;
+  const int tid = c.tid, ty = tid / 8, tx = tid % 8;
+  const int k0 = c.bx * BK;
+  const bool causal = p.q_pos != nullptr;
+  ImportanceSmem<T, D> sm(c, p, k0);
+
+  float mx[8];
+#pragma unroll
+  for (int b = 0; b < 8; ++b) mx[b] = 0.f;
+  int loaded_g = -1;
+  for (int q0 = (p.importance_from / BQ + c.by) * BQ; q0 < p.n_q; q0 += p.max_groups * BQ) {
+    float acc[4][8];
+#pragma unroll
+    for (int a = 0; a < 4; ++a)
+#pragma unroll
+      for (int b = 0; b < 8; ++b) acc[a][b] = 0.f;
+    for (int h = 0; h < p.n_heads; ++h) {
+      const int g = h / p.group;
+      c.sync();  // the previous head's Qs, Ks, lse_s, qpos_s are no longer read
+      if (g != loaded_g) {
+        prefill_load_kv<T, D, L::KS>(c, p, k0, p.n_kv, g, sm.Ks, nullptr);
+        loaded_g = g;
+      }
+      const bool any = prefill_importance_rows(p, q0, h, sm.first_key_pos, tid, sm.lse_s, sm.qpos_s, sm.rowok_s);
+      prefill_load_q<T, D, L::QS>(c, p, q0, h, sm.Qs);
+      if (!c.sync_or(any)) continue;  // (also the barrier after the loads)
+
+      float s[4][8], w[8];
+#pragma unroll
+      for (int b = 0; b < 8; ++b) {
+        const int key = k0 + tx * 8 + b;
+        w[b] = p.importance_weight && key < p.n_kv ? p.importance_weight[int64_t(h) * p.n_kv + key] : 1.f;
+      }
+      prefill_tile_scores<L::QS, L::KS>(sm.Qs, sm.Ks, ty, tx, p.head_dim, s);
+      sm.probabilities(s, ty, tx, k0, p.n_kv, causal, [&](int a, int b, float pr) { acc[a][b] = fmaf(w[b], pr, acc[a][b]); });
+    }
+#pragma unroll
+    for (int a = 0; a < 4; ++a)
+#pragma unroll
+      for (int b = 0; b < 8; ++b) mx[b] = fmaxf(mx[b], acc[a][b]);
+  }
+
+  // Column maxima over the 16 row groups.
+  sm.columns(c, mx, k0, p.n_kv, 0.f, [](float a, float b) { return fmaxf(a, b); },
+             [&](int key, float v) { p.partial[int64_t(c.by) * p.n_kv + key] = v / float(p.n_heads); });
+}
+
+// importance[j] = max(importance[j], the groups' maxima). One thread per key (block of 256).
+template <class Ctx>
+__device__ void prefill_importance_max_reduce(Ctx& c, const PrefillParams& p) {
+  const int j = c.bx * 256 + c.tid;
+  if (j >= p.n_kv) return;
+  float m = p.importance[j];
+  for (int t = 0; t < p.max_groups; ++t) m = fmaxf(m, p.partial[int64_t(t) * p.n_kv + j]);
+  p.importance[j] = m;
+}
+
+// Value weights (kernels.h value_weights). Block (bx, by) = (64 keys, query head); thread tid: key
+// bx * 64 + tid. The keys' values of by's KV head go to shared memory as float32; the L1 norm, or
+// the quadratic form v^T G v with G's rows read from global memory (every thread reads the same
+// element at once: one broadcast load per warp).
+template <class T, int D, class Ctx>
+__device__ void value_weights(Ctx& c, const ValueWeightParams& p) {
+  using L = ValueWeightLayout<D>;
+  float* vs = reinterpret_cast<float*>(c.smem);
+  const int j0 = c.bx * kValueWeightKeys, h = c.by, g = h / p.group, hd = p.head_dim;
+  const T* v = static_cast<const T*>(p.v);
+  for (int idx = c.tid; idx < kValueWeightKeys * D; idx += kValueWeightKeys) {
+    const int r = idx / D, d = idx % D, j = j0 + r;
+    vs[r * L::S + d] = j < p.n_kv && d < hd ? to_f(v[int64_t(j) * p.kv_stride + int64_t(g) * hd + d]) : 0.f;
+  }
+  c.sync();
+  const int j = j0 + c.tid;
+  if (j >= p.n_kv) return;
+  const float* x = vs + c.tid * L::S;
+  float s = 0.f;
+  if (!p.gram) {
+    for (int d = 0; d < hd; ++d) s += fabsf(x[d]);
+  } else {
+    const float* G = p.gram + int64_t(h) * hd * hd;
+    for (int d = 0; d < hd; ++d) {
+      float t = 0.f;
+      for (int e = 0; e < hd; ++e) t = fmaf(G[d * hd + e], x[e], t);
+      s = fmaf(x[d], t, s);
+    }
+    s = sqrtf(fmaxf(s, 0.f));
+  }
+  p.out[int64_t(h) * p.n_kv + j] = s;
 }
 
 // ---------------------------------------------------------------------------------------------

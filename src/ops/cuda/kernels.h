@@ -249,11 +249,42 @@ struct PrefillAttentionArgs {
   // importance [n_kv_heads, n_kv] instead: KV head g's row += the sum over queries of the mean over
   // g's query heads only (twin: ops::AttentionArgs::importance_per_kv_head).
   bool importance_per_kv_head = false;
+  // The extended importance (engine/query_importance.h; twin: ops::AttentionArgs' fields of the same
+  // names, through ops::attention_rows), not with importance_per_kv_head:
+  //   importance_weight (device float32 [n_heads, n_kv], or null): head h's probability on key j is
+  //     multiplied by importance_weight[h * n_kv + j] before the mean over heads (value_weights()
+  //     makes them). With the sum this costs one multiply per (head, key) in the reduce kernel.
+  //   importance_max: importance[j] = max(importance[j], the largest over the counted queries of
+  //     the (weighted) head mean) instead of += the sum. Its own pass (attention_body.h,
+  //     prefill_importance_max: each block's queries over all heads; a second kernel takes the
+  //     largest of the blocks' maxima, in a fixed order) on the CUDA cores whichever kernel ran the
+  //     forward pass. A mean over the queries is the sum divided by their count (the caller's, who
+  //     alone knows it over the pieces of a chunked prompt).
+  const float* importance_weight = nullptr;
+  bool importance_max = false;
   void* workspace = nullptr;  // device, >= attention_prefill_workspace_bytes (only with importance)
   size_t workspace_bytes = 0;
 };
 size_t attention_prefill_workspace_bytes(int n_q, int n_kv, int n_heads);
 void attention_prefill(const PrefillAttentionArgs& a, void* stream);
+
+// Value weights of the extended importance (twin: ops::value_weights, which the CPU engine's
+// engine/query_importance.cc uses): for each query head h and key j < n_kv of v [n_kv, *] (row
+// stride kv_stride, 0: n_kv_heads * head_dim; KV head g = h / (n_heads / n_kv_heads)), in dtype
+// (F16, BF16), out[h * n_kv + j] (float32 [n_heads, n_kv]) = ||v_{g,j}||_1 when gram is null, else
+// sqrt(max(0, v^T G_h v)) with gram (device float32 [n_heads, head_dim, head_dim], Model::output_gram
+// of the layer): ||W_o^h v||_2. One thread per (key, query head) with the key's value in shared
+// memory: n_kv x n_heads x head_dim^2 multiply-adds per call (float32). head_dim <= 128.
+struct ValueWeightArgs {
+  DType dtype = DType::BF16;
+  const void* v = nullptr;
+  int n_kv = 0;
+  int64_t kv_stride = 0;
+  int n_heads = 0, n_kv_heads = 0, head_dim = 0;
+  const float* gram = nullptr;
+  float* out = nullptr;
+};
+void value_weights(const ValueWeightArgs& a, void* stream);
 
 // ------------------------------------------------------------------------------------------------
 // The paged KV cache on the device (host bookkeeping: kv/block_pool.h).

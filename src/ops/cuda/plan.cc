@@ -79,6 +79,10 @@ PrefillPlan plan_attention_prefill(const PrefillAttentionArgs& a) {
   p.importance = a.importance;
   p.importance_from = std::max(0, a.importance_from);
   p.importance_per_kv_head = a.importance_per_kv_head;
+  p.importance_weight = a.importance_weight;
+  p.importance_max = a.importance_max;
+  if (a.importance_per_kv_head && (a.importance_weight || a.importance_max))
+    bad(op, "weighted or max importance is measured over all query heads, not per KV head");
 
   // Auto is resolved against the device by attention_prefill; a plan made without a device (the
   // emulator's) takes it as the tensor-core kernels.
@@ -109,9 +113,40 @@ PrefillPlan plan_attention_prefill(const PrefillAttentionArgs& a) {
     plan.importance_pass = {{unsigned(ceil_div(a.n_kv, kPrefillBK)), unsigned(a.n_heads), 1}, kPrefillThreads, imp_smem};
     // block (x, y): keys [256 x, 256 x + 256) of KV head y's row (per KV head) or of the one row
     plan.reduce = {{unsigned(ceil_div(a.n_kv, 256)), unsigned(a.importance_per_kv_head ? a.n_kv_heads : 1), 1}, 256, 0};
+    if (a.importance_max) {
+      // Block (x, y): key tile x against the query tiles y, y + max_groups, ... (all heads each);
+      // at most n_heads groups, so that their maxima fit the per-head partial sums' workspace.
+      const int tiles = ceil_div(a.n_q, kPrefillBQ) - p.importance_from / kPrefillBQ;
+      p.max_groups = std::max(1, std::min(a.n_heads, tiles));
+      plan.importance_pass = {{unsigned(ceil_div(a.n_kv, kPrefillBK)), unsigned(p.max_groups), 1}, kPrefillThreads,
+                              by_d(PrefillImportanceLayout<32>::bytes, PrefillImportanceLayout<64>::bytes,
+                                   PrefillImportanceLayout<128>::bytes)};
+      plan.reduce = {{unsigned(ceil_div(a.n_kv, 256)), 1, 1}, 256, 0};
+    }
   } else {
     plan.importance = false;  // nothing would be added
   }
+  return plan;
+}
+
+ValueWeightPlan plan_value_weights(const ValueWeightArgs& a) {
+  const char* op = "value_weights";
+  ValueWeightPlan plan;
+  require_16bit(op, "dtype", a.dtype);
+  require_heads(op, a.n_heads, a.n_kv_heads, a.head_dim);
+  if (a.n_kv < 0) bad(op, "n_kv must be >= 0");
+  const int64_t kvd = int64_t(a.n_kv_heads) * a.head_dim, stride = a.kv_stride ? a.kv_stride : kvd;
+  if (stride < kvd) bad(op, "the row stride is smaller than the row");
+  plan.dtype = a.dtype;
+  plan.D = padded_head_dim(a.head_dim);
+  if (a.n_kv == 0) return plan;
+  if (!a.v || !a.out) bad(op, "v and out must be set");
+  ValueWeightParams& p = plan.params;
+  p.v = a.v, p.kv_stride = stride, p.n_kv = a.n_kv, p.group = a.n_heads / a.n_kv_heads, p.head_dim = a.head_dim;
+  p.gram = a.gram, p.out = a.out;
+  const size_t smem = plan.D == 32 ? ValueWeightLayout<32>::bytes : plan.D == 64 ? ValueWeightLayout<64>::bytes
+                                                                                 : ValueWeightLayout<128>::bytes;
+  plan.launch = {{unsigned(ceil_div(a.n_kv, kValueWeightKeys)), unsigned(a.n_heads), 1}, kValueWeightKeys, smem};
   return plan;
 }
 

@@ -105,6 +105,9 @@ struct PrefillParams {
   float* importance = nullptr;   // [n_kv] the caller's output (+=); [n_kv_heads, n_kv] per KV head
   int importance_from = 0;
   bool importance_per_kv_head = false;
+  const float* importance_weight = nullptr;  // [n_heads, n_kv] or null (kernels.h)
+  bool importance_max = false;   // prefill_importance_max: partial [max_groups, n_kv] holds each
+  int max_groups = 0;            // group of query tiles' column maxima
   int vec = 0;                   // q, k, v rows may be read in 16-byte chunks (tensor-core kernels)
 };
 
@@ -124,6 +127,30 @@ struct PrefillWorkspaceLayout {
   size_t lse = 0, partial = 0, total = 0;
 };
 PrefillWorkspaceLayout prefill_workspace_layout(int n_q, int n_kv, int n_heads);
+
+// Value weights (kernels.h value_weights): block (x, y) = (64 keys, query head y), one thread per
+// key; the keys' values of y's KV head in shared memory as float32 [64][D + 1] (odd rows: a
+// thread's row walk hits no bank twice).
+constexpr int kValueWeightKeys = 64;
+template <int D>
+struct ValueWeightLayout {
+  static constexpr int S = D + 1;
+  static constexpr size_t bytes = size_t(kValueWeightKeys) * S * 4;
+};
+struct ValueWeightParams {
+  const void* v = nullptr;
+  int64_t kv_stride = 0;
+  int n_kv = 0, group = 1, head_dim = 0;
+  const float* gram = nullptr;
+  float* out = nullptr;
+};
+struct ValueWeightPlan {
+  ValueWeightParams params;
+  DType dtype = DType::BF16;
+  int D = 0;
+  Launch launch;
+};
+ValueWeightPlan plan_value_weights(const ValueWeightArgs& a);
 
 // ---------------------------------------------------------------------------------------------
 // Decode attention (flash-decoding). Thread block: 128 threads; a block handles G query heads of one
