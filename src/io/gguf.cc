@@ -334,8 +334,8 @@ int64_t GgufTensor::numel() const {
   return n;
 }
 
-std::unique_ptr<GgufFile> GgufFile::open(const std::string& path) {
-  auto map = std::make_unique<MappedFile>(path);
+std::unique_ptr<GgufFile> GgufFile::open(const std::string& path, bool for_weights) {
+  auto map = std::make_unique<MappedFile>(path, for_weights);
   std::unique_ptr<GgufFile> f = parse(map->data(), map->size(), path);
   f->map_ = std::move(map);
   return f;

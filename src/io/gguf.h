@@ -81,7 +81,9 @@ struct GgufTensor {
 
 class GgufFile {
  public:
-  static std::unique_ptr<GgufFile> open(const std::string& path);
+  // for_weights false: only the metadata will be read (the tokenizer), so the file is mapped even
+  // under --no-mmap rather than read whole into memory a second time.
+  static std::unique_ptr<GgufFile> open(const std::string& path, bool for_weights = true);
   // The same checks over bytes in memory (the fuzz target; `where` names them in errors). The bytes
   // must outlive the object.
   static std::unique_ptr<GgufFile> parse(const uint8_t* bytes, size_t size, const std::string& where);

@@ -21,11 +21,11 @@ std::atomic<bool> g_read_into_memory{false};
 void set_read_into_memory(bool on) { g_read_into_memory = on; }
 bool read_into_memory() { return g_read_into_memory; }
 
-MappedFile::MappedFile(const std::string& path) : path_(path) {
+MappedFile::MappedFile(const std::string& path, bool for_weights) : path_(path) {
   // Opened without blocking and refused unless a regular file (core/file.h): a FIFO would wait
   // for a writer forever.
   const int fd = open_regular_file(path, "weights file", &size_);
-  if (size_ > 0 && !g_read_into_memory) {
+  if (size_ > 0 && !(for_weights && g_read_into_memory)) {
     void* p = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
     if (p == MAP_FAILED) {
       const int err = errno;

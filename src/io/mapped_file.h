@@ -18,7 +18,8 @@ bool read_into_memory();
 
 class MappedFile {
  public:
-  explicit MappedFile(const std::string& path);  // throws Error naming the file
+  // Throws Error naming the file. for_weights false: always mapped (a reader of a few header bytes).
+  explicit MappedFile(const std::string& path, bool for_weights = true);
   ~MappedFile();
   MappedFile(const MappedFile&) = delete;
   MappedFile& operator=(const MappedFile&) = delete;

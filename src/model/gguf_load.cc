@@ -307,7 +307,7 @@ std::unique_ptr<TensorStore> gguf_mmproj_store(std::shared_ptr<const GgufFile> f
 }
 
 std::unique_ptr<Tokenizer> gguf_tokenizer(const std::string& path) {
-  const auto f = GgufFile::open(path);
+  const auto f = GgufFile::open(path, false);
   const std::string kind = f->str("tokenizer.ggml.model");
   if (kind != "llama")
     fail(path, "tokenizer.ggml.model is '" + kind + "'; prefixkv reads LLaMA's SentencePiece vocabulary ('llama')");
