@@ -470,7 +470,9 @@ TEST(EvaluateText, ContextThenContinuationTeacherForced) {
     ASSERT_EQ(whole.ids[0], b.model->config().text.bos_id);
     PreparedPrompt p;
     p.ids.assign(whole.ids.begin(), whole.ids.begin() + 48);
-    const auto emb = b.engine.prepare(PromptRequest{.marked_ids = p.ids});
+    PromptRequest marked;  // (a designated initialiser leaves g++ -Wextra naming every other field)
+    marked.marked_ids = p.ids;
+    const auto emb = b.engine.prepare(marked);
     p.embeddings = emb.embeddings;
     FullPolicy full;
     std::vector<float> logits(size_t(b.model->config().text.vocab_size));

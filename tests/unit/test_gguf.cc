@@ -481,7 +481,7 @@ TEST(GgufExport, TheTokenizerReadBackEncodesAsTheOriginal) {
       "Describe the image in detail.", "USER: <image>\nWhat is this? ASSISTANT:", "  two  spaces and a tab\there",
       "numbers 1234567890 and symbols #$%&*()[]{}", "accents: café, naïve, Zürich; CJK: 東京; emoji: \xF0\x9F\x98\x80",
       "", " ", "line\nbreaks\n\n", "a red circle above a blue square, to the left of a green triangle"};
-  for (const std::string dir : {std::string(PKV_SOURCE_DIR) + "/models/prefixkv-llava-tiny", test::data_path("fixtures/llama_text")}) {
+  for (const std::string& dir : {std::string(PKV_SOURCE_DIR) + "/models/prefixkv-llava-tiny", test::data_path("fixtures/llama_text")}) {
     SCOPED_TRACE(dir);
     const auto model = Model::load(dir);
     const Tokenizer tok(dir + "/tokenizer.model");
