@@ -35,7 +35,7 @@ const std::vector<OptionSpec> kBenchOptions = with_options({
     {"shape", "NAME", "decoder shape with random weights: llava-1.5-7b (default), llava-1.5-13b, tiny (the bundled "
                       "model's decoder)"},
     {"model", "DIR", "benchmark a real checkpoint's decoder instead of random weights"},
-    kNoMmapOption,
+    no_mmap_option(),
     {"dtype", "T", "weights of the random model: f16 (default) or bf16"},
     {"device", "NAME", "cpu (default) or cuda (builds with -DPREFIXKV_CUDA=ON)"},
     {"kv-pool-gb", "G", "cuda: device memory for the paged KV pool (default: 90% of what is free after the weights)"},

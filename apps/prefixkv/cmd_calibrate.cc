@@ -26,7 +26,7 @@ namespace {
 
 const std::vector<OptionSpec> kCalibrateOptions = with_options({
     {"model", "DIR", "checkpoint directory (default: the bundled model)"},
-    kNoMmapOption,
+    no_mmap_option(),
     {"vision-tower", "DIR", "separate CLIP checkpoint (original LLaVA layout)"},
     {"mmproj", "FILE", "llama.cpp's LLaVA vision file (GGUF) beside a GGUF language model (--model FILE.gguf)"},
     {"data", "FILE", "calibration data in LLaVA conversation JSON (e.g. data/calib/calib.json)"},

@@ -32,7 +32,7 @@ namespace {
 
 const std::vector<OptionSpec> kEvalOptions = with_options({
     {"model", "DIR", "checkpoint directory (default: the bundled model)"},
-    kNoMmapOption,
+    no_mmap_option(),
     {"vision-tower", "DIR", "separate CLIP checkpoint (original LLaVA layout)"},
     {"mmproj", "FILE", "llama.cpp's LLaVA vision file (GGUF) beside a GGUF language model (--model FILE.gguf)"},
     {"data", "FILE", "evaluation data: LLaVA conversation JSON (data/eval/eval.json: descriptions, "

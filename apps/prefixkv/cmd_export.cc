@@ -15,7 +15,7 @@ namespace pkv::cli {
 namespace {
 const std::vector<OptionSpec> kExportOptions = with_options({
     {"model", "DIR", "checkpoint directory (default: the bundled model)"},
-    kNoMmapOption,
+    no_mmap_option(),
     {"gguf", "FILE", "write the language model (and its tokenizer) as llama.cpp's GGUF"},
     {"mmproj", "FILE", "also write the vision tower and projector as llama.cpp's LLaVA-1.5 mmproj file (F16; F32 "
                        "with --type f32)"},

@@ -28,7 +28,7 @@ namespace {
 
 const std::vector<OptionSpec> kRunOptions = with_options({
     {"model", "DIR", "checkpoint directory (default: the bundled model, models/prefixkv-llava-tiny)"},
-    kNoMmapOption,
+    no_mmap_option(),
     {"vision-tower", "DIR", "separate CLIP checkpoint (original LLaVA layout without the tower inside)"},
     {"mmproj", "FILE", "llama.cpp's LLaVA vision file (GGUF) beside a GGUF language model (--model FILE.gguf)"},
     {"image", "FILE", "PNG or JPEG image"},

@@ -38,7 +38,7 @@ namespace {
 const std::vector<OptionSpec> kServeOptions = with_options(
     {
         {"model", "DIR", "checkpoint directory (default: the bundled model, models/prefixkv-llava-tiny)"},
-        kNoMmapOption,
+        no_mmap_option(),
         {"vision-tower", "DIR", "separate CLIP checkpoint (original LLaVA layout without the tower inside)"},
         {"mmproj", "FILE", "llama.cpp's LLaVA vision file (GGUF) beside a GGUF language model (--model FILE.gguf)"},
         {"model-id", "NAME", "the model's name in the API (default: the model folder's name)"},

@@ -30,10 +30,11 @@ std::string default_model_dir() {
   return (fs::path(repo_dir()) / "models" / "prefixkv-llava-tiny").string();
 }
 
-const OptionSpec kNoMmapOption = {
-    "no-mmap", "",
-    "read the weights into memory (huge pages where possible) instead of mapping the files: a slower start, but "
-    "decoding never waits for weights the kernel evicted from its page cache"};
+OptionSpec no_mmap_option() {
+  return {"no-mmap", "",
+          "read the weights into memory (huge pages where possible) instead of mapping the files: a slower start, but "
+          "decoding never waits for weights the kernel evicted from its page cache"};
+}
 
 void apply_no_mmap(const Args& args) { set_read_into_memory(args.has("no-mmap")); }
 

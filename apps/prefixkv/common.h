@@ -16,8 +16,9 @@ std::string repo_dir();
 
 // --no-mmap (run, eval, calibrate, serve, export, bench): read the weight files into memory instead of
 // mapping them (io/mapped_file.h says when that is faster). apply_no_mmap sets it from the arguments
-// (load_model does; a command that loads otherwise calls it first).
-extern const OptionSpec kNoMmapOption;
+// (load_model does; a command that loads otherwise calls it first). A function, not a global: the
+// commands' option tables are globals of other files, initialised in an order C++ does not fix.
+OptionSpec no_mmap_option();
 void apply_no_mmap(const Args& args);
 
 // --model (default: the bundled model), --vision-tower and (where `mmproj_input`) --mmproj: the model
