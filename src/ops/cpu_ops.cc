@@ -62,87 +62,129 @@ inline float hsum256(__m256 v) {
 }
 #endif
 
-inline float dot_bf16(const float* a, const uint16_t* b, int n) {
+// The dot products of 16-bit weight rows (decode, and linear_rows' small batches) share one
+// arithmetic, whatever the path: 16 float32 lanes, lane l accumulating x[i + l] w[i + l] by FMA over
+// the blocks of 16 in order; then v_j = lane j + lane j + 8, s = ((v0 + v4) + (v2 + v6)) + ((v1 + v5) +
+// (v3 + v7)) (hsum256's tree); then the tail in order. On AVX2 the 16 lanes are two 8-lane registers,
+// on AVX-512 one register (the same operations lane by lane): so every path below gives the same
+// bits, one row or several, one weight row or four.
 #ifdef PKV_AVX2
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+#ifdef __AVX512F__
+using Lanes16 = __m512;
+inline Lanes16 lanes_zero() { return _mm512_setzero_ps(); }
+template <DType T>
+inline Lanes16 lanes_weights(const uint16_t* w) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  if constexpr (T == DType::BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  else return _mm512_cvtph_ps(h);
+}
+inline Lanes16 lanes_fma(const float* x, Lanes16 w, Lanes16 acc) { return _mm512_fmadd_ps(_mm512_loadu_ps(x), w, acc); }
+inline float lanes_sum(Lanes16 acc) {
+  const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1));
+  return hsum256(_mm256_add_ps(_mm512_castps512_ps256(acc), hi));
+}
+#else
+struct Lanes16 {
+  __m256 lo, hi;
+};
+inline Lanes16 lanes_zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+template <DType T>
+inline Lanes16 lanes_weights(const uint16_t* w) {
+  const __m128i h0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
+  const __m128i h1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 8));
+  if constexpr (T == DType::BF16)
+    return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h0), 16)),
+            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h1), 16))};
+  else return {_mm256_cvtph_ps(h0), _mm256_cvtph_ps(h1)};
+}
+inline Lanes16 lanes_fma(const float* x, Lanes16 w, Lanes16 acc) {
+  return {_mm256_fmadd_ps(_mm256_loadu_ps(x), w.lo, acc.lo), _mm256_fmadd_ps(_mm256_loadu_ps(x + 8), w.hi, acc.hi)};
+}
+inline float lanes_sum(Lanes16 acc) { return hsum256(_mm256_add_ps(acc.lo, acc.hi)); }
+#endif
+#endif
+
+template <DType T>
+inline float w16_to_f32(uint16_t h) {
+  if constexpr (T == DType::BF16) return bf16_to_f32(h);
+  else return f16_to_f32(h);
+}
+
+template <DType T>
+inline float dot16(const float* x, const uint16_t* w, int n) {
+#ifdef PKV_AVX2
+  Lanes16 acc = lanes_zero();
   int i = 0;
-  for (; i + 16 <= n; i += 16) {
-    __m256i w0 = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + i))), 16);
-    __m256i w1 = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + i + 8))), 16);
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_castsi256_ps(w0), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_castsi256_ps(w1), acc1);
-  }
-  float s = hsum256(_mm256_add_ps(acc0, acc1));
-  for (; i < n; ++i) s += a[i] * bf16_to_f32(b[i]);
+  for (; i + 16 <= n; i += 16) acc = lanes_fma(x + i, lanes_weights<T>(w + i), acc);
+  float s = lanes_sum(acc);
+  for (; i < n; ++i) s = std::fma(x[i], w16_to_f32<T>(w[i]), s);
   return s;
 #else
   float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int i = 0;
   for (; i + 8 <= n; i += 8)
-    for (int j = 0; j < 8; ++j) s[j] += a[i + j] * bf16_to_f32(b[i + j]);
-  for (; i < n; ++i) s[0] += a[i] * bf16_to_f32(b[i]);
+    for (int j = 0; j < 8; ++j) s[j] += x[i + j] * w16_to_f32<T>(w[i + j]);
+  for (; i < n; ++i) s[0] += x[i] * w16_to_f32<T>(w[i]);
   return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
 #endif
 }
 
-inline float dot_f16(const float* a, const uint16_t* b, int n) {
+// Four input rows against one 16-bit weight row (linear_rows: a batch reads each weight row once),
+// each bit-identical to dot16 on its own.
+template <DType T>
+inline void dot4_16(const float* x, size_t stride, const uint16_t* w, int n, float* out) {
 #ifdef PKV_AVX2
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  Lanes16 acc[4] = {lanes_zero(), lanes_zero(), lanes_zero(), lanes_zero()};
   int i = 0;
   for (; i + 16 <= n; i += 16) {
-    __m256 w0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + i)));
-    __m256 w1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + i + 8)));
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), w0, acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), w1, acc1);
-  }
-  float s = hsum256(_mm256_add_ps(acc0, acc1));
-  for (; i < n; ++i) s += a[i] * f16_to_f32(b[i]);
-  return s;
-#else
-  float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int j = 0; j < 8; ++j) s[j] += a[i + j] * f16_to_f32(b[i + j]);
-  for (; i < n; ++i) s[0] += a[i] * f16_to_f32(b[i]);
-  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
-#endif
-}
-
-// Four dot products against one 16-bit weight row, each bit-identical to dot_bf16 / dot_f16 on its
-// own (the same two accumulators per row, the same order, the same tail): the weights are converted
-// once per 16 elements and used for all four rows, so a batch reads each weight row once.
-inline void dot4_16(DType t, const float* x, size_t stride, const uint16_t* w, int n, float* out) {
-#ifdef PKV_AVX2
-  __m256 acc[4][2];
-  for (auto& r : acc) r[0] = r[1] = _mm256_setzero_ps();
-  int i = 0;
-  for (; i + 16 <= n; i += 16) {
-    __m256 w0, w1;
-    if (t == DType::BF16) {
-      w0 = _mm256_castsi256_ps(
-          _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i))), 16));
-      w1 = _mm256_castsi256_ps(
-          _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i + 8))), 16));
-    } else {
-      w0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i)));
-      w1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i + 8)));
-    }
-    for (int r = 0; r < 4; ++r) {
-      const float* xr = x + size_t(r) * stride;
-      acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + i), w0, acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + i + 8), w1, acc[r][1]);
-    }
+    const Lanes16 wl = lanes_weights<T>(w + i);
+    for (int r = 0; r < 4; ++r) acc[r] = lanes_fma(x + size_t(r) * stride + i, wl, acc[r]);
   }
   for (int r = 0; r < 4; ++r) {
     const float* xr = x + size_t(r) * stride;
-    float s = hsum256(_mm256_add_ps(acc[r][0], acc[r][1]));
-    for (int j = i; j < n; ++j) s += xr[j] * (t == DType::BF16 ? bf16_to_f32(w[j]) : f16_to_f32(w[j]));
+    float s = lanes_sum(acc[r]);
+    for (int j = i; j < n; ++j) s = std::fma(xr[j], w16_to_f32<T>(w[j]), s);
     out[r] = s;
   }
 #else
-  for (int r = 0; r < 4; ++r)
-    out[r] = t == DType::BF16 ? dot_bf16(x + size_t(r) * stride, w, n) : dot_f16(x + size_t(r) * stride, w, n);
+  for (int r = 0; r < 4; ++r) out[r] = dot16<T>(x + size_t(r) * stride, w, n);
 #endif
+}
+
+// One input row against four consecutive 16-bit weight rows (decode: four independent FMA chains in
+// flight, four streams of weights), each bit-identical to dot16 on its own. The weights are read
+// once, so the next blocks are prefetched kAhead bytes further on in each row.
+template <DType T>
+inline void dot_rows4_16(const float* x, const uint16_t* w, size_t ld, int n, float* out) {
+#ifdef PKV_AVX2
+  constexpr int kAhead = 1024;
+  Lanes16 acc[4] = {lanes_zero(), lanes_zero(), lanes_zero(), lanes_zero()};
+  int i = 0;
+  for (; i + 32 <= n; i += 32) {
+    for (int r = 0; r < 4; ++r) __builtin_prefetch(reinterpret_cast<const char*>(w + size_t(r) * ld + i) + kAhead, 0, 3);
+    for (int r = 0; r < 4; ++r) acc[r] = lanes_fma(x + i, lanes_weights<T>(w + size_t(r) * ld + i), acc[r]);
+    for (int r = 0; r < 4; ++r) acc[r] = lanes_fma(x + i + 16, lanes_weights<T>(w + size_t(r) * ld + i + 16), acc[r]);
+  }
+  for (; i + 16 <= n; i += 16)
+    for (int r = 0; r < 4; ++r) acc[r] = lanes_fma(x + i, lanes_weights<T>(w + size_t(r) * ld + i), acc[r]);
+  for (int r = 0; r < 4; ++r) {
+    const uint16_t* wr = w + size_t(r) * ld;
+    float s = lanes_sum(acc[r]);
+    for (int j = i; j < n; ++j) s = std::fma(x[j], w16_to_f32<T>(wr[j]), s);
+    out[r] = s;
+  }
+#else
+  for (int r = 0; r < 4; ++r) out[r] = dot16<T>(x, w + size_t(r) * ld, n);
+#endif
+}
+
+// y[o] = x . W[o] for o in [b, e): decode's matrix-vector product over 16-bit weights, four weight
+// rows at a time.
+template <DType T>
+void gemv16(const float* x, const uint16_t* w, int in, size_t b, size_t e, float* y) {
+  size_t o = b;
+  for (; o + 4 <= e; o += 4) dot_rows4_16<T>(x, w + o * size_t(in), size_t(in), in, y + o);
+  for (; o < e; ++o) y[o] = dot16<T>(x, w + o * size_t(in), in);
 }
 
 // n 16-bit values of a KV row (F16 or BF16) as float32 (exact); attention converts one short row
@@ -232,10 +274,10 @@ void linear(const float* x, int rows, const Linear& L, float* y) {
     // Decode: a matrix-vector product reading 16-bit weights directly.
     const uint16_t* w16 = static_cast<const uint16_t*>(W.data);
     parallel_for(size_t(out), 16, [&](size_t b, size_t e, int) {
-      for (int r = 0; r < rows; ++r)
-        for (size_t o = b; o < e; ++o)
-          y[size_t(r) * out + o] = W.dtype == DType::BF16 ? dot_bf16(x + size_t(r) * in, w16 + o * size_t(in), in)
-                                                          : dot_f16(x + size_t(r) * in, w16 + o * size_t(in), in);
+      for (int r = 0; r < rows; ++r) {
+        if (W.dtype == DType::BF16) gemv16<DType::BF16>(x + size_t(r) * in, w16, in, b, e, y + size_t(r) * out);
+        else gemv16<DType::F16>(x + size_t(r) * in, w16, in, b, e, y + size_t(r) * out);
+      }
     });
     add_bias(L, rows, y);
     return;
@@ -299,12 +341,13 @@ void linear_rows(const float* x, int rows, const Linear& L, float* y) {
       const uint16_t* wo = w16 + o * size_t(in);
       int r = 0;
       for (; r + 4 <= rows; r += 4) {
-        dot4_16(W.dtype, x + size_t(r) * in, size_t(in), wo, in, four);
+        if (W.dtype == DType::BF16) dot4_16<DType::BF16>(x + size_t(r) * in, size_t(in), wo, in, four);
+        else dot4_16<DType::F16>(x + size_t(r) * in, size_t(in), wo, in, four);
         for (int k = 0; k < 4; ++k) y[size_t(r + k) * out + o] = four[k];
       }
       for (; r < rows; ++r)
         y[size_t(r) * out + o] =
-            W.dtype == DType::BF16 ? dot_bf16(x + size_t(r) * in, wo, in) : dot_f16(x + size_t(r) * in, wo, in);
+            W.dtype == DType::BF16 ? dot16<DType::BF16>(x + size_t(r) * in, wo, in) : dot16<DType::F16>(x + size_t(r) * in, wo, in);
     }
   });
   add_bias(L, rows, y);

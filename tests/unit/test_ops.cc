@@ -118,6 +118,53 @@ TEST(Gemm16, EqualsTheFmaChainBitForBitAndStaysWithinItsBound) {
   set_num_threads(saved);
 }
 
+// Decode's products (1-2 rows of 16-bit weights: four weight rows at a time, prefetched) and
+// linear_rows' small batches (four input rows per weight row) share one arithmetic: every value the
+// same bits whichever path, grouping or thread count computes it (so a sequence decoded in a batch
+// equals it decoded alone), and within the float32 bound of the exact product,
+// |y - exact| <= gamma_n * sum_k |x_k w_k| (each of at most n = in sequential roundings on any
+// path of the summation tree).
+TEST(DecodeDots, EveryPathGivesTheSameBitsWithinTheBound) {
+  const int saved = num_threads();
+  for (DType dt : {DType::F16, DType::BF16})
+    for (auto [out, in] : {std::pair{301, 77}, std::pair{7, 4105}, std::pair{13, 33}, std::pair{10, 16}}) {
+      SCOPED_TRACE(std::string(dtype_name(dt)) + " out " + std::to_string(out) + " in " + std::to_string(in));
+      std::mt19937 rng(uint32_t(out * 11 + in));
+      auto L = make_linear(out, in, dt, rng, true);
+      std::normal_distribution<float> nd;
+      const int max_rows = 9;
+      std::vector<float> x(size_t(max_rows) * in);
+      for (auto& v : x) v = nd(rng);
+      std::vector<float> single(size_t(max_rows) * out);
+      set_num_threads(1);
+      for (int r = 0; r < max_rows; ++r) ops::linear(x.data() + size_t(r) * in, 1, L.lin, single.data() + size_t(r) * out);
+      for (int threads : {1, 2, 3}) {
+        set_num_threads(threads);
+        std::vector<float> two(size_t(2) * out, NAN);
+        ops::linear(x.data(), 2, L.lin, two.data());
+        ASSERT_EQ(0, std::memcmp(two.data(), single.data(), two.size() * 4)) << threads << " threads";
+        for (int rows : {1, 3, 4, 5, 9}) {
+          std::vector<float> y(size_t(rows) * out, NAN);
+          ops::linear_rows(x.data(), rows, L.lin, y.data());
+          ASSERT_EQ(0, std::memcmp(y.data(), single.data(), y.size() * 4)) << rows << " rows, " << threads << " threads";
+        }
+      }
+      const auto* w = static_cast<const uint16_t*>(L.view.data);
+      const double u = std::ldexp(1.0, -24), gamma = (in + 1) * u / (1 - (in + 1) * u);  // + 1: the bias
+      for (int r = 0; r < max_rows; ++r)
+        for (int o = 0; o < out; ++o) {
+          double exact = L.lin.b[size_t(o)], mag = std::fabs(exact);
+          for (int k = 0; k < in; ++k) {
+            const uint16_t h = w[size_t(o) * in + k];
+            const double p = double(x[size_t(r) * in + k]) * (dt == DType::F16 ? f16_to_f32(h) : bf16_to_f32(h));
+            exact += p, mag += std::fabs(p);
+          }
+          ASSERT_LE(std::fabs(single[size_t(r) * out + o] - exact), gamma * mag) << r << ", " << o;
+        }
+    }
+  set_num_threads(saved);
+}
+
 class Attention : public ::testing::TestWithParam<int> {};
 
 // n_q = 5 takes the per-query path, n_q = 40 the blocked BLAS path.
