@@ -12,7 +12,7 @@
 # still packs what finished):
 #
 #   for p in build desc_lo desc_mid desc_hi desc_profiles questions_lo questions_mid questions_hi \
-#            questions_profiles text text_profiles tables; do bash bench/gpu_grid.sh $p; done
+#            questions_profiles text_lo text_mid text_hi text_profiles tables; do bash bench/gpu_grid.sh $p; done
 #
 # (`bash bench/gpu_grid.sh all` runs the same phases in one command where no limit applies.) Each call
 # leaves its files in $OUT/results.tar, and a copy of its results JSON in $KEEP on the machine, from
@@ -32,12 +32,13 @@
 #                      offline cutoff profile (docs/results/profiles/cutoff_wov2_floor05_cap15_n32.json),
 #                      one evaluation per profile (~4.5 min)
 #   questions_lo/mid/hi, questions_profiles   (b) the same, answers up to 16 tokens; the no-image
-#                      control in questions_lo (~2-4 min each: not measured on the GPU before)
-#   text, text_profiles  (c) the same at 10-90% (the main run ~3-4 min, the profiles ~1-2 min)
+#                      control in questions_lo (~4-5 min each, estimated from the CPU engine: the
+#                      GPU has not run this testbed before)
+#   text_lo/mid/hi, text_profiles   (c) the same (~2 min each, estimated likewise)
 #   tables             per testbed: bench/grid_tables.py merges the phases' results into one JSON
 #                      (grid_<testbed>.json.gz; the verdicts recomputed against the best baseline of
-#                      all of them, as eval computes them), writes the
-#                      markdown tables (grid_tables.md), the quality-against-budget plot
+#                      all of them, as eval computes them), writes the markdown tables
+#                      (grid_tables.md: PPL, accuracy or top-1, KLD), the quality-against-budget plot
 #                      (grid_<testbed>.svg) and heat maps of the kept entries per layer and KV head
 #                      (heatmap_<testbed>.svg, bench/kv_heatmap.py) at 20% and 50% kept
 # Environment: DEVICE (cuda; cpu runs every GPU evaluation on the CPU engine instead, for a test),
@@ -168,7 +169,7 @@ profiles_part() {
 # merge TESTBED: the phases' results in $KEEP -> one JSON, tables, plot and heat map in $OUT.
 merge_testbed() {
   local tb=$1 files=() f
-  for part in lo mid hi all; do
+  for part in lo mid hi; do
     for f in "$KEEP/${tb}_${part}.json" "$KEEP/${tb}_${part}_look.json"; do [ -f "$f" ] && files+=("$f"); done
   done
   [ -f "$KEEP/${tb}_prompt_profile.json" ] && files+=("$KEEP/${tb}_prompt_profile.json=prompt profile")
@@ -178,7 +179,7 @@ merge_testbed() {
     return 0
   fi
   python3 bench/grid_tables.py merge --out "$OUT/grid_$tb.json" "${files[@]}" || return 0
-  python3 bench/grid_tables.py tables "$OUT/grid_$tb.json" >> "$OUT/grid_tables.md" || true
+  python3 bench/grid_tables.py tables --kld "$OUT/grid_$tb.json" >> "$OUT/grid_tables.md" || true
   python3 bench/grid_tables.py plot "$OUT/grid_$tb.json" --out "$OUT/grid_$tb.svg" || true
   python3 bench/kv_heatmap.py "$OUT/grid_$tb.json" --budgets 0.2,0.5 --out "$OUT/heatmap_$tb.svg" \
     --policies "adakv,prefixkv,prefixkv:pool=0,cutoff:wov2:floor=0.5:cap=1.5,cutoff:vnorm:floor=0.5:cap=1.5,prefixkv:wov2,${LOOK%%,*}" \
@@ -198,7 +199,9 @@ run_phase() {
     questions_mid) ensure_built; main_part questions mid "$MID" ;;
     questions_hi) ensure_built; main_part questions hi "$HI" ;;
     questions_profiles) ensure_built; profiles_part questions ;;
-    text) ensure_built; main_part text all "$ALL_BUDGETS" ;;
+    text_lo) ensure_built; main_part text lo "$LO" ;;
+    text_mid) ensure_built; main_part text mid "$MID" ;;
+    text_hi) ensure_built; main_part text hi "$HI" ;;
     text_profiles) ensure_built; profiles_part text ;;
     tables)
       rm -f "$OUT/grid_tables.md"
@@ -213,7 +216,7 @@ run_phase() {
 for phase in "$@"; do
   if [ "$phase" = all ]; then
     for p in build desc_lo desc_mid desc_hi desc_profiles questions_lo questions_mid questions_hi \
-             questions_profiles text text_profiles tables; do
+             questions_profiles text_lo text_mid text_hi text_profiles tables; do
       run_phase $p
     done
   else

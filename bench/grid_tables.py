@@ -8,14 +8,15 @@ one results JSON, written as markdown tables and plotted. Python 3 standard libr
     python3 bench/grid_tables.py plot grid_desc.json --out grid_desc.svg
     python3 bench/grid_tables.py check RESULTS.json     # the bootstrap recomputed against eval's own
 
-Inputs and the merged file may be gzipped (a name ending in .gz). merge: every input must be the same testbed on the same samples (the per-sample ids); the full cache
-and its intervals are the first input's (the others' full-cache PPL is compared with it and the
-largest relative difference printed). `FILE=LABEL` appends " [LABEL]" to the names of that file's
-configs that are no uniform-budget baseline (a record's "label") (two runs with different --kv-profile both have a
-`prefixkv`); a file measured on another device than the first gets " [DEVICE]" the same way. A config
-that two inputs both hold is taken from the first. Each config's paired interval against the best
-uniform-budget baseline at its budget (`vs_best_baseline`) is then recomputed over the baselines of
-all inputs, exactly as `prefixkv eval` computes it within one run (src/eval/bootstrap.cc: the same
+Inputs and the merged file may be gzipped (a name ending in .gz). merge: every input must be the
+same testbed on the same samples (the per-sample ids); the full cache and its intervals are the first
+input's (the others' full-cache PPL is compared with it and the largest relative difference printed).
+`FILE=LABEL` gives that file's configs that are no uniform-budget baseline the label " [LABEL]" (a
+record's "label", part of its name in the tables: two runs with different --kv-profile both have a
+`prefixkv`); a file measured on another kind of device than the first gets " [cpu]" or " [cuda]" the
+same way. A config that two inputs both hold is taken from the first. Each config's paired interval
+against the best uniform-budget baseline at its budget (`vs_best_baseline`) is then recomputed over
+the baselines of all inputs, exactly as `prefixkv eval` computes it within one run (src/eval/bootstrap.cc: the same
 splitmix64 resamples of the same seed, the same metrics from the per-sample sums, the same
 percentiles and verdicts, issue 13's rule in `meets_goal`); the per-cell intervals (`ci`) are the
 inputs' own. `check` recomputes one eval's comparisons and reports how far they are from its own.
@@ -201,7 +202,10 @@ def merge(args):
         worst_full = max(worst_full, abs(r["full"]["ppl"] / first["full"]["ppl"] - 1))
         if "no_image" in r and "no_image" not in merged:
             merged["no_image"] = r["no_image"]
-        tags = ([label] if label else []) + ([r["device"]] if r.get("device") != first.get("device") else [])
+        kind = (r.get("device") or "?").split()[0]  # cpu or cuda; the full string stays in "sources"
+        if r.get("device") != first.get("device") and kind == (first.get("device") or "?").split()[0]:
+            print(f"merge: {path} ran on {r.get('device')}, {srcs[0][0]} on {first.get('device')}", file=sys.stderr)
+        tags = ([label] if label else []) + ([kind] if kind != (first.get("device") or "?").split()[0] else [])
         suffix = "".join(f" [{t}]" for t in tags)
         merged["sources"].append({"file": path, "label": label, "device": r.get("device"), "seconds": r.get("seconds"),
                                   "full_ppl": r["full"]["ppl"], "settings": r.get("settings")})
