@@ -11,10 +11,10 @@
 # well under its 10-minute limit (a phase stops its evaluations at PHASE_SECONDS, default 560 s, and
 # still packs what finished):
 #
-#   for p in build desc_lo desc_mid desc_hi desc_profiles questions_lo questions_mid questions_hi \
+#   for p in "build smoke" desc_lo desc_mid desc_hi desc_profiles questions_lo questions_mid questions_hi \
 #            questions_profiles text_lo text_mid text_hi text_profiles tables; do bash bench/gpu_grid.sh $p; done
 #
-# (`bash bench/gpu_grid.sh all` runs the same phases in one command where no limit applies.) Each call
+# (`bash bench/gpu_grid.sh all` runs every phase but smoke in one command where no limit applies.) Each call
 # leaves its files in $OUT/results.tar, and a copy of its results JSON in $KEEP on the machine, from
 # which `tables` merges them. If the machine went back between calls, merge here instead from the
 # unpacked tars: `KEEP=folder-with-all-json bash bench/gpu_grid.sh tables` (OUT set; any machine).
@@ -22,6 +22,10 @@
 # Phases (times expected on one H100 from the earlier grid, about 0.047 s per config and scene):
 #   build              prefixkv with the CUDA back end in $BUILD (default build-gpu) and the CPU-only
 #                      build-cpu16 (skipped where both exist; every phase below builds what it lacks)
+#   smoke              every evaluation below at 10-30% kept on 2 scenes / 4 questions / 2 windows
+#                      (24-token answers, 100 resamples; results in $KEEP/../smoke and smoke/ in the
+#                      tar), then its tables: the device takes every policy before the long phases
+#                      (~1-2 min)
 #   desc_lo/mid/hi     (a) at 10-30% / 40-60% / 70-90% kept: the baselines (streaming, h2o, snapkv,
 #                      pyramidkv, adakv, uniform-prefix), prefixkv (the project default: the shipped
 #                      answer-allocated profile, pooled ranking), cutoff:wov2:floor=0.5:cap=1.5 and
@@ -203,6 +207,11 @@ run_phase() {
     text_mid) ensure_built; main_part text mid "$MID" ;;
     text_hi) ensure_built; main_part text hi "$HI" ;;
     text_profiles) ensure_built; profiles_part text ;;
+    smoke)
+      ensure_built
+      OUT=$OUT/smoke LIMIT=2 QLIMIT=4 TLIMIT=2 MAXTOK=24 BOOTSTRAP=100 KEEP=$KEEP/../smoke LO=$LO \
+        bash "$0" desc_lo desc_profiles questions_lo text_lo tables
+      ;;
     tables)
       rm -f "$OUT/grid_tables.md"
       for tb in desc questions text; do merge_testbed $tb; done
