@@ -36,9 +36,17 @@
 #                      offline cutoff profile (docs/results/profiles/cutoff_wov2_floor05_cap15_n32.json),
 #                      one evaluation per profile (~4.5 min)
 #   questions_lo/mid/hi, questions_profiles   (b) the same, answers up to 16 tokens; the no-image
-#                      control in questions_lo (~4-5 min each, estimated from the CPU engine: the
-#                      GPU has not run this testbed before)
+#                      control in questions_lo (~4-6 min each, estimated from the CPU engine's time
+#                      per config and question: the GPU has not run this testbed before)
 #   text_lo/mid/hi, text_profiles   (c) the same (~2 min each, estimated likewise)
+#   In all some 45-55 minutes of device time besides the build: more than one session's 30 minutes,
+#   so the calls may span machines; then merge the tars' JSON with `tables` as above.
+#   desc_prompt_profile, desc_cutoff_profile (and questions_..., text_...)   one of a _profiles
+#                      phase's two evaluations alone
+#   desc@B,B... (questions@..., text@...)   the main part at the budgets B (results TESTBED_atB-B.json,
+#                      merged like the others; questions with the no-image control where B has 0.1):
+#                      where a phase came near its limit, rerun it split, e.g. questions@0.1,0.2 and
+#                      questions@0.3 instead of questions_lo (drop the stopped run's JSON from $KEEP)
 #   tables             per testbed: bench/grid_tables.py merges the phases' results into one JSON
 #                      (grid_<testbed>.json.gz; the verdicts recomputed against the best baseline of
 #                      all of them, as eval computes them), writes the markdown tables
@@ -162,19 +170,22 @@ main_part() {
 }
 
 # The profiles: one evaluation each (a run takes one --kv-profile).
-profiles_part() {
-  local tb=$1
-  evr "${tb}_prompt_profile" "$DEV_BIN" "$tb" --budgets "$ALL_BUDGETS" --policies prefixkv:pool=0 \
+prompt_profile_part() {
+  evr "${1}_prompt_profile" "$DEV_BIN" "$1" --budgets "$ALL_BUDGETS" --policies prefixkv:pool=0 \
     --kv-profile "$PROMPT_PROFILE" "${DEV[@]}"
-  evr "${tb}_cutoff_profile" "$DEV_BIN" "$tb" --budgets "$ALL_BUDGETS" --policies prefixkv:wov2,prefixkv \
+}
+cutoff_profile_part() {
+  evr "${1}_cutoff_profile" "$DEV_BIN" "$1" --budgets "$ALL_BUDGETS" --policies prefixkv:wov2,prefixkv \
     --kv-profile "$CUTOFF_PROFILE" "${DEV[@]}"
 }
 
 # merge TESTBED: the phases' results in $KEEP -> one JSON, tables, plot and heat map in $OUT.
 merge_testbed() {
   local tb=$1 files=() f
-  for part in lo mid hi; do
-    for f in "$KEEP/${tb}_${part}.json" "$KEEP/${tb}_${part}_look.json"; do [ -f "$f" ] && files+=("$f"); done
+  # The main runs first (lo's full cache is the merged one), then the others (TESTBED@BUDGETS phases).
+  for f in "$KEEP/${tb}_lo.json" "$KEEP/${tb}_mid.json" "$KEEP/${tb}_hi.json" "$KEEP/${tb}"_at*.json \
+           "$KEEP/${tb}"_*_look.json; do
+    [[ -f $f && " ${files[*]} " != *" $f "* ]] && files+=("$f")
   done
   [ -f "$KEEP/${tb}_prompt_profile.json" ] && files+=("$KEEP/${tb}_prompt_profile.json=prompt profile")
   [ -f "$KEEP/${tb}_cutoff_profile.json" ] && files+=("$KEEP/${tb}_cutoff_profile.json=cutoff profile")
@@ -198,15 +209,23 @@ run_phase() {
     desc_lo) ensure_built; main_part desc lo "$LO" ;;
     desc_mid) ensure_built; main_part desc mid "$MID" ;;
     desc_hi) ensure_built; main_part desc hi "$HI" ;;
-    desc_profiles) ensure_built; profiles_part desc ;;
+    desc_profiles) ensure_built; prompt_profile_part desc; cutoff_profile_part desc ;;
     questions_lo) ensure_built; main_part questions lo "$LO" --no-image-control ;;
     questions_mid) ensure_built; main_part questions mid "$MID" ;;
     questions_hi) ensure_built; main_part questions hi "$HI" ;;
-    questions_profiles) ensure_built; profiles_part questions ;;
+    questions_profiles) ensure_built; prompt_profile_part questions; cutoff_profile_part questions ;;
     text_lo) ensure_built; main_part text lo "$LO" ;;
     text_mid) ensure_built; main_part text mid "$MID" ;;
     text_hi) ensure_built; main_part text hi "$HI" ;;
-    text_profiles) ensure_built; profiles_part text ;;
+    text_profiles) ensure_built; prompt_profile_part text; cutoff_profile_part text ;;
+    desc_prompt_profile | questions_prompt_profile | text_prompt_profile) ensure_built; prompt_profile_part "${1%%_*}" ;;
+    desc_cutoff_profile | questions_cutoff_profile | text_cutoff_profile) ensure_built; cutoff_profile_part "${1%%_*}" ;;
+    desc@* | questions@* | text@*)  # TESTBED@BUDGETS: the main part at other budgets
+      ensure_built
+      local tb=${1%%@*} b=${1#*@} extra=()
+      [ "$tb" = questions ] && [[ ,$b, == *,0.1,* ]] && extra=(--no-image-control)
+      main_part "$tb" "at${b//,/-}" "$b" "${extra[@]}"
+      ;;
     smoke)
       ensure_built
       OUT=$OUT/smoke LIMIT=2 QLIMIT=4 TLIMIT=2 MAXTOK=24 BOOTSTRAP=100 KEEP=$KEEP/../smoke LO=$LO \
