@@ -470,7 +470,8 @@ def plot(args):
         recs = sorted((r for r in res["records"] if config_name(r) == n), key=lambda r: r["budget"])
         for m in series:
             series[m].append((n, [(r["budget"], r[m] if r.get(m) is not None else float("nan")) for r in recs]))
-    w, h, legend = 440, 340, 300
+    w, h = 440, 340
+    legend = max(300, 40 + 7 * max((len(n) for n in names), default=0))  # about 6.5 px a character at 11 px
     full = res["full"]
     e = panel(0, w, h, "PPL of the reference answers" if quality == "accuracy" else "PPL of the continuation", "PPL",
               series["ppl"], True, full.get("ppl"))
