@@ -228,7 +228,7 @@ run_phase() {
       ;;
     smoke)
       ensure_built
-      OUT=$OUT/smoke LIMIT=2 QLIMIT=4 TLIMIT=2 MAXTOK=24 BOOTSTRAP=100 KEEP=$KEEP/../smoke LO=$LO \
+      OUT=$OUT/smoke LIMIT=2 QLIMIT=4 TLIMIT=2 MAXTOK=24 BOOTSTRAP=100 KEEP=$KEEP/../smoke LO=$LO PHASE_SECONDS=120 \
         bash "$0" desc_lo desc_profiles questions_lo text_lo tables
       ;;
     tables)
