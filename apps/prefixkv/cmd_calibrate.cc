@@ -41,6 +41,8 @@ const std::vector<OptionSpec> kCalibrateOptions = with_options({
     {"allocate-by", "RULE", "how the layer budgets follow from the scores: prefix (PrefixKV's equal retention, "
                             "default) or cutoff[:OPTION]... (one threshold across layers, e.g. cutoff:wov:floor=0.5: "
                             "options as in a policy name, docs/RESULTS.md)"},
+    {"heads", "", "also store a per-(layer, KV head) table (budgets[].head_keep, docs/FORMATS.md): PrefixKV's search "
+                  "over the layers' KV heads on each head's own importance; prefixkv then allocates per head"},
     {"dump-importance", "DIR", "write each sample's per-layer importance [layers, tokens] as .npy"},
     {"import-official", "FILE", "build the profile from the authors' prefixkv_<model>_<r>.json files instead", true, true},
     {"threads", "N", "worker threads (default: all cores)"},
@@ -102,6 +104,7 @@ int cmd_calibrate(int argc, char** argv) {
     opt.protected_count = popt.protected_count;
     opt.allocation = args.str("allocate-from", "prompt");
     opt.layer_rule = args.str("allocate-by", "prefix");
+    opt.heads = args.has("heads");
     if (opt.allocation != "prompt" && opt.allocation != "answer")
       fail("--allocate-from", "must be prompt or answer, got '" + opt.allocation + "'");
     const int limit = args.integer("samples", 0);

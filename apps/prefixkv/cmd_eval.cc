@@ -39,7 +39,9 @@ const std::vector<OptionSpec> kEvalOptions = with_options({
                      "data/eval/questions.json: short questions, detail_1k) or a text testbed (data/text/heldout.json)"},
     {"image-dir", "DIR", "folder the data's image names are relative to (default: the data file's folder)"},
     {"truth", "FILE", "ground truth for the task checker (default: truth.json next to the data, if present)"},
-    {"policies", "LIST", "comma-separated policies (default: all but full)"},
+    {"policies", "LIST", "comma-separated policies (default: all but full); a name may carry options, "
+                         "NAME:KEY[=VALUE]... (run --help, --kv-policy), e.g. cutoff:wov2:floor=0.5 or "
+                         "prefixkv-online:heads (budgets per layer and KV head)"},
     {"budgets", "LIST", "comma-separated kept fractions (default 0.1,...,0.9)"},
     {"estimators", "LIST", "importance estimators for the prefix policies: window (default), paper, normalized, "
                            "answer (an oracle: the reference answer's own teacher-forced attention)"},

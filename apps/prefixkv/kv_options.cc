@@ -17,6 +17,12 @@ std::vector<OptionSpec> kv_option_specs(const std::vector<std::string>& names) {
   static const std::string policy_help = [] {
     std::string h = "KV-cache policy (default full):";
     for (const PolicyInfo& p : policy_infos()) h += "\n      " + p.name + ": " + p.help;
+    h += "\n    A name may carry options, NAME:KEY[=VALUE]... (e.g. cutoff:wov:floor=0.5; keys w, floor, cap, grid, "
+         "look, reduce, pool as the options below). uniform-prefix, prefixkv-online and prefixkv take heads "
+         "(= alloc=head; alloc=layer is the default): budgets per (layer, KV head), each head ranking by its own "
+         "attention and the retention search run over heads (prefixkv: the profile's per-head table, used by "
+         "default when it has one), and hfloor=F, each head's floor as a share of the uniform count (default "
+         "--kv-head-floor; hfloor=0: the plain search). The head form needs the window, paper or normalized sum";
     return h;
   }();
   static const std::vector<OptionSpec> all = {
@@ -30,7 +36,8 @@ std::vector<OptionSpec> kv_option_specs(const std::vector<std::string>& names) {
                               "(as SnapKV does; default 7, measured best; 0 = off, METHOD.md's plain ranking)"},
       {"kv-decode", "RULE", "decode-time length: proportional (METHOD.md section 4, default) or cap"},
       {"kv-head-floor", "ALPHA", "adakv: each KV head keeps at least this share of its even share of the layer's "
-                                 "selected entries, in [0, 1] (Ada-KV's alpha, default 0.2)"},
+                                 "selected entries, in [0, 1] (Ada-KV's alpha, default 0.2); the prefix policies' "
+                                 "heads form: at least this share of the uniform count per head (hfloor=F)"},
       {"kv-value-weight", "W", "prefix policies and cutoff: weight each entry's attention by its value, none "
                                "(default), vnorm (||v||_1), wov (||W_o v||_1 per query head) or wov2 (||W_o v||_2 through "
                                "per-head Gram matrices: the same ranking measured, cheaper; the GPU measures none, vnorm "

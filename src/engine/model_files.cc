@@ -34,6 +34,7 @@ std::unique_ptr<KVPolicy> make_policy_for_model(const std::string& name, PolicyO
   if (policy_info(name).needs_profile) {
     profile.check_compatible(model_identity(model));
     opt.keep_fractions = profile.keep_fractions(opt.budget);
+    opt.head_keep_fractions = profile.head_keep_fractions(opt.budget);
   }
   return make_policy(name, opt);
 }

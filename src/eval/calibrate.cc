@@ -63,9 +63,14 @@ CalibrateResult calibrate(Backend& backend, const Engine& engine, const std::vec
     PolicyOptions o;
     apply_policy_spec(opt.layer_rule, o, "--allocate-by");
   }
+  if (opt.heads && (opt.layer_rule != "prefix" || opt.allocation != "prompt"))
+    fail("--heads", "the per-head table is PrefixKV's search on each KV head's prompt importance: it needs "
+                    "--allocate-by prefix and --allocate-from prompt");
   const Model& model = engine.model();
-  const int L = model.config().text.n_layers;
+  const int L = model.config().text.n_layers, H = model.config().text.n_kv_heads;
   const size_t B = opt.budgets.size();
+  // Per budget, per (layer, head) unit l * H + h: the sum of the per-sample k_lh.
+  std::vector<std::vector<double>> head_sum(opt.heads ? B : 0, std::vector<double>(size_t(L) * size_t(H), 0.0));
   // Per budget, per layer: sum, sum of squares, min and max of the per-sample k_l.
   std::vector<std::vector<double>> sum(B, std::vector<double>(size_t(L), 0.0)), sq = sum,
                                    mn(B, std::vector<double>(size_t(L), 1e9)), mx(B, std::vector<double>(size_t(L), -1e9));
@@ -122,6 +127,20 @@ CalibrateResult calibrate(Backend& backend, const Engine& engine, const std::vec
         mx[bi][size_t(l)] = std::max(mx[bi][size_t(l)], k);
       }
     }
+    if (opt.heads) {  // each KV head's own scores: the search over the L x H units
+      const ImportanceRequest req = estimator_request(opt.estimator, opt.window, N);
+      check_prompt_importance(req, N);
+      const std::unique_ptr<Backend::SharedPrefill> sh = backend.prefill_shared(*p, {});
+      backend.add_head_importance(*sh, *p, req.from, "prefixkv calibrate --heads");
+      std::vector<std::vector<float>> units;
+      for (const auto& l : sh->head_importance_for(req.from))
+        for (int h = 0; h < H; ++h)
+          units.push_back(estimator_scores(opt.estimator, std::vector<float>(l.begin() + ptrdiff_t(h) * N, l.begin() + ptrdiff_t(h + 1) * N), N));
+      for (size_t bi = 0; bi < B; ++bi) {
+        const std::vector<int> n = prefix_budgets(units, std::llround(opt.budgets[bi] * N * L * H), std::min(N, opt.protected_count));
+        for (size_t u = 0; u < n.size(); ++u) head_sum[bi][u] += double(n[u]) / N;
+      }
+    }
     ids.push_back(s.id);
     if (opt.on_progress) opt.on_progress(ids.size(), target);
   }
@@ -154,6 +173,12 @@ CalibrateResult calibrate(Backend& backend, const Engine& engine, const std::vec
     // The mean over samples of exact per-sample totals is already b up to rounding of b N L; make
     // it exact (METHOD.md section 3).
     rescale_to_mean(pb.keep, opt.budgets[bi], 0.0, 1.0);
+    if (opt.heads) {
+      std::vector<double> k = head_sum[bi];
+      for (double& x : k) x /= used;
+      rescale_to_mean(k, opt.budgets[bi], 0.0, 1.0);
+      for (int l = 0; l < L; ++l) pb.head_keep.emplace_back(k.begin() + ptrdiff_t(l) * H, k.begin() + ptrdiff_t(l + 1) * H);
+    }
     profile.set_budget(std::move(pb));
   }
   return r;

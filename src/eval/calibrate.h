@@ -24,6 +24,10 @@ struct CalibrateOptions {
   // "cutoff[:OPTION]..." (kv/cutoff.h: value weighting, pooling, floor; the offline form of the
   // cutoff policy).
   std::string layer_rule = "prefix";
+  // Also a per-(layer, KV head) table (ProfileBudget::head_keep): per sample, PrefixKV's search over
+  // the L x H units on each KV head's own scores (kv/prefix_policy.h), averaged like the layers'.
+  // With the prompt's estimator and the prefix rule only.
+  bool heads = false;
   size_t limit = 0;                   // the first `limit` usable samples (0: all)
   std::string image_mode;             // "" = the model's
   std::string data;                   // the data file's name, recorded in the profile

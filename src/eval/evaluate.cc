@@ -247,7 +247,10 @@ class Evaluator {
     if (p) o.image_offset = p->image_offset, o.image_tokens = p->image_tokens;  // grid pooling
     o.budget = c.budget;
     if (!c.estimator.empty()) o.estimator = estimator_from_name(c.estimator);
-    if (policy_info(c.policy).needs_profile) o.keep_fractions = opt_.profile->keep_fractions(c.budget);
+    if (policy_info(c.policy).needs_profile) {
+      o.keep_fractions = opt_.profile->keep_fractions(c.budget);
+      o.head_keep_fractions = opt_.profile->head_keep_fractions(c.budget);
+    }
     return make_policy(c.policy, o);
   }
   std::unique_ptr<KVPolicy> make_member(size_t m, const PreparedPrompt& p) const {

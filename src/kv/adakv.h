@@ -51,15 +51,6 @@ class AdaKVPolicy : public BudgetedPolicy {
   // budget is the whole prompt are left shared.
   KeepPlan after_prefill(const CacheView& cache, const std::vector<std::vector<float>>& importance,
                          int prompt_len) override;
-  KeepPlan after_decode_step(const CacheView& cache, int total_tokens,
-                             const std::vector<std::vector<float>>* step_importance) override;
-  // Entries each KV head kept after the prefill ([layers][kv heads]; a layer left whole: N each).
-  const std::vector<std::vector<int>>& prefill_kept_per_head() const { return head_kept_; }
-
- private:
-  // The fixed place's rule on one list of positions down to `target` entries; the indices kept.
-  std::vector<int32_t> evict_to(std::span<const int32_t> positions, int prefill_kept, int target) const;
-  std::vector<std::vector<int>> head_kept_;
 };
 
 }  // namespace pkv

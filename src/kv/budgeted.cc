@@ -43,6 +43,7 @@ std::vector<int32_t> BudgetedPolicy::select(int, const std::vector<float>& impor
 KeepPlan BudgetedPolicy::after_prefill(const CacheView& cache, const std::vector<std::vector<float>>& importance,
                                        int N) {
   prompt_len_ = N;
+  head_kept_.clear();
   const int L = cache.n_layers();
   std::vector<int> n = layer_budgets(importance, N, L);
   PKV_ASSERT(int(n.size()) == L);
@@ -80,8 +81,98 @@ int BudgetedPolicy::fixed_place_victim(std::span<const int32_t> positions, int p
   return i;
 }
 
+int BudgetedPolicy::check_head_importance(const CacheView& cache, const std::vector<std::vector<float>>& importance,
+                                          int N) const {
+  const int L = cache.n_layers(), H = cache.kv_heads();
+  if (H == 0) fail(name(), "needs a cache whose KV heads hold their own entries; this one keeps the same in every head");
+  if (int(importance.size()) != L)
+    fail(name(), "needs per-KV-head importance for " + std::to_string(L) + " layers, got " +
+                     std::to_string(importance.size()));
+  for (int l = 0; l < L; ++l)
+    if (int(importance[size_t(l)].size()) != H * N)
+      fail(name(), "layer " + std::to_string(l) + " importance has " + std::to_string(importance[size_t(l)].size()) +
+                       " values, expected " + std::to_string(H) + " KV heads x " + std::to_string(N));
+  return H;
+}
+
+KeepPlan BudgetedPolicy::head_plan(const CacheView& cache, int N, const std::vector<int>& layer_kept,
+                                   const std::function<std::vector<std::vector<int32_t>>(int)>& select) {
+  const int L = cache.n_layers(), H = cache.kv_heads();
+  PKV_ASSERT(int(layer_kept.size()) == L && H > 0);
+  prefill_kept_ = layer_kept;
+  keep_fraction_.assign(size_t(L), 1.0);
+  head_kept_.assign(size_t(L), std::vector<int>(size_t(H), N));
+  KeepPlan plan;
+  for (int l = 0; l < L; ++l) {
+    PKV_ASSERT(!cache.per_head(l) && cache.size(l) == N);
+    keep_fraction_[size_t(l)] = double(layer_kept[size_t(l)]) / N;
+    LayerKeep k(l, cache.held(l), {});  // a shared layer: its N entries
+    k.head_keep = select(l);
+    if (k.head_keep.empty()) continue;
+    PKV_ASSERT(int(k.head_keep.size()) == H);
+    for (int h = 0; h < H; ++h) head_kept_[size_t(l)][size_t(h)] = int(k.head_keep[size_t(h)].size());
+    plan.layers.push_back(std::move(k));
+  }
+  return plan;
+}
+
+namespace {
+// The fixed place's rule on one list of positions down to `target` entries; the indices kept.
+std::vector<int32_t> evict_to(std::span<const int32_t> now, int target, const std::function<int(std::span<const int32_t>)>& victim) {
+  std::vector<int32_t> positions(now.begin(), now.end()), keep(now.size());
+  std::iota(keep.begin(), keep.end(), 0);
+  while (int(keep.size()) > target) {
+    const int v = victim(positions);
+    if (v >= int(keep.size()) - 1) break;  // nothing evictable
+    positions.erase(positions.begin() + v);
+    keep.erase(keep.begin() + v);
+  }
+  return keep;
+}
+}  // namespace
+
+KeepPlan BudgetedPolicy::head_decode_step(const CacheView& cache, int T) const {
+  KeepPlan plan;
+  const int N = prompt_len_;
+  auto target_of = [&](int prefill_kept, int held) {
+    int t = opt_.decode_rule == DecodeRule::Proportional ? int(std::lround(double(prefill_kept) / N * T)) : prefill_kept;
+    return std::max(t, std::min(held, opt_.protected_count + 1));
+  };
+  auto evict = [&](std::span<const int32_t> now, int prefill_kept, int target) {
+    return evict_to(now, target, [&](std::span<const int32_t> p) { return fixed_place_victim(p, prefill_kept); });
+  };
+  for (int l = 0; l < cache.n_layers(); ++l) {
+    if (!cache.per_head(l)) {  // a layer the prefill left whole: the shared rule, prefill count N
+      const std::span<const int32_t> now = cache.positions(l);
+      const int held = int(now.size()), target = target_of(N, held);
+      if (held <= target) continue;
+      std::vector<int32_t> keep = evict(now, N, target);
+      if (int(keep.size()) < held) plan.layers.push_back(LayerKeep{l, held, std::move(keep), false});
+      continue;
+    }
+    LayerKeep k(l, cache.held(l), {});
+    bool changes = false;
+    for (int h = 0; h < cache.kv_heads(); ++h) {
+      const std::span<const int32_t> now = cache.head_positions(l, h);
+      const int held = int(now.size()), kept = head_kept_[size_t(l)][size_t(h)];
+      std::vector<int32_t> keep =
+          held > target_of(kept, held) ? evict(now, kept, target_of(kept, held)) : std::vector<int32_t>();
+      if (keep.empty() || int(keep.size()) == held) {
+        keep.resize(size_t(held));
+        std::iota(keep.begin(), keep.end(), 0);
+      } else {
+        changes = true;
+      }
+      k.head_keep.push_back(std::move(keep));
+    }
+    if (changes) plan.layers.push_back(std::move(k));
+  }
+  return plan;
+}
+
 KeepPlan BudgetedPolicy::after_decode_step(const CacheView& cache, int T, const std::vector<std::vector<float>>*) {
   KeepPlan plan;
+  if (!head_kept_.empty()) return head_decode_step(cache, T);
   if (prefill_kept_.empty()) return plan;  // prefill kept everything
   for (int l = 0; l < cache.n_layers(); ++l) {
     const int held = cache.size(l);

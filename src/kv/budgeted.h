@@ -2,6 +2,7 @@
 // the protected tokens, the selection made into a keep plan, and the decode-time rule of METHOD.md
 // section 4. A policy overrides only what makes it different.
 #pragma once
+#include <functional>
 #include <span>
 #include <string>
 #include <vector>
@@ -20,6 +21,9 @@ class BudgetedPolicy : public KVPolicy {
                              const std::vector<std::vector<float>>* step_importance) override;
 
   const PolicyOptions& options() const { return opt_; }
+  // Entries each KV head kept after the prefill ([layers][kv heads]; a layer left whole: N each;
+  // empty for a policy whose plans keep the same entries in every head).
+  const std::vector<std::vector<int>>& prefill_kept_per_head() const { return head_kept_; }
   // The kept fraction for this request (a token budget becomes tokens / N).
   double budget_fraction(int prompt_len) const;
 
@@ -41,6 +45,21 @@ class BudgetedPolicy : public KVPolicy {
   int fixed_place_victim(std::span<const int32_t> positions, int prefill_kept) const;
   // Keeps per-policy per-entry state aligned with the layer after evicting index `i`.
   virtual void on_evicted(int l, int i) { (void)l, (void)i; }
+
+  // Per-head plans (adakv; the prefix policies' head allocation). The KV heads of `cache` after
+  // checking that its heads hold their own entries and that importance[l] has kv_heads * N values
+  // (ImportanceRequest::per_kv_head); else one error naming the policy.
+  int check_head_importance(const CacheView& cache, const std::vector<std::vector<float>>& importance, int N) const;
+  // The prefill plan from per-head keep lists: layer l's heads keep select(l) ([kv heads] lists of
+  // ascending indices), or the layer stays shared when select(l) is empty. Records prefill_kept_
+  // (layer_kept, each layer's count per head on average), keep_fraction_ and head_kept_.
+  KeepPlan head_plan(const CacheView& cache, int N, const std::vector<int>& layer_kept,
+                     const std::function<std::vector<std::vector<int32_t>>(int layer)>& select);
+  // The decode-time rule per head (kv/adakv.h): each KV head is what a layer is to the shared rule.
+  KeepPlan head_decode_step(const CacheView& cache, int total_tokens) const;
+  // Entries each KV head kept after the prefill ([layers][kv heads]; a layer left whole: N each);
+  // empty when the prefill made no per-head plan.
+  std::vector<std::vector<int>> head_kept_;
 
   // The prompt's protected entries (indices = positions right after the prefill).
   std::vector<int32_t> protected_indices(int N) const;

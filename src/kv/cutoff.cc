@@ -152,8 +152,19 @@ void apply_policy_spec(const std::string& spec, PolicyOptions& o, const std::str
       o.query_reduce = query_reduce_from_name(val, where);
     } else if (key == "pool") {
       o.prefix_pool = integer(0);
+    } else if (eq == std::string::npos && key == "heads") {
+      o.alloc = PolicyOptions::Alloc::Head;
+    } else if (key == "alloc") {
+      if (val == "head") o.alloc = PolicyOptions::Alloc::Head;
+      else if (val == "layer") o.alloc = PolicyOptions::Alloc::Layer;
+      else fail(where, "'alloc' takes layer or head, got '" + val + "'");
+    } else if (key == "hfloor") {
+      const double v = real();
+      if (!(v >= 0 && v <= 1)) fail(where, "'hfloor' takes a fraction of the uniform count per head in [0, 1], got '" + val + "'");
+      o.head_floor = v;
     } else {
-      fail(where, "unknown option '" + item + "' (w=none|vnorm|wov|wov2, floor=F, cap=C, grid=K, look=K, reduce=sum|mean|max, pool=K)");
+      fail(where, "unknown option '" + item + "' (w=none|vnorm|wov|wov2, floor=F, cap=C, grid=K, look=K, reduce=sum|mean|max, "
+                  "pool=K, heads, alloc=layer|head, hfloor=F)");
     }
   }
 }

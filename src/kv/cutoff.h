@@ -39,8 +39,9 @@ std::vector<float> pool_scores(const std::vector<float>& s, int seq_kernel, int 
 // options (each overrides PolicyOptions for this policy only, so one evaluation can compare
 // variants): w=none|vnorm|wov|wov2 (or the bare word), floor=F (layer_floor, [0, 1]), cap=C
 // (layer_evict_cap, 0 or >= 1), grid=K (grid_pool),
-// look=K (lookahead), reduce=sum|mean|max, pool=K (prefix_pool). Returns NAME; errors name `option`
-// and the spec.
+// look=K (lookahead), reduce=sum|mean|max, pool=K (prefix_pool), heads or alloc=head|layer (alloc: the
+// prefix policies' head-level allocation, kv/prefix_policy.h), hfloor=F (head_floor, [0, 1]: adakv's
+// and the head allocation's floor per head). Returns NAME; errors name `option` and the spec.
 std::string policy_base_name(const std::string& spec);
 void apply_policy_spec(const std::string& spec, PolicyOptions& opt, const std::string& option = "--kv-policy");
 

@@ -65,8 +65,16 @@ struct PolicyOptions {
   double pyramid_beta = 20;  // PyramidKV: the last layer keeps avg / beta
   double head_floor = 0.2;  // adakv: each KV head keeps at least this share of its even share of the
                             // layer's selected entries (Ada-KV's alpha; 0.2: the authors' LongBench
-                            // script, FFY0/AdaKV experiments/LongBench/pred.py --floor_alpha)
+                            // script, FFY0/AdaKV experiments/LongBench/pred.py --floor_alpha); the prefix
+                            // policies' head allocation: of the uniform count per head (hfloor=F)
   std::vector<double> keep_fractions;  // prefixkv: per-layer k_l from the profile for this budget
+  // Head-level allocation of the prefix policies (uniform-prefix, prefixkv, prefixkv-online): the
+  // search over (layer, KV head) units instead of layers (kv/prefix_policy.h). Default: per layer,
+  // except prefixkv with a profile whose budgets hold a per-head table (head_keep_fractions).
+  // Policy name keys `heads`, alloc=layer|head; the per-head floor is head_floor (hfloor=F).
+  enum class Alloc { Default, Layer, Head };
+  Alloc alloc = Alloc::Default;
+  std::vector<std::vector<double>> head_keep_fractions;  // prefixkv: [layers][kv heads] k_lh from the profile
   // Layer allocation and ranking beyond PrefixKV (src/kv/cutoff.h; issue 13 items 2 and 3):
   ValueWeight value_weight = ValueWeight::None;  // prefix policies: attention weighted by the value
   double layer_floor = 0.0;  // cutoff: each layer keeps at least this fraction of the uniform budget

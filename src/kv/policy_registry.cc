@@ -156,6 +156,21 @@ std::unique_ptr<KVPolicy> make_policy(const std::string& name, const PolicyOptio
     fail("--kv-layer-floor", "must be in [0, 1], got " + std::to_string(o.layer_floor));
   if (o.grid_pool < 0) fail("--kv-grid-pool", "must not be negative");
   if (o.lookahead < 0) fail("--kv-lookahead", "must not be negative");
+  if (o.alloc == PolicyOptions::Alloc::Head) {  // the prefix policies' head-level allocation (kv/prefix_policy.h)
+    const std::string where = "--kv-policy " + name;
+    if (base != "uniform-prefix" && base != "prefixkv" && base != "prefixkv-online")
+      fail(where, "'heads' (alloc=head) is the head-level allocation of the prefix policies: uniform-prefix, "
+                  "prefixkv, prefixkv-online (adakv allocates per head already)");
+    if (o.value_weight != ValueWeight::None || o.lookahead > 0 || o.query_reduce != QueryReduce::Sum)
+      fail(where, "'heads' ranks by each KV head's own attention summed over the prompt's queries; value weights, "
+                  "lookahead and query reduces other than sum are measured per layer only");
+    if (base == "prefixkv" && o.head_keep_fractions.empty() && !o.keep_fractions.empty())
+      fail(where, "needs a profile with a per-head table (budgets[].head_keep: prefixkv calibrate --heads); this "
+                  "one has per-layer fractions only");
+    if (o.estimator == Estimator::Answer)
+      fail(where, "'heads' measures each KV head's importance on the prompt's own queries; the answer estimator is "
+                  "measured per layer only");
+  }
   for (const Entry& e : registry())
     if (e.info.name == base) return e.make(o);
   fail("--kv-policy", "unknown policy '" + base + "' (available: " + all_names() + ")");

@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <iterator>
 #include <map>
 #include <sstream>
@@ -239,6 +240,11 @@ Profile Profile::parse(const std::string& text, const std::string& where) {
     b.keep_std = r.opt_numbers(budgets[i], fld, "keep_std");
     b.keep_min = r.opt_numbers(budgets[i], fld, "keep_min");
     b.keep_max = r.opt_numbers(budgets[i], fld, "keep_max");
+    if (budgets[i].contains("head_keep") && !budgets[i]["head_keep"].is_null()) {
+      const json& t = budgets[i]["head_keep"];
+      if (!t.is_array()) r.bad(fld + ".head_keep", std::string("must be an array of per-layer arrays (got ") + type_name(t) + ")");
+      for (size_t l = 0; l < t.size(); ++l) b.head_keep.push_back(r.numbers(t[l], fld + ".head_keep[" + std::to_string(l) + "]"));
+    }
     p.budgets.push_back(std::move(b));
   }
   p.validate(where);
@@ -300,6 +306,28 @@ void Profile::validate(const std::string& where) const {
     check_list(b.keep_std, "keep_std", false, 0.0, 1.0);
     check_list(b.keep_min, "keep_min", false, 0.0, 1.0);
     check_list(b.keep_max, "keep_max", false, 0.0, 1.0);
+    if (b.head_keep.empty() != budgets[0].head_keep.empty())
+      r.bad(fld + ".head_keep", "every budget or none must have a per-head table (budgets[0] " +
+                                    std::string(budgets[0].head_keep.empty() ? "has none" : "has one") + ")");
+    if (!b.head_keep.empty()) {
+      if (b.head_keep.size() != L)
+        r.bad(fld + ".head_keep", "has " + std::to_string(b.head_keep.size()) + " layers, but the profile has " +
+                                      std::to_string(L) + " (model.n_layers)");
+      const size_t H = budgets[0].head_keep[0].size();
+      std::vector<double> all;
+      for (size_t l = 0; l < L; ++l) {
+        const std::string f = fld + ".head_keep[" + std::to_string(l) + "]";
+        if (b.head_keep[l].empty() || b.head_keep[l].size() != H)
+          r.bad(f, "has " + std::to_string(b.head_keep[l].size()) + " KV heads, budgets[0].head_keep[0] has " + std::to_string(H));
+        for (size_t h = 0; h < H; ++h)
+          if (!(std::isfinite(b.head_keep[l][h]) && b.head_keep[l][h] >= 0 && b.head_keep[l][h] <= 1))
+            r.bad(f + "[" + std::to_string(h) + "]", fmt(b.head_keep[l][h]) + " is outside [0, 1]");
+        all.insert(all.end(), b.head_keep[l].begin(), b.head_keep[l].end());
+      }
+      if (source == "calibrated" && std::abs(mean_of(all) - b.budget) > kMeanTolerance)
+        r.bad(fld + ".head_keep", "mean over layers and heads is " + fmt(mean_of(all)) + ", not the budget " +
+                                      fmt(b.budget) + " (calibrated profiles must match within 1e-6)");
+    }
     if (source == "calibrated") {
       const double m = mean_of(b.keep);
       if (std::abs(m - b.budget) > kMeanTolerance)
@@ -339,6 +367,7 @@ std::string Profile::to_json() const {
     if (!b.keep_std.empty()) e["keep_std"] = b.keep_std;
     if (!b.keep_min.empty()) e["keep_min"] = b.keep_min;
     if (!b.keep_max.empty()) e["keep_max"] = b.keep_max;
+    if (!b.head_keep.empty()) e["head_keep"] = b.head_keep;
     bs.push_back(e);
   }
   j["budgets"] = bs;
@@ -390,40 +419,60 @@ void Profile::set_budget(ProfileBudget entry) {
   budgets.insert(it, std::move(entry));
 }
 
-std::vector<double> Profile::keep_fractions(double budget, double min_fraction) const {
-  const std::string where = path.empty() ? std::string("profile") : path;
+namespace {
+// Profile::keep_fractions' rules on any per-unit list of a budget (`units` of them: its layers, or its
+// (layer, head) pairs flattened).
+std::vector<double> fractions_for(const Profile& p, double budget, double min_fraction, size_t units,
+                                  const std::function<std::vector<double>(const ProfileBudget&)>& of) {
+  const std::string where = p.path.empty() ? std::string("profile") : p.path;
   if (!(budget > 0 && budget <= 1)) fail(where, "budget " + fmt(budget) + " is outside (0, 1]");
   if (!(min_fraction >= 0 && min_fraction <= budget))
     fail(where, "minimum keep fraction " + fmt(min_fraction) + " is outside [0, budget " + fmt(budget) + "]");
-  if (budgets.empty()) fail(where, "profile has no budgets");
-  const size_t L = size_t(model.n_layers);
-  for (const auto& b : budgets)
-    if (b.keep.size() != L) fail(where, "budget " + fmt(b.budget) + " has " + std::to_string(b.keep.size()) +
-                                            " keep fractions for " + std::to_string(L) + " layers");
+  if (p.budgets.empty()) fail(where, "profile has no budgets");
+  for (const auto& b : p.budgets)
+    if (of(b).size() != units) fail(where, "budget " + fmt(b.budget) + " has " + std::to_string(of(b).size()) +
+                                               " keep fractions for " + std::to_string(units) + (units == size_t(p.model.n_layers) ? " layers" : " (layer, head) units"));
 
   std::vector<double> k;
-  if (const ProfileBudget* exact = find(budget)) {
-    k = exact->keep;
+  if (const ProfileBudget* exact = p.find(budget)) {
+    k = of(*exact);
   } else {
     const ProfileBudget* lower = nullptr;
     const ProfileBudget* upper = nullptr;
-    for (const auto& b : budgets) {
+    for (const auto& b : p.budgets) {
       if (b.budget < budget) lower = &b;
       else if (!upper && b.budget > budget) upper = &b;
     }
     if (!lower) {
-      k = upper->keep;  // below the smallest budget: its shape, rescaled below
+      k = of(*upper);  // below the smallest budget: its shape, rescaled below
     } else {
-      const std::vector<double> ones(L, 1.0);
-      const std::vector<double>& hi = upper ? upper->keep : ones;  // budget 1.0 keeps everything
+      const std::vector<double> lo = of(*lower), hi = upper ? of(*upper) : std::vector<double>(units, 1.0);  // budget 1.0 keeps everything
       const double b_hi = upper ? upper->budget : 1.0;
       const double t = (budget - lower->budget) / (b_hi - lower->budget);
-      k.resize(L);
-      for (size_t l = 0; l < L; ++l) k[l] = (1 - t) * lower->keep[l] + t * hi[l];
+      k.resize(units);
+      for (size_t u = 0; u < units; ++u) k[u] = (1 - t) * lo[u] + t * hi[u];
     }
   }
   rescale_to_mean(k, budget, min_fraction, 1.0);
   return k;
+}
+}  // namespace
+
+std::vector<double> Profile::keep_fractions(double budget, double min_fraction) const {
+  return fractions_for(*this, budget, min_fraction, size_t(model.n_layers), [](const ProfileBudget& b) { return b.keep; });
+}
+
+std::vector<std::vector<double>> Profile::head_keep_fractions(double budget, double min_fraction) const {
+  if (!has_head_table()) return {};
+  const size_t L = size_t(model.n_layers), H = budgets[0].head_keep[0].size();
+  const std::vector<double> k = fractions_for(*this, budget, min_fraction, L * H, [&](const ProfileBudget& b) {
+    std::vector<double> flat;
+    for (const auto& l : b.head_keep) flat.insert(flat.end(), l.begin(), l.end());
+    return flat;
+  });
+  std::vector<std::vector<double>> t(L);
+  for (size_t l = 0; l < L; ++l) t[l].assign(k.begin() + ptrdiff_t(l * H), k.begin() + ptrdiff_t((l + 1) * H));
+  return t;
 }
 
 void Profile::check_compatible(const ModelIdentity& m) const {

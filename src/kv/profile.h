@@ -24,6 +24,10 @@ struct ProfileBudget {
   std::vector<double> keep_std;  // standard deviation of the per-sample k_l
   std::vector<double> keep_min;  // smallest per-sample k_l
   std::vector<double> keep_max;  // largest per-sample k_l
+  // Optional per-(layer, KV head) keep fractions k_lh ([n_layers][kv heads]; `prefixkv calibrate
+  // --heads`: the retention search over heads, kv/prefix_policy.h), mean over all = budget. Either
+  // every budget of a profile has one (with the same head count) or none has.
+  std::vector<std::vector<double>> head_keep;
 };
 
 // One file an imported profile was made from (`prefixkv_<model>_<r>.json`).
@@ -91,6 +95,11 @@ struct Profile {
   // The raw stored values stay available through find(). Errors: budget outside (0, 1],
   // min_fraction outside [0, budget], an empty profile.
   std::vector<double> keep_fractions(double budget, double min_fraction = 0.0) const;
+  // The per-head table's keep fractions for `budget` ([n_layers][kv heads]), by the same rules over
+  // all (layer, head) units (stored, interpolated, then rescaled to the mean `budget`); empty when
+  // the profile has no per-head table.
+  std::vector<std::vector<double>> head_keep_fractions(double budget, double min_fraction = 0.0) const;
+  bool has_head_table() const { return !budgets.empty() && !budgets[0].head_keep.empty(); }
 
   // Throws pkv::Error naming both identities when the profile does not fit `m`:
   //  - the layer counts must be equal;

@@ -16,6 +16,7 @@
 #include "kv/kv_cache.h"
 #include "kv/policy.h"
 #include "model/model.h"
+#include "random_kv.h"
 #include "test_util.h"
 
 using namespace pkv;
@@ -24,24 +25,8 @@ namespace {
 
 constexpr double kU = 1.0 / 16777216.0;  // float32's unit roundoff, 2^-24
 
-std::vector<float> random_vec(std::mt19937& rng, size_t n, float lo = -1.f, float hi = 1.f) {
-  std::uniform_real_distribution<float> u(lo, hi);
-  std::vector<float> x(n);
-  for (float& f : x) f = u(rng);
-  return x;
-}
-
-KVCache random_cache(std::mt19937& rng, int layers, int n, int kv_heads, int head_dim) {
-  KVCache c(layers, kv_heads * head_dim, kv_heads);
-  std::vector<int32_t> pos(static_cast<size_t>(n));
-  std::iota(pos.begin(), pos.end(), 0);
-  for (int l = 0; l < layers; ++l) {
-    const std::vector<float> k = random_vec(rng, size_t(n) * kv_heads * head_dim),
-                             v = random_vec(rng, size_t(n) * kv_heads * head_dim);
-    c.layer(l).append(k.data(), v.data(), pos.data(), n);
-  }
-  return c;
-}
+using test::random_cache;
+using test::random_vec;
 
 // The properties of one layer's selection (kv/adakv.h): totals, the fixed entries in every head, the
 // floor, and one cutoff across the heads except where the floor keeps an entry.
