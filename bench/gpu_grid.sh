@@ -28,12 +28,13 @@
 #                      (~1-2 min)
 #   desc_lo/mid/hi     (a) at 10-30% / 40-60% / 70-90% kept: the baselines (streaming, h2o, snapkv,
 #                      pyramidkv, adakv, uniform-prefix), prefixkv (the project default: the shipped
-#                      answer-allocated profile, pooled ranking), cutoff:wov2:floor=0.5:cap=1.5 and
+#                      profile, the offline cutoff profile below; pooled ranking), cutoff:wov2:floor=0.5:cap=1.5 and
 #                      cutoff:vnorm:floor=0.5:cap=1.5 on the GPU (28 members x 200 scenes: ~4.5 min),
 #                      and at the same time the lookahead forms ($LOOK, CPU-only) on the CPU's cores
 #   desc_profiles      (a) at 10-90%: `prefixkv:pool=0` with the prompt-allocated profile of the grid
-#                      (METHOD.md's method as written), then `prefixkv:wov2`, `prefixkv:vnorm` and
-#                      `prefixkv` with the offline cutoff profile (docs/results/profiles/cutoff_wov2_floor05_cap15_n32.json),
+#                      (METHOD.md's method as written), then `prefixkv:wov2` and `prefixkv:vnorm` with
+#                      the offline cutoff profile (docs/results/profiles/cutoff_wov2_floor05_cap15_n32.json,
+#                      the model's shipped profile: plain `prefixkv` runs in the main part),
 #                      one evaluation per profile (~4.5 min)
 #   questions_lo/mid/hi, questions_profiles   (b) the same, answers up to 16 tokens; the no-image
 #                      control in questions_lo (~4-6 min each, estimated from the CPU engine's time
@@ -175,7 +176,7 @@ prompt_profile_part() {
     --kv-profile "$PROMPT_PROFILE" "${DEV[@]}"
 }
 cutoff_profile_part() {
-  evr "${1}_cutoff_profile" "$DEV_BIN" "$1" --budgets "$ALL_BUDGETS" --policies prefixkv:wov2,prefixkv:vnorm,prefixkv \
+  evr "${1}_cutoff_profile" "$DEV_BIN" "$1" --budgets "$ALL_BUDGETS" --policies prefixkv:wov2,prefixkv:vnorm \
     --kv-profile "$CUTOFF_PROFILE" "${DEV[@]}"
 }
 
