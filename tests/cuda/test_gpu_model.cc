@@ -451,7 +451,7 @@ TEST(GpuModel, PoolHoldsThePolicysEntriesWithTheCpuValues) {
   const int kvd = l.model->config().text.n_kv_heads * l.model->config().text.head_dim;
   for (const std::string& name : policy_names()) {
     if (name == "prefixkv") continue;  // needs a profile; its selection is prefixkv-online's
-    if (policy(name, 0.3)->per_head()) continue;  // per-head layers: AdaKVKeepsTheCpusEntriesPerHead
+    if (policy(name, 0.3)->per_head()) continue;  // per-head layers: PerHeadPoliciesKeepTheCpusEntriesPerHead
     SCOPED_TRACE(name);
     auto cpu_policy = policy(name, 0.3);
     auto gpu_policy = policy(name, 0.3);
@@ -768,7 +768,8 @@ TEST(GpuModel, AdoptedPrefillsEqualTheirOwnPrefill) {
   }
 }
 
-// A per-head policy (adakv) on the GPU, given the CPU's per-KV-head importance (so both decide on
+// The per-head policies (adakv; the prefix policies' head allocation, prefixkv-online:heads and
+// uniform-prefix:heads) on the GPU, given the CPU's per-KV-head importance (so both decide on
 // the same numbers: GpuSession::adopt_prefill): every layer and KV head keeps exactly the CPU's
 // entries, in order; each head table holds, bit for bit, the uncompressed GPU cache's K and V of
 // those entries (head h's columns); the session holds exactly the sub-blocks the CPU's per-head
@@ -776,151 +777,153 @@ TEST(GpuModel, AdoptedPrefillsEqualTheirOwnPrefill) {
 // blocks in use are the split blocks those fill, the uncompressed cache's blocks released;
 // then greedy steps teacher-forced on the CPU's tokens: the same top-1 wherever the CPU's margin
 // exceeds the logit error (as (b)), every head one entry longer per step, still the CPU's entries.
-TEST(GpuModel, AdaKVKeepsTheCpusEntriesPerHead) {
+TEST(GpuModel, PerHeadPoliciesKeepTheCpusEntriesPerHead) {
   Loaded& l = load(kTiny);
   const int H = l.model->config().text.n_kv_heads, hd = l.model->config().text.head_dim, kvd = H * hd;
   const int T = l.T(), V = l.V(), steps = 8;
-  for (DType dt : kDtypes)
-    for (double budget : {0.3, 0.1}) {
-      SCOPED_TRACE(std::string(dtype_name(dt)) + " budget " + std::to_string(budget));
-      auto cpu_policy = policy("adakv", budget), gpu_policy = policy("adakv", budget);
-      ASSERT_TRUE(cpu_policy->per_head());
-      Session cpu(*l.model, *cpu_policy);
-      std::vector<float> lc(static_cast<size_t>(V)), lg(lc.size());
-      cpu.prefill(l.prompt, lc.data());
-      const ImportanceRequest req = cpu_policy->prefill_importance(T);
-      ASSERT_TRUE(req.per_kv_head);
-      FullPolicy full;
-      Session scratch(*l.model, full);
-      const std::vector<std::vector<float>> imp = scratch.prefill_uncompressed(l.prompt, nullptr, {req.from}, true)[0];
+  for (const std::string name : {"adakv", "prefixkv-online:heads", "uniform-prefix:heads:hfloor=0"})
+    for (DType dt : kDtypes)
+      for (double budget : {0.3, 0.1}) {
+        SCOPED_TRACE(name + " " + dtype_name(dt) + " budget " + std::to_string(budget));
+        auto cpu_policy = policy(name, budget), gpu_policy = policy(name, budget);
+        ASSERT_TRUE(cpu_policy->per_head());
+        Session cpu(*l.model, *cpu_policy);
+        std::vector<float> lc(static_cast<size_t>(V)), lg(lc.size());
+        cpu.prefill(l.prompt, lc.data());
+        const ImportanceRequest req = cpu_policy->prefill_importance(T);
+        ASSERT_TRUE(req.per_kv_head);
+        FullPolicy full;
+        Session scratch(*l.model, full);
+        const std::vector<std::vector<float>> imp = scratch.prefill_uncompressed(l.prompt, nullptr, {req.from}, true)[0];
 
-      GpuModel& gm = l.on(dt);
-      // Room for the uncompressed prompt, its copy, and a layer's head tables beside its shared table.
-      GpuKVPool pool(gm, pool_for(l, T + steps + 1, 3));
-      auto full_s = std::make_unique<GpuSession>(gm, pool, full);
-      full_s->prefill_uncompressed(l.prompt, lg.data(), {});
-      GpuSession gs(gm, pool, *gpu_policy);
-      gs.adopt_prefill(*full_s, imp);
-      const BlockPool& bp = pool.blocks();
-      int held = 0, subs = 0;  // blocks of shared layers, sub-blocks of head tables
-      for (int layer = 0; layer < l.L(); ++layer) {
-        const KVLayer& c = cpu.cache().layer(layer);
-        ASSERT_EQ(bp.per_head(gs.sequence(), layer), c.per_head()) << "layer " << layer;
-        if (!c.per_head()) {  // a layer the plan left whole
-          held += bp.blocks_for(c.size());
-          continue;
-        }
-        std::vector<float> fk, fv;  // the uncompressed cache: entry i holds position i
-        pool.read_layer(full_s->sequence(), layer, &fk, &fv, nullptr);
-        for (int h = 0; h < H; ++h) {
-          const std::span<const int32_t> g = gs.positions().head_positions(layer, h);
-          ASSERT_EQ(std::vector<int32_t>(g.begin(), g.end()),
-                    std::vector<int32_t>(c.head_positions(h), c.head_positions(h) + c.size(h)))
-              << "layer " << layer << " head " << h;
-          ASSERT_EQ(bp.head_entries(gs.sequence(), layer, h), c.size(h));
-          subs += (c.size(h) + bp.block_size() - 1) / bp.block_size();
-          std::vector<float> k, v, wk, wv;
-          pool.read_head(gs.sequence(), layer, h, &k, &v);
-          for (int32_t pos : g) {
-            wk.insert(wk.end(), fk.begin() + long(size_t(pos) * kvd + size_t(h) * hd), fk.begin() + long(size_t(pos) * kvd + size_t(h + 1) * hd));
-            wv.insert(wv.end(), fv.begin() + long(size_t(pos) * kvd + size_t(h) * hd), fv.begin() + long(size_t(pos) * kvd + size_t(h + 1) * hd));
+        GpuModel& gm = l.on(dt);
+        // Room for the uncompressed prompt, its copy, and a layer's head tables beside its shared table.
+        GpuKVPool pool(gm, pool_for(l, T + steps + 1, 3));
+        auto full_s = std::make_unique<GpuSession>(gm, pool, full);
+        full_s->prefill_uncompressed(l.prompt, lg.data(), {});
+        GpuSession gs(gm, pool, *gpu_policy);
+        gs.adopt_prefill(*full_s, imp);
+        const BlockPool& bp = pool.blocks();
+        int held = 0, subs = 0;  // blocks of shared layers, sub-blocks of head tables
+        for (int layer = 0; layer < l.L(); ++layer) {
+          const KVLayer& c = cpu.cache().layer(layer);
+          ASSERT_EQ(bp.per_head(gs.sequence(), layer), c.per_head()) << "layer " << layer;
+          if (!c.per_head()) {  // a layer the plan left whole
+            held += bp.blocks_for(c.size());
+            continue;
           }
-          EXPECT_EQ(k, wk) << "K of layer " << layer << " head " << h;
-          EXPECT_EQ(v, wv) << "V of layer " << layer << " head " << h;
+          std::vector<float> fk, fv;  // the uncompressed cache: entry i holds position i
+          pool.read_layer(full_s->sequence(), layer, &fk, &fv, nullptr);
+          for (int h = 0; h < H; ++h) {
+            const std::span<const int32_t> g = gs.positions().head_positions(layer, h);
+            ASSERT_EQ(std::vector<int32_t>(g.begin(), g.end()),
+                      std::vector<int32_t>(c.head_positions(h), c.head_positions(h) + c.size(h)))
+                << "layer " << layer << " head " << h;
+            ASSERT_EQ(bp.head_entries(gs.sequence(), layer, h), c.size(h));
+            subs += (c.size(h) + bp.block_size() - 1) / bp.block_size();
+            std::vector<float> k, v, wk, wv;
+            pool.read_head(gs.sequence(), layer, h, &k, &v);
+            for (int32_t pos : g) {
+              wk.insert(wk.end(), fk.begin() + long(size_t(pos) * kvd + size_t(h) * hd), fk.begin() + long(size_t(pos) * kvd + size_t(h + 1) * hd));
+              wv.insert(wv.end(), fv.begin() + long(size_t(pos) * kvd + size_t(h) * hd), fv.begin() + long(size_t(pos) * kvd + size_t(h + 1) * hd));
+            }
+            EXPECT_EQ(k, wk) << "K of layer " << layer << " head " << h;
+            EXPECT_EQ(v, wv) << "V of layer " << layer << " head " << h;
+          }
         }
+        EXPECT_EQ(bp.blocks_held(gs.sequence()), held);
+        EXPECT_EQ(bp.sub_blocks_held(gs.sequence()), subs) << "the sub-blocks of the CPU's per-head counts";
+        EXPECT_EQ(gs.kv_bytes(), size_t(held) * pool.block_bytes() + size_t(subs) * bp.sub_block_bytes());
+        full_s.reset();  // the uncompressed cache goes back to the pool
+        // Taken in order (the lowest free part first) with none freed since, one sequence's sub-blocks
+        // fill their blocks: ceil(subs / n_kv_heads) split blocks.
+        const BlockPoolStats st = bp.stats();
+        EXPECT_EQ(st.sub_blocks_used, subs);
+        EXPECT_EQ(bp.used_blocks(), held + st.split_blocks);
+        EXPECT_EQ(st.split_blocks, (subs + H - 1) / H) << "sub-blocks of one sequence fill their blocks in order";
+        // Bytes per layer and head: each head table's own blocks.
+        const std::vector<std::vector<size_t>> bytes = gs.kv_bytes_per_head();
+        size_t sum = 0;
+        for (int layer = 0; layer < l.L(); ++layer)
+          for (int h = 0; h < H; ++h) {
+            const KVLayer& c = cpu.cache().layer(layer);
+            EXPECT_EQ(bytes[size_t(layer)][size_t(h)], c.per_head() ? size_t(bp.head_blocks_for(c.size(h))) * bp.sub_block_bytes()
+                                                                    : size_t(bp.blocks_for(c.size())) * pool.block_bytes() / H);
+            sum += bytes[size_t(layer)][size_t(h)];
+          }
+        EXPECT_EQ(sum, gs.kv_bytes());
+        std::printf("gpu_model: (h) tiny %-4s %s %.1f: every layer and head keeps the CPU's entries; %d blocks + %d "
+                    "head sub-blocks (%zu bytes) held after the compaction, %d blocks for the uncompressed prompt\n",
+                    dtype_name(dt), name.c_str(), budget, held, subs, gs.kv_bytes(), l.L() * ((T + 15) / 16));
+
+        // Greedy steps teacher-forced on the CPU's tokens.
+        int unexplained = 0;
+        for (int i = 0; i < steps; ++i) {
+          cpu.step(l.cpu_tokens[size_t(i)], lc.data());
+          gs.step(l.cpu_tokens[size_t(i)], lg.data());
+          ASSERT_TRUE(all_finite(lg)) << "step " << i;
+          const int ct = argmax(lc.data(), V), gt = argmax(lg.data(), V);
+          if (ct != gt) {
+            const double margin = lc[size_t(ct)] - lc[size_t(gt)], noise = max_abs(lg.data(), lc.data(), size_t(V));
+            std::printf("gpu_model: (h) %s step %d: top-1 CPU %d GPU %d, CPU margin %.4g, max |logit diff| %.4g\n",
+                        name.c_str(), i, ct, gt, margin, noise);
+            unexplained += margin <= 2 * noise ? 0 : 1;
+          }
+        }
+        EXPECT_EQ(unexplained, 0) << "top-1 differs from the CPU's where the CPU's margin is larger than the logit error";
+        for (int layer = 0; layer < l.L(); ++layer)
+          for (int h = 0; h < H; ++h) {
+            const KVLayer& c = cpu.cache().layer(layer);
+            if (!c.per_head()) continue;
+            const std::span<const int32_t> g = gs.positions().head_positions(layer, h);
+            EXPECT_EQ(std::vector<int32_t>(g.begin(), g.end()),
+                      std::vector<int32_t>(c.head_positions(h), c.head_positions(h) + c.size(h)))
+                << "after the steps: layer " << layer << " head " << h;
+            EXPECT_EQ(bp.head_entries(gs.sequence(), layer, h), c.size(h));
+          }
+        pool.blocks().check_invariants();
+        if (name != "adakv") continue;  // the head tables' refusals: once
+
+        // What head tables do not support: one error each, nothing changed.
+        const int used = bp.used_blocks();
+        auto refused = [&](const std::function<void()>& f, const std::string& says, const std::string& what) {
+          try {
+            f();
+            ADD_FAILURE() << what << ": accepted";
+          } catch (const Error& e) {
+            EXPECT_NE(std::string(e.what()).find(says), std::string::npos) << what << ": " << e.what();
+          }
+          EXPECT_EQ(bp.used_blocks(), used) << what;
+        };
+        std::vector<std::vector<std::vector<float>>> step_imp;
+        const int32_t token = l.cpu_tokens[0], position = gs.position();
+        GpuDecodeBatch batch;
+        batch.seqs = {gs.sequence()}, batch.tokens = &token, batch.positions = &position, batch.importance = &step_imp;
+        refused([&] { gm.decode(pool, batch); }, "decode-time importance (H2O)", "decode importance");
+        GpuPrefillPart part;
+        part.seq = gs.sequence(), part.past = gs.position(), part.n = 1, part.pos = &position, part.ids = &token;
+        refused([&] { gm.prefill_parts(pool, {part}); }, "keeps its entries per KV head", "a prefill piece");
+        refused([&] { pool.read_layer(gs.sequence(), 0, nullptr, nullptr, nullptr); }, "read_head", "read_layer");
+        FullPolicy other;
+        GpuSession copy(gm, pool, other);
+        refused([&] { pool.copy_sequence(gs.sequence(), copy.sequence()); }, "per KV head", "copy_sequence");
+        EXPECT_EQ(gs.position(), T + steps);
+
+        // A decode-time-importance policy (H2O) batched with the per-head session: one step for both.
+        auto h2o_policy = policy("h2o", budget);
+        GpuSession h2o(gm, pool, *h2o_policy);
+        h2o.prefill(l.prompt, lg.data());
+        std::vector<float> both(size_t(2) * V);
+        const int32_t two[2] = {l.cpu_tokens[0], l.cpu_tokens[0]};
+        GpuSession::step_many({&gs, &h2o}, two, both.data());
+        EXPECT_TRUE(all_finite(both));
+        EXPECT_EQ(gs.position(), T + steps + 1);
       }
-      EXPECT_EQ(bp.blocks_held(gs.sequence()), held);
-      EXPECT_EQ(bp.sub_blocks_held(gs.sequence()), subs) << "the sub-blocks of the CPU's per-head counts";
-      EXPECT_EQ(gs.kv_bytes(), size_t(held) * pool.block_bytes() + size_t(subs) * bp.sub_block_bytes());
-      full_s.reset();  // the uncompressed cache goes back to the pool
-      // Taken in order (the lowest free part first) with none freed since, one sequence's sub-blocks
-      // fill their blocks: ceil(subs / n_kv_heads) split blocks.
-      const BlockPoolStats st = bp.stats();
-      EXPECT_EQ(st.sub_blocks_used, subs);
-      EXPECT_EQ(bp.used_blocks(), held + st.split_blocks);
-      EXPECT_EQ(st.split_blocks, (subs + H - 1) / H) << "sub-blocks of one sequence fill their blocks in order";
-      // Bytes per layer and head: each head table's own blocks.
-      const std::vector<std::vector<size_t>> bytes = gs.kv_bytes_per_head();
-      size_t sum = 0;
-      for (int layer = 0; layer < l.L(); ++layer)
-        for (int h = 0; h < H; ++h) {
-          const KVLayer& c = cpu.cache().layer(layer);
-          EXPECT_EQ(bytes[size_t(layer)][size_t(h)], c.per_head() ? size_t(bp.head_blocks_for(c.size(h))) * bp.sub_block_bytes()
-                                                                  : size_t(bp.blocks_for(c.size())) * pool.block_bytes() / H);
-          sum += bytes[size_t(layer)][size_t(h)];
-        }
-      EXPECT_EQ(sum, gs.kv_bytes());
-      std::printf("gpu_model: (h) tiny %-4s adakv %.1f: every layer and head keeps the CPU's entries; %d blocks + %d "
-                  "head sub-blocks (%zu bytes) held after the compaction, %d blocks for the uncompressed prompt\n",
-                  dtype_name(dt), budget, held, subs, gs.kv_bytes(), l.L() * ((T + 15) / 16));
-
-      // Greedy steps teacher-forced on the CPU's tokens.
-      int unexplained = 0;
-      for (int i = 0; i < steps; ++i) {
-        cpu.step(l.cpu_tokens[size_t(i)], lc.data());
-        gs.step(l.cpu_tokens[size_t(i)], lg.data());
-        ASSERT_TRUE(all_finite(lg)) << "step " << i;
-        const int ct = argmax(lc.data(), V), gt = argmax(lg.data(), V);
-        if (ct != gt) {
-          const double margin = lc[size_t(ct)] - lc[size_t(gt)], noise = max_abs(lg.data(), lc.data(), size_t(V));
-          std::printf("gpu_model: (h) adakv step %d: top-1 CPU %d GPU %d, CPU margin %.4g, max |logit diff| %.4g\n", i,
-                      ct, gt, margin, noise);
-          unexplained += margin <= 2 * noise ? 0 : 1;
-        }
-      }
-      EXPECT_EQ(unexplained, 0) << "top-1 differs from the CPU's where the CPU's margin is larger than the logit error";
-      for (int layer = 0; layer < l.L(); ++layer)
-        for (int h = 0; h < H; ++h) {
-          const KVLayer& c = cpu.cache().layer(layer);
-          if (!c.per_head()) continue;
-          const std::span<const int32_t> g = gs.positions().head_positions(layer, h);
-          EXPECT_EQ(std::vector<int32_t>(g.begin(), g.end()),
-                    std::vector<int32_t>(c.head_positions(h), c.head_positions(h) + c.size(h)))
-              << "after the steps: layer " << layer << " head " << h;
-          EXPECT_EQ(bp.head_entries(gs.sequence(), layer, h), c.size(h));
-        }
-      pool.blocks().check_invariants();
-
-      // What head tables do not support: one error each, nothing changed.
-      const int used = bp.used_blocks();
-      auto refused = [&](const std::function<void()>& f, const std::string& says, const std::string& what) {
-        try {
-          f();
-          ADD_FAILURE() << what << ": accepted";
-        } catch (const Error& e) {
-          EXPECT_NE(std::string(e.what()).find(says), std::string::npos) << what << ": " << e.what();
-        }
-        EXPECT_EQ(bp.used_blocks(), used) << what;
-      };
-      std::vector<std::vector<std::vector<float>>> step_imp;
-      const int32_t token = l.cpu_tokens[0], position = gs.position();
-      GpuDecodeBatch batch;
-      batch.seqs = {gs.sequence()}, batch.tokens = &token, batch.positions = &position, batch.importance = &step_imp;
-      refused([&] { gm.decode(pool, batch); }, "decode-time importance (H2O)", "decode importance");
-      GpuPrefillPart part;
-      part.seq = gs.sequence(), part.past = gs.position(), part.n = 1, part.pos = &position, part.ids = &token;
-      refused([&] { gm.prefill_parts(pool, {part}); }, "keeps its entries per KV head", "a prefill piece");
-      refused([&] { pool.read_layer(gs.sequence(), 0, nullptr, nullptr, nullptr); }, "read_head", "read_layer");
-      FullPolicy other;
-      GpuSession copy(gm, pool, other);
-      refused([&] { pool.copy_sequence(gs.sequence(), copy.sequence()); }, "per KV head", "copy_sequence");
-      EXPECT_EQ(gs.position(), T + steps);
-
-      // A decode-time-importance policy (H2O) batched with the per-head session: one step for both.
-      auto h2o_policy = policy("h2o", budget);
-      GpuSession h2o(gm, pool, *h2o_policy);
-      h2o.prefill(l.prompt, lg.data());
-      std::vector<float> both(size_t(2) * V);
-      const int32_t two[2] = {l.cpu_tokens[0], l.cpu_tokens[0]};
-      GpuSession::step_many({&gs, &h2o}, two, both.data());
-      EXPECT_TRUE(all_finite(both));
-      EXPECT_EQ(gs.position(), T + steps + 1);
-    }
 }
 
 // adakv through the cuda back end with the GPU's own per-KV-head importance (the prefill's, and
 // a shared prefill's add_head_importance): per-head entries and bytes are reported, the importance
-// is the CPU's within the prefill bound, and evaluation runs.
+// is the CPU's within the prefill bound, and evaluation runs (with prefixkv-online:heads too).
 TEST(GpuModel, PerHeadPoliciesRunOnTheCudaBackend) {
   Loaded& l = load(kTiny);
   CudaBackendOptions bo;
@@ -967,8 +970,21 @@ TEST(GpuModel, PerHeadPoliciesRunOnTheCudaBackend) {
   auto adopted = backend->adopt(*shared, *ada);
   EXPECT_EQ(adopted->entries_per_head().size(), size_t(l.L()));
 
+  // The prefix policies' head form on the GPU's own per-KV-head importance: exactly round(b N L H)
+  // entries over the layers' heads, their bytes summing to the sequence's.
+  auto heads = policy("prefixkv-online:heads", 0.3);
+  auto hs = backend->prefill(l.prompt, *heads, logits.data());
+  long kept = 0;
+  size_t head_bytes = 0;
+  for (const auto& layer : hs->entries_per_head())
+    for (int n : layer) kept += n;
+  for (const auto& layer : hs->kv_bytes_per_head())
+    for (size_t b : layer) head_bytes += b;
+  EXPECT_EQ(kept, std::lround(0.3 * T * l.L() * H));
+  EXPECT_EQ(head_bytes, hs->kv_bytes());
+
   EvalOptions opt;
-  opt.configs = {{"adakv", "", 0.5}};
+  opt.configs = {{"adakv", "", 0.5}, {"prefixkv-online:heads", "", 0.5}};
   opt.max_tokens = 4;
   opt.limit = 1;
   const std::vector<Sample> samples = load_conversations(repo("data/eval/eval.json"));
