@@ -165,15 +165,32 @@ struct GpuModel::Impl {
       shown{"GPU observed tensor"},           // float32: a tensor computed only for an observer
       back{"GPU prefill keys read back"},     // a prefill piece's earlier keys: K, V [entries, kv_dim], positions
       last{"GPU last rows"},                  // float32 [parts, hidden]: each prefill part's last row
-      vw{"GPU value weights"};                // float32 [n_heads, keys]: one part's and layer's (extended importance)
-  // The output projection's Gram matrices (Model::output_gram, float32 [layers][n_heads][hd][hd]),
-  // uploaded by the first prefill that weights by ||W_o^h v||_2 (64 MiB at the 7B shape).
+      vw{"GPU value weights"},                // float32 [n_heads, keys]: one part's and layer's (extended importance)
+      vw_ws{"GPU value-weight products"};     // wov2's float32 values and products (value_weights_workspace_bytes)
+  // The output projection's Gram matrices (float32 [layers][n_heads][hd][hd]), made on the device from
+  // the uploaded W_o (kernels.h output_gram: one strided batched product per layer; a quantised W_o
+  // dequantised first) by the first prefill that weights by ||W_o^h v||_2 (64 MiB at the 7B shape).
+  // Model::output_gram is the CPU engine's.
   DeviceBuffer gram;
   const float* output_gram(int layer) {
     const size_t per = size_t(n_heads) * head_dim * head_dim;
     if (gram.empty()) {
       DeviceBuffer g(size_t(n_layers) * per * sizeof(float), "GPU output-projection Gram matrices");
-      for (int l = 0; l < n_layers; ++l) g.upload(m.output_gram(l).data(), per * sizeof(float), size_t(l) * per * sizeof(float));
+      for (int l = 0; l < n_layers; ++l) {
+        const DevLinear& o = layers[size_t(l)].o;
+        PKV_ASSERT(o.parts.empty() && o.in == q_dim && o.out == hidden);
+        OutputGramArgs a;
+        a.w_dtype = dt, a.w = o.w, a.hidden = hidden, a.n_heads = n_heads, a.head_dim = head_dim;
+        a.out = g.as<float>() + size_t(l) * per;
+        if (o.quant) {  // one layer's dequantised copy at a time, in linear()'s scratch
+          DequantArgs d;
+          d.quant = o.quant, d.w = o.w, d.rows = o.out, d.cols = o.in, d.n = o.out, d.out_dtype = dt;
+          d.out = blas.weight_workspace(size_t(o.out) * size_t(o.in) * esize());
+          dequantize_rows(d, s());
+          a.w = d.out;
+        }
+        cuda::output_gram(blas, a);
+      }
       gram = std::move(g);
     }
     return gram.as<float>() + size_t(layer) * per;
@@ -1056,7 +1073,9 @@ void GpuModel::prefill_parts(GpuKVPool& kv, const std::vector<GpuPrefillPart>& p
           va.n_heads = g.n_heads, va.n_kv_heads = g.n_kv_heads, va.head_dim = g.head_dim;
           va.gram = a.importance_weight == ValueWeight::OutputNorm2 ? g.output_gram(l) : nullptr;
           va.out = g.vw.need_as<float>(size_t(g.n_heads) * at.n_kv, s);
-          value_weights(va, s);
+          va.workspace_bytes = value_weights_workspace_bytes(at.n_kv, g.n_heads, g.n_kv_heads, g.head_dim, va.gram != nullptr);
+          va.workspace = va.workspace_bytes ? g.vw_ws.need(va.workspace_bytes, s) : nullptr;
+          value_weights(g.blas, va);
           at.importance_weight = va.out;
         }
       }

@@ -198,7 +198,7 @@ struct GpuPrefillPart {
   int importance_head_stride = 0;
   // The extended importance (ImportanceRequest::weight, reduce; not per KV head): each query head
   // h's probability on entry j times the value weight of j (ValueNorm: ||v||_1 of h's KV head;
-  // OutputNorm2: ||W_o^h v||_2 through Model::output_gram, uploaded on first use) before the head
+  // OutputNorm2: ||W_o^h v||_2 through the Gram matrices of W_o, made on the device on first use) before the head
   // mean, and with importance_max the part's queries combined by their maximum:
   // (*importance)[l][j] = max(itself, the part's largest). The weights are computed per part and
   // layer from the same 16-bit values the attention reads (entries [0, past + n)). OutputNorm (the

@@ -94,41 +94,10 @@ const std::vector<float>& Model::output_gram(int layer) const {
   const TextConfig& t = cfg_.text;
   PKV_ASSERT(layer >= 0 && layer < t.n_layers);
   std::call_once(gram_once_, [&] {
-    const int H = t.n_heads, hd = t.head_dim, qd = H * hd, D = t.hidden;
     std::vector<std::vector<float>> grams(static_cast<size_t>(t.n_layers));
-    constexpr int kTile = 64;  // rows of W_o read before they are scattered into wt's columns
-    std::vector<float> rows(size_t(kTile) * qd), wt(size_t(qd) * D);
-    TensorView view;  // one head's (W_o^h)^T [head_dim, hidden] as float32 weights
-    view.name = "W_o^h^T";
-    view.dtype_str = "F32";
-    view.supported = true;
-    view.dtype = DType::F32;
-    view.shape = {hd, D};
     for (int l = 0; l < t.n_layers; ++l) {
-      const TensorView& W = *weights().lm.layers[size_t(l)].o.w;  // [D, qd]
-      PKV_ASSERT(W.shape.size() == 2 && W.shape[0] == D && W.shape[1] == qd);
-      // wt [qd, D]: row i is W_o's column i, so rows h hd ... (h+1) hd - 1 are (W_o^h)^T.
-      // (A row at a time would write each float 4*D bytes from the last: a tile of rows writes runs of kTile.)
-      for (int e0 = 0; e0 < D; e0 += kTile) {
-        const int n = std::min(kTile, D - e0);
-        for (int r = 0; r < n; ++r) ops::weight_row(W, e0 + r, qd, rows.data() + size_t(r) * qd);
-        for (int i = 0; i < qd; ++i) {
-          float* dst = wt.data() + size_t(i) * D + e0;
-          for (int r = 0; r < n; ++r) dst[r] = rows[size_t(r) * qd + size_t(i)];
-        }
-      }
-      std::vector<float>& g = grams[size_t(l)];
-      g.resize(size_t(H) * hd * hd);
-      for (int h = 0; h < H; ++h) {
-        // G_h = (W_o^h)^T ((W_o^h)^T)^T: linear() multiplies rows by the transposed weight.
-        const float* a = wt.data() + size_t(h) * hd * D;
-        view.data = a;
-        Linear lin;
-        lin.w = &view;
-        lin.in = D;
-        lin.out = hd;
-        ops::linear(a, hd, lin, g.data() + size_t(h) * hd * hd);
-      }
+      grams[size_t(l)].resize(size_t(t.n_heads) * t.head_dim * t.head_dim);
+      ops::output_gram(*weights().lm.layers[size_t(l)].o.w, t.n_heads, t.head_dim, grams[size_t(l)].data());
     }
     gram_ = std::move(grams);
   });

@@ -902,6 +902,40 @@ void attention_rows(const AttentionArgs& a, const float* weight, int n_out, int 
     }
 }
 
+void output_gram(const TensorView& W, int n_heads, int head_dim, float* out) {
+  const int H = n_heads, hd = head_dim, qd = H * hd;
+  PKV_ASSERT(W.shape.size() == 2 && W.shape[1] == qd);
+  const int D = int(W.shape[0]);
+  constexpr int kTile = 64;  // rows of W_o read before they are scattered into wt's columns
+  std::vector<float> rows(size_t(kTile) * qd), wt(size_t(qd) * D);
+  // wt [qd, D]: row i is W_o's column i, so rows h hd ... (h+1) hd - 1 are (W_o^h)^T.
+  // (A row at a time would write each float 4*D bytes from the last: a tile of rows writes runs of kTile.)
+  for (int e0 = 0; e0 < D; e0 += kTile) {
+    const int n = std::min(kTile, D - e0);
+    for (int r = 0; r < n; ++r) weight_row(W, e0 + r, qd, rows.data() + size_t(r) * qd);
+    for (int i = 0; i < qd; ++i) {
+      float* dst = wt.data() + size_t(i) * D + e0;
+      for (int r = 0; r < n; ++r) dst[r] = rows[size_t(r) * qd + size_t(i)];
+    }
+  }
+  TensorView view;  // one head's (W_o^h)^T [head_dim, hidden] as float32 weights
+  view.name = "W_o^h^T";
+  view.dtype_str = "F32";
+  view.supported = true;
+  view.dtype = DType::F32;
+  view.shape = {hd, D};
+  for (int h = 0; h < H; ++h) {
+    // G_h = (W_o^h)^T ((W_o^h)^T)^T: linear() multiplies rows by the transposed weight.
+    const float* a = wt.data() + size_t(h) * hd * D;
+    view.data = a;
+    Linear lin;
+    lin.w = &view;
+    lin.in = D;
+    lin.out = hd;
+    linear(a, hd, lin, out + size_t(h) * hd * hd);
+  }
+}
+
 void value_weights(const float* v, int n, int kv_stride, int n_heads, int n_kv_heads, int head_dim, const float* gram,
                    float* out) {
   const int H = n_heads, hd = head_dim, group = H / n_kv_heads;

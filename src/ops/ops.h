@@ -126,4 +126,10 @@ void attention_rows(const AttentionArgs& a, const float* weight, int n_out, int 
 void value_weights(const float* v, int n, int kv_stride, int n_heads, int n_kv_heads, int head_dim,
                    const float* gram, float* out);
 
+// The output projection's Gram matrices of one layer (Model::output_gram; twin of
+// cuda::output_gram): out[h] ([n_heads, head_dim, head_dim], row-major) = G_h = (W_o^h)^T W_o^h, with
+// W_o^h = W[:, h head_dim : (h+1) head_dim] of W [hidden, n_heads * head_dim] in any storage
+// (weight_row), as float32 products through BLAS of the weights as float32.
+void output_gram(const TensorView& W, int n_heads, int head_dim, float* out);
+
 }  // namespace pkv::ops

@@ -12,6 +12,7 @@
 
 #include "core/error.h"
 #include "emu.h"  // before the bodies: atomicOr
+#include "emu_products.h"
 #include "ops/cuda/attention_body.h"
 #include "ops/cuda/gemv_body.h"
 #include "ops/cuda/paged_body.h"
@@ -80,18 +81,8 @@ class EmuBackend : public Backend {
     const detail::PagedPlan plan = detail::plan_paged_head_compact(kv, jobs);
     emu::run(plan.launch, [&](emu::Ctx& c) { detail::paged_head_compact(c, plan.params); });
   }
-  void value_weights(const ValueWeightArgs& a) override {
-    const detail::ValueWeightPlan plan = detail::plan_value_weights(a);
-    if (plan.launch.empty()) return;
-    auto run = [&](auto t) {
-      using T = decltype(t);
-      if (plan.D == 32) emu::run(plan.launch, [&](emu::Ctx& c) { detail::value_weights<T, 32>(c, plan.params); });
-      else if (plan.D == 64) emu::run(plan.launch, [&](emu::Ctx& c) { detail::value_weights<T, 64>(c, plan.params); });
-      else emu::run(plan.launch, [&](emu::Ctx& c) { detail::value_weights<T, 128>(c, plan.params); });
-    };
-    if (plan.dtype == DType::F16) run(__half{});
-    else run(__nv_bfloat16{});
-  }
+  void value_weights(const ValueWeightArgs& a) override { emu::value_weights(a, seed_++); }
+  void output_gram(const OutputGramArgs& a) override { emu::output_gram(a); }
   void paged_merge(const PagedKV& kv, const PagedJobs& jobs) override {
     const detail::PagedPlan plan = detail::plan_paged_merge(kv, jobs);
     if (plan.dtype == DType::F16) emu::run(plan.launch, [&](emu::Ctx& c) { detail::paged_merge<__half>(c, plan.params); });
@@ -234,9 +225,17 @@ TEST(CudaEmu, ExtendedImportance) {
   for (const PrefillCase& c : extended_prefill_cases(false)) check_prefill(be, c);
 }
 
+// vnorm's kernel; wov2's plan: the values to float32, the strided batched product over the KV
+// heads (emulated with cuBLAS's column-major meaning) and the dots.
 TEST(CudaEmu, ValueWeights) {
   EmuBackend be;
   check_value_weights_all(be, false);
+}
+
+// The Gram matrices' strided batched product over the query heads, emulated.
+TEST(CudaEmu, OutputGram) {
+  EmuBackend be;
+  check_output_gram_all(be, false);
 }
 
 TEST(CudaEmu, PrefillInChunks) {  // the SIMT kernels (the tensor-core ones run on a GPU only)

@@ -7,7 +7,8 @@
 // checks (the launch plans of src/ops/cuda/plan.cc where there is one), the same storage types and one
 // rounding at the store. The arithmetic is the CPU twins' (src/ops) for the element-wise operators,
 // the products and the attention; the paged-KV operators run the REAL kernel bodies
-// (src/ops/cuda/paged_body.h) through the block emulator (emu.h), and decode attention reads the pool
+// (src/ops/cuda/paged_body.h) through the block emulator (emu.h), so do the value weights of wov2 and
+// the Gram matrices (their plans, bodies and cuBLAS products: emu_products.h), and decode attention reads the pool
 // exactly as documented in kernels.h (tables, slots, positions, lengths, the error flag). What this
 // checks is the orchestration: shapes, strides, offsets, block tables, rows, lengths, workspaces.
 #include <algorithm>
@@ -23,6 +24,7 @@
 #include "ops/cuda/device.h"
 #include "ops/cuda/kernels.h"
 #include "emu.h"  // before the bodies: atomicOr
+#include "emu_products.h"
 #include "ops/cuda/paged_body.h"
 #include "ops/cuda/plan.h"
 #include "ops/ops.h"
@@ -48,14 +50,7 @@ std::string gib(size_t bytes) {
   return buf;
 }
 
-float ld(DType t, const void* p, size_t i) {
-  switch (t) {
-    case DType::F32: return static_cast<const float*>(p)[i];
-    case DType::F16: return f16_to_f32(static_cast<const uint16_t*>(p)[i]);
-    case DType::BF16: return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
-  }
-  return 0.f;
-}
+float ld(DType t, const void* p, size_t i) { return emu::load(t, p, int64_t(i)); }
 void st(DType t, void* p, size_t i, float v) {
   switch (t) {
     case DType::F32: static_cast<float*>(p)[i] = v; return;
@@ -464,15 +459,20 @@ void attention_prefill(const PrefillAttentionArgs& a, void*) {
     for (int c = 0; c < qd; ++c) st(a.dtype, a.out, size_t(i) * size_t(p.out_stride) + c, out[size_t(i) * qd + c]);
 }
 
-void value_weights(const ValueWeightArgs& a, void*) {
-  const detail::ValueWeightPlan plan = detail::plan_value_weights(a);
-  if (plan.launch.empty()) return;
+// vnorm: the CPU twin. wov2: the GPU's plan (values to float32, the strided batched product over KV
+// heads, the dots), its bodies emulated and its product computed on the host (emu_products.h).
+void value_weights(Blas&, const ValueWeightArgs& a) {
+  const detail::ValueWeightPlan plan = detail::plan_value_weights(a);  // checks, workspace included
+  if (a.n_kv == 0) return;
+  if (a.gram) return emu::value_weights(a);
   const int kvd = a.n_kv_heads * a.head_dim;
   std::vector<float> v(size_t(a.n_kv) * kvd);
   for (int j = 0; j < a.n_kv; ++j)
     for (int c = 0; c < kvd; ++c) v[size_t(j) * kvd + c] = ld(a.dtype, a.v, size_t(j) * size_t(plan.params.kv_stride) + c);
-  ops::value_weights(v.data(), a.n_kv, kvd, a.n_heads, a.n_kv_heads, a.head_dim, a.gram, a.out);
+  ops::value_weights(v.data(), a.n_kv, kvd, a.n_heads, a.n_kv_heads, a.head_dim, nullptr, a.out);
 }
+
+void output_gram(Blas&, const OutputGramArgs& a) { emu::output_gram(a); }
 
 void attention_decode(const DecodeAttentionArgs& a, void*) {
   const detail::DecodePlan plan = detail::plan_attention_decode(a);  // checks, workspace included

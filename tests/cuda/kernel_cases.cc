@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <numeric>
 #include <random>
@@ -12,6 +13,7 @@
 #include "kv/block_pool.h"
 #include "kv/kv_cache.h"
 #include "kv/policy.h"
+#include "ops/cuda/plan.h"
 #include "ops/ops.h"
 #include "core/error.h"
 
@@ -239,11 +241,36 @@ std::vector<PrefillCase> extended_prefill_cases(bool full) {
   return cases;
 }
 
+namespace {
+
+constexpr double kU = 1.0 / 16777216.0;  // 2^-24: float32's unit roundoff
+double gamma_n(int n, double u = kU) { return n * u / (1 - n * u); }
+
+// Every |got[i] - ref[i]| <= bound[i], nothing non-finite; prints the worst element when not.
+void expect_within(const std::vector<float>& got, const std::vector<float>& ref, const std::vector<double>& bound,
+                   const std::string& what) {
+  ASSERT_EQ(got.size(), ref.size()) << what;
+  size_t bad = 0, worst = 0;
+  double worst_ratio = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    const double d = std::fabs(double(got[i]) - double(ref[i]));
+    const bool ok = std::isfinite(got[i]) && d <= bound[i];
+    const double ratio = !std::isfinite(got[i]) ? HUGE_VAL : d == 0 ? 0 : bound[i] > 0 ? d / bound[i] : HUGE_VAL;
+    bad += ok ? 0 : 1;
+    if (ratio > worst_ratio) worst_ratio = ratio, worst = i;
+  }
+  std::printf("%s: the worst element's error is %.3g of its bound\n", what.c_str(), worst_ratio);
+  EXPECT_EQ(bad, 0u) << what << ": " << bad << " of " << got.size() << " elements outside their bound; worst [" << worst
+                     << "] got " << got[worst] << " want " << ref[worst] << " bound " << bound[worst];
+}
+
+}  // namespace
+
 void check_value_weights(Backend& be, DType dt, int n_kv, int H, int Hkv, int hd, bool gram, uint32_t seed) {
   SCOPED_TRACE(std::string(dname(dt)) + " n_kv=" + std::to_string(n_kv) + " heads=" + std::to_string(H) + "/" +
                std::to_string(Hkv) + " hd=" + std::to_string(hd) + (gram ? " wov2" : " vnorm"));
   std::mt19937 rng(seed);
-  const int kvd = Hkv * hd, stride = kvd + 6;  // strided rows (a fused qkv row's v part, say)
+  const int kvd = Hkv * hd, stride = kvd + 6, group = H / Hkv;  // strided rows (a fused qkv row's v part, say)
   std::vector<float> v = randn(rng, size_t(n_kv) * stride);
   round_to(dt, v);
   std::vector<float> g;  // G_h = W^T W, W [2 hd, hd] random: symmetric positive semi-definite
@@ -267,8 +294,45 @@ void check_value_weights(Backend& be, DType dt, int n_kv, int H, int Hkv, int hd
   if (gram) a.gram = be.put(g);
   a.out = static_cast<float*>(be.alloc(ref.size() * sizeof(float)));
   be.fill(a.out, 0xff, ref.size() * sizeof(float));  // NaN: every weight must be written
+  a.workspace_bytes = value_weights_workspace_bytes(n_kv, H, Hkv, hd, gram);
+  if (a.workspace_bytes) {
+    a.workspace = be.alloc(a.workspace_bytes);
+    be.fill(a.workspace, 0xff, a.workspace_bytes);  // NaN: what the product reads must have been written
+  }
   be.value_weights(a);
-  expect_close(be.get(a.out, ref.size()), ref, 1e-4, gram ? "value weights (wov2)" : "value weights (vnorm)");
+  const std::vector<float> got = be.get(a.out, ref.size());
+  // The bound of each weight from the arithmetic (u = 2^-24, n = head_dim, gamma_n = n u / (1 - n u)).
+  // vnorm: both sum n magnitudes (the kernel in float32: gamma_n relative; the twin in double, then one
+  // rounding), so |got - ref| <= (gamma_n + 2u) ref.
+  // wov2: with M = |v|'|G||v|, the kernel's q = v'Gv is within (2 + gamma_n) gamma_n M of the exact one
+  // (y = G v: gamma_n sum_e |G_de v_e| per element, any order; the dot over d: gamma_n sum_d |v_d y_d|),
+  // the twin's within gamma_n M + n 2^-53 M (the same product; its dot in double); clamping at 0 keeps
+  // the difference Q within Delta = (3 + gamma_n) gamma_n M + n 2^-52 M, and |sqrt a - sqrt b| <=
+  // min(sqrt |a - b|, |a - b| / (sqrt a + sqrt b)); then both square roots are rounded to float32
+  // (u each), and sqrt a + sqrt b >= (got + ref)(1 - 2u).
+  std::vector<double> bound(ref.size());
+  const double gn = gamma_n(hd);
+  for (int h = 0; h < H; ++h)
+    for (int j = 0; j < n_kv; ++j) {
+      const size_t i = size_t(h) * n_kv + j;
+      const float* x = v.data() + size_t(j) * stride + size_t(h / group) * hd;
+      if (!gram) {
+        bound[i] = (gn + 2 * kU) * std::fabs(ref[i]);
+        continue;
+      }
+      const float* G = g.data() + size_t(h) * hd * hd;
+      double M = 0;
+      for (int d = 0; d < hd; ++d) {
+        double t = 0;
+        for (int e = 0; e < hd; ++e) t += std::fabs(double(G[size_t(d) * hd + e]) * x[e]);
+        M += std::fabs(double(x[d])) * t;
+      }
+      const double delta = (3 + gn) * gn * M + hd * 0x1p-52 * M;
+      const double sum = (double(std::fabs(got[i])) + std::fabs(ref[i])) * (1 - 2 * kU);
+      bound[i] = std::min(std::sqrt(delta), sum > 0 ? delta / sum : std::sqrt(delta)) +
+                 kU * (std::fabs(double(got[i])) + std::fabs(double(ref[i])));
+    }
+  expect_within(got, ref, bound, gram ? "value weights (wov2)" : "value weights (vnorm)");
 }
 
 void check_value_weights_all(Backend& be, bool full) {
@@ -278,12 +342,71 @@ void check_value_weights_all(Backend& be, bool full) {
   std::vector<Shape> shapes = {{150, 4, 2, 32},   // GQA, a tile and a ragged one
                                {64, 8, 4, 64},    // the bundled model's heads
                                {70, 2, 2, 24},    // MHA, head_dim off the tile
-                               {33, 2, 1, 128}};  // one KV head, head_dim 128
-  if (full) shapes.insert(shapes.end(), {{590, 8, 4, 64}, {672, 32, 32, 128}});  // the bundled model, a LLaVA-7B layer
+                               {33, 2, 1, 128},   // one KV head, head_dim 128
+                               {21, 6, 2, 30},    // head_dim not a multiple of 4 (the dots' scalar loads)
+                               {2 * detail::kValueWeightChunk + 37, 2, 1, 16}};  // wov2 in three chunks of keys
+  if (full)  // the bundled model, a LLaVA-7B layer, many keys
+    shapes.insert(shapes.end(), {{590, 8, 4, 64}, {672, 32, 32, 128}, {2 * detail::kValueWeightChunk + 100, 8, 2, 64}});
   uint32_t seed = 800;
   for (DType t : {DType::F16, DType::BF16})
     for (bool gram : {false, true})
       for (const Shape& x : shapes) check_value_weights(be, t, x.n_kv, x.heads, x.kv_heads, x.hd, gram, seed++);
+}
+
+void check_output_gram(Backend& be, DType dt, int hidden, int H, int hd, uint32_t seed) {
+  SCOPED_TRACE(std::string(dname(dt)) + " hidden=" + std::to_string(hidden) + " heads=" + std::to_string(H) +
+               " hd=" + std::to_string(hd));
+  std::mt19937 rng(seed);
+  const int qd = H * hd;
+  std::vector<float> w = randn(rng, size_t(hidden) * qd, 0.05f);
+  round_to(dt, w);
+  const std::vector<uint16_t> w16 = to_16bit(dt, w);
+  TensorView view;  // W_o [hidden, qd] as a checkpoint stores it
+  view.name = "o_proj";
+  view.dtype_str = dt == DType::F16 ? "F16" : "BF16";
+  view.supported = true;
+  view.dtype = dt;
+  view.shape = {hidden, qd};
+  view.data = w16.data();
+  std::vector<float> ref(size_t(H) * hd * hd);
+  ops::output_gram(view, H, hd, ref.data());
+  OutputGramArgs a;
+  a.w_dtype = dt, a.w = be.put(w16), a.hidden = hidden, a.n_heads = H, a.head_dim = hd;
+  a.out = static_cast<float*>(be.alloc(ref.size() * sizeof(float)));
+  be.fill(a.out, 0xff, ref.size() * sizeof(float));
+  be.output_gram(a);
+  const std::vector<float> got = be.get(a.out, ref.size());
+  // The bound of each element from the arithmetic, with S = sum_i |w_id| |w_ie|: the products of
+  // 16-bit values are exact in float32; the GPU's sum of the `hidden` products loses at most 2^-22 of
+  // the magnitudes summed so far per addition (tensor cores align a block's products to the largest and
+  // may truncate: 2^-23 per addend of a block, over blocks of 4 or more), so it is within
+  // hidden 2^-22 / (1 - hidden 2^-22) S of the exact G; the twin (float32 BLAS, any order) within
+  // gamma_hidden S.
+  std::vector<double> S(ref.size(), 0.0);  // row by row of W: contiguous in e
+  for (int i = 0; i < hidden; ++i)
+    for (int h = 0; h < H; ++h) {
+      const float* x = w.data() + size_t(i) * qd + size_t(h) * hd;
+      double* Sh = S.data() + size_t(h) * hd * hd;
+      for (int d = 0; d < hd; ++d)
+        for (int e = 0; e < hd; ++e) Sh[size_t(d) * hd + e] += std::fabs(double(x[d]) * x[e]);
+    }
+  const double gpu = gamma_n(hidden, 0x1p-22), cpu = gamma_n(hidden);
+  std::vector<double> bound(ref.size());
+  for (size_t i = 0; i < bound.size(); ++i) bound[i] = (gpu + cpu) * S[i];
+  expect_within(got, ref, bound, "output Gram matrices");
+}
+
+void check_output_gram_all(Backend& be, bool full) {
+  struct Shape {
+    int hidden, heads, hd;
+  };
+  std::vector<Shape> shapes = {{256, 8, 32},   // the bundled model's decoder
+                               {96, 2, 24},    // head_dim off the tile
+                               {300, 3, 40}};  // nothing a power of two
+  if (full) shapes.insert(shapes.end(), {{4096, 32, 128}});  // a LLaVA-7B layer
+  uint32_t seed = 900;
+  for (DType t : {DType::F16, DType::BF16})
+    for (const Shape& x : shapes) check_output_gram(be, t, x.hidden, x.heads, x.hd, seed++);
 }
 
 void check_prefill_chunks(Backend& be, DType dt, int n, int chunk, int importance_from, PrefillKernel kernel,

@@ -36,6 +36,7 @@ class Backend {
   virtual void gemv(const GemvArgs& a) = 0;
   virtual void dequantize(const DequantArgs& a) = 0;
   virtual void value_weights(const ValueWeightArgs& a) = 0;
+  virtual void output_gram(const OutputGramArgs& a) = 0;
 
   template <class T>
   T* put(const std::vector<T>& v) {
@@ -117,12 +118,20 @@ std::vector<DecodeCase> decode_cases(bool full);
 // counted from several offsets (0, inside the first tile, a window, a chunk after cached keys).
 std::vector<PrefillCase> extended_prefill_cases(bool full);
 // value_weights (vnorm: gram null; wov2: random symmetric PSD Gram matrices) against
-// ops::value_weights on the same 16-bit values, strided rows, GQA; within 1e-4 (float32 sums).
+// ops::value_weights on the same 16-bit values, strided rows, GQA; every weight within its bound
+// from the float32 arithmetic of both (derived in the .cc: the product's and the dot's sums, the
+// square root).
 void check_value_weights(Backend& be, DType dtype, int n_kv, int n_heads, int n_kv_heads, int head_dim, bool gram,
                          uint32_t seed);
-// The value weights' cases, both 16-bit types, vnorm and wov2: GQA and MHA, head dims off the tile,
-// ragged key tiles; `full` adds the bundled model's and a LLaVA-7B layer's shapes.
+// The value weights' cases, both 16-bit types, vnorm and wov2: GQA and MHA, head dims off the tile
+// and not a multiple of 4, ragged key tiles; `full` adds the bundled model's and a LLaVA-7B layer's
+// shapes and more keys than one of wov2's chunks.
 void check_value_weights_all(Backend& be, bool full);
+// output_gram of random 16-bit W_o [hidden, n_heads * head_dim] against ops::output_gram (the CPU
+// engine's Model::output_gram), every element within its bound from the arithmetic (the .cc).
+void check_output_gram(Backend& be, DType dtype, int hidden, int n_heads, int head_dim, uint32_t seed);
+// Both 16-bit types; the bundled model's shape, head dims off the tile; `full` adds a LLaVA-7B layer.
+void check_output_gram_all(Backend& be, bool full);
 
 // Compaction of several tables in one call vs KVLayer::retain; then the block pool shrinks.
 void check_compact(Backend& be, DType dtype, int block_size, int kv_dim, uint32_t seed);

@@ -65,7 +65,8 @@ class GpuBackend : public Backend {
   void paged_merge(const PagedKV& kv, const PagedJobs& jobs) override { sync([&] { paged_kv_merge(kv, jobs, nullptr); }); }
   void gemv(const GemvArgs& a) override { sync([&] { cuda::gemv(a, nullptr); }); }
   void dequantize(const DequantArgs& a) override { sync([&] { cuda::dequantize_rows(a, nullptr); }); }
-  void value_weights(const ValueWeightArgs& a) override { sync([&] { cuda::value_weights(a, nullptr); }); }
+  void value_weights(const ValueWeightArgs& a) override { sync([&] { cuda::value_weights(blas_, a); }); }
+  void output_gram(const OutputGramArgs& a) override { sync([&] { cuda::output_gram(blas_, a); }); }
 
  private:
   template <class F>
@@ -74,6 +75,7 @@ class GpuBackend : public Backend {
     device_synchronize();
   }
   std::vector<DeviceBuffer> bufs_;
+  Blas blas_{nullptr};  // value_weights' and output_gram's products, on the default stream as the rest
 };
 
 const DType kAll[] = {DType::F32, DType::F16, DType::BF16};
@@ -89,6 +91,16 @@ std::vector<float> randn(std::mt19937& rng, size_t n, float scale = 1.f, float m
 std::vector<float> rounded(DType t, std::vector<float> x) {
   round_to(t, x);
   return x;
+}
+
+// The mean time in ms of `reps` calls of f (work enqueued on the default stream) after `warm` untimed ones.
+double mean_ms(int warm, int reps, const std::function<void()>& f) {
+  StreamTimer timer;
+  for (int i = 0; i < warm; ++i) f();
+  timer.start(nullptr);
+  for (int i = 0; i < reps; ++i) f();
+  timer.stop(nullptr);
+  return timer.elapsed_ms() / reps;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -386,14 +398,7 @@ TEST(CudaSkinny, Timings) {
   DeviceBuffer w(size_t(12288) * 4096 * 2, "w"), wu(size_t(12288) * 4096 * 2, "w_up");  // the largest shape
   x.fill_bytes(0), w.fill_bytes(0), wu.fill_bytes(0);
   Blas blas;
-  StreamTimer timer;
-  auto time_ms = [&](const std::function<void()>& f) {
-    for (int i = 0; i < 5; ++i) f();
-    timer.start(nullptr);
-    for (int i = 0; i < 50; ++i) f();
-    timer.stop(nullptr);
-    return timer.elapsed_ms() / 50;
-  };
+  auto time_ms = [](const std::function<void()>& f) { return mean_ms(5, 50, f); };
   for (const Shape& sh : shapes)
     for (int rows : {8, 16, 32, 48, 64}) {
       GemvArgs g;
@@ -417,6 +422,37 @@ TEST(CudaSkinny, Timings) {
                   sh.out, sh.swiglu ? " SwiGLU" : "       ", rows, t_skinny * 1e3, bytes / t_skinny / 1e6, t_cublas * 1e3,
                   bytes / t_cublas / 1e6, t_cublas / t_skinny);
     }
+}
+
+// The value weights of one LLaVA-7B decoder layer (32 heads, head_dim 128, values read from the fused
+// q/k/v rows as the prefill leaves them) for prompts of 590-4096 keys, vnorm and wov2, and the Gram
+// matrices of one layer's W_o (4096 x 4096), the mean of 20 calls after 3, times 32 layers: what a
+// 7B prefill pays for them. Printed, never asserted.
+TEST(CudaAttention, ValueWeightTimings) {
+  constexpr int H = 32, hd = 128, hidden = 4096, layers = 32, qkv = 3 * H * hd, most = 4096;
+  DeviceBuffer v(size_t(most) * qkv * 2, "values"), gram(size_t(H) * hd * hd * 4, "Gram matrices");
+  DeviceBuffer out(size_t(H) * most * 4, "weights"), w(size_t(hidden) * H * hd * 2, "W_o");
+  DeviceBuffer ws(value_weights_workspace_bytes(most, H, H, hd, true), "value-weight workspace");
+  v.fill_bytes(0), gram.fill_bytes(0), w.fill_bytes(0);
+  Blas blas;
+  auto time_ms = [](const std::function<void()>& f) { return mean_ms(3, 20, f); };
+  for (int n : {590, 1024, 2048, most}) {
+    ValueWeightArgs a;
+    a.dtype = DType::F16, a.v = static_cast<char*>(v.data()) + size_t(2) * H * hd * 2, a.n_kv = n, a.kv_stride = qkv;
+    a.n_heads = H, a.n_kv_heads = H, a.head_dim = hd, a.out = out.as<float>();
+    const double t_vnorm = time_ms([&] { value_weights(blas, a); });
+    a.gram = gram.as<float>(), a.workspace = ws.data(), a.workspace_bytes = ws.bytes();
+    const double t_wov2 = time_ms([&] { value_weights(blas, a); });
+    const double flop = 2.0 * n * H * hd * hd;
+    std::printf("value weights, 7B layer, %4d keys: vnorm %7.1f us, wov2 %7.1f us (%5.1f TFLOP/s in the product's "
+                "terms); x %d layers: vnorm %.2f ms, wov2 %.2f ms\n",
+                n, t_vnorm * 1e3, t_wov2 * 1e3, flop / t_wov2 / 1e9, layers, t_vnorm * layers, t_wov2 * layers);
+  }
+  OutputGramArgs g;
+  g.w_dtype = DType::F16, g.w = w.data(), g.hidden = hidden, g.n_heads = H, g.head_dim = hd, g.out = gram.as<float>();
+  const double t_gram = time_ms([&] { output_gram(blas, g); });
+  std::printf("output Gram matrices, 7B layer: %.3f ms (%.1f TFLOP/s); x %d layers: %.1f ms\n", t_gram,
+              2.0 * hidden * H * hd * hd / t_gram / 1e9, layers, t_gram * layers);
 }
 
 // Block-quantised weights (cases in quant_cases.cc): gemv on the blocks, their dequantisation, and
@@ -460,14 +496,7 @@ TEST(CudaQuant, GemvTimings) {
   DeviceBuffer x(size_t(rows64) * in * 2, "x"), y(size_t(rows64) * out * 4, "y"), dense(size_t(out) * in * 2, "w");
   x.fill_bytes(0), dense.fill_bytes(0);
   Blas blas;
-  StreamTimer timer;
-  auto time_ms = [&](const std::function<void()>& f) {
-    for (int i = 0; i < 5; ++i) f();
-    timer.start(nullptr);
-    for (int i = 0; i < 50; ++i) f();
-    timer.stop(nullptr);
-    return timer.elapsed_ms() / 50;
-  };
+  auto time_ms = [](const std::function<void()>& f) { return mean_ms(5, 50, f); };
   auto product = [&](const void* w, uint32_t q, int rows) {
     LinearArgs a;
     a.x = x.data(), a.w = w, a.w_quant = q, a.w_dtype = DType::BF16, a.rows = rows, a.in = in, a.out = out;
@@ -504,12 +533,20 @@ TEST(CudaAttention, PrefillOnCudaCores) {
 }
 
 // The extended importance (value weights, the maximum over queries) after either forward kernel,
-// and the value weights, against their CPU twins (ops::attention_rows, ops::value_weights).
+// against its CPU twin (ops::attention_rows).
 TEST(CudaAttention, ExtendedImportance) {
   GpuBackend be;
   for (PrefillKernel kernel : {PrefillKernel::TensorCores, PrefillKernel::CudaCores})
     for (const PrefillCase& c : extended_prefill_cases(true)) check_prefill(be, c, kernel);
+}
+
+// The value weights (vnorm's kernel; wov2 through cuBLAS's float32 strided batched product) and the
+// Gram matrices of W_o (cuBLAS's 16-bit strided batched product) against their CPU twins
+// (ops::value_weights, ops::output_gram), each element within its bound from the arithmetic.
+TEST(CudaAttention, ValueWeightsAndOutputGram) {
+  GpuBackend be;
   check_value_weights_all(be, true);
+  check_output_gram_all(be, true);
 }
 
 TEST(CudaAttention, PrefillInChunks) {  // both kernels, as a chunked prefill calls them

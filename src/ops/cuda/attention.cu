@@ -61,6 +61,17 @@ __global__ void __launch_bounds__(kValueWeightKeys) value_weights_kernel(ValueWe
   value_weights<T, D>(c, p);
 }
 
+template <class T>
+__global__ void __launch_bounds__(kValueRowsThreads) value_rows_f32_kernel(ValueRowsParams p) {
+  PKV_KERNEL_CTX(c);
+  value_rows_f32<T>(c, p);
+}
+
+__global__ void __launch_bounds__(kValueDotThreads) value_weight_dots_kernel(ValueDotParams p) {
+  PKV_KERNEL_CTX(c);
+  value_weight_dots(c, p);
+}
+
 // The maximum over queries (importance_max) after either forward pass: its own kernels.
 template <class T, int D>
 void run_importance_max(const PrefillPlan& plan, cudaStream_t s) {
@@ -175,16 +186,22 @@ void attention_prefill(const PrefillAttentionArgs& args, void* stream) {
   else detail::run_prefill_typed<__nv_bfloat16>(plan, s);
 }
 
-void value_weights(const ValueWeightArgs& a, void* stream) {
+void value_weights(Blas& blas, const ValueWeightArgs& a) {
   const detail::ValueWeightPlan plan = detail::plan_value_weights(a);
-  if (plan.launch.empty()) return;
-  const auto s = static_cast<cudaStream_t>(stream);
+  const auto s = static_cast<cudaStream_t>(blas.stream());
   auto run = [&](auto t) {
     using T = decltype(t);
-    switch (plan.D) {
-      case 32: return detail::launch(detail::value_weights_kernel<T, 32>, plan.launch, plan.params, s, "value_weights");
-      case 64: return detail::launch(detail::value_weights_kernel<T, 64>, plan.launch, plan.params, s, "value_weights");
-      default: return detail::launch(detail::value_weights_kernel<T, 128>, plan.launch, plan.params, s, "value_weights");
+    if (!a.gram) {
+      switch (plan.D) {
+        case 32: return detail::launch(detail::value_weights_kernel<T, 32>, plan.launch, plan.params, s, "value_weights");
+        case 64: return detail::launch(detail::value_weights_kernel<T, 64>, plan.launch, plan.params, s, "value_weights");
+        default: return detail::launch(detail::value_weights_kernel<T, 128>, plan.launch, plan.params, s, "value_weights");
+      }
+    }
+    for (const detail::ValueWeightChunk& c : plan.chunks) {
+      detail::launch(detail::value_rows_f32_kernel<T>, c.rows_launch, c.rows, s, "value_weights (values to float32)");
+      detail::run_strided_gemm(blas, c.gemm);
+      detail::launch(detail::value_weight_dots_kernel, c.dots_launch, c.dots, s, "value_weights (dots)");
     }
   };
   if (plan.dtype == DType::F16) run(__half{});

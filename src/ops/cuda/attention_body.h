@@ -420,10 +420,9 @@ __device__ void prefill_importance_max_reduce(Ctx& c, const PrefillParams& p) {
   p.importance[j] = m;
 }
 
-// Value weights (kernels.h value_weights). Block (bx, by) = (64 keys, query head); thread tid: key
-// bx * 64 + tid. The keys' values of by's KV head go to shared memory as float32; the L1 norm, or
-// the quadratic form v^T G v with G's rows read from global memory (every thread reads the same
-// element at once: one broadcast load per warp).
+// Value weights (kernels.h value_weights), vnorm. Block (bx, by) = (64 keys, query head); thread
+// tid: key bx * 64 + tid. The keys' values of by's KV head go to shared memory as float32, then each
+// thread sums its key's absolute values.
 template <class T, int D, class Ctx>
 __device__ void value_weights(Ctx& c, const ValueWeightParams& p) {
   using L = ValueWeightLayout<D>;
@@ -439,18 +438,44 @@ __device__ void value_weights(Ctx& c, const ValueWeightParams& p) {
   if (j >= p.n_kv) return;
   const float* x = vs + c.tid * L::S;
   float s = 0.f;
-  if (!p.gram) {
-    for (int d = 0; d < hd; ++d) s += fabsf(x[d]);
-  } else {
-    const float* G = p.gram + int64_t(h) * hd * hd;
-    for (int d = 0; d < hd; ++d) {
-      float t = 0.f;
-      for (int e = 0; e < hd; ++e) t = fmaf(G[d * hd + e], x[e], t);
-      s = fmaf(x[d], t, s);
-    }
-    s = sqrtf(fmaxf(s, 0.f));
-  }
+  for (int d = 0; d < hd; ++d) s += fabsf(x[d]);
   p.out[int64_t(h) * p.n_kv + j] = s;
+}
+
+// wov2's first step (plan.h): block bx converts row bx of the chunk's 16-bit values to float32
+// (exact), its threads over the columns.
+template <class T, class Ctx>
+__device__ void value_rows_f32(Ctx& c, const ValueRowsParams& p) {
+  const T* src = static_cast<const T*>(p.v) + int64_t(c.bx) * p.kv_stride;
+  float* dst = p.out + int64_t(c.bx) * p.cols;
+  for (int col = c.tid; col < p.cols; col += kValueRowsThreads) dst[col] = to_f(src[col]);
+}
+
+// wov2's last step (plan.h): thread i of the grid is (key r, query head h) = (i / n_heads, i %
+// n_heads): out[h * out_stride + r] = sqrt(max(0, y_h . v_g)) over the key's rows of y and vf,
+// one float32 multiply-add chain in order of d (16-byte loads when head_dim is a multiple of 4:
+// the rows then start 16-byte aligned, as the workspace does). The threads of a warp read
+// neighbouring heads of one key (the same v_g for a group: one broadcast load).
+template <class Ctx>
+__device__ void value_weight_dots(Ctx& c, const ValueDotParams& p) {
+  const int64_t i = int64_t(c.bx) * kValueDotThreads + c.tid;
+  if (i >= int64_t(p.rows) * p.n_heads) return;
+  const int r = int(i / p.n_heads), h = int(i % p.n_heads), hd = p.head_dim;
+  const float* y = p.y + (int64_t(r) * p.n_heads + h) * hd;
+  const float* v = p.vf + (int64_t(r) * (p.n_heads / p.group) + h / p.group) * hd;
+  float s = 0.f;
+  if (hd % 4 == 0) {
+    for (int d = 0; d < hd; d += 4) {
+      const float4 a = *reinterpret_cast<const float4*>(y + d), b = *reinterpret_cast<const float4*>(v + d);
+      s = fmaf(a.x, b.x, s);
+      s = fmaf(a.y, b.y, s);
+      s = fmaf(a.z, b.z, s);
+      s = fmaf(a.w, b.w, s);
+    }
+  } else {
+    for (int d = 0; d < hd; ++d) s = fmaf(y[d], v[d], s);
+  }
+  p.out[int64_t(h) * p.out_stride + r] = sqrtf(fmaxf(s, 0.f));
 }
 
 // ---------------------------------------------------------------------------------------------

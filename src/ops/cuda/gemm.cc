@@ -7,6 +7,7 @@
 #include "core/error.h"
 #include "ops/cuda/cuda_check.h"
 #include "ops/cuda/kernels.h"
+#include "ops/cuda/plan.h"
 
 namespace pkv::cuda {
 
@@ -188,5 +189,28 @@ void linear(Blas& blas, const LinearArgs& a) {
   add_bias(DType::F32, ws, a.bias, a.rows, a.out, blas.stream());
   convert(DType::F32, ws, a.y_dtype, a.y, n, blas.stream());
 }
+
+namespace detail {
+
+void run_strided_gemm(Blas& blas, const StridedGemm& g) {
+  if (g.m < 1 || g.n < 1 || g.k < 1 || g.batch < 1) return;
+  const int64_t most = 0x7fffffff;
+  if (g.lda > most || g.ldb > most || g.ldc > most)
+    fail("cuda::strided_gemm", "a leading dimension exceeds cuBLAS's int range");
+  const auto h = static_cast<cublasHandle_t>(blas.handle());
+  const float alpha = 1.f, beta = 0.f;
+  // Float32 accumulation. With float32 inputs that is plain float32 multiply-adds: the handle's math
+  // mode (Blas: the default, no CUBLAS_TF32_TENSOR_OP_MATH) never rounds them to TF32, so the error
+  // bound of kernels.h (value_weights) is float32's.
+  const cublasComputeType_t compute = CUBLAS_COMPUTE_32F;
+  PKV_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
+      h, g.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, g.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, g.m, g.n, g.k, &alpha, g.a,
+      cuda_type(g.ab_dtype), int(g.lda), g.stride_a, g.b, cuda_type(g.ab_dtype), int(g.ldb), g.stride_b, &beta, g.c,
+      CUDA_R_32F, int(g.ldc), g.stride_c, g.batch, compute, CUBLAS_GEMM_DEFAULT));
+}
+
+}  // namespace detail
+
+void output_gram(Blas& blas, const OutputGramArgs& a) { detail::run_strided_gemm(blas, detail::plan_output_gram(a)); }
 
 }  // namespace pkv::cuda

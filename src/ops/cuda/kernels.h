@@ -272,9 +272,17 @@ void attention_prefill(const PrefillAttentionArgs& a, void* stream);
 // engine/query_importance.cc uses): for each query head h and key j < n_kv of v [n_kv, *] (row
 // stride kv_stride, 0: n_kv_heads * head_dim; KV head g = h / (n_heads / n_kv_heads)), in dtype
 // (F16, BF16), out[h * n_kv + j] (float32 [n_heads, n_kv]) = ||v_{g,j}||_1 when gram is null, else
-// sqrt(max(0, v^T G_h v)) with gram (device float32 [n_heads, head_dim, head_dim], Model::output_gram
-// of the layer): ||W_o^h v||_2. One thread per (key, query head) with the key's value in shared
-// memory: n_kv x n_heads x head_dim^2 multiply-adds per call (float32). head_dim <= 128.
+// sqrt(max(0, v^T G_h v)) with gram (device float32 [n_heads, head_dim, head_dim], G_h row-major:
+// output_gram() of the layer): ||W_o^h v||_2. head_dim <= 128. Runs on blas's stream.
+//   vnorm: one thread per (key, query head).
+//   wov2: per chunk of keys (plan.h), the values converted to float32, y = G_h v for every query
+//     head as one strided batched float32 product through cuBLAS (plain float32 multiply-adds, no
+//     TF32: n_kv x n_heads x head_dim^2 per call, on the GPU's float32 pipes), then each (key, head)'s
+//     dot of y with v, summed in float32 (a warp per key). Needs `workspace` of
+//     value_weights_workspace_bytes() bytes (at most kValueWeightChunk keys' worth: 64 MiB at the
+//     LLaVA-7B shape). Error (u = 2^-24, n = head_dim): |computed v'Gv - v'Gv| <= 2 gamma_n |v|'|G||v|
+//     with gamma_n = n u / (1 - n u) (the product's sums and the dot's, in any order), then the
+//     square root's and the store's rounding; ops::value_weights is within gamma_n |v|'|G||v| of it.
 struct ValueWeightArgs {
   DType dtype = DType::BF16;
   const void* v = nullptr;
@@ -283,8 +291,27 @@ struct ValueWeightArgs {
   int n_heads = 0, n_kv_heads = 0, head_dim = 0;
   const float* gram = nullptr;
   float* out = nullptr;
+  void* workspace = nullptr;  // device, >= value_weights_workspace_bytes (wov2 only)
+  size_t workspace_bytes = 0;
 };
-void value_weights(const ValueWeightArgs& a, void* stream);
+size_t value_weights_workspace_bytes(int n_kv, int n_heads, int n_kv_heads, int head_dim, bool gram);
+void value_weights(Blas& blas, const ValueWeightArgs& a);
+
+// The output projection's Gram matrices of one layer (twin: ops::output_gram, which
+// Model::output_gram calls for the CPU engine): out[h] (float32 [n_heads, head_dim, head_dim]) =
+// G_h = (W_o^h)^T W_o^h, with W_o^h = w[:, h hd : (h+1) hd] ([hidden, head_dim]) of w [hidden,
+// n_heads * head_dim] (the checkpoint's o_proj layout) in w_dtype F16 or BF16 (a quantised W_o:
+// dequantize_rows() first). One strided batched product through cuBLAS over the heads (float32
+// accumulation of the exact 16-bit products: hidden x n_heads x head_dim^2 multiply-adds), on
+// blas's stream. Error: |computed G_de - G_de| <= gamma'_hidden sum_i |w_id| |w_ie| with gamma'
+// from 2^-23 per addition (tensor cores may truncate instead of round when they add).
+struct OutputGramArgs {
+  DType w_dtype = DType::BF16;
+  const void* w = nullptr;
+  int hidden = 0, n_heads = 0, head_dim = 0;
+  float* out = nullptr;
+};
+void output_gram(Blas& blas, const OutputGramArgs& a);
 
 // ------------------------------------------------------------------------------------------------
 // The paged KV cache on the device (host bookkeeping: kv/block_pool.h).

@@ -129,6 +129,16 @@ PrefillPlan plan_attention_prefill(const PrefillAttentionArgs& a) {
   return plan;
 }
 
+ValueWeightWorkspaceLayout value_weight_workspace_layout(int n_kv, int n_heads, int n_kv_heads, int head_dim, bool gram) {
+  ValueWeightWorkspaceLayout w;
+  if (!gram || n_kv <= 0) return w;
+  const size_t m = size_t(std::min(n_kv, kValueWeightChunk));
+  w.vf = 0;
+  w.y = align256(m * size_t(n_kv_heads) * size_t(head_dim) * sizeof(float));
+  w.total = w.y + align256(m * size_t(n_heads) * size_t(head_dim) * sizeof(float));
+  return w;
+}
+
 ValueWeightPlan plan_value_weights(const ValueWeightArgs& a) {
   const char* op = "value_weights";
   ValueWeightPlan plan;
@@ -141,13 +151,66 @@ ValueWeightPlan plan_value_weights(const ValueWeightArgs& a) {
   plan.D = padded_head_dim(a.head_dim);
   if (a.n_kv == 0) return plan;
   if (!a.v || !a.out) bad(op, "v and out must be set");
-  ValueWeightParams& p = plan.params;
-  p.v = a.v, p.kv_stride = stride, p.n_kv = a.n_kv, p.group = a.n_heads / a.n_kv_heads, p.head_dim = a.head_dim;
-  p.gram = a.gram, p.out = a.out;
-  const size_t smem = plan.D == 32 ? ValueWeightLayout<32>::bytes : plan.D == 64 ? ValueWeightLayout<64>::bytes
-                                                                                 : ValueWeightLayout<128>::bytes;
-  plan.launch = {{unsigned(ceil_div(a.n_kv, kValueWeightKeys)), unsigned(a.n_heads), 1}, kValueWeightKeys, smem};
+  const int hd = a.head_dim, group = a.n_heads / a.n_kv_heads;
+  if (!a.gram) {
+    ValueWeightParams& p = plan.params;
+    p.v = a.v, p.kv_stride = stride, p.n_kv = a.n_kv, p.group = group, p.head_dim = hd;
+    p.out = a.out;
+    const size_t smem = plan.D == 32 ? ValueWeightLayout<32>::bytes : plan.D == 64 ? ValueWeightLayout<64>::bytes
+                                                                                   : ValueWeightLayout<128>::bytes;
+    plan.launch = {{unsigned(ceil_div(a.n_kv, kValueWeightKeys)), unsigned(a.n_heads), 1}, kValueWeightKeys, smem};
+    return plan;
+  }
+  const ValueWeightWorkspaceLayout ws = value_weight_workspace_layout(a.n_kv, a.n_heads, a.n_kv_heads, hd, true);
+  if (!a.workspace || a.workspace_bytes < ws.total)
+    bad(op, "wov2 needs a workspace of value_weights_workspace_bytes() = " + std::to_string(ws.total) + " bytes, got " +
+                std::to_string(a.workspace ? a.workspace_bytes : 0));
+  if (reinterpret_cast<uintptr_t>(a.workspace) % 16 != 0) bad(op, "the workspace must be 16-byte aligned");
+  float* vf = reinterpret_cast<float*>(static_cast<char*>(a.workspace) + ws.vf);
+  float* y = reinterpret_cast<float*>(static_cast<char*>(a.workspace) + ws.y);
+  const size_t es = dtype_size(a.dtype);
+  for (int j0 = 0; j0 < a.n_kv; j0 += kValueWeightChunk) {
+    const int m = std::min(kValueWeightChunk, a.n_kv - j0);
+    ValueWeightChunk c;
+    c.rows.v = static_cast<const char*>(a.v) + size_t(j0) * size_t(stride) * es;
+    c.rows.kv_stride = stride, c.rows.rows = m, c.rows.cols = int(kvd), c.rows.out = vf;
+    c.rows_launch = {{unsigned(m), 1, 1}, kValueRowsThreads, 0};
+    // Column-major: y^T [q_dim, m] (ldc q_dim); batch g's C is its group's rows [g group hd, + group hd).
+    // op(A_g) = (gram + g group hd^2 as column-major [hd, group hd])^T = the group's G_h stacked,
+    // [group hd, hd], row (h' hd + d) = G_{g group + h'}[d][:]; B_g = vf + g hd, column-major
+    // [hd, m] with ld kv_dim: the KV head's values, one column per key.
+    StridedGemm& g = c.gemm;
+    g.ab_dtype = DType::F32, g.trans_a = true, g.trans_b = false;
+    g.m = group * hd, g.n = m, g.k = hd, g.batch = a.n_kv_heads;
+    g.a = a.gram, g.lda = hd, g.stride_a = int64_t(group) * hd * hd;
+    g.b = vf, g.ldb = kvd, g.stride_b = hd;
+    g.c = y, g.ldc = int64_t(a.n_heads) * hd, g.stride_c = int64_t(group) * hd;
+    c.dots.y = y, c.dots.vf = vf, c.dots.rows = m, c.dots.n_heads = a.n_heads, c.dots.group = group;
+    c.dots.head_dim = hd, c.dots.out = a.out + j0, c.dots.out_stride = a.n_kv;
+    c.dots_launch = {{unsigned(ceil_div(int64_t(m) * a.n_heads, kValueDotThreads)), 1, 1}, kValueDotThreads, 0};
+    plan.chunks.push_back(c);
+  }
   return plan;
+}
+
+StridedGemm plan_output_gram(const OutputGramArgs& a) {
+  const char* op = "output_gram";
+  require_16bit(op, "w_dtype", a.w_dtype);
+  if (a.hidden < 1 || a.n_heads < 1 || a.head_dim < 1)
+    bad(op, "needs hidden, n_heads and head_dim >= 1; got " + std::to_string(a.hidden) + ", " + std::to_string(a.n_heads) +
+                ", " + std::to_string(a.head_dim));
+  if (!a.w || !a.out) bad(op, "w and out must be set");
+  const int hd = a.head_dim;
+  const int64_t qd = int64_t(a.n_heads) * hd;
+  // Column-major A_h = w + h hd with ld qd: [hd, hidden], A_h(d, i) = w[i][h hd + d] = (W_o^h)^T;
+  // C_h = A_h A_h^T: C_h(d, e) = sum_i w[i][h hd + d] w[i][h hd + e] (symmetric: row- and column-major alike).
+  StridedGemm g;
+  g.ab_dtype = a.w_dtype, g.trans_a = false, g.trans_b = true;
+  g.m = hd, g.n = hd, g.k = a.hidden, g.batch = a.n_heads;
+  g.a = a.w, g.lda = qd, g.stride_a = hd;
+  g.b = a.w, g.ldb = qd, g.stride_b = hd;
+  g.c = a.out, g.ldc = hd, g.stride_c = int64_t(hd) * hd;
+  return g;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -378,6 +441,10 @@ namespace pkv::cuda {
 
 size_t attention_prefill_workspace_bytes(int n_q, int n_kv, int n_heads) {
   return detail::prefill_workspace_layout(n_q, n_kv, n_heads).total;
+}
+
+size_t value_weights_workspace_bytes(int n_kv, int n_heads, int n_kv_heads, int head_dim, bool gram) {
+  return detail::value_weight_workspace_layout(n_kv, n_heads, n_kv_heads, head_dim, gram).total;
 }
 
 size_t attention_decode_workspace_bytes(int batch, int n_heads, int n_kv_heads, int head_dim, int max_len,

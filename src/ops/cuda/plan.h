@@ -6,6 +6,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "ops/cuda/kernels.h"
 
@@ -128,9 +129,30 @@ struct PrefillWorkspaceLayout {
 };
 PrefillWorkspaceLayout prefill_workspace_layout(int n_q, int n_kv, int n_heads);
 
-// Value weights (kernels.h value_weights): block (x, y) = (64 keys, query head y), one thread per
-// key; the keys' values of y's KV head in shared memory as float32 [64][D + 1] (odd rows: a
-// thread's row walk hits no bank twice).
+// A product through cuBLAS that a plan below names (gemm.cc runs it; the tests' host stand-in,
+// tests/cuda/emu_products.cc, emulates it): for each b < batch, C_b = op(A_b) op(B_b) in
+// cublasGemmStridedBatchedEx's column-major terms, with X_b = X + b * stride_x (elements) and
+// op(X) = X^T where trans_x. C float32 [m, n] (ldc), op(A) [m, k], op(B) [k, n]; alpha 1, beta 0.
+// CUBLAS_COMPUTE_32F: ab_dtype F32 gives plain float32 multiply-adds (Blas's math mode has no TF32);
+// F16 / BF16 tensor cores (16-bit products exact in float32, float32 sums).
+struct StridedGemm {
+  DType ab_dtype = DType::F32;
+  bool trans_a = false, trans_b = false;
+  int m = 0, n = 0, k = 0, batch = 0;
+  const void* a = nullptr;
+  int64_t lda = 0, stride_a = 0;
+  const void* b = nullptr;
+  int64_t ldb = 0, stride_b = 0;
+  float* c = nullptr;
+  int64_t ldc = 0, stride_c = 0;
+};
+// Runs it on blas's stream (gemm.cc).
+void run_strided_gemm(Blas& blas, const StridedGemm& g);
+
+// Value weights (kernels.h value_weights).
+// vnorm (gram null): block (x, y) = (64 keys, query head y), one thread per key; the keys' values
+// of y's KV head in shared memory as float32 [64][D + 1] (odd rows: a thread's row walk hits no
+// bank twice).
 constexpr int kValueWeightKeys = 64;
 template <int D>
 struct ValueWeightLayout {
@@ -141,16 +163,57 @@ struct ValueWeightParams {
   const void* v = nullptr;
   int64_t kv_stride = 0;
   int n_kv = 0, group = 1, head_dim = 0;
-  const float* gram = nullptr;
   float* out = nullptr;
 };
+// wov2 (gram set): the keys in chunks of at most kValueWeightChunk; per chunk of m keys from key j0:
+//  1. value_rows_f32: vf [m, kv_dim] float32 (dense) = the chunk's 16-bit values;
+//  2. one StridedGemm over the KV heads g: y [m, n_heads * head_dim] float32 with
+//     y[r, h hd + d] = sum_e G_h[d][e] vf[r, g hd + e] for the group's query heads h (their G_h
+//     are consecutive in gram: A_g = gram + g group hd^2 read column-major [hd, group hd], transposed);
+//  3. value_weight_dots: out[h n_kv + j0 + r] = sqrt(max(0, sum_d y[r, h hd + d] vf[r, g hd + d])).
+// Workspace (value_weights_workspace_bytes): vf, then y (256-aligned).
+constexpr int kValueWeightChunk = 2048;
+constexpr int kValueRowsThreads = 128;  // value_rows_f32: a block per row, its threads over the columns
+constexpr int kValueDotThreads = 128;   // value_weight_dots: a thread per (key, query head), heads fastest
+struct ValueRowsParams {
+  const void* v = nullptr;  // 16-bit [rows, kv_stride]
+  int64_t kv_stride = 0;
+  int rows = 0, cols = 0;
+  float* out = nullptr;     // [rows, cols]
+};
+struct ValueDotParams {
+  const float* y = nullptr;   // [rows, n_heads * head_dim]
+  const float* vf = nullptr;  // [rows, n_kv_heads * head_dim]
+  int rows = 0, n_heads = 0, group = 1, head_dim = 0;
+  float* out = nullptr;       // out[h * out_stride + r]
+  int64_t out_stride = 0;
+};
+struct ValueWeightChunk {
+  ValueRowsParams rows;
+  Launch rows_launch;
+  StridedGemm gemm;
+  ValueDotParams dots;
+  Launch dots_launch;
+};
+struct ValueWeightWorkspaceLayout {
+  size_t vf = 0, y = 0, total = 0;
+};
+ValueWeightWorkspaceLayout value_weight_workspace_layout(int n_kv, int n_heads, int n_kv_heads, int head_dim, bool gram);
 struct ValueWeightPlan {
-  ValueWeightParams params;
   DType dtype = DType::BF16;
+  // vnorm: one launch.
+  ValueWeightParams params;
   int D = 0;
   Launch launch;
+  // wov2: the chunks, in order.
+  std::vector<ValueWeightChunk> chunks;
 };
 ValueWeightPlan plan_value_weights(const ValueWeightArgs& a);
+
+// The output projection's Gram matrices (kernels.h output_gram): one StridedGemm over the query
+// heads h, with A_h = B_h = w + h hd read column-major [hd, hidden] (ld n_heads hd: W_o^h transposed),
+// C_h = out + h hd^2: G_h = (W_o^h)^T W_o^h.
+StridedGemm plan_output_gram(const OutputGramArgs& a);
 
 // ---------------------------------------------------------------------------------------------
 // Decode attention (flash-decoding). Thread block: 128 threads; a block handles G query heads of one
