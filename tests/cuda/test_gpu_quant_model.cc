@@ -23,6 +23,7 @@
 #include "engine/decoding.h"
 #include "engine/engine.h"
 #include "engine/gpu_session.h"
+#include "engine/query_importance.h"
 #include "io/gguf.h"
 #include "kv/policy.h"
 #include "model/gguf_export.h"
@@ -196,14 +197,19 @@ TEST(GpuQuantModel, GgufBlocksStayBlocksAndGiveTheCpusTokens) {
     const int V = model->config().text.vocab_size, T = int(p.ids.size());
     ASSERT_GT(T, kGemvMaxRows) << "the prefill must take the dequantised-copy path";
 
-    // CPU reference: prefill logits and kSteps teacher-forced greedy steps.
+    // CPU reference: prefill logits and kSteps teacher-forced greedy steps; the extended importance
+    // weighted by ||W_o^h v||_2 (wov2: the GPU makes its Gram matrices from a dequantised W_o).
     std::vector<std::vector<float>> cpu;
     std::vector<int32_t> tokens;
+    ImportanceRequest wov2;
+    wov2.needed = true, wov2.from = T - 16, wov2.weight = ValueWeight::OutputNorm2, wov2.reduce = QueryReduce::Sum;
+    std::vector<std::vector<float>> cpu_wov2;
     {
       FullPolicy full;
       Session s(*model, full);
       std::vector<float> lg(size_t(V), 0.f);
       s.prefill(p, lg.data());
+      cpu_wov2 = extended_importance(*model, s.cache(), p, lg.data(), wov2);
       cpu.push_back(lg);
       for (int i = 0; i < kSteps; ++i) {
         tokens.push_back(argmax(lg));
@@ -222,7 +228,7 @@ TEST(GpuQuantModel, GgufBlocksStayBlocksAndGiveTheCpusTokens) {
       std::printf("gpu_quant_model: %-9s %-4s %s\n", f.name.c_str(), dtype_name(dt), gm.weights_summary().c_str());
       GpuKVPoolOptions po;
       po.block_size = 16;
-      po.n_blocks = model->config().text.n_layers * ((T + kSteps + 16) / 16) + 4;
+      po.n_blocks = model->config().text.n_layers * ((T + kSteps + 16) / 16 + (T + 15) / 16) + 4;  // + the importance's
       GpuKVPool pool(gm, po);
       FullPolicy full;
       GpuSession s(gm, pool, full);
@@ -252,6 +258,16 @@ TEST(GpuQuantModel, GgufBlocksStayBlocksAndGiveTheCpusTokens) {
                   f.name.c_str(), dtype_name(dt), T, kSteps, worst, bound(dt), differ, unexplained);
       EXPECT_LE(worst, bound(dt));
       EXPECT_EQ(unexplained, 0) << "top-1 differs from the CPU's where the CPU's margin exceeds the logit error";
+      // The wov2 importance per layer, norm-wise: the dense model's bound (test_gpu_model.cc (k): twice
+      // the logit tolerance) doubled for the second rounding of every weight, as bound() does.
+      GpuSession scratch(gm, pool, full);
+      const std::vector<std::vector<float>> got = scratch.measure_importance(p, wov2);
+      ASSERT_EQ(got.size(), cpu_wov2.size());
+      double worst_imp = 0;
+      for (size_t l = 0; l < got.size(); ++l) worst_imp = std::max(worst_imp, norm_rel(got[l], cpu_wov2[l]));
+      std::printf("gpu_quant_model: %-9s %-4s wov2 importance: worst layer norm-rel error %.3g (bound %.1e)\n",
+                  f.name.c_str(), dtype_name(dt), worst_imp, 2 * bound(dt));
+      EXPECT_LE(worst_imp, 2 * bound(dt)) << "the wov2 importance against the CPU engine's";
     }
   }
 }
