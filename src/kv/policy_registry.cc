@@ -49,7 +49,7 @@ const std::vector<Entry>& registry() {
        make_cutoff_policy},
       {{"adakv", true, false, false,
         "Ada-KV: SnapKV's scores per KV head, one cutoff across a layer's heads (a floor per head), "
-        "uniform layer budgets; CPU only"},
+        "uniform layer budgets"},
        make_adakv_policy},
   };
   return r;
