@@ -255,6 +255,8 @@ TEST(CudaEmu, FullGpuCaseList) {
   const char* full = std::getenv("PKV_EMU_FULL");
   if (!full || std::string(full) != "1") GTEST_SKIP() << "set PKV_EMU_FULL=1 to run the GPU case list emulated";
   EmuBackend be;
+  check_value_weights_all(be, true);
+  check_output_gram_all(be, true);
   for (const PrefillCase& c : prefill_cases(true)) check_prefill(be, c);
   for (const PrefillCase& c : extended_prefill_cases(true)) check_prefill(be, c);
   for (const DecodeCase& c : decode_cases(true)) check_decode(be, c);
