@@ -118,12 +118,12 @@ TEST(Gemm16, EqualsTheFmaChainBitForBitAndStaysWithinItsBound) {
   set_num_threads(saved);
 }
 
-// Decode's products (1-2 rows of 16-bit weights: four weight rows at a time, prefetched) and
-// linear_rows' small batches (four input rows per weight row) share one arithmetic: every value the
-// same bits whichever path, grouping or thread count computes it (so a sequence decoded in a batch
-// equals it decoded alone), and within the float32 bound of the exact product,
-// |y - exact| <= gamma_n * sum_k |x_k w_k| (each of at most n = in sequential roundings on any
-// path of the summation tree).
+// Decode's products (1-2 rows of 16-bit weights: eight weight rows at a time on AVX-512, four on
+// AVX2, prefetched) and linear_rows' small batches (four input rows per weight row) share one
+// arithmetic: every value the same bits whichever path, grouping or thread count computes it (so a
+// sequence decoded in a batch equals it decoded alone), and within the float32 bound of the exact
+// product, |y - exact| <= gamma_n * sum_k |x_k w_k| (each of at most n = in sequential roundings on
+// any path of the summation tree).
 TEST(DecodeDots, EveryPathGivesTheSameBitsWithinTheBound) {
   const int saved = num_threads();
   for (DType dt : {DType::F16, DType::BF16})
