@@ -402,7 +402,8 @@ std::vector<double> check_budgets(std::vector<double> b) {
 // `concentration`.
 py::object calibrate(const ModelPtr& m, const py::object& data_arg, std::optional<int> samples,
                      std::vector<double> budgets, const std::string& estimator, int window, int protected_count,
-                     const std::string& allocate_from, const py::object& image_dir, const OptStr& image_mode) {
+                     const std::string& allocate_from, const std::string& allocate_by, bool heads,
+                     const py::object& image_dir, const OptStr& image_mode) {
   const std::string data = path_of(data_arg);
   CalibrateOptions opt;
   opt.budgets = check_budgets(std::move(budgets));
@@ -414,6 +415,8 @@ py::object calibrate(const ModelPtr& m, const py::object& data_arg, std::optiona
   if (allocate_from != "prompt" && allocate_from != "answer")
     fail("allocate_from", "must be prompt or answer, got '" + allocate_from + "'");
   opt.allocation = allocate_from;
+  opt.layer_rule = allocate_by;  // checked by pkv::calibrate, as for the CLI's --allocate-by
+  opt.heads = heads;
   if (samples && *samples < 1) fail("samples", "must be at least 1");
   opt.limit = size_t(samples.value_or(0));
   opt.image_mode = image_mode.value_or("");
@@ -567,6 +570,19 @@ PYBIND11_MODULE(_core, mod) {
       .def(
           "keep", [](const Profile& p, double budget) { return to_numpy(p.keep_fractions(budget)); }, py::arg("budget"),
           "Per-layer keep fractions for a budget in (0, 1] (interpolated between stored budgets).")
+      .def_property_readonly("has_head_table", &Profile::has_head_table)
+      .def(
+          "head_keep",
+          [](const Profile& p, double budget) {
+            if (!p.has_head_table())
+              fail("head_keep", "this profile has no per-head table (made without `heads=True` / --heads)");
+            const auto t = p.head_keep_fractions(budget);
+            std::vector<double> flat;
+            for (const auto& l : t) flat.insert(flat.end(), l.begin(), l.end());
+            const py::ssize_t cols = t.empty() ? 0 : py::ssize_t(t[0].size());
+            return to_numpy(std::move(flat), {py::ssize_t(t.size()), cols});
+          },
+          py::arg("budget"), "Keep fractions per layer and KV head for a budget (the profile's per-head table).")
       .def("__repr__", [](const Profile& p) {
         return "<prefixkv.Profile " + p.model.name + ", " + std::to_string(p.n_layers()) + " layers, " +
                std::to_string(p.budgets.size()) + " budgets, " + p.estimator + ">";
@@ -588,6 +604,7 @@ PYBIND11_MODULE(_core, mod) {
       .def_property_readonly("path", [](const PyModel& m) { return m.lm.dir; })
       .def_property_readonly("device", [](const PyModel& m) { return m.backend->description(); })
       .def_property_readonly("n_layers", [](const PyModel& m) { return m.config().text.n_layers; })
+      .def_property_readonly("n_kv_heads", [](const PyModel& m) { return m.config().text.n_kv_heads; })
       .def_property_readonly("has_vision", [](const PyModel& m) { return m.config().has_vision; })
       .def_property_readonly("image_tokens", [](const PyModel& m) { return m.config().image_tokens(); })
       .def(
@@ -620,7 +637,8 @@ PYBIND11_MODULE(_core, mod) {
   mod.def("calibrate", &pkv::python::calibrate, py::arg("model"), py::arg("data"), py::kw_only(), py::arg("samples") = py::none(),
           py::arg("budgets") = std::vector<double>{0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9},
           py::arg("estimator") = "window", py::arg("window") = 32, py::arg("protected") = 2,
-          py::arg("allocate_from") = "prompt", py::arg("image_dir") = py::none(), py::arg("image_mode") = py::none(),
+          py::arg("allocate_from") = "prompt", py::arg("allocate_by") = "prefix", py::arg("heads") = false,
+          py::arg("image_dir") = py::none(), py::arg("image_mode") = py::none(),
           "`prefixkv calibrate` on LLaVA conversation JSON: a Profile, with the per-layer concentration.");
   mod.def("evaluate", &pkv::python::evaluate, py::arg("model"), py::arg("data"), py::kw_only(), py::arg("policies") = py::none(),
           py::arg("budgets") = std::vector<double>{0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9},

@@ -40,6 +40,8 @@ def without_date(profile_json):
     ({}, []),
     ({"estimator": "paper", "allocate_from": "answer", "protected": 3},
      ["--kv-importance", "paper", "--allocate-from", "answer", "--kv-protected", "3"]),
+    ({"allocate_by": "cutoff:wov2:floor=0.5:cap=1.5"}, ["--allocate-by", "cutoff:wov2:floor=0.5:cap=1.5"]),
+    ({"heads": True}, ["--heads"]),
 ])
 def test_calibrate_equals_cli(model, tmp_path, kw, args):
     prof = prefixkv.calibrate(model, CALIB, samples=3, budgets=[0.5, 0.2], **kw)
@@ -50,6 +52,18 @@ def test_calibrate_equals_cli(model, tmp_path, kw, args):
     assert prof.concentration.shape == (model.n_layers,)
     assert np.all((prof.concentration > 0) & (prof.concentration <= 1))
     np.testing.assert_allclose(prof.keep(0.5).mean(), 0.5, rtol=0, atol=1e-9)
+    assert prof.has_head_table == bool(kw.get("heads"))
+    if kw.get("heads"):
+        # The per-head table: one fraction per layer and KV head (its own search over all the units),
+        # rescaled to the budget like the layers' fractions.
+        h = prof.head_keep(0.5)
+        assert h.shape == (model.n_layers, model.n_kv_heads)
+        assert np.all((h >= 0) & (h <= 1))
+        np.testing.assert_allclose(h.mean(), 0.5, rtol=0, atol=1e-9)
+        assert np.ptp(h) > 0  # the heads of a model are not all alike
+    else:
+        with pytest.raises(Exception, match="head_keep: this profile has no per-head table"):
+            prof.head_keep(0.5)
     # Saved, it is the program's file; loaded back, the same profile.
     prof.save(tmp_path / "again.json")
     assert without_date((tmp_path / "again.json").read_text()) == without_date(out.read_text())
