@@ -28,11 +28,14 @@
 #                      (~1-2 min)
 #   desc_lo/mid/hi     (a) at 10-30% / 40-60% / 70-90% kept: the baselines (streaming, h2o, snapkv,
 #                      pyramidkv, adakv, uniform-prefix), prefixkv (the project default: the shipped
-#                      profile, the offline cutoff profile below; pooled ranking), cutoff:wov2:floor=0.5:cap=1.5 and
-#                      cutoff:vnorm:floor=0.5:cap=1.5 on the GPU (28 members x 200 scenes: ~4.5 min),
+#                      profile, the offline cutoff profile below; pooled ranking), the same ranked by the
+#                      maximum over the window's queries (prefixkv:reduce=max), cutoff:wov2:floor=0.5:cap=1.5
+#                      and cutoff:vnorm:floor=0.5:cap=1.5 on the GPU (31 members x 200 scenes: ~7 min on an
+#                      H100 (desc_lo with 28: 395 s); split with desc@BUDGETS where a phase comes near 9 min),
 #                      and at the same time the lookahead forms ($LOOK, CPU-only) on the CPU's cores
 #   desc_profiles      (a) at 10-90%: `prefixkv:pool=0` with the prompt-allocated profile of the grid
-#                      (METHOD.md's method as written), then `prefixkv:wov2` and `prefixkv:vnorm` with
+#                      (METHOD.md's method as written), then `prefixkv:wov2`, `prefixkv:vnorm` and
+#                      `prefixkv:wov2:reduce=max` with
 #                      the offline cutoff profile (docs/results/profiles/cutoff_wov2_floor05_cap15_n32.json,
 #                      the model's shipped profile: plain `prefixkv` runs in the main part),
 #                      one evaluation per profile (~4.5 min)
@@ -91,7 +94,7 @@ PHASE_SECONDS=${PHASE_SECONDS:-560}
 mkdir -p "$KEEP"
 
 BASELINES=${BASELINES:-streaming,h2o,snapkv,pyramidkv,adakv,uniform-prefix}
-ADAPTIVE=${ADAPTIVE:-prefixkv,cutoff:wov2:floor=0.5:cap=1.5,cutoff:vnorm:floor=0.5:cap=1.5}
+ADAPTIVE=${ADAPTIVE:-prefixkv,prefixkv:reduce=max,cutoff:wov2:floor=0.5:cap=1.5,cutoff:vnorm:floor=0.5:cap=1.5}
 LOOK=${LOOK-cutoff:wov2:floor=0.5:look=8:reduce=max,cutoff:wov2:floor=0.5:cap=1.5:look=8:reduce=max}
 PROMPT_PROFILE=docs/results/profiles/window_prompt_n32.json  # the grid's: window estimator, prompt-allocated
 CUTOFF_PROFILE=${CUTOFF_PROFILE:-docs/results/profiles/cutoff_wov2_floor05_cap15_n32.json}
@@ -176,7 +179,7 @@ prompt_profile_part() {
     --kv-profile "$PROMPT_PROFILE" "${DEV[@]}"
 }
 cutoff_profile_part() {
-  evr "${1}_cutoff_profile" "$DEV_BIN" "$1" --budgets "$ALL_BUDGETS" --policies prefixkv:wov2,prefixkv:vnorm \
+  evr "${1}_cutoff_profile" "$DEV_BIN" "$1" --budgets "$ALL_BUDGETS" --policies prefixkv:wov2,prefixkv:vnorm,prefixkv:wov2:reduce=max \
     --kv-profile "$CUTOFF_PROFILE" "${DEV[@]}"
 }
 
