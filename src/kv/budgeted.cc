@@ -2,9 +2,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <exception>
 #include <numeric>
 
 #include "core/error.h"
+#include "core/threads.h"
 #include "kv/prefix_search.h"
 
 namespace pkv {
@@ -102,12 +104,27 @@ KeepPlan BudgetedPolicy::head_plan(const CacheView& cache, int N, const std::vec
   prefill_kept_ = layer_kept;
   keep_fraction_.assign(size_t(L), 1.0);
   head_kept_.assign(size_t(L), std::vector<int>(size_t(H), N));
+  // The layers' selections on the thread pool (each reads only what the policy decided before), the
+  // first error rethrown here.
+  std::vector<std::vector<std::vector<int32_t>>> chosen(static_cast<size_t>(L));
+  std::vector<std::exception_ptr> error(static_cast<size_t>(L));
+  parallel_for(size_t(L), 1, [&](size_t b, size_t e, int) {
+    for (size_t l = b; l < e; ++l) {
+      try {
+        chosen[l] = select(int(l));
+      } catch (...) {
+        error[l] = std::current_exception();
+      }
+    }
+  });
+  for (const std::exception_ptr& x : error)
+    if (x) std::rethrow_exception(x);
   KeepPlan plan;
   for (int l = 0; l < L; ++l) {
     PKV_ASSERT(!cache.per_head(l) && cache.size(l) == N);
     keep_fraction_[size_t(l)] = double(layer_kept[size_t(l)]) / N;
     LayerKeep k(l, cache.held(l), {});  // a shared layer: its N entries
-    k.head_keep = select(l);
+    k.head_keep = std::move(chosen[size_t(l)]);
     if (k.head_keep.empty()) continue;
     PKV_ASSERT(int(k.head_keep.size()) == H);
     for (int h = 0; h < H; ++h) head_kept_[size_t(l)][size_t(h)] = int(k.head_keep[size_t(h)].size());

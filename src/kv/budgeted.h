@@ -51,7 +51,8 @@ class BudgetedPolicy : public KVPolicy {
   // (ImportanceRequest::per_kv_head); else one error naming the policy.
   int check_head_importance(const CacheView& cache, const std::vector<std::vector<float>>& importance, int N) const;
   // The prefill plan from per-head keep lists: layer l's heads keep select(l) ([kv heads] lists of
-  // ascending indices), or the layer stays shared when select(l) is empty. Records prefill_kept_
+  // ascending indices), or the layer stays shared when select(l) is empty. select runs for several
+  // layers at once on the thread pool (core/threads.h): it must only read. Records prefill_kept_
   // (layer_kept, each layer's count per head on average), keep_fraction_ and head_kept_.
   KeepPlan head_plan(const CacheView& cache, int N, const std::vector<int>& layer_kept,
                      const std::function<std::vector<std::vector<int32_t>>(int layer)>& select);

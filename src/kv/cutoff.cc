@@ -7,6 +7,7 @@
 
 #include "core/error.h"
 #include "kv/budgeted.h"
+#include "kv/prefix_search.h"
 
 namespace pkv {
 
@@ -18,7 +19,8 @@ std::vector<int> cutoff_budgets(const std::vector<std::vector<float>>& scores, i
   int64_t floors = 0;
   for (int l = 0; l < L; ++l) n[size_t(l)] = std::clamp(base[size_t(l)], 0, N), floors += n[size_t(l)];
   total = std::clamp<int64_t>(total, floors, int64_t(L) * N);
-  // The candidates: each layer's entries beyond its floor, in its own score order.
+  // The candidates: each layer's scores beyond its floor (its n_l highest: a selection, whose order
+  // does not matter since only the count per layer is kept; `rank` makes the order total).
   struct Cand {
     float score;
     int layer, rank;
@@ -28,12 +30,15 @@ std::vector<int> cutoff_budgets(const std::vector<std::vector<float>>& scores, i
   for (int l = 0; l < L; ++l) {
     PKV_ASSERT(int(scores[size_t(l)].size()) == N);
     std::vector<float> s = scores[size_t(l)];
-    std::sort(s.begin(), s.end(), std::greater<float>());
-    for (int r = n[size_t(l)]; r < N; ++r) cand.push_back({s[size_t(r)], l, r});
+    const int f = n[size_t(l)];
+    if (f > 0 && f < N)
+      std::nth_element(s.begin(), s.begin() + f, s.end(), [](float x, float y) { return score_order(x, y) > 0; });
+    for (int r = f; r < N; ++r) cand.push_back({s[size_t(r)], l, r});
   }
   const size_t take = size_t(total - floors);
   auto better = [](const Cand& a, const Cand& b) {
-    return std::tie(b.score, a.layer, a.rank) < std::tie(a.score, b.layer, b.rank);
+    if (const int o = score_order(a.score, b.score)) return o > 0;
+    return std::tie(a.layer, a.rank) < std::tie(b.layer, b.rank);
   };
   if (take < cand.size()) std::nth_element(cand.begin(), cand.begin() + ptrdiff_t(take), cand.end(), better);
   for (size_t i = 0; i < take; ++i) ++n[size_t(cand[i].layer)];

@@ -31,9 +31,11 @@ std::vector<int> prefix_budgets(const std::vector<std::vector<float>>& importanc
       if (n >= min_keep) events.emplace_back(sum > 0 ? cum / sum : double(n) / N, l);
     }
   }
-  std::stable_sort(events.begin(), events.end());
+  // The first `extra` events in (threshold, layer) order: a selection, not a sort (events that tie
+  // in both are one layer's, so which of them is taken does not change the counts).
   std::vector<int> n(size_t(L), min_keep);
   const int64_t extra = total - int64_t(L) * min_keep;
+  if (extra < int64_t(events.size())) std::nth_element(events.begin(), events.begin() + extra, events.end());
   for (int64_t e = 0; e < extra; ++e) ++n[size_t(std::get<1>(events[size_t(e)]))];
   return n;
 }
@@ -78,12 +80,17 @@ std::vector<int32_t> top_entries(const std::vector<float>& score, int n, const s
   int kept = 0;
   for (int32_t p : protected_idx)
     if (p >= 0 && p < N && !keep[size_t(p)] && kept < n) keep[size_t(p)] = 1, ++kept;
-  std::vector<int32_t> order(static_cast<size_t>(N));
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return score[size_t(a)] > score[size_t(b)]; });
-  for (int32_t i : order) {
-    if (kept >= n) break;
-    if (!keep[size_t(i)]) keep[size_t(i)] = 1, ++kept;
+  const size_t need = size_t(n - kept);
+  if (need > 0) {
+    std::vector<int32_t> cand;
+    cand.reserve(size_t(N - kept));
+    for (int32_t i = 0; i < N; ++i)
+      if (!keep[size_t(i)]) cand.push_back(i);
+    const float* s = score.data();
+    if (need < cand.size())
+      std::nth_element(cand.begin(), cand.begin() + ptrdiff_t(need), cand.end(),
+                       [s](int32_t a, int32_t b) { return ranks_before(s, a, b); });
+    for (size_t i = 0; i < need; ++i) keep[size_t(cand[i])] = 1;
   }
   std::vector<int32_t> out;
   out.reserve(size_t(n));

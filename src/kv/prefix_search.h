@@ -23,7 +23,22 @@ std::vector<int> prefix_budgets(const std::vector<std::vector<float>>& importanc
 std::vector<int> counts_from_fractions(const std::vector<double>& keep, int N, int64_t total, int min_keep);
 
 // Indices (ascending) of the `n` entries to keep: the protected ones plus the highest-scoring others
-// (ties to the earlier entry).
+// (ties to the earlier entry; a NaN score ranks below every number). A selection, not a sort: O(N) on
+// average.
 std::vector<int32_t> top_entries(const std::vector<float>& score, int n, const std::vector<int32_t>& protected_idx);
+
+// The order of scores in every selection (top_entries, adakv's, the cutoff's): highest first, a NaN
+// after every number. 1: x ranks before y; -1: after; 0: a tie (left to the caller's index order).
+inline int score_order(float x, float y) {
+  if (x > y) return 1;
+  if (x < y) return -1;
+  const bool xn = x != x, yn = y != y;
+  return xn == yn ? 0 : xn ? -1 : 1;
+}
+// Whether entry a ranks before entry b by score, ties to the earlier index: a strict total order.
+inline bool ranks_before(const float* score, int32_t a, int32_t b) {
+  const int o = score_order(score[a], score[b]);
+  return o != 0 ? o > 0 : a < b;
+}
 
 }  // namespace pkv

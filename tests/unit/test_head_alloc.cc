@@ -314,9 +314,11 @@ TEST(HeadAllocProfile, TheTableRoundTripsInterpolatesAndIsChecked) {
   p.samples = 1;
   p.data = "d";
   p.date = "now";
-  ProfileBudget b1{0.2, {0.3, 0.1}};
+  ProfileBudget b1;
+  b1.budget = 0.2, b1.keep = {0.3, 0.1};
   b1.head_keep = {{0.4, 0.2, 0.2}, {0.1, 0.1, 0.2}};
-  ProfileBudget b2{0.4, {0.5, 0.3}};
+  ProfileBudget b2;
+  b2.budget = 0.4, b2.keep = {0.5, 0.3};
   b2.head_keep = {{0.6, 0.5, 0.4}, {0.2, 0.3, 0.4}};
   p.set_budget(b1);
   p.set_budget(b2);

@@ -7,6 +7,7 @@
 #include <numeric>
 
 #include "core/error.h"
+#include "kv/prefix_search.h"
 
 namespace pkv {
 
@@ -18,7 +19,7 @@ std::vector<std::vector<int32_t>> adakv_select(const std::vector<float>& scores,
   for (int32_t j : fixed) is_fixed[size_t(j)] = 1;
   const int S = B - P;                          // selectable slots per head
   const int floor_n = int(std::floor(alpha * S));  // each head's own best first
-  // Per head, the other entries by score, highest first (ties: the earlier entry).
+  // Per head, the entries that are not fixed: its floor_n best (ties: the earlier entry), then the rest.
   std::vector<std::vector<int32_t>> order(static_cast<size_t>(H));
   std::vector<std::vector<char>> kept(size_t(H), std::vector<char>(size_t(N), 0));
   struct Cand {
@@ -32,7 +33,9 @@ std::vector<std::vector<int32_t>> adakv_select(const std::vector<float>& scores,
     std::vector<int32_t>& o = order[size_t(h)];
     for (int j = 0; j < N; ++j)
       if (!is_fixed[size_t(j)]) o.push_back(j);
-    std::stable_sort(o.begin(), o.end(), [&](int32_t a, int32_t b) { return s[a] > s[b]; });
+    // The head's floor_n best (a selection: their order does not matter), the others to the pool.
+    if (floor_n > 0 && floor_n < int(o.size()))
+      std::nth_element(o.begin(), o.begin() + floor_n, o.end(), [s](int32_t a, int32_t b) { return ranks_before(s, a, b); });
     for (int r = 0; r < int(o.size()); ++r) {
       if (r < floor_n) kept[size_t(h)][size_t(o[size_t(r)])] = 1;
       else rest.push_back({s[o[size_t(r)]], h, o[size_t(r)]});
@@ -42,7 +45,7 @@ std::vector<std::vector<int32_t>> adakv_select(const std::vector<float>& scores,
   const size_t R = size_t(H) * size_t(S - floor_n);
   PKV_ASSERT(R <= rest.size());
   auto better = [](const Cand& a, const Cand& b) {
-    if (a.score != b.score) return a.score > b.score;
+    if (const int o = score_order(a.score, b.score)) return o > 0;
     return a.head != b.head ? a.head < b.head : a.j < b.j;
   };
   std::nth_element(rest.begin(), rest.begin() + ptrdiff_t(R), rest.end(), better);
