@@ -120,6 +120,24 @@ class GridTables(unittest.TestCase):
         doc = xml.dom.minidom.parse(svg)
         self.assertEqual(len(doc.getElementsByTagName("polyline")), 2 * 7)  # two panels, 7 configs
 
+    def test_gap_ratio(self):
+        res = copy.deepcopy(self.res)
+        at20 = {r["policy"]: r for r in res["records"] if r["budget"] == 0.2}
+        twin = copy.deepcopy(at20["adakv"])  # the best baseline's own numbers under another name: exactly 1
+        twin["policy"] = "adakv-twin"
+        res["records"].append(twin)
+        names = grid_tables.ordered_configs(res)
+        by = {(grid_tables.config_name(r), r["budget"]): r for r in res["records"]}
+        rows = grid_tables.gap_ratio_table(res, names, [0.2], by, "| config | 20% |", "|---|---|")
+        full = res["full"]["ppl"]
+        want = (at20[CUTOFF]["ppl"] - full) / (at20["adakv"]["ppl"] - full)
+        cut = next(r for r in rows if r.startswith("| " + CUTOFF))
+        point, lo, hi = (float(x) for x in cut.split("|")[2].replace("[", "").replace("]", "").replace(",", "").split())
+        self.assertAlmostEqual(point, want, places=3)
+        self.assertTrue(lo < point < hi)
+        self.assertIn("| adakv-twin | 1.000 [1.000, 1.000] |", rows)
+        self.assertFalse(any(r.startswith("| adakv |") for r in rows))  # baselines have no row
+
     def test_heatmap(self):
         svg = self.path("h.svg")
         subprocess.run([sys.executable, os.path.join(HERE, "kv_heatmap.py"), RESULTS, "--out", svg,
