@@ -27,15 +27,16 @@
 #                      tar), then its tables: the device takes every policy before the long phases
 #                      (~1-2 min)
 #   desc_lo/mid/hi     (a) at 10-30% / 40-60% / 70-90% kept: the baselines (streaming, h2o, snapkv,
-#                      pyramidkv, adakv, uniform-prefix), prefixkv (the project default: the shipped
-#                      profile, the offline cutoff profile below; pooled ranking), the same ranked by the
-#                      maximum over the window's queries (prefixkv:reduce=max), cutoff:wov2:floor=0.5:cap=1.5
-#                      and cutoff:vnorm:floor=0.5:cap=1.5 on the GPU (31 members x 200 scenes: ~7 min on an
-#                      H100 (desc_lo with 28: 395 s); split with desc@BUDGETS where a phase comes near 9 min),
-#                      and at the same time the lookahead forms ($LOOK, CPU-only) on the CPU's cores
+#                      pyramidkv, adakv, uniform-prefix), prefixkv (the shipped profile, the offline cutoff
+#                      profile below; pooled ranking), the same ranked by the maximum over the window's
+#                      queries, plainly (prefixkv:reduce=max) and weighted by the value (prefixkv:vnorm:reduce=max,
+#                      prefixkv:wov2:reduce=max), cutoff:wov2:floor=0.5:cap=1.5 and
+#                      cutoff:vnorm:floor=0.5:cap=1.5 on the GPU (37 members x 200 scenes; desc_lo with 28
+#                      took 395 s on an H100 as one process), one process per budget at once (SPLIT=1, the
+#                      default: the evaluation is bound by its host thread; SPLIT=0: one process), and at
+#                      the same time the lookahead forms ($LOOK, CPU-only) on the CPU's cores
 #   desc_profiles      (a) at 10-90%: `prefixkv:pool=0` with the prompt-allocated profile of the grid
-#                      (METHOD.md's method as written), then `prefixkv:wov2`, `prefixkv:vnorm` and
-#                      `prefixkv:wov2:reduce=max` with
+#                      (METHOD.md's method as written), then `prefixkv:wov2` and `prefixkv:vnorm` with
 #                      the offline cutoff profile (docs/results/profiles/cutoff_wov2_floor05_cap15_n32.json,
 #                      the model's shipped profile: plain `prefixkv` runs in the main part),
 #                      one evaluation per profile (~4.5 min)
@@ -61,7 +62,7 @@
 # GPU_BIN / CPU_BIN (the binaries: $BUILD/prefixkv, build-cpu16/prefixkv), LIMIT / QLIMIT / TLIMIT
 # (0: all scenes / questions / windows), MAXTOK (320), BOOTSTRAP (1000), DTYPE (f16), CPU_JOBS (cores
 # - 4: the rest for the GPU evaluation's host work), LOOK (the CPU-only policies; empty: none),
-# BASELINES / ADAPTIVE (the device's policies, to rerun a phase without one that fails there),
+# BASELINES / ADAPTIVE (the device's policies, to rerun a phase without one that fails there), SPLIT,
 # CUTOFF_PROFILE (the offline cutoff profile), KEEP (build-grid/results), PHASE_SECONDS (560).
 # The offline cutoff profile was made on the CPU engine (the bundled model, 32 calibration scenes):
 #   prefixkv calibrate --data data/calib/calib.json --samples 32 \
@@ -94,7 +95,8 @@ PHASE_SECONDS=${PHASE_SECONDS:-560}
 mkdir -p "$KEEP"
 
 BASELINES=${BASELINES:-streaming,h2o,snapkv,pyramidkv,adakv,uniform-prefix}
-ADAPTIVE=${ADAPTIVE:-prefixkv,prefixkv:reduce=max,cutoff:wov2:floor=0.5:cap=1.5,cutoff:vnorm:floor=0.5:cap=1.5}
+ADAPTIVE=${ADAPTIVE:-prefixkv,prefixkv:reduce=max,prefixkv:vnorm:reduce=max,prefixkv:wov2:reduce=max,cutoff:wov2:floor=0.5:cap=1.5,cutoff:vnorm:floor=0.5:cap=1.5}
+SPLIT=${SPLIT:-1}
 LOOK=${LOOK-cutoff:wov2:floor=0.5:look=8:reduce=max,cutoff:wov2:floor=0.5:cap=1.5:look=8:reduce=max}
 PROMPT_PROFILE=docs/results/profiles/window_prompt_n32.json  # the grid's: window estimator, prompt-allocated
 CUTOFF_PROFILE=${CUTOFF_PROFILE:-docs/results/profiles/cutoff_wov2_floor05_cap15_n32.json}
@@ -169,7 +171,18 @@ main_part() {
     evr "${tb}_${part}_look" "$CPU_BIN" "$tb" --budgets "$budgets" --policies "$LOOK" --jobs "$CPU_JOBS" &
     cpu_pid=$!
   fi
-  evr "${tb}_${part}" "$DEV_BIN" "$tb" --budgets "$budgets" --policies "$BASELINES,$ADAPTIVE" "${DEV[@]}" "$@"
+  if [ "$DEVICE" = cuda ] && [ "$SPLIT" = 1 ] && [[ $budgets == *,* ]]; then
+    # One evaluation process per budget at the same time: the GPU evaluation of this small model is
+    # bound by its host thread, so three processes share the GPU rather than wait for one another.
+    local b pids=()
+    for b in ${budgets//,/ }; do
+      evr "${tb}_${part}_b$b" "$DEV_BIN" "$tb" --budgets "$b" --policies "$BASELINES,$ADAPTIVE" "${DEV[@]}" "$@" &
+      pids+=($!)
+    done
+    wait "${pids[@]}"
+  else
+    evr "${tb}_${part}" "$DEV_BIN" "$tb" --budgets "$budgets" --policies "$BASELINES,$ADAPTIVE" "${DEV[@]}" "$@"
+  fi
   [ -z "$cpu_pid" ] || wait "$cpu_pid"
 }
 
@@ -179,7 +192,7 @@ prompt_profile_part() {
     --kv-profile "$PROMPT_PROFILE" "${DEV[@]}"
 }
 cutoff_profile_part() {
-  evr "${1}_cutoff_profile" "$DEV_BIN" "$1" --budgets "$ALL_BUDGETS" --policies prefixkv:wov2,prefixkv:vnorm,prefixkv:wov2:reduce=max \
+  evr "${1}_cutoff_profile" "$DEV_BIN" "$1" --budgets "$ALL_BUDGETS" --policies prefixkv:wov2,prefixkv:vnorm \
     --kv-profile "$CUTOFF_PROFILE" "${DEV[@]}"
 }
 
@@ -187,8 +200,8 @@ cutoff_profile_part() {
 merge_testbed() {
   local tb=$1 files=() f
   # The main runs first (lo's full cache is the merged one), then the others (TESTBED@BUDGETS phases).
-  for f in "$KEEP/${tb}_lo.json" "$KEEP/${tb}_mid.json" "$KEEP/${tb}_hi.json" "$KEEP/${tb}"_at*.json \
-           "$KEEP/${tb}"_*_look.json; do
+  for f in "$KEEP/${tb}_lo.json" "$KEEP/${tb}_lo_b"*.json "$KEEP/${tb}_mid.json" "$KEEP/${tb}_hi.json" \
+           "$KEEP/${tb}"_*_b[0-9]*.json "$KEEP/${tb}"_at*.json "$KEEP/${tb}"_*_look.json; do
     [[ -f $f && " ${files[*]} " != *" $f "* ]] && files+=("$f")
   done
   [ -f "$KEEP/${tb}_prompt_profile.json" ] && files+=("$KEEP/${tb}_prompt_profile.json=prompt profile")
