@@ -511,6 +511,13 @@ std::string Profile::table() const {
     std::snprintf(buf, sizeof buf, "  %7.3f", mean_of(b.keep));
     out += buf;
   }
+  out += "\nspread";  // the most kept layer's fraction over the least kept's (issue 13's measure of how layers differ)
+  for (const auto& b : budgets) {
+    const auto [lo, hi] = std::minmax_element(b.keep.begin(), b.keep.end());
+    if (b.keep.empty() || !(*lo > 0)) std::snprintf(buf, sizeof buf, "  %7s", b.keep.empty() ? "-" : "inf");
+    else std::snprintf(buf, sizeof buf, " %7.2fx", *hi / *lo);
+    out += buf;
+  }
   out += "\n";
   return out;
 }

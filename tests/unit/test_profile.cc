@@ -462,3 +462,23 @@ TEST(Profile, LoadBadInputGivesOneClearErrorNamingFileAndField) {
   fs::remove(path);
   EXPECT_THROW(Profile::load(test::temp_path("does_not_exist.json")), Error);
 }
+
+namespace pkv {
+namespace {
+// The table's last row: how far the most kept layer is from the least kept one, per budget.
+TEST(ProfileTable, SpreadIsTheMostOverTheLeastKeptLayer) {
+  Profile p;
+  p.model = {"m", "", 3};
+  ProfileBudget a;
+  a.budget = 0.2, a.keep = {0.04, 0.4, 0.16};
+  ProfileBudget b;
+  b.budget = 0.5, b.keep = {0.0, 0.75, 0.75};
+  p.set_budget(a);
+  p.set_budget(b);
+  const std::string t = p.table();
+  const size_t at = t.find("spread");
+  ASSERT_NE(at, std::string::npos) << t;
+  EXPECT_EQ(t.substr(at), "spread   10.00x      inf\n") << t;
+}
+}  // namespace
+}  // namespace pkv
