@@ -140,9 +140,10 @@ int cmd_calibrate(int argc, char** argv) {
     };
     const CalibrateResult r = calibrate(*backend, engine, samples, opt);
     std::cout << "attention concentration (" << (opt.allocation == "answer" ? "reference-answer" : estimator_name(opt.estimator))
-              << " importance): share of the mass on the top 10% of prompt tokens, mean over " << r.profile.samples
-              << " samples (" << backend->description() << ")\n";
-    for (size_t l = 0; l < r.concentration.size(); ++l) std::printf("  layer %2zu  %.3f\n", l, r.concentration[l]);
+              << " importance): share of the mass on the top 10% of prompt tokens, and on the first token (a sink), "
+              << "mean over " << r.profile.samples << " samples (" << backend->description() << ")\n";
+    for (size_t l = 0; l < r.concentration.size(); ++l)
+      std::printf("  layer %2zu  top 10%% %.3f  first token %.3f\n", l, r.concentration[l], r.first_token_share[l]);
     profile = r.profile;
   }
   profile.save(out);

@@ -399,7 +399,7 @@ std::vector<double> check_budgets(std::vector<double> b) {
 }
 
 // `prefixkv calibrate` without --out: the profile, with the attention concentration per layer as its
-// `concentration`.
+// `concentration` and the first token's share of the importance per layer as `first_token_share`.
 py::object calibrate(const ModelPtr& m, const py::object& data_arg, std::optional<int> samples,
                      std::vector<double> budgets, const std::string& estimator, int window, int protected_count,
                      const std::string& allocate_from, const std::string& allocate_by, bool heads,
@@ -431,6 +431,7 @@ py::object calibrate(const ModelPtr& m, const py::object& data_arg, std::optiona
   }
   py::object profile = py::cast(std::move(r.profile));
   profile.attr("concentration") = to_numpy(std::move(r.concentration));
+  profile.attr("first_token_share") = to_numpy(std::move(r.first_token_share));
   return profile;
 }
 

@@ -51,6 +51,8 @@ def test_calibrate_equals_cli(model, tmp_path, kw, args):
     assert prof.budgets == [0.2, 0.5] and prof.n_layers == model.n_layers
     assert prof.concentration.shape == (model.n_layers,)
     assert np.all((prof.concentration > 0) & (prof.concentration <= 1))
+    assert prof.first_token_share.shape == (model.n_layers,)
+    assert np.all((prof.first_token_share > 0) & (prof.first_token_share <= prof.concentration))
     np.testing.assert_allclose(prof.keep(0.5).mean(), 0.5, rtol=0, atol=1e-9)
     assert prof.has_head_table == bool(kw.get("heads"))
     if kw.get("heads"):

@@ -74,7 +74,7 @@ CalibrateResult calibrate(Backend& backend, const Engine& engine, const std::vec
   // Per budget, per layer: sum, sum of squares, min and max of the per-sample k_l.
   std::vector<std::vector<double>> sum(B, std::vector<double>(size_t(L), 0.0)), sq = sum,
                                    mn(B, std::vector<double>(size_t(L), 1e9)), mx(B, std::vector<double>(size_t(L), -1e9));
-  std::vector<double> top10(size_t(L), 0.0);
+  std::vector<double> top10(size_t(L), 0.0), first(size_t(L), 0.0);
   std::vector<std::string> ids;
   const size_t target = opt.limit > 0 ? std::min(samples.size(), opt.limit) : samples.size();
   for (const Sample& s : samples) {
@@ -99,6 +99,7 @@ CalibrateResult calibrate(Backend& backend, const Engine& engine, const std::vec
       const size_t k = size_t(std::ceil(0.1 * N));
       for (size_t i = 0; i < sc.size(); ++i) tot += sc[i], top += i < k ? sc[i] : 0.0;
       top10[size_t(l)] += tot > 0 ? top / tot : 0.0;
+      first[size_t(l)] += tot > 0 && N > 0 ? scores[size_t(l)][0] / tot : 0.0;
     }
     // The cutoff's ranking scores (pooled, the protected entries first) and its floor.
     PolicyOptions co;
@@ -147,7 +148,10 @@ CalibrateResult calibrate(Backend& backend, const Engine& engine, const std::vec
   const int used = int(ids.size());
   if (used == 0) fail(opt.data.empty() ? "calibration data" : opt.data, "no usable calibration sample (every image was missing or broken)");
   CalibrateResult r;
-  for (int l = 0; l < L; ++l) r.concentration.push_back(top10[size_t(l)] / used);
+  for (int l = 0; l < L; ++l) {
+    r.concentration.push_back(top10[size_t(l)] / used);
+    r.first_token_share.push_back(first[size_t(l)] / used);
+  }
   Profile& profile = r.profile;
   profile.model = model_identity(model);
   profile.estimator = estimator_name(opt.estimator);

@@ -42,6 +42,9 @@ struct CalibrateResult {
   // Per layer: the share of the importance held by the top 10% of the prompt's tokens, averaged over
   // the samples (PrefixKV's premise is that this concentration differs by layer).
   std::vector<double> concentration;
+  // Per layer: the first prompt token's share of the importance, averaged over the samples (an
+  // attention sink's mark: LLaMA-2's deep layers put most of their attention there).
+  std::vector<double> first_token_share;
 };
 
 // The importance scores of one prepared prompt (see CalibrateOptions::allocation); `answer` is the

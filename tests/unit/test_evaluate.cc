@@ -270,14 +270,23 @@ TEST(Calibrate, ProfileFromTwoSamples) {
   opt.limit = 2;
   opt.data = "eval.json";
   int seen = 0;
+  const int L = b.model->config().text.n_layers;
+  std::vector<double> first(static_cast<size_t>(L), 0.0);  // the first token's share, summed over the samples
   opt.on_scores = [&](const std::string&, const std::vector<std::vector<float>>& s) {
-    EXPECT_EQ(int(s.size()), b.model->config().text.n_layers);
+    EXPECT_EQ(int(s.size()), L);
+    for (int l = 0; l < L && l < int(s.size()); ++l) {
+      double tot = 0;
+      for (float x : s[size_t(l)]) tot += x;
+      first[size_t(l)] += s[size_t(l)][0] / tot;
+    }
     ++seen;
   };
   const CalibrateResult r = calibrate(*backend, b.engine, b.samples, opt);
   EXPECT_EQ(seen, 2);
   EXPECT_EQ(r.profile.samples, 2);
-  EXPECT_EQ(int(r.concentration.size()), b.model->config().text.n_layers);
+  EXPECT_EQ(int(r.concentration.size()), L);
+  ASSERT_EQ(int(r.first_token_share.size()), L);
+  for (int l = 0; l < L; ++l) EXPECT_NEAR(r.first_token_share[size_t(l)], first[size_t(l)] / 2, 1e-12) << "layer " << l;
   ASSERT_EQ(r.profile.budgets.size(), 2u);
   for (const auto& pb : r.profile.budgets) {
     double mean = 0;
