@@ -39,6 +39,18 @@ Usage (GPU machine: torch, transformers >= 4.47 or 5.x, sentencepiece, safetenso
       --tokenizer models/prefixkv-llava-tiny/tokenizer.model --out $OUT/model --seed 0
   python3 tools/train_bundled.py ... --smoke --out /tmp/smoke     # 1-2 minute end-to-end check
   /usr/bin/python3 tools/train_bundled.py --dry-run               # data path only, no torch needed
+A longer language stage over several calls of one warm machine (issue 13's model (d): the decoder's
+shape from --layers / --hidden / --heads / --kv-heads / --intermediate, --max-mb its size cap): each
+--lang-only call trains stage 1 for its whole --deadline and leaves its float32 weights in
+--out/stage1.pt (keep --out on the machine's disk, e.g. under build-train/: the trip back takes 16 MiB
+a file), the next call goes on from them with --init-from, the last runs the image stages on them:
+  python3 tools/train_bundled.py ... --layers 24 --max-mb 64 --lang-only --lang-steps 100000 --out build-train/d1
+  python3 tools/train_bundled.py ... --layers 24 --max-mb 64 --lang-only --lang-steps 100000 \
+      --init-from build-train/d1/stage1.pt --out build-train/d2
+  python3 tools/train_bundled.py ... --layers 24 --max-mb 64 --lang-steps 0 --init-from build-train/d2/stage1.pt \
+      --out $OUT/model
+Each --lang-only call also saves the model (bf16, as below; untrained vision): `prefixkv calibrate
+--kv-importance paper` on it prints the first token's share per layer, the sink that makes layers differ.
 
 Output in --out (at most 8 files, each <= 16 MiB): model-0000k-of-0000n.safetensors shards,
 meta.tar (config.json, generation_config.json, model.safetensors.index.json, tokenizer.model and the
@@ -425,7 +437,7 @@ def dry_run(args):
     log(f"tokenizer {args.tokenizer}: {tok.vocab_size} pieces, bos {tok.bos} eos {tok.eos} image {tok.image_id}", t0)
     pc = param_count_formula(tok.vocab_size)
     log(f"parameters (formula): {pc} -> {pc['total'] * 2 / 1e6:.2f} MB in 16 bits", t0)
-    assert pc["total"] * 2 <= 32e6
+    assert pc["total"] * 2 <= args.max_mb * 1e6, f"model too large for the {args.max_mb:g} MB budget (--max-mb)"
     docs, sha = read_corpus(args.corpus, limit_bytes=3_000_000)
     toks = tok.encode(docs[:300], special=False)
     stream = build_stream(toks, tok.bos, tok.eos)
@@ -1122,6 +1134,10 @@ def main_train(args):
         f"{int(lens[0::1 + args.qa_seqs].mean())} qa {int(lens[1::1 + args.qa_seqs].mean())} max {int(lens.max())}; "
         f"answer tokens per scene desc {(built.kinds == 0).sum() / 200:.0f} qa {(built.kinds == 1).sum() / 200:.0f}", t0)
     val_docs, train_docs = split_docs(docs, rng)
+    init_state = None
+    if args.init_from:  # a resumed language stage: other windows than the calls before drew
+        init_state = torch.load(args.init_from, map_location="cpu")
+        rng = np.random.default_rng([args.seed, int(init_state["lang_steps"])])
     t = time.time()
     train_stream = build_stream(hf.encode(train_docs, special=False), hf.bos, hf.eos)
     val_stream = build_stream(hf.encode(val_docs, special=False), hf.bos, hf.eos)
@@ -1141,7 +1157,14 @@ def main_train(args):
     tlog["parameters_formula"] = param_count_formula(hf.vocab_size)
     log(f"parameters {n_parts}; 16-bit size {n_total * 2 / 1e6:.2f} MB; attention "
         f"{getattr(model.config, '_attn_implementation', '?')}", t0)
-    assert n_total * 2 <= 32e6, "model too large for the 32 MB budget"
+    assert n_total * 2 <= args.max_mb * 1e6, f"model too large for the {args.max_mb:g} MB budget (--max-mb)"
+    if init_state is not None:
+        model.load_state_dict(init_state["model"])
+        state = init_state
+        tlog["init_from"] = {"path": args.init_from, "lang_steps_before": state["lang_steps"],
+                             "lang_tokens_before": state["lang_tokens"]}
+        log(f"initialised from {args.init_from} ({state['lang_steps']} language steps, "
+            f"{state['lang_tokens'] / 1e6:.1f}M tokens before)", t0)
     # the fixed held-out diagnostic batch (its pixels also set the vision embedding scale)
     diag_seeds = list(range(DIAG_BASE, DIAG_BASE + args.diag_scenes))
     diag_imgs, diag_seqs, diag_labels = scenes.training_batch_multi(diag_seeds, args.qa_seqs, args.qa_cells)
@@ -1366,9 +1389,19 @@ def main_train(args):
                                lang_step, s1_deadline)
     tlog["stage1"]["val_loss"] = val_loss()
     log(f"stage 1 done: {tlog['stage1']}", t0)
+    if args.lang_only:
+        before = tlog.get("init_from", {})
+        steps = before.get("lang_steps_before", 0) + tlog["stage1"]["steps_done"]
+        tokens = before.get("lang_tokens_before", 0) + tlog["stage1"]["steps_done"] * args.lang_batch * args.seq_len
+        os.makedirs(args.out, exist_ok=True)
+        ckpt = os.path.join(args.out, "stage1.pt")
+        torch.save({"model": model.state_dict(), "lang_steps": steps, "lang_tokens": tokens, "arch": ARCH}, ckpt + ".tmp")
+        os.replace(ckpt + ".tmp", ckpt)
+        tlog["stage1"]["total_lang_steps"], tlog["stage1"]["total_lang_tokens"] = steps, tokens
+        log(f"wrote {ckpt}: {steps} language steps, {tokens / 1e6:.1f}M tokens in all", t0)
 
     # ---- stage 2a: vision warm-up on the auxiliary per-cell targets (tower + projector + aux head)
-    if args.vis_steps > 0:
+    if args.vis_steps > 0 and not args.lang_only:
         diagnose("vis", 0, decoder=False)
 
         def vis_step(step):
@@ -1386,7 +1419,8 @@ def main_train(args):
                                     args.lr_vis, args.warmup_vis, vis_step, time.time() + budget2 * args.vis_share,
                                     hook=vis_hook)
         log(f"stage 2a done: {tlog['stage2a']}", t0)
-    diagnose("vis", "end")  # decoder losses before scene training: the gap should be ~0 here
+    if not args.lang_only:
+        diagnose("vis", "end")  # decoder losses before scene training: the gap should be ~0 here
 
     # ---- stage 2b: scenes (+ text every --text-every steps)
     def scene_step(step):
@@ -1424,12 +1458,13 @@ def main_train(args):
     if args.aux_weight > 0:
         groups.append(("aux", aux_params, args.vision_lr_mult))
     hook_reserve = len(quick_fracs) * args.quick_eval_s + (args.scene_steps // max(1, args.diag_every) + 1) * 0.5
-    tlog["stage2"] = run_stage("scene", args.scene_steps, groups, args.lr_scene, args.warmup, scene_step,
-                               deadline - reserve, hook=scene_hook, hook_reserve_s=hook_reserve)
-    diagnose("scene", "end")
-    tlog["stage2"]["val_loss"] = val_loss()
-    tlog["stage2"]["data_wait_s"] = round(feeder.wait_s, 1)
-    log(f"stage 2 done: {tlog['stage2']}", t0)
+    if not args.lang_only:
+        tlog["stage2"] = run_stage("scene", args.scene_steps, groups, args.lr_scene, args.warmup, scene_step,
+                                   deadline - reserve, hook=scene_hook, hook_reserve_s=hook_reserve)
+        diagnose("scene", "end")
+        tlog["stage2"]["val_loss"] = val_loss()
+        tlog["stage2"]["data_wait_s"] = round(feeder.wait_s, 1)
+        log(f"stage 2 done: {tlog['stage2']}", t0)
     pool.terminate()
 
     # ---- bf16, save first (nothing after this may lose the weights), then evaluate and check
@@ -1466,6 +1501,8 @@ def main_train(args):
         tlog["tensor_names_error"] = repr(e)
     ev = {"samples": []}
     try:
+        if args.lang_only:  # the image stages did not run: nothing to evaluate
+            raise _NoEvaluation()
         te = time.time()
         seeds = list(range(HELDOUT_BASE, HELDOUT_BASE + args.eval_scenes))
         ev = evaluate(model, hf, builder, dev, seeds, args.max_new_tokens, t0)
@@ -1473,6 +1510,8 @@ def main_train(args):
         tlog["times"]["eval_s"] = round(time.time() - te, 1)
         # reload from disk the way users will, and compare greedy outputs with the in-memory model
         tlog["reload_check"] = reload_check(full, model, hf, builder, dev, ev, t0)
+    except _NoEvaluation:
+        tlog["eval"] = {"skipped": "--lang-only"}
     except Exception as e:  # keep the weights even if evaluation breaks
         import traceback
         traceback.print_exc()
@@ -1490,6 +1529,10 @@ def main_train(args):
     log(grounding_verdict(tlog), t0)
     shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+class _NoEvaluation(Exception):
+    """--lang-only: the run ends after the language stage, without the greedy evaluation."""
 
 
 def grounding_verdict(tlog):
@@ -1618,6 +1661,19 @@ def parse_args(argv):
     ap.add_argument("--log-every", type=int, default=100)
     ap.add_argument("--expect-scene0", default=EXPECTED_SCENE0, help="pixel sha256 of scene 0 (data/ machine)")
     ap.add_argument("--device", default="cuda", help="cuda (cpu only for testing the loop)")
+    ap.add_argument("--layers", type=int, default=ARCH["layers"], help="decoder layers (issue 13's model (d): deeper)")
+    ap.add_argument("--hidden", type=int, default=ARCH["hidden"], help="decoder hidden size")
+    ap.add_argument("--heads", type=int, default=ARCH["heads"], help="decoder attention heads")
+    ap.add_argument("--kv-heads", type=int, default=ARCH["kv_heads"], help="decoder KV heads")
+    ap.add_argument("--intermediate", type=int, default=ARCH["intermediate"], help="decoder MLP width")
+    ap.add_argument("--max-mb", type=float, default=32.0,
+                    help="largest 16-bit model size in MB (32: the bundled model's budget in the repository)")
+    ap.add_argument("--lang-only", action="store_true",
+                    help="stage 1 only, for the whole --deadline: save the float32 weights to --out/stage1.pt "
+                         "(for --init-from) and the model as usual (bf16), without the evaluation")
+    ap.add_argument("--init-from", default=None,
+                    help="start from the float32 weights a --lang-only run saved (stage1.pt; same shape), so a "
+                         "long language stage can span several calls; each call draws new text windows")
     ap.add_argument("--smoke", action="store_true", help="tiny end-to-end run (about a minute)")
     ap.add_argument("--dry-run", action="store_true", help="data path only, without torch")
     args = ap.parse_args(argv)
@@ -1627,6 +1683,11 @@ def parse_args(argv):
         args.diag_every, args.diag_scenes, args.quick_eval_at, args.quick_eval_scenes = 20, 4, "0.5", 4
         args.quick_max_new, args.quick_eval_s, args.reserve_s, args.prefetch = 40, 5.0, 90, 8
     assert 1 <= args.qa_cells <= 9 and args.qa_seqs >= 0 and args.diag_scenes >= 2
+    assert args.hidden % args.heads == 0 and args.heads % args.kv_heads == 0, "hidden / heads / kv-heads"
+    ARCH.update(layers=args.layers, hidden=args.hidden, heads=args.heads, kv_heads=args.kv_heads,
+                intermediate=args.intermediate)
+    if args.lang_only:
+        args.lang_share = 1.0  # stage 1 takes all the time there is
     return args
 
 
