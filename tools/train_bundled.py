@@ -41,14 +41,14 @@ Usage (GPU machine: torch, transformers >= 4.47 or 5.x, sentencepiece, safetenso
   /usr/bin/python3 tools/train_bundled.py --dry-run               # data path only, no torch needed
 A longer language stage over several calls of one warm machine (issue 13's model (d): the decoder's
 shape from --layers / --hidden / --heads / --kv-heads / --intermediate, --max-mb its size cap): each
---lang-only call trains stage 1 for its whole --deadline and leaves its float32 weights in
---out/stage1.pt (keep --out on the machine's disk, e.g. under build-train/: the trip back takes 16 MiB
-a file), the next call goes on from them with --init-from, the last runs the image stages on them:
-  python3 tools/train_bundled.py ... --layers 24 --max-mb 64 --lang-only --lang-steps 100000 --out build-train/d1
-  python3 tools/train_bundled.py ... --layers 24 --max-mb 64 --lang-only --lang-steps 100000 \
-      --init-from build-train/d1/stage1.pt --out build-train/d2
-  python3 tools/train_bundled.py ... --layers 24 --max-mb 64 --lang-steps 0 --init-from build-train/d2/stage1.pt \
-      --out $OUT/model
+--lang-only FILE call trains stage 1 for its whole --deadline and leaves its float32 weights in FILE
+(on the machine's disk, e.g. under build-train/: the trip back takes 16 MiB a file), the next call
+goes on from them with --init-from, the last runs the image stages on them:
+  python3 tools/train_bundled.py ... --layers 24 --max-mb 64 --lang-steps 100000 --lang-only build-train/d1.pt \
+      --out $OUT/d1
+  python3 tools/train_bundled.py ... --layers 24 --max-mb 64 --lang-steps 100000 --lang-only build-train/d2.pt \
+      --init-from build-train/d1.pt --out $OUT/d2
+  python3 tools/train_bundled.py ... --layers 24 --max-mb 64 --lang-steps 0 --init-from build-train/d2.pt --out $OUT/model
 Each --lang-only call also saves the model (bf16, as below; untrained vision): `prefixkv calibrate
 --kv-importance paper` on it prints the first token's share per layer, the sink that makes layers differ.
 
@@ -1393,8 +1393,8 @@ def main_train(args):
         before = tlog.get("init_from", {})
         steps = before.get("lang_steps_before", 0) + tlog["stage1"]["steps_done"]
         tokens = before.get("lang_tokens_before", 0) + tlog["stage1"]["steps_done"] * args.lang_batch * args.seq_len
-        os.makedirs(args.out, exist_ok=True)
-        ckpt = os.path.join(args.out, "stage1.pt")
+        ckpt = args.lang_only
+        os.makedirs(os.path.dirname(os.path.abspath(ckpt)), exist_ok=True)
         torch.save({"model": model.state_dict(), "lang_steps": steps, "lang_tokens": tokens, "arch": ARCH}, ckpt + ".tmp")
         os.replace(ckpt + ".tmp", ckpt)
         tlog["stage1"]["total_lang_steps"], tlog["stage1"]["total_lang_tokens"] = steps, tokens
@@ -1668,12 +1668,13 @@ def parse_args(argv):
     ap.add_argument("--intermediate", type=int, default=ARCH["intermediate"], help="decoder MLP width")
     ap.add_argument("--max-mb", type=float, default=32.0,
                     help="largest 16-bit model size in MB (32: the bundled model's budget in the repository)")
-    ap.add_argument("--lang-only", action="store_true",
-                    help="stage 1 only, for the whole --deadline: save the float32 weights to --out/stage1.pt "
-                         "(for --init-from) and the model as usual (bf16), without the evaluation")
-    ap.add_argument("--init-from", default=None,
-                    help="start from the float32 weights a --lang-only run saved (stage1.pt; same shape), so a "
-                         "long language stage can span several calls; each call draws new text windows")
+    ap.add_argument("--lang-only", default=None, metavar="FILE",
+                    help="stage 1 only, for the whole --deadline: save the float32 weights to FILE (for "
+                         "--init-from; outside --out, whose files must fit the trip back) and the model in --out "
+                         "as usual (bf16), without the evaluation")
+    ap.add_argument("--init-from", default=None, metavar="FILE",
+                    help="start from the float32 weights a --lang-only run saved (same shape), so a long language "
+                         "stage can span several calls; each call draws new text windows")
     ap.add_argument("--smoke", action="store_true", help="tiny end-to-end run (about a minute)")
     ap.add_argument("--dry-run", action="store_true", help="data path only, without torch")
     args = ap.parse_args(argv)
