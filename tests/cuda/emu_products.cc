@@ -49,8 +49,9 @@ void value_weights(const ValueWeightArgs& a, uint32_t seed) {
       else emu::run(plan.launch, [&](Ctx& c) { detail::value_weights<T, 128>(c, plan.params); }, seed);
       return;
     }
+    emu::run(plan.split_launch, [&](Ctx& c) { detail::gram_split<T>(c, plan.split); }, seed);
     for (const detail::ValueWeightChunk& ch : plan.chunks) {
-      emu::run(ch.rows_launch, [&](Ctx& c) { detail::value_rows_f32<T>(c, ch.rows); }, seed);
+      emu::run(ch.rows_launch, [&](Ctx& c) { detail::value_rows<T>(c, ch.rows); }, seed);
       strided_gemm(ch.gemm);
       emu::run(ch.dots_launch, [&](Ctx& c) { detail::value_weight_dots(c, ch.dots); }, seed);
     }

@@ -304,14 +304,21 @@ void check_value_weights(Backend& be, DType dt, int n_kv, int H, int Hkv, int hd
   // The bound of each weight from the arithmetic (u = 2^-24, n = head_dim, gamma_n = n u / (1 - n u)).
   // vnorm: both sum n magnitudes (the kernel in float32: gamma_n relative; the twin in double, then one
   // rounding), so |got - ref| <= (gamma_n + 2u) ref.
-  // wov2: with M = |v|'|G||v|, the kernel's q = v'Gv is within (2 + gamma_n) gamma_n M of the exact one
-  // (y = G v: gamma_n sum_e |G_de v_e| per element, any order; the dot over d: gamma_n sum_d |v_d y_d|),
-  // the twin's within gamma_n M + n 2^-53 M (the same product; its dot in double); clamping at 0 keeps
-  // the difference Q within Delta = (3 + gamma_n) gamma_n M + n 2^-52 M, and |sqrt a - sqrt b| <=
-  // min(sqrt |a - b|, |a - b| / (sqrt a + sqrt b)); then both square roots are rounded to float32
-  // (u each), and sqrt a + sqrt b >= (got + ref)(1 - 2u).
+  // wov2: with M = |v|'|G||v| and S = sum_d |v_d|: the kernel multiplies by G' = sum_p G_p / s_h, the
+  // 16-bit parts of s_h G_h (plan.h), |G' - G| <= eps |G| + tau elementwise (eps = 2^-22 for F16's two
+  // 11-bit parts, 2^-24 for BF16's three 8-bit ones; tau = 2^-25 / s_h where F16's low part is
+  // subnormal); y = G' v sums P n exact 16-bit products in float32 on the tensor cores (gamma'_{P n}
+  // with 2^-23 per addition: they may truncate), sum_p |G_p| <= (1 + 2^-9) s_h |G'|; the dot over d
+  // adds gamma_n sum_d |v_d y_d|. So the kernel's q is within
+  // ((1 + 2^-9) gamma'_{P n} + gamma_n + eps)(1 + gamma_n) M + tau S^2 of the exact v'Gv, the twin's
+  // within gamma_n M + n 2^-53 M (its product in float32, its dot in double); clamping at 0 keeps the
+  // difference Q within their sum Delta, and |sqrt a - sqrt b| <= min(sqrt |a - b|, |a - b| / (sqrt a
+  // + sqrt b)); then both square roots are rounded to float32 (u each), and sqrt a + sqrt b >=
+  // (got + ref)(1 - 2u).
   std::vector<double> bound(ref.size());
   const double gn = gamma_n(hd);
+  const int P = detail::gram_parts(dt);
+  const double eps = dt == DType::F16 ? 0x1p-22 : 0x1p-24, pn = double(P) * hd * 0x1p-23, gk = pn / (1 - pn);
   for (int h = 0; h < H; ++h)
     for (int j = 0; j < n_kv; ++j) {
       const size_t i = size_t(h) * n_kv + j;
@@ -321,13 +328,20 @@ void check_value_weights(Backend& be, DType dt, int n_kv, int H, int Hkv, int hd
         continue;
       }
       const float* G = g.data() + size_t(h) * hd * hd;
-      double M = 0;
+      double M = 0, S = 0, gmax = 0;
       for (int d = 0; d < hd; ++d) {
         double t = 0;
-        for (int e = 0; e < hd; ++e) t += std::fabs(double(G[size_t(d) * hd + e]) * x[e]);
+        for (int e = 0; e < hd; ++e) {
+          t += std::fabs(double(G[size_t(d) * hd + e]) * x[e]);
+          gmax = std::max(gmax, std::fabs(double(G[size_t(d) * hd + e])));
+        }
         M += std::fabs(double(x[d])) * t;
+        S += std::fabs(double(x[d]));
       }
-      const double delta = (3 + gn) * gn * M + hd * 0x1p-52 * M;
+      int ex = 0;
+      if (gmax > 0) std::frexp(gmax, &ex);
+      const double tau = dt == DType::F16 ? std::ldexp(0x1p-25, ex - 15) : 0.0;
+      const double delta = ((1 + 0x1p-9) * gk + gn + eps) * (1 + gn) * M + gn * M + hd * 0x1p-52 * M + tau * S * S;
       const double sum = (double(std::fabs(got[i])) + std::fabs(ref[i])) * (1 - 2 * kU);
       bound[i] = std::min(std::sqrt(delta), sum > 0 ? delta / sum : std::sqrt(delta)) +
                  kU * (std::fabs(double(got[i])) + std::fabs(double(ref[i])));

@@ -62,9 +62,15 @@ __global__ void __launch_bounds__(kValueWeightKeys) value_weights_kernel(ValueWe
 }
 
 template <class T>
-__global__ void __launch_bounds__(kValueRowsThreads) value_rows_f32_kernel(ValueRowsParams p) {
+__global__ void __launch_bounds__(kGramSplitThreads) gram_split_kernel(GramSplitParams p) {
   PKV_KERNEL_CTX(c);
-  value_rows_f32<T>(c, p);
+  gram_split<T>(c, p);
+}
+
+template <class T>
+__global__ void __launch_bounds__(kValueRowsThreads) value_rows_kernel(ValueRowsParams p) {
+  PKV_KERNEL_CTX(c);
+  value_rows<T>(c, p);
 }
 
 __global__ void __launch_bounds__(kValueDotThreads) value_weight_dots_kernel(ValueDotParams p) {
@@ -198,8 +204,9 @@ void value_weights(Blas& blas, const ValueWeightArgs& a) {
         default: return detail::launch(detail::value_weights_kernel<T, 128>, plan.launch, plan.params, s, "value_weights");
       }
     }
+    detail::launch(detail::gram_split_kernel<T>, plan.split_launch, plan.split, s, "value_weights (Gram parts)");
     for (const detail::ValueWeightChunk& c : plan.chunks) {
-      detail::launch(detail::value_rows_f32_kernel<T>, c.rows_launch, c.rows, s, "value_weights (values to float32)");
+      detail::launch(detail::value_rows_kernel<T>, c.rows_launch, c.rows, s, "value_weights (value rows)");
       detail::run_strided_gemm(blas, c.gemm);
       detail::launch(detail::value_weight_dots_kernel, c.dots_launch, c.dots, s, "value_weights (dots)");
     }

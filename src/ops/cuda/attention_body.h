@@ -442,20 +442,63 @@ __device__ void value_weights(Ctx& c, const ValueWeightParams& p) {
   p.out[int64_t(h) * p.n_kv + j] = s;
 }
 
-// wov2's first step (plan.h): block bx converts row bx of the chunk's 16-bit values to float32
-// (exact), its threads over the columns.
 template <class T, class Ctx>
-__device__ void value_rows_f32(Ctx& c, const ValueRowsParams& p) {
+__device__ void gram_split(Ctx& c, const GramSplitParams& p) {
+  // wov2's Gram matrices cut into 16-bit parts (plan.h). Block h: its largest |G_h| (each thread's
+  // share, then thread 0 over the block's, in a fixed order), the power of two s_h that brings it to
+  // [2^14, 2^15) (F16's largest finite is 65504), then every element's parts: each the rounding of
+  // what the parts before left (the differences are exact in float32).
+  const int hd = p.head_dim, P = p.parts, n = hd * hd;
+  const float* G = p.gram + int64_t(c.bx) * n;
+  float* red = reinterpret_cast<float*>(c.smem);  // [kGramSplitThreads + 1]
+  float m = 0.f;
+  for (int i = c.tid; i < n; i += kGramSplitThreads) m = fmaxf(m, fabsf(G[i]));
+  red[c.tid] = m;
+  c.sync();
+  if (c.tid == 0) {
+    float mx = 0.f;
+    for (int t = 0; t < kGramSplitThreads; ++t) mx = fmaxf(mx, red[t]);
+    int e = 0;
+    if (mx > 0.f && mx <= 3.4e38f) frexpf(mx, &e);  // mx = f 2^e, f in [0.5, 1)
+    e = e < -100 ? -100 : e > 100 ? 100 : e;
+    red[kGramSplitThreads] = ldexpf(1.f, 15 - e);
+    p.inv_scale[c.bx] = ldexpf(1.f, e - 15);
+  }
+  c.sync();
+  const float s = red[kGramSplitThreads];
+  T* out = static_cast<T*>(p.out) + int64_t(c.bx) * n * P;
+  for (int i = c.tid; i < n; i += kGramSplitThreads) {
+    const int d = i / hd, e = i % hd;
+    float x = G[i] * s;
+    for (int q = 0; q < P; ++q) {
+      const T part = from_f<T>(x);
+      out[(int64_t(d) * P + q) * hd + e] = part;
+      x -= to_f(part);
+    }
+  }
+}
+
+// wov2's first step per chunk (plan.h): block r = key r: its values as float32 (vf, for the dots) and,
+// per KV head, P copies in their own type (vb, the product's B).
+template <class T, class Ctx>
+__device__ void value_rows(Ctx& c, const ValueRowsParams& p) {
   const T* src = static_cast<const T*>(p.v) + int64_t(c.bx) * p.kv_stride;
   float* dst = p.out + int64_t(c.bx) * p.cols;
-  for (int col = c.tid; col < p.cols; col += kValueRowsThreads) dst[col] = to_f(src[col]);
+  T* parts = static_cast<T*>(p.parts_out) + int64_t(c.bx) * p.cols * p.parts;
+  for (int col = c.tid; col < p.cols; col += kValueRowsThreads) {
+    const T x = src[col];
+    dst[col] = to_f(x);
+    const int g = col / p.head_dim, e = col % p.head_dim;
+    for (int q = 0; q < p.parts; ++q) parts[(int64_t(g) * p.parts + q) * p.head_dim + e] = x;
+  }
 }
 
 // wov2's last step (plan.h): thread i of the grid is (key r, query head h) = (i / n_heads, i %
-// n_heads): out[h * out_stride + r] = sqrt(max(0, y_h . v_g)) over the key's rows of y and vf,
-// one float32 multiply-add chain in order of d (16-byte loads when head_dim is a multiple of 4:
-// the rows then start 16-byte aligned, as the workspace does). The threads of a warp read
-// neighbouring heads of one key (the same v_g for a group: one broadcast load).
+// n_heads): out[h * out_stride + r] = sqrt(max(0, (y_h . v_g) / s_h)) over the key's rows of y and
+// vf, one float32 multiply-add chain in order of d (16-byte loads when head_dim is a multiple of 4:
+// the rows then start 16-byte aligned, as the workspace does), the scale undone by a power of two
+// (exact). The threads of a warp read neighbouring heads of one key (the same v_g for a group: one
+// broadcast load).
 template <class Ctx>
 __device__ void value_weight_dots(Ctx& c, const ValueDotParams& p) {
   const int64_t i = int64_t(c.bx) * kValueDotThreads + c.tid;
@@ -475,6 +518,7 @@ __device__ void value_weight_dots(Ctx& c, const ValueDotParams& p) {
   } else {
     for (int d = 0; d < hd; ++d) s = fmaf(y[d], v[d], s);
   }
+  if (p.inv_scale) s *= p.inv_scale[h];
   p.out[int64_t(h) * p.out_stride + r] = sqrtf(fmaxf(s, 0.f));
 }
 

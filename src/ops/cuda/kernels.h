@@ -275,14 +275,16 @@ void attention_prefill(const PrefillAttentionArgs& a, void* stream);
 // sqrt(max(0, v^T G_h v)) with gram (device float32 [n_heads, head_dim, head_dim], G_h row-major:
 // output_gram() of the layer): ||W_o^h v||_2. head_dim <= 128. Runs on blas's stream.
 //   vnorm: one thread per (key, query head).
-//   wov2: per chunk of keys (plan.h), the values converted to float32, y = G_h v for every query
-//     head as one strided batched float32 product through cuBLAS (plain float32 multiply-adds, no
-//     TF32: n_kv x n_heads x head_dim^2 per call, on the GPU's float32 pipes), then each (key, head)'s
-//     dot of y with v, summed in float32 (a warp per key). Needs `workspace` of
-//     value_weights_workspace_bytes() bytes (at most kValueWeightChunk keys' worth: 64 MiB at the
-//     LLaVA-7B shape). Error (u = 2^-24, n = head_dim): |computed v'Gv - v'Gv| <= 2 gamma_n |v|'|G||v|
-//     with gamma_n = n u / (1 - n u) (the product's sums and the dot's, in any order), then the
-//     square root's and the store's rounding; ops::value_weights is within gamma_n |v|'|G||v| of it.
+//   wov2: each G_h scaled by a power of two and cut into P 16-bit parts of the values' type (F16: 2,
+//     BF16: 3; plan.h), then per chunk of keys y = G_h v for every query head as one strided batched
+//     product of 16-bit inputs through cuBLAS (the tensor cores: exact products summed in float32,
+//     P x n_kv x n_heads x head_dim^2 multiply-adds per call), then each (key, head)'s dot of y with
+//     v, summed in float32, the scale undone. Needs `workspace` of value_weights_workspace_bytes()
+//     bytes (at most kValueWeightChunk keys' worth). Error (u = 2^-24, n = head_dim, M = |v|'|G||v|,
+//     S = sum |v|): |computed v'Gv - v'Gv| <= ((1 + 2^-9) gamma'_{P n} + gamma_n + eps)(1 + gamma_n) M
+//     + tau S^2, with gamma'_{P n} from 2^-23 per addition (tensor cores may truncate), eps = 2^-22
+//     (F16) or 2^-24 (BF16) from the parts, tau = 2^-25 / s_h (F16's low part where subnormal); then
+//     the square root's and the store's rounding; ops::value_weights is within gamma_n M of it.
 struct ValueWeightArgs {
   DType dtype = DType::BF16;
   const void* v = nullptr;

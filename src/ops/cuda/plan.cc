@@ -132,10 +132,13 @@ PrefillPlan plan_attention_prefill(const PrefillAttentionArgs& a) {
 ValueWeightWorkspaceLayout value_weight_workspace_layout(int n_kv, int n_heads, int n_kv_heads, int head_dim, bool gram) {
   ValueWeightWorkspaceLayout w;
   if (!gram || n_kv <= 0) return w;
-  const size_t m = size_t(std::min(n_kv, kValueWeightChunk));
-  w.vf = 0;
-  w.y = align256(m * size_t(n_kv_heads) * size_t(head_dim) * sizeof(float));
-  w.total = w.y + align256(m * size_t(n_heads) * size_t(head_dim) * sizeof(float));
+  const size_t m = size_t(std::min(n_kv, kValueWeightChunk)), P = size_t(kMaxGramParts), hd = size_t(head_dim);
+  w.gp = 0;
+  w.scale = align256(size_t(n_heads) * hd * P * hd * 2);
+  w.vf = w.scale + align256(size_t(n_heads) * sizeof(float));
+  w.vb = w.vf + align256(m * size_t(n_kv_heads) * hd * sizeof(float));
+  w.y = w.vb + align256(m * size_t(n_kv_heads) * P * hd * 2);
+  w.total = w.y + align256(m * size_t(n_heads) * hd * sizeof(float));
   return w;
 }
 
@@ -166,27 +169,36 @@ ValueWeightPlan plan_value_weights(const ValueWeightArgs& a) {
     bad(op, "wov2 needs a workspace of value_weights_workspace_bytes() = " + std::to_string(ws.total) + " bytes, got " +
                 std::to_string(a.workspace ? a.workspace_bytes : 0));
   if (reinterpret_cast<uintptr_t>(a.workspace) % 16 != 0) bad(op, "the workspace must be 16-byte aligned");
-  float* vf = reinterpret_cast<float*>(static_cast<char*>(a.workspace) + ws.vf);
-  float* y = reinterpret_cast<float*>(static_cast<char*>(a.workspace) + ws.y);
+  char* base = static_cast<char*>(a.workspace);
+  void* gp = base + ws.gp;
+  float* inv_scale = reinterpret_cast<float*>(base + ws.scale);
+  float* vf = reinterpret_cast<float*>(base + ws.vf);
+  void* vb = base + ws.vb;
+  float* y = reinterpret_cast<float*>(base + ws.y);
+  const int P = gram_parts(a.dtype);
+  plan.split.gram = a.gram, plan.split.head_dim = hd, plan.split.parts = P, plan.split.out = gp;
+  plan.split.inv_scale = inv_scale;
+  plan.split_launch = {{unsigned(a.n_heads), 1, 1}, kGramSplitThreads, (kGramSplitThreads + 1) * sizeof(float)};
   const size_t es = dtype_size(a.dtype);
   for (int j0 = 0; j0 < a.n_kv; j0 += kValueWeightChunk) {
     const int m = std::min(kValueWeightChunk, a.n_kv - j0);
     ValueWeightChunk c;
     c.rows.v = static_cast<const char*>(a.v) + size_t(j0) * size_t(stride) * es;
     c.rows.kv_stride = stride, c.rows.rows = m, c.rows.cols = int(kvd), c.rows.out = vf;
+    c.rows.parts_out = vb, c.rows.head_dim = hd, c.rows.parts = P;
     c.rows_launch = {{unsigned(m), 1, 1}, kValueRowsThreads, 0};
     // Column-major: y^T [q_dim, m] (ldc q_dim); batch g's C is its group's rows [g group hd, + group hd).
-    // op(A_g) = (gram + g group hd^2 as column-major [hd, group hd])^T = the group's G_h stacked,
-    // [group hd, hd], row (h' hd + d) = G_{g group + h'}[d][:]; B_g = vf + g hd, column-major
-    // [hd, m] with ld kv_dim: the KV head's values, one column per key.
+    // op(A_g) = (gp + g group hd P hd as column-major [P hd, group hd])^T: row (h' hd + d) holds the
+    // parts of G_{g group + h'}[d][:], part after part; B_g = vb + g P hd, column-major [P hd, m] with
+    // ld n_kv_heads P hd: the KV head's values P times, one column per key.
     StridedGemm& g = c.gemm;
-    g.ab_dtype = DType::F32, g.trans_a = true, g.trans_b = false;
-    g.m = group * hd, g.n = m, g.k = hd, g.batch = a.n_kv_heads;
-    g.a = a.gram, g.lda = hd, g.stride_a = int64_t(group) * hd * hd;
-    g.b = vf, g.ldb = kvd, g.stride_b = hd;
+    g.ab_dtype = a.dtype, g.trans_a = true, g.trans_b = false;
+    g.m = group * hd, g.n = m, g.k = P * hd, g.batch = a.n_kv_heads;
+    g.a = gp, g.lda = int64_t(P) * hd, g.stride_a = int64_t(group) * hd * P * hd;
+    g.b = vb, g.ldb = kvd * P, g.stride_b = int64_t(P) * hd;
     g.c = y, g.ldc = int64_t(a.n_heads) * hd, g.stride_c = int64_t(group) * hd;
-    c.dots.y = y, c.dots.vf = vf, c.dots.rows = m, c.dots.n_heads = a.n_heads, c.dots.group = group;
-    c.dots.head_dim = hd, c.dots.out = a.out + j0, c.dots.out_stride = a.n_kv;
+    c.dots.y = y, c.dots.vf = vf, c.dots.inv_scale = inv_scale, c.dots.rows = m, c.dots.n_heads = a.n_heads;
+    c.dots.group = group, c.dots.head_dim = hd, c.dots.out = a.out + j0, c.dots.out_stride = a.n_kv;
     c.dots_launch = {{unsigned(ceil_div(int64_t(m) * a.n_heads, kValueDotThreads)), 1, 1}, kValueDotThreads, 0};
     plan.chunks.push_back(c);
   }

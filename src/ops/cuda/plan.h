@@ -165,25 +165,45 @@ struct ValueWeightParams {
   int n_kv = 0, group = 1, head_dim = 0;
   float* out = nullptr;
 };
-// wov2 (gram set): the keys in chunks of at most kValueWeightChunk; per chunk of m keys from key j0:
-//  1. value_rows_f32: vf [m, kv_dim] float32 (dense) = the chunk's 16-bit values;
-//  2. one StridedGemm over the KV heads g: y [m, n_heads * head_dim] float32 with
-//     y[r, h hd + d] = sum_e G_h[d][e] vf[r, g hd + e] for the group's query heads h (their G_h
-//     are consecutive in gram: A_g = gram + g group hd^2 read column-major [hd, group hd], transposed);
-//  3. value_weight_dots: out[h n_kv + j0 + r] = sqrt(max(0, sum_d y[r, h hd + d] vf[r, g hd + d])).
-// Workspace (value_weights_workspace_bytes): vf, then y (256-aligned).
+// wov2 (gram set), on the tensor cores: once per call, gram_split: each query head's G_h scaled by a
+// power of two s_h (its largest magnitude to [2^14, 2^15)) and cut into P 16-bit parts of the values'
+// dtype, s_h G_h = sum_p G_h,p up to 2^-22 (F16, P = 2) or 2^-24 (BF16, P = 3) of each element
+// (each part the rounding of what the parts before left; the scale keeps F16's low part clear of
+// its subnormals), stored gp[h][d][p][e] = G_h,p[d][e], and 1 / s_h. Then the keys in chunks of at
+// most kValueWeightChunk; per chunk of m keys from key j0:
+//  1. value_rows: vf [m, kv_dim] float32 (dense) = the chunk's 16-bit values, and vb [m][n_kv_heads][P]
+//     [head_dim] = each KV head's values P times, in their own 16-bit type;
+//  2. one StridedGemm over the KV heads g with 16-bit inputs (the tensor cores; float32 sums of exact
+//     products): y [m, n_heads * head_dim] float32 with y[r, h hd + d] = sum_p sum_e G_h,p[d][e]
+//     vb[r][g][p][e] = s_h (G_h v)[d] for the group's query heads h (A_g = gp + g group hd P hd,
+//     column-major [P hd, group hd], transposed; B_g = vb + g P hd, column-major [P hd, m]);
+//  3. value_weight_dots: out[h n_kv + j0 + r] = sqrt(max(0, (sum_d y[r, h hd + d] vf[r, g hd + d]) / s_h)).
+// Workspace (value_weights_workspace_bytes): gp, the scales, vf, vb, then y (each 256-aligned).
 constexpr int kValueWeightChunk = 2048;
-constexpr int kValueRowsThreads = 128;  // value_rows_f32: a block per row, its threads over the columns
+constexpr int kValueRowsThreads = 128;  // value_rows: a block per row, its threads over the columns
 constexpr int kValueDotThreads = 128;   // value_weight_dots: a thread per (key, query head), heads fastest
+constexpr int kGramSplitThreads = 256;  // gram_split: a block per query head
+// The 16-bit parts a Gram matrix is cut into for the values' type: F16 2 (11 bits each), BF16 3 (8).
+constexpr int gram_parts(DType t) { return t == DType::F16 ? 2 : 3; }
+constexpr int kMaxGramParts = 3;  // the workspace is sized for it, whatever the type
+struct GramSplitParams {
+  const float* gram = nullptr;  // [n_heads, hd, hd]
+  int head_dim = 0, parts = 2;
+  void* out = nullptr;          // 16-bit [n_heads, hd, parts, hd]
+  float* inv_scale = nullptr;   // [n_heads]: 1 / s_h
+};
 struct ValueRowsParams {
   const void* v = nullptr;  // 16-bit [rows, kv_stride]
   int64_t kv_stride = 0;
   int rows = 0, cols = 0;
   float* out = nullptr;     // [rows, cols]
+  void* parts_out = nullptr;  // 16-bit [rows][cols / head_dim][parts][head_dim]
+  int head_dim = 0, parts = 2;
 };
 struct ValueDotParams {
   const float* y = nullptr;   // [rows, n_heads * head_dim]
   const float* vf = nullptr;  // [rows, n_kv_heads * head_dim]
+  const float* inv_scale = nullptr;  // [n_heads]: y's scale undone (a power of two: exact)
   int rows = 0, n_heads = 0, group = 1, head_dim = 0;
   float* out = nullptr;       // out[h * out_stride + r]
   int64_t out_stride = 0;
@@ -196,7 +216,7 @@ struct ValueWeightChunk {
   Launch dots_launch;
 };
 struct ValueWeightWorkspaceLayout {
-  size_t vf = 0, y = 0, total = 0;
+  size_t gp = 0, scale = 0, vf = 0, vb = 0, y = 0, total = 0;
 };
 ValueWeightWorkspaceLayout value_weight_workspace_layout(int n_kv, int n_heads, int n_kv_heads, int head_dim, bool gram);
 struct ValueWeightPlan {
@@ -205,7 +225,9 @@ struct ValueWeightPlan {
   ValueWeightParams params;
   int D = 0;
   Launch launch;
-  // wov2: the chunks, in order.
+  // wov2: the Gram matrices' parts, then the chunks, in order.
+  GramSplitParams split;
+  Launch split_launch;
   std::vector<ValueWeightChunk> chunks;
 };
 ValueWeightPlan plan_value_weights(const ValueWeightArgs& a);
