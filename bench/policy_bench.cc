@@ -29,6 +29,7 @@
 #include "core/error.h"
 #include "kv/keep_plan.h"
 #include "kv/policy.h"
+#include "kv/profile.h"
 
 namespace {
 
@@ -98,7 +99,7 @@ int main(int argc, char** argv) {
 
     PolicyOptions base;
     base.budget = budget;
-    for (int l = 0; l < L; ++l) base.keep_fractions.push_back(budget * (0.5 + (L > 1 ? double(l) / (L - 1) : 0.5)));
+    base.keep_fractions = ramp_keep_fractions(L, budget);
 
     std::printf("host decision after a %d-token prefill, %d layers x %d KV heads, %.0f%% kept, %d repetitions\n\n", N,
                 L, H, budget * 100, reps);

@@ -671,4 +671,10 @@ Profile import_official(const std::vector<std::string>& files, int expected_laye
   return p;
 }
 
+std::vector<double> ramp_keep_fractions(int n_layers, double budget) {
+  std::vector<double> k;
+  for (int l = 0; l < n_layers; ++l) k.push_back(budget * (0.5 + (n_layers > 1 ? double(l) / (n_layers - 1) : 0.5)));
+  return k;
+}
+
 }  // namespace pkv

@@ -133,4 +133,8 @@ void rescale_to_mean(std::vector<double>& k, double target, double lo, double hi
 // layer counts mixed, the same r twice, no files.
 Profile import_official(const std::vector<std::string>& files, int expected_layers = 0);
 
+// Keep fractions for a model without a calibrated profile, where only the work counts (benchmarks):
+// rising linearly with depth from half of `budget` to 1.5 times it (mean `budget`; one layer: `budget`).
+std::vector<double> ramp_keep_fractions(int n_layers, double budget);
+
 }  // namespace pkv

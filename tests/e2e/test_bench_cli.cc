@@ -47,6 +47,23 @@ TEST(BenchCli, RecordsForEveryConfigAndCompressionShrinksTheCache) {
   EXPECT_GT(full1, 0u);
 }
 
+// prefixkv on random weights: a synthetic profile (ramp_keep_fractions), so its prefill does its work
+// and keeps the budget in all.
+TEST(BenchCli, PrefixKVTakesASyntheticProfile) {
+  const std::string out = test::temp_path("bench_prefixkv.json");
+  Result r = prefixkv("bench --shape tiny --batch 1 --prompt 40 --gen 2 --policies full,prefixkv:reduce=max "
+                      "--budgets 0.25 --threads 2 --json " + out);
+  ASSERT_EQ(r.rc, 0) << r.out;
+  json j = json::parse(std::ifstream(out));
+  ASSERT_EQ(j["records"].size(), 2u);
+  const json& full = j["records"][0];
+  const json& pk = j["records"][1];
+  EXPECT_EQ(pk["policy"], "prefixkv:reduce=max");
+  // 12 layers keep round(0.25 x 40) = 10 entries each on average (the ramp's counts sum to 120).
+  EXPECT_EQ(pk["kv_bytes_prefill"].get<size_t>(), size_t(120) * 2 * 4 * 32 * 4);
+  EXPECT_EQ(full["kv_bytes_prefill"].get<size_t>(), size_t(40 * 12) * 2 * 4 * 32 * 4);
+}
+
 TEST(BenchCli, BadOptions) {
   struct Case {
     std::string args, needle;
@@ -54,7 +71,7 @@ TEST(BenchCli, BadOptions) {
   for (const Case& c : std::vector<Case>{{"--shape llama-9000", "--shape"},
                                          {"--shape tiny --batch 0", "--batch"},
                                          {"--shape tiny --batch two", "--batch"},
-                                         {"--shape tiny --policies prefixkv", "prefixkv-online"},
+                                         {"--shape tiny --policies prefixkv:heads", "per-head table"},
                                          {"--shape tiny --policies magic", "magic"},
                                          {"--shape tiny --budgets 1.5 --policies snapkv", "--budgets"},
                                          {"--shape tiny --prompt 2000 --gen 100", "2048"},
