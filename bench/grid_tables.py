@@ -314,8 +314,9 @@ def tables(args):
     ms = report_metrics(res)
     quality = "accuracy" if "accuracy" in ms else "top1_agreement"
     title = TESTBED_TITLES.get(res["testbed"], res["testbed"])
-    devices = sorted({s["device"] for s in res.get("sources", []) if s.get("device")})
-    secs = sum(s.get("seconds") or 0 for s in res.get("sources", []))
+    sources = res.get("sources") or [{"device": res.get("device"), "seconds": res.get("seconds")}]  # one eval's JSON
+    devices = sorted({s["device"] for s in sources if s.get("device")})
+    secs = sum(s.get("seconds") or 0 for s in sources)
     out = [f"### {title}: {res['samples']} samples, {res.get('data')}", ""]
     full = res["full"]
     line = f"Full cache: PPL {cell(full, 'ppl')}"
@@ -328,7 +329,7 @@ def tables(args):
             line += f", accuracy {cell(ni, 'accuracy')}"
     bs = res.get("bootstrap", {})
     line += (f". Brackets: 95% percentile bootstrap intervals over the samples ({bs.get('resamples')} resamples). "
-             f"Devices: {', '.join(devices) or '?'}; {secs / 60:.1f} min of evaluation in {len(res.get('sources', []))} "
+             f"Devices: {', '.join(devices) or '?'}; {secs / 60:.1f} min of evaluation in {len(sources)} "
              f"runs.")
     out += [line, ""]
     shown = [("PPL", "ppl"), ("accuracy" if quality == "accuracy" else "top-1 agreement with the full cache", quality)]

@@ -2,7 +2,7 @@
 
     import prefixkv
     m = prefixkv.Model("models/prefixkv-llava-tiny")
-    print(m.generate("Describe the image.", image="data/example.png", policy="prefixkv", budget=0.2))
+    print(m.generate("Describe the image.", image="data/example.png", policy="prefixkv:wov2:reduce=max", budget=0.2))
 
 docs/PYTHON.md describes every function and option. Errors in the input are raised as
 prefixkv.Error (a ValueError) carrying the engine's message.
