@@ -214,7 +214,7 @@ merge_testbed() {
   python3 bench/grid_tables.py tables --kld "$OUT/grid_$tb.json" >> "$OUT/grid_tables.md" || true
   python3 bench/grid_tables.py plot "$OUT/grid_$tb.json" --out "$OUT/grid_$tb.svg" || true
   python3 bench/kv_heatmap.py "$OUT/grid_$tb.json" --budgets 0.2,0.5 --out "$OUT/heatmap_$tb.svg" \
-    --policies "adakv,prefixkv,prefixkv:pool=0,cutoff:wov2:floor=0.5:cap=1.5,cutoff:vnorm:floor=0.5:cap=1.5,prefixkv:wov2,${LOOK%%,*}" \
+    --policies "adakv,prefixkv:wov2:reduce=max,prefixkv,prefixkv:pool=0,cutoff:wov2:floor=0.5:cap=1.5,cutoff:vnorm:floor=0.5:cap=1.5,prefixkv:wov2,${LOOK%%,*}" \
     || true
 }
 
